@@ -1,0 +1,54 @@
+"""The control plane <-> worker channel: msgpack messages over a SOCK_SEQPACKET pair.
+
+Sockets travel with their install message as SCM_RIGHTS, so the control plane
+binds (and can veto) every port while the worker owns the hot loop.
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import msgpack
+
+MAX_MESSAGE = 256 * 1024
+MAX_FDS = 16
+#: sessions per report message, so one message stays well below the socket buffer
+REPORT_CHUNK = 400
+
+
+def pair() -> Tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_MESSAGE)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MAX_MESSAGE)
+    return a, b
+
+
+def encode(message: Dict[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def send(sock: socket.socket, message: Dict[str, Any], fds: Sequence[int] = ()) -> None:
+    data = encode(message)
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sock.sendmsg([data], anc)
+    else:
+        sock.send(data)
+
+
+def receive(sock: socket.socket, flags: int = 0) -> Optional[Tuple[Dict[str, Any], List[int]]]:
+    """One message and its fds; None on EOF. Raises BlockingIOError when none is ready."""
+    fd_size = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+    data, anc, _flags, _addr = sock.recvmsg(MAX_MESSAGE, fd_size, flags)
+    if not data and not anc:
+        return None
+    fds: List[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
+            fds.extend(arr)
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True), fds

@@ -1,0 +1,126 @@
+"""`lrkproxy`: run the relay, talk to a running one, or run the built-in demo call."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import List, Optional
+
+from lrk import __version__, logs
+from lrk.errors import ConfigError, LrkError
+
+
+def _use_uvloop() -> None:
+    """uvloop on CPython when installed; PyPy keeps asyncio's loop (uvloop does not build there)."""
+    if sys.implementation.name != "cpython":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the relay daemon")
+    p.add_argument("--config", metavar="FILE", help="TOML file; every option can be set there")
+    p.add_argument("--control", metavar="HOST:PORT", help="msgpack control address "
+                   "(default 127.0.0.1:22222)")
+    p.add_argument("--ports", metavar="START-END", help="relay port range (default 30000-40000)")
+    p.add_argument("--internal-ip", metavar="IP", help="relay address for the internal side")
+    p.add_argument("--external-ip", metavar="IP", help="relay address for the external side")
+    p.add_argument("--mode", choices=("socket",), help="data plane (default socket)")
+    p.add_argument("--workers", type=int, metavar="N", help="relay worker processes (default 1)")
+    p.add_argument("--silence-timeout", type=float, metavar="S", help="end sessions silent "
+                   "this long (default 60)")
+    p.add_argument("--max-lifetime", type=float, metavar="S", help="end sessions older than "
+                   "this (default 10800, 0 = never)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", choices=("kv", "json"))
+
+
+def _add_ctl(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ctl", help="query or steer a running relay")
+    p.add_argument("--node", default="udp:127.0.0.1:22222", help="relay control address "
+                   "(udp:HOST:PORT, udp6:[HOST]:PORT)")
+    p.add_argument("--timeout", type=float, default=1.0)
+    p.add_argument("--json", action="store_true", help="print raw JSON instead of tables")
+    p.add_argument("--token", help="control token, if the relay requires one")
+    p.add_argument("command", choices=("ping", "list", "query", "stats", "delete", "capabilities"))
+    p.add_argument("call_id", nargs="?", help="Call-ID for query and delete")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="relay a short simulated call on loopback and check it")
+    p.add_argument("--packets", type=int, default=100, help="RTP packets each way (default 100)")
+    p.add_argument("--ports", default="35000-35999", help="relay port range for the demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrkproxy", description="lrk SIP media relay")
+    parser.add_argument("--version", action="version", version=f"lrk {__version__}")
+    sub = parser.add_subparsers(dest="action", required=True)
+    _add_run(sub)
+    _add_ctl(sub)
+    _add_demo(sub)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lrk.daemon import config as config_mod
+    from lrk.daemon.relay import serve
+
+    overrides = {
+        "control": args.control, "ports": args.ports, "internal_ip": args.internal_ip,
+        "external_ip": args.external_ip, "mode": args.mode, "workers": args.workers,
+        "silence_timeout": args.silence_timeout, "max_lifetime": args.max_lifetime,
+        "log_level": args.log_level, "log_format": args.log_format,
+    }
+    config = config_mod.load(args.config, overrides)
+    logs.setup(config.log_level, config.log_format)
+    _use_uvloop()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        print(f"lrkproxy: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "run":
+            return cmd_run(args)
+        if args.action == "ctl":
+            from lrk.ctl import run_ctl
+
+            return run_ctl(args)
+        if args.action == "demo":
+            from lrk.demo import run_demo
+
+            return run_demo(args.packets, args.ports)
+    except ConfigError as exc:
+        print(f"lrkproxy: {exc}", file=sys.stderr)
+        return 2
+    except LrkError as exc:
+        print(f"lrkproxy: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,347 @@
+"""The msgpack control protocol, sans-IO: bytes in, reply bytes and data-plane actions out.
+
+`receive` turns a datagram into a `Request` (or an immediate reply: cached, error,
+or a counted drop); `execute` runs it against the engine. The daemon sits between
+the two so it can refresh counters from the data plane before a query.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple, Union
+
+import msgpack
+from netaddr import IPAddress, IPSet
+
+from lrk.control.replay import ReplayCache
+from lrk.core import sdp
+from lrk.core.engine import Action, Engine
+from lrk.errors import BadRequest, LrkError
+
+log = logging.getLogger("lrk.control")
+
+VERSION = 1
+MAX_REQUEST_BYTES = 65000
+MIN_REQUEST_BYTES = 4
+MAX_COOKIE = 64
+MAX_NAME = 256
+COMMANDS = ("ping", "capabilities", "offer", "answer", "delete", "query", "list", "stats")
+#: commands whose reply shows traffic counters: the daemon refreshes them first
+NEEDS_COUNTERS = frozenset(("delete", "query", "list", "stats"))
+
+_UNPACK_LIMITS = dict(
+    raw=False,
+    strict_map_key=True,
+    max_str_len=MAX_REQUEST_BYTES,
+    max_bin_len=MAX_REQUEST_BYTES,
+    max_array_len=64,
+    max_map_len=64,
+    max_ext_len=0,
+)
+
+
+class ProtocolError(LrkError):
+    """A request that cannot be executed; `code` goes into the error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Request:
+    sender: Hashable
+    cookie: Union[str, bytes]
+    cmd: str
+    args: Dict[str, Any]
+
+
+@dataclass
+class Outcome:
+    """What the shell must do: send `reply` (if any) after applying `actions`."""
+
+    reply: Optional[bytes]
+    actions: List[Action] = field(default_factory=list)
+
+
+def pack(message: Dict[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+class MsgpackControl:
+    """Validates, de-duplicates and dispatches control requests to the engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        info: Optional[Dict[str, Any]] = None,
+        token: Optional[str] = None,
+        media_counters: Optional[Callable[[], Dict[str, int]]] = None,
+        started: float = 0.0,
+        allow: Optional[IPSet] = None,
+    ) -> None:
+        self.engine = engine
+        self.allow = allow
+        self.info = dict(info or {})
+        self.token = token
+        self.media_counters = media_counters or (lambda: {})
+        self.started = started
+        self.replay = ReplayCache()
+        self.counters: Counter = Counter()
+
+    # -- phase 1 ---------------------------------------------------------------------
+    def receive(self, data: bytes, sender: Hashable, now: float) -> Union[Request, Outcome]:
+        counters = self.counters
+        if self.allow is not None and not _allowed(self.allow, sender):
+            counters["control.dropped.not_allowed"] += 1
+            return Outcome(None)
+        if len(data) < MIN_REQUEST_BYTES:
+            counters["control.dropped.too_short"] += 1
+            return Outcome(None)
+        if len(data) > MAX_REQUEST_BYTES:
+            return self._error(None, "too_large", f"request of {len(data)} bytes exceeds "
+                               f"{MAX_REQUEST_BYTES}")
+        try:
+            message = msgpack.unpackb(data, **_UNPACK_LIMITS)
+        except ValueError as exc:  # msgpack's limit errors are ValueErrors too
+            code = "too_large" if "exceeds" in str(exc) else "malformed"
+            return self._error(None, code, f"request is not valid msgpack: {exc}")
+        except Exception as exc:  # truncated input, recursion, anything the decoder raises
+            return self._error(None, "malformed", f"request is not valid msgpack: "
+                               f"{type(exc).__name__}")
+        if not isinstance(message, dict):
+            return self._error(None, "malformed", "request must be a msgpack map")
+        cookie = message.get("cookie")
+        if not isinstance(cookie, (str, bytes)) or not 0 < len(cookie) <= MAX_COOKIE:
+            return self._error(None, "bad_request", f"cookie must be a string of 1-{MAX_COOKIE} "
+                               "bytes")
+        cached = self.replay.lookup(sender, cookie, now)
+        if cached is not None:
+            counters["control.retransmissions"] += 1
+            return Outcome(cached)
+        if self.replay.in_flight(sender, cookie):
+            counters["control.retransmissions.in_flight"] += 1
+            return Outcome(None)
+        version = message.get("v", VERSION)
+        if version != VERSION:
+            return self._final(sender, cookie, now, self._error_msg(
+                cookie, "unsupported_version", f"protocol version {version!r} is not supported; "
+                f"this relay speaks {VERSION}"))
+        if self.token is not None and message.get("token") != self.token:
+            return self._final(sender, cookie, now, self._error_msg(
+                cookie, "unauthorized", "missing or wrong token"))
+        cmd = message.get("cmd")
+        if cmd not in COMMANDS:
+            return self._final(sender, cookie, now, self._error_msg(
+                cookie, "unknown_command", f"unknown command {cmd!r}; known: "
+                + ", ".join(COMMANDS)))
+        self.replay.begin(sender, cookie)
+        return Request(sender, cookie, cmd, message)
+
+    # -- phase 2 ---------------------------------------------------------------------
+    def execute(self, request: Request, now: float) -> Outcome:
+        self.counters[f"control.requests.{request.cmd}"] += 1
+        handler = getattr(self, f"_cmd_{request.cmd}")
+        actions: List[Action] = []
+        try:
+            body, actions = handler(request.args, now)
+            reply = {"v": VERSION, "cookie": request.cookie, "ok": True}
+            reply.update(body)
+        except LrkError as exc:
+            reply = self._error_msg(request.cookie, exc.code, str(exc))
+        except Exception:
+            log.exception("internal error on %s", request.cmd)
+            reply = self._error_msg(request.cookie, "internal", "internal error; see relay log")
+        outcome = self._final(request.sender, request.cookie, now, reply)
+        outcome.actions = actions
+        return outcome
+
+    def handle(self, data: bytes, sender: Hashable, now: float) -> Outcome:
+        """Both phases at once, for callers with nothing to refresh in between."""
+        received = self.receive(data, sender, now)
+        if isinstance(received, Outcome):
+            return received
+        return self.execute(received, now)
+
+    # -- commands --------------------------------------------------------------------
+    def _cmd_ping(self, args: Dict[str, Any], now: float):
+        return {"pong": True}, []
+
+    def _cmd_capabilities(self, args: Dict[str, Any], now: float):
+        cfg = self.engine.config
+        body = {
+            "version": VERSION,
+            "commands": list(COMMANDS),
+            "port_range": [cfg.port_start, cfg.port_end],
+            "internal_ip": cfg.internal_ip,
+            "external_ip": cfg.external_ip,
+            "silence_timeout": cfg.silence_timeout,
+            "max_lifetime": cfg.max_lifetime,
+            "max_request_bytes": MAX_REQUEST_BYTES,
+        }
+        body.update(self.info)
+        return body, []
+
+    def _media_args(self, args: Dict[str, Any]) -> Tuple[Tuple[str, int], Optional[int], Any]:
+        body = args.get("sdp")
+        if body is not None:
+            if not isinstance(body, (str, bytes)):
+                raise BadRequest("sdp must be a string or binary")
+            found = sdp.parse(body)
+            return (_ip(found.ip, "sdp c="), found.port), found.rtcp_port, body
+        media = args.get("media")
+        if not isinstance(media, dict):
+            raise BadRequest("media {ip, port} or sdp is required")
+        ip = _ip(media.get("ip"), "media.ip")
+        port = _int(media.get("port"), "media.port", 0, 65535)
+        rtcp = media.get("rtcp_port")
+        rtcp = None if rtcp is None else _int(rtcp, "media.rtcp_port", 1, 65535)
+        return (ip, port), rtcp, None
+
+    def _relay_reply(self, session, leg, body) -> Dict[str, Any]:
+        reply: Dict[str, Any] = {
+            "call_id": session.call_id,
+            "leg": leg.name,
+            "relay": {"ip": leg.relay_ip, "port": leg.relay_port, "rtcp_port": leg.rtcp_port},
+        }
+        if body is not None:
+            reply["sdp"] = sdp.rewrite(body, leg.relay_ip, leg.relay_port, leg.rtcp_port)
+        return reply
+
+    def _cmd_offer(self, args: Dict[str, Any], now: float):
+        media, rtcp, body = self._media_args(args)
+        session, leg, actions = self.engine.offer(
+            now,
+            _name(args.get("call_id"), "call_id"),
+            _name(args.get("from_tag"), "from_tag"),
+            media,
+            rtcp_port=rtcp,
+            to_tag=_opt_name(args.get("to_tag"), "to_tag"),
+            interface=_choice(args.get("interface", "internal"), "interface"),
+            latch_any=_bool(args.get("latch_any", False), "latch_any"),
+            timeout=_opt_timeout(args.get("timeout")),
+            via_branch=_opt_name(args.get("via_branch"), "via_branch"),
+        )
+        return self._relay_reply(session, leg, body), actions
+
+    def _cmd_answer(self, args: Dict[str, Any], now: float):
+        media, rtcp, body = self._media_args(args)
+        session, leg, actions = self.engine.answer(
+            now,
+            _name(args.get("call_id"), "call_id"),
+            _name(args.get("from_tag"), "from_tag"),
+            _name(args.get("to_tag"), "to_tag"),
+            media,
+            rtcp_port=rtcp,
+            interface=_choice(args.get("interface", "internal"), "interface"),
+            latch_any=_bool(args.get("latch_any", False), "latch_any"),
+            timeout=_opt_timeout(args.get("timeout")),
+        )
+        return self._relay_reply(session, leg, body), actions
+
+    def _cmd_delete(self, args: Dict[str, Any], now: float):
+        session, actions = self.engine.delete(
+            now,
+            _name(args.get("call_id"), "call_id"),
+            _opt_name(args.get("from_tag"), "from_tag"),
+        )
+        return {"call_id": session.call_id, "session": session.as_dict(now)}, actions
+
+    def _cmd_query(self, args: Dict[str, Any], now: float):
+        session = self.engine.get(_name(args.get("call_id"), "call_id"))
+        return {"session": session.as_dict(now)}, []
+
+    def _cmd_list(self, args: Dict[str, Any], now: float):
+        limit = _int(args.get("limit", 100), "limit", 1, 1000)
+        offset = _int(args.get("offset", 0), "offset", 0, 1 << 31)
+        sessions = list(self.engine.sessions())
+        page = sessions[offset : offset + limit]
+        return {"total": len(sessions), "sessions": [s.summary(now) for s in page]}, []
+
+    def _cmd_stats(self, args: Dict[str, Any], now: float):
+        counters: Dict[str, int] = {}
+        counters.update(self.counters)
+        counters.update(self.engine.counters)
+        counters.update(self.media_counters())
+        return {
+            "uptime": round(now - self.started, 3),
+            "sessions": len(self.engine.by_call),
+            "ports": self.engine.ports.snapshot(),
+            "counters": counters,
+        }, []
+
+    # -- replies ---------------------------------------------------------------------
+    def _error_msg(self, cookie: Any, code: str, message: str) -> Dict[str, Any]:
+        self.counters[f"control.errors.{code}"] += 1
+        return {"v": VERSION, "cookie": cookie, "ok": False,
+                "error": {"code": code, "message": message}}
+
+    def _error(self, cookie: Any, code: str, message: str) -> Outcome:
+        return Outcome(pack(self._error_msg(cookie, code, message)))
+
+    def _final(self, sender: Hashable, cookie: Any, now: float, reply: Dict[str, Any]) -> Outcome:
+        data = pack(reply)
+        self.replay.store(sender, cookie, data, now)
+        return Outcome(data)
+
+
+def _allowed(allow: IPSet, sender: Hashable) -> bool:
+    """UNIX-socket senders (paths, not tuples) are trusted: the file mode guards them."""
+    if not isinstance(sender, tuple):
+        return True
+    try:
+        return IPAddress(sender[0]) in allow
+    except Exception:
+        return False
+
+
+# -- argument checks ---------------------------------------------------------------------
+def _name(value: Any, what: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"{what} must be UTF-8 text") from None
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{what} is required and must be a non-empty string")
+    if len(value) > MAX_NAME:
+        raise BadRequest(f"{what} is longer than {MAX_NAME} characters")
+    return value
+
+
+def _opt_name(value: Any, what: str) -> Optional[str]:
+    return None if value is None else _name(value, what)
+
+
+def _int(value: Any, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadRequest(f"{what} must be an integer in {low}..{high}, not {value!r}")
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"{what} must be true or false, not {value!r}")
+    return value
+
+
+def _choice(value: Any, what: str) -> str:
+    if value not in ("internal", "external"):
+        raise BadRequest(f"{what} must be 'internal' or 'external', not {value!r}")
+    return value
+
+
+def _opt_timeout(value: Any) -> Optional[float]:
+    return None if value is None else float(_int(value, "timeout", 1, 86400))
+
+
+def _ip(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{what} must be an IP address string")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise BadRequest(f"{what} {value!r} is not an IP address") from None

@@ -1,0 +1,153 @@
+"""Relay configuration: defaults, a TOML file, then command-line overrides; all validated."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple
+
+from netaddr import AddrFormatError, IPSet
+
+from lrk.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # PyPy 3.9
+    import tomli as tomllib
+
+MODES = ("socket",)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class Config:
+    """Every option of `lrkproxy run`; the TOML file uses the same names."""
+
+    control: str = "127.0.0.1:22222"
+    ports: str = "30000-40000"
+    internal_ip: str = "127.0.0.1"
+    external_ip: Optional[str] = None  # defaults to internal_ip
+    mode: str = "socket"
+    workers: int = 1
+    batch: int = 64
+    io: str = "auto"  # batched I/O: auto | mmsg | plain
+    silence_timeout: float = 60.0
+    max_lifetime: float = 10800.0
+    quarantine: float = 5.0
+    max_sessions: int = 0
+    control_allow: List[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    control_token: Optional[str] = None
+    log_level: str = "warning"
+    log_format: str = "kv"  # kv | json
+
+    # -- derived ---------------------------------------------------------------------
+    @property
+    def port_range(self) -> Tuple[int, int]:
+        return parse_ports(self.ports)
+
+    @property
+    def control_addr(self) -> Tuple[str, int]:
+        return parse_hostport(self.control, "control")
+
+    @property
+    def allow_set(self) -> IPSet:
+        try:
+            return IPSet(self.control_allow)
+        except (AddrFormatError, ValueError, TypeError) as exc:
+            raise ConfigError(f"control_allow {self.control_allow!r} is not a list of "
+                              f"networks: {exc}") from None
+
+    def validate(self) -> Config:
+        if self.external_ip is None:
+            self.external_ip = self.internal_ip
+        for name in ("internal_ip", "external_ip"):
+            value = getattr(self, name)
+            try:
+                setattr(self, name, str(ipaddress.ip_address(value)))
+            except ValueError:
+                raise ConfigError(f"{name} {value!r} is not an IP address") from None
+        start, end = self.port_range
+        if end - start < 3:
+            raise ConfigError(f"ports {self.ports!r}: the range needs room for two RTP/RTCP "
+                              "pairs (at least 4 ports)")
+        self.control_addr  # noqa: B018 - validates
+        self.allow_set  # noqa: B018 - validates
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r} is not available; choose one of "
+                              + ", ".join(MODES))
+        if self.io not in ("auto", "mmsg", "plain"):
+            raise ConfigError(f"io {self.io!r} must be auto, mmsg or plain")
+        if not 1 <= self.workers <= 64:
+            raise ConfigError(f"workers {self.workers} must be within 1..64")
+        if not 1 <= self.batch <= 1024:
+            raise ConfigError(f"batch {self.batch} must be within 1..1024")
+        if self.silence_timeout <= 0:
+            raise ConfigError("silence_timeout must be positive (seconds)")
+        if self.max_lifetime < 0 or self.quarantine < 0 or self.max_sessions < 0:
+            raise ConfigError("max_lifetime, quarantine and max_sessions must not be negative")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level {self.log_level!r}: choose one of "
+                              + ", ".join(LOG_LEVELS))
+        if self.log_format not in ("kv", "json"):
+            raise ConfigError(f"log_format {self.log_format!r} must be kv or json")
+        return self
+
+
+def parse_ports(text: str) -> Tuple[int, int]:
+    try:
+        start_s, end_s = str(text).split("-", 1)
+        start, end = int(start_s), int(end_s)
+    except ValueError:
+        raise ConfigError(f"ports {text!r} must look like START-END, e.g. 30000-40000") from None
+    if not (1024 <= start <= end <= 65535):
+        raise ConfigError(f"ports {text!r} must lie within 1024-65535 with START <= END")
+    return start, end
+
+
+def parse_hostport(text: str, what: str) -> Tuple[str, int]:
+    """`HOST:PORT` or `[IPv6]:PORT` with a literal IP address."""
+    text = str(text)
+    if text.startswith("["):
+        host, sep, port_s = text[1:].partition("]:")
+    else:
+        host, sep, port_s = text.rpartition(":")
+    if not sep or not port_s.isdigit() or not 0 < int(port_s) <= 65535:
+        raise ConfigError(f"{what} {text!r} must be HOST:PORT or [IPv6]:PORT")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ConfigError(f"{what} {text!r}: {host!r} is not an IP address") from None
+    return host, int(port_s)
+
+
+def load(path: Optional[str], overrides: Dict[str, Any]) -> Config:
+    """Defaults < TOML file < command line; unknown keys and wrong types are errors."""
+    values: Dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config file {path!r}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+        values.update(data.get("lrk", data))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name: f for f in fields(Config)}
+    config = Config()
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"unknown option {key!r}; known: " + ", ".join(sorted(known)))
+        default = getattr(config, name)
+        expected = type(default) if default is not None else str
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if expected is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+            raise ConfigError(f"option {key!r} must be of type {expected.__name__}, "
+                              f"not {type(value).__name__} ({value!r})")
+        setattr(config, name, value)
+    return config.validate()

@@ -1,0 +1,293 @@
+"""Control-plane side of socket mode: binds relay ports, feeds worker processes.
+
+The engine asks `probe(ip, port)` while allocating; the bound sockets wait here
+until the `Install` action ships them (SCM_RIGHTS) to the session's worker, and
+the control plane closes its copies. Workers report counters back over the same
+channel; a worker that dies is restarted and its sessions re-installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
+
+from fastpath import channel
+from lrk.core.engine import Action, Engine, Install, Remove, Update
+from lrk.core.session import LEG_A, LEG_B, Leg, Session
+
+log = logging.getLogger("lrk.plane")
+
+
+def _family(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def bind_pair(ip: str, port: int) -> Optional[Tuple[socket.socket, socket.socket]]:
+    """RTP and RTCP sockets on (ip, port) and (ip, port + 1); None if either is taken."""
+    socks: List[socket.socket] = []
+    try:
+        for p in (port, port + 1):
+            s = socket.socket(_family(ip), socket.SOCK_DGRAM)
+            socks.append(s)
+            s.bind((ip, p))
+            s.setblocking(False)
+    except OSError:
+        for s in socks:
+            s.close()
+        return None
+    return socks[0], socks[1]
+
+
+def leg_spec(leg: Leg) -> dict:
+    return {
+        "announced": list(leg.announced) if leg.announced else None,
+        "rtcp_announced": list(leg.rtcp_announced) if leg.rtcp_announced else None,
+        "latch_any": leg.latch_any,
+        "gen": leg.generation,
+    }
+
+
+class WorkerHandle:
+    """One worker process and the daemon's end of its channel."""
+
+    def __init__(self, index: int, plane: SocketPlane) -> None:
+        self.index = index
+        self.plane = plane
+        self.proc: Optional[subprocess.Popen] = None
+        self.chan: Optional[socket.socket] = None
+        self.outbox: Deque[Tuple[dict, List[socket.socket]]] = deque()
+        self.totals: Dict[str, int] = {}
+        self.restarts = 0
+
+    def start(self) -> None:
+        mine, theirs = channel.pair()
+        cmd = [sys.executable, "-m", "fastpath.socket_worker", "--channel-fd",
+               str(theirs.fileno()), "--batch", str(self.plane.batch), "--io", self.plane.io]
+        self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), close_fds=True)
+        theirs.close()
+        mine.setblocking(False)
+        self.chan = mine
+        loop = self.plane.loop
+        loop.add_reader(mine.fileno(), self._readable)
+
+    def send(self, message: dict, socks: List[socket.socket] = ()) -> None:  # type: ignore[assignment]
+        self.outbox.append((message, list(socks)))
+        self._flush_outbox()
+
+    def _flush_outbox(self) -> None:
+        chan = self.chan
+        while self.outbox and chan is not None:
+            message, socks = self.outbox[0]
+            try:
+                channel.send(chan, message, [s.fileno() for s in socks])
+            except BlockingIOError:
+                self.plane.loop.add_writer(chan.fileno(), self._writable)
+                return
+            except OSError:
+                return  # worker gone; _readable sees EOF and restarts
+            self.outbox.popleft()
+            for s in socks:
+                s.close()  # the worker holds its own copy now
+
+    def _writable(self) -> None:
+        if self.chan is not None:
+            self.plane.loop.remove_writer(self.chan.fileno())
+        self._flush_outbox()
+
+    def _readable(self) -> None:
+        chan = self.chan
+        if chan is None:
+            return
+        while True:
+            try:
+                got = channel.receive(chan, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                got = None
+            if got is None:
+                self._died()
+                return
+            message, fds = got
+            for fd in fds:
+                os.close(fd)
+            self.plane.on_message(self, message)
+
+    def _died(self) -> None:
+        self.close()
+        if self.plane.stopping:
+            return
+        code = self.proc.poll() if self.proc else None
+        log.error("worker %d exited (code %s); restarting and re-installing its sessions",
+                  self.index, code)
+        self.restarts += 1
+        self.plane.counters["workers.restarts"] += 1
+        for message, socks in self.outbox:
+            for s in socks:
+                s.close()
+        self.outbox.clear()
+        self.start()
+        self.plane.reinstall(self)
+
+    def close(self) -> None:
+        if self.chan is not None:
+            loop = self.plane.loop
+            loop.remove_reader(self.chan.fileno())
+            loop.remove_writer(self.chan.fileno())
+            self.chan.close()
+            self.chan = None
+
+
+class SocketPlane:
+    """Applies engine actions to worker processes in socket mode."""
+
+    def __init__(self, engine: Engine, workers: int = 1, batch: int = 64, io: str = "auto"):
+        self.engine = engine
+        self.nworkers = max(1, workers)
+        self.batch = batch
+        self.io = io
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.workers: List[WorkerHandle] = []
+        self.pending: Dict[Tuple[str, int], Tuple[socket.socket, socket.socket]] = {}
+        self.counters: Dict[str, int] = {"workers.restarts": 0}
+        self.stopping = False
+        self._flush_seq = 0
+        self._flush_waiters: Dict[int, Tuple[asyncio.Future, int]] = {}
+        engine.probe = self.probe
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for i in range(self.nworkers):
+            handle = WorkerHandle(i, self)
+            handle.start()
+            self.workers.append(handle)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for w in self.workers:
+            if w.chan is not None:
+                w.send({"op": "stop"})
+        for w in self.workers:
+            proc = w.proc
+            if proc is None:
+                continue
+            for _ in range(50):
+                if proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.02)  # bounded wait for a clean exit
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            w.close()
+        self._close_unclaimed()
+
+    # -- engine hooks ----------------------------------------------------------------
+    def probe(self, ip: str, port: int) -> bool:
+        bound = bind_pair(ip, port)
+        if bound is None:
+            return False
+        self.pending[(ip, port)] = bound
+        return True
+
+    def worker_for(self, sid: int) -> WorkerHandle:
+        return self.workers[sid % self.nworkers]
+
+    def apply(self, actions: List[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Install):
+                self._install(action.session)
+            elif isinstance(action, Update):
+                leg = action.session.legs[action.leg]
+                self.worker_for(action.session.sid).send(
+                    {"op": "update", "sid": action.session.sid, "leg": leg.name,
+                     "spec": leg_spec(leg)})
+            elif isinstance(action, Remove):
+                self.worker_for(action.session.sid).send(
+                    {"op": "remove", "sid": action.session.sid})
+        self._close_unclaimed()
+
+    def _close_unclaimed(self) -> None:
+        """Ports bound by a probe whose request then failed (e.g. the second pair ran out)."""
+        for pair_ in self.pending.values():
+            for s in pair_:
+                s.close()
+        self.pending.clear()
+
+    def _install(self, session: Session) -> None:
+        socks: List[socket.socket] = []
+        for name in (LEG_A, LEG_B):
+            leg = session.legs[name]
+            pair_ = self.pending.pop((leg.relay_ip, leg.relay_port), None)
+            if pair_ is None:
+                pair_ = bind_pair(leg.relay_ip, leg.relay_port)
+            if pair_ is None:
+                log.error("cannot bind %s:%d for %s", leg.relay_ip, leg.relay_port,
+                          session.call_id)
+                self.counters["plane.bind_failures"] = self.counters.get(
+                    "plane.bind_failures", 0) + 1
+                for s in socks:
+                    s.close()
+                return
+            socks.extend(pair_)
+        legs = {name: leg_spec(session.legs[name]) for name in (LEG_A, LEG_B)}
+        self.worker_for(session.sid).send(
+            {"op": "install", "sid": session.sid, "legs": legs}, socks)
+
+    def reinstall(self, worker: WorkerHandle) -> None:
+        for session in list(self.engine.by_sid.values()):
+            if self.worker_for(session.sid) is worker:
+                for leg in session.legs.values():
+                    leg.fold()
+                self._install(session)
+
+    # -- reports ---------------------------------------------------------------------
+    def on_message(self, worker: WorkerHandle, message: dict) -> None:
+        op = message.get("op")
+        if op == "report":
+            for sid, report in message.get("sessions", {}).items():
+                self.engine.apply_report(int(sid), report)
+            if "g" in message:
+                worker.totals = message["g"]
+        elif op == "flushed":
+            waiter = self._flush_waiters.get(message.get("req"))
+            if waiter is not None:
+                fut, _count = waiter
+                remaining = _count - 1
+                if remaining <= 0:
+                    del self._flush_waiters[message["req"]]
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    self._flush_waiters[message["req"]] = (fut, remaining)
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Wait until every worker has reported its current counters."""
+        self._flush_seq += 1
+        req = self._flush_seq
+        fut = self.loop.create_future()
+        live = [w for w in self.workers if w.chan is not None]
+        if not live:
+            return
+        self._flush_waiters[req] = (fut, len(live))
+        for w in live:
+            w.send({"op": "flush", "req": req})
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            log.warning("workers did not report within %.1fs; counters may lag", timeout)
+        finally:
+            self._flush_waiters.pop(req, None)
+
+    def media_counters(self) -> Dict[str, int]:
+        total: Dict[str, int] = dict(self.counters)
+        for w in self.workers:
+            for key, value in w.totals.items():
+                total[key] = total.get(key, 0) + value
+        return total

@@ -1,0 +1,37 @@
+"""Typed errors. Each carries a protocol error code and a message a user can act on."""
+
+from __future__ import annotations
+
+
+class LrkError(Exception):
+    """Base of every error lrk raises on purpose."""
+
+    code = "internal"
+
+
+class ConfigError(LrkError):
+    """A command-line option or config file value is unusable."""
+
+    code = "config"
+
+
+class BadRequest(LrkError):
+    """A control request is missing a field or has one of the wrong type or range."""
+
+    code = "bad_request"
+
+
+class SdpError(BadRequest):
+    """An SDP body has no usable connection address or media port."""
+
+
+class SessionNotFound(LrkError):
+    """No live session matches the Call-ID (or tag) of a request."""
+
+    code = "not_found"
+
+
+class PortsExhausted(LrkError):
+    """Every RTP/RTCP port pair of the configured range is taken or quarantined."""
+
+    code = "ports_exhausted"
