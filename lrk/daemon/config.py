@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from netaddr import AddrFormatError, IPSet
 
@@ -47,7 +47,13 @@ class Config:
         return parse_ports(self.ports)
 
     @property
-    def control_addr(self) -> Tuple[str, int]:
+    def control_addr(self) -> Union[Tuple[str, int], str]:
+        """(host, port) for UDP, or a filesystem path for `unix:PATH` (datagram socket)."""
+        if self.control.startswith("unix:"):
+            path = self.control[5:]
+            if not path.startswith("/"):
+                raise ConfigError(f"control {self.control!r}: unix: needs an absolute path")
+            return path
         return parse_hostport(self.control, "control")
 
     @property

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import socket
+import stat
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 from lrk import __version__
 from lrk.control.msgpack_proto import NEEDS_COUNTERS, MsgpackControl, Outcome
@@ -62,26 +65,42 @@ class Relay:
         self._endpoint: Optional[_ControlEndpoint] = None
         self._ticker: Optional[asyncio.Task] = None
         self._tasks: set = set()
-        self.control_address: Optional[Tuple[str, int]] = None
+        self.control_address: Any = None
+        self._unix_path: Optional[str] = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await self.plane.start()
-        host, port = self.config.control_addr
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        transport, endpoint = await loop.create_datagram_endpoint(
-            lambda: _ControlEndpoint(self), local_addr=(host, port), family=family)
+        address = self.config.control_addr
+        if isinstance(address, str):
+            if os.path.exists(address) and stat.S_ISSOCK(os.stat(address).st_mode):
+                os.unlink(address)  # left by a crashed run
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(address)
+            os.chmod(address, 0o660)
+            self._unix_path = address
+            transport, endpoint = await loop.create_datagram_endpoint(
+                lambda: _ControlEndpoint(self), sock=sock)
+            self.control_address = address
+        else:
+            host, port = address
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            transport, endpoint = await loop.create_datagram_endpoint(
+                lambda: _ControlEndpoint(self), local_addr=(host, port), family=family)
+            self.control_address = transport.get_extra_info("sockname")[:2]
         self._endpoint = endpoint
-        self.control_address = transport.get_extra_info("sockname")[:2]
         self._ticker = loop.create_task(self._tick_loop())
-        log.info("relay listening control=%s:%d ports=%s mode=%s", host,
-                 self.control_address[1], self.config.ports, self.config.mode)
+        log.info("relay listening control=%s ports=%s mode=%s", self.config.control,
+                 self.config.ports, self.config.mode)
 
     async def stop(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
         if self._endpoint is not None and self._endpoint.transport is not None:
             self._endpoint.transport.close()
+        if self._unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._unix_path)
         for task in list(self._tasks):
             task.cancel()
         now = time.monotonic()

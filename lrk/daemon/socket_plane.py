@@ -128,7 +128,7 @@ class WorkerHandle:
                   self.index, code)
         self.restarts += 1
         self.plane.counters["workers.restarts"] += 1
-        for message, socks in self.outbox:
+        for _message, socks in self.outbox:
             for s in socks:
                 s.close()
         self.outbox.clear()

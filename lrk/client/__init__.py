@@ -1,0 +1,46 @@
+"""Control client for lrk relays: Kamailio lrkproxy-module semantics for Python SIP apps.
+
+See docs/client.md. The sans-IO pieces (nodes, calltable, request, manage,
+sip) are usable on their own; api holds the blocking and asyncio clients.
+"""
+
+from lrk.client.api import AsyncLrkClient, LrkClient
+from lrk.client.calltable import CallTable
+from lrk.client.errors import (
+    ClientError,
+    InvalidArgument,
+    NodeAddressError,
+    NodeTimeout,
+    NoNodeAvailable,
+    ProtocolError,
+    RelayError,
+    SipParseError,
+)
+from lrk.client.manage import plan_manage
+from lrk.client.nodes import Node, NodeAddress, NodeSet, parse_node, parse_node_address
+from lrk.client.sip import SdpInfo, SipMessage, parse_sdp, parse_sip, sdp_media
+
+__all__ = [
+    "AsyncLrkClient",
+    "CallTable",
+    "ClientError",
+    "InvalidArgument",
+    "LrkClient",
+    "NoNodeAvailable",
+    "Node",
+    "NodeAddress",
+    "NodeAddressError",
+    "NodeSet",
+    "NodeTimeout",
+    "ProtocolError",
+    "RelayError",
+    "SdpInfo",
+    "SipMessage",
+    "SipParseError",
+    "parse_node",
+    "parse_node_address",
+    "parse_sdp",
+    "parse_sip",
+    "plan_manage",
+    "sdp_media",
+]

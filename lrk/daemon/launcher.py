@@ -1,0 +1,107 @@
+"""Start a relay daemon as a child process and wait until it answers (demo, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import msgpack
+
+from lrk.errors import LrkError
+
+
+class LaunchError(LrkError):
+    """The relay process did not come up; the message carries its output."""
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port the kernel just considered free (good enough for a test control port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def ping(host: str, port: int, timeout: float = 0.2) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        cookie = os.urandom(6).hex()
+        try:
+            s.sendto(msgpack.packb({"cookie": cookie, "cmd": "ping"}), (host, port))
+            reply = msgpack.unpackb(s.recv(65535), raw=False)
+        except (OSError, ValueError):
+            return False
+    return isinstance(reply, dict) and reply.get("cookie") == cookie and reply.get("ok") is True
+
+
+class RelayProcess:
+    """`lrkproxy run` in a child process; a context manager that always stops it."""
+
+    def __init__(self, ports: str = "30000-30999", host: str = "127.0.0.1",
+                 extra: Optional[List[str]] = None, python: Optional[str] = None,
+                 env: Optional[Dict[str, str]] = None) -> None:
+        self.host = host
+        self.control_port = free_udp_port(host)
+        self.ports = ports
+        control = f"[{host}]:{self.control_port}" if ":" in host else f"{host}:{self.control_port}"
+        self.argv = [python or sys.executable, "-m", "lrk.cli", "run", "--control", control,
+                     "--ports", ports, *(extra or [])]
+        self.env = env
+        self.proc: Optional[subprocess.Popen] = None
+        self.output = ""
+
+    @property
+    def node(self) -> str:
+        if ":" in self.host:
+            return f"udp6:[{self.host}]:{self.control_port}"
+        return f"udp:{self.host}:{self.control_port}"
+
+    def start(self, ready_timeout: float = 20.0) -> RelayProcess:
+        env = dict(os.environ)
+        env.update(self.env or {})
+        # a file, not a pipe: a chatty relay must never block on a full pipe
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env)
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise LaunchError(f"relay exited with code {self.proc.returncode}: "
+                                  f"{self.read_output()}")
+            if ping(self.host, self.control_port):
+                return self
+        self.stop()
+        raise LaunchError(f"relay did not answer ping within {ready_timeout}s")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait, SIGKILL if it hangs; returns the exit code."""
+        proc = self.proc
+        if proc is None:
+            return 0
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.output = self.read_output()
+        self._log.close()
+        return proc.returncode
+
+    def read_output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def __enter__(self) -> RelayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""Simulated call parties (media endpoints, SIP-less) for the demo, tests and benchmarks."""
