@@ -114,7 +114,18 @@ class SocketWorker:
             if len(chunk) >= channel.REPORT_CHUNK:
                 channel.send(self.chan, {"op": "report", "sessions": chunk})
                 chunk = {}
-        channel.send(self.chan, {"op": "report", "sessions": chunk, "g": self.table.totals()})
+        channel.send(self.chan, {"op": "report", "sessions": chunk, "g": self.totals()})
+
+    def totals(self) -> Dict[str, int]:
+        """Worker-wide counters: the table's plus what the batch I/O layer met."""
+        totals = self.table.totals()
+        io = self.io
+        totals["media.dropped.oversized"] = io.truncated
+        for name, n in io.send_errors.items():
+            totals[f"media.send_errors.{name}"] = n
+        for name, n in io.recv_errors.items():
+            totals[f"media.recv_errors.{name}"] = n
+        return totals
 
     # -- media -----------------------------------------------------------------------
     def run(self) -> None:
@@ -128,10 +139,12 @@ class SocketWorker:
         while self.running:
             events = poll(REPORT_INTERVAL)
             now = monotonic()
+            # control first: an update sent before the client's reply must beat the media
+            # that reply triggers, even when both wake us in the same poll
             for fd, _ev in events:
                 if fd == chan_fd:
                     self._drain_channel()
-                    continue
+            for fd, _ev in events:
                 ep = by_fd.get(fd)
                 if ep is None:
                     continue

@@ -113,16 +113,15 @@ class LrkClient(_ClientBase):
             except OSError:
                 pass  # as if the datagram was lost: this try times out
             deadline = time.monotonic() + action.timeout
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
+            remaining = action.timeout
+            while remaining > 0:
                 data = transport.recv(remaining)
                 if data is None:
                     break
                 reply = state.received(data, clock())
                 if reply is not None:
                     return reply
+                remaining = deadline - time.monotonic()  # a stray datagram: wait the rest
             action = state.timed_out(clock())
 
     def _run(self, op: Operation) -> Any:

@@ -170,7 +170,7 @@ class SipMessage:
         if value is None:
             return None
         if value.count("<") != value.count(">"):
-            raise SipParseError(f"unbalanced <> in {name} header {_shown(value)}")
+            raise SipParseError(f"unbalanced <> in {name.capitalize()} header {_shown(value)}")
         return header_params(value).get("tag") or None
 
     @property

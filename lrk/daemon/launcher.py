@@ -85,6 +85,8 @@ class RelayProcess:
         proc = self.proc
         if proc is None:
             return 0
+        if self._log.closed:  # stopped before
+            return proc.returncode
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:

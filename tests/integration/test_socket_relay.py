@@ -1,0 +1,255 @@
+"""The real daemon in socket mode: media both ways, latching, drops, expiry, port release."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from lrk.client import LrkClient
+from lrk.client.errors import RelayError
+from lrk.sim.rtp import check_rtp, rtcp_sender_report, rtp_packet, summarize
+
+from .conftest import port_free
+
+pytestmark = pytest.mark.integration
+
+A_SSRC, B_SSRC = 0xA0A0A0A0, 0xB0B0B0B0
+
+
+def setup_call(client: LrkClient, caller, callee, call_id: str = "call-1", **kw):
+    offer = client.offer(call_id, "tag-a", caller.address, **kw)
+    answer = client.answer(call_id, "tag-a", "tag-b", callee.address, **kw)
+    to_callee_side = (offer["relay"]["ip"], offer["relay"]["port"])  # the callee sends here
+    to_caller_side = (answer["relay"]["ip"], answer["relay"]["port"])  # the caller sends here
+    return to_caller_side, to_callee_side
+
+
+def wait_until(predicate, timeout: float = 10.0, step: float = 0.05):
+    """Poll a condition with a deadline: the relay's own clock decides, we only observe it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met within %.1fs" % timeout)
+
+
+def test_rtp_and_rtcp_both_ways_with_payloads_sources_and_counters(client, endpoints):
+    caller, callee = endpoints(), endpoints()
+    relay_a, relay_b = setup_call(client, caller, callee)
+    assert relay_a != relay_b
+
+    caller.send_rtp(relay_a, 50, A_SSRC)
+    at_callee = summarize(callee.receive(callee.rtp, 50, 5.0), A_SSRC)
+    callee.send_rtp(relay_b, 40, B_SSRC)
+    at_caller = summarize(caller.receive(caller.rtp, 40, 5.0), B_SSRC)
+    assert at_callee == {"intact": 50, "damaged": 0, "sources": [relay_b], "in_order": True}
+    assert at_caller == {"intact": 40, "damaged": 0, "sources": [relay_a], "in_order": True}
+
+    sr = rtcp_sender_report(A_SSRC, 50, 8000)
+    caller.rtcp.sendto(sr, (relay_a[0], relay_a[1] + 1))
+    got = callee.receive(callee.rtcp, 1, 5.0)
+    assert got == [(sr, (relay_b[0], relay_b[1] + 1))]
+    callee.rtcp.sendto(b"\x81\xc9\x00\x01" + b"\x00" * 4, (relay_b[0], relay_b[1] + 1))
+    got = caller.receive(caller.rtcp, 1, 5.0)
+    assert got and got[0][1] == (relay_a[0], relay_a[1] + 1)
+
+    legs = client.query("call-1")["session"]["legs"]
+    assert legs["A"]["counters"]["in_packets"] == 51
+    assert legs["A"]["counters"]["in_bytes"] == 50 * 172 + len(sr)
+    assert legs["A"]["counters"]["out_packets"] == 41
+    assert legs["B"]["counters"]["in_packets"] == 41
+    assert legs["B"]["counters"]["out_packets"] == 51
+    assert legs["A"]["latched"] == {"ip": "127.0.0.1", "port": caller.port}
+    assert legs["A"]["rtcp_latched"] == {"ip": "127.0.0.1", "port": caller.port + 1}
+    stats = client.stats()["counters"]
+    assert stats["media.forwarded.packets"] == 92
+
+
+def test_natted_caller_is_latched_to_its_real_port(client, endpoints):
+    caller, callee, nat = endpoints(), endpoints(), endpoints()
+    # the caller's SDP says caller.port, but its packets leave from nat.port (same IP)
+    relay_a, relay_b = setup_call(client, caller, callee, "nat-call")
+    nat.send_rtp(relay_a, 5, A_SSRC)
+    assert summarize(callee.receive(callee.rtp, 5, 5.0), A_SSRC)["intact"] == 5
+    callee.send_rtp(relay_b, 5, B_SSRC)
+    assert summarize(nat.receive(nat.rtp, 5, 5.0), B_SSRC)["intact"] == 5
+    assert caller.receive(caller.rtp, 1, 0.3) == []  # not to the SDP port
+    leg_a = client.query("nat-call")["session"]["legs"]["A"]
+    assert leg_a["latched"] == {"ip": "127.0.0.1", "port": nat.port}
+
+
+def test_unexpected_sources_are_dropped_and_counted(client, endpoints):
+    caller, callee, intruder = endpoints(), endpoints(), endpoints()
+    stranger = endpoints("127.0.0.2")
+    relay_a, _ = setup_call(client, caller, callee, "drop-call")
+    # before latching: a packet from another IP than the SDP's is refused
+    stranger.rtp.sendto(rtp_packet(0, 0xDEAD), relay_a)
+    caller.send_rtp(relay_a, 3, A_SSRC)
+    # after latching: another port of the right IP is refused too
+    intruder.rtp.sendto(rtp_packet(1, 0xBEEF), relay_a)
+    got = callee.receive(callee.rtp, 10, 1.0)
+    assert [check_rtp(d, A_SSRC) for d, _ in got] == [0, 1, 2]
+    drops = client.query("drop-call")["session"]["legs"]["A"]["counters"]["drops"]
+    assert drops == {"unexpected_source": 2}
+    assert client.stats()["counters"]["media.dropped.unexpected_source"] == 2
+
+
+def test_latch_any_accepts_a_peer_whose_sdp_address_is_private(client, endpoints):
+    caller, callee = endpoints(), endpoints()
+    client.offer("any-call", "tag-a", ("198.51.100.7", 4000), latch_any=True)
+    answer = client.answer("any-call", "tag-a", "tag-b", callee.address)
+    relay_a = (answer["relay"]["ip"], answer["relay"]["port"])
+    caller.send_rtp(relay_a, 4, A_SSRC)
+    assert summarize(callee.receive(callee.rtp, 4, 5.0), A_SSRC)["intact"] == 4
+
+
+def test_new_offer_relatches(client, endpoints):
+    caller, callee, moved = endpoints(), endpoints(), endpoints()
+    relay_a, relay_b = setup_call(client, caller, callee, "move-call")
+    caller.send_rtp(relay_a, 2, A_SSRC)
+    assert len(callee.receive(callee.rtp, 2, 5.0)) == 2
+    # re-INVITE: the caller moved to another port; the old latch must go
+    reoffer = client.offer("move-call", "tag-a", moved.address, to_tag="tag-b")
+    assert (reoffer["relay"]["ip"], reoffer["relay"]["port"]) == relay_b
+    moved.send_rtp(relay_a, 2, A_SSRC, first_seq=2)
+    got = callee.receive(callee.rtp, 2, 5.0)
+    assert [check_rtp(d, A_SSRC) for d, _ in got] == [2, 3]
+    callee.send_rtp(relay_b, 1, B_SSRC)
+    assert len(moved.receive(moved.rtp, 1, 5.0)) == 1
+
+
+def test_delete_releases_ports_and_later_calls_reuse_nothing_live(start_relay, endpoints):
+    relay = start_relay(config="quarantine = 0\n")
+    with LrkClient([relay.node]) as client:
+        caller, callee = endpoints(), endpoints()
+        relay_a, relay_b = setup_call(client, caller, callee, "del-call")
+        assert not port_free(*relay_a)
+        reply = client.delete("del-call")
+        assert reply["session"]["call_id"] == "del-call"
+        for host, port in (relay_a, relay_b):
+            wait_until(lambda h=host, p=port: port_free(h, p) and port_free(h, p + 1))
+        with pytest.raises(RelayError) as err:
+            client.query("del-call")
+        assert err.value.code == "not_found"
+        assert client.stats()["counters"]["sessions.deleted"] == 1
+
+
+def test_session_expires_after_media_silence_and_frees_ports(start_relay, endpoints):
+    relay = start_relay(config="quarantine = 0\nsilence_timeout = 30\n")
+    with LrkClient([relay.node]) as client:
+        caller, callee = endpoints(), endpoints()
+        relay_a, relay_b = setup_call(client, caller, callee, "quiet-call", timeout=2)
+        client.offer("long-call", "x", ("127.0.0.1", 5000))  # default 30 s: must survive
+        started = time.monotonic()
+        for i in range(6):  # 1.2 s of media keeps the session alive past its creation + 1 s
+            caller.send_rtp(relay_a, 1, A_SSRC, first_seq=i)
+            assert len(callee.receive(callee.rtp, 1, 2.0)) == 1
+            time.sleep(0.2)  # paces the media stream; no assertion depends on it
+        last_media = time.monotonic()
+        wait_until(lambda: client.list()["total"] == 1, timeout=10)
+        ended = time.monotonic()
+        assert ended - last_media >= 1.5  # silence, not age, ended it
+        assert ended - started >= 2.5
+        assert client.list()["sessions"][0]["call_id"] == "long-call"
+        for host, port in (relay_a, relay_b):
+            wait_until(lambda h=host, p=port: port_free(h, p) and port_free(h, p + 1))
+        assert client.stats()["counters"]["sessions.expired.silence"] == 1
+
+
+def test_garbage_on_control_and_media_sockets_does_not_hurt(client, relay, endpoints):
+    caller, callee = endpoints(), endpoints()
+    relay_a, relay_b = setup_call(client, caller, callee, "junk-call")
+    junk = [b"", b"\x00", b"\xc1\xc1\xc1\xc1", b"\x91" * 5000, os.urandom(1400), b"\xdf" * 8]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.2", 0))  # not the caller's SDP address: can never latch
+        for data in junk:
+            s.sendto(data, ("127.0.0.1", relay.control_port))
+            s.sendto(data, relay_a)
+    caller.send_rtp(relay_a, 3, A_SSRC)
+    assert summarize(callee.receive(callee.rtp, 3, 5.0), A_SSRC)["intact"] == 3
+    assert client.ping()["ok"] is True
+    stats = client.stats()["counters"]
+    assert stats["control.dropped.too_short"] == 2
+    assert stats["control.errors.malformed"] >= 2
+    assert stats["media.dropped.unexpected_source"] == len(junk) - 1  # b"" is a datagram too
+    assert stats["media.dropped.oversized"] == 1  # the 5000-byte one
+
+
+def test_worker_crash_is_survived_with_sessions_reinstalled(client, relay, endpoints):
+    caller, callee = endpoints(), endpoints()
+    relay_a, relay_b = setup_call(client, caller, callee, "crash-call")
+    caller.send_rtp(relay_a, 2, A_SSRC)
+    assert len(callee.receive(callee.rtp, 2, 5.0)) == 2
+    # counted before the crash (a query makes the worker report): kept across the restart
+    assert client.query("crash-call")["session"]["legs"]["A"]["counters"]["in_packets"] == 2
+    children = open(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read().split()
+    assert len(children) == 1
+    os.kill(int(children[0]), signal.SIGKILL)
+    wait_until(lambda: client.stats()["counters"]["workers.restarts"] == 1)
+
+    def flows() -> bool:
+        caller.send_rtp(relay_a, 1, A_SSRC, first_seq=7)
+        return bool(callee.receive(callee.rtp, 1, 0.2))
+
+    wait_until(flows)
+    callee.send_rtp(relay_b, 1, B_SSRC)
+    assert len(caller.receive(caller.rtp, 1, 5.0)) == 1
+    assert client.query("crash-call")["session"]["legs"]["A"]["counters"]["in_packets"] >= 3
+
+
+def test_two_workers_serve_concurrent_calls(start_relay, endpoints):
+    relay = start_relay("--workers", "2")
+    children = open(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read().split()
+    assert len(children) == 2
+    with LrkClient([relay.node]) as client:
+        calls = []
+        for n in range(4):
+            caller, callee = endpoints(), endpoints()
+            calls.append((caller, callee, *setup_call(client, caller, callee, f"w-{n}")))
+        for n, (caller, callee, relay_a, relay_b) in enumerate(calls):
+            caller.send_rtp(relay_a, 10, A_SSRC + n)
+            callee.send_rtp(relay_b, 10, B_SSRC + n)
+        for n, (caller, callee, relay_a, relay_b) in enumerate(calls):
+            assert summarize(callee.receive(callee.rtp, 10, 5.0), A_SSRC + n)["intact"] == 10
+            assert summarize(caller.receive(caller.rtp, 10, 5.0), B_SSRC + n)["intact"] == 10
+
+
+def test_ipv6_relay_and_control(start_relay, endpoints):
+    relay = start_relay("--internal-ip", "::1", host="::1")
+    with LrkClient([relay.node]) as client:
+        caller, callee = endpoints("::1"), endpoints("::1")
+        relay_a, relay_b = setup_call(client, caller, callee, "v6-call")
+        assert relay_a[0] == "::1"
+        caller.send_rtp(relay_a, 5, A_SSRC)
+        got = summarize(callee.receive(callee.rtp, 5, 5.0), A_SSRC)
+        assert got["intact"] == 5 and got["sources"] == [relay_b]
+
+
+def test_sdp_is_rewritten_by_the_relay(client, endpoints):
+    caller = endpoints()
+    body = (f"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+            f"m=audio {caller.port} RTP/AVP 0\r\na=rtcp:{caller.port + 1}\r\n")
+    reply = client.offer("sdp-call", "tag-a", sdp=body)
+    port = reply["relay"]["port"]
+    assert f"m=audio {port} RTP/AVP 0" in reply["sdp"]
+    assert f"a=rtcp:{port + 1} IN IP4 127.0.0.1" in reply["sdp"]
+    leg_a = client.query("sdp-call")["session"]["legs"]["A"]
+    assert leg_a["announced"] == {"ip": "127.0.0.1", "port": caller.port}
+
+
+def test_stop_releases_every_port(start_relay, endpoints):
+    relay = start_relay()
+    with LrkClient([relay.node]) as client:
+        ports = []
+        for n in range(3):
+            caller, callee = endpoints(), endpoints()
+            ports += list(setup_call(client, caller, callee, f"s-{n}"))
+    assert relay.stop() == 0
+    for host, port in ports:
+        assert port_free(host, port) and port_free(host, port + 1)
