@@ -8,6 +8,7 @@ RequestState, so both clients behave identically.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from typing import Any, Awaitable, Callable, Dict, Optional, Tuple, Union
@@ -230,18 +231,28 @@ class AsyncLrkClient(_ClientBase):
     async def _transport(self, node: Node) -> Any:
         key = str(node.address)
         transport = self._transports.get(key)
-        if transport is not None and getattr(transport, "usable", True):
-            return transport
+        if transport is not None:
+            if getattr(transport, "usable", True):
+                return transport
+            del self._transports[key]  # its socket was lost: open a new one
+            transport.close()
         pending = self._opening.get(key)
-        if pending is None:
-            pending = self._opening[key] = asyncio.ensure_future(self._factory(node.address))
-        try:
-            transport = await asyncio.shield(pending)
-        finally:
-            if self._opening.get(key) is pending and pending.done():
-                del self._opening[key]
-        self._transports[key] = transport
-        return transport
+        if pending is None:  # one opening per node, however many requests wait for it
+            pending = asyncio.ensure_future(self._factory(node.address))
+            self._opening[key] = pending
+            pending.add_done_callback(functools.partial(self._opened, key))
+        return await asyncio.shield(pending)
+
+    def _opened(self, key: str, pending: asyncio.Future[Any]) -> None:
+        if self._opening.get(key) is pending:
+            del self._opening[key]
+        if pending.cancelled() or pending.exception() is not None:
+            return
+        transport = pending.result()
+        if self._closed:
+            transport.close()
+        else:
+            self._transports[key] = transport
 
     async def _exchange(self, state: RequestState) -> Reply:
         clock = self._core.clock

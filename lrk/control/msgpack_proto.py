@@ -85,6 +85,7 @@ class MsgpackControl:
     ) -> None:
         self.engine = engine
         self.allow = allow
+        self._allow_cache: Dict[str, bool] = {}
         self.info = dict(info or {})
         self.token = token
         self.media_counters = media_counters or (lambda: {})
@@ -95,7 +96,7 @@ class MsgpackControl:
     # -- phase 1 ---------------------------------------------------------------------
     def receive(self, data: bytes, sender: Hashable, now: float) -> Union[Request, Outcome]:
         counters = self.counters
-        if self.allow is not None and not _allowed(self.allow, sender):
+        if self.allow is not None and not _allowed(self.allow, self._allow_cache, sender):
             counters["control.dropped.not_allowed"] += 1
             return Outcome(None)
         if len(data) < MIN_REQUEST_BYTES:
@@ -288,14 +289,23 @@ class MsgpackControl:
         return Outcome(data)
 
 
-def _allowed(allow: IPSet, sender: Hashable) -> bool:
-    """UNIX-socket senders (paths, not tuples) are trusted: the file mode guards them."""
+def _allowed(allow: IPSet, cache: Dict[str, bool], sender: Hashable) -> bool:
+    """UNIX-socket senders (paths, not tuples) are trusted: the file mode guards them.
+
+    IPSet membership costs tens of microseconds, so verdicts are cached per address.
+    """
     if not isinstance(sender, tuple):
         return True
-    try:
-        return IPAddress(sender[0]) in allow
-    except Exception:
-        return False
+    verdict = cache.get(sender[0])
+    if verdict is None:
+        try:
+            verdict = IPAddress(sender[0]) in allow
+        except Exception:
+            verdict = False
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[sender[0]] = verdict
+    return verdict
 
 
 # -- argument checks ---------------------------------------------------------------------

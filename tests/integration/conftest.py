@@ -33,6 +33,13 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def worker_pids(relay: RelayProcess) -> List[int]:
+    """The relay's child processes (its workers), from /proc."""
+    pid = relay.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(p) for p in fh.read().split()]
+
+
 @pytest.fixture
 def start_relay(tmp_path) -> Iterator[Callable[..., RelayProcess]]:
     """Start relays with extra CLI args or TOML config; all are stopped and checked at the end."""

@@ -13,7 +13,7 @@ from lrk.client import LrkClient
 from lrk.client.errors import RelayError
 from lrk.sim.rtp import check_rtp, rtcp_sender_report, rtp_packet, summarize
 
-from .conftest import port_free
+from .conftest import port_free, worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def wait_until(predicate, timeout: float = 10.0, step: float = 0.05):
         if value:
             return value
         time.sleep(step)
-    raise AssertionError("condition not met within %.1fs" % timeout)
+    raise AssertionError(f"condition not met within {timeout:.1f}s")
 
 
 def test_rtp_and_rtcp_both_ways_with_payloads_sources_and_counters(client, endpoints):
@@ -188,7 +188,7 @@ def test_worker_crash_is_survived_with_sessions_reinstalled(client, relay, endpo
     assert len(callee.receive(callee.rtp, 2, 5.0)) == 2
     # counted before the crash (a query makes the worker report): kept across the restart
     assert client.query("crash-call")["session"]["legs"]["A"]["counters"]["in_packets"] == 2
-    children = open(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read().split()
+    children = worker_pids(relay)
     assert len(children) == 1
     os.kill(int(children[0]), signal.SIGKILL)
     wait_until(lambda: client.stats()["counters"]["workers.restarts"] == 1)
@@ -205,7 +205,7 @@ def test_worker_crash_is_survived_with_sessions_reinstalled(client, relay, endpo
 
 def test_two_workers_serve_concurrent_calls(start_relay, endpoints):
     relay = start_relay("--workers", "2")
-    children = open(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").read().split()
+    children = worker_pids(relay)
     assert len(children) == 2
     with LrkClient([relay.node]) as client:
         calls = []
@@ -215,7 +215,7 @@ def test_two_workers_serve_concurrent_calls(start_relay, endpoints):
         for n, (caller, callee, relay_a, relay_b) in enumerate(calls):
             caller.send_rtp(relay_a, 10, A_SSRC + n)
             callee.send_rtp(relay_b, 10, B_SSRC + n)
-        for n, (caller, callee, relay_a, relay_b) in enumerate(calls):
+        for n, (caller, callee, _a, _b) in enumerate(calls):
             assert summarize(callee.receive(callee.rtp, 10, 5.0), A_SSRC + n)["intact"] == 10
             assert summarize(caller.receive(caller.rtp, 10, 5.0), B_SSRC + n)["intact"] == 10
 

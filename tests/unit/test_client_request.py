@@ -312,3 +312,16 @@ def test_closed_client_refuses_requests(clock, net):
     client.close()
     with pytest.raises(Exception, match="closed"):
         client.ping()
+
+
+def test_node_whose_socket_cannot_open_is_failed_over_at_once(clock, net):
+    def factory(address):
+        if str(address) == A:
+            raise OSError("Name or service not known")
+        return net.factory(address)
+
+    client = LrkClient([A, B], clock=clock, transport_factory=factory)
+    assert client.ping()["pong"] is True
+    assert clock.now == 1000.0  # no timeout was waited for
+    assert not client.node(A).is_available(clock.now)
+    assert len(net.sent_to(B)) == 1

@@ -192,3 +192,27 @@ def test_async_unix_node():
         assert not os.path.exists(local)
     finally:
         relay.close()
+
+
+def test_async_node_whose_socket_cannot_open_is_failed_over(relay):
+    from lrk.client.transport import AsyncTransport
+
+    opened = []
+
+    async def factory(address):
+        opened.append(str(address))
+        if str(address) == "udp:10.255.255.1:9":
+            raise OSError("no route")
+        return await AsyncTransport.open(address)
+
+    async def scenario():
+        client = AsyncLrkClient(["udp:10.255.255.1:9", relay.node], timeout=2.0,
+                                transport_factory=factory)
+        replies = await asyncio.gather(*(client.ping() for _ in range(5)))
+        await client.close()
+        return replies
+
+    replies = asyncio.run(scenario())
+    assert all(r["pong"] is True for r in replies)
+    # the five concurrent requests shared one opening attempt per node
+    assert sorted(opened) == sorted(["udp:10.255.255.1:9", relay.node])

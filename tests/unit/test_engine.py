@@ -409,8 +409,10 @@ def test_apply_report_adds_base_after_rebind():
     engine.apply_report(
         session.sid,
         report(
-            {"A": [2, 200, 1, 100, {"no_destination": 1, "unexpected_source": 4}],
-             "B": [1, 10, 0, 0, {}]},
+            {
+                "A": [2, 200, 1, 100, {"no_destination": 1, "unexpected_source": 4}],
+                "B": [1, 10, 0, 0, {}],
+            },
             gen={"A": 1, "B": 1},
         ),
     )
@@ -429,8 +431,11 @@ def test_apply_report_latched_only_when_generation_matches():
     nat = ("198.51.100.10", 61000)
     engine.apply_report(
         session.sid,
-        report({"A": [1, 10, 0, 0, {}]}, gen={"A": 1},
-               latched={"A": [list(nat), ["198.51.100.10", 61001]]}),
+        report(
+            {"A": [1, 10, 0, 0, {}]},
+            gen={"A": 1},
+            latched={"A": [list(nat), ["198.51.100.10", 61001]]},
+        ),
     )
     assert a.latched == nat
     assert a.rtcp_latched == ("198.51.100.10", 61001)
@@ -450,8 +455,9 @@ def test_apply_report_latched_only_when_generation_matches():
     assert a.latched is None
     engine.apply_report(
         session.sid,
-        report({"A": [4, 40, 0, 0, {}]}, gen={"A": 2}, latched={"A": [["198.51.100.10", 62000],
-                                                                     None]}),
+        report(
+            {"A": [4, 40, 0, 0, {}]}, gen={"A": 2}, latched={"A": [["198.51.100.10", 62000], None]}
+        ),
     )
     assert a.latched == ("198.51.100.10", 62000)
 
@@ -512,8 +518,7 @@ def test_probe_receives_leg_ip():
         return port != 30000
 
     engine = Engine(
-        EngineConfig(internal_ip=INTERNAL, external_ip=EXTERNAL, port_start=30000,
-                     port_end=30099),
+        EngineConfig(internal_ip=INTERNAL, external_ip=EXTERNAL, port_start=30000, port_end=30099),
         probe=probe,
     )
     session, _, _ = engine.offer(0.0, "c1", "ft", CALLER, interface="external")

@@ -26,14 +26,28 @@ SDP = (
     "m=audio 4000 RTP/AVP 0\r\n"
 )
 DOC_ERROR_CODES = (
-    "malformed", "too_large", "bad_request", "unknown_command", "unsupported_version",
-    "unauthorized", "not_found", "ports_exhausted", "internal",
+    "malformed",
+    "too_large",
+    "bad_request",
+    "unknown_command",
+    "unsupported_version",
+    "unauthorized",
+    "not_found",
+    "ports_exhausted",
+    "internal",
 )
 
 
 def make(token=None, media=None, port_end=30999, **engine_kw):
-    engine = Engine(EngineConfig(internal_ip="10.0.0.1", external_ip="203.0.113.1",
-                                 port_start=30000, port_end=port_end, **engine_kw))
+    engine = Engine(
+        EngineConfig(
+            internal_ip="10.0.0.1",
+            external_ip="203.0.113.1",
+            port_start=30000,
+            port_end=port_end,
+            **engine_kw,
+        )
+    )
     return MsgpackControl(
         engine,
         info={"mode": "socket", "workers": 1},
@@ -111,24 +125,55 @@ def test_capabilities():
 def test_offer_answer_query_list_delete():
     ctl = make()
     engine = ctl.engine
-    out = raw(ctl, pack({"v": 1, "cookie": "o", "cmd": "offer", "call_id": "c1@host",
-                         "from_tag": "ft1", "media": CALLER}))
+    out = raw(
+        ctl,
+        pack(
+            {
+                "v": 1,
+                "cookie": "o",
+                "cmd": "offer",
+                "call_id": "c1@host",
+                "from_tag": "ft1",
+                "media": CALLER,
+            }
+        ),
+    )
     offer = msgpack.unpackb(out.reply, raw=False)
     session = engine.get("c1@host")
     assert out.actions == [Install(session)]
     b = session.legs["B"]
-    assert offer == {"v": 1, "cookie": "o", "ok": True, "call_id": "c1@host", "leg": "B",
-                     "relay": {"ip": "10.0.0.1", "port": b.relay_port,
-                               "rtcp_port": b.relay_port + 1}}
+    assert offer == {
+        "v": 1,
+        "cookie": "o",
+        "ok": True,
+        "call_id": "c1@host",
+        "leg": "B",
+        "relay": {"ip": "10.0.0.1", "port": b.relay_port, "rtcp_port": b.relay_port + 1},
+    }
 
-    out = raw(ctl, pack({"v": 1, "cookie": "a", "cmd": "answer", "call_id": "c1@host",
-                         "from_tag": "ft1", "to_tag": "tt1", "media": CALLEE}))
+    out = raw(
+        ctl,
+        pack(
+            {
+                "v": 1,
+                "cookie": "a",
+                "cmd": "answer",
+                "call_id": "c1@host",
+                "from_tag": "ft1",
+                "to_tag": "tt1",
+                "media": CALLEE,
+            }
+        ),
+    )
     answer = msgpack.unpackb(out.reply, raw=False)
     a = session.legs["A"]
     assert out.actions == [Update(session, "B")]
     assert answer["leg"] == "A"
-    assert answer["relay"] == {"ip": "10.0.0.1", "port": a.relay_port,
-                               "rtcp_port": a.relay_port + 1}
+    assert answer["relay"] == {
+        "ip": "10.0.0.1",
+        "port": a.relay_port,
+        "rtcp_port": a.relay_port + 1,
+    }
     assert a.relay_port != b.relay_port
 
     query = cmd(ctl, "query", now=112.5, call_id="c1@host")
@@ -148,8 +193,9 @@ def test_offer_answer_query_list_delete():
     assert listed["sessions"][0]["call_id"] == "c1@host"
     assert listed["sessions"][0]["ports"] == [a.relay_port, b.relay_port]
 
-    out = raw(ctl, pack({"v": 1, "cookie": "d", "cmd": "delete", "call_id": "c1@host",
-                         "from_tag": "tt1"}))
+    out = raw(
+        ctl, pack({"v": 1, "cookie": "d", "cmd": "delete", "call_id": "c1@host", "from_tag": "tt1"})
+    )
     deleted = msgpack.unpackb(out.reply, raw=False)
     assert out.actions == [Remove(session, "deleted")]
     assert deleted["ok"] is True
@@ -161,9 +207,17 @@ def test_offer_answer_query_list_delete():
 
 def test_offer_options_reach_engine():
     ctl = make()
-    reply = cmd(ctl, "offer", call_id="c1", from_tag="ft",
-                media={"ip": "2001:db8:0::1", "port": 4000, "rtcp_port": 4011},
-                interface="external", latch_any=True, timeout=30, via_branch="z9hG4bK1")
+    reply = cmd(
+        ctl,
+        "offer",
+        call_id="c1",
+        from_tag="ft",
+        media={"ip": "2001:db8:0::1", "port": 4000, "rtcp_port": 4011},
+        interface="external",
+        latch_any=True,
+        timeout=30,
+        via_branch="z9hG4bK1",
+    )
     assert reply["relay"]["ip"] == "203.0.113.1"
     session = ctl.engine.get("c1")
     a = session.legs["A"]
@@ -178,16 +232,24 @@ def test_offer_with_sdp_str_returns_rewritten_str():
     ctl = make()
     reply = cmd(ctl, "offer", call_id="c2", from_tag="ft", sdp=SDP)
     port = reply["relay"]["port"]
-    assert reply["sdp"] == SDP.replace("c=IN IP4 198.51.100.10\r\nt", "c=IN IP4 10.0.0.1\r\nt") \
-        .replace("m=audio 4000", f"m=audio {port}")
+    assert reply["sdp"] == SDP.replace(
+        "c=IN IP4 198.51.100.10\r\nt", "c=IN IP4 10.0.0.1\r\nt"
+    ).replace("m=audio 4000", f"m=audio {port}")
     assert ctl.engine.get("c2").legs["A"].announced == ("198.51.100.10", 4000)
 
 
 def test_answer_with_sdp_bytes_returns_bytes():
     ctl = make()
     cmd(ctl, "offer", call_id="c2", from_tag="ft", sdp=SDP)
-    reply = cmd(ctl, "answer", call_id="c2", from_tag="ft", to_tag="tt",
-                sdp=SDP.replace("198.51.100.10", "198.51.100.20").encode(), interface="external")
+    reply = cmd(
+        ctl,
+        "answer",
+        call_id="c2",
+        from_tag="ft",
+        to_tag="tt",
+        sdp=SDP.replace("198.51.100.10", "198.51.100.20").encode(),
+        interface="external",
+    )
     assert isinstance(reply["sdp"], bytes)
     assert b"c=IN IP4 203.0.113.1\r\n" in reply["sdp"]
     assert f"m=audio {reply['relay']['port']} ".encode() in reply["sdp"]
@@ -241,7 +303,7 @@ def test_stats_lists_every_error_code_even_when_zero():
 
 
 def test_needs_counters():
-    assert NEEDS_COUNTERS == {"delete", "query", "list", "stats"}
+    assert {"delete", "query", "list", "stats"} == NEEDS_COUNTERS
     ctl = make()
     got = ctl.receive(pack({"cookie": "q", "cmd": "query", "call_id": "x"}), CLIENT, 0.0)
     assert isinstance(got, Request)
@@ -335,8 +397,7 @@ def test_short_input_gets_no_reply():
 
 def test_sender_outside_allow_list_gets_no_reply():
     ctl = make()
-    data = pack({"cookie": "x", "cmd": "offer", "call_id": "c", "from_tag": "f",
-                 "media": CALLER})
+    data = pack({"cookie": "x", "cmd": "offer", "call_id": "c", "from_tag": "f", "media": CALLER})
     for sender in (("192.0.2.1", 5060), ("::2", 5060, 0, 0), ("not-an-ip", 1)):
         out = raw(ctl, data, sender=sender)
         assert out.reply is None and out.actions == []
@@ -401,8 +462,20 @@ def test_token_required():
     assert_error(send(ctl, {"cookie": "t1", "cmd": "ping"}), "unauthorized")
     assert_error(send(ctl, {"cookie": "t2", "cmd": "ping", "token": "wrong"}), "unauthorized")
     assert_error(send(ctl, {"cookie": "t3", "cmd": "ping", "token": b"s3cret"}), "unauthorized")
-    assert_error(send(ctl, {"cookie": "t4", "cmd": "offer", "call_id": "c", "from_tag": "f",
-                            "media": CALLER, "token": "S3CRET"}), "unauthorized")
+    assert_error(
+        send(
+            ctl,
+            {
+                "cookie": "t4",
+                "cmd": "offer",
+                "call_id": "c",
+                "from_tag": "f",
+                "media": CALLER,
+                "token": "S3CRET",
+            },
+        ),
+        "unauthorized",
+    )
     assert not ctl.engine.by_call
     assert send(ctl, {"cookie": "t5", "cmd": "ping", "token": "s3cret"})["ok"] is True
     assert ctl.counters["control.errors.unauthorized"] == 4
@@ -472,8 +545,7 @@ def test_bad_arguments(name, field, value):
     ctl = make()
     if name in ("answer", "delete", "query"):
         assert cmd(ctl, "offer", **OFFER)["ok"] is True
-    args = {"offer": OFFER, "answer": ANSWER}.get(name, {"call_id": "c1"} if name != "list"
-                                                   else {})
+    args = {"offer": OFFER, "answer": ANSWER}.get(name, {"call_id": "c1"} if name != "list" else {})
     args = dict(args)
     if value is None:
         args.pop(field, None)
@@ -578,8 +650,10 @@ def test_same_cookie_other_sender_is_new_request():
     assert ctl.engine.counters["sessions.offers"] == 2
     assert ctl.engine.counters["sessions.created"] == 1
     assert ctl.counters["control.retransmissions"] == 0
-    assert msgpack.unpackb(second.reply, raw=False)["relay"] == \
-        msgpack.unpackb(first.reply, raw=False)["relay"]
+    assert (
+        msgpack.unpackb(second.reply, raw=False)["relay"]
+        == msgpack.unpackb(first.reply, raw=False)["relay"]
+    )
 
 
 def test_replay_window_expires():

@@ -1,0 +1,235 @@
+"""Unit tests of lrk.daemon.config: TOML loading, overrides, validation."""
+
+from __future__ import annotations
+
+import pytest
+from netaddr import IPAddress
+
+from lrk.daemon.config import Config, load, parse_hostport, parse_ports
+from lrk.errors import ConfigError
+
+
+def write(tmp_path, text, name="lrk.toml"):
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_defaults():
+    config = load(None, {})
+    assert config.control_addr == ("127.0.0.1", 22222)
+    assert config.port_range == (30000, 40000)
+    assert config.internal_ip == "127.0.0.1"
+    assert config.external_ip == "127.0.0.1"
+    assert config.silence_timeout == 60.0
+    assert config.max_lifetime == 10800.0
+    assert IPAddress("127.0.0.5") in config.allow_set
+    assert IPAddress("::1") in config.allow_set
+    assert IPAddress("192.0.2.1") not in config.allow_set
+    assert config.control_token is None
+
+
+def test_load_toml_file(tmp_path):
+    path = write(
+        tmp_path,
+        """
+control = "10.0.0.1:22223"
+ports = "31000-31999"
+internal_ip = "10.0.0.1"
+external_ip = "203.0.113.1"
+workers = 4
+silence_timeout = 30
+max_lifetime = 3600.5
+control_allow = ["10.0.0.0/8"]
+control_token = "s3cret"
+log_level = "info"
+log-format = "json"
+""",
+    )
+    config = load(path, {})
+    assert config.control_addr == ("10.0.0.1", 22223)
+    assert config.port_range == (31000, 31999)
+    assert config.internal_ip == "10.0.0.1"
+    assert config.external_ip == "203.0.113.1"
+    assert config.workers == 4
+    assert config.silence_timeout == 30.0 and isinstance(config.silence_timeout, float)
+    assert config.max_lifetime == 3600.5
+    assert IPAddress("10.1.2.3") in config.allow_set
+    assert IPAddress("127.0.0.1") not in config.allow_set
+    assert config.control_token == "s3cret"
+    assert config.log_level == "info"
+    assert config.log_format == "json"
+
+
+def test_lrk_table(tmp_path):
+    path = write(tmp_path, '[lrk]\nports = "32000-32099"\nworkers = 2.0\n')
+    config = load(path, {})
+    assert config.port_range == (32000, 32099)
+    assert config.workers == 2 and isinstance(config.workers, int)
+
+
+def test_cli_overrides_win(tmp_path):
+    path = write(tmp_path, 'ports = "31000-31999"\ninternal_ip = "10.0.0.1"\nworkers = 4\n')
+    config = load(path, {"ports": "33000-33999", "workers": None, "internal_ip": "10.0.0.2"})
+    assert config.port_range == (33000, 33999)
+    assert config.internal_ip == "10.0.0.2"
+    assert config.workers == 4  # None: option not given on the command line
+
+
+def test_external_ip_defaults_to_internal_ip():
+    assert load(None, {"internal_ip": "10.9.8.7"}).external_ip == "10.9.8.7"
+    config = load(None, {"internal_ip": "10.9.8.7", "external_ip": "203.0.113.9"})
+    assert config.external_ip == "203.0.113.9"
+
+
+def test_ips_normalised():
+    config = load(None, {"internal_ip": "2001:db8:0:0::1"})
+    assert config.internal_ip == "2001:db8::1"
+    assert config.external_ip == "2001:db8::1"
+
+
+def test_ipv6_control_address():
+    config = load(None, {"control": "[::1]:22222"})
+    assert config.control_addr == ("::1", 22222)
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = write(tmp_path, 'ports = "30000-30099"\nsilence_timout = 30\n')
+    with pytest.raises(ConfigError) as exc:
+        load(path, {})
+    assert "silence_timout" in str(exc.value)
+    assert "silence_timeout" in str(exc.value)  # the list of known options helps
+
+
+def test_unknown_override_is_named():
+    with pytest.raises(ConfigError, match="frobnicate"):
+        load(None, {"frobnicate": 1})
+
+
+@pytest.mark.parametrize(
+    "toml,key",
+    [
+        ('workers = "4"', "workers"),
+        ("workers = 2.5", "workers"),
+        ("workers = true", "workers"),
+        ('silence_timeout = "60"', "silence_timeout"),
+        ("silence_timeout = false", "silence_timeout"),
+        ("ports = 30000", "ports"),
+        ("internal_ip = 10", "internal_ip"),
+        ('control_allow = "127.0.0.1/8"', "control_allow"),
+        ("control_token = 1234", "control_token"),
+        ('external_ip = ["10.0.0.1"]', "external_ip"),
+    ],
+)
+def test_wrong_type(tmp_path, toml, key):
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, toml + "\n"), {})
+    assert key in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        ({"ports": "30000"}, "ports"),
+        ({"ports": "a-b"}, "ports"),
+        ({"ports": "40000-30000"}, "ports"),
+        ({"ports": "80-90"}, "ports"),
+        ({"ports": "30000-70000"}, "ports"),
+        ({"ports": "30000-30002"}, "ports"),  # room for one pair only
+        ({"internal_ip": "localhost"}, "internal_ip"),
+        ({"internal_ip": "10.0.0.256"}, "internal_ip"),
+        ({"external_ip": "relay.example"}, "external_ip"),
+        ({"control": "127.0.0.1"}, "control"),
+        ({"control": "127.0.0.1:0"}, "control"),
+        ({"control": "127.0.0.1:65536"}, "control"),
+        ({"control": "127.0.0.1:http"}, "control"),
+        ({"control": "localhost:22222"}, "control"),
+        ({"control": "[::1]22222"}, "control"),
+        ({"control": "[nothost]:22222"}, "control"),
+        ({"control_allow": ["not-a-net"]}, "control_allow"),
+        ({"mode": "kernel"}, "mode"),
+        ({"io": "fast"}, "io"),
+        ({"workers": 0}, "workers"),
+        ({"workers": 65}, "workers"),
+        ({"batch": 0}, "batch"),
+        ({"silence_timeout": 0}, "silence_timeout"),
+        ({"max_lifetime": -1}, "max_lifetime"),
+        ({"log_level": "verbose"}, "log_level"),
+        ({"log_format": "xml"}, "log_format"),
+    ],
+)
+def test_bad_values(overrides, fragment):
+    with pytest.raises(ConfigError) as exc:
+        load(None, overrides)
+    assert fragment in str(exc.value)
+
+
+def test_odd_port_range_needs_two_pairs():
+    """30001-30004 holds a single RTP/RTCP pair (30002/30003): too small, like 30000-30002."""
+    with pytest.raises(ConfigError, match="ports"):
+        load(None, {"ports": "30001-30004"})
+
+
+def test_smallest_valid_range():
+    assert load(None, {"ports": "30000-30003"}).port_range == (30000, 30003)
+
+
+def test_control_allow_entries_must_be_networks(tmp_path):
+    with pytest.raises(ConfigError, match="control_allow"):
+        load(write(tmp_path, "control_allow = [1]\n"), {})
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="nope.toml"):
+        load("/nonexistent/nope.toml", {})
+
+
+def test_invalid_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(write(tmp_path, "ports = \n"), {})
+
+
+def test_non_utf8_file_is_config_error(tmp_path):
+    with pytest.raises(ConfigError):
+        load(write(tmp_path, b'ports = "30000-30099"\n# caf\xe9\n'), {})
+
+
+def test_lrk_key_that_is_not_a_table(tmp_path):
+    with pytest.raises(ConfigError, match="lrk"):
+        load(write(tmp_path, "lrk = 5\n"), {})
+
+
+def test_top_level_keys_beside_lrk_table_are_not_ignored(tmp_path):
+    path = write(tmp_path, 'ports = "31000-31999"\n[lrk]\ninternal_ip = "10.0.0.1"\n')
+    try:
+        config = load(path, {})
+    except ConfigError:
+        return  # rejecting the ambiguous file is fine too
+    assert config.port_range == (31000, 31999)
+
+
+def test_parse_ports():
+    assert parse_ports("30000-40000") == (30000, 40000)
+    assert parse_ports("1024-65535") == (1024, 65535)
+    for bad in ("", "-", "30000-", "1023-2000", "30000-65536", "2-1"):
+        with pytest.raises(ConfigError):
+            parse_ports(bad)
+
+
+def test_parse_hostport():
+    assert parse_hostport("127.0.0.1:22222", "control") == ("127.0.0.1", 22222)
+    assert parse_hostport("[2001:db8:0::1]:5", "control") == ("2001:db8::1", 5)
+    assert parse_hostport("0.0.0.0:65535", "x") == ("0.0.0.0", 65535)
+    with pytest.raises(ConfigError) as exc:
+        parse_hostport("nowhere", "listen")
+    assert "listen" in str(exc.value)
+
+
+def test_config_validate_direct():
+    config = Config(internal_ip="10.0.0.1").validate()
+    assert config.external_ip == "10.0.0.1"
+    with pytest.raises(ConfigError):
+        Config(quarantine=-1).validate()

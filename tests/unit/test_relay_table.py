@@ -1,0 +1,285 @@
+"""Unit tests of fastpath.relay_table.RelayTable: latching and forwarding decisions."""
+
+from __future__ import annotations
+
+from fastpath.relay_table import (
+    DROP_NAMES,
+    NO_DESTINATION,
+    RTCP,
+    RTP,
+    SEND_ERROR,
+    UNEXPECTED_SOURCE,
+    RelayTable,
+)
+
+CALLER_IP = "198.51.100.10"
+CALLEE_IP = "198.51.100.20"
+FDS = [10, 11, 12, 13]  # A-RTP, A-RTCP, B-RTP, B-RTCP
+
+
+def leg(ip, port, rtcp=None, gen=1, latch_any=False):
+    return {
+        "announced": [ip, port],
+        "rtcp_announced": [ip, rtcp if rtcp is not None else port + 1],
+        "latch_any": latch_any,
+        "gen": gen,
+    }
+
+
+def setup(a=None, b=None, sid=7):
+    table = RelayTable()
+    legs = {}
+    if a is not None:
+        legs["A"] = a
+    if b is not None:
+        legs["B"] = b
+    session = table.install(sid, FDS, legs)
+    eps = [table.by_fd[fd] for fd in FDS]
+    return table, session, eps
+
+
+def both():
+    return setup(leg(CALLER_IP, 4000), leg(CALLEE_IP, 5000))
+
+
+def test_install_wires_endpoints():
+    table, session, (a_rtp, a_rtcp, b_rtp, b_rtcp) = both()
+    assert table.sessions[7] is session
+    assert session.endpoints == [a_rtp, a_rtcp, b_rtp, b_rtcp]
+    assert (a_rtp.leg, a_rtp.kind, b_rtcp.leg, b_rtcp.kind) == ("A", RTP, "B", RTCP)
+    assert a_rtp.partner is b_rtp and b_rtp.partner is a_rtp
+    assert a_rtcp.partner is b_rtcp and b_rtcp.partner is a_rtcp
+    assert a_rtp.announced == (CALLER_IP, 4000)
+    assert a_rtcp.announced == (CALLER_IP, 4001)
+    assert a_rtp.expected_ip == CALLER_IP
+    assert all(ep.sid == 7 and ep.session is session for ep in session.endpoints)
+
+
+def test_latches_first_packet_from_announced_ip_with_nat_port():
+    table, session, (a_rtp, _, b_rtp, _) = both()
+    nat = (CALLER_IP, 61000)
+    ep, out = table.forward(a_rtp, [(b"x" * 160, nat)], 5.0)
+    assert a_rtp.peer == nat
+    assert ep is b_rtp
+    assert out == [(b"x" * 160, (CALLEE_IP, 5000))]  # B not latched: its announced address
+    assert a_rtp.in_packets == 1 and a_rtp.in_bytes == 160
+    assert session.last_rx == 5.0
+    assert table.latched == 1
+
+
+def test_latched_peer_is_sticky_other_sources_dropped():
+    table, session, (a_rtp, *_rest) = both()
+    nat = (CALLER_IP, 61000)
+    batch = [
+        (b"1", nat),
+        (b"22", (CALLER_IP, 61002)),  # same IP, other port
+        (b"333", ("192.0.2.66", 61000)),  # other IP
+        (b"4444", nat),
+    ]
+    ep, out = table.forward(a_rtp, batch, 1.0)
+    assert [d for d, _ in out] == [b"1", b"4444"]
+    assert a_rtp.peer == nat
+    assert a_rtp.in_packets == 2 and a_rtp.in_bytes == 5
+    assert a_rtp.drops[UNEXPECTED_SOURCE] == 2
+    assert table.dropped[UNEXPECTED_SOURCE] == 2
+    assert table.latched == 1
+
+
+def test_packets_from_unannounced_ip_do_not_latch():
+    table, session, (a_rtp, *_rest) = both()
+    ep, out = table.forward(a_rtp, [(b"evil", ("192.0.2.66", 4000))], 1.0)
+    assert ep is None and out == []
+    assert a_rtp.peer is None
+    assert a_rtp.in_packets == 0
+    assert a_rtp.drops[UNEXPECTED_SOURCE] == 1
+    assert session.last_rx is None  # no accepted media: the session still ages
+    # the real peer can still latch afterwards
+    ep, out = table.forward(a_rtp, [(b"ok", (CALLER_IP, 4000))], 2.0)
+    assert a_rtp.peer == (CALLER_IP, 4000) and len(out) == 1
+    assert session.last_rx == 2.0
+
+
+def test_latch_any():
+    table, _, (a_rtp, a_rtcp, _, _) = setup(
+        leg(CALLER_IP, 4000, latch_any=True), leg(CALLEE_IP, 5000)
+    )
+    src = ("192.0.2.99", 40000)
+    ep, out = table.forward(a_rtp, [(b"a", src), (b"b", ("192.0.2.98", 1))], 1.0)
+    assert a_rtp.peer == src
+    assert len(out) == 1
+    assert a_rtp.drops[UNEXPECTED_SOURCE] == 1
+    assert a_rtcp.latch_any is True
+
+
+def test_no_destination_is_counted_drop():
+    table, session, (a_rtp, _, b_rtp, _) = setup(leg(CALLER_IP, 4000))  # offer only
+    ep, out = table.forward(a_rtp, [(b"abc", (CALLER_IP, 4000)), (b"de", (CALLER_IP, 4000))], 3.0)
+    assert ep is None and out == []
+    assert a_rtp.peer == (CALLER_IP, 4000)  # still latched and counted as received
+    assert a_rtp.in_packets == 2 and a_rtp.in_bytes == 5
+    assert a_rtp.drops[NO_DESTINATION] == 2
+    assert table.dropped[NO_DESTINATION] == 2
+    assert session.last_rx == 3.0
+
+
+def test_destination_is_partner_latched_peer():
+    table, _, (a_rtp, _, b_rtp, _) = both()
+    callee_nat = (CALLEE_IP, 62000)
+    table.forward(b_rtp, [(b"from-b", callee_nat)], 1.0)
+    assert b_rtp.peer == callee_nat
+    ep, out = table.forward(a_rtp, [(b"from-a", (CALLER_IP, 4000))], 2.0)
+    assert ep is b_rtp
+    assert out == [(b"from-a", callee_nat)]
+    # and back: B's packets go to A's latched address
+    ep, out = table.forward(b_rtp, [(b"again", callee_nat)], 3.0)
+    assert ep is a_rtp
+    assert out == [(b"again", (CALLER_IP, 4000))]
+
+
+def test_port_zero_means_no_destination():
+    table, _, (a_rtp, _, _, _) = setup(leg(CALLER_IP, 4000), leg(CALLEE_IP, 0, rtcp=0))
+    ep, out = table.forward(a_rtp, [(b"x", (CALLER_IP, 4000))], 1.0)
+    assert ep is None and out == []
+    assert a_rtp.drops[NO_DESTINATION] == 1
+
+
+def test_rtcp_latches_independently():
+    table, _, (a_rtp, a_rtcp, b_rtp, b_rtcp) = setup(
+        leg(CALLER_IP, 4000), leg(CALLEE_IP, 5000, rtcp=5011)
+    )
+    table.forward(a_rtp, [(b"rtp", (CALLER_IP, 61000))], 1.0)
+    assert a_rtp.peer == (CALLER_IP, 61000)
+    assert a_rtcp.peer is None
+    ep, out = table.forward(a_rtcp, [(b"rtcp", (CALLER_IP, 61001))], 1.0)
+    assert a_rtcp.peer == (CALLER_IP, 61001)
+    assert ep is b_rtcp
+    assert out == [(b"rtcp", (CALLEE_IP, 5011))]  # a=rtcp port of B
+    # RTP packets on the RTCP port's peer address are not accepted on RTP
+    ep, out = table.forward(a_rtp, [(b"x", (CALLER_IP, 61001))], 2.0)
+    assert out == [] and a_rtp.drops[UNEXPECTED_SOURCE] == 1
+    assert b_rtp.peer is None and b_rtcp.peer is None
+
+
+def test_update_resets_latch():
+    table, session, (a_rtp, a_rtcp, b_rtp, _) = both()
+    table.forward(a_rtp, [(b"x", (CALLER_IP, 61000))], 1.0)
+    table.forward(a_rtcp, [(b"x", (CALLER_IP, 61001))], 1.0)
+    session.dirty = False
+    new_ip = "198.51.100.11"
+    table.update(7, "A", leg(new_ip, 4100, gen=2))
+    assert session.dirty is True
+    assert a_rtp.peer is None and a_rtcp.peer is None
+    assert a_rtp.gen == 2 and a_rtcp.gen == 2
+    assert a_rtp.announced == (new_ip, 4100)
+    assert a_rtcp.announced == (new_ip, 4101)
+    # the old peer can no longer latch; the new one can
+    _, out = table.forward(a_rtp, [(b"old", (CALLER_IP, 61000))], 2.0)
+    assert out == [] and a_rtp.peer is None
+    _, out = table.forward(a_rtp, [(b"new", (new_ip, 7000))], 2.0)
+    assert a_rtp.peer == (new_ip, 7000) and len(out) == 1
+    # B's side untouched; counters kept
+    assert b_rtp.announced == (CALLEE_IP, 5000)
+    assert a_rtp.in_packets == 2
+
+
+def test_update_of_unknown_session_is_noop():
+    table, _, (a_rtp, *_rest) = both()
+    table.update(999, "A", leg("192.0.2.1", 1))
+    assert a_rtp.announced == (CALLER_IP, 4000)
+
+
+def test_update_without_announced_clears_destination():
+    table, _, (a_rtp, _, b_rtp, _) = both()
+    table.update(7, "B", {"announced": None, "rtcp_announced": None, "gen": 3})
+    assert b_rtp.announced is None and b_rtp.expected_ip is None
+    _, out = table.forward(a_rtp, [(b"x", (CALLER_IP, 4000))], 1.0)
+    assert out == []
+    assert a_rtp.drops[NO_DESTINATION] == 1
+
+
+def test_remove():
+    table, session, eps = both()
+    table.install(8, [20, 21, 22, 23], {"A": leg(CALLER_IP, 4000)})
+    assert table.remove(7) is session
+    assert 7 not in table.sessions
+    assert not any(fd in table.by_fd for fd in FDS)
+    assert sorted(table.by_fd) == [20, 21, 22, 23]
+    assert table.remove(7) is None
+
+
+def test_sent_accounting():
+    table, session, (a_rtp, _, b_rtp, _) = both()
+    ep, out = table.forward(a_rtp, [(b"aaaa", (CALLER_IP, 4000)), (b"bb", (CALLER_IP, 4000))], 1.0)
+    table.sent(ep, out, len(out))
+    assert b_rtp.out_packets == 2 and b_rtp.out_bytes == 6
+    assert a_rtp.out_packets == 0
+    assert table.forwarded_packets == 2 and table.forwarded_bytes == 6
+    assert table.dropped[SEND_ERROR] == 0
+
+
+def test_sent_partial_failure_counts_send_error_on_receiving_side():
+    table, session, (a_rtp, _, b_rtp, _) = both()
+    batch = [(b"1", (CALLER_IP, 4000)), (b"22", (CALLER_IP, 4000)), (b"333", (CALLER_IP, 4000))]
+    ep, out = table.forward(a_rtp, batch, 1.0)
+    table.sent(ep, out, 1)
+    assert b_rtp.out_packets == 1 and b_rtp.out_bytes == 1
+    assert table.forwarded_packets == 1 and table.forwarded_bytes == 1
+    assert a_rtp.drops[SEND_ERROR] == 2
+    assert b_rtp.drops[SEND_ERROR] == 0
+    assert table.dropped[SEND_ERROR] == 2
+    rep = session.report()
+    assert rep["legs"]["A"]["c"][4] == {"send_error": 2}
+
+
+def test_report_structure_and_gen():
+    table, session, (a_rtp, a_rtcp, b_rtp, b_rtcp) = setup(
+        leg(CALLER_IP, 4000, gen=3), leg(CALLEE_IP, 5000, gen=1)
+    )
+    ep, out = table.forward(a_rtp, [(b"x" * 10, (CALLER_IP, 61000))], 1.0)
+    table.sent(ep, out, 1)
+    ep, out = table.forward(a_rtcp, [(b"y" * 20, (CALLER_IP, 61001))], 2.0)
+    table.sent(ep, out, 1)
+    table.forward(a_rtp, [(b"z", ("192.0.2.1", 1))], 2.5)
+    ep, out = table.forward(b_rtp, [(b"w" * 30, (CALLEE_IP, 5000))], 3.0)
+    table.sent(ep, out, 1)
+    rep = session.report()
+    assert rep == {
+        "last_rx": 3.0,
+        "legs": {
+            "A": {
+                "c": [2, 30, 1, 30, {"unexpected_source": 1}],
+                "gen": 3,
+                "latched": [(CALLER_IP, 61000), (CALLER_IP, 61001)],
+            },
+            "B": {
+                "c": [1, 30, 2, 30, {}],
+                "gen": 1,
+                "latched": [(CALLEE_IP, 5000), None],
+            },
+        },
+    }
+
+
+def test_report_fresh_session():
+    table, session, _ = both()
+    rep = session.report()
+    assert rep["last_rx"] is None
+    assert rep["legs"]["A"] == {"c": [0, 0, 0, 0, {}], "gen": 1, "latched": [None, None]}
+
+
+def test_totals():
+    table, _, (a_rtp, _, b_rtp, _) = both()
+    ep, out = table.forward(a_rtp, [(b"abc", (CALLER_IP, 4000)), (b"x", ("192.0.2.1", 9))], 1.0)
+    table.sent(ep, out, 1)
+    table.update(7, "B", {"announced": None, "rtcp_announced": None, "gen": 2})
+    table.forward(a_rtp, [(b"d", (CALLER_IP, 4000))], 2.0)
+    totals = table.totals()
+    assert totals == {
+        "media.forwarded.packets": 1,
+        "media.forwarded.bytes": 3,
+        "media.latched": 1,
+        "media.dropped.unexpected_source": 1,
+        "media.dropped.no_destination": 1,
+        "media.dropped.send_error": 0,
+    }
+    assert set(DROP_NAMES) == {"unexpected_source", "no_destination", "send_error"}
