@@ -28,6 +28,9 @@ MAX_REQUEST_BYTES = 65000
 MIN_REQUEST_BYTES = 4
 MAX_COOKIE = 64
 MAX_NAME = 256
+LIST_REPLY_BUDGET = 60000  # a list reply must fit one UDP datagram
+ERROR_CODES = ("malformed", "too_large", "bad_request", "unknown_command",
+               "unsupported_version", "unauthorized", "not_found", "ports_exhausted", "internal")
 COMMANDS = ("ping", "capabilities", "offer", "answer", "delete", "query", "list", "stats")
 #: commands whose reply shows traffic counters: the daemon refreshes them first
 NEEDS_COUNTERS = frozenset(("delete", "query", "list", "stats"))
@@ -92,6 +95,13 @@ class MsgpackControl:
         self.started = started
         self.replay = ReplayCache()
         self.counters: Counter = Counter()
+        for cmd in COMMANDS:  # every counter shows, zero or not
+            self.counters[f"control.requests.{cmd}"] = 0
+        for code in ERROR_CODES:
+            self.counters[f"control.errors.{code}"] = 0
+        for name in ("control.dropped.too_short", "control.dropped.not_allowed",
+                     "control.retransmissions", "control.retransmissions.in_flight"):
+            self.counters[name] = 0
 
     # -- phase 1 ---------------------------------------------------------------------
     def receive(self, data: bytes, sender: Hashable, now: float) -> Union[Request, Outcome]:
@@ -127,7 +137,7 @@ class MsgpackControl:
             counters["control.retransmissions.in_flight"] += 1
             return Outcome(None)
         version = message.get("v", VERSION)
-        if version != VERSION:
+        if type(version) is not int or version != VERSION:
             return self._final(sender, cookie, now, self._error_msg(
                 cookie, "unsupported_version", f"protocol version {version!r} is not supported; "
                 f"this relay speaks {VERSION}"))
@@ -259,8 +269,18 @@ class MsgpackControl:
         limit = _int(args.get("limit", 100), "limit", 1, 1000)
         offset = _int(args.get("offset", 0), "offset", 0, 1 << 31)
         sessions = list(self.engine.sessions())
-        page = sessions[offset : offset + limit]
-        return {"total": len(sessions), "sessions": [s.summary(now) for s in page]}, []
+        page = []
+        size = 0
+        for session in sessions[offset : offset + limit]:
+            summary = session.summary(now)
+            size += len(session.call_id) + 96  # packed size of a summary, generously
+            if size > LIST_REPLY_BUDGET:
+                break
+            page.append(summary)
+        body = {"total": len(sessions), "sessions": page}
+        if offset + len(page) < len(sessions):
+            body["next_offset"] = offset + len(page)
+        return body, []
 
     def _cmd_stats(self, args: Dict[str, Any], now: float):
         counters: Dict[str, int] = {}

@@ -17,6 +17,12 @@ from lrk.errors import BadRequest, SessionNotFound
 
 PortProbe = Callable[[str, int], bool]
 
+ENGINE_COUNTERS = (
+    "sessions.created", "sessions.offers", "sessions.answers", "sessions.deleted",
+    "sessions.expired.silence", "sessions.expired.lifetime", "sessions.rebound",
+    "sessions.refused.max_sessions", "ports.exhausted",
+)
+
 
 @dataclass(frozen=True)
 class Install:
@@ -65,7 +71,7 @@ class Engine:
         self.probe = probe
         self.by_call: Dict[str, Session] = {}
         self.by_sid: Dict[int, Session] = {}
-        self.counters: Counter = Counter()
+        self.counters: Counter = Counter({name: 0 for name in ENGINE_COUNTERS})
         self._next_sid = 1
 
     # -- helpers -------------------------------------------------------------------
@@ -242,7 +248,7 @@ class Engine:
         try:
             b_port = self._allocate(now, b_ip)
         except Exception:
-            self.ports.release(a_port, now)
+            self.ports.release(a_port, now, quarantine=False)  # never carried media
             raise
         sid = self._next_sid
         self._next_sid += 1

@@ -8,7 +8,8 @@ reach a new one.
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
+from collections import Counter, deque
 from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from lrk.errors import ConfigError, PortsExhausted
@@ -35,7 +36,8 @@ class PortAllocator:
         self._free: Deque[int] = deque(range(first, end, 2))
         self._free_set: Set[int] = set(self._free)
         self._in_use: Set[int] = set()
-        self._held: Deque[Tuple[float, int]] = deque()  # (release time, port), time-ordered
+        self._queued: Counter = Counter(self._free)  # deque entries per port (lazy deletion)
+        self._held: List[Tuple[float, int]] = []  # heap of (release time, port)
         self._held_set: Dict[int, float] = {}
         self.total = len(self._free)
 
@@ -73,8 +75,9 @@ class PortAllocator:
         self._expire(now)
         while self._free:
             port = self._free.popleft()
-            if port not in self._free_set:
-                continue  # claimed out of order earlier; lazy deletion
+            self._queued[port] -= 1
+            if port not in self._free_set or self._queued[port] > 0:
+                continue  # stale entry: claimed out of order, or queued again further back
             self._free_set.discard(port)
             if usable is not None and not usable(port):
                 self._hold(port, now + UNUSABLE_HOLD)
@@ -99,13 +102,18 @@ class PortAllocator:
         self._in_use.add(base)
         return True
 
-    def release(self, port: int, now: float) -> None:
+    def release(self, port: int, now: float, quarantine: bool = True) -> None:
+        """Free a pair; `quarantine=False` for a pair that never carried media."""
         base = port & ~1
         if base not in self._in_use:
             return
         self._in_use.discard(base)
-        if self.contains(base):
+        if not self.contains(base):
+            return
+        if quarantine and self.quarantine > 0:
             self._hold(base, now + self.quarantine)
+        else:
+            self._enqueue(base)
 
     def next_free_after(self, port: int, step: int, now: float) -> List[int]:
         """Ports a client stepping by `step` from `port` would get that are not in use."""
@@ -113,18 +121,20 @@ class PortAllocator:
         return [p for p in range(port, self.end + 1, step) if not self.is_in_use(p)]
 
     def _hold(self, port: int, until: float) -> None:
-        self._held.append((until, port))
+        heapq.heappush(self._held, (until, port))
         self._held_set[port] = until
+
+    def _enqueue(self, port: int) -> None:
+        self._free.append(port)
+        self._queued[port] += 1
+        self._free_set.add(port)
 
     def _expire(self, now: float) -> None:
         held = self._held
         while held and held[0][0] <= now:
-            until, port = held.popleft()
+            until, port = heapq.heappop(held)
             if self._held_set.get(port) != until:
                 continue  # claimed or re-held since
             del self._held_set[port]
             if port not in self._in_use:
-                self._free.append(port)
-                self._free_set.add(port)
-        # holds are appended with increasing times except UNUSABLE_HOLD ones; a
-        # long hold at the head only delays shorter ones behind it, never loses them.
+                self._enqueue(port)

@@ -7,11 +7,13 @@ left untouched (documented limitation of v1).
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import List, NamedTuple, Optional, Union
 
 from lrk.errors import SdpError
 
 MAX_SDP_BYTES = 32768
+_M_PORT = re.compile(r"^(m=\S+\s+)\d+")
 
 
 class SdpMedia(NamedTuple):
@@ -78,7 +80,8 @@ def parse(body: Union[str, bytes]) -> SdpMedia:
         if line.startswith("c="):
             ip = _conn_addr(line)
         elif line.startswith("a=rtcp:"):
-            value = line[7:].split()[0]
+            parts = line[7:].split()
+            value = parts[0] if parts else ""
             if value.isdigit() and 0 < int(value) <= 65535:
                 rtcp = int(value)
     if ip is None:
@@ -107,11 +110,7 @@ def rewrite(body: Union[str, bytes], ip: str, port: int, rtcp_port: int) -> Unio
         if line.startswith("c=") and (i < mi and not media_has_c or mi < i < end):
             line = conn
         elif i == mi:
-            parts = line.split(" ")
-            fmt = parts[1].split("/")
-            fmt[0] = str(port)
-            parts[1] = "/".join(fmt)
-            line = " ".join(parts)
+            line = _M_PORT.sub(lambda m: m.group(1) + str(port), line, count=1)
         elif mi < i < end and line.startswith("a=rtcp:"):
             line = f"a=rtcp:{rtcp_port} IN {_family(ip)} {ip}"
         out.append(line)

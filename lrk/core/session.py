@@ -69,7 +69,7 @@ class Leg:
     def announce(self, ip: str, port: int, rtcp_port: Optional[int], latch_any: bool) -> bool:
         """Record the peer's SDP address; True when it changed (the leg re-latches either way)."""
         new = (ip, port)
-        new_rtcp = (ip, rtcp_port if rtcp_port else port + 1)
+        new_rtcp = (ip, rtcp_port if rtcp_port else (port + 1 if port else 0))
         changed = new != self.announced or new_rtcp != self.rtcp_announced
         self.announced = new
         self.rtcp_announced = new_rtcp

@@ -58,6 +58,10 @@ class Config:
 
     @property
     def allow_set(self) -> IPSet:
+        if not isinstance(self.control_allow, list) or not all(
+                isinstance(n, str) for n in self.control_allow):
+            raise ConfigError(f"control_allow {self.control_allow!r} must be a list of network "
+                              "strings such as \"127.0.0.0/8\"")
         try:
             return IPSet(self.control_allow)
         except (AddrFormatError, ValueError, TypeError) as exc:
@@ -74,7 +78,7 @@ class Config:
             except ValueError:
                 raise ConfigError(f"{name} {value!r} is not an IP address") from None
         start, end = self.port_range
-        if end - start < 3:
+        if start + (start & 1) + 3 > end:
             raise ConfigError(f"ports {self.ports!r}: the range needs room for two RTP/RTCP "
                               "pairs (at least 4 ports)")
         self.control_addr  # noqa: B018 - validates
@@ -136,9 +140,18 @@ def load(path: Optional[str], overrides: Dict[str, Any]) -> Config:
                 data = tomllib.load(fh)
         except OSError as exc:
             raise ConfigError(f"config file {path!r}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
-        values.update(data.get("lrk", data))
+        if "lrk" in data:  # options may sit in an [lrk] table, or at the top level
+            table = data.pop("lrk")
+            if not isinstance(table, dict):
+                raise ConfigError(f"config file {path!r}: 'lrk' must be a table ([lrk])")
+            clash = sorted(set(table) & set(data))
+            if clash:
+                raise ConfigError(f"config file {path!r}: {', '.join(clash)} set both at the "
+                                  "top level and in [lrk]")
+            data.update(table)
+        values.update(data)
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name: f for f in fields(Config)}
     config = Config()

@@ -392,7 +392,7 @@ def test_short_input_gets_no_reply():
     for data in (b"", b"\x80", b"\x81\xa1", b"abc"):
         assert raw(ctl, data).reply is None
     assert ctl.counters["control.dropped.too_short"] == 4
-    assert not any(k.startswith("control.errors") for k in ctl.counters)
+    assert not any(v for k, v in ctl.counters.items() if k.startswith("control.errors"))
 
 
 def test_sender_outside_allow_list_gets_no_reply():
@@ -630,7 +630,7 @@ def test_replayed_delete_returns_same_reply():
     assert second.reply == first.reply
     assert second.actions == []
     assert ctl.engine.counters["sessions.deleted"] == 1
-    assert "control.errors.not_found" not in ctl.counters
+    assert ctl.counters["control.errors.not_found"] == 0
 
 
 def test_replayed_error_reply_is_cached_too():
