@@ -21,6 +21,7 @@ from typing import Dict, List
 from fastpath import channel
 from fastpath.mmsg import make_batch_io
 from fastpath.relay_table import RelayTable
+from lrk import logs
 
 log = logging.getLogger("lrk.worker")
 
@@ -169,8 +170,10 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--io", choices=("auto", "mmsg", "plain"), default="auto")
+    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-format", default="kv")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LRK_WORKER_LOG", "WARNING"))
+    logs.setup(args.log_level, args.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     chan = socket.socket(fileno=args.channel_fd)
     chan.setblocking(True)

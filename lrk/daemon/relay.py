@@ -53,7 +53,8 @@ class Relay:
             quarantine=config.quarantine,
             max_sessions=config.max_sessions,
         ))
-        self.plane = SocketPlane(self.engine, config.workers, config.batch, config.io)
+        self.plane = SocketPlane(self.engine, config.workers, config.batch, config.io,
+                                 config.log_level, config.log_format)
         self.control = MsgpackControl(
             self.engine,
             info={"mode": config.mode, "relay_version": __version__, "workers": config.workers},

@@ -68,7 +68,8 @@ class WorkerHandle:
     def start(self) -> None:
         mine, theirs = channel.pair()
         cmd = [sys.executable, "-m", "fastpath.socket_worker", "--channel-fd",
-               str(theirs.fileno()), "--batch", str(self.plane.batch), "--io", self.plane.io]
+               str(theirs.fileno()), "--batch", str(self.plane.batch), "--io", self.plane.io,
+               "--log-level", self.plane.log_level, "--log-format", self.plane.log_format]
         self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), close_fds=True)
         theirs.close()
         mine.setblocking(False)
@@ -147,8 +148,11 @@ class WorkerHandle:
 class SocketPlane:
     """Applies engine actions to worker processes in socket mode."""
 
-    def __init__(self, engine: Engine, workers: int = 1, batch: int = 64, io: str = "auto"):
+    def __init__(self, engine: Engine, workers: int = 1, batch: int = 64, io: str = "auto",
+                 log_level: str = "warning", log_format: str = "kv"):
         self.engine = engine
+        self.log_level = log_level
+        self.log_format = log_format
         self.nworkers = max(1, workers)
         self.batch = batch
         self.io = io
