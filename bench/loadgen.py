@@ -49,7 +49,7 @@ MAX_GRACE = 1.0
 #: pacing tick, seconds
 TICK = 0.001
 #: longest stall (s) whose backlog is still sent; beyond it the backlog is dropped
-MAX_BACKLOG = 0.005
+MAX_BACKLOG = 0.02
 #: sendmmsg / recvmmsg vector length (the kernel caps it at UIO_MAXIOV = 1024)
 BATCH = 256
 #: a step whose achieved send rate is below this fraction of the offered rate

@@ -3,8 +3,9 @@
 UDP sockets are connected to the node, so the kernel drops datagrams from any
 other source (the relay replies from the address it was sent to). A `unix:`
 node is a UNIX *datagram* socket: the client binds its own socket in a private
-temporary directory (a reply needs an address to go to) and removes it on
-close; requests go out with sendto() so a restarted relay is reached again.
+temporary directory (a reply needs an address to go to), reachable by the
+relay's user whatever it is, and removes it on close; requests go out with
+sendto() so a restarted relay is reached again.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class _SocketHolder:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.bind(self.local_path)
+            # the relay may run as another user: it must reach the path to answer.
+            # Others can traverse but not list the directory; a forged reply would
+            # still need the request's random cookie.
+            os.chmod(directory, 0o711)
+            os.chmod(self.local_path, 0o666)
         except BaseException:
             sock.close()
             self._finalizer()

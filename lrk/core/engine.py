@@ -21,6 +21,8 @@ ENGINE_COUNTERS = (
     "sessions.created", "sessions.offers", "sessions.answers", "sessions.deleted",
     "sessions.expired.silence", "sessions.expired.lifetime", "sessions.rebound",
     "sessions.refused.max_sessions", "ports.exhausted",
+    "sessions.expired.replaced", "legacy.conflicts.refused", "legacy.conflicts.replaced",
+    "legacy.ports_outside_range",
 )
 
 
@@ -71,6 +73,7 @@ class Engine:
         self.probe = probe
         self.by_call: Dict[str, Session] = {}
         self.by_sid: Dict[int, Session] = {}
+        self.owner: Dict[int, Session] = {}  # even relay port -> session holding it
         self.counters: Counter = Counter({name: 0 for name in ENGINE_COUNTERS})
         self._next_sid = 1
 
@@ -199,6 +202,75 @@ class Engine:
                 actions.append(self._end(now, session, "silence"))
         return actions
 
+    def set_fixed(
+        self,
+        now: float,
+        call_id: str,
+        a_relay: Tuple[str, int],
+        a_peer: Tuple[str, int],
+        b_relay: Tuple[str, int],
+        b_peer: Tuple[str, int],
+        timeout: float,
+        takeover_idle: float,
+    ) -> Tuple[Optional[Session], List[Action], str]:
+        """Create or update a session whose relay ports the client chose (legacy protocol).
+
+        Returns (session or None, actions, outcome) where outcome is one of
+        "created", "unchanged", "updated", "refused" (a port is held by a live call that
+        must not be hijacked). A holder silent for `takeover_idle` seconds is ended first.
+        """
+        session = self.by_call.get(call_id)
+        wanted = {LEG_A: (a_relay, a_peer), LEG_B: (b_relay, b_peer)}
+        actions: List[Action] = []
+        for relay, _peer in wanted.values():
+            holder = self.owner.get(relay[1] & ~1)
+            if holder is None or holder is session:
+                if not self.ports.contains(relay[1]):
+                    self.counters["legacy.ports_outside_range"] += 1
+                    return None, [], "refused"
+                continue
+            if now - holder.idle_since() >= takeover_idle:
+                self.counters["legacy.conflicts.replaced"] += 1
+                actions.append(self._end(now, holder, "replaced"))
+            else:
+                self.counters["legacy.conflicts.refused"] += 1
+                return None, actions, "refused"
+        if session is not None:
+            same = all(
+                (session.legs[n].relay_ip, session.legs[n].relay_port) == relay
+                and session.legs[n].announced == peer
+                for n, (relay, peer) in wanted.items()
+            )
+            if same:
+                session.timeout = timeout
+                return session, actions, "unchanged"
+            if any((session.legs[n].relay_ip, session.legs[n].relay_port) != wanted[n][0]
+                   for n in wanted):
+                actions.append(self._end(now, session, "replaced"))
+                session = None
+            else:
+                session.timeout = timeout
+                for name, (_relay, peer) in wanted.items():
+                    if session.legs[name].announced != peer:
+                        session.legs[name].announce(peer[0], peer[1], None, False)
+                        actions.append(Update(session, name))
+                return session, actions, "updated"
+        for relay, _peer in wanted.values():
+            self.ports.claim(relay[1], now)
+        sid = self._next_sid
+        self._next_sid += 1
+        session = Session(
+            sid=sid, call_id=call_id, created=now, timeout=timeout,
+            legs={LEG_A: Leg(LEG_A, a_relay[0], a_relay[1] & ~1),
+                  LEG_B: Leg(LEG_B, b_relay[0], b_relay[1] & ~1)},
+            state="answered",
+        )
+        session.legs[LEG_A].announce(a_peer[0], a_peer[1], None, False)
+        session.legs[LEG_B].announce(b_peer[0], b_peer[1], None, False)
+        self._register(session)
+        actions.append(Install(session))
+        return session, actions, "created"
+
     # -- data-plane feedback ---------------------------------------------------------
     def apply_report(self, sid: int, report: dict) -> None:
         """Fold a data-plane report (absolute counters since install) into a session."""
@@ -263,10 +335,15 @@ class Engine:
             },
             via_branch=via_branch,
         )
-        self.by_call[call_id] = session
-        self.by_sid[sid] = session
-        self.counters["sessions.created"] += 1
+        self._register(session)
         return session
+
+    def _register(self, session: Session) -> None:
+        self.by_call[session.call_id] = session
+        self.by_sid[session.sid] = session
+        for leg in session.legs.values():
+            self.owner[leg.relay_port] = session
+        self.counters["sessions.created"] += 1
 
     def _ensure_ip(self, now: float, session: Session, leg: Leg, ip: str) -> List[Action]:
         """Move a leg to another relay address (interface flag changed): re-open its ports."""
@@ -274,6 +351,8 @@ class Engine:
             return []
         new_port = self._allocate(now, ip)
         self.ports.release(leg.relay_port, now)
+        self.owner.pop(leg.relay_port, None)
+        self.owner[new_port] = session
         for each in session.legs.values():
             each.fold()
         leg.relay_ip = ip
@@ -286,6 +365,8 @@ class Engine:
         del self.by_sid[session.sid]
         for leg in session.legs.values():
             self.ports.release(leg.relay_port, now)
+            if self.owner.get(leg.relay_port) is session:
+                del self.owner[leg.relay_port]
         key = "sessions.deleted" if reason == "deleted" else f"sessions.expired.{reason}"
         self.counters[key] += 1
         return Remove(session, reason)

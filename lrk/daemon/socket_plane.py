@@ -124,7 +124,15 @@ class WorkerHandle:
         self.close()
         if self.plane.stopping:
             return
-        code = self.proc.poll() if self.proc else None
+        code = None
+        if self.proc is not None:
+            # reap it first: only then has the kernel closed its media sockets, so their
+            # ports can be bound again for the re-install
+            try:
+                code = self.proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait()
         log.error("worker %d exited (code %s); restarting and re-installing its sessions",
                   self.index, code)
         self.restarts += 1

@@ -15,6 +15,7 @@ except ImportError:  # tests/ collected as a package
 
 from lrk.client import AsyncLrkClient, LrkClient
 from lrk.client.errors import NodeTimeout, NoNodeAvailable, RelayError
+from lrk.client.nodes import parse_node_address
 
 SDP = ("v=0\r\no=- 1 1 IN IP4 198.51.100.10\r\ns=-\r\nc=IN IP4 198.51.100.10\r\nt=0 0\r\n"
        "m=audio 4000 RTP/AVP 0\r\n")
@@ -216,3 +217,19 @@ def test_async_node_whose_socket_cannot_open_is_failed_over(relay):
     assert all(r["pong"] is True for r in replies)
     # the five concurrent requests shared one opening attempt per node
     assert sorted(opened) == sorted(["udp:10.255.255.1:9", relay.node])
+
+
+def test_unix_client_path_is_reachable_by_another_user():
+    import stat
+
+    from lrk.client.transport import SyncTransport
+
+    transport = SyncTransport(parse_node_address("unix:/nonexistent/relay.sock"))
+    try:
+        path = transport.local_path
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o711
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+    finally:
+        transport.close()
+    assert not os.path.exists(path)

@@ -1,0 +1,197 @@
+"""The legacy lrkproxy text protocol (Kamailio's `lrkproxy` module), sans-IO.
+
+Wire format (see docs/kamailio.md): `<cookie> <command...>`; P, G, S and D. Replies
+must be exactly what the module expects, or it half-accepts them, so every reply
+is built here from the request bytes. Malformed input is a counted drop: the module
+could not read an error reply anyway.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import struct
+from collections import Counter
+from typing import Dict, Hashable, List, Optional, Tuple
+
+from netaddr import IPAddress, IPSet
+
+from lrk.control.msgpack_proto import Outcome
+from lrk.control.replay import ReplayCache
+from lrk.core.engine import Action, Engine
+from lrk.errors import SessionNotFound
+
+log = logging.getLogger("lrk.legacy")
+
+CONFIG_STRUCT = struct.Struct("<iii20s20s")
+#: the module advances its port counter by 4 per call and may overshoot end_port by 3
+PORTS_PER_CALL = 4
+MAX_REQUEST = 8192
+TAKEOVER_IDLE = 10.0  # a holder of a port silent this long is taken to be a dead call
+
+LEGACY_COUNTERS = (
+    "legacy.requests.P", "legacy.requests.G", "legacy.requests.S", "legacy.requests.D",
+    "legacy.retransmissions", "legacy.dropped.malformed", "legacy.dropped.not_allowed",
+    "legacy.dropped.unknown_command", "legacy.dropped.too_large",
+    "legacy.refused.bad_relay_address", "legacy.sessions.created",
+    "legacy.sessions.unchanged", "legacy.sessions.updated", "legacy.sessions.refused",
+)
+
+
+def _addr(text: str) -> str:
+    return str(ipaddress.ip_address(text))
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"port {value} out of range")
+    return value
+
+
+class LegacyControl:
+    """P/G/S/D over the same engine the msgpack protocol drives."""
+
+    def __init__(self, engine: Engine, allow: Optional[IPSet] = None,
+                 takeover_idle: float = TAKEOVER_IDLE) -> None:
+        self.engine = engine
+        self.allow = allow
+        self.takeover_idle = takeover_idle
+        self.replay = ReplayCache()
+        self.counters: Counter = Counter({name: 0 for name in LEGACY_COUNTERS})
+        self._allow_cache: Dict[str, bool] = {}
+
+    # -- entry point -------------------------------------------------------------------
+    def handle(self, data: bytes, sender: Hashable, now: float, with_cookie: bool = True
+               ) -> Outcome:
+        """One request. UNIX stream clients send no cookie (`with_cookie=False`)."""
+        if self.allow is not None and not self._allowed(sender):
+            self.counters["legacy.dropped.not_allowed"] += 1
+            return Outcome(None)
+        if len(data) > MAX_REQUEST:
+            self.counters["legacy.dropped.too_large"] += 1
+            return Outcome(None)
+        if with_cookie:
+            cookie, sep, body = data.partition(b" ")
+            if not sep or not cookie or not body:
+                self.counters["legacy.dropped.malformed"] += 1
+                return Outcome(None)
+            cached = self.replay.lookup(sender, cookie, now)
+            if cached is not None:
+                self.counters["legacy.retransmissions"] += 1
+                return Outcome(cached)
+            prefix = cookie + b" "
+        else:
+            body = data.rstrip(b"\r\n\0")
+            prefix = b""
+        command = body[:1]
+        handler = {b"P": self._ping, b"G": self._config, b"S": self._set,
+                   b"D": self._delete}.get(command)
+        if handler is None or (len(body) > 1 and body[1:2] != b" "):
+            self.counters["legacy.dropped.unknown_command"] += 1
+            return Outcome(None)
+        self.counters[f"legacy.requests.{command.decode()}"] += 1
+        try:
+            reply, actions = handler(prefix, body, now)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.counters["legacy.dropped.malformed"] += 1
+            log.debug("malformed legacy request %r: %s", data[:80], exc)
+            return Outcome(None)
+        if with_cookie:
+            self.replay.store(sender, cookie, reply, now)
+        return Outcome(reply, actions)
+
+    # -- commands ----------------------------------------------------------------------
+    def _ping(self, prefix: bytes, body: bytes, now: float) -> Tuple[bytes, List[Action]]:
+        return prefix + b"P PONG", []
+
+    def _config(self, prefix: bytes, body: bytes, now: float) -> Tuple[bytes, List[Action]]:
+        start, end, current = self.advertised_ports(now)
+        cfg = self.engine.config
+        payload = CONFIG_STRUCT.pack(start, end, current, cfg.internal_ip.encode()[:19],
+                                     cfg.external_ip.encode()[:19])
+        return prefix + b"G " + payload, []
+
+    def advertised_ports(self, now: float) -> Tuple[int, int, int]:
+        """(start, end, current) so that the module's 4-port steps stay in our range and
+        start on the longest run of blocks no live session holds."""
+        ports = self.engine.ports
+        start = ports.start + (ports.start & 1)
+        last_block = ports.end - (PORTS_PER_CALL - 1)  # a block is p .. p+3
+        blocks = list(range(start, last_block + 1, PORTS_PER_CALL))
+        if not blocks:
+            return start, start, start
+        # the module hands out current_port while current < end, then wraps: end is the
+        # highest block start it may use
+        end = blocks[-1]
+        best_start, best_len, run_start, run_len = blocks[0], -1, None, 0
+        for p in blocks + blocks:  # twice round: runs may wrap past the end
+            free = not (ports.is_in_use(p) or ports.is_in_use(p + 2))
+            if free:
+                if run_start is None:
+                    run_start, run_len = p, 0
+                run_len += 1
+                if run_len > best_len:
+                    best_start, best_len = run_start, run_len
+            else:
+                run_start = None
+        return start, end, best_start
+
+    def _fields(self, body: bytes) -> Tuple[str, Tuple[str, int], Tuple[str, int],
+                                            Tuple[str, int], Tuple[str, int], float]:
+        parts = body.decode("latin-1").split()
+        if len(parts) != 11:
+            raise ValueError(f"expected 10 fields after the command, got {len(parts) - 1}")
+        _cmd, src_ip, dst_ip, snat_ip, dnat_ip, src_p, dst_p, snat_p, dnat_p, tout, call_id = parts
+        timeout = float(int(tout))
+        if not 1 <= timeout <= 86400:
+            timeout = self.engine.config.silence_timeout
+        return (call_id,
+                (_addr(snat_ip), _port(snat_p)),  # leg A relay: the caller sends here
+                (_addr(src_ip), _port(src_p)),  # the caller
+                (_addr(dst_ip), _port(dst_p)),  # leg B relay: the callee sends here
+                (_addr(dnat_ip), _port(dnat_p)),  # the callee
+                timeout)
+
+    def _set(self, prefix: bytes, body: bytes, now: float) -> Tuple[bytes, List[Action]]:
+        call_id, a_relay, a_peer, b_relay, b_peer, timeout = self._fields(body)
+        reply = prefix + body + b"OK"
+        cfg = self.engine.config
+        ours = (cfg.internal_ip, cfg.external_ip)
+        if (a_relay[0] not in ours or b_relay[0] not in ours or a_relay[1] % 2
+                or b_relay[1] % 2 or a_relay[1] == b_relay[1]):
+            self.counters["legacy.refused.bad_relay_address"] += 1
+            log.warning("legacy S for %s names relay %s / %s, not an even port pair of ours %s",
+                        call_id, a_relay, b_relay, ours)
+            return reply, []
+        session, actions, outcome = self.engine.set_fixed(
+            now, call_id, a_relay, a_peer, b_relay, b_peer, timeout, self.takeover_idle)
+        self.counters[f"legacy.sessions.{outcome}"] += 1
+        if outcome == "refused":
+            log.warning("legacy S for %s refused: relay port %d or %d is held by a live call "
+                        "or outside the range", call_id, a_relay[1], b_relay[1])
+        return reply, actions
+
+    def _delete(self, prefix: bytes, body: bytes, now: float) -> Tuple[bytes, List[Action]]:
+        parts = body.decode("latin-1").split()
+        if len(parts) < 2:
+            raise ValueError("D without a Call-ID")
+        try:
+            _session, actions = self.engine.delete(now, parts[-1])
+        except SessionNotFound:
+            actions = []
+        return prefix + body + b"OK", actions
+
+    def _allowed(self, sender: Hashable) -> bool:
+        if not isinstance(sender, tuple):
+            return True  # UNIX socket: guarded by its file mode
+        verdict = self._allow_cache.get(sender[0])
+        if verdict is None:
+            try:
+                verdict = IPAddress(sender[0]) in self.allow  # type: ignore[operator]
+            except Exception:
+                verdict = False
+            if len(self._allow_cache) >= 4096:
+                self._allow_cache.clear()
+            self._allow_cache[sender[0]] = verdict
+        return verdict
