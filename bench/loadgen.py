@@ -50,6 +50,8 @@ MAX_GRACE = 1.0
 TICK = 0.001
 #: longest stall (s) whose backlog is still sent; beyond it the backlog is dropped
 MAX_BACKLOG = 0.02
+#: a pacing-loop iteration later than this (s) counts as a stall of the generator
+STALL = 0.005
 #: sendmmsg / recvmmsg vector length (the kernel caps it at UIO_MAXIOV = 1024)
 BATCH = 256
 #: a step whose achieved send rate is below this fraction of the offered rate
@@ -359,11 +361,20 @@ class LoadGen:
         poll = self._poll
         send = self._send
         sent = failed = skipped = scheduled = received = 0
+        stalls = 0  # loop iterations more than STALL apart
+        max_gap = 0.0
+        send_time = 0.0
         t0 = monotonic()
         end = t0 + duration
-        next_tick = t0
+        last = t0
         while scheduled < total:
             now = monotonic()
+            gap = now - last
+            last = now
+            if gap > max_gap:
+                max_gap = gap
+            if gap > STALL:
+                stalls += 1
             # at the end, whatever is left of the total is due
             due = (total if now >= end else int((now - t0) * rate)) - scheduled
             if due > max_burst:  # we stalled: drop the backlog rather than burst it
@@ -375,14 +386,14 @@ class LoadGen:
                 a, b = send(due)
                 sent += a
                 failed += b
+                send_time += monotonic() - now
             if scheduled >= total:  # reached once now >= end, at the latest
                 break
-            next_tick += TICK
-            wait = next_tick - monotonic()
-            if wait < 0:
-                next_tick = monotonic()
-                wait = 0.0
-            received += poll(wait)
+            # sleep (receiving) until the next tick boundary t0 + k * TICK, or until the
+            # time the next packet is due when that is later (low rates)
+            after = monotonic() - t0
+            wake = max((int(after / TICK) + 1) * TICK, (scheduled + 1) / rate)
+            received += poll(min(wake - after, TICK * 20))
         send_end = monotonic()
         deadline = send_end + grace
         while received < sent:
@@ -409,6 +420,9 @@ class LoadGen:
             "damaged": self.damaged,
             "stale": stale,
             "send_wall": round(wall, 4),
+            "send_call_s": round(send_time, 4),
+            "stalls": stalls,
+            "max_gap_ms": round(max_gap * 1e3, 2),
             "drain_wall": round(monotonic() - send_end, 4),
             "sessions": len(self.sessions),
             "min_session_received": min(per_session),

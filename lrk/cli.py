@@ -31,6 +31,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ports", metavar="START-END", help="relay port range (default 30000-40000)")
     p.add_argument("--internal-ip", metavar="IP", help="relay address for the internal side")
     p.add_argument("--external-ip", metavar="IP", help="relay address for the external side")
+    p.add_argument("--legacy", action="append", metavar="ADDR",
+                   help="legacy lrkproxy (Kamailio module) listener: HOST:PORT, [IPv6]:PORT or "
+                   "unix:/path; repeat for several; 'off' disables (default 127.0.0.1:22333)")
     p.add_argument("--mode", choices=("socket",), help="data plane (default socket)")
     p.add_argument("--workers", type=int, metavar="N", help="relay worker processes (default 1)")
     p.add_argument("--silence-timeout", type=float, metavar="S", help="end sessions silent "
@@ -76,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "control": args.control, "ports": args.ports, "internal_ip": args.internal_ip,
         "external_ip": args.external_ip, "mode": args.mode, "workers": args.workers,
         "silence_timeout": args.silence_timeout, "max_lifetime": args.max_lifetime,
-        "log_level": args.log_level, "log_format": args.log_format,
+        "log_level": args.log_level, "log_format": args.log_format, "legacy": args.legacy,
     }
     config = config_mod.load(args.config, overrides)
     logs.setup(config.log_level, config.log_format)

@@ -35,6 +35,7 @@ LEGACY_COUNTERS = (
     "legacy.dropped.unknown_command", "legacy.dropped.too_large",
     "legacy.refused.bad_relay_address", "legacy.sessions.created",
     "legacy.sessions.unchanged", "legacy.sessions.updated", "legacy.sessions.refused",
+    "legacy.dropped.stream_timeout", "legacy.send_errors",
 )
 
 

@@ -38,6 +38,10 @@ class Config:
     max_sessions: int = 0
     control_allow: List[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     control_token: Optional[str] = None
+    # legacy lrkproxy protocol (Kamailio's module): HOST:PORT, [IPv6]:PORT, unix:/path
+    legacy: List[str] = field(default_factory=lambda: ["127.0.0.1:22333"])
+    legacy_allow: List[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    legacy_takeover_idle: float = 10.0
     log_level: str = "warning"
     log_format: str = "kv"  # kv | json
 
@@ -58,15 +62,31 @@ class Config:
 
     @property
     def allow_set(self) -> IPSet:
-        if not isinstance(self.control_allow, list) or not all(
-                isinstance(n, str) for n in self.control_allow):
-            raise ConfigError(f"control_allow {self.control_allow!r} must be a list of network "
-                              "strings such as \"127.0.0.0/8\"")
-        try:
-            return IPSet(self.control_allow)
-        except (AddrFormatError, ValueError, TypeError) as exc:
-            raise ConfigError(f"control_allow {self.control_allow!r} is not a list of "
-                              f"networks: {exc}") from None
+        return _ipset(self.control_allow, "control_allow")
+
+    @property
+    def legacy_allow_set(self) -> IPSet:
+        return _ipset(self.legacy_allow, "legacy_allow")
+
+    @property
+    def legacy_addrs(self) -> List[Union[Tuple[str, int], str]]:
+        """Legacy listeners: (host, port) for UDP/UDP6, a path for a UNIX stream socket."""
+        if not isinstance(self.legacy, list) or not all(isinstance(a, str) for a in self.legacy):
+            raise ConfigError(f"legacy {self.legacy!r} must be a list of addresses")
+        out: List[Union[Tuple[str, int], str]] = []
+        for text in self.legacy:
+            if text in ("off", "none", ""):
+                continue
+            if text.startswith("unix:"):
+                if not text[5:].startswith("/"):
+                    raise ConfigError(f"legacy {text!r}: unix: needs an absolute path")
+                out.append(text[5:])
+            else:
+                for prefix in ("udp6:", "udp:"):
+                    if text.startswith(prefix):
+                        text = text[len(prefix):]
+                out.append(parse_hostport(text, "legacy"))
+        return out
 
     def validate(self) -> Config:
         if self.external_ip is None:
@@ -83,6 +103,8 @@ class Config:
                               "pairs (at least 4 ports)")
         self.control_addr  # noqa: B018 - validates
         self.allow_set  # noqa: B018 - validates
+        self.legacy_allow_set  # noqa: B018 - validates
+        self.legacy_addrs  # noqa: B018 - validates
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r} is not available; choose one of "
                               + ", ".join(MODES))
@@ -102,6 +124,16 @@ class Config:
         if self.log_format not in ("kv", "json"):
             raise ConfigError(f"log_format {self.log_format!r} must be kv or json")
         return self
+
+
+def _ipset(networks: Any, name: str) -> IPSet:
+    if not isinstance(networks, list) or not all(isinstance(n, str) for n in networks):
+        raise ConfigError(f"{name} {networks!r} must be a list of network strings such as "
+                          "\"127.0.0.0/8\"")
+    try:
+        return IPSet(networks)
+    except (AddrFormatError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{name} {networks!r} is not a list of networks: {exc}") from None
 
 
 def parse_ports(text: str) -> Tuple[int, int]:

@@ -51,8 +51,11 @@ class RelayProcess:
         self.control_port = free_udp_port(host)
         self.ports = ports
         control = f"[{host}]:{self.control_port}" if ":" in host else f"{host}:{self.control_port}"
+        extra = list(extra or [])
+        if "--legacy" not in extra:
+            extra += ["--legacy", "off"]  # many relays side by side: no fixed default port
         self.argv = [python or sys.executable, "-m", "lrk.cli", "run", "--control", control,
-                     "--ports", ports, *(extra or [])]
+                     "--ports", ports, *extra]
         self.env = env
         self.proc: Optional[subprocess.Popen] = None
         self.output = ""

@@ -9,32 +9,42 @@ import os
 import socket
 import stat
 import time
-from typing import Any, Optional
+from collections import Counter
+from typing import Any, Callable, Dict, List, Optional
 
 from lrk import __version__
+from lrk.control.legacy import LegacyControl
 from lrk.control.msgpack_proto import NEEDS_COUNTERS, MsgpackControl, Outcome
 from lrk.core.engine import Engine, EngineConfig
 from lrk.daemon.config import Config
 from lrk.daemon.socket_plane import SocketPlane
+from lrk.errors import ConfigError
 
 log = logging.getLogger("lrk.relay")
 
 TICK = 0.5  # expiry scan period, seconds
+MAX_LEGACY_STREAM = 8192
+LEGACY_STREAM_TIMEOUT = 2.0
 
 
-class _ControlEndpoint(asyncio.DatagramProtocol):
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
+class _DatagramEndpoint(asyncio.DatagramProtocol):
+    """A UDP (or UNIX datagram) control socket; `on_datagram(data, addr, endpoint)`."""
+
+    def __init__(self, on_datagram: Callable[[bytes, Any, _DatagramEndpoint], None],
+                 counters: Counter, send_error_counter: str) -> None:
+        self.on_datagram = on_datagram
+        self.counters = counters
+        self.send_error_counter = send_error_counter
         self.transport: Optional[asyncio.DatagramTransport] = None
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.relay.on_control(data, addr, self)
+        self.on_datagram(data, addr, self)
 
     def error_received(self, exc: Exception) -> None:  # ICMP errors for earlier replies
-        self.relay.control.counters["control.send_errors"] += 1
+        self.counters[self.send_error_counter] += 1
 
 
 class Relay:
@@ -59,49 +69,82 @@ class Relay:
             self.engine,
             info={"mode": config.mode, "relay_version": __version__, "workers": config.workers},
             token=config.control_token,
-            media_counters=self.plane.media_counters,
+            media_counters=self._extra_counters,
             started=time.monotonic(),
             allow=config.allow_set,
         )
-        self._endpoint: Optional[_ControlEndpoint] = None
+        self.legacy = LegacyControl(self.engine, allow=config.legacy_allow_set,
+                                    takeover_idle=config.legacy_takeover_idle)
+        self._endpoint: Optional[_DatagramEndpoint] = None
+        self._legacy_transports: List[Any] = []
+        self._legacy_servers: List[asyncio.AbstractServer] = []
+        self._unix_paths: List[str] = []
         self._ticker: Optional[asyncio.Task] = None
         self._tasks: set = set()
         self.control_address: Any = None
-        self._unix_path: Optional[str] = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await self.plane.start()
         address = self.config.control_addr
-        if isinstance(address, str):
-            if os.path.exists(address) and stat.S_ISSOCK(os.stat(address).st_mode):
-                os.unlink(address)  # left by a crashed run
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.bind(address)
-            os.chmod(address, 0o660)
-            self._unix_path = address
-            transport, endpoint = await loop.create_datagram_endpoint(
-                lambda: _ControlEndpoint(self), sock=sock)
-            self.control_address = address
-        else:
-            host, port = address
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            transport, endpoint = await loop.create_datagram_endpoint(
-                lambda: _ControlEndpoint(self), local_addr=(host, port), family=family)
-            self.control_address = transport.get_extra_info("sockname")[:2]
+        transport, endpoint = await self._datagram_endpoint(
+            address, self.on_control, self.control.counters, "control.send_errors")
+        self.control_address = (address if isinstance(address, str)
+                                else transport.get_extra_info("sockname")[:2])
         self._endpoint = endpoint
+        for legacy in self.config.legacy_addrs:
+            if isinstance(legacy, str):
+                self._claim_unix_path(legacy)
+                server = await asyncio.start_unix_server(self._legacy_stream, path=legacy)
+                os.chmod(legacy, 0o660)
+                self._legacy_servers.append(server)
+            else:
+                transport, _ = await self._datagram_endpoint(
+                    legacy, self.on_legacy, self.legacy.counters, "legacy.send_errors")
+                self._legacy_transports.append(transport)
         self._ticker = loop.create_task(self._tick_loop())
         log.info("relay listening control=%s ports=%s mode=%s", self.config.control,
                  self.config.ports, self.config.mode)
+
+    async def _datagram_endpoint(self, address: Any, on_datagram: Any, counters: Counter,
+                                 send_error_counter: str) -> Any:
+        loop = asyncio.get_running_loop()
+
+        def factory() -> _DatagramEndpoint:
+            return _DatagramEndpoint(on_datagram, counters, send_error_counter)
+
+        if isinstance(address, str):
+            self._claim_unix_path(address)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(address)
+            os.chmod(address, 0o660)
+            return await loop.create_datagram_endpoint(factory, sock=sock)
+        host, port = address
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return await loop.create_datagram_endpoint(factory, local_addr=(host, port),
+                                                   family=family)
+
+    def _claim_unix_path(self, path: str) -> None:
+        """Replace a socket file left by a crashed run; remember it for removal on stop."""
+        if os.path.exists(path):
+            if not stat.S_ISSOCK(os.stat(path).st_mode):
+                raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+            os.unlink(path)
+        self._unix_paths.append(path)
 
     async def stop(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
         if self._endpoint is not None and self._endpoint.transport is not None:
             self._endpoint.transport.close()
-        if self._unix_path is not None:
+        for transport in self._legacy_transports:
+            transport.close()
+        for server in self._legacy_servers:
+            server.close()
+            await server.wait_closed()
+        for path in self._unix_paths:
             with contextlib.suppress(OSError):
-                os.unlink(self._unix_path)
+                os.unlink(path)
         for task in list(self._tasks):
             task.cancel()
         now = time.monotonic()
@@ -109,8 +152,35 @@ class Relay:
             self.engine.delete(now, session.call_id, reason="deleted")
         await self.plane.stop()
 
+    def _extra_counters(self) -> Dict[str, int]:
+        counters = dict(self.plane.media_counters())
+        counters.update(self.legacy.counters)
+        return counters
+
+    # -- legacy protocol ---------------------------------------------------------------
+    def on_legacy(self, data: bytes, addr: Any, endpoint: _DatagramEndpoint) -> None:
+        outcome = self.legacy.handle(data, addr, time.monotonic())
+        self.plane.apply(outcome.actions)
+        self._send(endpoint, outcome.reply, addr)
+
+    async def _legacy_stream(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        """One request per connection, without a cookie, as the module's unix: mode does."""
+        try:
+            data = await asyncio.wait_for(reader.read(MAX_LEGACY_STREAM), LEGACY_STREAM_TIMEOUT)
+            if data:
+                outcome = self.legacy.handle(data, "unix", time.monotonic(), with_cookie=False)
+                self.plane.apply(outcome.actions)
+                if outcome.reply is not None:
+                    writer.write(outcome.reply)
+                    await asyncio.wait_for(writer.drain(), LEGACY_STREAM_TIMEOUT)
+        except (asyncio.TimeoutError, OSError):
+            self.legacy.counters["legacy.dropped.stream_timeout"] += 1
+        finally:
+            writer.close()
+
     # -- control ---------------------------------------------------------------------
-    def on_control(self, data: bytes, addr: Any, endpoint: _ControlEndpoint) -> None:
+    def on_control(self, data: bytes, addr: Any, endpoint: _DatagramEndpoint) -> None:
         received = self.control.receive(data, addr, time.monotonic())
         if isinstance(received, Outcome):
             self._send(endpoint, received.reply, addr)
@@ -122,17 +192,17 @@ class Relay:
             return
         self._finish(received, addr, endpoint)
 
-    async def _slow(self, request: Any, addr: Any, endpoint: _ControlEndpoint) -> None:
+    async def _slow(self, request: Any, addr: Any, endpoint: _DatagramEndpoint) -> None:
         await self.plane.flush()
         self._finish(request, addr, endpoint)
 
-    def _finish(self, request: Any, addr: Any, endpoint: _ControlEndpoint) -> None:
+    def _finish(self, request: Any, addr: Any, endpoint: _DatagramEndpoint) -> None:
         outcome = self.control.execute(request, time.monotonic())
         self.plane.apply(outcome.actions)
         self._send(endpoint, outcome.reply, addr)
 
     @staticmethod
-    def _send(endpoint: _ControlEndpoint, reply: Optional[bytes], addr: Any) -> None:
+    def _send(endpoint: _DatagramEndpoint, reply: Optional[bytes], addr: Any) -> None:
         if reply is not None and endpoint.transport is not None:
             endpoint.transport.sendto(reply, addr)
 
