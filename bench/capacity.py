@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from bench.interpreters import REPO_ROOT, find_interpreters, pypy_or_current
 from bench.loadgen import MAX_DURATION, MAX_RATE, udp_socket
@@ -99,6 +99,18 @@ def cpu_seconds(pid: int) -> Optional[float]:
         return None
 
 
+def ctx_switches(pid: int) -> Optional[Tuple[int, int]]:
+    """(voluntary, involuntary) context switches of a process's main thread: the
+    voluntary ones count the worker's sleeps in epoll, i.e. its wake-ups."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            values = {k: v for k, _, v in (line.partition(":") for line in fh)}
+        return (int(values["voluntary_ctxt_switches"]),
+                int(values["nonvoluntary_ctxt_switches"]))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def udp_rcvbuf_errors() -> Optional[int]:
     """Udp RcvbufErrors of this network namespace (all sockets, also other processes')."""
     try:
@@ -117,8 +129,10 @@ class Harness:
     """A relay with `sessions` calls set up and a load generator wired to them."""
 
     def __init__(self, python: str, sessions: int, *, loadgen_python: Optional[str] = None,
-                 workers: int = 1, host: str = "127.0.0.1") -> None:
+                 workers: int = 1, host: str = "127.0.0.1",
+                 relay_env: Optional[Dict[str, str]] = None) -> None:
         self.python = python
+        self.relay_env = relay_env
         self.sessions = sessions
         self.loadgen_python = loadgen_python or pypy_or_current()
         self.workers = workers
@@ -150,7 +164,7 @@ class Harness:
         callees = [udp_socket(self.host) for _ in range(self.sessions)]
         self.socks = callers + callees
         self.relay = RelayProcess(ports=self.ports, host=self.host, python=self.python,
-                                  extra=["--workers", str(self.workers)])
+                                  extra=["--workers", str(self.workers)], env=self.relay_env)
         self.relay.start(ready_timeout=30.0)
         pids = worker_pids(self.relay.proc.pid)
         self.worker_pid = pids[0] if len(pids) == 1 else None
@@ -227,10 +241,13 @@ class Harness:
         duration = min(float(duration), MAX_DURATION)
         fwd0 = self.forwarded()
         rcv0 = udp_rcvbuf_errors()
-        cpu0 = cpu_seconds(self.worker_pid) if self.worker_pid else None
+        wpid = self.worker_pid
+        cpu0 = cpu_seconds(wpid) if wpid else None
+        ctx0 = ctx_switches(wpid) if wpid else None
         res = self._command({"cmd": "run", "rate": rate, "duration": duration, "grace": grace},
                             timeout=duration + grace + 30.0)
-        cpu1 = cpu_seconds(self.worker_pid) if self.worker_pid else None
+        cpu1 = cpu_seconds(wpid) if wpid else None
+        ctx1 = ctx_switches(wpid) if wpid else None
         rcv1 = udp_rcvbuf_errors()
         fwd1 = self.forwarded()
         res.pop("ok", None)
@@ -240,6 +257,9 @@ class Harness:
             res["worker_cpu_s"] = round(cpu1 - cpu0, 6)
             res["worker_cpu_us_per_packet"] = (
                 round(1e6 * (cpu1 - cpu0) / res["received"], 3) if res["received"] else None)
+        if ctx0 is not None and ctx1 is not None:
+            res["worker_wakeups"] = ctx1[0] - ctx0[0]
+            res["worker_preempted"] = ctx1[1] - ctx0[1]
         return res
 
 
@@ -317,9 +337,11 @@ def find_capacity(python: str, sessions: int, *, quick: bool = False,
                   step_duration: Optional[float] = None, cpu_rate: int = CPU_RATE,
                   cpu_duration: Optional[float] = None, loss_limit: float = LOSS_LIMIT,
                   workers: int = 1, loadgen_python: Optional[str] = None,
-                  label: Optional[str] = None, progress: Optional[Progress] = None) -> dict:
+                  label: Optional[str] = None, progress: Optional[Progress] = None,
+                  relay_env: Optional[Dict[str, str]] = None) -> dict:
     """Capacity (pkt/s at < `loss_limit` loss) of a relay run by `python` with `sessions`
-    calls; see the module docstring.  Returns a JSON-able dict."""
+    calls; see the module docstring.  `relay_env` adds environment variables for the
+    relay (e.g. PYTHONPATH of a patched copy).  Returns a JSON-able dict."""
     start_rate = start_rate or (QUICK_START_RATE if quick else START_RATE)
     max_steps = min(max_steps or (QUICK_MAX_STEPS if quick else MAX_STEPS), MAX_STEPS)
     duration = step_duration or (QUICK_STEP_DURATION if quick else STEP_DURATION)
@@ -327,7 +349,8 @@ def find_capacity(python: str, sessions: int, *, quick: bool = False,
     label = label or os.path.basename(python)
     say = progress or (lambda _text: None)
     t0 = time.monotonic()
-    with Harness(python, sessions, loadgen_python=loadgen_python, workers=workers) as h:
+    with Harness(python, sessions, loadgen_python=loadgen_python, workers=workers,
+                 relay_env=relay_env) as h:
         say(f"[{label} x{sessions}] relay up (ports {h.ports}, worker pid {h.worker_pid}), "
             f"load generator {h.loadgen_info.get('impl')} io={h.loadgen_info.get('io')}")
         # JIT warm-up of relay and generator; not a search step

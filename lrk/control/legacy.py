@@ -54,8 +54,9 @@ class LegacyControl:
     """P/G/S/D over the same engine the msgpack protocol drives."""
 
     def __init__(self, engine: Engine, allow: Optional[IPSet] = None,
-                 takeover_idle: float = TAKEOVER_IDLE) -> None:
+                 takeover_idle: float = TAKEOVER_IDLE, timeout: float = 0.0) -> None:
         self.engine = engine
+        self.timeout = timeout  # overrides the S field's (always 60 in Kamailio 5.6.3) when > 0
         self.allow = allow
         self.takeover_idle = takeover_idle
         self.replay = ReplayCache()
@@ -145,7 +146,9 @@ class LegacyControl:
             raise ValueError(f"expected 10 fields after the command, got {len(parts) - 1}")
         _cmd, src_ip, dst_ip, snat_ip, dnat_ip, src_p, dst_p, snat_p, dnat_p, tout, call_id = parts
         timeout = float(int(tout))
-        if not 1 <= timeout <= 86400:
+        if self.timeout > 0:
+            timeout = self.timeout
+        elif not 1 <= timeout <= 86400:
             timeout = self.engine.config.silence_timeout
         return (call_id,
                 (_addr(snat_ip), _port(snat_p)),  # leg A relay: the caller sends here

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -14,6 +15,16 @@ from typing import Dict, List, Optional
 import msgpack
 
 from lrk.errors import LrkError
+
+_OFFSET = (os.getpid() % 40) * 512
+_slices = itertools.count()
+
+
+def next_port_range(size: int = 64) -> str:
+    """A media port range for one more relay of this process, distinct from its others and
+    (by pid) most likely from those of other processes running tests at the same time."""
+    start = 41000 + (_OFFSET + next(_slices) * size) % 20480
+    return f"{start}-{start + size - 1}"
 
 
 class LaunchError(LrkError):

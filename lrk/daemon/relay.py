@@ -74,7 +74,8 @@ class Relay:
             allow=config.allow_set,
         )
         self.legacy = LegacyControl(self.engine, allow=config.legacy_allow_set,
-                                    takeover_idle=config.legacy_takeover_idle)
+                                    takeover_idle=config.legacy_takeover_idle,
+                                    timeout=config.legacy_timeout)
         self._endpoint: Optional[_DatagramEndpoint] = None
         self._legacy_transports: List[Any] = []
         self._legacy_servers: List[asyncio.AbstractServer] = []

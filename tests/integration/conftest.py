@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import itertools
-import os
 import socket
 from typing import Callable, Iterator, List
 
 import pytest
 
 from lrk.client import LrkClient
-from lrk.daemon.launcher import RelayProcess
+from lrk.daemon.launcher import RelayProcess, next_port_range
 from lrk.sim.rtp import MediaEndpoint
 
-# each relay gets its own 64-port slice, offset per interpreter so tox envs never collide
-_OFFSET = (os.getpid() % 40) * 512
-_slices = itertools.count()
-
-
-def next_ports(size: int = 64) -> str:
-    start = 41000 + (_OFFSET + next(_slices) * size) % 20480
-    return f"{start}-{start + size - 1}"
+next_ports = next_port_range
 
 
 def port_free(host: str, port: int) -> bool:

@@ -1,0 +1,26 @@
+"""Fixtures of the relay benchmarks: which interpreters can run the relay."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import pytest
+
+from bench.interpreters import find_interpreters
+
+
+@pytest.fixture(scope="session")
+def relay_interpreters() -> Dict[str, dict]:
+    """{"cpython": {...}, "pypy": {...}}: one usable interpreter per implementation."""
+    return find_interpreters()
+
+
+@pytest.fixture
+def relay_python(relay_interpreters, request) -> dict:
+    """The interpreter named by the test's `label` parameter; skips when it is missing."""
+    label = request.getfixturevalue("label")
+    info = relay_interpreters.get(label)
+    if info is None:
+        pytest.skip(f"no {label} interpreter that can import lrk and msgpack "
+                    f"(found: {sorted(relay_interpreters) or 'none'})")
+    return info
