@@ -23,8 +23,8 @@ Error policy:
   (EBADF, ENOTSOCK, ...) is raised as ``OSError``.
 * send: never raises for a per-datagram failure.  A failed datagram is
   counted in ``send_errors`` (errno name -> count) and the rest of the batch
-  is still sent.  A pending ICMP error (which belongs to an earlier
-  datagram) is counted and the datagram retried once.  EAGAIN (socket
+  is still sent.  A pending ECONNREFUSED (an ICMP port-unreachable about an
+  earlier datagram) is counted and the datagram at hand retried once.  EAGAIN (socket
   buffer full) drops the datagrams not yet sent, each counted as "EAGAIN".
   An address that cannot be encoded is counted as "EINVAL".
 * Datagrams longer than the 2048-byte slot are dropped on receive and
@@ -74,8 +74,9 @@ MSG_TRUNC = int(getattr(socket, "MSG_TRUNC", 0x20))
 
 _EAGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 _EINTR = errno.EINTR
-# errors a UDP socket reports asynchronously (from an ICMP message about an
-# earlier datagram); consuming them clears them, so a retry is meaningful
+# errors a UDP socket may report on receive for an ICMP message about an
+# earlier datagram (or that are transient); consuming them clears them, so
+# the receive is retried
 _SOFT_ERRNOS = frozenset(
     getattr(errno, name)
     for name in (
@@ -95,6 +96,9 @@ _SOFT_ERRNOS = frozenset(
 )
 # cap on consecutive soft-error retries in one recv() call
 _MAX_SOFT_RETRIES = 32
+# on send, errors that can only be a pending report about an earlier datagram
+# (ICMP port unreachable); the datagram at hand is retried once after them
+_PENDING_SEND_ERRNOS = frozenset((errno.ECONNREFUSED,))
 
 _PYPY = platform.python_implementation() == "PyPy"
 _NATIVE = sys.byteorder
@@ -505,8 +509,8 @@ class MmsgBatchIO:
                 self._eagain = True
                 return sent
             self._count(_errname(e), 1)
-            if e in _SOFT_ERRNOS and retried != off:
-                retried = off  # a pending ICMP error: retry this datagram once
+            if e in _PENDING_SEND_ERRNOS and retried != off:
+                retried = off  # retry this datagram once
                 continue
             off += 1  # drop this datagram, go on with the rest
         return sent
@@ -620,8 +624,8 @@ class PlainBatchIO:
                     i += 1
                     continue
                 self._count(_errname(e), 1)
-                if e in _SOFT_ERRNOS and retried != i:
-                    retried = i  # a pending ICMP error: retry this datagram once
+                if e in _PENDING_SEND_ERRNOS and retried != i:
+                    retried = i  # retry this datagram once
                     continue
                 i += 1
                 continue
