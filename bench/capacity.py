@@ -52,6 +52,10 @@ PORT_REGION = (12000, 29999)
 
 _port_slices = itertools.count()
 Progress = Callable[[str], None]
+#: what the result keeps of each search step
+STEP_KEYS = ("rate", "achieved_rate", "loss", "sent", "received", "relay_forwarded",
+             "relay_drops", "udp_rcvbuf_errors", "skipped", "stalls", "max_gap_ms",
+             "generator_limited", "worker_cpu_s", "worker_wakeups", "verdict")
 
 
 def next_ports(sessions: int) -> str:
@@ -228,18 +232,20 @@ class Harness:
             raise BenchError(f"load generator: {reply.get('error')}")
         return reply
 
-    def forwarded(self) -> Optional[int]:
+    def counters(self) -> Optional[Dict[str, int]]:
+        """The relay's media counters (the worker reports them on a flush)."""
         try:
-            return int(self.client.stats()["counters"]["media.forwarded.packets"])
+            counters = self.client.stats()["counters"]
         except Exception:
             return None
+        return {k: int(v) for k, v in counters.items() if k.startswith("media.")}
 
     def step(self, rate: float, duration: float, grace: float = GRACE) -> dict:
         """One load step; adds the relay's forwarded count, the worker's CPU time and
         the namespace's UDP receive-buffer overflows over the step."""
         rate = min(float(rate), MAX_RATE)
         duration = min(float(duration), MAX_DURATION)
-        fwd0 = self.forwarded()
+        c0 = self.counters()
         rcv0 = udp_rcvbuf_errors()
         wpid = self.worker_pid
         cpu0 = cpu_seconds(wpid) if wpid else None
@@ -249,9 +255,17 @@ class Harness:
         cpu1 = cpu_seconds(wpid) if wpid else None
         ctx1 = ctx_switches(wpid) if wpid else None
         rcv1 = udp_rcvbuf_errors()
-        fwd1 = self.forwarded()
+        c1 = self.counters()
         res.pop("ok", None)
-        res["relay_forwarded"] = fwd1 - fwd0 if fwd0 is not None and fwd1 is not None else None
+        if c0 is not None and c1 is not None:
+            res["relay_forwarded"] = c1["media.forwarded.packets"] - c0["media.forwarded.packets"]
+            # drops and send errors the relay itself counted (not socket-buffer overflows)
+            res["relay_drops"] = {k: c1[k] - c0.get(k, 0) for k in c1
+                                  if (".dropped." in k or ".send_errors." in k or
+                                      ".recv_errors." in k) and c1[k] != c0.get(k, 0)}
+        else:
+            res["relay_forwarded"] = None
+            res["relay_drops"] = None
         res["udp_rcvbuf_errors"] = rcv1 - rcv0 if rcv0 is not None and rcv1 is not None else None
         if cpu0 is not None and cpu1 is not None:
             res["worker_cpu_s"] = round(cpu1 - cpu0, 6)
@@ -332,6 +346,14 @@ def search(measure: Callable[[int], dict], start: int, max_steps: int,
     }
 
 
+def _cpu_at(found: dict) -> Optional[float]:
+    rate = found["capacity_pps"]
+    for s in reversed(found["steps"]):
+        if s["rate"] == rate and s["verdict"] == "pass":
+            return s.get("worker_cpu_us_per_packet")
+    return None
+
+
 def find_capacity(python: str, sessions: int, *, quick: bool = False,
                   start_rate: Optional[int] = None, max_steps: Optional[int] = None,
                   step_duration: Optional[float] = None, cpu_rate: int = CPU_RATE,
@@ -380,15 +402,16 @@ def find_capacity(python: str, sessions: int, *, quick: bool = False,
         "quick": quick,
         "workers": workers,
         **{k: v for k, v in found.items() if k != "steps"},
-        "steps": [{k: s.get(k) for k in ("rate", "achieved_rate", "loss", "sent", "received",
-                                          "relay_forwarded", "skipped", "generator_limited",
-                                          "udp_rcvbuf_errors", "verdict")} for s in steps],
+        "steps": [{k: s.get(k) for k in STEP_KEYS} for s in steps],
         "warmup": {"rate": warm["rate"], "loss": warm["loss"]},
         "cpu_rate": cpu_rate,
         "cpu_loss": cpu["loss"],
         "cpu_achieved_rate": cpu["achieved_rate"],
         "worker_cpu_s": cpu.get("worker_cpu_s"),
         "worker_cpu_us_per_packet": cpu.get("worker_cpu_us_per_packet"),
+        # near saturation the per-packet cost is the relay's own; at CPU_RATE it is
+        # mostly wake-ups (see docs/benchmarks.md)
+        "worker_cpu_us_per_packet_at_capacity": _cpu_at(found),
         "checked": sum(s["checked"] for s in all_steps),
         "damaged": sum(s["damaged"] for s in all_steps),
         "received_total": sum(s["received"] for s in all_steps),
@@ -420,12 +443,12 @@ def machine() -> Dict[str, object]:
     except OSError:
         load = []
     return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
-            "loadavg_at_start": load}
+            "loadavg": load, "time": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
 def table(results: List[dict]) -> str:
     head = (f"{'interpreter':11} {'sessions':>8} {'capacity pps':>12} {'loss':>7} "
-            f"{'cpu us/pkt':>10} {'gen achieved':>12}  note")
+            f"{'cpu us/pkt':>10} {'gen achieved':>12} {'failed at':>10}  note")
     rows = [head, "-" * len(head)]
     for r in results:
         loss = "-" if r["loss_at_capacity"] is None else f"{100 * r['loss_at_capacity']:.2f}%"
@@ -434,7 +457,8 @@ def table(results: List[dict]) -> str:
         note = "generator-bound" if r["generator_bound"] else ""
         rows.append(f"{r['interpreter']:11} {r['sessions']:>8} {r['capacity_pps']:>12} "
                     f"{loss:>7} {'-' if cpu is None else f'{cpu:.2f}':>10} "
-                    f"{'-' if ach is None else f'{ach:.0f}':>12}  {note}")
+                    f"{'-' if ach is None else f'{ach:.0f}':>12} "
+                    f"{r['upper_bound_pps'] or '-':>10}  {note}")
     return "\n".join(rows)
 
 
@@ -482,7 +506,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     def progress(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    info = machine()
+    start = machine()
     results = []
     for n in sessions:  # interpreters side by side for each session count
         for label, python in chosen:
@@ -492,7 +516,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = {
         "command": "python -m bench.capacity " + " ".join(argv if argv is not None
                                                           else sys.argv[1:]),
-        "machine": info,
+        "machine": {**start, "loadavg_at_end": machine()["loadavg"]},
         "versions": {label: found.get(label, {}).get("version") for label, _ in chosen},
         "loss_limit": LOSS_LIMIT,
         "results": results,

@@ -52,6 +52,8 @@ TICK = 0.001
 MAX_BACKLOG = 0.02
 #: a pacing-loop iteration later than this (s) counts as a stall of the generator
 STALL = 0.005
+#: a drain ends after this long without a packet (or at the end of the grace period)
+QUIET = 0.02
 #: sendmmsg / recvmmsg vector length (the kernel caps it at UIO_MAXIOV = 1024)
 BATCH = 256
 #: a step whose achieved send rate is below this fraction of the offered rate
@@ -394,13 +396,19 @@ class LoadGen:
             after = monotonic() - t0
             wake = max((int(after / TICK) + 1) * TICK, (scheduled + 1) / rate)
             received += poll(min(wake - after, TICK * 20))
+        # drain until the relay has been quiet for QUIET s (nothing of this step is left
+        # in flight to leak into the next one) or the grace period is over
         send_end = monotonic()
         deadline = send_end + grace
-        while received < sent:
-            left = deadline - monotonic()
-            if left <= 0:
+        quiet_since = send_end
+        while True:
+            now = monotonic()
+            if now >= deadline or now - quiet_since >= QUIET:
                 break
-            received += poll(min(left, 0.01))
+            got = poll(min(deadline - now, QUIET / 4))
+            if got:
+                received += got
+                quiet_since = monotonic()
         wall = send_end - t0
         achieved = sent / wall if wall > 0 else 0.0
         loss = 1.0 - received / sent if sent else 1.0

@@ -27,7 +27,7 @@ CONFIG_STRUCT = struct.Struct("<iii20s20s")
 #: the module advances its port counter by 4 per call and may overshoot end_port by 3
 PORTS_PER_CALL = 4
 MAX_REQUEST = 8192
-TAKEOVER_IDLE = 10.0  # a holder of a port silent this long is taken to be a dead call
+TAKEOVER_IDLE = 30.0  # a holder of a port silent this long is taken to be a dead call
 
 LEGACY_COUNTERS = (
     "legacy.requests.P", "legacy.requests.G", "legacy.requests.S", "legacy.requests.D",

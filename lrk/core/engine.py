@@ -222,19 +222,22 @@ class Engine:
         session = self.by_call.get(call_id)
         wanted = {LEG_A: (a_relay, a_peer), LEG_B: (b_relay, b_peer)}
         actions: List[Action] = []
+        # refusing must have no side effect: check everything before ending anything
+        if not all(self.ports.contains(relay[1]) for relay, _peer in wanted.values()):
+            self.counters["legacy.ports_outside_range"] += 1
+            return None, [], "refused"
+        holders: List[Session] = []
         for relay, _peer in wanted.values():
             holder = self.owner.get(relay[1] & ~1)
-            if holder is None or holder is session:
-                if not self.ports.contains(relay[1]):
-                    self.counters["legacy.ports_outside_range"] += 1
-                    return None, [], "refused"
-                continue
-            if now - holder.idle_since() >= takeover_idle:
-                self.counters["legacy.conflicts.replaced"] += 1
-                actions.append(self._end(now, holder, "replaced"))
-            else:
-                self.counters["legacy.conflicts.refused"] += 1
-                return None, actions, "refused"
+            if holder is not None and holder is not session and \
+                    all(h is not holder for h in holders):
+                holders.append(holder)
+        if any(now - h.idle_since() < takeover_idle for h in holders):
+            self.counters["legacy.conflicts.refused"] += 1
+            return None, [], "refused"
+        for holder in holders:
+            self.counters["legacy.conflicts.replaced"] += 1
+            actions.append(self._end(now, holder, "replaced"))
         if session is not None:
             same = all(
                 (session.legs[n].relay_ip, session.legs[n].relay_port) == relay

@@ -41,7 +41,7 @@ class Config:
     # legacy lrkproxy protocol (Kamailio's module): HOST:PORT, [IPv6]:PORT, unix:/path
     legacy: List[str] = field(default_factory=lambda: ["127.0.0.1:22333"])
     legacy_allow: List[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
-    legacy_takeover_idle: float = 10.0
+    legacy_takeover_idle: float = 30.0
     legacy_timeout: float = 0.0  # > 0: silence timeout for legacy sessions instead of S's field
     log_level: str = "warning"
     log_format: str = "kv"  # kv | json
