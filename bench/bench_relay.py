@@ -55,7 +55,8 @@ def test_relay_capacity_quick(benchmark, relay_python, label, sessions):
 def test_relay_capacity_pypy_vs_cpython(benchmark, relay_interpreters):
     """Both interpreters back to back in one run (same machine state, as far as it goes)."""
     if not {"cpython", "pypy"} <= set(relay_interpreters):
-        pytest.skip(f"needs both CPython and PyPy (found: {sorted(relay_interpreters)})")
+        pytest.fail(f"needs both CPython and PyPy (found: {sorted(relay_interpreters)}); "
+                    "scripts/install.sh makes both")
     sessions = 10
     benchmark.group = "relay capacity, PyPy vs CPython"
 

@@ -44,6 +44,9 @@ QUICK_MAX_STEPS = 6
 QUICK_STEP_DURATION = 0.3
 #: the equal-load step that measures CPU per packet
 CPU_RATE = 20000
+#: full form only: a second equal-load point closer to saturation, where the worker
+#: sleeps rarely and the per-packet cost is its own rather than that of wake-ups
+HIGH_CPU_RATE = 100000
 #: bisection stops once the bracket is this tight (relative)
 PRECISION = 0.05
 GRACE = 0.3
@@ -54,7 +57,7 @@ _port_slices = itertools.count()
 Progress = Callable[[str], None]
 #: what the result keeps of each search step
 STEP_KEYS = ("rate", "achieved_rate", "loss", "sent", "received", "relay_forwarded",
-             "relay_drops", "udp_rcvbuf_errors", "skipped", "stalls", "max_gap_ms",
+             "relay_drops", "udp_rcvbuf_errors", "late", "stale", "skipped", "stalls", "max_gap_ms",
              "generator_limited", "worker_cpu_s", "worker_wakeups", "verdict")
 
 
@@ -360,7 +363,8 @@ def find_capacity(python: str, sessions: int, *, quick: bool = False,
                   cpu_duration: Optional[float] = None, loss_limit: float = LOSS_LIMIT,
                   workers: int = 1, loadgen_python: Optional[str] = None,
                   label: Optional[str] = None, progress: Optional[Progress] = None,
-                  relay_env: Optional[Dict[str, str]] = None) -> dict:
+                  relay_env: Optional[Dict[str, str]] = None,
+                  high_cpu_rate: Optional[int] = None) -> dict:
     """Capacity (pkt/s at < `loss_limit` loss) of a relay run by `python` with `sessions`
     calls; see the module docstring.  `relay_env` adds environment variables for the
     relay (e.g. PYTHONPATH of a patched copy).  Returns a JSON-able dict."""
@@ -368,6 +372,8 @@ def find_capacity(python: str, sessions: int, *, quick: bool = False,
     max_steps = min(max_steps or (QUICK_MAX_STEPS if quick else MAX_STEPS), MAX_STEPS)
     duration = step_duration or (QUICK_STEP_DURATION if quick else STEP_DURATION)
     cpu_duration = cpu_duration or (0.5 if quick else 1.0)
+    if high_cpu_rate is None:
+        high_cpu_rate = 0 if quick else HIGH_CPU_RATE
     label = label or os.path.basename(python)
     say = progress or (lambda _text: None)
     t0 = time.monotonic()
@@ -389,12 +395,17 @@ def find_capacity(python: str, sessions: int, *, quick: bool = False,
 
         found = search(measure, start_rate, max_steps, loss_limit,
                        generator_retries=0 if quick else 1)
-        cpu = h.step(cpu_rate, cpu_duration)
-        say(f"[{label} x{sessions}] equal load {cpu_rate} pkt/s: worker "
-            f"{cpu.get('worker_cpu_us_per_packet')} us/packet, loss {100 * cpu['loss']:.2f}%")
+        cpu_points = []
+        for rate in [cpu_rate] + ([high_cpu_rate] if high_cpu_rate else []):
+            res = h.step(rate, cpu_duration)
+            say(f"[{label} x{sessions}] equal load {rate} pkt/s: worker "
+                f"{res.get('worker_cpu_us_per_packet')} us/packet, "
+                f"loss {100 * res['loss']:.2f}%")
+            cpu_points.append(res)
+        cpu = cpu_points[0]
         loadgen = dict(h.loadgen_info)
     steps = found["steps"]
-    all_steps = [warm, *steps, cpu]
+    all_steps = [warm, *steps, *cpu_points]
     return {
         "interpreter": label,
         "python": python,
@@ -409,6 +420,9 @@ def find_capacity(python: str, sessions: int, *, quick: bool = False,
         "cpu_achieved_rate": cpu["achieved_rate"],
         "worker_cpu_s": cpu.get("worker_cpu_s"),
         "worker_cpu_us_per_packet": cpu.get("worker_cpu_us_per_packet"),
+        "cpu_points": [{k: p.get(k) for k in ("rate", "achieved_rate", "loss", "received",
+                                              "worker_cpu_s", "worker_cpu_us_per_packet",
+                                              "worker_wakeups")} for p in cpu_points],
         # near saturation the per-packet cost is the relay's own; at CPU_RATE it is
         # mostly wake-ups (see docs/benchmarks.md)
         "worker_cpu_us_per_packet_at_capacity": _cpu_at(found),
@@ -446,24 +460,38 @@ def machine() -> Dict[str, object]:
             "loadavg": load, "time": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
+def _cpu_point(r: dict, index: int) -> Optional[float]:
+    points = r.get("cpu_points") or []
+    return points[index].get("worker_cpu_us_per_packet") if len(points) > index else None
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def table(results: List[dict]) -> str:
+    high = next((int(r["cpu_points"][1]["rate"]) for r in results
+                 if len(r.get("cpu_points", [])) > 1), None)
     head = (f"{'interpreter':11} {'sessions':>8} {'capacity pps':>12} {'loss':>7} "
-            f"{'cpu us/pkt':>10} {'gen achieved':>12} {'failed at':>10}  note")
+            f"{'us/pkt@' + str(results[0]['cpu_rate'] // 1000) + 'k':>10} "
+            + (f"{'us/pkt@' + str(high // 1000) + 'k':>11} " if high else "")
+            + f"{'gen achieved':>12} {'failed at':>10}  note")
     rows = [head, "-" * len(head)]
     for r in results:
-        loss = "-" if r["loss_at_capacity"] is None else f"{100 * r['loss_at_capacity']:.2f}%"
-        cpu = r["worker_cpu_us_per_packet"]
-        ach = r["achieved_at_capacity"]
+        loss = r["loss_at_capacity"]
         note = "generator-bound" if r["generator_bound"] else ""
         rows.append(f"{r['interpreter']:11} {r['sessions']:>8} {r['capacity_pps']:>12} "
-                    f"{loss:>7} {'-' if cpu is None else f'{cpu:.2f}':>10} "
-                    f"{'-' if ach is None else f'{ach:.0f}':>12} "
+                    f"{_fmt(None if loss is None else 100 * loss, '.2f') + '%':>7} "
+                    f"{_fmt(_cpu_point(r, 0), '.2f'):>10} "
+                    + (f"{_fmt(_cpu_point(r, 1), '.2f'):>11} " if high else "")
+                    + f"{_fmt(r['achieved_at_capacity'], '.0f'):>12} "
                     f"{r['upper_bound_pps'] or '-':>10}  {note}")
     return "\n".join(rows)
 
 
 def ratios(results: List[dict]) -> List[dict]:
-    """PyPy / CPython per session count, from results of the same run."""
+    """PyPy / CPython per session count, from results of the same run: capacity
+    (pypy / cpython) and CPU per packet at the equal loads (cpython / pypy)."""
     out = []
     by = {(r["interpreter"], r["sessions"]): r for r in results}
     for (impl, n), r in by.items():
@@ -471,9 +499,12 @@ def ratios(results: List[dict]) -> List[dict]:
         if impl != "pypy" or other is None:
             continue
         cap = (r["capacity_pps"] / other["capacity_pps"]) if other["capacity_pps"] else None
-        c1, c0 = r["worker_cpu_us_per_packet"], other["worker_cpu_us_per_packet"]
-        out.append({"sessions": n, "capacity_ratio": round(cap, 2) if cap else None,
-                    "cpu_per_packet_ratio": round(c0 / c1, 2) if c0 and c1 else None})
+        row = {"sessions": n, "capacity_ratio": round(cap, 2) if cap else None}
+        for i, point in enumerate(r.get("cpu_points") or []):
+            c1, c0 = _cpu_point(r, i), _cpu_point(other, i)
+            row[f"cpu_per_packet_ratio_at_{int(point['rate'])}"] = (
+                round(c0 / c1, 2) if c0 and c1 else None)
+        out.append(row)
     return out
 
 
@@ -524,8 +555,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     print(table(results))
     for r in report["ratios"]:
-        print(f"pypy/cpython at {r['sessions']} session(s): capacity x{r['capacity_ratio']}, "
-              f"cpu per packet x{r['cpu_per_packet_ratio']} (cpython us / pypy us)")
+        cpu = ", ".join(f"{v} at {k.rsplit('_', 1)[1]} pkt/s" for k, v in r.items()
+                        if k.startswith("cpu_per_packet_ratio"))
+        print(f"pypy vs cpython, {r['sessions']} session(s): capacity x{r['capacity_ratio']}; "
+              f"cpython us/pypy us per packet: {cpu}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:

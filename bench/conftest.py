@@ -21,6 +21,15 @@ def relay_python(relay_interpreters, request) -> dict:
     label = request.getfixturevalue("label")
     info = relay_interpreters.get(label)
     if info is None:
-        pytest.skip(f"no {label} interpreter that can import lrk and msgpack "
-                    f"(found: {sorted(relay_interpreters) or 'none'})")
+        pytest.fail(f"no {label} interpreter that can import lrk and msgpack "
+                    f"(found: {sorted(relay_interpreters) or 'none'}); scripts/install.sh "
+                    "makes both")
     return info
+
+
+@pytest.fixture(scope="session")
+def interpreters(relay_interpreters) -> Dict[str, str]:
+    """{"cpython": path, "pypy": path} of the interpreters found; skips when there is none."""
+    if not relay_interpreters:
+        pytest.fail("no interpreter that can import lrk and msgpack")
+    return {label: info["python"] for label, info in relay_interpreters.items()}

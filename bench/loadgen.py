@@ -60,6 +60,8 @@ BATCH = 256
 GENERATOR_SLACK = 0.97
 #: every CHECK_EVERY-th received datagram is compared byte for byte with the sent one
 CHECK_EVERY = 8
+#: RTP payload types of alternate runs (PCMU, PCMA): late packets of a run are recognised
+EPOCH_PTS = (0, 8)
 #: commands a --serve process answers before it exits by itself
 MAX_COMMANDS = 1000
 SSRC_BASE = 0x5EED0000
@@ -126,8 +128,8 @@ def udp_socket(host: str = "127.0.0.1") -> socket.socket:
 
 
 class _Session:
-    __slots__ = ("caller_fd", "callee_fd", "dest", "ssrc", "pool", "packets", "pos",
-                 "hdrs", "keep", "received")
+    __slots__ = ("caller_fd", "callee_fd", "dest", "ssrc", "pool", "packets", "sendable",
+                 "pos", "hdrs", "keep", "received")
 
     def __init__(self, caller_fd: int, callee_fd: int, dest: Addr, ssrc: int, pool: int):
         self.caller_fd = caller_fd
@@ -136,6 +138,7 @@ class _Session:
         self.ssrc = ssrc
         self.pool = pool
         self.packets = [rtp_packet(i, ssrc) for i in range(pool)]
+        self.sendable = self.packets  # plain I/O: the packets with this run's payload type
         self.pos = 0  # next pool index to send
         self.hdrs = None
         self.keep: list = []
@@ -175,7 +178,9 @@ class LoadGen:
                 for fd in (s.caller_fd, s.callee_fd):
                     self._socks[fd] = socket.socket(fileno=fd)
         self.rr = 0
-        self.checked = self.damaged = self.recv_errors = 0
+        self.checked = self.damaged = self.recv_errors = self.late = 0
+        self.runs = 0
+        self.pt = EPOCH_PTS[0]
 
     def _setup_mmsg(self) -> None:
         from fastpath.mmsg import encode_sockaddr
@@ -187,7 +192,7 @@ class LoadGen:
             n = s.pool
             hdrs = ffi.new("struct mmsghdr[]", n)
             iov = ffi.new("struct iovec[]", n)
-            buf = ffi.new("char[]", n * PACKET_BYTES)
+            buf = ffi.new("unsigned char[]", n * PACKET_BYTES)
             for i, data in enumerate(s.packets):
                 ffi.memmove(buf + i * PACKET_BYTES, data, PACKET_BYTES)
                 iov[i].iov_base = buf + i * PACKET_BYTES
@@ -201,7 +206,7 @@ class LoadGen:
             s.keep = [name, iov, buf]
         self._rh = rh = ffi.new("struct mmsghdr[]", BATCH)
         self._riov = riov = ffi.new("struct iovec[]", BATCH)
-        self._rbuf = rbuf = ffi.new("char[]", BATCH * 2048)
+        self._rbuf = rbuf = ffi.new("unsigned char[]", BATCH * 2048)
         for i in range(BATCH):
             riov[i].iov_base = rbuf + i * 2048
             riov[i].iov_len = 2048
@@ -223,7 +228,7 @@ class LoadGen:
             sock = self._socks[s.caller_fd]
             for _ in range(k):
                 try:
-                    sock.sendto(s.packets[s.pos], MSG_DONTWAIT, s.dest)
+                    sock.sendto(s.sendable[s.pos], MSG_DONTWAIT, s.dest)
                     sent += 1
                 except OSError:
                     failed += 1
@@ -276,8 +281,11 @@ class LoadGen:
 
     # -- receiving ------------------------------------------------------------------
     def _drain(self, fd: int, check: bool) -> int:
-        """Read everything queued on one callee socket; returns datagrams read."""
+        """Read everything queued on one callee socket; returns the datagrams of the
+        current run (payload type `self.pt`); older ones count in `late`, others in
+        `damaged`.  With check=False everything is read and counted, unchecked."""
         s = self.by_callee[fd]
+        pt = self.pt
         got = 0
         if self.ffi is None:
             sock = self._socks[fd]
@@ -291,12 +299,18 @@ class LoadGen:
                 except OSError:
                     self.recv_errors += 1
                     break
-                got += 1
-                if check and got % CHECK_EVERY == 1:
-                    self._check(s, data)
+                if not check:
+                    got += 1
+                elif len(data) > 1 and data[1] == pt:
+                    got += 1
+                    if got % CHECK_EVERY == 1:
+                        self._check(s, data)
+                else:
+                    self._other(data[1] if len(data) > 1 else -1)
             return got
         recvmmsg = self.lib.recvmmsg
         rh = self._rh
+        rbuf = self._rbuf
         null = self.ffi.NULL
         while True:
             n = recvmmsg(fd, rh, BATCH, MSG_DONTWAIT, null)
@@ -308,24 +322,50 @@ class LoadGen:
                     if e not in _AGAIN:
                         self.recv_errors += 1
                 break
-            got += n
-            if check:
+            if not check:
+                got += n
+            else:
                 view = self._rview
-                for i in range(0, n, CHECK_EVERY):
-                    ln = rh[i].msg_len
-                    self._check(s, view[i * 2048: i * 2048 + ln])
+                for i in range(n):
+                    off = i * 2048
+                    b = rbuf[off + 1]
+                    if b != pt:
+                        self._other(b)
+                        continue
+                    got += 1
+                    if got % CHECK_EVERY == 1:
+                        self._check(s, view[off: off + rh[i].msg_len])
             if n < BATCH:
                 break
         return got
 
+    def _other(self, pt_byte: int) -> None:
+        """A datagram not of this run: late (an earlier run's payload type) or damaged."""
+        if pt_byte in EPOCH_PTS:
+            self.late += 1
+        else:
+            self.damaged += 1
+
     def _check(self, s: _Session, data: bytes) -> None:
+        """Byte-for-byte comparison with the packet sent (payload type aside)."""
         self.checked += 1
         if len(data) != PACKET_BYTES:
             self.damaged += 1
             return
         seq = (data[2] << 8) | data[3]
-        if seq >= s.pool or data != s.packets[seq]:
+        if seq >= s.pool or data[0] != 0x80 or data[2:] != s.packets[seq][2:]:
             self.damaged += 1
+
+    def _set_pt(self, pt: int) -> None:
+        """Stamp every pool packet with this run's payload type (0 or 8, both G.711)."""
+        self.pt = pt
+        for s in self.sessions:
+            if self.ffi is not None:
+                buf = s.keep[2]
+                for i in range(s.pool):
+                    buf[i * PACKET_BYTES + 1] = pt
+            else:
+                s.sendable = [p[:1] + bytes([pt]) + p[2:] for p in s.packets]
 
     def _poll(self, timeout: float, check: bool = True) -> int:
         got = 0
@@ -353,10 +393,14 @@ class LoadGen:
         if not 0 < duration <= MAX_DURATION:
             raise ValueError(f"duration must be in (0, {MAX_DURATION}], got {duration}")
         grace = min(max(grace, 0.0), MAX_GRACE)
-        self.checked = self.damaged = self.recv_errors = 0
+        self.checked = self.damaged = self.recv_errors = self.late = 0
         for s in self.sessions:
             s.received = 0
         stale = self.flush_stale()
+        # alternate the payload type from run to run: what the relay still delivers
+        # of the previous run is told apart (counted as late, not as received)
+        self.runs += 1
+        self._set_pt(EPOCH_PTS[self.runs % 2])
         max_burst = max(int(rate * MAX_BACKLOG), len(self.sessions), 1)
         total = int(rate * duration)
         monotonic = time.monotonic
@@ -427,6 +471,7 @@ class LoadGen:
             "checked": self.checked,
             "damaged": self.damaged,
             "stale": stale,
+            "late": self.late,
             "send_wall": round(wall, 4),
             "send_call_s": round(send_time, 4),
             "stalls": stalls,
@@ -479,7 +524,7 @@ def serve(stdin=None, stdout=None) -> int:
                     reply({"ok": True, **result})
                 else:
                     raise ValueError(f"unknown command {op!r}")
-            except (ValueError, KeyError, TypeError, OSError, RuntimeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError, OSError, RuntimeError) as exc:
                 reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     finally:
         if gen is not None:

@@ -32,20 +32,26 @@ def test_msgpack_roundtrip():
     assert msgpack.unpackb(msgpack.packb(obj), raw=False) == obj
 
 
-@pytest.mark.skipif(IMPL != "CPython", reason="uvloop is only used on CPython")
-def test_uvloop_on_cpython():
+def test_event_loop_choice_per_interpreter():
+    """uvloop drives the control plane on CPython; PyPy keeps asyncio's own loop."""
     import asyncio
 
-    import uvloop
+    from lrk.cli import _use_uvloop
 
-    async def probe():
-        return asyncio.get_running_loop()
-
-    loop = uvloop.new_event_loop()
+    before = asyncio.get_event_loop_policy()
     try:
-        assert isinstance(loop.run_until_complete(probe()), uvloop.Loop)
+        _use_uvloop()
+        loop = asyncio.new_event_loop()
+        try:
+            name = type(loop).__module__
+        finally:
+            loop.close()
+        if IMPL == "CPython":
+            assert name.startswith("uvloop"), name
+        else:
+            assert name.startswith("asyncio"), name
     finally:
-        loop.close()
+        asyncio.set_event_loop_policy(before)
 
 
 def test_tomllib_available():

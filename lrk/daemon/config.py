@@ -32,6 +32,7 @@ class Config:
     workers: int = 1
     batch: int = 64
     io: str = "auto"  # batched I/O: auto | mmsg | plain
+    socket_rcvbuf: int = 1 << 20  # receive buffer per relay socket, bytes; 0 = kernel default
     silence_timeout: float = 60.0
     max_lifetime: float = 10800.0
     quarantine: float = 5.0
@@ -113,6 +114,8 @@ class Config:
             raise ConfigError(f"io {self.io!r} must be auto, mmsg or plain")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers {self.workers} must be within 1..64")
+        if not 0 <= self.socket_rcvbuf <= 1 << 30:
+            raise ConfigError(f"socket_rcvbuf {self.socket_rcvbuf} must be within 0..1073741824")
         if not 1 <= self.batch <= 1024:
             raise ConfigError(f"batch {self.batch} must be within 1..1024")
         if self.silence_timeout <= 0:

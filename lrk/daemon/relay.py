@@ -64,7 +64,7 @@ class Relay:
             max_sessions=config.max_sessions,
         ))
         self.plane = SocketPlane(self.engine, config.workers, config.batch, config.io,
-                                 config.log_level, config.log_format)
+                                 config.log_level, config.log_format, config.socket_rcvbuf)
         self.control = MsgpackControl(
             self.engine,
             info={"mode": config.mode, "relay_version": __version__, "workers": config.workers},
