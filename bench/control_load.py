@@ -135,7 +135,7 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
         if label not in found:
             print(f"{label}: not available, skipped", file=sys.stderr)
             continue
-        results[label] = measure(found[label], args.cycles, args.window)
+        results[label] = measure(found[label]["python"], args.cycles, args.window)
         print(f"{label}: {json.dumps(results[label])}", file=sys.stderr)
     if "cpython" in results and "pypy" in results:
         results["pypy_over_cpython"] = round(

@@ -81,7 +81,6 @@ class Relay:
         self._legacy_servers: List[asyncio.AbstractServer] = []
         self._unix_paths: List[str] = []
         self._ticker: Optional[asyncio.Task] = None
-        self._tasks: set = set()
         self.control_address: Any = None
 
     async def start(self) -> None:
@@ -146,8 +145,6 @@ class Relay:
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        for task in list(self._tasks):
-            task.cancel()
         now = time.monotonic()
         for session in list(self.engine.sessions()):
             self.engine.delete(now, session.call_id, reason="deleted")
@@ -187,15 +184,9 @@ class Relay:
             self._send(endpoint, received.reply, addr)
             return
         if received.cmd in NEEDS_COUNTERS:
-            task = asyncio.get_running_loop().create_task(self._slow(received, addr, endpoint))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.plane.flush_then(lambda: self._finish(received, addr, endpoint))
             return
         self._finish(received, addr, endpoint)
-
-    async def _slow(self, request: Any, addr: Any, endpoint: _DatagramEndpoint) -> None:
-        await self.plane.flush()
-        self._finish(request, addr, endpoint)
 
     def _finish(self, request: Any, addr: Any, endpoint: _DatagramEndpoint) -> None:
         outcome = self.control.execute(request, time.monotonic())

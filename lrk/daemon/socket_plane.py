@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from fastpath import channel
 from lrk.core.engine import Action, Engine, Install, Remove, Update
@@ -187,7 +187,7 @@ class SocketPlane:
         self.counters: Dict[str, int] = {"workers.restarts": 0}
         self.stopping = False
         self._flush_seq = 0
-        self._flush_waiters: Dict[int, Tuple[asyncio.Future, int]] = {}
+        self._flush_waiters: Dict[int, list] = {}  # req -> [callback, workers left, timer]
         engine.probe = self.probe
 
     # -- lifecycle -------------------------------------------------------------------
@@ -287,32 +287,42 @@ class SocketPlane:
         elif op == "flushed":
             waiter = self._flush_waiters.get(message.get("req"))
             if waiter is not None:
-                fut, _count = waiter
-                remaining = _count - 1
-                if remaining <= 0:
-                    del self._flush_waiters[message["req"]]
-                    if not fut.done():
-                        fut.set_result(None)
-                else:
-                    self._flush_waiters[message["req"]] = (fut, remaining)
+                waiter[1] -= 1
+                if waiter[1] <= 0:
+                    self._finish_flush(message["req"])
+
+    def flush_then(self, callback: Callable[[], None], timeout: float = 1.0) -> None:
+        """Call `callback` once every worker has reported its current counters (or after
+        `timeout`, counters then possibly lagging). Plain callbacks: no task per request."""
+        live = [w for w in self.workers if w.chan is not None]
+        if not live:
+            callback()
+            return
+        self._flush_seq += 1
+        req = self._flush_seq
+        timer = self.loop.call_later(timeout, self._flush_timed_out, req)
+        self._flush_waiters[req] = [callback, len(live), timer]
+        for w in live:
+            w.send({"op": "flush", "req": req})
+
+    def _flush_timed_out(self, req: int) -> None:
+        log.warning("workers did not report in time; counters may lag")
+        self.counters["plane.flush_timeouts"] = self.counters.get("plane.flush_timeouts", 0) + 1
+        self._finish_flush(req)
+
+    def _finish_flush(self, req: int) -> None:
+        waiter = self._flush_waiters.pop(req, None)
+        if waiter is None:
+            return
+        callback, _count, timer = waiter
+        timer.cancel()
+        callback()
 
     async def flush(self, timeout: float = 1.0) -> None:
         """Wait until every worker has reported its current counters."""
-        self._flush_seq += 1
-        req = self._flush_seq
         fut = self.loop.create_future()
-        live = [w for w in self.workers if w.chan is not None]
-        if not live:
-            return
-        self._flush_waiters[req] = (fut, len(live))
-        for w in live:
-            w.send({"op": "flush", "req": req})
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            log.warning("workers did not report within %.1fs; counters may lag", timeout)
-        finally:
-            self._flush_waiters.pop(req, None)
+        self.flush_then(lambda: fut.done() or fut.set_result(None), timeout)
+        await fut
 
     def media_counters(self) -> Dict[str, int]:
         total: Dict[str, int] = dict(self.counters)
