@@ -253,3 +253,22 @@ def test_stop_releases_every_port(start_relay, endpoints):
     assert relay.stop() == 0
     for host, port in ports:
         assert port_free(host, port) and port_free(host, port + 1)
+
+
+def test_killed_daemon_leaves_no_worker_and_no_bound_port(start_relay, endpoints):
+    relay = start_relay()
+    with LrkClient([relay.node]) as client:
+        caller, callee = endpoints(), endpoints()
+        relay_a, relay_b = setup_call(client, caller, callee, "kill-call")
+    workers = worker_pids(relay)
+    relay.proc.kill()  # no clean shutdown at all
+    relay.proc.wait()
+
+    def worker_gone() -> bool:
+        return all(not os.path.exists(f"/proc/{pid}") or
+                   open(f"/proc/{pid}/stat").read().split()[2] == "Z" for pid in workers)
+
+    wait_until(worker_gone)  # the worker sees its channel close and exits by itself
+    for host, port in (relay_a, relay_b):
+        wait_until(lambda h=host, p=port: port_free(h, p) and port_free(h, p + 1))
+    relay.proc.returncode = 0  # killed on purpose: the fixture's exit check does not apply
