@@ -86,12 +86,6 @@ class Relay:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await self.plane.start()
-        address = self.config.control_addr
-        transport, endpoint = await self._datagram_endpoint(
-            address, self.on_control, self.control.counters, "control.send_errors")
-        self.control_address = (address if isinstance(address, str)
-                                else transport.get_extra_info("sockname")[:2])
-        self._endpoint = endpoint
         for legacy in self.config.legacy_addrs:
             if isinstance(legacy, str):
                 self._claim_unix_path(legacy)
@@ -102,6 +96,13 @@ class Relay:
                 transport, _ = await self._datagram_endpoint(
                     legacy, self.on_legacy, self.legacy.counters, "legacy.send_errors")
                 self._legacy_transports.append(transport)
+        # the control socket opens last: once it answers a ping, every listener is up
+        address = self.config.control_addr
+        transport, endpoint = await self._datagram_endpoint(
+            address, self.on_control, self.control.counters, "control.send_errors")
+        self.control_address = (address if isinstance(address, str)
+                                else transport.get_extra_info("sockname")[:2])
+        self._endpoint = endpoint
         self._ticker = loop.create_task(self._tick_loop())
         log.info("relay listening control=%s ports=%s mode=%s", self.config.control,
                  self.config.ports, self.config.mode)
