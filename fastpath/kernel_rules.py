@@ -1,0 +1,519 @@
+"""nftables text for the kernel fast path, sans-IO.
+
+In kernel mode media never reaches userspace: netfilter NAT forwards it.  For
+every relay port P (RTP; RTCP is P + 1) of a leg X whose partner leg is Y:
+
+* ``fwd``  relay X ip . P  -> Y's peer ip . port      (DNAT of new flows)
+* ``mark`` relay X ip . P  -> ct mark (default P)      (tags the conntrack entry)
+* ``out``  mark            -> relay Y ip . port        (SNAT of that flow)
+* ``adm``  relay X ip . P . X's peer ip                (admission of new flows)
+* ``seen`` relay X ip . P                              (per-port counter, every packet)
+
+Replies (Y's peer -> relay Y) match the conntrack reply tuple and are un-NATed
+by conntrack, so a NATed caller is latched implicitly.  Each map/set exists per
+family (suffix 4/6); a session's legs are both IPv4 or both IPv6.
+
+Marks are relay ports by default, which is why relay ports must be unique
+across relay IPs (one allocator); :attr:`LegSpec.mark` lifts that when needed.
+
+libnftables is not consulted here: this module only builds command text
+(applied by :class:`fastpath.nft.Nft`, one transaction per call) and reads the
+JSON that ``nft -j list`` returns.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from lrk.errors import LrkError
+
+__all__ = [
+    "DROP_COUNTERS",
+    "KernelRuleError",
+    "KernelRuleset",
+    "LegSpec",
+    "SessionSpec",
+    "conntrack_marks",
+    "elements",
+    "install_commands",
+    "parse_counters",
+    "parse_drop_counter",
+    "remove_commands",
+    "update_commands",
+]
+
+#: named counter objects of new flows to a relay port that no ``adm`` element
+#: admits (dropped, or queued in the NFQUEUE variant), per family
+DROP_COUNTERS = {4: "unexpected4", 6: "unexpected6"}
+#: comment on the rule that uses DROP_COUNTERS[family], so it can be found by listing
+DROP_COMMENT = "lrk: unadmitted new flow ipv{}, media.dropped.unexpected_source"
+QUEUE_COMMENT = "lrk: unadmitted new flow ipv{}, to NFQUEUE"
+
+# the sets/maps of one family in the order commands are written
+_KINDS = ("fwd", "mark", "out", "adm", "seen")
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
+_MARK_MAX = 0xFFFFFFFF
+
+Elements = Dict[str, Dict[str, Optional[str]]]
+
+
+class KernelRuleError(LrkError):
+    """A session or ruleset parameter the kernel rules cannot express, or unreadable nft JSON."""
+
+    code = "bad_request"
+
+
+def _ip(value: str, what: str) -> Tuple[str, int]:
+    """Normalise an address to nft's spelling (compressed IPv6); returns (text, family)."""
+    try:
+        addr = ipaddress.ip_address(str(value).strip())
+    except ValueError:
+        raise KernelRuleError(f"{what} {value!r} is not an IPv4 or IPv6 address") from None
+    return str(addr), addr.version
+
+
+def _port(value: int, what: str, lo: int = 1, hi: int = 65535) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise KernelRuleError(f"{what} {value!r} is not an integer in {lo}..{hi}")
+    return value
+
+
+@dataclass(frozen=True)
+class LegSpec:
+    """One leg as the kernel sees it: the relay port its peer sends to, and that peer.
+
+    ``peer_port`` is the SDP port media is sent to; the peer may send from a
+    different (NATed) port, admission only checks the source address.
+    """
+
+    relay_ip: str
+    relay_port: int  # RTP; RTCP on relay_port + 1
+    peer_ip: str
+    peer_port: int
+    peer_rtcp_port: Optional[int] = None  # a=rtcp; None means peer_port + 1
+    mark: Optional[int] = None  # ct mark of the RTP flow (RTCP: mark + 1); None = relay_port
+
+    def __post_init__(self) -> None:
+        relay_ip, fam = _ip(self.relay_ip, "relay_ip")
+        peer_ip, peer_fam = _ip(self.peer_ip, "peer_ip")
+        if fam != peer_fam:
+            raise KernelRuleError(
+                f"leg relay {relay_ip} is IPv{fam} but its peer {peer_ip} is IPv{peer_fam}; "
+                "kernel mode relays a leg within one family"
+            )
+        object.__setattr__(self, "relay_ip", relay_ip)
+        object.__setattr__(self, "peer_ip", peer_ip)
+        _port(self.relay_port, "relay_port", 1, 65534)
+        _port(self.peer_port, "peer_port")
+        if self.peer_rtcp_port is not None:
+            _port(self.peer_rtcp_port, "peer_rtcp_port")
+        if self.mark is not None and (
+            isinstance(self.mark, bool)
+            or not isinstance(self.mark, int)
+            or not 1 <= self.mark < _MARK_MAX
+        ):
+            raise KernelRuleError(f"mark {self.mark!r} is not an integer in 1..{_MARK_MAX - 1}")
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.relay_ip else 4
+
+    @property
+    def rtp_mark(self) -> int:
+        return self.relay_port if self.mark is None else self.mark
+
+    def relay(self, rtcp: bool) -> Tuple[str, int]:
+        return self.relay_ip, self.relay_port + rtcp
+
+    def peer(self, rtcp: bool) -> Tuple[str, int]:
+        if not rtcp:
+            return self.peer_ip, self.peer_port
+        port = self.peer_rtcp_port if self.peer_rtcp_port is not None else self.peer_port + 1
+        if port > 65535:
+            raise KernelRuleError(
+                f"peer RTCP port {port} (peer_port + 1) is out of range; give peer_rtcp_port"
+            )
+        return self.peer_ip, port
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """A session's two legs (A: caller, B: callee), both IPv4 or both IPv6."""
+
+    a: LegSpec
+    b: LegSpec
+
+    def __post_init__(self) -> None:
+        if self.a.family != self.b.family:
+            raise KernelRuleError(
+                f"leg A is IPv{self.a.family} ({self.a.relay_ip}) but leg B is "
+                f"IPv{self.b.family} ({self.b.relay_ip}); kernel mode needs both legs in one "
+                "family (relay such a session in userspace)"
+            )
+        if self.a.relay(False) == self.b.relay(False):
+            raise KernelRuleError(
+                f"legs A and B share relay address {self.a.relay_ip} port {self.a.relay_port}"
+            )
+        if self.a.rtp_mark in (self.b.rtp_mark - 1, self.b.rtp_mark, self.b.rtp_mark + 1):
+            raise KernelRuleError(
+                f"ct marks of legs A ({self.a.rtp_mark}) and B ({self.b.rtp_mark}) overlap "
+                "(each leg uses mark and mark + 1)"
+            )
+
+    @property
+    def family(self) -> int:
+        return self.a.family
+
+
+def _addr(ip_port: Tuple[str, int]) -> str:
+    return f"{ip_port[0]} . {ip_port[1]}"
+
+
+def elements(spec: SessionSpec) -> Elements:
+    """The map/set elements of a session as nft text: set name -> {key: value or None}."""
+    fam = spec.family
+    out: Elements = {f"{kind}{fam}": {} for kind in _KINDS}
+    for leg, other in ((spec.a, spec.b), (spec.b, spec.a)):
+        for rtcp in (False, True):
+            key = _addr(leg.relay(rtcp))
+            mark = str(leg.rtp_mark + rtcp)
+            out[f"fwd{fam}"][key] = _addr(other.peer(rtcp))
+            out[f"mark{fam}"][key] = mark
+            out[f"out{fam}"][mark] = _addr(other.relay(rtcp))
+            out[f"adm{fam}"][f"{key} . {leg.peer_ip}"] = None
+            out[f"seen{fam}"][key] = None
+    return out
+
+
+def conntrack_marks(spec: SessionSpec) -> List[int]:
+    """ct marks of a session's flows (for ``conntrack -D -m MARK`` after remove/update).
+
+    Removing elements only stops *new* flows: conntrack keeps forwarding an
+    established flow with its old NAT until the entry expires.
+    """
+    return sorted(m for leg in (spec.a, spec.b) for m in (leg.rtp_mark, leg.rtp_mark + 1))
+
+
+def _merge(specs: Iterable[SessionSpec]) -> Elements:
+    """Union of the elements of several sessions; refuses conflicting keys."""
+    merged: Elements = {}
+    for spec in specs:
+        for name, elems in elements(spec).items():
+            dest = merged.setdefault(name, {})
+            for key, value in elems.items():
+                old = dest.setdefault(key, value)
+                if old != value:
+                    raise KernelRuleError(
+                        f"{name} key {key} maps to both {old} and {value}: two sessions use "
+                        "the same relay port or mark"
+                    )
+    return merged
+
+
+def _lines(verb: str, table: str, elems: Elements, with_values: bool) -> List[str]:
+    lines = []
+    for kind in _KINDS:
+        for fam in (4, 6):
+            items = elems.get(f"{kind}{fam}")
+            if not items:
+                continue
+            if with_values:
+                body = ", ".join(k if v is None else f"{k} : {v}" for k, v in items.items())
+            else:
+                body = ", ".join(items)
+            lines.append(f"{verb} element inet {table} {kind}{fam} {{ {body} }}")
+    return lines
+
+
+def _text(lines: List[str]) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+def _check_table(table: str) -> str:
+    if not _NAME_RE.match(table):
+        raise KernelRuleError(f"table name {table!r} must be a letter then up to 30 [A-Za-z0-9_]")
+    return table
+
+
+def install_commands(*specs: SessionSpec, table: str = "lrk") -> str:
+    """``add element`` lines of sessions, to be applied as ONE transaction (all or nothing)."""
+    return _text(_lines("add", _check_table(table), _merge(specs), True))
+
+
+def remove_commands(*specs: SessionSpec, table: str = "lrk", idempotent: bool = False) -> str:
+    """``delete element`` lines of sessions, to be applied as one transaction.
+
+    The spec that was installed is the source of truth: nft rejects deleting
+    an absent element, which fails the whole transaction (nothing removed).
+    Keep the installed spec and pass exactly it.  With ``idempotent`` each
+    element is first re-added with the same value (a no-op when present), so
+    removal also succeeds for elements already gone, e.g. after the table was
+    recreated; it still fails when a key is present with a *different* value.
+    """
+    _check_table(table)
+    elems = _merge(specs)
+    lines = _lines("add", table, elems, True) if idempotent else []
+    return _text(lines + _lines("delete", table, elems, False))
+
+
+def update_commands(old: SessionSpec, new: SessionSpec, table: str = "lrk") -> str:
+    """Minimal delete/add lines turning ``old``'s elements into ``new``'s (one transaction).
+
+    Unchanged elements are not touched, so their counters keep counting; a
+    map key whose value changes is deleted then re-added (nft cannot replace
+    a value in place).  Empty text when nothing changed.
+    """
+    _check_table(table)
+    before, after = elements(old), elements(new)
+    gone: Elements = {}
+    added: Elements = {}
+    for name in set(before) | set(after):
+        was, now = before.get(name, {}), after.get(name, {})
+        gone[name] = {k: v for k, v in was.items() if k not in now or now[k] != v}
+        added[name] = {k: v for k, v in now.items() if k not in was or was[k] != v}
+    return _text(_lines("delete", table, gone, False) + _lines("add", table, added, True))
+
+
+class KernelRuleset:
+    """The ``table inet <table>`` of the kernel fast path for one relay.
+
+    Only UDP to ``relay_ips`` and ports ``port_start..port_end`` is touched.
+    ``queue`` selects the NFQUEUE variant: a new flow that no ``adm`` element
+    admits goes to queue ``queue`` instead of being dropped (``queue_bypass``:
+    accept it when no reader is bound).  The reader admits by adding the
+    session's elements and re-injecting with NF_REPEAT (the admission rule
+    then sets the ct mark; the packet is counted in ``seen`` a second time),
+    or answers NF_DROP.  The ``queue`` expression needs CONFIG_NFT_QUEUE.
+    """
+
+    def __init__(
+        self,
+        *,
+        table: str = "lrk",
+        port_start: int,
+        port_end: int,
+        relay_ips: Sequence[str],
+        queue: Optional[int] = None,
+        queue_bypass: bool = False,
+        mark_range: Optional[Tuple[int, int]] = None,
+    ) -> None:
+        self.table = _check_table(table)
+        self.port_start = _port(port_start, "port_start")
+        self.port_end = _port(port_end, "port_end")
+        if port_end <= port_start:
+            raise KernelRuleError(
+                f"port range {port_start}-{port_end} must hold at least one RTP/RTCP pair"
+            )
+        if isinstance(relay_ips, str):
+            raise KernelRuleError("relay_ips must be a list of addresses, not one string")
+        self.relay_ips: Dict[int, List[str]] = {4: [], 6: []}
+        for value in relay_ips:
+            ip, fam = _ip(value, "relay IP")
+            if ip not in self.relay_ips[fam]:
+                self.relay_ips[fam].append(ip)
+        if not relay_ips:
+            raise KernelRuleError("relay_ips is empty: give the relay's own media addresses")
+        if queue is not None:
+            _port(queue, "queue number", 0, 65535)
+        self.queue = queue
+        self.queue_bypass = bool(queue_bypass)
+        lo, hi = mark_range if mark_range is not None else (port_start, port_end)
+        if not 1 <= lo <= hi < _MARK_MAX:
+            raise KernelRuleError(f"mark range {lo}-{hi} must be within 1..{_MARK_MAX - 1}")
+        self.mark_range = (lo, hi)
+
+    # -- ruleset ---------------------------------------------------------
+
+    def _unadmitted(self, fam: int) -> str:
+        name = DROP_COUNTERS[fam]
+        if self.queue is None:
+            verdict, comment = "drop", DROP_COMMENT.format(fam)
+        else:
+            verdict = f"queue num {self.queue}" + (" bypass" if self.queue_bypass else "")
+            comment = QUEUE_COMMENT.format(fam)
+        return f'ct state new counter name "{name}" {verdict} comment "{comment}"'
+
+    def create(self) -> str:
+        """The whole table; replaces a leftover one (e.g. of a crashed run) atomically."""
+        t = self.table
+        ports = f"{self.port_start}-{self.port_end}"
+        marks = f"{self.mark_range[0]}-{self.mark_range[1]}"
+        ip = {4: "ip", 6: "ip6"}
+        addr = {4: "ipv4_addr", 6: "ipv6_addr"}
+        lines = [f"add table inet {t}", f"delete table inet {t}", f"table inet {t} {{"]
+        for fam in (4, 6):
+            name = DROP_COUNTERS[fam]
+            lines.append(f"  counter {name} {{ }}")
+        for fam in (4, 6):
+            a = addr[fam]
+            elems = ", ".join(self.relay_ips[fam])
+            body = f"type {a}; elements = {{ {elems} }}" if elems else f"type {a};"
+            lines += [
+                f"  set relay_ips{fam} {{ {body} }}",
+                f"  map fwd{fam} {{ type {a} . inet_service : {a} . inet_service; }}",
+                f"  map mark{fam} {{ type {a} . inet_service : mark; }}",
+                f"  map out{fam} {{ type mark : {a} . inet_service; }}",
+                f"  set adm{fam} {{ type {a} . inet_service . {a}; counter; }}",
+                f"  set seen{fam} {{ type {a} . inet_service; counter; }}",
+            ]
+        lines += [
+            "  chain pre_filter {",
+            "    type filter hook prerouting priority -150; policy accept;",
+            f"    ip daddr @relay_ips4 udp dport {ports} jump media4",
+            f"    ip6 daddr @relay_ips6 udp dport {ports} jump media6",
+            "  }",
+        ]
+        for fam in (4, 6):
+            p = ip[fam]
+            lines += [
+                f"  chain media{fam} {{",
+                f"    {p} daddr . udp dport @seen{fam}",
+                f"    ct state new {p} daddr . udp dport . {p} saddr @adm{fam} "
+                f"ct mark set {p} daddr . udp dport map @mark{fam} accept",
+                f"    {self._unadmitted(fam)}",
+                "  }",
+            ]
+        lines += [
+            "  chain pre_nat {",
+            "    type nat hook prerouting priority dstnat; policy accept;",
+            f"    ip daddr @relay_ips4 udp dport {ports} dnat ip to ip daddr . udp dport map @fwd4",
+            f"    ip6 daddr @relay_ips6 udp dport {ports} "
+            "dnat ip6 to ip6 daddr . udp dport map @fwd6",
+            "  }",
+            "  chain post_nat {",
+            "    type nat hook postrouting priority srcnat; policy accept;",
+            f"    meta nfproto ipv4 meta l4proto udp ct mark {marks} snat ip to ct mark map @out4",
+            f"    meta nfproto ipv6 meta l4proto udp ct mark {marks} snat ip6 to ct mark map @out6",
+            "  }",
+            "}",
+        ]
+        return _text(lines)
+
+    def destroy(self) -> str:
+        """Remove the table; succeeds also when it does not exist."""
+        return f"add table inet {self.table}\ndelete table inet {self.table}\n"
+
+    # -- sessions --------------------------------------------------------
+
+    def check(self, spec: SessionSpec) -> None:
+        """Refuse a session these rules would silently not forward."""
+        for name, leg in (("A", spec.a), ("B", spec.b)):
+            if leg.relay_ip not in self.relay_ips[leg.family]:
+                raise KernelRuleError(
+                    f"leg {name} relay address {leg.relay_ip} is not one of the ruleset's "
+                    f"relay IPs {self.relay_ips[4] + self.relay_ips[6]}"
+                )
+            if not self.port_start <= leg.relay_port < self.port_end:
+                raise KernelRuleError(
+                    f"leg {name} relay port {leg.relay_port} (RTCP +1) is outside the "
+                    f"ruleset's port range {self.port_start}-{self.port_end}"
+                )
+            lo, hi = self.mark_range
+            if not lo <= leg.rtp_mark < hi:
+                raise KernelRuleError(
+                    f"leg {name} ct mark {leg.rtp_mark} (RTCP +1) is outside the mark range "
+                    f"{lo}-{hi}; post-routing would not SNAT it"
+                )
+
+    def install_commands(self, *specs: SessionSpec) -> str:
+        for spec in specs:
+            self.check(spec)
+        return install_commands(*specs, table=self.table)
+
+    def remove_commands(self, *specs: SessionSpec, idempotent: bool = False) -> str:
+        return remove_commands(*specs, table=self.table, idempotent=idempotent)
+
+    def update_commands(self, old: SessionSpec, new: SessionSpec) -> str:
+        self.check(new)
+        return update_commands(old, new, table=self.table)
+
+    # -- reading back ----------------------------------------------------
+
+    def counters_query(self, family: int) -> str:
+        """List command whose ``nft -j`` output :func:`parse_counters` reads.
+
+        One family per call: nft 1.0.6 fails several ``list set`` in one run.
+        """
+        if family not in (4, 6):
+            raise KernelRuleError(f"family {family!r} is not 4 or 6")
+        return f"list set inet {self.table} seen{family}\n"
+
+    def drops_query(self) -> str:
+        """List command whose ``nft -j`` output :func:`parse_drop_counter` reads."""
+        return f"list counters table inet {self.table}\n"
+
+
+# -- JSON readers -------------------------------------------------------------
+
+
+def _objects(json_obj: Any, what: str) -> List[Dict[str, Any]]:
+    if not isinstance(json_obj, dict) or not isinstance(json_obj.get("nftables"), list):
+        raise KernelRuleError(
+            f"expected nft JSON output ({{'nftables': [...]}}) to read {what}, "
+            f"got {type(json_obj).__name__}"
+        )
+    return [o for o in json_obj["nftables"] if isinstance(o, dict)]
+
+
+def _key(val: Any) -> Optional[Tuple[str, int]]:
+    """(ip, port) of a ``{"concat": [ip, port]}`` element value, else None."""
+    if isinstance(val, dict) and isinstance(val.get("concat"), list) and len(val["concat"]) == 2:
+        ip, port = val["concat"]
+        if isinstance(ip, str) and isinstance(port, int):
+            return ip, port
+    return None
+
+
+def parse_counters(
+    json_obj: Dict[str, Any], set_names: Sequence[str] = ("seen4", "seen6")
+) -> Dict[Tuple[str, int], Tuple[int, int]]:
+    """(relay ip, relay port) -> (packets, bytes) received, from ``nft -j list set ... seen4``.
+
+    Reads every set named in ``set_names`` found in the listing (one set, both
+    or a whole table).  Packets are counted on arrival, before the admission
+    check, so they include packets later dropped as from an unexpected source.
+    """
+    result: Dict[Tuple[str, int], Tuple[int, int]] = {}
+    for obj in _objects(json_obj, "counters"):
+        body = obj.get("set")
+        if not isinstance(body, dict) or body.get("name") not in set_names:
+            continue
+        for item in body.get("elem", ()):
+            wrapped = item.get("elem") if isinstance(item, dict) else None
+            if isinstance(wrapped, dict):
+                key = _key(wrapped.get("val"))
+                counter = wrapped.get("counter") or {}
+            else:
+                key, counter = _key(item), {}
+            if key is None:
+                raise KernelRuleError(f"unexpected element {item!r} in set {body.get('name')}")
+            ip = str(ipaddress.ip_address(key[0]))
+            result[(ip, key[1])] = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
+    return result
+
+
+def parse_drop_counter(json_obj: Dict[str, Any], family: Optional[int] = None) -> Tuple[int, int]:
+    """(packets, bytes) of new flows no session admits (media.dropped.unexpected_source).
+
+    Reads the named counters from ``nft -j list counters table inet lrk`` (or
+    a listing of the whole table); ``family`` 4 or 6, None for both summed.
+    In the NFQUEUE variant these are the packets handed to the queue.
+    """
+    if family is not None and family not in DROP_COUNTERS:
+        raise KernelRuleError(f"family {family!r} is not 4 or 6 (or None for both)")
+    wanted = {DROP_COUNTERS[family]} if family else set(DROP_COUNTERS.values())
+    found: Dict[str, Tuple[int, int]] = {}
+    for obj in _objects(json_obj, "drop counters"):
+        body = obj.get("counter")
+        if isinstance(body, dict) and body.get("name") in wanted:
+            found[body["name"]] = (int(body.get("packets", 0)), int(body.get("bytes", 0)))
+    missing = wanted - set(found)
+    if missing:
+        raise KernelRuleError(
+            f"counter(s) {sorted(missing)} not in the nft listing; list them with "
+            "'nft -j list counters table inet lrk'"
+        )
+    return sum(p for p, _ in found.values()), sum(b for _, b in found.values())
