@@ -39,16 +39,29 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def ping(host: str, port: int, timeout: float = 0.2) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.settimeout(timeout)
-        cookie = os.urandom(6).hex()
-        try:
-            s.sendto(msgpack.packb({"cookie": cookie, "cmd": "ping"}), (host, port))
-            reply = msgpack.unpackb(s.recv(65535), raw=False)
-        except (OSError, ValueError):
-            return False
+def ping(host: str, port: int = 0, timeout: float = 0.2) -> bool:
+    """One msgpack ping to a UDP control address, or to a UNIX path (`host`, port 0)."""
+    cookie = os.urandom(6).hex()
+    request = msgpack.packb({"cookie": cookie, "cmd": "ping"})
+    if host.startswith("/"):
+        with tempfile.TemporaryDirectory() as tmp, \
+                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.bind(os.path.join(tmp, "ping.sock"))
+            s.settimeout(timeout)
+            try:
+                s.sendto(request, host)
+                reply = msgpack.unpackb(s.recv(65535), raw=False)
+            except (OSError, ValueError):
+                return False
+    else:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.settimeout(timeout)
+            try:
+                s.sendto(request, (host, port))
+                reply = msgpack.unpackb(s.recv(65535), raw=False)
+            except (OSError, ValueError):
+                return False
     return isinstance(reply, dict) and reply.get("cookie") == cookie and reply.get("ok") is True
 
 
@@ -57,22 +70,37 @@ class RelayProcess:
 
     def __init__(self, ports: str = "30000-30999", host: str = "127.0.0.1",
                  extra: Optional[List[str]] = None, python: Optional[str] = None,
-                 env: Optional[Dict[str, str]] = None) -> None:
-        self.host = host
-        self.control_port = free_udp_port(host)
+                 env: Optional[Dict[str, str]] = None, netns: Optional[str] = None) -> None:
         self.ports = ports
-        control = f"[{host}]:{self.control_port}" if ":" in host else f"{host}:{self.control_port}"
+        self.netns = netns
+        self._tmp: Optional[tempfile.TemporaryDirectory] = None
+        if netns:
+            # the relay lives in another namespace: reach its control socket through the
+            # file system, which namespaces share
+            self._tmp = tempfile.TemporaryDirectory(prefix="lrk-ctl-")
+            self.host = os.path.join(self._tmp.name, "control.sock")
+            self.control_port = 0
+            control = f"unix:{self.host}"
+        else:
+            self.host = host
+            self.control_port = free_udp_port(host)
+            control = (f"[{host}]:{self.control_port}" if ":" in host
+                       else f"{host}:{self.control_port}")
         extra = list(extra or [])
         if "--legacy" not in extra:
             extra += ["--legacy", "off"]  # many relays side by side: no fixed default port
         self.argv = [python or sys.executable, "-m", "lrk.cli", "run", "--control", control,
                      "--ports", ports, *extra]
+        if netns:
+            self.argv = ["ip", "netns", "exec", netns, *self.argv]
         self.env = env
         self.proc: Optional[subprocess.Popen] = None
         self.output = ""
 
     @property
     def node(self) -> str:
+        if self.netns:
+            return f"unix:{self.host}"
         if ":" in self.host:
             return f"udp6:[{self.host}]:{self.control_port}"
         return f"udp:{self.host}:{self.control_port}"
@@ -110,6 +138,8 @@ class RelayProcess:
                 proc.wait()
         self.output = self.read_output()
         self._log.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
         return proc.returncode
 
     def read_output(self) -> str:
