@@ -65,7 +65,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def socket_in(ns: str, family: int = socket.AF_INET,
-              kind: int = socket.SOCK_DGRAM) -> socket.socket:
+              kind: int = socket.SOCK_DGRAM, proto: int = 0) -> socket.socket:
     """A socket that lives in namespace `ns` (setns on a throwaway thread)."""
     result: List[object] = []
 
@@ -78,7 +78,7 @@ def socket_in(ns: str, family: int = socket.AF_INET,
                     raise OSError(err, f"setns({ns}): {os.strerror(err)}")
             finally:
                 os.close(fd)
-            result.append(socket.socket(family, kind))
+            result.append(socket.socket(family, kind, proto))
         except BaseException as exc:  # handed to the caller's thread
             result.append(exc)
 
