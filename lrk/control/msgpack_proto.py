@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple, Union
 
 import msgpack
+import msgpack.exceptions
 from netaddr import IPAddress, IPSet
 
 from lrk.control.replay import ReplayCache
@@ -28,6 +29,7 @@ MAX_REQUEST_BYTES = 65000
 MIN_REQUEST_BYTES = 4
 MAX_COOKIE = 64
 MAX_NAME = 256
+MAX_DEPTH = 8  # requests nest two levels; deeper is an attack or a bug
 LIST_REPLY_BUDGET = 60000  # a list reply must fit one UDP datagram
 ERROR_CODES = ("malformed", "too_large", "bad_request", "unknown_command",
                "unsupported_version", "unauthorized", "not_found", "ports_exhausted", "internal")
@@ -117,12 +119,18 @@ class MsgpackControl:
                                f"{MAX_REQUEST_BYTES}")
         try:
             message = msgpack.unpackb(data, **_UNPACK_LIMITS)
+        except (RecursionError, msgpack.exceptions.StackError):  # decoders' own depth limits
+            return self._error(None, "too_large", f"request nests deeper than {MAX_DEPTH} "
+                               "levels")
         except ValueError as exc:  # msgpack's limit errors are ValueErrors too
             code = "too_large" if "exceeds" in str(exc) else "malformed"
             return self._error(None, code, f"request is not valid msgpack: {exc}")
-        except Exception as exc:  # truncated input, recursion, anything the decoder raises
+        except Exception as exc:  # truncated input, anything else the decoder raises
             return self._error(None, "malformed", f"request is not valid msgpack: "
                                f"{type(exc).__name__}")
+        if _too_deep(message, MAX_DEPTH):
+            return self._error(None, "too_large", f"request nests deeper than {MAX_DEPTH} "
+                               "levels")
         if not isinstance(message, dict):
             return self._error(None, "malformed", "request must be a msgpack map")
         cookie = message.get("cookie")
@@ -307,6 +315,22 @@ class MsgpackControl:
         data = pack(reply)
         self.replay.store(sender, cookie, data, now)
         return Outcome(data)
+
+
+def _too_deep(obj: Any, limit: int) -> bool:
+    """Iterative depth check: decoders differ in how deep they go before failing."""
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in item)
+    return False
 
 
 def _allowed(allow: IPSet, cache: Dict[str, bool], sender: Hashable) -> bool:
