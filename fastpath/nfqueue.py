@@ -176,8 +176,9 @@ _U32 = 0xFFFFFFFF
 
 # --- errors ---
 
-#: kernel-internal errno values that leak to netlink and have no Python name
-_KERNEL_ERRNO_NAMES = {524: "ENOTSUPP"}
+#: names the kernel sources use where Python's errorcode differs (95 is "ENOTSUP" there),
+#: and kernel-internal values that leak to netlink
+_KERNEL_ERRNO_NAMES = {_errno.EOPNOTSUPP: "EOPNOTSUPP", 524: "ENOTSUPP"}
 
 _HINTS = {
     "EPERM": "needs CAP_NET_ADMIN in the socket's network namespace (run as root or grant "
@@ -190,8 +191,9 @@ _HINTS = {
               "it already got a verdict or the id is wrong",
     "EINVAL": "the kernel rejected the message: verdict out of range, flags without a "
               "mask or a malformed attribute",
-    "EOPNOTSUPP": "the kernel lacks this feature (nfnetlink_queue, or conntrack/secctx "
-                  "support for the requested flag)",
+    "EOPNOTSUPP": "the kernel lacks this feature: nfnetlink_queue itself, or for the "
+                  "conntrack flag CONFIG_NETFILTER_NETLINK_GLUE_CT (secctx: "
+                  "CONFIG_NETWORK_SECMARK), or a flag unknown to it",
     "ENOTSUPP": "unknown config command for this kernel",
     "ENOBUFS": "the socket receive buffer overflowed; raise rcvbuf or read faster",
     "EPROTONOSUPPORT": "no NETLINK_NETFILTER in this kernel (CONFIG_NETFILTER_NETLINK)",
@@ -334,8 +336,12 @@ def build_verdict(queue_num: int, packet_id: int, verdict: int, *, mark: Optiona
                   payload: Optional[bytes] = None, seq: int = 0, ack: bool = False) -> bytes:
     """NFQNL_MSG_VERDICT for one packet, optionally setting its mark or replacing its bytes.
 
-    A replacement payload is the whole L3 packet; the kernel does not fix
-    checksums, so the caller must (a UDP/IPv4 checksum may be zeroed).
+    A replacement payload is the whole L3 packet: never send back a payload
+    that arrived truncated (``QueuedPacket.truncated``), it would cut the
+    packet.  The kernel does not fix checksums and marks the packet as
+    unchecked, so the caller must (a UDP/IPv4 checksum may be zeroed); with
+    NFQA_SKB_CSUMNOTREADY in ``skb_info`` the received checksum is only a
+    partial one (offload) and must be recomputed even for unchanged data.
     """
     _check_range("queue number", queue_num, _U16)
     _check_range("packet id", packet_id, _U32)

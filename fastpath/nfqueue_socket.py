@@ -2,11 +2,14 @@
 
 One ``AF_NETLINK``/``NETLINK_NETFILTER`` socket per queue; pure Python, so it
 runs on PyPy as well as CPython.  Needs CAP_NET_ADMIN in the network namespace
-the socket is created in: a netlink socket serves the namespace of the thread
-that created it, for its whole life.  To serve another namespace, create the
-:class:`NfQueue` on a thread that first called ``setns(fd, CLONE_NEWNET)``
-(the tests do this with cffi; ``os.setns`` needs Python 3.12) or run the
-process under ``ip netns exec``; the object may then be used from any thread.
+the socket is created in: a netlink socket serves the network namespace of
+the thread that created it, for its whole life.  ``NfQueue(..., netns="x")``
+(and :func:`call_in_netns`) therefore create the socket on a short-lived
+thread that first joins the namespace with ``setns(fd, CLONE_NEWNET)``
+(``os.setns`` on Python >= 3.12, else libc's setns through cffi in ABI mode,
+so PyPy and CPython alike); the calling thread never changes namespace and
+the object may then be used from any thread.  ``ip netns exec`` around the
+whole process works too.
 
 Error policy: config operations (bind, configure, unbind) and verdicts sent
 with ``wait=True`` ask for an ack and raise :class:`NfQueueError` with the
@@ -26,11 +29,13 @@ from __future__ import annotations
 
 import collections
 import errno
+import os
 import select
 import socket
 import sys
+import threading
 import time
-from typing import Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, TypeVar
 
 from fastpath.nfqueue import (
     NETLINK_CAP_ACK,
@@ -42,6 +47,7 @@ from fastpath.nfqueue import (
     NFQA_CFG_F_GSO,
     NFQNL_COPY_PACKET,
     NFQNL_MAX_COPY_RANGE,
+    NFT_RULE_HINTS,
     SOL_NETLINK,
     NetlinkAck,
     NfQueueArgumentError,
@@ -50,6 +56,7 @@ from fastpath.nfqueue import (
     QueuedPacket,
     build_bind,
     build_config,
+    build_nft_queue_rule,
     build_unbind,
     build_verdict,
     build_verdict_batch,
@@ -57,7 +64,9 @@ from fastpath.nfqueue import (
     parse_messages,
 )
 
-__all__ = ["NfQueue", "NfQueueError"]
+__all__ = ["NfQueue", "NfQueueError", "add_queue_rule", "call_in_netns"]
+
+T = TypeVar("T")
 
 _SO_RCVBUFFORCE = int(getattr(socket, "SO_RCVBUFFORCE", 33))
 _MSG_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0x40))
@@ -68,6 +77,7 @@ _HEADROOM = 4096
 #: receive calls per ack wait; bounds the loop even if the kernel keeps sending packets
 _MAX_ACK_RECVS = 100_000
 _PROC_STATS = "/proc/thread-self/net/netfilter/nfnetlink_queue"
+CLONE_NEWNET = 0x40000000
 
 
 class NfQueue:
@@ -79,7 +89,8 @@ class NfQueue:
 
     def __init__(self, queue_num: int, copy_range: int = 256, maxlen: int = 4096,
                  fail_open: bool = False, *, gso: bool = True, conntrack: bool = False,
-                 blocking: bool = False, rcvbuf: int = 8 << 20, timeout: float = 2.0) -> None:
+                 blocking: bool = False, rcvbuf: int = 8 << 20, timeout: float = 2.0,
+                 netns: Optional[str] = None) -> None:
         if not isinstance(queue_num, int) or not 0 <= queue_num <= 0xFFFF:
             raise NfQueueArgumentError(f"nfqueue number must be 0..65535, got {queue_num!r}")
         if not isinstance(copy_range, int) or not 0 < copy_range <= NFQNL_MAX_COPY_RANGE:
@@ -107,10 +118,8 @@ class NfQueue:
         self._seq = 0
         self._pending: Deque[QueuedPacket] = collections.deque()
         self._buf = bytearray(copy_range + _HEADROOM)
-        try:
-            sock = socket.socket(_AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        except OSError as exc:
-            raise error_from_errno(exc.errno or 0, "socket") from exc
+        self.netns = netns
+        sock = _netlink_socket(netns)
         self.sock = sock
         try:
             try:
@@ -135,16 +144,19 @@ class NfQueue:
 
     def bind(self) -> None:
         """Own the queue and set copy mode/range, maxlen and flags (each acked)."""
-        self._request(build_bind(self.queue_num, self._next_seq()), "bind")
+        self.request(build_bind(self.queue_num, self._next_seq()), "bind")
         self.bound = True
         try:
-            self._request(build_config(
+            self.request(build_config(
                 self.queue_num, copy_mode=NFQNL_COPY_PACKET, copy_range=self.copy_range,
                 maxlen=self.maxlen, flags=self.flags,
                 mask=NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO | NFQA_CFG_F_CONNTRACK,
                 seq=self._next_seq()), "configure")
         except NfQueueError:
-            self.unbind()
+            try:
+                self.unbind()
+            except NfQueueError:
+                pass  # the configure error is the one to report
             raise
 
     def unbind(self) -> None:
@@ -152,7 +164,7 @@ class NfQueue:
         if not self.bound:
             return
         self.bound = False
-        self._request(build_unbind(self.queue_num, self._next_seq()), "unbind")
+        self.request(build_unbind(self.queue_num, self._next_seq()), "unbind")
 
     def close(self) -> None:
         """Unbind (best effort) and close the socket; the kernel also unbinds on close."""
@@ -219,7 +231,7 @@ class NfQueue:
         msg = build_verdict(self.queue_num, packet_id, verdict, mark=mark, payload=payload,
                             seq=self._next_seq(), ack=wait)
         if wait:
-            self._request(msg, "verdict")
+            self.request(msg, "verdict")
         else:
             self._send(msg, "verdict")
 
@@ -229,7 +241,7 @@ class NfQueue:
         msg = build_verdict_batch(self.queue_num, last_id, verdict, mark=mark,
                                   seq=self._next_seq(), ack=wait)
         if wait:
-            self._request(msg, "batch verdict")
+            self.request(msg, "batch verdict")
         else:
             self._send(msg, "batch verdict")
 
@@ -261,6 +273,10 @@ class NfQueue:
         return None
 
     # --- internals ---
+
+    def next_seq(self) -> int:
+        """A fresh nlmsg_seq for a message built by the caller (see :meth:`request`)."""
+        return self._next_seq()
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -302,34 +318,147 @@ class NfQueue:
             self.verdict_errors[exc.errno_name] = self.verdict_errors.get(exc.errno_name, 0) + 1
             self.last_error = exc
 
-    def _request(self, msg: bytes, op: str) -> None:
-        """Send an acked message and wait for its answer; packets meanwhile are kept."""
-        seq = _request_seq(msg)
-        self._send(msg, op)
-        deadline = time.monotonic() + self.timeout
-        for _ in range(_MAX_ACK_RECVS):
-            left = deadline - time.monotonic()
-            if left <= 0 or not _wait_readable(self.sock, left):
-                break
-            n = self._recv(_MSG_DONTWAIT)
-            if n is None:
-                continue
-            for item in self._parse(n):
-                if item.__class__ is QueuedPacket:
-                    self._pending.append(item)  # type: ignore[arg-type]
-                elif item.seq == seq:  # type: ignore[union-attr]
-                    if item.error:  # type: ignore[union-attr]
-                        raise item.exception(f"{op} of queue {self.queue_num}")  # type: ignore
-                    return
-                else:
-                    self._note_async(item)  # type: ignore[arg-type]
-        raise error_from_errno(errno.ETIMEDOUT, f"{op} of queue {self.queue_num}",
-                               f"no answer within {self.timeout} s")
+    def request(self, msg: bytes, op: str) -> None:
+        """Send a message built with NLM_F_ACK and wait for its answer; raise on error.
+
+        Packets arriving meanwhile are kept for :meth:`receive_batch`; error
+        answers to earlier fire-and-forget verdicts are counted.
+        """
+        def other(item: Any) -> None:
+            if item.__class__ is QueuedPacket:
+                self._pending.append(item)
+            else:
+                self._note_async(item)
+
+        _await_ack(self.sock, self._recv, self._parse, msg, f"{op} of queue {self.queue_num}",
+                   self.timeout, other)
 
 
 def _request_seq(msg: bytes) -> int:
     """nlmsghdr.nlmsg_seq of a built message (host order)."""
     return int.from_bytes(msg[8:12], sys.byteorder)
+
+
+def _await_ack(sock: socket.socket, recv: Callable[[int], Optional[int]],
+               parse: Callable[[int], list], msg: bytes, op: str, timeout: float,
+               other: Callable[[Any], None], seq: Optional[int] = None,
+               hints: Optional[Dict[str, str]] = None) -> None:
+    """Send `msg`, then read until the answer to `seq` (default: msg's own seq) arrives."""
+    if seq is None:
+        seq = _request_seq(msg)
+    try:
+        sock.sendto(msg, (0, 0))
+    except OSError as exc:
+        raise error_from_errno(exc.errno or 0, op, hints=hints) from exc
+    deadline = time.monotonic() + timeout
+    for _ in range(_MAX_ACK_RECVS):
+        left = deadline - time.monotonic()
+        if left <= 0 or not _wait_readable(sock, left):
+            break
+        n = recv(_MSG_DONTWAIT)
+        if n is None:
+            continue
+        for item in parse(n):
+            if item.__class__ is NetlinkAck and item.seq == seq:
+                if item.error:
+                    raise item.exception(op, hints)
+                return
+            other(item)
+    raise error_from_errno(errno.ETIMEDOUT, op, f"no answer within {timeout} s")
+
+
+def _netlink_socket(netns: Optional[str]) -> socket.socket:
+    def create() -> socket.socket:
+        return socket.socket(_AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+
+    try:
+        return create() if netns is None else call_in_netns(netns, create)
+    except OSError as exc:
+        raise error_from_errno(exc.errno or 0, "socket") from exc
+
+
+def add_queue_rule(family: int, table: str, chain: str, queue_num: int, *,
+                   bypass: bool = False, queues_total: int = 1, cpu_fanout: bool = False,
+                   netns: Optional[str] = None, timeout: float = 2.0) -> None:
+    """Append an ``xt NFQUEUE`` rule to an existing nftables chain (see build_nft_queue_rule).
+
+    `family` is an NFPROTO_* value (inet, ip, ip6) matching the table's.
+    """
+    msg = build_nft_queue_rule(family, table, chain, queue_num, queues_total=queues_total,
+                               bypass=bypass, cpu_fanout=cpu_fanout, seq=1)
+    sock = _netlink_socket(netns)
+    try:
+        sock.bind((0, 0))
+        buf = bytearray(65536)
+
+        def recv(flags: int) -> Optional[int]:
+            try:
+                return sock.recv_into(buf, 0, flags)
+            except (BlockingIOError, InterruptedError):
+                return None
+
+        _await_ack(sock, recv, lambda n: parse_messages(buf, n), msg,
+                   f"add NFQUEUE rule to {table}/{chain}", timeout, lambda item: None,
+                   seq=2, hints=NFT_RULE_HINTS)
+    finally:
+        sock.close()
+
+
+_setns_lib: Any = None
+
+
+def _setns(fd: int, nstype: int) -> None:
+    global _setns_lib
+    if hasattr(os, "setns"):
+        os.setns(fd, nstype)
+        return
+    if _setns_lib is None:
+        import cffi  # PyPy ships it; a dependency of lrk on CPython
+
+        ffi = cffi.FFI()
+        ffi.cdef("int setns(int fd, int nstype);")
+        _setns_lib = (ffi, ffi.dlopen(None))
+    ffi, lib = _setns_lib
+    if lib.setns(fd, nstype) != 0:
+        err = ffi.errno
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def call_in_netns(netns: str, fn: Callable[[], T], timeout: float = 10.0) -> T:
+    """fn() on a new thread inside network namespace `netns` (a name under /run/netns or a path).
+
+    Sockets fn creates stay in that namespace; the calling thread's is untouched.
+    """
+    path = netns if "/" in netns else f"/run/netns/{netns}"
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise NfQueueError(f"network namespace {netns!r}: {exc.strerror} ({path}); create it "
+                           "with `ip netns add`", exc.errno or 0, "setns") from exc
+    box: Dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            _setns(fd, CLONE_NEWNET)
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    try:
+        thread = threading.Thread(target=run, name=f"netns-{netns}", daemon=True)
+        thread.start()
+        thread.join(timeout)
+    finally:
+        os.close(fd)
+    if thread.is_alive():
+        raise error_from_errno(errno.ETIMEDOUT, f"call in netns {netns}",
+                               f"still running after {timeout} s")
+    if "error" in box:
+        exc = box["error"]
+        if isinstance(exc, OSError) and not isinstance(exc, NfQueueError):
+            raise error_from_errno(exc.errno or 0, f"call in netns {netns}", str(exc)) from exc
+        raise exc
+    return box["value"]
 
 
 def _try_setsockopt(sock: socket.socket, opt: int) -> bool:
