@@ -74,8 +74,17 @@ class ConntrackSocket:
         self.sock.settimeout(2.0)
         self._seq = 0
 
-    def flush_marks(self, marks: Iterable[int]) -> int:
-        """Flush the flows of every mark; returns how many requests the kernel acknowledged."""
+    def flush_marks(self, marks: Iterable[int], window: int = 256) -> int:
+        """Flush the flows of every mark; returns how many requests the kernel acknowledged.
+
+        At most `window` requests are in flight, so the acks never overrun the socket."""
+        marks = list(marks)
+        done = 0
+        for i in range(0, len(marks), window):
+            done += self._flush_window(marks[i:i + window])
+        return done
+
+    def _flush_window(self, marks: List[int]) -> int:
         pending = {}
         for mark in marks:
             self._seq += 1
@@ -87,7 +96,7 @@ class ConntrackSocket:
                 data = self.sock.recv(65536)
             except socket.timeout:
                 raise ConntrackError(f"no answer from conntrack for marks "
-                                     f"{sorted(pending.values())}") from None
+                                     f"{sorted(pending.values())[:10]}") from None
             for seq, code in parse_acks(data):
                 if pending.pop(seq, None) is None:
                     continue

@@ -6,7 +6,8 @@ carrying nft's own message and the offending command lines.
 
 Network namespaces: libnftables talks netlink in the network namespace its
 context's socket was opened in, i.e. the namespace of the thread that created
-the :class:`Nft` (and the ``nft`` binary runs in the caller's namespace).
+the :class:`Nft` -- a later ``setns`` of that thread does not move it (tested);
+the ``nft`` binary runs in the caller's namespace.
 The relay process itself runs inside its own namespace (``ip netns exec``),
 so its rules never land in the host's ruleset; do not ``setns`` threads
 around an :class:`Nft`.
@@ -15,6 +16,11 @@ Commands reach libnftables through a memfd (``nft_run_cmd_from_filename``):
 from a buffer nft 1.0.6 quotes line 1 for every error.  Also in 1.0.6, several
 ``list`` commands in one call confuse its cache ("No such file or directory"
 for a set that exists): run one listing per call.
+
+Scale (1.0.6, 400,000 set elements = 100,000 sessions): adding/deleting a
+session's elements stays ~0.3 ms; ``list set`` takes 13-20 s every time; a
+``get element`` takes ~50 s the first time after any ruleset change (the
+context refetches the set), then ~0.1 ms with fresh counters.
 
 A context is not thread-safe; calls are serialised by a lock.  The library
 call releases the GIL (cffi), so it can run in an executor thread.
@@ -69,7 +75,9 @@ class NftError(LrkError):
 
     code = "nft"
 
-    def __init__(self, message: str, nft_error: str = "", commands: Optional[List[str]] = None):
+    def __init__(
+        self, message: str, nft_error: str = "", commands: Optional[List[str]] = None
+    ) -> None:
         super().__init__(message)
         self.nft_error = nft_error
         self.commands = commands or []

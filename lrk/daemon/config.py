@@ -16,7 +16,7 @@ if sys.version_info >= (3, 11):
 else:  # PyPy 3.9
     import tomli as tomllib
 
-MODES = ("socket",)
+MODES = ("socket", "kernel")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -33,6 +33,8 @@ class Config:
     batch: int = 64
     io: str = "auto"  # batched I/O: auto | mmsg | plain
     socket_rcvbuf: int = 1 << 20  # receive buffer per relay socket, bytes; 0 = kernel default
+    kernel_table: str = "lrk"  # kernel mode: the nftables table (inet family) lrk owns
+    kernel_poll: float = 2.0  # kernel mode: seconds between counter reads for expiry
     silence_timeout: float = 60.0
     max_lifetime: float = 10800.0
     quarantine: float = 5.0

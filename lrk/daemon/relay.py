@@ -17,6 +17,7 @@ from lrk.control.legacy import LegacyControl
 from lrk.control.msgpack_proto import NEEDS_COUNTERS, MsgpackControl, Outcome
 from lrk.core.engine import Engine, EngineConfig
 from lrk.daemon.config import Config
+from lrk.daemon.kernel_plane import KernelPlane
 from lrk.daemon.socket_plane import SocketPlane
 from lrk.errors import ConfigError
 
@@ -63,8 +64,11 @@ class Relay:
             quarantine=config.quarantine,
             max_sessions=config.max_sessions,
         ))
-        self.plane = SocketPlane(self.engine, config.workers, config.batch, config.io,
-                                 config.log_level, config.log_format, config.socket_rcvbuf)
+        if config.mode == "kernel":
+            self.plane: Any = KernelPlane(self.engine, config.kernel_table, config.kernel_poll)
+        else:
+            self.plane = SocketPlane(self.engine, config.workers, config.batch, config.io,
+                                     config.log_level, config.log_format, config.socket_rcvbuf)
         self.control = MsgpackControl(
             self.engine,
             info={"mode": config.mode, "relay_version": __version__, "workers": config.workers},

@@ -1,0 +1,209 @@
+"""Kernel mode: media forwarded by netfilter NAT, sessions as nftables map elements.
+
+The shell around `fastpath.kernel_rules` (what to write) and `fastpath.nft` /
+`fastpath.ctnetlink` (how). Runs in the relay's network namespace; owns the
+`table inet lrk` there: created (replacing a leftover) on start, deleted on stop,
+and every session's conntrack flows flushed when it ends or re-latches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+from fastpath.ctnetlink import ConntrackError, ConntrackSocket
+from fastpath.kernel_rules import (
+    KernelRuleError,
+    KernelRuleset,
+    LegSpec,
+    SessionSpec,
+    conntrack_marks,
+    parse_counters,
+    parse_drop_counter,
+)
+from fastpath.nft import Nft, NftError
+from lrk.core.engine import Action, Engine, Install, Remove, Update
+from lrk.core.session import LEG_A, LEG_B, Leg, Session
+from lrk.errors import ConfigError
+
+log = logging.getLogger("lrk.kernel")
+
+FORWARDING = {4: "/proc/sys/net/ipv4/ip_forward", 6: "/proc/sys/net/ipv6/conf/all/forwarding"}
+
+
+def leg_spec(leg: Leg) -> Optional[LegSpec]:
+    """The kernel's view of a leg, or None while its peer is unknown or on hold (port 0)."""
+    if leg.announced is None or not leg.announced[1]:
+        return None
+    rtcp = leg.rtcp_announced[1] if leg.rtcp_announced else None
+    return LegSpec(leg.relay_ip, leg.relay_port, leg.announced[0], leg.announced[1],
+                   peer_rtcp_port=rtcp or None)
+
+
+def session_spec(session: Session) -> Optional[SessionSpec]:
+    a, b = leg_spec(session.legs[LEG_A]), leg_spec(session.legs[LEG_B])
+    if a is None or b is None:
+        return None
+    return SessionSpec(a, b)
+
+
+class KernelPlane:
+    """Applies engine actions as nftables element changes; reads counters back."""
+
+    def __init__(self, engine: Engine, table: str = "lrk", poll_interval: float = 2.0) -> None:
+        cfg = engine.config
+        self.engine = engine
+        self.rules = KernelRuleset(table=table, port_start=cfg.port_start,
+                                   port_end=cfg.port_end,
+                                   relay_ips=sorted({cfg.internal_ip, cfg.external_ip}))
+        self.poll_interval = poll_interval
+        self.nft: Optional[Nft] = None
+        self.ct: Optional[ConntrackSocket] = None
+        self.installed: Dict[int, SessionSpec] = {}
+        self._seen: Dict[Tuple[str, int], Tuple[int, int]] = {}
+        self._last_poll = 0.0
+        self.counters: Dict[str, int] = {
+            "media.dropped.unexpected_source": 0,
+            "kernel.errors": 0,
+            "kernel.sessions.installed": 0,
+            "kernel.flows.flushed": 0,
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        families = {6 if ":" in ip else 4 for ips in self.rules.relay_ips.values()
+                    for ip in ips}
+        for fam in families:
+            with open(FORWARDING[fam]) as fh:
+                if fh.read().strip() != "1":
+                    raise ConfigError(
+                        f"kernel mode forwards in netfilter: enable {FORWARDING[fam]} "
+                        "(sysctl) in the relay's network namespace, or use --mode socket")
+        self.nft = Nft()
+        self.nft.run(self.rules.create())  # replaces a table a crashed run left behind
+        self.ct = ConntrackSocket()
+        cfg = self.engine.config
+        self._flush_flows(range(cfg.port_start, cfg.port_end + 1))  # its flows too
+        log.info("kernel mode: table inet %s ready (%s)", self.rules.table, self.nft.backend)
+
+    async def stop(self) -> None:
+        marks = [m for spec in self.installed.values() for m in conntrack_marks(spec)]
+        self.installed.clear()
+        if self.nft is not None:
+            try:
+                self.nft.run(self.rules.destroy())
+            except NftError as exc:
+                log.error("could not delete table inet %s: %s", self.rules.table, exc)
+        self._flush_flows(marks)
+        if self.ct is not None:
+            self.ct.close()
+            self.ct = None
+
+    # -- actions -----------------------------------------------------------------------
+    def apply(self, actions: List[Action]) -> None:
+        for action in actions:
+            sid = action.session.sid
+            try:
+                if isinstance(action, Remove):
+                    self._remove(sid)
+                elif isinstance(action, (Install, Update)):
+                    self._install(action.session,
+                                  action.leg if isinstance(action, Update) else None)
+            except (NftError, KernelRuleError, ConntrackError) as exc:
+                self.counters["kernel.errors"] += 1
+                log.error("kernel mode could not apply %s for %s: %s", type(action).__name__,
+                          action.session.call_id, exc)
+
+    def _install(self, session: Session, relatch: Optional[str]) -> None:
+        sid = session.sid
+        old = self.installed.get(sid)
+        new = session_spec(session)
+        if new is None:
+            if old is not None:
+                self._remove(sid)
+            return
+        assert self.nft is not None
+        if old is None:
+            self.nft.run(self.rules.install_commands(new))
+            self.counters["kernel.sessions.installed"] += 1
+        elif old != new:
+            self.nft.run(self.rules.update_commands(old, new))
+        self.installed[sid] = new
+        if old is not None and (old != new or relatch):
+            # established flows keep their NAT: a new offer/answer must start afresh
+            self._flush_flows(conntrack_marks(old))
+
+    def _remove(self, sid: int) -> None:
+        spec = self.installed.pop(sid, None)
+        if spec is None:
+            return
+        assert self.nft is not None
+        self.nft.run(self.rules.remove_commands(spec))
+        self._flush_flows(conntrack_marks(spec))
+
+    def _flush_flows(self, marks) -> None:
+        if self.ct is None:
+            return
+        marks = list(marks)
+        if marks:
+            self.ct.flush_marks(marks)
+            self.counters["kernel.flows.flushed"] += len(marks)
+
+    # -- counters ----------------------------------------------------------------------
+    def _poll(self) -> None:
+        """Read element counters (packets received per relay port) into the sessions."""
+        if self.nft is None:
+            return
+        now = time.monotonic()
+        self._last_poll = now
+        seen: Dict[Tuple[str, int], Tuple[int, int]] = {}
+        families = {spec.family for spec in self.installed.values()}
+        try:
+            for fam in sorted(families):
+                seen.update(parse_counters(self.nft.run_json(self.rules.counters_query(fam))))
+            drops = parse_drop_counter(self.nft.run_json(self.rules.drops_query()))
+        except (NftError, KernelRuleError) as exc:
+            self.counters["kernel.errors"] += 1
+            log.error("kernel counters unreadable: %s", exc)
+            return
+        self.counters["media.dropped.unexpected_source"] = drops[0]
+        previous = self._seen
+        self._seen = seen
+        for sid, spec in self.installed.items():
+            counts = {}
+            changed = False
+            for name, leg in (("A", spec.a), ("B", spec.b)):
+                p = b = 0
+                for rtcp in (False, True):
+                    key = leg.relay(rtcp)
+                    got = seen.get(key, (0, 0))
+                    p, b = p + got[0], b + got[1]
+                    changed |= got != previous.get(key, (0, 0))
+                counts[name] = (p, b)
+            (a_p, a_b), (b_p, b_b) = counts["A"], counts["B"]
+            report = {
+                "last_rx": now if changed else None,
+                "legs": {
+                    # what B's peer sent was forwarded to A's peer, and back
+                    "A": {"c": [a_p, a_b, b_p, b_b, {}], "gen": -1},
+                    "B": {"c": [b_p, b_b, a_p, a_b, {}], "gen": -1},
+                },
+            }
+            self.engine.apply_report(sid, report)
+
+    def flush_then(self, callback: Callable[[], None], timeout: float = 1.0) -> None:
+        self._poll()
+        callback()
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        """For the expiry timer: counters no older than `poll_interval`."""
+        if time.monotonic() - self._last_poll >= self.poll_interval:
+            self._poll()
+
+    def media_counters(self) -> Dict[str, int]:
+        total = dict(self.counters)
+        packets = sum(p for p, _ in self._seen.values())
+        total["media.received.packets"] = packets
+        total["media.received.bytes"] = sum(b for _, b in self._seen.values())
+        return total
