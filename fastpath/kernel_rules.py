@@ -306,6 +306,7 @@ class KernelRuleset:
         queue: Optional[int] = None,
         queue_bypass: bool = False,
         mark_range: Optional[Tuple[int, int]] = None,
+        queue_chain: bool = False,
     ) -> None:
         self.table = _check_table(table)
         self.port_start = _port(port_start, "port_start")
@@ -327,6 +328,9 @@ class KernelRuleset:
             _port(queue, "queue number", 0, 65535)
         self.queue = queue
         self.queue_bypass = bool(queue_bypass)
+        # kernels without CONFIG_NFT_QUEUE: jump to an empty chain nfq4/nfq6 to which the
+        # caller appends an xt NFQUEUE rule over netlink (fastpath.nfqueue_socket)
+        self.queue_chain = bool(queue_chain) and queue is not None
         lo, hi = mark_range if mark_range is not None else (port_start, port_end)
         if not 1 <= lo <= hi < _MARK_MAX:
             raise KernelRuleError(f"mark range {lo}-{hi} must be within 1..{_MARK_MAX - 1}")
@@ -338,6 +342,8 @@ class KernelRuleset:
         name = DROP_COUNTERS[fam]
         if self.queue is None:
             verdict, comment = "drop", DROP_COMMENT.format(fam)
+        elif self.queue_chain:
+            verdict, comment = f"jump nfq{fam}", QUEUE_COMMENT.format(fam)
         else:
             verdict = f"queue num {self.queue}" + (" bypass" if self.queue_bypass else "")
             comment = QUEUE_COMMENT.format(fam)
@@ -382,9 +388,11 @@ class KernelRuleset:
                 f"ct mark set {p} daddr . udp dport map @mark{fam}",
                 f"    {self._unadmitted(fam)}",
                 # counted after admission: refused packets show only in the drop counter
-                f"    {p} daddr . udp dport @seen{fam}",
+                f"    ct mark != 0 {p} daddr . udp dport @seen{fam}",
                 "  }",
             ]
+            if self.queue_chain:
+                lines.append(f"  chain nfq{fam} {{ }}")
         lines += [
             "  chain pre_nat {",
             "    type nat hook prerouting priority dstnat; policy accept;",

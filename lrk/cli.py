@@ -34,9 +34,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--legacy", action="append", metavar="ADDR",
                    help="legacy lrkproxy (Kamailio module) listener: HOST:PORT, [IPv6]:PORT or "
                    "unix:/path; repeat for several; 'off' disables (default 127.0.0.1:22333)")
-    p.add_argument("--mode", choices=("socket", "kernel"),
-                   help="data plane: socket (default, no privileges) or kernel (netfilter NAT, "
-                   "root, run inside the relay's network namespace)")
+    p.add_argument("--mode", choices=("socket", "kernel", "nfqueue"),
+                   help="data plane: socket (default, no privileges), kernel (netfilter NAT) "
+                   "or nfqueue (NAT, each flow's first packet checked in userspace); the "
+                   "last two need root and run in the relay's network namespace")
     p.add_argument("--workers", type=int, metavar="N", help="relay worker processes (default 1)")
     p.add_argument("--silence-timeout", type=float, metavar="S", help="end sessions silent "
                    "this long (default 60)")

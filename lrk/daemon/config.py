@@ -16,7 +16,7 @@ if sys.version_info >= (3, 11):
 else:  # PyPy 3.9
     import tomli as tomllib
 
-MODES = ("socket", "kernel")
+MODES = ("socket", "kernel", "nfqueue")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -35,6 +35,8 @@ class Config:
     socket_rcvbuf: int = 1 << 20  # receive buffer per relay socket, bytes; 0 = kernel default
     kernel_table: str = "lrk"  # kernel mode: the nftables table (inet family) lrk owns
     kernel_poll: float = 2.0  # kernel mode: seconds between counter reads for expiry
+    nfqueue_num: int = 0  # nfqueue mode: the queue number lrk reads
+    nfqueue_bypass: bool = False  # nfqueue mode: accept new flows while lrk is not reading
     silence_timeout: float = 60.0
     max_lifetime: float = 10800.0
     quarantine: float = 5.0

@@ -63,6 +63,7 @@ class KernelPlane:
         self.installed: Dict[int, SessionSpec] = {}
         self._seen: Dict[Tuple[str, int], Tuple[int, int]] = {}
         self._last_poll = 0.0
+        self.drop_counter = "media.dropped.unexpected_source"  # what the ruleset counts
         self.counters: Dict[str, int] = {
             "media.dropped.unexpected_source": 0,
             "kernel.errors": 0,
@@ -167,7 +168,7 @@ class KernelPlane:
             self.counters["kernel.errors"] += 1
             log.error("kernel counters unreadable: %s", exc)
             return
-        self.counters["media.dropped.unexpected_source"] = drops[0]
+        self.counters[self.drop_counter] = drops[0]
         previous = self._seen
         self._seen = seen
         for sid, spec in self.installed.items():

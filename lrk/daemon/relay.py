@@ -18,6 +18,7 @@ from lrk.control.msgpack_proto import NEEDS_COUNTERS, MsgpackControl, Outcome
 from lrk.core.engine import Engine, EngineConfig
 from lrk.daemon.config import Config
 from lrk.daemon.kernel_plane import KernelPlane
+from lrk.daemon.nfqueue_plane import NfqueuePlane
 from lrk.daemon.socket_plane import SocketPlane
 from lrk.errors import ConfigError
 
@@ -66,6 +67,9 @@ class Relay:
         ))
         if config.mode == "kernel":
             self.plane: Any = KernelPlane(self.engine, config.kernel_table, config.kernel_poll)
+        elif config.mode == "nfqueue":
+            self.plane = NfqueuePlane(self.engine, config.kernel_table, config.kernel_poll,
+                                      config.nfqueue_num, config.nfqueue_bypass)
         else:
             self.plane = SocketPlane(self.engine, config.workers, config.batch, config.io,
                                      config.log_level, config.log_format, config.socket_rcvbuf)

@@ -222,7 +222,7 @@ def test_create_is_idempotent_and_scoped_to_relay_ips_and_ports():
     for expected in (
         "    ip daddr @relay_ips4 udp dport 20000-20099 jump media4",
         "    ip6 daddr @relay_ips6 udp dport 20000-20099 jump media6",
-        "    ip daddr . udp dport @seen4",
+        "    ct mark != 0 ip daddr . udp dport @seen4",
         "    ct state new ip daddr . udp dport . ip saddr @adm4 "
         "ct mark set ip daddr . udp dport map @mark4",
         '    ct state new ct mark 0 counter name "unexpected4" drop '

@@ -1,0 +1,202 @@
+"""NFQUEUE mode: the first packet of every flow is decided in userspace, the rest in the kernel.
+
+Like kernel mode, but no flow is admitted by the ruleset alone: a new flow's first
+packet goes to NFQUEUE; userspace checks it against the session (announced address,
+or any with latch_any), latches the leg to the packet's real source (so the other
+direction is forwarded to it), flushes flows that were NATed towards the old address,
+admits the source and re-injects the packet (NF_REPEAT). From then on conntrack and
+NAT carry the flow. This also settles the case kernel mode cannot: a callee that
+sends before a NATed caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import replace
+from typing import Dict, List, Optional, Set, Tuple
+
+from fastpath.kernel_rules import KernelRuleError, KernelRuleset, SessionSpec, conntrack_marks
+from fastpath.nfqueue import NF_DROP, NF_REPEAT, parse_udp
+from fastpath.nfqueue_socket import NfQueue, add_queue_rule
+from fastpath.nft import NftError
+from lrk.core.engine import Engine
+from lrk.core.session import Session
+from lrk.daemon.kernel_plane import KernelPlane, session_spec
+
+log = logging.getLogger("lrk.nfqueue")
+
+NFPROTO_INET = 1
+Addr = Tuple[str, int]
+
+
+def _without_admission(text: str) -> str:
+    """Drop the adm* element lines: in this mode only userspace admits sources."""
+    keep = [line for line in text.splitlines()
+            if " adm4 " not in line and " adm6 " not in line]
+    return "\n".join(keep) + ("\n" if keep else "")
+
+
+class NfqueuePlane(KernelPlane):
+    """Kernel mode plus userspace admission and latching of each flow's first packet."""
+
+    def __init__(self, engine: Engine, table: str = "lrk", poll_interval: float = 2.0,
+                 queue_num: int = 0, bypass: bool = False) -> None:
+        super().__init__(engine, table, poll_interval)
+        cfg = engine.config
+        self.rules = KernelRuleset(table=table, port_start=cfg.port_start,
+                                   port_end=cfg.port_end,
+                                   relay_ips=sorted({cfg.internal_ip, cfg.external_ip}),
+                                   queue=queue_num, queue_bypass=bypass, queue_chain=True)
+        self.queue_num = queue_num
+        self.bypass = bypass
+        self.nfq: Optional[NfQueue] = None
+        # relay address -> (sid, leg name, is RTCP)
+        self.by_relay: Dict[Addr, Tuple[int, str, bool]] = {}
+        # (sid, leg, rtcp) -> latched source
+        self.latched: Dict[Tuple[int, str, bool], Addr] = {}
+        self.admitted: Dict[int, Set[str]] = {}  # sid -> adm element keys added
+        self.counters.update({"nfqueue.packets": 0, "nfqueue.admitted": 0,
+                              "nfqueue.queued": 0, "media.latched": 0})
+        self.drop_counter = "nfqueue.queued"  # the ruleset's counter counts queued packets
+
+    async def start(self) -> None:
+        await super().start()
+        for fam in (4, 6):
+            add_queue_rule(NFPROTO_INET, self.rules.table, f"nfq{fam}", self.queue_num,
+                           bypass=self.bypass)
+        self.nfq = NfQueue(self.queue_num, copy_range=128, fail_open=self.bypass)
+        self.nfq.bind()
+        asyncio.get_running_loop().add_reader(self.nfq.fileno(), self._on_queue)
+
+    async def stop(self) -> None:
+        if self.nfq is not None:
+            asyncio.get_running_loop().remove_reader(self.nfq.fileno())
+            self.nfq.close()
+            self.nfq = None
+        await super().stop()
+
+    # -- sessions ----------------------------------------------------------------------
+    def _spec(self, session: Session) -> Optional[SessionSpec]:
+        """The session with latched sources in place of announced ones."""
+        spec = session_spec(session)
+        if spec is None:
+            return None
+        legs = {}
+        for name, leg in (("A", spec.a), ("B", spec.b)):
+            rtp = self.latched.get((session.sid, name, False))
+            rtcp = self.latched.get((session.sid, name, True))
+            if rtp is not None or rtcp is not None:
+                leg = replace(leg, peer_ip=(rtp or rtcp)[0],
+                              peer_port=rtp[1] if rtp else leg.peer_port,
+                              peer_rtcp_port=rtcp[1] if rtcp else leg.peer(True)[1])
+            legs[name] = leg
+        return SessionSpec(legs["A"], legs["B"])
+
+    def _install(self, session: Session, relatch: Optional[str]) -> None:
+        sid = session.sid
+        if relatch is not None:  # a new offer/answer: the leg latches afresh
+            for rtcp in (False, True):
+                self.latched.pop((sid, relatch, rtcp), None)
+            self._drop_admissions(sid)
+        old = self.installed.get(sid)
+        new = self._spec(session)
+        if new is None:
+            if old is not None:
+                self._remove(sid)
+            return
+        assert self.nft is not None
+        if old is None:
+            self.nft.run(_without_admission(self.rules.install_commands(new)))
+            self.counters["kernel.sessions.installed"] += 1
+        elif old != new:
+            self.nft.run(_without_admission(self.rules.update_commands(old, new)))
+        self.installed[sid] = new
+        for name, leg in (("A", new.a), ("B", new.b)):
+            for rtcp in (False, True):
+                self.by_relay[leg.relay(rtcp)] = (sid, name, rtcp)
+        if old is not None and (old != new or relatch):
+            self._flush_flows(conntrack_marks(old))
+
+    def _remove(self, sid: int) -> None:
+        spec = self.installed.pop(sid, None)
+        if spec is None:
+            return
+        assert self.nft is not None
+        self._drop_admissions(sid)
+        self.nft.run(_without_admission(self.rules.remove_commands(spec)))
+        for leg in (spec.a, spec.b):
+            for rtcp in (False, True):
+                self.by_relay.pop(leg.relay(rtcp), None)
+        for key in [k for k in self.latched if k[0] == sid]:
+            del self.latched[key]
+        self._flush_flows(conntrack_marks(spec))
+
+    def _drop_admissions(self, sid: int) -> None:
+        keys = self.admitted.pop(sid, set())
+        if keys and self.nft is not None:
+            lines = [f"delete element inet {self.rules.table} {key}" for key in sorted(keys)]
+            self.nft.run("\n".join(lines) + "\n")
+
+    # -- first packets -----------------------------------------------------------------
+    def _on_queue(self) -> None:
+        nfq = self.nfq
+        if nfq is None:
+            return
+        packets = nfq.receive_batch(64)
+        for pkt in packets:
+            self.counters["nfqueue.packets"] += 1
+            verdict = NF_DROP
+            try:
+                verdict = self._decide(pkt.payload)
+            except (NftError, KernelRuleError, OSError) as exc:
+                self.counters["kernel.errors"] += 1
+                log.error("could not admit a flow: %s", exc)
+            nfq.verdict(pkt.packet_id, verdict)
+
+    def _decide(self, payload: bytes) -> int:
+        parsed = parse_udp(payload)
+        if parsed is None:
+            self.counters["media.dropped.unexpected_source"] += 1
+            return NF_DROP
+        family, src_ip, sport, dst_ip, dport, _off = parsed
+        fam = 6 if family == socket.AF_INET6 else 4
+        entry = self.by_relay.get((dst_ip, dport))
+        session = self.engine.by_sid.get(entry[0]) if entry else None
+        if entry is None or session is None:
+            self.counters["media.dropped.unexpected_source"] += 1
+            return NF_DROP
+        sid, name, rtcp = entry
+        leg = session.legs[name]
+        announced = leg.rtcp_announced if rtcp else leg.announced
+        if not leg.latch_any and (announced is None or announced[0] != src_ip):
+            self.counters["media.dropped.unexpected_source"] += 1
+            return NF_DROP
+        # latch: the other direction now goes to this real source
+        self.latched[(sid, name, rtcp)] = (src_ip, sport)
+        if rtcp:
+            leg.rtcp_latched = (src_ip, sport)
+        else:
+            leg.latched = (src_ip, sport)
+        self.counters["media.latched"] += 1
+        # re-points the other direction at this source and, when that changed anything,
+        # flushes the flows NATed towards the old address (the other side spoke first)
+        self._install(session, None)
+        key = f"adm{fam} {{ {dst_ip} . {dport} . {src_ip} }}"
+        if key not in self.admitted.setdefault(sid, set()):
+            assert self.nft is not None
+            self.nft.run(f"add element inet {self.rules.table} {key}\n")
+            self.admitted[sid].add(key)
+            self.counters["nfqueue.admitted"] += 1
+        return NF_REPEAT
+
+    def media_counters(self) -> Dict[str, int]:
+        counters = super().media_counters()
+        if self.nfq is not None:
+            errors = getattr(self.nfq, "verdict_errors", {}) or {}
+            counters["nfqueue.verdict_errors"] = sum(errors.values())
+        return counters
+
+
+__all__: List[str] = ["NfqueuePlane"]

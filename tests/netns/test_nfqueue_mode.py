@@ -1,0 +1,105 @@
+"""NFQUEUE mode: each flow's first packet is admitted and latched in userspace, then NAT."""
+
+from __future__ import annotations
+
+import pytest
+
+from lrk.client import LrkClient
+from lrk.daemon.launcher import RelayProcess
+from lrk.sim.rtp import rtp_packet, summarize
+
+from .test_kernel_mode import _endpoint, _flows, _receive, _tables
+
+pytestmark = pytest.mark.netns
+
+A_SSRC, B_SSRC = 0x71717171, 0x72727272
+
+
+def _relay(topo, tmp_path, v6: bool = False) -> RelayProcess:
+    cfg = tmp_path / "nfq.toml"
+    cfg.write_text("kernel_poll = 0.2\nquarantine = 0\nnfqueue_num = 5\n")
+    internal = topo.relay.ip6 if v6 else topo.relay.ip4
+    external = topo.relay_ext.ip6 if v6 else topo.relay_ext.ip4
+    return RelayProcess(ports="30000-30099", netns=topo.relay.ns, extra=[
+        "--mode", "nfqueue", "--internal-ip", internal, "--external-ip", external,
+        "--config", str(cfg)]).start()
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_callee_first_then_natted_caller(topo, tmp_path, family):
+    """The case kernel mode cannot do: the callee speaks first, the caller is NATed."""
+    v6 = family == "ipv6"
+    caller_ip = topo.caller.ip6 if v6 else topo.caller.ip4
+    callee_ip = topo.callee.ip6 if v6 else topo.callee.ip4
+    relay = _relay(topo, tmp_path, v6)
+    sockets = []
+    try:
+        with LrkClient([relay.node]) as client:
+            nat = _endpoint(topo.caller.ns, caller_ip, 4444)  # SDP says 4000
+            sdp_port = _endpoint(topo.caller.ns, caller_ip, 4000, timeout=0.3)
+            callee = _endpoint(topo.callee.ns, callee_ip, 5000)
+            sockets += [nat, sdp_port, callee]
+            offer = client.offer("q-call", "a", (caller_ip, 4000), interface="external")
+            answer = client.answer("q-call", "a", "b", (callee_ip, 5000), interface="internal")
+            to_a = (answer["relay"]["ip"], answer["relay"]["port"])
+            to_b = (offer["relay"]["ip"], offer["relay"]["port"])
+
+            callee.sendto(rtp_packet(0, B_SSRC), to_b)  # early media: to the SDP address
+            got = summarize(_receive(sdp_port, 1), B_SSRC)
+            assert got["intact"] == 1 and got["sources"] == [to_a]
+
+            for seq in range(10):  # the NATed caller's first packets latch leg A
+                nat.sendto(rtp_packet(seq, A_SSRC), to_a)
+            got = summarize(_receive(callee, 10), A_SSRC)
+            assert got == {"intact": 10, "damaged": 0, "sources": [to_b], "in_order": True}
+            for seq in range(1, 11):  # and the callee's media now reaches the real port
+                callee.sendto(rtp_packet(seq, B_SSRC), to_b)
+            got = summarize(_receive(nat, 10), B_SSRC)
+            assert got["intact"] == 10 and got["sources"] == [to_a]
+
+            legs = client.query("q-call")["session"]["legs"]
+            assert legs["A"]["latched"] == {"ip": caller_ip, "port": 4444}
+            assert legs["B"]["latched"] == {"ip": callee_ip, "port": 5000}
+            counters = client.stats()["counters"]
+            assert counters["media.latched"] >= 2 and counters["nfqueue.admitted"] >= 2
+
+            # a stranger (the callee's host, on leg A) is refused in userspace, counted
+            stranger = _endpoint(topo.callee.ns, callee_ip, 5999)
+            sockets.append(stranger)
+            stranger.sendto(rtp_packet(0, 0xBAD), to_a)
+            callee.settimeout(0.3)
+            assert _receive(callee, 1) == []
+            assert client.stats()["counters"]["media.dropped.unexpected_source"] == 1
+
+            client.delete("q-call")
+            assert _flows(topo.relay.ns) == []
+        assert relay.stop() == 0
+        assert "lrk" not in _tables(topo.relay.ns)
+    finally:
+        relay.stop()
+        for s in sockets:
+            s.close()
+
+
+def test_latch_any_admits_a_source_outside_the_sdp(topo, tmp_path):
+    relay = _relay(topo, tmp_path)
+    sockets = []
+    try:
+        with LrkClient([relay.node]) as client:
+            caller = _endpoint(topo.caller.ns, topo.caller.ip4, 4000)
+            callee = _endpoint(topo.callee.ns, topo.callee.ip4, 5000)
+            sockets += [caller, callee]
+            # the caller's SDP names a private address it cannot be reached at
+            client.offer("any", "a", ("198.51.100.200", 4000), interface="external",
+                         latch_any=True)
+            answer = client.answer("any", "a", "b", (topo.callee.ip4, 5000))
+            to_a = (answer["relay"]["ip"], answer["relay"]["port"])
+            caller.sendto(rtp_packet(0, A_SSRC), to_a)
+            assert summarize(_receive(callee, 1), A_SSRC)["intact"] == 1
+            relay_b = client.query("any")["session"]["legs"]["B"]["relay"]
+            callee.sendto(rtp_packet(0, B_SSRC), (relay_b["ip"], relay_b["port"]))
+            assert summarize(_receive(caller, 1), B_SSRC)["intact"] == 1
+    finally:
+        relay.stop()
+        for s in sockets:
+            s.close()
