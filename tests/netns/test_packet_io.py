@@ -1,0 +1,244 @@
+"""Packet mode ingestion: AF_PACKET tap + BPF on the relay, raw-priority drop rule behind it."""
+
+from __future__ import annotations
+
+import json
+import random
+import select
+import socket
+import struct
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+from fastpath.packet_io import (
+    PacketIoError,
+    PacketReader,
+    build_filter,
+    destroy_rules,
+    drop_rules,
+    open_packet_socket,
+    parse_media,
+)
+from lrk.sim.netns import socket_in
+
+pytestmark = pytest.mark.netns
+
+TABLE = "lrkpkt"
+LO, HI = 30000, 30099
+A4, A6 = socket.AF_INET, socket.AF_INET6
+
+
+def _nft(ns: str, text: str, *args: str) -> str:
+    cmd = ["ip", "netns", "exec", ns, "nft", *args] + (["-f", "-"] if text else [])
+    proc = subprocess.run(cmd, input=text, capture_output=True, text=True, timeout=20)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _dropped(ns: str) -> int:
+    out = json.loads(_nft(ns, "", "-j", "list", "counter", "inet", TABLE, "dropped"))
+    return next(o["counter"]["packets"] for o in out["nftables"] if "counter" in o)
+
+
+def _udp(ns: str, family: int, ip: str, port: int = 0) -> socket.socket:
+    s = socket_in(ns, family)
+    s.bind((ip, port))
+    s.settimeout(2.0)
+    return s
+
+
+def _drain(s: socket.socket) -> list:
+    """Everything queued on `s` right now (a pending ICMP error raises)."""
+    out = []
+    s.setblocking(False)
+    for _ in range(1000):
+        try:
+            out.append(s.recv(4096))
+        except BlockingIOError:
+            break
+    return out
+
+
+@pytest.mark.parametrize("prefer", ["mmsg", "plain"])
+def test_tap_reads_in_range_media_and_kernel_never_sees_it(topo, prefer):
+    r, c = topo.relay, topo.caller
+    socks: list = []
+    _nft(r.ns, drop_rules(TABLE, LO, HI, [r.ip4, r.ip6], ifnames=["vc1"]))
+    try:
+        # relay-side sockets: an in-range one must stay empty, the rest see kernel delivery
+        in4, in6 = _udp(r.ns, A4, r.ip4, 30000), _udp(r.ns, A6, r.ip6, 30000)
+        out4, out6 = _udp(r.ns, A4, r.ip4, 31000), _udp(r.ns, A6, r.ip6, 31000)
+        ext4 = _udp(r.ns, A4, topo.relay_ext.ip4, 30000)  # in range, not a filtered address
+        socks += [in4, in6, out4, out6, ext4]
+        raw = socket_in(r.ns, socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+        reader = PacketReader(open_packet_socket("vc1", LO, HI, dst_ips=[r.ip4, r.ip6],
+                                                 sock=raw), batch=64, prefer=prefer)
+        socks.append(reader)
+        assert reader.name == prefer and reader.ifindex > 0
+
+        c4, c6 = _udp(c.ns, A4, c.ip4, 4000), _udp(c.ns, A6, c.ip6, 4000)
+        socks += [c4, c6]
+        # neighbour resolution first, with out-of-range traffic the kernel delivers
+        c4.sendto(b"warm", (r.ip4, 31000))
+        c6.sendto(b"warm", (r.ip6, 31000))
+        assert out4.recv(100) == b"warm" and out6.recv(100) == b"warm"
+
+        # connected senders to unbound ports: an ICMP port-unreachable would show up
+        u4, u6 = _udp(c.ns, A4, c.ip4), _udp(c.ns, A6, c.ip6)
+        u4o, u6o = _udp(c.ns, A4, c.ip4), _udp(c.ns, A6, c.ip6)
+        socks += [u4, u6, u4o, u6o]
+        u4.connect((r.ip4, 30001))
+        u6.connect((r.ip6, 30001))
+        u4o.connect((r.ip4, 31001))  # control: out of range, so the kernel answers
+        u6o.connect((r.ip6, 31001))
+
+        expected = []  # (family, src, sport, dst, dport, payload) the tap must read
+        plan = [(c4, A4, r.ip4, 30000, 20), (c4, A4, r.ip4, HI, 5),
+                (c6, A6, r.ip6, 30000, 10), (c6, A6, r.ip6, 30050, 5)]
+        for s, fam, dst, port, count in plan:
+            sport = s.getsockname()[1]
+            for i in range(count):
+                payload = f"media {fam} {port} {i}".encode() * (1 + i % 3)
+                s.sendto(payload, (dst, port))
+                expected.append((fam, s.getsockname()[0], sport, dst, port, payload))
+        for s, fam, dst in ((u4, A4, r.ip4), (u6, A6, r.ip6)):
+            for i in range(3):
+                s.send(b"unbound %d" % i)
+                expected.append((fam, s.getsockname()[0], s.getsockname()[1], dst, 30001,
+                                 b"unbound %d" % i))
+        for i in range(10):  # out of range: kernel delivers, tap must not see
+            c4.sendto(b"out %d" % i, (r.ip4, 31000))
+            c6.sendto(b"out %d" % i, (r.ip6, 31000))
+        for port in (LO - 1, HI + 1):  # range edges
+            c4.sendto(b"edge", (r.ip4, port))
+            c6.sendto(b"edge", (r.ip6, port))
+        for i in range(3):  # relay port, but an address the filter and the rule exclude
+            c4.sendto(b"ext %d" % i, (topo.relay_ext.ip4, 30000))
+        u4o.send(b"x")
+        u6o.send(b"x")
+
+        got, sizes = [], []
+        first = True
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and len(got) < len(expected):
+            select.select([reader], [], [], 0.2)
+            batch = reader.recv_batch(3 if first else 64)
+            first = False
+            if batch:
+                sizes.append(len(batch))
+                got += batch
+        time.sleep(0.3)  # stragglers (must be none) and ICMP replies
+        got += reader.recv_batch()
+        assert sizes[0] == 3 and max(sizes) > 3, sizes  # several packets per call
+        assert len(got) == len(expected)
+        assert {idx for _, idx in got} == {reader.ifindex}
+        parsed = [parse_media(p) for p, _ in got]
+        assert Counter(parsed) == Counter(expected)
+        assert reader.truncated == 0 and reader.recv_errors == {}
+
+        # the kernel did not deliver the tapped packets, nor answer them with ICMP
+        assert _drain(in4) == [] and _drain(in6) == []
+        assert _drain(u4) == [] and _drain(u6) == []
+        for s in (u4o, u6o):  # the control did get a port-unreachable
+            with pytest.raises(ConnectionRefusedError):
+                _drain(s)
+        assert _drain(out4) == [b"out %d" % i for i in range(10)]
+        assert _drain(out6) == [b"out %d" % i for i in range(10)]
+        assert _drain(ext4) == [b"ext %d" % i for i in range(3)]
+        assert _dropped(r.ns) == len(expected)
+    finally:
+        for s in socks:
+            s.close()
+        _nft(r.ns, destroy_rules(TABLE))
+    assert TABLE not in _nft(r.ns, "", "list", "tables")
+    _nft(r.ns, destroy_rules(TABLE))  # idempotent
+
+
+def test_open_packet_socket_errors(topo):
+    raw = socket_in(topo.relay.ns, socket.AF_PACKET, socket.SOCK_DGRAM, 0)
+    with pytest.raises(PacketIoError):
+        open_packet_socket("nosuchdev0", LO, HI, sock=raw)
+    assert raw.fileno() == -1  # closed on failure
+    with pytest.raises(PacketIoError):
+        open_packet_socket("vc1", HI, LO)
+    with pytest.raises(PacketIoError):
+        open_packet_socket("bad name", LO, HI)
+
+
+# --- sans-IO parts (no namespace needed) ---
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _v4(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                      socket.inet_aton(src), socket.inet_aton(dst))
+    return hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:] + udp
+
+
+def _v6(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    return (struct.pack("!IHBB", 0x60000000, len(udp), 17, 64)
+            + socket.inet_pton(A6, src) + socket.inet_pton(A6, dst) + udp)
+
+
+def test_parse_media_trims_padding_and_survives_garbage():
+    p4 = _v4("198.51.100.10", 4000, "198.51.100.1", 30000, b"rtp!")
+    p6 = _v6("2001:db8:1::10", 4000, "2001:db8:1::1", 30002, b"")
+    want4 = (A4, "198.51.100.10", 4000, "198.51.100.1", 30000, b"rtp!")
+    assert parse_media(p4) == want4
+    assert parse_media(p4 + bytes(14)) == want4  # Ethernet padding of a short frame
+    assert parse_media(p6) == (A6, "2001:db8:1::10", 4000, "2001:db8:1::1", 30002, b"")
+    for cut in range(len(p4)):  # cut short: never a wrong payload
+        assert parse_media(p4[:cut]) is None
+    bad_len = p4[:24] + struct.pack("!H", 4) + p4[26:]  # UDP length < 8
+    assert parse_media(bad_len) is None
+    frag = p4[:6] + b"\x20\x00" + p4[8:]  # first fragment: MF set, datagram incomplete
+    assert parse_media(frag[:30]) is None
+    assert parse_media(_v6("::1", 1, "::2", 2, b"x") + b"junk") is not None
+    rng = random.Random(7)
+    for _ in range(3000):
+        n = rng.randrange(0, 80)
+        blob = bytes(rng.randrange(256) for _ in range(n))
+        res = parse_media(blob)
+        assert res is None or len(res) == 6
+        mutated = bytearray(rng.choice((p4, p6)))
+        for _ in range(rng.randrange(1, 4)):
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        res = parse_media(bytes(mutated))
+        assert res is None or len(res[5]) <= 4
+    for junk in (b"", None, "str", 42, memoryview(p4)):
+        parse_media(junk)  # type: ignore[arg-type]
+
+
+def test_filter_and_rule_text_validation():
+    prog = build_filter(LO, HI, ["198.51.100.1", "2001:db8:1::1"])
+    assert len(prog) % 8 == 0
+    assert struct.unpack_from("=HBBI", prog, len(prog) - 8) == (0x06, 0, 0, 0)  # ret #0
+    assert len(build_filter(LO, HI)) < len(prog)
+    for args in ((0, 10), (10, 5), (1, 70000)):
+        with pytest.raises(PacketIoError):
+            build_filter(*args)
+    with pytest.raises(PacketIoError):
+        build_filter(LO, HI, ["not-an-ip"])
+    with pytest.raises(PacketIoError):
+        build_filter(LO, HI, [f"198.51.100.{i}" for i in range(40)])
+    with pytest.raises(PacketIoError):
+        drop_rules(TABLE, LO, HI, [])
+    with pytest.raises(PacketIoError):
+        drop_rules("bad table;", LO, HI, ["198.51.100.1"])
+    with pytest.raises(PacketIoError):
+        drop_rules(TABLE, LO, HI, ["198.51.100.1"], ifnames=['x" drop'])
+    text = drop_rules(TABLE, LO, LO, ["2001:db8:1::1"])
+    assert "udp dport 30000 " in text and "ip daddr" not in text
