@@ -150,7 +150,7 @@ def test_wrong_type(tmp_path, toml, key):
         ({"control": "[::1]22222"}, "control"),
         ({"control": "[nothost]:22222"}, "control"),
         ({"control_allow": ["not-a-net"]}, "control_allow"),
-        ({"mode": "kernel"}, "mode"),
+        ({"mode": "turbo"}, "mode"),
         ({"io": "fast"}, "io"),
         ({"workers": 0}, "workers"),
         ({"workers": 65}, "workers"),
