@@ -16,10 +16,11 @@ import select
 import signal
 import socket
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from fastpath import channel
 from fastpath.mmsg import make_batch_io
+from fastpath.packet_io import PacketReader, parse_media
 from fastpath.relay_table import RelayTable
 from lrk import logs
 
@@ -40,6 +41,12 @@ class SocketWorker:
         self.sockets: Dict[int, socket.socket] = {}
         self.running = True
         self.next_report = 0.0
+        # packet mode: media is read from AF_PACKET taps (the kernel drops it in PREROUTING)
+        # and matched to endpoints by destination address; the UDP sockets only send
+        self.by_addr: Dict[Tuple[str, int], object] = {}
+        self.readers: Dict[int, PacketReader] = {}
+        self.unknown_flow = 0
+        self.batch = batch
 
     # -- channel ---------------------------------------------------------------------
     def _drain_channel(self) -> None:
@@ -72,7 +79,16 @@ class SocketWorker:
                 sock.setblocking(False)
                 self.sockets[fd] = sock
                 self.epoll.register(fd, select.EPOLLIN)
-            self.table.install(sid, fds, message["legs"])
+            session = self.table.install(sid, fds, message["legs"])
+            if self.readers:
+                for ep in session.endpoints:
+                    ip, port = self.sockets[ep.fd].getsockname()[:2]
+                    self.by_addr[(ip, port)] = ep
+        elif op == "taps":  # packet mode: AF_PACKET sockets the daemon opened
+            for fd in fds:
+                reader = PacketReader(socket.socket(fileno=fd), self.batch)
+                self.readers[fd] = reader
+                self.epoll.register(fd, select.EPOLLIN)
         elif op == "update":
             self.table.update(message["sid"], message["leg"], message["spec"])
         elif op == "remove":
@@ -93,6 +109,8 @@ class SocketWorker:
             return
         for ep in session.endpoints:
             sock = self.sockets.pop(ep.fd, None)
+            if self.readers and sock is not None:
+                self.by_addr.pop(tuple(sock.getsockname()[:2]), None)
             if sock is not None:
                 try:
                     self.epoll.unregister(ep.fd)
@@ -121,7 +139,10 @@ class SocketWorker:
         """Worker-wide counters: the table's plus what the batch I/O layer met."""
         totals = self.table.totals()
         io = self.io
-        totals["media.dropped.oversized"] = io.truncated
+        totals["media.dropped.oversized"] = io.truncated + sum(
+            r.truncated for r in self.readers.values())
+        if self.readers:
+            totals["media.dropped.unknown_flow"] = self.unknown_flow
         for name, n in io.send_errors.items():
             totals[f"media.send_errors.{name}"] = n
         for name, n in io.recv_errors.items():
@@ -148,6 +169,9 @@ class SocketWorker:
             for fd, _ev in events:
                 ep = by_fd.get(fd)
                 if ep is None:
+                    reader = self.readers.get(fd)
+                    if reader is not None:
+                        self._ingest(reader, now)
                     continue
                 while True:
                     packets = io.recv(fd)
@@ -163,6 +187,38 @@ class SocketWorker:
                 self._report(None)
         for sid in list(table.sessions):
             self._remove(sid)
+        for reader in self.readers.values():
+            reader.close()
+
+    def _ingest(self, reader: PacketReader, now: float) -> None:
+        """Packet mode: a batch from the tap, grouped into runs for the same endpoint."""
+        by_addr = self.by_addr
+        for _ in range(16):  # bounded: other sockets and the channel get their turn
+            frames = reader.recv_batch()
+            if not frames:
+                return
+            run_ep = None
+            run: List[Tuple[bytes, Tuple[str, int]]] = []
+            for l3, _ifindex in frames:
+                media = parse_media(l3)
+                ep = by_addr.get((media[3], media[4])) if media else None
+                if ep is None:
+                    self.unknown_flow += 1
+                    continue
+                if ep is not run_ep and run:
+                    self._forward(run_ep, run, now)
+                    run = []
+                run_ep = ep
+                run.append((media[5], (media[1], media[2])))
+            if run:
+                self._forward(run_ep, run, now)
+            if len(frames) < reader.batch:
+                return
+
+    def _forward(self, ep, packets, now: float) -> None:
+        src_ep, out = self.table.forward(ep, packets, now)
+        if out:
+            self.table.sent(src_ep, out, self.io.send(src_ep.fd, out))
 
 
 def main(argv: List[str] = None) -> int:  # type: ignore[assignment]

@@ -34,10 +34,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--legacy", action="append", metavar="ADDR",
                    help="legacy lrkproxy (Kamailio module) listener: HOST:PORT, [IPv6]:PORT or "
                    "unix:/path; repeat for several; 'off' disables (default 127.0.0.1:22333)")
-    p.add_argument("--mode", choices=("socket", "kernel", "nfqueue"),
+    p.add_argument("--packet-interface", action="append", metavar="IFACE",
+                   dest="packet_interfaces",
+                   help="packet mode: an interface whose media lrk reads with AF_PACKET "
+                   "(repeat for several)")
+    p.add_argument("--mode", choices=("socket", "kernel", "nfqueue", "packet"),
                    help="data plane: socket (default, no privileges), kernel (netfilter NAT) "
-                   "or nfqueue (NAT, each flow's first packet checked in userspace); the "
-                   "last two need root and run in the relay's network namespace")
+                   "nfqueue (NAT, each flow's first packet checked in userspace) or packet "
+                   "(AF_PACKET taps, userspace forwarding); all but socket need root")
     p.add_argument("--workers", type=int, metavar="N", help="relay worker processes (default 1)")
     p.add_argument("--silence-timeout", type=float, metavar="S", help="end sessions silent "
                    "this long (default 60)")
@@ -83,6 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "external_ip": args.external_ip, "mode": args.mode, "workers": args.workers,
         "silence_timeout": args.silence_timeout, "max_lifetime": args.max_lifetime,
         "log_level": args.log_level, "log_format": args.log_format, "legacy": args.legacy,
+        "packet_interfaces": args.packet_interfaces,
     }
     config = config_mod.load(args.config, overrides)
     logs.setup(config.log_level, config.log_format)

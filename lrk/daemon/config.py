@@ -16,7 +16,7 @@ if sys.version_info >= (3, 11):
 else:  # PyPy 3.9
     import tomli as tomllib
 
-MODES = ("socket", "kernel", "nfqueue")
+MODES = ("socket", "kernel", "nfqueue", "packet")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -37,6 +37,7 @@ class Config:
     kernel_poll: float = 2.0  # kernel mode: seconds between counter reads for expiry
     nfqueue_num: int = 0  # nfqueue mode: the queue number lrk reads
     nfqueue_bypass: bool = False  # nfqueue mode: accept new flows while lrk is not reading
+    packet_interfaces: List[str] = field(default_factory=list)  # packet mode: taps
     silence_timeout: float = 60.0
     max_lifetime: float = 10800.0
     quarantine: float = 5.0
@@ -114,6 +115,13 @@ class Config:
         if self.mode not in MODES:
             raise ConfigError(f"mode {self.mode!r} is not available; choose one of "
                               + ", ".join(MODES))
+        if self.mode == "packet":
+            if not self.packet_interfaces or not all(
+                    isinstance(i, str) and i for i in self.packet_interfaces):
+                raise ConfigError("packet mode needs packet_interfaces: the interfaces whose "
+                                  "media lrk taps (e.g. --packet-interface eth0)")
+            if self.workers != 1:
+                raise ConfigError("packet mode runs one worker (every tap sees every packet)")
         if self.io not in ("auto", "mmsg", "plain"):
             raise ConfigError(f"io {self.io!r} must be auto, mmsg or plain")
         if not 1 <= self.workers <= 64:

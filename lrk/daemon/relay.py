@@ -72,7 +72,9 @@ class Relay:
                                       config.nfqueue_num, config.nfqueue_bypass)
         else:
             self.plane = SocketPlane(self.engine, config.workers, config.batch, config.io,
-                                     config.log_level, config.log_format, config.socket_rcvbuf)
+                                     config.log_level, config.log_format, config.socket_rcvbuf,
+                                     config.packet_interfaces if config.mode == "packet"
+                                     else ())
         self.control = MsgpackControl(
             self.engine,
             info={"mode": config.mode, "relay_version": __version__, "workers": config.workers},

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from fastpath import channel
 from lrk.core.engine import Action, Engine, Install, Remove, Update
@@ -92,6 +92,9 @@ class WorkerHandle:
         self.chan = mine
         loop = self.plane.loop
         loop.add_reader(mine.fileno(), self._readable)
+        taps = self.plane.open_taps()
+        if taps:
+            self.send({"op": "taps"}, taps)
 
     def send(self, message: dict, socks: List[socket.socket] = ()) -> None:  # type: ignore[assignment]
         self.outbox.append((message, list(socks)))
@@ -173,8 +176,11 @@ class SocketPlane:
     """Applies engine actions to worker processes in socket mode."""
 
     def __init__(self, engine: Engine, workers: int = 1, batch: int = 64, io: str = "auto",
-                 log_level: str = "warning", log_format: str = "kv", rcvbuf: int = 0):
+                 log_level: str = "warning", log_format: str = "kv", rcvbuf: int = 0,
+                 packet_ifaces: Sequence[str] = ()):
         self.engine = engine
+        self.packet_ifaces = list(packet_ifaces)
+        self.nft: Any = None
         self.rcvbuf = rcvbuf
         self.log_level = log_level
         self.log_format = log_format
@@ -197,9 +203,35 @@ class SocketPlane:
             handle = WorkerHandle(i, self)
             handle.start()
             self.workers.append(handle)
+        if self.packet_ifaces:
+            # packet mode: the taps (open and queueing already) read the media; only now may
+            # the kernel stop handling it
+            from fastpath.nft import Nft
+            from fastpath.packet_io import DEFAULT_TABLE, drop_rules
+
+            cfg = self.engine.config
+            self.nft = Nft()
+            self.nft.run(drop_rules(DEFAULT_TABLE, cfg.port_start, cfg.port_end,
+                                    sorted({cfg.internal_ip, cfg.external_ip}),
+                                    ifnames=self.packet_ifaces))
+
+    def open_taps(self) -> List[socket.socket]:
+        """Packet mode: AF_PACKET sockets for a worker, opened here so that they queue
+        media from this moment on, whenever the worker gets to read them."""
+        if not self.packet_ifaces:
+            return []
+        from fastpath.packet_io import open_packet_socket
+
+        cfg = self.engine.config
+        return [open_packet_socket(ifname, cfg.port_start, cfg.port_end)
+                for ifname in self.packet_ifaces]
 
     async def stop(self) -> None:
         self.stopping = True
+        if self.nft is not None:
+            from fastpath.packet_io import DEFAULT_TABLE, destroy_rules
+
+            self.nft.run(destroy_rules(DEFAULT_TABLE))
         for w in self.workers:
             if w.chan is not None:
                 w.send({"op": "stop"})
