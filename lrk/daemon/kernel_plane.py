@@ -116,20 +116,31 @@ class KernelPlane:
                 log.error("kernel mode could not apply %s for %s: %s", type(action).__name__,
                           action.session.call_id, exc)
 
+    def _spec(self, session: Session) -> Optional[SessionSpec]:
+        """What the kernel should hold for a session (nfqueue mode adds latched sources)."""
+        return session_spec(session)
+
+    def _elements(self, commands: str) -> str:
+        """Element commands as applied (nfqueue mode leaves admission to userspace)."""
+        return commands
+
+    def _forget(self, sid: int, spec: SessionSpec) -> None:
+        """State kept beside the elements, dropped with the session (none here)."""
+
     def _install(self, session: Session, relatch: Optional[str]) -> None:
         sid = session.sid
         old = self.installed.get(sid)
-        new = session_spec(session)
+        new = self._spec(session)
         if new is None:
             if old is not None:
                 self._remove(sid)
             return
         assert self.nft is not None
         if old is None:
-            self.nft.run(self.rules.install_commands(new))
+            self.nft.run(self._elements(self.rules.install_commands(new)))
             self.counters["kernel.sessions.installed"] += 1
         elif old != new:
-            self.nft.run(self.rules.update_commands(old, new))
+            self.nft.run(self._elements(self.rules.update_commands(old, new)))
         self.installed[sid] = new
         if old is not None and (old != new or relatch):
             # established flows keep their NAT: a new offer/answer must start afresh
@@ -140,7 +151,8 @@ class KernelPlane:
         if spec is None:
             return
         assert self.nft is not None
-        self.nft.run(self.rules.remove_commands(spec))
+        self._forget(sid, spec)
+        self.nft.run(self._elements(self.rules.remove_commands(spec)))
         self._flush_flows(conntrack_marks(spec))
 
     def _flush_flows(self, marks) -> None:

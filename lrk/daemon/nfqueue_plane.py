@@ -17,7 +17,7 @@ import socket
 from dataclasses import replace
 from typing import Dict, List, Optional, Set, Tuple
 
-from fastpath.kernel_rules import KernelRuleError, KernelRuleset, SessionSpec, conntrack_marks
+from fastpath.kernel_rules import KernelRuleError, KernelRuleset, SessionSpec
 from fastpath.nfqueue import NF_DROP, NF_REPEAT, parse_udp
 from fastpath.nfqueue_socket import NfQueue, add_queue_rule
 from fastpath.nft import NftError
@@ -94,44 +94,29 @@ class NfqueuePlane(KernelPlane):
             legs[name] = leg
         return SessionSpec(legs["A"], legs["B"])
 
+    def _elements(self, commands: str) -> str:
+        return _without_admission(commands)
+
     def _install(self, session: Session, relatch: Optional[str]) -> None:
         sid = session.sid
         if relatch is not None:  # a new offer/answer: the leg latches afresh
             for rtcp in (False, True):
                 self.latched.pop((sid, relatch, rtcp), None)
             self._drop_admissions(sid)
-        old = self.installed.get(sid)
-        new = self._spec(session)
-        if new is None:
-            if old is not None:
-                self._remove(sid)
-            return
-        assert self.nft is not None
-        if old is None:
-            self.nft.run(_without_admission(self.rules.install_commands(new)))
-            self.counters["kernel.sessions.installed"] += 1
-        elif old != new:
-            self.nft.run(_without_admission(self.rules.update_commands(old, new)))
-        self.installed[sid] = new
-        for name, leg in (("A", new.a), ("B", new.b)):
-            for rtcp in (False, True):
-                self.by_relay[leg.relay(rtcp)] = (sid, name, rtcp)
-        if old is not None and (old != new or relatch):
-            self._flush_flows(conntrack_marks(old))
+        super()._install(session, relatch)
+        new = self.installed.get(sid)
+        if new is not None:
+            for name, leg in (("A", new.a), ("B", new.b)):
+                for rtcp in (False, True):
+                    self.by_relay[leg.relay(rtcp)] = (sid, name, rtcp)
 
-    def _remove(self, sid: int) -> None:
-        spec = self.installed.pop(sid, None)
-        if spec is None:
-            return
-        assert self.nft is not None
+    def _forget(self, sid: int, spec: SessionSpec) -> None:
         self._drop_admissions(sid)
-        self.nft.run(_without_admission(self.rules.remove_commands(spec)))
         for leg in (spec.a, spec.b):
             for rtcp in (False, True):
                 self.by_relay.pop(leg.relay(rtcp), None)
         for key in [k for k in self.latched if k[0] == sid]:
             del self.latched[key]
-        self._flush_flows(conntrack_marks(spec))
 
     def _drop_admissions(self, sid: int) -> None:
         keys = self.admitted.pop(sid, set())

@@ -2,56 +2,19 @@
 
 from __future__ import annotations
 
-import socket
-import time
-
 import pytest
 
 from lrk.client import LrkClient
 from lrk.client.errors import RelayError
 from lrk.daemon.launcher import RelayProcess
-from lrk.sim.netns import run, socket_in
+from lrk.sim.netns import run
 from lrk.sim.rtp import rtcp_sender_report, rtp_packet, summarize
+
+from .hosts import endpoint, flows, receive, tables, wait
 
 pytestmark = pytest.mark.netns
 
 A_SSRC, B_SSRC = 0x61616161, 0x62626262
-
-
-def _endpoint(ns: str, ip: str, port: int, timeout: float = 3.0) -> socket.socket:
-    s = socket_in(ns, socket.AF_INET6 if ":" in ip else socket.AF_INET)
-    s.bind((ip, port))
-    s.settimeout(timeout)
-    return s
-
-
-def _receive(sock: socket.socket, n: int):
-    got = []
-    for _ in range(n):
-        try:
-            data, addr = sock.recvfrom(4096)
-        except socket.timeout:
-            break
-        got.append((data, addr[:2]))
-    return got
-
-
-def _wait(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-def _flows(ns: str) -> list:
-    return [line for line in run("conntrack", "-L", ns=ns, check=False).stdout.splitlines()
-            if line.startswith(("udp", "ipv4", "ipv6"))]
-
-
-def _tables(ns: str) -> str:
-    return run("nft", "list", "tables", ns=ns).stdout
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
@@ -68,12 +31,12 @@ def test_kernel_mode_call(topo, tmp_path, family):
         "--config", str(cfg)]).start()
     sockets = []
     try:
-        assert "table inet lrk" in _tables(ns)
+        assert "table inet lrk" in tables(ns)
         with LrkClient([relay.node]) as client:
-            nat = _endpoint(topo.caller.ns, caller_ip, 4444)  # the caller's real port
-            callee = _endpoint(topo.callee.ns, callee_ip, 5000)
-            callee_rtcp = _endpoint(topo.callee.ns, callee_ip, 5001)
-            spoof = _endpoint(topo.callee.ns, callee_ip, 5999)
+            nat = endpoint(topo.caller.ns, caller_ip, 4444)  # the caller's real port
+            callee = endpoint(topo.callee.ns, callee_ip, 5000)
+            callee_rtcp = endpoint(topo.callee.ns, callee_ip, 5001)
+            spoof = endpoint(topo.callee.ns, callee_ip, 5999)
             sockets += [nat, callee, callee_rtcp, spoof]
             offer = client.offer("k-call", "a", (caller_ip, 4000), interface="external")
             answer = client.answer("k-call", "a", "b", (callee_ip, 5000), interface="internal")
@@ -82,40 +45,40 @@ def test_kernel_mode_call(topo, tmp_path, family):
 
             for seq in range(20):
                 nat.sendto(rtp_packet(seq, A_SSRC), to_a)
-            got = summarize(_receive(callee, 20), A_SSRC)
+            got = summarize(receive(callee, 20), A_SSRC)
             assert got == {"intact": 20, "damaged": 0, "sources": [to_b], "in_order": True}
             for seq in range(20):
                 callee.sendto(rtp_packet(seq, B_SSRC), to_b)
-            got = summarize(_receive(nat, 20), B_SSRC)  # latched: to the NATed port
+            got = summarize(receive(nat, 20), B_SSRC)  # latched: to the NATed port
             assert got == {"intact": 20, "damaged": 0, "sources": [to_a], "in_order": True}
             report = rtcp_sender_report(A_SSRC, 20, 3440)
             nat.sendto(report, (to_a[0], to_a[1] + 1))
-            assert _receive(callee_rtcp, 1) == [(report, (to_b[0], to_b[1] + 1))]
+            assert receive(callee_rtcp, 1) == [(report, (to_b[0], to_b[1] + 1))]
 
             # the callee's host is not leg A's peer: refused by admission, counted
             spoof.sendto(rtp_packet(0, 0xBAD), to_a)
             spoof.settimeout(0.3)
-            assert _receive(callee, 1) == []
+            assert receive(callee, 1) == []
             legs = client.query("k-call")["session"]["legs"]
             assert legs["A"]["counters"]["in_packets"] == 21
             assert legs["B"]["counters"]["in_packets"] == 20
             assert client.stats()["counters"]["media.dropped.unexpected_source"] == 1
-            assert _flows(ns), "conntrack carries the call's flows"
+            assert flows(ns), "conntrack carries the call's flows"
 
             client.delete("k-call")
-            assert _flows(ns) == [], "a deleted session leaves no conntrack flow"
+            assert flows(ns) == [], "a deleted session leaves no conntrack flow"
             nat.sendto(rtp_packet(99, A_SSRC), to_a)
             callee.settimeout(0.3)
-            assert _receive(callee, 1) == []  # nothing relayed after delete
+            assert receive(callee, 1) == []  # nothing relayed after delete
 
             # silence expiry works from the kernel's counters
             client.offer("k-quiet", "a", (caller_ip, 4000), timeout=1)
             client.answer("k-quiet", "a", "b", (callee_ip, 5000))
-            _wait(lambda: client.list()["total"] == 0)
+            wait(lambda: client.list()["total"] == 0)
             assert client.stats()["counters"]["sessions.expired.silence"] == 1
         assert relay.stop() == 0
-        assert "table inet lrk" not in _tables(ns), "stop removes the table"
-        assert _flows(ns) == []
+        assert "table inet lrk" not in tables(ns), "stop removes the table"
+        assert flows(ns) == []
     finally:
         relay.stop()
         for s in sockets:
@@ -129,7 +92,7 @@ def test_kernel_mode_refuses_to_start_without_forwarding(topo):
     with pytest.raises(Exception) as err:
         relay.start(ready_timeout=10)
     assert "ip_forward" in str(err.value)
-    assert "lrk" not in _tables(topo.relay.ns)
+    assert "lrk" not in tables(topo.relay.ns)
 
 
 def test_leftover_table_of_a_crashed_relay_is_replaced(topo):
@@ -142,4 +105,4 @@ def test_leftover_table_of_a_crashed_relay_is_replaced(topo):
         assert "stale" not in listing and "pre_filter" in listing
         with LrkClient([relay.node]) as client, pytest.raises(RelayError):
             client.query("nothing")
-    assert "lrk" not in _tables(ns)
+    assert "lrk" not in tables(ns)

@@ -8,7 +8,7 @@ from lrk.client import LrkClient
 from lrk.daemon.launcher import RelayProcess
 from lrk.sim.rtp import rtp_packet, summarize
 
-from .test_kernel_mode import _endpoint, _flows, _receive, _tables
+from .hosts import endpoint, flows, receive, tables
 
 pytestmark = pytest.mark.netns
 
@@ -35,9 +35,9 @@ def test_callee_first_then_natted_caller(topo, tmp_path, family):
     sockets = []
     try:
         with LrkClient([relay.node]) as client:
-            nat = _endpoint(topo.caller.ns, caller_ip, 4444)  # SDP says 4000
-            sdp_port = _endpoint(topo.caller.ns, caller_ip, 4000, timeout=0.3)
-            callee = _endpoint(topo.callee.ns, callee_ip, 5000)
+            nat = endpoint(topo.caller.ns, caller_ip, 4444)  # SDP says 4000
+            sdp_port = endpoint(topo.caller.ns, caller_ip, 4000, timeout=0.3)
+            callee = endpoint(topo.callee.ns, callee_ip, 5000)
             sockets += [nat, sdp_port, callee]
             offer = client.offer("q-call", "a", (caller_ip, 4000), interface="external")
             answer = client.answer("q-call", "a", "b", (callee_ip, 5000), interface="internal")
@@ -45,16 +45,16 @@ def test_callee_first_then_natted_caller(topo, tmp_path, family):
             to_b = (offer["relay"]["ip"], offer["relay"]["port"])
 
             callee.sendto(rtp_packet(0, B_SSRC), to_b)  # early media: to the SDP address
-            got = summarize(_receive(sdp_port, 1), B_SSRC)
+            got = summarize(receive(sdp_port, 1), B_SSRC)
             assert got["intact"] == 1 and got["sources"] == [to_a]
 
             for seq in range(10):  # the NATed caller's first packets latch leg A
                 nat.sendto(rtp_packet(seq, A_SSRC), to_a)
-            got = summarize(_receive(callee, 10), A_SSRC)
+            got = summarize(receive(callee, 10), A_SSRC)
             assert got == {"intact": 10, "damaged": 0, "sources": [to_b], "in_order": True}
             for seq in range(1, 11):  # and the callee's media now reaches the real port
                 callee.sendto(rtp_packet(seq, B_SSRC), to_b)
-            got = summarize(_receive(nat, 10), B_SSRC)
+            got = summarize(receive(nat, 10), B_SSRC)
             assert got["intact"] == 10 and got["sources"] == [to_a]
 
             legs = client.query("q-call")["session"]["legs"]
@@ -64,17 +64,17 @@ def test_callee_first_then_natted_caller(topo, tmp_path, family):
             assert counters["media.latched"] >= 2 and counters["nfqueue.admitted"] >= 2
 
             # a stranger (the callee's host, on leg A) is refused in userspace, counted
-            stranger = _endpoint(topo.callee.ns, callee_ip, 5999)
+            stranger = endpoint(topo.callee.ns, callee_ip, 5999)
             sockets.append(stranger)
             stranger.sendto(rtp_packet(0, 0xBAD), to_a)
             callee.settimeout(0.3)
-            assert _receive(callee, 1) == []
+            assert receive(callee, 1) == []
             assert client.stats()["counters"]["media.dropped.unexpected_source"] == 1
 
             client.delete("q-call")
-            assert _flows(topo.relay.ns) == []
+            assert flows(topo.relay.ns) == []
         assert relay.stop() == 0
-        assert "lrk" not in _tables(topo.relay.ns)
+        assert "lrk" not in tables(topo.relay.ns)
     finally:
         relay.stop()
         for s in sockets:
@@ -86,8 +86,8 @@ def test_latch_any_admits_a_source_outside_the_sdp(topo, tmp_path):
     sockets = []
     try:
         with LrkClient([relay.node]) as client:
-            caller = _endpoint(topo.caller.ns, topo.caller.ip4, 4000)
-            callee = _endpoint(topo.callee.ns, topo.callee.ip4, 5000)
+            caller = endpoint(topo.caller.ns, topo.caller.ip4, 4000)
+            callee = endpoint(topo.callee.ns, topo.callee.ip4, 5000)
             sockets += [caller, callee]
             # the caller's SDP names a private address it cannot be reached at
             client.offer("any", "a", ("198.51.100.200", 4000), interface="external",
@@ -95,10 +95,10 @@ def test_latch_any_admits_a_source_outside_the_sdp(topo, tmp_path):
             answer = client.answer("any", "a", "b", (topo.callee.ip4, 5000))
             to_a = (answer["relay"]["ip"], answer["relay"]["port"])
             caller.sendto(rtp_packet(0, A_SSRC), to_a)
-            assert summarize(_receive(callee, 1), A_SSRC)["intact"] == 1
+            assert summarize(receive(callee, 1), A_SSRC)["intact"] == 1
             relay_b = client.query("any")["session"]["legs"]["B"]["relay"]
             callee.sendto(rtp_packet(0, B_SSRC), (relay_b["ip"], relay_b["port"]))
-            assert summarize(_receive(caller, 1), B_SSRC)["intact"] == 1
+            assert summarize(receive(caller, 1), B_SSRC)["intact"] == 1
     finally:
         relay.stop()
         for s in sockets:

@@ -8,7 +8,7 @@ from lrk.client import LrkClient
 from lrk.daemon.launcher import RelayProcess
 from lrk.sim.rtp import rtp_packet, summarize
 
-from .test_kernel_mode import _endpoint, _receive, _tables
+from .hosts import endpoint, receive, tables
 
 pytestmark = pytest.mark.netns
 
@@ -26,11 +26,11 @@ def test_packet_mode_call(topo, family):
         "--internal-ip", pick(topo.relay), "--external-ip", pick(topo.relay_ext)]).start()
     sockets = []
     try:
-        assert "table inet lrkpkt" in _tables(ns)
+        assert "table inet lrkpkt" in tables(ns)
         with LrkClient([relay.node]) as client:
-            nat = _endpoint(topo.caller.ns, caller_ip, 4444)  # SDP says 4000
-            callee = _endpoint(topo.callee.ns, callee_ip, 5000)
-            stranger = _endpoint(topo.callee.ns, callee_ip, 5999)
+            nat = endpoint(topo.caller.ns, caller_ip, 4444)  # SDP says 4000
+            callee = endpoint(topo.callee.ns, callee_ip, 5000)
+            stranger = endpoint(topo.callee.ns, callee_ip, 5999)
             sockets += [nat, callee, stranger]
             offer = client.offer("p-call", "a", (caller_ip, 4000), interface="external")
             answer = client.answer("p-call", "a", "b", (callee_ip, 5000), interface="internal")
@@ -38,21 +38,21 @@ def test_packet_mode_call(topo, family):
             to_b = (offer["relay"]["ip"], offer["relay"]["port"])
             for seq in range(30):
                 nat.sendto(rtp_packet(seq, A_SSRC), to_a)
-            got = summarize(_receive(callee, 31), A_SSRC)  # 31: a duplicate would show
+            got = summarize(receive(callee, 31), A_SSRC)  # 31: a duplicate would show
             assert got == {"intact": 30, "damaged": 0, "sources": [to_b], "in_order": True}
             for seq in range(30):
                 callee.sendto(rtp_packet(seq, B_SSRC), to_b)
-            got = summarize(_receive(nat, 31), B_SSRC)
+            got = summarize(receive(nat, 31), B_SSRC)
             assert got == {"intact": 30, "damaged": 0, "sources": [to_a], "in_order": True}
             stranger.sendto(rtp_packet(0, 0xBAD), to_a)  # the callee's host is not leg A's peer
             callee.settimeout(0.3)
-            assert _receive(callee, 1) == []
+            assert receive(callee, 1) == []
             legs = client.query("p-call")["session"]["legs"]
             assert legs["A"]["latched"] == {"ip": caller_ip, "port": 4444}
             assert legs["A"]["counters"]["in_packets"] == 30
             assert legs["A"]["counters"]["drops"] == {"unexpected_source": 1}
         assert relay.stop() == 0
-        assert "lrkpkt" not in _tables(ns), "stop removes the drop rules"
+        assert "lrkpkt" not in tables(ns), "stop removes the drop rules"
     finally:
         relay.stop()
         for s in sockets:

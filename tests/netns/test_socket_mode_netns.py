@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from lrk.client import LrkClient
 from lrk.daemon.launcher import RelayProcess
-from lrk.sim.netns import socket_in
 from lrk.sim.rtp import rtp_packet, summarize
+
+from .hosts import endpoint, receive
 
 pytestmark = pytest.mark.netns
 
 A_SSRC, B_SSRC = 0x51515151, 0x52525252
-
-
-def _endpoint(ns: str, ip: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    s = socket_in(ns, family)
-    s.bind((ip, port))
-    s.settimeout(3)
-    return s
-
-
-def _receive(sock: socket.socket, n: int):
-    got = []
-    for _ in range(n):
-        try:
-            data, addr = sock.recvfrom(4096)
-        except socket.timeout:
-            break
-        got.append((data, addr[:2]))
-    return got
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
@@ -45,9 +25,9 @@ def test_call_across_namespaces(topo, family):
     with RelayProcess(ports="30000-30099", netns=topo.relay.ns,
                       extra=["--internal-ip", internal, "--external-ip", external]) as relay, \
             LrkClient([relay.node]) as client:
-        caller = _endpoint(topo.caller.ns, caller_ip, 4000)
-        nat = _endpoint(topo.caller.ns, caller_ip, 4444)  # the caller's real (NATed) port
-        callee = _endpoint(topo.callee.ns, callee_ip, 5000)
+        caller = endpoint(topo.caller.ns, caller_ip, 4000)
+        nat = endpoint(topo.caller.ns, caller_ip, 4444)  # the caller's real (NATed) port
+        callee = endpoint(topo.callee.ns, callee_ip, 5000)
         try:
             offer = client.offer("ns-call", "a", (caller_ip, 4000), interface="external")
             answer = client.answer("ns-call", "a", "b", (callee_ip, 5000),
@@ -57,19 +37,19 @@ def test_call_across_namespaces(topo, family):
             assert to_a[0] == internal and to_b[0] == external
             for seq in range(10):
                 nat.sendto(rtp_packet(seq, A_SSRC), to_a)
-            got = summarize(_receive(callee, 10), A_SSRC)
+            got = summarize(receive(callee, 10), A_SSRC)
             assert got["intact"] == 10 and got["sources"] == [to_b]
             for seq in range(10):
                 callee.sendto(rtp_packet(seq, B_SSRC), to_b)
-            got = summarize(_receive(nat, 10), B_SSRC)
+            got = summarize(receive(nat, 10), B_SSRC)
             assert got["intact"] == 10 and got["sources"] == [to_a]
             # a spoofer on the callee's host (other port) is refused after latching
-            spoof = _endpoint(topo.callee.ns, callee_ip, 5555)
+            spoof = endpoint(topo.callee.ns, callee_ip, 5555)
             spoof.sendto(rtp_packet(99, 0xBAD), to_b)
             spoof.close()
             for s in (caller, nat):
                 s.settimeout(0.3)  # nothing may arrive: wait briefly, then check
-            assert _receive(caller, 1) == [] and _receive(nat, 1) == []
+            assert receive(caller, 1) == [] and receive(nat, 1) == []
             legs = client.query("ns-call")["session"]["legs"]
             assert legs["A"]["latched"] == {"ip": caller_ip, "port": 4444}
             assert legs["B"]["counters"]["drops"] == {"unexpected_source": 1}

@@ -1,0 +1,47 @@
+"""Helpers for namespace tests: endpoints on the test hosts, bounded receives, relay state."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from lrk.sim.netns import run, socket_in
+
+
+def endpoint(ns: str, ip: str, port: int, timeout: float = 3.0) -> socket.socket:
+    """A UDP socket bound in namespace `ns`."""
+    s = socket_in(ns, socket.AF_INET6 if ":" in ip else socket.AF_INET)
+    s.bind((ip, port))
+    s.settimeout(timeout)
+    return s
+
+
+def receive(sock: socket.socket, n: int):
+    """Up to `n` datagrams, each waited for at most the socket's timeout."""
+    got = []
+    for _ in range(n):
+        try:
+            data, addr = sock.recvfrom(4096)
+        except socket.timeout:
+            break
+        got.append((data, addr[:2]))
+    return got
+
+
+def wait(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def flows(ns: str) -> list:
+    """Conntrack flows of a namespace."""
+    return [line for line in run("conntrack", "-L", ns=ns, check=False).stdout.splitlines()
+            if line.startswith(("udp", "ipv4", "ipv6"))]
+
+
+def tables(ns: str) -> str:
+    return run("nft", "list", "tables", ns=ns).stdout
