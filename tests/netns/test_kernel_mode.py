@@ -59,10 +59,15 @@ def test_kernel_mode_call(topo, tmp_path, family):
             spoof.sendto(rtp_packet(0, 0xBAD), to_a)
             spoof.settimeout(0.3)
             assert receive(callee, 1) == []
-            legs = client.query("k-call")["session"]["legs"]
-            assert legs["A"]["counters"]["in_packets"] == 21
-            assert legs["B"]["counters"]["in_packets"] == 20
-            assert client.stats()["counters"]["media.dropped.unexpected_source"] == 1
+            # counters are read from the kernel at most every kernel_poll (0.2 s here)
+            def counted() -> bool:
+                legs = client.query("k-call")["session"]["legs"]
+                return (legs["A"]["counters"]["in_packets"] == 21
+                        and legs["B"]["counters"]["in_packets"] == 20)
+
+            wait(counted, timeout=5)
+            wait(lambda: client.stats()["counters"]["media.dropped.unexpected_source"] == 1,
+                 timeout=5)
             assert flows(ns), "conntrack carries the call's flows"
 
             client.delete("k-call")
