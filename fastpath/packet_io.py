@@ -74,10 +74,9 @@ SNAPLEN = 0x40000
 #: sizeof(struct sockaddr_ll) is 20; slots are 32 bytes so ifindex is every 8th int
 NAME_SIZE = 32
 
-AF_INET = int(socket.AF_INET)
-AF_INET6 = int(socket.AF_INET6)
-MSG_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0x40))
-MSG_TRUNC = int(getattr(socket, "MSG_TRUNC", 0x20))
+AF_INET = mmsg.AF_INET
+MSG_DONTWAIT = mmsg.MSG_DONTWAIT
+MSG_TRUNC = mmsg.MSG_TRUNC
 _SOFT_ERRNOS = frozenset((errno.ENETDOWN, errno.ENXIO, errno.EINTR, errno.ENOBUFS))
 _MAX_SOFT_RETRIES = 8
 

@@ -12,10 +12,11 @@ import ipaddress
 import logging
 import struct
 from collections import Counter
-from typing import Dict, Hashable, List, Optional, Tuple
+from typing import Hashable, List, Optional, Tuple
 
-from netaddr import IPAddress, IPSet
+from netaddr import IPSet
 
+from lrk.control.allow import AllowList
 from lrk.control.msgpack_proto import Outcome
 from lrk.control.replay import ReplayCache
 from lrk.core.engine import Action, Engine
@@ -57,17 +58,16 @@ class LegacyControl:
                  takeover_idle: float = TAKEOVER_IDLE, timeout: float = 0.0) -> None:
         self.engine = engine
         self.timeout = timeout  # overrides the S field's (always 60 in Kamailio 5.6.3) when > 0
-        self.allow = allow
+        self.allow = AllowList(allow)
         self.takeover_idle = takeover_idle
         self.replay = ReplayCache()
         self.counters: Counter = Counter({name: 0 for name in LEGACY_COUNTERS})
-        self._allow_cache: Dict[str, bool] = {}
 
     # -- entry point -------------------------------------------------------------------
     def handle(self, data: bytes, sender: Hashable, now: float, with_cookie: bool = True
                ) -> Outcome:
         """One request. UNIX stream clients send no cookie (`with_cookie=False`)."""
-        if self.allow is not None and not self._allowed(sender):
+        if not self.allow.allows(sender):
             self.counters["legacy.dropped.not_allowed"] += 1
             return Outcome(None)
         if len(data) > MAX_REQUEST:
@@ -185,17 +185,3 @@ class LegacyControl:
         except SessionNotFound:
             actions = []
         return prefix + body + b"OK", actions
-
-    def _allowed(self, sender: Hashable) -> bool:
-        if not isinstance(sender, tuple):
-            return True  # UNIX socket: guarded by its file mode
-        verdict = self._allow_cache.get(sender[0])
-        if verdict is None:
-            try:
-                verdict = IPAddress(sender[0]) in self.allow  # type: ignore[operator]
-            except Exception:
-                verdict = False
-            if len(self._allow_cache) >= 4096:
-                self._allow_cache.clear()
-            self._allow_cache[sender[0]] = verdict
-        return verdict

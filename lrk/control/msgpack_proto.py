@@ -15,8 +15,9 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple, Union
 
 import msgpack
 import msgpack.exceptions
-from netaddr import IPAddress, IPSet
+from netaddr import IPSet
 
+from lrk.control.allow import AllowList
 from lrk.control.replay import ReplayCache
 from lrk.core import sdp
 from lrk.core.engine import Action, Engine
@@ -89,8 +90,7 @@ class MsgpackControl:
         allow: Optional[IPSet] = None,
     ) -> None:
         self.engine = engine
-        self.allow = allow
-        self._allow_cache: Dict[str, bool] = {}
+        self.allow = AllowList(allow)
         self.info = dict(info or {})
         self.token = token
         self.media_counters = media_counters or (lambda: {})
@@ -108,7 +108,7 @@ class MsgpackControl:
     # -- phase 1 ---------------------------------------------------------------------
     def receive(self, data: bytes, sender: Hashable, now: float) -> Union[Request, Outcome]:
         counters = self.counters
-        if self.allow is not None and not _allowed(self.allow, self._allow_cache, sender):
+        if not self.allow.allows(sender):
             counters["control.dropped.not_allowed"] += 1
             return Outcome(None)
         if len(data) < MIN_REQUEST_BYTES:
@@ -331,25 +331,6 @@ def _too_deep(obj: Any, limit: int) -> bool:
                 return True
             stack.extend((v, depth + 1) for v in item)
     return False
-
-
-def _allowed(allow: IPSet, cache: Dict[str, bool], sender: Hashable) -> bool:
-    """UNIX-socket senders (paths, not tuples) are trusted: the file mode guards them.
-
-    IPSet membership costs tens of microseconds, so verdicts are cached per address.
-    """
-    if not isinstance(sender, tuple):
-        return True
-    verdict = cache.get(sender[0])
-    if verdict is None:
-        try:
-            verdict = IPAddress(sender[0]) in allow
-        except Exception:
-            verdict = False
-        if len(cache) >= 4096:
-            cache.clear()
-        cache[sender[0]] = verdict
-    return verdict
 
 
 # -- argument checks ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ import msgpack
 import pytest
 from netaddr import IPSet
 
+from lrk.control.allow import AllowList
 from lrk.control.msgpack_proto import (
     COMMANDS,
     MAX_DEPTH,
@@ -415,7 +416,7 @@ def test_allowed_senders():
 
 def test_no_allow_list_allows_everyone():
     ctl = make()
-    ctl.allow = None
+    ctl.allow = AllowList(None)  # what MsgpackControl(allow=None) builds
     assert cmd(ctl, "ping", sender=("192.0.2.1", 1))["ok"] is True
 
 
