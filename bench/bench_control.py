@@ -1,6 +1,8 @@
 """Control-plane benchmarks: the sans-IO core alone, and the real daemon per interpreter.
 
-Short forms run in the test suite; `python -m bench.control_load` is the full run.
+Short forms run in the test suite; `python -m bench.control_load` is the full run (lrk
+beside rtpengine). rtpengine is a required dependency here: a missing binary fails the
+comparison with the install hint, it is not skipped.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from bench.control_load import measure
+from bench.control_load import compare, measure
 from lrk.control.msgpack_proto import MsgpackControl
 from lrk.core.engine import Engine, EngineConfig
 
@@ -74,3 +76,33 @@ def test_bench_control_daemon_per_interpreter(benchmark, interpreters):
     if {"cpython", "pypy"} <= set(results):
         benchmark.extra_info["pypy_over_cpython"] = round(
             results["pypy"]["requests_per_s"] / results["cpython"]["requests_per_s"], 2)
+
+
+@pytest.mark.integration
+def test_bench_control_lrk_vs_rtpengine(benchmark, interpreters):
+    """The comparison's short form: every request to every peer gets a successful reply.
+
+    lrk on each interpreter (msgpack, SDP bodies) and rtpengine with one worker thread
+    (NG) get the same 300 offer+answer+delete calls, 16 in flight; speed is recorded in
+    extra_info, never asserted.
+    """
+    cycles = 300
+    report = {}
+
+    def run():
+        report.update(compare(cycles=cycles, window=16, rounds=1, warmup=50,
+                              peers=[*interpreters, "rtpengine"], rtpengine_threads=[1]))
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    peers = {r["peer"]: r for r in report["results"]}
+    assert set(peers) == {f"lrk-{label}" for label in interpreters} | {"rtpengine-1t"}
+    for label, result in peers.items():
+        assert result["cycles"] == cycles, (label, result)
+        assert result["requests"] == 3 * cycles, (label, result)
+        assert result["errors"] == 0, (label, result)
+        assert result["exit_code"] == 0, (label, result)
+        benchmark.extra_info[f"{label}_requests_per_s"] = result["requests_per_s"]
+        benchmark.extra_info[f"{label}_p99_ms"] = result["p99_ms"]
+    # the cheap NG reply check was backed by full decodes that agreed
+    assert peers["rtpengine-1t"]["replies_fully_decoded"] >= 3 * cycles // 16 - 1
+    benchmark.extra_info.update(report["ratios"])
