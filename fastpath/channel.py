@@ -13,7 +13,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import msgpack
 
 MAX_MESSAGE = 256 * 1024
-MAX_FDS = 16
+#: fds one message may carry: a batch of up to 16 installs (4 sockets each)
+MAX_FDS = 64
+#: messages the daemon packs into one "batch" message (one syscall, one worker wake-up)
+MAX_BATCH = 64
 #: sessions per report message, so one message stays well below the socket buffer
 REPORT_CHUNK = 400
 

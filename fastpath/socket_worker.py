@@ -10,6 +10,7 @@ request. Everything it owns dies with it; the daemon re-installs on restart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import select
@@ -66,9 +67,31 @@ class SocketWorker:
                 for fd in fds:
                     os.close(fd)
 
-    def _handle(self, message: dict, fds: List[int]) -> None:
+    def _handle_batch(self, messages: List[dict], fds: List[int]) -> None:
+        """Several messages in one: each takes its `nfds` fds in order. Removed sessions
+        are reported in one message first, not one report per remove."""
+        removed = [m["sid"] for m in messages if m.get("op") == "remove"]
+        if removed:
+            self._report(removed)
+        at = 0
+        for message in messages:
+            n = int(message.pop("nfds", 0))
+            mine, at = fds[at:at + n], at + n
+            try:
+                self._handle(message, mine, report_removes=False)
+            except Exception:
+                log.exception("bad channel message %r", message.get("op"))
+                for fd in mine:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+        for fd in fds[at:]:
+            os.close(fd)
+
+    def _handle(self, message: dict, fds: List[int], report_removes: bool = True) -> None:
         op = message.get("op")
-        if op == "install":
+        if op == "batch":
+            self._handle_batch(message["msgs"], fds)
+        elif op == "install":
             sid = message["sid"]
             if len(fds) != 4:
                 raise ValueError(f"install of {sid} carries {len(fds)} fds, not 4")
@@ -92,7 +115,8 @@ class SocketWorker:
         elif op == "update":
             self.table.update(message["sid"], message["leg"], message["spec"])
         elif op == "remove":
-            self._report([message["sid"]])
+            if report_removes:
+                self._report([message["sid"]])
             self._remove(message["sid"])
         elif op == "flush":
             self._report(None)

@@ -10,7 +10,7 @@ import socket
 import stat
 import time
 from collections import Counter
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from lrk import __version__
 from lrk.control.legacy import LegacyControl
@@ -27,26 +27,73 @@ log = logging.getLogger("lrk.relay")
 TICK = 0.5  # expiry scan period, seconds
 MAX_LEGACY_STREAM = 8192
 LEGACY_STREAM_TIMEOUT = 2.0
+READ_BURST = 64  # datagrams read per wake-up of a control socket
+MAX_DATAGRAM = 65535
 
 
-class _DatagramEndpoint(asyncio.DatagramProtocol):
-    """A UDP (or UNIX datagram) control socket; `on_datagram(data, addr, endpoint)`."""
+class _DatagramEndpoint:
+    """A UDP (or UNIX datagram) control socket, read in bursts: one loop wake-up drains up
+    to READ_BURST datagrams, so a client with many requests in flight costs one wake-up
+    per burst (asyncio's datagram transport reads one datagram per loop iteration, which
+    made the loop itself the control plane's cost under PyPy). Replies are sent at once;
+    a reply the socket cannot take is dropped and counted (the client retransmits)."""
 
-    def __init__(self, on_datagram: Callable[[bytes, Any, _DatagramEndpoint], None],
-                 counters: Counter, send_error_counter: str) -> None:
+    def __init__(self, sock: socket.socket, on_datagram: Callable[[bytes, Any, Any], None],
+                 counters: Counter, send_error_counter: str,
+                 burst: Optional[Tuple[Callable[[], None], Callable[[], None]]] = None) -> None:
+        sock.setblocking(False)
+        self.sock = sock
         self.on_datagram = on_datagram
+        self.burst = burst
         self.counters = counters
         self.send_error_counter = send_error_counter
-        self.transport: Optional[asyncio.DatagramTransport] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
 
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        loop.add_reader(self.sock.fileno(), self._readable)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.on_datagram(data, addr, self)
+    def _readable(self) -> None:
+        if self.burst is None:
+            self._read()
+            return
+        begin, end = self.burst
+        begin()
+        try:
+            self._read()
+        finally:
+            end()
 
-    def error_received(self, exc: Exception) -> None:  # ICMP errors for earlier replies
-        self.counters[self.send_error_counter] += 1
+    def _read(self) -> None:
+        recvfrom = self.sock.recvfrom
+        for _ in range(READ_BURST):
+            try:
+                data, addr = recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error for an earlier reply, queued on the socket
+                self.counters[self.send_error_counter] += 1
+                continue
+            try:
+                self.on_datagram(data, addr, self)
+            except Exception:  # one bad request never stops the listener
+                log.exception("control datagram from %s failed", addr)
+                self.counters[self.send_error_counter.split(".")[0] + ".internal_errors"] += 1
+
+    def sendto(self, data: bytes, addr: Any) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.counters[self.send_error_counter] += 1
+        except (OSError, TypeError):  # unreachable, or an unbound UNIX client (no address)
+            self.counters[self.send_error_counter] += 1
+
+    def close(self) -> None:
+        if self.loop is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.sock.fileno())
+            self.loop = None
+        self.sock.close()
 
 
 class Relay:
@@ -87,11 +134,14 @@ class Relay:
                                     takeover_idle=config.legacy_takeover_idle,
                                     timeout=config.legacy_timeout)
         self._endpoint: Optional[_DatagramEndpoint] = None
-        self._legacy_transports: List[Any] = []
+        self._legacy_endpoints: List[_DatagramEndpoint] = []
         self._legacy_servers: List[asyncio.AbstractServer] = []
         self._unix_paths: List[str] = []
         self._ticker: Optional[asyncio.Task] = None
         self.control_address: Any = None
+        self._held: Optional[List[Tuple[_DatagramEndpoint, bytes, Any]]] = None
+        # send what the data plane has queued (socket mode batches worker messages)
+        self._commit: Callable[[], None] = getattr(self.plane, "commit", lambda: None)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,37 +153,43 @@ class Relay:
                 os.chmod(legacy, 0o660)
                 self._legacy_servers.append(server)
             else:
-                transport, _ = await self._datagram_endpoint(
-                    legacy, self.on_legacy, self.legacy.counters, "legacy.send_errors")
-                self._legacy_transports.append(transport)
+                self._legacy_endpoints.append(self._datagram_endpoint(
+                    legacy, self.on_legacy, self.legacy.counters, "legacy.send_errors"))
         # the control socket opens last: once it answers a ping, every listener is up
         address = self.config.control_addr
-        transport, endpoint = await self._datagram_endpoint(
+        endpoint = self._datagram_endpoint(
             address, self.on_control, self.control.counters, "control.send_errors")
         self.control_address = (address if isinstance(address, str)
-                                else transport.get_extra_info("sockname")[:2])
+                                else endpoint.sock.getsockname()[:2])
         self._endpoint = endpoint
         self._ticker = loop.create_task(self._tick_loop())
         log.info("relay listening control=%s ports=%s mode=%s", self.config.control,
                  self.config.ports, self.config.mode)
 
-    async def _datagram_endpoint(self, address: Any, on_datagram: Any, counters: Counter,
-                                 send_error_counter: str) -> Any:
-        loop = asyncio.get_running_loop()
-
-        def factory() -> _DatagramEndpoint:
-            return _DatagramEndpoint(on_datagram, counters, send_error_counter)
-
+    def _datagram_endpoint(self, address: Any, on_datagram: Any, counters: Counter,
+                           send_error_counter: str) -> _DatagramEndpoint:
         if isinstance(address, str):
             self._claim_unix_path(address)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.bind(address)
-            os.chmod(address, 0o660)
-            return await loop.create_datagram_endpoint(factory, sock=sock)
-        host, port = address
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return await loop.create_datagram_endpoint(factory, local_addr=(host, port),
-                                                   family=family)
+            try:
+                sock.bind(address)
+                os.chmod(address, 0o660)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            host, port = address
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                 socket.SOCK_DGRAM)
+            try:
+                sock.bind((host, port))
+            except BaseException:
+                sock.close()
+                raise
+        endpoint = _DatagramEndpoint(sock, on_datagram, counters, send_error_counter,
+                                     (self._hold_replies, self._release_replies))
+        endpoint.start(asyncio.get_running_loop())
+        return endpoint
 
     def _claim_unix_path(self, path: str) -> None:
         """Replace a socket file left by a crashed run; remember it for removal on stop."""
@@ -146,10 +202,12 @@ class Relay:
     async def stop(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
-        if self._endpoint is not None and self._endpoint.transport is not None:
-            self._endpoint.transport.close()
-        for transport in self._legacy_transports:
-            transport.close()
+        if self._endpoint is not None:
+            self._endpoint.close()
+            self._endpoint = None
+        for endpoint in self._legacy_endpoints:
+            endpoint.close()
+        self._legacy_endpoints = []
         for server in self._legacy_servers:
             server.close()
             await server.wait_closed()
@@ -181,6 +239,7 @@ class Relay:
                 outcome = self.legacy.handle(data, "unix", time.monotonic(), with_cookie=False)
                 self.plane.apply(outcome.actions)
                 if outcome.reply is not None:
+                    self._commit()
                     writer.write(outcome.reply)
                     await asyncio.wait_for(writer.drain(), LEGACY_STREAM_TIMEOUT)
         except (asyncio.TimeoutError, OSError):
@@ -204,10 +263,28 @@ class Relay:
         self.plane.apply(outcome.actions)
         self._send(endpoint, outcome.reply, addr)
 
-    @staticmethod
-    def _send(endpoint: _DatagramEndpoint, reply: Optional[bytes], addr: Any) -> None:
-        if reply is not None and endpoint.transport is not None:
-            endpoint.transport.sendto(reply, addr)
+    def _send(self, endpoint: _DatagramEndpoint, reply: Optional[bytes], addr: Any) -> None:
+        """Replies leave only after the data plane has what they announce (a client may send
+        media the moment it reads the reply); within a burst of requests they wait, so the
+        burst's worker messages leave as one batch."""
+        if reply is None:
+            return
+        if self._held is not None:
+            self._held.append((endpoint, reply, addr))
+            return
+        self._commit()
+        endpoint.sendto(reply, addr)
+
+    def _hold_replies(self) -> None:
+        if self._held is None:
+            self._held = []
+
+    def _release_replies(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._commit()
+            for endpoint, reply, addr in held:
+                endpoint.sendto(reply, addr)
 
     # -- timers ----------------------------------------------------------------------
     async def _tick_loop(self) -> None:

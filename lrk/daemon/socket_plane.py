@@ -9,6 +9,7 @@ channel; a worker that dies is restarted and its sessions re-installed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
@@ -80,6 +81,7 @@ class WorkerHandle:
         self.outbox: Deque[Tuple[dict, List[socket.socket]]] = deque()
         self.totals: Dict[str, int] = {}
         self.restarts = 0
+        self._scheduled = False  # a flush of the outbox is due in this loop iteration
 
     def start(self) -> None:
         mine, theirs = channel.pair()
@@ -97,13 +99,34 @@ class WorkerHandle:
             self.send({"op": "taps"}, taps)
 
     def send(self, message: dict, socks: List[socket.socket] = ()) -> None:  # type: ignore[assignment]
+        """Queue a message; everything queued in one loop iteration leaves as one batch."""
         self.outbox.append((message, list(socks)))
-        self._flush_outbox()
+        if not self._scheduled:
+            self._scheduled = True
+            self.plane.loop.call_soon(self._flush_outbox)
+
+    def _next_batch(self) -> Tuple[dict, List[socket.socket], int]:
+        """The head of the outbox, packed: (message, sockets, messages taken)."""
+        first, socks = self.outbox[0]
+        taken, nfds = 1, len(socks)
+        for _message, more in itertools.islice(self.outbox, 1, channel.MAX_BATCH):
+            if nfds + len(more) > channel.MAX_FDS:
+                break
+            taken += 1
+            nfds += len(more)
+        if taken == 1:
+            return first, socks, 1
+        msgs, all_socks = [], []
+        for message, more in itertools.islice(self.outbox, 0, taken):
+            msgs.append(dict(message, nfds=len(more)))
+            all_socks.extend(more)
+        return {"op": "batch", "msgs": msgs}, all_socks, taken
 
     def _flush_outbox(self) -> None:
+        self._scheduled = False
         chan = self.chan
         while self.outbox and chan is not None:
-            message, socks = self.outbox[0]
+            message, socks, taken = self._next_batch()
             try:
                 channel.send(chan, message, [s.fileno() for s in socks])
             except BlockingIOError:
@@ -111,7 +134,8 @@ class WorkerHandle:
                 return
             except OSError:
                 return  # worker gone; _readable sees EOF and restarts
-            self.outbox.popleft()
+            for _ in range(taken):
+                self.outbox.popleft()
             for s in socks:
                 s.close()  # the worker holds its own copy now
 
@@ -193,7 +217,8 @@ class SocketPlane:
         self.counters: Dict[str, int] = {"workers.restarts": 0}
         self.stopping = False
         self._flush_seq = 0
-        self._flush_waiters: Dict[int, list] = {}  # req -> [callback, workers left, timer]
+        self._flush_waiters: Dict[int, list] = {}  # req -> [callbacks, workers left, timer]
+        self._gathered: List[Callable[[], None]] = []  # flush_then callbacks not yet sent
         engine.probe = self.probe
 
     # -- lifecycle -------------------------------------------------------------------
@@ -301,6 +326,12 @@ class SocketPlane:
         self.worker_for(session.sid).send(
             {"op": "install", "sid": session.sid, "legs": legs}, socks)
 
+    def commit(self) -> None:
+        """Send every queued worker message now (before a reply that announces it)."""
+        for w in self.workers:
+            if w.outbox:
+                w._flush_outbox()
+
     def reinstall(self, worker: WorkerHandle) -> None:
         for session in list(self.engine.by_sid.values()):
             if self.worker_for(session.sid) is worker:
@@ -325,17 +356,35 @@ class SocketPlane:
 
     def flush_then(self, callback: Callable[[], None], timeout: float = 1.0) -> None:
         """Call `callback` once every worker has reported its current counters (or after
-        `timeout`, counters then possibly lagging). Plain callbacks: no task per request."""
+        `timeout`, counters then possibly lagging). Plain callbacks: no task per request;
+        the requests of one loop iteration share one round trip to the workers."""
+        if not any(w.chan is not None for w in self.workers):
+            callback()
+            return
+        self._gathered.append(callback)
+        if len(self._gathered) == 1:
+            self.loop.call_soon(self._send_flush, timeout)
+
+    def _send_flush(self, timeout: float) -> None:
+        callbacks, self._gathered = self._gathered, []
         live = [w for w in self.workers if w.chan is not None]
         if not live:
-            callback()
+            self._run(callbacks)
             return
         self._flush_seq += 1
         req = self._flush_seq
         timer = self.loop.call_later(timeout, self._flush_timed_out, req)
-        self._flush_waiters[req] = [callback, len(live), timer]
+        self._flush_waiters[req] = [callbacks, len(live), timer]
         for w in live:
             w.send({"op": "flush", "req": req})
+
+    @staticmethod
+    def _run(callbacks: List[Callable[[], None]]) -> None:
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # one request's failure never strands the others
+                log.exception("flush callback failed")
 
     def _flush_timed_out(self, req: int) -> None:
         log.warning("workers did not report in time; counters may lag")
@@ -346,9 +395,9 @@ class SocketPlane:
         waiter = self._flush_waiters.pop(req, None)
         if waiter is None:
             return
-        callback, _count, timer = waiter
+        callbacks, _count, timer = waiter
         timer.cancel()
-        callback()
+        self._run(callbacks)
 
     async def flush(self, timeout: float = 1.0) -> None:
         """Wait until every worker has reported its current counters."""
