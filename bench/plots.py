@@ -116,6 +116,7 @@ def loss_vs_offered(report: dict, outdir: str) -> List[str]:
                         label=r["mode"], color=_colour(r["mode"]))
         ax.axhline(1.0, color="black", lw=0.6, ls="--")
         ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("offered (achieved by the generator), packets/s")
         ax.set_ylabel("loss, % (symlog)")
         ax.set_title(f"Loss against offered rate, {n} session(s)")
@@ -159,15 +160,20 @@ def latency(report: dict, outdir: str) -> List[str]:
 
 
 def memory(report: dict, outdir: str) -> List[str]:
-    rows = [r for r in report.get("memory") or [] if r.get("bytes_per_session") is not None]
+    rows = [r for r in (report.get("calls") or {}).get("results") or []
+            if (r.get("memory") or {}).get("rss_bytes_per_session") is not None]
     if not rows:
         return []
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    _grouped_bars(ax, ["per session"], {r["mode"]: [r["bytes_per_session"] / 1024.0]
-                                         for r in rows}, "{:.1f}")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    groups = ["relay processes (RSS)", "kernel (slab)"]
+    _grouped_bars(ax, groups, {
+        r["mode"]: [r["memory"]["rss_bytes_per_session"] / 1024.0,
+                    None if r["memory"].get("slab_bytes_per_session") is None
+                    else r["memory"]["slab_bytes_per_session"] / 1024.0]
+        for r in rows}, "{:.1f}")
     ax.set_ylabel("KiB per session")
-    ax.set_title("Memory per session (relay processes' RSS, and kernel for kernel modes)")
+    ax.set_title("Memory per session")
     return [_save(fig, outdir, "memory_per_session.png")]
 
 

@@ -1,16 +1,18 @@
-"""The control plane <-> worker channel: msgpack messages over a SOCK_SEQPACKET pair.
+"""The control plane <-> worker channel: marshal messages over a SOCK_SEQPACKET pair.
 
 Sockets travel with their install message as SCM_RIGHTS, so the control plane
-binds (and can veto) every port while the worker owns the hot loop.
+binds (and can veto) every port while the worker owns the hot loop. Both ends are
+the same interpreter (the worker is started with the daemon's own executable) and
+the pair is private to them, so `marshal` fits: built into both interpreters, where
+msgpack runs as pure Python under PyPy and was most of the control plane's cost there.
 """
 
 from __future__ import annotations
 
 import array
+import marshal
 import socket
 from typing import Any, Dict, List, Optional, Sequence, Tuple
-
-import msgpack
 
 MAX_MESSAGE = 256 * 1024
 #: fds one message may carry: a batch of up to 16 installs (4 sockets each)
@@ -30,7 +32,7 @@ def pair() -> Tuple[socket.socket, socket.socket]:
 
 
 def encode(message: Dict[str, Any]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+    return marshal.dumps(message)
 
 
 def send(sock: socket.socket, message: Dict[str, Any], fds: Sequence[int] = ()) -> None:
@@ -54,4 +56,4 @@ def receive(sock: socket.socket, flags: int = 0) -> Optional[Tuple[Dict[str, Any
             arr = array.array("i")
             arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
             fds.extend(arr)
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True), fds
+    return marshal.loads(data), fds

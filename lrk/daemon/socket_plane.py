@@ -30,6 +30,7 @@ def _family(ip: str) -> int:
 
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 def set_rcvbuf(sock: socket.socket, size: int) -> None:
@@ -49,10 +50,11 @@ def bind_pair(ip: str, port: int, rcvbuf: int = 0
     socks: List[socket.socket] = []
     try:
         for p in (port, port + 1):
-            s = socket.socket(_family(ip), socket.SOCK_DGRAM)
+            # non-blocking from birth: no FIONBIO ioctl per port (the control plane's cost
+            # is mostly these few syscalls per port)
+            s = socket.socket(_family(ip), socket.SOCK_DGRAM | _NONBLOCK)
             socks.append(s)
             s.bind((ip, p))
-            s.setblocking(False)
             set_rcvbuf(s, rcvbuf)
     except OSError:
         for s in socks:

@@ -26,10 +26,10 @@ def _report() -> dict:
                               for m, c in (("kernel", 200000), ("socket", 150000),
                                            ("rtpengine", 60000))]},
         "calls": {"calls": 100, "pps_per_stream": 50, "results": [
-            {"mode": "socket", "latency_ms": {"p50": 0.1, "p90": 0.2, "p99": 0.5}},
-            {"mode": "rtpengine", "latency_ms": {"p50": 0.2, "p90": 0.4, "p99": 1.0}}]},
-        "memory": [{"mode": "socket", "bytes_per_session": 4096},
-                   {"mode": "rtpengine", "bytes_per_session": 9000}],
+            {"mode": "socket", "latency_ms": {"p50": 0.1, "p90": 0.2, "p99": 0.5},
+             "memory": {"rss_bytes_per_session": 4096, "slab_bytes_per_session": 900}},
+            {"mode": "rtpengine", "latency_ms": {"p50": 0.2, "p90": 0.4, "p99": 1.0},
+             "memory": {"rss_bytes_per_session": 9000, "slab_bytes_per_session": None}}]},
         "control": {"results": [{"peer": "lrk-pypy", "req_per_s": 8000},
                                 {"peer": "rtpengine", "req_per_s": 3000}]},
     }
