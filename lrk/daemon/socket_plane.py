@@ -55,7 +55,8 @@ def bind_pair(ip: str, port: int, rcvbuf: int = 0
             s = socket.socket(_family(ip), socket.SOCK_DGRAM | _NONBLOCK)
             socks.append(s)
             s.bind((ip, p))
-            set_rcvbuf(s, rcvbuf)
+            if p == port:  # RTCP (a few packets per second) keeps the kernel's default
+                set_rcvbuf(s, rcvbuf)
     except OSError:
         for s in socks:
             s.close()
