@@ -1,8 +1,8 @@
-"""Kernel fast path in network namespaces: four ways to relay media, measured side by side.
+"""Kernel fast path in network namespaces: ways to relay media, measured side by side.
 
 One topology (`lrk.sim.netns.Topology`: caller <-> relay <-> callee, each a network
 namespace of its own, veth links), one direction caller -> relay -> callee, 172-byte
-RTP packets, and for every session count the same four modes one after the other:
+RTP packets, and for every session count the modes one after the other:
 
 * ``routing``     plain kernel forwarding: the caller sends straight to the callee's
                   address, the relay namespace only routes (no ruleset, so no
@@ -16,7 +16,28 @@ RTP packets, and for every session count the same four modes one after the other
 * ``kernel``      ``lrkproxy run --mode kernel`` in the relay namespace, sessions
                   through `LrkClient` (offer from the caller, interface external;
                   answer from the callee, interface internal).
-* ``socket``      ``lrkproxy run`` (socket mode, one worker, PyPy) in the relay namespace.
+* ``nfqueue``     ``lrkproxy run --mode nfqueue``: each flow's first packet is admitted
+                  and latched in userspace (NFQUEUE), the rest is kernel NAT.
+* ``socket``      ``lrkproxy run`` (socket mode, one worker, PyPy).
+* ``packet``      ``lrkproxy run --mode packet`` with AF_PACKET taps on the relay
+                  namespace's two veths (``vc1``, ``ve1``), userspace forwarding.
+* overload mitigations of the userspace modes (MITIGATIONS): ``socket-pinned`` and
+  ``packet-pinned`` (relay on CPU 1, generator on CPU 0), ``socket-policed`` (an
+  nftables policer on the relay's ports at 0.9x socket mode's capacity).
+* ``rtpengine`` (only when asked for with --modes): Debian's rtpengine in the relay
+  namespace through `bench.peers` (its own daemon and ng client), on lrk's relay ports.
+  Another relay is one more `Bench.setups` entry like it.
+* ``kernel-rules`` (above DAEMON_MAX_SESSIONS, where no lrk daemon fits: lrk hands out
+  4 ports per session from one 16-bit range, so one daemon holds at most 16,128
+  sessions): kernel mode's ruleset from `fastpath.kernel_rules` with its elements
+  installed in bulk and no daemon, sessions spread over 5 relay address pairs added to
+  the relay namespace's veths (explicit ct marks, since relay ports repeat).
+
+Large rigs (above BULK_SESSIONS) share caller sockets (a session is a distinct flow by
+its destination) and bind callee sockets to explicit ports on 5 callee addresses. This
+VM caps RLIMIT_NOFILE at 20,000 (no CAP_SYS_RESOURCE), and a generator holds one callee
+socket per session, so above GEN_MAX_SESSIONS several generator processes share the
+sessions and are driven as one (`GeneratorGroup`, each at its share of the rate).
 
 For each (mode, sessions) it measures
 
@@ -63,8 +84,8 @@ process. Measured over the equal-load steps:
   generator's own share is the same in every mode, so differences between modes
   are the relay's differences. Less exposed to other tenants than the tick samples.
 
-    .venv/bin/python -m bench.netns_capacity --sessions 1,1000 \\
-        --out /tmp/netns_capacity.json
+    .venv/bin/python -m bench.netns_capacity --sessions 1,1000,100000 \\
+        --out bench/results/netns_capacity.json
 
 Root only; addresses from 198.51.100.0/24 (and 2001:db8::/32 in the topology); the
 root namespace's ruleset, addresses, routes and sysctls are never touched; every
@@ -98,12 +119,42 @@ from lrk.daemon.launcher import RelayProcess
 from lrk.sim.netns import NETNS_DIR, Host, Topology, list_namespaces, run, socket_in
 from lrk.sim.rtp import rtp_packet
 
-MODES = ("routing", "static-nat", "kernel", "socket")
+#: the modes measured at every session count a daemon holds (order of the run)
+MODES = ("routing", "static-nat", "kernel", "nfqueue", "socket", "packet")
+#: overload mitigations of the userspace modes, measured beside them in the full run:
+#: ``-pinned`` puts the relay's processes on CPU 1 and the generator(s) on CPU 0;
+#: ``-policed`` adds an nftables policer on the relay's ports (prerouting, before the
+#: socket) at POLICE_FRACTION of the capacity the plain mode just measured
+MITIGATIONS = ("socket-pinned", "socket-policed", "packet-pinned")
+POLICE_FRACTION = 0.9
+POLICE_TABLE = "benchpolice"
+#: lrk's daemon modes (a relay process in the relay namespace, sessions through LrkClient)
+#: other relays, through bench.peers (their own daemon and client, in the relay namespace)
+PEER_MODES = ("rtpengine",)
+DAEMON_MODES = ("kernel", "nfqueue", "socket", "packet") + MITIGATIONS + PEER_MODES
+#: above DAEMON_MAX_SESSIONS: the kernel datapath alone -- kernel mode's ruleset
+#: (fastpath.kernel_rules) with its elements installed in bulk, no daemon
+RULES_MODE = "kernel-rules"
+SCALE_MODES = ("routing", "static-nat", RULES_MODE)
+ALL_MODES = MODES + MITIGATIONS + PEER_MODES + (RULES_MODE,)
 DEFAULT_SESSIONS = (1, 1000)
 #: lrk hands out 4 ports per session (two RTP/RTCP pairs) from ONE range shared by both
 #: relay addresses (kernel mode: ct marks are relay ports), so one relay holds at most
-#: (65535 - 1024) / 4 = 16,128 sessions; the generator needs 2 sockets per session too.
-MAX_SESSIONS = 4000
+#: (65535 - 1024) / 4 = 16,128 sessions; this harness gives a daemon 20000-65535
+#: (11,300 sessions with the latency flows) and runs daemon modes up to this count
+DAEMON_MAX_SESSIONS = 10000
+MAX_SESSIONS = 100000
+#: above this many sessions the rig shares caller sockets and binds callee sockets to
+#: explicit ports on several callee addresses (one address has ~28,000 ephemeral ports)
+BULK_SESSIONS = 4000
+CALLEE_PORT_BASE = 10000  # below the callee namespace's ephemeral range (32768-60999)
+CALLEE_PER_IP = 20000
+#: extra addresses for the scale rig, all in the topology's 198.51.100.0/24 links:
+#: callee side 198.51.100.64/26 (relay B .65, callee .70), caller side .0/26 (relay A .1,
+#: caller .10)
+EXTRA_CALLEE_IPS = ("198.51.100.71", "198.51.100.72", "198.51.100.73", "198.51.100.74")
+EXTRA_RELAY_A_IPS = ("198.51.100.2", "198.51.100.3", "198.51.100.4", "198.51.100.5")
+EXTRA_RELAY_B_IPS = ("198.51.100.66", "198.51.100.67", "198.51.100.68", "198.51.100.69")
 #: the equal-load point: 1,000 calls x 50 pkt/s
 CPU_RATE = 50000
 START_RATE = 20000
@@ -115,16 +166,27 @@ CPU_REPEATS = 3
 LATENCY_FLOWS = 50
 LATENCY_TIMEOUT = 1.0
 #: quick form (bench/bench_netns.py)
-QUICK = {"start_rate": 10000, "max_steps": 3, "step_duration": 0.25, "cpu_duration": 0.3,
-         "cpu_repeats": 1, "latency_flows": 5, "warm_duration": 0.5}
-#: relay ports of lrk (kernel and socket mode run one after the other, never together)
+#: (a step the generator could not offer -- a stall of this shared machine -- is measured
+#: once more, as in the full form)
+QUICK = {"start_rate": 10000, "max_steps": 4, "step_duration": 0.25, "cpu_duration": 0.3,
+         "cpu_repeats": 1, "latency_flows": 5, "warm_duration": 0.5, "generator_retries": 1}
+#: relay ports of lrk (daemon modes run one after the other, never together)
 LRK_PORT_START = 20000
-#: static-nat: relay A port (caller side) = relay B port (callee side) = base + 2 i
-STATIC_PORT_BASE = 40000
+#: static-nat and kernel-rules: relay A port (caller side) = relay B port (callee side)
+#: = base + 2 i on the (i // per address)-th relay address pair
+STATIC_PORT_BASE = 20000
+PORTS_PER_ADDRESS = (65534 - STATIC_PORT_BASE) // 2
 STATIC_TABLE = "benchnat"
+RULES_TABLE = "benchlrk"
+#: kernel-rules: explicit ct marks (relay ports repeat across relay addresses)
+RULES_MARK_BASE = 1 << 20
+#: bulk installs: sessions per libnftables transaction (bounds nft's memory)
+BULK_CHUNK = 2500
+#: bound on a bulk install of one mode (seconds)
+BULK_DEADLINE = 600.0
 LATENCY_SSRC = 0x1A7E0000
 #: stop the whole run after this long (every step is bounded; this bounds their number)
-RUN_DEADLINE = 1800.0
+RUN_DEADLINE = 3600.0
 
 Addr = Tuple[str, int]
 Progress = Callable[[str], None]
@@ -238,6 +300,18 @@ def cpu_ticks() -> Dict[str, Any]:
     return out
 
 
+def backlog_drops() -> int:
+    """Packets dropped because a CPU's input backlog (netdev_max_backlog) was full, all
+    CPUs (/proc/net/softnet_stat, second column): where veth forwarding sheds overload."""
+    total = 0
+    with open("/proc/net/softnet_stat") as fh:
+        for line in fh:
+            cols = line.split()
+            if len(cols) > 1:
+                total += int(cols[1], 16)
+    return total
+
+
 def tree_pids(pid: int) -> List[int]:
     """pid and all its descendants."""
     out, todo = [], [pid]
@@ -302,17 +376,20 @@ class Generator:
             [python, "-m", "bench.loadgen", "--serve"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self._err, pass_fds=[s.fileno() for s in socks],
             cwd=REPO_ROOT, env=env, text=True)
-        self.info: dict = {}
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def command(self, cmd: dict, timeout: float) -> dict:
+    def send(self, cmd: dict) -> None:
         proc = self.proc
-        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdin is not None
         proc.stdin.write(json.dumps(cmd) + "\n")
         proc.stdin.flush()
+
+    def reply(self, cmd: dict, timeout: float) -> dict:
+        proc = self.proc
+        assert proc.stdout is not None
         # poll, not select: with 1,000 sessions this process holds fds above 1024
         poller = select.poll()
         poller.register(proc.stdout.fileno(), select.POLLIN)
@@ -328,18 +405,9 @@ class Generator:
         reply.pop("ok", None)
         return reply
 
-    def setup(self, spec: List[list]) -> dict:
-        self.info = self.command({"cmd": "setup", "sessions": spec}, timeout=120.0)
-        return self.info
-
-    def step(self, rate: float, duration: float, grace: float = GRACE) -> dict:
-        rate = min(float(rate), MAX_RATE)
-        duration = min(float(duration), MAX_DURATION)
-        res = self.command({"cmd": "run", "rate": rate, "duration": duration, "grace": grace},
-                           timeout=duration + grace + 30.0)
-        wall = res["send_wall"] or duration
-        res["delivered_rate"] = round(res["received"] / wall, 1)
-        return res
+    def command(self, cmd: dict, timeout: float) -> dict:
+        self.send(cmd)
+        return self.reply(cmd, timeout)
 
     def close(self) -> None:
         proc = self.proc
@@ -355,6 +423,70 @@ class Generator:
             if f is not None:
                 f.close()
         self._err.close()
+
+
+#: the most sessions one generator process drives: this VM caps RLIMIT_NOFILE at 20,000
+#: (no CAP_SYS_RESOURCE to raise it) and a generator holds one callee socket per session
+GEN_MAX_SESSIONS = 16000
+GEN_CALLERS = 200
+
+
+class GeneratorGroup:
+    """Several generator processes driven as one: a step is sent to all at once, each
+    offering its share of the rate (rate x its sessions / all sessions, so every session
+    sees the same rate), and their results are summed. One process when the sessions
+    fit one (every rig up to GEN_MAX_SESSIONS)."""
+
+    def __init__(self, gens: List[Generator], shares: List[int]) -> None:
+        self.gens = gens
+        self.shares = shares
+        self.info: dict = {}
+
+    @property
+    def pids(self) -> List[int]:
+        return [g.pid for g in self.gens]
+
+    def setup(self, spec: List[list]) -> dict:
+        lo = 0
+        for g, n in zip(self.gens, self.shares):
+            g.send({"cmd": "setup", "sessions": spec[lo:lo + n]})
+            lo += n
+        infos = [g.reply({"cmd": "setup"}, 120.0 + n / 500)
+                 for g, n in zip(self.gens, self.shares)]
+        self.info = {**infos[0], "processes": len(self.gens)}
+        return self.info
+
+    def step(self, rate: float, duration: float, grace: float = GRACE) -> dict:
+        rate = min(float(rate), MAX_RATE)
+        duration = min(float(duration), MAX_DURATION)
+        total = sum(self.shares)
+        cmds = [{"cmd": "run", "rate": rate * n / total, "duration": duration, "grace": grace}
+                for n in self.shares]
+        for g, cmd in zip(self.gens, cmds):
+            g.send(cmd)
+        parts = [g.reply(cmd, duration + grace + 30.0) for g, cmd in zip(self.gens, cmds)]
+        if len(parts) == 1:
+            res = parts[0]
+        else:
+            res = {"rate": rate, "duration": duration, "processes": len(parts)}
+            for k in ("sent", "received", "skipped", "send_failed", "recv_errors", "checked",
+                      "damaged", "stale", "late", "stalls", "sessions"):
+                res[k] = sum(p.get(k, 0) for p in parts)
+            for k in ("send_wall", "send_call_s", "max_gap_ms", "drain_wall"):
+                res[k] = max(p.get(k, 0) for p in parts)
+            res["achieved_rate"] = round(sum(p["achieved_rate"] for p in parts), 1)
+            res["generator_limited"] = any(p["generator_limited"] for p in parts)
+            res["min_session_received"] = min(p["min_session_received"] for p in parts)
+            res["loss"] = (max(0.0, 1.0 - res["received"] / res["sent"]) if res["sent"]
+                           else 1.0)
+            res["io"] = parts[0].get("io")
+        wall = res["send_wall"] or duration
+        res["delivered_rate"] = round(res["received"] / wall, 1)
+        return res
+
+    def close(self) -> None:
+        for g in self.gens:
+            g.close()
 
 
 # -- one session count: sockets, generator ----------------------------------------------
@@ -374,40 +506,97 @@ def _bound(host: Host, blocking: bool = False) -> socket.socket:
     return s
 
 
-class Rig:
-    """The topology's sockets for `sessions` calls and the generator that drives them."""
+def _bind_many(addrs: List[Addr]) -> List[socket.socket]:
+    """Non-blocking UDP sockets bound to `addrs`, made by the calling thread (an NsThread:
+    one setns for all of them, not one thread per socket)."""
+    out: List[socket.socket] = []
+    try:
+        for addr in addrs:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            out.append(s)
+            s.bind(addr)
+            tune_socket(s)
+    except BaseException:
+        for s in out:
+            s.close()
+        raise
+    return out
 
-    def __init__(self, topo: Topology, sessions: int, gen_python: str) -> None:
-        self.topo = topo
+
+def callee_addresses(topo: Topology, sessions: int) -> List[Addr]:
+    """Where session i's callee listens: an ephemeral port on the callee's address for a
+    small rig, explicit ports over the callee's extra addresses for a large one."""
+    if sessions <= BULK_SESSIONS:
+        return [(topo.callee.ip4, 0)] * sessions
+    ips = (topo.callee.ip4,) + EXTRA_CALLEE_IPS
+    if sessions > len(ips) * CALLEE_PER_IP:
+        raise BenchError(f"{sessions} sessions: more callee ports than this rig plans")
+    return [(ips[i // CALLEE_PER_IP], CALLEE_PORT_BASE + i % CALLEE_PER_IP)
+            for i in range(sessions)]
+
+
+class Rig:
+    """The topology's sockets for `sessions` calls and the generator(s) that drive them.
+
+    Up to BULK_SESSIONS: one caller and one callee socket per session (ephemeral ports).
+    Above: GEN_CALLERS caller sockets per generator, each sending to many sessions' relay
+    addresses (a session is a distinct flow by its destination), and one callee socket
+    per session on explicit ports of several callee addresses (the generator counts
+    delivery per callee socket). Sockets are made a generator's worth at a time, handed
+    over, and this process's copies closed: the generators hold them (same fd numbers).
+    """
+
+    def __init__(self, bench: Bench, sessions: int) -> None:
+        self.topo = bench.topo
         self.sessions = sessions
-        self.callers: List[socket.socket] = []
-        self.callees: List[socket.socket] = []
-        self.gen: Optional[Generator] = None
+        #: per session: (caller fd, callee fd) in its generator, and the addresses
+        self._fds: List[Tuple[int, int]] = []
+        self._addrs: List[Tuple[Addr, Addr]] = []
+        self.gen: Optional[GeneratorGroup] = None
+        bulk = sessions > BULK_SESSIONS
+        if bulk:
+            bench.scale_addresses()
+        callee_addrs = callee_addresses(self.topo, sessions)
+        gens: List[Generator] = []
+        shares: List[int] = []
         try:
-            for _ in range(sessions):
-                self.callers.append(_bound(topo.caller))
-                self.callees.append(_bound(topo.callee))
-            self.gen = Generator(gen_python, self.callers + self.callees)
+            n_gens = (sessions - 1) // GEN_MAX_SESSIONS + 1
+            per = (sessions - 1) // n_gens + 1
+            for lo in range(0, sessions, per):
+                hi = min(lo + per, sessions)
+                n_callers = min(hi - lo, GEN_CALLERS) if bulk else hi - lo
+                callers = bench.caller_ns.call(
+                    _bind_many, [(self.topo.caller.ip4, 0)] * n_callers, timeout=600.0)
+                callees: List[socket.socket] = []
+                try:
+                    callees = bench.callee_ns.call(_bind_many, callee_addrs[lo:hi],
+                                                   timeout=600.0)
+                    gens.append(Generator(bench.gen_python, callers + callees))
+                    shares.append(hi - lo)
+                    for k, b in enumerate(callees):
+                        a = callers[k % n_callers]
+                        self._fds.append((a.fileno(), b.fileno()))
+                        self._addrs.append((a.getsockname()[:2], b.getsockname()[:2]))
+                finally:
+                    for s in callers + callees:
+                        s.close()
+            self.gen = GeneratorGroup(gens, shares)
         except BaseException:
-            self.close()
+            for g in gens:
+                g.close()
             raise
 
     def pairs(self) -> List[Tuple[Addr, Addr]]:
         """(caller address, callee address) per session."""
-        return [(a.getsockname()[:2], b.getsockname()[:2])
-                for a, b in zip(self.callers, self.callees)]
+        return list(self._addrs)
 
     def spec(self, dests: List[Addr]) -> List[list]:
-        return [[a.fileno(), b.fileno(), [d[0], int(d[1])]]
-                for a, b, d in zip(self.callers, self.callees, dests)]
+        return [[a, b, [d[0], int(d[1])]] for (a, b), d in zip(self._fds, dests)]
 
     def close(self) -> None:
         if self.gen is not None:
             self.gen.close()
             self.gen = None
-        for s in self.callers + self.callees:
-            s.close()
-        self.callers, self.callees = [], []
 
 
 # -- the modes -------------------------------------------------------------------------
@@ -433,8 +622,12 @@ class Mode:
         self.exit_code: Optional[int] = None
         self.relay_traceback = False
         self.table_left: Optional[bool] = None
+        #: a bench.peers relay (rtpengine): its own daemon and client
+        self.peer: Any = None
 
     def relay_pids(self) -> List[int]:
+        if self.peer is not None:
+            return [p for pid in self.peer.pids() for p in tree_pids(pid)]
         if self.relay is None or self.relay.proc is None:
             return []
         return tree_pids(self.relay.proc.pid)
@@ -447,11 +640,49 @@ class Mode:
         except Exception:
             return None
         return {k: int(v) for k, v in c.items()
-                if k.startswith(("media.", "kernel.")) and isinstance(v, (int, float))}
+                if k.startswith(("media.", "kernel.", "nfqueue."))
+                and isinstance(v, (int, float))}
+
+
+def relay_plan(topo: Topology, i: int) -> Tuple[str, str, int]:
+    """static-nat and kernel-rules: session i's relay A address (caller side), relay B
+    address (callee side) and port (the same on both: A and B are distinct addresses)."""
+    k, j = divmod(i, PORTS_PER_ADDRESS)
+    a_ips = (topo.relay.ip4,) + EXTRA_RELAY_A_IPS
+    b_ips = (topo.relay_ext.ip4,) + EXTRA_RELAY_B_IPS
+    if k >= len(a_ips):
+        raise BenchError(f"session {i}: more relay ports than this rig plans")
+    return a_ips[k], b_ips[k], STATIC_PORT_BASE + 2 * j
+
+
+def _relay_ips(topo: Topology, total: int) -> Tuple[List[str], List[str]]:
+    """The relay A and B addresses that `total` sessions of `relay_plan` use."""
+    k = (max(total, 1) - 1) // PORTS_PER_ADDRESS + 1
+    return ([relay_plan(topo, i * PORTS_PER_ADDRESS)[0] for i in range(k)],
+            [relay_plan(topo, i * PORTS_PER_ADDRESS)[1] for i in range(k)])
+
+
+def _set_affinity(pids: List[int], cpus: set) -> None:
+    """Every thread of these processes on `cpus` (a thread that is gone is skipped)."""
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpus)
 
 
 class Bench:
-    """The topology and the pieces shared by every session count."""
+    """The topology and the pieces shared by every session count.
+
+    Modes are set up by one context manager each, registered in `setups` (name ->
+    method(m, rig)). It fills `m.dests` (where session i's caller sends), optionally
+    `m.install` / `m.remove` (one fresh flow's session) and the relay bookkeeping, and
+    undoes everything on exit. Another relay (say rtpengine in the relay namespace,
+    driven by its own client) is one more such method and one more name in MODES.
+    """
 
     def __init__(self, topo: Topology, *, gen_python: str, socket_python: str,
                  kernel_python: str, progress: Progress) -> None:
@@ -460,8 +691,29 @@ class Bench:
         self.socket_python = socket_python
         self.kernel_python = kernel_python
         self.say = progress
+        self._scaled = False
+        self.setups: Dict[str, Callable[[Mode, Rig], Any]] = {
+            "routing": self._routing,
+            "static-nat": self._static_nat,
+            "kernel": lambda m, rig: self._lrk(m, rig, ["--mode", "kernel"],
+                                               self.kernel_python, "lrk"),
+            "nfqueue": lambda m, rig: self._lrk(m, rig, ["--mode", "nfqueue"],
+                                                self.kernel_python, "lrk"),
+            "socket": lambda m, rig: self._lrk(m, rig, [], self.socket_python, None),
+            "packet": lambda m, rig: self._lrk(
+                m, rig, ["--mode", "packet", "--packet-interface", "vc1",
+                         "--packet-interface", "ve1"], self.socket_python, "lrkpkt"),
+            RULES_MODE: self._kernel_rules,
+            "socket-pinned": lambda m, rig: self._pinned(m, rig, "socket"),
+            "packet-pinned": lambda m, rig: self._pinned(m, rig, "packet"),
+            "socket-policed": lambda m, rig: self._policed(m, rig, "socket"),
+            "rtpengine": lambda m, rig: self._peer(m, rig, "rtpengine"),
+        }
+        #: (mode, sessions) -> capacity measured in this run (the policer's rate)
+        self.capacities: Dict[Tuple[str, int], int] = {}
         self.relay_ns = NsThread(topo.relay.ns)
         self.callee_ns = NsThread(topo.callee.ns)
+        self.caller_ns = NsThread(topo.caller.ns)
         from fastpath.nft import Nft
 
         # now, while this process has few fds: libnftables waits on its netlink socket
@@ -475,20 +727,41 @@ class Bench:
             self._nft = None
         self.relay_ns.close()
         self.callee_ns.close()
+        self.caller_ns.close()
 
-    def nft(self, text: str) -> str:
+    def nft(self, text: str, timeout: float = 300.0) -> str:
         """One nft transaction in the relay namespace."""
-        return self.relay_ns.call(self._nft.run, text)
+        return self.relay_ns.call(self._nft.run, text, timeout=timeout)
 
     def flush_conntrack(self) -> None:
-        run("conntrack", "-F", ns=self.topo.relay.ns, check=False)
+        run("conntrack", "-F", ns=self.topo.relay.ns, check=False, timeout=120.0)
 
     def udp(self) -> Dict[str, Dict[str, int]]:
         return {"relay": self.relay_ns.call(_snmp_udp), "callee": self.callee_ns.call(_snmp_udp)}
 
+    def scale_addresses(self) -> None:
+        """Extra addresses for a large rig: callee side and relay A/B (our namespaces only;
+        they go with the namespaces)."""
+        if self._scaled:
+            return
+        t = self.topo
+        for ip in EXTRA_CALLEE_IPS:
+            run("ip", "addr", "add", f"{ip}/26", "dev", "ve0", ns=t.callee.ns)
+        for ip in EXTRA_RELAY_A_IPS:
+            run("ip", "addr", "add", f"{ip}/26", "dev", "vc1", ns=t.relay.ns)
+        for ip in EXTRA_RELAY_B_IPS:
+            run("ip", "addr", "add", f"{ip}/26", "dev", "ve1", ns=t.relay.ns)
+        self._scaled = True
+
+    def tables(self) -> str:
+        return run("nft", "list", "tables", ns=self.topo.relay.ns, check=False).stdout
+
     # -- setting a mode up ---------------------------------------------------------
     @contextlib.contextmanager
     def mode(self, name: str, rig: Rig, flows: int) -> Iterator[Mode]:
+        setup = self.setups.get(name)
+        if setup is None:
+            raise BenchError(f"unknown mode {name!r}")
         m = Mode(name)
         socks: List[socket.socket] = []
         try:
@@ -496,29 +769,35 @@ class Bench:
                 socks.append(_bound(self.topo.caller, True))
                 socks.append(_bound(self.topo.callee, True))
             m.flow_pairs = [(socks[2 * i], socks[2 * i + 1]) for i in range(flows)]
-            if name == "routing":
-                m.dests = [callee for _, callee in rig.pairs()]
-                m.how = "nothing to install"
+            with setup(m, rig):
                 yield m
-            elif name == "static-nat":
-                with self._static_nat(m, rig):
-                    yield m
-            elif name in ("kernel", "socket"):
-                with self._lrk(m, rig):
-                    yield m
-            else:
-                raise BenchError(f"unknown mode {name!r}")
         finally:
             for s in socks:
                 s.close()
 
     @contextlib.contextmanager
+    def _routing(self, m: Mode, rig: Rig) -> Iterator[None]:
+        m.dests = [callee for _, callee in rig.pairs()]
+        m.how = "nothing to install"
+        yield
+
+    def _bulk(self, m: Mode, chunks: Iterator[str]) -> None:
+        """Apply install transactions one after the other, within BULK_DEADLINE."""
+        t0 = time.perf_counter()
+        for n, text in enumerate(chunks):
+            self.nft(text)
+            if time.perf_counter() - t0 > BULK_DEADLINE:
+                raise BenchError(f"{m.name}: bulk install passed {BULK_DEADLINE:.0f} s "
+                                 f"after {n + 1} transactions")
+        m.load_setup_s = time.perf_counter() - t0
+
+    @contextlib.contextmanager
     def _static_nat(self, m: Mode, rig: Rig) -> Iterator[None]:
         t = STATIC_TABLE
-        a_ip, b_ip = self.topo.relay.ip4, self.topo.relay_ext.ip4
-        hi = STATIC_PORT_BASE + 2 * (rig.sessions + len(m.flow_pairs))
-        if hi > 65535:
-            raise BenchError("static-nat: too many sessions for its port range")
+        total = rig.sessions + len(m.flow_pairs)
+        a_ips, _ = _relay_ips(self.topo, total)
+        daddr = a_ips[0] if len(a_ips) == 1 else "{ " + ", ".join(a_ips) + " }"
+        hi = STATIC_PORT_BASE + 2 * min(total, PORTS_PER_ADDRESS)
         create = (
             f"add table inet {t}\ndelete table inet {t}\n"
             f"table inet {t} {{\n"
@@ -526,7 +805,7 @@ class Bench:
             "  map snat4 { type ipv4_addr . inet_service : ipv4_addr . inet_service; }\n"
             "  chain pre {\n"
             "    type nat hook prerouting priority dstnat; policy accept;\n"
-            f"    ip daddr {a_ip} udp dport {STATIC_PORT_BASE}-{hi} "
+            f"    ip daddr {daddr} udp dport {STATIC_PORT_BASE}-{hi} "
             "dnat ip to ip daddr . udp dport map @dnat4\n"
             "  }\n"
             "  chain post {\n"
@@ -536,7 +815,7 @@ class Bench:
             "}\n")
 
         def elements(i: int, callee: Addr) -> Tuple[str, str]:
-            port = STATIC_PORT_BASE + 2 * i
+            a_ip, b_ip, port = relay_plan(self.topo, i)
             return (f"{a_ip} . {port} : {callee[0]} . {callee[1]}",
                     f"{callee[0]} . {callee[1]} : {b_ip} . {port}")
 
@@ -545,28 +824,34 @@ class Bench:
             d, s = elements(i, m.flow_pairs[j][1].getsockname()[:2])
             self.nft(f"add element inet {t} dnat4 {{ {d} }}\n"
                      f"add element inet {t} snat4 {{ {s} }}\n")
-            return a_ip, STATIC_PORT_BASE + 2 * i
+            a_ip, _, port = relay_plan(self.topo, i)
+            return a_ip, port
 
         def remove(j: int) -> None:
             callee = m.flow_pairs[j][1].getsockname()[:2]
-            port = STATIC_PORT_BASE + 2 * (rig.sessions + j)
+            a_ip, _, port = relay_plan(self.topo, rig.sessions + j)
             self.nft(f"delete element inet {t} dnat4 {{ {a_ip} . {port} }}\n"
                      f"delete element inet {t} snat4 {{ {callee[0]} . {callee[1]} }}\n")
 
+        def chunks(pairs: List[Tuple[Addr, Addr]]) -> Iterator[str]:
+            for lo in range(0, len(pairs), BULK_CHUNK):
+                dn, sn = [], []
+                for i in range(lo, min(lo + BULK_CHUNK, len(pairs))):
+                    d, s = elements(i, pairs[i][1])
+                    dn.append(d)
+                    sn.append(s)
+                yield (f"add element inet {t} dnat4 {{ {', '.join(dn)} }}\n"
+                       f"add element inet {t} snat4 {{ {', '.join(sn)} }}\n")
+
         try:
             self.nft(create)
-            dn, sn = [], []
-            for i, (_, callee) in enumerate(rig.pairs()):
-                d, s = elements(i, callee)
-                dn.append(d)
-                sn.append(s)
-                m.dests.append((a_ip, STATIC_PORT_BASE + 2 * i))
-            t0 = time.perf_counter()
-            self.nft(f"add element inet {t} dnat4 {{ {', '.join(dn)} }}\n"
-                     f"add element inet {t} snat4 {{ {', '.join(sn)} }}\n")
-            m.load_setup_s = time.perf_counter() - t0
-            m.how = ("one libnftables transaction per session (load sessions: all in one "
-                     "transaction)")
+            pairs = rig.pairs()
+            for i in range(rig.sessions):
+                a_ip, _, port = relay_plan(self.topo, i)
+                m.dests.append((a_ip, port))
+            self._bulk(m, chunks(pairs))
+            m.how = (f"one libnftables transaction per session (load sessions: "
+                     f"{BULK_CHUNK} per transaction)")
             m.install, m.remove = install, remove
             m.remove_how = "one libnftables transaction per session, no conntrack flush"
             yield
@@ -574,19 +859,158 @@ class Bench:
             with contextlib.suppress(Exception):
                 self.nft(f"add table inet {t}\ndelete table inet {t}\n")
             self.flush_conntrack()
-            listing = run("nft", "list", "tables", ns=self.topo.relay.ns, check=False).stdout
-            m.table_left = STATIC_TABLE in listing
+            m.table_left = f"inet {t}" in self.tables()
 
     @contextlib.contextmanager
-    def _lrk(self, m: Mode, rig: Rig) -> Iterator[None]:
-        kernel = m.name == "kernel"
+    def _kernel_rules(self, m: Mode, rig: Rig) -> Iterator[None]:
+        """lrk kernel mode's ruleset and elements (fastpath.kernel_rules), no daemon: the
+        datapath at session counts one daemon cannot hold. Relay ports repeat across the
+        relay addresses, so every leg gets an explicit ct mark."""
+        from fastpath.kernel_rules import KernelRuleset, LegSpec, SessionSpec
+
+        total = rig.sessions + len(m.flow_pairs)
+        a_ips, b_ips = _relay_ips(self.topo, total)
+        rules = KernelRuleset(
+            table=RULES_TABLE, port_start=STATIC_PORT_BASE,
+            port_end=STATIC_PORT_BASE + 2 * min(total, PORTS_PER_ADDRESS) + 1,
+            relay_ips=a_ips + b_ips,
+            mark_range=(RULES_MARK_BASE, RULES_MARK_BASE + 4 * total + 4))
+        specs: Dict[int, Any] = {}
+
+        def spec(i: int, caller: Addr, callee: Addr) -> Any:
+            a_ip, b_ip, port = relay_plan(self.topo, i)
+            mark = RULES_MARK_BASE + 4 * i
+            return SessionSpec(LegSpec(a_ip, port, caller[0], caller[1], mark=mark),
+                               LegSpec(b_ip, port, callee[0], callee[1], mark=mark + 2))
+
+        def install(j: int) -> Addr:
+            a, b = m.flow_pairs[j]
+            sp = spec(rig.sessions + j, a.getsockname()[:2], b.getsockname()[:2])
+            self.nft(rules.install_commands(sp))
+            specs[j] = sp
+            return sp.a.relay_ip, sp.a.relay_port
+
+        def remove(j: int) -> None:
+            self.nft(rules.remove_commands(specs.pop(j)))
+
+        def chunks(pairs: List[Tuple[Addr, Addr]]) -> Iterator[str]:
+            for lo in range(0, len(pairs), BULK_CHUNK):
+                hi = min(lo + BULK_CHUNK, len(pairs))
+                yield rules.install_commands(*(spec(i, *pairs[i]) for i in range(lo, hi)))
+
+        try:
+            self.nft(rules.create())
+            pairs = rig.pairs()
+            for i in range(rig.sessions):
+                a_ip, _, port = relay_plan(self.topo, i)
+                m.dests.append((a_ip, port))
+            self._bulk(m, chunks(pairs))
+            m.how = (f"kernel_rules.install_commands, one transaction per session (load "
+                     f"sessions: {BULK_CHUNK} per transaction); no daemon, no control protocol")
+            m.install, m.remove = install, remove
+            m.remove_how = "kernel_rules.remove_commands, one transaction; no conntrack flush"
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                self.nft(rules.destroy())
+            self.flush_conntrack()
+            m.table_left = f"inet {RULES_TABLE}" in self.tables()
+
+    @contextlib.contextmanager
+    def _pinned(self, m: Mode, rig: Rig, base: str) -> Iterator[None]:
+        """`base` with the relay's threads on CPU 1 and the generators' on CPU 0, so the
+        generator's sending (and the forwarding softirq it runs) cannot starve the worker."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise BenchError(f"{m.name}: needs two CPUs, have {cpus}")
+        assert rig.gen is not None
+        with self.setups[base](m, rig):
+            _set_affinity(m.relay_pids(), {cpus[1]})
+            _set_affinity(rig.gen.pids, {cpus[0]})
+            m.how += f"; relay on CPU {cpus[1]}, generator on CPU {cpus[0]}"
+            try:
+                yield
+            finally:
+                _set_affinity(rig.gen.pids, set(cpus))
+
+    @contextlib.contextmanager
+    def _policed(self, m: Mode, rig: Rig, base: str) -> Iterator[None]:
+        """`base` behind an nftables policer on the relay's ports: what exceeds
+        POLICE_FRACTION x the capacity `base` measured is dropped at prerouting, before
+        the relay's socket queues and the worker see it."""
+        cap = self.capacities.get((base, rig.sessions))
+        if not cap:
+            raise BenchError(f"{m.name}: measure {base} first (the policer's rate)")
+        rate = int(POLICE_FRACTION * cap)
+        t = POLICE_TABLE
+        hi = LRK_PORT_START + 4 * (rig.sessions + len(m.flow_pairs)) + 63
+        self.nft(f"add table inet {t}\ndelete table inet {t}\n"
+                 f"table inet {t} {{\n"
+                 "  chain pre {\n"
+                 "    type filter hook prerouting priority -200; policy accept;\n"
+                 f"    ip daddr {self.topo.relay.ip4} udp dport {LRK_PORT_START}-{hi} "
+                 f"limit rate over {rate}/second burst {max(1000, rate // 100)} packets "
+                 "counter drop\n"
+                 "  }\n"
+                 "}\n")
+        try:
+            with self.setups[base](m, rig):
+                m.how += f"; policer at {rate} pkt/s ({POLICE_FRACTION} x {base} capacity)"
+                yield
+        finally:
+            with contextlib.suppress(Exception):
+                self.nft(f"add table inet {t}\ndelete table inet {t}\n")
+            m.table_left = f"inet {t}" in self.tables()
+
+    @contextlib.contextmanager
+    def _peer(self, m: Mode, rig: Rig, name: str) -> Iterator[None]:
+        """A relay of `bench.peers` (rtpengine: its own daemon, set up with its own ng
+        client) on the same relay ports as lrk's daemon modes."""
+        from bench.peers import make_peer
+
         size = 4 * (rig.sessions + len(m.flow_pairs)) + 64
+        if LRK_PORT_START + size - 1 > 65535:
+            raise BenchError(f"{m.name}: {rig.sessions} sessions need too many relay ports")
+        peer = make_peer(self.topo, name, f"{LRK_PORT_START}-{LRK_PORT_START + size - 1}")
+        m.peer = peer
+
+        def install(j: int) -> Addr:
+            a, b = m.flow_pairs[j]
+            to_b, _to_a = peer.call(f"nb-{name}-{rig.sessions + j}", a.getsockname()[:2],
+                                    b.getsockname()[:2])
+            return to_b
+
+        def remove(j: int) -> None:
+            peer.hangup(f"nb-{name}-{rig.sessions + j}")
+
+        try:
+            peer.start()
+            t0 = time.perf_counter()
+            m.dests = [peer.call(f"nb-{name}-{i}", caller, callee)[0]
+                       for i, (caller, callee) in enumerate(rig.pairs())]
+            m.load_setup_s = time.perf_counter() - t0
+            m.how = f"{name}: offer + answer through its own client, one call after the other"
+            m.install, m.remove = install, remove
+            m.remove_how = f"{name}: delete through its own client"
+            yield
+        finally:
+            m.exit_code = peer.stop()
+            m.relay_traceback = "Traceback" in (getattr(peer, "output", "") or "")
+            self.flush_conntrack()
+            m.peer = None
+
+    @contextlib.contextmanager
+    def _lrk(self, m: Mode, rig: Rig, mode_args: List[str], python: str,
+             table: Optional[str]) -> Iterator[None]:
+        """`lrkproxy run` in the relay namespace; sessions through LrkClient."""
+        size = 4 * (rig.sessions + len(m.flow_pairs)) + 64
+        if LRK_PORT_START + size - 1 > 65535:
+            raise BenchError(f"{m.name}: {rig.sessions} sessions need more relay ports than "
+                             f"{LRK_PORT_START}-65535 (4 per session)")
         ports = f"{LRK_PORT_START}-{LRK_PORT_START + size - 1}"
-        extra = ["--internal-ip", self.topo.relay.ip4, "--external-ip", self.topo.relay_ext.ip4,
+        extra = [*mode_args, "--internal-ip", self.topo.relay.ip4,
+                 "--external-ip", self.topo.relay_ext.ip4,
                  "--silence-timeout", "3600", "--workers", "1"]
-        if kernel:
-            extra = ["--mode", "kernel", *extra]
-        python = self.kernel_python if kernel else self.socket_python
         relay = RelayProcess(ports=ports, netns=self.topo.relay.ns, extra=extra, python=python)
         m.relay = relay
 
@@ -623,10 +1047,8 @@ class Bench:
                 m.client = None
             m.exit_code = relay.stop()
             m.relay_traceback = "Traceback" in (relay.output or "")
-            if kernel:
-                listing = run("nft", "list", "tables", ns=self.topo.relay.ns,
-                              check=False).stdout
-                m.table_left = "inet lrk" in listing
+            if table is not None:
+                m.table_left = f"inet {table}" in self.tables()
             self.flush_conntrack()
             m.relay = None
 
@@ -638,7 +1060,7 @@ STEP_KEYS = ("rate", "achieved_rate", "delivered_rate", "loss", "sent", "receive
              "checked", "min_session_received", "verdict")
 
 
-def cpu_point(bench: Bench, gen: Generator, m: Mode, rate: float, duration: float,
+def cpu_point(bench: Bench, gen: GeneratorGroup, m: Mode, rate: float, duration: float,
               repeats: int, grace: float = GRACE) -> dict:
     """CPU per delivered packet at `rate` pkt/s, pooled over `repeats` steps, after an
     idle window of `duration` s that gives the background softirq/busy rate."""
@@ -657,7 +1079,7 @@ def cpu_point(bench: Bench, gen: Generator, m: Mode, rate: float, duration: floa
     d_kirq = d_busy = d_relay = d_gen = d_path = 0.0
     received = 0
     wall = 0.0
-    gpids = [gen.pid]
+    gpids = gen.pids
     kpids = ksoftirqd_pids()
     for _ in range(max(1, repeats)):
         rpids = m.relay_pids()
@@ -792,13 +1214,19 @@ def measure_mode(bench: Bench, rig: Rig, mode: str, opts: dict) -> dict:
     gen = rig.gen
     assert gen is not None
     with bench.mode(mode, rig, opts["latency_flows"]) as m:
+        dests = list(m.dests)
         gen.setup(rig.spec(m.dests))
         say(f"{label} {rig.sessions} sessions set up in {m.load_setup_s:.3f} s; generator "
             f"{gen.info.get('impl')} io={gen.info.get('io')}")
         udp0 = bench.udp()
-        warm = gen.step(min(opts["start_rate"], CPU_RATE), opts["warm_duration"])
-        say(f"{label} warm-up {warm['rate']:.0f} pkt/s: loss {100 * warm['loss']:.2f}%, "
-            f"received {warm['received']}, damaged {warm['damaged']}/{warm['checked']}")
+        warm_rate = min(opts["start_rate"], CPU_RATE)
+        # every session's flow gets at least one packet (its first: conntrack + NAT set-up)
+        # before anything is measured
+        warm_s = min(MAX_DURATION, max(opts["warm_duration"], 1.5 * rig.sessions / warm_rate))
+        warm = gen.step(warm_rate, warm_s)
+        say(f"{label} warm-up {warm['rate']:.0f} pkt/s for {warm_s:.1f} s: loss "
+            f"{100 * warm['loss']:.2f}%, received {warm['received']}, every session got "
+            f">= {warm['min_session_received']}, damaged {warm['damaged']}/{warm['checked']}")
         all_steps = [warm]
 
         def measure(rate: int) -> dict:
@@ -812,15 +1240,20 @@ def measure_mode(bench: Bench, rig: Rig, mode: str, opts: dict) -> dict:
         found = search(measure, opts["start_rate"], opts["max_steps"], LOSS_LIMIT, PRECISION,
                        generator_retries=opts["generator_retries"])
         cap = found["capacity_pps"]
+        bench.capacities[(mode, rig.sessions)] = cap
         overload = None
         if cap:
+            drops0 = backlog_drops()
             res = gen.step(min(2 * cap, MAX_RATE), opts["step_duration"])
             all_steps.append(res)
             overload = {k: res.get(k) for k in STEP_KEYS if k != "verdict"}
+            # the machine's, not only ours: another tenant's veth traffic would count too
+            overload["backlog_drops"] = backlog_drops() - drops0
             overload["delivered_over_capacity"] = round(res["delivered_rate"] / cap, 3)
             say(f"{label} overload {res['rate']:.0f} pkt/s (2x capacity): achieved "
                 f"{res['achieved_rate']:.0f}, delivered {res['delivered_rate']:.0f} = "
-                f"{overload['delivered_over_capacity']:.2f}x capacity")
+                f"{overload['delivered_over_capacity']:.2f}x capacity; backlog drops "
+                f"{overload['backlog_drops']}")
         cpu = cpu_point(bench, gen, m, opts["cpu_rate"], opts["cpu_duration"],
                         opts["cpu_repeats"])
         all_steps.extend(cpu.get("steps", []))
@@ -853,6 +1286,8 @@ def measure_mode(bench: Bench, rig: Rig, mode: str, opts: dict) -> dict:
     return {
         "mode": mode,
         "sessions": rig.sessions,
+        "generators": len(gen.gens),
+        "relay_ips": sorted({d[0] for d in dests}),
         "capacity_pps": cap,
         "loss_at_capacity": found["loss_at_capacity"],
         "achieved_at_capacity": found["achieved_at_capacity"],
@@ -870,8 +1305,12 @@ def measure_mode(bench: Bench, rig: Rig, mode: str, opts: dict) -> dict:
         "checked": sum(s["checked"] for s in all_steps),
         "damaged": sum(s["damaged"] for s in all_steps),
         "received_total": sum(s["received"] for s in all_steps),
-        # the warm-up step may start before a cold relay forwards (socket mode: ~0.25 s)
-        "min_session_received": min(s["min_session_received"] for s in all_steps[1:]),
+        # the warm-up step may start before a cold relay forwards (socket mode: ~0.25 s);
+        # steps that offered each session fewer than 2 packets say nothing per session
+        "min_session_received": min((s["min_session_received"] for s in all_steps[1:]
+                                     if s["sent"] >= 2 * rig.sessions),
+                                    default=warm["min_session_received"]),
+        "warm_min_session_received": warm["min_session_received"],
         "relay_exit_code": m.exit_code,
         "relay_traceback": m.relay_traceback,
         "table_left": m.table_left,
@@ -898,7 +1337,6 @@ def options(quick: bool = False, **over: Any) -> dict:
             "latency_flows": LATENCY_FLOWS, "warm_duration": 0.5, "generator_retries": 1}
     if quick:
         opts.update(QUICK)
-        opts["generator_retries"] = 0
     opts.update({k: v for k, v in over.items() if v is not None})
     opts["max_steps"] = min(int(opts["max_steps"]), 14)
     opts["step_duration"] = min(float(opts["step_duration"]), MAX_DURATION)
@@ -908,22 +1346,36 @@ def options(quick: bool = False, **over: Any) -> dict:
     return opts
 
 
-def run_bench(sessions: List[int], modes: List[str], *, quick: bool = False,
+def modes_for(n: int, modes: Optional[List[str]]) -> Tuple[List[str], List[dict]]:
+    """(modes measured at n sessions, modes skipped there with the reason)."""
+    wanted = (list(modes) if modes else
+              list(MODES + MITIGATIONS if n <= DAEMON_MAX_SESSIONS else SCALE_MODES))
+    here, skipped = [], []
+    for mode in wanted:
+        if mode in DAEMON_MODES and n > DAEMON_MAX_SESSIONS:
+            skipped.append({"mode": mode, "sessions": n, "why": (
+                "lrk allocates 4 relay ports per session from one 16-bit range shared by "
+                "both relay addresses (kernel mode: ct marks are relay ports), so one daemon "
+                f"holds at most 16,128 sessions; this harness runs daemons up to "
+                f"{DAEMON_MAX_SESSIONS}; measured instead: {RULES_MODE} (kernel mode's "
+                "ruleset without the daemon)")})
+        else:
+            here.append(mode)
+    return here, skipped
+
+
+def run_bench(sessions: List[int], modes: Optional[List[str]] = None, *, quick: bool = False,
               progress: Optional[Progress] = None, tag: str = "nb",
               gen_python: Optional[str] = None, socket_python: Optional[str] = None,
               kernel_python: Optional[str] = None, **over: Any) -> dict:
-    """Every mode at every session count in one topology; returns a JSON-able report."""
+    """Every mode at every session count in one topology; returns a JSON-able report.
+    `modes` None: MODES up to DAEMON_MAX_SESSIONS sessions, SCALE_MODES above."""
     for n in sessions:
         if not 1 <= n <= MAX_SESSIONS:
-            raise BenchError(
-                f"{n} sessions: this harness handles 1..{MAX_SESSIONS}. lrk allocates 4 relay "
-                "ports per session from one 16-bit range shared by both relay addresses, so "
-                "one relay holds at most 16,128 sessions, and the generator needs 2 sockets "
-                "per session (100,000 sessions: 200,000 sockets, more than the caller's and "
-                "callee's single addresses have ports)")
-    for mode in modes:
-        if mode not in MODES:
-            raise BenchError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+            raise BenchError(f"{n} sessions: this harness handles 1..{MAX_SESSIONS}")
+    for mode in modes or ():
+        if mode not in ALL_MODES:
+            raise BenchError(f"unknown mode {mode!r}; choose from {', '.join(ALL_MODES)}")
     if os.geteuid() != 0:
         raise BenchError("network namespaces need root")
     say = progress or (lambda _text: None)
@@ -937,6 +1389,7 @@ def run_bench(sessions: List[int], modes: List[str], *, quick: bool = False,
     deadline = t0 + RUN_DEADLINE
     topo = Topology(tag)
     results: List[dict] = []
+    skipped: List[dict] = []
     second_pass: Dict[int, dict] = {}
     leftover: List[str] = []
     bench: Optional[Bench] = None
@@ -945,10 +1398,20 @@ def run_bench(sessions: List[int], modes: List[str], *, quick: bool = False,
         bench = Bench(topo, gen_python=gen_python, socket_python=socket_python,
                       kernel_python=kernel_python, progress=say)
         for n in sessions:
-            rig = Rig(topo, n, gen_python)
+            here_modes, skip = modes_for(n, modes)
+            skipped.extend(skip)
+            for sk in skip:
+                say(f"[{sk['mode']} x{n}] skipped: {sk['why']}")
+            if not here_modes:
+                continue
+            t_rig = time.monotonic()
+            rig = Rig(bench, n)
+            assert rig.gen is not None
+            say(f"[x{n}] rig: {n} sessions, {len(rig.gen.gens)} generator process(es), "
+                f"ready in {time.monotonic() - t_rig:.1f} s")
             try:
                 here = []
-                for mode in modes:
+                for mode in here_modes:
                     if time.monotonic() > deadline:
                         raise BenchError(f"run took longer than {RUN_DEADLINE:.0f} s")
                     here.append(measure_mode(bench, rig, mode, opts))
@@ -977,6 +1440,7 @@ def run_bench(sessions: List[int], modes: List[str], *, quick: bool = False,
         "options": opts,
         "loss_limit": LOSS_LIMIT,
         "results": results,
+        "skipped": skipped,
         "second_pass": second_pass,
         "ratios": ratios(results),
         "namespaces_left": leftover,
@@ -995,7 +1459,7 @@ def ratios(results: List[dict]) -> List[dict]:
         base = by.get(("static-nat", n))
         if base is None:
             continue
-        for mode in ("kernel", "socket", "routing"):
+        for mode in ("kernel", "nfqueue", "socket", "packet", *MITIGATIONS, RULES_MODE, "routing"):
             r = by.get((mode, n))
             if r is None:
                 continue
@@ -1023,7 +1487,7 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 
 def table(report: dict) -> str:
-    head = (f"{'mode':10} {'sess':>5} {'capacity':>8} {'gen':>3} {'maxdeliv':>8} "
+    head = (f"{'mode':14} {'sess':>6} {'capacity':>8} {'gen':>3} {'maxdeliv':>8} "
             f"{'2x offer':>8} {'2x/cap':>6} {'2x loss':>7} {'softirq':>7} {'relay':>6} "
             f"{'ns us':>6} {'path':>6} {'+route':>6} {'1st us':>6} {'est us':>6} "
             f"{'setup/s':>7} {'end/s':>6}")
@@ -1035,7 +1499,7 @@ def table(report: dict) -> str:
         base = routing.get(r["sessions"])
         extra = (c.get("path_us") - base) if base is not None and c.get("path_us") else None
         rows.append(
-            f"{r['mode']:10} {r['sessions']:>5} {r['capacity_pps']:>8} "
+            f"{r['mode']:14} {r['sessions']:>6} {r['capacity_pps']:>8} "
             f"{'yes' if r['generator_bound'] else 'no':>3} {r['max_delivered_pps']:>8.0f} "
             f"{_fmt(ov.get('achieved_rate'), '.0f'):>8} "
             f"{_fmt(ov.get('delivered_over_capacity'), '.2f'):>6} "
@@ -1064,7 +1528,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.netns_capacity",
                                 description=__doc__.split("\n")[0])
     p.add_argument("--sessions", default=",".join(map(str, DEFAULT_SESSIONS)))
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", help=f"default: {','.join(MODES + MITIGATIONS)} up to "
+                   f"{DAEMON_MAX_SESSIONS} "
+                   f"sessions, {','.join(SCALE_MODES)} above")
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--quick", action="store_true", help="the short form of the test suite")
     p.add_argument("--cpu-rate", type=int, help=f"equal-load rate (default {CPU_RATE})")
@@ -1072,7 +1538,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--latency-flows", type=int)
     args = p.parse_args(argv)
     sessions = [int(x) for x in args.sessions.split(",") if x.strip()]
-    modes = [x.strip() for x in args.modes.split(",") if x.strip()]
+    modes = [x.strip() for x in (args.modes or "").split(",") if x.strip()] or None
 
     def stop(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)  # unwinds: relays stopped, namespaces deleted

@@ -23,6 +23,7 @@ from fastpath.kernel_rules import (
     parse_drop_counter,
 )
 from fastpath.nft import Nft, NftError
+from fastpath.nft_setelem import NftDumpError, SetElemReader
 from lrk.core.engine import Action, Engine, Install, Remove, Update
 from lrk.core.session import LEG_A, LEG_B, Leg, Session
 from lrk.errors import ConfigError
@@ -60,6 +61,8 @@ class KernelPlane:
         self.poll_interval = poll_interval
         self.nft: Optional[Nft] = None
         self.ct: Optional[ConntrackSocket] = None
+        #: counters straight from the kernel: nft's listing costs 13-20 s at 400,000 elements
+        self.dump: Optional[SetElemReader] = None
         self.installed: Dict[int, SessionSpec] = {}
         self._seen: Dict[Tuple[str, int], Tuple[int, int]] = {}
         self._last_poll = 0.0
@@ -84,6 +87,10 @@ class KernelPlane:
         self.nft = Nft()
         self.nft.run(self.rules.create())  # replaces a table a crashed run left behind
         self.ct = ConntrackSocket()
+        try:
+            self.dump = SetElemReader()
+        except OSError as exc:
+            log.warning("no nf_tables netlink socket (%s): counters read through nft", exc)
         cfg = self.engine.config
         self._flush_flows(range(cfg.port_start, cfg.port_end + 1))  # its flows too
         log.info("kernel mode: table inet %s ready (%s)", self.rules.table, self.nft.backend)
@@ -100,6 +107,9 @@ class KernelPlane:
         if self.ct is not None:
             self.ct.close()
             self.ct = None
+        if self.dump is not None:
+            self.dump.close()
+            self.dump = None
 
     # -- actions -----------------------------------------------------------------------
     def apply(self, actions: List[Action]) -> None:
@@ -174,7 +184,7 @@ class KernelPlane:
         families = {spec.family for spec in self.installed.values()}
         try:
             for fam in sorted(families):
-                seen.update(parse_counters(self.nft.run_json(self.rules.counters_query(fam))))
+                seen.update(self._read_seen(fam))
             drops = parse_drop_counter(self.nft.run_json(self.rules.drops_query()))
         except (NftError, KernelRuleError) as exc:
             self.counters["kernel.errors"] += 1
@@ -204,6 +214,20 @@ class KernelPlane:
                 },
             }
             self.engine.apply_report(sid, report)
+
+    def _read_seen(self, fam: int) -> Dict[Tuple[str, int], Tuple[int, int]]:
+        """One family's `seen` counters: a netlink dump (0.3 s at 50,000 elements, 13 s and
+        0.27 GB at 400,000; nft's JSON listing: 19 s and 1.6 GB), or that listing when the
+        dump is unavailable or failed."""
+        if self.dump is not None:
+            try:
+                return self.dump.counters(self.rules.table, f"seen{fam}")
+            except (NftDumpError, OSError) as exc:
+                log.warning("set element dump failed (%s): counters read through nft", exc)
+                self.dump.close()
+                self.dump = None
+        assert self.nft is not None
+        return parse_counters(self.nft.run_json(self.rules.counters_query(fam)))
 
     def flush_then(self, callback: Callable[[], None], timeout: float = 1.0) -> None:
         """Counters no older than `poll_interval`: a full read costs O(sessions) (about

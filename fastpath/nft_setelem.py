@@ -1,0 +1,225 @@
+"""Element counters of an nftables set straight from the kernel (NFT_MSG_GETSETELEM dump).
+
+Kernel mode reads its per-port packet counters from the ``seen4``/``seen6`` sets. Through
+libnftables (``nft -j list set``) that cost 19 s and 1.6 GB at 400,000 elements (100,000
+sessions): nft builds its cache and a JSON text first. The kernel's own dump is one
+netlink request answered by messages of about 400 elements (32 KB) each; this module asks
+for it and reads only what the counters need (key and counter expression), in the
+calling thread's network namespace. Measured at 400,000 elements: 12-13 s and 0.27 GB,
+of which parsing is 1.3 s -- the rest is the kernel, which restarts its hash-set walk
+from the beginning for every message (skipping what it sent), so a dump costs O(n^2):
+0.3 s at 50,000 elements, 1.4 s at 100,000, 3.3 s at 200,000, 13 s at 400,000.
+
+Only sets whose key is ``ipv4_addr . inet_service`` or ``ipv6_addr . inet_service``
+(what ``fastpath.kernel_rules`` declares) are decoded. The message builder and the
+parser are pure (`dump_request`, `parse_dump`); `SetElemReader` is the thin socket shell.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from typing import Dict, Iterator, Optional, Tuple
+
+from lrk.errors import LrkError
+
+__all__ = ["NftDumpError", "NftDumpInterrupted", "SetElemReader", "dump_request", "parse_dump",
+           "parse_key"]
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWSETELEM = 12
+NFT_MSG_GETSETELEM = 13
+NFPROTO_INET = 1
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLM_F_DUMP_INTR = 0x10
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLA_TYPE_MASK = 0x3FFF
+
+NFTA_SET_ELEM_LIST_TABLE = 1
+NFTA_SET_ELEM_LIST_SET = 2
+NFTA_SET_ELEM_LIST_ELEMENTS = 3
+NFTA_LIST_ELEM = 1
+NFTA_SET_ELEM_KEY = 1
+NFTA_SET_ELEM_EXPR = 7
+NFTA_SET_ELEM_EXPRESSIONS = 11
+NFTA_DATA_VALUE = 1
+NFTA_EXPR_NAME = 1
+NFTA_EXPR_DATA = 2
+NFTA_COUNTER_BYTES = 1
+NFTA_COUNTER_PACKETS = 2
+
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid (host order)
+_NFGENMSG = struct.Struct("!BBH")  # family, version, res_id
+_NLATTR = struct.Struct("=HH")
+_U64 = struct.Struct("!Q")
+
+Key = Tuple[str, int]
+Counters = Dict[Key, Tuple[int, int]]
+
+
+class NftDumpError(LrkError):
+    """The kernel refused the dump, or sent something this reader cannot decode."""
+
+
+class NftDumpInterrupted(NftDumpError):
+    """The ruleset changed during the dump (NLM_F_DUMP_INTR): elements may be missing."""
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    data = _NLATTR.pack(4 + len(payload), kind) + payload
+    return data + b"\0" * (-len(data) % 4)
+
+
+def dump_request(table: str, set_name: str, seq: int, family: int = NFPROTO_INET) -> bytes:
+    """NFT_MSG_GETSETELEM with NLM_F_DUMP for one set of one table."""
+    body = _NFGENMSG.pack(family, 0, 0)
+    body += _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+    body += _attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
+    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP,
+                          seq, 0) + body
+
+
+def _attrs(data: bytes, start: int, end: int) -> Iterator[Tuple[int, int, int]]:
+    """(type without flags, payload start, payload end) of the attributes in data[start:end]."""
+    off = start
+    while off + 4 <= end:
+        length, kind = _NLATTR.unpack_from(data, off)
+        if length < 4 or off + length > end:
+            raise NftDumpError(f"truncated netlink attribute at offset {off}")
+        yield kind & NLA_TYPE_MASK, off + 4, off + length
+        off += (length + 3) & ~3
+
+
+def parse_key(raw: bytes) -> Key:
+    """(address, port) of an ``ipv4_addr . inet_service`` (8 bytes: each field padded to
+    4) or ``ipv6_addr . inet_service`` (20 bytes) key."""
+    if len(raw) == 8:
+        ip = socket.inet_ntop(socket.AF_INET, raw[:4])
+        port = (raw[4] << 8) | raw[5]
+    elif len(raw) == 20:
+        ip = str(ipaddress.IPv6Address(raw[:16]))
+        port = (raw[16] << 8) | raw[17]
+    else:
+        raise NftDumpError(f"set key of {len(raw)} bytes is not address . port")
+    return ip, port
+
+
+def _counter(data: bytes, start: int, end: int) -> Optional[Tuple[int, int]]:
+    """(packets, bytes) of one expression if it is a counter."""
+    name = None
+    found: Optional[Tuple[int, int]] = None
+    for kind, s, e in _attrs(data, start, end):
+        if kind == NFTA_EXPR_NAME:
+            name = data[s:e].rstrip(b"\0")
+        elif kind == NFTA_EXPR_DATA:
+            packets = nbytes = 0
+            for k2, s2, e2 in _attrs(data, s, e):
+                if k2 == NFTA_COUNTER_PACKETS and e2 - s2 == 8:
+                    packets = _U64.unpack_from(data, s2)[0]
+                elif k2 == NFTA_COUNTER_BYTES and e2 - s2 == 8:
+                    nbytes = _U64.unpack_from(data, s2)[0]
+            found = (packets, nbytes)
+    return found if name == b"counter" else None
+
+
+def _element(data: bytes, start: int, end: int) -> Tuple[Key, Tuple[int, int]]:
+    key: Optional[Key] = None
+    counter: Optional[Tuple[int, int]] = None
+    for kind, s, e in _attrs(data, start, end):
+        if kind == NFTA_SET_ELEM_KEY:
+            for k2, s2, e2 in _attrs(data, s, e):
+                if k2 == NFTA_DATA_VALUE:
+                    key = parse_key(data[s2:e2])
+        elif kind == NFTA_SET_ELEM_EXPR:
+            counter = _counter(data, s, e) or counter
+        elif kind == NFTA_SET_ELEM_EXPRESSIONS:
+            for k2, s2, e2 in _attrs(data, s, e):
+                if k2 == NFTA_LIST_ELEM:
+                    counter = _counter(data, s2, e2) or counter
+    if key is None:
+        raise NftDumpError("set element without a key")
+    return key, counter or (0, 0)
+
+
+def parse_dump(data: bytes, seq: int, out: Counters) -> bool:
+    """Add the elements of one buffer of dump replies to `out`; True once NLMSG_DONE came.
+
+    Raises NftDumpError for an error reply to `seq` (e.g. ENOENT: no such set), and
+    NftDumpInterrupted at the end of a dump the kernel marked inconsistent."""
+    off = 0
+    done = False
+    new_setelem = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM
+    while off + _NLMSGHDR.size <= len(data):
+        length, kind, flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
+        if length < _NLMSGHDR.size or off + length > len(data):
+            raise NftDumpError(f"truncated netlink message at offset {off}")
+        end = off + length
+        if mseq == seq:
+            if kind == NLMSG_DONE:
+                if flags & NLM_F_DUMP_INTR:
+                    raise NftDumpInterrupted("the ruleset changed during the set dump")
+                done = True
+            elif kind == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", data, off + _NLMSGHDR.size)
+                if code:
+                    raise NftDumpError(f"set element dump refused: {os.strerror(-code)}"
+                                       + (" (needs CAP_NET_ADMIN)" if -code == errno.EPERM
+                                          else ""))
+            elif kind == new_setelem:
+                body = off + _NLMSGHDR.size + _NFGENMSG.size
+                for k, s, e in _attrs(data, body, end):
+                    if k != NFTA_SET_ELEM_LIST_ELEMENTS:
+                        continue
+                    for k2, s2, e2 in _attrs(data, s, e):
+                        if k2 == NFTA_LIST_ELEM:
+                            key, counter = _element(data, s2, e2)
+                            out[key] = counter
+        off += (length + 3) & ~3
+    return done
+
+
+class SetElemReader:
+    """An nf_tables netlink socket in the calling thread's network namespace."""
+
+    def __init__(self, sock: Optional[socket.socket] = None, timeout: float = 5.0) -> None:
+        self.sock = sock or socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.bind((0, 0))
+        self.sock.settimeout(timeout)
+        self._seq = 0
+
+    def counters(self, table: str, set_name: str, family: int = NFPROTO_INET,
+                 attempts: int = 3) -> Counters:
+        """(address, port) -> (packets, bytes) of every element of one set; a dump the
+        ruleset changed under (a session installed meanwhile) is taken again."""
+        for left in range(attempts - 1, -1, -1):
+            try:
+                return self._dump(table, set_name, family)
+            except NftDumpInterrupted:
+                if not left:
+                    raise
+        raise NftDumpError("no attempts")  # attempts < 1
+
+    def _dump(self, table: str, set_name: str, family: int) -> Counters:
+        self._seq += 1
+        seq = self._seq
+        self.sock.send(dump_request(table, set_name, seq, family))
+        out: Counters = {}
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except socket.timeout:
+                raise NftDumpError(f"no end of the dump of set {table} {set_name}") from None
+            # NftDumpInterrupted comes with NLMSG_DONE: nothing of this dump is left queued
+            if parse_dump(data, seq, out):
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+
