@@ -112,6 +112,9 @@ class KernelPlane:
             self.dump = None
 
     # -- actions -----------------------------------------------------------------------
+    def commit(self) -> None:
+        """Nothing is queued here: `apply` writes the kernel's maps at once."""
+
     def apply(self, actions: List[Action]) -> None:
         for action in actions:
             sid = action.session.sid

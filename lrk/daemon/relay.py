@@ -141,7 +141,7 @@ class Relay:
         self.control_address: Any = None
         self._held: Optional[List[Tuple[_DatagramEndpoint, bytes, Any]]] = None
         # send what the data plane has queued (socket mode batches worker messages)
-        self._commit: Callable[[], None] = getattr(self.plane, "commit", lambda: None)
+        self._commit: Callable[[], None] = self.plane.commit
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
