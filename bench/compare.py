@@ -83,6 +83,18 @@ def _first_line(cmd: List[str]) -> Optional[str]:
     return text.splitlines()[0] if text else None
 
 
+def _cpus_allowed() -> Optional[str]:
+    """The CPUs this process may run on (PyPy has no os.sched_getaffinity)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Cpus_allowed_list:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine() -> Dict[str, Any]:
     """What the figures were measured on; a ratio is only comparable within one machine."""
     info: Dict[str, Any] = dict(_machine_basics())
@@ -101,7 +113,7 @@ def machine() -> Dict[str, Any]:
     except OSError:
         pass
     info["arch"] = platform.machine()
-    info["affinity"] = sorted(os.sched_getaffinity(0))
+    info["affinity"] = _cpus_allowed()
     info["interpreters"] = {k: {"python": v["python"], "version": v.get("version"),
                                 "pypy": v.get("pypy")}
                             for k, v in find_interpreters().items()}

@@ -670,8 +670,12 @@ def _set_affinity(pids: List[int], cpus: set) -> None:
         except OSError:
             continue
         for tid in tids:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, cpus)
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                if hasattr(os, "sched_setaffinity"):
+                    os.sched_setaffinity(tid, cpus)
+                else:  # PyPy has no sched_*affinity
+                    subprocess.run(["taskset", "-p", "-c", ",".join(map(str, sorted(cpus))),
+                                    str(tid)], capture_output=True, check=True, timeout=5)
 
 
 class Bench:
@@ -920,7 +924,8 @@ class Bench:
     def _pinned(self, m: Mode, rig: Rig, base: str) -> Iterator[None]:
         """`base` with the relay's threads on CPU 1 and the generators' on CPU 0, so the
         generator's sending (and the forwarding softirq it runs) cannot starve the worker."""
-        cpus = sorted(os.sched_getaffinity(0))
+        cpus = (sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else list(range(os.cpu_count() or 1)))
         if len(cpus) < 2:
             raise BenchError(f"{m.name}: needs two CPUs, have {cpus}")
         assert rig.gen is not None
