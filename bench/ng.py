@@ -21,7 +21,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from lrk.errors import LrkError
 
@@ -226,18 +226,28 @@ def decode_message(data: bytes, *, text: bool = True) -> Tuple[str, Dict[str, An
 
 # -- SDP helpers ---------------------------------------------------------------------
 
-def audio_sdp(ip: str, port: int, session_id: int = 1, payload_type: int = 0) -> str:
-    """The smallest SDP a relay accepts: one PCMU audio stream at ip:port (IPv4 or IPv6)."""
+#: static RTP payload types audio_sdp can name (RFC 3551)
+_RTPMAP = {0: "PCMU/8000", 8: "PCMA/8000"}
+
+
+def audio_sdp(ip: str, port: int, session_id: int = 1,
+              payload_types: Sequence[int] = (0, 8)) -> str:
+    """A minimal SDP: one G.711 audio stream at ip:port (IPv4 or IPv6). Both PCMU and PCMA
+    by default: the load generators alternate them between runs, and rtpengine drops RTP
+    whose payload type the SDP did not name."""
     family = "IP6" if ":" in ip else "IP4"
+    for pt in payload_types:
+        if pt not in _RTPMAP:
+            raise ValueError(f"payload type {pt}: audio_sdp knows {sorted(_RTPMAP)}")
     return (
         "v=0\r\n"
         f"o=- {session_id} 1 IN {family} {ip}\r\n"
         "s=lrk-bench\r\n"
         f"c=IN {family} {ip}\r\n"
         "t=0 0\r\n"
-        f"m=audio {port} RTP/AVP {payload_type}\r\n"
-        "a=rtpmap:0 PCMU/8000\r\n"
-        "a=sendrecv\r\n"
+        f"m=audio {port} RTP/AVP {' '.join(str(pt) for pt in payload_types)}\r\n"
+        + "".join(f"a=rtpmap:{pt} {_RTPMAP[pt]}\r\n" for pt in payload_types)
+        + "a=sendrecv\r\n"
     )
 
 

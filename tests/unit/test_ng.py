@@ -141,7 +141,11 @@ def test_message_framing_round_trip_and_errors():
 
 def test_audio_sdp_and_parse_media():
     sdp = audio_sdp("198.51.100.10", 4000)
-    assert "m=audio 4000 RTP/AVP 0\r\n" in sdp and "c=IN IP4 198.51.100.10\r\n" in sdp
+    assert "m=audio 4000 RTP/AVP 0 8\r\n" in sdp and "c=IN IP4 198.51.100.10\r\n" in sdp
+    assert "a=rtpmap:0 PCMU/8000\r\n" in sdp and "a=rtpmap:8 PCMA/8000\r\n" in sdp
+    assert "m=audio 4000 RTP/AVP 0\r\n" in audio_sdp("198.51.100.10", 4000, payload_types=[0])
+    with pytest.raises(ValueError):
+        audio_sdp("198.51.100.10", 4000, payload_types=[96])
     assert parse_media(sdp) == ("198.51.100.10", 4000)
     assert parse_media(audio_sdp("2001:db8::1", 4002)) == ("2001:db8::1", 4002)
     # media-level c= wins over the session-level one; the first audio stream counts
