@@ -49,6 +49,16 @@ if [ "$DO_APT" = 1 ]; then
         "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" update >/dev/null
         "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" install -y \
             --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
+        # kamailio and rtpengine are only run by the tests and benchmarks, each instance
+        # with its own config and ports: the distribution's services, which a systemd
+        # machine starts on install (5060, media ports 30000-40000), stay off
+        if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+            for unit in kamailio rtpengine-daemon; do
+                case " ${missing[*]} " in
+                    *" $unit "*) "${SUDO[@]}" systemctl disable --now "$unit" >/dev/null 2>&1 || true ;;
+                esac
+            done
+        fi
     fi
 else
     say "apt: skipped (--no-apt)"
