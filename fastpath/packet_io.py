@@ -266,7 +266,9 @@ def drop_rules(table: str, port_start: int, port_end: int, relay_ips: Sequence[s
     already copied the packet, and before conntrack (no entries are made).
     Both families count into the named counter ``dropped``.  `ifnames`
     restricts the drop to the interfaces a packet socket listens on (else media
-    arriving elsewhere would vanish unread).  Replacing is atomic in one run.
+    arriving elsewhere would vanish unread).  An output chain exempts the relay's own
+    egress (source: a relay address and port) from conntrack.  Replacing is atomic
+    in one run; prerouting never sees locally sent packets, so egress is never dropped.
     """
     table = _table(table)
     _check_range(port_start, port_end)
@@ -288,14 +290,25 @@ def drop_rules(table: str, port_start: int, port_end: int, relay_ips: Sequence[s
         "\tchain prerouting {",
         "\t\ttype filter hook prerouting priority raw; policy accept;",
     ]
+    ips4 = ", ".join(str(ipaddress.IPv4Address(a)) for a in v4)
+    ips6 = ", ".join(str(ipaddress.IPv6Address(a)) for a in v6)
     if v4:
-        ips = ", ".join(str(ipaddress.IPv4Address(a)) for a in v4)
-        lines.append(f'\t\t{iif}ip daddr {{ {ips} }} udp dport {ports} '
+        lines.append(f'\t\t{iif}ip daddr {{ {ips4} }} udp dport {ports} '
                      f'counter name "dropped" drop')
     if v6:
-        ips = ", ".join(str(ipaddress.IPv6Address(a)) for a in v6)
-        lines.append(f'\t\t{iif}ip6 daddr {{ {ips} }} udp dport {ports} '
+        lines.append(f'\t\t{iif}ip6 daddr {{ {ips6} }} udp dport {ports} '
                      f'counter name "dropped" drop')
+    # the relay's own egress (raw sockets or its UDP sockets) bypasses conntrack: with
+    # the ingress dropped before conntrack, an entry would only cost memory and a lookup
+    lines += [
+        "\t}",
+        "\tchain output {",
+        "\t\ttype filter hook output priority raw; policy accept;",
+    ]
+    if v4:
+        lines.append(f"\t\tip saddr {{ {ips4} }} udp sport {ports} notrack")
+    if v6:
+        lines.append(f"\t\tip6 saddr {{ {ips6} }} udp sport {ports} notrack")
     lines += ["\t}", "}", ""]
     return "\n".join(lines)
 

@@ -17,17 +17,21 @@ import select
 import signal
 import socket
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from fastpath import channel
 from fastpath.mmsg import make_batch_io
 from fastpath.packet_io import PacketReader, parse_media
-from fastpath.relay_table import RelayTable
+from fastpath.raw_egress import RawEgress, RawEgressError
+from fastpath.relay_table import Endpoint, RelayTable
 from lrk import logs
 
 log = logging.getLogger("lrk.worker")
 
 REPORT_INTERVAL = 0.5
+#: packet mode's egress: "auto" (raw sockets, batched across sessions, when they can be
+#: opened) or "udp" (each session's UDP socket; the comparison baseline, and a way out)
+EGRESS_ENV = "LRK_PACKET_EGRESS"
 
 
 class SocketWorker:
@@ -48,6 +52,12 @@ class SocketWorker:
         self.readers: Dict[int, PacketReader] = {}
         self.unknown_flow = 0
         self.batch = batch
+        # packet mode's egress: raw sockets (None: each endpoint's UDP socket sends), the
+        # runs queued in this poll round, and the packets the UDP sockets sent instead
+        self.egress: Optional[RawEgress] = None
+        self.egress_runs: List[Tuple[Endpoint, list]] = []
+        self.egress_fallback = 0
+        self.egress_disabled = 0
 
     # -- channel ---------------------------------------------------------------------
     def _drain_channel(self) -> None:
@@ -104,14 +114,18 @@ class SocketWorker:
                 self.epoll.register(fd, select.EPOLLIN)
             session = self.table.install(sid, fds, message["legs"])
             if self.readers:
+                egress = self.egress
                 for ep in session.endpoints:
                     ip, port = self.sockets[ep.fd].getsockname()[:2]
                     self.by_addr[(ip, port)] = ep
+                    if egress is not None:
+                        egress.bind(ep.fd, ip, port)
         elif op == "taps":  # packet mode: AF_PACKET sockets the daemon opened
             for fd in fds:
                 reader = PacketReader(socket.socket(fileno=fd), self.batch)
                 self.readers[fd] = reader
                 self.epoll.register(fd, select.EPOLLIN)
+            self._open_egress()
         elif op == "update":
             self.table.update(message["sid"], message["leg"], message["spec"])
         elif op == "remove":
@@ -132,6 +146,8 @@ class SocketWorker:
         if session is None:
             return
         for ep in session.endpoints:
+            if self.egress is not None:
+                self.egress.forget(ep.fd)
             sock = self.sockets.pop(ep.fd, None)
             if self.readers and sock is not None:
                 self.by_addr.pop(tuple(sock.getsockname()[:2]), None)
@@ -167,6 +183,15 @@ class SocketWorker:
             r.truncated for r in self.readers.values())
         if self.readers:
             totals["media.dropped.unknown_flow"] = self.unknown_flow
+            totals["media.egress.fallback.packets"] = self.egress_fallback
+            totals["media.egress.raw.disabled"] = self.egress_disabled
+            egress = self.egress
+            if egress is not None:
+                totals["media.egress.raw.packets"] = egress.packets
+                totals["media.egress.raw.calls"] = egress.calls
+                totals["media.egress.raw.rejected"] = egress.rejected
+                for name, n in egress.errors.items():
+                    totals[f"media.egress.raw.errors.{name}"] = n
         for name, n in io.send_errors.items():
             totals[f"media.send_errors.{name}"] = n
         for name, n in io.recv_errors.items():
@@ -206,6 +231,8 @@ class SocketWorker:
                         table.sent(src_ep, out, io.send(src_ep.fd, out))
                     if len(packets) < io.batch:
                         break
+            if self.egress_runs:  # packet mode: this round's packets, one send per family
+                self._flush_egress()
             if now >= self.next_report:
                 self.next_report = now + REPORT_INTERVAL
                 self._report(None)
@@ -213,6 +240,8 @@ class SocketWorker:
             self._remove(sid)
         for reader in self.readers.values():
             reader.close()
+        if self.egress is not None:
+            self.egress.close()
 
     def _ingest(self, reader: PacketReader, now: float) -> None:
         """Packet mode: a batch from the tap, grouped into runs for the same endpoint."""
@@ -240,9 +269,81 @@ class SocketWorker:
                 return
 
     def _forward(self, ep, packets, now: float) -> None:
+        """Packet mode: decide a run, queue what passes for the round's raw send."""
         src_ep, out = self.table.forward(ep, packets, now)
-        if out:
+        if not out:
+            return
+        egress = self.egress
+        if egress is None:
+            self.egress_fallback += len(out)
             self.table.sent(src_ep, out, self.io.send(src_ep.fd, out))
+            return
+        if egress.pending + len(out) > egress.capacity:
+            self._flush_egress()
+            if len(out) > egress.capacity:  # a run longer than the slots: no batching gain
+                self._fallback(src_ep, out, 0, [])
+                return
+        egress.add(src_ep.fd, out)
+        self.egress_runs.append((src_ep, out))
+
+    def _flush_egress(self) -> None:
+        """Send the queued runs; what the raw sockets could not send goes through each
+        endpoint's UDP socket (counted), then every run is accounted as socket mode does."""
+        failed = self.egress.flush()  # type: ignore[union-attr]
+        runs = self.egress_runs
+        self.egress_runs = []
+        sent = self.table.sent
+        if not failed:
+            for src_ep, out in runs:
+                sent(src_ep, out, len(out))
+            return
+        pos = 0
+        fi = 0
+        for src_ep, out in runs:
+            end = pos + len(out)
+            if fi < len(failed) and failed[fi] < end:
+                fi = self._fallback(src_ep, out, pos, failed, fi)
+            else:
+                sent(src_ep, out, len(out))
+            pos = end
+
+    def _fallback(self, src_ep: Endpoint, out: list, pos: int, failed: List[int],
+                  fi: int = -1) -> int:
+        """Send `out`'s failed packets (all when fi < 0) from the endpoint's UDP socket;
+        returns the index of the first failure after this run."""
+        if fi < 0:
+            ok, bad = [], out
+        else:
+            ok, bad = [], []
+            for i, pkt in enumerate(out):
+                if fi < len(failed) and failed[fi] == pos + i:
+                    bad.append(pkt)
+                    fi += 1
+                else:
+                    ok.append(pkt)
+        self.egress_fallback += len(bad)
+        n = self.io.send(src_ep.fd, bad)
+        self.table.sent(src_ep, ok + bad, len(ok) + n)
+        return fi
+
+    def _open_egress(self) -> None:
+        """Raw egress for packet mode unless disabled; without it the UDP sockets send."""
+        if self.egress is not None:
+            return
+        if os.environ.get(EGRESS_ENV, "auto") == "udp":
+            self.egress_disabled = 1
+            return
+        try:
+            self.egress = RawEgress.open()
+        except RawEgressError as exc:
+            self.egress_disabled = 1
+            log.warning("packet mode: %s", exc)
+            return
+        for ep in self.table.by_fd.values():  # sessions installed before the taps came
+            sock = self.sockets.get(ep.fd)
+            if sock is not None:
+                ip, port = sock.getsockname()[:2]
+                self.egress.bind(ep.fd, ip, port)
 
 
 def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
