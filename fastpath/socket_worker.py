@@ -37,8 +37,13 @@ EGRESS_ENV = "LRK_PACKET_EGRESS"
 class SocketWorker:
     """The hot loop. Not asyncio: a bare epoll loop is what PyPy's JIT makes fastest."""
 
-    def __init__(self, chan: socket.socket, batch: int = 64, io: str = "auto") -> None:
+    def __init__(self, chan: socket.socket, batch: int = 64, io: str = "auto",
+                 coalesce: float = 0.0) -> None:
         self.chan = chan
+        # after a round that was not a full batch, wait this long (s) before polling again:
+        # media gathers meanwhile, so one wake-up carries many packets (latency <= this)
+        self.coalesce = coalesce
+        self.round_packets = 0
         self.table = RelayTable()
         self.io = make_batch_io(batch, io)
         self.epoll = select.epoll()
@@ -207,9 +212,13 @@ class SocketWorker:
         poll = self.epoll.poll
         monotonic = time.monotonic
         self.next_report = monotonic() + REPORT_INTERVAL
+        coalesce = self.coalesce
+        sleep = time.sleep
+        full = io.batch
         while self.running:
             events = poll(REPORT_INTERVAL)
             now = monotonic()
+            self.round_packets = 0
             # control first: an update sent before the client's reply must beat the media
             # that reply triggers, even when both wake us in the same poll
             for fd, _ev in events:
@@ -229,6 +238,7 @@ class SocketWorker:
                     src_ep, out = table.forward(ep, packets, now)
                     if out:
                         table.sent(src_ep, out, io.send(src_ep.fd, out))
+                    self.round_packets += len(packets)
                     if len(packets) < io.batch:
                         break
             if self.egress_runs:  # packet mode: this round's packets, one send per family
@@ -236,6 +246,8 @@ class SocketWorker:
             if now >= self.next_report:
                 self.next_report = now + REPORT_INTERVAL
                 self._report(None)
+            if coalesce and 0 < self.round_packets < full:
+                sleep(coalesce)
         for sid in list(table.sessions):
             self._remove(sid)
         for reader in self.readers.values():
@@ -250,6 +262,7 @@ class SocketWorker:
             frames = reader.recv_batch()
             if not frames:
                 return
+            self.round_packets += len(frames)
             run_ep = None
             run: List[Tuple[bytes, Tuple[str, int]]] = []
             for l3, _ifindex in frames:
@@ -353,12 +366,13 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     parser.add_argument("--io", choices=("auto", "mmsg", "plain"), default="auto")
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--log-format", default="kv")
+    parser.add_argument("--coalesce-us", type=int, default=0)
     args = parser.parse_args(argv)
     logs.setup(args.log_level, args.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     chan = socket.socket(fileno=args.channel_fd)
     chan.setblocking(True)
-    worker = SocketWorker(chan, args.batch, args.io)
+    worker = SocketWorker(chan, args.batch, args.io, max(0, args.coalesce_us) / 1e6)
     worker.run()
     return 0
 

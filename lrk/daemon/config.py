@@ -17,6 +17,10 @@ else:  # PyPy 3.9
     import tomli as tomllib
 
 MODES = ("socket", "kernel", "nfqueue", "packet")
+#: packet mode reads every session from one tap and sends with one sendmmsg per round, so
+#: gathering packets for a moment pays off there; socket mode pays per socket anyway
+DEFAULT_COALESCE_US = {"packet": 500}
+MAX_COALESCE_US = 5000
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -33,6 +37,10 @@ class Config:
     batch: int = 64
     io: str = "auto"  # batched I/O: auto | mmsg | plain
     socket_rcvbuf: int = 1 << 20  # receive buffer per relay socket, bytes; 0 = kernel default
+    # socket/packet worker: after a round that was not a full batch, wait this long (µs) so
+    # the next wake-up carries more packets; adds at most that much latency.
+    # -1: the mode's default (packet 500, others 0)
+    coalesce_us: int = -1
     kernel_table: str = "lrk"  # kernel mode: the nftables table (inet family) lrk owns
     kernel_poll: float = 2.0  # kernel mode: seconds between counter reads for expiry
     nfqueue_num: int = 0  # nfqueue mode: the queue number lrk reads
@@ -128,6 +136,11 @@ class Config:
             raise ConfigError(f"workers {self.workers} must be within 1..64")
         if not 0 <= self.socket_rcvbuf <= 1 << 30:
             raise ConfigError(f"socket_rcvbuf {self.socket_rcvbuf} must be within 0..1073741824")
+        if self.coalesce_us == -1:
+            self.coalesce_us = DEFAULT_COALESCE_US.get(self.mode, 0)
+        if not 0 <= self.coalesce_us <= MAX_COALESCE_US:
+            raise ConfigError(f"coalesce_us {self.coalesce_us} must be within "
+                              f"0..{MAX_COALESCE_US} (it is added to every packet's latency)")
         if not 1 <= self.batch <= 1024:
             raise ConfigError(f"batch {self.batch} must be within 1..1024")
         if self.silence_timeout <= 0:

@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from fastpath.ctnetlink import ConntrackError, ConntrackSocket
+from fastpath.ctnetlink import ConntrackError, ConntrackSocket, CtFlow, mark_filters
 from fastpath.kernel_rules import (
     KernelRuleError,
     KernelRuleset,
@@ -64,6 +64,12 @@ class KernelPlane:
         #: counters straight from the kernel: nft's listing costs 13-20 s at 400,000 elements
         self.dump: Optional[SetElemReader] = None
         self.installed: Dict[int, SessionSpec] = {}
+        #: a second ctnetlink socket for flow dumps (a failed dump leaves it unusable)
+        self.ct_dump: Optional[ConntrackSocket] = None
+        self.dump_timeout = 2.0
+        self.max_flows = 1_000_000
+        #: sessions whose re-latch flush failed: their flows may be the old generation's
+        self._stale: Dict[int, List[int]] = {}
         self._seen: Dict[Tuple[str, int], Tuple[int, int]] = {}
         self._last_poll = 0.0
         self.drop_counter = "media.dropped.unexpected_source"  # what the ruleset counts
@@ -72,6 +78,7 @@ class KernelPlane:
             "kernel.errors": 0,
             "kernel.sessions.installed": 0,
             "kernel.flows.flushed": 0,
+            "kernel.flows.dumped": 0,
         }
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -104,9 +111,13 @@ class KernelPlane:
             except NftError as exc:
                 log.error("could not delete table inet %s: %s", self.rules.table, exc)
         self._flush_flows(marks)
+        self._stale.clear()
         if self.ct is not None:
             self.ct.close()
             self.ct = None
+        if self.ct_dump is not None:
+            self.ct_dump.close()
+            self.ct_dump = None
         if self.dump is not None:
             self.dump.close()
             self.dump = None
@@ -157,13 +168,17 @@ class KernelPlane:
         self.installed[sid] = new
         if old is not None and (old != new or relatch):
             # established flows keep their NAT: a new offer/answer must start afresh
-            self._flush_flows(conntrack_marks(old))
+            marks = conntrack_marks(old)
+            self._stale[sid] = marks  # until flushed: not the new generation's latch
+            self._flush_flows(marks)
+            self._stale.pop(sid, None)
 
     def _remove(self, sid: int) -> None:
         spec = self.installed.pop(sid, None)
         if spec is None:
             return
         assert self.nft is not None
+        self._stale.pop(sid, None)
         self._forget(sid, spec)
         self.nft.run(self._elements(self.rules.remove_commands(spec)))
         self._flush_flows(conntrack_marks(spec))
@@ -194,6 +209,7 @@ class KernelPlane:
             log.error("kernel counters unreadable: %s", exc)
             return
         self.counters[self.drop_counter] = drops[0]
+        latched = self._latched()
         previous = self._seen
         self._seen = seen
         for sid, spec in self.installed.items():
@@ -216,7 +232,85 @@ class KernelPlane:
                     "B": {"c": [b_p, b_b, a_p, a_b, {}], "gen": -1},
                 },
             }
+            self._add_latches(sid, report["legs"], latched)
             self.engine.apply_report(sid, report)
+
+    # -- latching ----------------------------------------------------------------------
+    def _latched(self) -> Dict[Tuple[int, str, bool], Tuple[str, int]]:
+        """(sid, leg, rtcp) -> the peer conntrack latched: the original source of the flow
+        carrying that leg's mark. One mark-filtered dump per poll, O(flows of lrk); a
+        failed dump is counted and logged, and only the latches are missing then."""
+        owners: Dict[int, Tuple[int, str, bool, Tuple[str, int], str, Tuple[str, int]]] = {}
+        for sid, spec in self.installed.items():
+            if sid in self._stale:
+                self._retry_flush(sid)
+                if sid in self._stale:
+                    continue
+            for name, leg, other, other_leg in (("A", spec.a, "B", spec.b),
+                                                ("B", spec.b, "A", spec.a)):
+                for rtcp in (False, True):
+                    owners[leg.rtp_mark + rtcp] = (sid, name, rtcp, leg.relay(rtcp), other,
+                                                   other_leg.relay(rtcp))
+        if not owners:
+            return {}
+        try:
+            flows = self._dump()
+        except (ConntrackError, OSError) as exc:
+            self.counters["kernel.errors"] += 1
+            log.error("conntrack dump failed, no latched addresses this poll: %s", exc)
+            if self.ct_dump is not None:
+                self.ct_dump.close()
+                self.ct_dump = None
+            return {}
+        self.counters["kernel.flows.dumped"] += len(flows)
+        latched: Dict[Tuple[int, str, bool], Tuple[str, int]] = {}
+        answered: Dict[Tuple[int, str, bool], Tuple[str, int]] = {}
+        for flow in flows:
+            owner = owners.get(flow.mark)
+            # the mark alone could be a foreign one in range: the flow must enter at the leg
+            if owner is None or flow.proto != 17 or (flow.dst, flow.dport) != owner[3]:
+                continue
+            sid, name, rtcp = owner[:3]
+            latched[(sid, name, rtcp)] = (flow.src, flow.sport)
+            # the other leg's peer answered inside this flow (towards its relay port)
+            if flow.replied and flow.reply_src is not None \
+                    and (flow.reply_dst, flow.reply_dport) == owner[5]:
+                answered[(sid, owner[4], rtcp)] = (flow.reply_src, flow.reply_sport)
+        for key, addr in answered.items():
+            latched.setdefault(key, addr)  # a flow the peer started itself comes first
+        return latched
+
+    def _dump(self) -> List[CtFlow]:
+        if self.ct_dump is None:
+            self.ct_dump = ConntrackSocket()
+        lo, hi = self.rules.mark_range
+        return self.ct_dump.flows(mark_filters(lo, hi), timeout=self.dump_timeout,
+                                  max_flows=self.max_flows)
+
+    def _retry_flush(self, sid: int) -> None:
+        try:
+            self._flush_flows(self._stale[sid])
+        except ConntrackError as exc:
+            self.counters["kernel.errors"] += 1
+            log.error("conntrack flush of a re-latched session still fails: %s", exc)
+            return
+        del self._stale[sid]
+
+    def _add_latches(self, sid: int, legs: Dict[str, dict],
+                     latched: Dict[Tuple[int, str, bool], Tuple[str, int]]) -> None:
+        """Put each leg's latched (rtp, rtcp) with its current generation into the report.
+        Only legs with a flow are touched; a part without one keeps what the leg has (a
+        flow that timed out does not un-latch, as in socket mode)."""
+        session = self.engine.by_sid.get(sid)
+        if session is None:
+            return
+        for name, report in legs.items():
+            rtp, rtcp = latched.get((sid, name, False)), latched.get((sid, name, True))
+            if rtp is None and rtcp is None:
+                continue
+            leg = session.legs[name]
+            report["gen"] = leg.generation
+            report["latched"] = (rtp or leg.latched, rtcp or leg.rtcp_latched)
 
     def _read_seen(self, fam: int) -> Dict[Tuple[str, int], Tuple[int, int]]:
         """One family's `seen` counters: a netlink dump (0.3 s at 50,000 elements, 13 s and

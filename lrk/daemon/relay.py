@@ -121,7 +121,7 @@ class Relay:
             self.plane = SocketPlane(self.engine, config.workers, config.batch, config.io,
                                      config.log_level, config.log_format, config.socket_rcvbuf,
                                      config.packet_interfaces if config.mode == "packet"
-                                     else ())
+                                     else (), config.coalesce_us)
         self.control = MsgpackControl(
             self.engine,
             info={"mode": config.mode, "relay_version": __version__, "workers": config.workers},

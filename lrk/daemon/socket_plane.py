@@ -90,7 +90,8 @@ class WorkerHandle:
         mine, theirs = channel.pair()
         cmd = [sys.executable, "-m", "fastpath.socket_worker", "--channel-fd",
                str(theirs.fileno()), "--batch", str(self.plane.batch), "--io", self.plane.io,
-               "--log-level", self.plane.log_level, "--log-format", self.plane.log_format]
+               "--log-level", self.plane.log_level, "--log-format", self.plane.log_format,
+               "--coalesce-us", str(self.plane.coalesce_us)]
         self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), close_fds=True)
         theirs.close()
         mine.setblocking(False)
@@ -204,11 +205,12 @@ class SocketPlane:
 
     def __init__(self, engine: Engine, workers: int = 1, batch: int = 64, io: str = "auto",
                  log_level: str = "warning", log_format: str = "kv", rcvbuf: int = 0,
-                 packet_ifaces: Sequence[str] = ()):
+                 packet_ifaces: Sequence[str] = (), coalesce_us: int = 0):
         self.engine = engine
         self.packet_ifaces = list(packet_ifaces)
         self.nft: Any = None
         self.rcvbuf = rcvbuf
+        self.coalesce_us = coalesce_us
         self.log_level = log_level
         self.log_format = log_format
         self.nworkers = max(1, workers)

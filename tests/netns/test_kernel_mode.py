@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import time
+
 import pytest
 
 from lrk.client import LrkClient
@@ -15,6 +18,16 @@ from .hosts import endpoint, flows, receive, tables, wait
 pytestmark = pytest.mark.netns
 
 A_SSRC, B_SSRC = 0x61616161, 0x62626262
+
+
+def _latch(client, leg: str):
+    """(rtp, rtcp) latched peers of a leg as `query` shows them, addresses normalised."""
+    got = client.query("k-call")["session"]["legs"][leg]
+
+    def norm(a):
+        return None if a is None else (str(ipaddress.ip_address(a["ip"])), a["port"])
+
+    return norm(got["latched"]), norm(got["rtcp_latched"])
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
@@ -66,9 +79,29 @@ def test_kernel_mode_call(topo, tmp_path, family):
                         and legs["B"]["counters"]["in_packets"] == 20)
 
             wait(counted, timeout=5)
+            # conntrack latched the caller's real port; query shows it like the other modes
+            real = (str(ipaddress.ip_address(caller_ip)), 4444)
+            callee_real = (str(ipaddress.ip_address(callee_ip)), 5000)
+            wait(lambda: _latch(client, "A") == (real, real), timeout=5)
+            assert _latch(client, "B") == (callee_real, None)  # the callee sent no RTCP
             wait(lambda: client.stats()["counters"]["media.dropped.unexpected_source"] == 1,
                  timeout=5)
             assert flows(ns), "conntrack carries the call's flows"
+
+            # a re-offer starts a new generation: the old flows are flushed and their latch
+            # is not reported again, across several kernel polls
+            client.offer("k-call", "a", (caller_ip, 4000), interface="external")
+            stale_until = time.monotonic() + 1.0  # five kernel_poll periods
+            while time.monotonic() < stale_until:
+                assert _latch(client, "A") == (None, None)
+                time.sleep(0.1)
+            moved = endpoint(topo.caller.ns, caller_ip, 4446)  # the NAT picked a new port
+            sockets.append(moved)
+            for seq in range(5):
+                moved.sendto(rtp_packet(100 + seq, A_SSRC), to_a)
+            assert len(receive(callee, 5)) == 5
+            new_real = (real[0], 4446)
+            wait(lambda: _latch(client, "A") == (new_real, None), timeout=5)
 
             client.delete("k-call")
             assert flows(ns) == [], "a deleted session leaves no conntrack flow"

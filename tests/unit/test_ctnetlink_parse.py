@@ -1,0 +1,163 @@
+"""ctnetlink dump requests and replies, built by hand: the parser must find each flow's mark
+and original source, follow multi-part dumps to NLMSG_DONE, and never crash on garbage."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+import pytest
+
+from fastpath.ctnetlink import (
+    CTA_MARK,
+    CTA_MARK_MASK,
+    NLA_F_NESTED,
+    ConntrackError,
+    ConntrackParseError,
+    CtFlow,
+    dump_request,
+    mark_filters,
+    parse_dump,
+)
+
+NEW = (1 << 8) | 0  # CTNETLINK << 8 | IPCTNL_MSG_CT_NEW
+MULTI = 0x2
+
+
+def attr(kind: int, payload: bytes, nested: bool = False) -> bytes:
+    data = struct.pack("=HH", 4 + len(payload), kind | (NLA_F_NESTED if nested else 0))
+    data += payload
+    return data + b"\0" * (-len(data) % 4)
+
+
+def tup(src: str, sport: int, dst: str, dport: int, proto: int = 17) -> bytes:
+    v6 = ":" in src
+    ips = attr(3 if v6 else 1, ipaddress.ip_address(src).packed) + \
+        attr(4 if v6 else 2, ipaddress.ip_address(dst).packed)
+    ports = attr(1, bytes([proto])) + attr(2, struct.pack("!H", sport)) + \
+        attr(3, struct.pack("!H", dport))
+    return attr(1, ips, nested=True) + attr(2, ports, nested=True)
+
+
+def msg(kind: int, body: bytes, seq: int = 7, flags: int = MULTI) -> bytes:
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
+
+
+def flow(src: str, sport: int, dst: str, dport: int, mark: int, family: int = 2,
+         nested: bool = True, status: int = 0x8) -> bytes:
+    body = struct.pack("!BBH", family, 0, 0)
+    body += attr(1, tup(src, sport, dst, dport), nested)  # CTA_TUPLE_ORIG
+    body += attr(2, tup(dst, dport, "198.51.100.99" if family == 2 else "2001:db8::99",
+                        5000), nested)  # CTA_TUPLE_REPLY: must not be taken for the source
+    body += attr(3, struct.pack("!I", status))  # CTA_STATUS
+    body += attr(CTA_MARK, struct.pack("!I", mark))
+    return msg(NEW, body)
+
+
+DONE = msg(3, struct.pack("=i", 0))
+
+
+def test_dump_request_layout():
+    req = dump_request(5, mark=30000, mask=0xFFFFFF00)
+    length, kind, flags, seq, _pid = struct.unpack_from("=IHHII", req)
+    assert (length, kind, flags, seq) == (len(req), 0x101, 0x301, 5)
+    assert req[16] == socket.AF_UNSPEC
+    assert req[20:28] == attr(CTA_MARK, struct.pack("!I", 30000))
+    assert req[28:36] == attr(CTA_MARK_MASK, struct.pack("!I", 0xFFFFFF00))
+    assert len(dump_request(5)) == 20  # unfiltered: no attributes
+
+
+def test_ipv4_flows_several_per_buffer():
+    data = flow("198.51.100.10", 4444, "198.51.100.1", 30000, 30000) + \
+        flow("198.51.100.10", 4445, "198.51.100.1", 30001, 30001, nested=False) + DONE
+    part = parse_dump(data, seq=7)
+    assert [f[:6] for f in part.flows] == [
+        (30000, 17, "198.51.100.10", 4444, "198.51.100.1", 30000),
+        (30001, 17, "198.51.100.10", 4445, "198.51.100.1", 30001)]
+    assert part.done and part.skipped == 0
+    assert part.flows[0][6:] == (False, "198.51.100.1", 30000, "198.51.100.99", 5000)
+
+
+def test_ipv6_flow():
+    data = flow("2001:db8::10", 6000, "2001:db8::1", 30002, 30002, family=10)
+    part = parse_dump(data)
+    assert part.flows == [CtFlow(30002, 17, "2001:db8::10", 6000, "2001:db8::1", 30002,
+                                 False, "2001:db8::1", 30002, "2001:db8::99", 5000)]
+    assert not part.done
+
+
+def test_seen_reply_status_marks_the_flow_answered():
+    data = flow("198.51.100.10", 4444, "198.51.100.1", 30000, 30000, status=0xA)
+    assert parse_dump(data).flows[0].replied
+
+
+def test_multipart_dump_until_done_and_other_seq_ignored():
+    first = parse_dump(flow("198.51.100.10", 1, "198.51.100.1", 30000, 30000), seq=7)
+    other = parse_dump(msg(3, b"\0" * 4, seq=99), seq=7)  # another request's DONE
+    last = parse_dump(flow("198.51.100.11", 2, "198.51.100.1", 30000, 30000) + DONE, seq=7)
+    assert (len(first.flows), first.done) == (1, False)
+    assert (other.flows, other.done) == ([], False)
+    assert (last.flows[0].src, last.done) == ("198.51.100.11", True)
+
+
+def test_flow_without_mark_or_ports_is_skipped():
+    no_mark = msg(NEW, struct.pack("!BBH", 2, 0, 0) +
+                  attr(1, tup("198.51.100.10", 1, "198.51.100.1", 2), True))
+    no_ports = msg(NEW, struct.pack("!BBH", 2, 0, 0) + attr(
+        1, attr(1, attr(1, bytes(4)) + attr(2, bytes(4)), True), True) +
+        attr(CTA_MARK, struct.pack("!I", 30000)))
+    part = parse_dump(no_mark + no_ports + DONE)
+    assert (part.flows, part.done, part.skipped) == ([], True, 2)
+
+
+def test_garbled_attributes_skip_that_flow_only():
+    good = flow("198.51.100.10", 4444, "198.51.100.1", 30000, 30000)
+    bad = bytearray(flow("198.51.100.12", 1, "198.51.100.1", 30000, 30000))
+    bad[20:22] = struct.pack("=H", 0xFFF0)  # first attribute claims more than its message
+    part = parse_dump(bytes(bad) + good + DONE)
+    assert [f.sport for f in part.flows] == [4444]
+    assert part.skipped == 1 and part.done
+
+
+@pytest.mark.parametrize("cut", [1, 10, 17, 40, -3])
+def test_truncated_buffer_raises_typed_error(cut):
+    data = flow("198.51.100.10", 4444, "198.51.100.1", 30000, 30000)
+    with pytest.raises(ConntrackParseError):
+        parse_dump(data[:cut])
+
+
+def test_random_garbage_never_crashes():
+    import random
+
+    rng = random.Random(1)
+    base = flow("2001:db8::10", 6000, "2001:db8::1", 30002, 30002, family=10) + DONE
+    for _ in range(2000):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 6)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            part = parse_dump(bytes(data[:rng.randint(0, len(data))]))
+        except ConntrackError:
+            continue
+        assert all(isinstance(f, CtFlow) for f in part.flows)
+
+
+def test_error_reply_raises():
+    with pytest.raises(ConntrackError, match="not permitted|CAP_NET_ADMIN"):
+        parse_dump(msg(2, struct.pack("=i", -1) + b"\0" * 16))
+
+
+@pytest.mark.parametrize("lo,hi", [(30000, 30099), (30000, 40000), (1024, 65535), (5, 5),
+                                   (1, 0xFFFFFFFE)])
+def test_mark_filters_cover_the_range_and_never_mark_zero(lo, hi):
+    filters = mark_filters(lo, hi)
+    if not filters:
+        assert lo < 4096  # only ranges reaching down near 0 fall back to an unfiltered dump
+        return
+    assert len(filters) <= 4
+    assert not any((0 & mask) == mark for mark, mask in filters)
+    for m in (lo, hi, (lo + hi) // 2):
+        assert any((m & mask) == mark for mark, mask in filters)
+    if (lo, hi) == (30000, 30099):
+        assert filters == [(29952, 0xFFFFFF00)]
