@@ -233,3 +233,17 @@ def test_config_validate_direct():
     assert config.external_ip == "10.0.0.1"
     with pytest.raises(ConfigError):
         Config(quarantine=-1).validate()
+
+
+def test_coalesce_defaults_per_mode_and_bounds(tmp_path):
+    # packet mode gathers packets by default (one tap, one sendmmsg per round); socket not
+    assert load(None, {}).coalesce_us == 0
+    packet = {"mode": "packet", "packet_interfaces": ["eth0"]}
+    assert load(None, packet).coalesce_us == 500
+    assert load(None, {**packet, "coalesce_us": 0}).coalesce_us == 0
+    path = tmp_path / "c.toml"
+    path.write_text("coalesce_us = 200\n")
+    assert load(str(path), {}).coalesce_us == 200
+    for bad in (-2, 5001):
+        with pytest.raises(ConfigError, match="coalesce_us"):
+            load(None, {"coalesce_us": bad})
