@@ -53,6 +53,8 @@ import sys
 import time
 from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 
+from bench import jsonlines
+
 Addr = Tuple[str, int]
 #: (caller_fd, callee_fd, address the caller sends to, address the callee sends to)
 CallSpec = Tuple[int, int, Addr, Addr]
@@ -872,97 +874,47 @@ def _run_args(cmd: dict) -> dict:
 
 
 def serve(stdin: Optional[IO[str]] = None, stdout: Optional[IO[str]] = None) -> int:
-    """JSON lines, one reply line per command ({"ok": true, ...} or {"ok": false, "error"}):
-    {"cmd": "setup", "calls": [[caller_fd, callee_fd, [ip, port], [ip, port]], ...],
-    "io": "auto", "seed": null, "first_seq": null}, {"cmd": "run", "duration": D,
-    "pps_per_stream": 50 | "rate": R, "grace": G, "detail": false}, {"cmd": "quit"}."""
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
+    """JSON lines (`bench.jsonlines`): {"cmd": "setup", "calls": [[caller_fd, callee_fd,
+    [ip, port], [ip, port]], ...], "io": "auto", "seed": null, "first_seq": null},
+    {"cmd": "run", "duration": D, "pps_per_stream": 50 | "rate": R, "grace": G,
+    "detail": false}, {"cmd": "quit"}."""
     gen: Optional[CallGen] = None
 
-    def reply(obj: dict) -> None:
-        stdout.write(json.dumps(obj) + "\n")
-        stdout.flush()
+    def handle(cmd: dict) -> dict:
+        nonlocal gen
+        op = cmd.get("cmd")
+        if op == "setup":
+            if gen is not None:
+                gen.close()
+                gen = None
+            gen = CallGen(cmd["calls"], cmd.get("io", "auto"), cmd.get("seed"),
+                          cmd.get("first_seq"))
+            return {"io": gen.io, "calls": gen.calls, "streams": len(gen.streams),
+                    "python": sys.executable, "impl": sys.implementation.name}
+        if op == "run":
+            if gen is None:
+                raise CallGenError("run before setup: send a setup command first")
+            return gen.run(**_run_args(cmd))
+        raise CallGenError(f"unknown command {op!r}: setup, run or quit")
 
     try:
-        for _ in range(MAX_COMMANDS):
-            line = stdin.readline()
-            if not line:
-                break
-            try:
-                cmd = json.loads(line)
-                if not isinstance(cmd, dict):
-                    raise CallGenError("a command is a JSON object with a 'cmd' key")
-                op = cmd.get("cmd")
-                if op == "quit":
-                    reply({"ok": True})
-                    break
-                if op == "setup":
-                    if gen is not None:
-                        gen.close()
-                        gen = None
-                    gen = CallGen(cmd["calls"], cmd.get("io", "auto"), cmd.get("seed"),
-                                  cmd.get("first_seq"))
-                    reply({"ok": True, "io": gen.io, "calls": gen.calls,
-                           "streams": len(gen.streams), "python": sys.executable,
-                           "impl": sys.implementation.name})
-                elif op == "run":
-                    if gen is None:
-                        raise CallGenError("run before setup: send a setup command first")
-                    reply({"ok": True, **gen.run(**_run_args(cmd))})
-                else:
-                    raise CallGenError(f"unknown command {op!r}: setup, run or quit")
-            except (ValueError, KeyError, TypeError, OSError, RuntimeError) as exc:
-                reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        jsonlines.serve(handle, MAX_COMMANDS, stdin, stdout)
     finally:
         if gen is not None:
             gen.close()
     return 0
 
 
-class CallGenProcess:
+class CallGenProcess(jsonlines.ChildProcess):
     """The driving side of ``--serve``: a child process (PyPy by default, the faster
     generator) that inherits the sockets by fd.  A context manager that always ends it."""
 
-    def __init__(self, socks: Sequence[socket.socket], python: Optional[str] = None,
-                 cwd: Optional[str] = None) -> None:
-        import subprocess
-        import tempfile
-
-        from bench.interpreters import REPO_ROOT, pypy_or_current
+    def __init__(self, socks: Sequence[socket.socket], python: Optional[str] = None) -> None:
+        from bench.interpreters import pypy_or_current
 
         self.python = python or pypy_or_current()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child
-        try:
-            self.proc = subprocess.Popen(
-                [self.python, "-m", "bench.callgen", "--serve"], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=self._err, pass_fds=[s.fileno() for s in socks],
-                cwd=cwd or REPO_ROOT, env=env, text=True)
-        except BaseException:
-            self._err.close()
-            raise
+        super().__init__("bench.callgen", socks, self.python, CallGenError, "call generator")
         self.info: dict = {}
-
-    def command(self, cmd: dict, timeout: float) -> dict:
-        """One command, one reply line; raises CallGenError on an error reply or silence."""
-        proc = self.proc
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps(cmd) + "\n")
-        proc.stdin.flush()
-        poller = select.poll()  # not select(): fds above 1024 with many calls
-        poller.register(proc.stdout.fileno(), select.POLLIN)
-        line = proc.stdout.readline() if poller.poll(timeout * 1000) else ""
-        if not line:
-            self._err.seek(0)
-            err = self._err.read().decode(errors="replace")[-2000:]
-            raise CallGenError(f"call generator did not answer {cmd.get('cmd')!r} within "
-                               f"{timeout:.0f}s (exit code {proc.poll()}): {err}")
-        reply = json.loads(line)
-        if not reply.pop("ok", False):
-            raise CallGenError(f"call generator: {reply.get('error')}")
-        return reply
 
     def setup(self, calls: Sequence[Sequence], **options: object) -> dict:
         """`calls` as for CallGen (fds valid in the child: inherited, same numbers)."""
@@ -980,31 +932,6 @@ class CallGenProcess:
         if pps_per_stream is not None:
             cmd["pps_per_stream"] = pps_per_stream
         return self.command(cmd, timeout=min(float(duration), MAX_DURATION) + MAX_GRACE + 30.0)
-
-    def close(self) -> int:
-        """Quit (kill if it hangs); returns the exit code."""
-        import subprocess
-
-        proc = self.proc
-        try:
-            if proc.poll() is None and proc.stdin is not None:
-                proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                proc.stdin.flush()
-            proc.wait(5.0)
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
-        for f in (proc.stdin, proc.stdout):
-            if f is not None:
-                f.close()
-        self._err.close()
-        return proc.returncode
-
-    def __enter__(self) -> CallGenProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _raise_nofile(need: int) -> None:

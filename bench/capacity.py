@@ -20,15 +20,13 @@ import itertools
 import json
 import os
 import platform
-import select
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from bench.interpreters import REPO_ROOT, find_interpreters, pypy_or_current
+from bench import jsonlines
+from bench.interpreters import find_interpreters, pypy_or_current
 from bench.loadgen import MAX_DURATION, MAX_RATE, udp_socket
 from lrk.client import LrkClient
 from lrk.daemon.launcher import RelayProcess
@@ -147,7 +145,7 @@ class Harness:
         self.ports = next_ports(sessions)
         self.relay: Optional[RelayProcess] = None
         self.client: Optional[LrkClient] = None
-        self.gen: Optional[subprocess.Popen] = None
+        self.gen: Optional[jsonlines.ChildProcess] = None
         self.socks: List[socket.socket] = []
         self.worker_pid: Optional[int] = None
         self.exit_code: Optional[int] = None
@@ -183,30 +181,14 @@ class Harness:
             answer = self.client.answer(call_id, "cap-a", "cap-b", b.getsockname()[:2])
             # answer's relay port is where the caller sends
             spec.append([a.fileno(), b.fileno(), [answer["relay"]["ip"], answer["relay"]["port"]]])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        self._gen_err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child
-        self.gen = subprocess.Popen(
-            [self.loadgen_python, "-m", "bench.loadgen", "--serve"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._gen_err,
-            pass_fds=[s.fileno() for s in self.socks], cwd=REPO_ROOT, env=env, text=True)
+        self.gen = jsonlines.ChildProcess("bench.loadgen", self.socks, self.loadgen_python,
+                                          BenchError)
         self.loadgen_info = self._command({"cmd": "setup", "sessions": spec}, timeout=60.0)
 
     def close(self) -> None:
         if self.gen is not None:
             gen, self.gen = self.gen, None
-            try:
-                if gen.poll() is None:
-                    gen.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                    gen.stdin.flush()
-                gen.wait(5.0)
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                gen.kill()
-                gen.wait()
-            for f in (gen.stdin, gen.stdout):
-                if f is not None:
-                    f.close()
-            self._gen_err.close()
+            gen.close()
         if self.client is not None:
             self.client.close()
             self.client = None
@@ -220,20 +202,8 @@ class Harness:
 
     # -- steps ----------------------------------------------------------------------
     def _command(self, cmd: dict, timeout: float) -> dict:
-        gen = self.gen
-        assert gen is not None and gen.stdin is not None and gen.stdout is not None
-        gen.stdin.write(json.dumps(cmd) + "\n")
-        gen.stdin.flush()
-        ready, _, _ = select.select([gen.stdout], [], [], timeout)
-        line = gen.stdout.readline() if ready else ""
-        if not line:
-            self._gen_err.seek(0)
-            err = self._gen_err.read().decode(errors="replace")[-2000:]
-            raise BenchError(f"load generator did not answer {cmd.get('cmd')}: {err}")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise BenchError(f"load generator: {reply.get('error')}")
-        return reply
+        assert self.gen is not None
+        return self.gen.command(cmd, timeout)
 
     def counters(self) -> Optional[Dict[str, int]]:
         """The relay's media counters (the worker reports them on a flush)."""
@@ -259,7 +229,6 @@ class Harness:
         ctx1 = ctx_switches(wpid) if wpid else None
         rcv1 = udp_rcvbuf_errors()
         c1 = self.counters()
-        res.pop("ok", None)
         if c0 is not None and c1 is not None:
             res["relay_forwarded"] = c1["media.forwarded.packets"] - c0["media.forwarded.packets"]
             # drops and send errors the relay itself counted (not socket-buffer overflows)

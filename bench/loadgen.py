@@ -39,6 +39,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from bench import jsonlines
 from lrk.sim.rtp import rtp_packet
 
 Addr = Tuple[str, int]
@@ -488,44 +489,29 @@ class LoadGen:
 
 
 def serve(stdin=None, stdout=None) -> int:
-    """JSON lines: {"cmd": "setup", "sessions": [[caller_fd, callee_fd, [ip, port]], ...]},
-    {"cmd": "run", "rate": R, "duration": D, "grace": G}, {"cmd": "quit"}.
+    """JSON lines (`bench.jsonlines`): {"cmd": "setup", "sessions": [[caller_fd, callee_fd,
+    [ip, port]], ...]}, {"cmd": "run", "rate": R, "duration": D, "grace": G}, {"cmd": "quit"}.
     Every command gets one JSON line back ({"ok": true, ...} or {"ok": false, "error"})."""
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
     gen: Optional[LoadGen] = None
 
-    def reply(obj: dict) -> None:
-        stdout.write(json.dumps(obj) + "\n")
-        stdout.flush()
+    def handle(cmd: dict) -> dict:
+        nonlocal gen
+        op = cmd.get("cmd")
+        if op == "setup":
+            if gen is not None:
+                gen.close()
+                gen = None
+            gen = LoadGen([(int(c), int(r), (d[0], int(d[1])))
+                           for c, r, d in cmd["sessions"]], cmd.get("io", "auto"))
+            return {"io": gen.io, "python": sys.executable, "impl": sys.implementation.name}
+        if op == "run":
+            if gen is None:
+                raise ValueError("run before setup")
+            return gen.run(cmd["rate"], cmd["duration"], cmd.get("grace", 0.3))
+        raise ValueError(f"unknown command {op!r}")
 
     try:
-        for _ in range(MAX_COMMANDS):
-            line = stdin.readline()
-            if not line:
-                break
-            try:
-                cmd = json.loads(line)
-                op = cmd.get("cmd")
-                if op == "quit":
-                    reply({"ok": True})
-                    break
-                if op == "setup":
-                    if gen is not None:
-                        gen.close()
-                    gen = LoadGen([(int(c), int(r), (d[0], int(d[1])))
-                                   for c, r, d in cmd["sessions"]], cmd.get("io", "auto"))
-                    reply({"ok": True, "io": gen.io, "python": sys.executable,
-                           "impl": sys.implementation.name})
-                elif op == "run":
-                    if gen is None:
-                        raise ValueError("run before setup")
-                    result = gen.run(cmd["rate"], cmd["duration"], cmd.get("grace", 0.3))
-                    reply({"ok": True, **result})
-                else:
-                    raise ValueError(f"unknown command {op!r}")
-            except (ValueError, KeyError, TypeError, AttributeError, OSError, RuntimeError) as exc:
-                reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        jsonlines.serve(handle, MAX_COMMANDS, stdin, stdout)
     finally:
         if gen is not None:
             gen.close()

@@ -100,19 +100,18 @@ import ctypes
 import json
 import os
 import queue
-import select
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from bench import jsonlines
 from bench.capacity import LOSS_LIMIT, PRECISION, machine, search, verdict
-from bench.interpreters import REPO_ROOT, find_interpreters, pypy_or_current
+from bench.interpreters import find_interpreters, pypy_or_current
 from bench.loadgen import MAX_DURATION, MAX_RATE, tune_socket
 from lrk.client import LrkClient
 from lrk.daemon.launcher import RelayProcess
@@ -365,64 +364,11 @@ def _us(ticks: float) -> float:
 # -- the load generator process --------------------------------------------------------
 
 
-class Generator:
+class Generator(jsonlines.ChildProcess):
     """`bench.loadgen --serve` (PyPy) with the caller and callee sockets inherited by fd."""
 
     def __init__(self, python: str, socks: List[socket.socket]) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child
-        self.proc = subprocess.Popen(
-            [python, "-m", "bench.loadgen", "--serve"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self._err, pass_fds=[s.fileno() for s in socks],
-            cwd=REPO_ROOT, env=env, text=True)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def send(self, cmd: dict) -> None:
-        proc = self.proc
-        assert proc.stdin is not None
-        proc.stdin.write(json.dumps(cmd) + "\n")
-        proc.stdin.flush()
-
-    def reply(self, cmd: dict, timeout: float) -> dict:
-        proc = self.proc
-        assert proc.stdout is not None
-        # poll, not select: with 1,000 sessions this process holds fds above 1024
-        poller = select.poll()
-        poller.register(proc.stdout.fileno(), select.POLLIN)
-        ready = poller.poll(timeout * 1000)
-        line = proc.stdout.readline() if ready else ""
-        if not line:
-            self._err.seek(0)
-            err = self._err.read().decode(errors="replace")[-2000:]
-            raise BenchError(f"load generator did not answer {cmd.get('cmd')}: {err}")
-        reply = json.loads(line)
-        if not reply.get("ok"):
-            raise BenchError(f"load generator: {reply.get('error')}")
-        reply.pop("ok", None)
-        return reply
-
-    def command(self, cmd: dict, timeout: float) -> dict:
-        self.send(cmd)
-        return self.reply(cmd, timeout)
-
-    def close(self) -> None:
-        proc = self.proc
-        try:
-            if proc.poll() is None and proc.stdin is not None:
-                proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                proc.stdin.flush()
-            proc.wait(5.0)
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
-        for f in (proc.stdin, proc.stdout):
-            if f is not None:
-                f.close()
-        self._err.close()
+        super().__init__("bench.loadgen", socks, python, BenchError)
 
 
 #: the most sessions one generator process drives: this VM caps RLIMIT_NOFILE at 20,000
