@@ -27,6 +27,7 @@ from fastpath.relay_table import Endpoint, RelayTable
 from lrk import logs
 
 log = logging.getLogger("lrk.worker")
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 
 REPORT_INTERVAL = 0.5
 #: packet mode's egress: "auto" (raw sockets, batched across sessions, when they can be
@@ -112,16 +113,23 @@ class SocketWorker:
                 raise ValueError(f"install of {sid} carries {len(fds)} fds, not 4")
             if sid in self.table.sessions:
                 self._remove(sid)
-            for fd in fds:
-                sock = socket.socket(fileno=fd)
-                sock.setblocking(False)
+            families = message.get("families") or [-1] * len(fds)
+            for fd, family in zip(fds, families):
+                if family == -1:  # an older daemon: let the kernel tell
+                    sock = socket.socket(fileno=fd)
+                    sock.setblocking(False)
+                else:  # family and type given: no getsockopt, no ioctl (non-blocking already)
+                    sock = socket.socket(family, socket.SOCK_DGRAM | _NONBLOCK, 0, fd)
                 self.sockets[fd] = sock
                 self.epoll.register(fd, select.EPOLLIN)
             session = self.table.install(sid, fds, message["legs"])
             if self.readers:
                 egress = self.egress
+                addrs = dict(zip(fds, message.get("addrs") or ()))
                 for ep in session.endpoints:
-                    ip, port = self.sockets[ep.fd].getsockname()[:2]
+                    known = addrs.get(ep.fd)
+                    ip, port = (known[0], int(known[1])) if known else \
+                        self.sockets[ep.fd].getsockname()[:2]
                     self.by_addr[(ip, port)] = ep
                     if egress is not None:
                         egress.bind(ep.fd, ip, port)

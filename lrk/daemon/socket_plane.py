@@ -328,8 +328,12 @@ class SocketPlane:
                 return
             socks.extend(pair_)
         legs = {name: leg_spec(session.legs[name]) for name in (LEG_A, LEG_B)}
+        # what the worker would otherwise ask the kernel for, four syscalls per socket
+        addrs = [[session.legs[name].relay_ip, session.legs[name].relay_port + rtcp]
+                 for name in (LEG_A, LEG_B) for rtcp in (0, 1)]
         self.worker_for(session.sid).send(
-            {"op": "install", "sid": session.sid, "legs": legs}, socks)
+            {"op": "install", "sid": session.sid, "legs": legs,
+             "families": [int(s.family) for s in socks], "addrs": addrs}, socks)
 
     def commit(self) -> None:
         """Send every queued worker message now (before a reply that announces it)."""
