@@ -1,6 +1,6 @@
 """lrk against rtpengine, side by side, in one run: the numbers an operator chooses by.
 
-    .venv/bin/python -m bench.compare                 # full form, root, ~15 min
+    .venv/bin/python -m bench.compare                 # full form, root, ~10 min
     .venv/bin/python -m bench.compare --quick         # the test suite's short form
 
 Stages, each against every peer in the same run and the same topology:
