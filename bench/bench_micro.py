@@ -1,0 +1,127 @@
+"""Micro-benchmarks of the hot pieces, sans-IO (pytest-benchmark; timings go to the report,
+only results are asserted):
+
+* packet path: the relay table's forwarding decision for a batch, a tapped packet's
+  parse (packet mode), and the IPv4/UDP header + checksum of raw egress;
+* protocol codecs: a msgpack control request, a legacy lrkproxy request, an NG message;
+* session lookup: by Call-ID among 10,000 sessions, and by relay address (packet mode).
+
+    python -m pytest bench/bench_micro.py --benchmark-columns=mean,ops
+"""
+
+from __future__ import annotations
+
+import socket
+
+import msgpack
+
+from bench.ng import audio_sdp, decode_message, encode_message
+from fastpath.packet_io import parse_media
+from fastpath.raw_egress import ipv4_udp_header, udp_checksum
+from fastpath.relay_table import RelayTable
+from lrk.control.legacy import LegacyControl
+from lrk.control.msgpack_proto import MsgpackControl
+from lrk.core.engine import Engine, EngineConfig
+from lrk.sim.rtp import rtp_packet
+
+CALLER = ("198.51.100.10", 4000)
+CALLEE = ("198.51.100.70", 5000)
+RELAY_A = ("198.51.100.1", 30000)
+BATCH = 64
+
+
+def _table() -> RelayTable:
+    table = RelayTable()
+    legs = {"A": {"announced": list(CALLER), "rtcp_announced": [CALLER[0], CALLER[1] + 1],
+                  "latch_any": False, "gen": 1},
+            "B": {"announced": list(CALLEE), "rtcp_announced": [CALLEE[0], CALLEE[1] + 1],
+                  "latch_any": False, "gen": 1}}
+    table.install(1, [10, 11, 12, 13], legs)
+    return table
+
+
+def test_micro_forward_batch(benchmark):
+    """One batch of 64 RTP packets from the latched caller: all go to the callee."""
+    table = _table()
+    ep = table.by_fd[10]
+    batch = [(rtp_packet(i, 0xABC), CALLER) for i in range(BATCH)]
+    src, out = benchmark(table.forward, ep, batch, 1.0)
+    assert src is table.by_fd[12] and len(out) == BATCH
+    assert all(dest == CALLEE for _data, dest in out)
+    benchmark.extra_info["packets_per_call"] = BATCH
+
+
+def _l3_packet() -> bytes:
+    payload = rtp_packet(7, 0xABC)
+    src, dst = socket.inet_aton(CALLER[0]), socket.inet_aton(RELAY_A[0])
+    return ipv4_udp_header(src, dst, CALLER[1], RELAY_A[1], payload) + payload
+
+
+def test_micro_parse_tapped_packet(benchmark):
+    pkt = _l3_packet()
+    media = benchmark(parse_media, pkt)
+    assert media is not None
+    assert (media[1], media[2], media[3], media[4]) == (*CALLER, *RELAY_A)
+    assert media[5] == rtp_packet(7, 0xABC)
+
+
+def test_micro_raw_egress_header(benchmark):
+    payload = rtp_packet(9, 0xABC)
+    src, dst = socket.inet_aton(RELAY_A[0]), socket.inet_aton(CALLEE[0])
+    header = benchmark(ipv4_udp_header, src, dst, RELAY_A[1], CALLEE[1], payload)
+    assert len(header) == 28
+    checksum = int.from_bytes(header[26:28], "big")
+    assert checksum == udp_checksum(src, dst, RELAY_A[1], CALLEE[1], payload)
+
+
+def test_micro_msgpack_control_offer(benchmark):
+    """Decode + validate + execute + encode one offer (a fresh Call-ID each time)."""
+    control = MsgpackControl(Engine(EngineConfig(port_start=10000, port_end=60000,
+                                                 quarantine=0)))
+    state = {"n": 0}
+
+    def offer() -> dict:
+        state["n"] += 1
+        n = state["n"]
+        data = msgpack.packb({"cookie": f"c{n}", "cmd": "offer", "call_id": f"m{n}",
+                              "from_tag": "a", "media": {"ip": CALLER[0], "port": CALLER[1]}})
+        reply = msgpack.unpackb(control.handle(data, ("127.0.0.1", 9), float(n)).reply,
+                                raw=False)
+        control.engine.delete(float(n), f"m{n}")
+        return reply
+
+    reply = benchmark(offer)
+    assert reply["ok"] is True and reply["relay"]["port"] >= 10000
+
+
+def test_micro_legacy_ping(benchmark):
+    legacy = LegacyControl(Engine(EngineConfig()))
+    outcome = benchmark(legacy.handle, b"4711_1 P", ("127.0.0.1", 9), 1.0)
+    assert outcome.reply == b"4711_1 P PONG"
+
+
+def test_micro_ng_codec(benchmark):
+    message = {"command": "offer", "call-id": "c1@host", "from-tag": "a",
+               "sdp": audio_sdp(*CALLER), "flags": ["trust-address"],
+               "replace": ["origin", "session-connection"], "ICE": "remove"}
+
+    def round_trip():
+        return decode_message(encode_message("ck1", message))
+
+    cookie, back = benchmark(round_trip)
+    assert cookie == "ck1" and back == message
+
+
+def test_micro_session_lookup_by_call_id(benchmark):
+    engine = Engine(EngineConfig(port_start=2000, port_end=65000, quarantine=0))
+    for i in range(10000):
+        engine.offer(0.0, f"call-{i}", "a", CALLER)
+    session = benchmark(engine.get, "call-7777")
+    assert session.call_id == "call-7777" and len(engine.by_call) == 10000
+
+
+def test_micro_session_lookup_by_relay_address(benchmark):
+    """Packet mode's per-packet lookup: (relay ip, port) -> endpoint, 40,000 entries."""
+    by_addr = {("198.51.100.1", 20000 + i): i for i in range(40000)}
+    key = ("198.51.100.1", 20000 + 31337)
+    assert benchmark(by_addr.get, key) == 31337
