@@ -18,7 +18,8 @@ else:  # PyPy 3.9
 
 MODES = ("socket", "kernel", "nfqueue", "packet")
 #: packet mode reads every session from one tap and sends with one sendmmsg per round, so
-#: gathering packets for a moment pays off there; socket mode pays per socket anyway
+#: gathering packets for a moment pays off most there; socket mode gains too (fewer
+#: wake-ups) but keeps 0 by default, its latency the lowest (docs/operations.md)
 DEFAULT_COALESCE_US = {"packet": 500}
 MAX_COALESCE_US = 5000
 LOG_LEVELS = ("debug", "info", "warning", "error")
