@@ -5,8 +5,10 @@ session ends, its flows must go too, or conntrack would keep NATing its media un
 the flow times out. One netlink request per mark, no `conntrack` process spawned.
 The same marks find a leg's flows in a dump: a flow's original source is the peer
 address conntrack latched (a NATed caller's real port), which lrk reports like the
-userspace modes do. Message builders and parsers are pure (sans-IO);
-`ConntrackSocket` is the thin shell.
+userspace modes do. With `nf_conntrack_acct` on, each flow also carries packet/byte
+counters per direction and a CTA_ID (plus a start time with `nf_conntrack_timestamp`),
+which kernel mode reads as its per-leg media counters (no per-packet counting rule).
+Message builders and parsers are pure (sans-IO); `ConntrackSocket` is the thin shell.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ CTA_TUPLE_REPLY = 2
 CTA_STATUS = 3
 IPS_SEEN_REPLY = 0x2
 CTA_MARK = 8
+CTA_COUNTERS_ORIG = 9
+CTA_COUNTERS_REPLY = 10
+CTA_ID = 12
+CTA_TIMESTAMP = 20
+CTA_TIMESTAMP_START = 1  # be64 ns, with nf_conntrack_timestamp on at flow creation
+CTA_COUNTERS_PACKETS = 1  # be64
+CTA_COUNTERS_BYTES = 2  # be64
+CTA_COUNTERS32_PACKETS = 3  # be32, kernels before 2.6.27
+CTA_COUNTERS32_BYTES = 4
 CTA_MARK_MASK = 21
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
@@ -69,7 +80,11 @@ class CtFlow(NamedTuple):
 
     The original source is whoever sent the flow's first packet: for a relay leg,
     the peer's real (post-NAT) address and port. Once `replied`, the reply source has
-    sent too (from exactly that address: it matched the reply tuple)."""
+    sent too (from exactly that address: it matched the reply tuple). Counters are 0
+    unless `nf_conntrack_acct` was on when the flow was created; `id` (CTA_ID) tells a
+    flow from a later one, None if the kernel sent none; a flow re-created in the same
+    slab object with the same tuples gets the same id, `start` (CTA_TIMESTAMP_START, ns,
+    None without `nf_conntrack_timestamp`) tells those apart."""
 
     mark: int
     proto: int
@@ -82,6 +97,12 @@ class CtFlow(NamedTuple):
     reply_sport: int = 0
     reply_dst: Optional[str] = None
     reply_dport: int = 0
+    orig_packets: int = 0
+    orig_bytes: int = 0
+    reply_packets: int = 0
+    reply_bytes: int = 0
+    id: Optional[int] = None
+    start: Optional[int] = None
 
 
 class DumpPart(NamedTuple):
@@ -186,6 +207,24 @@ def _tuple(data: bytes, off: int, end: int) -> Optional[Tuple[int, str, int, str
     return proto, src, sport, dst, dport
 
 
+def _counters(data: bytes, off: int, end: int) -> Tuple[int, int]:
+    """(packets, bytes) of a CTA_COUNTERS_* nest (64-bit, or the old 32-bit attributes)."""
+    packets = nbytes = 0
+    for kind, a, b in _attrs(data, off, end):
+        size = b - a
+        if size == 8 and kind in (CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES):
+            value = struct.unpack_from("!Q", data, a)[0]
+        elif size == 4 and kind in (CTA_COUNTERS32_PACKETS, CTA_COUNTERS32_BYTES):
+            value = struct.unpack_from("!I", data, a)[0]
+        else:
+            continue
+        if kind in (CTA_COUNTERS_PACKETS, CTA_COUNTERS32_PACKETS):
+            packets = value
+        else:
+            nbytes = value
+    return packets, nbytes
+
+
 def parse_dump(data: bytes, seq: Optional[int] = None) -> DumpPart:
     """The flows in one buffer of IPCTNL_MSG_CT_NEW dump replies (a dump spans many).
 
@@ -220,8 +259,9 @@ def parse_dump(data: bytes, seq: Optional[int] = None) -> DumpPart:
         elif kind == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW:
             flow = None
             try:
-                mark = orig = reply = None
+                mark = orig = reply = ct_id = start = None
                 status = 0
+                counts_o = counts_r = (0, 0)
                 for akind, a, b in _attrs(data, body + _NFGENMSG.size, end):
                     if akind == CTA_MARK and b - a == 4:
                         mark = struct.unpack_from("!I", data, a)[0]
@@ -231,9 +271,20 @@ def parse_dump(data: bytes, seq: Optional[int] = None) -> DumpPart:
                         orig = _tuple(data, a, b)
                     elif akind == CTA_TUPLE_REPLY:
                         reply = _tuple(data, a, b)
+                    elif akind == CTA_COUNTERS_ORIG:
+                        counts_o = _counters(data, a, b)
+                    elif akind == CTA_COUNTERS_REPLY:
+                        counts_r = _counters(data, a, b)
+                    elif akind == CTA_ID and b - a == 4:
+                        ct_id = struct.unpack_from("!I", data, a)[0]
+                    elif akind == CTA_TIMESTAMP:
+                        for tkind, ta, tb in _attrs(data, a, b):
+                            if tkind == CTA_TIMESTAMP_START and tb - ta == 8:
+                                start = struct.unpack_from("!Q", data, ta)[0]
                 if mark is not None and orig is not None:
                     flow = CtFlow(mark, *orig, bool(status & IPS_SEEN_REPLY),
-                                  *(reply[1:] if reply else (None, 0, None, 0)))
+                                  *(reply[1:] if reply else (None, 0, None, 0)),
+                                  *counts_o, *counts_r, ct_id, start)
             except (ConntrackParseError, ValueError, OSError):
                 flow = None  # this entry only: the message boundary is still sound
             if flow is None:

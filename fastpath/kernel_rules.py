@@ -9,6 +9,14 @@ every relay port P (RTP; RTCP is P + 1) of a leg X whose partner leg is Y:
 * ``adm``  relay X ip . P . X's peer ip                (admission of new flows)
 * ``seen`` relay X ip . P                              (per-port counter, every packet)
 
+``seen`` exists only with ``counters="rules"``.  With ``counters="conntrack"``
+there is no filter chain: admission runs in the NAT prerouting chain, which
+netfilter calls only for a conntrack entry's first packet, so later packets
+meet none of lrk's rules (as with plain static NAT), and media is counted by
+conntrack accounting (``nf_conntrack_acct``) per flow instead.  (A filter-chain
+``ct state established accept`` would not do: a one-way UDP flow stays
+``ct state new`` until a reply, so its every packet would still be admitted.)
+
 Replies (Y's peer -> relay Y) match the conntrack reply tuple and are un-NATed
 by conntrack, so a NATed caller is latched implicitly.  Each map/set exists per
 family (suffix 4/6); a session's legs are both IPv4 or both IPv6.
@@ -38,6 +46,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from lrk.errors import LrkError
 
 __all__ = [
+    "COUNTER_SOURCES",
     "DROP_COUNTERS",
     "KernelRuleError",
     "KernelRuleset",
@@ -58,6 +67,9 @@ DROP_COUNTERS = {4: "unexpected4", 6: "unexpected6"}
 #: comment on the rule that uses DROP_COUNTERS[family], so it can be found by listing
 DROP_COMMENT = "lrk: unadmitted new flow ipv{}, media.dropped.unexpected_source"
 QUEUE_COMMENT = "lrk: unadmitted new flow ipv{}, to NFQUEUE"
+
+#: where kernel mode's per-leg media counters come from
+COUNTER_SOURCES = ("conntrack", "rules")
 
 # the sets/maps of one family in the order commands are written
 _KINDS = ("fwd", "mark", "out", "adm", "seen")
@@ -179,10 +191,13 @@ def _addr(ip_port: Tuple[str, int]) -> str:
     return f"{ip_port[0]} . {ip_port[1]}"
 
 
-def elements(spec: SessionSpec) -> Elements:
-    """The map/set elements of a session as nft text: set name -> {key: value or None}."""
+def elements(spec: SessionSpec, seen: bool = True) -> Elements:
+    """The map/set elements of a session as nft text: set name -> {key: value or None}.
+
+    ``seen=False`` leaves out the ``seen`` counters (conntrack-counted rulesets have none).
+    """
     fam = spec.family
-    out: Elements = {f"{kind}{fam}": {} for kind in _KINDS}
+    out: Elements = {f"{kind}{fam}": {} for kind in _KINDS if seen or kind != "seen"}
     for leg, other in ((spec.a, spec.b), (spec.b, spec.a)):
         for rtcp in (False, True):
             key = _addr(leg.relay(rtcp))
@@ -191,7 +206,8 @@ def elements(spec: SessionSpec) -> Elements:
             out[f"mark{fam}"][key] = mark
             out[f"out{fam}"][mark] = _addr(other.relay(rtcp))
             out[f"adm{fam}"][f"{key} . {leg.peer_ip}"] = None
-            out[f"seen{fam}"][key] = None
+            if seen:
+                out[f"seen{fam}"][key] = None
     return out
 
 
@@ -204,11 +220,11 @@ def conntrack_marks(spec: SessionSpec) -> List[int]:
     return sorted(m for leg in (spec.a, spec.b) for m in (leg.rtp_mark, leg.rtp_mark + 1))
 
 
-def _merge(specs: Iterable[SessionSpec]) -> Elements:
+def _merge(specs: Iterable[SessionSpec], seen: bool = True) -> Elements:
     """Union of the elements of several sessions; refuses conflicting keys."""
     merged: Elements = {}
     for spec in specs:
-        for name, elems in elements(spec).items():
+        for name, elems in elements(spec, seen).items():
             dest = merged.setdefault(name, {})
             for key, value in elems.items():
                 old = dest.setdefault(key, value)
@@ -245,12 +261,13 @@ def _check_table(table: str) -> str:
     return table
 
 
-def install_commands(*specs: SessionSpec, table: str = "lrk") -> str:
+def install_commands(*specs: SessionSpec, table: str = "lrk", seen: bool = True) -> str:
     """``add element`` lines of sessions, to be applied as ONE transaction (all or nothing)."""
-    return _text(_lines("add", _check_table(table), _merge(specs), True))
+    return _text(_lines("add", _check_table(table), _merge(specs, seen), True))
 
 
-def remove_commands(*specs: SessionSpec, table: str = "lrk", idempotent: bool = False) -> str:
+def remove_commands(*specs: SessionSpec, table: str = "lrk", idempotent: bool = False,
+                    seen: bool = True) -> str:
     """``delete element`` lines of sessions, to be applied as one transaction.
 
     The spec that was installed is the source of truth: nft rejects deleting
@@ -261,12 +278,13 @@ def remove_commands(*specs: SessionSpec, table: str = "lrk", idempotent: bool = 
     recreated; it still fails when a key is present with a *different* value.
     """
     _check_table(table)
-    elems = _merge(specs)
+    elems = _merge(specs, seen)
     lines = _lines("add", table, elems, True) if idempotent else []
     return _text(lines + _lines("delete", table, elems, False))
 
 
-def update_commands(old: SessionSpec, new: SessionSpec, table: str = "lrk") -> str:
+def update_commands(old: SessionSpec, new: SessionSpec, table: str = "lrk",
+                    seen: bool = True) -> str:
     """Minimal delete/add lines turning ``old``'s elements into ``new``'s (one transaction).
 
     Unchanged elements are not touched, so their counters keep counting; a
@@ -274,7 +292,7 @@ def update_commands(old: SessionSpec, new: SessionSpec, table: str = "lrk") -> s
     a value in place).  Empty text when nothing changed.
     """
     _check_table(table)
-    before, after = elements(old), elements(new)
+    before, after = elements(old, seen), elements(new, seen)
     gone: Elements = {}
     added: Elements = {}
     for name in set(before) | set(after):
@@ -294,6 +312,11 @@ class KernelRuleset:
     session's elements and re-injecting with NF_REPEAT (the admission rule
     then sets the ct mark; the packet is counted in ``seen`` a second time),
     or answers NF_DROP.  The ``queue`` expression needs CONFIG_NFT_QUEUE.
+
+    ``counters="conntrack"``: no ``seen`` sets and no filter chain; the NAT
+    prerouting chain jumps to ``media4``/``media6`` before DNAT, so admission
+    runs once per conntrack entry (read per-flow counters from conntrack, which
+    needs ``net.netfilter.nf_conntrack_acct=1``).  Not with ``queue``.
     """
 
     def __init__(
@@ -307,8 +330,14 @@ class KernelRuleset:
         queue_bypass: bool = False,
         mark_range: Optional[Tuple[int, int]] = None,
         queue_chain: bool = False,
+        counters: str = "rules",
     ) -> None:
         self.table = _check_table(table)
+        if counters not in COUNTER_SOURCES:
+            raise KernelRuleError(f"counters {counters!r} must be one of {COUNTER_SOURCES}")
+        self.counters = counters
+        if counters != "rules" and queue is not None:
+            raise KernelRuleError("the NFQUEUE variant counts with counters=\"rules\"")
         self.port_start = _port(port_start, "port_start")
         self.port_end = _port(port_end, "port_end")
         if port_end <= port_start:
@@ -335,6 +364,11 @@ class KernelRuleset:
         if not 1 <= lo <= hi < _MARK_MAX:
             raise KernelRuleError(f"mark range {lo}-{hi} must be within 1..{_MARK_MAX - 1}")
         self.mark_range = (lo, hi)
+
+    @property
+    def seen(self) -> bool:
+        """Whether this ruleset counts every packet in ``seen`` sets."""
+        return self.counters == "rules"
 
     # -- ruleset ---------------------------------------------------------
 
@@ -371,15 +405,17 @@ class KernelRuleset:
                 f"  map mark{fam} {{ type {a} . inet_service : mark; }}",
                 f"  map out{fam} {{ type mark : {a} . inet_service; }}",
                 f"  set adm{fam} {{ type {a} . inet_service . {a}; counter; }}",
-                f"  set seen{fam} {{ type {a} . inet_service; counter; }}",
             ]
-        lines += [
-            "  chain pre_filter {",
-            "    type filter hook prerouting priority -150; policy accept;",
+            if self.seen:
+                lines.append(f"  set seen{fam} {{ type {a} . inet_service; counter; }}")
+        jumps = [
             f"    ip daddr @relay_ips4 udp dport {ports} jump media4",
             f"    ip6 daddr @relay_ips6 udp dport {ports} jump media6",
-            "  }",
         ]
+        if self.seen:
+            lines += ["  chain pre_filter {",
+                      "    type filter hook prerouting priority -150; policy accept;",
+                      *jumps, "  }"]
         for fam in (4, 6):
             p = ip[fam]
             lines += [
@@ -387,15 +423,18 @@ class KernelRuleset:
                 f"    ct state new {p} daddr . udp dport . {p} saddr @adm{fam} "
                 f"ct mark set {p} daddr . udp dport map @mark{fam}",
                 f"    {self._unadmitted(fam)}",
-                # counted after admission: refused packets show only in the drop counter
-                f"    ct mark != 0 {p} daddr . udp dport @seen{fam}",
-                "  }",
             ]
+            if self.seen:
+                # counted after admission: refused packets show only in the drop counter
+                lines.append(f"    ct mark != 0 {p} daddr . udp dport @seen{fam}")
+            lines.append("  }")
             if self.queue_chain:
                 lines.append(f"  chain nfq{fam} {{ }}")
         lines += [
             "  chain pre_nat {",
             "    type nat hook prerouting priority dstnat; policy accept;",
+            # conntrack counting: admission here, once per conntrack entry, before DNAT
+            *([] if self.seen else jumps),
             f"    ip daddr @relay_ips4 udp dport {ports} dnat ip to ip daddr . udp dport map @fwd4",
             f"    ip6 daddr @relay_ips6 udp dport {ports} "
             "dnat ip6 to ip6 daddr . udp dport map @fwd6",
@@ -439,16 +478,16 @@ class KernelRuleset:
         """:func:`install_commands` for this table, after :meth:`check` of every session."""
         for spec in specs:
             self.check(spec)
-        return install_commands(*specs, table=self.table)
+        return install_commands(*specs, table=self.table, seen=self.seen)
 
     def remove_commands(self, *specs: SessionSpec, idempotent: bool = False) -> str:
         """:func:`remove_commands` for this table."""
-        return remove_commands(*specs, table=self.table, idempotent=idempotent)
+        return remove_commands(*specs, table=self.table, idempotent=idempotent, seen=self.seen)
 
     def update_commands(self, old: SessionSpec, new: SessionSpec) -> str:
         """:func:`update_commands` for this table, after :meth:`check` of ``new``."""
         self.check(new)
-        return update_commands(old, new, table=self.table)
+        return update_commands(old, new, table=self.table, seen=self.seen)
 
     # -- reading back ----------------------------------------------------
 

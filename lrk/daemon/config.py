@@ -44,6 +44,10 @@ class Config:
     coalesce_us: int = -1
     kernel_table: str = "lrk"  # kernel mode: the nftables table (inet family) lrk owns
     kernel_poll: float = 2.0  # kernel mode: seconds between counter reads for expiry
+    # kernel mode: per-leg media counters from conntrack accounting (sets the relay
+    # namespace's net.netfilter.nf_conntrack_acct while running; established packets skip
+    # the filter rules) or from a per-packet nft counting rule ("rules", slower)
+    kernel_counters: str = "conntrack"
     nfqueue_num: int = 0  # nfqueue mode: the queue number lrk reads
     nfqueue_bypass: bool = False  # nfqueue mode: accept new flows while lrk is not reading
     packet_interfaces: List[str] = field(default_factory=list)  # packet mode: taps
@@ -131,6 +135,9 @@ class Config:
                                   "media lrk taps (e.g. --packet-interface eth0)")
             if self.workers != 1:
                 raise ConfigError("packet mode runs one worker (every tap sees every packet)")
+        if self.kernel_counters not in ("conntrack", "rules"):
+            raise ConfigError(f"kernel_counters {self.kernel_counters!r} must be conntrack "
+                              "or rules")
         if self.io not in ("auto", "mmsg", "plain"):
             raise ConfigError(f"io {self.io!r} must be auto, mmsg or plain")
         if not 1 <= self.workers <= 64:

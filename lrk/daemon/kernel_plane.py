@@ -4,6 +4,10 @@ The shell around `fastpath.kernel_rules` (what to write) and `fastpath.nft` /
 `fastpath.ctnetlink` (how). Runs in the relay's network namespace; owns the
 `table inet lrk` there: created (replacing a leftover) on start, deleted on stop,
 and every session's conntrack flows flushed when it ends or re-latches.
+
+Per-leg counters come from conntrack accounting (``counters="conntrack"``, the
+namespace's `nf_conntrack_acct` and `nf_conntrack_timestamp` are switched on while
+running) or from the ruleset's per-packet `seen` sets (``"rules"``, ~1.5 us/pkt more).
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ from lrk.errors import ConfigError
 log = logging.getLogger("lrk.kernel")
 
 FORWARDING = {4: "/proc/sys/net/ipv4/ip_forward", 6: "/proc/sys/net/ipv6/conf/all/forwarding"}
+#: per-flow packet/byte counters and start times; apply to flows created while they are 1
+ACCT = {name: f"/proc/sys/net/netfilter/{name}"
+        for name in ("nf_conntrack_acct", "nf_conntrack_timestamp")}
+#: (received from A's peer: packets, bytes, received from B's peer: packets, bytes)
+Counts = Tuple[int, int, int, int]
 
 
 def leg_spec(leg: Leg) -> Optional[LegSpec]:
@@ -52,12 +61,23 @@ def session_spec(session: Session) -> Optional[SessionSpec]:
 class KernelPlane:
     """Applies engine actions as nftables element changes; reads counters back."""
 
-    def __init__(self, engine: Engine, table: str = "lrk", poll_interval: float = 2.0) -> None:
+    def __init__(self, engine: Engine, table: str = "lrk", poll_interval: float = 2.0,
+                 counters: str = "conntrack") -> None:
         cfg = engine.config
         self.engine = engine
         self.rules = KernelRuleset(table=table, port_start=cfg.port_start,
                                    port_end=cfg.port_end,
-                                   relay_ips=sorted({cfg.internal_ip, cfg.external_ip}))
+                                   relay_ips=sorted({cfg.internal_ip, cfg.external_ip}),
+                                   counters=counters)
+        #: sysctl name -> its value before start set it to 1 (restored on stop)
+        self._acct_old: Dict[str, str] = {}
+        #: conntrack counting: last counts of each live flow, keyed by (CTA_ID, start, tuple):
+        #: (sid, leg name, orig packets, orig bytes, reply packets, reply bytes)
+        self._flow_counts: Dict[tuple, Tuple[int, str, int, int, int, int]] = {}
+        #: per session, the counts of its flows that vanished (flushed, expired)
+        self._base: Dict[int, List[int]] = {}
+        #: per session, the counts last reported
+        self._totals: Dict[int, Counts] = {}
         self.poll_interval = poll_interval
         self.nft: Optional[Nft] = None
         self.ct: Optional[ConntrackSocket] = None
@@ -91,16 +111,60 @@ class KernelPlane:
                     raise ConfigError(
                         f"kernel mode forwards in netfilter: enable {FORWARDING[fam]} "
                         "(sysctl) in the relay's network namespace, or use --mode socket")
+        if not self.rules.seen:
+            self._enable_acct()
+        try:
+            self._start_tables()
+        except BaseException:
+            self._restore_acct()
+            raise
+
+    def _enable_acct(self) -> None:
+        """Conntrack only counts (acct) and timestamps flows created while these sysctls
+        are 1, per namespace; the start time tells a re-created flow from an old one."""
+        for name, path in ACCT.items():
+            try:
+                with open(path) as fh:
+                    old = fh.read().strip()
+                if old != "1":
+                    with open(path, "w") as fh:
+                        fh.write("1\n")
+            except OSError as exc:
+                self._restore_acct()
+                raise ConfigError(
+                    f"kernel_counters = conntrack needs net.netfilter.{name}=1 in the relay's "
+                    f"network namespace, and {path} could not be set ({exc}): run lrk as root "
+                    "there, set the sysctl yourself, or use kernel_counters = \"rules\""
+                ) from exc
+            self._acct_old[name] = old
+            log.info("kernel mode: counting media with conntrack accounting "
+                     "(net.netfilter.%s %s -> 1, restored on stop)", name, old)
+
+    def _restore_acct(self) -> None:
+        for name, old in self._acct_old.items():
+            if old == "1":
+                continue
+            try:
+                with open(ACCT[name], "w") as fh:
+                    fh.write(old + "\n")
+                log.info("kernel mode: net.netfilter.%s restored to %s", name, old)
+            except OSError as exc:
+                log.error("could not restore net.netfilter.%s to %s: %s", name, old, exc)
+        self._acct_old = {}
+
+    def _start_tables(self) -> None:
         self.nft = Nft()
         self.nft.run(self.rules.create())  # replaces a table a crashed run left behind
         self.ct = ConntrackSocket()
-        try:
-            self.dump = SetElemReader()
-        except OSError as exc:
-            log.warning("no nf_tables netlink socket (%s): counters read through nft", exc)
+        if self.rules.seen:
+            try:
+                self.dump = SetElemReader()
+            except OSError as exc:
+                log.warning("no nf_tables netlink socket (%s): counters read through nft", exc)
         cfg = self.engine.config
         self._flush_flows(range(cfg.port_start, cfg.port_end + 1))  # its flows too
-        log.info("kernel mode: table inet %s ready (%s)", self.rules.table, self.nft.backend)
+        log.info("kernel mode: table inet %s ready (%s, counters from %s)", self.rules.table,
+                 self.nft.backend, self.rules.counters)
 
     async def stop(self) -> None:
         marks = [m for spec in self.installed.values() for m in conntrack_marks(spec)]
@@ -121,6 +185,10 @@ class KernelPlane:
         if self.dump is not None:
             self.dump.close()
             self.dump = None
+        self._flow_counts.clear()
+        self._base.clear()
+        self._totals.clear()
+        self._restore_acct()
 
     # -- actions -----------------------------------------------------------------------
     def commit(self) -> None:
@@ -179,6 +247,8 @@ class KernelPlane:
             return
         assert self.nft is not None
         self._stale.pop(sid, None)
+        self._base.pop(sid, None)
+        self._totals.pop(sid, None)
         self._forget(sid, spec)
         self.nft.run(self._elements(self.rules.remove_commands(spec)))
         self._flush_flows(conntrack_marks(spec))
@@ -193,7 +263,7 @@ class KernelPlane:
 
     # -- counters ----------------------------------------------------------------------
     def _poll(self) -> None:
-        """Read element counters (packets received per relay port) into the sessions."""
+        """Read per-leg counters (from conntrack flows or `seen` elements) into the sessions."""
         if self.nft is None:
             return
         now = time.monotonic()
@@ -201,31 +271,30 @@ class KernelPlane:
         seen: Dict[Tuple[str, int], Tuple[int, int]] = {}
         families = {spec.family for spec in self.installed.values()}
         try:
-            for fam in sorted(families):
-                seen.update(self._read_seen(fam))
+            if self.rules.seen:
+                for fam in sorted(families):
+                    seen.update(self._read_seen(fam))
             drops = parse_drop_counter(self.nft.run_json(self.rules.drops_query()))
         except (NftError, KernelRuleError) as exc:
             self.counters["kernel.errors"] += 1
             log.error("kernel counters unreadable: %s", exc)
             return
         self.counters[self.drop_counter] = drops[0]
-        latched = self._latched()
-        previous = self._seen
-        self._seen = seen
-        for sid, spec in self.installed.items():
-            counts = {}
-            changed = False
-            for name, leg in (("A", spec.a), ("B", spec.b)):
-                p = b = 0
-                for rtcp in (False, True):
-                    key = leg.relay(rtcp)
-                    got = seen.get(key, (0, 0))
-                    p, b = p + got[0], b + got[1]
-                    changed |= got != previous.get(key, (0, 0))
-                counts[name] = (p, b)
-            (a_p, a_b), (b_p, b_b) = counts["A"], counts["B"]
+        owners = self._owners()
+        flows = self._flows(owners)
+        latched = self._latched(flows or [], owners)
+        if self.rules.seen:
+            totals = self._seen_totals(seen)
+        elif flows is None:
+            return  # the dump failed (counted, logged): counters stay as they were
+        else:
+            totals = self._flow_totals(flows, owners)
+        previous = self._totals
+        self._totals = totals
+        for sid in self.installed:
+            a_p, a_b, b_p, b_b = totals[sid]
             report = {
-                "last_rx": now if changed else None,
+                "last_rx": now if totals[sid] != previous.get(sid, (0, 0, 0, 0)) else None,
                 "legs": {
                     # what B's peer sent was forwarded to A's peer, and back
                     "A": {"c": [a_p, a_b, b_p, b_b, {}], "gen": -1},
@@ -235,40 +304,108 @@ class KernelPlane:
             self._add_latches(sid, report["legs"], latched)
             self.engine.apply_report(sid, report)
 
+    def _seen_totals(self, seen: Dict[Tuple[str, int], Tuple[int, int]]) -> Dict[int, Counts]:
+        """Per session, packets/bytes received per leg from the `seen` element counters."""
+        self._seen = seen
+        totals: Dict[int, Counts] = {}
+        for sid, spec in self.installed.items():
+            got = [0, 0, 0, 0]
+            for i, leg in ((0, spec.a), (2, spec.b)):
+                for rtcp in (False, True):
+                    p, b = seen.get(leg.relay(rtcp), (0, 0))
+                    got[i] += p
+                    got[i + 1] += b
+            totals[sid] = (got[0], got[1], got[2], got[3])
+        return totals
+
+    def _flow_totals(self, flows: List[CtFlow], owners: Dict[int, tuple]) -> Dict[int, Counts]:
+        """Per session, packets/bytes received per leg from conntrack accounting.
+
+        A flow marked with leg X's mark entered at X: its original direction is what X's
+        peer sent, its reply direction what the other leg's peer sent. Flows vanish (flush
+        on re-offer, expiry); their last counts move into a per-session base so counters
+        never go back. Packets a flow counted after the last poll before it vanished are
+        lost (at most one poll interval of that flow)."""
+        base = self._base
+        current: Dict[tuple, Tuple[int, str, int, int, int, int]] = {}
+        for flow in flows:
+            owner = owners.get(flow.mark)
+            if owner is None or flow.proto != 17 or (flow.dst, flow.dport) != owner[3]:
+                continue
+            key = (flow.id, flow.start, flow.mark, flow.src, flow.sport, flow.dst, flow.dport)
+            current[key] = (owner[0], owner[1], flow.orig_packets, flow.orig_bytes,
+                            flow.reply_packets, flow.reply_bytes)
+        for key, old in self._flow_counts.items():
+            new = current.get(key)
+            # gone, or a later flow with the same id and tuple (its counts restarted)
+            restarted = new is None or new[0] != old[0] or new[2] < old[2] or new[4] < old[4]
+            if restarted and old[0] in self.installed:
+                self._fold(base.setdefault(old[0], [0, 0, 0, 0]), old)
+        self._flow_counts = current
+        totals = {sid: list(base.get(sid, (0, 0, 0, 0))) for sid in self.installed}
+        for entry in current.values():
+            got = totals.get(entry[0])
+            if got is not None:
+                self._fold(got, entry)
+        for sid in [s for s in base if s not in self.installed]:
+            del base[sid]
+        return {sid: (g[0], g[1], g[2], g[3]) for sid, g in totals.items()}
+
+    @staticmethod
+    def _fold(into: List[int], entry: Tuple[int, str, int, int, int, int]) -> None:
+        """Add one flow's counts to [A packets, A bytes, B packets, B bytes] received."""
+        orig, reply = (0, 2) if entry[1] == "A" else (2, 0)
+        into[orig] += entry[2]
+        into[orig + 1] += entry[3]
+        into[reply] += entry[4]
+        into[reply + 1] += entry[5]
+
     # -- latching ----------------------------------------------------------------------
-    def _latched(self) -> Dict[Tuple[int, str, bool], Tuple[str, int]]:
-        """(sid, leg, rtcp) -> the peer conntrack latched: the original source of the flow
-        carrying that leg's mark. One mark-filtered dump per poll, O(flows of lrk); a
-        failed dump is counted and logged, and only the latches are missing then."""
+    def _owners(self) -> Dict[int, Tuple[int, str, bool, Tuple[str, int], str,
+                                         Tuple[str, int]]]:
+        """ct mark -> (sid, leg, rtcp, relay address the flow enters at, other leg, its
+        relay address), for every installed session; retries failed re-latch flushes."""
         owners: Dict[int, Tuple[int, str, bool, Tuple[str, int], str, Tuple[str, int]]] = {}
         for sid, spec in self.installed.items():
             if sid in self._stale:
                 self._retry_flush(sid)
-                if sid in self._stale:
-                    continue
             for name, leg, other, other_leg in (("A", spec.a, "B", spec.b),
                                                 ("B", spec.b, "A", spec.a)):
                 for rtcp in (False, True):
                     owners[leg.rtp_mark + rtcp] = (sid, name, rtcp, leg.relay(rtcp), other,
                                                    other_leg.relay(rtcp))
+        return owners
+
+    def _flows(self, owners: Dict[int, tuple]) -> Optional[List[CtFlow]]:
+        """lrk's flows: one mark-filtered dump per poll, O(flows of lrk). None when the
+        dump failed (counted and logged)."""
         if not owners:
-            return {}
+            return []
         try:
             flows = self._dump()
         except (ConntrackError, OSError) as exc:
             self.counters["kernel.errors"] += 1
-            log.error("conntrack dump failed, no latched addresses this poll: %s", exc)
+            log.error("conntrack dump failed, no latched addresses%s this poll: %s",
+                      "" if self.rules.seen else " or counters", exc)
             if self.ct_dump is not None:
                 self.ct_dump.close()
                 self.ct_dump = None
-            return {}
+            return None
         self.counters["kernel.flows.dumped"] += len(flows)
+        return flows
+
+    def _latched(self, flows: List[CtFlow], owners: Dict[int, tuple]
+                 ) -> Dict[Tuple[int, str, bool], Tuple[str, int]]:
+        """(sid, leg, rtcp) -> the peer conntrack latched: the original source of the flow
+        carrying that leg's mark. A session whose re-latch flush still fails reports none
+        (its flows may be the old generation's)."""
         latched: Dict[Tuple[int, str, bool], Tuple[str, int]] = {}
         answered: Dict[Tuple[int, str, bool], Tuple[str, int]] = {}
         for flow in flows:
             owner = owners.get(flow.mark)
             # the mark alone could be a foreign one in range: the flow must enter at the leg
-            if owner is None or flow.proto != 17 or (flow.dst, flow.dport) != owner[3]:
+            if owner is None or flow.proto != 17 or (flow.dst, flow.dport) != owner[3] \
+                    or owner[0] in self._stale:
                 continue
             sid, name, rtcp = owner[:3]
             latched[(sid, name, rtcp)] = (flow.src, flow.sport)
@@ -340,7 +477,10 @@ class KernelPlane:
 
     def media_counters(self) -> Dict[str, int]:
         total = dict(self.counters)
-        packets = sum(p for p, _ in self._seen.values())
-        total["media.received.packets"] = packets
-        total["media.received.bytes"] = sum(b for _, b in self._seen.values())
+        if self.rules.seen:
+            total["media.received.packets"] = sum(p for p, _ in self._seen.values())
+            total["media.received.bytes"] = sum(b for _, b in self._seen.values())
+        else:  # sessions still installed (as with `seen`, whose elements go with them)
+            total["media.received.packets"] = sum(t[0] + t[2] for t in self._totals.values())
+            total["media.received.bytes"] = sum(t[1] + t[3] for t in self._totals.values())
         return total

@@ -43,7 +43,8 @@ class NfqueuePlane(KernelPlane):
 
     def __init__(self, engine: Engine, table: str = "lrk", poll_interval: float = 2.0,
                  queue_num: int = 0, bypass: bool = False) -> None:
-        super().__init__(engine, table, poll_interval)
+        # the queued first packet is re-run (NF_REPEAT): kept on the per-packet `seen` counting
+        super().__init__(engine, table, poll_interval, counters="rules")
         cfg = engine.config
         self.rules = KernelRuleset(table=table, port_start=cfg.port_start,
                                    port_end=cfg.port_end,

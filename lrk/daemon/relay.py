@@ -113,7 +113,8 @@ class Relay:
             max_sessions=config.max_sessions,
         ))
         if config.mode == "kernel":
-            self.plane: Any = KernelPlane(self.engine, config.kernel_table, config.kernel_poll)
+            self.plane: Any = KernelPlane(self.engine, config.kernel_table, config.kernel_poll,
+                                          counters=config.kernel_counters)
         elif config.mode == "nfqueue":
             self.plane = NfqueuePlane(self.engine, config.kernel_table, config.kernel_poll,
                                       config.nfqueue_num, config.nfqueue_bypass)

@@ -30,21 +30,37 @@ def _latch(client, leg: str):
     return norm(got["latched"]), norm(got["rtcp_latched"])
 
 
+def _acct(ns: str) -> str:
+    """nf_conntrack_acct and nf_conntrack_timestamp of a namespace, e.g. "0 0"."""
+    return " ".join(run("sysctl", "-n", f"net.netfilter.nf_conntrack_{name}", ns=ns)
+                    .stdout.strip() for name in ("acct", "timestamp"))
+
+
+@pytest.mark.parametrize("counters", ["conntrack", "rules"])
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_kernel_mode_call(topo, tmp_path, family):
+def test_kernel_mode_call(topo, tmp_path, family, counters):
     v6 = family == "ipv6"
     pick = (lambda h: h.ip6) if v6 else (lambda h: h.ip4)
     caller_ip, callee_ip = pick(topo.caller), pick(topo.callee)
     internal, external = pick(topo.relay), pick(topo.relay_ext)
     cfg = tmp_path / "kernel.toml"
-    cfg.write_text("kernel_poll = 0.2\nquarantine = 0\n")
+    cfg.write_text(f'kernel_poll = 0.2\nquarantine = 0\nkernel_counters = "{counters}"\n')
     ns = topo.relay.ns
+    run("sysctl", "-qw", "net.netfilter.nf_conntrack_acct=0",
+        "net.netfilter.nf_conntrack_timestamp=0", ns=ns)
     relay = RelayProcess(ports="30000-30099", netns=ns, extra=[
         "--mode", "kernel", "--internal-ip", internal, "--external-ip", external,
         "--config", str(cfg)]).start()
     sockets = []
     try:
         assert "table inet lrk" in tables(ns)
+        listing = run("nft", "list", "table", "inet", "lrk", ns=ns).stdout
+        if counters == "conntrack":
+            assert _acct(ns) == "1 1", "conntrack counting switches accounting on"
+            assert "pre_filter" not in listing and "seen4" not in listing
+        else:
+            assert _acct(ns) == "0 0", "rules counting leaves the sysctls alone"
+            assert "seen4" in listing and "pre_filter" in listing
         with LrkClient([relay.node]) as client:
             nat = endpoint(topo.caller.ns, caller_ip, 4444)  # the caller's real port
             callee = endpoint(topo.callee.ns, callee_ip, 5000)
@@ -103,6 +119,26 @@ def test_kernel_mode_call(topo, tmp_path, family):
             new_real = (real[0], 4446)
             wait(lambda: _latch(client, "A") == (new_real, None), timeout=5)
 
+            # counters never go back when flows vanish: the re-offer flushed the first
+            # flows, now every flow goes (as on expiry); more media only adds
+            history = []
+
+            def in_packets(expected: int) -> bool:
+                legs = client.query("k-call")["session"]["legs"]
+                history.append((legs["A"]["counters"]["in_packets"],
+                                legs["B"]["counters"]["in_packets"]))
+                return history[-1] == (expected, 20)
+
+            wait(lambda: in_packets(26), timeout=5)
+            run("conntrack", "-F", ns=ns)
+            assert flows(ns) == []
+            for seq in range(5):
+                moved.sendto(rtp_packet(200 + seq, A_SSRC), to_a)
+            assert len(receive(callee, 5)) == 5
+            wait(lambda: in_packets(31), timeout=5)
+            a_seen = [a for a, _ in history]
+            assert a_seen == sorted(a_seen) and a_seen[0] >= 21, history
+
             client.delete("k-call")
             assert flows(ns) == [], "a deleted session leaves no conntrack flow"
             nat.sendto(rtp_packet(99, A_SSRC), to_a)
@@ -116,6 +152,7 @@ def test_kernel_mode_call(topo, tmp_path, family):
             assert client.stats()["counters"]["sessions.expired.silence"] == 1
         assert relay.stop() == 0
         assert "table inet lrk" not in tables(ns), "stop removes the table"
+        assert _acct(ns) == "0 0", "stop restores nf_conntrack_acct and _timestamp"
         assert flows(ns) == []
     finally:
         relay.stop()
@@ -140,7 +177,7 @@ def test_leftover_table_of_a_crashed_relay_is_replaced(topo):
     with RelayProcess(ports="30000-30099", netns=ns, extra=[
             "--mode", "kernel", "--internal-ip", topo.relay.ip4]) as relay:
         listing = run("nft", "list", "table", "inet", "lrk", ns=ns).stdout
-        assert "stale" not in listing and "pre_filter" in listing
+        assert "stale" not in listing and "pre_nat" in listing and "media4" in listing
         with LrkClient([relay.node]) as client, pytest.raises(RelayError):
             client.query("nothing")
     assert "lrk" not in tables(ns)

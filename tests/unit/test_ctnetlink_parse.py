@@ -76,7 +76,7 @@ def test_ipv4_flows_several_per_buffer():
         (30000, 17, "198.51.100.10", 4444, "198.51.100.1", 30000),
         (30001, 17, "198.51.100.10", 4445, "198.51.100.1", 30001)]
     assert part.done and part.skipped == 0
-    assert part.flows[0][6:] == (False, "198.51.100.1", 30000, "198.51.100.99", 5000)
+    assert part.flows[0][6:11] == (False, "198.51.100.1", 30000, "198.51.100.99", 5000)
 
 
 def test_ipv6_flow():
@@ -161,3 +161,50 @@ def test_mark_filters_cover_the_range_and_never_mark_zero(lo, hi):
         assert any((m & mask) == mark for mark, mask in filters)
     if (lo, hi) == (30000, 30099):
         assert filters == [(29952, 0xFFFFFF00)]
+
+
+def counted(data: bytes, extra: bytes) -> bytes:
+    """A flow message with `extra` attributes appended (its length fixed up)."""
+    body = data[16:] + extra
+    return msg(NEW, body)
+
+
+def counters_nest(packets: int, nbytes: int, wide: bool = True) -> bytes:
+    if wide:  # CTA_COUNTERS_PACKETS / _BYTES, be64
+        return attr(1, struct.pack("!Q", packets)) + attr(2, struct.pack("!Q", nbytes))
+    return attr(3, struct.pack("!I", packets)) + attr(4, struct.pack("!I", nbytes))
+
+
+def test_accounting_counters_and_id_are_read_per_direction():
+    big = (1 << 40) + 3  # needs all 64 bits: a 32-bit read would give 3
+    extra = attr(9, counters_nest(21, 3612), nested=True)  # CTA_COUNTERS_ORIG
+    extra += attr(10, counters_nest(big, 2 * big), nested=True)  # CTA_COUNTERS_REPLY
+    extra += attr(12, struct.pack("!I", 0xDEADBEEF))  # CTA_ID
+    extra += attr(20, attr(1, struct.pack("!Q", big)), nested=True)  # CTA_TIMESTAMP_START
+    data = counted(flow("198.51.100.10", 4444, "198.51.100.1", 30000, 30000), extra) + DONE
+    (got,) = parse_dump(data).flows
+    assert (got.orig_packets, got.orig_bytes) == (21, 3612)
+    assert (got.reply_packets, got.reply_bytes) == (big, 2 * big)
+    assert got.id == 0xDEADBEEF and got.start == big
+    assert got[:6] == (30000, 17, "198.51.100.10", 4444, "198.51.100.1", 30000)
+
+
+def test_old_32_bit_counters_and_missing_accounting():
+    extra = attr(10, counters_nest(7, 700, wide=False), nested=True)
+    (got,) = parse_dump(counted(flow("2001:db8::10", 6000, "2001:db8::1", 30002, 30002,
+                                     family=10), extra)).flows
+    assert (got.orig_packets, got.orig_bytes, got.reply_packets, got.reply_bytes) == \
+        (0, 0, 7, 700)
+    assert got.id is None and got.start is None
+    (plain,) = parse_dump(flow("198.51.100.10", 1, "198.51.100.1", 30000, 30000)).flows
+    assert plain[11:] == (0, 0, 0, 0, None, None)  # acct off: zeros, not garbage
+
+
+def test_garbled_counters_skip_that_flow_only():
+    bad_nest = attr(9, struct.pack("=HH", 0x40, 1) + bytes(8), nested=True)  # runs past
+    bad = counted(flow("198.51.100.10", 1, "198.51.100.1", 30000, 30000), bad_nest)
+    good = counted(flow("198.51.100.11", 2, "198.51.100.1", 30000, 30000),
+                   attr(9, counters_nest(5, 50), nested=True))
+    part = parse_dump(bad + good + DONE)
+    assert [(f.sport, f.orig_packets) for f in part.flows] == [(2, 5)]
+    assert part.skipped == 1

@@ -239,6 +239,32 @@ def test_create_is_idempotent_and_scoped_to_relay_ips_and_ports():
     assert rs.destroy() == "add table inet lrk\ndelete table inet lrk\n"
 
 
+def test_conntrack_counting_ruleset_admits_in_the_nat_chain_only():
+    rs = ruleset(counters="conntrack")
+    lines = rs.create().splitlines()
+    assert "  chain pre_filter {" not in lines and not any("seen" in x for x in lines)
+    nat = lines.index("  chain pre_nat {")
+    assert lines[nat + 1:nat + 4] == [
+        "    type nat hook prerouting priority dstnat; policy accept;",
+        "    ip daddr @relay_ips4 udp dport 30000-30999 jump media4",  # before the DNAT
+        "    ip6 daddr @relay_ips6 udp dport 30000-30999 jump media6"]
+    assert lines[nat + 4].startswith("    ip daddr @relay_ips4 udp dport 30000-30999 dnat")
+    # admission, the drop counter and NAT are those of the rules variant
+    rules = ruleset().create().splitlines()
+    start, end = rules.index("  chain pre_filter {"), rules.index("  chain media4 {")
+    assert [x for x in rules[:start] + rules[end:] if "seen" not in x] == \
+        lines[:nat + 2] + lines[nat + 4:]
+    # no seen elements in install, update or remove
+    spec, moved = session4(), session4(peer_port=5002)
+    assert rs.install_commands(spec) == GOLDEN_INSTALL4.split("add element inet lrk seen4")[0]
+    for text in (rs.update_commands(spec, moved), rs.remove_commands(spec, idempotent=True)):
+        assert text and "seen" not in text
+    with pytest.raises(KernelRuleError, match="counters"):
+        ruleset(counters="packets")
+    with pytest.raises(KernelRuleError, match="NFQUEUE"):
+        ruleset(counters="conntrack", queue=1)
+
+
 def test_relay_ips_of_one_family_leave_the_other_set_empty():
     text = ruleset(relay_ips=[A4]).create()
     assert "  set relay_ips6 { type ipv6_addr; }" in text.splitlines()
@@ -733,6 +759,54 @@ def test_kernel_forwards_a_natted_caller_drops_strangers_and_counts(make_ns, ech
     assert got == [] and rtp_again.result() == []
     dropped = parse_drop_counter(nft_json(relay, "list", "counters", "table", "inet", "lrk"), fam)
     assert dropped[0] == n_rogue + 1
+    nft_ok(relay, rs.destroy())
+
+
+CT_DUMP = """
+import json
+from fastpath.ctnetlink import ConntrackSocket
+ct = ConntrackSocket()
+print(json.dumps([f._asdict() for f in ct.flows([(30000, 0xFFFFFFFC)])]))
+ct.close()
+"""
+
+
+@kernel
+@pytest.mark.parametrize("fam", [4, 6], ids=["v4", "v6"])
+def test_kernel_conntrack_counting_ruleset_forwards_and_conntrack_counts(make_ns, echoes, fam):
+    """counters="conntrack": established packets skip the chain, accounting counts them."""
+    t = TOPOLOGY[fam]
+    caller, relay, callee = build_topology(make_ns, fam)
+    sh("ip", "netns", "exec", relay, "sysctl", "-q", "-w", "net.netfilter.nf_conntrack_acct=1",
+       "net.netfilter.nf_conntrack_timestamp=1")
+    rs = KernelRuleset(port_start=30000, port_end=30999, relay_ips=[t["a"], t["b"]],
+                       counters="conntrack")
+    spec = SessionSpec(
+        LegSpec(t["a"], 30000, t["caller"], 4000), LegSpec(t["b"], 30002, t["callee"], 5000)
+    )
+    nft_ok(relay, rs.create())
+    nft_ok(relay, rs.install_commands(spec))
+    n, n_rogue = 5, 3
+    rtp_echo = echoes(callee, (t["callee"], 5000), expect=n)
+    rogue = run_peer(caller, bind=[t["rogue"], 4444], to=[t["a"], 30000], send=n_rogue,
+                     tag="rogue", expect=1, wait=0.5)
+    got = run_peer(caller, bind=[t["caller"], 4444], to=[t["a"], 30000], send=n, tag="rtp",
+                   expect=n, wait=8)
+    assert rogue == []
+    assert rtp_echo.result() == [(f"rtp-{i}", t["b"], 30002) for i in range(n)]
+    assert got == [(f"re:rtp-{i}", t["a"], 30000) for i in range(n)]
+    drops = nft_json(relay, "list", "counters", "table", "inet", "lrk")
+    assert parse_drop_counter(drops, fam)[0] == n_rogue  # admission is unchanged
+    # our own ctnetlink dump, in the relay namespace, reads the per-direction counters
+    proc = subprocess.run(["ip", "netns", "exec", relay, sys.executable, "-c", CT_DUMP],
+                          capture_output=True, text=True, timeout=CMD_TIMEOUT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    (flow,) = json.loads(proc.stdout)
+    h = HEADER[fam]
+    assert (flow["mark"], flow["src"], flow["sport"]) == (30000, t["caller"], 4444)
+    assert (flow["orig_packets"], flow["orig_bytes"]) == (n, n * (h + len("rtp-0")))
+    assert (flow["reply_packets"], flow["reply_bytes"]) == (n, n * (h + len("re:rtp-0")))
+    assert isinstance(flow["id"], int) and flow["start"] > 0
     nft_ok(relay, rs.destroy())
 
 
