@@ -742,6 +742,25 @@ class Bench:
         m.load_setup_s = time.perf_counter() - t0
 
     @contextlib.contextmanager
+    def _table_mode(self, m: Mode, rig: Rig, table: str, create: str, destroy: str,
+                    chunks: Callable[[List[Tuple[Addr, Addr]]], Iterator[str]]
+                    ) -> Iterator[None]:
+        """A hand-loaded nftables table (no daemon): created, the load sessions installed
+        in bulk at the relay addresses `relay_plan` gives, and deleted with its flows."""
+        try:
+            self.nft(create)
+            for i in range(rig.sessions):
+                a_ip, _, port = relay_plan(self.topo, i)
+                m.dests.append((a_ip, port))
+            self._bulk(m, chunks(rig.pairs()))
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                self.nft(destroy)
+            self.flush_conntrack()
+            m.table_left = f"inet {table}" in self.tables()
+
+    @contextlib.contextmanager
     def _static_nat(self, m: Mode, rig: Rig) -> Iterator[None]:
         t = STATIC_TABLE
         total = rig.sessions + len(m.flow_pairs)
@@ -793,23 +812,13 @@ class Bench:
                 yield (f"add element inet {t} dnat4 {{ {', '.join(dn)} }}\n"
                        f"add element inet {t} snat4 {{ {', '.join(sn)} }}\n")
 
-        try:
-            self.nft(create)
-            pairs = rig.pairs()
-            for i in range(rig.sessions):
-                a_ip, _, port = relay_plan(self.topo, i)
-                m.dests.append((a_ip, port))
-            self._bulk(m, chunks(pairs))
+        with self._table_mode(m, rig, t, create, f"add table inet {t}\ndelete table inet {t}\n",
+                              chunks):
             m.how = (f"one libnftables transaction per session (load sessions: "
                      f"{BULK_CHUNK} per transaction)")
             m.install, m.remove = install, remove
             m.remove_how = "one libnftables transaction per session, no conntrack flush"
             yield
-        finally:
-            with contextlib.suppress(Exception):
-                self.nft(f"add table inet {t}\ndelete table inet {t}\n")
-            self.flush_conntrack()
-            m.table_left = f"inet {t}" in self.tables()
 
     @contextlib.contextmanager
     def _kernel_rules(self, m: Mode, rig: Rig) -> Iterator[None]:
@@ -848,23 +857,12 @@ class Bench:
                 hi = min(lo + BULK_CHUNK, len(pairs))
                 yield rules.install_commands(*(spec(i, *pairs[i]) for i in range(lo, hi)))
 
-        try:
-            self.nft(rules.create())
-            pairs = rig.pairs()
-            for i in range(rig.sessions):
-                a_ip, _, port = relay_plan(self.topo, i)
-                m.dests.append((a_ip, port))
-            self._bulk(m, chunks(pairs))
+        with self._table_mode(m, rig, RULES_TABLE, rules.create(), rules.destroy(), chunks):
             m.how = (f"kernel_rules.install_commands, one transaction per session (load "
                      f"sessions: {BULK_CHUNK} per transaction); no daemon, no control protocol")
             m.install, m.remove = install, remove
             m.remove_how = "kernel_rules.remove_commands, one transaction; no conntrack flush"
             yield
-        finally:
-            with contextlib.suppress(Exception):
-                self.nft(rules.destroy())
-            self.flush_conntrack()
-            m.table_left = f"inet {RULES_TABLE}" in self.tables()
 
     @contextlib.contextmanager
     def _pinned(self, m: Mode, rig: Rig, base: str) -> Iterator[None]:

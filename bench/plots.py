@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 #: fixed colours per relay, so every figure reads the same way
 COLOURS = {
@@ -82,20 +82,28 @@ def _modes(results: List[dict]) -> List[str]:
     return seen
 
 
-def capacity(report: dict, outdir: str) -> List[str]:
+def _per_session_count(report: dict, outdir: str, name: str, value: Callable[[dict], Any],
+                       fmt: str, ylabel: str, title: str) -> List[str]:
+    """One bar per media mode, grouped by session count."""
     results = _media(report)
     if not results:
         return []
     plt = _pyplot()
     counts = sorted({r["sessions"] for r in results})
     by = {(r["mode"], r["sessions"]): r for r in results}
-    series = {m: [(by.get((m, n)) or {}).get("capacity_pps") for n in counts]
-              for m in _modes(results)}
+    series = {m: [value(by.get((m, n)) or {}) for n in counts] for m in _modes(results)}
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    _grouped_bars(ax, [f"{n} session(s)" for n in counts], series)
-    ax.set_ylabel("capacity, packets/s (< 1 % loss)")
-    ax.set_title("Capacity: highest offered rate forwarded with < 1 % loss")
-    return [_save(fig, outdir, "capacity.png")]
+    _grouped_bars(ax, [f"{n} session(s)" for n in counts], series, fmt)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return [_save(fig, outdir, name)]
+
+
+def capacity(report: dict, outdir: str) -> List[str]:
+    return _per_session_count(
+        report, outdir, "capacity.png", lambda r: r.get("capacity_pps"), "{:.0f}",
+        "capacity, packets/s (< 1 % loss)",
+        "Capacity: highest offered rate forwarded with < 1 % loss")
 
 
 def loss_vs_offered(report: dict, outdir: str) -> List[str]:
@@ -126,20 +134,12 @@ def loss_vs_offered(report: dict, outdir: str) -> List[str]:
 
 
 def cpu_per_packet(report: dict, outdir: str) -> List[str]:
-    results = _media(report)
-    if not results:
-        return []
-    plt = _pyplot()
-    counts = sorted({r["sessions"] for r in results})
-    by = {(r["mode"], r["sessions"]): r for r in results}
-    series = {m: [((by.get((m, n)) or {}).get("cpu") or {}).get("relay_ns_us") for n in counts]
-              for m in _modes(results)}
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    _grouped_bars(ax, [f"{n} session(s)" for n in counts], series, "{:.2f}")
     rate = (report.get("media") or {}).get("options", {}).get("cpu_rate")
-    ax.set_ylabel("CPU µs per packet (relay namespace)")
-    ax.set_title(f"CPU per packet at equal load ({rate} packets/s)")
-    return [_save(fig, outdir, "cpu_per_packet.png")]
+    return _per_session_count(
+        report, outdir, "cpu_per_packet.png",
+        lambda r: (r.get("cpu") or {}).get("relay_ns_us"), "{:.2f}",
+        "CPU µs per packet (relay namespace)",
+        f"CPU per packet at equal load ({rate} packets/s)")
 
 
 def latency(report: dict, outdir: str) -> List[str]:

@@ -83,9 +83,7 @@ class _DatagramEndpoint:
     def sendto(self, data: bytes, addr: Any) -> None:
         try:
             self.sock.sendto(data, addr)
-        except (BlockingIOError, InterruptedError):
-            self.counters[self.send_error_counter] += 1
-        except (OSError, TypeError):  # unreachable, or an unbound UNIX client (no address)
+        except (OSError, TypeError):  # full, unreachable, or an unbound UNIX client
             self.counters[self.send_error_counter] += 1
 
     def close(self) -> None:
