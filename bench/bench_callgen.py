@@ -20,7 +20,7 @@ from bench.callgen import CallGenError, CallGenProcess
 from bench.interpreters import pypy_or_current
 from bench.loadgen import udp_socket
 from lrk.client import LrkClient
-from lrk.daemon.launcher import RelayProcess, next_port_range
+from lrk.demo.relay_process import RelayProcess, next_port_range
 
 CALLS = 10
 RESULT_KEYS = {

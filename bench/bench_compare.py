@@ -17,8 +17,8 @@ import os
 import pytest
 
 from bench.compare import main
+from bench.netns import PREFIX, list_namespaces
 from bench.peers import PEERS
-from lrk.sim.netns import PREFIX, list_namespaces
 
 pytestmark = pytest.mark.netns
 

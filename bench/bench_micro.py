@@ -16,13 +16,13 @@ import socket
 import msgpack
 
 from bench.ng import audio_sdp, decode_message, encode_message
-from fastpath.packet_io import parse_media
-from fastpath.raw_egress import ipv4_udp_header, udp_checksum
-from fastpath.relay_table import RelayTable
+from fastpath.worker.packet_io import parse_media
+from fastpath.worker.raw_egress import ipv4_udp_header, udp_checksum
+from fastpath.worker.relay_table import RelayTable
 from lrk.control.legacy import LegacyControl
 from lrk.control.msgpack_proto import MsgpackControl
 from lrk.core.engine import Engine, EngineConfig
-from lrk.sim.rtp import rtp_packet
+from lrk.demo.media import rtp_packet
 
 CALLER = ("198.51.100.10", 4000)
 CALLEE = ("198.51.100.70", 5000)

@@ -1,4 +1,4 @@
-"""Benchmark of fastpath.mmsg: plain vs mmsg, a burst of 256 RTP-sized
+"""Benchmark of fastpath.worker.mmsg: plain vs mmsg, a burst of 256 RTP-sized
 datagrams sent and received over loopback per iteration.
 
     python -m pytest bench/bench_mmsg.py --benchmark-columns=min,mean,ops
@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from fastpath.mmsg import make_batch_io, mmsg_available
+from fastpath.worker.mmsg import make_batch_io, mmsg_available
 
 BURST = 256
 PAYLOAD = 172  # 12-byte RTP header + 160 bytes of G.711 (20 ms)

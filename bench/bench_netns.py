@@ -27,8 +27,8 @@ import os
 import pytest
 
 from bench import netns_capacity as nc
+from bench.netns import PREFIX, list_namespaces
 from bench.netns_capacity import DAEMON_MODES, MODES, RULES_MODE, SCALE_MODES, run_bench
-from lrk.sim.netns import PREFIX, list_namespaces
 
 pytestmark = pytest.mark.netns
 

@@ -1,4 +1,4 @@
-"""Benchmark of fastpath.nfqueue: 1,000 queued UDP datagrams read and released.
+"""Benchmark of fastpath.kernel.nfqueue: 1,000 queued UDP datagrams read and released.
 
 Root only.  A throwaway network namespace (lrk-q<pid>-bench) with loopback up
 and ``udp dport 40000`` sent to queue 7 (xt NFQUEUE through nft_compat, as
@@ -22,8 +22,8 @@ import time
 
 import pytest
 
-from fastpath.nfqueue import NF_ACCEPT, NFPROTO_INET
-from fastpath.nfqueue_socket import NfQueue, add_queue_rule, call_in_netns
+from fastpath.kernel.nfqueue import NF_ACCEPT, NFPROTO_INET
+from fastpath.kernel.nfqueue_socket import NfQueue, add_queue_rule, call_in_netns
 
 N = 1000
 BATCH = 256

@@ -11,7 +11,7 @@ compute the one-way latency and tell damaged packets apart.
 
 The receiver side is sans-IO (:class:`ReceiverStats`, :class:`StreamStats`: they take
 bytes and an arrival time) so it is tested without sockets or sleeps.  :class:`CallGen`
-is the I/O shell: batched sendmmsg/recvmmsg through cffi (``fastpath.mmsg``), packets
+is the I/O shell: batched sendmmsg/recvmmsg through cffi (``fastpath.worker.mmsg``), packets
 patched in place in preallocated buffers (one ``struct.pack_into`` per packet).
 
 Pacing: all streams together form one round-robin schedule of a total rate R
@@ -478,7 +478,7 @@ class CallGen:
         self.ssrcs = {s.sid: s.ssrc for s in self.streams}
         self.ffi = self.lib = None
         if io != "plain":
-            from fastpath import mmsg
+            from fastpath.worker import mmsg
 
             if mmsg.mmsg_available():
                 self.ffi, self.lib = mmsg._load()
@@ -510,7 +510,7 @@ class CallGen:
         return build_packet(st.sid, st.ssrc, 0, 0, 0, 0)
 
     def _setup_mmsg(self) -> None:
-        from fastpath.mmsg import encode_sockaddr
+        from fastpath.worker.mmsg import encode_sockaddr
 
         ffi = self.ffi
         slots = self.slots

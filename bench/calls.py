@@ -34,8 +34,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from bench.callgen import CallGenProcess
 from bench.interpreters import pypy_or_current
+from bench.netns import Topology, list_namespaces, socket_in
 from bench.peers import PEERS, PeerError, make_peer
-from lrk.sim.netns import Topology, list_namespaces, socket_in
 
 Progress = Callable[[str], None]
 

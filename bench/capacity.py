@@ -29,7 +29,7 @@ from bench import jsonlines
 from bench.interpreters import find_interpreters, pypy_or_current
 from bench.loadgen import MAX_DURATION, MAX_RATE, udp_socket
 from lrk.client import LrkClient
-from lrk.daemon.launcher import RelayProcess
+from lrk.demo.relay_process import RelayProcess
 
 LOSS_LIMIT = 0.01
 #: full form: doubling from START_RATE, <= MAX_STEPS steps of STEP_DURATION s

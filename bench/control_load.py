@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import msgpack
 
 from bench.ng import CALL_FLAGS, NgError, audio_sdp, decode_message, encode_message
-from lrk.daemon.launcher import RelayProcess
+from lrk.demo.relay_process import RelayProcess
 
 MAX_SECONDS = 60.0
 Addr = Tuple[str, int]

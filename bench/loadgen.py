@@ -40,7 +40,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from bench import jsonlines
-from lrk.sim.rtp import rtp_packet
+from lrk.demo.media import rtp_packet
 
 Addr = Tuple[str, int]
 
@@ -184,7 +184,7 @@ class LoadGen:
         self.pt = EPOCH_PTS[0]
 
     def _setup_mmsg(self) -> None:
-        from fastpath.mmsg import encode_sockaddr
+        from fastpath.worker.mmsg import encode_sockaddr
 
         ffi = self.ffi
         for s in self.sessions:

@@ -1,6 +1,6 @@
 """Kernel fast path in network namespaces: ways to relay media, measured side by side.
 
-One topology (`lrk.sim.netns.Topology`: caller <-> relay <-> callee, each a network
+One topology (`bench.netns.Topology`: caller <-> relay <-> callee, each a network
 namespace of its own, veth links), one direction caller -> relay -> callee, 172-byte
 RTP packets, and for every session count the modes one after the other:
 
@@ -29,7 +29,7 @@ RTP packets, and for every session count the modes one after the other:
   Another relay is one more `Bench.setups` entry like it.
 * ``kernel-rules`` (above DAEMON_MAX_SESSIONS, where no lrk daemon fits: lrk hands out
   4 ports per session from one 16-bit range, so one daemon holds at most 16,128
-  sessions): kernel mode's ruleset from `fastpath.kernel_rules` with its elements
+  sessions): kernel mode's ruleset from `fastpath.kernel.kernel_rules` with its elements
   installed in bulk and no daemon, sessions spread over 5 relay address pairs added to
   the relay namespace's veths (explicit ct marks, since relay ports repeat).
 
@@ -113,10 +113,10 @@ from bench import jsonlines
 from bench.capacity import LOSS_LIMIT, PRECISION, machine, search, verdict
 from bench.interpreters import find_interpreters, pypy_or_current
 from bench.loadgen import MAX_DURATION, MAX_RATE, tune_socket
+from bench.netns import NETNS_DIR, Host, Topology, list_namespaces, run, socket_in
 from lrk.client import LrkClient
-from lrk.daemon.launcher import RelayProcess
-from lrk.sim.netns import NETNS_DIR, Host, Topology, list_namespaces, run, socket_in
-from lrk.sim.rtp import rtp_packet
+from lrk.demo.media import rtp_packet
+from lrk.demo.relay_process import RelayProcess
 
 #: the modes measured at every session count a daemon holds (order of the run)
 MODES = ("routing", "static-nat", "kernel", "nfqueue", "socket", "packet")
@@ -132,7 +132,7 @@ POLICE_TABLE = "benchpolice"
 PEER_MODES = ("rtpengine",)
 DAEMON_MODES = ("kernel", "nfqueue", "socket", "packet") + MITIGATIONS + PEER_MODES
 #: above DAEMON_MAX_SESSIONS: the kernel datapath alone -- kernel mode's ruleset
-#: (fastpath.kernel_rules) with its elements installed in bulk, no daemon
+#: (fastpath.kernel.kernel_rules) with its elements installed in bulk, no daemon
 RULES_MODE = "kernel-rules"
 SCALE_MODES = ("routing", "static-nat", RULES_MODE)
 ALL_MODES = MODES + MITIGATIONS + PEER_MODES + (RULES_MODE,)
@@ -206,7 +206,7 @@ class NsThread:
 
     The thread enters the namespace once (setns) and checks it is no longer in the
     namespace this process started in; a process it forks inherits the namespace,
-    so even the nft binary fallback of `fastpath.nft.Nft` lands there.
+    so even the nft binary fallback of `fastpath.kernel.nft.Nft` lands there.
     """
 
     def __init__(self, ns: str) -> None:
@@ -664,7 +664,7 @@ class Bench:
         self.relay_ns = NsThread(topo.relay.ns)
         self.callee_ns = NsThread(topo.callee.ns)
         self.caller_ns = NsThread(topo.caller.ns)
-        from fastpath.nft import Nft
+        from fastpath.kernel.nft import Nft
 
         # now, while this process has few fds: libnftables waits on its netlink socket
         # with select(), which aborts the process for an fd above 1023 (FD_SETSIZE)
@@ -822,10 +822,10 @@ class Bench:
 
     @contextlib.contextmanager
     def _kernel_rules(self, m: Mode, rig: Rig) -> Iterator[None]:
-        """lrk kernel mode's ruleset and elements (fastpath.kernel_rules), no daemon: the
+        """lrk kernel mode's ruleset and elements (fastpath.kernel.kernel_rules), no daemon: the
         datapath at session counts one daemon cannot hold. Relay ports repeat across the
         relay addresses, so every leg gets an explicit ct mark."""
-        from fastpath.kernel_rules import KernelRuleset, LegSpec, SessionSpec
+        from fastpath.kernel.kernel_rules import KernelRuleset, LegSpec, SessionSpec
 
         total = rig.sessions + len(m.flow_pairs)
         a_ips, b_ips = _relay_ips(self.topo, total)

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from lrk.errors import LrkError
+from fastpath.errors import LrkError
 
 #: nesting bound of the decoder and encoder (NG messages nest 3-4 levels)
 MAX_DEPTH = 64
@@ -429,7 +429,7 @@ def setup_call(client: NgClient, call_id: str, caller: Addr, callee: Addr, *,
 
     `caller_interface`/`callee_interface` name rtpengine's logical interfaces
     (``--interface NAME/IP``) facing each endpoint: the offer's ``direction`` is
-    [sender's side, recipient's side]. With `lrk.sim.netns.Topology` the caller faces
+    [sender's side, recipient's side]. With `bench.netns.Topology` the caller faces
     the relay's 198.51.100.1 and the callee its 198.51.100.65; lrk's netns benchmark
     calls those internal and external (lrk: offer ``interface="external"``, answer
     ``interface="internal"``, each naming the side the SDP's *recipient* uses). Pass

@@ -1,5 +1,5 @@
 """The relays a comparison runs, behind one small interface, in the relay namespace of a
-`lrk.sim.netns.Topology`: lrk in each of its modes and Debian's rtpengine.
+`bench.netns.Topology`: lrk in each of its modes and Debian's rtpengine.
 
 A peer starts, sets up a call between a caller and a callee address (returning where
 each side must send), ends calls, reports the pids whose CPU and memory are its cost,
@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Tuple
 
+from bench.netns import Topology
 from bench.rtpengine import RtpengineProcess
 from lrk.client import LrkClient
-from lrk.daemon.launcher import RelayProcess
-from lrk.sim.netns import Topology
+from lrk.demo.relay_process import RelayProcess
 
 Addr = Tuple[str, int]
 

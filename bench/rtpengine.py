@@ -28,8 +28,8 @@ import time
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from bench.ng import Addr, NgClient, NgError
-from lrk.daemon.launcher import free_udp_port, next_port_range
-from lrk.errors import LrkError
+from fastpath.errors import LrkError
+from lrk.demo.relay_process import free_udp_port, next_port_range
 
 RTPENGINE = "/usr/bin/rtpengine"
 INSTALL_HINT = ("install Debian's rtpengine-daemon package (apt-get install "
@@ -213,7 +213,7 @@ class RtpengineProcess:
         """An NG client for this daemon (its socket made inside `netns` when there is one)."""
         sock = None
         if self.netns:
-            from lrk.sim.netns import socket_in
+            from bench.netns import socket_in
 
             family = socket.AF_INET6 if ":" in self.ng[0] else socket.AF_INET
             sock = socket_in(self.netns, family)

@@ -8,7 +8,8 @@ import signal
 import sys
 from typing import List, Optional
 
-from lrk import __version__, logs
+from fastpath import logs
+from lrk import __version__
 from lrk.errors import ConfigError, LrkError
 
 

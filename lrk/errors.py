@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from fastpath.errors import LrkError
 
-class LrkError(Exception):
-    """Base of every error lrk raises on purpose."""
-
-    code = "internal"
+__all__ = ["BadRequest", "ConfigError", "LrkError", "PortsExhausted", "SdpError",
+           "SessionNotFound"]
 
 
 class ConfigError(LrkError):

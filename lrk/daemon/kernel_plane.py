@@ -1,7 +1,7 @@
 """Kernel mode: media forwarded by netfilter NAT, sessions as nftables map elements.
 
-The shell around `fastpath.kernel_rules` (what to write) and `fastpath.nft` /
-`fastpath.ctnetlink` (how). Runs in the relay's network namespace; owns the
+The shell around `fastpath.kernel.kernel_rules` (what to write) and `fastpath.kernel.nft` /
+`fastpath.kernel.ctnetlink` (how). Runs in the relay's network namespace; owns the
 `table inet lrk` there: created (replacing a leftover) on start, deleted on stop,
 and every session's conntrack flows flushed when it ends or re-latches.
 
@@ -16,8 +16,8 @@ import logging
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from fastpath.ctnetlink import ConntrackError, ConntrackSocket, CtFlow, mark_filters
-from fastpath.kernel_rules import (
+from fastpath.kernel.ctnetlink import ConntrackError, ConntrackSocket, CtFlow, mark_filters
+from fastpath.kernel.kernel_rules import (
     KernelRuleError,
     KernelRuleset,
     LegSpec,
@@ -26,8 +26,8 @@ from fastpath.kernel_rules import (
     parse_counters,
     parse_drop_counter,
 )
-from fastpath.nft import Nft, NftError
-from fastpath.nft_setelem import NftDumpError, SetElemReader
+from fastpath.kernel.nft import Nft, NftError
+from fastpath.kernel.nft_setelem import NftDumpError, SetElemReader
 from lrk.core.engine import Action, Engine, Install, Remove, Update
 from lrk.core.session import LEG_A, LEG_B, Leg, Session
 from lrk.errors import ConfigError

@@ -17,10 +17,10 @@ import socket
 from dataclasses import replace
 from typing import Dict, List, Optional, Set, Tuple
 
-from fastpath.kernel_rules import KernelRuleError, KernelRuleset, SessionSpec
-from fastpath.nfqueue import NF_DROP, NF_REPEAT, parse_udp
-from fastpath.nfqueue_socket import NfQueue, add_queue_rule
-from fastpath.nft import NftError
+from fastpath.kernel.kernel_rules import KernelRuleError, KernelRuleset, SessionSpec
+from fastpath.kernel.nfqueue import NF_DROP, NF_REPEAT, parse_udp
+from fastpath.kernel.nfqueue_socket import NfQueue, add_queue_rule
+from fastpath.kernel.nft import NftError
 from lrk.core.engine import Engine
 from lrk.core.session import Session
 from lrk.daemon.kernel_plane import KernelPlane, session_spec

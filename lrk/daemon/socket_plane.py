@@ -88,7 +88,7 @@ class WorkerHandle:
 
     def start(self) -> None:
         mine, theirs = channel.pair()
-        cmd = [sys.executable, "-m", "fastpath.socket_worker", "--channel-fd",
+        cmd = [sys.executable, "-m", "fastpath.worker.loop", "--channel-fd",
                str(theirs.fileno()), "--batch", str(self.plane.batch), "--io", self.plane.io,
                "--log-level", self.plane.log_level, "--log-format", self.plane.log_format,
                "--coalesce-us", str(self.plane.coalesce_us)]
@@ -236,8 +236,8 @@ class SocketPlane:
         if self.packet_ifaces:
             # packet mode: the taps (open and queueing already) read the media; only now may
             # the kernel stop handling it
-            from fastpath.nft import Nft
-            from fastpath.packet_io import DEFAULT_TABLE, drop_rules
+            from fastpath.kernel.nft import Nft
+            from fastpath.worker.packet_io import DEFAULT_TABLE, drop_rules
 
             cfg = self.engine.config
             self.nft = Nft()
@@ -250,7 +250,7 @@ class SocketPlane:
         media from this moment on, whenever the worker gets to read them."""
         if not self.packet_ifaces:
             return []
-        from fastpath.packet_io import open_packet_socket
+        from fastpath.worker.packet_io import open_packet_socket
 
         cfg = self.engine.config
         return [open_packet_socket(ifname, cfg.port_start, cfg.port_end)
@@ -259,7 +259,7 @@ class SocketPlane:
     async def stop(self) -> None:
         self.stopping = True
         if self.nft is not None:
-            from fastpath.packet_io import DEFAULT_TABLE, destroy_rules
+            from fastpath.worker.packet_io import DEFAULT_TABLE, destroy_rules
 
             self.nft.run(destroy_rules(DEFAULT_TABLE))
         for w in self.workers:

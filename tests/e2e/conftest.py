@@ -13,8 +13,8 @@ from typing import Callable, Iterator, List
 import pytest
 
 from lrk.client import LrkClient
-from lrk.daemon.launcher import RelayProcess, free_udp_port
-from lrk.daemon.launcher import next_port_range as next_ports
+from lrk.demo.relay_process import RelayProcess, free_udp_port
+from lrk.demo.relay_process import next_port_range as next_ports
 
 KAMAILIO = shutil.which("kamailio") or "/usr/sbin/kamailio"
 MODULES = "/usr/lib/x86_64-linux-gnu/kamailio/modules/"

@@ -8,7 +8,7 @@ import pytest
 
 from lrk.client import LrkClient
 from lrk.client.errors import RelayError
-from lrk.sim.rtp import MediaEndpoint, rtcp_sender_report, summarize
+from lrk.demo.media import MediaEndpoint, rtcp_sender_report, summarize
 
 from .conftest import EXTERNAL_IP, INTERNAL_IP, wait_for
 from .sipua import UserAgent

@@ -8,8 +8,8 @@ from typing import Callable, Iterator, List
 import pytest
 
 from lrk.client import LrkClient
-from lrk.daemon.launcher import RelayProcess, next_port_range
-from lrk.sim.rtp import MediaEndpoint
+from lrk.demo.media import MediaEndpoint
+from lrk.demo.relay_process import RelayProcess, next_port_range
 
 next_ports = next_port_range
 

@@ -12,7 +12,7 @@ import pytest
 from bench.callgen import PACKET_BYTES, CallGen
 from bench.loadgen import udp_socket
 from lrk.client import LrkClient
-from lrk.daemon.launcher import next_port_range
+from lrk.demo.relay_process import next_port_range
 
 pytestmark = pytest.mark.integration
 

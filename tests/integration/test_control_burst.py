@@ -15,7 +15,7 @@ import time
 
 import msgpack
 
-from lrk.sim.rtp import check_rtp, rtp_packet
+from lrk.demo.media import check_rtp, rtp_packet
 
 from .conftest import next_ports, port_free
 

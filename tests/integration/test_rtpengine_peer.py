@@ -14,7 +14,7 @@ import pytest
 
 from bench.ng import NgReplyError, setup_call
 from bench.rtpengine import INSTALL_HINT, RtpengineError, RtpengineProcess, find_rtpengine
-from lrk.daemon.launcher import next_port_range
+from lrk.demo.relay_process import next_port_range
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 
 from lrk.client import LrkClient
 from lrk.client.errors import RelayError
-from lrk.sim.rtp import check_rtp, rtcp_sender_report, rtp_packet, summarize
+from lrk.demo.media import check_rtp, rtcp_sender_report, rtp_packet, summarize
 
 from .conftest import port_free, worker_pids
 

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from lrk.sim.netns import Topology, list_namespaces, sweep
+from bench.netns import Topology, list_namespaces, sweep
 
 _ids = itertools.count()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from lrk.sim.netns import run, socket_in
+from bench.netns import run, socket_in
 
 
 def endpoint(ns: str, ip: str, port: int, timeout: float = 3.0) -> socket.socket:

@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from fastpath.ctnetlink import (
+from bench.netns import run, socket_in
+from fastpath.kernel.ctnetlink import (
     NETLINK_NETFILTER,
     ConntrackError,
     ConntrackSocket,
@@ -15,7 +16,6 @@ from fastpath.ctnetlink import (
     mark_filters,
     parse_acks,
 )
-from lrk.sim.netns import run, socket_in
 
 pytestmark = pytest.mark.netns
 

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
+from bench.netns import run
 from lrk.client import LrkClient
 from lrk.client.errors import RelayError
-from lrk.daemon.launcher import RelayProcess
-from lrk.sim.netns import run
-from lrk.sim.rtp import rtcp_sender_report, rtp_packet, summarize
+from lrk.demo.media import rtcp_sender_report, rtp_packet, summarize
+from lrk.demo.relay_process import RelayProcess
 
 from .hosts import endpoint, flows, receive, tables, wait
 

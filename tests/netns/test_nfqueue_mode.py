@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lrk.client import LrkClient
-from lrk.daemon.launcher import RelayProcess
-from lrk.sim.rtp import rtp_packet, summarize
+from lrk.demo.media import rtp_packet, summarize
+from lrk.demo.relay_process import RelayProcess
 
 from .hosts import endpoint, flows, receive, tables
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from fastpath.kernel_rules import KernelRuleset, LegSpec, SessionSpec, parse_counters
-from lrk.sim.netns import run
-from lrk.sim.rtp import rtp_packet
+from bench.netns import run
+from fastpath.kernel.kernel_rules import KernelRuleset, LegSpec, SessionSpec, parse_counters
+from lrk.demo.media import rtp_packet
 
 from .hosts import endpoint, receive
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.netns
 
 READ = """
 import json, sys
-from fastpath.nft_setelem import SetElemReader
+from fastpath.kernel.nft_setelem import SetElemReader
 r = SetElemReader()
 out = {}
 for name in sys.argv[1:]:

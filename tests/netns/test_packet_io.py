@@ -13,7 +13,8 @@ from collections import Counter
 
 import pytest
 
-from fastpath.packet_io import (
+from bench.netns import socket_in
+from fastpath.worker.packet_io import (
     PacketIoError,
     PacketReader,
     build_filter,
@@ -22,8 +23,7 @@ from fastpath.packet_io import (
     open_packet_socket,
     parse_media,
 )
-from fastpath.raw_egress import IPPROTO_RAW, RawEgress, ipv4_udp_header, open_raw_sockets
-from lrk.sim.netns import socket_in
+from fastpath.worker.raw_egress import IPPROTO_RAW, RawEgress, ipv4_udp_header, open_raw_sockets
 
 pytestmark = pytest.mark.netns
 

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from lrk.client import LrkClient
-from lrk.daemon.launcher import RelayProcess
-from lrk.sim.rtp import rtcp_sender_report, rtp_packet, summarize
+from lrk.demo.media import rtcp_sender_report, rtp_packet, summarize
+from lrk.demo.relay_process import RelayProcess
 
 from .hosts import endpoint, flows, receive, tables
 

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from fastpath.ctnetlink import (
+from fastpath.kernel.ctnetlink import (
     CTA_MARK,
     CTA_MARK_MASK,
     NLA_F_NESTED,

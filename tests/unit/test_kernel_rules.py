@@ -1,4 +1,4 @@
-"""Tests of fastpath.kernel_rules: the generated nft text, then the rules in a real kernel.
+"""Tests of fastpath.kernel.kernel_rules: the generated nft text, then the rules in a real kernel.
 
 Kernel tests (root only) load rules exclusively inside network namespaces
 they create (``lrk-t<pid>-<n>``) and delete, also on failure; the host's
@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
-from fastpath.kernel_rules import (
+from fastpath.kernel.kernel_rules import (
     DROP_COUNTERS,
     KernelRuleError,
     KernelRuleset,
@@ -423,7 +423,7 @@ def make_ns():
 
 NFT_HELPER = r"""
 import json, sys
-from fastpath.nft import Nft, NftError
+from fastpath.kernel.nft import Nft, NftError
 nft = Nft()
 try:
     print(json.dumps({"ok": nft.run(sys.stdin.read())}))
@@ -433,7 +433,7 @@ except NftError as exc:
 
 
 def nft_apply(ns: str, text: str) -> Optional[str]:
-    """Apply text through fastpath.nft.Nft inside ``ns``; returns nft's error, None on success."""
+    """Apply text through fastpath.kernel.nft.Nft inside ``ns``; returns nft's error, None on success."""
     proc = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, "-c", NFT_HELPER],
         input=text,
@@ -764,7 +764,7 @@ def test_kernel_forwards_a_natted_caller_drops_strangers_and_counts(make_ns, ech
 
 CT_DUMP = """
 import json
-from fastpath.ctnetlink import ConntrackSocket
+from fastpath.kernel.ctnetlink import ConntrackSocket
 ct = ConntrackSocket()
 print(json.dumps([f._asdict() for f in ct.flows([(30000, 0xFFFFFFFC)])]))
 ct.close()

@@ -1,4 +1,4 @@
-"""Tests of fastpath.mmsg: batched UDP I/O over loopback, both implementations."""
+"""Tests of fastpath.worker.mmsg: batched UDP I/O over loopback, both implementations."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from fastpath import mmsg
-from fastpath.mmsg import SLOT_SIZE, make_batch_io, mmsg_available
+from fastpath.worker import mmsg
+from fastpath.worker.mmsg import SLOT_SIZE, make_batch_io, mmsg_available
 
 _no_mmsg = pytest.mark.skipif(not mmsg_available(), reason="recvmmsg/sendmmsg unavailable")
 # "mmsg-alt" is MmsgBatchIO with the other interpreter's tuning of the

@@ -1,4 +1,4 @@
-"""Tests of fastpath.nfqueue (codec) and fastpath.nfqueue_socket (shell).
+"""Tests of fastpath.kernel.nfqueue (codec) and fastpath.kernel.nfqueue_socket (shell).
 
 The codec tests compare against bytes laid out by hand from the uapi structs
 (linux/netlink.h, linux/netfilter/nfnetlink.h, nfnetlink_queue.h).
@@ -11,7 +11,7 @@ netlink and UDP sockets are created on threads that setns() into the
 namespace, so the test process itself never leaves the root namespace (works
 on PyPy and CPython).  This kernel has no nft ``queue`` expression
 (CONFIG_NFT_QUEUE unset), so the queue rule is the xtables NFQUEUE target via
-nft_compat (fastpath.nfqueue.build_nft_queue_rule).  Namespaces are deleted
+nft_compat (fastpath.kernel.nfqueue.build_nft_queue_rule).  Namespaces are deleted
 in finalizers, also on failure; the root ruleset is checked to be unchanged.
 """
 
@@ -34,8 +34,8 @@ from typing import List, Optional, Tuple
 
 import pytest
 
-from fastpath import nfqueue as nfq
-from fastpath.nfqueue import (
+from fastpath.kernel import nfqueue as nfq
+from fastpath.kernel.nfqueue import (
     NF_ACCEPT,
     NF_DROP,
     NF_REPEAT,
@@ -61,7 +61,7 @@ from fastpath.nfqueue import (
     parse_udp,
     queue_verdict,
 )
-from fastpath.nfqueue_socket import NfQueue, add_queue_rule, call_in_netns
+from fastpath.kernel.nfqueue_socket import NfQueue, add_queue_rule, call_in_netns
 
 LITTLE = sys.byteorder == "little"
 little_only = pytest.mark.skipif(not LITTLE, reason="hex literals are for a little-endian host")

@@ -1,4 +1,4 @@
-"""Tests of fastpath.nft: the libnftables/cffi shell and its nft-binary fallback.
+"""Tests of fastpath.kernel.nft: the libnftables/cffi shell and its nft-binary fallback.
 
 libnftables works in the network namespace its context was created in, so
 every test that talks to the kernel runs its body as a subprocess under
@@ -19,8 +19,8 @@ from typing import Any, Dict, List
 
 import pytest
 
-from fastpath import nft as nft_mod
-from fastpath.nft import Nft, NftError, merge_json
+from fastpath.kernel import nft as nft_mod
+from fastpath.kernel.nft import Nft, NftError, merge_json
 
 # -- without a kernel ---------------------------------------------------------------
 
@@ -139,7 +139,7 @@ def run_in(ns: str, script: str, *args: str) -> Dict[str, Any]:
 
 SCENARIO = r"""
 import json, sys, threading
-from fastpath.nft import Nft, NftError
+from fastpath.kernel.nft import Nft, NftError
 nft = Nft(sys.argv[1])
 res = {"backend": nft.backend}
 res["apply"] = nft.run(
@@ -210,7 +210,7 @@ def test_nft_applies_lists_and_reports_errors(make_ns, backend):
 
 SETNS = r"""
 import ctypes, json, os, sys
-from fastpath.nft import Nft
+from fastpath.kernel.nft import Nft
 before = Nft("library")
 libc = ctypes.CDLL(None, use_errno=True)
 fd = os.open("/run/netns/" + sys.argv[1], os.O_RDONLY)

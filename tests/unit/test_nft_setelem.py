@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from fastpath import nft_setelem as se
+from fastpath.kernel import nft_setelem as se
 
 NLA_F_NESTED = 0x8000
 HDR = struct.Struct("=IHHII")

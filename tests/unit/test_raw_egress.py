@@ -9,9 +9,9 @@ import struct
 
 import pytest
 
-from fastpath import raw_egress
-from fastpath.packet_io import parse_media
-from fastpath.raw_egress import (
+from fastpath.worker import raw_egress
+from fastpath.worker.packet_io import parse_media
+from fastpath.worker.raw_egress import (
     HDR4,
     HDR6,
     RawEgress,

@@ -1,8 +1,8 @@
-"""Unit tests of fastpath.relay_table.RelayTable: latching and forwarding decisions."""
+"""Unit tests of fastpath.worker.relay_table.RelayTable: latching and forwarding decisions."""
 
 from __future__ import annotations
 
-from fastpath.relay_table import (
+from fastpath.worker.relay_table import (
     DROP_NAMES,
     NO_DESTINATION,
     RTCP,

@@ -12,8 +12,8 @@ import sys
 from typing import List
 
 from lrk.client import LrkClient
-from lrk.daemon.launcher import RelayProcess
-from lrk.sim.rtp import MediaEndpoint, rtcp_sender_report, summarize
+from lrk.demo.media import MediaEndpoint, rtcp_sender_report, summarize
+from lrk.demo.relay_process import RelayProcess
 
 CALLER_SSRC = 0x11111111
 CALLEE_SSRC = 0x22222222

@@ -1,4 +1,4 @@
-"""NFQUEUE reader: a thin socket shell around the :mod:`fastpath.nfqueue` codec.
+"""NFQUEUE reader: a thin socket shell around the :mod:`fastpath.kernel.nfqueue` codec.
 
 One ``AF_NETLINK``/``NETLINK_NETFILTER`` socket per queue; pure Python, so it
 runs on PyPy as well as CPython.  Needs CAP_NET_ADMIN in the network namespace
@@ -37,7 +37,7 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, TypeVar
 
-from fastpath.nfqueue import (
+from fastpath.kernel.nfqueue import (
     NETLINK_CAP_ACK,
     NETLINK_EXT_ACK,
     NETLINK_NETFILTER,

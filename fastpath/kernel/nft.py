@@ -38,7 +38,7 @@ import tempfile
 import threading
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from lrk.errors import LrkError
+from fastpath.errors import LrkError
 
 __all__ = ["LIBNFTABLES", "NFT_CTX_OUTPUT_JSON", "Nft", "NftError", "merge_json"]
 

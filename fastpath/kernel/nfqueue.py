@@ -2,7 +2,7 @@
 
 Speaks the protocol of ``linux/netfilter/nfnetlink_queue.h`` directly, so the
 fast path needs neither libnetfilter_queue nor a C extension and runs the same
-on PyPy and CPython.  The socket lives in :mod:`fastpath.nfqueue_socket`.
+on PyPy and CPython.  The socket lives in :mod:`fastpath.kernel.nfqueue_socket`.
 
 Byte order, which the kernel mixes:
 
@@ -44,7 +44,7 @@ import socket
 import struct
 from typing import Dict, List, Optional, Tuple, Union
 
-from lrk.errors import LrkError
+from fastpath.errors import LrkError
 
 __all__ = [
     "NETLINK_NETFILTER", "NFNL_SUBSYS_QUEUE",

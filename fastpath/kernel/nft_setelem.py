@@ -11,7 +11,7 @@ from the beginning for every message (skipping what it sent), so a dump costs O(
 0.3 s at 50,000 elements, 1.4 s at 100,000, 3.3 s at 200,000, 13 s at 400,000.
 
 Only sets whose key is ``ipv4_addr . inet_service`` or ``ipv6_addr . inet_service``
-(what ``fastpath.kernel_rules`` declares) are decoded. The message builder and the
+(what ``fastpath.kernel.kernel_rules`` declares) are decoded. The message builder and the
 parser are pure (`dump_request`, `parse_dump`); `SetElemReader` is the thin socket shell.
 """
 
@@ -24,7 +24,7 @@ import socket
 import struct
 from typing import Dict, Iterator, Optional, Tuple
 
-from lrk.errors import LrkError
+from fastpath.errors import LrkError
 
 __all__ = ["NftDumpError", "NftDumpInterrupted", "SetElemReader", "dump_request", "parse_dump",
            "parse_key"]

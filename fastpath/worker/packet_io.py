@@ -16,7 +16,7 @@ relay addresses, destination port in ``[port_lo, port_hi]``.
 Sans-IO parts (``build_filter``, ``parse_media``, ``drop_rules``) are pure; the
 socket shell is :func:`open_packet_socket` + :class:`PacketReader`, which
 batches with recvmmsg(2) through cffi in ABI mode (the libc binding of
-:mod:`fastpath.mmsg`) and falls back to a recvfrom loop.
+:mod:`fastpath.worker.mmsg`) and falls back to a recvfrom loop.
 
 Caveat: the kernel never validated these packets; the UDP checksum is not
 checked here either (a relay rewriting them recomputes it anyway).
@@ -33,10 +33,9 @@ import socket
 import struct
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from lrk.errors import LrkError
-
-from . import mmsg
-from .nfqueue import parse_udp
+from fastpath.errors import LrkError
+from fastpath.kernel.nfqueue import parse_udp
+from fastpath.worker import mmsg
 
 __all__ = [
     "DEFAULT_TABLE",

@@ -32,7 +32,7 @@ caller whose NAT changed its source port clashes with it at conntrack confirm
 (dropped, ``conntrack -S`` insert_failed) while the callee keeps sending.
 
 libnftables is not consulted here: this module only builds command text
-(applied by :class:`fastpath.nft.Nft`, one transaction per call) and reads the
+(applied by :class:`fastpath.kernel.nft.Nft`, one transaction per call) and reads the
 JSON that ``nft -j list`` returns.
 """
 
@@ -43,7 +43,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from lrk.errors import LrkError
+from fastpath.errors import LrkError
 
 __all__ = [
     "COUNTER_SOURCES",
@@ -358,7 +358,7 @@ class KernelRuleset:
         self.queue = queue
         self.queue_bypass = bool(queue_bypass)
         # kernels without CONFIG_NFT_QUEUE: jump to an empty chain nfq4/nfq6 to which the
-        # caller appends an xt NFQUEUE rule over netlink (fastpath.nfqueue_socket)
+        # caller appends an xt NFQUEUE rule over netlink (fastpath.kernel.nfqueue_socket)
         self.queue_chain = bool(queue_chain) and queue is not None
         lo, hi = mark_range if mark_range is not None else (port_start, port_end)
         if not 1 <= lo <= hi < _MARK_MAX:

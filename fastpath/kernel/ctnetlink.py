@@ -20,7 +20,7 @@ import struct
 import time
 from typing import Iterable, List, NamedTuple, Optional, Tuple
 
-from lrk.errors import LrkError
+from fastpath.errors import LrkError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1

@@ -1,6 +1,6 @@
 """Socket-mode relay worker: a process that owns relay sockets and forwards media.
 
-Run by the daemon as `python -m fastpath.socket_worker --channel-fd N`. It loops
+Run by the daemon as `python -m fastpath.worker.loop --channel-fd N`. It loops
 on epoll over its sockets and the channel, reads datagrams in batches
 (recvmmsg through cffi where available), forwards them through the
 `RelayTable` and reports counters back every `REPORT_INTERVAL` seconds and on
@@ -19,12 +19,11 @@ import socket
 import time
 from typing import Dict, List, Optional, Tuple
 
-from fastpath import channel
-from fastpath.mmsg import make_batch_io
-from fastpath.packet_io import PacketReader, parse_media
-from fastpath.raw_egress import RawEgress, RawEgressError
-from fastpath.relay_table import Endpoint, RelayTable
-from lrk import logs
+from fastpath import channel, logs
+from fastpath.worker.mmsg import make_batch_io
+from fastpath.worker.packet_io import PacketReader, parse_media
+from fastpath.worker.raw_egress import RawEgress, RawEgressError
+from fastpath.worker.relay_table import Endpoint, RelayTable
 
 log = logging.getLogger("lrk.worker")
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)

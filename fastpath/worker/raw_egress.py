@@ -34,9 +34,8 @@ import socket
 import struct
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from lrk.errors import LrkError
-
-from . import mmsg
+from fastpath.errors import LrkError
+from fastpath.worker import mmsg
 
 __all__ = [
     "HDR4",

@@ -1,1 +1,0 @@
-"""Simulated call parties (media endpoints, SIP-less) for the demo, tests and benchmarks."""
