@@ -433,7 +433,7 @@ except NftError as exc:
 
 
 def nft_apply(ns: str, text: str) -> Optional[str]:
-    """Apply text through fastpath.kernel.nft.Nft inside ``ns``; returns nft's error, None on success."""
+    """Apply text through fastpath.kernel.nft.Nft inside ``ns``; nft's error, or None."""
     proc = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, "-c", NFT_HELPER],
         input=text,
