@@ -1,10 +1,12 @@
-"""The control plane <-> worker channel: marshal messages over a SOCK_SEQPACKET pair.
+"""The daemon <-> worker channel: typed messages, marshalled, over a SOCK_SEQPACKET pair.
 
-Sockets travel with their install message as SCM_RIGHTS, so the control plane
-binds (and can veto) every port while the worker owns the hot loop. Both ends are
-the same interpreter (the worker is started with the daemon's own executable) and
-the pair is private to them, so `marshal` fits: built into both interpreters, where
-msgpack runs as pure Python under PyPy and was most of the control plane's cost there.
+Sockets travel with their install message as SCM_RIGHTS, so the daemon binds (and can
+veto) every port while the worker owns the hot loop. Both ends are the same
+interpreter (the worker is started with the daemon's own executable) and the pair is
+private to them, so `marshal` fits: built into both interpreters, where msgpack runs
+as pure Python under PyPy and was most of the control plane's cost there. Messages
+are the frozen dataclasses below (and `fastpath.contract`'s specs and reports); on the
+wire each is a tagged tuple, converted by `encode_message`/`decode_message` only.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from __future__ import annotations
 import array
 import marshal
 import socket
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from fastpath.contract import Addr, LegReport, LegSpec, SessionReport, SessionSpec
 
 MAX_MESSAGE = 256 * 1024
 #: fds one message may carry: a batch of up to 16 installs (4 sockets each)
@@ -31,12 +36,170 @@ def pair() -> Tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def encode(message: Dict[str, Any]) -> bytes:
-    return marshal.dumps(message)
+# -- messages ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InstallSession:
+    """Daemon -> worker: serve a session on the four sockets that come with it (A-RTP,
+    A-RTCP, B-RTP, B-RTCP), whose families and local addresses the daemon already knows."""
+
+    spec: SessionSpec
+    families: Tuple[int, ...]
+    addrs: Tuple[Addr, ...]
 
 
-def send(sock: socket.socket, message: Dict[str, Any], fds: Sequence[int] = ()) -> None:
-    data = encode(message)
+@dataclass(frozen=True)
+class UpdateSession:
+    """Daemon -> worker: a leg's peer changed or must latch afresh."""
+
+    spec: SessionSpec
+    leg: str
+
+
+@dataclass(frozen=True)
+class RemoveSession:
+    """Daemon -> worker: stop serving a session, close its sockets (final report first)."""
+
+    sid: int
+
+
+@dataclass(frozen=True)
+class Taps:
+    """Daemon -> worker (packet mode): the AF_PACKET sockets that come with it."""
+
+
+@dataclass(frozen=True)
+class Flush:
+    """Daemon -> worker: report every changed session now, then answer `Flushed(req)`."""
+
+    req: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Daemon -> worker: report, close everything, exit."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Several daemon -> worker messages in one datagram; `nfds[i]` fds belong to the i-th."""
+
+    messages: Tuple[Any, ...]
+    nfds: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Reports:
+    """Worker -> daemon: session reports, and the worker's totals (last chunk only)."""
+
+    reports: Tuple[SessionReport, ...]
+    totals: Optional[Dict[str, int]] = None
+
+
+@dataclass(frozen=True)
+class Flushed:
+    """Worker -> daemon: every report asked for by `Flush(req)` has been sent."""
+
+    req: int
+
+
+Message = Union[InstallSession, UpdateSession, RemoveSession, Taps, Flush, Stop, Batch,
+                Reports, Flushed]
+
+
+def _leg_out(leg: LegSpec) -> tuple:
+    return (leg.name, leg.relay_ip, leg.relay_port, leg.announced, leg.rtcp_announced,
+            leg.latch_any, leg.generation)
+
+
+def _leg_in(t: tuple) -> LegSpec:
+    return LegSpec(t[0], t[1], t[2], _addr(t[3]), _addr(t[4]), t[5], t[6])
+
+
+def _addr(a: Any) -> Optional[Addr]:
+    return None if a is None else (a[0], a[1])
+
+
+def _spec_out(spec: SessionSpec) -> tuple:
+    return (spec.sid, spec.call_id, _leg_out(spec.a), _leg_out(spec.b))
+
+
+def _spec_in(t: tuple) -> SessionSpec:
+    return SessionSpec(t[0], t[1], _leg_in(t[2]), _leg_in(t[3]))
+
+
+def _report_leg_out(r: LegReport) -> tuple:
+    return (r.in_packets, r.in_bytes, r.out_packets, r.out_bytes, r.drops, r.generation,
+            r.latched, r.rtcp_latched)
+
+
+def _report_leg_in(t: tuple) -> LegReport:
+    return LegReport(t[0], t[1], t[2], t[3], tuple((k, v) for k, v in t[4]), t[5],
+                     _addr(t[6]), _addr(t[7]))
+
+
+def _to_wire(m: Any) -> tuple:
+    if isinstance(m, Reports):
+        return ("R", tuple((r.sid, r.last_rx, _report_leg_out(r.a), _report_leg_out(r.b))
+                           for r in m.reports), m.totals)
+    if isinstance(m, InstallSession):
+        return ("I", _spec_out(m.spec), m.families, m.addrs)
+    if isinstance(m, UpdateSession):
+        return ("U", _spec_out(m.spec), m.leg)
+    if isinstance(m, RemoveSession):
+        return ("X", m.sid)
+    if isinstance(m, Flush):
+        return ("F", m.req)
+    if isinstance(m, Flushed):
+        return ("f", m.req)
+    if isinstance(m, Batch):
+        return ("B", tuple(_to_wire(x) for x in m.messages), m.nfds)
+    if isinstance(m, Taps):
+        return ("T",)
+    if isinstance(m, Stop):
+        return ("S",)
+    raise TypeError(f"not a channel message: {m!r}")
+
+
+def _from_wire(t: tuple) -> Any:
+    tag = t[0]
+    if tag == "R":
+        return Reports(tuple(SessionReport(r[0], r[1], _report_leg_in(r[2]),
+                                           _report_leg_in(r[3])) for r in t[1]), t[2])
+    if tag == "I":
+        return InstallSession(_spec_in(t[1]), tuple(t[2]),
+                              tuple((a[0], a[1]) for a in t[3]))
+    if tag == "U":
+        return UpdateSession(_spec_in(t[1]), t[2])
+    if tag == "X":
+        return RemoveSession(t[1])
+    if tag == "F":
+        return Flush(t[1])
+    if tag == "f":
+        return Flushed(t[1])
+    if tag == "B":
+        return Batch(tuple(_from_wire(x) for x in t[1]), tuple(t[2]))
+    if tag == "T":
+        return Taps()
+    if tag == "S":
+        return Stop()
+    raise ValueError(f"unknown channel message tag {tag!r}")
+
+
+def encode_message(message: Any) -> bytes:
+    return marshal.dumps(_to_wire(message))
+
+
+def decode_message(data: bytes) -> Any:
+    """A message from its bytes; ValueError (or TypeError/EOFError from marshal) when the
+    bytes are not one: the channel is private, so that is a bug, reported by the caller."""
+    wire = marshal.loads(data)
+    if not isinstance(wire, tuple) or not wire:
+        raise ValueError("channel message is not a tagged tuple")
+    return _from_wire(wire)
+
+
+def send(sock: socket.socket, message: Any, fds: Sequence[int] = ()) -> None:
+    data = encode_message(message)
     if fds:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         sock.sendmsg([data], anc)
@@ -44,7 +207,7 @@ def send(sock: socket.socket, message: Dict[str, Any], fds: Sequence[int] = ()) 
         sock.send(data)
 
 
-def receive(sock: socket.socket, flags: int = 0) -> Optional[Tuple[Dict[str, Any], List[int]]]:
+def receive(sock: socket.socket, flags: int = 0) -> Optional[Tuple[Any, List[int]]]:
     """One message and its fds; None on EOF. Raises BlockingIOError when none is ready."""
     fd_size = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
     data, anc, _flags, _addr = sock.recvmsg(MAX_MESSAGE, fd_size, flags)
@@ -56,4 +219,4 @@ def receive(sock: socket.socket, flags: int = 0) -> Optional[Tuple[Dict[str, Any
             arr = array.array("i")
             arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
             fds.extend(arr)
-    return marshal.loads(data), fds
+    return decode_message(data), fds

@@ -38,3 +38,5 @@ def setup(level: str = "warning", fmt: str = "kv") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # what a daemon serves when it starts and why it stops: one line each, at any level
+    logging.getLogger("lrk.lifecycle").setLevel(logging.INFO)

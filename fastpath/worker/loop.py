@@ -63,6 +63,8 @@ class SocketWorker:
         self.egress_runs: List[Tuple[Endpoint, list]] = []
         self.egress_fallback = 0
         self.egress_disabled = 0
+        self.bad_messages = 0
+        self.addrs: Dict[int, Tuple[str, int]] = {}  # fd -> local address (from the install)
 
     # -- channel ---------------------------------------------------------------------
     def _drain_channel(self) -> None:
@@ -71,6 +73,10 @@ class SocketWorker:
                 got = channel.receive(self.chan, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
+            except (ValueError, TypeError, EOFError) as exc:  # a bug on the daemon's side
+                log.error("undecodable channel message: %s", exc)
+                self.bad_messages += 1
+                continue
             if got is None:
                 self.running = False  # daemon gone: nothing to serve any more
                 return
@@ -78,80 +84,79 @@ class SocketWorker:
             try:
                 self._handle(message, fds)
             except Exception:
-                log.exception("bad channel message %r", message.get("op"))
+                log.exception("bad channel message %s", type(message).__name__)
+                self.bad_messages += 1
                 for fd in fds:
-                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
-    def _handle_batch(self, messages: List[dict], fds: List[int]) -> None:
+    def _handle_batch(self, batch: channel.Batch, fds: List[int]) -> None:
         """Several messages in one: each takes its `nfds` fds in order. Removed sessions
         are reported in one message first, not one report per remove."""
-        removed = [m["sid"] for m in messages if m.get("op") == "remove"]
+        removed = [m.sid for m in batch.messages if isinstance(m, channel.RemoveSession)]
         if removed:
             self._report(removed)
         at = 0
-        for message in messages:
-            n = int(message.pop("nfds", 0))
+        for message, n in zip(batch.messages, batch.nfds):
             mine, at = fds[at:at + n], at + n
             try:
                 self._handle(message, mine, report_removes=False)
             except Exception:
-                log.exception("bad channel message %r", message.get("op"))
+                log.exception("bad channel message %s", type(message).__name__)
+                self.bad_messages += 1
                 for fd in mine:
                     with contextlib.suppress(OSError):
                         os.close(fd)
         for fd in fds[at:]:
             os.close(fd)
 
-    def _handle(self, message: dict, fds: List[int], report_removes: bool = True) -> None:
-        op = message.get("op")
-        if op == "batch":
-            self._handle_batch(message["msgs"], fds)
-        elif op == "install":
-            sid = message["sid"]
-            if len(fds) != 4:
-                raise ValueError(f"install of {sid} carries {len(fds)} fds, not 4")
-            if sid in self.table.sessions:
-                self._remove(sid)
-            families = message.get("families") or [-1] * len(fds)
-            for fd, family in zip(fds, families):
-                if family == -1:  # an older daemon: let the kernel tell
-                    sock = socket.socket(fileno=fd)
-                    sock.setblocking(False)
-                else:  # family and type given: no getsockopt, no ioctl (non-blocking already)
-                    sock = socket.socket(family, socket.SOCK_DGRAM | _NONBLOCK, 0, fd)
-                self.sockets[fd] = sock
-                self.epoll.register(fd, select.EPOLLIN)
-            session = self.table.install(sid, fds, message["legs"])
-            if self.readers:
-                egress = self.egress
-                addrs = dict(zip(fds, message.get("addrs") or ()))
-                for ep in session.endpoints:
-                    known = addrs.get(ep.fd)
-                    ip, port = (known[0], int(known[1])) if known else \
-                        self.sockets[ep.fd].getsockname()[:2]
-                    self.by_addr[(ip, port)] = ep
-                    if egress is not None:
-                        egress.bind(ep.fd, ip, port)
-        elif op == "taps":  # packet mode: AF_PACKET sockets the daemon opened
+    def _handle(self, message: object, fds: List[int], report_removes: bool = True) -> None:
+        if isinstance(message, channel.Batch):
+            self._handle_batch(message, fds)
+        elif isinstance(message, channel.InstallSession):
+            self._install(message, fds)
+        elif isinstance(message, channel.UpdateSession):
+            self.table.update(message.spec.sid, message.spec.leg(message.leg))
+        elif isinstance(message, channel.RemoveSession):
+            if report_removes:
+                self._report([message.sid])
+            self._remove(message.sid)
+        elif isinstance(message, channel.Flush):
+            self._report(None)
+            channel.send(self.chan, channel.Flushed(message.req))
+        elif isinstance(message, channel.Taps):  # packet mode: AF_PACKET sockets
             for fd in fds:
                 reader = PacketReader(socket.socket(fileno=fd), self.batch)
                 self.readers[fd] = reader
                 self.epoll.register(fd, select.EPOLLIN)
             self._open_egress()
-        elif op == "update":
-            self.table.update(message["sid"], message["leg"], message["spec"])
-        elif op == "remove":
-            if report_removes:
-                self._report([message["sid"]])
-            self._remove(message["sid"])
-        elif op == "flush":
-            self._report(None)
-            channel.send(self.chan, {"op": "flushed", "req": message["req"]})
-        elif op == "stop":
+        elif isinstance(message, channel.Stop):
             self._report(None)
             self.running = False
         else:
-            raise ValueError(f"unknown op {op!r}")
+            raise ValueError(f"unexpected channel message {type(message).__name__}")
+
+    def _install(self, message: channel.InstallSession, fds: List[int]) -> None:
+        sid = message.spec.sid
+        if len(fds) != 4:
+            raise ValueError(f"install of {sid} carries {len(fds)} fds, not 4")
+        if sid in self.table.sessions:
+            self._remove(sid)
+        for fd, family in zip(fds, message.families):
+            # family and type given: no getsockopt, no ioctl (non-blocking already)
+            sock = socket.socket(family, socket.SOCK_DGRAM | _NONBLOCK, 0, fd)
+            self.sockets[fd] = sock
+            self.epoll.register(fd, select.EPOLLIN)
+        session = self.table.install(sid, fds, message.spec)
+        if self.readers:
+            egress = self.egress
+            addrs = dict(zip(fds, message.addrs))
+            for ep in session.endpoints:
+                ip, port = addrs[ep.fd]
+                self.by_addr[(ip, port)] = ep
+                if egress is not None:
+                    egress.bind(ep.fd, ip, port)
+        self.addrs.update(zip(fds, message.addrs))
 
     def _remove(self, sid: int) -> None:
         session = self.table.remove(sid)
@@ -161,8 +166,9 @@ class SocketWorker:
             if self.egress is not None:
                 self.egress.forget(ep.fd)
             sock = self.sockets.pop(ep.fd, None)
-            if self.readers and sock is not None:
-                self.by_addr.pop(tuple(sock.getsockname()[:2]), None)
+            addr = self.addrs.pop(ep.fd, None)
+            if self.readers and addr is not None:
+                self.by_addr.pop(addr, None)
             if sock is not None:
                 try:
                     self.epoll.unregister(ep.fd)
@@ -177,19 +183,20 @@ class SocketWorker:
             sids = [sid for sid, s in sessions.items() if s.dirty]
         else:
             sids = [sid for sid in only if sid in sessions]  # type: ignore[attr-defined]
-        chunk: Dict[int, dict] = {}
+        chunk = []
         for sid in sids:
             session = sessions[sid]
             session.dirty = False
-            chunk[sid] = session.report()
+            chunk.append(session.report())
             if len(chunk) >= channel.REPORT_CHUNK:
-                channel.send(self.chan, {"op": "report", "sessions": chunk})
-                chunk = {}
-        channel.send(self.chan, {"op": "report", "sessions": chunk, "g": self.totals()})
+                channel.send(self.chan, channel.Reports(tuple(chunk)))
+                chunk = []
+        channel.send(self.chan, channel.Reports(tuple(chunk), self.totals()))
 
     def totals(self) -> Dict[str, int]:
         """Worker-wide counters: the table's plus what the batch I/O layer met."""
         totals = self.table.totals()
+        totals["worker.channel.bad_messages"] = self.bad_messages
         io = self.io
         totals["media.dropped.oversized"] = io.truncated + sum(
             r.truncated for r in self.readers.values())
@@ -360,10 +367,9 @@ class SocketWorker:
             log.warning("packet mode: %s", exc)
             return
         for ep in self.table.by_fd.values():  # sessions installed before the taps came
-            sock = self.sockets.get(ep.fd)
-            if sock is not None:
-                ip, port = sock.getsockname()[:2]
-                self.egress.bind(ep.fd, ip, port)
+            addr = self.addrs.get(ep.fd)
+            if addr is not None:
+                self.egress.bind(ep.fd, addr[0], addr[1])
 
 
 def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
@@ -376,7 +382,11 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     parser.add_argument("--coalesce-us", type=int, default=0)
     args = parser.parse_args(argv)
     logs.setup(args.log_level, args.log_format)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    # the daemon decides when we stop: a signal to the whole process group (Ctrl-C,
+    # `systemctl stop`, killpg) must not kill the worker before the daemon stops it (it
+    # would see a dead worker and restart it); a worker whose daemon died sees EOF
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     chan = socket.socket(fileno=args.channel_fd)
     chan.setblocking(True)
     worker = SocketWorker(chan, args.batch, args.io, max(0, args.coalesce_us) / 1e6)

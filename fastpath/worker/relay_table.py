@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
-Addr = Tuple[str, int]
+from fastpath.contract import Addr, LegReport, LegSpec, SessionReport, SessionSpec
 
 RTP = 0
 RTCP = 1
@@ -52,7 +52,7 @@ class Endpoint:
 
     def configure(self, announced: Optional[Addr], latch_any: bool, gen: int) -> None:
         """A new offer/answer for this leg: new expected peer, forget the latch."""
-        self.announced = tuple(announced) if announced else None  # type: ignore[assignment]
+        self.announced = announced
         self.expected_ip = self.announced[0] if self.announced else None
         self.latch_any = latch_any
         self.peer = None
@@ -75,27 +75,18 @@ class RelaySession:
         a_rtp.partner, b_rtp.partner = b_rtp, a_rtp
         a_rtcp.partner, b_rtcp.partner = b_rtcp, a_rtcp
 
-    def report(self) -> Dict[str, object]:
-        legs: Dict[str, object] = {}
+    def report(self) -> SessionReport:
         eps = self.endpoints
-        for name, rtp, rtcp in (("A", eps[0], eps[1]), ("B", eps[2], eps[3])):
-            drops: Dict[str, int] = {}
-            for i, reason in enumerate(DROP_NAMES):
-                n = rtp.drops[i] + rtcp.drops[i]
-                if n:
-                    drops[reason] = n
-            legs[name] = {
-                "c": [
-                    rtp.in_packets + rtcp.in_packets,
-                    rtp.in_bytes + rtcp.in_bytes,
-                    rtp.out_packets + rtcp.out_packets,
-                    rtp.out_bytes + rtcp.out_bytes,
-                    drops,
-                ],
-                "gen": rtp.gen,
-                "latched": [rtp.peer, rtcp.peer],
-            }
-        return {"last_rx": self.last_rx, "legs": legs}
+        return SessionReport(self.sid, self.last_rx, _leg_report(eps[0], eps[1]),
+                             _leg_report(eps[2], eps[3]))
+
+
+def _leg_report(rtp: Endpoint, rtcp: Endpoint) -> LegReport:
+    drops = tuple((reason, rtp.drops[i] + rtcp.drops[i]) for i, reason in enumerate(DROP_NAMES)
+                  if rtp.drops[i] + rtcp.drops[i])
+    return LegReport(rtp.in_packets + rtcp.in_packets, rtp.in_bytes + rtcp.in_bytes,
+                     rtp.out_packets + rtcp.out_packets, rtp.out_bytes + rtcp.out_bytes,
+                     drops, rtp.gen, rtp.peer, rtcp.peer)
 
 
 class RelayTable:
@@ -109,8 +100,8 @@ class RelayTable:
         self.dropped = [0, 0, 0]
         self.latched = 0
 
-    def install(self, sid: int, fds: List[int], legs: Dict[str, dict]) -> RelaySession:
-        """`fds` in order A-RTP, A-RTCP, B-RTP, B-RTCP; `legs` carry announced/gen/latch_any."""
+    def install(self, sid: int, fds: List[int], spec: SessionSpec) -> RelaySession:
+        """`fds` in order A-RTP, A-RTCP, B-RTP, B-RTCP."""
         eps = [
             Endpoint(fds[0], sid, "A", RTP), Endpoint(fds[1], sid, "A", RTCP),
             Endpoint(fds[2], sid, "B", RTP), Endpoint(fds[3], sid, "B", RTCP),
@@ -119,19 +110,17 @@ class RelayTable:
         self.sessions[sid] = session
         for ep in eps:
             self.by_fd[ep.fd] = ep
-        for name, leg in legs.items():
-            self.update(sid, name, leg)
+        self.update(sid, spec.a)
+        self.update(sid, spec.b)
         return session
 
-    def update(self, sid: int, leg: str, spec: dict) -> None:
+    def update(self, sid: int, leg: LegSpec) -> None:
         session = self.sessions.get(sid)
         if session is None:
             return
-        base = 0 if leg == "A" else 2
-        latch_any = bool(spec.get("latch_any"))
-        gen = int(spec.get("gen", 0))
-        session.endpoints[base].configure(spec.get("announced"), latch_any, gen)
-        session.endpoints[base + 1].configure(spec.get("rtcp_announced"), latch_any, gen)
+        base = 0 if leg.name == "A" else 2
+        session.endpoints[base].configure(leg.announced, leg.latch_any, leg.generation)
+        session.endpoints[base + 1].configure(leg.rtcp_announced, leg.latch_any, leg.generation)
         session.dirty = True
 
     def remove(self, sid: int) -> Optional[RelaySession]:

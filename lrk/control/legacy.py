@@ -16,10 +16,11 @@ from typing import Hashable, List, Optional, Tuple
 
 from netaddr import IPSet
 
+from fastpath.contract import Action
 from lrk.control.allow import AllowList
 from lrk.control.msgpack_proto import Outcome
 from lrk.control.replay import ReplayCache
-from lrk.core.engine import Action, Engine
+from lrk.core.engine import Engine
 from lrk.errors import SessionNotFound
 
 log = logging.getLogger("lrk.legacy")
@@ -36,7 +37,7 @@ LEGACY_COUNTERS = (
     "legacy.dropped.unknown_command", "legacy.dropped.too_large",
     "legacy.refused.bad_relay_address", "legacy.sessions.created",
     "legacy.sessions.unchanged", "legacy.sessions.updated", "legacy.sessions.refused",
-    "legacy.dropped.stream_timeout", "legacy.send_errors",
+    "legacy.dropped.stream_timeout", "legacy.send_errors", "legacy.dropped.plane_failure",
 )
 
 
@@ -102,6 +103,16 @@ class LegacyControl:
         if with_cookie:
             self.replay.store(sender, cookie, reply, now)
         return Outcome(reply, actions)
+
+    def plane_failed(self, data: bytes, sender: Hashable, with_cookie: bool = True) -> None:
+        """The data plane could not serve what this request set up (the engine has ended
+        the session): no reply, so Kamailio's module retries and, if the failure persists,
+        fails the call and disables the node, the only refusal it understands. Nothing is
+        cached: a retransmission is a fresh attempt."""
+        self.counters["legacy.dropped.plane_failure"] += 1
+        if with_cookie:
+            cookie = data.partition(b" ")[0]
+            self.replay.discard(sender, cookie)
 
     # -- commands ----------------------------------------------------------------------
     def _ping(self, prefix: bytes, body: bytes, now: float) -> Tuple[bytes, List[Action]]:

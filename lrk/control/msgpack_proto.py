@@ -17,10 +17,11 @@ import msgpack
 import msgpack.exceptions
 from netaddr import IPSet
 
+from fastpath.contract import Action
 from lrk.control.allow import AllowList
 from lrk.control.replay import ReplayCache
 from lrk.core import sdp
-from lrk.core.engine import Action, Engine
+from lrk.core.engine import Engine
 from lrk.errors import BadRequest, LrkError
 
 log = logging.getLogger("lrk.control")
@@ -33,7 +34,8 @@ MAX_NAME = 256
 MAX_DEPTH = 8  # requests nest two levels; deeper is an attack or a bug
 LIST_REPLY_BUDGET = 60000  # a list reply must fit one UDP datagram
 ERROR_CODES = ("malformed", "too_large", "bad_request", "unknown_command",
-               "unsupported_version", "unauthorized", "not_found", "ports_exhausted", "internal")
+               "unsupported_version", "unauthorized", "not_found", "ports_exhausted",
+               "data_plane", "internal")
 COMMANDS = ("ping", "capabilities", "offer", "answer", "delete", "query", "list", "stats")
 #: commands whose reply shows traffic counters: the daemon refreshes them first
 NEEDS_COUNTERS = frozenset(("delete", "query", "list", "stats"))
@@ -177,6 +179,12 @@ class MsgpackControl:
         outcome = self._final(request.sender, request.cookie, now, reply)
         outcome.actions = actions
         return outcome
+
+    def plane_failed(self, request: Request, detail: str, now: float) -> Outcome:
+        """The data plane refused what `request` set up (the engine has ended the session):
+        the reply becomes an error, cached in place of the success it would have been."""
+        return self._final(request.sender, request.cookie, now, self._error_msg(
+            request.cookie, "data_plane", f"the relay's data plane failed: {detail[:120]}"))
 
     def handle(self, data: bytes, sender: Hashable, now: float) -> Outcome:
         """Both phases at once, for callers with nothing to refresh in between."""

@@ -42,6 +42,12 @@ class ReplayCache:
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
 
+    def discard(self, sender: Hashable, cookie: Hashable) -> None:
+        """Forget a request: its retransmission runs it again (a legacy request whose data
+        plane failed gets no reply, so the module's retry is a fresh attempt)."""
+        self._in_flight.discard((sender, cookie))
+        self._entries.pop((sender, cookie), None)
+
     def _purge(self, now: float) -> None:
         entries = self._entries
         while entries:

@@ -1,16 +1,27 @@
 """The session engine: offer/answer/delete/expiry over a port allocator.
 
-Sans-IO: every call takes `now` and returns the data-plane actions to carry out.
-The daemon applies them to sockets or netfilter, and feeds traffic reports back
-through `apply_report`.
+Sans-IO, as aioquic's connection is: every call takes `now` and returns the data-plane
+actions (`fastpath.contract`) to carry out. Time enters through `get_timer()` (the one
+deadline the shell arms) and `handle_timer(now)`; what the data plane observed enters
+through `handle_event` (reports and failures). Nothing else writes session state.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+from fastpath.contract import (
+    Action,
+    Event,
+    Install,
+    PlaneFailure,
+    Remove,
+    SessionReport,
+    Update,
+)
 from lrk.core.ports import PortAllocator
 from lrk.core.session import LEG_A, LEG_B, OTHER, Leg, Session
 from lrk.errors import BadRequest, SessionNotFound
@@ -22,34 +33,8 @@ ENGINE_COUNTERS = (
     "sessions.expired.silence", "sessions.expired.lifetime", "sessions.rebound",
     "sessions.refused.max_sessions", "ports.exhausted",
     "sessions.expired.replaced", "legacy.conflicts.refused", "legacy.conflicts.replaced",
-    "legacy.ports_outside_range",
+    "legacy.ports_outside_range", "sessions.failed",
 )
-
-
-@dataclass(frozen=True)
-class Install:
-    """Start relaying a session (bind/open its four ports)."""
-
-    session: Session
-
-
-@dataclass(frozen=True)
-class Update:
-    """A leg's announced peer changed or must re-latch."""
-
-    session: Session
-    leg: str
-
-
-@dataclass(frozen=True)
-class Remove:
-    """Stop relaying a session and release its ports."""
-
-    session: Session
-    reason: str
-
-
-Action = Union[Install, Update, Remove]
 
 
 @dataclass
@@ -76,6 +61,9 @@ class Engine:
         self.owner: Dict[int, Session] = {}  # even relay port -> session holding it
         self.counters: Counter = Counter({name: 0 for name in ENGINE_COUNTERS})
         self._next_sid = 1
+        #: (deadline, sid) per session; an entry is live while it equals the session's
+        #: `timer_at`, so stale entries (media came, timeout changed) drop off when popped
+        self._timers: List[Tuple[float, int]] = []
 
     # -- helpers -------------------------------------------------------------------
     def interface_ip(self, interface: str) -> str:
@@ -125,7 +113,7 @@ class Engine:
             session = self._create(now, call_id, from_tag, target_ip, timeout, via_branch)
             offering = session.legs[LEG_A]
             offering.announce(media[0], media[1], rtcp_port, latch_any)
-            actions.append(Install(session))
+            actions.append(Install(session.spec()))
         else:
             offering = session.leg_by_tag(from_tag)
             if offering is None:
@@ -138,7 +126,10 @@ class Engine:
             actions.extend(self._ensure_ip(now, session, target, target_ip))
             offering.announce(media[0], media[1], rtcp_port, latch_any)
             if not actions:
-                actions.append(Update(session, offering.name))
+                actions.append(Update(session.spec(), offering.name))
+            else:  # re-opened: the install must carry the new announcement
+                actions[-1] = Install(session.spec())
+            self._schedule(session)
         self.counters["sessions.offers"] += 1
         return session, session.legs[OTHER[offering.name]], actions
 
@@ -168,7 +159,10 @@ class Engine:
         actions = self._ensure_ip(now, session, target, target_ip)
         answering.announce(media[0], media[1], rtcp_port, latch_any)
         if not actions:
-            actions.append(Update(session, answering.name))
+            actions.append(Update(session.spec(), answering.name))
+        else:
+            actions[-1] = Install(session.spec())
+        self._schedule(session)
         session.state = "answered"
         self.counters["sessions.answers"] += 1
         return session, target, actions
@@ -181,26 +175,64 @@ class Engine:
             raise SessionNotFound(f"session {call_id!r} has no leg with tag {from_tag!r}")
         return session, [self._end(now, session, reason)]
 
-    def due(self, now: float) -> bool:
-        """Whether `expire` would end anything (lets the shell refresh counters first)."""
+    # -- time ------------------------------------------------------------------------
+    def deadline(self, session: Session) -> float:
+        """When a session ends unless media arrives: silence timeout or maximum lifetime."""
+        at = session.idle_since() + session.timeout
         lifetime = self.config.max_lifetime
-        for session in self.by_call.values():
-            if lifetime and now - session.created >= lifetime:
-                return True
-            if now - session.idle_since() >= session.timeout:
-                return True
-        return False
+        if lifetime:
+            at = min(at, session.created + lifetime)
+        return at
 
-    def expire(self, now: float) -> List[Action]:
+    def _schedule(self, session: Session) -> None:
+        """Make sure a live timer entry is no later than the session's deadline."""
+        at = self.deadline(session)
+        if session.timer_at is None or at < session.timer_at:
+            session.timer_at = at
+            heapq.heappush(self._timers, (at, session.sid))
+
+    def get_timer(self) -> Optional[float]:
+        """The earliest time `handle_timer` may end a session (None: no session)."""
+        timers = self._timers
+        by_sid = self.by_sid
+        while timers:
+            at, sid = timers[0]
+            session = by_sid.get(sid)
+            if session is None or session.timer_at != at:
+                heapq.heappop(timers)  # ended, or superseded by an earlier entry
+                continue
+            actual = self.deadline(session)
+            if actual > at:  # media arrived since: move the entry (O(log n), no scan)
+                heapq.heapreplace(timers, (actual, sid))
+                session.timer_at = actual
+                continue
+            return at
+        return None
+
+    def due(self, now: float) -> bool:
+        """Whether `handle_timer(now)` would end something: the shell then refreshes the
+        data plane's counters first, so that no call ends on stale ones."""
+        at = self.get_timer()
+        return at is not None and at <= now
+
+    def handle_timer(self, now: float) -> List[Action]:
         """End sessions silent for their timeout or older than the maximum lifetime."""
         actions: List[Action] = []
         lifetime = self.config.max_lifetime
-        for session in list(self.by_call.values()):
-            if lifetime and now - session.created >= lifetime:
-                actions.append(self._end(now, session, "lifetime"))
-            elif now - session.idle_since() >= session.timeout:
-                actions.append(self._end(now, session, "silence"))
-        return actions
+        while True:
+            at = self.get_timer()
+            if at is None or at > now:
+                return actions
+            _at, sid = heapq.heappop(self._timers)
+            session = self.by_sid[sid]
+            session.timer_at = None
+            reason = ("lifetime" if lifetime and now - session.created >= lifetime
+                      else "silence")
+            actions.append(self._end(now, session, reason))
+
+    def expire(self, now: float) -> List[Action]:
+        """`handle_timer` under its older name."""
+        return self.handle_timer(now)
 
     def set_fixed(
         self,
@@ -246,6 +278,7 @@ class Engine:
             )
             if same:
                 session.timeout = timeout
+                self._schedule(session)
                 return session, actions, "unchanged"
             if any((session.legs[n].relay_ip, session.legs[n].relay_port) != wanted[n][0]
                    for n in wanted):
@@ -256,7 +289,8 @@ class Engine:
                 for name, (_relay, peer) in wanted.items():
                     if session.legs[name].announced != peer:
                         session.legs[name].announce(peer[0], peer[1], None, False)
-                        actions.append(Update(session, name))
+                        actions.append(Update(session.spec(), name))
+                self._schedule(session)
                 return session, actions, "updated"
         for relay, _peer in wanted.values():
             self.ports.claim(relay[1], now)
@@ -271,37 +305,38 @@ class Engine:
         session.legs[LEG_A].announce(a_peer[0], a_peer[1], None, False)
         session.legs[LEG_B].announce(b_peer[0], b_peer[1], None, False)
         self._register(session)
-        actions.append(Install(session))
+        actions.append(Install(session.spec()))
         return session, actions, "created"
 
     # -- data-plane feedback ---------------------------------------------------------
-    def apply_report(self, sid: int, report: dict) -> None:
+    def handle_event(self, now: float, event: Event) -> List[Action]:
+        """What a data plane observed: counters and latches, or a failure that ends a
+        session (the plane keeps nothing of it once it gets the returned Remove)."""
+        if isinstance(event, SessionReport):
+            self.apply_report(event)
+            return []
+        if isinstance(event, PlaneFailure):
+            return self.fail(now, event)
+        raise TypeError(f"not a data-plane event: {event!r}")
+
+    def apply_report(self, report: SessionReport) -> None:
         """Fold a data-plane report (absolute counters since install) into a session."""
-        session = self.by_sid.get(sid)
+        session = self.by_sid.get(report.sid)
         if session is None:
-            return
-        last_rx = report.get("last_rx")
+            return  # ended meanwhile: the report raced the Remove
+        last_rx = report.last_rx
         if last_rx is not None and (session.last_media is None or last_rx > session.last_media):
             session.last_media = last_rx
-        for name, leg_report in report.get("legs", {}).items():
-            leg = session.legs.get(name)
-            if leg is None:
-                continue
-            in_p, in_b, out_p, out_b, drops = leg_report["c"]
-            base = leg.base
-            c = leg.counters
-            c.in_packets = base.in_packets + in_p
-            c.in_bytes = base.in_bytes + in_b
-            c.out_packets = base.out_packets + out_p
-            c.out_bytes = base.out_bytes + out_b
-            merged = dict(base.drops)
-            for reason, n in drops.items():
-                merged[reason] = merged.get(reason, 0) + n
-            c.drops = merged
-            if leg_report.get("gen") == leg.generation:
-                rtp, rtcp = leg_report.get("latched", (None, None))
-                leg.latched = tuple(rtp) if rtp else None
-                leg.rtcp_latched = tuple(rtcp) if rtcp else None
+        session.legs[LEG_A].observe(report.a)
+        session.legs[LEG_B].observe(report.b)
+
+    def fail(self, now: float, failure: PlaneFailure) -> List[Action]:
+        """The data plane cannot serve a session: end it (counted by reason)."""
+        session = self.by_sid.get(failure.sid)
+        if session is None:
+            return []
+        self.counters[f"sessions.failed.{failure.reason}"] += 1
+        return [self._end(now, session, "failed")]
 
     # -- internals -------------------------------------------------------------------
     def _create(
@@ -347,6 +382,7 @@ class Engine:
         for leg in session.legs.values():
             self.owner[leg.relay_port] = session
         self.counters["sessions.created"] += 1
+        self._schedule(session)
 
     def _ensure_ip(self, now: float, session: Session, leg: Leg, ip: str) -> List[Action]:
         """Move a leg to another relay address (interface flag changed): re-open its ports."""
@@ -361,7 +397,7 @@ class Engine:
         leg.relay_ip = ip
         leg.relay_port = new_port
         self.counters["sessions.rebound"] += 1
-        return [Remove(session, "rebind"), Install(session)]
+        return [Remove(session.sid, session.call_id, "rebind"), Install(session.spec())]
 
     def _end(self, now: float, session: Session, reason: str) -> Remove:
         del self.by_call[session.call_id]
@@ -370,10 +406,15 @@ class Engine:
             self.ports.release(leg.relay_port, now)
             if self.owner.get(leg.relay_port) is session:
                 del self.owner[leg.relay_port]
-        key = "sessions.deleted" if reason == "deleted" else f"sessions.expired.{reason}"
-        self.counters[key] += 1
-        return Remove(session, reason)
+        session.timer_at = None
+        if reason == "deleted":
+            self.counters["sessions.deleted"] += 1
+        elif reason == "failed":
+            self.counters["sessions.failed"] += 1
+        else:
+            self.counters[f"sessions.expired.{reason}"] += 1
+        return Remove(session.sid, session.call_id, reason)
 
 
 
-__all__ = ["Action", "Engine", "EngineConfig", "Install", "Remove", "Update"]
+__all__ = ["Action", "Engine", "EngineConfig", "Install", "Remove", "Update"]  # re-exported

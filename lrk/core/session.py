@@ -1,18 +1,18 @@
-"""Sessions (calls) and their two legs, as the control plane sees them."""
+"""Sessions (calls) and their two legs, as the engine owns them.
 
+`spec()` turns one into the immutable snapshot the data plane gets; `observe()` folds
+back what the data plane saw.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
-Addr = Tuple[str, int]
+from fastpath.contract import DROP_REASONS, LEG_A, LEG_B, Addr, LegReport, LegSpec, SessionSpec
 
-LEG_A = "A"  # caller side: the caller sends to leg A's relay port
-LEG_B = "B"  # callee side: the callee sends to leg B's relay port
 OTHER = {LEG_A: LEG_B, LEG_B: LEG_A}
 
-#: drop reasons a packet can meet in the data plane; every one is a counter
-DROP_REASONS = ("unexpected_source", "no_destination", "send_error", "truncated")
+__all__ = ["DROP_REASONS", "LEG_A", "LEG_B", "OTHER", "Addr", "Leg", "LegCounters", "Session"]
 
 
 @dataclass
@@ -66,6 +66,31 @@ class Leg:
     def rtcp_port(self) -> int:
         return self.relay_port + 1
 
+    def spec(self) -> LegSpec:
+        """The leg as the data plane must serve it (an immutable snapshot)."""
+        return LegSpec(self.name, self.relay_ip, self.relay_port, self.announced,
+                       self.rtcp_announced, self.latch_any, self.generation)
+
+    def observe(self, report: LegReport) -> None:
+        """Fold what the data plane observed (absolute counts since its install)."""
+        base = self.base
+        c = self.counters
+        c.in_packets = base.in_packets + report.in_packets
+        c.in_bytes = base.in_bytes + report.in_bytes
+        c.out_packets = base.out_packets + report.out_packets
+        c.out_bytes = base.out_bytes + report.out_bytes
+        if report.drops or base.drops:
+            merged = dict(base.drops)
+            for reason, n in report.drops:
+                merged[reason] = merged.get(reason, 0) + n
+            c.drops = merged
+        # latches of an older generation belong to a peer this leg no longer expects
+        if report.generation == self.generation:
+            if report.latched is not None:
+                self.latched = report.latched
+            if report.rtcp_latched is not None:
+                self.rtcp_latched = report.rtcp_latched
+
     def announce(self, ip: str, port: int, rtcp_port: Optional[int], latch_any: bool) -> bool:
         """Record the peer's SDP address; True when it changed (the leg re-latches either way)."""
         new = (ip, port)
@@ -106,6 +131,7 @@ class Session:
     last_media: Optional[float] = None
     state: str = "offered"  # offered -> answered
     via_branch: Optional[str] = None
+    timer_at: Optional[float] = None  # the engine's live expiry entry for this session
 
     def leg_by_tag(self, tag: Optional[str]) -> Optional[Leg]:
         if tag is None:
@@ -117,6 +143,10 @@ class Session:
 
     def idle_since(self) -> float:
         return self.created if self.last_media is None else self.last_media
+
+    def spec(self) -> SessionSpec:
+        return SessionSpec(self.sid, self.call_id, self.legs[LEG_A].spec(),
+                           self.legs[LEG_B].spec())
 
     def packets(self) -> int:
         return sum(leg.counters.in_packets for leg in self.legs.values())

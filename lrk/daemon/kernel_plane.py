@@ -14,8 +14,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from fastpath.contract import (
+    Action,
+    EventSink,
+    Install,
+    LegReport,
+    PlaneFailure,
+    Remove,
+    SessionReport,
+    Update,
+)
+from fastpath.contract import LegSpec as PlaneLeg
+from fastpath.contract import SessionSpec as PlaneSession
 from fastpath.kernel.ctnetlink import ConntrackError, ConntrackSocket, CtFlow, mark_filters
 from fastpath.kernel.kernel_rules import (
     KernelRuleError,
@@ -28,8 +40,6 @@ from fastpath.kernel.kernel_rules import (
 )
 from fastpath.kernel.nft import Nft, NftError
 from fastpath.kernel.nft_setelem import NftDumpError, SetElemReader
-from lrk.core.engine import Action, Engine, Install, Remove, Update
-from lrk.core.session import LEG_A, LEG_B, Leg, Session
 from lrk.errors import ConfigError
 
 log = logging.getLogger("lrk.kernel")
@@ -42,7 +52,7 @@ ACCT = {name: f"/proc/sys/net/netfilter/{name}"
 Counts = Tuple[int, int, int, int]
 
 
-def leg_spec(leg: Leg) -> Optional[LegSpec]:
+def leg_spec(leg: PlaneLeg) -> Optional[LegSpec]:
     """The kernel's view of a leg, or None while its peer is unknown or on hold (port 0)."""
     if leg.announced is None or not leg.announced[1]:
         return None
@@ -51,24 +61,27 @@ def leg_spec(leg: Leg) -> Optional[LegSpec]:
                    peer_rtcp_port=rtcp or None)
 
 
-def session_spec(session: Session) -> Optional[SessionSpec]:
-    a, b = leg_spec(session.legs[LEG_A]), leg_spec(session.legs[LEG_B])
+def session_spec(session: PlaneSession) -> Optional[SessionSpec]:
+    a, b = leg_spec(session.a), leg_spec(session.b)
     if a is None or b is None:
         return None
     return SessionSpec(a, b)
 
 
 class KernelPlane:
-    """Applies engine actions as nftables element changes; reads counters back."""
+    """Applies engine actions as nftables element changes; reads counters back, every
+    `poll_interval` on its own timer, and reports them to the engine as events."""
 
-    def __init__(self, engine: Engine, table: str = "lrk", poll_interval: float = 2.0,
+    def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
+                 table: str = "lrk", poll_interval: float = 2.0,
                  counters: str = "conntrack") -> None:
-        cfg = engine.config
-        self.engine = engine
-        self.rules = KernelRuleset(table=table, port_start=cfg.port_start,
-                                   port_end=cfg.port_end,
-                                   relay_ips=sorted({cfg.internal_ip, cfg.external_ip}),
-                                   counters=counters)
+        self.port_start = port_start
+        self.port_end = port_end
+        self.rules = KernelRuleset(table=table, port_start=port_start, port_end=port_end,
+                                   relay_ips=sorted(set(relay_ips)), counters=counters)
+        self.sink: EventSink = lambda event: None
+        #: what the engine asked for, per session (the generation latches belong to)
+        self.specs: Dict[int, PlaneSession] = {}
         #: sysctl name -> its value before start set it to 1 (restored on stop)
         self._acct_old: Dict[str, str] = {}
         #: conntrack counting: last counts of each live flow, keyed by (CTA_ID, start, tuple):
@@ -161,14 +174,14 @@ class KernelPlane:
                 self.dump = SetElemReader()
             except OSError as exc:
                 log.warning("no nf_tables netlink socket (%s): counters read through nft", exc)
-        cfg = self.engine.config
-        self._flush_flows(range(cfg.port_start, cfg.port_end + 1))  # its flows too
+        self._flush_flows(range(self.port_start, self.port_end + 1))  # its flows too
         log.info("kernel mode: table inet %s ready (%s, counters from %s)", self.rules.table,
                  self.nft.backend, self.rules.counters)
 
     async def stop(self) -> None:
         marks = [m for spec in self.installed.values() for m in conntrack_marks(spec)]
         self.installed.clear()
+        self.specs.clear()
         if self.nft is not None:
             try:
                 self.nft.run(self.rules.destroy())
@@ -191,24 +204,43 @@ class KernelPlane:
         self._restore_acct()
 
     # -- actions -----------------------------------------------------------------------
-    def commit(self) -> None:
-        """Nothing is queued here: `apply` writes the kernel's maps at once."""
+    def commit(self, then: Callable[[], None]) -> None:
+        """Nothing is queued here: `apply` wrote the kernel's maps already."""
+        then()
 
-    def apply(self, actions: List[Action]) -> None:
+    def apply(self, actions: Sequence[Action]) -> List[PlaneFailure]:
+        """Write each action to the kernel; an install or update the kernel refuses is a
+        failure the engine hears of (it ends the session), a failed removal is counted
+        and retried with the next removal of anything (the table is ours alone)."""
+        failures: List[PlaneFailure] = []
         for action in actions:
-            sid = action.session.sid
+            sid = action.sid
             try:
                 if isinstance(action, Remove):
+                    self.specs.pop(sid, None)
                     self._remove(sid)
                 elif isinstance(action, (Install, Update)):
-                    self._install(action.session,
+                    self.specs[sid] = action.spec
+                    self._install(action.spec,
                                   action.leg if isinstance(action, Update) else None)
-            except (NftError, KernelRuleError, ConntrackError) as exc:
+            except (NftError, KernelRuleError, ConntrackError, OSError) as exc:
                 self.counters["kernel.errors"] += 1
+                if isinstance(action, Remove):
+                    log.error("kernel mode could not remove session %s: %s",
+                              action.call_id, exc)
+                    continue
                 log.error("kernel mode could not apply %s for %s: %s", type(action).__name__,
-                          action.session.call_id, exc)
+                          action.spec.call_id, exc)
+                failures.append(PlaneFailure(sid, "kernel_error", str(exc)[:200]))
+                self.specs.pop(sid, None)
+                try:
+                    self._remove(sid)
+                except (NftError, KernelRuleError, ConntrackError, OSError) as again:
+                    log.error("kernel mode could not clean up session %s: %s",
+                              action.spec.call_id, again)
+        return failures
 
-    def _spec(self, session: Session) -> Optional[SessionSpec]:
+    def _spec(self, session: PlaneSession) -> Optional[SessionSpec]:
         """What the kernel should hold for a session (nfqueue mode adds latched sources)."""
         return session_spec(session)
 
@@ -219,7 +251,7 @@ class KernelPlane:
     def _forget(self, sid: int, spec: SessionSpec) -> None:
         """State kept beside the elements, dropped with the session (none here)."""
 
-    def _install(self, session: Session, relatch: Optional[str]) -> None:
+    def _install(self, session: PlaneSession, relatch: Optional[str]) -> None:
         sid = session.sid
         old = self.installed.get(sid)
         new = self._spec(session)
@@ -262,11 +294,12 @@ class KernelPlane:
             self.counters["kernel.flows.flushed"] += len(marks)
 
     # -- counters ----------------------------------------------------------------------
-    def _poll(self) -> None:
+    def _poll(self, now: Optional[float] = None) -> None:
         """Read per-leg counters (from conntrack flows or `seen` elements) into the sessions."""
         if self.nft is None:
             return
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         self._last_poll = now
         seen: Dict[Tuple[str, int], Tuple[int, int]] = {}
         families = {spec.family for spec in self.installed.values()}
@@ -291,18 +324,19 @@ class KernelPlane:
             totals = self._flow_totals(flows, owners)
         previous = self._totals
         self._totals = totals
-        for sid in self.installed:
+        sink = self.sink
+        for sid in list(self.installed):
+            spec = self.specs.get(sid)
+            if spec is None:
+                continue
             a_p, a_b, b_p, b_b = totals[sid]
-            report = {
-                "last_rx": now if totals[sid] != previous.get(sid, (0, 0, 0, 0)) else None,
-                "legs": {
-                    # what B's peer sent was forwarded to A's peer, and back
-                    "A": {"c": [a_p, a_b, b_p, b_b, {}], "gen": -1},
-                    "B": {"c": [b_p, b_b, a_p, a_b, {}], "gen": -1},
-                },
-            }
-            self._add_latches(sid, report["legs"], latched)
-            self.engine.apply_report(sid, report)
+            last_rx = now if totals[sid] != previous.get(sid, (0, 0, 0, 0)) else None
+            # what B's peer sent was forwarded to A's peer, and back; a leg without a flow
+            # reports no latch (a flow that timed out does not un-latch)
+            sink(SessionReport(
+                sid, last_rx,
+                self._leg_report(sid, "A", spec.a.generation, (a_p, a_b, b_p, b_b), latched),
+                self._leg_report(sid, "B", spec.b.generation, (b_p, b_b, a_p, a_b), latched)))
 
     def _seen_totals(self, seen: Dict[Tuple[str, int], Tuple[int, int]]) -> Dict[int, Counts]:
         """Per session, packets/bytes received per leg from the `seen` element counters."""
@@ -433,21 +467,12 @@ class KernelPlane:
             return
         del self._stale[sid]
 
-    def _add_latches(self, sid: int, legs: Dict[str, dict],
-                     latched: Dict[Tuple[int, str, bool], Tuple[str, int]]) -> None:
-        """Put each leg's latched (rtp, rtcp) with its current generation into the report.
-        Only legs with a flow are touched; a part without one keeps what the leg has (a
-        flow that timed out does not un-latch, as in socket mode)."""
-        session = self.engine.by_sid.get(sid)
-        if session is None:
-            return
-        for name, report in legs.items():
-            rtp, rtcp = latched.get((sid, name, False)), latched.get((sid, name, True))
-            if rtp is None and rtcp is None:
-                continue
-            leg = session.legs[name]
-            report["gen"] = leg.generation
-            report["latched"] = (rtp or leg.latched, rtcp or leg.rtcp_latched)
+    @staticmethod
+    def _leg_report(sid: int, name: str, generation: int, counts: Tuple[int, int, int, int],
+                    latched: Dict[Tuple[int, str, bool], Tuple[str, int]]) -> LegReport:
+        rtp, rtcp = latched.get((sid, name, False)), latched.get((sid, name, True))
+        return LegReport(counts[0], counts[1], counts[2], counts[3], (),
+                         generation if (rtp or rtcp) else -1, rtp, rtcp)
 
     def _read_seen(self, fam: int) -> Dict[Tuple[str, int], Tuple[int, int]]:
         """One family's `seen` counters: a netlink dump (0.3 s at 50,000 elements, 13 s and
@@ -463,17 +488,23 @@ class KernelPlane:
         assert self.nft is not None
         return parse_counters(self.nft.run_json(self.rules.counters_query(fam)))
 
-    def flush_then(self, callback: Callable[[], None], timeout: float = 1.0) -> None:
-        """Counters no older than `poll_interval`: a full read costs O(sessions) (about
-        40 ms for the set and 70 ms for the counters at 1,000 sessions), far too much to
-        pay on every delete or query."""
+    def refresh(self, then: Callable[[], None]) -> None:
+        """Counters no older than `poll_interval` (the plane's own timer keeps them so):
+        a full read costs O(sessions) (about 40 ms for the set and 70 ms for the counters
+        at 1,000 sessions), far too much to pay on every delete or query."""
         if time.monotonic() - self._last_poll >= self.poll_interval:
             self._poll()
-        callback()
+        then()
 
-    async def flush(self, timeout: float = 1.0) -> None:
-        """For the expiry timer: the same freshness rule."""
-        self.flush_then(lambda: None, timeout)
+    def get_timer(self) -> Optional[float]:
+        """The next counter poll, while any session is installed."""
+        if not self.installed:
+            return None
+        return self._last_poll + self.poll_interval
+
+    def handle_timer(self, now: float) -> None:
+        if self.installed and now >= self._last_poll + self.poll_interval:
+            self._poll(now)
 
     def media_counters(self) -> Dict[str, int]:
         total = dict(self.counters)

@@ -15,14 +15,14 @@ import asyncio
 import logging
 import socket
 from dataclasses import replace
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
+from fastpath.contract import SessionSpec as PlaneSession
+from fastpath.kernel.ctnetlink import CtFlow
 from fastpath.kernel.kernel_rules import KernelRuleError, KernelRuleset, SessionSpec
 from fastpath.kernel.nfqueue import NF_DROP, NF_REPEAT, parse_udp
 from fastpath.kernel.nfqueue_socket import NfQueue, add_queue_rule
 from fastpath.kernel.nft import NftError
-from lrk.core.engine import Engine
-from lrk.core.session import Session
 from lrk.daemon.kernel_plane import KernelPlane, session_spec
 
 log = logging.getLogger("lrk.nfqueue")
@@ -41,14 +41,14 @@ def _without_admission(text: str) -> str:
 class NfqueuePlane(KernelPlane):
     """Kernel mode plus userspace admission and latching of each flow's first packet."""
 
-    def __init__(self, engine: Engine, table: str = "lrk", poll_interval: float = 2.0,
+    def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
+                 table: str = "lrk", poll_interval: float = 2.0,
                  queue_num: int = 0, bypass: bool = False) -> None:
         # the queued first packet is re-run (NF_REPEAT): kept on the per-packet `seen` counting
-        super().__init__(engine, table, poll_interval, counters="rules")
-        cfg = engine.config
-        self.rules = KernelRuleset(table=table, port_start=cfg.port_start,
-                                   port_end=cfg.port_end,
-                                   relay_ips=sorted({cfg.internal_ip, cfg.external_ip}),
+        super().__init__(port_start, port_end, relay_ips, table, poll_interval,
+                         counters="rules")
+        self.rules = KernelRuleset(table=table, port_start=port_start, port_end=port_end,
+                                   relay_ips=sorted(set(relay_ips)),
                                    queue=queue_num, queue_bypass=bypass, queue_chain=True)
         self.queue_num = queue_num
         self.bypass = bypass
@@ -79,7 +79,7 @@ class NfqueuePlane(KernelPlane):
         await super().stop()
 
     # -- sessions ----------------------------------------------------------------------
-    def _spec(self, session: Session) -> Optional[SessionSpec]:
+    def _spec(self, session: PlaneSession) -> Optional[SessionSpec]:
         """The session with latched sources in place of announced ones."""
         spec = session_spec(session)
         if spec is None:
@@ -98,7 +98,7 @@ class NfqueuePlane(KernelPlane):
     def _elements(self, commands: str) -> str:
         return _without_admission(commands)
 
-    def _install(self, session: Session, relatch: Optional[str]) -> None:
+    def _install(self, session: PlaneSession, relatch: Optional[str]) -> None:
         sid = session.sid
         if relatch is not None:  # a new offer/answer: the leg latches afresh
             for rtcp in (False, True):
@@ -149,22 +149,19 @@ class NfqueuePlane(KernelPlane):
         family, src_ip, sport, dst_ip, dport, _off = parsed
         fam = 6 if family == socket.AF_INET6 else 4
         entry = self.by_relay.get((dst_ip, dport))
-        session = self.engine.by_sid.get(entry[0]) if entry else None
+        session = self.specs.get(entry[0]) if entry else None
         if entry is None or session is None:
             self.counters["media.dropped.unexpected_source"] += 1
             return NF_DROP
         sid, name, rtcp = entry
-        leg = session.legs[name]
+        leg = session.leg(name)
         announced = leg.rtcp_announced if rtcp else leg.announced
         if not leg.latch_any and (announced is None or announced[0] != src_ip):
             self.counters["media.dropped.unexpected_source"] += 1
             return NF_DROP
-        # latch: the other direction now goes to this real source
+        # latch: the other direction now goes to this real source (reported to the
+        # engine with the next counter poll, with the generation it belongs to)
         self.latched[(sid, name, rtcp)] = (src_ip, sport)
-        if rtcp:
-            leg.rtcp_latched = (src_ip, sport)
-        else:
-            leg.latched = (src_ip, sport)
         self.counters["media.latched"] += 1
         # re-points the other direction at this source and, when that changed anything,
         # flushes the flows NATed towards the old address (the other side spoke first)
@@ -176,6 +173,13 @@ class NfqueuePlane(KernelPlane):
             self.admitted[sid].add(key)
             self.counters["nfqueue.admitted"] += 1
         return NF_REPEAT
+
+    def _latched(self, flows: List[CtFlow], owners: Dict[int, tuple]
+                 ) -> Dict[Tuple[int, str, bool], Tuple[str, int]]:
+        """Conntrack's latches, overridden by the ones this plane decided itself."""
+        latched = super()._latched(flows, owners)
+        latched.update(self.latched)
+        return latched
 
     def media_counters(self) -> Dict[str, int]:
         counters = super().media_counters()

@@ -1,4 +1,11 @@
-"""The relay daemon: the asyncio shell that joins control sockets, engine, timers and data plane."""
+"""The relay daemon: the asyncio shell that joins control sockets, engine, timer and data plane.
+
+Sans-IO parts decide (`lrk.core.engine`, `lrk.control.*`); this file only moves bytes,
+actions and events between them. One timer: armed at the earliest of the engine's
+and the data plane's `get_timer()`. A reply leaves only once the data plane has what
+it announces (`DataPlane.commit`); a failure the plane reports turns the reply into an
+error and ends the session in the engine.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +13,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import stat
 import time
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from fastpath.contract import Action, DataPlane, Event, PlaneFailure
 from lrk import __version__
 from lrk.control.legacy import LegacyControl
-from lrk.control.msgpack_proto import NEEDS_COUNTERS, MsgpackControl, Outcome
+from lrk.control.msgpack_proto import NEEDS_COUNTERS, MsgpackControl, Outcome, Request
 from lrk.core.engine import Engine, EngineConfig
 from lrk.daemon.config import Config
 from lrk.daemon.kernel_plane import KernelPlane
@@ -23,8 +32,8 @@ from lrk.daemon.socket_plane import SocketPlane
 from lrk.errors import ConfigError
 
 log = logging.getLogger("lrk.relay")
-
-TICK = 0.5  # expiry scan period, seconds
+#: the start and stop lines, shown whatever the log level (`fastpath.logs.setup`)
+lifecycle = logging.getLogger("lrk.lifecycle")
 MAX_LEGACY_STREAM = 8192
 LEGACY_STREAM_TIMEOUT = 2.0
 READ_BURST = 64  # datagrams read per wake-up of a control socket
@@ -110,17 +119,24 @@ class Relay:
             quarantine=config.quarantine,
             max_sessions=config.max_sessions,
         ))
+        relay_ips = (self.engine.config.internal_ip, self.engine.config.external_ip)
+        self.plane: DataPlane
         if config.mode == "kernel":
-            self.plane: Any = KernelPlane(self.engine, config.kernel_table, config.kernel_poll,
-                                          counters=config.kernel_counters)
+            self.plane = KernelPlane(start, end, relay_ips, config.kernel_table,
+                                     config.kernel_poll, counters=config.kernel_counters)
         elif config.mode == "nfqueue":
-            self.plane = NfqueuePlane(self.engine, config.kernel_table, config.kernel_poll,
-                                      config.nfqueue_num, config.nfqueue_bypass)
+            self.plane = NfqueuePlane(start, end, relay_ips, config.kernel_table,
+                                      config.kernel_poll, config.nfqueue_num,
+                                      config.nfqueue_bypass)
         else:
-            self.plane = SocketPlane(self.engine, config.workers, config.batch, config.io,
-                                     config.log_level, config.log_format, config.socket_rcvbuf,
-                                     config.packet_interfaces if config.mode == "packet"
-                                     else (), config.coalesce_us)
+            socket_plane = SocketPlane(start, end, relay_ips, config.workers, config.batch,
+                                       config.io, config.log_level, config.log_format,
+                                       config.socket_rcvbuf,
+                                       config.packet_interfaces if config.mode == "packet"
+                                       else (), config.coalesce_us)
+            self.engine.probe = socket_plane.probe  # ports are bound while allocating
+            self.plane = socket_plane
+        self.plane.sink = self.on_plane_event
         self.control = MsgpackControl(
             self.engine,
             info={"mode": config.mode, "relay_version": __version__, "workers": config.workers},
@@ -136,11 +152,12 @@ class Relay:
         self._legacy_endpoints: List[_DatagramEndpoint] = []
         self._legacy_servers: List[asyncio.AbstractServer] = []
         self._unix_paths: List[str] = []
-        self._ticker: Optional[asyncio.Task] = None
         self.control_address: Any = None
         self._held: Optional[List[Tuple[_DatagramEndpoint, bytes, Any]]] = None
-        # send what the data plane has queued (socket mode batches worker messages)
-        self._commit: Callable[[], None] = self.plane.commit
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer_at: Optional[float] = None
+        self._expiring = False  # a refresh before expiry is under way
+        self._stopping = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -161,9 +178,16 @@ class Relay:
         self.control_address = (address if isinstance(address, str)
                                 else endpoint.sock.getsockname()[:2])
         self._endpoint = endpoint
-        self._ticker = loop.create_task(self._tick_loop())
-        log.info("relay listening control=%s ports=%s mode=%s", self.config.control,
-                 self.config.ports, self.config.mode)
+        self._loop = loop
+        self._rearm()
+        cfg = self.engine.config
+        lifecycle.info(
+            "lrk %s serving: mode=%s control=%s legacy=%s media=%s ports=%d-%d workers=%s",
+            __version__, self.config.mode, _shown(self.control_address),
+            ",".join(_shown(a) for a in self.config.legacy_addrs) or "off",
+            ",".join(sorted({cfg.internal_ip, cfg.external_ip})), cfg.port_start,
+            cfg.port_end, self.config.workers if self.config.mode in ("socket", "packet")
+            else "-")
 
     def _datagram_endpoint(self, address: Any, on_datagram: Any, counters: Counter,
                            send_error_counter: str) -> _DatagramEndpoint:
@@ -199,8 +223,10 @@ class Relay:
         self._unix_paths.append(path)
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
+        self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._endpoint is not None:
             self._endpoint.close()
             self._endpoint = None
@@ -214,11 +240,13 @@ class Relay:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         now = time.monotonic()
+        actions: List[Action] = []
         for session in list(self.engine.sessions()):
-            self.engine.delete(now, session.call_id, reason="deleted")
+            actions.extend(self.engine.delete(now, session.call_id, reason="deleted")[1])
+        self.plane.apply(actions)  # a failure here changes nothing: everything goes
         await self.plane.stop()
 
-    def _extra_counters(self) -> Dict[str, int]:
+    def _extra_counters(self) -> Dict[str, int]:  # the plane's and the legacy protocol's
         counters = dict(self.plane.media_counters())
         counters.update(self.legacy.counters)
         return counters
@@ -226,7 +254,9 @@ class Relay:
     # -- legacy protocol ---------------------------------------------------------------
     def on_legacy(self, data: bytes, addr: Any, endpoint: _DatagramEndpoint) -> None:
         outcome = self.legacy.handle(data, addr, time.monotonic())
-        self.plane.apply(outcome.actions)
+        if self._apply(outcome.actions):
+            self.legacy.plane_failed(data, addr)
+            return
         self._send(endpoint, outcome.reply, addr)
 
     async def _legacy_stream(self, reader: asyncio.StreamReader,
@@ -236,9 +266,10 @@ class Relay:
             data = await asyncio.wait_for(reader.read(MAX_LEGACY_STREAM), LEGACY_STREAM_TIMEOUT)
             if data:
                 outcome = self.legacy.handle(data, "unix", time.monotonic(), with_cookie=False)
-                self.plane.apply(outcome.actions)
-                if outcome.reply is not None:
-                    self._commit()
+                if self._apply(outcome.actions):
+                    self.legacy.plane_failed(data, "unix", with_cookie=False)
+                elif outcome.reply is not None:
+                    await self._committed()
                     writer.write(outcome.reply)
                     await asyncio.wait_for(writer.drain(), LEGACY_STREAM_TIMEOUT)
         except (asyncio.TimeoutError, OSError):
@@ -253,14 +284,45 @@ class Relay:
             self._send(endpoint, received.reply, addr)
             return
         if received.cmd in NEEDS_COUNTERS:
-            self.plane.flush_then(lambda: self._finish(received, addr, endpoint))
+            self.plane.refresh(lambda: self._finish(received, addr, endpoint))
             return
         self._finish(received, addr, endpoint)
 
-    def _finish(self, request: Any, addr: Any, endpoint: _DatagramEndpoint) -> None:
-        outcome = self.control.execute(request, time.monotonic())
-        self.plane.apply(outcome.actions)
-        self._send(endpoint, outcome.reply, addr)
+    def _finish(self, request: Request, addr: Any, endpoint: _DatagramEndpoint) -> None:
+        now = time.monotonic()
+        outcome = self.control.execute(request, now)
+        failures = self._apply(outcome.actions)
+        reply = outcome.reply
+        if failures:
+            reply = self.control.plane_failed(request, failures[0].detail, now).reply
+        self._send(endpoint, reply, addr)
+
+    # -- data plane ------------------------------------------------------------------
+    def _apply(self, actions: List[Action]) -> List[PlaneFailure]:
+        """Apply actions; what the plane refuses ends its session in the engine (and the
+        Remove that follows is applied too). Returns the failures."""
+        if not actions:
+            return []
+        failures = self.plane.apply(actions)
+        if failures:
+            now = time.monotonic()
+            ends: List[Action] = []
+            for failure in failures:
+                log.error("session %d failed in the data plane (%s): %s", failure.sid,
+                          failure.reason, failure.detail)
+                ends.extend(self.engine.fail(now, failure))
+            self.plane.apply(ends)
+        self._rearm()
+        return failures
+
+    def on_plane_event(self, event: Event) -> None:
+        """What the data plane observed: reports fold into sessions; a failure ends one."""
+        if isinstance(event, PlaneFailure):
+            log.error("session %d failed in the data plane (%s): %s", event.sid, event.reason,
+                      event.detail)
+        actions = self.engine.handle_event(time.monotonic(), event)
+        if actions:
+            self._apply(actions)
 
     def _send(self, endpoint: _DatagramEndpoint, reply: Optional[bytes], addr: Any) -> None:
         """Replies leave only after the data plane has what they announce (a client may send
@@ -271,8 +333,12 @@ class Relay:
         if self._held is not None:
             self._held.append((endpoint, reply, addr))
             return
-        self._commit()
-        endpoint.sendto(reply, addr)
+        self.plane.commit(lambda: endpoint.sendto(reply, addr))
+
+    async def _committed(self) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self.plane.commit(lambda: done.done() or done.set_result(None))
+        await done
 
     def _hold_replies(self) -> None:
         if self._held is None:
@@ -281,34 +347,108 @@ class Relay:
     def _release_replies(self) -> None:
         held, self._held = self._held, None
         if held:
-            self._commit()
-            for endpoint, reply, addr in held:
-                endpoint.sendto(reply, addr)
+            def send_all() -> None:
+                for endpoint, reply, addr in held:
+                    endpoint.sendto(reply, addr)
 
-    # -- timers ----------------------------------------------------------------------
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(TICK)
-            try:
-                await self.tick()
-            except Exception:
-                log.exception("expiry tick failed")
+            self.plane.commit(send_all)
+
+    # -- the timer -------------------------------------------------------------------
+    def next_deadline(self) -> Optional[float]:
+        """The earliest of the engine's and the data plane's deadlines (monotonic)."""
+        times = [t for t in (self.engine.get_timer(), self.plane.get_timer()) if t is not None]
+        return min(times) if times else None
+
+    def _rearm(self) -> None:
+        """Arm the one timer at the earliest deadline, unless it is armed earlier already
+        (it then re-arms when it fires)."""
+        if self._stopping or self._expiring:
+            return
+        at = self.next_deadline()
+        if at is None or (self._timer_at is not None and self._timer_at <= at):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_later(max(0.0, at - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        try:
+            now = time.monotonic()
+            self.plane.handle_timer(now)
+            if self.engine.due(now):
+                # fresh last-media times before ending anything
+                self._expiring = True
+                self.plane.refresh(self._expire)
+                return
+        except Exception:  # the timer must survive anything: it ends every call
+            log.exception("timer failed")
+        self._rearm()
+
+    def _expire(self) -> None:
+        self._expiring = False
+        if self._stopping:
+            return
+        try:
+            actions = self.engine.handle_timer(time.monotonic())
+            for action in actions:
+                log.info("session %s ended: %s", action.call_id, action.reason)
+            self.plane.apply(actions)
+        except Exception:
+            log.exception("expiry failed")
+        self._rearm()
 
     async def tick(self) -> None:
+        """Run what is due now (tests and tools; the daemon runs on its timer)."""
+        done = asyncio.get_running_loop().create_future()
         now = time.monotonic()
+        self.plane.handle_timer(now)
         if not self.engine.due(now):
             return
-        await self.plane.flush()  # fresh last-media times before ending anything
-        actions = self.engine.expire(time.monotonic())
-        for action in actions:
-            log.info("session %s ended: %s", action.session.call_id, action.reason)
-        self.plane.apply(actions)
+
+        def expire() -> None:
+            actions = self.engine.handle_timer(time.monotonic())
+            self.plane.apply(actions)
+            done.set_result(None)
+
+        self.plane.refresh(expire)
+        await done
+        self._rearm()
 
 
-async def serve(config: Config, stop_event: asyncio.Event) -> None:
+def _shown(address: Any) -> str:
+    if isinstance(address, str):
+        return f"unix:{address}"
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(config: Config, stop_event: asyncio.Event,
+                why: Optional[Callable[[], str]] = None) -> None:
     relay = Relay(config)
     await relay.start()
+    signals: List[str] = []
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        def on_signal(sig: signal.Signals = sig) -> None:
+            signals.append(f"signal {sig.name}")
+            stop_event.set()
+
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal)  # not in the main thread: the caller's
+    if why is None:
+        def why() -> str:
+            return signals[0] if signals else "stop requested"
+    reason = "stopped"
     try:
         await stop_event.wait()
+        reason = why() if why is not None else "stop requested"
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise
     finally:
+        sessions = len(relay.engine.by_call)
         await relay.stop()
+        lifecycle.info("lrk stopped: %s (%d sessions ended)", reason, sessions)

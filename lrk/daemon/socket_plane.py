@@ -1,9 +1,12 @@
-"""Control-plane side of socket mode: binds relay ports, feeds worker processes.
+"""Daemon side of socket and packet modes: binds relay ports, feeds worker processes.
 
 The engine asks `probe(ip, port)` while allocating; the bound sockets wait here
 until the `Install` action ships them (SCM_RIGHTS) to the session's worker, and
-the control plane closes its copies. Workers report counters back over the same
-channel; a worker that dies is restarted and its sessions re-installed.
+the daemon closes its copies. Workers report counters back over the same channel
+(`fastpath.channel`); they reach the engine as `SessionReport` events. A worker that
+dies is restarted and its sessions re-installed from the specs kept here; a session
+that cannot be re-installed is reported as a `PlaneFailure`, as is an install whose
+ports cannot be bound.
 """
 
 from __future__ import annotations
@@ -15,12 +18,22 @@ import os
 import socket
 import subprocess
 import sys
-from collections import deque
+import time
+from collections import Counter, deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from fastpath import channel
-from lrk.core.engine import Action, Engine, Install, Remove, Update
-from lrk.core.session import LEG_A, LEG_B, Leg, Session
+from fastpath.contract import (
+    Action,
+    EventSink,
+    Install,
+    LegReport,
+    PlaneFailure,
+    Remove,
+    SessionReport,
+    SessionSpec,
+    Update,
+)
 
 log = logging.getLogger("lrk.plane")
 
@@ -64,13 +77,19 @@ def bind_pair(ip: str, port: int, rcvbuf: int = 0
     return socks[0], socks[1]
 
 
-def leg_spec(leg: Leg) -> dict:
-    return {
-        "announced": list(leg.announced) if leg.announced else None,
-        "rtcp_announced": list(leg.rtcp_announced) if leg.rtcp_announced else None,
-        "latch_any": leg.latch_any,
-        "gen": leg.generation,
-    }
+def _add_leg(base: LegReport, new: LegReport) -> LegReport:
+    drops = dict(base.drops)
+    for reason, n in new.drops:
+        drops[reason] = drops.get(reason, 0) + n
+    return LegReport(base.in_packets + new.in_packets, base.in_bytes + new.in_bytes,
+                     base.out_packets + new.out_packets, base.out_bytes + new.out_bytes,
+                     tuple(drops.items()), new.generation, new.latched, new.rtcp_latched)
+
+
+def add_reports(base: SessionReport, new: SessionReport) -> SessionReport:
+    """`new` (counted since a worker's re-install) on top of what the dead worker counted."""
+    last_rx = new.last_rx if new.last_rx is not None else base.last_rx
+    return SessionReport(new.sid, last_rx, _add_leg(base.a, new.a), _add_leg(base.b, new.b))
 
 
 class WorkerHandle:
@@ -81,7 +100,7 @@ class WorkerHandle:
         self.plane = plane
         self.proc: Optional[subprocess.Popen] = None
         self.chan: Optional[socket.socket] = None
-        self.outbox: Deque[Tuple[dict, List[socket.socket]]] = deque()
+        self.outbox: Deque[Tuple[object, List[socket.socket]]] = deque()
         self.totals: Dict[str, int] = {}
         self.restarts = 0
         self._scheduled = False  # a flush of the outbox is due in this loop iteration
@@ -92,24 +111,26 @@ class WorkerHandle:
                str(theirs.fileno()), "--batch", str(self.plane.batch), "--io", self.plane.io,
                "--log-level", self.plane.log_level, "--log-format", self.plane.log_format,
                "--coalesce-us", str(self.plane.coalesce_us)]
-        self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), close_fds=True)
-        theirs.close()
+        try:
+            self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), close_fds=True)
+        finally:
+            theirs.close()
         mine.setblocking(False)
         self.chan = mine
         loop = self.plane.loop
         loop.add_reader(mine.fileno(), self._readable)
         taps = self.plane.open_taps()
         if taps:
-            self.send({"op": "taps"}, taps)
+            self.send(channel.Taps(), taps)
 
-    def send(self, message: dict, socks: List[socket.socket] = ()) -> None:  # type: ignore[assignment]
+    def send(self, message: object, socks: Sequence[socket.socket] = ()) -> None:
         """Queue a message; everything queued in one loop iteration leaves as one batch."""
         self.outbox.append((message, list(socks)))
         if not self._scheduled:
             self._scheduled = True
             self.plane.loop.call_soon(self._flush_outbox)
 
-    def _next_batch(self) -> Tuple[dict, List[socket.socket], int]:
+    def _next_batch(self) -> Tuple[object, List[socket.socket], int]:
         """The head of the outbox, packed: (message, sockets, messages taken)."""
         first, socks = self.outbox[0]
         taken, nfds = 1, len(socks)
@@ -120,11 +141,12 @@ class WorkerHandle:
             nfds += len(more)
         if taken == 1:
             return first, socks, 1
-        msgs, all_socks = [], []
+        msgs, counts, all_socks = [], [], []
         for message, more in itertools.islice(self.outbox, 0, taken):
-            msgs.append(dict(message, nfds=len(more)))
+            msgs.append(message)
+            counts.append(len(more))
             all_socks.extend(more)
-        return {"op": "batch", "msgs": msgs}, all_socks, taken
+        return channel.Batch(tuple(msgs), tuple(counts)), all_socks, taken
 
     def _flush_outbox(self) -> None:
         self._scheduled = False
@@ -133,7 +155,8 @@ class WorkerHandle:
             message, socks, taken = self._next_batch()
             try:
                 channel.send(chan, message, [s.fileno() for s in socks])
-            except BlockingIOError:
+            except BlockingIOError:  # the worker is behind: replies wait (see commit)
+                self.plane.counters["workers.channel.full"] += 1
                 self.plane.loop.add_writer(chan.fileno(), self._writable)
                 return
             except OSError:
@@ -142,6 +165,7 @@ class WorkerHandle:
                 self.outbox.popleft()
             for s in socks:
                 s.close()  # the worker holds its own copy now
+        self.plane.committed()
 
     def _writable(self) -> None:
         if self.chan is not None:
@@ -157,6 +181,10 @@ class WorkerHandle:
                 got = channel.receive(chan, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
+            except (ValueError, TypeError, EOFError) as exc:
+                log.error("worker %d sent an undecodable message: %s", self.index, exc)
+                self.plane.counters["workers.channel.bad_messages"] += 1
+                continue
             except OSError:
                 got = None
             if got is None:
@@ -188,7 +216,12 @@ class WorkerHandle:
             for s in socks:
                 s.close()
         self.outbox.clear()
-        self.start()
+        try:
+            self.start()
+        except OSError as exc:
+            log.error("worker %d could not be restarted: %s", self.index, exc)
+            self.plane.lost(self, f"worker {self.index} could not be restarted: {exc}")
+            return
         self.plane.reinstall(self)
 
     def close(self) -> None:
@@ -201,12 +234,16 @@ class WorkerHandle:
 
 
 class SocketPlane:
-    """Applies engine actions to worker processes in socket mode."""
+    """Applies engine actions to worker processes in socket and packet modes."""
 
-    def __init__(self, engine: Engine, workers: int = 1, batch: int = 64, io: str = "auto",
+    def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
+                 workers: int = 1, batch: int = 64, io: str = "auto",
                  log_level: str = "warning", log_format: str = "kv", rcvbuf: int = 0,
-                 packet_ifaces: Sequence[str] = (), coalesce_us: int = 0):
-        self.engine = engine
+                 packet_ifaces: Sequence[str] = (), coalesce_us: int = 0,
+                 flush_timeout: float = 1.0) -> None:
+        self.port_start = port_start
+        self.port_end = port_end
+        self.relay_ips = sorted(set(relay_ips))
         self.packet_ifaces = list(packet_ifaces)
         self.nft: Any = None
         self.rcvbuf = rcvbuf
@@ -216,15 +253,24 @@ class SocketPlane:
         self.nworkers = max(1, workers)
         self.batch = batch
         self.io = io
+        self.flush_timeout = flush_timeout
+        self.sink: EventSink = lambda event: None
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.workers: List[WorkerHandle] = []
         self.pending: Dict[Tuple[str, int], Tuple[socket.socket, socket.socket]] = {}
-        self.counters: Dict[str, int] = {"workers.restarts": 0}
+        #: what each live session's worker was told (re-installed from here on a restart)
+        self.installed: Dict[int, SessionSpec] = {}
+        #: per session, what a worker that died had counted (added to later reports)
+        self.base: Dict[int, SessionReport] = {}
+        self.last: Dict[int, SessionReport] = {}
+        self.counters: Counter = Counter({name: 0 for name in (
+            "workers.restarts", "workers.channel.full", "workers.channel.bad_messages",
+            "plane.bind_failures", "plane.flush_timeouts")})
         self.stopping = False
         self._flush_seq = 0
         self._flush_waiters: Dict[int, list] = {}  # req -> [callbacks, workers left, timer]
-        self._gathered: List[Callable[[], None]] = []  # flush_then callbacks not yet sent
-        engine.probe = self.probe
+        self._gathered: List[Callable[[], None]] = []  # refresh callbacks not yet sent
+        self._commit_waiters: List[Callable[[], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -239,11 +285,9 @@ class SocketPlane:
             from fastpath.kernel.nft import Nft
             from fastpath.worker.packet_io import DEFAULT_TABLE, drop_rules
 
-            cfg = self.engine.config
             self.nft = Nft()
-            self.nft.run(drop_rules(DEFAULT_TABLE, cfg.port_start, cfg.port_end,
-                                    sorted({cfg.internal_ip, cfg.external_ip}),
-                                    ifnames=self.packet_ifaces))
+            self.nft.run(drop_rules(DEFAULT_TABLE, self.port_start, self.port_end,
+                                    self.relay_ips, ifnames=self.packet_ifaces))
 
     def open_taps(self) -> List[socket.socket]:
         """Packet mode: AF_PACKET sockets for a worker, opened here so that they queue
@@ -252,8 +296,7 @@ class SocketPlane:
             return []
         from fastpath.worker.packet_io import open_packet_socket
 
-        cfg = self.engine.config
-        return [open_packet_socket(ifname, cfg.port_start, cfg.port_end)
+        return [open_packet_socket(ifname, self.port_start, self.port_end)
                 for ifname in self.packet_ifaces]
 
     async def stop(self) -> None:
@@ -264,20 +307,23 @@ class SocketPlane:
             self.nft.run(destroy_rules(DEFAULT_TABLE))
         for w in self.workers:
             if w.chan is not None:
-                w.send({"op": "stop"})
+                w.send(channel.Stop())
+                w._flush_outbox()
+        deadline = time.monotonic() + 1.0
         for w in self.workers:
             proc = w.proc
             if proc is None:
                 continue
-            for _ in range(50):
-                if proc.poll() is not None:
-                    break
+            while proc.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)  # bounded wait for a clean exit
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             w.close()
         self._close_unclaimed()
+        self.installed.clear()
+        self._run(self._commit_waiters)
+        self._commit_waiters = []
 
     # -- engine hooks ----------------------------------------------------------------
     def probe(self, ip: str, port: int) -> bool:
@@ -290,19 +336,25 @@ class SocketPlane:
     def worker_for(self, sid: int) -> WorkerHandle:
         return self.workers[sid % self.nworkers]
 
-    def apply(self, actions: List[Action]) -> None:
+    def apply(self, actions: Sequence[Action]) -> List[PlaneFailure]:
+        failures: List[PlaneFailure] = []
         for action in actions:
             if isinstance(action, Install):
-                self._install(action.session)
+                failure = self._install(action.spec)
+                if failure is not None:
+                    failures.append(failure)
             elif isinstance(action, Update):
-                leg = action.session.legs[action.leg]
-                self.worker_for(action.session.sid).send(
-                    {"op": "update", "sid": action.session.sid, "leg": leg.name,
-                     "spec": leg_spec(leg)})
-            elif isinstance(action, Remove):
-                self.worker_for(action.session.sid).send(
-                    {"op": "remove", "sid": action.session.sid})
+                if action.sid in self.installed:
+                    self.installed[action.sid] = action.spec
+                    self.worker_for(action.sid).send(channel.UpdateSession(action.spec,
+                                                                           action.leg))
+            elif isinstance(action, Remove) and \
+                    self.installed.pop(action.sid, None) is not None:
+                self.base.pop(action.sid, None)
+                self.last.pop(action.sid, None)
+                self.worker_for(action.sid).send(channel.RemoveSession(action.sid))
         self._close_unclaimed()
+        return failures
 
     def _close_unclaimed(self) -> None:
         """Ports bound by a probe whose request then failed (e.g. the second pair ran out)."""
@@ -311,70 +363,109 @@ class SocketPlane:
                 s.close()
         self.pending.clear()
 
-    def _install(self, session: Session) -> None:
+    def _install(self, spec: SessionSpec) -> Optional[PlaneFailure]:
         socks: List[socket.socket] = []
-        for name in (LEG_A, LEG_B):
-            leg = session.legs[name]
+        for leg in (spec.a, spec.b):
             pair_ = self.pending.pop((leg.relay_ip, leg.relay_port), None)
             if pair_ is None:
                 pair_ = bind_pair(leg.relay_ip, leg.relay_port, self.rcvbuf)
             if pair_ is None:
-                log.error("cannot bind %s:%d for %s", leg.relay_ip, leg.relay_port,
-                          session.call_id)
-                self.counters["plane.bind_failures"] = self.counters.get(
-                    "plane.bind_failures", 0) + 1
+                self.counters["plane.bind_failures"] += 1
                 for s in socks:
                     s.close()
-                return
+                if self.installed.pop(spec.sid, None) is not None:
+                    self.worker_for(spec.sid).send(channel.RemoveSession(spec.sid))
+                return PlaneFailure(spec.sid, "bind_failed",
+                                    f"cannot bind {leg.relay_ip}:{leg.relay_port}-"
+                                    f"{leg.relay_port + 1} (in use by another process?)")
             socks.extend(pair_)
-        legs = {name: leg_spec(session.legs[name]) for name in (LEG_A, LEG_B)}
         # what the worker would otherwise ask the kernel for, four syscalls per socket
-        addrs = [[session.legs[name].relay_ip, session.legs[name].relay_port + rtcp]
-                 for name in (LEG_A, LEG_B) for rtcp in (0, 1)]
-        self.worker_for(session.sid).send(
-            {"op": "install", "sid": session.sid, "legs": legs,
-             "families": [int(s.family) for s in socks], "addrs": addrs}, socks)
+        addrs = tuple((leg.relay_ip, leg.relay_port + rtcp)
+                      for leg in (spec.a, spec.b) for rtcp in (0, 1))
+        self.installed[spec.sid] = spec
+        self.worker_for(spec.sid).send(
+            channel.InstallSession(spec, tuple(int(s.family) for s in socks), addrs), socks)
+        return None
 
-    def commit(self) -> None:
-        """Send every queued worker message now (before a reply that announces it)."""
+    def commit(self, then: Callable[[], None]) -> None:
+        """Send every queued worker message now; `then` once all of it is in the channels
+        (at once, unless a worker's channel is full: then when it has drained)."""
         for w in self.workers:
             if w.outbox:
                 w._flush_outbox()
+        if any(w.outbox for w in self.workers):
+            self._commit_waiters.append(then)
+        else:
+            then()
+
+    def committed(self) -> None:
+        """A worker's outbox drained: run the commits that waited for it."""
+        if self._commit_waiters and not any(w.outbox for w in self.workers):
+            waiters, self._commit_waiters = self._commit_waiters, []
+            self._run(waiters)
 
     def reinstall(self, worker: WorkerHandle) -> None:
-        for session in list(self.engine.by_sid.values()):
-            if self.worker_for(session.sid) is worker:
-                for leg in session.legs.values():
-                    leg.fold()
-                self._install(session)
+        """A restarted worker gets its sessions back; counters continue from the last
+        report of the one that died."""
+        failures: List[PlaneFailure] = []
+        for sid, spec in list(self.installed.items()):
+            if self.worker_for(sid) is not worker:
+                continue
+            last = self.last.get(sid)
+            if last is not None:
+                self.base[sid] = last
+            del self.installed[sid]
+            failure = self._install(spec)
+            if failure is not None:
+                failures.append(failure)
+        for failure in failures:
+            self.sink(failure)
+
+    def lost(self, worker: WorkerHandle, detail: str) -> None:
+        """A worker is gone for good: every session it served fails."""
+        for sid in [sid for sid in self.installed if self.worker_for(sid) is worker]:
+            del self.installed[sid]
+            self.sink(PlaneFailure(sid, "worker_lost", detail))
 
     # -- reports ---------------------------------------------------------------------
-    def on_message(self, worker: WorkerHandle, message: dict) -> None:
-        op = message.get("op")
-        if op == "report":
-            for sid, report in message.get("sessions", {}).items():
-                self.engine.apply_report(int(sid), report)
-            if "g" in message:
-                worker.totals = message["g"]
-        elif op == "flushed":
-            waiter = self._flush_waiters.get(message.get("req"))
+    def on_message(self, worker: WorkerHandle, message: object) -> None:
+        if isinstance(message, channel.Reports):
+            sink = self.sink
+            base = self.base
+            for report in message.reports:
+                if report.sid not in self.installed:
+                    continue  # a final report racing the Remove that caused it
+                if base:
+                    b = base.get(report.sid)
+                    if b is not None:
+                        report = add_reports(b, report)
+                self.last[report.sid] = report
+                sink(report)
+            if message.totals is not None:
+                worker.totals = message.totals
+        elif isinstance(message, channel.Flushed):
+            waiter = self._flush_waiters.get(message.req)
             if waiter is not None:
                 waiter[1] -= 1
                 if waiter[1] <= 0:
-                    self._finish_flush(message["req"])
+                    self._finish_flush(message.req)
+        else:
+            log.error("unexpected message from worker %d: %s", worker.index,
+                      type(message).__name__)
+            self.counters["workers.channel.bad_messages"] += 1
 
-    def flush_then(self, callback: Callable[[], None], timeout: float = 1.0) -> None:
-        """Call `callback` once every worker has reported its current counters (or after
-        `timeout`, counters then possibly lagging). Plain callbacks: no task per request;
-        the requests of one loop iteration share one round trip to the workers."""
+    def refresh(self, then: Callable[[], None]) -> None:
+        """Call `then` once every worker has reported its current counters (or after
+        `flush_timeout`, counted, counters then possibly lagging). Plain callbacks: no
+        task per request; the requests of one loop iteration share one round trip."""
         if not any(w.chan is not None for w in self.workers):
-            callback()
+            then()
             return
-        self._gathered.append(callback)
+        self._gathered.append(then)
         if len(self._gathered) == 1:
-            self.loop.call_soon(self._send_flush, timeout)
+            self.loop.call_soon(self._send_flush)
 
-    def _send_flush(self, timeout: float) -> None:
+    def _send_flush(self) -> None:
         callbacks, self._gathered = self._gathered, []
         live = [w for w in self.workers if w.chan is not None]
         if not live:
@@ -382,10 +473,10 @@ class SocketPlane:
             return
         self._flush_seq += 1
         req = self._flush_seq
-        timer = self.loop.call_later(timeout, self._flush_timed_out, req)
+        timer = self.loop.call_later(self.flush_timeout, self._flush_timed_out, req)
         self._flush_waiters[req] = [callbacks, len(live), timer]
         for w in live:
-            w.send({"op": "flush", "req": req})
+            w.send(channel.Flush(req))
 
     @staticmethod
     def _run(callbacks: List[Callable[[], None]]) -> None:
@@ -393,11 +484,11 @@ class SocketPlane:
             try:
                 callback()
             except Exception:  # one request's failure never strands the others
-                log.exception("flush callback failed")
+                log.exception("data-plane callback failed")
 
     def _flush_timed_out(self, req: int) -> None:
         log.warning("workers did not report in time; counters may lag")
-        self.counters["plane.flush_timeouts"] = self.counters.get("plane.flush_timeouts", 0) + 1
+        self.counters["plane.flush_timeouts"] += 1
         self._finish_flush(req)
 
     def _finish_flush(self, req: int) -> None:
@@ -408,11 +499,12 @@ class SocketPlane:
         timer.cancel()
         self._run(callbacks)
 
-    async def flush(self, timeout: float = 1.0) -> None:
-        """Wait until every worker has reported its current counters."""
-        fut = self.loop.create_future()
-        self.flush_then(lambda: fut.done() or fut.set_result(None), timeout)
-        await fut
+    def get_timer(self) -> Optional[float]:
+        """Workers push their reports every 0.5 s: nothing to schedule here."""
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        """Nothing scheduled (see `get_timer`)."""
 
     def media_counters(self) -> Dict[str, int]:
         total: Dict[str, int] = dict(self.counters)

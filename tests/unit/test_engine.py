@@ -8,6 +8,11 @@ from lrk.core.engine import Engine, EngineConfig, Install, Remove, Update
 from lrk.core.session import LEG_A, LEG_B
 from lrk.errors import BadRequest, PortsExhausted, SessionNotFound
 
+try:
+    from reports import feed
+except ImportError:  # run from the repository root
+    from tests.unit.reports import feed
+
 INTERNAL = "10.0.0.1"
 EXTERNAL = "203.0.113.1"
 CALLER = ("198.51.100.10", 4000)
@@ -44,7 +49,7 @@ def report(leg_counts=None, gen=None, latched=None, last_rx=None):
 def test_offer_creates_session_with_two_legs_on_distinct_ports():
     engine = make()
     session, leg, actions = engine.offer(1.0, "c1", "ft", CALLER, rtcp_port=4011)
-    assert actions == [Install(session)]
+    assert actions == [Install(session.spec())]
     assert leg is session.legs[LEG_B]
     a, b = session.legs[LEG_A], session.legs[LEG_B]
     assert a.relay_port != b.relay_port
@@ -93,7 +98,7 @@ def test_answer_returns_leg_a():
     s, leg, actions = engine.answer(1.0, "c1", "ft", "tt", CALLEE)
     assert s is session
     assert leg is session.legs[LEG_A]
-    assert actions == [Update(session, LEG_B)]
+    assert actions == [Update(session.spec(), LEG_B)]
     b = session.legs[LEG_B]
     assert b.tag == "tt"
     assert b.announced == CALLEE
@@ -109,7 +114,7 @@ def test_answer_is_idempotent():
     port_a = session.legs[LEG_A].relay_port
     _, leg, actions = engine.answer(2.0, "c1", "ft", "tt", CALLEE)
     assert leg.relay_port == port_a
-    assert actions == [Update(session, LEG_B)]
+    assert actions == [Update(session.spec(), LEG_B)]
     assert engine.ports.in_use == 2
 
 
@@ -123,7 +128,7 @@ def test_reoffer_relatches_and_emits_update():
     engine = make()
     session = call(engine)
     a = session.legs[LEG_A]
-    engine.apply_report(
+    feed(engine,
         session.sid,
         report({"A": [1, 100, 0, 0, {}]}, gen={"A": 1}, latched={"A": [CALLER, None]}),
     )
@@ -132,7 +137,7 @@ def test_reoffer_relatches_and_emits_update():
     s, leg, actions = engine.offer(5.0, "c1", "ft", ("198.51.100.11", 4100), to_tag="tt")
     assert s is session
     assert leg is session.legs[LEG_B]
-    assert actions == [Update(session, LEG_A)]
+    assert actions == [Update(session.spec(), LEG_A)]
     assert a.generation == 2
     assert a.latched is None and a.rtcp_latched is None
     assert a.announced == ("198.51.100.11", 4100)
@@ -146,14 +151,14 @@ def test_callee_reinvite_returns_a_relay():
     b = session.legs[LEG_B]
     s, leg, actions = engine.offer(5.0, "c1", "tt", ("198.51.100.21", 5100), to_tag="ft")
     assert leg is session.legs[LEG_A]
-    assert actions == [Update(session, LEG_B)]
+    assert actions == [Update(session.spec(), LEG_B)]
     assert b.announced == ("198.51.100.21", 5100)
     assert b.generation == 2
     assert session.legs[LEG_A].announced == CALLER  # untouched
     # and the caller's answer to it returns B's relay
     _, leg2, actions2 = engine.answer(6.0, "c1", "tt", "ft", ("198.51.100.12", 4200))
     assert leg2 is session.legs[LEG_B]
-    assert actions2 == [Update(session, LEG_A)]
+    assert actions2 == [Update(session.spec(), LEG_A)]
     assert session.legs[LEG_A].announced == ("198.51.100.12", 4200)
 
 
@@ -200,7 +205,7 @@ def test_answer_other_interface_rebinds_leg_a():
     port_b = session.legs[LEG_B].relay_port
     _, leg, actions = engine.answer(1.0, "c1", "ft", "tt", CALLEE, interface="external")
     assert leg is a
-    assert actions == [Remove(session, "rebind"), Install(session)]
+    assert actions == [Remove(session.sid, session.call_id, "rebind"), Install(session.spec())]
     assert a.relay_ip == EXTERNAL
     assert a.relay_port != old
     assert not engine.ports.is_in_use(old)
@@ -219,7 +224,7 @@ def test_reoffer_other_interface_rebinds_leg_b():
     old = b.relay_port
     _, leg, actions = engine.offer(1.0, "c1", "ft", CALLER, to_tag="tt", interface="external")
     assert leg is b
-    assert actions == [Remove(session, "rebind"), Install(session)]
+    assert actions == [Remove(session.sid, session.call_id, "rebind"), Install(session.spec())]
     assert b.relay_ip == EXTERNAL and b.relay_port != old
     assert not engine.ports.is_in_use(old)
     assert session.legs[LEG_A].generation == 2
@@ -247,7 +252,7 @@ def test_delete_releases_ports():
     ports = session.ports()
     s, actions = engine.delete(3.0, "c1")
     assert s is session
-    assert actions == [Remove(session, "deleted")]
+    assert actions == [Remove(session.sid, session.call_id, "deleted")]
     assert "c1" not in engine.by_call and session.sid not in engine.by_sid
     assert engine.ports.in_use == 0
     assert engine.ports.quarantined == 2
@@ -291,7 +296,7 @@ def test_expire_on_silence_from_creation():
     assert not engine.due(159.9)
     assert engine.expire(159.9) == []
     assert engine.due(160.0)
-    assert engine.expire(160.0) == [Remove(session, "silence")]
+    assert engine.expire(160.0) == [Remove(session.sid, session.call_id, "silence")]
     assert engine.ports.in_use == 0
     assert engine.counters["sessions.expired.silence"] == 1
     assert engine.expire(1000.0) == []
@@ -303,7 +308,7 @@ def test_per_session_timeout_override():
     short, _, _ = engine.offer(0.0, "short", "ft", CALLER, timeout=10.0)
     engine.offer(0.0, "long", "ft", CALLER)
     assert engine.expire(9.0) == []
-    assert engine.expire(10.0) == [Remove(short, "silence")]
+    assert engine.expire(10.0) == [Remove(short.sid, short.call_id, "silence")]
     assert list(engine.by_call) == ["long"]
 
 
@@ -311,25 +316,25 @@ def test_configured_silence_timeout():
     engine = make(silence_timeout=5.0)
     session = call(engine)
     assert session.timeout == 5.0
-    assert engine.expire(5.0) == [Remove(session, "silence")]
+    assert engine.expire(5.0) == [Remove(session.sid, session.call_id, "silence")]
 
 
 def test_media_postpones_expiry():
     engine = make()
     session = call(engine)
-    engine.apply_report(session.sid, report(last_rx=50.0))
+    feed(engine, session.sid, report(last_rx=50.0))
     assert session.last_media == 50.0
     assert not engine.due(100.0)
     assert engine.expire(109.0) == []
-    assert engine.expire(110.0) == [Remove(session, "silence")]
+    assert engine.expire(110.0) == [Remove(session.sid, session.call_id, "silence")]
 
 
 def test_older_report_does_not_move_last_media_back():
     engine = make()
     session = call(engine)
-    engine.apply_report(session.sid, report(last_rx=50.0))
-    engine.apply_report(session.sid, report(last_rx=40.0))
-    engine.apply_report(session.sid, report(last_rx=None))
+    feed(engine, session.sid, report(last_rx=50.0))
+    feed(engine, session.sid, report(last_rx=40.0))
+    feed(engine, session.sid, report(last_rx=None))
     assert session.last_media == 50.0
 
 
@@ -337,10 +342,10 @@ def test_max_lifetime():
     engine = make(max_lifetime=100.0)
     session = call(engine)
     for t in range(10, 100, 10):
-        engine.apply_report(session.sid, report(last_rx=float(t)))
+        feed(engine, session.sid, report(last_rx=float(t)))
         assert engine.expire(float(t)) == []
     assert engine.due(100.0)
-    assert engine.expire(100.0) == [Remove(session, "lifetime")]
+    assert engine.expire(100.0) == [Remove(session.sid, session.call_id, "lifetime")]
     assert engine.counters["sessions.expired.lifetime"] == 1
     assert engine.counters["sessions.expired.silence"] == 0
     assert engine.ports.in_use == 0
@@ -349,7 +354,7 @@ def test_max_lifetime():
 def test_max_lifetime_zero_disables():
     engine = make(max_lifetime=0.0)
     session = call(engine)
-    engine.apply_report(session.sid, report(last_rx=1e6))
+    feed(engine, session.sid, report(last_rx=1e6))
     assert engine.expire(1e6 + 1) == []
     assert session.call_id in engine.by_call
 
@@ -361,8 +366,8 @@ def test_due_agrees_with_expire():
         for i in range(4):
             s, _, _ = engine.offer(i * 7.0, f"c{i}", "ft", CALLER, timeout=20.0 + 15 * i)
             sessions.append(s)
-        engine.apply_report(sessions[1].sid, report(last_rx=30.0))
-        engine.apply_report(sessions[3].sid, report(last_rx=190.0))
+        feed(engine, sessions[1].sid, report(last_rx=30.0))
+        feed(engine, sessions[3].sid, report(last_rx=190.0))
         t = 0.0
         while engine.by_call:
             due = engine.due(t)
@@ -388,8 +393,8 @@ def test_expired_ports_reusable_after_quarantine():
 def test_apply_report_counters_are_absolute():
     engine = make()
     session = call(engine)
-    engine.apply_report(session.sid, report({"A": [10, 1000, 9, 900, {"unexpected_source": 1}]}))
-    engine.apply_report(session.sid, report({"A": [20, 2000, 19, 1900, {"unexpected_source": 2}]}))
+    feed(engine, session.sid, report({"A": [10, 1000, 9, 900, {"unexpected_source": 1}]}))
+    feed(engine, session.sid, report({"A": [20, 2000, 19, 1900, {"unexpected_source": 2}]}))
     c = session.legs[LEG_A].counters
     assert (c.in_packets, c.in_bytes, c.out_packets, c.out_bytes) == (20, 2000, 19, 1900)
     assert c.drops == {"unexpected_source": 2}
@@ -400,13 +405,13 @@ def test_apply_report_counters_are_absolute():
 def test_apply_report_adds_base_after_rebind():
     engine = make()
     session, _, _ = engine.offer(0.0, "c1", "ft", CALLER)
-    engine.apply_report(
+    feed(engine,
         session.sid,
         report({"A": [10, 1000, 5, 500, {"no_destination": 3}], "B": [0, 0, 10, 1000, {}]}),
     )
     engine.answer(1.0, "c1", "ft", "tt", CALLEE, interface="external")  # rebind folds
     # the new data-plane install counts from zero again
-    engine.apply_report(
+    feed(engine,
         session.sid,
         report(
             {
@@ -429,7 +434,7 @@ def test_apply_report_latched_only_when_generation_matches():
     a = session.legs[LEG_A]
     assert a.generation == 1
     nat = ("198.51.100.10", 61000)
-    engine.apply_report(
+    feed(engine,
         session.sid,
         report(
             {"A": [1, 10, 0, 0, {}]},
@@ -442,18 +447,18 @@ def test_apply_report_latched_only_when_generation_matches():
     engine.offer(2.0, "c1", "ft", CALLER, to_tag="tt")  # re-latch: generation 2
     assert a.latched is None
     # a report from before the re-offer still carries gen 1: its latch is stale
-    engine.apply_report(
+    feed(engine,
         session.sid,
         report({"A": [2, 20, 0, 0, {}]}, gen={"A": 1}, latched={"A": [list(nat), None]}),
     )
     assert a.latched is None
     assert a.counters.in_packets == 2  # counters still apply
-    engine.apply_report(
+    feed(engine,
         session.sid,
         report({"A": [3, 30, 0, 0, {}]}, gen={"A": 2}, latched={"A": [None, None]}),
     )
     assert a.latched is None
-    engine.apply_report(
+    feed(engine,
         session.sid,
         report(
             {"A": [4, 40, 0, 0, {}]}, gen={"A": 2}, latched={"A": [["198.51.100.10", 62000], None]}
@@ -465,8 +470,8 @@ def test_apply_report_latched_only_when_generation_matches():
 def test_apply_report_unknown_sid_or_leg_ignored():
     engine = make()
     session = call(engine)
-    engine.apply_report(session.sid + 100, report({"A": [5, 5, 5, 5, {}]}, last_rx=9.0))
-    engine.apply_report(session.sid, report({"X": [5, 5, 5, 5, {}]}))
+    feed(engine, session.sid + 100, report({"A": [5, 5, 5, 5, {}]}, last_rx=9.0))
+    feed(engine, session.sid, report({"X": [5, 5, 5, 5, {}]}))
     assert session.legs[LEG_A].counters.in_packets == 0
     assert session.last_media is None
 
@@ -475,7 +480,7 @@ def test_apply_report_after_delete_is_ignored():
     engine = make()
     session = call(engine)
     engine.delete(1.0, "c1")
-    engine.apply_report(session.sid, report({"A": [5, 5, 5, 5, {}]}))
+    feed(engine, session.sid, report({"A": [5, 5, 5, 5, {}]}))
     assert session.legs[LEG_A].counters.in_packets == 0
 
 
@@ -532,7 +537,7 @@ def test_counters_over_lifecycle():
     call(engine, call_id="s")
     long_call = call(engine, call_id="l")
     engine.delete(1.0, "d")
-    engine.apply_report(long_call.sid, report(last_rx=900.0))
+    feed(engine, long_call.sid, report(last_rx=900.0))
     engine.expire(61.0)  # "s" silent
     engine.expire(1000.0)  # "l" too old
     assert engine.counters["sessions.created"] == 3

@@ -18,6 +18,11 @@ from lrk.core.engine import Engine, EngineConfig, Install, Remove, Update
 from lrk.core.session import LEG_A, LEG_B
 from lrk.daemon.config import Config
 
+try:
+    from reports import feed
+except ImportError:  # run from the repository root
+    from tests.unit.reports import feed
+
 INTERNAL, EXTERNAL = "127.0.0.1", "127.0.0.2"
 KAM = ("127.0.0.1", 41000)  # one Kamailio worker's connected UDP socket
 COOKIE = b"4242_7"  # 5.6.3 cookies are <pid>_<seq>
@@ -181,7 +186,7 @@ def test_set_creates_the_session_and_echoes_the_request():
     assert len(out.reply) == len(req) + 2  # the module: len == more + len(cookie " ") + 2
     assert req.endswith(b"call-1@test ")  # the module's trailing space is kept in the echo
     assert len(out.actions) == 1 and isinstance(out.actions[0], Install)
-    session = out.actions[0].session
+    session = legacy.engine.by_sid[out.actions[0].sid]
     assert engine.by_call["call-1@test"] is session
     a, b = session.legs[LEG_A], session.legs[LEG_B]
     assert (a.relay_ip, a.relay_port) == (EXTERNAL, 30012)  # snat: the caller sends here
@@ -203,7 +208,7 @@ def test_set_again_with_a_new_cookie_is_unchanged():
     """183 with SDP then 200 with SDP: two S, different cookies, identical fields."""
     legacy, engine = make()
     first = legacy.handle(s_req(cookie=b"100_1"), KAM, 0.0)
-    session = first.actions[0].session
+    session = legacy.engine.by_sid[first.actions[0].sid]
     req = s_req(cookie=b"100_2")
     out = legacy.handle(req, KAM, 3.0)
     assert out.reply == req + b"OK"
@@ -239,14 +244,14 @@ def test_retransmission_gets_the_same_bytes_and_no_second_side_effect():
 
 def test_changed_peer_updates_the_leg():
     legacy, engine = make()
-    session = legacy.handle(s_req(cookie=b"1_1"), KAM, 0.0).actions[0].session
+    session = legacy.engine.by_sid[legacy.handle(s_req(cookie=b"1_1"), KAM, 0.0).actions[0].sid]
     gen_a, gen_b = session.legs[LEG_A].generation, session.legs[LEG_B].generation
     session.legs[LEG_B].latched = ("198.51.100.20", 50000)
     req = s_req(cookie=b"1_2", dnat=("198.51.100.20", 50002))  # another branch answered
     out = legacy.handle(req, KAM, 2.0)
     assert out.reply == req + b"OK"
     assert len(out.actions) == 1 and isinstance(out.actions[0], Update)
-    assert out.actions[0].session is session and out.actions[0].leg == LEG_B
+    assert out.actions[0].sid == session.sid and out.actions[0].leg == LEG_B
     assert engine.by_call["call-1@test"] is session
     assert session.legs[LEG_B].announced == ("198.51.100.20", 50002)
     assert session.legs[LEG_B].latched is None  # re-latches
@@ -261,13 +266,13 @@ def test_changed_peer_updates_the_leg():
 
 def test_changed_relay_ports_replace_the_session():
     legacy, engine = make()
-    old = legacy.handle(s_req(cookie=b"1_1"), KAM, 0.0).actions[0].session
+    old = legacy.engine.by_sid[legacy.handle(s_req(cookie=b"1_1"), KAM, 0.0).actions[0].sid]
     req = s_req(cookie=b"1_2", dst=(INTERNAL, 30020), snat=(INTERNAL, 30022))
     out = legacy.handle(req, KAM, 1.0)
     assert out.reply == req + b"OK"
     assert [type(a) for a in out.actions] == [Remove, Install]
-    assert out.actions[0].session is old and out.actions[0].reason == "replaced"
-    new = out.actions[1].session
+    assert out.actions[0].sid == old.sid and out.actions[0].reason == "replaced"
+    new = legacy.engine.by_sid[out.actions[1].sid]
     assert new is not old and new.sid != old.sid
     assert engine.by_call["call-1@test"] is new
     assert not engine.ports.is_in_use(30000) and not engine.ports.is_in_use(30002)
@@ -279,7 +284,7 @@ def test_changed_relay_ports_replace_the_session():
 
 # -- port conflicts --------------------------------------------------------------------------
 def _holder(legacy: LegacyControl, now: float = 0.0):
-    return legacy.handle(s_req(cookie=b"1_1", call_id="old@test"), KAM, now).actions[0].session
+    return legacy.engine.by_sid[legacy.handle(s_req(cookie=b"1_1", call_id="old@test"), KAM, now).actions[0].sid]
 
 
 @pytest.mark.parametrize("media_at, now", [(None, 3.0), (5.0, 12.0), (5.0, 14.99)])
@@ -287,7 +292,7 @@ def test_port_of_a_live_call_is_not_hijacked(media_at, now):
     legacy, engine = make()
     old = _holder(legacy)
     if media_at is not None:
-        engine.apply_report(old.sid, {"last_rx": media_at, "legs": {}})
+        feed(engine, old.sid, {"last_rx": media_at, "legs": {}})
     # another Kamailio (or one restarted) hands out the same ports for another call
     req = s_req(cookie=b"2_1", call_id="new@test", src=("192.0.2.99", 41000))
     out = legacy.handle(req, ("127.0.0.1", 42000), now)
@@ -307,13 +312,13 @@ def test_port_of_a_silent_call_is_taken_over(media_at, now):
     legacy, engine = make(takeover_idle=10.0)
     old = _holder(legacy)
     if media_at is not None:
-        engine.apply_report(old.sid, {"last_rx": media_at, "legs": {}})
+        feed(engine, old.sid, {"last_rx": media_at, "legs": {}})
     req = s_req(cookie=b"2_1", call_id="new@test")
     out = legacy.handle(req, ("127.0.0.1", 42000), now)
     assert out.reply == req + b"OK"
     assert [type(a) for a in out.actions] == [Remove, Install]
-    assert out.actions[0].session is old and out.actions[0].reason == "replaced"
-    new = out.actions[1].session
+    assert out.actions[0].sid == old.sid and out.actions[0].reason == "replaced"
+    new = legacy.engine.by_sid[out.actions[1].sid]
     assert new.call_id == "new@test"
     assert engine.by_call == {"new@test": new}
     assert engine.owner[30000] is new and engine.owner[30002] is new
@@ -347,9 +352,9 @@ def test_refused_set_leaves_engine_and_data_plane_consistent():
     assert out.reply == req + b"OK"
     assert "new@test" not in engine.by_call
     assert legacy.counters["legacy.sessions.refused"] == 1
-    removed = [a.session for a in out.actions if isinstance(a, Remove)]
+    removed = [a.sid for a in out.actions if isinstance(a, Remove)]
     ended = "old@test" not in engine.by_call
-    assert ended == any(s is old for s in removed), (
+    assert ended == (old.sid in removed), (
         "the silent call was ended in the engine but no Remove reached the data plane: "
         "its sockets stay bound while its ports count as free")
 
@@ -407,12 +412,12 @@ def test_unusable_relay_address_is_refused_but_answered(dst, snat, counter):
 # -- D -----------------------------------------------------------------------------------------
 def test_delete_ends_the_session_and_releases_its_ports():
     legacy, engine = make()
-    session = legacy.handle(s_req(cookie=b"1_1"), KAM, 0.0).actions[0].session
+    session = legacy.engine.by_sid[legacy.handle(s_req(cookie=b"1_1"), KAM, 0.0).actions[0].sid]
     req = s_req(cookie=b"1_2", cmd=b"D")
     out = legacy.handle(req, KAM, 5.0)
     assert out.reply == req + b"OK"
     assert [type(a) for a in out.actions] == [Remove]
-    assert out.actions[0].session is session and out.actions[0].reason == "deleted"
+    assert out.actions[0].sid == session.sid and out.actions[0].reason == "deleted"
     assert engine.by_call == {} and engine.owner == {}
     assert engine.ports.in_use == 0
     assert engine.counters["sessions.deleted"] == 1
@@ -432,13 +437,13 @@ def test_delete_of_an_unknown_call_still_replies():
 # -- timeout -----------------------------------------------------------------------------------
 def test_timeout_field_is_the_silence_timeout():
     legacy, engine = make(make_engine(silence_timeout=600.0))
-    session = legacy.handle(s_req(timeout="60"), KAM, 0.0).actions[0].session
+    session = legacy.engine.by_sid[legacy.handle(s_req(timeout="60"), KAM, 0.0).actions[0].sid]
     assert session.timeout == 60.0
     assert engine.expire(59.9) == []
-    engine.apply_report(session.sid, {"last_rx": 50.0, "legs": {}})
+    feed(engine, session.sid, {"last_rx": 50.0, "legs": {}})
     assert engine.expire(109.9) == []
     actions = engine.expire(110.0)
-    assert [(type(a), a.session, a.reason) for a in actions] == [(Remove, session, "silence")]
+    assert [(type(a), a.sid, a.reason) for a in actions] == [(Remove, session.sid, "silence")]
     assert engine.by_call == {} and engine.ports.in_use == 0
     for port in (30000, 30002):
         assert not engine.ports.is_in_use(port)
@@ -450,13 +455,13 @@ def test_timeout_field_is_the_silence_timeout():
 @pytest.mark.parametrize("field", ["0", "-5", "86401"])
 def test_timeout_field_out_of_bounds_uses_the_engine_default(field):
     legacy, _ = make(make_engine(silence_timeout=42.0))
-    session = legacy.handle(s_req(timeout=field), KAM, 0.0).actions[0].session
+    session = legacy.engine.by_sid[legacy.handle(s_req(timeout=field), KAM, 0.0).actions[0].sid]
     assert session.timeout == 42.0
 
 
 def test_legacy_timeout_option_wins_over_the_field():
     legacy, engine = make(timeout=5.0)
-    session = legacy.handle(s_req(cookie=b"1_1", timeout="60"), KAM, 0.0).actions[0].session
+    session = legacy.engine.by_sid[legacy.handle(s_req(cookie=b"1_1", timeout="60"), KAM, 0.0).actions[0].sid]
     assert session.timeout == 5.0
     # a second S for the same call keeps the override
     legacy.handle(s_req(cookie=b"1_2", timeout="60"), KAM, 1.0)

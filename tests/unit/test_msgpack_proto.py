@@ -142,7 +142,7 @@ def test_offer_answer_query_list_delete():
     )
     offer = msgpack.unpackb(out.reply, raw=False)
     session = engine.get("c1@host")
-    assert out.actions == [Install(session)]
+    assert out.actions == [Install(session.spec())]
     b = session.legs["B"]
     assert offer == {
         "v": 1,
@@ -169,7 +169,7 @@ def test_offer_answer_query_list_delete():
     )
     answer = msgpack.unpackb(out.reply, raw=False)
     a = session.legs["A"]
-    assert out.actions == [Update(session, "B")]
+    assert out.actions == [Update(session.spec(), "B")]
     assert answer["leg"] == "A"
     assert answer["relay"] == {
         "ip": "10.0.0.1",
@@ -199,7 +199,7 @@ def test_offer_answer_query_list_delete():
         ctl, pack({"v": 1, "cookie": "d", "cmd": "delete", "call_id": "c1@host", "from_tag": "tt1"})
     )
     deleted = msgpack.unpackb(out.reply, raw=False)
-    assert out.actions == [Remove(session, "deleted")]
+    assert out.actions == [Remove(session.sid, session.call_id, "deleted")]
     assert deleted["ok"] is True
     assert deleted["call_id"] == "c1@host"
     assert deleted["session"]["legs"]["B"]["tag"] == "tt1"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from fastpath.contract import LegReport, LegSpec, SessionReport, SessionSpec
 from fastpath.worker.relay_table import (
     DROP_NAMES,
     NO_DESTINATION,
@@ -17,23 +20,21 @@ CALLEE_IP = "198.51.100.20"
 FDS = [10, 11, 12, 13]  # A-RTP, A-RTCP, B-RTP, B-RTCP
 
 
-def leg(ip, port, rtcp=None, gen=1, latch_any=False):
-    return {
-        "announced": [ip, port],
-        "rtcp_announced": [ip, rtcp if rtcp is not None else port + 1],
-        "latch_any": latch_any,
-        "gen": gen,
-    }
+def leg(ip, port, rtcp=None, gen=1, latch_any=False, name="A"):
+    """A leg spec; `setup` names it A or B by position, `update` callers pass `name`."""
+    return LegSpec(name, "10.0.0.1", 30000, (ip, port),
+                   (ip, rtcp if rtcp is not None else port + 1), latch_any, gen)
+
+
+def unannounced(name, gen):
+    return LegSpec(name, "10.0.0.1", 30000, None, None, False, gen)
 
 
 def setup(a=None, b=None, sid=7):
     table = RelayTable()
-    legs = {}
-    if a is not None:
-        legs["A"] = a
-    if b is not None:
-        legs["B"] = b
-    session = table.install(sid, FDS, legs)
+    spec = SessionSpec(sid, "c1", replace(a or unannounced("A", 0), name="A"),
+                       replace(b or unannounced("B", 0), name="B"))
+    session = table.install(sid, FDS, spec)
     eps = [table.by_fd[fd] for fd in FDS]
     return table, session, eps
 
@@ -166,7 +167,7 @@ def test_update_resets_latch():
     table.forward(a_rtcp, [(b"x", (CALLER_IP, 61001))], 1.0)
     session.dirty = False
     new_ip = "198.51.100.11"
-    table.update(7, "A", leg(new_ip, 4100, gen=2))
+    table.update(7, leg(new_ip, 4100, gen=2))
     assert session.dirty is True
     assert a_rtp.peer is None and a_rtcp.peer is None
     assert a_rtp.gen == 2 and a_rtcp.gen == 2
@@ -184,13 +185,13 @@ def test_update_resets_latch():
 
 def test_update_of_unknown_session_is_noop():
     table, _, (a_rtp, *_rest) = both()
-    table.update(999, "A", leg("192.0.2.1", 1))
+    table.update(999, leg("192.0.2.1", 1))
     assert a_rtp.announced == (CALLER_IP, 4000)
 
 
 def test_update_without_announced_clears_destination():
     table, _, (a_rtp, _, b_rtp, _) = both()
-    table.update(7, "B", {"announced": None, "rtcp_announced": None, "gen": 3})
+    table.update(7, unannounced("B", 3))
     assert b_rtp.announced is None and b_rtp.expected_ip is None
     _, out = table.forward(a_rtp, [(b"x", (CALLER_IP, 4000))], 1.0)
     assert out == []
@@ -199,7 +200,8 @@ def test_update_without_announced_clears_destination():
 
 def test_remove():
     table, session, eps = both()
-    table.install(8, [20, 21, 22, 23], {"A": leg(CALLER_IP, 4000)})
+    table.install(8, [20, 21, 22, 23],
+                  SessionSpec(8, "c2", leg(CALLER_IP, 4000), unannounced("B", 0)))
     assert table.remove(7) is session
     assert 7 not in table.sessions
     assert not any(fd in table.by_fd for fd in FDS)
@@ -228,7 +230,7 @@ def test_sent_partial_failure_counts_send_error_on_receiving_side():
     assert b_rtp.drops[SEND_ERROR] == 0
     assert table.dropped[SEND_ERROR] == 2
     rep = session.report()
-    assert rep["legs"]["A"]["c"][4] == {"send_error": 2}
+    assert rep.a.drops == (("send_error", 2),)
 
 
 def test_report_structure_and_gen():
@@ -243,35 +245,26 @@ def test_report_structure_and_gen():
     ep, out = table.forward(b_rtp, [(b"w" * 30, (CALLEE_IP, 5000))], 3.0)
     table.sent(ep, out, 1)
     rep = session.report()
-    assert rep == {
-        "last_rx": 3.0,
-        "legs": {
-            "A": {
-                "c": [2, 30, 1, 30, {"unexpected_source": 1}],
-                "gen": 3,
-                "latched": [(CALLER_IP, 61000), (CALLER_IP, 61001)],
-            },
-            "B": {
-                "c": [1, 30, 2, 30, {}],
-                "gen": 1,
-                "latched": [(CALLEE_IP, 5000), None],
-            },
-        },
-    }
+    assert rep == SessionReport(
+        7, 3.0,
+        LegReport(2, 30, 1, 30, (("unexpected_source", 1),), 3,
+                  (CALLER_IP, 61000), (CALLER_IP, 61001)),
+        LegReport(1, 30, 2, 30, (), 1, (CALLEE_IP, 5000), None),
+    )
 
 
 def test_report_fresh_session():
     table, session, _ = both()
     rep = session.report()
-    assert rep["last_rx"] is None
-    assert rep["legs"]["A"] == {"c": [0, 0, 0, 0, {}], "gen": 1, "latched": [None, None]}
+    assert rep.last_rx is None
+    assert rep.a == LegReport(0, 0, 0, 0, (), 1, None, None)
 
 
 def test_totals():
     table, _, (a_rtp, _, b_rtp, _) = both()
     ep, out = table.forward(a_rtp, [(b"abc", (CALLER_IP, 4000)), (b"x", ("192.0.2.1", 9))], 1.0)
     table.sent(ep, out, 1)
-    table.update(7, "B", {"announced": None, "rtcp_announced": None, "gen": 2})
+    table.update(7, unannounced("B", 2))
     table.forward(a_rtp, [(b"d", (CALLER_IP, 4000))], 2.0)
     totals = table.totals()
     assert totals == {

@@ -1,0 +1,180 @@
+"""The data-plane contract: what the engine tells a data plane, and what comes back.
+
+One vocabulary for every mode (socket, packet, kernel, nfqueue) and both processes
+(daemon and worker): small frozen dataclasses. The engine owns sessions and sends
+*actions* carrying immutable snapshots (`SessionSpec`); a plane owns only what it
+observed (counters, latched peers, failures) and sends it back as *reports* and
+*events*; it never writes engine state. `DataPlane` is the interface each mode's
+adapter implements (`lrk/daemon/*_plane.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+try:  # Python 3.8+: typing.Protocol
+    from typing import Protocol
+except ImportError:  # pragma: no cover
+    Protocol = object  # type: ignore[assignment,misc]
+
+Addr = Tuple[str, int]
+
+LEG_A = "A"  # caller side: the caller sends to leg A's relay port
+LEG_B = "B"  # callee side: the callee sends to leg B's relay port
+LEGS = (LEG_A, LEG_B)
+
+#: drop reasons a packet can meet in a data plane; every one is a counter
+DROP_REASONS = ("unexpected_source", "no_destination", "send_error")
+
+
+# -- engine -> plane ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class LegSpec:
+    """One leg as a data plane must serve it: where its peer sends, who that peer is."""
+
+    name: str
+    relay_ip: str
+    relay_port: int  # even; RTCP on relay_port + 1
+    announced: Optional[Addr] = None  # from SDP; port 0: on hold / disabled
+    rtcp_announced: Optional[Addr] = None
+    latch_any: bool = False  # accept the first source from any address
+    generation: int = 0  # bumped by every offer/answer that makes the leg latch afresh
+
+    @property
+    def rtcp_port(self) -> int:
+        return self.relay_port + 1
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """A session as a data plane must serve it (a snapshot: the engine's own state moves on)."""
+
+    sid: int
+    call_id: str
+    a: LegSpec
+    b: LegSpec
+
+    def leg(self, name: str) -> LegSpec:
+        return self.a if name == LEG_A else self.b
+
+
+@dataclass(frozen=True)
+class Install:
+    """Start relaying a session: bind or open its four ports, write its kernel state."""
+
+    spec: SessionSpec
+
+    @property
+    def sid(self) -> int:
+        return self.spec.sid
+
+
+@dataclass(frozen=True)
+class Update:
+    """A leg's peer changed or must latch afresh (new offer/answer): `spec` is the whole
+    session as it now is; `leg` names the leg that re-latches."""
+
+    spec: SessionSpec
+    leg: str
+
+    @property
+    def sid(self) -> int:
+        return self.spec.sid
+
+
+@dataclass(frozen=True)
+class Remove:
+    """Stop relaying a session and release everything the plane holds for it."""
+
+    sid: int
+    call_id: str
+    reason: str
+
+
+Action = Union[Install, Update, Remove]
+
+
+# -- plane -> engine ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class LegReport:
+    """What a plane observed on one leg since the session was installed there (absolute
+    counts, so a lost report loses nothing). `generation` is the leg generation the
+    latches belong to (-1: the plane has no latch to report)."""
+
+    in_packets: int = 0
+    in_bytes: int = 0
+    out_packets: int = 0
+    out_bytes: int = 0
+    drops: Tuple[Tuple[str, int], ...] = ()
+    generation: int = -1
+    latched: Optional[Addr] = None
+    rtcp_latched: Optional[Addr] = None
+
+
+@dataclass(frozen=True)
+class SessionReport:
+    """Counters and latches of one session; `last_rx` is the monotonic time media last
+    arrived (None: none seen since install)."""
+
+    sid: int
+    last_rx: Optional[float]
+    a: LegReport
+    b: LegReport
+
+
+@dataclass(frozen=True)
+class PlaneFailure:
+    """The plane could not do what an action asked, or lost what it had done (a bind
+    that failed, an nft or netlink error, a worker that died and could not re-install).
+    The engine ends the session; a pending reply becomes an error."""
+
+    sid: int
+    reason: str  # bind_failed | kernel_error | worker_lost | channel_error
+    detail: str
+
+
+Event = Union[SessionReport, PlaneFailure]
+EventSink = Callable[[Event], None]
+
+
+class DataPlane(Protocol):
+    """What every mode implements. The relay calls these from its event loop only.
+
+    - `apply` performs or queues actions; failures it can see at once come back as the
+      returned list (and are not also sent to the sink).
+    - `commit(then)` calls `then` once every action applied so far is in effect in the
+      data plane (socket mode: written to the worker channel); replies wait for it.
+    - `refresh(then)` calls `then` once every report of current counters has reached
+      the sink (or after the plane's own bounded timeout, counted).
+    - `get_timer`/`handle_timer` schedule the plane's own work (kernel counter polls).
+    """
+
+    sink: EventSink
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def apply(self, actions: Sequence[Action]) -> List[PlaneFailure]: ...
+
+    def commit(self, then: Callable[[], None]) -> None: ...
+
+    def refresh(self, then: Callable[[], None]) -> None: ...
+
+    def get_timer(self) -> Optional[float]: ...
+
+    def handle_timer(self, now: float) -> None: ...
+
+    def media_counters(self) -> Dict[str, int]: ...
+
+
+def drops_dict(drops: Tuple[Tuple[str, int], ...]) -> Dict[str, int]:
+    return dict(drops)
+
+
+__all__ = [
+    "Action", "Addr", "DROP_REASONS", "DataPlane", "Event", "EventSink", "Install", "LEGS",
+    "LEG_A", "LEG_B", "LegReport", "LegSpec", "PlaneFailure", "Remove", "SessionReport",
+    "SessionSpec", "Update", "drops_dict",
+]

@@ -1,0 +1,488 @@
+"""The data-plane contract: engine timers, failures as events, planes behind fakes.
+
+Each failure path here failed on 7d500b6: a bind failure was only logged (the engine
+kept a session no worker served, and the client was told OK), nft errors were
+swallowed, kernel mode polled counters only when someone asked for stats (a call that
+went silent right after it started expired at about twice its timeout), and the
+nfqueue plane wrote latches straight into engine state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from typing import Any, Dict, List
+
+import msgpack
+import pytest
+
+from fastpath import channel
+from fastpath.contract import (
+    Install,
+    LegReport,
+    LegSpec,
+    PlaneFailure,
+    Remove,
+    SessionReport,
+    SessionSpec,
+    Update,
+)
+from fastpath.kernel.ctnetlink import CtFlow
+from fastpath.kernel.kernel_rules import DROP_COUNTERS
+from fastpath.kernel.nft import NftError
+from lrk.core.engine import Engine, EngineConfig
+from lrk.daemon.config import Config
+from lrk.daemon.kernel_plane import KernelPlane
+from lrk.daemon.nfqueue_plane import NfqueuePlane
+from lrk.daemon.relay import Relay
+from lrk.daemon.socket_plane import SocketPlane, add_reports
+
+CALLER = ("198.51.100.10", 4000)
+CALLEE = ("198.51.100.20", 5000)
+
+
+def engine(**kw: Any) -> Engine:
+    cfg = dict(internal_ip="127.0.0.1", external_ip="127.0.0.1", port_start=31000,
+               port_end=31099, silence_timeout=10.0, max_lifetime=0.0, quarantine=0.0)
+    cfg.update(kw)
+    return Engine(EngineConfig(**cfg))
+
+
+def call(e: Engine, call_id: str = "c1", now: float = 0.0) -> Any:
+    session, _leg, _actions = e.offer(now, call_id, "ft", CALLER)
+    e.answer(now, call_id, "ft", "tt", CALLEE)
+    return session
+
+
+def media(sid: int, at: float, packets: int = 1) -> SessionReport:
+    return SessionReport(sid, at, LegReport(packets, 100 * packets), LegReport())
+
+
+# -- engine: time --------------------------------------------------------------------------
+def test_no_timer_without_sessions():
+    assert engine().get_timer() is None
+
+
+def test_timer_is_the_earliest_deadline_and_moves_with_media():
+    e = engine()
+    s1 = call(e, "c1", now=0.0)
+    call(e, "c2", now=3.0)
+    assert e.get_timer() == 10.0
+    e.handle_event(8.0, media(s1.sid, 8.0))
+    assert e.get_timer() == 13.0  # c2's silence deadline now comes first
+    assert e.handle_timer(12.99) == []
+    assert [(a.call_id, a.reason) for a in e.handle_timer(13.0)] == [("c2", "silence")]
+    assert e.get_timer() == 18.0
+    assert [(a.call_id, a.reason) for a in e.handle_timer(18.0)] == [("c1", "silence")]
+    assert e.get_timer() is None
+    assert e.counters["sessions.expired.silence"] == 2
+
+
+def test_shorter_timeout_from_a_reoffer_brings_the_deadline_forward():
+    e = engine()
+    call(e)
+    assert e.get_timer() == 10.0
+    e.offer(1.0, "c1", "ft", CALLER, to_tag="tt", timeout=2.0)
+    assert e.get_timer() == 2.0
+    assert [a.reason for a in e.handle_timer(2.0)] == ["silence"]
+
+
+def test_longer_timeout_postpones_without_a_scan():
+    e = engine()
+    call(e)
+    e.offer(1.0, "c1", "ft", CALLER, to_tag="tt", timeout=100.0)
+    assert e.handle_timer(50.0) == []
+    assert e.get_timer() == 100.0
+
+
+def test_lifetime_ends_a_busy_call():
+    e = engine(max_lifetime=30.0)
+    s = call(e)
+    for t in range(5, 35, 5):
+        e.handle_event(float(t), media(s.sid, float(t)))
+    assert e.get_timer() == 30.0
+    assert [a.reason for a in e.handle_timer(30.0)] == ["lifetime"]
+    assert e.counters["sessions.expired.lifetime"] == 1
+
+
+def test_reports_do_not_grow_the_timer_heap():
+    e = engine()
+    sessions = [call(e, f"c{i}") for i in range(20)]
+    for t in range(1, 200):
+        for s in sessions:
+            e.handle_event(float(t), media(s.sid, float(t)))
+        e.get_timer()
+    assert len(e._timers) <= 2 * len(sessions)
+
+
+def test_deleted_session_leaves_no_live_timer():
+    e = engine()
+    call(e)
+    e.delete(1.0, "c1")
+    assert e.get_timer() is None
+    assert e.handle_timer(100.0) == []
+
+
+# -- engine: failures and reports -----------------------------------------------------------
+def test_plane_failure_ends_the_session_and_frees_its_ports():
+    e = engine()
+    s = call(e)
+    used = e.ports.snapshot()["in_use"]
+    actions = e.handle_event(1.0, PlaneFailure(s.sid, "bind_failed", "cannot bind"))
+    assert actions == [Remove(s.sid, "c1", "failed")]
+    assert "c1" not in e.by_call
+    assert e.counters["sessions.failed"] == 1
+    assert e.counters["sessions.failed.bind_failed"] == 1
+    assert (used, e.ports.snapshot()["in_use"]) == (2, 0)  # both legs' port pairs
+    assert e.handle_event(2.0, PlaneFailure(s.sid, "bind_failed", "again")) == []
+
+
+def test_report_of_an_older_generation_keeps_counters_but_not_its_latch():
+    e = engine()
+    s = call(e)
+    gen = s.legs["A"].generation
+    e.offer(1.0, "c1", "ft", CALLER, to_tag="tt")  # re-latch
+    e.apply_report(SessionReport(s.sid, 1.5, LegReport(3, 300, generation=gen,
+                                                       latched=("198.51.100.10", 61000)),
+                                 LegReport()))
+    assert s.legs["A"].latched is None
+    assert s.legs["A"].counters.in_packets == 3
+    assert s.last_media == 1.5
+
+
+def test_actions_carry_immutable_snapshots():
+    e = engine()
+    session, _leg, actions = e.offer(0.0, "c1", "ft", CALLER)
+    spec = actions[0].spec
+    e.answer(1.0, "c1", "ft", "tt", CALLEE)
+    assert spec.b.announced is None  # the snapshot did not move with the engine
+    assert session.legs["B"].announced == CALLEE
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.b.announced = CALLEE  # type: ignore[misc]
+
+
+# -- the channel ------------------------------------------------------------------------------
+def test_channel_messages_round_trip_as_typed_values():
+    spec = SessionSpec(7, "c", LegSpec("A", "127.0.0.1", 31000, CALLER, (CALLER[0], 4001),
+                                       False, 2),
+                       LegSpec("B", "127.0.0.1", 31002, None, None, True, 0))
+    report = SessionReport(7, 1.5, LegReport(1, 2, 3, 4, (("send_error", 1),), 2, CALLER,
+                                             None), LegReport())
+    messages = [
+        channel.InstallSession(spec, (2, 2, 2, 2), (("127.0.0.1", 31000),) * 4),
+        channel.UpdateSession(spec, "A"), channel.RemoveSession(7), channel.Flush(3),
+        channel.Flushed(3), channel.Stop(), channel.Taps(),
+        channel.Reports((report,), {"media.forwarded.packets": 9}),
+        channel.Batch((channel.RemoveSession(1), channel.Flush(2)), (0, 0)),
+    ]
+    for message in messages:
+        assert channel.decode_message(channel.encode_message(message)) == message
+
+
+def test_channel_rejects_untagged_bytes():
+    import marshal
+
+    with pytest.raises(ValueError):
+        channel.decode_message(marshal.dumps({"op": "install"}))
+    with pytest.raises(ValueError):
+        channel.decode_message(marshal.dumps(("?", 1)))
+
+
+# -- socket plane ---------------------------------------------------------------------------
+def test_socket_plane_bind_failure_is_a_failure_not_a_log_line():
+    plane = SocketPlane(31000, 31099, ["127.0.0.1"])
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    squatter.bind(("127.0.0.1", 31003))  # B's RTCP port
+    try:
+        spec = SessionSpec(1, "c1", LegSpec("A", "127.0.0.1", 31000, CALLER),
+                           LegSpec("B", "127.0.0.1", 31002, CALLEE))
+        failures = plane.apply([Install(spec)])
+    finally:
+        squatter.close()
+    assert [(f.sid, f.reason) for f in failures] == [(1, "bind_failed")]
+    assert "127.0.0.1:31002-31003" in failures[0].detail
+    assert plane.installed == {}
+    assert plane.counters["plane.bind_failures"] == 1
+    # A's ports were bound and released again: nothing leaks
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 31000))
+    probe.close()
+
+
+def test_reports_continue_from_a_dead_workers_counts():
+    base = SessionReport(1, 5.0, LegReport(10, 1000, 9, 900, (("no_destination", 1),), 1,
+                                           CALLER), LegReport(9, 900, 10, 1000))
+    new = SessionReport(1, None, LegReport(2, 200, 1, 100, (("no_destination", 2),), 1),
+                        LegReport())
+    total = add_reports(base, new)
+    assert total.last_rx == 5.0
+    assert (total.a.in_packets, total.a.in_bytes, total.a.out_packets) == (12, 1200, 10)
+    assert dict(total.a.drops) == {"no_destination": 3}
+    assert total.b.in_packets == 9
+
+
+class FakeWorker:
+    def __init__(self) -> None:
+        self.sent: List[Any] = []
+        self.outbox: List[Any] = []
+        self.chan = object()
+
+    def send(self, message: Any, socks: Any = ()) -> None:
+        self.sent.append(message)
+        for s in socks:
+            s.close()
+
+    def _flush_outbox(self) -> None:
+        pass
+
+
+def test_socket_plane_reply_waits_for_a_full_channel():
+    plane = SocketPlane(31000, 31099, ["127.0.0.1"])
+    worker = FakeWorker()
+    plane.workers = [worker]  # type: ignore[list-item]
+    worker.outbox = ["queued install"]  # the channel was full: nothing left yet
+    sent: List[str] = []
+    plane.commit(lambda: sent.append("reply"))
+    assert sent == []  # the client must not hear of a session the worker does not know
+    worker.outbox = []
+    plane.committed()
+    assert sent == ["reply"]
+
+
+def test_socket_plane_reports_reach_the_sink_for_installed_sessions_only():
+    plane = SocketPlane(31000, 31099, ["127.0.0.1"])
+    worker = FakeWorker()
+    plane.workers = [worker]  # type: ignore[list-item]
+    events: List[Any] = []
+    plane.sink = events.append
+    spec = SessionSpec(4, "c4", LegSpec("A", "127.0.0.1", 31010, CALLER),
+                       LegSpec("B", "127.0.0.1", 31012, CALLEE))
+    assert plane.apply([Install(spec)]) == []
+    assert isinstance(worker.sent[0], channel.InstallSession)
+    ours, stranger = media(4, 1.0), media(99, 1.0)
+    plane.on_message(worker, channel.Reports((ours, stranger), {"media.latched": 1}))  # type: ignore[arg-type]
+    assert events == [ours]
+    assert plane.media_counters()["media.latched"] == 1
+    plane.apply([Update(spec, "A"), Remove(4, "c4", "deleted")])
+    assert [type(m) for m in worker.sent] == [channel.InstallSession, channel.UpdateSession,
+                                              channel.RemoveSession]
+
+
+# -- kernel plane ---------------------------------------------------------------------------
+class FakeNft:
+    def __init__(self, fail_on: str = "") -> None:
+        self.fail_on = fail_on
+        self.runs: List[str] = []
+        self.backend = "fake"
+
+    def run(self, text: str) -> None:
+        if self.fail_on and self.fail_on in text:
+            raise NftError(f"Error: Could not process rule: {self.fail_on}")
+        self.runs.append(text)
+
+    def run_json(self, text: str) -> Dict[str, Any]:
+        return {"nftables": [{"counter": {"name": name, "packets": 0, "bytes": 0}}
+                             for name in DROP_COUNTERS.values()]}
+
+
+class FakeCt:
+    def __init__(self) -> None:
+        self.flows_now: List[CtFlow] = []
+        self.flushed: List[int] = []
+
+    def flush_marks(self, marks: Any) -> None:
+        self.flushed.extend(marks)
+
+    def flows(self, filters: Any, timeout: float = 0, max_flows: int = 0) -> List[CtFlow]:
+        return list(self.flows_now)
+
+    def close(self) -> None:
+        pass
+
+
+def kernel_plane(nft: FakeNft) -> KernelPlane:
+    plane = KernelPlane(31000, 31099, ["127.0.0.1"], poll_interval=2.0)
+    plane.nft = nft  # type: ignore[assignment]
+    plane.ct = plane.ct_dump = FakeCt()  # type: ignore[assignment]
+    return plane
+
+
+def test_kernel_plane_nft_error_is_a_failure():
+    e = engine()
+    plane = kernel_plane(FakeNft(fail_on="add element"))
+    session = call(e)
+    failures = plane.apply([Install(session.spec())])
+    assert [(f.sid, f.reason) for f in failures] == [(session.sid, "kernel_error")]
+    assert "Could not process rule" in failures[0].detail
+    assert plane.installed == {} and plane.specs == {}
+    assert plane.counters["kernel.errors"] == 1
+
+
+def test_kernel_plane_polls_on_its_own_timer_so_silence_expiry_is_exact():
+    """Media for the first second, then silence: the call ends within one poll interval
+    of its timeout (10 s), however long nobody asks for stats."""
+    e = engine()
+    plane = kernel_plane(FakeNft())
+    plane.sink = lambda event: e.handle_event(0.0, event)
+    session = call(e)
+    assert plane.apply([Install(session.spec())]) == []
+    a = session.spec().a
+    ct: FakeCt = plane.ct_dump  # type: ignore[assignment]
+    mark = plane.installed[session.sid].a.rtp_mark  # the flow entered at leg A's RTP port
+    ct.flows_now = [CtFlow(mark, 17, CALLER[0], CALLER[1], "127.0.0.1", a.relay_port,
+                           orig_packets=50, orig_bytes=5000)]
+    clock = 0.0
+    plane._last_poll = 0.0
+    ended_at = None
+    for step in range(1, 200):
+        clock = step * 0.5
+        if plane.get_timer() is not None and plane.get_timer() <= clock:
+            plane.handle_timer(clock)
+        if e.due(clock):
+            actions = e.handle_timer(clock)
+            plane.apply(actions)
+            ended_at = clock
+            break
+    assert session.legs["A"].counters.in_packets == 50
+    assert session.last_media == 2.0  # the first poll saw the media
+    assert ended_at is not None and 10.0 <= ended_at <= 12.0 + 0.5, ended_at
+    assert plane.installed == {}
+
+
+def test_nfqueue_plane_reports_latches_instead_of_writing_engine_state():
+    e = engine()
+    plane = NfqueuePlane(31000, 31099, ["127.0.0.1"])
+    plane.nft = FakeNft()  # type: ignore[assignment]
+    plane.ct = plane.ct_dump = FakeCt()  # type: ignore[assignment]
+    events: List[Any] = []
+    plane.sink = events.append
+    session = call(e)
+    assert plane.apply([Install(session.spec())]) == []
+    relay_a = session.legs["A"].relay_port
+    nat = (CALLER[0], 61000)
+    packet = _udp4(nat, ("127.0.0.1", relay_a))
+    from fastpath.kernel.nfqueue import NF_REPEAT
+
+    assert plane._decide(packet) == NF_REPEAT
+    assert session.legs["A"].latched is None  # the engine's state is the engine's
+    plane._poll()
+    reports = [ev for ev in events if isinstance(ev, SessionReport)]
+    assert reports and reports[-1].a.latched == nat
+    assert reports[-1].a.generation == session.legs["A"].generation
+    e.handle_event(1.0, reports[-1])
+    assert session.legs["A"].latched == nat
+
+
+def _udp4(src: Any, dst: Any) -> bytes:
+    import struct
+
+    payload = b"\x80" + b"\x00" * 11
+    udp = struct.pack("!HHHH", src[1], dst[1], 8 + len(payload), 0) + payload
+    total = 20 + len(udp)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0, 64, 17, 0,
+                     socket.inet_aton(src[0]), socket.inet_aton(dst[0]))
+    return ip + udp
+
+
+# -- the relay shell ------------------------------------------------------------------------
+class FailingPlane:
+    """A plane that refuses every install (as a full disk of nft, or a taken port, would)."""
+
+    def __init__(self) -> None:
+        self.sink: Any = None
+        self.applied: List[Any] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def apply(self, actions: Any) -> List[PlaneFailure]:
+        self.applied.extend(actions)
+        return [PlaneFailure(a.sid, "bind_failed", "port taken") for a in actions
+                if isinstance(a, Install)]
+
+    def commit(self, then: Any) -> None:
+        then()
+
+    def refresh(self, then: Any) -> None:
+        then()
+
+    def get_timer(self) -> None:
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        pass
+
+    def media_counters(self) -> Dict[str, int]:
+        return {}
+
+
+class FakeEndpoint:
+    def __init__(self) -> None:
+        self.replies: List[bytes] = []
+
+    def sendto(self, data: bytes, addr: Any) -> None:
+        self.replies.append(data)
+
+
+def _relay(tmp_path: Any) -> Relay:
+    relay = Relay(Config(control="127.0.0.1:0", ports="31100-31199"))
+    relay.plane = FailingPlane()  # type: ignore[assignment]
+    relay.plane.sink = relay.on_plane_event
+    return relay
+
+
+def test_offer_the_data_plane_refuses_gets_an_error_reply_and_no_session(tmp_path: Any):
+    relay = _relay(tmp_path)
+    endpoint = FakeEndpoint()
+    request = msgpack.packb({"v": 1, "cookie": "k1", "cmd": "offer", "call_id": "c1",
+                             "from_tag": "ft", "media": {"ip": CALLER[0], "port": CALLER[1]}})
+    relay.on_control(request, ("127.0.0.1", 40000), endpoint)  # type: ignore[arg-type]
+    reply = msgpack.unpackb(endpoint.replies[0], raw=False)
+    assert reply["ok"] is False and reply["error"]["code"] == "data_plane"
+    assert "port taken" in reply["error"]["message"]
+    assert relay.engine.by_call == {}
+    assert relay.engine.counters["sessions.failed.bind_failed"] == 1
+    assert any(isinstance(a, Remove) and a.reason == "failed" for a in relay.plane.applied)
+    # a retransmission gets the same error, not a second attempt
+    relay.on_control(request, ("127.0.0.1", 40000), endpoint)  # type: ignore[arg-type]
+    assert endpoint.replies[1] == endpoint.replies[0]
+
+
+def test_legacy_set_the_data_plane_refuses_gets_no_ok(tmp_path: Any):
+    relay = _relay(tmp_path)
+    endpoint = FakeEndpoint()
+    request = (b"1_1 S 198.51.100.10 127.0.0.1 127.0.0.1 198.51.100.20 4000 31102 31100 "
+               b"5000 60 call@test ")
+    relay.on_legacy(request, ("127.0.0.1", 40001), endpoint)  # type: ignore[arg-type]
+    assert endpoint.replies == []  # Kamailio retries, then fails the call
+    assert relay.legacy.counters["legacy.dropped.plane_failure"] == 1
+    assert relay.engine.by_call == {}
+    relay.on_legacy(request, ("127.0.0.1", 40001), endpoint)  # type: ignore[arg-type]
+    assert relay.legacy.counters["legacy.dropped.plane_failure"] == 2  # tried afresh
+
+
+def test_relay_arms_one_timer_at_the_engine_deadline(tmp_path: Any):
+    async def scenario() -> None:
+        relay = _relay(tmp_path)
+        relay.plane = FakeAcceptingPlane()  # type: ignore[assignment]
+        relay._loop = asyncio.get_running_loop()
+        relay.engine.offer(0.0, "c1", "ft", CALLER)
+        relay._rearm()
+        deadline = relay.engine.get_timer()
+        assert relay._timer is not None and relay._timer_at == deadline
+        relay.engine.offer(0.0, "c2", "ft", CALLER, timeout=1.0)
+        relay._rearm()
+        assert relay._timer_at == relay.engine.get_timer() < deadline
+        relay._timer.cancel()
+
+    asyncio.run(scenario())
+
+
+class FakeAcceptingPlane(FailingPlane):
+    def apply(self, actions: Any) -> List[PlaneFailure]:
+        self.applied.extend(actions)
+        return []
