@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -92,6 +93,14 @@ def add_reports(base: SessionReport, new: SessionReport) -> SessionReport:
     return SessionReport(new.sid, last_rx, _add_leg(base.a, new.a), _add_leg(base.b, new.b))
 
 
+def _ignore_stop_signals() -> None:
+    """In the forked child, before exec: a worker ignores SIGINT/SIGTERM from its first
+    instruction (an ignored disposition survives exec), so a signal to the whole process
+    group while it starts cannot kill it; the daemon stops it, or it exits on EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class WorkerHandle:
     """One worker process and the daemon's end of its channel."""
 
@@ -112,7 +121,8 @@ class WorkerHandle:
                "--log-level", self.plane.log_level, "--log-format", self.plane.log_format,
                "--coalesce-us", str(self.plane.coalesce_us)]
         try:
-            self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), close_fds=True)
+            self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), close_fds=True,
+                                         preexec_fn=_ignore_stop_signals)
         finally:
             theirs.close()
         mine.setblocking(False)
