@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from fastpath.contract import Addr, LegReport, LegSpec, SessionReport, SessionSpec
+from fastpath.contract import Addr, LegReport, LegSpec, StreamSpec
 
 MAX_MESSAGE = 256 * 1024
 #: fds one message may carry: a batch of up to 16 installs (4 sockets each)
@@ -39,27 +39,40 @@ def pair() -> Tuple[socket.socket, socket.socket]:
 # -- messages ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class InstallSession:
-    """Daemon -> worker: serve a session on the four sockets that come with it (A-RTP,
-    A-RTCP, B-RTP, B-RTCP), whose families and local addresses the daemon already knows."""
+    """Daemon -> worker: serve one stream of a session (unit `uid`, see
+    `fastpath.contract.unit_id`) on the four sockets that come with it (A-RTP, A-RTCP,
+    B-RTP, B-RTCP), whose families and local addresses the daemon already knows."""
 
-    spec: SessionSpec
+    uid: int
+    stream: StreamSpec
     families: Tuple[int, ...]
     addrs: Tuple[Addr, ...]
 
 
 @dataclass(frozen=True)
 class UpdateSession:
-    """Daemon -> worker: a leg's peer changed or must latch afresh."""
+    """Daemon -> worker: a unit's legs as they now are (a leg whose spec changed latches
+    afresh; the other keeps its latch)."""
 
-    spec: SessionSpec
-    leg: str
+    uid: int
+    stream: StreamSpec
 
 
 @dataclass(frozen=True)
 class RemoveSession:
-    """Daemon -> worker: stop serving a session, close its sockets (final report first)."""
+    """Daemon -> worker: stop serving a unit, close its sockets (final report first)."""
 
-    sid: int
+    uid: int
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    """Worker -> daemon: what one unit counted since its install."""
+
+    uid: int
+    last_rx: Optional[float]
+    a: LegReport
+    b: LegReport
 
 
 @dataclass(frozen=True)
@@ -91,7 +104,7 @@ class Batch:
 class Reports:
     """Worker -> daemon: session reports, and the worker's totals (last chunk only)."""
 
-    reports: Tuple[SessionReport, ...]
+    reports: Tuple[UnitReport, ...]
     totals: Optional[Dict[str, int]] = None
 
 
@@ -103,28 +116,28 @@ class Flushed:
 
 
 Message = Union[InstallSession, UpdateSession, RemoveSession, Taps, Flush, Stop, Batch,
-                Reports, Flushed]
+                Reports, Flushed, UnitReport]
 
 
 def _leg_out(leg: LegSpec) -> tuple:
     return (leg.name, leg.relay_ip, leg.relay_port, leg.announced, leg.rtcp_announced,
-            leg.latch_any, leg.generation)
+            leg.latch_any, leg.generation, leg.rtcp_mux)
 
 
 def _leg_in(t: tuple) -> LegSpec:
-    return LegSpec(t[0], t[1], t[2], _addr(t[3]), _addr(t[4]), t[5], t[6])
+    return LegSpec(t[0], t[1], t[2], _addr(t[3]), _addr(t[4]), t[5], t[6], t[7])
 
 
 def _addr(a: Any) -> Optional[Addr]:
     return None if a is None else (a[0], a[1])
 
 
-def _spec_out(spec: SessionSpec) -> tuple:
-    return (spec.sid, spec.call_id, _leg_out(spec.a), _leg_out(spec.b))
+def _spec_out(spec: StreamSpec) -> tuple:
+    return (spec.index, _leg_out(spec.a), _leg_out(spec.b))
 
 
-def _spec_in(t: tuple) -> SessionSpec:
-    return SessionSpec(t[0], t[1], _leg_in(t[2]), _leg_in(t[3]))
+def _spec_in(t: tuple) -> StreamSpec:
+    return StreamSpec(t[0], _leg_in(t[1]), _leg_in(t[2]))
 
 
 def _report_leg_out(r: LegReport) -> tuple:
@@ -139,14 +152,14 @@ def _report_leg_in(t: tuple) -> LegReport:
 
 def _to_wire(m: Any) -> tuple:
     if isinstance(m, Reports):
-        return ("R", tuple((r.sid, r.last_rx, _report_leg_out(r.a), _report_leg_out(r.b))
+        return ("R", tuple((r.uid, r.last_rx, _report_leg_out(r.a), _report_leg_out(r.b))
                            for r in m.reports), m.totals)
     if isinstance(m, InstallSession):
-        return ("I", _spec_out(m.spec), m.families, m.addrs)
+        return ("I", m.uid, _spec_out(m.stream), m.families, m.addrs)
     if isinstance(m, UpdateSession):
-        return ("U", _spec_out(m.spec), m.leg)
+        return ("U", m.uid, _spec_out(m.stream))
     if isinstance(m, RemoveSession):
-        return ("X", m.sid)
+        return ("X", m.uid)
     if isinstance(m, Flush):
         return ("F", m.req)
     if isinstance(m, Flushed):
@@ -163,13 +176,13 @@ def _to_wire(m: Any) -> tuple:
 def _from_wire(t: tuple) -> Any:
     tag = t[0]
     if tag == "R":
-        return Reports(tuple(SessionReport(r[0], r[1], _report_leg_in(r[2]),
-                                           _report_leg_in(r[3])) for r in t[1]), t[2])
+        return Reports(tuple(UnitReport(r[0], r[1], _report_leg_in(r[2]),
+                                        _report_leg_in(r[3])) for r in t[1]), t[2])
     if tag == "I":
-        return InstallSession(_spec_in(t[1]), tuple(t[2]),
-                              tuple((a[0], a[1]) for a in t[3]))
+        return InstallSession(t[1], _spec_in(t[2]), tuple(t[3]),
+                              tuple((a[0], a[1]) for a in t[4]))
     if tag == "U":
-        return UpdateSession(_spec_in(t[1]), t[2])
+        return UpdateSession(t[1], _spec_in(t[2]))
     if tag == "X":
         return RemoveSession(t[1])
     if tag == "F":

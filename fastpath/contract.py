@@ -29,17 +29,33 @@ DROP_REASONS = ("unexpected_source", "no_destination", "send_error")
 
 
 # -- engine -> plane ---------------------------------------------------------------------
+#: relayed streams (m= lines) per session: a unit id packs (session id, stream index)
+MAX_STREAMS = 16
+
+
+def unit_id(sid: int, index: int) -> int:
+    """The data plane's key of one stream of one session (socket worker, kernel state)."""
+    return sid * MAX_STREAMS + index
+
+
+def unit_of(uid: int) -> Tuple[int, int]:
+    """(session id, stream index) of a unit id."""
+    return divmod(uid, MAX_STREAMS)
+
+
 @dataclass(frozen=True)
 class LegSpec:
-    """One leg as a data plane must serve it: where its peer sends, who that peer is."""
+    """One leg's side of one stream, as a data plane must serve it: where the peer sends,
+    who that peer is."""
 
     name: str
     relay_ip: str
-    relay_port: int  # even; RTCP on relay_port + 1
+    relay_port: int  # even; RTCP on relay_port + 1 (unused while rtcp_mux)
     announced: Optional[Addr] = None  # from SDP; port 0: on hold / disabled
     rtcp_announced: Optional[Addr] = None
-    latch_any: bool = False  # accept the first source from any address
+    latch_any: bool = False  # accept the first source from any address (NAT learning)
     generation: int = 0  # bumped by every offer/answer that makes the leg latch afresh
+    rtcp_mux: bool = False  # this leg's peer sends and takes RTCP on the RTP port
 
     @property
     def rtcp_port(self) -> int:
@@ -47,13 +63,40 @@ class LegSpec:
 
 
 @dataclass(frozen=True)
+class StreamSpec:
+    """One relayed stream (m= line `index` of the SDP) on both legs."""
+
+    index: int
+    a: LegSpec
+    b: LegSpec
+
+    def leg(self, name: str) -> LegSpec:
+        return self.a if name == LEG_A else self.b
+
+
+@dataclass(frozen=True)
 class SessionSpec:
-    """A session as a data plane must serve it (a snapshot: the engine's own state moves on)."""
+    """A session as a data plane must serve it (a snapshot: the engine's own state moves
+    on). Disabled streams (port 0) are absent; `streams` keeps SDP order."""
 
     sid: int
     call_id: str
-    a: LegSpec
-    b: LegSpec
+    streams: Tuple[StreamSpec, ...]
+
+    def stream(self, index: int) -> Optional[StreamSpec]:
+        for stream in self.streams:
+            if stream.index == index:
+                return stream
+        return None
+
+    @property
+    def a(self) -> LegSpec:
+        """Leg A of the first stream (one-stream callers: the legacy protocol, tests)."""
+        return self.streams[0].a
+
+    @property
+    def b(self) -> LegSpec:
+        return self.streams[0].b
 
     def leg(self, name: str) -> LegSpec:
         return self.a if name == LEG_A else self.b
@@ -72,8 +115,9 @@ class Install:
 
 @dataclass(frozen=True)
 class Update:
-    """A leg's peer changed or must latch afresh (new offer/answer): `spec` is the whole
-    session as it now is; `leg` names the leg that re-latches."""
+    """The session changed (new offer/answer): `spec` is the whole session as it now is;
+    the plane diffs it per stream against what it holds (streams added, removed, moved
+    to other relay ports, re-latched). `leg` names the leg that latches afresh."""
 
     spec: SessionSpec
     leg: str
@@ -113,14 +157,31 @@ class LegReport:
 
 
 @dataclass(frozen=True)
+class StreamReport:
+    """What a plane observed on one stream, per leg."""
+
+    index: int
+    a: LegReport
+    b: LegReport
+
+
+@dataclass(frozen=True)
 class SessionReport:
-    """Counters and latches of one session; `last_rx` is the monotonic time media last
-    arrived (None: none seen since install)."""
+    """Counters and latches of one session's streams; `last_rx` is the monotonic time
+    media last arrived on any of them (None: none seen since install)."""
 
     sid: int
     last_rx: Optional[float]
-    a: LegReport
-    b: LegReport
+    streams: Tuple[StreamReport, ...]
+
+    @property
+    def a(self) -> LegReport:
+        """Leg A of the first stream reported (one-stream callers)."""
+        return self.streams[0].a if self.streams else LegReport()
+
+    @property
+    def b(self) -> LegReport:
+        return self.streams[0].b if self.streams else LegReport()
 
 
 @dataclass(frozen=True)
@@ -175,6 +236,7 @@ def drops_dict(drops: Tuple[Tuple[str, int], ...]) -> Dict[str, int]:
 
 __all__ = [
     "Action", "Addr", "DROP_REASONS", "DataPlane", "Event", "EventSink", "Install", "LEGS",
-    "LEG_A", "LEG_B", "LegReport", "LegSpec", "PlaneFailure", "Remove", "SessionReport",
-    "SessionSpec", "Update", "drops_dict",
+    "LEG_A", "LEG_B", "LegReport", "LegSpec", "MAX_STREAMS", "PlaneFailure", "Remove",
+    "SessionReport", "SessionSpec", "StreamReport", "StreamSpec", "Update", "drops_dict",
+    "unit_id", "unit_of",
 ]

@@ -93,7 +93,7 @@ class SocketWorker:
     def _handle_batch(self, batch: channel.Batch, fds: List[int]) -> None:
         """Several messages in one: each takes its `nfds` fds in order. Removed sessions
         are reported in one message first, not one report per remove."""
-        removed = [m.sid for m in batch.messages if isinstance(m, channel.RemoveSession)]
+        removed = [m.uid for m in batch.messages if isinstance(m, channel.RemoveSession)]
         if removed:
             self._report(removed)
         at = 0
@@ -116,11 +116,12 @@ class SocketWorker:
         elif isinstance(message, channel.InstallSession):
             self._install(message, fds)
         elif isinstance(message, channel.UpdateSession):
-            self.table.update(message.spec.sid, message.spec.leg(message.leg))
+            self.table.update(message.uid, message.stream.a)
+            self.table.update(message.uid, message.stream.b)
         elif isinstance(message, channel.RemoveSession):
             if report_removes:
-                self._report([message.sid])
-            self._remove(message.sid)
+                self._report([message.uid])
+            self._remove(message.uid)
         elif isinstance(message, channel.Flush):
             self._report(None)
             channel.send(self.chan, channel.Flushed(message.req))
@@ -137,7 +138,7 @@ class SocketWorker:
             raise ValueError(f"unexpected channel message {type(message).__name__}")
 
     def _install(self, message: channel.InstallSession, fds: List[int]) -> None:
-        sid = message.spec.sid
+        sid = message.uid
         if len(fds) != 4:
             raise ValueError(f"install of {sid} carries {len(fds)} fds, not 4")
         if sid in self.table.sessions:
@@ -147,7 +148,7 @@ class SocketWorker:
             sock = socket.socket(family, socket.SOCK_DGRAM | _NONBLOCK, 0, fd)
             self.sockets[fd] = sock
             self.epoll.register(fd, select.EPOLLIN)
-        session = self.table.install(sid, fds, message.spec)
+        session = self.table.install(sid, fds, message.stream)
         if self.readers:
             egress = self.egress
             addrs = dict(zip(fds, message.addrs))
@@ -187,7 +188,7 @@ class SocketWorker:
         for sid in sids:
             session = sessions[sid]
             session.dirty = False
-            chunk.append(session.report())
+            chunk.append(channel.UnitReport(*session.report()))
             if len(chunk) >= channel.REPORT_CHUNK:
                 channel.send(self.chan, channel.Reports(tuple(chunk)))
                 chunk = []
@@ -249,9 +250,14 @@ class SocketWorker:
                     packets = io.recv(fd)
                     if not packets:
                         break
-                    src_ep, out = table.forward(ep, packets, now)
-                    if out:
-                        table.sent(src_ep, out, io.send(src_ep.fd, out))
+                    if ep.demux:  # rtcp-mux on this leg only: RTCP leaves elsewhere
+                        for src_ep, out in table.forward_demux(ep, packets, now):
+                            if out:
+                                table.sent(src_ep, out, io.send(src_ep.fd, out))
+                    else:
+                        src_ep, out = table.forward(ep, packets, now)
+                        if out:
+                            table.sent(src_ep, out, io.send(src_ep.fd, out))
                     self.round_packets += len(packets)
                     if len(packets) < io.batch:
                         break
@@ -297,9 +303,16 @@ class SocketWorker:
 
     def _forward(self, ep, packets, now: float) -> None:
         """Packet mode: decide a run, queue what passes for the round's raw send."""
-        src_ep, out = self.table.forward(ep, packets, now)
-        if not out:
+        if ep.demux:
+            for src_ep, out in self.table.forward_demux(ep, packets, now):
+                if out:
+                    self._queue(src_ep, out)
             return
+        src_ep, out = self.table.forward(ep, packets, now)
+        if out:
+            self._queue(src_ep, out)
+
+    def _queue(self, src_ep: Endpoint, out: list) -> None:
         egress = self.egress
         if egress is None:
             self.egress_fallback += len(out)

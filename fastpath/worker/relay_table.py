@@ -1,8 +1,12 @@
 """Per-port forwarding state of the socket relay, sans-IO.
 
-One `Endpoint` per relay socket (RTP or RTCP of one leg). A datagram that arrives
-on an endpoint is checked against the leg's peer (latching it on first sight) and
-goes out of the partner endpoint (same kind, other leg) to that leg's peer.
+One `RelaySession` per relayed stream (a data-plane *unit*: one m= line of one call),
+one `Endpoint` per relay socket (RTP or RTCP of one leg). A datagram that arrives on
+an endpoint is checked against the leg's peer (latching it on first sight) and goes
+out of the partner endpoint (same kind, other leg) to that leg's peer. rtcp-mux: a
+leg whose peer multiplexes RTCP on the RTP port takes and sends both there; when only
+one leg multiplexes, its RTP endpoint tells RTCP from RTP by payload type (RFC 5761)
+and hands RTCP to the other leg's RTCP endpoint, and back.
 Tuned for PyPy: slots, plain attributes, no per-packet allocation beyond the
 output tuple.
 """
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
-from fastpath.contract import Addr, LegReport, LegSpec, SessionReport, SessionSpec
+from fastpath.contract import Addr, LegReport, LegSpec, StreamSpec
 
 RTP = 0
 RTCP = 1
@@ -29,7 +33,7 @@ class Endpoint:
     __slots__ = (
         "fd", "sid", "leg", "kind", "expected_ip", "latch_any", "peer", "announced",
         "partner", "gen", "in_packets", "in_bytes", "out_packets", "out_bytes", "drops",
-        "session",
+        "session", "mux", "demux", "rtcp_partner", "spec",
     )
 
     def __init__(self, fd: int, sid: int, leg: str, kind: int) -> None:
@@ -49,6 +53,10 @@ class Endpoint:
         self.out_bytes = 0
         self.drops = [0, 0, 0]
         self.session: Optional[RelaySession] = None
+        self.mux = False  # this leg's peer sends RTCP on the RTP port
+        self.demux = False  # mux here, not on the other leg: split RTCP off by type
+        self.rtcp_partner: Optional[Endpoint] = None  # where split-off RTCP leaves
+        self.spec: Optional[LegSpec] = None
 
     def configure(self, announced: Optional[Addr], latch_any: bool, gen: int) -> None:
         """A new offer/answer for this leg: new expected peer, forget the latch."""
@@ -59,8 +67,13 @@ class Endpoint:
         self.gen = gen
 
 
+def is_rtcp(data: bytes) -> bool:
+    """RFC 5761: RTCP packet types 192-223 sit where RTP has marker + payload type."""
+    return len(data) > 1 and 192 <= data[1] <= 223
+
+
 class RelaySession:
-    """The four endpoints of a call in one worker, plus its activity stamp."""
+    """The four endpoints of one stream (unit) in one worker, plus its activity stamp."""
 
     __slots__ = ("sid", "endpoints", "last_rx", "dirty")
 
@@ -72,13 +85,24 @@ class RelaySession:
         for ep in endpoints:
             ep.session = self
         a_rtp, a_rtcp, b_rtp, b_rtcp = endpoints
-        a_rtp.partner, b_rtp.partner = b_rtp, a_rtp
-        a_rtcp.partner, b_rtcp.partner = b_rtcp, a_rtcp
+        self.wire()
 
-    def report(self) -> SessionReport:
+    def wire(self) -> None:
+        """Partners by each leg's rtcp-mux: RTCP of a muxed leg travels on its RTP socket."""
+        a_rtp, a_rtcp, b_rtp, b_rtcp = self.endpoints
+        a_rtp.partner, b_rtp.partner = b_rtp, a_rtp
+        # what arrives on an RTCP socket leaves where the other leg's peer takes RTCP
+        a_rtcp.partner = b_rtp if b_rtp.mux else b_rtcp
+        b_rtcp.partner = a_rtp if a_rtp.mux else a_rtcp
+        for rtp, other_rtp, other_rtcp in ((a_rtp, b_rtp, b_rtcp), (b_rtp, a_rtp, a_rtcp)):
+            rtp.demux = rtp.mux and not other_rtp.mux
+            rtp.rtcp_partner = other_rtcp if rtp.demux else None
+
+    def report(self) -> tuple:
+        """(unit id, last_rx, leg A report, leg B report)."""
         eps = self.endpoints
-        return SessionReport(self.sid, self.last_rx, _leg_report(eps[0], eps[1]),
-                             _leg_report(eps[2], eps[3]))
+        return (self.sid, self.last_rx, _leg_report(eps[0], eps[1]),
+                _leg_report(eps[2], eps[3]))
 
 
 def _leg_report(rtp: Endpoint, rtcp: Endpoint) -> LegReport:
@@ -100,8 +124,8 @@ class RelayTable:
         self.dropped = [0, 0, 0]
         self.latched = 0
 
-    def install(self, sid: int, fds: List[int], spec: SessionSpec) -> RelaySession:
-        """`fds` in order A-RTP, A-RTCP, B-RTP, B-RTCP."""
+    def install(self, sid: int, fds: List[int], spec: StreamSpec) -> RelaySession:
+        """`fds` in order A-RTP, A-RTCP, B-RTP, B-RTCP; `sid` is the unit id."""
         eps = [
             Endpoint(fds[0], sid, "A", RTP), Endpoint(fds[1], sid, "A", RTCP),
             Endpoint(fds[2], sid, "B", RTP), Endpoint(fds[3], sid, "B", RTCP),
@@ -115,12 +139,20 @@ class RelayTable:
         return session
 
     def update(self, sid: int, leg: LegSpec) -> None:
+        """A leg's spec as the engine now has it; the leg latches afresh only if it
+        changed (an update of the other leg keeps this one's latch)."""
         session = self.sessions.get(sid)
         if session is None:
             return
         base = 0 if leg.name == "A" else 2
-        session.endpoints[base].configure(leg.announced, leg.latch_any, leg.generation)
-        session.endpoints[base + 1].configure(leg.rtcp_announced, leg.latch_any, leg.generation)
+        rtp, rtcp = session.endpoints[base], session.endpoints[base + 1]
+        if rtp.spec == leg:
+            return
+        rtp.spec = leg
+        rtp.configure(leg.announced, leg.latch_any, leg.generation)
+        rtcp.configure(leg.rtcp_announced, leg.latch_any, leg.generation)
+        rtp.mux = leg.rtcp_mux
+        session.wire()
         session.dirty = True
 
     def remove(self, sid: int) -> Optional[RelaySession]:
@@ -130,13 +162,29 @@ class RelayTable:
                 self.by_fd.pop(ep.fd, None)
         return session
 
-    def forward(
+    def forward_demux(
         self, ep: Endpoint, packets: List[Tuple[bytes, Addr]], now: float
+    ) -> List[Tuple[Optional[Endpoint], List[Tuple[bytes, Addr]]]]:
+        """A batch on a muxed RTP endpoint whose other leg does not mux: RTP and RTCP
+        leave from different sockets. Returns (endpoint, packets) per destination."""
+        rtp = [p for p in packets if not is_rtcp(p[0])]
+        rtcp = [p for p in packets if is_rtcp(p[0])]
+        done = []
+        if rtp:
+            done.append(self.forward(ep, rtp, now))
+        if rtcp:
+            done.append(self.forward(ep, rtcp, now, ep.rtcp_partner))
+        return done
+
+    def forward(
+        self, ep: Endpoint, packets: List[Tuple[bytes, Addr]], now: float,
+        partner: Optional[Endpoint] = None,
     ) -> Tuple[Optional[Endpoint], List[Tuple[bytes, Addr]]]:
         """Decide a batch received on `ep`: returns the endpoint to send from and what to send."""
         out: List[Tuple[bytes, Addr]] = []
         peer = ep.peer
-        partner = ep.partner
+        if partner is None:
+            partner = ep.partner
         dest = partner.peer or partner.announced  # type: ignore[union-attr]
         if dest is not None and dest[1] == 0:
             dest = None  # port 0: stream disabled / on hold

@@ -17,11 +17,12 @@ import msgpack
 import msgpack.exceptions
 from netaddr import IPSet
 
-from fastpath.contract import Action
+from fastpath.contract import MAX_STREAMS, Action
 from lrk.control.allow import AllowList
 from lrk.control.replay import ReplayCache
 from lrk.core import sdp
 from lrk.core.engine import Engine
+from lrk.core.session import StreamOffer
 from lrk.errors import BadRequest, LrkError
 
 log = logging.getLogger("lrk.control")
@@ -212,30 +213,58 @@ class MsgpackControl:
         body.update(self.info)
         return body, []
 
-    def _media_args(self, args: Dict[str, Any]) -> Tuple[Tuple[str, int], Optional[int], Any]:
+    def _media_args(self, args: Dict[str, Any]) -> Tuple[Any, Optional[int], Any]:
+        """Every stream of the request: from `sdp` (each m= line; a stream lrk cannot or
+        need not relay counts as disabled), from a `media` list, or one `media` map."""
         body = args.get("sdp")
         if body is not None:
             if not isinstance(body, (str, bytes)):
                 raise BadRequest("sdp must be a string or binary")
-            found = sdp.parse(body)
-            return (_ip(found.ip, "sdp c="), found.port), found.rtcp_port, body
+            desc = sdp.parse(body)
+            if desc.first_relayable() is None:
+                raise BadRequest("sdp has no stream lrk can relay (every m= line is "
+                                 "disabled, or not over UDP)")
+            streams = [_stream_of(st) for st in desc.streams]
+            return streams, None, (body, desc)
         media = args.get("media")
+        if isinstance(media, list):
+            if not 0 < len(media) <= MAX_STREAMS:
+                raise BadRequest(f"media must list 1-{MAX_STREAMS} streams")
+            return [_media_stream(m, f"media[{i}]") for i, m in enumerate(media)], None, None
         if not isinstance(media, dict):
-            raise BadRequest("media {ip, port} or sdp is required")
+            raise BadRequest("media {ip, port} (or a list of them) or sdp is required")
         ip = _ip(media.get("ip"), "media.ip")
         port = _int(media.get("port"), "media.port", 0, 65535)
         rtcp = media.get("rtcp_port")
         rtcp = None if rtcp is None else _int(rtcp, "media.rtcp_port", 1, 65535)
         return (ip, port), rtcp, None
 
-    def _relay_reply(self, session, leg, body) -> Dict[str, Any]:
+    def _relay_reply(self, session: Any, leg: Any, body: Any) -> Dict[str, Any]:
+        """The relay addresses to announce: `relay` for the first stream (one-stream
+        clients), `streams` for every m= line (None: left alone), `sdp` rewritten."""
+        relays: List[Optional[Any]] = []
+        for m in leg.media:
+            relays.append(None if m is None else {
+                "ip": m.relay_ip, "port": m.relay_port,
+                "rtcp_port": m.relay_port if m.rtcp_mux else m.rtcp_port,
+                "rtcp_mux": m.rtcp_mux})
         reply: Dict[str, Any] = {
             "call_id": session.call_id,
             "leg": leg.name,
             "relay": {"ip": leg.relay_ip, "port": leg.relay_port, "rtcp_port": leg.rtcp_port},
+            "streams": relays,
         }
         if body is not None:
-            reply["sdp"] = sdp.rewrite(body, leg.relay_ip, leg.relay_port, leg.rtcp_port)
+            text, desc = body
+            rewrite: List[Optional[sdp.StreamRelay]] = []
+            for i, st in enumerate(desc.streams):
+                m = leg.media[i] if i < len(leg.media) else None
+                if m is None or not st.needs_relay:
+                    rewrite.append(None)
+                else:
+                    rewrite.append(sdp.StreamRelay(m.relay_ip, m.relay_port, None,
+                                                   st.rtcp_mux))
+            reply["sdp"] = sdp.rewrite(text, rewrite)
         return reply
 
     def _cmd_offer(self, args: Dict[str, Any], now: float):
@@ -323,6 +352,24 @@ class MsgpackControl:
         data = pack(reply)
         self.replay.store(sender, cookie, data, now)
         return Outcome(data)
+
+
+def _stream_of(st: Any) -> StreamOffer:
+    """A parsed m= line as the engine takes it: port 0 where lrk does not relay it."""
+    if not st.needs_relay:
+        return StreamOffer(st.address or "0.0.0.0", 0, kind=st.media)
+    return StreamOffer(st.address, st.port, st.rtcp_port, st.rtcp_mux, st.media,
+                       rtcp_ip=st.rtcp_address)
+
+
+def _media_stream(value: Any, what: str) -> StreamOffer:
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a map {{ip, port[, rtcp_port, rtcp_mux]}}")
+    rtcp = value.get("rtcp_port")
+    return StreamOffer(
+        _ip(value.get("ip"), f"{what}.ip"), _int(value.get("port"), f"{what}.port", 0, 65535),
+        None if rtcp is None else _int(rtcp, f"{what}.rtcp_port", 1, 65535),
+        _bool(value.get("rtcp_mux", False), f"{what}.rtcp_mux"))
 
 
 def _too_deep(obj: Any, limit: int) -> bool:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from fastpath.contract import (
+    MAX_STREAMS,
     Action,
+    Addr,
     Event,
     Install,
     PlaneFailure,
@@ -23,7 +25,7 @@ from fastpath.contract import (
     Update,
 )
 from lrk.core.ports import PortAllocator
-from lrk.core.session import LEG_A, LEG_B, OTHER, Leg, Session
+from lrk.core.session import LEG_A, LEG_B, OTHER, Leg, Media, Session, StreamOffer
 from lrk.errors import BadRequest, SessionNotFound
 
 PortProbe = Callable[[str, int], bool]
@@ -33,7 +35,7 @@ ENGINE_COUNTERS = (
     "sessions.expired.silence", "sessions.expired.lifetime", "sessions.rebound",
     "sessions.refused.max_sessions", "ports.exhausted",
     "sessions.expired.replaced", "legacy.conflicts.refused", "legacy.conflicts.replaced",
-    "legacy.ports_outside_range", "sessions.failed",
+    "legacy.ports_outside_range", "sessions.failed", "streams.removed",
 )
 
 
@@ -97,7 +99,7 @@ class Engine:
         now: float,
         call_id: str,
         from_tag: str,
-        media: Tuple[str, int],
+        media: Union[Addr, Sequence[StreamOffer]],
         rtcp_port: Optional[int] = None,
         to_tag: Optional[str] = None,
         interface: str = "internal",
@@ -105,14 +107,23 @@ class Engine:
         timeout: Optional[float] = None,
         via_branch: Optional[str] = None,
     ) -> Tuple[Session, Leg, List[Action]]:
-        """Record the offerer's media; return the leg whose relay address the offer announces."""
+        """Record the offerer's streams; return the leg whose relay addresses the offer
+        announces. `media` is every m= line in order (or one (ip, port) for one stream)."""
+        streams = _streams(media, rtcp_port)
         target_ip = self.interface_ip(interface)
         session = self.by_call.get(call_id)
         actions: List[Action] = []
         if session is None:
+            if not any(s.active for s in streams):
+                raise BadRequest("the offer has no stream with a non-zero port to relay")
             session = self._create(now, call_id, from_tag, target_ip, timeout, via_branch)
             offering = session.legs[LEG_A]
-            offering.announce(media[0], media[1], rtcp_port, latch_any)
+            try:
+                self._shape(now, session, [s.active for s in streams])
+            except Exception:
+                self._end(now, session, "failed", count=False)
+                raise
+            self._announce(offering, streams, latch_any)
             actions.append(Install(session.spec()))
         else:
             offering = session.leg_by_tag(from_tag)
@@ -123,12 +134,10 @@ class Engine:
             if timeout is not None:
                 session.timeout = timeout
             target = session.legs[OTHER[offering.name]]
-            actions.extend(self._ensure_ip(now, session, target, target_ip))
-            offering.announce(media[0], media[1], rtcp_port, latch_any)
-            if not actions:
-                actions.append(Update(session.spec(), offering.name))
-            else:  # re-opened: the install must carry the new announcement
-                actions[-1] = Install(session.spec())
+            self._ensure_ip(now, session, target, target_ip)
+            self._shape(now, session, [s.active for s in streams])
+            self._announce(offering, streams, latch_any)
+            actions.append(Update(session.spec(), offering.name))
             self._schedule(session)
         self.counters["sessions.offers"] += 1
         return session, session.legs[OTHER[offering.name]], actions
@@ -139,13 +148,15 @@ class Engine:
         call_id: str,
         from_tag: str,
         to_tag: str,
-        media: Tuple[str, int],
+        media: Union[Addr, Sequence[StreamOffer]],
         rtcp_port: Optional[int] = None,
         interface: str = "internal",
         latch_any: bool = False,
         timeout: Optional[float] = None,
     ) -> Tuple[Session, Leg, List[Action]]:
-        """Record the answerer's media; return the leg whose relay address the answer announces."""
+        """Record the answerer's streams; return the leg whose relay addresses the answer
+        announces. A stream the answer rejects (port 0) frees its ports on both legs."""
+        streams = _streams(media, rtcp_port)
         target_ip = self.interface_ip(interface)
         session = self.get(call_id)
         answering = session.leg_by_tag(to_tag)
@@ -156,12 +167,13 @@ class Engine:
         if timeout is not None:
             session.timeout = timeout
         target = session.legs[OTHER[answering.name]]
-        actions = self._ensure_ip(now, session, target, target_ip)
-        answering.announce(media[0], media[1], rtcp_port, latch_any)
-        if not actions:
-            actions.append(Update(session.spec(), answering.name))
-        else:
-            actions[-1] = Install(session.spec())
+        self._ensure_ip(now, session, target, target_ip)
+        offered = [m is not None for m in target.media]
+        # an answer cannot enable a stream the offer did not: only rejections count
+        self._shape(now, session, [i < len(streams) and streams[i].active and offered[i]
+                                   for i in range(len(offered))])
+        self._announce(answering, streams, latch_any)
+        actions: List[Action] = [Update(session.spec(), answering.name)]
         self._schedule(session)
         session.state = "answered"
         self.counters["sessions.answers"] += 1
@@ -238,14 +250,15 @@ class Engine:
         self,
         now: float,
         call_id: str,
-        a_relay: Tuple[str, int],
-        a_peer: Tuple[str, int],
-        b_relay: Tuple[str, int],
-        b_peer: Tuple[str, int],
+        a_relay: Addr,
+        a_peer: Addr,
+        b_relay: Addr,
+        b_peer: Addr,
         timeout: float,
         takeover_idle: float,
     ) -> Tuple[Optional[Session], List[Action], str]:
-        """Create or update a session whose relay ports the client chose (legacy protocol).
+        """Create or update a one-stream session whose relay ports the client chose (legacy
+        protocol).
 
         Returns (session or None, actions, outcome) where outcome is one of
         "created", "unchanged", "updated", "refused" (a port is held by a live call that
@@ -271,24 +284,22 @@ class Engine:
             self.counters["legacy.conflicts.replaced"] += 1
             actions.append(self._end(now, holder, "replaced"))
         if session is not None:
-            same = all(
-                (session.legs[n].relay_ip, session.legs[n].relay_port) == relay
-                and session.legs[n].announced == peer
-                for n, (relay, peer) in wanted.items()
-            )
-            if same:
+            legs = session.legs
+            if any((legs[n].relay_ip, legs[n].relay_port) != wanted[n][0] for n in wanted) \
+                    or len(legs[LEG_A].media) != 1:
+                actions.append(self._end(now, session, "replaced"))
+                session = None
+            elif all(legs[n].announced == peer for n, (_relay, peer) in wanted.items()):
                 session.timeout = timeout
                 self._schedule(session)
                 return session, actions, "unchanged"
-            if any((session.legs[n].relay_ip, session.legs[n].relay_port) != wanted[n][0]
-                   for n in wanted):
-                actions.append(self._end(now, session, "replaced"))
-                session = None
             else:
                 session.timeout = timeout
                 for name, (_relay, peer) in wanted.items():
-                    if session.legs[name].announced != peer:
-                        session.legs[name].announce(peer[0], peer[1], None, False)
+                    leg = legs[name]
+                    if leg.announced != peer:
+                        leg.relatch(False)
+                        leg.media[0].announce(StreamOffer(peer[0], peer[1]))  # type: ignore[union-attr]
                         actions.append(Update(session.spec(), name))
                 self._schedule(session)
                 return session, actions, "updated"
@@ -298,12 +309,14 @@ class Engine:
         self._next_sid += 1
         session = Session(
             sid=sid, call_id=call_id, created=now, timeout=timeout,
-            legs={LEG_A: Leg(LEG_A, a_relay[0], a_relay[1] & ~1),
-                  LEG_B: Leg(LEG_B, b_relay[0], b_relay[1] & ~1)},
+            legs={LEG_A: Leg(LEG_A, a_relay[0], [Media(a_relay[0], a_relay[1] & ~1)]),
+                  LEG_B: Leg(LEG_B, b_relay[0], [Media(b_relay[0], b_relay[1] & ~1)])},
             state="answered",
         )
-        session.legs[LEG_A].announce(a_peer[0], a_peer[1], None, False)
-        session.legs[LEG_B].announce(b_peer[0], b_peer[1], None, False)
+        for name, (_relay, peer) in wanted.items():
+            leg = session.legs[name]
+            leg.relatch(False)
+            leg.media[0].announce(StreamOffer(peer[0], peer[1]))  # type: ignore[union-attr]
         self._register(session)
         actions.append(Install(session.spec()))
         return session, actions, "created"
@@ -327,8 +340,7 @@ class Engine:
         last_rx = report.last_rx
         if last_rx is not None and (session.last_media is None or last_rx > session.last_media):
             session.last_media = last_rx
-        session.legs[LEG_A].observe(report.a)
-        session.legs[LEG_B].observe(report.b)
+        session.observe(report)
 
     def fail(self, now: float, failure: PlaneFailure) -> List[Action]:
         """The data plane cannot serve a session: end it (counted by reason)."""
@@ -353,13 +365,6 @@ class Engine:
             raise BadRequest(
                 f"session limit of {self.config.max_sessions} reached; raise max_sessions"
             )
-        a_ip = self.config.internal_ip
-        a_port = self._allocate(now, a_ip)
-        try:
-            b_port = self._allocate(now, b_ip)
-        except Exception:
-            self.ports.release(a_port, now, quarantine=False)  # never carried media
-            raise
         sid = self._next_sid
         self._next_sid += 1
         session = Session(
@@ -368,8 +373,8 @@ class Engine:
             created=now,
             timeout=self.config.silence_timeout if timeout is None else timeout,
             legs={
-                LEG_A: Leg(LEG_A, a_ip, a_port, tag=from_tag),
-                LEG_B: Leg(LEG_B, b_ip, b_port),
+                LEG_A: Leg(LEG_A, self.config.internal_ip, tag=from_tag),
+                LEG_B: Leg(LEG_B, b_ip),
             },
             via_branch=via_branch,
         )
@@ -379,35 +384,102 @@ class Engine:
     def _register(self, session: Session) -> None:
         self.by_call[session.call_id] = session
         self.by_sid[session.sid] = session
-        for leg in session.legs.values():
-            self.owner[leg.relay_port] = session
+        for port in session.ports():
+            self.owner[port] = session
         self.counters["sessions.created"] += 1
         self._schedule(session)
 
-    def _ensure_ip(self, now: float, session: Session, leg: Leg, ip: str) -> List[Action]:
-        """Move a leg to another relay address (interface flag changed): re-open its ports."""
-        if leg.relay_ip == ip:
-            return []
-        new_port = self._allocate(now, ip)
-        self.ports.release(leg.relay_port, now)
-        self.owner.pop(leg.relay_port, None)
-        self.owner[new_port] = session
-        for each in session.legs.values():
-            each.fold()
-        leg.relay_ip = ip
-        leg.relay_port = new_port
-        self.counters["sessions.rebound"] += 1
-        return [Remove(session.sid, session.call_id, "rebind"), Install(session.spec())]
+    def _shape(self, now: float, session: Session, wanted: List[bool]) -> None:
+        """Give stream i relay ports on both legs where `wanted[i]`, free them elsewhere.
+        All or nothing: when ports run out, what this call allocated is released."""
+        if len(wanted) > MAX_STREAMS:
+            raise BadRequest(f"{len(wanted)} media streams; lrk relays at most {MAX_STREAMS}")
+        a, b = session.legs[LEG_A], session.legs[LEG_B]
+        for leg in (a, b):
+            while len(leg.media) < len(wanted):
+                leg.media.append(None)
+        added: List[int] = []
+        try:
+            for i, want in enumerate(wanted):
+                if want and a.media[i] is None:
+                    port_a = self._allocate(now, a.relay_ip)
+                    a.media[i] = Media(a.relay_ip, port_a)
+                    self.owner[port_a] = session
+                    added.append(port_a)
+                    port_b = self._allocate(now, b.relay_ip)
+                    b.media[i] = Media(b.relay_ip, port_b)
+                    self.owner[port_b] = session
+                    added.append(port_b)
+        except Exception:
+            for leg in (a, b):
+                for i, m in enumerate(leg.media):
+                    if m is not None and m.relay_port in added:
+                        leg.media[i] = None
+            for port in added:
+                self.ports.release(port, now, quarantine=False)  # never carried media
+                self.owner.pop(port, None)
+            raise
+        for i in range(len(a.media)):
+            if (i >= len(wanted) or not wanted[i]) and a.media[i] is not None:
+                self._free_stream(now, session, i)
+        for leg in (a, b):
+            while len(leg.media) > len(wanted) and leg.media[-1] is None:
+                leg.media.pop()
 
-    def _end(self, now: float, session: Session, reason: str) -> Remove:
+    def _free_stream(self, now: float, session: Session, index: int) -> None:
+        for leg in session.legs.values():
+            m = leg.media[index]
+            if m is None:
+                continue
+            self.ports.release(m.relay_port, now)
+            if self.owner.get(m.relay_port) is session:
+                del self.owner[m.relay_port]
+            leg.media[index] = None
+        self.counters["streams.removed"] += 1
+
+    @staticmethod
+    def _announce(leg: Leg, streams: List[StreamOffer], latch_any: bool) -> None:
+        leg.relatch(latch_any)
+        for i, offer in enumerate(streams):
+            m = leg.media[i] if i < len(leg.media) else None
+            if m is not None:
+                m.announce(offer)
+
+    def _ensure_ip(self, now: float, session: Session, leg: Leg, ip: str) -> None:
+        """Move a leg to another relay address (interface flag changed): new ports for
+        each of its streams; the data plane re-installs them (counters fold)."""
+        if leg.relay_ip == ip:
+            return
+        moved = []
+        for i, m in enumerate(leg.media):
+            if m is None:
+                continue
+            new_port = self._allocate(now, ip)
+            moved.append(i)
+            self.ports.release(m.relay_port, now)
+            self.owner.pop(m.relay_port, None)
+            self.owner[new_port] = session
+            m.relay_ip = ip
+            m.relay_port = new_port
+        leg.relay_ip = ip
+        for each in session.legs.values():
+            for i in moved:
+                m = each.media[i] if i < len(each.media) else None
+                if m is not None:
+                    m.fold()
+        self.counters["sessions.rebound"] += 1
+
+    def _end(self, now: float, session: Session, reason: str, count: bool = True) -> Remove:
         del self.by_call[session.call_id]
         del self.by_sid[session.sid]
-        for leg in session.legs.values():
-            self.ports.release(leg.relay_port, now)
-            if self.owner.get(leg.relay_port) is session:
-                del self.owner[leg.relay_port]
+        for port in session.ports():
+            self.ports.release(port, now)
+            if self.owner.get(port) is session:
+                del self.owner[port]
         session.timer_at = None
-        if reason == "deleted":
+        if not count:
+            self.counters["sessions.created"] -= 1  # it never got to exist
+        elif reason == "deleted":
             self.counters["sessions.deleted"] += 1
         elif reason == "failed":
             self.counters["sessions.failed"] += 1
@@ -415,6 +487,17 @@ class Engine:
             self.counters[f"sessions.expired.{reason}"] += 1
         return Remove(session.sid, session.call_id, reason)
 
+
+def _streams(media: Union[Addr, Sequence[StreamOffer]], rtcp_port: Optional[int]
+             ) -> List[StreamOffer]:
+    """Every stream of a request: a list of StreamOffer, or one (ip, port) pair."""
+    if isinstance(media, tuple) and len(media) == 2 and isinstance(media[0], str):
+        return [StreamOffer(media[0], int(media[1]), rtcp_port,  # type: ignore[arg-type]
+                            keep_ports=True)]
+    streams = list(media)  # type: ignore[arg-type]
+    if not streams:
+        raise BadRequest("no media stream given")
+    return streams
 
 
 __all__ = ["Action", "Engine", "EngineConfig", "Install", "Remove", "Update"]  # re-exported

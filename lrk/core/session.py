@@ -1,23 +1,58 @@
-"""Sessions (calls) and their two legs, as the engine owns them.
+"""Sessions (calls), their two legs, and each leg's side of every stream.
 
-`spec()` turns one into the immutable snapshot the data plane gets; `observe()` folds
-back what the data plane saw.
+A session holds every stream (m= line) of the SDP: stream `i` has relay ports on leg
+A (the caller sends there) and on leg B (the callee sends there). A disabled stream
+(port 0) holds no ports and keeps its place (`None`). `spec()` turns a session into
+the immutable snapshot the data plane gets; `observe()` folds back what it saw.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-from fastpath.contract import DROP_REASONS, LEG_A, LEG_B, Addr, LegReport, LegSpec, SessionSpec
+from fastpath.contract import (
+    DROP_REASONS,
+    LEG_A,
+    LEG_B,
+    Addr,
+    LegReport,
+    LegSpec,
+    SessionReport,
+    SessionSpec,
+    StreamSpec,
+)
 
 OTHER = {LEG_A: LEG_B, LEG_B: LEG_A}
+#: c= addresses of old-style hold (RFC 2543)
+NULL_ADDRESSES = ("0.0.0.0", "::")
 
-__all__ = ["DROP_REASONS", "LEG_A", "LEG_B", "OTHER", "Addr", "Leg", "LegCounters", "Session"]
+__all__ = ["DROP_REASONS", "LEG_A", "LEG_B", "OTHER", "Addr", "Leg", "LegCounters", "Media",
+           "Session", "StreamOffer"]
+
+
+@dataclass(frozen=True)
+class StreamOffer:
+    """One stream as an offer or answer announces it (port 0: disabled or rejected)."""
+
+    ip: str
+    port: int
+    rtcp_port: Optional[int] = None  # a=rtcp; None: port + 1
+    rtcp_mux: bool = False
+    kind: str = "audio"
+    #: an m= line with port 0 is disabled (no relay ports); `media {ip, port: 0}` of the
+    #: one-stream protocol form keeps its ports and only stops sending (on hold)
+    keep_ports: bool = False
+    rtcp_ip: Optional[str] = None  # a=rtcp's address, when it names one
+
+    @property
+    def active(self) -> bool:
+        return self.port != 0 or self.keep_ports
 
 
 @dataclass
 class LegCounters:
-    """What the relay received from (in) and sent to (out) a leg's peer, RTP and RTCP."""
+    """What the relay received from (in) and sent to (out) a peer, RTP and RTCP."""
 
     in_packets: int = 0
     in_bytes: int = 0
@@ -34,45 +69,65 @@ class LegCounters:
             "drops": dict(self.drops),
         }
 
+    def copy(self) -> LegCounters:
+        return LegCounters(self.in_packets, self.in_bytes, self.out_packets, self.out_bytes,
+                           dict(self.drops))
+
+    def add(self, other: LegCounters) -> None:
+        self.in_packets += other.in_packets
+        self.in_bytes += other.in_bytes
+        self.out_packets += other.out_packets
+        self.out_bytes += other.out_bytes
+        for reason, n in other.drops.items():
+            self.drops[reason] = self.drops.get(reason, 0) + n
+
     @property
     def packets(self) -> int:
         return self.in_packets
 
 
-@dataclass
-class Leg:
-    """One side of a call: the relay port its peer sends to, and who that peer is."""
+def _addr(a: Optional[Addr]) -> Optional[Dict[str, Any]]:
+    return None if a is None else {"ip": a[0], "port": a[1]}
 
-    name: str
+
+@dataclass
+class Media:
+    """One leg's side of one stream: its relay ports and the peer there."""
+
     relay_ip: str
     relay_port: int  # even; RTCP on relay_port + 1
-    tag: Optional[str] = None
+    kind: str = "audio"
     announced: Optional[Addr] = None  # from SDP
     rtcp_announced: Optional[Addr] = None  # a=rtcp, else announced port + 1
-    latch_any: bool = False
+    rtcp_mux: bool = False  # the peer multiplexes RTCP on the RTP port (a=rtcp-mux)
     latched: Optional[Addr] = None  # learned from traffic (reported by the data plane)
     rtcp_latched: Optional[Addr] = None
-    generation: int = 0  # bumped by every offer/answer that re-latches the leg
     counters: LegCounters = field(default_factory=LegCounters)
-    # counters of earlier data-plane installs of this leg (kept when a leg is re-bound)
+    # counters of earlier data-plane installs (kept when the stream moves to other ports)
     base: LegCounters = field(default_factory=LegCounters)
-
-    def fold(self) -> None:
-        """Freeze the current counters as the base for the next data-plane install."""
-        c = self.counters
-        self.base = LegCounters(c.in_packets, c.in_bytes, c.out_packets, c.out_bytes, dict(c.drops))
 
     @property
     def rtcp_port(self) -> int:
         return self.relay_port + 1
 
-    def spec(self) -> LegSpec:
-        """The leg as the data plane must serve it (an immutable snapshot)."""
-        return LegSpec(self.name, self.relay_ip, self.relay_port, self.announced,
-                       self.rtcp_announced, self.latch_any, self.generation)
+    def fold(self) -> None:
+        """Freeze the current counters as the base for the next data-plane install."""
+        self.base = self.counters.copy()
 
-    def observe(self, report: LegReport) -> None:
-        """Fold what the data plane observed (absolute counts since its install)."""
+    def announce(self, offer: StreamOffer) -> None:
+        ip, port = offer.ip, offer.port
+        if ip in NULL_ADDRESSES:  # old-style hold: nothing may be sent there
+            port = 0
+        self.announced = (ip, port)
+        rtcp_ip = offer.rtcp_ip or ip
+        self.rtcp_announced = (rtcp_ip, 0 if not port else offer.rtcp_port if offer.rtcp_port
+                               else (port if offer.rtcp_mux else port + 1))
+        self.rtcp_mux = offer.rtcp_mux
+        self.kind = offer.kind
+        self.latched = None
+        self.rtcp_latched = None
+
+    def observe(self, report: LegReport, generation: int) -> None:
         base = self.base
         c = self.counters
         c.in_packets = base.in_packets + report.in_packets
@@ -85,43 +140,127 @@ class Leg:
                 merged[reason] = merged.get(reason, 0) + n
             c.drops = merged
         # latches of an older generation belong to a peer this leg no longer expects
-        if report.generation == self.generation:
+        if report.generation == generation:
             if report.latched is not None:
                 self.latched = report.latched
             if report.rtcp_latched is not None:
                 self.rtcp_latched = report.rtcp_latched
 
-    def announce(self, ip: str, port: int, rtcp_port: Optional[int], latch_any: bool) -> bool:
-        """Record the peer's SDP address; True when it changed (the leg re-latches either way)."""
-        new = (ip, port)
-        new_rtcp = (ip, rtcp_port if rtcp_port else (port + 1 if port else 0))
-        changed = new != self.announced or new_rtcp != self.rtcp_announced
-        self.announced = new
-        self.rtcp_announced = new_rtcp
-        self.latch_any = latch_any
-        self.latched = None
-        self.rtcp_latched = None
-        self.generation += 1
-        return changed
-
     def as_dict(self) -> Dict[str, Any]:
-        def addr(a: Optional[Addr]) -> Optional[Dict[str, Any]]:
-            return None if a is None else {"ip": a[0], "port": a[1]}
-
         return {
-            "tag": self.tag,
-            "relay": {"ip": self.relay_ip, "port": self.relay_port, "rtcp_port": self.rtcp_port},
-            "announced": addr(self.announced),
-            "latched": addr(self.latched),
-            "rtcp_latched": addr(self.rtcp_latched),
-            "latch_any": self.latch_any,
+            "kind": self.kind,
+            "relay": {"ip": self.relay_ip, "port": self.relay_port,
+                      "rtcp_port": self.relay_port if self.rtcp_mux else self.rtcp_port},
+            "rtcp_mux": self.rtcp_mux,
+            "announced": _addr(self.announced),
+            "latched": _addr(self.latched),
+            "rtcp_latched": _addr(self.rtcp_latched),
             "counters": self.counters.as_dict(),
         }
 
 
 @dataclass
+class Leg:
+    """One side of a call: its tag, the relay address its peer sends to, and its side of
+    every stream (`media[i]` for m= line i; None while that stream is disabled)."""
+
+    name: str
+    relay_ip: str
+    media: List[Optional[Media]] = field(default_factory=list)
+    tag: Optional[str] = None
+    latch_any: bool = False
+    generation: int = 0  # bumped by every offer/answer that re-latches the leg
+
+    # -- the first stream, for one-stream callers (legacy protocol, older clients) -------
+    @property
+    def first(self) -> Optional[Media]:
+        for m in self.media:
+            if m is not None:
+                return m
+        return None
+
+    @property
+    def relay_port(self) -> int:
+        m = self.first
+        return m.relay_port if m is not None else 0
+
+    @property
+    def rtcp_port(self) -> int:
+        return self.relay_port + 1
+
+    @property
+    def announced(self) -> Optional[Addr]:
+        m = self.first
+        return m.announced if m is not None else None
+
+    @property
+    def rtcp_announced(self) -> Optional[Addr]:
+        m = self.first
+        return m.rtcp_announced if m is not None else None
+
+    @property
+    def latched(self) -> Optional[Addr]:
+        m = self.first
+        return m.latched if m is not None else None
+
+    @property
+    def rtcp_latched(self) -> Optional[Addr]:
+        m = self.first
+        return m.rtcp_latched if m is not None else None
+
+    @property
+    def counters(self) -> LegCounters:
+        """Totals over every stream of this leg."""
+        total = LegCounters()
+        for m in self.media:
+            if m is not None:
+                total.add(m.counters)
+        return total
+
+    # -- changes -------------------------------------------------------------------------
+    def fold(self) -> None:
+        for m in self.media:
+            if m is not None:
+                m.fold()
+
+    def relatch(self, latch_any: bool) -> None:
+        """A new offer/answer from this leg's peer: every stream latches afresh."""
+        self.latch_any = latch_any
+        self.generation += 1
+
+    def spec(self, index: int) -> LegSpec:
+        m = self.media[index]
+        assert m is not None
+        return LegSpec(self.name, m.relay_ip, m.relay_port, m.announced, m.rtcp_announced,
+                       self.latch_any, self.generation, m.rtcp_mux)
+
+    def observe(self, report: LegReport) -> None:
+        """One-stream form of `Session.observe` (stream 0)."""
+        m = self.first
+        if m is not None:
+            m.observe(report, self.generation)
+
+    def as_dict(self) -> Dict[str, Any]:
+        first = self.first
+        out: Dict[str, Any] = {
+            "tag": self.tag,
+            "relay": {"ip": self.relay_ip, "port": self.relay_port,
+                      "rtcp_port": self.rtcp_port},
+            "announced": _addr(self.announced),
+            "latched": _addr(self.latched),
+            "rtcp_latched": _addr(self.rtcp_latched),
+            "latch_any": self.latch_any,
+            "counters": self.counters.as_dict(),
+            "streams": [None if m is None else m.as_dict() for m in self.media],
+        }
+        if first is None:
+            out["relay"] = None
+        return out
+
+
+@dataclass
 class Session:
-    """A call relayed between leg A (caller) and leg B (callee)."""
+    """A call relayed between leg A (caller) and leg B (callee), stream by stream."""
 
     sid: int
     call_id: str
@@ -144,15 +283,35 @@ class Session:
     def idle_since(self) -> float:
         return self.created if self.last_media is None else self.last_media
 
+    def active_streams(self) -> List[int]:
+        a, b = self.legs[LEG_A].media, self.legs[LEG_B].media
+        return [i for i in range(min(len(a), len(b))) if a[i] is not None and b[i] is not None]
+
     def spec(self) -> SessionSpec:
-        return SessionSpec(self.sid, self.call_id, self.legs[LEG_A].spec(),
-                           self.legs[LEG_B].spec())
+        a, b = self.legs[LEG_A], self.legs[LEG_B]
+        return SessionSpec(self.sid, self.call_id,
+                           tuple(StreamSpec(i, a.spec(i), b.spec(i))
+                                 for i in self.active_streams()))
+
+    def observe(self, report: SessionReport) -> None:
+        """Fold a data-plane report (absolute counts since each stream's install)."""
+        a, b = self.legs[LEG_A], self.legs[LEG_B]
+        for stream in report.streams:
+            i = stream.index
+            if i < len(a.media) and i < len(b.media):
+                ma, mb = a.media[i], b.media[i]
+                if ma is not None:
+                    ma.observe(stream.a, a.generation)
+                if mb is not None:
+                    mb.observe(stream.b, b.generation)
 
     def packets(self) -> int:
         return sum(leg.counters.in_packets for leg in self.legs.values())
 
     def ports(self) -> list:
-        return [self.legs[LEG_A].relay_port, self.legs[LEG_B].relay_port]
+        """Every relay RTP port of the session, leg A's streams then leg B's."""
+        return [m.relay_port for name in (LEG_A, LEG_B) for m in self.legs[name].media
+                if m is not None]
 
     def as_dict(self, now: float) -> Dict[str, Any]:
         return {

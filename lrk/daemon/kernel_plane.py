@@ -24,7 +24,11 @@ from fastpath.contract import (
     PlaneFailure,
     Remove,
     SessionReport,
+    StreamReport,
+    StreamSpec,
     Update,
+    unit_id,
+    unit_of,
 )
 from fastpath.contract import LegSpec as PlaneLeg
 from fastpath.contract import SessionSpec as PlaneSession
@@ -61,8 +65,9 @@ def leg_spec(leg: PlaneLeg) -> Optional[LegSpec]:
                    peer_rtcp_port=rtcp or None)
 
 
-def session_spec(session: PlaneSession) -> Optional[SessionSpec]:
-    a, b = leg_spec(session.a), leg_spec(session.b)
+def session_spec(stream: StreamSpec) -> Optional[SessionSpec]:
+    """The kernel's view of one stream (a unit), or None while a peer is unknown."""
+    a, b = leg_spec(stream.a), leg_spec(stream.b)
     if a is None or b is None:
         return None
     return SessionSpec(a, b)
@@ -80,8 +85,10 @@ class KernelPlane:
         self.rules = KernelRuleset(table=table, port_start=port_start, port_end=port_end,
                                    relay_ips=sorted(set(relay_ips)), counters=counters)
         self.sink: EventSink = lambda event: None
-        #: what the engine asked for, per session (the generation latches belong to)
+        #: what the engine asked for, per session, and per unit (one stream of a session;
+        #: the kernel state below is keyed by unit id)
         self.specs: Dict[int, PlaneSession] = {}
+        self.streams: Dict[int, StreamSpec] = {}
         #: sysctl name -> its value before start set it to 1 (restored on stop)
         self._acct_old: Dict[str, str] = {}
         #: conntrack counting: last counts of each live flow, keyed by (CTA_ID, start, tuple):
@@ -182,6 +189,7 @@ class KernelPlane:
         marks = [m for spec in self.installed.values() for m in conntrack_marks(spec)]
         self.installed.clear()
         self.specs.clear()
+        self.streams.clear()
         if self.nft is not None:
             try:
                 self.nft.run(self.rules.destroy())
@@ -211,18 +219,15 @@ class KernelPlane:
     def apply(self, actions: Sequence[Action]) -> List[PlaneFailure]:
         """Write each action to the kernel; an install or update the kernel refuses is a
         failure the engine hears of (it ends the session), a failed removal is counted
-        and retried with the next removal of anything (the table is ours alone)."""
+        and logged (its elements stay until the table goes, on stop)."""
         failures: List[PlaneFailure] = []
         for action in actions:
             sid = action.sid
             try:
                 if isinstance(action, Remove):
-                    self.specs.pop(sid, None)
-                    self._remove(sid)
+                    self._drop_session(sid)
                 elif isinstance(action, (Install, Update)):
-                    self.specs[sid] = action.spec
-                    self._install(action.spec,
-                                  action.leg if isinstance(action, Update) else None)
+                    self._converge(action.spec)
             except (NftError, KernelRuleError, ConntrackError, OSError) as exc:
                 self.counters["kernel.errors"] += 1
                 if isinstance(action, Remove):
@@ -232,17 +237,40 @@ class KernelPlane:
                 log.error("kernel mode could not apply %s for %s: %s", type(action).__name__,
                           action.spec.call_id, exc)
                 failures.append(PlaneFailure(sid, "kernel_error", str(exc)[:200]))
-                self.specs.pop(sid, None)
                 try:
-                    self._remove(sid)
+                    self._drop_session(sid)
                 except (NftError, KernelRuleError, ConntrackError, OSError) as again:
                     log.error("kernel mode could not clean up session %s: %s",
                               action.spec.call_id, again)
         return failures
 
-    def _spec(self, session: PlaneSession) -> Optional[SessionSpec]:
-        """What the kernel should hold for a session (nfqueue mode adds latched sources)."""
-        return session_spec(session)
+    def _converge(self, spec: PlaneSession) -> None:
+        """One nft element set per stream: added, removed, changed, re-latched."""
+        old = self.specs.get(spec.sid)
+        self.specs[spec.sid] = spec
+        if old is not None:
+            for stream in old.streams:
+                if spec.stream(stream.index) is None:
+                    self._remove(unit_id(spec.sid, stream.index))
+        for stream in spec.streams:
+            uid = unit_id(spec.sid, stream.index)
+            before = self.streams.get(uid)
+            self.streams[uid] = stream
+            relatch = before is not None and (
+                before.a.generation != stream.a.generation
+                or before.b.generation != stream.b.generation)
+            self._install(uid, stream, relatch)
+
+    def _drop_session(self, sid: int) -> None:
+        spec = self.specs.pop(sid, None)
+        if spec is None:
+            return
+        for stream in spec.streams:
+            self._remove(unit_id(sid, stream.index))
+
+    def _spec(self, uid: int, stream: StreamSpec) -> Optional[SessionSpec]:
+        """What the kernel should hold for a unit (nfqueue mode adds latched sources)."""
+        return session_spec(stream)
 
     def _elements(self, commands: str) -> str:
         """Element commands as applied (nfqueue mode leaves admission to userspace)."""
@@ -251,10 +279,10 @@ class KernelPlane:
     def _forget(self, sid: int, spec: SessionSpec) -> None:
         """State kept beside the elements, dropped with the session (none here)."""
 
-    def _install(self, session: PlaneSession, relatch: Optional[str]) -> None:
-        sid = session.sid
+    def _install(self, sid: int, stream: StreamSpec, relatch: bool) -> None:
+        """Install or update one unit (`sid` here is the unit id)."""
         old = self.installed.get(sid)
-        new = self._spec(session)
+        new = self._spec(sid, stream)
         if new is None:
             if old is not None:
                 self._remove(sid)
@@ -274,6 +302,8 @@ class KernelPlane:
             self._stale.pop(sid, None)
 
     def _remove(self, sid: int) -> None:
+        """Remove one unit (`sid` here is the unit id)."""
+        self.streams.pop(sid, None)
         spec = self.installed.pop(sid, None)
         if spec is None:
             return
@@ -324,19 +354,26 @@ class KernelPlane:
             totals = self._flow_totals(flows, owners)
         previous = self._totals
         self._totals = totals
-        sink = self.sink
-        for sid in list(self.installed):
-            spec = self.specs.get(sid)
-            if spec is None:
+        by_session: Dict[int, List[StreamReport]] = {}
+        moved: Dict[int, bool] = {}
+        for uid in list(self.installed):
+            stream = self.streams.get(uid)
+            if stream is None:
                 continue
-            a_p, a_b, b_p, b_b = totals[sid]
-            last_rx = now if totals[sid] != previous.get(sid, (0, 0, 0, 0)) else None
+            sid = unit_of(uid)[0]
+            a_p, a_b, b_p, b_b = totals[uid]
+            if totals[uid] != previous.get(uid, (0, 0, 0, 0)):
+                moved[sid] = True
             # what B's peer sent was forwarded to A's peer, and back; a leg without a flow
             # reports no latch (a flow that timed out does not un-latch)
-            sink(SessionReport(
-                sid, last_rx,
-                self._leg_report(sid, "A", spec.a.generation, (a_p, a_b, b_p, b_b), latched),
-                self._leg_report(sid, "B", spec.b.generation, (b_p, b_b, a_p, a_b), latched)))
+            by_session.setdefault(sid, []).append(StreamReport(
+                stream.index,
+                self._leg_report(uid, "A", stream.a.generation, (a_p, a_b, b_p, b_b), latched),
+                self._leg_report(uid, "B", stream.b.generation, (b_p, b_b, a_p, a_b),
+                                 latched)))
+        sink = self.sink
+        for sid, streams in by_session.items():
+            sink(SessionReport(sid, now if moved.get(sid) else None, tuple(streams)))
 
     def _seen_totals(self, seen: Dict[Tuple[str, int], Tuple[int, int]]) -> Dict[int, Counts]:
         """Per session, packets/bytes received per leg from the `seen` element counters."""

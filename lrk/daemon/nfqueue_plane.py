@@ -17,7 +17,7 @@ import socket
 from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from fastpath.contract import SessionSpec as PlaneSession
+from fastpath.contract import StreamSpec
 from fastpath.kernel.ctnetlink import CtFlow
 from fastpath.kernel.kernel_rules import KernelRuleError, KernelRuleset, SessionSpec
 from fastpath.kernel.nfqueue import NF_DROP, NF_REPEAT, parse_udp
@@ -57,7 +57,8 @@ class NfqueuePlane(KernelPlane):
         self.by_relay: Dict[Addr, Tuple[int, str, bool]] = {}
         # (sid, leg, rtcp) -> latched source
         self.latched: Dict[Tuple[int, str, bool], Addr] = {}
-        self.admitted: Dict[int, Set[str]] = {}  # sid -> adm element keys added
+        self.admitted: Dict[int, Set[str]] = {}  # unit id -> adm element keys added
+        self.streams_applied: Dict[int, StreamSpec] = {}  # unit id -> as last installed
         self.counters.update({"nfqueue.packets": 0, "nfqueue.admitted": 0,
                               "nfqueue.queued": 0, "media.latched": 0})
         self.drop_counter = "nfqueue.queued"  # the ruleset's counter counts queued packets
@@ -79,15 +80,15 @@ class NfqueuePlane(KernelPlane):
         await super().stop()
 
     # -- sessions ----------------------------------------------------------------------
-    def _spec(self, session: PlaneSession) -> Optional[SessionSpec]:
-        """The session with latched sources in place of announced ones."""
-        spec = session_spec(session)
+    def _spec(self, uid: int, stream: StreamSpec) -> Optional[SessionSpec]:
+        """The unit with latched sources in place of announced ones."""
+        spec = session_spec(stream)
         if spec is None:
             return None
         legs = {}
         for name, leg in (("A", spec.a), ("B", spec.b)):
-            rtp = self.latched.get((session.sid, name, False))
-            rtcp = self.latched.get((session.sid, name, True))
+            rtp = self.latched.get((uid, name, False))
+            rtcp = self.latched.get((uid, name, True))
             if rtp is not None or rtcp is not None:
                 leg = replace(leg, peer_ip=(rtp or rtcp)[0],
                               peer_port=rtp[1] if rtp else leg.peer_port,
@@ -98,13 +99,16 @@ class NfqueuePlane(KernelPlane):
     def _elements(self, commands: str) -> str:
         return _without_admission(commands)
 
-    def _install(self, session: PlaneSession, relatch: Optional[str]) -> None:
-        sid = session.sid
-        if relatch is not None:  # a new offer/answer: the leg latches afresh
-            for rtcp in (False, True):
-                self.latched.pop((sid, relatch, rtcp), None)
+    def _install(self, sid: int, stream: StreamSpec, relatch: bool) -> None:
+        before = self.streams_applied.get(sid)
+        if relatch and before is not None:  # a new offer/answer: that leg latches afresh
+            for name in ("A", "B"):
+                if before.leg(name).generation != stream.leg(name).generation:
+                    for rtcp in (False, True):
+                        self.latched.pop((sid, name, rtcp), None)
             self._drop_admissions(sid)
-        super()._install(session, relatch)
+        self.streams_applied[sid] = stream
+        super()._install(sid, stream, relatch)
         new = self.installed.get(sid)
         if new is not None:
             for name, leg in (("A", new.a), ("B", new.b)):
@@ -112,6 +116,7 @@ class NfqueuePlane(KernelPlane):
                     self.by_relay[leg.relay(rtcp)] = (sid, name, rtcp)
 
     def _forget(self, sid: int, spec: SessionSpec) -> None:
+        self.streams_applied.pop(sid, None)
         self._drop_admissions(sid)
         for leg in (spec.a, spec.b):
             for rtcp in (False, True):
@@ -149,12 +154,12 @@ class NfqueuePlane(KernelPlane):
         family, src_ip, sport, dst_ip, dport, _off = parsed
         fam = 6 if family == socket.AF_INET6 else 4
         entry = self.by_relay.get((dst_ip, dport))
-        session = self.specs.get(entry[0]) if entry else None
-        if entry is None or session is None:
+        stream = self.streams.get(entry[0]) if entry else None
+        if entry is None or stream is None:
             self.counters["media.dropped.unexpected_source"] += 1
             return NF_DROP
         sid, name, rtcp = entry
-        leg = session.leg(name)
+        leg = stream.leg(name)
         announced = leg.rtcp_announced if rtcp else leg.announced
         if not leg.latch_any and (announced is None or announced[0] != src_ip):
             self.counters["media.dropped.unexpected_source"] += 1
@@ -165,7 +170,7 @@ class NfqueuePlane(KernelPlane):
         self.counters["media.latched"] += 1
         # re-points the other direction at this source and, when that changed anything,
         # flushes the flows NATed towards the old address (the other side spoke first)
-        self._install(session, None)
+        self._install(sid, stream, False)
         key = f"adm{fam} {{ {dst_ip} . {dport} . {src_ip} }}"
         if key not in self.admitted.setdefault(sid, set()):
             assert self.nft is not None

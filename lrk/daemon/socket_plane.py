@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from fastpath import channel
 from fastpath.contract import (
@@ -33,7 +33,11 @@ from fastpath.contract import (
     Remove,
     SessionReport,
     SessionSpec,
+    StreamReport,
+    StreamSpec,
     Update,
+    unit_id,
+    unit_of,
 )
 
 log = logging.getLogger("lrk.plane")
@@ -78,6 +82,10 @@ def bind_pair(ip: str, port: int, rcvbuf: int = 0
     return socks[0], socks[1]
 
 
+def _ports(stream: StreamSpec) -> tuple:
+    return (stream.a.relay_ip, stream.a.relay_port, stream.b.relay_ip, stream.b.relay_port)
+
+
 def _add_leg(base: LegReport, new: LegReport) -> LegReport:
     drops = dict(base.drops)
     for reason, n in new.drops:
@@ -87,10 +95,11 @@ def _add_leg(base: LegReport, new: LegReport) -> LegReport:
                      tuple(drops.items()), new.generation, new.latched, new.rtcp_latched)
 
 
-def add_reports(base: SessionReport, new: SessionReport) -> SessionReport:
+def add_reports(base: channel.UnitReport, new: channel.UnitReport) -> channel.UnitReport:
     """`new` (counted since a worker's re-install) on top of what the dead worker counted."""
     last_rx = new.last_rx if new.last_rx is not None else base.last_rx
-    return SessionReport(new.sid, last_rx, _add_leg(base.a, new.a), _add_leg(base.b, new.b))
+    return channel.UnitReport(new.uid, last_rx, _add_leg(base.a, new.a),
+                              _add_leg(base.b, new.b))
 
 
 def _ignore_stop_signals() -> None:
@@ -268,11 +277,13 @@ class SocketPlane:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.workers: List[WorkerHandle] = []
         self.pending: Dict[Tuple[str, int], Tuple[socket.socket, socket.socket]] = {}
-        #: what each live session's worker was told (re-installed from here on a restart)
+        #: each live session as last applied; its streams are the worker's units
         self.installed: Dict[int, SessionSpec] = {}
-        #: per session, what a worker that died had counted (added to later reports)
-        self.base: Dict[int, SessionReport] = {}
-        self.last: Dict[int, SessionReport] = {}
+        #: per unit (one stream of one session), what a worker that died had counted
+        #: (added to later reports), and the last report (a session's report is built
+        #: from all of its units')
+        self.base: Dict[int, channel.UnitReport] = {}
+        self.last: Dict[int, channel.UnitReport] = {}
         self.counters: Counter = Counter({name: 0 for name in (
             "workers.restarts", "workers.channel.full", "workers.channel.bad_messages",
             "plane.bind_failures", "plane.flush_timeouts")})
@@ -281,6 +292,7 @@ class SocketPlane:
         self._flush_waiters: Dict[int, list] = {}  # req -> [callbacks, workers left, timer]
         self._gathered: List[Callable[[], None]] = []  # refresh callbacks not yet sent
         self._commit_waiters: List[Callable[[], None]] = []
+        self.units: Set[int] = set()  # unit ids the workers serve
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -344,25 +356,21 @@ class SocketPlane:
         return True
 
     def worker_for(self, sid: int) -> WorkerHandle:
+        """Every stream of a session goes to the same worker."""
         return self.workers[sid % self.nworkers]
 
     def apply(self, actions: Sequence[Action]) -> List[PlaneFailure]:
         failures: List[PlaneFailure] = []
         for action in actions:
-            if isinstance(action, Install):
-                failure = self._install(action.spec)
+            if isinstance(action, (Install, Update)):
+                failure = self._converge(action.spec)
                 if failure is not None:
                     failures.append(failure)
-            elif isinstance(action, Update):
-                if action.sid in self.installed:
-                    self.installed[action.sid] = action.spec
-                    self.worker_for(action.sid).send(channel.UpdateSession(action.spec,
-                                                                           action.leg))
-            elif isinstance(action, Remove) and \
-                    self.installed.pop(action.sid, None) is not None:
-                self.base.pop(action.sid, None)
-                self.last.pop(action.sid, None)
-                self.worker_for(action.sid).send(channel.RemoveSession(action.sid))
+            elif isinstance(action, Remove):
+                old = self.installed.pop(action.sid, None)
+                if old is not None:
+                    for stream in old.streams:
+                        self._remove_unit(action.sid, stream.index)
         self._close_unclaimed()
         return failures
 
@@ -373,9 +381,35 @@ class SocketPlane:
                 s.close()
         self.pending.clear()
 
-    def _install(self, spec: SessionSpec) -> Optional[PlaneFailure]:
+    def _converge(self, spec: SessionSpec) -> Optional[PlaneFailure]:
+        """Make the worker serve `spec`: streams added, removed, moved to other relay ports
+        (re-installed: counters restart there, the engine folded them) or re-latched."""
+        old = self.installed.get(spec.sid)
+        old_streams = {s.index: s for s in old.streams} if old is not None else {}
+        self.installed[spec.sid] = spec
+        for index in old_streams:
+            if spec.stream(index) is None:
+                self._remove_unit(spec.sid, index)
+        for stream in spec.streams:
+            before = old_streams.get(stream.index)
+            if before is not None and _ports(before) != _ports(stream):
+                self._remove_unit(spec.sid, stream.index)
+                before = None
+            if before is None:
+                failure = self._install_unit(spec, stream)
+                if failure is not None:
+                    for other in spec.streams:
+                        self._remove_unit(spec.sid, other.index)
+                    del self.installed[spec.sid]
+                    return failure
+            elif before != stream:
+                self.worker_for(spec.sid).send(
+                    channel.UpdateSession(unit_id(spec.sid, stream.index), stream))
+        return None
+
+    def _install_unit(self, spec: SessionSpec, stream: StreamSpec) -> Optional[PlaneFailure]:
         socks: List[socket.socket] = []
-        for leg in (spec.a, spec.b):
+        for leg in (stream.a, stream.b):
             pair_ = self.pending.pop((leg.relay_ip, leg.relay_port), None)
             if pair_ is None:
                 pair_ = bind_pair(leg.relay_ip, leg.relay_port, self.rcvbuf)
@@ -383,19 +417,27 @@ class SocketPlane:
                 self.counters["plane.bind_failures"] += 1
                 for s in socks:
                     s.close()
-                if self.installed.pop(spec.sid, None) is not None:
-                    self.worker_for(spec.sid).send(channel.RemoveSession(spec.sid))
                 return PlaneFailure(spec.sid, "bind_failed",
                                     f"cannot bind {leg.relay_ip}:{leg.relay_port}-"
                                     f"{leg.relay_port + 1} (in use by another process?)")
             socks.extend(pair_)
         # what the worker would otherwise ask the kernel for, four syscalls per socket
         addrs = tuple((leg.relay_ip, leg.relay_port + rtcp)
-                      for leg in (spec.a, spec.b) for rtcp in (0, 1))
-        self.installed[spec.sid] = spec
+                      for leg in (stream.a, stream.b) for rtcp in (0, 1))
+        uid = unit_id(spec.sid, stream.index)
+        self.units.add(uid)
         self.worker_for(spec.sid).send(
-            channel.InstallSession(spec, tuple(int(s.family) for s in socks), addrs), socks)
+            channel.InstallSession(uid, stream, tuple(int(s.family) for s in socks), addrs),
+            socks)
         return None
+
+    def _remove_unit(self, sid: int, index: int) -> None:
+        uid = unit_id(sid, index)
+        if uid in self.units:
+            self.units.discard(uid)
+            self.base.pop(uid, None)
+            self.last.pop(uid, None)
+            self.worker_for(sid).send(channel.RemoveSession(uid))
 
     def commit(self, then: Callable[[], None]) -> None:
         """Send every queued worker message now; `then` once all of it is in the channels
@@ -421,11 +463,14 @@ class SocketPlane:
         for sid, spec in list(self.installed.items()):
             if self.worker_for(sid) is not worker:
                 continue
-            last = self.last.get(sid)
-            if last is not None:
-                self.base[sid] = last
+            for stream in spec.streams:
+                uid = unit_id(sid, stream.index)
+                last = self.last.get(uid)
+                if last is not None:
+                    self.base[uid] = last
+                self.units.discard(uid)
             del self.installed[sid]
-            failure = self._install(spec)
+            failure = self._converge(spec)
             if failure is not None:
                 failures.append(failure)
         for failure in failures:
@@ -434,23 +479,26 @@ class SocketPlane:
     def lost(self, worker: WorkerHandle, detail: str) -> None:
         """A worker is gone for good: every session it served fails."""
         for sid in [sid for sid in self.installed if self.worker_for(sid) is worker]:
-            del self.installed[sid]
+            for stream in self.installed.pop(sid).streams:
+                self.units.discard(unit_id(sid, stream.index))
             self.sink(PlaneFailure(sid, "worker_lost", detail))
 
     # -- reports ---------------------------------------------------------------------
     def on_message(self, worker: WorkerHandle, message: object) -> None:
         if isinstance(message, channel.Reports):
-            sink = self.sink
             base = self.base
+            touched = set()
             for report in message.reports:
-                if report.sid not in self.installed:
+                if report.uid not in self.units:
                     continue  # a final report racing the Remove that caused it
                 if base:
-                    b = base.get(report.sid)
+                    b = base.get(report.uid)
                     if b is not None:
                         report = add_reports(b, report)
-                self.last[report.sid] = report
-                sink(report)
+                self.last[report.uid] = report
+                touched.add(unit_of(report.uid)[0])
+            for sid in touched:
+                self.sink(self._session_report(sid))
             if message.totals is not None:
                 worker.totals = message.totals
         elif isinstance(message, channel.Flushed):
@@ -463,6 +511,20 @@ class SocketPlane:
             log.error("unexpected message from worker %d: %s", worker.index,
                       type(message).__name__)
             self.counters["workers.channel.bad_messages"] += 1
+
+    def _session_report(self, sid: int) -> SessionReport:
+        """A session's report from the last report of each of its units."""
+        spec = self.installed[sid]
+        streams = []
+        last_rx = None
+        for stream in spec.streams:
+            unit = self.last.get(unit_id(sid, stream.index))
+            if unit is None:
+                continue
+            streams.append(StreamReport(stream.index, unit.a, unit.b))
+            if unit.last_rx is not None and (last_rx is None or unit.last_rx > last_rx):
+                last_rx = unit.last_rx
+        return SessionReport(sid, last_rx, tuple(streams))
 
     def refresh(self, then: Callable[[], None]) -> None:
         """Call `then` once every worker has reported its current counters (or after

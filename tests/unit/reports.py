@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from fastpath.contract import LegReport, SessionReport
+from fastpath.contract import LegReport, SessionReport, StreamReport
 
 
 def leg_report(counts: Optional[list] = None, gen: int = -1, latched: Any = None) -> LegReport:
@@ -24,7 +24,8 @@ def session_report(sid: int, description: Dict[str, Any]) -> SessionReport:
             return LegReport()
         return leg_report(d.get("c"), d.get("gen", -1), d.get("latched"))
 
-    return SessionReport(sid, description.get("last_rx"), leg("A"), leg("B"))
+    return SessionReport(sid, description.get("last_rx"),
+                         (StreamReport(0, leg("A"), leg("B")),))
 
 
 def feed(engine: Any, sid: int, description: Dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from fastpath import channel
 from fastpath.contract import (
+    MAX_STREAMS,
     Install,
     LegReport,
     LegSpec,
@@ -26,7 +27,10 @@ from fastpath.contract import (
     Remove,
     SessionReport,
     SessionSpec,
+    StreamReport,
+    StreamSpec,
     Update,
+    unit_id,
 )
 from fastpath.kernel.ctnetlink import CtFlow
 from fastpath.kernel.kernel_rules import DROP_COUNTERS
@@ -56,7 +60,8 @@ def call(e: Engine, call_id: str = "c1", now: float = 0.0) -> Any:
 
 
 def media(sid: int, at: float, packets: int = 1) -> SessionReport:
-    return SessionReport(sid, at, LegReport(packets, 100 * packets), LegReport())
+    return SessionReport(sid, at, (StreamReport(0, LegReport(packets, 100 * packets),
+                                                LegReport()),))
 
 
 # -- engine: time --------------------------------------------------------------------------
@@ -143,9 +148,9 @@ def test_report_of_an_older_generation_keeps_counters_but_not_its_latch():
     s = call(e)
     gen = s.legs["A"].generation
     e.offer(1.0, "c1", "ft", CALLER, to_tag="tt")  # re-latch
-    e.apply_report(SessionReport(s.sid, 1.5, LegReport(3, 300, generation=gen,
-                                                       latched=("198.51.100.10", 61000)),
-                                 LegReport()))
+    e.apply_report(SessionReport(s.sid, 1.5, (StreamReport(
+        0, LegReport(3, 300, generation=gen, latched=("198.51.100.10", 61000)),
+        LegReport()),)))
     assert s.legs["A"].latched is None
     assert s.legs["A"].counters.in_packets == 3
     assert s.last_media == 1.5
@@ -164,14 +169,14 @@ def test_actions_carry_immutable_snapshots():
 
 # -- the channel ------------------------------------------------------------------------------
 def test_channel_messages_round_trip_as_typed_values():
-    spec = SessionSpec(7, "c", LegSpec("A", "127.0.0.1", 31000, CALLER, (CALLER[0], 4001),
-                                       False, 2),
-                       LegSpec("B", "127.0.0.1", 31002, None, None, True, 0))
-    report = SessionReport(7, 1.5, LegReport(1, 2, 3, 4, (("send_error", 1),), 2, CALLER,
-                                             None), LegReport())
+    stream = StreamSpec(1, LegSpec("A", "127.0.0.1", 31000, CALLER, (CALLER[0], 4001),
+                                   False, 2, True),
+                        LegSpec("B", "127.0.0.1", 31002, None, None, True, 0))
+    report = channel.UnitReport(7 * MAX_STREAMS + 1, 1.5, LegReport(
+        1, 2, 3, 4, (("send_error", 1),), 2, CALLER, None), LegReport())
     messages = [
-        channel.InstallSession(spec, (2, 2, 2, 2), (("127.0.0.1", 31000),) * 4),
-        channel.UpdateSession(spec, "A"), channel.RemoveSession(7), channel.Flush(3),
+        channel.InstallSession(113, stream, (2, 2, 2, 2), (("127.0.0.1", 31000),) * 4),
+        channel.UpdateSession(113, stream), channel.RemoveSession(113), channel.Flush(3),
         channel.Flushed(3), channel.Stop(), channel.Taps(),
         channel.Reports((report,), {"media.forwarded.packets": 9}),
         channel.Batch((channel.RemoveSession(1), channel.Flush(2)), (0, 0)),
@@ -195,8 +200,7 @@ def test_socket_plane_bind_failure_is_a_failure_not_a_log_line():
     squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     squatter.bind(("127.0.0.1", 31003))  # B's RTCP port
     try:
-        spec = SessionSpec(1, "c1", LegSpec("A", "127.0.0.1", 31000, CALLER),
-                           LegSpec("B", "127.0.0.1", 31002, CALLEE))
+        spec = one_stream(1, "c1", 31000, 31002)
         failures = plane.apply([Install(spec)])
     finally:
         squatter.close()
@@ -210,11 +214,16 @@ def test_socket_plane_bind_failure_is_a_failure_not_a_log_line():
     probe.close()
 
 
+def one_stream(sid: int, call_id: str, port_a: int, port_b: int) -> SessionSpec:
+    return SessionSpec(sid, call_id, (StreamSpec(0, LegSpec("A", "127.0.0.1", port_a, CALLER),
+                                                 LegSpec("B", "127.0.0.1", port_b, CALLEE)),))
+
+
 def test_reports_continue_from_a_dead_workers_counts():
-    base = SessionReport(1, 5.0, LegReport(10, 1000, 9, 900, (("no_destination", 1),), 1,
-                                           CALLER), LegReport(9, 900, 10, 1000))
-    new = SessionReport(1, None, LegReport(2, 200, 1, 100, (("no_destination", 2),), 1),
-                        LegReport())
+    base = channel.UnitReport(16, 5.0, LegReport(10, 1000, 9, 900, (("no_destination", 1),),
+                                                 1, CALLER), LegReport(9, 900, 10, 1000))
+    new = channel.UnitReport(16, None, LegReport(2, 200, 1, 100, (("no_destination", 2),), 1),
+                             LegReport())
     total = add_reports(base, new)
     assert total.last_rx == 5.0
     assert (total.a.in_packets, total.a.in_bytes, total.a.out_packets) == (12, 1200, 10)
@@ -256,15 +265,18 @@ def test_socket_plane_reports_reach_the_sink_for_installed_sessions_only():
     plane.workers = [worker]  # type: ignore[list-item]
     events: List[Any] = []
     plane.sink = events.append
-    spec = SessionSpec(4, "c4", LegSpec("A", "127.0.0.1", 31010, CALLER),
-                       LegSpec("B", "127.0.0.1", 31012, CALLEE))
+    spec = one_stream(4, "c4", 31010, 31012)
     assert plane.apply([Install(spec)]) == []
     assert isinstance(worker.sent[0], channel.InstallSession)
-    ours, stranger = media(4, 1.0), media(99, 1.0)
+    ours = channel.UnitReport(unit_id(4, 0), 1.0, LegReport(1, 100), LegReport())
+    stranger = channel.UnitReport(unit_id(99, 0), 1.0, LegReport(1, 100), LegReport())
     plane.on_message(worker, channel.Reports((ours, stranger), {"media.latched": 1}))  # type: ignore[arg-type]
-    assert events == [ours]
+    assert events == [media(4, 1.0)]
     assert plane.media_counters()["media.latched"] == 1
-    plane.apply([Update(spec, "A"), Remove(4, "c4", "deleted")])
+    relatched = SessionSpec(4, "c4", (StreamSpec(0, LegSpec("A", "127.0.0.1", 31010, CALLER,
+                                                            generation=1),
+                                                 spec.b),))
+    plane.apply([Update(relatched, "A"), Remove(4, "c4", "deleted")])
     assert [type(m) for m in worker.sent] == [channel.InstallSession, channel.UpdateSession,
                                               channel.RemoveSession]
 
@@ -329,7 +341,8 @@ def test_kernel_plane_polls_on_its_own_timer_so_silence_expiry_is_exact():
     assert plane.apply([Install(session.spec())]) == []
     a = session.spec().a
     ct: FakeCt = plane.ct_dump  # type: ignore[assignment]
-    mark = plane.installed[session.sid].a.rtp_mark  # the flow entered at leg A's RTP port
+    # the flow entered at leg A's RTP port
+    mark = plane.installed[unit_id(session.sid, 0)].a.rtp_mark
     ct.flows_now = [CtFlow(mark, 17, CALLER[0], CALLER[1], "127.0.0.1", a.relay_port,
                            orig_packets=50, orig_bytes=5000)]
     clock = 0.0

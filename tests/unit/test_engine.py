@@ -205,7 +205,9 @@ def test_answer_other_interface_rebinds_leg_a():
     port_b = session.legs[LEG_B].relay_port
     _, leg, actions = engine.answer(1.0, "c1", "ft", "tt", CALLEE, interface="external")
     assert leg is a
-    assert actions == [Remove(session.sid, session.call_id, "rebind"), Install(session.spec())]
+    # the plane sees the stream's relay port move: it re-installs that stream
+    assert actions == [Update(session.spec(), LEG_B)]
+    assert actions[0].spec.a.relay_port != old
     assert a.relay_ip == EXTERNAL
     assert a.relay_port != old
     assert not engine.ports.is_in_use(old)
@@ -224,7 +226,7 @@ def test_reoffer_other_interface_rebinds_leg_b():
     old = b.relay_port
     _, leg, actions = engine.offer(1.0, "c1", "ft", CALLER, to_tag="tt", interface="external")
     assert leg is b
-    assert actions == [Remove(session.sid, session.call_id, "rebind"), Install(session.spec())]
+    assert actions == [Update(session.spec(), LEG_A)]
     assert b.relay_ip == EXTERNAL and b.relay_port != old
     assert not engine.ports.is_in_use(old)
     assert session.legs[LEG_A].generation == 2

@@ -8,7 +8,7 @@ them (see docs/kamailio.md).
 from __future__ import annotations
 
 import struct
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import pytest
 from netaddr import IPSet
@@ -244,9 +244,9 @@ def test_retransmission_gets_the_same_bytes_and_no_second_side_effect():
 
 def test_changed_peer_updates_the_leg():
     legacy, engine = make()
-    session = legacy.engine.by_sid[legacy.handle(s_req(cookie=b"1_1"), KAM, 0.0).actions[0].sid]
+    session = created(legacy, legacy.handle(s_req(cookie=b"1_1"), KAM, 0.0))
     gen_a, gen_b = session.legs[LEG_A].generation, session.legs[LEG_B].generation
-    session.legs[LEG_B].latched = ("198.51.100.20", 50000)
+    session.legs[LEG_B].media[0].latched = ("198.51.100.20", 50000)
     req = s_req(cookie=b"1_2", dnat=("198.51.100.20", 50002))  # another branch answered
     out = legacy.handle(req, KAM, 2.0)
     assert out.reply == req + b"OK"
@@ -266,7 +266,7 @@ def test_changed_peer_updates_the_leg():
 
 def test_changed_relay_ports_replace_the_session():
     legacy, engine = make()
-    old = legacy.engine.by_sid[legacy.handle(s_req(cookie=b"1_1"), KAM, 0.0).actions[0].sid]
+    old = created(legacy, legacy.handle(s_req(cookie=b"1_1"), KAM, 0.0))
     req = s_req(cookie=b"1_2", dst=(INTERNAL, 30020), snat=(INTERNAL, 30022))
     out = legacy.handle(req, KAM, 1.0)
     assert out.reply == req + b"OK"
@@ -282,9 +282,14 @@ def test_changed_relay_ports_replace_the_session():
     assert legacy.counters["legacy.sessions.created"] == 2
 
 
+def created(legacy: LegacyControl, outcome: Any) -> Any:
+    """The session an S created (its Install action names it)."""
+    return legacy.engine.by_sid[outcome.actions[0].sid]
+
+
 # -- port conflicts --------------------------------------------------------------------------
 def _holder(legacy: LegacyControl, now: float = 0.0):
-    return legacy.engine.by_sid[legacy.handle(s_req(cookie=b"1_1", call_id="old@test"), KAM, now).actions[0].sid]
+    return created(legacy, legacy.handle(s_req(cookie=b"1_1", call_id="old@test"), KAM, now))
 
 
 @pytest.mark.parametrize("media_at, now", [(None, 3.0), (5.0, 12.0), (5.0, 14.99)])
@@ -412,7 +417,7 @@ def test_unusable_relay_address_is_refused_but_answered(dst, snat, counter):
 # -- D -----------------------------------------------------------------------------------------
 def test_delete_ends_the_session_and_releases_its_ports():
     legacy, engine = make()
-    session = legacy.engine.by_sid[legacy.handle(s_req(cookie=b"1_1"), KAM, 0.0).actions[0].sid]
+    session = created(legacy, legacy.handle(s_req(cookie=b"1_1"), KAM, 0.0))
     req = s_req(cookie=b"1_2", cmd=b"D")
     out = legacy.handle(req, KAM, 5.0)
     assert out.reply == req + b"OK"
@@ -437,7 +442,7 @@ def test_delete_of_an_unknown_call_still_replies():
 # -- timeout -----------------------------------------------------------------------------------
 def test_timeout_field_is_the_silence_timeout():
     legacy, engine = make(make_engine(silence_timeout=600.0))
-    session = legacy.engine.by_sid[legacy.handle(s_req(timeout="60"), KAM, 0.0).actions[0].sid]
+    session = created(legacy, legacy.handle(s_req(timeout="60"), KAM, 0.0))
     assert session.timeout == 60.0
     assert engine.expire(59.9) == []
     feed(engine, session.sid, {"last_rx": 50.0, "legs": {}})
@@ -455,13 +460,13 @@ def test_timeout_field_is_the_silence_timeout():
 @pytest.mark.parametrize("field", ["0", "-5", "86401"])
 def test_timeout_field_out_of_bounds_uses_the_engine_default(field):
     legacy, _ = make(make_engine(silence_timeout=42.0))
-    session = legacy.engine.by_sid[legacy.handle(s_req(timeout=field), KAM, 0.0).actions[0].sid]
+    session = created(legacy, legacy.handle(s_req(timeout=field), KAM, 0.0))
     assert session.timeout == 42.0
 
 
 def test_legacy_timeout_option_wins_over_the_field():
     legacy, engine = make(timeout=5.0)
-    session = legacy.engine.by_sid[legacy.handle(s_req(cookie=b"1_1", timeout="60"), KAM, 0.0).actions[0].sid]
+    session = created(legacy, legacy.handle(s_req(cookie=b"1_1", timeout="60"), KAM, 0.0))
     assert session.timeout == 5.0
     # a second S for the same call keeps the override
     legacy.handle(s_req(cookie=b"1_2", timeout="60"), KAM, 1.0)

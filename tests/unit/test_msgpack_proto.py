@@ -151,6 +151,8 @@ def test_offer_answer_query_list_delete():
         "call_id": "c1@host",
         "leg": "B",
         "relay": {"ip": "10.0.0.1", "port": b.relay_port, "rtcp_port": b.relay_port + 1},
+        "streams": [{"ip": "10.0.0.1", "port": b.relay_port, "rtcp_port": b.relay_port + 1,
+                     "rtcp_mux": False}],
     }
 
     out = raw(
@@ -236,7 +238,7 @@ def test_offer_with_sdp_str_returns_rewritten_str():
     port = reply["relay"]["port"]
     assert reply["sdp"] == SDP.replace(
         "c=IN IP4 198.51.100.10\r\nt", "c=IN IP4 10.0.0.1\r\nt"
-    ).replace("m=audio 4000", f"m=audio {port}")
+    ).replace("m=audio 4000", f"m=audio {port}").replace("o=- 1 1 ", "o=- 1 2 ")
     assert ctl.engine.get("c2").legs["A"].announced == ("198.51.100.10", 4000)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fastpath.contract import LegReport, LegSpec, SessionReport, SessionSpec
+from fastpath.contract import LegReport, LegSpec, StreamSpec
 from fastpath.worker.relay_table import (
     DROP_NAMES,
     NO_DESTINATION,
@@ -32,8 +32,8 @@ def unannounced(name, gen):
 
 def setup(a=None, b=None, sid=7):
     table = RelayTable()
-    spec = SessionSpec(sid, "c1", replace(a or unannounced("A", 0), name="A"),
-                       replace(b or unannounced("B", 0), name="B"))
+    spec = StreamSpec(0, replace(a or unannounced("A", 0), name="A"),
+                      replace(b or unannounced("B", 0), name="B"))
     session = table.install(sid, FDS, spec)
     eps = [table.by_fd[fd] for fd in FDS]
     return table, session, eps
@@ -201,7 +201,7 @@ def test_update_without_announced_clears_destination():
 def test_remove():
     table, session, eps = both()
     table.install(8, [20, 21, 22, 23],
-                  SessionSpec(8, "c2", leg(CALLER_IP, 4000), unannounced("B", 0)))
+                  StreamSpec(0, leg(CALLER_IP, 4000), unannounced("B", 0)))
     assert table.remove(7) is session
     assert 7 not in table.sessions
     assert not any(fd in table.by_fd for fd in FDS)
@@ -230,7 +230,7 @@ def test_sent_partial_failure_counts_send_error_on_receiving_side():
     assert b_rtp.drops[SEND_ERROR] == 0
     assert table.dropped[SEND_ERROR] == 2
     rep = session.report()
-    assert rep.a.drops == (("send_error", 2),)
+    assert rep[2].drops == (("send_error", 2),)
 
 
 def test_report_structure_and_gen():
@@ -245,7 +245,7 @@ def test_report_structure_and_gen():
     ep, out = table.forward(b_rtp, [(b"w" * 30, (CALLEE_IP, 5000))], 3.0)
     table.sent(ep, out, 1)
     rep = session.report()
-    assert rep == SessionReport(
+    assert rep == (
         7, 3.0,
         LegReport(2, 30, 1, 30, (("unexpected_source", 1),), 3,
                   (CALLER_IP, 61000), (CALLER_IP, 61001)),
@@ -256,8 +256,8 @@ def test_report_structure_and_gen():
 def test_report_fresh_session():
     table, session, _ = both()
     rep = session.report()
-    assert rep.last_rx is None
-    assert rep.a == LegReport(0, 0, 0, 0, (), 1, None, None)
+    assert rep[1] is None  # (unit id, last_rx, leg A, leg B)
+    assert rep[2] == LegReport(0, 0, 0, 0, (), 1, None, None)
 
 
 def test_totals():
