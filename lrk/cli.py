@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import logging
 import signal
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from fastpath import logs
 from lrk import __version__
 from lrk.errors import ConfigError, LrkError
+
+lifecycle = logging.getLogger("lrk.lifecycle")
+#: options a SIGHUP applies to a running relay; the others take a restart
+RELOADABLE = ("log_level", "log_format")
 
 
 def _use_uvloop() -> None:
@@ -50,6 +56,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "this (default 10800, 0 = never)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--log-format", choices=("kv", "json"))
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at "
+                   "http://HOST:PORT/metrics ('off' disables; default off)")
+    p.add_argument("--max-control-rate", type=float, metavar="N", help="control requests "
+                   "per second accepted from one source address (default 0: no limit)")
+    p.add_argument("--check-config", action="store_true", help="validate the configuration "
+                   "(file and options), print a one-line summary and exit: 0 when valid, "
+                   "2 with the error otherwise")
 
 
 def _add_ctl(sub: argparse._SubParsersAction) -> None:
@@ -79,27 +92,96 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from lrk.daemon import config as config_mod
-    from lrk.daemon.relay import serve
-
-    overrides = {
+def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    return {
         "control": args.control, "ports": args.ports, "internal_ip": args.internal_ip,
         "external_ip": args.external_ip, "mode": args.mode, "workers": args.workers,
         "silence_timeout": args.silence_timeout, "max_lifetime": args.max_lifetime,
         "log_level": args.log_level, "log_format": args.log_format, "legacy": args.legacy,
-        "packet_interfaces": args.packet_interfaces,
+        "packet_interfaces": args.packet_interfaces, "metrics": args.metrics,
+        "max_control_rate": args.max_control_rate,
     }
-    config = config_mod.load(args.config, overrides)
+
+
+def config_summary(config: Any, path: Optional[str]) -> str:
+    """One line: where the configuration came from and what the relay would serve."""
+    start, end = config.port_range
+    pairs = len(range(start + (start & 1), end, 2))
+    sessions = pairs // 2
+    if config.max_sessions:
+        sessions = min(sessions, config.max_sessions)
+    legacy = ",".join(a for a in config.legacy if a not in ("off", "none", "")) or "off"
+    rate = f"{config.max_control_rate:g}/s" if config.max_control_rate else "off"
+    source = path if path else "defaults"
+    metrics = "off"
+    if config.metrics_addr is not None:
+        host, port = config.metrics_addr
+        metrics = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return (f"lrkproxy: configuration OK ({source}): mode={config.mode} "
+            f"control={config.control} legacy={legacy} ports={config.ports} "
+            f"({pairs} RTP/RTCP pairs, {sessions} sessions) internal_ip={config.internal_ip} "
+            f"external_ip={config.external_ip} workers={config.workers} "
+            f"metrics={metrics} "
+            f"max_control_rate={rate} log_level={config.log_level}")
+
+
+def _reload(args: argparse.Namespace, config: Any, notifier: Any) -> None:
+    """SIGHUP (`systemctl reload`): re-read and validate the configuration; apply the log
+    settings; name the changed options that take a restart. A bad file changes nothing."""
+    from lrk.daemon import config as config_mod
+
+    notifier.reloading("reloading the configuration")
+    try:
+        fresh = config_mod.load(args.config, _overrides(args))
+    except ConfigError as exc:
+        lifecycle.error("reload: configuration not applied: %s", exc)
+        notifier.ready("reload failed, running with the previous configuration")
+        return
+    logs.setup(fresh.log_level, fresh.log_format)
+    restart = [f.name for f in dataclasses.fields(config)
+               if f.name not in RELOADABLE and getattr(fresh, f.name) != getattr(config, f.name)]
+    for name in RELOADABLE:
+        setattr(config, name, getattr(fresh, name))
+    if restart:
+        lifecycle.warning("reload: log settings applied; %s changed and take a restart",
+                          ", ".join(restart))
+    else:
+        lifecycle.info("reload: configuration re-read, log settings applied")
+    notifier.ready("running")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lrk.daemon import config as config_mod
+    from lrk.daemon.sdnotify import process_notifier
+
+    config = config_mod.load(args.config, _overrides(args))
+    if args.check_config:
+        print(config_summary(config, args.config))
+        return 0
+    # read NOTIFY_SOCKET before any worker starts, and keep it from them
+    notifier = process_notifier()
+    from lrk.daemon.relay import serve
+
     logs.setup(config.log_level, config.log_format)
     _use_uvloop()
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_stop() -> None:
+            notifier.stopping("stopping")
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
+            loop.add_signal_handler(sig, on_stop)
+        loop.add_signal_handler(signal.SIGHUP, _reload, args, config, notifier)
+        # WATCHDOG=1 from this loop (when the unit has WatchdogSec=): a stuck loop stops it
+        watchdog = asyncio.ensure_future(notifier.run_watchdog())
+        try:
+            await serve(config, stop)
+        finally:
+            watchdog.cancel()
 
     try:
         asyncio.run(main())

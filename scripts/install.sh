@@ -3,24 +3,36 @@
 # a CPython venv (.venv, also holds tox) and a PyPy venv (.venv-pypy).
 # Idempotent; reruns only redo what is missing or stale.
 #
-#   scripts/install.sh            # as root (or with sudo available)
-#   scripts/install.sh --no-apt   # skip the apt step (developer machines)
+#   scripts/install.sh                  # as root (or with sudo available)
+#   scripts/install.sh --no-apt         # skip the apt step (developer machines)
+#   scripts/install.sh --systemd        # then install the lrkproxy systemd service
+#   scripts/install.sh --systemd-only   # only the service (the venvs exist already)
+#
+# The service step (docs/running.md): user `lrk`, /etc/systemd/system/lrkproxy.service
+# running this checkout's .venv-pypy/bin/lrkproxy, /etc/lrk/lrk.toml from etc/lrk.toml
+# when absent, the privileged-modes drop-in when that config's mode needs it, and
+# `systemctl daemon-reload` when systemd runs. It neither enables nor starts the service.
+# LRK_DESTDIR=/some/dir stages the files under that root instead (no user, no systemctl).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 DO_APT=1
+DO_VENV=1
+DO_SYSTEMD=0
 for arg in "$@"; do
     case "$arg" in
         --no-apt) DO_APT=0 ;;
-        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+        --systemd) DO_SYSTEMD=1 ;;
+        --systemd-only) DO_SYSTEMD=1; DO_APT=0; DO_VENV=0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option: $arg" >&2; exit 2 ;;
     esac
 done
 
 APT_PACKAGES=(python3 python3-venv python3-dev pypy3 pypy3-venv pypy3-dev gcc libffi-dev
-              iproute2 nftables conntrack procps kamailio rtpengine-daemon)
+              iproute2 nftables conntrack procps kamailio rtpengine-daemon prometheus)
 CPYTHON=/usr/bin/python3
 PYPY=/usr/bin/pypy3
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -49,13 +61,17 @@ if [ "$DO_APT" = 1 ]; then
         "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" update >/dev/null
         "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" install -y \
             --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
-        # kamailio and rtpengine are only run by the tests and benchmarks, each instance
-        # with its own config and ports: the distribution's services, which a systemd
-        # machine starts on install (5060, media ports 30000-40000), stay off
-        if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
-            for unit in kamailio rtpengine-daemon; do
+        # kamailio, rtpengine and prometheus are only run by the tests and benchmarks,
+        # each instance with its own config and ports: the distribution's services, which
+        # a systemd machine starts on install (5060, media ports 30000-40000, 9090), stay
+        # off. Without a running systemd (containers) the package still enables its unit
+        # for the next boot: disable that too.
+        if command -v systemctl >/dev/null; then
+            now=()
+            [ -d /run/systemd/system ] && now=(--now)
+            for unit in kamailio rtpengine-daemon prometheus; do
                 case " ${missing[*]} " in
-                    *" $unit "*) "${SUDO[@]}" systemctl disable --now "$unit" >/dev/null 2>&1 || true ;;
+                    *" $unit "*) "${SUDO[@]}" systemctl disable "${now[@]}" "$unit" >/dev/null 2>&1 || true ;;
                 esac
             done
         fi
@@ -63,9 +79,6 @@ if [ "$DO_APT" = 1 ]; then
 else
     say "apt: skipped (--no-apt)"
 fi
-
-[ -x "$CPYTHON" ] || die "$CPYTHON not found (install python3 python3-venv, or drop --no-apt)"
-[ -x "$PYPY" ] || die "$PYPY not found (install pypy3 pypy3-venv, or drop --no-apt)"
 
 # ---------------------------------------------------------------- venvs
 # venv_ok DIR INTERP: DIR is a venv built from INTERP whose python and pip run.
@@ -116,7 +129,97 @@ setup_venv() {
     echo "$want" > "$stamp"
 }
 
-setup_venv .venv "$CPYTHON" "tox>=4"
-setup_venv .venv-pypy "$PYPY"
+if [ "$DO_VENV" = 1 ]; then
+    [ -x "$CPYTHON" ] || die "$CPYTHON not found (install python3 python3-venv, or drop --no-apt)"
+    [ -x "$PYPY" ] || die "$PYPY not found (install pypy3 pypy3-venv, or drop --no-apt)"
+    setup_venv .venv "$CPYTHON" "tox>=4"
+    setup_venv .venv-pypy "$PYPY"
+    say "install done: .venv ($(.venv/bin/python -V)), .venv-pypy (PyPy $(.venv-pypy/bin/python -c 'import sys; print(".".join(map(str, sys.pypy_version_info[:3])))'))"
+fi
 
-say "install done: .venv ($(.venv/bin/python -V)), .venv-pypy (PyPy $(.venv-pypy/bin/python -c 'import sys; print(".".join(map(str, sys.pypy_version_info[:3])))'))"
+# ---------------------------------------------------------------- systemd service
+install_systemd() {
+    local dest="${LRK_DESTDIR:-}" staged=0
+    [ -n "$dest" ] && staged=1
+    if [ "$staged" = 0 ] && [ "$(id -u)" != 0 ]; then
+        die "--systemd writes /etc: run as root (or stage with LRK_DESTDIR=DIR)"
+    fi
+    local bin="$ROOT/.venv-pypy/bin/lrkproxy"
+    [ -x "$bin" ] || die "$bin not found: run scripts/install.sh without --systemd-only first"
+    local unitdir="$dest/etc/systemd/system" etcdir="$dest/etc/lrk"
+    local unit="$unitdir/lrkproxy.service" dropdir="$unitdir/lrkproxy.service.d"
+    local config="$etcdir/lrk.toml"
+
+    if [ "$staged" = 0 ] && ! getent passwd lrk >/dev/null; then
+        say "systemd: creating system user lrk"
+        useradd --system --user-group --home-dir /var/lib/lrk --no-create-home \
+            --shell /usr/sbin/nologin --comment "lrk media relay" lrk
+    fi
+    if [ "$staged" = 0 ] && command -v setpriv >/dev/null &&
+            ! setpriv --reuid=lrk --regid=lrk --clear-groups test -x "$bin"; then
+        die "user lrk cannot run $bin: a directory above the checkout is closed to" \
+            "others; put the checkout under /opt (e.g. /opt/lrk) or make its parents" \
+            "searchable (chmod o+x)"
+    fi
+
+    install -d -m 0755 "$unitdir" "$etcdir"
+    # ExecStart (and the docs link) point at this checkout
+    sed -e "s#/opt/lrk/.venv-pypy/bin/lrkproxy#$bin#g" \
+        -e "s#file:/opt/lrk/docs/#file:$ROOT/docs/#g" \
+        etc/systemd/lrkproxy.service > "$unit.tmp"
+    chmod 0644 "$unit.tmp"
+    mv -f "$unit.tmp" "$unit"
+    say "systemd: $unit (ExecStart=$bin run --config /etc/lrk/lrk.toml)"
+
+    if [ -e "$config" ]; then
+        say "systemd: $config exists, left as it is"
+    else
+        install -m 0640 etc/lrk.toml "$config"
+        # root writes it, the relay (group lrk) reads it: it may hold control_token
+        if [ "$staged" = 0 ]; then chgrp lrk "$config"; fi
+        say "systemd: $config installed from etc/lrk.toml (every option at its default)"
+    fi
+
+    # the unit cannot reach a checkout under /home, /root or /run/user (ProtectHome=yes)
+    case "$ROOT/" in
+        /home/*|/root/*|/run/user/*)
+            install -d -m 0755 "$dropdir"
+            printf '%s\n' "# written by scripts/install.sh: the checkout ($ROOT) is under a home" \
+                "[Service]" "ProtectHome=read-only" > "$dropdir/checkout-in-home.conf"
+            say "systemd: checkout under a home directory: ProtectHome=read-only drop-in" ;;
+        *) rm -f "$dropdir/checkout-in-home.conf" ;;
+    esac
+
+    # kernel, nfqueue and packet modes need capabilities: the drop-in when the config asks
+    local summary mode=""
+    if summary="$("$bin" run --check-config --config "$config" 2>&1)"; then
+        mode="$(printf '%s\n' "$summary" | sed -n 's/.* mode=\([a-z]*\) .*/\1/p')"
+    else
+        printf 'install.sh: warning: %s is not valid yet: %s\n' "$config" "$summary" >&2
+    fi
+    case "$mode" in
+        kernel|nfqueue|packet)
+            install -d -m 0755 "$dropdir"
+            install -m 0644 etc/systemd/lrkproxy.service.d/privileged-modes.conf "$dropdir/"
+            say "systemd: mode $mode: CAP_NET_ADMIN CAP_NET_RAW drop-in installed" ;;
+        "") ;;  # config invalid: leave the drop-in as it is
+        *)
+            if [ -e "$dropdir/privileged-modes.conf" ]; then
+                rm -f "$dropdir/privileged-modes.conf"
+                say "systemd: mode $mode: privileged-modes drop-in removed"
+            fi ;;
+    esac
+    rmdir "$dropdir" 2>/dev/null || true
+
+    if [ "$staged" = 0 ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+        systemctl daemon-reload
+        say "systemd: daemon-reload done; start with: systemctl enable --now lrkproxy"
+    else
+        say "systemd: not running here (no daemon-reload); on a systemd host:" \
+            "systemctl daemon-reload && systemctl enable --now lrkproxy"
+    fi
+}
+
+if [ "$DO_SYSTEMD" = 1 ]; then
+    install_systemd
+fi

@@ -38,13 +38,13 @@ class SocketWorker:
     """The hot loop. Not asyncio: a bare epoll loop is what PyPy's JIT makes fastest."""
 
     def __init__(self, chan: socket.socket, batch: int = 64, io: str = "auto",
-                 coalesce: float = 0.0) -> None:
+                 coalesce: float = 0.0, relearn_after: float = 3.0) -> None:
         self.chan = chan
         # after a round that was not a full batch, wait this long (s) before polling again:
         # media gathers meanwhile, so one wake-up carries many packets (latency <= this)
         self.coalesce = coalesce
         self.round_packets = 0
-        self.table = RelayTable()
+        self.table = RelayTable(relearn_after)
         self.io = make_batch_io(batch, io)
         self.epoll = select.epoll()
         self.epoll.register(chan.fileno(), select.EPOLLIN)
@@ -393,6 +393,7 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--log-format", default="kv")
     parser.add_argument("--coalesce-us", type=int, default=0)
+    parser.add_argument("--relearn-after", type=float, default=3.0)
     args = parser.parse_args(argv)
     logs.setup(args.log_level, args.log_format)
     # the daemon decides when we stop: a signal to the whole process group (Ctrl-C,
@@ -402,7 +403,8 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     chan = socket.socket(fileno=args.channel_fd)
     chan.setblocking(True)
-    worker = SocketWorker(chan, args.batch, args.io, max(0, args.coalesce_us) / 1e6)
+    worker = SocketWorker(chan, args.batch, args.io, max(0, args.coalesce_us) / 1e6,
+                          args.relearn_after)
     worker.run()
     return 0
 

@@ -33,7 +33,7 @@ class Endpoint:
     __slots__ = (
         "fd", "sid", "leg", "kind", "expected_ip", "latch_any", "peer", "announced",
         "partner", "gen", "in_packets", "in_bytes", "out_packets", "out_bytes", "drops",
-        "session", "mux", "demux", "rtcp_partner", "spec",
+        "session", "mux", "demux", "rtcp_partner", "spec", "last", "sibling", "rtcp_addr",
     )
 
     def __init__(self, fd: int, sid: int, leg: str, kind: int) -> None:
@@ -57,9 +57,13 @@ class Endpoint:
         self.demux = False  # mux here, not on the other leg: split RTCP off by type
         self.rtcp_partner: Optional[Endpoint] = None  # where split-off RTCP leaves
         self.spec: Optional[LegSpec] = None
+        self.last = 0.0  # when the latched peer last sent (NAT re-learning after silence)
+        self.sibling: Optional[Endpoint] = None  # RTCP: this leg's RTP endpoint
+        self.rtcp_addr: Optional[Addr] = None  # RTCP: the announced RTCP address, exactly
 
     def configure(self, announced: Optional[Addr], latch_any: bool, gen: int) -> None:
         """A new offer/answer for this leg: new expected peer, forget the latch."""
+        self.rtcp_addr = announced if self.kind == RTCP else None
         self.announced = announced
         self.expected_ip = self.announced[0] if self.announced else None
         self.latch_any = latch_any
@@ -84,6 +88,7 @@ class RelaySession:
         self.dirty = True
         for ep in endpoints:
             ep.session = self
+        endpoints[1].sibling, endpoints[3].sibling = endpoints[0], endpoints[2]
         a_rtp, a_rtcp, b_rtp, b_rtcp = endpoints
         self.wire()
 
@@ -116,13 +121,19 @@ def _leg_report(rtp: Endpoint, rtcp: Endpoint) -> LegReport:
 class RelayTable:
     """All endpoints of one worker, keyed by socket fd."""
 
-    def __init__(self) -> None:
+    def __init__(self, relearn_after: float = 3.0) -> None:
         self.by_fd: Dict[int, Endpoint] = {}
         self.sessions: Dict[int, RelaySession] = {}
         self.forwarded_packets = 0
         self.forwarded_bytes = 0
         self.dropped = [0, 0, 0]
         self.latched = 0
+        self.latched_announced = 0  # first packet came from the SDP's address
+        self.latched_learned = 0  # ... from elsewhere (NAT), allowed unless strict_source
+        self.relatched = 0  # a new source after the latched peer fell silent
+        #: a learning leg's latched peer may be replaced by another source once it has
+        #: been silent this long (a phone whose NAT binding changed); never while it talks
+        self.relearn_after = relearn_after
 
     def install(self, sid: int, fds: List[int], spec: StreamSpec) -> RelaySession:
         """`fds` in order A-RTP, A-RTCP, B-RTP, B-RTCP; `sid` is the unit id."""
@@ -191,18 +202,12 @@ class RelayTable:
         accepted = 0
         nbytes = 0
         for data, src in packets:
-            if peer is None:
-                if ep.latch_any or src[0] == ep.expected_ip:
-                    ep.peer = peer = src
-                    self.latched += 1
-                else:
+            if peer is None or src != peer:
+                if not self._admit(ep, src, now):
                     ep.drops[UNEXPECTED_SOURCE] += 1
                     self.dropped[UNEXPECTED_SOURCE] += 1
                     continue
-            elif src != peer:
-                ep.drops[UNEXPECTED_SOURCE] += 1
-                self.dropped[UNEXPECTED_SOURCE] += 1
-                continue
+                peer = src
             accepted += 1
             nbytes += len(data)
             if dest is None:
@@ -213,10 +218,42 @@ class RelayTable:
         session = ep.session
         session.dirty = True  # type: ignore[union-attr]
         if accepted:
+            ep.last = now
             ep.in_packets += accepted
             ep.in_bytes += nbytes
             session.last_rx = now  # type: ignore[union-attr]
         return (partner if out else None), out
+
+    def _admit(self, ep: Endpoint, src: Addr, now: float) -> bool:
+        """Whether `src` may become the endpoint's peer (it then is).
+
+        RTP: the first source from the announced IP; from any address on a learning leg
+        (`latch_any`: the default, unless strict_source), where a latched peer is also
+        replaced by a new source once it has been silent `relearn_after` seconds.
+        RTCP: only the exact announced RTCP address, or the IP its leg's RTP latched to
+        (so no stranger can take RTCP before the phone's RTP arrives)."""
+        if ep.peer is not None and (not ep.latch_any or now - ep.last < self.relearn_after):
+            return False
+        if ep.kind == RTCP:
+            rtp_peer = ep.sibling.peer if ep.sibling is not None else None
+            if src != ep.rtcp_addr and (rtp_peer is None or rtp_peer[0] != src[0]):
+                return False
+            learned = False
+        elif src[0] == ep.expected_ip:
+            learned = False
+        elif ep.latch_any:
+            learned = True
+        else:
+            return False
+        if ep.peer is not None:
+            self.relatched += 1
+        elif learned:
+            self.latched_learned += 1
+        else:
+            self.latched_announced += 1
+        self.latched += 1
+        ep.peer = src
+        return True
 
     def sent(self, ep: Endpoint, out: List[Tuple[bytes, Addr]], sent: int) -> None:
         """Account a send batch from `ep` of which `sent` datagrams left."""
@@ -238,6 +275,9 @@ class RelayTable:
             "media.forwarded.packets": self.forwarded_packets,
             "media.forwarded.bytes": self.forwarded_bytes,
             "media.latched": self.latched,
+            "media.latched.announced": self.latched_announced,
+            "media.latched.learned": self.latched_learned,
+            "media.relatched": self.relatched,
         }
         for i, reason in enumerate(DROP_NAMES):
             totals[f"media.dropped.{reason}"] = self.dropped[i]

@@ -1,7 +1,8 @@
 """Control client for lrk relays: Kamailio lrkproxy-module semantics for Python SIP apps.
 
 See docs/client.md. The sans-IO pieces (nodes, calltable, request, manage,
-sip) are usable on their own; api holds the blocking and asyncio clients.
+sip) are usable on their own; api holds the blocking and asyncio clients. SDP is
+read and rewritten by lrk.core.sdp, shared with the relay.
 """
 
 from lrk.client.api import AsyncLrkClient, LrkClient
@@ -16,9 +17,9 @@ from lrk.client.errors import (
     RelayError,
     SipParseError,
 )
-from lrk.client.manage import plan_manage
+from lrk.client.manage import SdpInfo, parse_sdp, plan_manage, sdp_media
 from lrk.client.nodes import Node, NodeAddress, NodeSet, parse_node, parse_node_address
-from lrk.client.sip import SdpInfo, SipMessage, parse_sdp, parse_sip, sdp_media
+from lrk.client.sip import SipMessage, parse_sip
 
 __all__ = [
     "AsyncLrkClient",

@@ -1,4 +1,4 @@
-"""A minimal, strict-enough SIP message parser and the SDP bits the client needs.
+"""A minimal, strict-enough SIP message parser (SIP only: SDP is lrk.core.sdp's job).
 
 It reads what lrkproxy_manage() needs (start line, Call-ID, CSeq, top Via
 branch, From/To tags, Content-Type, body) and can put a new body back with a
@@ -8,11 +8,10 @@ byte outside the parts we rewrite comes back unchanged.
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
-from lrk.client.errors import InvalidArgument, SipParseError
+from lrk.client.errors import SipParseError
 
 SipData = Union[str, bytes]
 
@@ -25,7 +24,6 @@ COMPACT_FORMS = {
 
 _TOKEN = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+\Z")
 _LINE_SPLIT = re.compile(r"\r\n|\n")
-_LINE_SPLIT_KEEP = re.compile(r"(\r\n|\n)")
 _MAX_SHOWN = 60
 
 
@@ -293,82 +291,3 @@ def _cut_body(headers: List[Tuple[str, str]], rest: str, is_bytes: bool) -> str:
         return raw[:length].decode("utf-8")
     except UnicodeDecodeError:
         raise SipParseError(f"Content-Length {length} ends inside a character") from None
-
-
-class SdpInfo(NamedTuple):
-    """The first connection address and the first audio port of an SDP body."""
-
-    ip: Optional[str]
-    ip_version: Optional[int]  # 4 or 6
-    audio_port: Optional[int]
-
-
-def _sdp_text(sdp: SipData) -> str:
-    if isinstance(sdp, (bytes, bytearray)):
-        return bytes(sdp).decode("latin-1")
-    if isinstance(sdp, str):
-        return sdp
-    raise SipParseError(f"an SDP body must be bytes or str, not {type(sdp).__name__}")
-
-
-def _connection(line: str) -> Tuple[str, int]:
-    parts = line[2:].split()
-    if len(parts) < 3 or parts[0].upper() != "IN" or parts[1].upper() not in ("IP4", "IP6"):
-        raise SipParseError(f"bad SDP connection line {_shown(line)}")
-    return parts[2].split("/", 1)[0], 4 if parts[1].upper() == "IP4" else 6
-
-
-def parse_sdp(sdp: SipData) -> SdpInfo:
-    """Read the first `c=IN IP4|IP6 addr` (session or media level) and first `m=audio` port."""
-    ip: Optional[str] = None
-    version: Optional[int] = None
-    port: Optional[int] = None
-    for line in _LINE_SPLIT.split(_sdp_text(sdp)):
-        line = line.strip()
-        if line.startswith("c=") and ip is None:
-            ip, version = _connection(line)
-        elif line.startswith("m=audio") and port is None:
-            parts = line[2:].split()
-            if parts[0] != "audio":
-                continue
-            text = parts[1].split("/", 1)[0] if len(parts) > 1 else ""
-            if not text.isdigit() or int(text) > 65535:
-                raise SipParseError(f"bad SDP media line {_shown(line)}")
-            port = int(text)
-    return SdpInfo(ip, version, port)
-
-
-def sdp_media(sdp: SipData) -> Tuple[str, int]:
-    """(ip, audio port) for an offer/answer's `media` argument; raises if either is missing."""
-    info = parse_sdp(sdp)
-    if info.ip is None:
-        raise SipParseError("SDP has no c= connection line")
-    if info.audio_port is None:
-        raise SipParseError("SDP has no m=audio line")
-    return info.ip, info.audio_port
-
-
-def rewrite_sdp_address(sdp: SipData, new_ip: str, old_ip: Optional[str] = None) -> SipData:
-    """Point c= lines (and a=rtcp addresses) that carry `old_ip` (any, if None) at `new_ip`.
-
-    Used for manage()'s `ip_address`: the relay wrote its own address, the caller
-    wants another one (e.g. a public address in front of NAT); ports stay as-is.
-    """
-    try:
-        version = ipaddress.ip_address(new_ip).version
-    except ValueError:
-        raise InvalidArgument(f"ip_address {new_ip!r} is not an IPv4 or IPv6 address") from None
-    family = f"IP{version}"
-    pieces = _LINE_SPLIT_KEEP.split(_sdp_text(sdp))
-    for i in range(0, len(pieces), 2):
-        line = pieces[i]
-        if line.startswith("c="):
-            addr, _ = _connection(line)
-            if old_ip is None or addr == old_ip:
-                pieces[i] = f"c=IN {family} {new_ip}"
-        elif line.startswith("a=rtcp:"):
-            parts = line[7:].split()
-            if len(parts) >= 4 and (old_ip is None or parts[3] == old_ip):
-                pieces[i] = f"a=rtcp:{parts[0]} {parts[1]} {family} {new_ip}"
-    text = "".join(pieces)
-    return text.encode("latin-1") if isinstance(sdp, (bytes, bytearray)) else text

@@ -19,6 +19,7 @@ from netaddr import IPSet
 from fastpath.contract import Action
 from lrk.control.allow import AllowList
 from lrk.control.msgpack_proto import Outcome
+from lrk.control.ratelimit import RateLimiter
 from lrk.control.replay import ReplayCache
 from lrk.core.engine import Engine
 from lrk.errors import SessionNotFound
@@ -38,6 +39,7 @@ LEGACY_COUNTERS = (
     "legacy.refused.bad_relay_address", "legacy.sessions.created",
     "legacy.sessions.unchanged", "legacy.sessions.updated", "legacy.sessions.refused",
     "legacy.dropped.stream_timeout", "legacy.send_errors", "legacy.dropped.plane_failure",
+    "legacy.dropped.rate_limited",
 )
 
 
@@ -56,8 +58,10 @@ class LegacyControl:
     """P/G/S/D over the same engine the msgpack protocol drives."""
 
     def __init__(self, engine: Engine, allow: Optional[IPSet] = None,
-                 takeover_idle: float = TAKEOVER_IDLE, timeout: float = 0.0) -> None:
+                 takeover_idle: float = TAKEOVER_IDLE, timeout: float = 0.0,
+                 rate: float = 0.0) -> None:
         self.engine = engine
+        self.limiter = RateLimiter(rate)
         self.timeout = timeout  # overrides the S field's (always 60 in Kamailio 5.6.3) when > 0
         self.allow = AllowList(allow)
         self.takeover_idle = takeover_idle
@@ -70,6 +74,9 @@ class LegacyControl:
         """One request. UNIX stream clients send no cookie (`with_cookie=False`)."""
         if not self.allow.allows(sender):
             self.counters["legacy.dropped.not_allowed"] += 1
+            return Outcome(None)
+        if not self.limiter.allow(sender, now):
+            self.counters["legacy.dropped.rate_limited"] += 1
             return Outcome(None)
         if len(data) > MAX_REQUEST:
             self.counters["legacy.dropped.too_large"] += 1

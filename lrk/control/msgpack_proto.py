@@ -19,6 +19,7 @@ from netaddr import IPSet
 
 from fastpath.contract import MAX_STREAMS, Action
 from lrk.control.allow import AllowList
+from lrk.control.ratelimit import RateLimiter
 from lrk.control.replay import ReplayCache
 from lrk.core import sdp
 from lrk.core.engine import Engine
@@ -91,9 +92,11 @@ class MsgpackControl:
         media_counters: Optional[Callable[[], Dict[str, int]]] = None,
         started: float = 0.0,
         allow: Optional[IPSet] = None,
+        rate: float = 0.0,
     ) -> None:
         self.engine = engine
         self.allow = AllowList(allow)
+        self.limiter = RateLimiter(rate)
         self.info = dict(info or {})
         self.token = token
         self.media_counters = media_counters or (lambda: {})
@@ -105,6 +108,7 @@ class MsgpackControl:
         for code in ERROR_CODES:
             self.counters[f"control.errors.{code}"] = 0
         for name in ("control.dropped.too_short", "control.dropped.not_allowed",
+                     "control.dropped.rate_limited",
                      "control.retransmissions", "control.retransmissions.in_flight"):
             self.counters[name] = 0
 
@@ -113,6 +117,9 @@ class MsgpackControl:
         counters = self.counters
         if not self.allow.allows(sender):
             counters["control.dropped.not_allowed"] += 1
+            return Outcome(None)
+        if not self.limiter.allow(sender, now):
+            counters["control.dropped.rate_limited"] += 1
             return Outcome(None)
         if len(data) < MIN_REQUEST_BYTES:
             counters["control.dropped.too_short"] += 1
@@ -239,15 +246,24 @@ class MsgpackControl:
         rtcp = None if rtcp is None else _int(rtcp, "media.rtcp_port", 1, 65535)
         return (ip, port), rtcp, None
 
-    def _relay_reply(self, session: Any, leg: Any, body: Any) -> Dict[str, Any]:
+    def _relay_reply(self, session: Any, leg: Any, body: Any, offered: List[StreamOffer],
+                     answer: bool) -> Dict[str, Any]:
         """The relay addresses to announce: `relay` for the first stream (one-stream
-        clients), `streams` for every m= line (None: left alone), `sdp` rewritten."""
+        clients), `streams` for every m= line (None: left alone), `sdp` rewritten.
+
+        rtcp-mux: each leg muxes as its own peer said. An offer passes the offerer's
+        a=rtcp-mux on; an answer announces it wherever the offerer asked for it, even if
+        the answerer declined (the relay demultiplexes RTCP between the legs)."""
         relays: List[Optional[Any]] = []
-        for m in leg.media:
+        muxes: List[bool] = []
+        for i, m in enumerate(leg.media):
+            mux = False
+            if m is not None:
+                mux = m.rtcp_mux if answer else (i < len(offered) and offered[i].rtcp_mux)
+            muxes.append(mux)
             relays.append(None if m is None else {
                 "ip": m.relay_ip, "port": m.relay_port,
-                "rtcp_port": m.relay_port if m.rtcp_mux else m.rtcp_port,
-                "rtcp_mux": m.rtcp_mux})
+                "rtcp_port": m.relay_port if mux else m.rtcp_port, "rtcp_mux": mux})
         reply: Dict[str, Any] = {
             "call_id": session.call_id,
             "leg": leg.name,
@@ -262,8 +278,7 @@ class MsgpackControl:
                 if m is None or not st.needs_relay:
                     rewrite.append(None)
                 else:
-                    rewrite.append(sdp.StreamRelay(m.relay_ip, m.relay_port, None,
-                                                   st.rtcp_mux))
+                    rewrite.append(sdp.StreamRelay(m.relay_ip, m.relay_port, None, muxes[i]))
             reply["sdp"] = sdp.rewrite(text, rewrite)
         return reply
 
@@ -280,8 +295,9 @@ class MsgpackControl:
             latch_any=_bool(args.get("latch_any", False), "latch_any"),
             timeout=_opt_timeout(args.get("timeout")),
             via_branch=_opt_name(args.get("via_branch"), "via_branch"),
+            strict_source=_opt_bool(args.get("strict_source"), "strict_source"),
         )
-        return self._relay_reply(session, leg, body), actions
+        return self._relay_reply(session, leg, body, _offers(media), False), actions
 
     def _cmd_answer(self, args: Dict[str, Any], now: float):
         media, rtcp, body = self._media_args(args)
@@ -295,8 +311,9 @@ class MsgpackControl:
             interface=_choice(args.get("interface", "internal"), "interface"),
             latch_any=_bool(args.get("latch_any", False), "latch_any"),
             timeout=_opt_timeout(args.get("timeout")),
+            strict_source=_opt_bool(args.get("strict_source"), "strict_source"),
         )
-        return self._relay_reply(session, leg, body), actions
+        return self._relay_reply(session, leg, body, _offers(media), True), actions
 
     def _cmd_delete(self, args: Dict[str, Any], now: float):
         session, actions = self.engine.delete(
@@ -352,6 +369,10 @@ class MsgpackControl:
         data = pack(reply)
         self.replay.store(sender, cookie, data, now)
         return Outcome(data)
+
+
+def _offers(media: Any) -> List[StreamOffer]:
+    return media if isinstance(media, list) else []
 
 
 def _stream_of(st: Any) -> StreamOffer:
@@ -416,6 +437,10 @@ def _bool(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
         raise BadRequest(f"{what} must be true or false, not {value!r}")
     return value
+
+
+def _opt_bool(value: Any, what: str) -> Optional[bool]:
+    return None if value is None else _bool(value, what)
 
 
 def _choice(value: Any, what: str) -> str:

@@ -49,6 +49,9 @@ class EngineConfig:
     max_lifetime: float = 10800.0  # 0 disables
     quarantine: float = 5.0
     max_sessions: int = 0  # 0: bounded by the port range only
+    #: True: a leg accepts media only from the address its SDP announced (v0.1's rule);
+    #: False: it learns its peer from the first packet (NAT), see RelayTable._admit
+    strict_source: bool = False
 
 
 class Engine:
@@ -84,6 +87,11 @@ class Engine:
             self.counters["ports.exhausted"] += 1
             raise
 
+    def _learning(self, latch_any: bool, strict_source: Optional[bool]) -> bool:
+        """Whether a leg learns its peer from traffic: asked for, or not strict."""
+        strict = self.config.strict_source if strict_source is None else strict_source
+        return latch_any or not strict
+
     def get(self, call_id: str) -> Session:
         session = self.by_call.get(call_id)
         if session is None:
@@ -106,11 +114,13 @@ class Engine:
         latch_any: bool = False,
         timeout: Optional[float] = None,
         via_branch: Optional[str] = None,
+        strict_source: Optional[bool] = None,
     ) -> Tuple[Session, Leg, List[Action]]:
         """Record the offerer's streams; return the leg whose relay addresses the offer
         announces. `media` is every m= line in order (or one (ip, port) for one stream)."""
         streams = _streams(media, rtcp_port)
         target_ip = self.interface_ip(interface)
+        latch_any = self._learning(latch_any, strict_source)
         session = self.by_call.get(call_id)
         actions: List[Action] = []
         if session is None:
@@ -153,11 +163,13 @@ class Engine:
         interface: str = "internal",
         latch_any: bool = False,
         timeout: Optional[float] = None,
+        strict_source: Optional[bool] = None,
     ) -> Tuple[Session, Leg, List[Action]]:
         """Record the answerer's streams; return the leg whose relay addresses the answer
         announces. A stream the answer rejects (port 0) frees its ports on both legs."""
         streams = _streams(media, rtcp_port)
         target_ip = self.interface_ip(interface)
+        latch_any = self._learning(latch_any, strict_source)
         session = self.get(call_id)
         answering = session.leg_by_tag(to_tag)
         if answering is None:
@@ -298,7 +310,7 @@ class Engine:
                 for name, (_relay, peer) in wanted.items():
                     leg = legs[name]
                     if leg.announced != peer:
-                        leg.relatch(False)
+                        leg.relatch(self._learning(False, None))
                         leg.media[0].announce(StreamOffer(peer[0], peer[1]))  # type: ignore[union-attr]
                         actions.append(Update(session.spec(), name))
                 self._schedule(session)
@@ -315,7 +327,7 @@ class Engine:
         )
         for name, (_relay, peer) in wanted.items():
             leg = session.legs[name]
-            leg.relatch(False)
+            leg.relatch(self._learning(False, None))
             leg.media[0].announce(StreamOffer(peer[0], peer[1]))  # type: ignore[union-attr]
         self._register(session)
         actions.append(Install(session.spec()))

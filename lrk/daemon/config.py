@@ -23,6 +23,9 @@ MODES = ("socket", "kernel", "nfqueue", "packet")
 DEFAULT_COALESCE_US = {"packet": 500}
 MAX_COALESCE_US = 5000
 LOG_LEVELS = ("debug", "info", "warning", "error")
+METRICS_OFF = ("off", "none", "")
+#: max_control_rate's ceiling: far above what one control layer sends, low enough to mean a limit
+MAX_CONTROL_RATE = 1_000_000.0
 
 
 @dataclass
@@ -64,6 +67,16 @@ class Config:
     legacy_timeout: float = 0.0  # > 0: silence timeout for legacy sessions instead of S's field
     log_level: str = "warning"
     log_format: str = "kv"  # kv | json
+    # Prometheus /metrics endpoint: HOST:PORT or [IPv6]:PORT; "off" (or "") serves none
+    metrics: str = "off"
+    # control listeners (msgpack and legacy): requests per second accepted from one source
+    # address (IP); 0 = no limit
+    max_control_rate: float = 0.0
+    # media admission: false = a leg learns its peer from the first packet (NAT, as
+    # rtpengine and rtpproxy do); true = only from the address its SDP announced
+    strict_source: bool = False
+    # a learning leg's latched peer may be replaced by a new source once silent this long
+    relearn_after: float = 3.0
 
     # -- derived ---------------------------------------------------------------------
     @property
@@ -79,6 +92,15 @@ class Config:
                 raise ConfigError(f"control {self.control!r}: unix: needs an absolute path")
             return path
         return parse_hostport(self.control, "control")
+
+    @property
+    def metrics_addr(self) -> Optional[Tuple[str, int]]:
+        """(host, port) of the /metrics endpoint, or None when it is off."""
+        if not isinstance(self.metrics, str):
+            raise ConfigError(f"metrics {self.metrics!r} must be HOST:PORT or \"off\"")
+        if self.metrics.strip().lower() in METRICS_OFF:
+            return None
+        return parse_hostport(self.metrics.strip(), "metrics")
 
     @property
     def allow_set(self) -> IPSet:
@@ -149,6 +171,12 @@ class Config:
         if not 0 <= self.coalesce_us <= MAX_COALESCE_US:
             raise ConfigError(f"coalesce_us {self.coalesce_us} must be within "
                               f"0..{MAX_COALESCE_US} (it is added to every packet's latency)")
+        if not isinstance(self.strict_source, bool):
+            raise ConfigError(f"strict_source {self.strict_source!r} must be true or false")
+        if isinstance(self.relearn_after, bool) or not isinstance(
+                self.relearn_after, (int, float)) or not 0 < self.relearn_after <= 3600:
+            raise ConfigError(f"relearn_after {self.relearn_after!r} must be within 0..3600 "
+                              "seconds (and not 0)")
         if not 1 <= self.batch <= 1024:
             raise ConfigError(f"batch {self.batch} must be within 1..1024")
         if self.silence_timeout <= 0:
@@ -160,6 +188,13 @@ class Config:
                               + ", ".join(LOG_LEVELS))
         if self.log_format not in ("kv", "json"):
             raise ConfigError(f"log_format {self.log_format!r} must be kv or json")
+        self.metrics_addr  # noqa: B018 - validates
+        rate = self.max_control_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
+                0 <= rate <= MAX_CONTROL_RATE):  # NaN fails every comparison
+            raise ConfigError(f"max_control_rate {rate!r} must be a number of requests per "
+                              f"second within 0..{MAX_CONTROL_RATE:.0f} (0 = no limit)")
+        self.max_control_rate = float(rate)
         return self
 
 

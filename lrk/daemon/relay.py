@@ -27,7 +27,9 @@ from lrk.control.msgpack_proto import NEEDS_COUNTERS, MsgpackControl, Outcome, R
 from lrk.core.engine import Engine, EngineConfig
 from lrk.daemon.config import Config
 from lrk.daemon.kernel_plane import KernelPlane
+from lrk.daemon.metrics import MetricsServer, NoMetrics, legacy_command, relay_snapshot
 from lrk.daemon.nfqueue_plane import NfqueuePlane
+from lrk.daemon.sdnotify import process_notifier
 from lrk.daemon.socket_plane import SocketPlane
 from lrk.errors import ConfigError
 
@@ -118,6 +120,7 @@ class Relay:
             max_lifetime=config.max_lifetime,
             quarantine=config.quarantine,
             max_sessions=config.max_sessions,
+            strict_source=config.strict_source,
         ))
         relay_ips = (self.engine.config.internal_ip, self.engine.config.external_ip)
         self.plane: DataPlane
@@ -133,7 +136,7 @@ class Relay:
                                        config.io, config.log_level, config.log_format,
                                        config.socket_rcvbuf,
                                        config.packet_interfaces if config.mode == "packet"
-                                       else (), config.coalesce_us)
+                                       else (), config.coalesce_us, config.relearn_after)
             self.engine.probe = socket_plane.probe  # ports are bound while allocating
             self.plane = socket_plane
         self.plane.sink = self.on_plane_event
@@ -144,10 +147,13 @@ class Relay:
             media_counters=self._extra_counters,
             started=time.monotonic(),
             allow=config.allow_set,
+            rate=config.max_control_rate,
         )
         self.legacy = LegacyControl(self.engine, allow=config.legacy_allow_set,
                                     takeover_idle=config.legacy_takeover_idle,
-                                    timeout=config.legacy_timeout)
+                                    timeout=config.legacy_timeout,
+                                    rate=config.max_control_rate)
+        self.metrics: Any = NoMetrics()
         self._endpoint: Optional[_DatagramEndpoint] = None
         self._legacy_endpoints: List[_DatagramEndpoint] = []
         self._legacy_servers: List[asyncio.AbstractServer] = []
@@ -179,6 +185,10 @@ class Relay:
                                 else endpoint.sock.getsockname()[:2])
         self._endpoint = endpoint
         self._loop = loop
+        if self.config.metrics_addr is not None:
+            host, port = self.config.metrics_addr
+            self.metrics = MetricsServer(host, port, self.metrics_snapshot, loop=loop)
+            self.metrics.start()  # OSError if the port is taken, as for the control port
         self._rearm()
         cfg = self.engine.config
         lifecycle.info(
@@ -222,8 +232,17 @@ class Relay:
             os.unlink(path)
         self._unix_paths.append(path)
 
+    def metrics_snapshot(self) -> Dict[str, Any]:
+        """What /metrics shows: the same counters as `stats`, plus sessions and ports."""
+        return relay_snapshot(
+            self.engine, self.config.mode,
+            (self.control.counters, self.engine.counters, self._extra_counters()),
+            started=self.control.started,
+            workers=self.config.workers if self.config.mode in ("socket", "packet") else None)
+
     async def stop(self) -> None:
         self._stopping = True
+        self.metrics.stop()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -253,11 +272,15 @@ class Relay:
 
     # -- legacy protocol ---------------------------------------------------------------
     def on_legacy(self, data: bytes, addr: Any, endpoint: _DatagramEndpoint) -> None:
+        t0 = time.perf_counter()
         outcome = self.legacy.handle(data, addr, time.monotonic())
         if self._apply(outcome.actions):
             self.legacy.plane_failed(data, addr)
             return
         self._send(endpoint, outcome.reply, addr)
+        cmd = legacy_command(data)
+        if cmd and outcome.reply is not None:
+            self.metrics.observe_request("legacy", cmd, time.perf_counter() - t0)
 
     async def _legacy_stream(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
@@ -279,16 +302,18 @@ class Relay:
 
     # -- control ---------------------------------------------------------------------
     def on_control(self, data: bytes, addr: Any, endpoint: _DatagramEndpoint) -> None:
+        t0 = time.perf_counter()
         received = self.control.receive(data, addr, time.monotonic())
         if isinstance(received, Outcome):
             self._send(endpoint, received.reply, addr)
             return
         if received.cmd in NEEDS_COUNTERS:
-            self.plane.refresh(lambda: self._finish(received, addr, endpoint))
+            self.plane.refresh(lambda: self._finish(received, addr, endpoint, t0))
             return
-        self._finish(received, addr, endpoint)
+        self._finish(received, addr, endpoint, t0)
 
-    def _finish(self, request: Request, addr: Any, endpoint: _DatagramEndpoint) -> None:
+    def _finish(self, request: Request, addr: Any, endpoint: _DatagramEndpoint,
+                t0: float) -> None:
         now = time.monotonic()
         outcome = self.control.execute(request, now)
         failures = self._apply(outcome.actions)
@@ -296,6 +321,7 @@ class Relay:
         if failures:
             reply = self.control.plane_failed(request, failures[0].detail, now).reply
         self._send(endpoint, reply, addr)
+        self.metrics.observe_request("msgpack", request.cmd, time.perf_counter() - t0)
 
     # -- data plane ------------------------------------------------------------------
     def _apply(self, actions: List[Action]) -> List[PlaneFailure]:
@@ -429,6 +455,8 @@ async def serve(config: Config, stop_event: asyncio.Event,
                 why: Optional[Callable[[], str]] = None) -> None:
     relay = Relay(config)
     await relay.start()
+    notifier = process_notifier()
+    notifier.ready(f"serving: mode={config.mode} control={_shown(relay.control_address)}")
     signals: List[str] = []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -449,6 +477,7 @@ async def serve(config: Config, stop_event: asyncio.Event,
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         raise
     finally:
+        notifier.stopping(f"stopping: {reason}")
         sessions = len(relay.engine.by_call)
         await relay.stop()
         lifecycle.info("lrk stopped: %s (%d sessions ended)", reason, sessions)

@@ -128,7 +128,8 @@ class WorkerHandle:
         cmd = [sys.executable, "-m", "fastpath.worker.loop", "--channel-fd",
                str(theirs.fileno()), "--batch", str(self.plane.batch), "--io", self.plane.io,
                "--log-level", self.plane.log_level, "--log-format", self.plane.log_format,
-               "--coalesce-us", str(self.plane.coalesce_us)]
+               "--coalesce-us", str(self.plane.coalesce_us),
+               "--relearn-after", repr(self.plane.relearn_after)]
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), close_fds=True,
                                          preexec_fn=_ignore_stop_signals)
@@ -259,6 +260,7 @@ class SocketPlane:
                  workers: int = 1, batch: int = 64, io: str = "auto",
                  log_level: str = "warning", log_format: str = "kv", rcvbuf: int = 0,
                  packet_ifaces: Sequence[str] = (), coalesce_us: int = 0,
+                 relearn_after: float = 3.0,
                  flush_timeout: float = 1.0) -> None:
         self.port_start = port_start
         self.port_end = port_end
@@ -267,6 +269,7 @@ class SocketPlane:
         self.nft: Any = None
         self.rcvbuf = rcvbuf
         self.coalesce_us = coalesce_us
+        self.relearn_after = relearn_after
         self.log_level = log_level
         self.log_format = log_format
         self.nworkers = max(1, workers)

@@ -9,10 +9,12 @@ try:
 except ImportError:  # tests/ collected as a package
     from tests.unit.client_fakes import FakeClock, FakeNet
 
+import lrk.client
 from lrk.client import LrkClient
-from lrk.client.errors import InvalidArgument, SipParseError
-from lrk.client.manage import parse_flags, plan_manage
+from lrk.client.errors import InvalidArgument, ProtocolError, SipParseError
+from lrk.client.manage import parse_flags, parse_sdp, plan_manage, reply_relays, sdp_media
 from lrk.client.sip import parse_sip
+from lrk.core import sdp
 
 A = "udp:10.0.0.1:22222"
 B = "udp:10.0.0.2:22222"
@@ -209,7 +211,7 @@ def test_ip_address_overrides_the_connection_address_only(client, net):
     assert "c=IN IP4 203.0.113.7\r\n" in body
     assert "127.0.0.1" not in body
     assert "m=audio 30002 " in body  # the relay's port stays
-    assert "o=alice 1 1 IN IP4 198.51.100.10" in body
+    assert "o=alice 1 2 IN IP4 198.51.100.10" in body  # o= address kept, version bumped
     out6 = client.manage(response(200, ANSWER_SDP), ip_address="2001:db8::7")
     assert "c=IN IP6 2001:db8::7\r\n" in parse_sip(out6).body
     assert parse_sip(out6).header("content-length") == str(len(parse_sip(out6).body))
@@ -219,3 +221,136 @@ def test_bad_ip_address_is_rejected_before_sending(client, net):
     with pytest.raises(InvalidArgument, match="ip_address"):
         client.manage(request("INVITE", OFFER_SDP), ip_address="public")
     assert net.sent == []
+
+
+# -- every stream through lrk.core.sdp ---------------------------------------------------
+
+AV_SDP = ("v=0\r\no=alice 7 7 IN IP4 198.51.100.10\r\ns=-\r\nc=IN IP4 198.51.100.10\r\n"
+          "t=0 0\r\nm=audio 4000 RTP/AVP 0\r\na=rtcp-mux\r\nm=video 4002 RTP/AVP 96\r\n"
+          "a=rtpmap:96 VP8/90000\r\n")
+
+
+def test_plan_carries_the_parsed_sdp():
+    plan = plan_manage(request("INVITE", AV_SDP))
+    assert plan.description == sdp.parse(AV_SDP)
+    assert [s.media for s in plan.description.streams] == ["audio", "video"]
+    assert plan_manage(request("BYE", to_tag="callee")).description is None
+
+
+def test_sdp_lrk_cannot_relay_fails_before_sending(client, net):
+    bad = OFFER_SDP.replace("m=audio 4000", "m=audio 99999")
+    with pytest.raises(SipParseError, match=r"SDP line 6 'm=audio 99999 RTP/AVP 0'"):
+        client.manage(request("INVITE", bad))
+    assert net.sent == []
+
+
+def test_v1_reply_moves_only_the_first_stream(client, net):
+    """Today's relay allocates one stream: the video keeps the session-level c=."""
+    out = client.manage(request("INVITE", AV_SDP))
+    assert parse_sip(out).body == (
+        "v=0\r\no=alice 7 8 IN IP4 198.51.100.10\r\ns=-\r\nc=IN IP4 198.51.100.10\r\n"
+        "t=0 0\r\nm=audio 30002 RTP/AVP 0\r\nc=IN IP4 127.0.0.1\r\na=rtcp-mux\r\n"
+        "m=video 4002 RTP/AVP 96\r\na=rtpmap:96 VP8/90000\r\n")
+
+
+def with_streams(net, address, streams):
+    """A relay that answers like RelayLogic plus a `streams` list (the multi-stream reply)."""
+    def handler(req):
+        reply = net.relay(address).handle(req)
+        reply["streams"] = streams
+        return reply
+    net.handlers[address] = handler
+
+
+def test_streams_reply_moves_every_stream(client, net):
+    with_streams(net, A, [
+        {"ip": "203.0.113.1", "port": 31000, "rtcp_port": 31000, "rtcp_mux": True},
+        {"ip": "203.0.113.1", "port": 31002, "rtcp_port": 31003, "rtcp_mux": False},
+    ])
+    out = client.manage(request("INVITE", AV_SDP).encode())
+    assert isinstance(out, bytes)
+    assert parse_sip(out).body == (
+        "v=0\r\no=alice 7 8 IN IP4 198.51.100.10\r\ns=-\r\nc=IN IP4 203.0.113.1\r\n"
+        "t=0 0\r\nm=audio 31000 RTP/AVP 0\r\na=rtcp-mux\r\n"
+        "m=video 31002 RTP/AVP 96\r\na=rtpmap:96 VP8/90000\r\n")
+
+
+def test_streams_reply_with_untouched_stream_and_ip_address(client, net):
+    body = AV_SDP.replace("m=video 4002 RTP/AVP 96", "m=video 0 RTP/AVP 96") + (
+        "m=message 2855 TCP/MSRP *\r\na=path:msrp://198.51.100.10:2855/s;tcp\r\n")
+    with_streams(net, A, [{"ip": "127.0.0.1", "port": 31000, "rtcp_port": 31001,
+                           "rtcp_mux": False}, None, None])
+    out = client.manage(request("INVITE", body), ip_address="2001:db8::7")
+    # the MSRP stream still uses the session c=, so the audio gets its own
+    assert parse_sip(out).body == (
+        "v=0\r\no=alice 7 8 IN IP4 198.51.100.10\r\ns=-\r\nc=IN IP4 198.51.100.10\r\n"
+        "t=0 0\r\nm=audio 31000 RTP/AVP 0\r\nc=IN IP6 2001:db8::7\r\n"
+        "m=video 0 RTP/AVP 96\r\na=rtpmap:96 VP8/90000\r\n"
+        "m=message 2855 TCP/MSRP *\r\na=path:msrp://198.51.100.10:2855/s;tcp\r\n")
+
+
+@pytest.mark.parametrize("streams, match", [
+    ([{"ip": "127.0.0.1", "port": 31000}], "one entry per m= line"),
+    ("all", "one entry per m= line"),
+    ([{"ip": "127.0.0.1", "port": 31000}, {"ip": "relay", "port": 1}], "streams\\[1\\]"),
+    ([{"ip": "127.0.0.1", "port": 0}, None], "streams\\[0\\]"),
+    ([{"ip": "127.0.0.1", "port": 31000, "rtcp_mux": "yes"}, None], "rtcp_mux"),
+    (["127.0.0.1:31000", None], "not a map"),
+])
+def test_unusable_streams_reply_is_a_protocol_error(client, net, streams, match):
+    with_streams(net, A, streams)
+    with pytest.raises(ProtocolError, match=match):
+        client.manage(request("INVITE", AV_SDP))
+
+
+def test_streams_entry_for_a_disabled_stream_is_a_protocol_error():
+    desc = sdp.parse(AV_SDP.replace("m=video 4002", "m=video 0"))
+    entry = {"ip": "127.0.0.1", "port": 31000}
+    with pytest.raises(ProtocolError, match="disabled or not relayable"):
+        reply_relays(desc, {"streams": [entry, entry]})
+    assert reply_relays(desc, {"streams": [entry, None]}) == [
+        sdp.StreamRelay("127.0.0.1", 31000), None]
+    assert reply_relays(desc, {"sdp": "v=0"}) is None
+
+
+def test_reply_without_relay_address_uses_its_sdp(client, net):
+    def handler(req):
+        reply = net.relay(A).handle(req)
+        del reply["relay"]
+        return reply
+    net.handlers[A] = net.handlers[B] = handler  # round-robin: calls alternate A, B
+    out = client.manage(request("INVITE", OFFER_SDP))
+    assert "m=audio 30002 RTP/AVP 0\r\n" in parse_sip(out).body  # RelayLogic's own rewrite
+    with pytest.raises(ProtocolError, match="ip_address"):
+        client.manage(request("INVITE", OFFER_SDP, call_id="c2"), ip_address="192.0.2.1")
+    net.handlers[A] = lambda req: {"v": 1, "cookie": req["cookie"], "ok": True}
+    net.handlers[B] = net.handlers[A]
+    with pytest.raises(ProtocolError, match="neither"):
+        client.manage(request("INVITE", OFFER_SDP, call_id="c3"))
+
+
+def test_v1_sdp_helpers_use_the_shared_module():
+    body = ("v=0\r\no=- 1 1 IN IP4 198.51.100.10\r\ns=-\r\nc=IN IP4 198.51.100.10\r\n"
+            "t=0 0\r\nm=audio 49170 RTP/AVP 0 8\r\na=rtcp:49171 IN IP4 198.51.100.10\r\n")
+    info = parse_sdp(body)
+    assert (info.ip, info.ip_version, info.audio_port) == ("198.51.100.10", 4, 49170)
+    assert sdp_media(body.encode()) == ("198.51.100.10", 49170)
+    assert lrk.client.parse_sdp is parse_sdp and lrk.client.sdp_media is sdp_media
+    v6 = ("v=0\r\nm=video 5000 RTP/AVP 31\r\nc=IN IP6 2001:db8::2\r\n"
+          "m=audio 0 RTP/AVP 0\r\nc=IN IP6 2001:db8::1\r\n"
+          "m=audio 4000/2 RTP/AVP 0\r\nc=IN IP6 2001:db8::3\r\n")
+    assert parse_sdp(v6) == lrk.client.SdpInfo("2001:db8::3", 6, 4000)
+    assert parse_sdp("v=0\r\nm=video 5000 RTP/AVP 31\r\nc=IN IP4 192.0.2.1\r\n") == (
+        "192.0.2.1", 4, None)
+    with pytest.raises(SipParseError, match="m=audio"):
+        sdp_media("v=0\r\nm=video 5000 RTP/AVP 31\r\nc=IN IP4 192.0.2.1\r\n")
+    with pytest.raises(SipParseError, match="no c="):
+        sdp_media("v=0\r\nm=audio 4000 RTP/AVP 0\r\n")
+    with pytest.raises(SipParseError, match="no m= line"):
+        parse_sdp("v=0\r\nc=IN IP4 192.0.2.1\r\n")
+    with pytest.raises(SipParseError, match="connection line"):
+        parse_sdp("c=IN IP4\r\nm=audio 4000 RTP/AVP 0\r\n")
+    with pytest.raises(SipParseError, match="media port 'none'"):
+        parse_sdp("m=audio none RTP/AVP 0\r\n")
+    with pytest.raises(SipParseError, match="bytes or str"):
+        parse_sdp(42)

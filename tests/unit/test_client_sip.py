@@ -1,11 +1,12 @@
-"""The minimal SIP parser, body rewrite with Content-Length, and the SDP helpers."""
+"""The minimal SIP parser and body rewrite with Content-Length (SDP: test_sdp*.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from lrk.client.errors import InvalidArgument, SipParseError
-from lrk.client.sip import parse_sdp, parse_sip, rewrite_sdp_address, sdp_media
+import lrk.client.sip as sip_module
+from lrk.client.errors import SipParseError
+from lrk.client.sip import parse_sip
 
 SDP = (
     "v=0\r\n"
@@ -170,36 +171,7 @@ def test_bytes_outside_latin1_range_survive_a_round_trip():
     assert msg.with_body(body) == raw + body
 
 
-def test_parse_sdp_session_level_and_audio_port():
-    info = parse_sdp(SDP)
-    assert (info.ip, info.ip_version, info.audio_port) == ("198.51.100.10", 4, 49170)
-    assert sdp_media(SDP.encode()) == ("198.51.100.10", 49170)
-
-
-def test_parse_sdp_media_level_ipv6_and_missing_parts():
-    sdp = ("v=0\r\nm=video 5000 RTP/AVP 31\r\nm=audio 4000/2 RTP/AVP 0\r\n"
-           "c=IN IP6 2001:db8::1\r\n")
-    info = parse_sdp(sdp)
-    assert (info.ip, info.ip_version, info.audio_port) == ("2001:db8::1", 6, 4000)
-    assert parse_sdp("v=0\r\n") == (None, None, None)
-    with pytest.raises(SipParseError, match="no c="):
-        sdp_media("v=0\r\nm=audio 4000 RTP/AVP 0\r\n")
-    with pytest.raises(SipParseError, match="m=audio"):
-        sdp_media("v=0\r\nc=IN IP4 192.0.2.1\r\n")
-    with pytest.raises(SipParseError, match="connection line"):
-        parse_sdp("c=IN IP4\r\n")
-    with pytest.raises(SipParseError, match="media line"):
-        parse_sdp("m=audio none RTP/AVP 0\r\n")
-
-
-def test_rewrite_sdp_address_only_touches_the_given_address():
-    sdp = SDP.replace("m=audio", "c=IN IP4 192.0.2.77\r\nm=audio")
-    out = rewrite_sdp_address(sdp, "203.0.113.5", "198.51.100.10")
-    assert "c=IN IP4 203.0.113.5\r\n" in out
-    assert "c=IN IP4 192.0.2.77\r\n" in out
-    assert "a=rtcp:49171 IN IP4 203.0.113.5\r\n" in out
-    assert "o=alice 2890844526 2890844526 IN IP4 198.51.100.10" in out  # o= untouched
-    out6 = rewrite_sdp_address(SDP.encode(), "2001:db8::9")
-    assert isinstance(out6, bytes) and b"c=IN IP6 2001:db8::9\r\n" in out6
-    with pytest.raises(InvalidArgument, match="not-an-ip"):
-        rewrite_sdp_address(SDP, "not-an-ip")
+def test_sip_module_has_no_sdp_code():
+    """SDP is lrk.core.sdp's alone: one parser, one set of rules."""
+    for name in ("parse_sdp", "sdp_media", "rewrite_sdp_address", "SdpInfo"):
+        assert not hasattr(sip_module, name), name

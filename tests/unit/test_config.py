@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
 import pytest
 from netaddr import IPAddress
 
+from lrk import cli
 from lrk.daemon.config import Config, load, parse_hostport, parse_ports
 from lrk.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # PyPy 3.9
+    import tomli as tomllib
 
 
 def write(tmp_path, text, name="lrk.toml"):
@@ -247,3 +258,149 @@ def test_coalesce_defaults_per_mode_and_bounds(tmp_path):
     for bad in (-2, 5001):
         with pytest.raises(ConfigError, match="coalesce_us"):
             load(None, {"coalesce_us": bad})
+
+
+# -- metrics and max_control_rate ---------------------------------------------------------
+def test_metrics_default_off_and_addresses(tmp_path):
+    assert load(None, {}).metrics == "off"
+    assert load(None, {}).metrics_addr is None
+    for off in ("off", "OFF", "none", "", " off "):
+        assert load(None, {"metrics": off}).metrics_addr is None
+    assert load(None, {"metrics": "127.0.0.1:9103"}).metrics_addr == ("127.0.0.1", 9103)
+    assert load(None, {"metrics": "[::1]:9103"}).metrics_addr == ("::1", 9103)
+    assert load(None, {"metrics": "0.0.0.0:9103"}).metrics_addr == ("0.0.0.0", 9103)
+    path = write(tmp_path, 'metrics = "10.0.0.5:9200"\n')
+    assert load(path, {}).metrics_addr == ("10.0.0.5", 9200)
+
+
+@pytest.mark.parametrize("value", ["9103", "localhost:9103", "127.0.0.1:0", "127.0.0.1:65536",
+                                   "127.0.0.1:http", "[::1]9103", "on"])
+def test_metrics_bad_address(value):
+    with pytest.raises(ConfigError, match="metrics"):
+        load(None, {"metrics": value})
+
+
+@pytest.mark.parametrize("toml", ["metrics = 9103", "metrics = true",
+                                  'metrics = ["127.0.0.1:9103"]'])
+def test_metrics_wrong_type(tmp_path, toml):
+    with pytest.raises(ConfigError, match="metrics"):
+        load(write(tmp_path, toml + "\n"), {})
+
+
+def test_max_control_rate(tmp_path):
+    assert load(None, {}).max_control_rate == 0.0
+    config = load(write(tmp_path, "max_control_rate = 50\n"), {})
+    assert config.max_control_rate == 50.0 and isinstance(config.max_control_rate, float)
+    assert load(None, {"max_control_rate": 0.5}).max_control_rate == 0.5
+    assert load(None, {"max_control_rate": 1e6}).max_control_rate == 1e6
+    assert Config(max_control_rate=7).validate().max_control_rate == 7.0
+
+
+@pytest.mark.parametrize("toml", ["max_control_rate = -1", "max_control_rate = nan",
+                                  "max_control_rate = inf", "max_control_rate = 1000001",
+                                  'max_control_rate = "50"', "max_control_rate = true"])
+def test_max_control_rate_bad(tmp_path, toml):
+    with pytest.raises(ConfigError, match="max_control_rate"):
+        load(write(tmp_path, toml + "\n"), {})
+
+
+def test_max_control_rate_validated_on_direct_config():
+    for bad in (-0.1, float("nan"), True, "5"):
+        with pytest.raises(ConfigError, match="max_control_rate"):
+            Config(max_control_rate=bad).validate()
+
+
+# -- the example configuration etc/lrk.toml -------------------------------------------------
+EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "lrk.toml"
+OPTION_LINE = re.compile(r"^#([a-z_]+) =(.*)$")
+
+
+def example_options():
+    """{option: documented default} from the `#option = value` lines (None: `#option =`),
+    and the line before each (its meaning)."""
+    options, meaning = {}, {}
+    lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        m = OPTION_LINE.match(line)
+        if not m:
+            continue
+        name, text = m.group(1), m.group(2).strip()
+        assert name not in options, f"{name} documented twice"
+        options[name] = tomllib.loads(f"v = {text}")["v"] if text else None
+        meaning[name] = lines[i - 1]
+    return options, meaning
+
+
+def test_example_config_lists_every_option_with_its_default():
+    options, meaning = example_options()
+    defaults = Config()
+    names = [f.name for f in dataclasses.fields(Config)]
+    assert sorted(options) == sorted(names), "etc/lrk.toml and Config differ in options"
+    for name in names:
+        want, got = getattr(defaults, name), options[name]
+        assert got == want, f"etc/lrk.toml documents {name} = {got!r}, Config has {want!r}"
+        assert type(got) is type(want), f"{name}: {type(got).__name__} vs {type(want).__name__}"
+        assert meaning[name].startswith("# ") and len(meaning[name]) > 10, (
+            f"{name} has no line of meaning above it")
+
+
+def test_example_config_loads_as_is_and_uncommented(tmp_path):
+    assert load(str(EXAMPLE), {}) == load(None, {})  # everything commented out
+    text = EXAMPLE.read_text(encoding="utf-8")
+    uncommented = "\n".join(line[1:] if OPTION_LINE.match(line) and not line.endswith("=")
+                            else line for line in text.splitlines())
+    path = write(tmp_path, uncommented)
+    assert load(path, {}) == load(None, {})
+
+
+# -- lrkproxy run --check-config --------------------------------------------------------------
+def test_check_config_valid(tmp_path, capsys):
+    path = write(tmp_path, 'ports = "31000-31999"\nmetrics = "127.0.0.1:9103"\n'
+                 "max_control_rate = 20\nmax_sessions = 10\n")
+    assert cli.main(["run", "--check-config", "--config", path]) == 0
+    out = capsys.readouterr()
+    assert out.err == ""
+    assert out.out == (
+        f"lrkproxy: configuration OK ({path}): mode=socket control=127.0.0.1:22222 "
+        "legacy=127.0.0.1:22333 ports=31000-31999 (500 RTP/RTCP pairs, 10 sessions) "
+        "internal_ip=127.0.0.1 external_ip=127.0.0.1 workers=1 metrics=127.0.0.1:9103 "
+        "max_control_rate=20/s log_level=warning\n")
+
+
+def test_check_config_defaults_and_example(capsys):
+    assert cli.main(["run", "--check-config"]) == 0
+    assert "configuration OK (defaults): mode=socket" in capsys.readouterr().out
+    assert cli.main(["run", "--check-config", "--config", str(EXAMPLE)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"lrkproxy: configuration OK ({EXAMPLE}): mode=socket ")
+    assert "(5000 RTP/RTCP pairs, 2500 sessions)" in out
+    assert out.count("\n") == 1
+
+
+def test_check_config_command_line_overrides(capsys):
+    assert cli.main(["run", "--check-config", "--ports", "32000-32003", "--metrics",
+                     "[::1]:9103", "--legacy", "off"]) == 0
+    out = capsys.readouterr().out
+    assert "ports=32000-32003 (2 RTP/RTCP pairs, 1 sessions)" in out
+    assert "legacy=off" in out and "metrics=[::1]:9103" in out
+
+
+@pytest.mark.parametrize("text,message", [
+    ('ports = "1-2"\n', "lrkproxy: ports '1-2' must lie within 1024-65535 with START <= END"),
+    ("silence_timout = 3\n", "lrkproxy: unknown option 'silence_timout'; known: "),
+    ('metrics = "localhost:9103"\n',
+     "lrkproxy: metrics 'localhost:9103': 'localhost' is not an IP address"),
+    ("max_control_rate = -5\n", "lrkproxy: max_control_rate -5.0 must be a number"),
+])
+def test_check_config_invalid_exits_2(tmp_path, capsys, text, message):
+    path = write(tmp_path, text)
+    assert cli.main(["run", "--check-config", "--config", path]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.startswith(message)
+    assert out.err.count("\n") == 1
+
+
+def test_check_config_missing_file(capsys):
+    assert cli.main(["run", "--check-config", "--config", "/nonexistent/lrk.toml"]) == 2
+    assert "/nonexistent/lrk.toml" in capsys.readouterr().err

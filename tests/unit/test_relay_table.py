@@ -271,8 +271,75 @@ def test_totals():
         "media.forwarded.packets": 1,
         "media.forwarded.bytes": 3,
         "media.latched": 1,
+        "media.latched.announced": 1,
+        "media.latched.learned": 0,
+        "media.relatched": 0,
         "media.dropped.unexpected_source": 1,
         "media.dropped.no_destination": 1,
         "media.dropped.send_error": 0,
     }
     assert set(DROP_NAMES) == {"unexpected_source", "no_destination", "send_error"}
+
+
+# -- NAT learning (issue: every media stream) ---------------------------------------------
+NATTED = ("203.0.113.77", 40000)  # what a NAT makes of a phone that announced CALLER_IP
+
+
+def test_learning_leg_latches_the_first_source_from_anywhere():
+    table, session, (a_rtp, _, b_rtp, _) = setup(leg(CALLER_IP, 4000, latch_any=True),
+                                                 leg(CALLEE_IP, 5000))
+    src_ep, out = table.forward(a_rtp, [(b"x", NATTED)], 1.0)
+    assert a_rtp.peer == NATTED and out == [(b"x", (CALLEE_IP, 5000))]
+    assert (table.latched_learned, table.latched_announced) == (1, 0)
+
+
+def test_strict_leg_drops_what_its_sdp_did_not_announce():
+    table, session, (a_rtp, *_rest) = both()  # latch_any=False: strict_source
+    _, out = table.forward(a_rtp, [(b"x", NATTED)], 1.0)
+    assert out == [] and a_rtp.peer is None
+    assert a_rtp.drops[UNEXPECTED_SOURCE] == 1 and table.latched == 0
+
+
+def test_latched_peer_is_kept_while_it_talks_and_replaced_after_silence():
+    table, session, (a_rtp, *_rest) = setup(leg(CALLER_IP, 4000, latch_any=True),
+                                           leg(CALLEE_IP, 5000))
+    table.forward(a_rtp, [(b"x", (CALLER_IP, 4000))], 10.0)
+    hijack = ("198.51.100.66", 6666)
+    _, out = table.forward(a_rtp, [(b"evil", hijack)], 11.0)  # the phone talked 1 s ago
+    assert out == [] and a_rtp.peer == (CALLER_IP, 4000)
+    assert a_rtp.drops[UNEXPECTED_SOURCE] == 1
+    table.forward(a_rtp, [(b"x", (CALLER_IP, 4000))], 12.0)
+    # the phone's NAT binding changed: its old source fell silent for relearn_after
+    _, out = table.forward(a_rtp, [(b"y", NATTED)], 12.0 + table.relearn_after)
+    assert a_rtp.peer == NATTED and len(out) == 1 and table.relatched == 1
+
+
+def test_strict_leg_never_relearns():
+    table, session, (a_rtp, *_rest) = both()
+    table.forward(a_rtp, [(b"x", (CALLER_IP, 4000))], 1.0)
+    _, out = table.forward(a_rtp, [(b"y", (CALLER_IP, 4444))], 100.0)
+    assert out == [] and a_rtp.peer == (CALLER_IP, 4000)
+
+
+def test_rtcp_latches_only_to_rtps_address_or_the_announced_rtcp_address():
+    """RTCP latch theft: another port on the caller's IP (or any stranger) must not take
+    RTCP before the phone's RTP has latched."""
+    table, session, (a_rtp, a_rtcp, b_rtp, b_rtcp) = setup(
+        leg(CALLER_IP, 4000, latch_any=True), leg(CALLEE_IP, 5000))
+    _, out = table.forward(a_rtcp, [(b"\x80\xc8", (CALLER_IP, 9999))], 1.0)
+    assert out == [] and a_rtcp.peer is None
+    _, out = table.forward(a_rtcp, [(b"\x80\xc8", ("198.51.100.66", 4001))], 1.0)
+    assert out == [] and a_rtcp.drops[UNEXPECTED_SOURCE] == 2
+    # the exact announced RTCP address is fine before RTP
+    _, out = table.forward(a_rtcp, [(b"\x80\xc8", (CALLER_IP, 4001))], 1.0)
+    assert a_rtcp.peer == (CALLER_IP, 4001) and len(out) == 1
+
+
+def test_rtcp_of_a_natted_phone_follows_its_rtp():
+    table, session, (a_rtp, a_rtcp, _, _) = setup(leg(CALLER_IP, 4000, latch_any=True),
+                                                 leg(CALLEE_IP, 5000))
+    _, out = table.forward(a_rtcp, [(b"\x80\xc8", (NATTED[0], 40001))], 1.0)
+    assert out == []  # RTP has not latched: no RTCP from an address nobody announced
+    table.forward(a_rtp, [(b"x", NATTED)], 1.5)
+    _, out = table.forward(a_rtcp, [(b"\x80\xc8", (NATTED[0], 40001))], 2.0)
+    assert a_rtcp.peer == (NATTED[0], 40001) and len(out) == 1

@@ -1,242 +1,373 @@
-"""Unit tests of lrk.core.sdp: parse and rewrite of c=, m= and a=rtcp."""
+"""Unit tests of lrk.core.sdp: parse rules, errors, rewrite rules, v1 wrappers, properties.
+
+Real user agents' bodies with their exact rewritten forms are in test_sdp_golden.py.
+"""
 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lrk.core import sdp
+from lrk.core.sdp import StreamRelay
 from lrk.errors import BadRequest, SdpError
 
-SESSION_C = (
-    "v=0\r\n"
-    "o=- 1 1 IN IP4 198.51.100.10\r\n"
-    "s=-\r\n"
-    "c=IN IP4 198.51.100.10\r\n"
-    "t=0 0\r\n"
-    "m=audio 4000 RTP/AVP 0 8 101\r\n"
-    "a=rtpmap:0 PCMU/8000\r\n"
-    "a=rtpmap:101 telephone-event/8000\r\n"
-    "a=sendrecv\r\n"
-)
-
-MEDIA_C = (
-    "v=0\r\n"
-    "o=- 1 1 IN IP4 198.51.100.10\r\n"
-    "s=-\r\n"
-    "c=IN IP4 198.51.100.10\r\n"
-    "t=0 0\r\n"
-    "m=audio 4000 RTP/AVP 0\r\n"
-    "c=IN IP4 203.0.113.7\r\n"
-    "a=rtcp:4011\r\n"
-)
+R = StreamRelay("203.0.113.1", 30000)
 
 
-def lines(text):
-    return text.split("\r\n")
+def body(*lines: str, eol: str = "\r\n") -> str:
+    return "".join(line + eol for line in lines)
 
 
-# -- parse -------------------------------------------------------------------------
+HEAD = ("v=0", "o=- 1 1 IN IP4 198.51.100.10", "s=-", "c=IN IP4 198.51.100.10", "t=0 0")
+AUDIO = body(*HEAD, "m=audio 4000 RTP/AVP 0 8 101", "a=rtpmap:101 telephone-event/8000")
 
 
-def test_parse_session_level_connection():
-    assert sdp.parse(SESSION_C) == sdp.SdpMedia("198.51.100.10", 4000, None)
+# -- parse ------------------------------------------------------------------------------
 
 
-def test_parse_media_level_connection_wins():
-    media = sdp.parse(MEDIA_C)
-    assert media.ip == "203.0.113.7"
-    assert media.port == 4000
-    assert media.rtcp_port == 4011
+def test_parse_session_values():
+    desc = sdp.parse(AUDIO)
+    assert (desc.version, desc.address, desc.family, desc.direction, desc.eol) == (
+        1, "198.51.100.10", "IP4", "sendrecv", "\r\n")
+    (stream,) = desc.streams
+    assert (stream.index, stream.line, stream.media, stream.port, stream.port_count,
+            stream.proto, stream.formats) == (0, 6, "audio", 4000, 1, "RTP/AVP",
+                                              ("0", "8", "101"))
+    assert (stream.address, stream.family, stream.media_connection) == (
+        "198.51.100.10", "IP4", False)
+    assert not (stream.hold or stream.disabled or stream.ice or stream.rtcp_mux)
+    assert stream.relayable and stream.needs_relay
+    assert desc.first_relayable() is stream
 
 
-def test_parse_a_rtcp_with_address():
-    body = SESSION_C + "a=rtcp:4001 IN IP4 198.51.100.10\r\n"
-    assert sdp.parse(body).rtcp_port == 4001
+def test_parse_media_level_values_win():
+    desc = sdp.parse(body(*HEAD, "a=sendonly", "m=audio 4000/2 RTP/AVP 0",
+                          "c=IN IP6 2001:db8::7", "a=rtcp:4011 IN IP6 2001:db8::8",
+                          "a=rtcp-mux", "a=inactive", "a=candidate:1 1 UDP 1 1.2.3.4 1 typ host",
+                          "m=video 4002 RTP/AVP 96", "a=rtcp:4003", eol="\n"))
+    audio, video = desc.streams
+    assert (audio.address, audio.family, audio.media_connection) == ("2001:db8::7", "IP6", True)
+    assert (audio.port_count, audio.rtcp_port, audio.rtcp_address) == (2, 4011, "2001:db8::8")
+    assert (audio.rtcp_mux, audio.direction, audio.hold, audio.ice) == (True, "inactive", True,
+                                                                        True)
+    assert (video.address, video.direction, video.hold, video.rtcp_port) == (
+        "198.51.100.10", "sendonly", True, 4003)
+    assert desc.direction == "sendonly" and desc.eol == "\n"
 
 
-def test_parse_ignores_a_rtcp_of_another_stream():
-    body = SESSION_C + "m=video 5000 RTP/AVP 31\r\na=rtcp:5009\r\n"
-    media = sdp.parse(body)
-    assert media.port == 4000
-    assert media.rtcp_port is None
+@pytest.mark.parametrize("proto, relayable", [
+    ("RTP/AVP", True), ("RTP/AVPF", True), ("RTP/SAVP", True), ("RTP/SAVPF", True),
+    ("UDP/TLS/RTP/SAVP", True), ("UDP/TLS/RTP/SAVPF", True), ("udp", True), ("udptl", True),
+    ("UDPTL", True), ("TCP", False), ("TCP/MSRP", False), ("TCP/TLS/RTP/SAVP", False),
+    ("UDP/DTLS/SCTP", False), ("DTLS/SCTP", False), ("TCP/BFCP", False),
+])
+def test_relayable_protos(proto, relayable):
+    (stream,) = sdp.parse(body(*HEAD, f"m=application 5000 {proto} x")).streams
+    assert stream.relayable is relayable and stream.needs_relay is relayable
 
 
-def test_parse_ipv6():
-    body = (
-        "v=0\r\no=- 1 1 IN IP6 2001:db8::1\r\ns=-\r\nc=IN IP6 2001:db8::1\r\nt=0 0\r\n"
-        "m=audio 4000 RTP/AVP 0\r\n"
-    )
-    assert sdp.parse(body) == ("2001:db8::1", 4000, None)
+def test_streams_lrk_does_not_relay_are_read_leniently():
+    """A hostname c= (MSRP) or odd a=rtcp in a stream lrk passes through is no error."""
+    desc = sdp.parse(body("v=0", "m=audio 4000 RTP/AVP 0", "c=IN IP4 192.0.2.1",
+                          "m=message 2855 TCP/MSRP *", "c=IN IP4 msrp.example.com",
+                          "a=rtcp:x", "m=audio 0 RTP/AVP 0", "c=IN IP4 relay.example",
+                          "m=video 0 RTP/AVP 31"))
+    _, msrp, off, bare = desc.streams
+    assert (msrp.address, msrp.relayable, msrp.rtcp_port) == ("msrp.example.com", False, None)
+    assert off.disabled and not off.needs_relay and off.address == "relay.example"
+    assert bare.address is None and bare.family is None
 
 
-def test_parse_multicast_ttl_suffix():
-    body = SESSION_C.replace("c=IN IP4 198.51.100.10", "c=IN IP4 233.252.0.1/127")
-    assert sdp.parse(body).ip == "233.252.0.1"
+def test_old_style_hold():
+    desc = sdp.parse(body(*HEAD[:3], "c=IN IP4 0.0.0.0", "t=0 0", "m=audio 4000 RTP/AVP 0",
+                          "m=audio 4002 RTP/AVP 0", "c=IN IP6 ::"))
+    assert [(s.null_address, s.hold) for s in desc.streams] == [(True, True), (True, True)]
 
 
-def test_parse_skips_m_line_with_port_zero():
-    body = (
-        "v=0\r\ns=-\r\nc=IN IP4 198.51.100.10\r\nt=0 0\r\n"
-        "m=video 0 RTP/AVP 31\r\n"
-        "c=IN IP4 192.0.2.99\r\n"
-        "m=audio 4000 RTP/AVP 0\r\n"
-        "c=IN IP4 203.0.113.7\r\n"
-    )
-    assert sdp.parse(body) == ("203.0.113.7", 4000, None)
+def test_no_o_line_and_trailing_whitespace():
+    desc = sdp.parse("m=audio  4000\tRTP/AVP 0 \nc=IN IP4 192.0.2.1 \na=sendonly \n")
+    (stream,) = desc.streams
+    assert (desc.version, stream.port, stream.formats, stream.direction) == (
+        None, 4000, ("0",), "sendonly")
 
 
-def test_parse_port_with_count():
-    body = SESSION_C.replace("m=audio 4000 ", "m=audio 4000/2 ")
-    assert sdp.parse(body).port == 4000
+ERRORS = [
+    # (body, line number named, fragment of the reason)
+    (body(*HEAD, "m=audio 4000"), 6, "MEDIA PORT PROTO"),
+    (body(*HEAD, "m=audio x RTP/AVP 0"), 6, "media port 'x'"),
+    (body(*HEAD, "m=audio 70000 RTP/AVP 0"), 6, "0-65535"),
+    (body(*HEAD, "m=audio -1 RTP/AVP 0"), 6, "0-65535"),
+    (body(*HEAD, "m=audio 4000/0 RTP/AVP 0"), 6, "port count"),
+    (body(*HEAD, "m=audio 4000/x RTP/AVP 0"), 6, "port count"),
+    (body(*HEAD, "m=audio 40\u00b2 RTP/AVP 0"), 6, "media port"),
+    (body(*HEAD, "m=video 0 RTP/AVP 31", "m=audio"), 7, "MEDIA PORT PROTO"),
+    (body("v=0", "o=- 1 1 IN IP4", "s=-", "c=IN IP4 192.0.2.1", "m=audio 4000 RTP/AVP 0"),
+     2, "6 fields"),
+    (body("v=0", "o=- 1 v2 IN IP4 192.0.2.1", "c=IN IP4 192.0.2.1", "m=audio 4000 RTP/AVP 0"),
+     2, "version 'v2'"),
+    (body("v=0", "c=IN IP4", "m=audio 4000 RTP/AVP 0"), 2, "connection line"),
+    (body("v=0", "c=IN ATM 1", "m=audio 4000 RTP/AVP 0"), 2, "connection line"),
+    (body("v=0", "c=IN IP4 1.2.3.4 extra", "m=audio 4000 RTP/AVP 0"), 2, "connection line"),
+    (body("v=0", "c=IN IP4 host.example", "m=audio 4000 RTP/AVP 0"), 2, "not an IPv4"),
+    (body("v=0", "c=IN IP4 2001:db8::1", "m=audio 4000 RTP/AVP 0"), 2, "not an IPv4"),
+    (body("v=0", "c=IN IP6 192.0.2.1", "m=audio 4000 RTP/AVP 0"), 2, "not an IPv6"),
+    (body("v=0", "c=IN IP4 192.0.2.1", "m=audio 4000 RTP/AVP 0", "m=video 4002 RTP/AVP 31",
+          "c=IN IP4 192.0.2.300"), 5, "not an IPv4"),
+    (body("v=0", "s=-", "m=audio 4000 RTP/AVP 0"), 3, "no c= line"),
+    (body("v=0", "m=audio 4000 RTP/AVP 0", "c=IN IP4 192.0.2.1", "m=text 4002 RTP/AVP 98"),
+     4, "no c= line"),
+    (body(*HEAD, "m=audio 4000 RTP/AVP 0", "a=rtcp:"), 7, "port 1-65535"),
+    (body(*HEAD, "m=audio 4000 RTP/AVP 0", "a=rtcp:abc"), 7, "port 1-65535"),
+    (body(*HEAD, "m=audio 4000 RTP/AVP 0", "a=rtcp:0"), 7, "port 1-65535"),
+    (body(*HEAD, "m=audio 4000 RTP/AVP 0", "a=rtcp:99999"), 7, "port 1-65535"),
+    (body(*HEAD, "m=audio 4000 RTP/AVP 0", "a=rtcp:4001 IN IP4"), 7, "a=rtcp must be"),
+    (body(*HEAD, "m=audio 4000 RTP/AVP 0", "a=rtcp:4001 IN IP4 rtcp.example"), 7,
+     "not an IP address"),
+]
 
 
-def test_parse_bytes_and_lf_only():
-    assert sdp.parse(SESSION_C.encode()).port == 4000
-    assert sdp.parse(SESSION_C.replace("\r\n", "\n")).ip == "198.51.100.10"
+@pytest.mark.parametrize("text, line, fragment", ERRORS)
+def test_errors_name_the_line(text, line, fragment):
+    relays = [R] * text.count("m=")
+    for data, as_text in ((text, text), (text.encode(), text.encode().decode("latin-1"))):
+        shown = repr(as_text.split("\r\n")[line - 1])
+        for call in (sdp.parse, lambda b: sdp.rewrite(b, relays)):
+            with pytest.raises(SdpError) as exc:
+                call(data)
+            message = str(exc.value)
+            assert message.startswith(f"SDP line {line} {shown}: "), message
+            assert fragment in message, message
+            assert isinstance(exc.value, BadRequest) and exc.value.code == "bad_request"
 
 
-@pytest.mark.parametrize(
-    "body,fragment",
-    [
-        ("v=0\r\ns=-\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n", "c="),
-        ("v=0\r\ns=-\r\nc=IN IP4 198.51.100.10\r\nt=0 0\r\n", "m="),
-        ("v=0\r\nc=IN IP4 198.51.100.10\r\nm=audio 0 RTP/AVP 0\r\n", "m="),
-        ("v=0\r\nc=IN IP4 198.51.100.10\r\nm=audio x RTP/AVP 0\r\n", "m="),
-        ("v=0\r\nc=IN IP4 host.example\r\nm=audio 4000 RTP/AVP 0\r\n", "not an IP"),
-        ("v=0\r\nc=IN ATM 1\r\nm=audio 4000 RTP/AVP 0\r\n", "connection line"),
-        ("v=0\r\nc=IN IP4\r\nm=audio 4000 RTP/AVP 0\r\n", "connection line"),
-        ("v=0\r\nc=IN IP4 198.51.100.10\r\nm=audio 70000 RTP/AVP 0\r\n", "out of range"),
-        ("", "m="),
-    ],
-)
-def test_parse_errors(body, fragment):
+@pytest.mark.parametrize("text", ["", "v=0\r\n", "\r\n\r\n", "v=0\r\nc=IN IP4 192.0.2.1\r\n",
+                                  "m audio 4000 RTP/AVP 0", "v=0\rm=audio 4000 RTP/AVP 0\r"])
+def test_no_media_at_all(text):
+    with pytest.raises(SdpError, match="no m= line"):
+        sdp.parse(text)
+
+
+def test_long_line_is_truncated_in_the_message():
+    line = "c=IN IP4 " + "9" * 200
     with pytest.raises(SdpError) as exc:
-        sdp.parse(body)
-    assert fragment in str(exc.value)
-    assert isinstance(exc.value, BadRequest)
-    assert exc.value.code == "bad_request"
+        sdp.parse(body("v=0", line, "m=audio 4000 RTP/AVP 0"))
+    message = str(exc.value)
+    assert f"SDP line 2 {line[:60]!r}"[:-1] + "...'" in message
+    assert len(message) < 200
 
 
-@pytest.mark.parametrize("line", ["a=rtcp:", "a=rtcp: ", "a=rtcp:abc", "a=rtcp:0", "a=rtcp:99999"])
-def test_parse_unusable_a_rtcp_is_ignored_or_rejected(line):
-    body = SESSION_C + line + "\r\n"
-    try:
-        media = sdp.parse(body)
-    except SdpError:
-        return
-    assert media.rtcp_port is None
-
-
-def test_parse_non_utf8_bytes():
-    with pytest.raises(SdpError, match="UTF-8"):
-        sdp.parse(SESSION_C.encode() + b"a=tool:\xff\xfe\r\n")
-
-
-def test_parse_oversized():
+def test_size_limit():
     pad = "a=x-pad:" + "x" * 100 + "\r\n"
-    body = SESSION_C + pad * (sdp.MAX_SDP_BYTES // len(pad) + 1)
-    with pytest.raises(SdpError, match="exceeds"):
-        sdp.parse(body)
-    with pytest.raises(SdpError, match="exceeds"):
-        sdp.parse(body.encode())
+    big = AUDIO + pad * (sdp.MAX_SDP_BYTES // len(pad) + 1)
+    for data in (big, big.encode()):
+        with pytest.raises(SdpError, match="exceeds"):
+            sdp.parse(data)
+    exact = AUDIO + "a=x-pad:"
+    exact += "x" * (sdp.MAX_SDP_BYTES - len(exact))
+    assert sdp.parse(exact).streams[0].port == 4000
 
 
-def test_parse_at_size_limit_is_accepted():
-    body = SESSION_C + "a=x-pad:"
-    body += "x" * (sdp.MAX_SDP_BYTES - len(body))
-    assert len(body) == sdp.MAX_SDP_BYTES
-    assert sdp.parse(body).port == 4000
+def test_non_utf8_bytes_pass_through():
+    data = AUDIO.encode() + b"a=tool:\xff\xfe\r\n"
+    assert sdp.parse(data).streams[0].port == 4000
+    assert sdp.rewrite(data, [R]).endswith(b"a=tool:\xff\xfe\r\n")
 
 
-# -- rewrite -----------------------------------------------------------------------
+def test_body_type_is_checked():
+    with pytest.raises(TypeError, match="str or bytes"):
+        sdp.parse(4000)
+    assert sdp.parse(bytearray(AUDIO.encode())).streams[0].port == 4000
+    assert isinstance(sdp.rewrite(memoryview(AUDIO.encode()), [R]), bytes)
 
 
-def test_rewrite_session_level_keeps_everything_else():
-    out = sdp.rewrite(SESSION_C, "127.0.0.1", 30002, 30003)
-    assert isinstance(out, str)
-    expected = SESSION_C.replace("c=IN IP4 198.51.100.10", "c=IN IP4 127.0.0.1").replace(
-        "m=audio 4000 ", "m=audio 30002 "
-    )
-    assert out == expected
-    # o= keeps the original address
-    assert "o=- 1 1 IN IP4 198.51.100.10\r\n" in out
+# -- rewrite ----------------------------------------------------------------------------
 
 
-def test_rewrite_bytes_in_bytes_out():
-    out = sdp.rewrite(SESSION_C.encode(), "127.0.0.1", 30002, 30003)
-    assert isinstance(out, bytes)
-    assert out == sdp.rewrite(SESSION_C, "127.0.0.1", 30002, 30003).encode()
+def test_rewrite_session_level_and_bump():
+    out = sdp.rewrite(AUDIO, [R])
+    assert out == AUDIO.replace("c=IN IP4 198.51.100.10", "c=IN IP4 203.0.113.1").replace(
+        "m=audio 4000 ", "m=audio 30000 ").replace("o=- 1 1 ", "o=- 1 2 ")
+    assert sdp.rewrite(AUDIO, [R], bump_version=False) == out.replace("o=- 1 2 ", "o=- 1 1 ")
+    assert sdp.rewrite(AUDIO.encode(), [R]) == out.encode()
 
 
-def test_rewrite_media_level_c_leaves_session_c():
-    out = sdp.rewrite(MEDIA_C, "10.0.0.1", 30010, 30011)
-    assert lines(out) == [
-        "v=0",
-        "o=- 1 1 IN IP4 198.51.100.10",
-        "s=-",
-        "c=IN IP4 198.51.100.10",
-        "t=0 0",
-        "m=audio 30010 RTP/AVP 0",
-        "c=IN IP4 10.0.0.1",
-        "a=rtcp:30011 IN IP4 10.0.0.1",
-        "",
-    ]
+def test_rewrite_with_nothing_to_relay_is_the_identity():
+    text = body(*HEAD, "m=audio 0 RTP/AVP 0", "a=ice-ufrag:x", "m=message 9 TCP/MSRP *")
+    assert sdp.rewrite(text, [None, None]) == text
+    assert sdp.rewrite(text.encode(), (None, None)) == text.encode()
 
 
-def test_rewrite_ipv6_relay_address():
-    out = sdp.rewrite(SESSION_C, "2001:db8::5", 30000, 30001)
-    assert "c=IN IP6 2001:db8::5\r\n" in out
-    assert sdp.parse(out) == ("2001:db8::5", 30000, None)
+def test_rewrite_to_the_same_address_and_port_does_not_bump():
+    same = StreamRelay("198.51.100.10", 4000)
+    assert sdp.rewrite(AUDIO, [same]) == AUDIO
 
 
-def test_rewrite_port_with_count_keeps_count():
-    body = SESSION_C.replace("m=audio 4000 ", "m=audio 4000/2 ")
-    out = sdp.rewrite(body, "127.0.0.1", 30000, 30001)
-    assert "m=audio 30000/2 RTP/AVP 0 8 101\r\n" in out
+def test_rewrite_checks_its_relays():
+    two = body(*HEAD, "m=audio 4000 RTP/AVP 0", "m=video 0 RTP/AVP 31",
+               "m=message 9 TCP/MSRP *")
+    with pytest.raises(ValueError, match="the body has 3, got 1"):
+        sdp.rewrite(two, [R])
+    with pytest.raises(ValueError, match=r"stream 1 \(SDP line 7\) is disabled"):
+        sdp.rewrite(two, [R, R, None])
+    with pytest.raises(ValueError, match=r"stream 2 \(SDP line 8\) is not relayable \(TCP/MSRP"):
+        sdp.rewrite(two, [R, None, R])
+    with pytest.raises(TypeError, match="StreamRelay"):
+        sdp.rewrite(two, [("203.0.113.1", 30000), None, None])
 
 
-def test_rewrite_only_first_nonzero_stream():
-    body = (
-        "v=0\r\ns=-\r\nc=IN IP4 198.51.100.10\r\nt=0 0\r\n"
-        "m=video 0 RTP/AVP 31\r\n"
-        "m=audio 4000 RTP/AVP 0\r\n"
-        "c=IN IP4 203.0.113.7\r\n"
-        "m=audio 4002 RTP/AVP 0\r\n"
-        "c=IN IP4 203.0.113.8\r\n"
-        "a=rtcp:4005\r\n"
-    )
-    out = lines(sdp.rewrite(body, "127.0.0.1", 30000, 30001))
-    assert out == [
-        "v=0",
-        "s=-",
-        "c=IN IP4 198.51.100.10",
-        "t=0 0",
-        "m=video 0 RTP/AVP 31",
-        "m=audio 30000 RTP/AVP 0",
-        "c=IN IP4 127.0.0.1",
-        "m=audio 4002 RTP/AVP 0",
-        "c=IN IP4 203.0.113.8",
-        "a=rtcp:4005",
-        "",
-    ]
+@pytest.mark.parametrize("args, match", [
+    (("relay", 1), "relay ip"), (("203.0.113.\u0661", 1), "relay ip"), ((None, 1), "relay ip"),
+    (("203.0.113.1", 0), "port"), (("203.0.113.1", 65536), "port"),
+    (("203.0.113.1", True), "port"), (("203.0.113.1", 1, 0), "rtcp_port"),
+    (("203.0.113.1", 1, "2"), "rtcp_port"), (("203.0.113.1", 1, None, 1), "rtcp_mux"),
+])
+def test_stream_relay_is_validated(args, match):
+    with pytest.raises(ValueError, match=match):
+        StreamRelay(*args)
 
 
-def test_rewrite_roundtrip_parses_to_relay():
-    out = sdp.rewrite(MEDIA_C, "192.0.2.1", 31000, 31001)
-    assert sdp.parse(out) == ("192.0.2.1", 31000, 31001)
+def test_stream_relay_rtcp_defaults():
+    assert (R.family, R.rtcp) == ("IP4", 30001)
+    assert StreamRelay("2001:db8::1", 30000, rtcp_mux=True).rtcp == 30000
+    assert StreamRelay("2001:db8::1", 30000, 30005, True).family == "IP6"
 
 
-def test_rewrite_errors_like_parse():
-    with pytest.raises(SdpError):
-        sdp.rewrite("v=0\r\n", "127.0.0.1", 30000, 30001)
-    with pytest.raises(SdpError):
-        sdp.rewrite(b"\xff\xfe", "127.0.0.1", 30000, 30001)
+def test_rewrite_adds_a_rtcp_only_when_the_relay_port_is_not_the_default():
+    text = body(*HEAD, "m=audio 4000 RTP/AVP 0", "a=ptime:20", "")
+    out = sdp.rewrite(text, [StreamRelay("203.0.113.1", 30000, 30007)])
+    assert out.endswith("m=audio 30000 RTP/AVP 0\r\na=ptime:20\r\na=rtcp:30007\r\n\r\n")
+    assert "a=rtcp" not in sdp.rewrite(text, [StreamRelay("203.0.113.1", 30000, 30001)])
+    assert "a=rtcp" not in sdp.rewrite(text, [StreamRelay("203.0.113.1", 30000, None, True)])
+
+
+def test_rewrite_keeps_a_missing_final_newline():
+    ended_by_ice = AUDIO + "a=candidate:1 1 UDP 1 198.51.100.10 4000 typ host"
+    out = sdp.rewrite(ended_by_ice, [R])
+    assert out.endswith("a=rtpmap:101 telephone-event/8000")
+    ended_by_m = body(*HEAD) + "m=audio 4000 RTP/AVP 0"
+    out = sdp.rewrite(ended_by_m, [StreamRelay("203.0.113.1", 30000, 30004)])
+    assert out.endswith("c=IN IP4 203.0.113.1\r\nt=0 0\r\nm=audio 30000 RTP/AVP 0\r\na=rtcp:30004")
+    out = sdp.rewrite(ended_by_m + "\r\nm=message 9 TCP/MSRP *", [R, None])
+    assert out.endswith("m=audio 30000 RTP/AVP 0\r\nc=IN IP4 203.0.113.1\r\n"
+                        "m=message 9 TCP/MSRP *")
+
+
+def test_rewrite_inserts_media_c_after_an_i_line():
+    text = body(*HEAD, "m=audio 4000 RTP/AVP 0", "i=voice", "b=AS:64",
+                "m=message 9 TCP/MSRP *")
+    out = sdp.rewrite(text, [R, None])
+    assert "m=audio 30000 RTP/AVP 0\r\ni=voice\r\nc=IN IP4 203.0.113.1\r\nb=AS:64\r\n" in out
+
+
+def test_session_ice_stays_while_an_untouched_stream_uses_ice():
+    text = body(*HEAD, "a=ice-ufrag:u", "a=ice-pwd:p", "m=audio 4000 RTP/AVP 0",
+                "a=candidate:1 1 UDP 1 198.51.100.10 4000 typ host",
+                "m=application 4002 UDP/DTLS/SCTP webrtc-datachannel",
+                "a=candidate:1 1 UDP 1 198.51.100.10 4002 typ host")
+    out = sdp.rewrite(text, [R, None])
+    assert out.count("a=candidate") == 1 and "a=ice-ufrag:u" in out and "a=ice-pwd:p" in out
+    out = sdp.rewrite(text.replace("m=application 4002", "m=application 0"), [R, None])
+    assert "a=ice-" not in out
 
 
 def test_rewrite_m_line_with_extra_spaces_does_not_corrupt():
-    body = SESSION_C.replace("m=audio 4000 ", "m=audio  4000 ")
-    assert sdp.parse(body).port == 4000  # parse accepts it...
-    out = sdp.rewrite(body, "127.0.0.1", 30000, 30001)
-    # ...so rewrite must put the relay port in place of 4000, not beside it
-    assert sdp.parse(out).port == 30000
-    assert "4000" not in out
+    text = AUDIO.replace("m=audio 4000 ", "m=audio  4000\t")
+    out = sdp.rewrite(text, [R])
+    assert "m=audio  30000\tRTP/AVP 0 8 101\r\n" in out and "4000" not in out
+
+
+def test_rewrite_errors_leave_nothing_behind():
+    with pytest.raises(SdpError):
+        sdp.rewrite("v=0\r\n", [])
+    with pytest.raises(SdpError):
+        sdp.rewrite(b"\xff\xfe", [])
+
+
+# -- the single-stream wrappers (v1's daemon semantics) ---------------------------------
+
+
+def test_parse_first_picks_the_first_enabled_relayable_stream():
+    text = body("v=0", "c=IN IP4 198.51.100.10", "m=video 0 RTP/AVP 31",
+                "m=message 2855 TCP/MSRP *", "m=audio 4000 RTP/AVP 0", "c=IN IP4 203.0.113.7",
+                "a=rtcp:4011")
+    assert sdp.parse_first(text) == sdp.SdpMedia("203.0.113.7", 4000, 4011)
+    assert sdp.parse(text).first_relayable().index == 2
+    with pytest.raises(SdpError, match="no relayable m= line"):
+        sdp.parse_first(body("v=0", "c=IN IP4 198.51.100.10", "m=audio 0 RTP/AVP 0"))
+    with pytest.raises(SdpError, match="no relayable m= line"):
+        sdp.parse_first(body("v=0", "c=IN IP4 198.51.100.10", "m=message 9 TCP/MSRP *"))
+
+
+def test_rewrite_first_matches_v1_replies():
+    """No o= bump, a=rtcp names the relay, a=rtcp-mux kept: the daemon's replies of v1."""
+    text = body(*HEAD, "m=audio 4000 RTP/AVP 0", "a=rtcp:4001", "a=rtcp-mux")
+    out = sdp.rewrite_first(text, "10.0.0.1", 30002, 30003)
+    assert out == body(*HEAD[:3], "c=IN IP4 10.0.0.1", "t=0 0", "m=audio 30002 RTP/AVP 0",
+                       "a=rtcp:30003 IN IP4 10.0.0.1", "a=rtcp-mux")
+    assert sdp.rewrite_first(text.encode(), "10.0.0.1", 30002, 30003) == out.encode()
+
+
+def test_rewrite_first_no_longer_moves_a_shared_session_c():
+    text = body(*HEAD, "m=audio 4000 RTP/AVP 0", "m=video 4002 RTP/AVP 96")
+    assert sdp.rewrite_first(text, "10.0.0.1", 30002, 30003) == body(
+        *HEAD, "m=audio 30002 RTP/AVP 0", "c=IN IP4 10.0.0.1", "m=video 4002 RTP/AVP 96")
+
+
+# -- properties -------------------------------------------------------------------------
+
+_GOOD = [
+    "s=-", "t=0 0", "c=IN IP4 192.0.2.1", "c=IN IP6 2001:db8::1", "c=IN IP4 0.0.0.0",
+    "c=IN IP4 1.2.3.4/127", "m=audio 4000 RTP/AVP 0", "m=video 0 RTP/AVP 31",
+    "m=video 4002/2 RTP/SAVPF 96", "m=image 4004 udptl t38", "m=message 9 TCP/MSRP *",
+    "m=application 9 UDP/DTLS/SCTP webrtc-datachannel", "m=audio 65535 RTP/AVP",
+    "a=rtcp:4001", "a=rtcp:4001 IN IP4 192.0.2.1", "a=rtcp:4001 IN IP6 ::1", "a=rtcp-mux",
+    "a=sendonly", "a=inactive", "a=candidate:1 1 UDP 1 h 1 typ host", "a=ice-ufrag:u",
+    "a=end-of-candidates", "i=info", "", " ", "a=rtpmap:0 PCMU/8000",
+]
+_BAD = ["o=- 1 x IN IP4 h", "c=IN IP4 host", "m=audio 99999 RTP/AVP 0", "m=audio", "a=rtcp:0"]
+_HEAD = ["v=0", "o=- 1 1 IN IP4 192.0.2.1", "s=-", "c=IN IP4 192.0.2.1", "t=0 0"]
+_JUNK = st.text(alphabet="acimov= 0123456789./:\r\tINP4", max_size=24)
+
+
+def _sdp_like(line: st.SearchStrategy) -> st.SearchStrategy:
+    return st.builds(lambda head, lines, eol, end: eol.join(head + lines) + (eol if end else ""),
+                     st.sampled_from([[], _HEAD]), st.lists(line, max_size=12),
+                     st.sampled_from(["\r\n", "\n"]), st.booleans())
+
+
+def _m_lines(data: bytes) -> int:
+    return sum(1 for line in data.split(b"\n") if line.startswith(b"m="))
+
+
+@settings(derandomize=True, max_examples=100, deadline=None)
+@given(st.one_of(st.binary(max_size=200),
+                 _sdp_like(st.one_of(st.sampled_from(_GOOD + _BAD), _JUNK)).map(str.encode)))
+def test_any_bytes_parse_or_raise_sdp_error(data):
+    try:
+        sdp.parse(data)
+    except SdpError:
+        pass
+
+
+@settings(derandomize=True, max_examples=100, deadline=None)
+@given(_sdp_like(st.sampled_from(_GOOD)).map(lambda s: s.encode("latin-1")))
+def test_rewrite_of_a_parsed_body_keeps_its_streams(data):
+    try:
+        desc = sdp.parse(data)
+    except SdpError:
+        return
+    relays = [StreamRelay("203.0.113.1", 30000 + 2 * s.index) if s.needs_relay else None
+              for s in desc.streams]
+    try:
+        out = sdp.rewrite(data, relays)
+    except SdpError:
+        return
+    assert isinstance(out, bytes)
+    assert _m_lines(out) == _m_lines(data) == len(desc.streams)
+    again = sdp.parse(out)  # what lrk writes, lrk reads back
+    for stream, relay in zip(again.streams, relays):
+        if relay is not None:
+            assert stream.port == relay.port
+            assert stream.null_address or stream.address == "203.0.113.1"
