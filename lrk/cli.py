@@ -72,7 +72,15 @@ def _add_ctl(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=1.0)
     p.add_argument("--json", action="store_true", help="print raw JSON instead of tables")
     p.add_argument("--token", help="control token, if the relay requires one")
-    p.add_argument("command", choices=("ping", "list", "query", "stats", "delete", "capabilities"))
+    p.add_argument("--wait", action="store_true",
+                   help="drain: return once the last call has ended")
+    p.add_argument("--wait-timeout", type=float, default=0.0,
+                   help="drain --wait: give up after this many seconds (0: never)")
+    p.add_argument("--count", type=int, default=0,
+                   help="top: refreshes before exiting (0: until Ctrl-C)")
+    p.add_argument("--interval", type=float, default=1.0, help="top: seconds between refreshes")
+    p.add_argument("command", choices=("ping", "list", "query", "stats", "delete", "capabilities",
+                                       "drain", "undrain", "reload", "top"))
     p.add_argument("call_id", nargs="?", help="Call-ID for query and delete")
 
 
@@ -175,11 +183,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_stop)
-        loop.add_signal_handler(signal.SIGHUP, _reload, args, config, notifier)
+        loop.add_signal_handler(signal.SIGHUP, _reload, args, config, notifier)  # until serve
         # WATCHDOG=1 from this loop (when the unit has WatchdogSec=): a stuck loop stops it
         watchdog = asyncio.ensure_future(notifier.run_watchdog())
         try:
-            await serve(config, stop)
+            await serve(config, stop,
+                        load_config=lambda: config_mod.load(args.config, _overrides(args)))
         finally:
             watchdog.cancel()
 

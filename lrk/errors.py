@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastpath.errors import LrkError
 
-__all__ = ["BadRequest", "ConfigError", "LrkError", "PortsExhausted", "SdpError",
-           "SessionNotFound"]
+__all__ = ["AtCapacity", "BadRequest", "ConfigError", "Draining", "LrkError",
+           "PortsExhausted", "SdpError", "SessionNotFound"]
 
 
 class ConfigError(LrkError):
@@ -34,3 +34,15 @@ class PortsExhausted(LrkError):
     """Every RTP/RTCP port pair of the configured range is taken or quarantined."""
 
     code = "ports_exhausted"
+
+
+class Draining(LrkError):
+    """The relay is draining: it keeps its calls but takes no new ones (try another node)."""
+
+    code = "draining"
+
+
+class AtCapacity(LrkError):
+    """The relay holds `max_sessions` calls already (try another node)."""
+
+    code = "capacity"

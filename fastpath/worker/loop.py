@@ -20,8 +20,9 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from fastpath import channel, logs
+from fastpath.packet import parse_media
 from fastpath.worker.mmsg import make_batch_io
-from fastpath.worker.packet_io import PacketReader, parse_media
+from fastpath.worker.packet_io import PacketReader
 from fastpath.worker.raw_egress import RawEgress, RawEgressError
 from fastpath.worker.relay_table import Endpoint, RelayTable
 

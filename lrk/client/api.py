@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Tuple, Union
 
 from lrk.client.calltable import CallTable
 from lrk.client.core import ClientCore, NodeLike, Operation, Reply, SetsLike
-from lrk.client.errors import ClientError, RelayError
+from lrk.client.errors import ClientError, NoNodeAvailable, RelayError
 from lrk.client.nodes import Node, NodeAddress, NodeSet
 from lrk.client.request import RequestState
 from lrk.client.sip import SipData
@@ -129,11 +129,21 @@ class LrkClient(_ClientBase):
         with self._lock:
             self._check_open()
             state = self._core.request(op)
-            try:
-                reply = self._exchange(state)
-            except RelayError as error:
-                return self._core.failed(op, error)
-            return self._core.finish(op, state, reply)
+            refusal: Optional[RelayError] = None
+            while True:
+                try:
+                    reply = self._exchange(state)
+                except RelayError as error:
+                    retry = self._core.move_on(op, state, error)
+                    if retry is None:
+                        return self._core.failed(op, error)
+                    state, refusal = retry, error  # draining or full: the next node, at once
+                    continue
+                except NoNodeAvailable:
+                    if refusal is None:
+                        raise
+                    return self._core.failed(op, refusal)  # every node refused: say why
+                return self._core.finish(op, state, reply)
 
     def ping(self, node: Optional[NodeLike] = None, *, set_id: Optional[int] = None) -> Reply:
         """Ping a selected node, or `node` (even a disabled one: it is re-enabled if it answers)."""
@@ -147,6 +157,16 @@ class LrkClient(_ClientBase):
     def stats(self, node: Optional[NodeLike] = None, *, set_id: Optional[int] = None) -> Reply:
         """Relay-wide counters of one node."""
         return self._run(self._core.stats(node, set_id))
+
+    def drain(self, on: bool = True, node: Optional[NodeLike] = None, *,
+              set_id: Optional[int] = None) -> Reply:
+        """Stop (or with on=False resume) taking new calls on a node; calls continue."""
+        return self._run(self._core.drain(on, node, set_id))
+
+    def reload(self, node: Optional[NodeLike] = None, *, set_id: Optional[int] = None
+               ) -> Reply:
+        """Make a node re-read its configuration file (as SIGHUP does)."""
+        return self._run(self._core.reload(node, set_id))
 
     def list(self, limit: Optional[int] = None, offset: Optional[int] = None, *,
              node: Optional[NodeLike] = None, set_id: Optional[int] = None) -> Reply:
@@ -289,11 +309,21 @@ class AsyncLrkClient(_ClientBase):
     async def _run(self, op: Operation) -> Any:
         self._check_open()
         state = self._core.request(op)
-        try:
-            reply = await self._exchange(state)
-        except RelayError as error:
-            return self._core.failed(op, error)
-        return self._core.finish(op, state, reply)
+        refusal: Optional[RelayError] = None
+        while True:
+            try:
+                reply = await self._exchange(state)
+            except RelayError as error:
+                retry = self._core.move_on(op, state, error)
+                if retry is None:
+                    return self._core.failed(op, error)
+                state, refusal = retry, error  # draining or full: the next node, at once
+                continue
+            except NoNodeAvailable:
+                if refusal is None:
+                    raise
+                return self._core.failed(op, refusal)  # every node refused: say why
+            return self._core.finish(op, state, reply)
 
     async def ping(self, node: Optional[NodeLike] = None, *,
                    set_id: Optional[int] = None) -> Reply:
@@ -304,6 +334,16 @@ class AsyncLrkClient(_ClientBase):
                            set_id: Optional[int] = None) -> Reply:
         """See LrkClient.capabilities."""
         return await self._run(self._core.capabilities(node, set_id))
+
+    async def drain(self, on: bool = True, node: Optional[NodeLike] = None, *,
+                    set_id: Optional[int] = None) -> Reply:
+        """See LrkClient.drain."""
+        return await self._run(self._core.drain(on, node, set_id))
+
+    async def reload(self, node: Optional[NodeLike] = None, *,
+                     set_id: Optional[int] = None) -> Reply:
+        """See LrkClient.reload."""
+        return await self._run(self._core.reload(node, set_id))
 
     async def stats(self, node: Optional[NodeLike] = None, *,
                     set_id: Optional[int] = None) -> Reply:

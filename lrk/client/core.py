@@ -41,6 +41,10 @@ class Operation(NamedTuple):
     on_error: Optional[Callable[[RelayError], Any]] = None
 
 
+#: refusals of a new call that another node of the set may not give
+MOVE_ON = frozenset(("draining", "capacity", "ports_exhausted"))
+
+
 def _check_str(name: str, value: Any, required: bool = True) -> None:
     if value is None and not required:
         return
@@ -116,6 +120,18 @@ class ClientCore:
         """The method's result for a successful reply (updates the call table)."""
         assert state.node is not None
         return op.on_reply(state.node, reply)
+
+    def move_on(self, op: Operation, state: RequestState, error: RelayError
+                ) -> Optional[RequestState]:
+        """A node refused a new call for a reason another node may not have (`draining`,
+        `capacity`, `ports_exhausted`): the request for the next node of the set, with
+        the refusing nodes skipped (they stay enabled: their calls go on). None when the
+        call is pinned to that node or the refusal is of another kind."""
+        if op.node is not None or error.code not in MOVE_ON:
+            return None
+        retry = self.request(op)
+        retry.tried = list(state.tried)
+        return retry
 
     def failed(self, op: Operation, error: RelayError) -> Any:
         """The method's result (or the re-raised error) for an `ok: false` reply."""
@@ -193,6 +209,14 @@ class ClientCore:
     def list(self, limit: Optional[int] = None, offset: Optional[int] = None,
              node: Optional[NodeLike] = None, set_id: Optional[int] = None) -> Operation:
         return self._admin("list", node, set_id, limit=limit, offset=offset)
+
+    def drain(self, on: bool = True, node: Optional[NodeLike] = None,
+              set_id: Optional[int] = None) -> Operation:
+        return self._admin("drain", node, set_id, on=on)
+
+    def reload(self, node: Optional[NodeLike] = None, set_id: Optional[int] = None
+               ) -> Operation:
+        return self._admin("reload", node, set_id)
 
     def offer(self, call_id: str, from_tag: str, media: Optional[Tuple[str, int]] = None, *,
               sdp: Optional[SipData] = None, to_tag: Optional[str] = None,

@@ -39,7 +39,7 @@ LEGACY_COUNTERS = (
     "legacy.refused.bad_relay_address", "legacy.sessions.created",
     "legacy.sessions.unchanged", "legacy.sessions.updated", "legacy.sessions.refused",
     "legacy.dropped.stream_timeout", "legacy.send_errors", "legacy.dropped.plane_failure",
-    "legacy.dropped.rate_limited",
+    "legacy.dropped.rate_limited", "legacy.dropped.draining",
 )
 
 
@@ -101,6 +101,11 @@ class LegacyControl:
             self.counters["legacy.dropped.unknown_command"] += 1
             return Outcome(None)
         self.counters[f"legacy.requests.{command.decode()}"] += 1
+        if command in (b"P", b"G") and self.engine.draining:
+            # a Kamailio that (re)starts or re-checks this node sees it down and picks
+            # another; S and D still work: calls already routed here must keep media
+            self.counters["legacy.dropped.draining"] += 1
+            return Outcome(None)
         try:
             reply, actions = handler(prefix, body, now)
         except (ValueError, UnicodeDecodeError) as exc:

@@ -37,8 +37,9 @@ MAX_DEPTH = 8  # requests nest two levels; deeper is an attack or a bug
 LIST_REPLY_BUDGET = 60000  # a list reply must fit one UDP datagram
 ERROR_CODES = ("malformed", "too_large", "bad_request", "unknown_command",
                "unsupported_version", "unauthorized", "not_found", "ports_exhausted",
-               "data_plane", "internal")
-COMMANDS = ("ping", "capabilities", "offer", "answer", "delete", "query", "list", "stats")
+               "data_plane", "draining", "capacity", "internal")
+COMMANDS = ("ping", "capabilities", "offer", "answer", "delete", "query", "list", "stats",
+            "drain", "reload")
 #: commands whose reply shows traffic counters: the daemon refreshes them first
 NEEDS_COUNTERS = frozenset(("delete", "query", "list", "stats"))
 
@@ -97,6 +98,8 @@ class MsgpackControl:
         self.engine = engine
         self.allow = AllowList(allow)
         self.limiter = RateLimiter(rate)
+        #: the shell's reload (`reload` command): returns (applied, restart_needed) names
+        self.on_reload: Optional[Callable[[], Tuple[List[str], List[str]]]] = None
         self.info = dict(info or {})
         self.token = token
         self.media_counters = media_counters or (lambda: {})
@@ -344,6 +347,23 @@ class MsgpackControl:
             body["next_offset"] = offset + len(page)
         return body, []
 
+    def _cmd_drain(self, args: Dict[str, Any], now: float):
+        """Take no new calls (`on`, default true) or take them again (`on: false`);
+        established calls continue either way."""
+        on = _bool(args.get("on", True), "on")
+        if on != self.engine.draining:
+            log.warning("relay %s: %d call(s) continue", "draining, no new calls" if on
+                        else "taking new calls again", len(self.engine.by_call))
+        self.engine.draining = on
+        return {"draining": on, "sessions": len(self.engine.by_call)}, []
+
+    def _cmd_reload(self, args: Dict[str, Any], now: float):
+        """Re-read the configuration file (as SIGHUP does); names what took effect."""
+        if self.on_reload is None:
+            raise BadRequest("this relay was started without a reloadable configuration")
+        applied, restart = self.on_reload()
+        return {"applied": applied, "restart_needed": restart}, []
+
     def _cmd_stats(self, args: Dict[str, Any], now: float):
         counters: Dict[str, int] = {}
         counters.update(self.counters)
@@ -351,6 +371,7 @@ class MsgpackControl:
         counters.update(self.media_counters())
         return {
             "uptime": round(now - self.started, 3),
+            "draining": self.engine.draining,
             "sessions": len(self.engine.by_call),
             "ports": self.engine.ports.snapshot(),
             "counters": counters,

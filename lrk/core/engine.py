@@ -26,14 +26,14 @@ from fastpath.contract import (
 )
 from lrk.core.ports import PortAllocator
 from lrk.core.session import LEG_A, LEG_B, OTHER, Leg, Media, Session, StreamOffer
-from lrk.errors import BadRequest, SessionNotFound
+from lrk.errors import AtCapacity, BadRequest, Draining, SessionNotFound
 
 PortProbe = Callable[[str, int], bool]
 
 ENGINE_COUNTERS = (
     "sessions.created", "sessions.offers", "sessions.answers", "sessions.deleted",
     "sessions.expired.silence", "sessions.expired.lifetime", "sessions.rebound",
-    "sessions.refused.max_sessions", "ports.exhausted",
+    "sessions.refused.max_sessions", "sessions.refused.draining", "ports.exhausted",
     "sessions.expired.replaced", "legacy.conflicts.refused", "legacy.conflicts.replaced",
     "legacy.ports_outside_range", "sessions.failed", "streams.removed",
 )
@@ -69,6 +69,8 @@ class Engine:
         #: (deadline, sid) per session; an entry is live while it equals the session's
         #: `timer_at`, so stale entries (media came, timeout changed) drop off when popped
         self._timers: List[Tuple[float, int]] = []
+        #: no new sessions (msgpack offers are refused with `draining`); calls continue
+        self.draining = False
 
     # -- helpers -------------------------------------------------------------------
     def interface_ip(self, interface: str) -> str:
@@ -372,10 +374,14 @@ class Engine:
         timeout: Optional[float],
         via_branch: Optional[str],
     ) -> Session:
+        if self.draining:
+            self.counters["sessions.refused.draining"] += 1
+            raise Draining("this relay is draining: it takes no new calls; use another node")
         if self.config.max_sessions and len(self.by_call) >= self.config.max_sessions:
             self.counters["sessions.refused.max_sessions"] += 1
-            raise BadRequest(
-                f"session limit of {self.config.max_sessions} reached; raise max_sessions"
+            raise AtCapacity(
+                f"session limit of {self.config.max_sessions} reached; raise max_sessions "
+                "or use another node"
             )
         sid = self._next_sid
         self._next_sid += 1

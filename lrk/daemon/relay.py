@@ -20,8 +20,10 @@ import time
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from fastpath import logs
 from fastpath.contract import Action, DataPlane, Event, PlaneFailure
 from lrk import __version__
+from lrk.control.allow import AllowList
 from lrk.control.legacy import LegacyControl
 from lrk.control.msgpack_proto import NEEDS_COUNTERS, MsgpackControl, Outcome, Request
 from lrk.core.engine import Engine, EngineConfig
@@ -105,11 +107,19 @@ class _DatagramEndpoint:
         self.sock.close()
 
 
+#: options a reload (SIGHUP, `ctl reload`) applies to a running relay; others need a restart
+RELOADABLE = ("log_level", "log_format", "silence_timeout", "max_lifetime", "quarantine",
+              "max_sessions", "control_allow", "legacy_allow", "legacy_takeover_idle",
+              "legacy_timeout", "max_control_rate", "strict_source")
+
+
 class Relay:
     """Owns the engine, the control endpoint and the data plane for one relay node."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config,
+                 load_config: Optional[Callable[[], Config]] = None) -> None:
         self.config = config
+        self.load_config = load_config
         start, end = config.port_range
         self.engine = Engine(EngineConfig(
             internal_ip=config.internal_ip,
@@ -164,6 +174,8 @@ class Relay:
         self._timer_at: Optional[float] = None
         self._expiring = False  # a refresh before expiry is under way
         self._stopping = False
+        if load_config is not None:
+            self.control.on_reload = self.reload
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -231,6 +243,38 @@ class Relay:
                 raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
             os.unlink(path)
         self._unix_paths.append(path)
+
+    def reload(self) -> Tuple[List[str], List[str]]:
+        """Re-read the configuration; apply what can change live (RELOADABLE) and name
+        the rest. A bad file changes nothing (ConfigError propagates)."""
+        assert self.load_config is not None
+        fresh = self.load_config()
+        old = self.config
+        applied = [name for name in RELOADABLE if getattr(fresh, name) != getattr(old, name)]
+        restart = [name for name in vars(fresh) if name not in RELOADABLE
+                   and getattr(fresh, name) != getattr(old, name)]
+        engine_cfg = self.engine.config
+        engine_cfg.silence_timeout = fresh.silence_timeout  # new sessions; live ones keep
+        engine_cfg.max_lifetime = fresh.max_lifetime
+        engine_cfg.max_sessions = fresh.max_sessions
+        engine_cfg.strict_source = fresh.strict_source
+        self.engine.ports.quarantine = fresh.quarantine
+        self.control.allow = AllowList(fresh.allow_set)
+        self.control.limiter.reconfigure(fresh.max_control_rate)
+        self.legacy.allow = AllowList(fresh.legacy_allow_set)
+        self.legacy.limiter.reconfigure(fresh.max_control_rate)
+        self.legacy.takeover_idle = fresh.legacy_takeover_idle
+        self.legacy.timeout = fresh.legacy_timeout
+        logs.setup(fresh.log_level, fresh.log_format)
+        for name in RELOADABLE:
+            setattr(old, name, getattr(fresh, name))
+        if restart:
+            lifecycle.warning("reload: applied %s; changed but need a restart: %s",
+                              ", ".join(applied) or "nothing", ", ".join(restart))
+        else:
+            lifecycle.info("reload: applied %s", ", ".join(applied) or "nothing (unchanged)")
+        self._rearm()
+        return applied, restart
 
     def metrics_snapshot(self) -> Dict[str, Any]:
         """What /metrics shows: the same counters as `stats`, plus sessions and ports."""
@@ -452,8 +496,11 @@ def _shown(address: Any) -> str:
 
 
 async def serve(config: Config, stop_event: asyncio.Event,
-                why: Optional[Callable[[], str]] = None) -> None:
-    relay = Relay(config)
+                why: Optional[Callable[[], str]] = None,
+                load_config: Optional[Callable[[], Config]] = None) -> None:
+    """Run a relay until `stop_event`; SIGINT/SIGTERM set it (the reason is logged),
+    SIGHUP reloads through `load_config` (when given)."""
+    relay = Relay(config, load_config)
     await relay.start()
     notifier = process_notifier()
     notifier.ready(f"serving: mode={config.mode} control={_shown(relay.control_address)}")
@@ -466,6 +513,17 @@ async def serve(config: Config, stop_event: asyncio.Event,
 
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, on_signal)  # not in the main thread: the caller's
+    if load_config is not None:
+        def on_hup() -> None:
+            notifier.reloading("reloading the configuration")
+            try:
+                relay.reload()
+            except ConfigError as exc:
+                lifecycle.error("reload: configuration not applied: %s", exc)
+            notifier.ready("running")
+
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
     if why is None:
         def why() -> str:
             return signals[0] if signals else "stop requested"

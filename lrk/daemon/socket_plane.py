@@ -308,7 +308,7 @@ class SocketPlane:
             # packet mode: the taps (open and queueing already) read the media; only now may
             # the kernel stop handling it
             from fastpath.kernel.nft import Nft
-            from fastpath.worker.packet_io import DEFAULT_TABLE, drop_rules
+            from fastpath.kernel.taps import DEFAULT_TABLE, drop_rules
 
             self.nft = Nft()
             self.nft.run(drop_rules(DEFAULT_TABLE, self.port_start, self.port_end,
@@ -319,7 +319,7 @@ class SocketPlane:
         media from this moment on, whenever the worker gets to read them."""
         if not self.packet_ifaces:
             return []
-        from fastpath.worker.packet_io import open_packet_socket
+        from fastpath.kernel.taps import open_packet_socket
 
         return [open_packet_socket(ifname, self.port_start, self.port_end)
                 for ifname in self.packet_ifaces]
@@ -327,7 +327,7 @@ class SocketPlane:
     async def stop(self) -> None:
         self.stopping = True
         if self.nft is not None:
-            from fastpath.worker.packet_io import DEFAULT_TABLE, destroy_rules
+            from fastpath.kernel.taps import DEFAULT_TABLE, destroy_rules
 
             self.nft.run(destroy_rules(DEFAULT_TABLE))
         for w in self.workers:
