@@ -6,7 +6,7 @@ import pytest
 
 from lrk.core.engine import Engine, EngineConfig, Install, Remove, Update
 from lrk.core.session import LEG_A, LEG_B
-from lrk.errors import BadRequest, PortsExhausted, SessionNotFound
+from lrk.errors import AtCapacity, BadRequest, PortsExhausted, SessionNotFound
 
 try:
     from reports import feed
@@ -509,8 +509,9 @@ def test_ports_exhaustion_leaves_no_half_session():
 def test_max_sessions():
     engine = make(max_sessions=1)
     call(engine)
-    with pytest.raises(BadRequest, match="max_sessions"):
+    with pytest.raises(AtCapacity, match="max_sessions") as refused:
         engine.offer(0.0, "c2", "ft", CALLER)
+    assert refused.value.code == "capacity"  # lrk.client moves the call to another node
     assert engine.ports.in_use == 2
     assert engine.counters["sessions.refused.max_sessions"] == 1
     # re-offers of the existing call are not refused

@@ -239,7 +239,10 @@ def test_rewrite_adds_a_rtcp_only_when_the_relay_port_is_not_the_default():
     out = sdp.rewrite(text, [StreamRelay("203.0.113.1", 30000, 30007)])
     assert out.endswith("m=audio 30000 RTP/AVP 0\r\na=ptime:20\r\na=rtcp:30007\r\n\r\n")
     assert "a=rtcp" not in sdp.rewrite(text, [StreamRelay("203.0.113.1", 30000, 30001)])
-    assert "a=rtcp" not in sdp.rewrite(text, [StreamRelay("203.0.113.1", 30000, None, True)])
+    muxed = sdp.rewrite(text, [StreamRelay("203.0.113.1", 30000, None, True)])
+    assert "a=rtcp:" not in muxed
+    # the relay accepts rtcp-mux on this side even where the body lacks it (it demuxes)
+    assert muxed.endswith("a=ptime:20\r\na=rtcp-mux\r\n\r\n")
 
 
 def test_rewrite_keeps_a_missing_final_newline():
