@@ -16,7 +16,7 @@ import socket
 import msgpack
 
 from bench.ng import audio_sdp, decode_message, encode_message
-from fastpath.worker.packet_io import parse_media
+from fastpath.packet import parse_media
 from fastpath.worker.raw_egress import ipv4_udp_header, udp_checksum
 from fastpath.worker.relay_table import RelayTable
 from lrk.control.legacy import LegacyControl

@@ -9,6 +9,13 @@ import pytest
 from bench.interpreters import find_interpreters
 
 
+@pytest.fixture(autouse=True)
+def _control_keys(control_keys_env: str) -> str:
+    """Relays started here and the clients talking to them share a temporary key directory
+    ($LRK_KEYS; see the root conftest.py), never the real home or /etc."""
+    return control_keys_env
+
+
 @pytest.fixture(scope="session")
 def relay_interpreters() -> Dict[str, dict]:
     """{"cpython": {...}, "pypy": {...}}: one usable interpreter per implementation."""

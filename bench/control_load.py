@@ -46,6 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import msgpack
 
 from bench.ng import CALL_FLAGS, NgError, audio_sdp, decode_message, encode_message
+from lrk.control.auth import Key, sign
 from lrk.demo.relay_process import RelayProcess
 
 MAX_SECONDS = 60.0
@@ -105,15 +106,23 @@ class Protocol:
 
 
 class MsgpackProtocol(Protocol):
+    """lrk's requests, signed with `key` (HMAC trailer, docs/protocol.md) when given; the
+    signing happens while building, before the clock starts, like the packing."""
+
     name = "msgpack"
 
-    def __init__(self, body: str = "sdp") -> None:
+    def __init__(self, body: str = "sdp", key: Optional[Key] = None) -> None:
         self.body = body
+        self.key = key
 
     def build(self, cycles: int, tag: str) -> List[List[bytes]]:
-        return [[msgpack.packb(dict(request, cookie=f"{tag}.{cycle}.{step}"))
-                 for step, request in enumerate(_requests(cycle, tag, self.body))]
-                for cycle in range(cycles)]
+        key, wall = self.key, time.time()
+        out = [[msgpack.packb(dict(request, cookie=f"{tag}.{cycle}.{step}"))
+                for step, request in enumerate(_requests(cycle, tag, self.body))]
+               for cycle in range(cycles)]
+        if key is not None:
+            out = [[sign(data, key, wall) for data in steps] for steps in out]
+        return out
 
     def judge(self, data: bytes) -> Tuple[Optional[str], bool]:
         try:
@@ -319,17 +328,22 @@ class Peer:
         self.rounds: List[Dict[str, Any]] = []
 
 
-def _lrk_peer(stack: ExitStack, label: str, python: str, body: str) -> Peer:
+def _lrk_peer(stack: ExitStack, label: str, python: str, body: str,
+              auth: str = "hmac") -> Peer:
+    """lrk on `python`; `auth` "none" runs it with control_auth = "none" (unsigned)."""
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as cfg:
         cfg.write("quarantine = 0.5\n")
+        if auth == "none":
+            cfg.write('control_auth = "none"\n')
     stack.callback(os.unlink, cfg.name)
-    relay = RelayProcess(ports="10000-29999", python=python, extra=["--config", cfg.name])
+    relay = RelayProcess(ports="10000-29999", python=python, extra=["--config", cfg.name],
+                         auth=auth)
     relay.start()
     stack.callback(relay.stop)
     pid = relay.proc.pid  # type: ignore[union-attr]
-    return Peer(label, ("127.0.0.1", relay.control_port), MsgpackProtocol(body),
-                lambda: tree_cpu_seconds(pid), f"lrk on {python}, msgpack ({body} body)",
-                relay.stop)
+    return Peer(label, ("127.0.0.1", relay.control_port),
+                MsgpackProtocol(body, relay.ping_key()), lambda: tree_cpu_seconds(pid),
+                f"lrk on {python}, msgpack ({body} body, control_auth {auth})", relay.stop)
 
 
 def _rtpengine_peer(stack: ExitStack, threads: int) -> Peer:
@@ -395,9 +409,10 @@ def compare(cycles: int = 10000, window: int = 16, rounds: int = 3,
             if name == "rtpengine":
                 for threads in rtpengine_threads:
                     running.append(_rtpengine_peer(stack, threads))
-            elif name in found:
-                running.append(_lrk_peer(stack, f"lrk-{name}", found[name]["python"],
-                                         lrk_body))
+            elif name.split("-")[0] in found:  # "pypy", or "pypy-noauth": control_auth none
+                base, _, variant = name.partition("-")
+                running.append(_lrk_peer(stack, f"lrk-{name}", found[base]["python"],
+                                         lrk_body, "none" if variant == "noauth" else "hmac"))
             else:
                 skipped[name] = "interpreter not available (scripts/install.sh makes it)"
                 say(f"{name}: not available, skipped")
@@ -436,6 +451,14 @@ def ratios(results: List[Dict[str, Any]]) -> Dict[str, float]:
             if a.get("server_us_per_request") and b.get("server_us_per_request"):
                 out[f"{lrk}/{rtpe} cpu_per_request (rtpe ÷ lrk)"] = round(
                     b["server_us_per_request"] / a["server_us_per_request"], 2)
+    for base in ("lrk-cpython", "lrk-pypy"):  # the cost of signed requests (docs/security.md)
+        on, off = by.get(base), by.get(base + "-noauth")
+        if on and off and off["requests_per_s"]:
+            out[f"{base} auth/noauth req_per_s"] = round(on["requests_per_s"]
+                                                         / off["requests_per_s"], 3)
+            if on.get("server_us_per_request") and off.get("server_us_per_request"):
+                out[f"{base} auth/noauth cpu_per_request"] = round(
+                    on["server_us_per_request"] / off["server_us_per_request"], 3)
     if "lrk-cpython" in by and "lrk-pypy" in by and by["lrk-cpython"]["requests_per_s"]:
         out["pypy_over_cpython req_per_s"] = round(
             by["lrk-pypy"]["requests_per_s"] / by["lrk-cpython"]["requests_per_s"], 2)
@@ -449,7 +472,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--warmup", type=int, default=2000, help="warm-up calls per peer")
     parser.add_argument("--peers", default="cpython,pypy,rtpengine",
-                        help="lrk interpreters (cpython, pypy) and/or rtpengine")
+                        help="lrk interpreters (cpython, pypy; cpython-noauth, pypy-noauth: "
+                        "with control_auth = \"none\") and/or rtpengine")
     parser.add_argument("--interpreters", help=argparse.SUPPRESS)  # old name of --peers
     parser.add_argument("--rtpengine-threads", default="1,2",
                         help="one rtpengine per value (--num-threads); 1 = per-core figure")

@@ -71,7 +71,10 @@ def _add_ctl(sub: argparse._SubParsersAction) -> None:
                    "(udp:HOST:PORT, udp6:[HOST]:PORT)")
     p.add_argument("--timeout", type=float, default=1.0)
     p.add_argument("--json", action="store_true", help="print raw JSON instead of tables")
-    p.add_argument("--token", help="control token, if the relay requires one")
+    p.add_argument("--key", metavar="FILE", help="control key to sign with: a key file or "
+                   "directory, or 'none' for a relay with control_auth = \"none\" (default: "
+                   "admin.key in $LRK_KEYS, /etc/lrk/keys as root, ~/.config/lrk/keys)")
+    p.add_argument("--token", help=argparse.SUPPRESS)  # gone: says to use --key
     p.add_argument("--wait", action="store_true",
                    help="drain: return once the last call has ended")
     p.add_argument("--wait-timeout", type=float, default=0.0,

@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Sequence, TextIO
 
 from lrk.client import LrkClient
 from lrk.client.errors import ClientError
+from lrk.client.protocol import NO_KEY, resolve_key
+from lrk.control.auth import default_key_dir
 
 
 def table(headers: Sequence[str], rows: List[Sequence[Any]]) -> str:
@@ -68,9 +70,15 @@ def run_ctl(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if args.command in ("query", "delete") and not args.call_id:
         print(f"lrkproxy ctl {args.command}: a Call-ID is required", file=sys.stderr)
         return 2
+    if getattr(args, "token", None):
+        print("lrkproxy ctl: --token is gone: requests are signed with a key file; use --key "
+              f"FILE (default: admin.key in {default_key_dir()}; docs/security.md)",
+              file=sys.stderr)
+        return 2
     try:
-        with LrkClient([args.node], timeout=args.timeout, retries=2,
-                       token=args.token) as client:
+        # an admin key by default: ctl may see and end every call (docs/security.md)
+        key = resolve_key(getattr(args, "key", None), admin=True) or NO_KEY
+        with LrkClient([args.node], timeout=args.timeout, retries=2, key=key) as client:
             if args.command == "ping":
                 reply = client.ping()
             elif args.command == "list":

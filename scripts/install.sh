@@ -32,7 +32,8 @@ for arg in "$@"; do
 done
 
 APT_PACKAGES=(python3 python3-venv python3-dev pypy3 pypy3-venv pypy3-dev gcc libffi-dev
-              iproute2 nftables conntrack procps kamailio rtpengine-daemon prometheus)
+              iproute2 nftables conntrack procps kamailio rtpengine-daemon prometheus
+              kamailio-python3-modules sip-tester)
 CPYTHON=/usr/bin/python3
 PYPY=/usr/bin/pypy3
 export PIP_DISABLE_PIP_VERSION_CHECK=1

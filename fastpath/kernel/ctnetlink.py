@@ -21,22 +21,30 @@ import time
 from typing import Iterable, List, NamedTuple, Optional, Tuple
 
 from fastpath.errors import LrkError
+from fastpath.kernel import netlink
+from fastpath.kernel.netlink import (
+    NFGENMSG,
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    NetlinkDecodeError,
+    NetlinkError,
+    NetlinkRequestError,
+    attr_be32,
+    nfmessage,
+)
 
-NETLINK_NETFILTER = 12
+__all__ = ["ConntrackError", "ConntrackParseError", "ConntrackSocket", "CtFlow", "DumpPart",
+           "dump_request", "flush_by_mark", "mark_filters", "parse_acks", "parse_dump"]
+
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW = 0
 IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2
-NLM_F_REQUEST = 0x1
-NLM_F_MULTI = 0x2
-NLM_F_ACK = 0x4
-NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
-NLMSG_NOOP = 1
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLA_F_NESTED = 0x8000
-NLA_F_NET_BYTEORDER = 0x4000
-NLA_TYPE_MASK = 0x3FFF
+CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+CT_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
 CTA_TUPLE_ORIG = 1
 CTA_TUPLE_REPLY = 2
 CTA_STATUS = 3
@@ -62,9 +70,9 @@ CTA_PROTO_NUM = 1
 CTA_PROTO_SRC_PORT = 2
 CTA_PROTO_DST_PORT = 3
 
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid (host order)
-_NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (big-endian)
-_NLATTR = struct.Struct("=HH")
+_BE32 = struct.Struct("!I").unpack_from
+_BE64 = struct.Struct("!Q").unpack_from
+_attrs = netlink.attrs
 
 
 class ConntrackError(LrkError):
@@ -73,6 +81,25 @@ class ConntrackError(LrkError):
 
 class ConntrackParseError(ConntrackError):
     """A ctnetlink reply is truncated or garbled: the rest of that buffer cannot be trusted."""
+
+
+def _hint(err: int) -> str:
+    return " (needs CAP_NET_ADMIN)" if err == errno.EPERM else ""
+
+
+def _io_error(err: int, op: str, detail: str = "") -> ConntrackError:
+    """What the netlink socket raises: a ConntrackError naming the operation."""
+    return ConntrackError(f"conntrack {op}: {detail or os.strerror(err)}{_hint(err)}")
+
+
+def _typed(exc: NetlinkError, op: str) -> ConntrackError:
+    """The conntrack error for what the netlink codec raised during `op`."""
+    if isinstance(exc, NetlinkRequestError):
+        return ConntrackError(f"conntrack {op} failed: {os.strerror(exc.errno)}"
+                              f"{_hint(exc.errno)}")
+    if isinstance(exc, NetlinkDecodeError):
+        return ConntrackParseError(f"conntrack {op}: {exc}")
+    return ConntrackError(f"conntrack {op}: {exc}")
 
 
 class CtFlow(NamedTuple):
@@ -113,33 +140,21 @@ class DumpPart(NamedTuple):
     skipped: int
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    data = _NLATTR.pack(4 + len(payload), kind) + payload
-    return data + b"\0" * (-len(data) % 4)
-
-
 def flush_by_mark(mark: int, seq: int, family: int = socket.AF_UNSPEC,
                   mask: int = 0xFFFFFFFF) -> bytes:
     """IPCTNL_MSG_CT_DELETE without a tuple: the kernel flushes every flow matching the mark."""
-    body = _NFGENMSG.pack(family, 0, 0)
-    body += _attr(CTA_MARK, struct.pack("!I", mark & 0xFFFFFFFF))
-    body += _attr(CTA_MARK_MASK, struct.pack("!I", mask & 0xFFFFFFFF))
-    kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK,
-                          seq, 0) + body
+    return nfmessage(CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, family, 0,
+                     attr_be32(CTA_MARK, mark) + attr_be32(CTA_MARK_MASK, mask))
 
 
 def dump_request(seq: int, family: int = socket.AF_UNSPEC, mark: Optional[int] = None,
                  mask: int = 0xFFFFFFFF) -> bytes:
     """IPCTNL_MSG_CT_GET with NLM_F_DUMP: every flow, or (with `mark`) those whose
     ct mark & mask == mark; the kernel filters, so only lrk's flows cross netlink."""
-    body = _NFGENMSG.pack(family, 0, 0)
+    attributes = b""
     if mark is not None:
-        body += _attr(CTA_MARK, struct.pack("!I", mark & 0xFFFFFFFF))
-        body += _attr(CTA_MARK_MASK, struct.pack("!I", mask & 0xFFFFFFFF))
-    kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP,
-                          seq, 0) + body
+        attributes = attr_be32(CTA_MARK, mark) + attr_be32(CTA_MARK_MASK, mask)
+    return nfmessage(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, 0, attributes)
 
 
 def mark_filters(lo: int, hi: int, max_filters: int = 4) -> List[Tuple[int, int]]:
@@ -164,17 +179,6 @@ def mark_filters(lo: int, hi: int, max_filters: int = 4) -> List[Tuple[int, int]
         if len(out) + len(todo) > max_filters:
             return []
     return sorted(out)
-
-
-def _attrs(data: bytes, off: int, end: int):
-    """(type without flags, payload start, payload end) of each attribute in data[off:end]."""
-    while off + 4 <= end:
-        length, kind = _NLATTR.unpack_from(data, off)
-        if length < 4 or off + length > end:
-            raise ConntrackParseError(f"attribute of length {length} at byte {off} runs past "
-                                      f"its container (ends at {end})")
-        yield kind & NLA_TYPE_MASK, off + 4, off + length
-        off += (length + 3) & ~3
 
 
 def _tuple(data: bytes, off: int, end: int) -> Optional[Tuple[int, str, int, str, int]]:
@@ -213,9 +217,9 @@ def _counters(data: bytes, off: int, end: int) -> Tuple[int, int]:
     for kind, a, b in _attrs(data, off, end):
         size = b - a
         if size == 8 and kind in (CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES):
-            value = struct.unpack_from("!Q", data, a)[0]
+            value = _BE64(data, a)[0]
         elif size == 4 and kind in (CTA_COUNTERS32_PACKETS, CTA_COUNTERS32_BYTES):
-            value = struct.unpack_from("!I", data, a)[0]
+            value = _BE32(data, a)[0]
         else:
             continue
         if kind in (CTA_COUNTERS_PACKETS, CTA_COUNTERS32_PACKETS):
@@ -223,6 +227,52 @@ def _counters(data: bytes, off: int, end: int) -> Tuple[int, int]:
         else:
             nbytes = value
     return packets, nbytes
+
+
+def _flow(data: bytes, body: int, end: int) -> Optional[CtFlow]:
+    """The flow of one IPCTNL_MSG_CT_NEW (nfgenmsg at `body`), None if it lacks a mark or a
+    complete original tuple. Raises NetlinkDecodeError for garbled attributes."""
+    mark = orig = reply = ct_id = start = None
+    status = 0
+    counts_o = counts_r = (0, 0)
+    for akind, a, b in _attrs(data, body + NFGENMSG.size, end):
+        if akind == CTA_MARK and b - a == 4:
+            mark = _BE32(data, a)[0]
+        elif akind == CTA_STATUS and b - a == 4:
+            status = _BE32(data, a)[0]
+        elif akind == CTA_TUPLE_ORIG:
+            orig = _tuple(data, a, b)
+        elif akind == CTA_TUPLE_REPLY:
+            reply = _tuple(data, a, b)
+        elif akind == CTA_COUNTERS_ORIG:
+            counts_o = _counters(data, a, b)
+        elif akind == CTA_COUNTERS_REPLY:
+            counts_r = _counters(data, a, b)
+        elif akind == CTA_ID and b - a == 4:
+            ct_id = _BE32(data, a)[0]
+        elif akind == CTA_TIMESTAMP:
+            for tkind, ta, tb in _attrs(data, a, b):
+                if tkind == CTA_TIMESTAMP_START and tb - ta == 8:
+                    start = _BE64(data, ta)[0]
+    if mark is None or orig is None:
+        return None
+    return CtFlow(mark, *orig, bool(status & IPS_SEEN_REPLY),
+                  *(reply[1:] if reply else (None, 0, None, 0)),
+                  *counts_o, *counts_r, ct_id, start)
+
+
+def _take(flows: List[CtFlow], data: bytes, mtype: int, body: int, end: int) -> int:
+    """Append the flow of one dump message to `flows`; 1 if it had to be skipped."""
+    if mtype != CT_NEW:
+        return 0
+    try:
+        flow = _flow(data, body, end)
+    except (NetlinkDecodeError, ValueError, OSError):
+        flow = None  # this entry only: the message boundary is still sound
+    if flow is None:
+        return 1
+    flows.append(flow)
+    return 0
 
 
 def parse_dump(data: bytes, seq: Optional[int] = None) -> DumpPart:
@@ -233,91 +283,37 @@ def parse_dump(data: bytes, seq: Optional[int] = None) -> DumpPart:
     `seq` are ignored. A message header that runs past the buffer, or an error
     reply, raises: the dump cannot be continued reliably after either."""
     flows: List[CtFlow] = []
-    done = False
     skipped = 0
-    off = 0
-    size = len(data)
-    while off < size:
-        if off + _NLMSGHDR.size > size:
-            raise ConntrackParseError(f"{size - off} stray bytes after the last netlink message")
-        length, kind, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size or off + length > size:
-            raise ConntrackParseError(f"netlink message of length {length} at byte {off} does "
-                                      f"not fit the {size}-byte buffer (truncated read?)")
-        end = off + length
-        body = off + _NLMSGHDR.size
-        if seq is not None and mseq != seq:
-            pass
-        elif kind == NLMSG_DONE:
-            done = True
-        elif kind == NLMSG_ERROR:
-            code = struct.unpack_from("=i", data, body)[0] if end - body >= 4 else -errno.EIO
-            if code:
-                raise ConntrackError(f"conntrack dump failed: {os.strerror(-code)}"
-                                     + (" (needs CAP_NET_ADMIN)" if -code == errno.EPERM
-                                        else ""))
-        elif kind == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW:
-            flow = None
-            try:
-                mark = orig = reply = ct_id = start = None
-                status = 0
-                counts_o = counts_r = (0, 0)
-                for akind, a, b in _attrs(data, body + _NFGENMSG.size, end):
-                    if akind == CTA_MARK and b - a == 4:
-                        mark = struct.unpack_from("!I", data, a)[0]
-                    elif akind == CTA_STATUS and b - a == 4:
-                        status = struct.unpack_from("!I", data, a)[0]
-                    elif akind == CTA_TUPLE_ORIG:
-                        orig = _tuple(data, a, b)
-                    elif akind == CTA_TUPLE_REPLY:
-                        reply = _tuple(data, a, b)
-                    elif akind == CTA_COUNTERS_ORIG:
-                        counts_o = _counters(data, a, b)
-                    elif akind == CTA_COUNTERS_REPLY:
-                        counts_r = _counters(data, a, b)
-                    elif akind == CTA_ID and b - a == 4:
-                        ct_id = struct.unpack_from("!I", data, a)[0]
-                    elif akind == CTA_TIMESTAMP:
-                        for tkind, ta, tb in _attrs(data, a, b):
-                            if tkind == CTA_TIMESTAMP_START and tb - ta == 8:
-                                start = struct.unpack_from("!Q", data, ta)[0]
-                if mark is not None and orig is not None:
-                    flow = CtFlow(mark, *orig, bool(status & IPS_SEEN_REPLY),
-                                  *(reply[1:] if reply else (None, 0, None, 0)),
-                                  *counts_o, *counts_r, ct_id, start)
-            except (ConntrackParseError, ValueError, OSError):
-                flow = None  # this entry only: the message boundary is still sound
-            if flow is None:
-                skipped += 1
-            else:
-                flows.append(flow)
-        off += (length + 3) & ~3
-    return DumpPart(flows, done, skipped)
+    state = netlink.Dump(seq)
+    try:
+        for mtype, body, end in state.feed(data):
+            skipped += _take(flows, data, mtype, body, end)
+    except NetlinkError as exc:
+        raise _typed(exc, "dump") from None
+    return DumpPart(flows, state.done, skipped)
 
 
 def parse_acks(data: bytes) -> List[tuple]:
-    """[(seq, errno)] from a buffer of netlink replies; errno 0 is success."""
+    """[(seq, errno)] from a buffer of netlink replies; errno 0 is success. Lenient: what
+    follows a garbled message is ignored."""
     out = []
-    off = 0
-    while off + _NLMSGHDR.size <= len(data):
-        length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size or off + length > len(data):
-            break
-        if kind == NLMSG_ERROR and length >= _NLMSGHDR.size + 4:
-            (code,) = struct.unpack_from("=i", data, off + _NLMSGHDR.size)
-            out.append((seq, -code))
-        off += (length + 3) & ~3
+    try:
+        for mtype, flags, seq, body, end in netlink.messages(data):
+            if mtype == NLMSG_ERROR and end - body >= 4:
+                out.append((seq, netlink.parse_error(data, body, end, flags).error))
+    except NetlinkDecodeError:
+        pass
     return out
 
 
 class ConntrackSocket:
-    """A ctnetlink socket in the calling thread's network namespace."""
+    """A ctnetlink socket in the calling thread's network namespace (or `sock`, made
+    elsewhere)."""
 
-    def __init__(self, sock: Optional[socket.socket] = None) -> None:
-        self.sock = sock or socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        self.sock.bind((0, 0))
-        self.sock.settimeout(2.0)
-        self._seq = 0
+    def __init__(self, sock: Optional[socket.socket] = None, timeout: float = 2.0) -> None:
+        self.nl = netlink.NetlinkSocket(sock, error=_io_error)
+        self.sock = self.nl.sock
+        self.timeout = timeout
 
     def flush_marks(self, marks: Iterable[int], window: int = 256) -> int:
         """Flush the flows of every mark; returns how many requests the kernel acknowledged.
@@ -332,25 +328,17 @@ class ConntrackSocket:
     def _flush_window(self, marks: List[int]) -> int:
         pending = {}
         for mark in marks:
-            self._seq += 1
-            pending[self._seq] = mark
-            self.sock.send(flush_by_mark(mark, self._seq))
+            seq = self.nl.next_seq()
+            pending[seq] = mark
+            self.nl.send(flush_by_mark(mark, seq), "flush")
         found = 0
-        while pending:
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                raise ConntrackError(f"no answer from conntrack for marks "
-                                     f"{sorted(pending.values())[:10]}") from None
-            for seq, code in parse_acks(data):
-                if pending.pop(seq, None) is None:
-                    continue
-                if code == 0:
-                    found += 1
-                elif code != errno.ENOENT:
-                    raise ConntrackError(f"conntrack flush failed: {os.strerror(code)}"
-                                         + (" (needs CAP_NET_ADMIN)" if code == errno.EPERM
-                                            else ""))
+        for reply in self.nl.acks(pending, self.timeout, f"flush of marks "
+                                  f"{sorted(pending.values())[:10]}").values():
+            if reply.error == 0:
+                found += 1
+            elif reply.error != errno.ENOENT:
+                raise ConntrackError(f"conntrack flush failed: {os.strerror(reply.error)}"
+                                     f"{_hint(reply.error)}")
         return found
 
     def flows(self, filters: Iterable[Tuple[int, int]] = (), family: int = socket.AF_UNSPEC,
@@ -363,28 +351,20 @@ class ConntrackSocket:
         deadline = time.monotonic() + timeout
         out: List[CtFlow] = []
         for mark, mask in list(filters) or [(None, 0xFFFFFFFF)]:
-            self._seq += 1
-            seq = self._seq
-            self.sock.send(dump_request(seq, family, mark, mask))
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ConntrackError(f"conntrack dump took longer than {timeout}s "
-                                         f"({len(out)} flows so far); raise the timeout")
-                self.sock.settimeout(left)
-                try:
-                    data = self.sock.recv(65536)
-                except socket.timeout:
-                    raise ConntrackError(f"conntrack dump unanswered within {timeout}s") from None
-                part = parse_dump(data, seq)
-                out += part.flows
-                if len(out) > max_flows:
-                    raise ConntrackError(f"conntrack dump holds more than {max_flows} lrk "
-                                         "flows; raise max_flows")
-                if part.done:
-                    break
-        self.sock.settimeout(2.0)
+            seq = self.nl.next_seq()
+            state = netlink.Dump(seq)
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                for data, mtype, body, end in self.nl.dump(
+                        dump_request(seq, family, mark, mask), state, timeout=left,
+                        op=f"dump (timeout {timeout} s, {len(out)} flows so far)"):
+                    _take(out, data, mtype, body, end)
+                    if len(out) > max_flows:
+                        raise ConntrackError(f"conntrack dump holds more than {max_flows} "
+                                             "lrk flows; raise max_flows")
+            except NetlinkError as exc:
+                raise _typed(exc, "dump") from None
         return out
 
     def close(self) -> None:
-        self.sock.close()
+        self.nl.close()

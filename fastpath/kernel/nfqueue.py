@@ -2,17 +2,11 @@
 
 Speaks the protocol of ``linux/netfilter/nfnetlink_queue.h`` directly, so the
 fast path needs neither libnetfilter_queue nor a C extension and runs the same
-on PyPy and CPython.  The socket lives in :mod:`fastpath.kernel.nfqueue_socket`.
-
-Byte order, which the kernel mixes:
-
-* ``struct nlmsghdr`` and every attribute header (``nla_len``/``nla_type``)
-  are host-endian;
-* ``struct nfgenmsg.res_id`` (the queue number) is big-endian;
-* attribute payloads of nfnetlink_queue (packet id, mark, verdict, copy
-  range, flags, ...) are big-endian;
-* attributes are padded to 4 bytes; ``nla_type`` may carry NLA_F_NESTED /
-  NLA_F_NET_BYTEORDER, which are masked off when parsing.
+on PyPy and CPython.  The socket lives in :mod:`fastpath.kernel.nfqueue_socket`;
+netlink framing (headers, attributes, padding, error replies) is
+:mod:`fastpath.kernel.netlink`'s.  Attribute payloads of nfnetlink_queue
+(packet id, mark, verdict, copy range, flags, ...) are big-endian, as is
+``nfgenmsg.res_id`` (the queue number).
 
 Kernel behaviour this codec is written against (net/netfilter/nfnetlink_queue.c):
 
@@ -40,14 +34,30 @@ NFQUEUE``).
 from __future__ import annotations
 
 import errno as _errno
-import socket
 import struct
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 from fastpath.errors import LrkError
+from fastpath.kernel import netlink
+from fastpath.kernel.netlink import (
+    NFGENMSG,
+    NFNL_MSG_BATCH_BEGIN,
+    NFNL_MSG_BATCH_END,
+    NLM_F_ACK,
+    NLM_F_APPEND,
+    NLM_F_CREATE,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    NetlinkDecodeError,
+    attr,
+    attr_be32,
+    attr_strz,
+    nested,
+    nfmessage,
+)
 
 __all__ = [
-    "NETLINK_NETFILTER", "NFNL_SUBSYS_QUEUE",
+    "NFNL_SUBSYS_QUEUE",
     "NF_DROP", "NF_ACCEPT", "NF_QUEUE", "NF_REPEAT", "NF_STOP",
     "NFQNL_COPY_NONE", "NFQNL_COPY_META", "NFQNL_COPY_PACKET",
     "NFQA_CFG_F_FAIL_OPEN", "NFQA_CFG_F_CONNTRACK", "NFQA_CFG_F_GSO",
@@ -56,36 +66,13 @@ __all__ = [
     "QueuedPacket", "NetlinkAck",
     "build_config", "build_bind", "build_unbind", "build_params", "build_maxlen",
     "build_flags", "build_verdict", "build_verdict_batch", "queue_verdict",
-    "parse_messages", "parse_attrs", "parse_udp", "error_from_errno", "UdpInfo",
+    "parse_message", "parse_messages", "parse_attrs", "error_from_errno",
     "build_nft_queue_rule", "NFPROTO_INET", "NFPROTO_IPV4", "NFPROTO_IPV6",
 ]
 
-# --- constants (linux/netlink.h, linux/netfilter/nfnetlink*.h, netfilter.h) ---
+# --- constants (linux/netfilter/nfnetlink_queue.h, netfilter.h) ---
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
-NFNETLINK_V0 = 0
-
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_CAPPED = 0x100
-NLM_F_ACK_TLVS = 0x200
-
-NLMSG_NOOP = 1
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLMSG_OVERRUN = 4
-
-NLA_F_NESTED = 0x8000
-NLA_F_NET_BYTEORDER = 0x4000
-NLA_TYPE_MASK = 0x3FFF
-NLMSGERR_ATTR_MSG = 1
-
-SOL_NETLINK = 270
-NETLINK_NO_ENOBUFS = 5
-NETLINK_CAP_ACK = 10
-NETLINK_EXT_ACK = 11
-
 NFQNL_MSG_PACKET = 0
 NFQNL_MSG_VERDICT = 1
 NFQNL_MSG_CONFIG = 2
@@ -157,18 +144,10 @@ NFQ_TYPE_CONFIG = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
 NFQ_TYPE_VERDICT_BATCH = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT_BATCH
 
 AF_UNSPEC = 0
-AF_INET = int(socket.AF_INET)
-AF_INET6 = int(socket.AF_INET6)
 
-_NLH = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid (host order)
-_NFGEN = struct.Struct("!BBH")  # nfgenmsg: family, version, res_id (big-endian)
-_NLA = struct.Struct("=HH")  # nlattr: len, type (host order)
-_I32 = struct.Struct("=i")  # nlmsgerr.error (host order)
 _BE32 = struct.Struct("!I")
 _BE64X2 = struct.Struct("!QQ")
 _PKT_HDR = struct.Struct("!IHB")  # nfqnl_msg_packet_hdr, packed: id, hw_protocol, hook
-_PORTS = struct.Struct("!HH")
-_HDR_LEN = _NLH.size + _NFGEN.size  # 20
 
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
@@ -247,16 +226,6 @@ def error_from_errno(err: int, op: str, detail: str = "",
 # --- message building ---
 
 
-def _attr(atype: int, data: bytes) -> bytes:
-    n = 4 + len(data)
-    return _NLA.pack(n, atype) + data + b"\0" * (-n & 3)
-
-
-def _message(mtype: int, flags: int, seq: int, family: int, res_id: int, attrs: bytes) -> bytes:
-    return _NLH.pack(_HDR_LEN + len(attrs), mtype, flags, seq & _U32, 0) + \
-        _NFGEN.pack(family, NFNETLINK_V0, res_id) + attrs
-
-
 def _check_range(name: str, value: int, hi: int, lo: int = 0) -> None:
     if not isinstance(value, int) or not lo <= value <= hi:
         raise NfQueueArgumentError(f"nfqueue {name} must be an integer in {lo}..{hi}, "
@@ -273,23 +242,23 @@ def build_config(queue_num: int, *, command: Optional[int] = None, pf: int = AF_
     if command is not None:
         _check_range("config command", command, 0xFF)
         _check_range("pf", pf, _U16)
-        attrs += _attr(NFQA_CFG_CMD, struct.pack("!BBH", command, 0, pf))
+        attrs += attr(NFQA_CFG_CMD, struct.pack("!BBH", command, 0, pf))
     if copy_mode is not None:
         _check_range("copy mode", copy_mode, NFQNL_COPY_PACKET)
         _check_range("copy range", copy_range, _U32)
-        attrs += _attr(NFQA_CFG_PARAMS, struct.pack("!IB", copy_range, copy_mode))
+        attrs += attr(NFQA_CFG_PARAMS, struct.pack("!IB", copy_range, copy_mode))
     if maxlen is not None:
         _check_range("queue maxlen", maxlen, _U32)
-        attrs += _attr(NFQA_CFG_QUEUE_MAXLEN, _BE32.pack(maxlen))
+        attrs += attr_be32(NFQA_CFG_QUEUE_MAXLEN, maxlen)
     if flags is not None:
         _check_range("flags", flags, NFQA_CFG_F_MAX - 1)
         mask = flags if mask is None else mask
         _check_range("flag mask", mask, _U32)
-        attrs += _attr(NFQA_CFG_MASK, _BE32.pack(mask)) + _attr(NFQA_CFG_FLAGS, _BE32.pack(flags))
+        attrs += attr_be32(NFQA_CFG_MASK, mask) + attr_be32(NFQA_CFG_FLAGS, flags)
     elif mask is not None:
         raise NfQueueArgumentError("nfqueue flag mask given without flags")
     msg_flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
-    return _message(NFQ_TYPE_CONFIG, msg_flags, seq, AF_UNSPEC, queue_num, attrs)
+    return nfmessage(NFQ_TYPE_CONFIG, msg_flags, seq, AF_UNSPEC, queue_num, attrs)
 
 
 def build_bind(queue_num: int, seq: int = 0) -> bytes:
@@ -346,16 +315,16 @@ def build_verdict(queue_num: int, packet_id: int, verdict: int, *, mark: Optiona
     _check_range("queue number", queue_num, _U16)
     _check_range("packet id", packet_id, _U32)
     _check_verdict(verdict)
-    attrs = _attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id))
+    attrs = attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id))
     if mark is not None:
         _check_range("mark", mark, _U32)
-        attrs += _attr(NFQA_MARK, _BE32.pack(mark))
+        attrs += attr_be32(NFQA_MARK, mark)
     if payload is not None:
         if len(payload) > NFQNL_MAX_COPY_RANGE:
             raise NfQueueArgumentError(f"nfqueue replacement payload of {len(payload)} bytes "
                                        f"exceeds {NFQNL_MAX_COPY_RANGE}")
-        attrs += _attr(NFQA_PAYLOAD, bytes(payload))
-    return _message(NFQ_TYPE_VERDICT, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq,
+        attrs += attr(NFQA_PAYLOAD, bytes(payload))
+    return nfmessage(NFQ_TYPE_VERDICT, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq,
                     AF_UNSPEC, queue_num, attrs)
 
 
@@ -365,22 +334,18 @@ def build_verdict_batch(queue_num: int, last_id: int, verdict: int, *,
     _check_range("queue number", queue_num, _U16)
     _check_range("packet id", last_id, _U32)
     _check_verdict(verdict)
-    attrs = _attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, last_id))
+    attrs = attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, last_id))
     if mark is not None:
         _check_range("mark", mark, _U32)
-        attrs += _attr(NFQA_MARK, _BE32.pack(mark))
-    return _message(NFQ_TYPE_VERDICT_BATCH, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq,
+        attrs += attr_be32(NFQA_MARK, mark)
+    return nfmessage(NFQ_TYPE_VERDICT_BATCH, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), seq,
                     AF_UNSPEC, queue_num, attrs)
 
 
 # --- an xt NFQUEUE rule for nftables (nft_compat) ---
 
 NFNL_SUBSYS_NFTABLES = 10
-NFNL_MSG_BATCH_BEGIN = 0x10
-NFNL_MSG_BATCH_END = 0x11
 NFT_MSG_NEWRULE = 6
-NLM_F_CREATE = 0x400
-NLM_F_APPEND = 0x800
 NFPROTO_INET = 1
 NFPROTO_IPV4 = 2
 NFPROTO_IPV6 = 10
@@ -396,10 +361,6 @@ NFT_RULE_HINTS = {
                   "(CONFIG_NFT_COMPAT, CONFIG_NETFILTER_XT_TARGET_NFQUEUE)",
     "EINVAL": "queue range invalid (queue_num + queues_total - 1 must be <= 65535)",
 }
-
-
-def _strz(text: str) -> bytes:
-    return text.encode() + b"\0"
 
 
 def build_nft_queue_rule(family: int, table: str, chain: str, queue_num: int, *,
@@ -418,18 +379,18 @@ def build_nft_queue_rule(family: int, table: str, chain: str, queue_num: int, *,
     _check_range("queues total", queues_total, _U16 - queue_num + 1, 1)
     flags = (NFQ_FLAG_BYPASS if bypass else 0) | (NFQ_FLAG_CPU_FANOUT if cpu_fanout else 0)
     info = struct.pack("=HHH", queue_num, queues_total, flags) + b"\0\0"  # XT_ALIGN(6)
-    target = (_attr(1, _strz("NFQUEUE"))  # NFTA_TARGET_NAME
-              + _attr(2, _BE32.pack(3))  # NFTA_TARGET_REV: xt_NFQ_info_v3
-              + _attr(3, info))  # NFTA_TARGET_INFO
-    expr = _attr(1, _strz("target")) + _attr(2 | NLA_F_NESTED, target)  # EXPR_NAME, EXPR_DATA
-    rule = (_attr(1, _strz(table)) + _attr(2, _strz(chain))  # NFTA_RULE_TABLE, _CHAIN
-            + _attr(4 | NLA_F_NESTED, _attr(1 | NLA_F_NESTED, expr)))  # EXPRESSIONS[LIST_ELEM]
+    target = (attr_strz(1, "NFQUEUE")  # NFTA_TARGET_NAME
+              + attr_be32(2, 3)  # NFTA_TARGET_REV: xt_NFQ_info_v3
+              + attr(3, info))  # NFTA_TARGET_INFO
+    expr = attr_strz(1, "target") + nested(2, target)  # EXPR_NAME, EXPR_DATA
+    rule = (attr_strz(1, table) + attr_strz(2, chain)  # NFTA_RULE_TABLE, _CHAIN
+            + nested(4, nested(1, expr)))  # NFTA_RULE_EXPRESSIONS [NFTA_LIST_ELEM]
     res_id = NFNL_SUBSYS_NFTABLES
-    return (_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, AF_UNSPEC, res_id, b"")
-            + _message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE,
-                       NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND | NLM_F_ACK,
-                       seq + _NFT_RULE_SEQ_OFFSET, family, 0, rule)
-            + _message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + 2, AF_UNSPEC, res_id, b""))
+    return (nfmessage(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, AF_UNSPEC, res_id)
+            + nfmessage((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE,
+                        NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND | NLM_F_ACK,
+                        seq + _NFT_RULE_SEQ_OFFSET, family, 0, rule)
+            + nfmessage(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + 2, AF_UNSPEC, res_id))
 
 
 # --- parsing ---
@@ -526,45 +487,24 @@ def _op_name(mtype: int) -> str:
 
 def parse_attrs(data: bytes, start: int = 0, end: Optional[int] = None) -> Dict[int, bytes]:
     """{type: payload} of the attributes in data[start:end] (flags masked off, last wins)."""
-    if end is None:
-        end = len(data)
-    out: Dict[int, bytes] = {}
-    off = start
-    while off + 4 <= end:
-        alen, atype = _NLA.unpack_from(data, off)
-        if alen < 4 or off + alen > end:
-            raise NfQueueDecodeError(f"nfqueue: attribute at offset {off} has length {alen} "
-                                     f"beyond its message end {end}")
-        out[atype & NLA_TYPE_MASK] = bytes(data[off + 4:off + alen])
-        off += (alen + 3) & ~3
-    return out
+    try:
+        return netlink.attr_map(data, start, end)
+    except NetlinkDecodeError as exc:
+        raise NfQueueDecodeError(f"nfqueue: {exc}") from None
 
 
-def _parse_error(buf: bytes, off: int, nlen: int, nflags: int, seq: int) -> NetlinkAck:
-    if nlen < 16 + 4:
-        raise NfQueueDecodeError(f"nfqueue: NLMSG_ERROR of {nlen} bytes is too short")
-    (err,) = _I32.unpack_from(buf, off + 16)
-    rtype = 0
-    message = ""
-    if nlen >= 20 + 16:
-        olen, rtype = _NLH.unpack_from(buf, off + 20)[:2]
-        if nflags & NLM_F_ACK_TLVS:
-            tlv = off + 20 + (16 if nflags & NLM_F_CAPPED else ((olen + 3) & ~3))
-            if tlv < off + nlen:
-                try:
-                    text = parse_attrs(buf, tlv, off + nlen).get(NLMSGERR_ATTR_MSG, b"")
-                except NfQueueDecodeError:
-                    text = b""
-                message = text.split(b"\0", 1)[0].decode("utf-8", "replace")
-    return NetlinkAck(seq, -err if err < 0 else err, rtype, message)
+def _ack(buf: bytes, flags: int, seq: int, body: int, end: int) -> NetlinkAck:
+    """The NetlinkAck of one NLMSG_ERROR (body at `body`)."""
+    reply = netlink.parse_error(buf, body, end, flags)
+    return NetlinkAck(seq, reply.error, reply.request_type, reply.message)
 
 
-def _parse_packet(buf: bytes, off: int, nlen: int) -> QueuedPacket:
-    if nlen < _HDR_LEN:
-        raise NfQueueDecodeError(f"nfqueue: packet message of {nlen} bytes has no nfgenmsg")
-    family, _version, queue_num = _NFGEN.unpack_from(buf, off + 16)
-    end = off + nlen
-    a = off + _HDR_LEN
+def _parse_packet(buf: bytes, body: int, end: int) -> QueuedPacket:
+    """The QueuedPacket of one NFQNL_MSG_PACKET (nfgenmsg at `body`)."""
+    if end - body < NFGENMSG.size:
+        raise NfQueueDecodeError(f"nfqueue: packet message of {end - body + 16} bytes has no "
+                                 "nfgenmsg")
+    family, _version, queue_num = NFGENMSG.unpack_from(buf, body)
     pkt: Optional[QueuedPacket] = None
     mark = 0
     payload = b""
@@ -572,16 +512,15 @@ def _parse_packet(buf: bytes, off: int, nlen: int) -> QueuedPacket:
     skb_info = 0
     ct = None
     timestamp = None
+    attr_at = netlink.attr_at
+    a = body + NFGENMSG.size
     while a + 4 <= end:
-        alen, atype = _NLA.unpack_from(buf, a)
-        if alen < 4 or a + alen > end:
-            raise NfQueueDecodeError(f"nfqueue: attribute at offset {a - off} of packet "
-                                     f"message has length {alen}, message is {nlen} bytes")
-        atype &= NLA_TYPE_MASK
+        atype, e, a_next = attr_at(buf, a, end)
         d = a + 4
-        dlen = alen - 4
+        a = a_next
+        dlen = e - d
         if atype == NFQA_PAYLOAD:
-            payload = bytes(buf[d:d + dlen])
+            payload = bytes(buf[d:e])
         elif atype == NFQA_PACKET_HDR:
             if dlen < 7:
                 raise NfQueueDecodeError(f"nfqueue: NFQA_PACKET_HDR of {dlen} bytes (need 7)")
@@ -598,7 +537,7 @@ def _parse_packet(buf: bytes, off: int, nlen: int) -> QueuedPacket:
             elif atype == NFQA_SKB_INFO:
                 skb_info = _BE32.unpack_from(buf, d)[0]
             elif atype == NFQA_CT:
-                ct = bytes(buf[d:d + dlen])
+                ct = bytes(buf[d:e])
             elif atype == NFQA_CT_INFO:
                 ct_info = _BE32.unpack_from(buf, d)[0]
             elif atype == NFQA_UID:
@@ -608,7 +547,6 @@ def _parse_packet(buf: bytes, off: int, nlen: int) -> QueuedPacket:
             elif atype == NFQA_TIMESTAMP and dlen >= 16:
                 sec, usec = _BE64X2.unpack_from(buf, d)
                 timestamp = sec + usec / 1e6
-        a += (alen + 3) & ~3
     if pkt is None:
         raise NfQueueDecodeError("nfqueue: packet message without NFQA_PACKET_HDR")
     pkt.mark = mark
@@ -627,6 +565,20 @@ def _parse_packet(buf: bytes, off: int, nlen: int) -> QueuedPacket:
     return pkt
 
 
+def parse_message(buf: Union[bytes, bytearray, memoryview], mtype: int, flags: int, seq: int,
+                  body: int, end: int) -> Union[QueuedPacket, NetlinkAck, None]:
+    """A packet or an ack/error of one netlink message; None for anything else.
+    Raises NfQueueDecodeError for a malformed one."""
+    try:
+        if mtype == NFQ_TYPE_PACKET:
+            return _parse_packet(buf, body, end)
+        if mtype == NLMSG_ERROR:
+            return _ack(buf, flags, seq, body, end)
+    except NetlinkDecodeError as exc:
+        raise NfQueueDecodeError(f"nfqueue: {exc}") from None
+    return None
+
+
 def parse_messages(buf: Union[bytes, bytearray, memoryview],
                    length: Optional[int] = None) -> List[Union[QueuedPacket, NetlinkAck]]:
     """Packets and acks/errors in the first `length` bytes of what the socket returned.
@@ -634,82 +586,12 @@ def parse_messages(buf: Union[bytes, bytearray, memoryview],
     NLMSG_DONE/NOOP/OVERRUN and messages of other subsystems are skipped.
     Raises NfQueueDecodeError (and nothing else) for a malformed buffer.
     """
-    end = len(buf) if length is None else min(length, len(buf))
     out: List[Union[QueuedPacket, NetlinkAck]] = []
-    off = 0
-    while off < end:
-        if end - off < 16:
-            raise NfQueueDecodeError(f"nfqueue: {end - off} trailing bytes at offset {off} "
-                                     "are not a netlink header")
-        nlen, ntype, nflags, seq, _pid = _NLH.unpack_from(buf, off)
-        if nlen < 16 or off + nlen > end:
-            raise NfQueueDecodeError(f"nfqueue: netlink message at offset {off} claims "
-                                     f"{nlen} bytes, buffer has {end - off}")
-        if ntype == NFQ_TYPE_PACKET:
-            out.append(_parse_packet(buf, off, nlen))
-        elif ntype == NLMSG_ERROR:
-            out.append(_parse_error(buf, off, nlen, nflags, seq))
-        off += (nlen + 3) & ~3
-    return out
-
-
-# --- L3/L4 headers of a queued payload ---
-
-#: (family, src_ip, src_port, dst_ip, dst_port, udp_payload_offset)
-UdpInfo = Tuple[int, str, int, str, int, int]
-
-_V6_EXT = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options
-_V6_FRAGMENT = 44
-_V6_AH = 51
-_MAX_V6_EXT = 8
-
-
-def parse_udp(payload: bytes) -> Optional[UdpInfo]:
-    """Addresses and ports of an IPv4/IPv6 UDP packet; None for anything else, never raises.
-
-    Non-first fragments (no UDP header) and packets cut before the end of the
-    UDP header give None; the UDP payload itself may be cut short.
-    """
     try:
-        n = len(payload)
-        if n < 28:
-            return None
-        b0 = payload[0]
-        version = b0 >> 4
-        if version == 4:
-            ihl = (b0 & 0x0F) << 2
-            if ihl < 20 or n < ihl + 8 or payload[9] != 17:
-                return None
-            if ((payload[6] << 8) | payload[7]) & 0x1FFF:  # fragment offset
-                return None
-            sport, dport = _PORTS.unpack_from(payload, ihl)
-            return (AF_INET, socket.inet_ntop(socket.AF_INET, bytes(payload[12:16])), sport,
-                    socket.inet_ntop(socket.AF_INET, bytes(payload[16:20])), dport, ihl + 8)
-        if version == 6:
-            if n < 48:
-                return None
-            nh = payload[6]
-            off = 40
-            for _ in range(_MAX_V6_EXT):
-                if nh == 17:
-                    break
-                if off + 8 > n:
-                    return None
-                if nh in _V6_EXT:
-                    nh, off = payload[off], off + ((payload[off + 1] + 1) << 3)
-                elif nh == _V6_FRAGMENT:
-                    if ((payload[off + 2] << 8) | payload[off + 3]) & 0xFFF8:
-                        return None
-                    nh, off = payload[off], off + 8
-                elif nh == _V6_AH:
-                    nh, off = payload[off], off + ((payload[off + 1] + 2) << 2)
-                else:
-                    return None
-            if nh != 17 or off + 8 > n:
-                return None
-            sport, dport = _PORTS.unpack_from(payload, off)
-            return (AF_INET6, socket.inet_ntop(socket.AF_INET6, bytes(payload[8:24])), sport,
-                    socket.inet_ntop(socket.AF_INET6, bytes(payload[24:40])), dport, off + 8)
-        return None
-    except (TypeError, ValueError, IndexError, struct.error, OSError):
-        return None
+        for mtype, flags, seq, body, end in netlink.messages(buf, length):
+            item = parse_message(buf, mtype, flags, seq, body, end)
+            if item is not None:
+                out.append(item)
+    except NetlinkDecodeError as exc:
+        raise NfQueueDecodeError(f"nfqueue: {exc}") from None
+    return out

@@ -30,25 +30,25 @@ from __future__ import annotations
 import collections
 import errno
 import os
-import select
 import socket
 import sys
 import threading
-import time
 from typing import Any, Callable, Deque, Dict, List, Optional, TypeVar
 
-from fastpath.kernel.nfqueue import (
+from fastpath.kernel.netlink import (
     NETLINK_CAP_ACK,
     NETLINK_EXT_ACK,
     NETLINK_NETFILTER,
     NETLINK_NO_ENOBUFS,
+    NetlinkSocket,
+)
+from fastpath.kernel.nfqueue import (
     NFQA_CFG_F_CONNTRACK,
     NFQA_CFG_F_FAIL_OPEN,
     NFQA_CFG_F_GSO,
     NFQNL_COPY_PACKET,
     NFQNL_MAX_COPY_RANGE,
     NFT_RULE_HINTS,
-    SOL_NETLINK,
     NetlinkAck,
     NfQueueArgumentError,
     NfQueueDecodeError,
@@ -61,6 +61,7 @@ from fastpath.kernel.nfqueue import (
     build_verdict,
     build_verdict_batch,
     error_from_errno,
+    parse_message,
     parse_messages,
 )
 
@@ -69,13 +70,9 @@ __all__ = ["NfQueue", "NfQueueError", "add_queue_rule", "call_in_netns"]
 T = TypeVar("T")
 
 _SO_RCVBUFFORCE = int(getattr(socket, "SO_RCVBUFFORCE", 33))
-_MSG_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0x40))
 _AF_NETLINK = int(getattr(socket, "AF_NETLINK", 16))
-_EAGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 #: room for the netlink/nfqueue headers and metadata attributes around a payload
 _HEADROOM = 4096
-#: receive calls per ack wait; bounds the loop even if the kernel keeps sending packets
-_MAX_ACK_RECVS = 100_000
 _PROC_STATS = "/proc/thread-self/net/netfilter/nfnetlink_queue"
 CLONE_NEWNET = 0x40000000
 
@@ -108,34 +105,34 @@ class NfQueue:
         self.bound = False
         #: packets received (returned or pending)
         self.received = 0
-        #: ENOBUFS reported by recv (only if NETLINK_NO_ENOBUFS could not be set)
-        self.enobufs = 0
         #: unreadable buffers skipped
         self.decode_errors = 0
         #: errno name -> count of kernel error answers to fire-and-forget verdicts
         self.verdict_errors: Dict[str, int] = {}
         self.last_error: Optional[NfQueueError] = None
-        self._seq = 0
         self._pending: Deque[QueuedPacket] = collections.deque()
-        self._buf = bytearray(copy_range + _HEADROOM)
         self.netns = netns
-        sock = _netlink_socket(netns)
-        self.sock = sock
+        self.nl = NetlinkSocket(_netlink_socket(netns), bufsize=copy_range + _HEADROOM,
+                                error=error_from_errno)
+        self.sock = sock = self.nl.sock
+        self.portid: int = self.nl.portid
         try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, rcvbuf)
+        except OSError:  # no CAP_NET_ADMIN: capped by net.core.rmem_max
             try:
-                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, rcvbuf)
-            except OSError:  # no CAP_NET_ADMIN: capped by net.core.rmem_max
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            self.no_enobufs = _try_setsockopt(sock, NETLINK_NO_ENOBUFS)
-            _try_setsockopt(sock, NETLINK_EXT_ACK)  # error answers carry a text
-            _try_setsockopt(sock, NETLINK_CAP_ACK)  # ...but not a copy of the request
-            sock.bind((0, 0))
-            self.portid: int = sock.getsockname()[0]
-            sock.setblocking(blocking)
-        except OSError as exc:
-            sock.close()
-            raise error_from_errno(exc.errno or 0, "socket setup") from exc
+            except OSError as exc:
+                sock.close()
+                raise error_from_errno(exc.errno or 0, "socket setup") from exc
+        self.no_enobufs = self.nl.setopt(NETLINK_NO_ENOBUFS)
+        self.nl.setopt(NETLINK_EXT_ACK)  # error answers carry a text
+        self.nl.setopt(NETLINK_CAP_ACK)  # ...but not a copy of the request
         self.blocking = blocking
+
+    @property
+    def enobufs(self) -> int:
+        """ENOBUFS reported by recv (only if NETLINK_NO_ENOBUFS could not be set)."""
+        return self.nl.enobufs
 
     # --- config ---
 
@@ -198,18 +195,16 @@ class NfQueue:
             out.append(pending.popleft())
         if len(out) >= max_n:
             return out
-        flags = _MSG_DONTWAIT
         if not out:
             if timeout is not None:
-                if timeout > 0 and not _wait_readable(self.sock, timeout):
+                if timeout > 0 and not self.nl.wait(timeout):
                     return out
             elif self.blocking:
-                flags = 0
+                self.nl.wait(None)
         for _ in range(max_n + 64):  # + room for error answers mixed in
-            n = self._recv(flags)
-            if n is None:
+            n = self.nl.recv_into()
+            if not n:
                 break
-            flags = _MSG_DONTWAIT
             for item in self._parse(n):
                 if item.__class__ is QueuedPacket:
                     if len(out) < max_n:
@@ -276,35 +271,16 @@ class NfQueue:
 
     def next_seq(self) -> int:
         """A fresh nlmsg_seq for a message built by the caller (see :meth:`request`)."""
-        return self._next_seq()
+        return self.nl.next_seq()
 
-    def _next_seq(self) -> int:
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        return self._seq
+    _next_seq = next_seq
 
     def _send(self, msg: bytes, op: str) -> None:
-        try:
-            self.sock.sendto(msg, (0, 0))
-        except OSError as exc:
-            raise error_from_errno(exc.errno or 0, op) from exc
-
-    def _recv(self, flags: int) -> Optional[int]:
-        """Bytes of one datagram read into the buffer, None when there is none."""
-        for _ in range(8):
-            try:
-                return self.sock.recv_into(self._buf, 0, flags)
-            except OSError as exc:
-                if exc.errno in _EAGAIN or isinstance(exc, socket.timeout):
-                    return None
-                if exc.errno == errno.ENOBUFS:  # packets were lost; the socket still works
-                    self.enobufs += 1
-                    continue
-                raise error_from_errno(exc.errno or 0, "receive") from exc
-        return None
+        self.nl.send(msg, op)
 
     def _parse(self, n: int) -> list:
         try:
-            items = parse_messages(self._buf, n)
+            items = parse_messages(self.nl.buf, n)
         except NfQueueDecodeError as exc:
             self.decode_errors += 1
             self.last_error = exc
@@ -318,53 +294,40 @@ class NfQueue:
             self.verdict_errors[exc.errno_name] = self.verdict_errors.get(exc.errno_name, 0) + 1
             self.last_error = exc
 
+    def _other(self, buf: Any, mtype: int, flags: int, seq: int, body: int, end: int) -> None:
+        """A message that arrived while a request waited for its ack."""
+        try:
+            item = parse_message(buf, mtype, flags, seq, body, end)
+        except NfQueueDecodeError as exc:
+            self.decode_errors += 1
+            self.last_error = exc
+            return
+        if item.__class__ is QueuedPacket:
+            self.received += 1
+            self._pending.append(item)  # type: ignore[arg-type]
+        elif item is not None:
+            self._note_async(item)  # type: ignore[arg-type]
+
     def request(self, msg: bytes, op: str) -> None:
         """Send a message built with NLM_F_ACK and wait for its answer; raise on error.
 
         Packets arriving meanwhile are kept for :meth:`receive_batch`; error
         answers to earlier fire-and-forget verdicts are counted.
         """
-        def other(item: Any) -> None:
-            if item.__class__ is QueuedPacket:
-                self._pending.append(item)
-            else:
-                self._note_async(item)
-
-        _await_ack(self.sock, self._recv, self._parse, msg, f"{op} of queue {self.queue_num}",
-                   self.timeout, other)
+        _request(self.nl, msg, f"{op} of queue {self.queue_num}", self.timeout, self._other)
 
 
-def _request_seq(msg: bytes) -> int:
-    """nlmsghdr.nlmsg_seq of a built message (host order)."""
-    return int.from_bytes(msg[8:12], sys.byteorder)
-
-
-def _await_ack(sock: socket.socket, recv: Callable[[int], Optional[int]],
-               parse: Callable[[int], list], msg: bytes, op: str, timeout: float,
-               other: Callable[[Any], None], seq: Optional[int] = None,
-               hints: Optional[Dict[str, str]] = None) -> None:
+def _request(nl: NetlinkSocket, msg: bytes, op: str, timeout: float,
+             other: Optional[Callable[..., None]] = None, seq: Optional[int] = None,
+             hints: Optional[Dict[str, str]] = None) -> None:
     """Send `msg`, then read until the answer to `seq` (default: msg's own seq) arrives."""
     if seq is None:
-        seq = _request_seq(msg)
-    try:
-        sock.sendto(msg, (0, 0))
-    except OSError as exc:
-        raise error_from_errno(exc.errno or 0, op, hints=hints) from exc
-    deadline = time.monotonic() + timeout
-    for _ in range(_MAX_ACK_RECVS):
-        left = deadline - time.monotonic()
-        if left <= 0 or not _wait_readable(sock, left):
-            break
-        n = recv(_MSG_DONTWAIT)
-        if n is None:
-            continue
-        for item in parse(n):
-            if item.__class__ is NetlinkAck and item.seq == seq:
-                if item.error:
-                    raise item.exception(op, hints)
-                return
-            other(item)
-    raise error_from_errno(errno.ETIMEDOUT, op, f"no answer within {timeout} s")
+        seq = int.from_bytes(msg[8:12], sys.byteorder)  # nlmsghdr.nlmsg_seq, host order
+    nl.send(msg, op)
+    reply = nl.acks((seq,), timeout, op, other)[seq]
+    if reply.error:
+        raise NetlinkAck(seq, reply.error, reply.request_type, reply.message).exception(
+            op, hints)
 
 
 def _netlink_socket(netns: Optional[str]) -> socket.socket:
@@ -386,22 +349,16 @@ def add_queue_rule(family: int, table: str, chain: str, queue_num: int, *,
     """
     msg = build_nft_queue_rule(family, table, chain, queue_num, queues_total=queues_total,
                                bypass=bypass, cpu_fanout=cpu_fanout, seq=1)
-    sock = _netlink_socket(netns)
+
+    def error(err: int, op: str, detail: str = "") -> NfQueueError:
+        return error_from_errno(err, op, detail, NFT_RULE_HINTS)
+
+    nl = NetlinkSocket(_netlink_socket(netns), error=error)
     try:
-        sock.bind((0, 0))
-        buf = bytearray(65536)
-
-        def recv(flags: int) -> Optional[int]:
-            try:
-                return sock.recv_into(buf, 0, flags)
-            except (BlockingIOError, InterruptedError):
-                return None
-
-        _await_ack(sock, recv, lambda n: parse_messages(buf, n), msg,
-                   f"add NFQUEUE rule to {table}/{chain}", timeout, lambda item: None,
-                   seq=2, hints=NFT_RULE_HINTS)
+        _request(nl, msg, f"add NFQUEUE rule to {table}/{chain}", timeout, seq=2,
+                 hints=NFT_RULE_HINTS)
     finally:
-        sock.close()
+        nl.close()
 
 
 _setns_lib: Any = None
@@ -459,17 +416,3 @@ def call_in_netns(netns: str, fn: Callable[[], T], timeout: float = 10.0) -> T:
             raise error_from_errno(exc.errno or 0, f"call in netns {netns}", str(exc)) from exc
         raise exc
     return box["value"]
-
-
-def _try_setsockopt(sock: socket.socket, opt: int) -> bool:
-    try:
-        sock.setsockopt(SOL_NETLINK, opt, 1)
-    except OSError:
-        return False
-    return True
-
-
-def _wait_readable(sock: socket.socket, timeout: float) -> bool:
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(max(0, int(timeout * 1000 + 0.999))))

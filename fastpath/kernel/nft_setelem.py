@@ -22,24 +22,29 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from fastpath.errors import LrkError
+from fastpath.kernel import netlink
+from fastpath.kernel.netlink import (
+    NFGENMSG,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NetlinkError,
+    NetlinkRequestError,
+    attr_strz,
+    nfmessage,
+)
 
 __all__ = ["NftDumpError", "NftDumpInterrupted", "SetElemReader", "dump_request", "parse_dump",
            "parse_key"]
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
+NEWSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM
+GETSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
 NFPROTO_INET = 1
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
-NLM_F_DUMP_INTR = 0x10
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLA_TYPE_MASK = 0x3FFF
 
 NFTA_SET_ELEM_LIST_TABLE = 1
 NFTA_SET_ELEM_LIST_SET = 2
@@ -54,10 +59,8 @@ NFTA_EXPR_DATA = 2
 NFTA_COUNTER_BYTES = 1
 NFTA_COUNTER_PACKETS = 2
 
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid (host order)
-_NFGENMSG = struct.Struct("!BBH")  # family, version, res_id
-_NLATTR = struct.Struct("=HH")
 _U64 = struct.Struct("!Q")
+_attrs = netlink.attrs
 
 Key = Tuple[str, int]
 Counters = Dict[Key, Tuple[int, int]]
@@ -71,30 +74,23 @@ class NftDumpInterrupted(NftDumpError):
     """The ruleset changed during the dump (NLM_F_DUMP_INTR): elements may be missing."""
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    data = _NLATTR.pack(4 + len(payload), kind) + payload
-    return data + b"\0" * (-len(data) % 4)
+def _typed(exc: NetlinkError) -> NftDumpError:
+    """The set-dump error for what the netlink codec raised."""
+    if isinstance(exc, NetlinkRequestError):
+        return NftDumpError(f"set element dump refused: {os.strerror(exc.errno)}"
+                            + (" (needs CAP_NET_ADMIN)" if exc.errno == errno.EPERM else ""))
+    return NftDumpError(f"set element dump: {exc}")
+
+
+def _io_error(err: int, op: str, detail: str = "") -> NftDumpError:
+    return NftDumpError(f"set element {op}: {detail or os.strerror(err)}")
 
 
 def dump_request(table: str, set_name: str, seq: int, family: int = NFPROTO_INET) -> bytes:
     """NFT_MSG_GETSETELEM with NLM_F_DUMP for one set of one table."""
-    body = _NFGENMSG.pack(family, 0, 0)
-    body += _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-    body += _attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
-    kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP,
-                          seq, 0) + body
-
-
-def _attrs(data: bytes, start: int, end: int) -> Iterator[Tuple[int, int, int]]:
-    """(type without flags, payload start, payload end) of the attributes in data[start:end]."""
-    off = start
-    while off + 4 <= end:
-        length, kind = _NLATTR.unpack_from(data, off)
-        if length < 4 or off + length > end:
-            raise NftDumpError(f"truncated netlink attribute at offset {off}")
-        yield kind & NLA_TYPE_MASK, off + 4, off + length
-        off += (length + 3) & ~3
+    return nfmessage(GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP, seq, family, 0,
+                     attr_strz(NFTA_SET_ELEM_LIST_TABLE, table)
+                     + attr_strz(NFTA_SET_ELEM_LIST_SET, set_name))
 
 
 def parse_key(raw: bytes) -> Key:
@@ -148,51 +144,42 @@ def _element(data: bytes, start: int, end: int) -> Tuple[Key, Tuple[int, int]]:
     return key, counter or (0, 0)
 
 
+def _add_elements(data: bytes, body: int, end: int, out: Counters) -> None:
+    """The elements of one NFT_MSG_NEWSETELEM message (nfgenmsg at `body`) into `out`."""
+    for k, s, e in _attrs(data, body + NFGENMSG.size, end):
+        if k != NFTA_SET_ELEM_LIST_ELEMENTS:
+            continue
+        for k2, s2, e2 in _attrs(data, s, e):
+            if k2 == NFTA_LIST_ELEM:
+                key, counter = _element(data, s2, e2)
+                out[key] = counter
+
+
 def parse_dump(data: bytes, seq: int, out: Counters) -> bool:
     """Add the elements of one buffer of dump replies to `out`; True once NLMSG_DONE came.
 
-    Raises NftDumpError for an error reply to `seq` (e.g. ENOENT: no such set), and
-    NftDumpInterrupted at the end of a dump the kernel marked inconsistent."""
-    off = 0
-    done = False
-    new_setelem = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM
-    while off + _NLMSGHDR.size <= len(data):
-        length, kind, flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
-        if length < _NLMSGHDR.size or off + length > len(data):
-            raise NftDumpError(f"truncated netlink message at offset {off}")
-        end = off + length
-        if mseq == seq:
-            if kind == NLMSG_DONE:
-                if flags & NLM_F_DUMP_INTR:
-                    raise NftDumpInterrupted("the ruleset changed during the set dump")
-                done = True
-            elif kind == NLMSG_ERROR:
-                (code,) = struct.unpack_from("=i", data, off + _NLMSGHDR.size)
-                if code:
-                    raise NftDumpError(f"set element dump refused: {os.strerror(-code)}"
-                                       + (" (needs CAP_NET_ADMIN)" if -code == errno.EPERM
-                                          else ""))
-            elif kind == new_setelem:
-                body = off + _NLMSGHDR.size + _NFGENMSG.size
-                for k, s, e in _attrs(data, body, end):
-                    if k != NFTA_SET_ELEM_LIST_ELEMENTS:
-                        continue
-                    for k2, s2, e2 in _attrs(data, s, e):
-                        if k2 == NFTA_LIST_ELEM:
-                            key, counter = _element(data, s2, e2)
-                            out[key] = counter
-        off += (length + 3) & ~3
-    return done
+    Raises NftDumpError for an error reply to `seq` (e.g. ENOENT: no such set) or a
+    garbled buffer, and NftDumpInterrupted at the end of a dump the kernel marked
+    inconsistent."""
+    state = netlink.Dump(seq)
+    try:
+        for mtype, body, end in state.feed(data):
+            if mtype == NEWSETELEM:
+                _add_elements(data, body, end, out)
+    except NetlinkError as exc:
+        raise _typed(exc) from None
+    if state.interrupted:
+        raise NftDumpInterrupted("the ruleset changed during the set dump")
+    return state.done
 
 
 class SetElemReader:
     """An nf_tables netlink socket in the calling thread's network namespace."""
 
     def __init__(self, sock: Optional[socket.socket] = None, timeout: float = 5.0) -> None:
-        self.sock = sock or socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        self.sock.bind((0, 0))
-        self.sock.settimeout(timeout)
-        self._seq = 0
+        self.nl = netlink.NetlinkSocket(sock, error=_io_error)
+        self.sock = self.nl.sock
+        self.timeout = timeout
 
     def counters(self, table: str, set_name: str, family: int = NFPROTO_INET,
                  attempts: int = 3) -> Counters:
@@ -207,19 +194,22 @@ class SetElemReader:
         raise NftDumpError("no attempts")  # attempts < 1
 
     def _dump(self, table: str, set_name: str, family: int) -> Counters:
-        self._seq += 1
-        seq = self._seq
-        self.sock.send(dump_request(table, set_name, seq, family))
+        """One dump; the kernel's dump of a big set is slow (seconds at 100,000s of
+        elements), so the bound is `timeout` without a message, not the whole dump."""
+        seq = self.nl.next_seq()
+        state = netlink.Dump(seq)
         out: Counters = {}
-        while True:
-            try:
-                data = self.sock.recv(1 << 20)
-            except socket.timeout:
-                raise NftDumpError(f"no end of the dump of set {table} {set_name}") from None
-            # NftDumpInterrupted comes with NLMSG_DONE: nothing of this dump is left queued
-            if parse_dump(data, seq, out):
-                return out
+        try:
+            for data, mtype, body, end in self.nl.dump(
+                    dump_request(table, set_name, seq, family), state, idle=self.timeout,
+                    op=f"dump of set {table} {set_name}"):
+                if mtype == NEWSETELEM:
+                    _add_elements(data, body, end, out)
+        except NetlinkError as exc:
+            raise _typed(exc) from None
+        if state.interrupted:  # comes with NLMSG_DONE: nothing of this dump is left queued
+            raise NftDumpInterrupted("the ruleset changed during the set dump")
+        return out
 
     def close(self) -> None:
-        self.sock.close()
-
+        self.nl.close()

@@ -49,9 +49,12 @@ __all__ = [
     "SLOT_SIZE",
     "BatchIO",
     "MmsgBatchIO",
+    "MsgVec",
     "PlainBatchIO",
+    "load",
     "make_batch_io",
     "mmsg_available",
+    "unavailable_reason",
 ]
 
 Addr = Tuple[str, int]
@@ -197,8 +200,10 @@ _load_error: Optional[str] = None
 _available: Optional[bool] = None
 
 
-def _load():
-    """Load cffi + libc once; returns (ffi, lib) or (None, None)."""
+def load():
+    """Load cffi + libc once; returns (ffi, lib), or (None, None) with the reason in
+    :func:`unavailable_reason`.  The one cdef of recvmmsg/sendmmsg for the worker's
+    batched I/O (this module), its packet taps and its raw egress."""
     global _ffi, _lib, _load_error
     if _ffi is not None or _load_error is not None:
         return _ffi, _lib
@@ -220,13 +225,21 @@ def _load():
     return ffi, lib
 
 
+_load = load  # the old private name, still used by bench/callgen.py
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why cffi's recvmmsg/sendmmsg cannot be used (None if nothing failed so far)."""
+    return _load_error
+
+
 def mmsg_available() -> bool:
     """True when recvmmsg/sendmmsg can be used (cffi importable, symbols present,
     and the kernel implements the syscalls).  The probe runs once."""
     global _available, _load_error
     if _available is not None:
         return _available
-    ffi, lib = _load()
+    ffi, lib = load()
     ok = False
     if ffi is not None:
         try:
@@ -251,6 +264,62 @@ def mmsg_available() -> bool:
     return ok
 
 
+class MsgVec:
+    """`n` mmsghdr for recvmmsg/sendmmsg, allocated once: header i has one iovec pointing at
+    slot i (`slot` bytes) of one buffer and, with `name_size`, a sockaddr slot i of one
+    name buffer.
+
+    For receiving, every iov_len is the slot size and msg_namelen `name_size` (the kernel
+    overwrites namelen, flags and msg_len: :meth:`reset` restores the first k headers);
+    for sending (``recv=False``) lengths and names are the caller's to set per datagram.
+    Besides the cdata arrays it keeps what the hot loops index: per-slot lists of the
+    msghdr, mmsghdr and iovec structs and of header pointers (for a sendmmsg from slot
+    i on), the header array as 32-bit words (``words``, ``stride`` and the word indexes
+    of msg_namelen, msg_flags and msg_len: columns of a received batch in one slice),
+    ``data`` (the buffer; slices are bytes) and ``view`` (the buffer for slice
+    assignment: a memoryview, or with ``memview=False`` the ffi buffer, cheaper on PyPy).
+    """
+
+    def __init__(self, ffi, n: int, slot: int = SLOT_SIZE, name_size: int = 0, *,
+                 recv: bool = True, memview: bool = not _PYPY) -> None:
+        self.size = n
+        self.slot = slot
+        self.hdrs = hdrs = ffi.new("struct mmsghdr[]", n)
+        self.iov = iov = ffi.new("struct iovec[]", n)
+        self.buf = buf = ffi.new("char[]", n * slot)
+        self.names = names = ffi.new("char[]", n * name_size) if name_size else None
+        self.slots = [buf + i * slot for i in range(n)]
+        for i in range(n):
+            iov[i].iov_base = self.slots[i]
+            m = hdrs[i].msg_hdr
+            m.msg_iov = iov + i
+            m.msg_iovlen = 1
+            if recv:
+                iov[i].iov_len = slot
+            if names is not None:
+                m.msg_name = names + i * name_size
+                m.msg_namelen = name_size
+        self.mmsgs = [hdrs[i] for i in range(n)]
+        self.msgs = [hdrs[i].msg_hdr for i in range(n)]
+        self.iovs = [iov[i] for i in range(n)]
+        self.ptrs = [hdrs + i for i in range(n)]
+        self.data = ffi.buffer(buf)
+        self.view = memoryview(self.data) if memview else self.data
+        self.name_data = ffi.buffer(names) if names is not None else None
+        self.hsize = hsize = ffi.sizeof("struct mmsghdr")
+        self.template = bytes(ffi.buffer(hdrs))  # pristine headers, for resets
+        self.words = memoryview(ffi.buffer(hdrs)).cast("I")
+        self.stride = hsize // 4
+        self.w_namelen = ffi.offsetof("struct msghdr", "msg_namelen") // 4
+        self.w_flags = ffi.offsetof("struct msghdr", "msg_flags") // 4
+        self.w_len = ffi.offsetof("struct mmsghdr", "msg_len") // 4
+        self._memmove = ffi.memmove
+
+    def reset(self, k: int) -> None:
+        """Restore the first `k` headers (what a recvmmsg of k datagrams wrote into)."""
+        self._memmove(self.hdrs, self.template, k * self.hsize)
+
+
 class MmsgBatchIO:
     """recvmmsg/sendmmsg through cffi with preallocated arrays.
 
@@ -264,7 +333,7 @@ class MmsgBatchIO:
     name = "mmsg"
 
     def __init__(self, batch: int = 64, vector_reads: Optional[bool] = None) -> None:
-        ffi, lib = _load()
+        ffi, lib = load()
         if ffi is None:
             raise RuntimeError(f"mmsg unavailable: {_load_error}")
         self.batch = batch = _check_batch(batch)
@@ -280,52 +349,13 @@ class MmsgBatchIO:
         if vector_reads is None:
             vector_reads = not _PYPY
         self._vector_reads = bool(vector_reads)
-
-        # receive side: mmsghdr[i] -> iov[i] -> rbuf[i*SLOT:], name -> rname[i*NAME:]
-        self._rhdrs = rh = ffi.new("struct mmsghdr[]", batch)
-        self._riov = riov = ffi.new("struct iovec[]", batch)
-        self._rbuf = rbuf = ffi.new("char[]", batch * SLOT_SIZE)
-        self._rname = rname = ffi.new("char[]", batch * NAME_SIZE)
-        for i in range(batch):
-            riov[i].iov_base = rbuf + i * SLOT_SIZE
-            riov[i].iov_len = SLOT_SIZE
-            m = rh[i].msg_hdr
-            m.msg_name = rname + i * NAME_SIZE
-            m.msg_namelen = NAME_SIZE
-            m.msg_iov = riov + i
-            m.msg_iovlen = 1
-        self._rh_list = [rh[i] for i in range(batch)]
-        self._rm_list = [rh[i].msg_hdr for i in range(batch)]
-        self._rbuf_view = ffi.buffer(rbuf)
-        self._rname_view = ffi.buffer(rname)
+        # receive: header i -> slot i of the buffer, sender's address -> name slot i
+        self._rx = MsgVec(ffi, batch, SLOT_SIZE, NAME_SIZE)
         self._rdirty = 0  # leading slots the kernel wrote into (namelen etc.)
-        hsize = ffi.sizeof("struct mmsghdr")
-        self._hsize = hsize
-        self._rtemplate = bytes(ffi.buffer(rh))  # pristine headers, for resets
-        if self._vector_reads:
-            # column views of the header array, in 32-bit words
-            self._rwords = memoryview(ffi.buffer(rh)).cast("I")
-            self._stride = hsize // 4
-            self._w_namelen = ffi.offsetof("struct msghdr", "msg_namelen") // 4
-            self._w_flags = ffi.offsetof("struct msghdr", "msg_flags") // 4
-            self._w_len = ffi.offsetof("struct mmsghdr", "msg_len") // 4
-
-        # send side: mmsghdr[i] -> iov[i] -> sbuf[i*SLOT:], name -> cached sockaddr
-        self._shdrs = sh = ffi.new("struct mmsghdr[]", batch)
-        self._siov = siov = ffi.new("struct iovec[]", batch)
-        self._sbuf = sbuf = ffi.new("char[]", batch * SLOT_SIZE)
-        self._sslot = [sbuf + i * SLOT_SIZE for i in range(batch)]
-        for i in range(batch):
-            siov[i].iov_base = self._sslot[i]
-            m = sh[i].msg_hdr
-            m.msg_iov = siov + i
-            m.msg_iovlen = 1
-        self._sm_list = [sh[i].msg_hdr for i in range(batch)]
-        self._siov_list = [siov[i] for i in range(batch)]
-        self._sh_ptrs = [sh + i for i in range(batch)]
-        # slice assignment into a buffer view is the cheapest copy on both
-        # interpreters (memoryview on CPython, ffi.buffer on PyPy)
-        self._sview = memoryview(ffi.buffer(sbuf)) if self._vector_reads else ffi.buffer(sbuf)
+        # send: header i -> slot i; msg_name -> a cached sockaddr.  Slice assignment into
+        # a buffer view is the cheapest copy on both interpreters (memoryview on CPython,
+        # ffi.buffer on PyPy)
+        self._tx = MsgVec(ffi, batch, SLOT_SIZE, recv=False, memview=self._vector_reads)
         # what each send slot currently holds, to skip redundant cffi writes;
         # _slot_ent also keeps the referenced sockaddr cdata alive
         self._slot_ent: List[Optional[tuple]] = [None] * batch
@@ -336,35 +366,36 @@ class MmsgBatchIO:
 
     def recv(self, fd: int) -> List[Packet]:
         """Up to `batch` datagrams from non-blocking UDP socket `fd`."""
+        rx = self._rx
         dirty = self._rdirty
         if dirty:
             if self._vector_reads:
-                self._ffi.memmove(self._rhdrs, self._rtemplate, dirty * self._hsize)
+                rx.reset(dirty)
             else:
-                rm = self._rm_list
+                rm = rx.msgs
                 for i in range(dirty):
                     rm[i].msg_namelen = NAME_SIZE
             self._rdirty = 0
-        n = self._recvmmsg(fd, self._rhdrs, self.batch, MSG_DONTWAIT, self._null)
+        n = self._recvmmsg(fd, rx.hdrs, self.batch, MSG_DONTWAIT, self._null)
         if n <= 0:
             n = self._recv_retry(fd, n)
             if n <= 0:
                 return []
         self._rdirty = n
-        bufv = self._rbuf_view
-        namev = self._rname_view
+        bufv = rx.data
+        namev = rx.name_data
         cache = self._from_cache
         out = []
         append = out.append
         off = 0
         noff = 0
         if self._vector_reads:
-            words = self._rwords
-            stride = self._stride
+            words = rx.words
+            stride = rx.stride
             end = n * stride
-            namelens = words[self._w_namelen : end : stride].tolist()
-            flags = words[self._w_flags : end : stride].tolist()
-            lens = words[self._w_len : end : stride].tolist()
+            namelens = words[rx.w_namelen : end : stride].tolist()
+            flags = words[rx.w_flags : end : stride].tolist()
+            lens = words[rx.w_len : end : stride].tolist()
             for i in range(n):
                 if flags[i] & MSG_TRUNC:
                     self.truncated += 1
@@ -377,8 +408,8 @@ class MmsgBatchIO:
                 off += SLOT_SIZE
                 noff += NAME_SIZE
         else:
-            rm = self._rm_list
-            rh = self._rh_list
+            rm = rx.msgs
+            rh = rx.mmsgs
             for i in range(n):
                 m = rm[i]
                 if m.msg_flags & MSG_TRUNC:
@@ -407,7 +438,7 @@ class MmsgBatchIO:
                 retries += 1
                 name = _errname(e)
                 self.recv_errors[name] = self.recv_errors.get(name, 0) + 1
-            n = self._recvmmsg(fd, self._rhdrs, self.batch, MSG_DONTWAIT, self._null)
+            n = self._recvmmsg(fd, self._rx.hdrs, self.batch, MSG_DONTWAIT, self._null)
         return n
 
     def _decode(self, key: bytes) -> Addr:
@@ -427,9 +458,10 @@ class MmsgBatchIO:
         cache = self._to_cache
         if len(cache) >= ADDR_CACHE_MAX:
             cache.clear()  # slot_ent keeps entries still referenced by slots alive
-        sm = self._sm_list
-        siov = self._siov_list
-        sview = self._sview
+        tx = self._tx
+        sm = tx.msgs
+        siov = tx.iovs
+        sview = tx.view
         slot_ent = self._slot_ent
         slot_len = self._slot_len
         batch = self.batch
@@ -458,7 +490,7 @@ class MmsgBatchIO:
                     if slot_len[k] != ln:
                         iov = siov[k]
                         if slot_len[k] < 0:  # fresh, or pointed at a big payload
-                            iov.iov_base = self._sslot[k]
+                            iov.iov_base = tx.slots[k]
                         slot_len[k] = ln
                         iov.iov_len = ln
                 else:
@@ -475,13 +507,13 @@ class MmsgBatchIO:
                     break
         if big:
             for k in big:
-                siov[k].iov_base = self._sslot[k]
+                siov[k].iov_base = tx.slots[k]
         return sent
 
     def _send_big(self, k: int, data) -> object:
         """Point slot k at a private copy of an over-slot-size payload."""
         copy = self._ffi.new("char[]", bytes(data))
-        iov = self._siov_list[k]
+        iov = self._tx.iovs[k]
         iov.iov_base = copy
         iov.iov_len = len(data)
         self._slot_len[k] = -1
@@ -491,7 +523,7 @@ class MmsgBatchIO:
         """sendmmsg slots [0, k); returns how many were sent.  Sets
         self._eagain (and counts the unsent slots) when the socket is full."""
         sendmmsg = self._sendmmsg
-        ptrs = self._sh_ptrs
+        ptrs = self._tx.ptrs
         off = 0
         sent = 0
         retried = -1

@@ -201,27 +201,16 @@ def open_raw_sockets(families: Sequence[int] = (AF_INET, AF_INET6), sndbuf: int 
     return socks
 
 
-class _Lane:
-    """Send slots of one family: mmsghdr[i] -> iov[i] -> buf[i * SLOT_SIZE:]."""
+class _Lane(mmsg.MsgVec):
+    """Send slots of one family (mmsghdr[i] -> iov[i] -> buf[i * SLOT_SIZE:]) and its socket."""
 
     def __init__(self, ffi, sock: socket.socket, capacity: int) -> None:
+        super().__init__(ffi, capacity, SLOT_SIZE, recv=False)
         self.sock = sock
         self.fd = sock.fileno()
-        self.n = 0
+        self.n = 0  # slots queued
         self.ident = int.from_bytes(os.urandom(2), "big")  # IPv4 ID, per packet
         self.pos: List[int] = []  # the caller's position of each slot's packet
-        self.hdrs = hdrs = ffi.new("struct mmsghdr[]", capacity)
-        self.iov = iov = ffi.new("struct iovec[]", capacity)
-        self.buf = buf = ffi.new("char[]", capacity * SLOT_SIZE)
-        for i in range(capacity):
-            iov[i].iov_base = buf + i * SLOT_SIZE
-            m = hdrs[i].msg_hdr
-            m.msg_iov = iov + i
-            m.msg_iovlen = 1
-        self.msgs = [hdrs[i].msg_hdr for i in range(capacity)]
-        self.iovs = [iov[i] for i in range(capacity)]
-        self.ptrs = [hdrs + i for i in range(capacity)]
-        self.view = ffi.buffer(buf) if _PYPY else memoryview(ffi.buffer(buf))
         self.slot_ent: List[Optional[tuple]] = [None] * capacity  # keeps sockaddrs alive
         self.slot_len = [-1] * capacity
 
@@ -236,9 +225,10 @@ class RawEgress:
     """
 
     def __init__(self, socks: Dict[int, socket.socket], capacity: int = 256) -> None:
-        ffi, lib = mmsg._load()
+        ffi, lib = mmsg.load()
         if ffi is None:
-            raise RawEgressError(f"sendmmsg through cffi is unavailable: {mmsg._load_error}")
+            raise RawEgressError("sendmmsg through cffi is unavailable: "
+                                 f"{mmsg.unavailable_reason()}")
         self.capacity = max(1, min(int(capacity), mmsg.MAX_BATCH))
         self._ffi = ffi
         self._sendmmsg = lib.sendmmsg

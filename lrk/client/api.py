@@ -15,8 +15,9 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Tuple, Union
 
 from lrk.client.calltable import CallTable
 from lrk.client.core import ClientCore, NodeLike, Operation, Reply, SetsLike
-from lrk.client.errors import ClientError, NoNodeAvailable, RelayError
+from lrk.client.errors import ClientError, InvalidArgument, NoNodeAvailable, RelayError
 from lrk.client.nodes import Node, NodeAddress, NodeSet
+from lrk.client.protocol import TOKEN_GONE, KeyLike, resolve_key
 from lrk.client.request import RequestState
 from lrk.client.sip import SipData
 from lrk.client.transport import AsyncTransport, SyncTransport
@@ -26,17 +27,36 @@ SyncTransportFactory = Callable[[NodeAddress], Any]
 AsyncTransportFactory = Callable[[NodeAddress], Awaitable[Any]]
 
 
+class _KeyedCore(ClientCore):
+    """ClientCore whose requests are signed with the client's key (every RequestState it
+    makes, retries on another node included)."""
+
+    key: Any = None
+
+    def request(self, op: Operation) -> RequestState:
+        state = super().request(op)
+        state.key = self.key
+        return state
+
+
 class _ClientBase:
     def __init__(self, sets: SetsLike, *, algorithm: str = "linear", timeout: float = 1.0,
                  retries: int = 5, disable_period: float = 60.0, table_timeout: float = 3600.0,
                  table_size: int = 100000, token: Optional[str] = None,
                  clock: Callable[[], float] = time.monotonic,
-                 default_set: Optional[int] = None) -> None:
-        self._core = ClientCore(sets, algorithm=algorithm, timeout=timeout, retries=retries,
+                 default_set: Optional[int] = None, key: KeyLike = None) -> None:
+        if token is not None:
+            raise InvalidArgument(TOKEN_GONE)
+        self._core = _KeyedCore(sets, algorithm=algorithm, timeout=timeout, retries=retries,
                                 disable_period=disable_period, table_timeout=table_timeout,
-                                table_size=table_size, token=token, clock=clock,
-                                default_set=default_set)
+                                table_size=table_size, clock=clock, default_set=default_set)
+        self._core.key = resolve_key(key)  # the key file is read once, here
         self._closed = False
+
+    @property
+    def key_id(self) -> Optional[str]:
+        """The id of the key requests are signed with (None: unsigned)."""
+        return None if self._core.key is None else self._core.key.id
 
     @property
     def sets(self) -> Dict[int, NodeSet]:
@@ -63,18 +83,21 @@ class LrkClient(_ClientBase):
     `sets` is `{set_id: [node, ...]}` or one list of nodes (set 0); a node is
     `udp:HOST:PORT`, `udp6:[HOST]:PORT` or `unix:PATH`, optionally `=WEIGHT`.
     `timeout` is per send, `retries` the sends per node, `disable_period` how
-    long a silent node is skipped, `clock` the time source of both.
+    long a silent node is skipped, `clock` the time source of both. Requests are
+    signed with `key`: a key file or directory, a `lrk.control.auth.Key`, or "none";
+    by default client.key of `lrk.control.auth.default_key_dir()` (docs/security.md).
     """
 
     def __init__(self, sets: SetsLike, *, algorithm: str = "linear", timeout: float = 1.0,
                  retries: int = 5, disable_period: float = 60.0, table_timeout: float = 3600.0,
                  table_size: int = 100000, token: Optional[str] = None,
                  clock: Callable[[], float] = time.monotonic, default_set: Optional[int] = None,
-                 transport_factory: Optional[SyncTransportFactory] = None) -> None:
+                 transport_factory: Optional[SyncTransportFactory] = None,
+                 key: KeyLike = None) -> None:
         super().__init__(sets, algorithm=algorithm, timeout=timeout, retries=retries,
                          disable_period=disable_period, table_timeout=table_timeout,
                          table_size=table_size, token=token, clock=clock,
-                         default_set=default_set)
+                         default_set=default_set, key=key)
         self._factory = transport_factory or SyncTransport
         self._transports: Dict[str, Any] = {}
         self._lock = threading.RLock()
@@ -226,11 +249,12 @@ class AsyncLrkClient(_ClientBase):
                  retries: int = 5, disable_period: float = 60.0, table_timeout: float = 3600.0,
                  table_size: int = 100000, token: Optional[str] = None,
                  clock: Callable[[], float] = time.monotonic, default_set: Optional[int] = None,
-                 transport_factory: Optional[AsyncTransportFactory] = None) -> None:
+                 transport_factory: Optional[AsyncTransportFactory] = None,
+                 key: KeyLike = None) -> None:
         super().__init__(sets, algorithm=algorithm, timeout=timeout, retries=retries,
                          disable_period=disable_period, table_timeout=table_timeout,
                          table_size=table_size, token=token, clock=clock,
-                         default_set=default_set)
+                         default_set=default_set, key=key)
         self._factory = transport_factory or AsyncTransport.open
         self._transports: Dict[str, Any] = {}
         self._opening: Dict[str, asyncio.Future[Any]] = {}

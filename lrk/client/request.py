@@ -9,6 +9,7 @@ pick the next node with a new cookie) lives here and takes `now` explicitly.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
 
 from lrk.client.errors import (
@@ -19,7 +20,8 @@ from lrk.client.errors import (
     RelayError,
 )
 from lrk.client.nodes import Node, NodeSet
-from lrk.client.protocol import decode_reply, encode_request
+from lrk.client.protocol import TOKEN_GONE, decode_reply, encode_request
+from lrk.control.auth import Key
 
 
 class Send(NamedTuple):
@@ -39,23 +41,29 @@ class RequestState:
     with a `node` given (the call table's node for a known call, or an explicit
     node) only that node is tried. `force=True` sends even to a disabled node
     (an explicit `ping(node)`); otherwise a disabled node is never sent anything.
+    With `key`, every datagram is signed (at `wall()`, Unix time, when it is first sent;
+    a resend repeats the same bytes, as the relay's retransmission check expects).
     """
 
     def __init__(self, message: Mapping[str, Any], nodeset: NodeSet, *,
                  retries: int, timeout: float, disable_period: float,
                  cookies: Callable[[], str], token: Optional[str] = None,
-                 node: Optional[Node] = None, force: bool = False) -> None:
+                 node: Optional[Node] = None, force: bool = False,
+                 key: Optional[Key] = None, wall: Callable[[], float] = time.time) -> None:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 1:
             raise InvalidArgument(f"retries must be an integer >= 1 (sends per node), "
                                   f"not {retries!r}")
         if not timeout > 0:
             raise InvalidArgument(f"timeout must be > 0 seconds, not {timeout!r}")
+        if token is not None:
+            raise InvalidArgument(TOKEN_GONE)
         self.message = dict(message)
         self.nodeset = nodeset
         self.retries = retries
         self.timeout = float(timeout)
         self.disable_period = float(disable_period)
-        self.token = token
+        self.key = key
+        self.wall = wall
         self._cookies = cookies
         self._fixed = node
         self._force = force
@@ -87,7 +95,7 @@ class RequestState:
         self.node = node
         self.tried.append(node)
         self.cookie = self._cookies()
-        self.data = encode_request(self.message, self.cookie, self.token)
+        self.data = encode_request(self.message, self.cookie, key=self.key, wall=self.wall())
         self.attempt = 1
         return Send(node, self.data, self.timeout, self.attempt)
 

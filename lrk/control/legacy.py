@@ -12,13 +12,13 @@ import ipaddress
 import logging
 import struct
 from collections import Counter
-from typing import Hashable, List, Optional, Tuple
+from typing import Hashable, List, Optional, Set, Tuple
 
 from netaddr import IPSet
 
 from fastpath.contract import Action
 from lrk.control.allow import AllowList
-from lrk.control.msgpack_proto import Outcome
+from lrk.control.msgpack_proto import MAX_CALL_ID, Outcome
 from lrk.control.ratelimit import RateLimiter
 from lrk.control.replay import ReplayCache
 from lrk.core.engine import Engine
@@ -31,6 +31,11 @@ CONFIG_STRUCT = struct.Struct("<iii20s20s")
 PORTS_PER_CALL = 4
 MAX_REQUEST = 8192
 TAKEOVER_IDLE = 30.0  # a holder of a port silent this long is taken to be a dead call
+#: the S timeout field: 1..MAX_TIMEOUT is honoured, above it clamped, 0 or less means the
+#: relay's silence_timeout (legacy_timeout > 0 replaces the field altogether)
+MAX_TIMEOUT = 86400
+#: retransmission cache of the UDP listeners, in bytes (replies are at most 8 KB)
+CACHE_BYTES = 8 << 20
 
 LEGACY_COUNTERS = (
     "legacy.requests.P", "legacy.requests.G", "legacy.requests.S", "legacy.requests.D",
@@ -40,6 +45,8 @@ LEGACY_COUNTERS = (
     "legacy.sessions.unchanged", "legacy.sessions.updated", "legacy.sessions.refused",
     "legacy.dropped.stream_timeout", "legacy.send_errors", "legacy.dropped.plane_failure",
     "legacy.dropped.rate_limited", "legacy.dropped.draining",
+    "legacy.refused.bad_peer_address", "legacy.refused.call_id_too_long",
+    "legacy.refused.msgpack_call", "legacy.dropped.resend_limit",
 )
 
 
@@ -54,6 +61,14 @@ def _port(text: str) -> int:
     return value
 
 
+def usable_peer(addr: Tuple[str, int]) -> bool:
+    """Whether media can be sent to `addr`: not port 0, not 0.0.0.0 / ::, not a broadcast,
+    multicast or reserved IPv4 (240.0.0.0/4) address."""
+    ip = ipaddress.ip_address(addr[0])
+    return bool(addr[1]) and not (ip.is_unspecified or ip.is_multicast
+                                  or (ip.version == 4 and ip.is_reserved))
+
+
 class LegacyControl:
     """P/G/S/D over the same engine the msgpack protocol drives."""
 
@@ -65,8 +80,11 @@ class LegacyControl:
         self.timeout = timeout  # overrides the S field's (always 60 in Kamailio 5.6.3) when > 0
         self.allow = AllowList(allow)
         self.takeover_idle = takeover_idle
-        self.replay = ReplayCache()
+        self.replay = ReplayCache(max_bytes=CACHE_BYTES)
         self.counters: Counter = Counter({name: 0 for name in LEGACY_COUNTERS})
+        #: sids of the sessions legacy requests created: only these may S or D touch (a
+        #: msgpack call is never replaced or ended from here). At most 2 x sessions + 64.
+        self.sids: Set[int] = set()
 
     # -- entry point -------------------------------------------------------------------
     def handle(self, data: bytes, sender: Hashable, now: float, with_cookie: bool = True
@@ -88,6 +106,9 @@ class LegacyControl:
                 return Outcome(None)
             cached = self.replay.lookup(sender, cookie, now)
             if cached is not None:
+                if not cached:  # this entry has answered its share of retransmissions
+                    self.counters["legacy.dropped.resend_limit"] += 1
+                    return Outcome(None)
                 self.counters["legacy.retransmissions"] += 1
                 return Outcome(cached)
             prefix = cookie + b" "
@@ -168,10 +189,10 @@ class LegacyControl:
         if len(parts) != 11:
             raise ValueError(f"expected 10 fields after the command, got {len(parts) - 1}")
         _cmd, src_ip, dst_ip, snat_ip, dnat_ip, src_p, dst_p, snat_p, dnat_p, tout, call_id = parts
-        timeout = float(int(tout))
+        timeout = float(min(int(tout), MAX_TIMEOUT))
         if self.timeout > 0:
             timeout = self.timeout
-        elif not 1 <= timeout <= 86400:
+        elif timeout < 1:
             timeout = self.engine.config.silence_timeout
         return (call_id,
                 (_addr(snat_ip), _port(snat_p)),  # leg A relay: the caller sends here
@@ -183,6 +204,11 @@ class LegacyControl:
     def _set(self, prefix: bytes, body: bytes, now: float) -> Tuple[bytes, List[Action]]:
         call_id, a_relay, a_peer, b_relay, b_peer, timeout = self._fields(body)
         reply = prefix + body + b"OK"
+        if len(call_id) > MAX_CALL_ID:  # latin-1: one character per byte
+            self.counters["legacy.refused.call_id_too_long"] += 1
+            log.warning("legacy S refused: a Call-ID of %d bytes (at most %d, as over msgpack)",
+                        len(call_id), MAX_CALL_ID)
+            return reply, []
         cfg = self.engine.config
         ours = (cfg.internal_ip, cfg.external_ip)
         if (a_relay[0] not in ours or b_relay[0] not in ours or a_relay[1] % 2
@@ -191,8 +217,21 @@ class LegacyControl:
             log.warning("legacy S for %s names relay %s / %s, not an even port pair of ours %s",
                         call_id, a_relay, b_relay, ours)
             return reply, []
+        if not (usable_peer(a_peer) and usable_peer(b_peer)):
+            self.counters["legacy.refused.bad_peer_address"] += 1
+            log.warning("legacy S for %.64s names peers %s / %s: media cannot be sent there "
+                        "(port 0, unspecified, broadcast, multicast or reserved)", call_id,
+                        a_peer, b_peer)
+            return reply, []
+        if self._msgpack_call(call_id, (a_relay[1], b_relay[1])):
+            self.counters["legacy.refused.msgpack_call"] += 1
+            log.warning("legacy S for %.64s refused: its Call-ID or relay port %d or %d belongs "
+                        "to a call of the msgpack protocol", call_id, a_relay[1], b_relay[1])
+            return reply, []
         session, actions, outcome = self.engine.set_fixed(
             now, call_id, a_relay, a_peer, b_relay, b_peer, timeout, self.takeover_idle)
+        if outcome == "created" and session is not None:
+            self._own(session.sid)
         self.counters[f"legacy.sessions.{outcome}"] += 1
         if outcome == "refused":
             log.warning("legacy S for %s refused: relay port %d or %d is held by a live call "
@@ -203,8 +242,34 @@ class LegacyControl:
         parts = body.decode("latin-1").split()
         if len(parts) < 2:
             raise ValueError("D without a Call-ID")
-        try:
-            _session, actions = self.engine.delete(now, parts[-1])
-        except SessionNotFound:
-            actions = []
+        session = self.engine.by_call.get(parts[-1])
+        actions: List[Action] = []
+        if session is not None and session.sid not in self.sids:
+            self.counters["legacy.refused.msgpack_call"] += 1
+        elif session is not None:
+            try:
+                _session, actions = self.engine.delete(now, parts[-1])
+            except SessionNotFound:
+                actions = []
         return prefix + body + b"OK", actions
+
+    # -- which sessions are legacy's ---------------------------------------------------
+    def _own(self, sid: int) -> None:
+        sids = self.sids
+        if len(sids) >= 2 * len(self.engine.by_sid) + 64:
+            live = self.engine.by_sid
+            self.sids = sids = {s for s in sids if s in live}
+        sids.add(sid)
+
+    def _msgpack_call(self, call_id: str, ports: Tuple[int, ...]) -> bool:
+        """Whether the Call-ID, or a relay port's holder, is a session legacy did not make
+        (set_fixed would replace it: engine.py should refuse too, see docs/security.md)."""
+        engine = self.engine
+        session = engine.by_call.get(call_id)
+        if session is not None and session.sid not in self.sids:
+            return True
+        for port in ports:
+            holder = engine.owner.get(port & ~1)
+            if holder is not None and holder.sid not in self.sids:
+                return True
+        return False

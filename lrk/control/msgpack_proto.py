@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple, Union
@@ -19,12 +20,13 @@ from netaddr import IPSet
 
 from fastpath.contract import MAX_STREAMS, Action
 from lrk.control.allow import AllowList
+from lrk.control.auth import MAGIC, TRAILER_BYTES, Authenticator, NotOwner
 from lrk.control.ratelimit import RateLimiter
 from lrk.control.replay import ReplayCache
 from lrk.core import sdp
 from lrk.core.engine import Engine
-from lrk.core.session import StreamOffer
-from lrk.errors import BadRequest, LrkError
+from lrk.core.session import Session, StreamOffer
+from lrk.errors import BadRequest, ConfigError, LrkError, SessionNotFound
 
 log = logging.getLogger("lrk.control")
 
@@ -32,11 +34,20 @@ VERSION = 1
 MAX_REQUEST_BYTES = 65000
 MIN_REQUEST_BYTES = 4
 MAX_COOKIE = 64
-MAX_NAME = 256
+MAX_NAME = 256  # bytes (UTF-8) of a Call-ID, tag or branch; the legacy protocol's limit too
+MAX_CALL_ID = MAX_NAME
+#: the largest reply sent: a UDP datagram's payload (IPv4); a larger one becomes an error
+MAX_REPLY_BYTES = 65507
+#: error messages are cut here (bytes), so a reply never quotes much of its request
+MAX_ERROR_MESSAGE = 200
+#: args key under which `receive` hands the verified key to the commands (not a str: no
+#: request can carry it)
+CALLER = ("caller",)
 MAX_DEPTH = 8  # requests nest two levels; deeper is an attack or a bug
 LIST_REPLY_BUDGET = 60000  # a list reply must fit one UDP datagram
 ERROR_CODES = ("malformed", "too_large", "bad_request", "unknown_command",
-               "unsupported_version", "unauthorized", "not_found", "ports_exhausted",
+               "unsupported_version", "unauthorized", "forbidden", "not_found",
+               "ports_exhausted",
                "data_plane", "draining", "capacity", "internal")
 COMMANDS = ("ping", "capabilities", "offer", "answer", "delete", "query", "list", "stats",
             "drain", "reload")
@@ -89,11 +100,12 @@ class MsgpackControl:
         self,
         engine: Engine,
         info: Optional[Dict[str, Any]] = None,
-        token: Optional[str] = None,
         media_counters: Optional[Callable[[], Dict[str, int]]] = None,
         started: float = 0.0,
         allow: Optional[IPSet] = None,
         rate: float = 0.0,
+        auth: Optional[Authenticator] = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
         self.allow = AllowList(allow)
@@ -101,7 +113,12 @@ class MsgpackControl:
         #: the shell's reload (`reload` command): returns (applied, restart_needed) names
         self.on_reload: Optional[Callable[[], Tuple[List[str], List[str]]]] = None
         self.info = dict(info or {})
-        self.token = token
+        #: None: no authentication (control_auth = "none"): every sender may do anything
+        self.auth = auth
+        self.wall_clock = wall_clock  # Unix time, for signature timestamps
+        #: sid -> owner of the key that created it; a session without one is legacy's
+        #: (admin keys only). At most 2 x sessions + 64 entries (pruned as it grows).
+        self.owners: Dict[int, str] = {}
         self.media_counters = media_counters or (lambda: {})
         self.started = started
         self.replay = ReplayCache()
@@ -111,12 +128,20 @@ class MsgpackControl:
         for code in ERROR_CODES:
             self.counters[f"control.errors.{code}"] = 0
         for name in ("control.dropped.too_short", "control.dropped.not_allowed",
-                     "control.dropped.rate_limited",
+                     "control.dropped.rate_limited", "control.dropped.unauthenticated",
+                     "control.dropped.bad_signature", "control.dropped.expired",
+                     "control.dropped.replayed", "control.dropped.replay_guard_full",
+                     "control.dropped.resend_limit", "control.dropped.amplification",
+                     "control.dropped.busy",
                      "control.retransmissions", "control.retransmissions.in_flight"):
             self.counters[name] = 0
 
     # -- phase 1 ---------------------------------------------------------------------
-    def receive(self, data: bytes, sender: Hashable, now: float) -> Union[Request, Outcome]:
+    def receive(self, data: bytes, sender: Hashable, now: float,
+                wall: Optional[float] = None) -> Union[Request, Outcome]:
+        """Phase 1: who may ask (allow-list, rate, signature), is it new (retransmission,
+        replay), is it readable. `wall` is Unix time for signature timestamps (default: the
+        wall clock). Unverified senders never get a reply larger than their request."""
         counters = self.counters
         if not self.allow.allows(sender):
             counters["control.dropped.not_allowed"] += 1
@@ -124,53 +149,76 @@ class MsgpackControl:
         if not self.limiter.allow(sender, now):
             counters["control.dropped.rate_limited"] += 1
             return Outcome(None)
-        if len(data) < MIN_REQUEST_BYTES:
+        size = len(data)
+        if size < MIN_REQUEST_BYTES:
             counters["control.dropped.too_short"] += 1
             return Outcome(None)
+        caller = None
+        repeat = False
+        limit: Optional[int] = size  # the largest reply an unverified sender may get
+        if self.auth is not None:
+            caller, verdict = self.auth.verify(data, self.wall_clock() if wall is None
+                                               else wall)
+            if caller is None:  # no reply, no effect
+                counters[f"control.dropped.{verdict}"] += 1
+                return Outcome(None)
+            repeat = verdict == "repeat"
+            limit = None
+            data = data[:-TRAILER_BYTES]
+        elif size > TRAILER_BYTES and data[-TRAILER_BYTES:4 - TRAILER_BYTES] == MAGIC:
+            data = data[:-TRAILER_BYTES]  # signed for a relay that checks nothing: ignored
         if len(data) > MAX_REQUEST_BYTES:
             return self._error(None, "too_large", f"request of {len(data)} bytes exceeds "
-                               f"{MAX_REQUEST_BYTES}")
+                               f"{MAX_REQUEST_BYTES}", limit)
         try:
             message = msgpack.unpackb(data, **_UNPACK_LIMITS)
         except (RecursionError, msgpack.exceptions.StackError):  # decoders' own depth limits
             return self._error(None, "too_large", f"request nests deeper than {MAX_DEPTH} "
-                               "levels")
+                               "levels", limit)
+        except msgpack.exceptions.ExtraData:
+            return self._error(None, "malformed", "request is not valid msgpack: bytes after "
+                               "the map (a signature for another protocol version?)", limit)
         except ValueError as exc:  # msgpack's limit errors are ValueErrors too
             code = "too_large" if "exceeds" in str(exc) else "malformed"
-            return self._error(None, code, f"request is not valid msgpack: {exc}")
+            return self._error(None, code, f"request is not valid msgpack: {exc}", limit)
         except Exception as exc:  # truncated input, anything else the decoder raises
             return self._error(None, "malformed", f"request is not valid msgpack: "
-                               f"{type(exc).__name__}")
+                               f"{type(exc).__name__}", limit)
         if _too_deep(message, MAX_DEPTH):
             return self._error(None, "too_large", f"request nests deeper than {MAX_DEPTH} "
-                               "levels")
+                               "levels", limit)
         if not isinstance(message, dict):
-            return self._error(None, "malformed", "request must be a msgpack map")
+            return self._error(None, "malformed", "request must be a msgpack map", limit)
         cookie = message.get("cookie")
         if not isinstance(cookie, (str, bytes)) or not 0 < len(cookie) <= MAX_COOKIE:
             return self._error(None, "bad_request", f"cookie must be a string of 1-{MAX_COOKIE} "
-                               "bytes")
+                               "bytes", limit)
         cached = self.replay.lookup(sender, cookie, now)
         if cached is not None:
+            if not cached:  # this entry has answered its share of retransmissions
+                counters["control.dropped.resend_limit"] += 1
+                return Outcome(None)
             counters["control.retransmissions"] += 1
             return Outcome(cached)
         if self.replay.in_flight(sender, cookie):
             counters["control.retransmissions.in_flight"] += 1
             return Outcome(None)
+        if repeat:  # signed bytes seen before, and not a retransmission of this sender's
+            counters["control.dropped.replayed"] += 1
+            return Outcome(None)
         version = message.get("v", VERSION)
         if type(version) is not int or version != VERSION:
-            return self._final(sender, cookie, now, self._error_msg(
-                cookie, "unsupported_version", f"protocol version {version!r} is not supported; "
-                f"this relay speaks {VERSION}"))
-        if self.token is not None and message.get("token") != self.token:
-            return self._final(sender, cookie, now, self._error_msg(
-                cookie, "unauthorized", "missing or wrong token"))
+            return self._error(cookie, "unsupported_version", f"protocol version "
+                               f"{_clip(version)} is not supported; this relay speaks "
+                               f"{VERSION}", limit, sender, now)
         cmd = message.get("cmd")
         if cmd not in COMMANDS:
-            return self._final(sender, cookie, now, self._error_msg(
-                cookie, "unknown_command", f"unknown command {cmd!r}; known: "
-                + ", ".join(COMMANDS)))
-        self.replay.begin(sender, cookie)
+            return self._error(cookie, "unknown_command", f"unknown command {_clip(cmd)}; "
+                               "known: " + ", ".join(COMMANDS), limit, sender, now)
+        if not self.replay.begin(sender, cookie):
+            counters["control.dropped.busy"] += 1
+            return Outcome(None)
+        message[CALLER] = caller
         return Request(sender, cookie, cmd, message)
 
     # -- phase 2 ---------------------------------------------------------------------
@@ -286,6 +334,7 @@ class MsgpackControl:
         return reply
 
     def _cmd_offer(self, args: Dict[str, Any], now: float):
+        fresh = self._may_offer(args)
         media, rtcp, body = self._media_args(args)
         session, leg, actions = self.engine.offer(
             now,
@@ -300,9 +349,12 @@ class MsgpackControl:
             via_branch=_opt_name(args.get("via_branch"), "via_branch"),
             strict_source=_opt_bool(args.get("strict_source"), "strict_source"),
         )
+        if fresh:
+            self._claim(args, session)
         return self._relay_reply(session, leg, body, _offers(media), False), actions
 
     def _cmd_answer(self, args: Dict[str, Any], now: float):
+        self._visible(args, _name(args.get("call_id"), "call_id"))
         media, rtcp, body = self._media_args(args)
         session, leg, actions = self.engine.answer(
             now,
@@ -319,6 +371,7 @@ class MsgpackControl:
         return self._relay_reply(session, leg, body, _offers(media), True), actions
 
     def _cmd_delete(self, args: Dict[str, Any], now: float):
+        self._visible(args, _name(args.get("call_id"), "call_id"))
         session, actions = self.engine.delete(
             now,
             _name(args.get("call_id"), "call_id"),
@@ -327,18 +380,59 @@ class MsgpackControl:
         return {"call_id": session.call_id, "session": session.as_dict(now)}, actions
 
     def _cmd_query(self, args: Dict[str, Any], now: float):
-        session = self.engine.get(_name(args.get("call_id"), "call_id"))
+        session = self._visible(args, _name(args.get("call_id"), "call_id"))
         return {"session": session.as_dict(now)}, []
+
+    # -- ownership: a call belongs to the key (owner) that created it ----------------
+    def _may_touch(self, args: Dict[str, Any], session: Session) -> bool:
+        """Whether the request's key may see and change `session`: its owner's keys and
+        admin keys may; a session no key created (legacy) is admin-only. Without
+        authentication everyone may."""
+        if self.auth is None:
+            return True
+        caller = args.get(CALLER)
+        return caller is not None and (caller.admin
+                                       or self.owners.get(session.sid) == caller.owner)
+
+    def _visible(self, args: Dict[str, Any], call_id: str) -> Session:
+        """The session, if this key may touch it; another's is as absent as a missing one
+        (same error, same message), so Call-IDs cannot be probed."""
+        session = self.engine.by_call.get(call_id)
+        if session is None or not self._may_touch(args, session):
+            raise SessionNotFound(f"no session with Call-ID {call_id!r}")
+        return session
+
+    def _may_offer(self, args: Dict[str, Any]) -> bool:
+        """True when the offer creates a session (to be claimed); refused when the Call-ID
+        is a call of another client (or a legacy call, for a key that is not admin)."""
+        session = self.engine.by_call.get(_name(args.get("call_id"), "call_id"))
+        if session is None:
+            return True
+        if not self._may_touch(args, session):
+            raise NotOwner("this Call-ID is a call another control client (or Kamailio's "
+                           "legacy module) made; only its key or an admin key may change it")
+        return False
+
+    def _claim(self, args: Dict[str, Any], session: Session) -> None:
+        """Record who created `session`; ended sessions are pruned as the table grows."""
+        caller = args.get(CALLER)
+        if self.auth is None or caller is None:
+            return
+        owners = self.owners
+        if len(owners) >= 2 * len(self.engine.by_sid) + 64:
+            live = self.engine.by_sid
+            self.owners = owners = {sid: o for sid, o in owners.items() if sid in live}
+        owners[session.sid] = caller.owner
 
     def _cmd_list(self, args: Dict[str, Any], now: float):
         limit = _int(args.get("limit", 100), "limit", 1, 1000)
         offset = _int(args.get("offset", 0), "offset", 0, 1 << 31)
-        sessions = list(self.engine.sessions())
+        sessions = [s for s in self.engine.sessions() if self._may_touch(args, s)]
         page = []
         size = 0
         for session in sessions[offset : offset + limit]:
             summary = session.summary(now)
-            size += len(session.call_id) + 96  # packed size of a summary, generously
+            size += len(pack(summary))  # encoded bytes, whatever the Call-IDs hold
             if size > LIST_REPLY_BUDGET:
                 break
             page.append(summary)
@@ -361,7 +455,10 @@ class MsgpackControl:
         """Re-read the configuration file (as SIGHUP does); names what took effect."""
         if self.on_reload is None:
             raise BadRequest("this relay was started without a reloadable configuration")
-        applied, restart = self.on_reload()
+        try:
+            applied, restart = self.on_reload()
+        except ConfigError as exc:
+            raise BadRequest(f"configuration not applied: {exc}") from exc
         return {"applied": applied, "restart_needed": restart}, []
 
     def _cmd_stats(self, args: Dict[str, Any], now: float):
@@ -380,16 +477,48 @@ class MsgpackControl:
     # -- replies ---------------------------------------------------------------------
     def _error_msg(self, cookie: Any, code: str, message: str) -> Dict[str, Any]:
         self.counters[f"control.errors.{code}"] += 1
-        return {"v": VERSION, "cookie": cookie, "ok": False,
-                "error": {"code": code, "message": message}}
+        return _error_body(cookie, code, message)
 
-    def _error(self, cookie: Any, code: str, message: str) -> Outcome:
-        return Outcome(pack(self._error_msg(cookie, code, message)))
+    def _error(self, cookie: Any, code: str, message: str, limit: Optional[int] = None,
+               sender: Optional[Hashable] = None, now: float = 0.0) -> Outcome:
+        """An error reply to a request that was not run. `limit`: the most bytes the
+        sender may get (an unverified sender: its request's size); a larger reply is a
+        counted drop. With `sender`, the reply is cached for retransmissions."""
+        data = pack(_error_body(cookie, code, message))
+        if limit is not None and len(data) > limit:
+            self.counters["control.dropped.amplification"] += 1
+            return Outcome(None)
+        self.counters[f"control.errors.{code}"] += 1
+        if sender is not None:
+            self.replay.store(sender, cookie, data, now)
+        return Outcome(data)
 
     def _final(self, sender: Hashable, cookie: Any, now: float, reply: Dict[str, Any]) -> Outcome:
+        """Pack, cache and return the reply; one too large for a datagram becomes a small
+        `too_large` error (the request has run: its effect stays)."""
         data = pack(reply)
+        if len(data) > MAX_REPLY_BYTES:
+            data = pack(self._error_msg(
+                cookie, "too_large", f"the request was carried out, but its reply of "
+                f"{len(data)} bytes does not fit one datagram ({MAX_REPLY_BYTES})"))
         self.replay.store(sender, cookie, data, now)
         return Outcome(data)
+
+
+def _error_body(cookie: Any, code: str, message: str) -> Dict[str, Any]:
+    if len(message) > MAX_ERROR_MESSAGE // 4:  # may be longer than the limit in bytes
+        message = message.encode("utf-8")[:MAX_ERROR_MESSAGE].decode("utf-8", "ignore")
+    return {"v": VERSION, "cookie": cookie, "ok": False,
+            "error": {"code": code, "message": message}}
+
+
+def _clip(value: Any, limit: int = 40) -> str:
+    """repr(value) for an error message, at most `limit` characters of it."""
+    if isinstance(value, (bytes, str)) and len(value) > limit:
+        value = value[:limit]
+        return repr(value) + "..."
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _offers(media: Any) -> List[StreamOffer]:
@@ -439,8 +568,9 @@ def _name(value: Any, what: str) -> str:
             raise BadRequest(f"{what} must be UTF-8 text") from None
     if not isinstance(value, str) or not value:
         raise BadRequest(f"{what} is required and must be a non-empty string")
-    if len(value) > MAX_NAME:
-        raise BadRequest(f"{what} is longer than {MAX_NAME} characters")
+    if len(value) > MAX_NAME or (len(value) * 4 > MAX_NAME
+                                 and len(value.encode("utf-8")) > MAX_NAME):
+        raise BadRequest(f"{what} is longer than {MAX_NAME} bytes (UTF-8)")
     return value
 
 
@@ -450,13 +580,13 @@ def _opt_name(value: Any, what: str) -> Optional[str]:
 
 def _int(value: Any, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise BadRequest(f"{what} must be an integer in {low}..{high}, not {value!r}")
+        raise BadRequest(f"{what} must be an integer in {low}..{high}, not {_clip(value)}")
     return value
 
 
 def _bool(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
-        raise BadRequest(f"{what} must be true or false, not {value!r}")
+        raise BadRequest(f"{what} must be true or false, not {_clip(value)}")
     return value
 
 
@@ -466,7 +596,7 @@ def _opt_bool(value: Any, what: str) -> Optional[bool]:
 
 def _choice(value: Any, what: str) -> str:
     if value not in ("internal", "external"):
-        raise BadRequest(f"{what} must be 'internal' or 'external', not {value!r}")
+        raise BadRequest(f"{what} must be 'internal' or 'external', not {_clip(value)}")
     return value
 
 
@@ -480,4 +610,4 @@ def _ip(value: Any, what: str) -> str:
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise BadRequest(f"{what} {value!r} is not an IP address") from None
+        raise BadRequest(f"{what} {_clip(value)} is not an IP address") from None

@@ -1,57 +1,114 @@
-"""Retransmission cache: a repeated cookie from the same sender gets the same reply bytes."""
+"""Retransmission cache: a repeated cookie from the same sender gets the same reply bytes.
+
+Bounded in bytes, not entries: a cache of N entries is only as small as its largest
+replies, and an attacker picks those. Each entry is charged its reply, its cookie and a
+fixed overhead; the oldest go first. A reply larger than one datagram is never kept (it
+could not be sent anyway), and an entry answers at most `max_resends` retransmissions, so
+one captured request cannot make the relay send its reply to a spoofed address forever.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Optional, Set, Tuple
+from typing import Any, Hashable, Optional, Set, Tuple
 
 REPLAY_WINDOW = 30.0
+#: msgpack replies kept at most (bytes, overhead included): thousands of typical replies
+MAX_BYTES = 8 << 20
+#: what an entry costs beyond its reply and cookie: key tuple, sender, OrderedDict node
+ENTRY_OVERHEAD = 256
+#: the largest reply kept: a UDP datagram's payload (IPv4)
+MAX_ENTRY = 65507
+#: retransmissions one entry answers (clients send 5 tries by default)
+MAX_RESENDS = 16
+#: requests being executed at once (waiting for the data plane's counters)
+MAX_IN_FLIGHT = 4096
+
+#: what `lookup` returns for an entry whose retransmissions are used up: drop, do not run
+EXHAUSTED = b""
+
+
+def _cost(cookie: Any, reply: bytes) -> int:
+    size = len(cookie) if isinstance(cookie, (bytes, str)) else 16
+    return len(reply) + size + ENTRY_OVERHEAD
 
 
 class ReplayCache:
-    """Remembers replies by (sender, cookie) for `window` seconds, at most `size` of them."""
+    """Remembers replies by (sender, cookie) for `window` seconds, at most `max_bytes` of
+    them (each entry charged reply + cookie + ENTRY_OVERHEAD)."""
 
-    def __init__(self, window: float = REPLAY_WINDOW, size: int = 65536) -> None:
+    def __init__(self, window: float = REPLAY_WINDOW, max_bytes: int = MAX_BYTES,
+                 max_entry: int = MAX_ENTRY, max_resends: int = MAX_RESENDS,
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.window = window
-        self.size = size
-        self._entries: OrderedDict[Tuple[Hashable, Hashable], Tuple[float, bytes]] = (
-            OrderedDict()
-        )
+        self.max_bytes = max_bytes
+        self.max_entry = max_entry
+        self.max_resends = max_resends
+        self.max_in_flight = max_in_flight
+        self.bytes = 0
+        # key -> [expiry, reply, resends left, cost]
+        self._entries: OrderedDict[Tuple[Hashable, Hashable], list] = OrderedDict()
         self._in_flight: Set[Tuple[Hashable, Hashable]] = set()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def lookup(self, sender: Hashable, cookie: Hashable, now: float) -> Optional[bytes]:
+        """The reply to resend; None when unknown; EXHAUSTED (empty) once the entry has
+        answered `max_resends` retransmissions (the request must not run again either)."""
         self._purge(now)
         entry = self._entries.get((sender, cookie))
-        return None if entry is None else entry[1]
+        if entry is None:
+            return None
+        if entry[2] <= 0:
+            return EXHAUSTED
+        entry[2] -= 1
+        return entry[1]
 
     def in_flight(self, sender: Hashable, cookie: Hashable) -> bool:
         return (sender, cookie) in self._in_flight
 
-    def begin(self, sender: Hashable, cookie: Hashable) -> None:
-        """Mark a request as being executed (its reply is not ready yet)."""
+    def begin(self, sender: Hashable, cookie: Hashable) -> bool:
+        """Mark a request as being executed (its reply is not ready yet). False when
+        `max_in_flight` requests are executing already: the caller drops this one."""
+        if len(self._in_flight) >= self.max_in_flight:
+            return False
         self._in_flight.add((sender, cookie))
+        return True
 
-    def store(self, sender: Hashable, cookie: Hashable, reply: bytes, now: float) -> None:
+    def store(self, sender: Hashable, cookie: Hashable, reply: bytes, now: float) -> bool:
+        """Keep `reply` for retransmissions; False (nothing kept) when it is larger than
+        one datagram."""
         key = (sender, cookie)
         self._in_flight.discard(key)
-        self._entries[key] = (now + self.window, reply)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old[3]
+        if len(reply) > self.max_entry:
+            return False
+        cost = _cost(cookie, reply)
+        self._entries[key] = [now + self.window, reply, self.max_resends, cost]
+        self.bytes += cost
+        entries = self._entries
+        while self.bytes > self.max_bytes and entries:
+            _key, evicted = entries.popitem(last=False)
+            self.bytes -= evicted[3]
+        return key in entries
 
     def discard(self, sender: Hashable, cookie: Hashable) -> None:
         """Forget a request: its retransmission runs it again (a legacy request whose data
         plane failed gets no reply, so the module's retry is a fresh attempt)."""
         self._in_flight.discard((sender, cookie))
-        self._entries.pop((sender, cookie), None)
+        entry = self._entries.pop((sender, cookie), None)
+        if entry is not None:
+            self.bytes -= entry[3]
 
     def _purge(self, now: float) -> None:
         entries = self._entries
         while entries:
             key = next(iter(entries))
-            if entries[key][0] > now:
+            entry = entries[key]
+            if entry[0] > now:
                 break
             del entries[key]
+            self.bytes -= entry[3]

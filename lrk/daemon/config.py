@@ -26,6 +26,13 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 METRICS_OFF = ("off", "none", "")
 #: max_control_rate's ceiling: far above what one control layer sends, low enough to mean a limit
 MAX_CONTROL_RATE = 1_000_000.0
+#: options that no longer exist, and what to use instead
+RETIRED = {
+    "control_token": "msgpack requests are now signed (HMAC-SHA256) with key files, and a "
+                     "plaintext token is no longer accepted; remove control_token, keep "
+                     "control_auth = \"hmac\" and give each client a key (control_keys, "
+                     "docs/security.md)",
+}
 
 
 @dataclass
@@ -59,7 +66,14 @@ class Config:
     quarantine: float = 5.0
     max_sessions: int = 0
     control_allow: List[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
-    control_token: Optional[str] = None
+    # msgpack control authentication: "hmac" (every request signed, docs/security.md) or
+    # "none" (anyone inside control_allow may do anything; logged as a warning)
+    control_auth: str = "hmac"
+    # key directories and/or key files; empty: lrk.control.auth.default_key_dir()
+    # ($LRK_KEYS, /etc/lrk/keys as root, else ~/.config/lrk/keys), created on first start
+    control_keys: List[str] = field(default_factory=list)
+    # seconds a signed request's timestamp may differ from the relay's clock
+    control_auth_window: float = 30.0
     # legacy lrkproxy protocol (Kamailio's module): HOST:PORT, [IPv6]:PORT, unix:/path
     legacy: List[str] = field(default_factory=lambda: ["127.0.0.1:22333"])
     legacy_allow: List[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
@@ -195,6 +209,19 @@ class Config:
             raise ConfigError(f"max_control_rate {rate!r} must be a number of requests per "
                               f"second within 0..{MAX_CONTROL_RATE:.0f} (0 = no limit)")
         self.max_control_rate = float(rate)
+        if self.control_auth not in ("hmac", "none"):
+            raise ConfigError(f"control_auth {self.control_auth!r} must be \"hmac\" (signed "
+                              "requests, the default) or \"none\" (no authentication)")
+        if not isinstance(self.control_keys, list) or not all(
+                isinstance(p, str) and p for p in self.control_keys):
+            raise ConfigError(f"control_keys {self.control_keys!r} must be a list of key "
+                              "directories or key files")
+        window = self.control_auth_window
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or not (
+                0 < window <= 300):
+            raise ConfigError(f"control_auth_window {window!r} must be within 0..300 seconds "
+                              "(and not 0)")
+        self.control_auth_window = float(window)
         return self
 
 
@@ -261,6 +288,8 @@ def load(path: Optional[str], overrides: Dict[str, Any]) -> Config:
     config = Config()
     for key, value in values.items():
         name = key.replace("-", "_")
+        if name in RETIRED:
+            raise ConfigError(f"option {key!r} is gone: {RETIRED[name]}")
         if name not in known:
             raise ConfigError(f"unknown option {key!r}; known: " + ", ".join(sorted(known)))
         default = getattr(config, name)

@@ -48,6 +48,24 @@ from lrk.errors import ConfigError
 
 log = logging.getLogger("lrk.kernel")
 
+#: IP + UDP header bytes netfilter counts in each packet (no IP options on media)
+HEADER_BYTES = {4: 20 + 8, 6: 40 + 8}
+
+
+def _moved_marks(old: SessionSpec, new: SessionSpec) -> List[int]:
+    """Conntrack marks of the flows NATed towards a peer that moved between `old` and
+    `new`: they entered at the other leg (same kind, RTP or RTCP). The others keep going
+    (flushing them would lose the only record of who latched there)."""
+    if (old.a.relay(False), old.b.relay(False)) != (new.a.relay(False), new.b.relay(False)):
+        return conntrack_marks(old)
+    marks = []
+    for rtcp in (False, True):
+        for leg_old, leg_new, other in ((old.a, new.a, old.b), (old.b, new.b, old.a)):
+            if leg_old.peer(rtcp) != leg_new.peer(rtcp):
+                marks.append(other.rtp_mark + rtcp)
+    return marks
+
+
 FORWARDING = {4: "/proc/sys/net/ipv4/ip_forward", 6: "/proc/sys/net/ipv6/conf/all/forwarding"}
 #: per-flow packet/byte counters and start times; apply to flows created while they are 1
 ACCT = {name: f"/proc/sys/net/netfilter/{name}"
@@ -295,8 +313,11 @@ class KernelPlane:
             self.nft.run(self._elements(self.rules.update_commands(old, new)))
         self.installed[sid] = new
         if old is not None and (old != new or relatch):
-            # established flows keep their NAT: a new offer/answer must start afresh
-            marks = conntrack_marks(old)
+            # established flows keep their NAT: a new offer/answer must start afresh;
+            # a peer that only moved (a latch) needs only the flows NATed towards it gone
+            marks = conntrack_marks(old) if relatch else _moved_marks(old, new)
+            if not marks:
+                return
             self._stale[sid] = marks  # until flushed: not the new generation's latch
             self._flush_flows(marks)
             self._stale.pop(sid, None)
@@ -504,12 +525,21 @@ class KernelPlane:
             return
         del self._stale[sid]
 
-    @staticmethod
-    def _leg_report(sid: int, name: str, generation: int, counts: Tuple[int, int, int, int],
+    def _leg_report(self, sid: int, name: str, generation: int,
+                    counts: Tuple[int, int, int, int],
                     latched: Dict[Tuple[int, str, bool], Tuple[str, int]]) -> LegReport:
+        """Netfilter counts IP packets: their IP and UDP headers come off, so that bytes
+        mean payload bytes as in the userspace modes."""
         rtp, rtcp = latched.get((sid, name, False)), latched.get((sid, name, True))
-        return LegReport(counts[0], counts[1], counts[2], counts[3], (),
+        spec = self.installed.get(sid)
+        hdr = HEADER_BYTES[spec.family] if spec is not None else 0
+        return LegReport(counts[0], max(0, counts[1] - hdr * counts[0]), counts[2],
+                         max(0, counts[3] - hdr * counts[2]), self._leg_drops(sid, name),
                          generation if (rtp or rtcp) else -1, rtp, rtcp)
+
+    def _leg_drops(self, sid: int, name: str) -> Tuple[Tuple[str, int], ...]:
+        """Per-leg drops: netfilter's drop counter is table-wide (not per leg) here."""
+        return ()
 
     def _read_seen(self, fam: int) -> Dict[Tuple[str, int], Tuple[int, int]]:
         """One family's `seen` counters: a netlink dump (0.3 s at 50,000 elements, 13 s and
@@ -544,11 +574,15 @@ class KernelPlane:
             self._poll(now)
 
     def media_counters(self) -> Dict[str, int]:
+        """Relay-wide: what sessions installed now received (payload bytes, as the
+        userspace modes count)."""
         total = dict(self.counters)
-        if self.rules.seen:
-            total["media.received.packets"] = sum(p for p, _ in self._seen.values())
-            total["media.received.bytes"] = sum(b for _, b in self._seen.values())
-        else:  # sessions still installed (as with `seen`, whose elements go with them)
-            total["media.received.packets"] = sum(t[0] + t[2] for t in self._totals.values())
-            total["media.received.bytes"] = sum(t[1] + t[3] for t in self._totals.values())
+        packets = payload = 0
+        for uid, t in self._totals.items():
+            spec = self.installed.get(uid)
+            hdr = HEADER_BYTES[spec.family] if spec is not None else 0
+            packets += t[0] + t[2]
+            payload += max(0, t[1] - hdr * t[0]) + max(0, t[3] - hdr * t[2])
+        total["media.received.packets"] = packets
+        total["media.received.bytes"] = payload
         return total

@@ -15,14 +15,16 @@ import asyncio
 import logging
 import socket
 from dataclasses import replace
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
+from fastpath.contract import LegSpec as PlaneLeg
 from fastpath.contract import StreamSpec
 from fastpath.kernel.ctnetlink import CtFlow
 from fastpath.kernel.kernel_rules import KernelRuleError, KernelRuleset, SessionSpec
-from fastpath.kernel.nfqueue import NF_DROP, NF_REPEAT, parse_udp
+from fastpath.kernel.nfqueue import NF_DROP, NF_REPEAT
 from fastpath.kernel.nfqueue_socket import NfQueue, add_queue_rule
 from fastpath.kernel.nft import NftError
+from fastpath.packet import parse_udp
 from lrk.daemon.kernel_plane import KernelPlane, session_spec
 
 log = logging.getLogger("lrk.nfqueue")
@@ -59,6 +61,9 @@ class NfqueuePlane(KernelPlane):
         self.latched: Dict[Tuple[int, str, bool], Addr] = {}
         self.admitted: Dict[int, Set[str]] = {}  # unit id -> adm element keys added
         self.streams_applied: Dict[int, StreamSpec] = {}  # unit id -> as last installed
+        self._latch_news = False  # a latch (or refusal) decided since the last poll
+        #: (unit id, leg) -> new flows refused in userspace (per-leg drops, as query shows)
+        self.leg_drops: Dict[Tuple[int, str], int] = {}
         self.counters.update({"nfqueue.packets": 0, "nfqueue.admitted": 0,
                               "nfqueue.queued": 0, "media.latched": 0})
         self.drop_counter = "nfqueue.queued"  # the ruleset's counter counts queued packets
@@ -117,6 +122,8 @@ class NfqueuePlane(KernelPlane):
 
     def _forget(self, sid: int, spec: SessionSpec) -> None:
         self.streams_applied.pop(sid, None)
+        self.leg_drops.pop((sid, "A"), None)
+        self.leg_drops.pop((sid, "B"), None)
         self._drop_admissions(sid)
         for leg in (spec.a, spec.b):
             for rtcp in (False, True):
@@ -160,14 +167,17 @@ class NfqueuePlane(KernelPlane):
             return NF_DROP
         sid, name, rtcp = entry
         leg = stream.leg(name)
-        announced = leg.rtcp_announced if rtcp else leg.announced
-        if not leg.latch_any and (announced is None or announced[0] != src_ip):
+        if not self._admits(sid, name, rtcp, leg, (src_ip, sport)):
             self.counters["media.dropped.unexpected_source"] += 1
+            key = (sid, name)
+            self.leg_drops[key] = self.leg_drops.get(key, 0) + 1
+            self._latch_news = True  # reported with the next refresh, as latches are
             return NF_DROP
         # latch: the other direction now goes to this real source (reported to the
         # engine with the next counter poll, with the generation it belongs to)
         self.latched[(sid, name, rtcp)] = (src_ip, sport)
         self.counters["media.latched"] += 1
+        self._latch_news = True
         # re-points the other direction at this source and, when that changed anything,
         # flushes the flows NATed towards the old address (the other side spoke first)
         self._install(sid, stream, False)
@@ -178,6 +188,35 @@ class NfqueuePlane(KernelPlane):
             self.admitted[sid].add(key)
             self.counters["nfqueue.admitted"] += 1
         return NF_REPEAT
+
+    def _admits(self, uid: int, name: str, rtcp: bool, leg: PlaneLeg, src: Addr) -> bool:
+        """A new flow's source, judged as the socket relay judges a first packet: the
+        announced IP, or anywhere on a learning leg; RTCP only from RTP's latched IP or
+        the announced RTCP address. A latched leg keeps its peer (no re-learning here: a
+        new flow from elsewhere while the old one may still be live is refused)."""
+        latched = self.latched.get((uid, name, rtcp))
+        if latched is not None:
+            return src == latched
+        if rtcp:
+            rtp = self.latched.get((uid, name, False))
+            return src == leg.rtcp_announced or (rtp is not None and rtp[0] == src[0])
+        announced = leg.announced
+        return leg.latch_any or (announced is not None and announced[0] == src[0])
+
+    def _leg_drops(self, sid: int, name: str) -> Tuple[Tuple[str, int], ...]:
+        n = self.leg_drops.get((sid, name), 0)
+        return (("unexpected_source", n),) if n else ()
+
+    def refresh(self, then: Callable[[], None]) -> None:
+        """As kernel mode, but a latch decided since the last poll is reported at once
+        (a `query` right after a phone's first packet shows where it latched)."""
+        if self._latch_news:
+            self._poll()
+        super().refresh(then)
+
+    def _poll(self, now: Optional[float] = None) -> None:
+        self._latch_news = False
+        super()._poll(now)
 
     def _latched(self, flows: List[CtFlow], owners: Dict[int, tuple]
                  ) -> Dict[Tuple[int, str, bool], Tuple[str, int]]:

@@ -24,6 +24,7 @@ from fastpath import logs
 from fastpath.contract import Action, DataPlane, Event, PlaneFailure
 from lrk import __version__
 from lrk.control.allow import AllowList
+from lrk.control.auth import relay_authenticator
 from lrk.control.legacy import LegacyControl
 from lrk.control.msgpack_proto import NEEDS_COUNTERS, MsgpackControl, Outcome, Request
 from lrk.core.engine import Engine, EngineConfig
@@ -153,7 +154,8 @@ class Relay:
         self.control = MsgpackControl(
             self.engine,
             info={"mode": config.mode, "relay_version": __version__, "workers": config.workers},
-            token=config.control_token,
+            auth=relay_authenticator(config.control_auth, config.control_keys,
+                                     config.control_auth_window),
             media_counters=self._extra_counters,
             started=time.monotonic(),
             allow=config.allow_set,

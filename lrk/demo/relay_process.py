@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 
 import msgpack
 
+from lrk.control.auth import KEYS_ENV, Key, default_key_dir, ensure_keys, find_key, sign
 from lrk.errors import LrkError
 
 _OFFSET = (os.getpid() % 40) * 512
@@ -39,10 +40,13 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def ping(host: str, port: int = 0, timeout: float = 0.2) -> bool:
-    """One msgpack ping to a UDP control address, or to a UNIX path (`host`, port 0)."""
+def ping(host: str, port: int = 0, timeout: float = 0.2, key: Optional[Key] = None) -> bool:
+    """One msgpack ping to a UDP control address, or to a UNIX path (`host`, port 0),
+    signed with `key` (unsigned without one: a relay with control_auth = "none")."""
     cookie = os.urandom(6).hex()
     request = msgpack.packb({"cookie": cookie, "cmd": "ping"})
+    if key is not None:
+        request = sign(request, key, time.time())
     if host.startswith("/"):
         with tempfile.TemporaryDirectory() as tmp, \
                 socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
@@ -66,12 +70,25 @@ def ping(host: str, port: int = 0, timeout: float = 0.2) -> bool:
 
 
 class RelayProcess:
-    """`lrkproxy run` in a child process; a context manager that always stops it."""
+    """`lrkproxy run` in a child process; a context manager that always stops it.
+
+    Control keys: the relay's default key directory (`$LRK_KEYS` of `env` or of this
+    process, else the user's) gets admin.key and client.key before the relay starts, so
+    that the relay, `lrk.client` in this process and the readiness ping all use them;
+    `keys` names another directory (passed to the relay as $LRK_KEYS). A relay started
+    with `control_auth = "none"` is pinged unsigned (`auth="none"`)."""
 
     def __init__(self, ports: str = "30000-30999", host: str = "127.0.0.1",
                  extra: Optional[List[str]] = None, python: Optional[str] = None,
-                 env: Optional[Dict[str, str]] = None, netns: Optional[str] = None) -> None:
+                 env: Optional[Dict[str, str]] = None, netns: Optional[str] = None,
+                 keys: Optional[str] = None, auth: str = "hmac") -> None:
         self.ports = ports
+        env = dict(env or {})
+        if keys is not None:
+            env[KEYS_ENV] = keys
+        #: the key directory the relay uses (unless its config names control_keys)
+        self.keys = env.get(KEYS_ENV) or default_key_dir()
+        self.auth = auth
         self.netns = netns
         self._tmp: Optional[tempfile.TemporaryDirectory] = None
         if netns:
@@ -105,9 +122,17 @@ class RelayProcess:
             return f"udp6:[{self.host}]:{self.control_port}"
         return f"udp:{self.host}:{self.control_port}"
 
+    def ping_key(self) -> Optional[Key]:
+        """The key the readiness ping signs with (admin.key: it may do anything)."""
+        if self.auth == "none":
+            return None
+        ensure_keys(self.keys)
+        return find_key(self.keys, admin=True)
+
     def start(self, ready_timeout: float = 20.0) -> RelayProcess:
         env = dict(os.environ)
         env.update(self.env or {})
+        key = self.ping_key()  # creates the keys first: the relay then finds them
         # a file, not a pipe: a chatty relay must never block on a full pipe
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
@@ -117,7 +142,7 @@ class RelayProcess:
             if self.proc.poll() is not None:
                 raise LaunchError(f"relay exited with code {self.proc.returncode}: "
                                   f"{self.read_output()}")
-            if ping(self.host, self.control_port):
+            if ping(self.host, self.control_port, key=key):
                 return self
         self.stop()
         raise LaunchError(f"relay did not answer ping within {ready_timeout}s")

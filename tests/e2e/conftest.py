@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -63,6 +64,13 @@ onreply_route[REPLY] {{
 """
 
 
+@pytest.fixture(autouse=True)
+def _control_keys(control_keys_env: str) -> str:
+    """Relays started here and the clients talking to them share a temporary key directory
+    ($LRK_KEYS; see the root conftest.py), never the real home or /etc."""
+    return control_keys_env
+
+
 class Kamailio:
     """kamailio -DD -E in the foreground, in its own run directory; always stopped."""
 
@@ -112,6 +120,17 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def port_free(host: str, port: int) -> bool:
+    """Nothing holds this UDP address: a datagram sent there reaches no socket."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                       socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def legacy_counter(relay: RelayProcess, name: str) -> int:
     with LrkClient([relay.node]) as client:
         return client.stats()["counters"].get(name, 0)
@@ -152,8 +171,9 @@ def stack(tmp_path) -> Iterator[Callable[..., tuple]]:
 
     yield start
     for kam in kamailios:
-        kam.stop()
+        code = kam.stop()
         out = kam.output()
+        assert code == 0, f"kamailio exited with {code}: {out[-3000:]}"
         assert "segfault" not in out.lower(), out[-3000:]
     for relay in relays:
         code = relay.stop()

@@ -6,7 +6,7 @@ proxy: no authentication, no retransmission timers beyond a bounded wait.
 
 from __future__ import annotations
 
-import os
+import itertools
 import re
 import select
 import socket
@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 Addr = Tuple[str, int]
+
+_ids = itertools.count(1)  # branches and tags: unique in a run, the same in every run
+
+
+def _unique(width: int) -> str:
+    return f"{next(_ids):0{width}x}"
 
 
 @dataclass
@@ -106,7 +112,7 @@ class UserAgent:
         self.sock.sendto(msg.encode(), dest or self.proxy)
 
     def via(self) -> str:
-        branch = "z9hG4bK" + os.urandom(5).hex()
+        branch = "z9hG4bK" + _unique(10)
         return f"SIP/2.0/UDP {self.addr[0]}:{self.addr[1]};branch={branch};rport"
 
     def wait(self, predicate, timeout: float = 5.0) -> SipMessage:
@@ -129,7 +135,7 @@ class UserAgent:
     # -- caller side ---------------------------------------------------------------------
     def invite(self, callee: UserAgent, call_id: str, media: Addr,
                extra: Optional[Dict[str, str]] = None) -> Dialog:
-        dialog = Dialog(call_id=call_id, local_tag=os.urandom(4).hex())
+        dialog = Dialog(call_id=call_id, local_tag=_unique(8))
         headers = [
             ("Via", self.via()), ("Max-Forwards", "70"),
             ("From", f"<sip:{self.name}@test.invalid>;tag={dialog.local_tag}"),
@@ -173,7 +179,7 @@ class UserAgent:
                timeout: float = 10.0) -> Tuple[SipMessage, str]:
         """Take the next INVITE; reply 183 (if `early`) and 200, both with SDP (no ACK wait)."""
         invite = self.wait(lambda m: m.is_request and m.method == "INVITE", timeout)
-        tag = os.urandom(4).hex()
+        tag = _unique(8)
         for status in (["183 Session Progress"] if early else []) + ["200 OK"]:
             headers = [(k, v) for k, v in invite.headers
                        if k.lower() in ("via", "record-route", "from", "call-id", "cseq")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
@@ -12,6 +12,13 @@ from lrk.demo.media import MediaEndpoint
 from lrk.demo.relay_process import RelayProcess, next_port_range
 
 next_ports = next_port_range
+
+
+@pytest.fixture(autouse=True)
+def _control_keys(control_keys_env: str) -> str:
+    """Relays started here and the clients talking to them share a temporary key directory
+    ($LRK_KEYS; see the root conftest.py), never the real home or /etc."""
+    return control_keys_env
 
 
 def port_free(host: str, port: int) -> bool:
@@ -33,24 +40,26 @@ def worker_pids(relay: RelayProcess) -> List[int]:
 
 @pytest.fixture
 def start_relay(tmp_path) -> Iterator[Callable[..., RelayProcess]]:
-    """Start relays with extra CLI args or TOML config; all are stopped and checked at the end."""
-    started: List[RelayProcess] = []
+    """Start relays with extra CLI args or TOML config; all are stopped and checked at the end:
+    each must exit with `expect_exit` (0, a clean stop on SIGTERM, unless the test kills it on
+    purpose and says so) and log no traceback."""
+    started: List[Tuple[RelayProcess, int]] = []
 
     def start(*extra: str, config: str = "", host: str = "127.0.0.1",
-              ports: str = "") -> RelayProcess:
+              ports: str = "", expect_exit: int = 0) -> RelayProcess:
         args = list(extra)
         if config:
             path = tmp_path / f"relay{len(started)}.toml"
             path.write_text(config)
             args += ["--config", str(path)]
         relay = RelayProcess(ports=ports or next_ports(), host=host, extra=args)
-        started.append(relay)
+        started.append((relay, expect_exit))
         return relay.start()
 
     yield start
-    for relay in started:
+    for relay, expected in started:
         code = relay.stop()
-        assert code == 0, f"relay exited with {code}: {relay.output}"
+        assert code == expected, f"relay exited with {code}, not {expected}: {relay.output}"
         assert "Traceback" not in relay.output, relay.output
 
 

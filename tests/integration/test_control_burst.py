@@ -16,6 +16,7 @@ import time
 import msgpack
 
 from lrk.demo.media import check_rtp, rtp_packet
+from tests.control_keys import sign_env
 
 from .conftest import next_ports, port_free
 
@@ -26,7 +27,7 @@ SSRC = 0x0B0B0B0B
 def _burst(sock: socket.socket, addr, requests) -> dict:
     """Send every request at once, then collect one reply per cookie (bounded wait)."""
     for req in requests:
-        sock.sendto(msgpack.packb(req), addr)
+        sock.sendto(sign_env(msgpack.packb(req)), addr)
     replies: dict = {}
     deadline = time.monotonic() + 10.0
     while len(replies) < len(requests) and time.monotonic() < deadline:

@@ -18,6 +18,9 @@ import time
 import msgpack
 import pytest
 
+from lrk.demo.relay_process import next_port_range
+from tests.control_keys import sign_env
+
 pytestmark = pytest.mark.integration
 
 
@@ -34,7 +37,7 @@ def _ping(port: int, deadline: float) -> None:
         n = 0
         while time.monotonic() < deadline:
             n += 1
-            c.sendto(msgpack.packb({"v": 1, "cookie": f"p{n}", "cmd": "ping"}),
+            c.sendto(sign_env(msgpack.packb({"v": 1, "cookie": f"p{n}", "cmd": "ping"})),
                      ("127.0.0.1", port))
             try:
                 if msgpack.unpackb(c.recv(4096), raw=False).get("pong"):
@@ -44,24 +47,25 @@ def _ping(port: int, deadline: float) -> None:
     raise AssertionError("relay did not answer ping within its start deadline")
 
 
-def _start(workers: int = 2) -> "tuple[subprocess.Popen, int, int]":
+def _start(ports: str, workers: int = 2) -> tuple[subprocess.Popen, int, int]:
     control, legacy = _free_port(), _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lrk.cli", "run", "--control", f"127.0.0.1:{control}",
-         "--legacy", f"127.0.0.1:{legacy}", "--ports", "36200-36299",
-         "--workers", str(workers)],
+         "--legacy", f"127.0.0.1:{legacy}", "--ports", ports, "--workers", str(workers)],
         stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _ping(control, time.monotonic() + 20)
     except AssertionError:
         proc.kill()
-        raise
+        _out, err = proc.communicate(timeout=20)
+        raise AssertionError(f"relay did not come up (exit {proc.returncode}): {err}") from None
     return proc, control, legacy
 
 
 @pytest.mark.parametrize("how", ["daemon", "process group"])
 def test_sigterm_stops_in_order_and_says_why(how: str):
-    proc, control, legacy = _start()
+    ports = next_port_range(100)  # apart from other relays of this and other test runs
+    proc, control, legacy = _start(ports)
     if how == "daemon":
         proc.send_signal(signal.SIGTERM)
     else:
@@ -76,7 +80,7 @@ def test_sigterm_stops_in_order_and_says_why(how: str):
     assert len(served) == 1 and len(stopped) == 1, err
     assert f"control=127.0.0.1:{control}" in served[0]
     assert f"legacy=127.0.0.1:{legacy}" in served[0]
-    assert "mode=socket" in served[0] and "ports=36200-36299" in served[0]
+    assert "mode=socket" in served[0] and f"ports={ports}" in served[0]
     assert "signal SIGTERM" in stopped[0]
     # nothing of ours is left: the ports bind again at once
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -84,7 +88,7 @@ def test_sigterm_stops_in_order_and_says_why(how: str):
 
 
 def test_a_worker_killed_alone_is_restarted():
-    proc, control, _legacy = _start(workers=1)
+    proc, control, _legacy = _start(next_port_range(100), workers=1)
     try:
         workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                  text=True).stdout.split()

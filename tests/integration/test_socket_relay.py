@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import time
+from typing import Dict, List, Optional
 
+import msgpack
 import pytest
 
 from lrk.client import LrkClient
 from lrk.client.errors import RelayError
 from lrk.demo.media import check_rtp, rtcp_sender_report, rtp_packet, summarize
+from tests.control_keys import sign_env
 
 from .conftest import port_free, worker_pids
 
@@ -37,6 +41,26 @@ def wait_until(predicate, timeout: float = 10.0, step: float = 0.05):
             return value
         time.sleep(step)
     raise AssertionError(f"condition not met within {timeout:.1f}s")
+
+
+def pending(sock: socket.socket) -> List[bytes]:
+    """The datagrams queued on a socket right now, without waiting. Loopback delivery is
+    synchronous (a datagram is queued before sendto returns), so once the relay has
+    handled (counted) a packet, anything it sent for it is already here."""
+    got = []
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                got.append(sock.recv(65535))
+            except BlockingIOError:
+                return got
+    finally:
+        sock.setblocking(True)
+
+
+def leg_drops(client: LrkClient, call_id: str, leg: str) -> Dict[str, int]:
+    return client.query(call_id)["session"]["legs"][leg]["counters"]["drops"]
 
 
 def test_rtp_and_rtcp_both_ways_with_payloads_sources_and_counters(client, endpoints):
@@ -79,12 +103,19 @@ def test_natted_caller_is_latched_to_its_real_port(client, endpoints):
     assert summarize(callee.receive(callee.rtp, 5, 5.0), A_SSRC)["intact"] == 5
     callee.send_rtp(relay_b, 5, B_SSRC)
     assert summarize(nat.receive(nat.rtp, 5, 5.0), B_SSRC)["intact"] == 5
-    assert caller.receive(caller.rtp, 1, 0.3) == []  # not to the SDP port
     leg_a = client.query("nat-call")["session"]["legs"]["A"]
     assert leg_a["latched"] == {"ip": "127.0.0.1", "port": nat.port}
+    # the relay sent leg A's peer exactly the 5 packets the NATed port got: none went to
+    # the SDP port (had one, it would be queued there by now)
+    assert leg_a["counters"]["out_packets"] == 5
+    assert pending(caller.rtp) == []
 
 
-def test_unexpected_sources_are_dropped_and_counted(client, endpoints):
+def test_unexpected_sources_are_dropped_and_counted(start_relay, endpoints):
+    # strict admission: a leg accepts only its SDP address (by default it learns its peer
+    # from the first packet, NAT-style, and only the second rule below applies)
+    relay = start_relay(config="strict_source = true\n")
+    client = LrkClient([relay.node], timeout=1.0, retries=3)
     caller, callee, intruder = endpoints(), endpoints(), endpoints()
     stranger = endpoints("127.0.0.2")
     relay_a, _ = setup_call(client, caller, callee, "drop-call")
@@ -93,11 +124,17 @@ def test_unexpected_sources_are_dropped_and_counted(client, endpoints):
     caller.send_rtp(relay_a, 3, A_SSRC)
     # after latching: another port of the right IP is refused too
     intruder.rtp.sendto(rtp_packet(1, 0xBEEF), relay_a)
-    got = callee.receive(callee.rtp, 10, 1.0)
+    got = callee.receive(callee.rtp, 3, 5.0)
     assert [check_rtp(d, A_SSRC) for d, _ in got] == [0, 1, 2]
-    drops = client.query("drop-call")["session"]["legs"]["A"]["counters"]["drops"]
-    assert drops == {"unexpected_source": 2}
+    # the intruder's packet, sent last, is counted as a drop (bounded poll: a query may
+    # reach the worker before that packet does) ...
+    wait_until(lambda: leg_drops(client, "drop-call", "A") == {"unexpected_source": 2})
+    # ... and, handled, nothing of it or of the stranger's reached the callee
+    assert pending(callee.rtp) == []
+    legs = client.query("drop-call")["session"]["legs"]
+    assert legs["A"]["counters"]["in_packets"] == 3 and legs["B"]["counters"]["out_packets"] == 3
     assert client.stats()["counters"]["media.dropped.unexpected_source"] == 2
+    client.close()
 
 
 def test_latch_any_accepts_a_peer_whose_sdp_address_is_private(client, endpoints):
@@ -147,38 +184,90 @@ def test_session_expires_after_media_silence_and_frees_ports(start_relay, endpoi
         relay_a, relay_b = setup_call(client, caller, callee, "quiet-call", timeout=2)
         client.offer("long-call", "x", ("127.0.0.1", 5000))  # default 30 s: must survive
         started = time.monotonic()
-        for i in range(6):  # 1.2 s of media keeps the session alive past its creation + 1 s
+        for i in range(6):  # 1 s of media keeps the session alive past its creation + 2 s
+            if i:
+                time.sleep(0.2)  # paces the media stream
+            last_send = time.monotonic()  # the relay's last media time is later than this
             caller.send_rtp(relay_a, 1, A_SSRC, first_seq=i)
             assert len(callee.receive(callee.rtp, 1, 2.0)) == 1
-            time.sleep(0.2)  # paces the media stream; no assertion depends on it
-        last_media = time.monotonic()
         wait_until(lambda: client.list()["total"] == 1, timeout=10)
         ended = time.monotonic()
-        assert ended - last_media >= 1.5  # silence, not age, ended it
-        assert ended - started >= 2.5
+        # monotonic clocks are one clock across processes: the relay ended it no sooner than
+        # its timeout after the last packet arrived (silence), so after creation + 3 s (not age)
+        assert ended - last_send >= 2.0
+        assert ended - started >= 3.0
         assert client.list()["sessions"][0]["call_id"] == "long-call"
         for host, port in (relay_a, relay_b):
             wait_until(lambda h=host, p=port: port_free(h, p) and port_free(h, p + 1))
         assert client.stats()["counters"]["sessions.expired.silence"] == 1
 
 
-def test_garbage_on_control_and_media_sockets_does_not_hurt(client, relay, endpoints):
+#: datagrams for the control socket and what each must cost: an error reply with this code,
+#: or (None) a silent drop as too short (lrk/control/msgpack_proto.py, MsgpackControl.receive)
+CONTROL_JUNK = [
+    (b"", None),
+    (b"\x00", None),
+    (b"\x81\xa1", None),  # 2 bytes; 4 is the shortest request considered
+    (b"\xc1\xc1\xc1\xc1", "malformed"),  # 0xc1: the one byte msgpack never uses
+    (b"\x01" + b"junk" * 350, "malformed"),  # an integer, then extra data
+    (msgpack.packb([1, 2, 3]), "malformed"),  # valid msgpack, not a map
+    (b"\x91" * 5000, "too_large"),  # arrays nested 5000 deep
+    (b"\xdf" * 8, "too_large"),  # a map header claiming 3.7e9 entries
+    (msgpack.packb({"cmd": "ping"}), "bad_request"),  # no cookie
+    (msgpack.packb({"cookie": "junk-1", "cmd": "ping", "v": 2}), "unsupported_version"),
+    (msgpack.packb({"cookie": "junk-2", "cmd": "reboot"}), "unknown_command"),
+]
+SLOT = 2048  # longest datagram a worker relays (fastpath.worker.mmsg.SLOT_SIZE)
+
+
+def _junk_deltas(before: Dict[str, int], after: Dict[str, int]) -> Dict[str, int]:
+    """How the counters junk can touch (drops, errors) moved."""
+    return {k: v - before.get(k, 0) for k, v in after.items()
+            if k.startswith(("control.dropped.", "control.errors.", "media.dropped."))
+            and v != before.get(k, 0)}
+
+
+def test_garbage_on_control_and_media_sockets_does_not_hurt(start_relay, endpoints):
+    # strict admission: junk from another address can never become leg A's peer, whatever
+    # reaches the relay first (a learning leg would take the first source)
+    relay = start_relay(config="strict_source = true\n")
+    client = LrkClient([relay.node], timeout=1.0, retries=3)
     caller, callee = endpoints(), endpoints()
     relay_a, relay_b = setup_call(client, caller, callee, "junk-call")
-    junk = [b"", b"\x00", b"\xc1\xc1\xc1\xc1", b"\x91" * 5000, os.urandom(1400), b"\xdf" * 8]
+    media_junk = [data for data, _ in CONTROL_JUNK] + [b"\x80" * SLOT, b"\x80" * (SLOT + 1)]
+    oversized = [data for data in media_junk if len(data) > SLOT]
+    assert len(oversized) == 2  # the 5000-byte nest and SLOT + 1
+    before = client.stats()["counters"]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.2", 0))  # not the caller's SDP address: can never latch
-        for data in junk:
-            s.sendto(data, ("127.0.0.1", relay.control_port))
+        for data, code in CONTROL_JUNK:  # signed (but the too short): errors, not drops
+            s.sendto(data if code is None else sign_env(data), ("127.0.0.1", relay.control_port))
+        for data in media_junk:
             s.sendto(data, relay_a)
-    caller.send_rtp(relay_a, 3, A_SSRC)
-    assert summarize(callee.receive(callee.rtp, 3, 5.0), A_SSRC)["intact"] == 3
-    assert client.ping()["ok"] is True
-    stats = client.stats()["counters"]
-    assert stats["control.dropped.too_short"] == 2
-    assert stats["control.errors.malformed"] >= 2
-    assert stats["media.dropped.unexpected_source"] == len(junk) - 1  # b"" is a datagram too
-    assert stats["media.dropped.oversized"] == 1  # the 5000-byte one
+        # media after the junk, on the same socket: relayed intact, so the junk was handled
+        caller.send_rtp(relay_a, 3, A_SSRC)
+        assert summarize(callee.receive(callee.rtp, 3, 5.0), A_SSRC)["intact"] == 3
+        # the ping queues behind the junk on the control socket: once it is answered, every
+        # junk reply has been sent, in order (none for the silent drops)
+        assert client.ping()["ok"] is True
+        replies = [msgpack.unpackb(r, raw=False) for r in pending(s)]
+    assert [r["error"]["code"] for r in replies] == [code for _, code in CONTROL_JUNK if code]
+    assert all(r["ok"] is False for r in replies)
+    assert [r["cookie"] for r in replies[-2:]] == ["junk-1", "junk-2"]
+    assert pending(callee.rtp) == [] and pending(caller.rtp) == []  # no junk relayed
+    after = client.stats()["counters"]
+    expected: Dict[str, int] = {"control.dropped.too_short": 3}
+    for _, code in CONTROL_JUNK:
+        if code:
+            expected[f"control.errors.{code}"] = expected.get(f"control.errors.{code}", 0) + 1
+    expected["media.dropped.unexpected_source"] = len(media_junk) - len(oversized)  # b"" too
+    expected["media.dropped.oversized"] = len(oversized)
+    assert _junk_deltas(before, after) == expected
+    assert after["control.requests.ping"] - before["control.requests.ping"] == 1
+    legs = client.query("junk-call")["session"]["legs"]
+    assert legs["A"]["counters"]["in_packets"] == 3
+    assert legs["A"]["counters"]["drops"] == {"unexpected_source": len(media_junk) - 2}
+    client.close()
 
 
 def test_worker_crash_is_survived_with_sessions_reinstalled(client, relay, endpoints):
@@ -233,14 +322,24 @@ def test_ipv6_relay_and_control(start_relay, endpoints):
 
 def test_sdp_is_rewritten_by_the_relay(client, endpoints):
     caller = endpoints()
-    body = (f"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    # the phone announces 127.0.0.3; the relay (127.0.0.1) puts itself in its place (c=;
+    # o= names the session's originator and keeps its address)
+    body = (f"v=0\r\no=- 1 1 IN IP4 127.0.0.3\r\ns=-\r\nc=IN IP4 127.0.0.3\r\nt=0 0\r\n"
             f"m=audio {caller.port} RTP/AVP 0\r\na=rtcp:{caller.port + 1}\r\n")
     reply = client.offer("sdp-call", "tag-a", sdp=body)
     port = reply["relay"]["port"]
-    assert f"m=audio {port} RTP/AVP 0" in reply["sdp"]
-    assert f"a=rtcp:{port + 1} IN IP4 127.0.0.1" in reply["sdp"]
+    lines = reply["sdp"].split("\r\n")
+    assert f"m=audio {port} RTP/AVP 0" in lines and "c=IN IP4 127.0.0.1" in lines
+    # a=rtcp without an address stays without one: it means c=, now the relay's
+    assert f"a=rtcp:{port + 1}" in lines and "c=IN IP4 127.0.0.3" not in lines
     leg_a = client.query("sdp-call")["session"]["legs"]["A"]
-    assert leg_a["announced"] == {"ip": "127.0.0.1", "port": caller.port}
+    assert leg_a["announced"] == {"ip": "127.0.0.3", "port": caller.port}
+    # with an address, a=rtcp gets the relay's
+    with_addr = body.replace(f"a=rtcp:{caller.port + 1}",
+                             f"a=rtcp:{caller.port + 1} IN IP4 127.0.0.3")
+    reply = client.offer("sdp-call-2", "tag-a", sdp=with_addr)
+    port = reply["relay"]["port"]
+    assert f"a=rtcp:{port + 1} IN IP4 127.0.0.1" in reply["sdp"].split("\r\n")
 
 
 def test_stop_releases_every_port(start_relay, endpoints):
@@ -255,20 +354,48 @@ def test_stop_releases_every_port(start_relay, endpoints):
         assert port_free(host, port) and port_free(host, port + 1)
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _child_subreaper(on: bool) -> None:
+    """While on, processes orphaned below this one are re-parented to it (not to init), so
+    it can collect their exit status."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def _exit_status(pid: int, timeout: float = 10.0) -> Optional[int]:
+    """A child's exit code (negative: killed by that signal), or None if it is still running
+    at the deadline (then it is killed and reaped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
 def test_killed_daemon_leaves_no_worker_and_no_bound_port(start_relay, endpoints):
-    relay = start_relay()
+    relay = start_relay(expect_exit=-signal.SIGKILL)  # the fixture checks this exit status
     with LrkClient([relay.node]) as client:
         caller, callee = endpoints(), endpoints()
         relay_a, relay_b = setup_call(client, caller, callee, "kill-call")
     workers = worker_pids(relay)
-    relay.proc.kill()  # no clean shutdown at all
-    relay.proc.wait()
-
-    def worker_gone() -> bool:
-        return all(not os.path.exists(f"/proc/{pid}") or
-                   open(f"/proc/{pid}/stat").read().split()[2] == "Z" for pid in workers)
-
-    wait_until(worker_gone)  # the worker sees its channel close and exits by itself
+    assert len(workers) == 1
+    _child_subreaper(True)  # the orphaned worker becomes our child: its exit status is ours
+    try:
+        relay.proc.kill()  # no clean shutdown at all
+        relay.proc.wait()
+        assert relay.proc.returncode == -signal.SIGKILL
+        # the worker sees its channel close and exits by itself, cleanly
+        statuses = {pid: _exit_status(pid) for pid in workers}
+    finally:
+        _child_subreaper(False)
+    assert statuses == {pid: 0 for pid in workers}, relay.read_output()
     for host, port in (relay_a, relay_b):
         wait_until(lambda h=host, p=port: port_free(h, p) and port_free(h, p + 1))
-    relay.proc.returncode = 0  # killed on purpose: the fixture's exit check does not apply

@@ -9,13 +9,13 @@ import pytest
 
 from bench.netns import run, socket_in
 from fastpath.kernel.ctnetlink import (
-    NETLINK_NETFILTER,
     ConntrackError,
     ConntrackSocket,
     flush_by_mark,
     mark_filters,
     parse_acks,
 )
+from fastpath.kernel.netlink import NETLINK_NETFILTER
 
 pytestmark = pytest.mark.netns
 

@@ -14,15 +14,9 @@ from collections import Counter
 import pytest
 
 from bench.netns import socket_in
-from fastpath.worker.packet_io import (
-    PacketIoError,
-    PacketReader,
-    build_filter,
-    destroy_rules,
-    drop_rules,
-    open_packet_socket,
-    parse_media,
-)
+from fastpath.kernel.taps import build_filter, destroy_rules, drop_rules, open_packet_socket
+from fastpath.packet import PacketIoError, parse_media
+from fastpath.worker.packet_io import PacketReader
 from fastpath.worker.raw_egress import IPPROTO_RAW, RawEgress, ipv4_udp_header, open_raw_sockets
 
 pytestmark = pytest.mark.netns
@@ -169,58 +163,7 @@ def test_open_packet_socket_errors(topo):
         open_packet_socket("bad name", LO, HI)
 
 
-# --- sans-IO parts (no namespace needed) ---
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def _v4(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
-    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
-                      socket.inet_aton(src), socket.inet_aton(dst))
-    return hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:] + udp
-
-
-def _v6(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
-    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    return (struct.pack("!IHBB", 0x60000000, len(udp), 17, 64)
-            + socket.inet_pton(A6, src) + socket.inet_pton(A6, dst) + udp)
-
-
-def test_parse_media_trims_padding_and_survives_garbage():
-    p4 = _v4("198.51.100.10", 4000, "198.51.100.1", 30000, b"rtp!")
-    p6 = _v6("2001:db8:1::10", 4000, "2001:db8:1::1", 30002, b"")
-    want4 = (A4, "198.51.100.10", 4000, "198.51.100.1", 30000, b"rtp!")
-    assert parse_media(p4) == want4
-    assert parse_media(p4 + bytes(14)) == want4  # Ethernet padding of a short frame
-    assert parse_media(p6) == (A6, "2001:db8:1::10", 4000, "2001:db8:1::1", 30002, b"")
-    for cut in range(len(p4)):  # cut short: never a wrong payload
-        assert parse_media(p4[:cut]) is None
-    bad_len = p4[:24] + struct.pack("!H", 4) + p4[26:]  # UDP length < 8
-    assert parse_media(bad_len) is None
-    frag = p4[:6] + b"\x20\x00" + p4[8:]  # first fragment: MF set, datagram incomplete
-    assert parse_media(frag[:30]) is None
-    assert parse_media(_v6("::1", 1, "::2", 2, b"x") + b"junk") is not None
-    rng = random.Random(7)
-    for _ in range(3000):
-        n = rng.randrange(0, 80)
-        blob = bytes(rng.randrange(256) for _ in range(n))
-        res = parse_media(blob)
-        assert res is None or len(res) == 6
-        mutated = bytearray(rng.choice((p4, p6)))
-        for _ in range(rng.randrange(1, 4)):
-            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
-        res = parse_media(bytes(mutated))
-        assert res is None or len(res[5]) <= 4
-    for junk in (b"", None, "str", 42, memoryview(p4)):
-        parse_media(junk)  # type: ignore[arg-type]
+# --- sans-IO parts (no namespace needed; the parser's tests: tests/unit/test_packet.py) ---
 
 
 def test_filter_and_rule_text_validation():

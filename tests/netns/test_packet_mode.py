@@ -92,7 +92,11 @@ def test_packet_mode_call(topo, family):
             for rep in reports_b:
                 callee_rtcp.sendto(rep, to_b_rtcp)
             assert receive(nat_rtcp, 5) == [(rep, to_a_rtcp) for rep in reports_b]
-            stranger.sendto(rtp_packet(0, 0xBAD), to_a)  # the callee's host is not leg A's peer
+            # leg A's peer talks (a learning leg keeps a talking peer): a stranger from the
+            # callee's host must not take it over
+            nat.sendto(rtp_packet(30, A_SSRC), to_a)
+            assert len(receive(callee, 1)) == 1
+            stranger.sendto(rtp_packet(0, 0xBAD), to_a)
             callee.settimeout(0.3)
             assert receive(callee, 1) == []
             for s in (nat_rtcp, callee_rtcp):  # no duplicates queued behind the reports
@@ -101,13 +105,13 @@ def test_packet_mode_call(topo, family):
                     s.recv(100)
             legs = client.query("p-call")["session"]["legs"]
             assert legs["A"]["latched"] == {"ip": caller_ip, "port": 4444}
-            assert legs["A"]["counters"]["in_packets"] == 35
+            assert legs["A"]["counters"]["in_packets"] == 36  # 30 + 5 RTCP + the keep-alive
             assert legs["A"]["counters"]["drops"] == {"unexpected_source": 1}
             counters = client.stats()["counters"]
             eg = _egress(counters)
-            assert counters["media.forwarded.packets"] == 70
-            assert eg["raw.packets"] == 70 and eg["fallback.packets"] == 0, eg
-            assert eg["raw.disabled"] == 0 and 1 <= eg["raw.calls"] <= 70
+            assert counters["media.forwarded.packets"] == 71
+            assert eg["raw.packets"] == 71 and eg["fallback.packets"] == 0, eg
+            assert eg["raw.disabled"] == 0 and 1 <= eg["raw.calls"] <= 71
         assert relay.stop() == 0
         assert "lrkpkt" not in tables(ns), "stop removes the drop rules"
     finally:

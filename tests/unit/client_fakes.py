@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import msgpack
 
 from lrk.client.nodes import NodeAddress
+from lrk.control.auth import trailer_of
 
 Request = Dict[str, Any]
 
@@ -93,7 +94,9 @@ class RelayLogic:
 
 
 def decode(data: bytes) -> Request:
-    return msgpack.unpackb(data, raw=False)
+    """A request map; a signed request's trailer (lrk.control.auth) is dropped unchecked."""
+    tail = trailer_of(data)
+    return msgpack.unpackb(data if tail is None else tail[0], raw=False)
 
 
 def encode(reply: Request) -> bytes:

@@ -21,6 +21,8 @@ from lrk.client.errors import (
 from lrk.client.nodes import NodeSet
 from lrk.client.protocol import CookieFactory, encode_request
 from lrk.client.request import RequestState
+from lrk.control.auth import sign, trailer_of
+from tests.control_keys import TEST_KEY, WALL
 
 A = "udp:10.0.0.1:22222"
 B = "udp:10.0.0.2:22222"
@@ -140,11 +142,15 @@ def test_cookies_are_unique_and_short():
     assert all(12 < len(c) <= 64 for c in values)
 
 
-def test_encode_request_adds_version_cookie_token_and_bounds_size():
-    data = encode_request({"cmd": "ping"}, "abc", token="s3cret")
-    assert decode(data) == {"v": 1, "cookie": "abc", "token": "s3cret", "cmd": "ping"}
+def test_encode_request_adds_version_cookie_signs_and_bounds_size():
+    data = encode_request({"cmd": "ping"}, "abc")
+    assert decode(data) == {"v": 1, "cookie": "abc", "cmd": "ping"}
+    signed = encode_request({"cmd": "ping"}, "abc", key=TEST_KEY, wall=WALL)
+    assert signed == sign(data, TEST_KEY, WALL)  # the same map, then the trailer
     with pytest.raises(InvalidArgument, match="65000"):
         encode_request({"cmd": "offer", "sdp": "x" * 70000}, "abc")
+    with pytest.raises(InvalidArgument, match="key="):  # control_token is gone
+        encode_request({"cmd": "ping"}, "abc", token="s3cret")
 
 
 # -- LrkClient over the fake network ----------------------------------------------------
@@ -269,19 +275,21 @@ def test_explicit_ping_reaches_a_disabled_node_and_reenables_it(clock, net):
     assert net.requests_to("udp:10.0.0.9:1")[0]["cmd"] == "stats"
 
 
-def test_set_id_token_and_arguments_on_the_wire(clock, net):
-    client = _client({0: [A], 1: [B, C]}, clock, net, token="tok")
+def test_set_id_key_and_arguments_on_the_wire(clock, net):
+    client = _client({0: [A], 1: [B, C]}, clock, net, key=TEST_KEY)
+    assert client.key_id == "client"
     client.offer("c", "ft", ("192.0.2.1", 4000), interface="external", latch_any=True,
                  timeout=30, set_id=1)
     (req,) = net.requests_to(B)
-    assert req == {"v": 1, "cookie": req["cookie"], "token": "tok", "cmd": "offer",
+    assert trailer_of(net.sent_to(B)[0])[1] == b"client"  # signed with the key given
+    assert req == {"v": 1, "cookie": req["cookie"], "cmd": "offer",
                    "call_id": "c", "from_tag": "ft",
                    "media": {"ip": "192.0.2.1", "port": 4000}, "interface": "external",
                    "latch_any": True, "timeout": 30}
     client.list(limit=10, set_id=1)
     client.capabilities()
     assert net.requests_to(B)[1] == {"v": 1, "cookie": net.requests_to(B)[1]["cookie"],
-                                     "token": "tok", "cmd": "list", "limit": 10}
+                                     "cmd": "list", "limit": 10}
     assert [r["cmd"] for r in net.requests_to(A)] == ["capabilities"]
     with pytest.raises(InvalidArgument, match="node set 5"):
         client.ping(set_id=5)

@@ -40,7 +40,8 @@ def test_defaults():
     assert IPAddress("127.0.0.5") in config.allow_set
     assert IPAddress("::1") in config.allow_set
     assert IPAddress("192.0.2.1") not in config.allow_set
-    assert config.control_token is None
+    assert config.control_auth == "hmac" and config.control_keys == []
+    assert config.control_auth_window == 30.0
 
 
 def test_load_toml_file(tmp_path):
@@ -55,7 +56,9 @@ workers = 4
 silence_timeout = 30
 max_lifetime = 3600.5
 control_allow = ["10.0.0.0/8"]
-control_token = "s3cret"
+control_auth = "none"
+control_keys = ["/etc/lrk/keys/kamailio.key"]
+control_auth_window = 10
 log_level = "info"
 log-format = "json"
 """,
@@ -70,7 +73,9 @@ log-format = "json"
     assert config.max_lifetime == 3600.5
     assert IPAddress("10.1.2.3") in config.allow_set
     assert IPAddress("127.0.0.1") not in config.allow_set
-    assert config.control_token == "s3cret"
+    assert config.control_auth == "none"
+    assert config.control_keys == ["/etc/lrk/keys/kamailio.key"]
+    assert config.control_auth_window == 10.0
     assert config.log_level == "info"
     assert config.log_format == "json"
 

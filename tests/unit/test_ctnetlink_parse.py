@@ -12,7 +12,6 @@ import pytest
 from fastpath.kernel.ctnetlink import (
     CTA_MARK,
     CTA_MARK_MASK,
-    NLA_F_NESTED,
     ConntrackError,
     ConntrackParseError,
     CtFlow,
@@ -20,6 +19,7 @@ from fastpath.kernel.ctnetlink import (
     mark_filters,
     parse_dump,
 )
+from fastpath.kernel.netlink import NLA_F_NESTED
 
 NEW = (1 << 8) | 0  # CTNETLINK << 8 | IPCTNL_MSG_CT_NEW
 MULTI = 0x2

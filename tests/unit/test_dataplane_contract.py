@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import time
 from typing import Any, Dict, List
 
 import msgpack
@@ -35,6 +36,7 @@ from fastpath.contract import (
 from fastpath.kernel.ctnetlink import CtFlow
 from fastpath.kernel.kernel_rules import DROP_COUNTERS
 from fastpath.kernel.nft import NftError
+from lrk.control.auth import find_key, sign
 from lrk.core.engine import Engine, EngineConfig
 from lrk.daemon.config import Config
 from lrk.daemon.kernel_plane import KernelPlane
@@ -442,7 +444,8 @@ class FakeEndpoint:
 
 
 def _relay(tmp_path: Any) -> Relay:
-    relay = Relay(Config(control="127.0.0.1:0", ports="31100-31199"))
+    relay = Relay(Config(control="127.0.0.1:0", ports="31100-31199",
+                         control_keys=[str(tmp_path / "keys")]))  # created on first start
     relay.plane = FailingPlane()  # type: ignore[assignment]
     relay.plane.sink = relay.on_plane_event
     return relay
@@ -451,8 +454,10 @@ def _relay(tmp_path: Any) -> Relay:
 def test_offer_the_data_plane_refuses_gets_an_error_reply_and_no_session(tmp_path: Any):
     relay = _relay(tmp_path)
     endpoint = FakeEndpoint()
-    request = msgpack.packb({"v": 1, "cookie": "k1", "cmd": "offer", "call_id": "c1",
-                             "from_tag": "ft", "media": {"ip": CALLER[0], "port": CALLER[1]}})
+    request = sign(msgpack.packb({"v": 1, "cookie": "k1", "cmd": "offer", "call_id": "c1",
+                                  "from_tag": "ft", "media": {"ip": CALLER[0],
+                                                              "port": CALLER[1]}}),
+                   find_key(str(tmp_path / "keys")), time.time())
     relay.on_control(request, ("127.0.0.1", 40000), endpoint)  # type: ignore[arg-type]
     reply = msgpack.unpackb(endpoint.replies[0], raw=False)
     assert reply["ok"] is False and reply["error"]["code"] == "data_plane"

@@ -370,7 +370,8 @@ def test_port_of_a_live_msgpack_call_is_not_hijacked():
     assert session.ports() == [30000, 30002]
     out = legacy.handle(s_req(call_id="legacy@test"), KAM, 2.0)
     assert out.actions == [] and list(engine.by_call) == ["msgpack@test"]
-    assert engine.counters["legacy.conflicts.refused"] == 1
+    # refused before the engine is asked: a legacy S never touches a msgpack call
+    assert legacy.counters["legacy.refused.msgpack_call"] == 1
 
 
 def test_client_chosen_ports_bypass_quarantine_and_stay_out_of_the_allocator():
@@ -457,11 +458,19 @@ def test_timeout_field_is_the_silence_timeout():
     assert isinstance(out.actions[0], Install)
 
 
-@pytest.mark.parametrize("field", ["0", "-5", "86401"])
+@pytest.mark.parametrize("field", ["0", "-5"])
 def test_timeout_field_out_of_bounds_uses_the_engine_default(field):
     legacy, _ = make(make_engine(silence_timeout=42.0))
     session = created(legacy, legacy.handle(s_req(timeout=field), KAM, 0.0))
     assert session.timeout == 42.0
+
+
+@pytest.mark.parametrize("field, want", [("1", 1.0), ("86400", 86400.0), ("86401", 86400.0),
+                                         ("99999999999", 86400.0)])
+def test_timeout_field_is_honoured_and_clamped(field, want):
+    legacy, _ = make(make_engine(silence_timeout=42.0))
+    session = created(legacy, legacy.handle(s_req(timeout=field), KAM, 0.0))
+    assert session.timeout == want
 
 
 def test_legacy_timeout_option_wins_over_the_field():
@@ -477,7 +486,7 @@ def test_legacy_timeout_option_wins_over_the_field():
 
 
 # -- Call-ID lengths ---------------------------------------------------------------------------
-@pytest.mark.parametrize("length", [48, 49, 200, 1000])
+@pytest.mark.parametrize("length", [48, 49, 200, 256])
 def test_long_call_ids_are_accepted(length):
     legacy, engine = make()
     call_id = ("c" * length)[:length - 5] + "@test"
@@ -550,12 +559,23 @@ def test_malformed_request_is_dropped_and_counted(data, counter):
 
 def test_largest_accepted_request():
     legacy, engine = make()
-    base = s_req(call_id="")
-    call_id = "y" * (MAX_REQUEST - len(base))
-    req = s_req(call_id=call_id)
+    base = s_req(cookie=b"", call_id="y" * 256)
+    cookie = b"c" * (MAX_REQUEST - len(base))
+    req = s_req(cookie=cookie, call_id="y" * 256)
     assert len(req) == MAX_REQUEST
     assert legacy.handle(req, KAM, 0.0).reply == req + b"OK"
-    assert list(engine.by_call) == [call_id]
+    assert list(engine.by_call) == ["y" * 256]
+
+
+@pytest.mark.parametrize("length", [257, 1000])
+def test_call_ids_longer_than_msgpack_allows_are_refused(length):
+    """One limit for both protocols (256 bytes): every legacy call can be queried and
+    deleted over msgpack."""
+    legacy, engine = make()
+    req = s_req(call_id="c" * length)
+    assert legacy.handle(req, KAM, 0.0).reply == req + b"OK"
+    assert engine.by_call == {}
+    assert legacy.counters["legacy.refused.call_id_too_long"] == 1
 
 
 def test_malformed_retransmission_is_not_cached_as_an_answer():

@@ -34,6 +34,7 @@ from typing import List, Optional, Tuple
 
 import pytest
 
+from fastpath.kernel import netlink as nl
 from fastpath.kernel import nfqueue as nfq
 from fastpath.kernel.nfqueue import (
     NF_ACCEPT,
@@ -58,10 +59,10 @@ from fastpath.kernel.nfqueue import (
     error_from_errno,
     parse_attrs,
     parse_messages,
-    parse_udp,
     queue_verdict,
 )
 from fastpath.kernel.nfqueue_socket import NfQueue, add_queue_rule, call_in_netns
+from fastpath.packet import parse_udp
 
 LITTLE = sys.byteorder == "little"
 little_only = pytest.mark.skipif(not LITTLE, reason="hex literals are for a little-endian host")
@@ -144,7 +145,7 @@ REQ_ACK = 0x5
 def test_message_types_and_constants():
     assert nfq.NFQ_TYPE_PACKET == 0x0300 and nfq.NFQ_TYPE_CONFIG == CFG
     assert nfq.NFQ_TYPE_VERDICT == VERDICT and nfq.NFQ_TYPE_VERDICT_BATCH == BATCH
-    assert (nfq.NETLINK_NETFILTER, nfq.NFNL_SUBSYS_QUEUE) == (12, 3)
+    assert (nl.NETLINK_NETFILTER, nfq.NFNL_SUBSYS_QUEUE) == (12, 3)
     assert (NF_DROP, NF_ACCEPT, NF_REPEAT, NF_STOP) == (0, 1, 4, 5)
     assert (nfq.NFQA_CFG_F_FAIL_OPEN, nfq.NFQA_CFG_F_CONNTRACK, nfq.NFQA_CFG_F_GSO) == (1, 2, 4)
     assert (nfq.NFQA_PAYLOAD, nfq.NFQA_CT, nfq.NFQA_CAP_LEN, nfq.NFQA_GID) == (10, 11, 13, 17)
@@ -272,12 +273,12 @@ def error_msg(seq: int, err: int, orig_type: int = CFG, text: Optional[str] = No
 
 def test_parse_synthesized_packet_all_attributes():
     ct_nest = nla(8, be32(0x77))  # CTA_MARK inside NFQA_CT
-    extra = (nla(3 | nfq.NLA_F_NET_BYTEORDER, be32(0x2A))  # NFQA_MARK, flag bit masked off
+    extra = (nla(3 | nl.NLA_F_NET_BYTEORDER, be32(0x2A))  # NFQA_MARK, flag bit masked off
              + nla(5, be32(3)) + nla(6, be32(4))  # in/out ifindex
              + nla(9, struct.pack("!HH", 6, 0) + b"\x02\x00\x00\x00\x00\x01" + b"\0\0")
              + nla(4, struct.pack("!QQ", 1_700_000_000, 250_000))  # NFQA_TIMESTAMP
              + nla(14, be32(1)) + nla(13, be32(1500))  # SKB_INFO, CAP_LEN
-             + nla(11 | nfq.NLA_F_NESTED, ct_nest) + nla(12, be32(2))  # CT, CT_INFO
+             + nla(11 | nl.NLA_F_NESTED, ct_nest) + nla(12, be32(2))  # CT, CT_INFO
              + nla(16, be32(1000)) + nla(17, be32(1001))  # UID, GID
              + nla(99, b"xyz"))  # unknown: skipped
     buf = packet_msg(0x01020304, UDP4, extra=extra)
@@ -379,61 +380,6 @@ def test_errors_name_the_errno_and_hint():
     assert "create them" in str(error_from_errno(errno.ENOENT, "rule",
                                                  hints=nfq.NFT_RULE_HINTS))
     assert NfQueueError.code == "nfqueue"
-
-
-# -- parse_udp --------------------------------------------------------------------------
-
-
-def test_parse_udp_ipv4():
-    info = parse_udp(UDP4)
-    assert info == (socket.AF_INET, "198.51.100.1", 5004, "198.51.100.2", 40000, 28)
-    assert UDP4[info[5]:] == b"\x80\x00\x00\x01rtp-data"
-    with_opts = ipv4_udp("198.51.100.3", 1, "198.51.100.4", 2, b"x", options=b"\x01" * 8)
-    assert parse_udp(with_opts) == (socket.AF_INET, "198.51.100.3", 1, "198.51.100.4", 2, 36)
-    assert parse_udp(bytearray(UDP4)) == info and parse_udp(memoryview(UDP4)) == info
-    # first fragment has the UDP header; later ones do not
-    assert parse_udp(ipv4_udp("198.51.100.1", 1, "198.51.100.2", 2, b"x", frag=0x2000))
-    assert parse_udp(ipv4_udp("198.51.100.1", 1, "198.51.100.2", 2, b"x", frag=0x0010)) is None
-    assert parse_udp(ipv4_udp("198.51.100.1", 1, "198.51.100.2", 2, b"x", proto=6)) is None
-    assert parse_udp(b"\x45" + UDP4[1:28]) is not None  # header only, no UDP payload
-    assert parse_udp(b"\x44" + UDP4[1:]) is None  # ihl < 5
-
-
-def test_parse_udp_ipv6_with_extension_headers():
-    plain = ipv6_udp("2001:db8::1", 5004, "2001:db8::2", 40000, b"rtp")
-    assert parse_udp(plain) == (socket.AF_INET6, "2001:db8::1", 5004, "2001:db8::2", 40000, 48)
-    hop = (0, b"\x01\x04\0\0\0\0")  # hop-by-hop with a PadN option: 8 bytes
-    frag0 = (44, b"\0\0\0\0\0\x01")  # fragment header, offset 0
-    dst_opts = (60, b"\x01\x04\0\0\0\0")
-    chained = ipv6_udp("2001:db8::a", 1, "2001:db8::b", 2, b"z", ext=(hop, dst_opts, frag0))
-    info = parse_udp(chained)
-    assert info == (socket.AF_INET6, "2001:db8::a", 1, "2001:db8::b", 2, 40 + 24 + 8)
-    later = ipv6_udp("2001:db8::a", 1, "2001:db8::b", 2, b"z", ext=((44, b"\0\x08\0\0\0\x01"),))
-    assert parse_udp(later) is None
-    tcp = bytearray(plain)
-    tcp[6] = 6
-    assert parse_udp(bytes(tcp)) is None
-    loop = ipv6_udp("2001:db8::a", 1, "2001:db8::b", 2, b"z", ext=(hop,) * 9)
-    assert parse_udp(loop) is None  # more extension headers than the parser walks
-
-
-def test_parse_udp_truncated_and_garbage_never_raise():
-    samples = [UDP4, ipv6_udp("2001:db8::1", 1, "2001:db8::2", 2, b"abc",
-                              ext=((0, b"\x01\x04\0\0\0\0"),))]
-    for pkt in samples:
-        full = parse_udp(pkt)
-        assert full is not None
-        for cut in range(len(pkt)):
-            got = parse_udp(pkt[:cut])
-            assert got is None or (got == full and cut >= full[5])
-    rng = random.Random(99)
-    for _ in range(3000):
-        blob = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 90)))
-        if blob and rng.random() < 0.5:
-            blob = bytes([rng.choice((0x45, 0x46, 0x60))]) + blob[1:]
-        got = parse_udp(blob)
-        assert got is None or (len(got) == 6 and got[5] <= len(blob))
-    assert parse_udp(b"") is None and parse_udp(None) is None  # type: ignore[arg-type]
 
 
 # -- real kernel ------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import struct
 
 import pytest
 
+from fastpath.packet import parse_media
 from fastpath.worker import raw_egress
-from fastpath.worker.packet_io import parse_media
 from fastpath.worker.raw_egress import (
     HDR4,
     HDR6,

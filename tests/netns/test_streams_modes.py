@@ -1,0 +1,111 @@
+"""Every stream of a call, in every mode that runs here: audio + video relayed both ways,
+RTP and RTCP, exact bytes from the exact relay source; a re-INVITE that disables video
+frees its ports (and its kernel elements), one that adds it back relays it again.
+
+On 7d500b6 the video stream of an audio+video offer was left pointing at the phone, so
+nothing relayed it in any mode.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lrk.client import LrkClient
+from lrk.core import sdp
+from lrk.demo.media import rtcp_sender_report, rtp_packet
+from lrk.demo.relay_process import RelayProcess
+
+from .hosts import endpoint, receive, tables
+
+pytestmark = pytest.mark.netns
+
+PORTS = "30000-30099"
+
+
+def _relay(topo, mode: str, tmp_path) -> RelayProcess:
+    cfg = tmp_path / f"{mode}.toml"
+    cfg.write_text("kernel_poll = 0.2\nquarantine = 0\n")
+    extra = ["--mode", mode, "--internal-ip", topo.relay.ip4,
+             "--external-ip", topo.relay_ext.ip4, "--config", str(cfg)]
+    if mode == "packet":
+        extra += ["--packet-interface", "vc1", "--packet-interface", "ve1"]
+    return RelayProcess(ports=PORTS, netns=topo.relay.ns, extra=extra).start()
+
+
+def _body(ip: str, audio: int, video: int) -> str:
+    return (f"v=0\r\no=- 11 1 IN IP4 {ip}\r\ns=call\r\nc=IN IP4 {ip}\r\nt=0 0\r\n"
+            f"m=audio {audio} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+            f"m=video {video} RTP/AVP 96\r\na=rtpmap:96 VP8/90000\r\n")
+
+
+def _relay_addrs(reply) -> list:
+    return [None if s is None else (s["ip"], s["port"]) for s in reply["streams"]]
+
+
+@pytest.mark.parametrize("mode", ["socket", "packet", "kernel", "nfqueue"])
+def test_audio_and_video_both_ways_then_video_off_and_on(topo, tmp_path, mode):
+    caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
+    relay = _relay(topo, mode, tmp_path)
+    socks = []
+    try:
+        with LrkClient([relay.node]) as client:
+            caller = {kind: endpoint(topo.caller.ns, caller_ip, port)
+                      for kind, port in (("audio", 4000), ("audio_rtcp", 4001),
+                                         ("video", 4002), ("video_rtcp", 4003))}
+            callee = {kind: endpoint(topo.callee.ns, callee_ip, port)
+                      for kind, port in (("audio", 5000), ("audio_rtcp", 5001),
+                                         ("video", 5002), ("video_rtcp", 5003))}
+            socks += list(caller.values()) + list(callee.values())
+            offer = client.offer("av", "a", sdp=_body(caller_ip, 4000, 4002),
+                                 interface="external")
+            answer = client.answer("av", "a", "b", sdp=_body(callee_ip, 5000, 5002))
+            to_b, to_a = _relay_addrs(offer), _relay_addrs(answer)
+            assert None not in to_a + to_b and len(set(to_a + to_b)) == 4
+            # the SDPs point every stream at the relay
+            assert [(s.address, s.port) for s in sdp.parse(offer["sdp"]).streams] == to_b
+            assert [(s.address, s.port) for s in sdp.parse(answer["sdp"]).streams] == to_a
+
+            for i, kind in enumerate(("audio", "video")):
+                for seq in range(3):
+                    caller[kind].sendto(rtp_packet(seq, 0x100 + i), to_a[i])
+                    callee[kind].sendto(rtp_packet(seq, 0x200 + i), to_b[i])
+                assert receive(callee[kind], 3) == [(rtp_packet(seq, 0x100 + i), to_b[i])
+                                                    for seq in range(3)], (mode, kind)
+                assert receive(caller[kind], 3) == [(rtp_packet(seq, 0x200 + i), to_a[i])
+                                                    for seq in range(3)], (mode, kind)
+                report = rtcp_sender_report(0x100 + i, 1, 160)
+                rtcp_a = (to_a[i][0], to_a[i][1] + 1)
+                rtcp_b = (to_b[i][0], to_b[i][1] + 1)
+                caller[kind + "_rtcp"].sendto(report, rtcp_a)
+                assert receive(callee[kind + "_rtcp"], 1) == [(report, rtcp_b)], (mode, kind)
+
+            stats = client.stats()
+            assert stats["ports"]["in_use"] == 4  # pairs: two streams on two legs
+            if mode in ("kernel", "nfqueue"):
+                assert "table inet lrk" in tables(topo.relay.ns)
+
+            # re-INVITE disabling video: its ports go (both legs)
+            off = client.offer("av", "a", sdp=_body(caller_ip, 4000, 0), to_tag="b",
+                               interface="external")
+            assert off["streams"][1] is None
+            client.answer("av", "a", "b", sdp=_body(callee_ip, 5000, 0))
+            assert client.stats()["ports"]["in_use"] == 2
+            legs = client.query("av")["session"]["legs"]
+            assert legs["A"]["streams"][1] is None and legs["B"]["streams"][1] is None
+
+            # and adding it back relays it again, on new ports
+            on = client.offer("av", "a", sdp=_body(caller_ip, 4000, 4002), to_tag="b",
+                              interface="external")
+            back = client.answer("av", "a", "b", sdp=_body(callee_ip, 5000, 5002))
+            to_b2, to_a2 = _relay_addrs(on), _relay_addrs(back)
+            caller["video"].sendto(rtp_packet(9, 0x109), to_a2[1])
+            assert receive(callee["video"], 1) == [(rtp_packet(9, 0x109), to_b2[1])]
+            client.delete("av")
+            assert client.stats()["ports"]["in_use"] == 0
+    finally:
+        code = relay.stop()
+        for s in socks:
+            s.close()
+    assert code == 0, relay.output
+    if mode in ("kernel", "nfqueue"):
+        assert "table inet lrk" not in tables(topo.relay.ns), "stop removes the table"
