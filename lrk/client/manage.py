@@ -6,9 +6,9 @@ command and `apply_reply()` splices the relay's SDP back into the message.
 Rules (Kamailio's lrkproxy/rtpproxy_manage semantics):
 
 * INVITE or UPDATE request with an SDP body -> offer;
-* ACK with an SDP body -> answer (late-offer flows: the 200 OK carried the
-  offer and went out as an answer too; the relay treats both as answers for
-  the session, exactly like the lrkproxy module does);
+* ACK with an SDP body -> answer from the caller to the callee's offer (late
+  offer: the INVITE had no SDP, the 200 OK carried the offer), so its tags go the
+  other way round: the callee (To) offered, the caller (From) answers;
 * 1xx/2xx response to INVITE/UPDATE with an SDP body -> answer (From tag is
   still the caller's, To tag the callee's);
 * BYE or CANCEL request -> delete;
@@ -106,6 +106,8 @@ def plan_manage(data: SipData, flags: Optional[str] = None) -> ManagePlan:
     if op == ANSWER and to_tag is None:
         raise SipParseError(f"{msg.start_line!r} carries an SDP answer but its To header "
                             "has no tag")
+    if msg.is_request and msg.method == "ACK":  # late offer: the callee offered
+        from_tag, to_tag = to_tag, from_tag
     return ManagePlan(op, msg, call_id=call_id, from_tag=from_tag, to_tag=to_tag,
                       via_branch=msg.via_branch,
                       interface=offer_if if op == OFFER else answer_if,

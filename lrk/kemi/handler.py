@@ -220,9 +220,9 @@ class LrkKemi:
 
     def _late_answer(self, client: LrkClient, data: str, args: ManageArgs) -> Any:
         """An ACK with SDP answers the offer of the 2xx: the caller answers the callee."""
-        plan = plan_manage(data, args.flags)
+        plan = plan_manage(data, args.flags)  # an ACK's tags come swapped: the callee offered
         offer_if, _answer_if = parse_flags(args.flags)  # it goes the offer's way
-        plan = plan._replace(from_tag=plan.to_tag, to_tag=plan.from_tag, interface=offer_if)
+        plan = plan._replace(interface=offer_if)
         assert plan.call_id is not None and plan.from_tag is not None
         assert plan.to_tag is not None
         reply = client.answer(plan.call_id, plan.from_tag, plan.to_tag, sdp=plan.message.sdp,

@@ -123,7 +123,7 @@ def test_legacy_requests_cannot_end_or_replace_a_msgpack_call(keys, tmp_path):
         time.sleep(0.2)  # silent longer than legacy_takeover_idle: not a negative check
         kamailio = udp()
         kamailio.settimeout(5.0)
-        for req in (f"1_1 D 1 2 3 4 5 6 7 8 9 mp@test ",
+        for req in ("1_1 D 1 2 3 4 5 6 7 8 9 mp@test ",
                     f"1_2 S 192.0.2.10 127.0.0.1 127.0.0.1 198.51.100.20 40000 {port} "
                     f"{port + 2} 50000 60 new@test "):
             kamailio.sendto(req.encode(), ("127.0.0.1", legacy_port))
@@ -139,12 +139,14 @@ def test_the_16kb_version_field_costs_no_memory(keys):
     with keyed_relay(keys) as relay:
         to = ("127.0.0.1", relay.control_port)
         sock = udp()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.settimeout(1.0)
         attack = lambda i: signed({"cmd": "ping", "v": "v" * 16384,  # noqa: E731
                                    "cookie": f"m{i}"}, keys.client)
         sizes = []
 
-        def run(first: int, count: int, window: int = 16) -> None:
+        def run(first: int, count: int, window: int = 4) -> None:
+            """`window` requests in flight: 16 KB datagrams overflow the relay's default
+            receive buffer beyond a few (a kernel drop, not the relay's)."""
             for start in range(first, first + count, window):
                 for i in range(start, start + window):
                     sock.sendto(attack(i), to)
@@ -159,7 +161,7 @@ def test_the_16kb_version_field_costs_no_memory(keys):
         before = rss_bytes(pid)
         run(500, 4000)  # 4,000 x 64 KB = 256 MB cached before the fix
         grown = rss_bytes(pid) - before
-        assert len(sizes) > 4000 and max(sizes) < 300, (len(sizes), max(sizes))
+        assert len(sizes) > 4200 and max(sizes) < 300, (len(sizes), max(sizes))
         assert grown < 32 << 20, f"RSS grew {grown / 2**20:.1f} MB"
         assert ping("127.0.0.1", relay.control_port, 1.0, keys.admin)
         sock.close()
@@ -168,7 +170,7 @@ def test_the_16kb_version_field_costs_no_memory(keys):
 def test_a_flood_from_one_source_does_not_starve_another(keys):
     """127.0.0.2 floods the control socket (unsigned junk and signed junk with a valid key:
     a compromised client); 127.0.0.1 keeps being served, pings and signed offers alike."""
-    with keyed_relay(keys, config="max_control_rate = 200\n") as relay, \
+    with keyed_relay(keys, config="max_control_rate = 200\nquarantine = 0\n") as relay, \
             client(relay, keys, "client") as proxy:
         to = ("127.0.0.1", relay.control_port)
         stop = threading.Event()
@@ -218,7 +220,9 @@ def test_running_without_authentication_is_explicit_and_logged(tmp_path):
             assert c.delete("open")["ok"] is True
     finally:
         assert relay.stop() == 0
-    assert 'control_auth = "none"' in relay.output and "level=warning" in relay.output
+    warning = [line for line in relay.output.splitlines()
+               if "level=warning" in line and "NOT authenticated" in line]
+    assert len(warning) == 1 and "control_auth" in warning[0], relay.output
     assert not os.path.exists(tmp_path / "unused" / "admin.key")
 
 

@@ -45,6 +45,13 @@ def _udp(ns: str, family: int, ip: str, port: int = 0) -> socket.socket:
     return s
 
 
+def _has_error(s: socket.socket) -> bool:
+    """A socket error (e.g. an ICMP port-unreachable) is pending on `s`."""
+    poller = select.poll()
+    poller.register(s, select.POLLERR)
+    return bool(poller.poll(0))
+
+
 def _drain(s: socket.socket) -> list:
     """Everything queued on `s` right now (a pending ICMP error raises)."""
     out = []
@@ -125,7 +132,12 @@ def test_tap_reads_in_range_media_and_kernel_never_sees_it(topo, prefer):
             if batch:
                 sizes.append(len(batch))
                 got += batch
-        time.sleep(0.3)  # stragglers (must be none) and ICMP replies
+        # settled: every tapped packet met the drop rule and the controls' port-unreachables
+        # (sent last) are back; the tap holds all it will ever get, stragglers included
+        deadline = time.monotonic() + 5.0
+        while not (_dropped(r.ns) == len(expected) and _has_error(u4o) and _has_error(u6o)):
+            assert time.monotonic() < deadline, "tapped packets or ICMP errors missing"
+            time.sleep(0.05)
         got += reader.recv_batch()
         assert sizes[0] == 3 and max(sizes) > 3, sizes  # several packets per call
         assert len(got) == len(expected)

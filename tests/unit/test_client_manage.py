@@ -168,6 +168,9 @@ def test_whole_call_goes_to_one_node(client, net):
     assert "c=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 30000 " in out  # leg A's relay port
     assert result["ok"] is True and result["call_id"] == "call-1"
     assert client.table.lookup("call-1") is None
+    # an ACK with SDP answers a late offer (the callee offered in its 2xx): tags swap
+    ack = net.requests_to(A)[3]
+    assert (ack["cmd"], ack["from_tag"], ack["to_tag"]) == ("answer", "callee", "caller")
 
 
 @pytest.mark.parametrize("message", [request("CANCEL"), response(486)])
