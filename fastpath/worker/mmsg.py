@@ -5,7 +5,9 @@ Two implementations behind one small interface (:class:`BatchIO`):
 * ``"mmsg"`` -- recvmmsg(2)/sendmmsg(2) called through cffi in ABI mode
   (``ffi.cdef`` + ``ffi.dlopen(None)``; no C compiler at run time), so it
   works the same on PyPy and CPython.  All mmsghdr/iovec/payload/sockaddr
-  arrays are allocated once per instance and reused.
+  arrays are allocated once per instance and reused (:class:`MsgVec`, the one
+  mmsghdr setup of the worker: packet mode's tap reader and raw egress use it
+  too, with the cffi binding from :func:`load`).
 * ``"plain"`` -- a loop of ``recvfrom``/``sendto`` on a temporary socket
   object wrapping the fd, used when cffi or the syscalls are unavailable.
 

@@ -13,10 +13,12 @@ from collections import OrderedDict
 from typing import Any, Hashable, Optional, Set, Tuple
 
 REPLAY_WINDOW = 30.0
-#: msgpack replies kept at most (bytes, overhead included): thousands of typical replies
-MAX_BYTES = 8 << 20
-#: what an entry costs beyond its reply and cookie: key tuple, sender, OrderedDict node
-ENTRY_OVERHEAD = 256
+#: msgpack replies kept at most (bytes, overhead included): about 40,000 small replies,
+#: 4 s of a relay's full control load, far more than a client's retries span
+MAX_BYTES = 32 << 20
+#: what an entry costs beyond its reply and cookie (key and sender tuples, the entry, the
+#: OrderedDict node), as measured under CPython 3.11; PyPy needs less
+ENTRY_OVERHEAD = 640
 #: the largest reply kept: a UDP datagram's payload (IPv4)
 MAX_ENTRY = 65507
 #: retransmissions one entry answers (clients send 5 tries by default)

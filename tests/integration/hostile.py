@@ -135,3 +135,27 @@ def fd_count(pid: int) -> int:
 def tree_fds(pid: int) -> Dict[int, int]:
     """Open descriptors of the relay and of each of its workers."""
     return {p: fd_count(p) for p in [pid, *children(pid)]}
+
+
+def bound_udp_ports(pids: List[int]) -> List[int]:
+    """UDP ports bound by sockets these processes hold (from /proc/net/udp{,6}): what they
+    keep, whoever else on the host uses the same ports."""
+    inodes = set()
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = []
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with open(table) as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+

@@ -51,7 +51,11 @@ def test_callee_first_then_natted_caller(topo, tmp_path, family):
             for seq in range(10):  # the NATed caller's first packets latch leg A
                 nat.sendto(rtp_packet(seq, A_SSRC), to_a)
             got = summarize(receive(callee, 10), A_SSRC)
-            assert got == {"intact": 10, "damaged": 0, "sources": [to_b], "in_order": True}
+            # all ten, intact, from leg B's relay address; the first packets of a flow may
+            # leave in another order while userspace admits it (NFQUEUE re-injects them
+            # one by one; seen twice in ~250 runs), so order is not asserted here
+            assert {k: got[k] for k in ("intact", "damaged", "sources")} == {
+                "intact": 10, "damaged": 0, "sources": [to_b]}
             for seq in range(1, 11):  # and the callee's media now reaches the real port
                 callee.sendto(rtp_packet(seq, B_SSRC), to_b)
             got = summarize(receive(nat, 10), B_SSRC)
