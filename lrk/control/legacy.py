@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import struct
 from collections import Counter
-from typing import Hashable, List, Optional, Set, Tuple
+from typing import Hashable, List, Optional, Tuple
 
 from netaddr import IPSet
 
@@ -82,9 +82,6 @@ class LegacyControl:
         self.takeover_idle = takeover_idle
         self.replay = ReplayCache(max_bytes=CACHE_BYTES)
         self.counters: Counter = Counter({name: 0 for name in LEGACY_COUNTERS})
-        #: sids of the sessions legacy requests created: only these may S or D touch (a
-        #: msgpack call is never replaced or ended from here). At most 2 x sessions + 64.
-        self.sids: Set[int] = set()
 
     # -- entry point -------------------------------------------------------------------
     def handle(self, data: bytes, sender: Hashable, now: float, with_cookie: bool = True
@@ -230,8 +227,6 @@ class LegacyControl:
             return reply, []
         session, actions, outcome = self.engine.set_fixed(
             now, call_id, a_relay, a_peer, b_relay, b_peer, timeout, self.takeover_idle)
-        if outcome == "created" and session is not None:
-            self._own(session.sid)
         self.counters[f"legacy.sessions.{outcome}"] += 1
         if outcome == "refused":
             log.warning("legacy S for %s refused: relay port %d or %d is held by a live call "
@@ -244,7 +239,7 @@ class LegacyControl:
             raise ValueError("D without a Call-ID")
         session = self.engine.by_call.get(parts[-1])
         actions: List[Action] = []
-        if session is not None and session.sid not in self.sids:
+        if session is not None and session.origin != "legacy":
             self.counters["legacy.refused.msgpack_call"] += 1
         elif session is not None:
             try:
@@ -253,23 +248,16 @@ class LegacyControl:
                 actions = []
         return prefix + body + b"OK", actions
 
-    # -- which sessions are legacy's ---------------------------------------------------
-    def _own(self, sid: int) -> None:
-        sids = self.sids
-        if len(sids) >= 2 * len(self.engine.by_sid) + 64:
-            live = self.engine.by_sid
-            self.sids = sids = {s for s in sids if s in live}
-        sids.add(sid)
-
+    # -- msgpack calls are out of reach --------------------------------------------------
     def _msgpack_call(self, call_id: str, ports: Tuple[int, ...]) -> bool:
-        """Whether the Call-ID, or a relay port's holder, is a session legacy did not make
-        (set_fixed would replace it: engine.py should refuse too, see docs/security.md)."""
+        """Whether the Call-ID, or a relay port's holder, is a session the legacy protocol
+        did not make (set_fixed refuses those too; asking first names the reason)."""
         engine = self.engine
         session = engine.by_call.get(call_id)
-        if session is not None and session.sid not in self.sids:
+        if session is not None and session.origin != "legacy":
             return True
         for port in ports:
             holder = engine.owner.get(port & ~1)
-            if holder is not None and holder.sid not in self.sids:
+            if holder is not None and holder.origin != "legacy":
                 return True
         return False

@@ -413,6 +413,15 @@ class MsgpackControl:
                            "legacy module) made; only its key or an admin key may change it")
         return False
 
+    def _require_admin(self, args: Dict[str, Any], what: str) -> None:
+        """Relay-wide changes (drain, reload) are for admin keys: a SIP proxy's key must not
+        be able to take the relay out of service."""
+        if self.auth is None:
+            return
+        caller = args.get(CALLER)
+        if caller is None or not caller.admin:
+            raise NotOwner(f"{what} needs an admin key (lrkproxy ctl signs with admin.key)")
+
     def _claim(self, args: Dict[str, Any], session: Session) -> None:
         """Record who created `session`; ended sessions are pruned as the table grows."""
         caller = args.get(CALLER)
@@ -444,6 +453,7 @@ class MsgpackControl:
     def _cmd_drain(self, args: Dict[str, Any], now: float):
         """Take no new calls (`on`, default true) or take them again (`on: false`);
         established calls continue either way."""
+        self._require_admin(args, "drain")
         on = _bool(args.get("on", True), "on")
         if on != self.engine.draining:
             log.warning("relay %s: %d call(s) continue", "draining, no new calls" if on
@@ -453,6 +463,7 @@ class MsgpackControl:
 
     def _cmd_reload(self, args: Dict[str, Any], now: float):
         """Re-read the configuration file (as SIGHUP does); names what took effect."""
+        self._require_admin(args, "reload")
         if self.on_reload is None:
             raise BadRequest("this relay was started without a reloadable configuration")
         try:

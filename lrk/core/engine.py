@@ -276,11 +276,17 @@ class Engine:
 
         Returns (session or None, actions, outcome) where outcome is one of
         "created", "unchanged", "updated", "refused" (a port is held by a live call that
-        must not be hijacked). A holder silent for `takeover_idle` seconds is ended first.
+        must not be hijacked, or the Call-ID or a port belongs to a msgpack call, which
+        the unauthenticated legacy protocol may never touch). A legacy holder silent for
+        `takeover_idle` seconds is ended first.
         """
         session = self.by_call.get(call_id)
         wanted = {LEG_A: (a_relay, a_peer), LEG_B: (b_relay, b_peer)}
         actions: List[Action] = []
+        if session is not None and session.origin != "legacy":
+            # a msgpack call is its client's: the legacy protocol cannot authenticate
+            self.counters["legacy.conflicts.refused"] += 1
+            return None, [], "refused"
         # refusing must have no side effect: check everything before ending anything
         if not all(self.ports.contains(relay[1]) for relay, _peer in wanted.values()):
             self.counters["legacy.ports_outside_range"] += 1
@@ -291,7 +297,7 @@ class Engine:
             if holder is not None and holder is not session and \
                     all(h is not holder for h in holders):
                 holders.append(holder)
-        if any(now - h.idle_since() < takeover_idle for h in holders):
+        if any(h.origin != "legacy" or now - h.idle_since() < takeover_idle for h in holders):
             self.counters["legacy.conflicts.refused"] += 1
             return None, [], "refused"
         for holder in holders:
@@ -325,7 +331,7 @@ class Engine:
             sid=sid, call_id=call_id, created=now, timeout=timeout,
             legs={LEG_A: Leg(LEG_A, a_relay[0], [Media(a_relay[0], a_relay[1] & ~1)]),
                   LEG_B: Leg(LEG_B, b_relay[0], [Media(b_relay[0], b_relay[1] & ~1)])},
-            state="answered",
+            state="answered", origin="legacy",
         )
         for name, (_relay, peer) in wanted.items():
             leg = session.legs[name]

@@ -271,6 +271,7 @@ class Session:
     state: str = "offered"  # offered -> answered
     via_branch: Optional[str] = None
     timer_at: Optional[float] = None  # the engine's live expiry entry for this session
+    origin: str = "msgpack"  # "legacy": made by Kamailio's lrkproxy `S` (set_fixed)
 
     def leg_by_tag(self, tag: Optional[str]) -> Optional[Leg]:
         if tag is None:

@@ -8,13 +8,7 @@ import socket
 import pytest
 
 from bench.netns import run, socket_in
-from fastpath.kernel.ctnetlink import (
-    ConntrackError,
-    ConntrackSocket,
-    flush_by_mark,
-    mark_filters,
-    parse_acks,
-)
+from fastpath.kernel.ctnetlink import ConntrackError, ConntrackSocket, mark_filters
 from fastpath.kernel.netlink import NETLINK_NETFILTER
 
 pytestmark = pytest.mark.netns
@@ -39,18 +33,6 @@ def test_flush_removes_only_the_flows_of_the_given_marks(topo):
         ct.close()
     left = _flows(ns)
     assert len(left) == 1 and "mark=999" in left[0]
-
-
-def test_message_layout_and_ack_parsing():
-    msg = flush_by_mark(0x7531, seq=9)
-    assert len(msg) == 16 + 4 + 8 + 8
-    assert msg[4:6] == (0x102).to_bytes(2, "little")  # CTNETLINK << 8 | CT_DELETE
-    assert msg[-12:-8] == (0x7531).to_bytes(4, "big")  # CTA_MARK value, network order
-    ack = (36).to_bytes(4, "little") + (2).to_bytes(2, "little") + b"\0\0" + \
-        (9).to_bytes(4, "little") + b"\0" * 4 + (-2).to_bytes(4, "little", signed=True) + \
-        b"\0" * 16
-    assert parse_acks(ack) == [(9, 2)]
-    assert parse_acks(b"\x01\x02") == []  # truncated input is ignored, not an error
 
 
 def _insert(ns: str, src: str, dst: str, sport: int, dport: int, mark: int) -> None:

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from bench.netns import socket_in
-from fastpath.kernel.taps import build_filter, destroy_rules, drop_rules, open_packet_socket
+from fastpath.kernel.taps import destroy_rules, drop_rules, open_packet_socket
 from fastpath.packet import PacketIoError, parse_media
 from fastpath.worker.packet_io import PacketReader
 from fastpath.worker.raw_egress import IPPROTO_RAW, RawEgress, ipv4_udp_header, open_raw_sockets
@@ -173,31 +173,6 @@ def test_open_packet_socket_errors(topo):
         open_packet_socket("vc1", HI, LO)
     with pytest.raises(PacketIoError):
         open_packet_socket("bad name", LO, HI)
-
-
-# --- sans-IO parts (no namespace needed; the parser's tests: tests/unit/test_packet.py) ---
-
-
-def test_filter_and_rule_text_validation():
-    prog = build_filter(LO, HI, ["198.51.100.1", "2001:db8:1::1"])
-    assert len(prog) % 8 == 0
-    assert struct.unpack_from("=HBBI", prog, len(prog) - 8) == (0x06, 0, 0, 0)  # ret #0
-    assert len(build_filter(LO, HI)) < len(prog)
-    for args in ((0, 10), (10, 5), (1, 70000)):
-        with pytest.raises(PacketIoError):
-            build_filter(*args)
-    with pytest.raises(PacketIoError):
-        build_filter(LO, HI, ["not-an-ip"])
-    with pytest.raises(PacketIoError):
-        build_filter(LO, HI, [f"198.51.100.{i}" for i in range(40)])
-    with pytest.raises(PacketIoError):
-        drop_rules(TABLE, LO, HI, [])
-    with pytest.raises(PacketIoError):
-        drop_rules("bad table;", LO, HI, ["198.51.100.1"])
-    with pytest.raises(PacketIoError):
-        drop_rules(TABLE, LO, HI, ["198.51.100.1"], ifnames=['x" drop'])
-    text = drop_rules(TABLE, LO, LO, ["2001:db8:1::1"])
-    assert "udp dport 30000 " in text and "ip daddr" not in text
 
 
 # --- raw egress (packet mode's batched send) ---
