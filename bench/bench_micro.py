@@ -17,6 +17,7 @@ import socket
 import msgpack
 
 from bench.ng import audio_sdp, decode_message, encode_message
+from fastpath.contract import LegSpec, StreamSpec
 from fastpath.packet import parse_media
 from fastpath.worker.raw_egress import ipv4_udp_header, udp_checksum
 from fastpath.worker.relay_table import RelayTable
@@ -33,11 +34,10 @@ BATCH = 64
 
 def _table() -> RelayTable:
     table = RelayTable()
-    legs = {"A": {"announced": list(CALLER), "rtcp_announced": [CALLER[0], CALLER[1] + 1],
-                  "latch_any": False, "gen": 1},
-            "B": {"announced": list(CALLEE), "rtcp_announced": [CALLEE[0], CALLEE[1] + 1],
-                  "latch_any": False, "gen": 1}}
-    table.install(1, [10, 11, 12, 13], legs)
+    stream = StreamSpec(
+        0, LegSpec("A", RELAY_A[0], RELAY_A[1], CALLER, (CALLER[0], CALLER[1] + 1), False, 1),
+        LegSpec("B", RELAY_A[0], RELAY_A[1] + 2, CALLEE, (CALLEE[0], CALLEE[1] + 1), False, 1))
+    table.install(1, [10, 11, 12, 13], stream)
     return table
 
 
