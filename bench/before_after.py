@@ -24,6 +24,16 @@ with control_auth hmac (default) and "none", and with --metrics scraped every se
 socket: socket mode on PyPy, N sessions set up through the client, the PyPy load
 generator of bench.capacity, CPU per packet of the worker at fixed rates, and a bounded
 capacity search.
+
+metrics: this tree only (no --before needed), socket mode on PyPy as in `socket`, the relay
+with `--metrics 127.0.0.1:PORT` scraped once a second by a bounded scraper thread of this
+process (urllib GET /metrics) against the same relay without metrics; order alternated per
+round, a fresh relay per run, no capacity search. CPU per delivered packet of the daemon
+(control process, where the endpoint runs) and of the worker separately, over each fixed-
+rate step (the generator's "run" command only).
+
+    .venv/bin/python -m bench.before_after metrics --rounds 3 \\
+        --out bench/results/metrics-onoff-socket-<date>.json
 """
 
 from __future__ import annotations
@@ -36,7 +46,9 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from contextlib import ExitStack
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -303,17 +315,39 @@ class SideHarness(capacity.Harness):
     """bench.capacity's harness with the relay unsigned (`auth` "none") when it is the old
     tree, which knows no signed requests."""
 
-    def __init__(self, python: str, sessions: int, auth: str, **kw: Any) -> None:
+    def __init__(self, python: str, sessions: int, auth: str,
+                 extra: Optional[List[str]] = None, **kw: Any) -> None:
         super().__init__(python, sessions, **kw)
         self.auth = auth
+        self.extra = list(extra or [])
+        self.daemon_pid: Optional[int] = None
+        self.scraper: Optional[Scraper] = None
+
+    def _command(self, cmd: dict, timeout: float) -> dict:
+        """As the base, plus the daemon's CPU and the scrapes over a generator "run"."""
+        if cmd.get("cmd") != "run" or not self.daemon_pid:
+            return super()._command(cmd, timeout)
+        s0 = self.scraper.ok if self.scraper else None
+        d0 = capacity.cpu_seconds(self.daemon_pid)
+        res = super()._command(cmd, timeout)
+        d1 = capacity.cpu_seconds(self.daemon_pid)
+        if d0 is not None and d1 is not None:
+            res["daemon_cpu_s"] = round(d1 - d0, 6)
+            res["daemon_cpu_us_per_packet"] = (
+                round(1e6 * (d1 - d0) / res["received"], 3) if res.get("received") else None)
+        if self.scraper is not None and s0 is not None:
+            res["scrapes_ok"] = self.scraper.ok - s0
+        return res
 
     def _start(self) -> None:
         callers = [capacity.udp_socket(self.host) for _ in range(self.sessions)]
         callees = [capacity.udp_socket(self.host) for _ in range(self.sessions)]
         self.socks = callers + callees
         self.relay = RelayProcess(ports=self.ports, host=self.host, python=self.python,
-                                  extra=["--workers", str(self.workers)], auth=self.auth)
+                                  extra=["--workers", str(self.workers), *self.extra],
+                                  auth=self.auth)
         self.relay.start(ready_timeout=30.0)
+        self.daemon_pid = self.relay.proc.pid
         pids = capacity.worker_pids(self.relay.proc.pid)
         self.worker_pid = pids[0] if len(pids) == 1 else None
         self.client = LrkClient([self.relay.node], timeout=2.0, retries=3,
@@ -334,6 +368,47 @@ STEP_KEEP = ("rate", "achieved_rate", "loss", "sent", "received", "relay_forward
              "udp_rcvbuf_errors", "generator_limited", "worker_cpu_s",
              "worker_cpu_us_per_packet", "worker_wakeups", "verdict", "damaged", "checked",
              "min_session_received")
+
+
+class Scraper:
+    """GET `url` once a second from a daemon thread of this process, at most `limit` times,
+    until stop(); counts successes, errors and the last body's size."""
+
+    def __init__(self, url: str, limit: int = 600, interval: float = 1.0) -> None:
+        self.url, self.limit, self.interval = url, limit, interval
+        self.ok = 0
+        self.errors: List[str] = []
+        self.last_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+
+    def _run(self) -> None:
+        for _ in range(self.limit):
+            t = time.monotonic()
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    self.last_bytes = len(r.read())
+                self.ok += 1
+            except Exception as e:  # recorded, not raised: a failed scrape is a finding
+                if len(self.errors) < 20:
+                    self.errors.append(repr(e))
+            if self._stop.wait(max(0.0, self.interval - (time.monotonic() - t))):
+                return
+
+    def start(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def socket_run(python: str, side: str, sessions: int, rates: List[int], cpu_duration: float,
@@ -405,11 +480,118 @@ def socket_mode(args: argparse.Namespace,
     return {"runs": runs, "summary": summary}
 
 
+METRICS_KEEP = STEP_KEEP + ("worker_preempted", "daemon_cpu_s", "daemon_cpu_us_per_packet",
+                            "scrapes_ok", "relay_drops")
+
+
+def metrics_run(python: str, metrics: bool, sessions: int, rates: List[int],
+                cpu_duration: float) -> Dict[str, Any]:
+    """One fresh relay (this tree, signed control), with or without the metrics endpoint;
+    the scraper runs from before the warm-up to after the last fixed-rate step."""
+    t0 = time.monotonic()
+    mport = free_tcp_port() if metrics else None
+    extra = ["--metrics", f"127.0.0.1:{mport}"] if metrics else []
+    out: Dict[str, Any] = {"metrics": metrics, "metrics_port": mport, "sessions": sessions}
+    with SideHarness(python, sessions, "hmac", extra=extra) as h:
+        if metrics:
+            h.scraper = Scraper(f"http://127.0.0.1:{mport}/metrics").start()
+        try:
+            warm = h.step(rates[0], 1.0)
+            points = []
+            for rate in rates:
+                res = h.step(rate, cpu_duration)
+                points.append({k: res.get(k) for k in METRICS_KEEP})
+                say(f"  metrics={'on' if metrics else 'off'} x{sessions} @ {rate}: achieved "
+                    f"{res['achieved_rate']:.0f} loss {100 * res['loss']:.2f}% worker "
+                    f"{res.get('worker_cpu_us_per_packet')} daemon "
+                    f"{res.get('daemon_cpu_us_per_packet')} us/pkt "
+                    f"gen-limited {res.get('generator_limited')} scrapes {res.get('scrapes_ok')}")
+        finally:
+            if h.scraper is not None:
+                h.scraper.stop()
+        if h.scraper is not None:
+            out["scraper"] = {"ok": h.scraper.ok, "errors": h.scraper.errors,
+                              "last_bytes": h.scraper.last_bytes}
+        gen = h.loadgen_info
+    out.update({
+        "points": points, "warmup": {"rate": warm["rate"], "loss": warm["loss"]},
+        "loadgen": {"impl": gen.get("impl"), "python": gen.get("python"), "io": gen.get("io")},
+        "relay_exit_code": h.exit_code, "relay_traceback": "Traceback" in h.relay_output,
+        "wall_s": round(time.monotonic() - t0, 1),
+    })
+    return out
+
+
+def metrics_mode(args: argparse.Namespace, python: str) -> Dict[str, Any]:
+    rates = [int(x) for x in args.rates.split(",")]
+    runs: List[Dict[str, Any]] = []
+    deadline = time.monotonic() + args.budget
+    for r in range(args.rounds):
+        order = [False, True] if r % 2 == 0 else [True, False]
+        for metrics in order:
+            if time.monotonic() > deadline:
+                say("time budget spent: stopping")
+                break
+            q = wait_quiet(args.quiet_load, args.quiet_wait)
+            say(f"r{r + 1} metrics={'on' if metrics else 'off'} (load {q['load_before']}, "
+                f"waited {q['waited_s']} s)")
+            res = metrics_run(python, metrics, args.sessions, rates, args.cpu_duration)
+            res.update(round=r + 1, **q)
+            runs.append(res)
+    return {"runs": runs, "summary": metrics_summary(runs, rates)}
+
+
+def metrics_summary(runs: List[Dict[str, Any]], rates: List[int]) -> Dict[str, Any]:
+    """Per round and rate: on, off and on / off of worker, daemon and total CPU per packet."""
+    def per_pkt(run: Dict[str, Any], i: int, what: str) -> Optional[float]:
+        p = run["points"][i]
+        if what == "total":
+            w, d = p.get("worker_cpu_us_per_packet"), p.get("daemon_cpu_us_per_packet")
+            return round(w + d, 3) if w is not None and d is not None else None
+        return p.get(f"{what}_cpu_us_per_packet")
+
+    rounds: Dict[int, Dict[str, Any]] = {}
+    for run in runs:
+        rounds.setdefault(run["round"], {})["on" if run["metrics"] else "off"] = run
+    table = []
+    for rnd, pair in sorted(rounds.items()):
+        if "on" not in pair or "off" not in pair:
+            continue
+        for i, rate in enumerate(rates):
+            row: Dict[str, Any] = {"round": rnd, "rate": rate}
+            for side in ("off", "on"):
+                p = pair[side]["points"][i]
+                row[f"achieved_{side}"] = p.get("achieved_rate")
+                row[f"generator_limited_{side}"] = p.get("generator_limited")
+                row[f"loss_{side}"] = p.get("loss")
+                row[f"load_before_{side}"] = pair[side]["load_before"]
+            for what in ("worker", "daemon", "total"):
+                on, off = per_pkt(pair["on"], i, what), per_pkt(pair["off"], i, what)
+                row[f"{what}_us_per_pkt_off"] = off
+                row[f"{what}_us_per_pkt_on"] = on
+                row[f"{what}_ratio_on_off"] = round(on / off, 3) if on and off else None
+            for side in ("off", "on"):  # absolute: the daemon's CPU over the step (ms)
+                d = pair[side]["points"][i].get("daemon_cpu_s")
+                row[f"daemon_cpu_ms_{side}"] = round(1e3 * d, 2) if d is not None else None
+            row["scrapes_ok_on"] = pair["on"]["points"][i].get("scrapes_ok")
+            table.append(row)
+    medians = {}
+    for rate in rates:
+        rows = [x for x in table if x["rate"] == rate]
+        for what in ("worker", "daemon", "total"):
+            medians[f"{what}_ratio_on_off_at_{rate}_median"] = _median(
+                [x[f"{what}_ratio_on_off"] for x in rows])
+            for side in ("off", "on"):
+                medians[f"{what}_us_per_pkt_{side}_at_{rate}_median"] = _median(
+                    [x[f"{what}_us_per_pkt_{side}"] for x in rows])
+    return {"paired": table, **medians}
+
+
 # -- command line ----------------------------------------------------------------------
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("control", "socket"))
+    p.add_argument("what", choices=("control", "socket", "metrics"))
     p.add_argument("--before", default="/tmp/lrk-before", help="the old tree (a worktree)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--interpreters", default="cpython,pypy")
@@ -430,7 +612,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     # a private key directory, shared by relay (environment) and this client
     os.makedirs(os.path.join(WORK, "keys"), mode=0o700, exist_ok=True)
     os.environ["LRK_KEYS"] = os.path.join(WORK, "keys")
-    wrappers = sides(args.before)
+    if args.what == "metrics":  # this tree only
+        pypy = find_interpreters()["pypy"]["python"]
+        w = wrapper("after", HERE, pypy)
+        say(f"after pypy: {w} imports {check_tree(w, HERE)['lrk']}")
+        wrappers = {("after", "pypy"): w}
+    else:
+        wrappers = sides(args.before)
     before_rev = subprocess.run(["git", "-C", args.before, "rev-parse", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
     after_rev = subprocess.run(["git", "-C", HERE, "rev-parse", "HEAD"],
@@ -441,7 +629,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "what": args.what, "argv": sys.argv, "args": vars(args),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "loadavg_at_start": os.getloadavg(),
-        "before": {"tree": args.before, "commit": before_rev},
+        "before": (None if args.what == "metrics"
+                   else {"tree": args.before, "commit": before_rev}),
         "after": {"tree": HERE, "commit": after_rev, "uncommitted_product_changes": dirty},
         "wrappers": {f"{s}/{lab}": w for (s, lab), w in wrappers.items()},
         "machine": capacity.machine(), "client": sys.executable,
@@ -449,6 +638,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     if args.what == "control":
         report.update(control(args, wrappers))
+    elif args.what == "metrics":
+        report.update(metrics_mode(args, wrappers[("after", "pypy")]))
     else:
         report.update(socket_mode(args, wrappers))
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

@@ -181,6 +181,16 @@ install_systemd() {
         say "systemd: $config installed from etc/lrk.toml (every option at its default)"
     fi
 
+    # control keys: the relay runs as lrk with /etc read-only, so they are made here (the
+    # unit points LRK_KEYS at them); root's lrkproxy ctl finds /etc/lrk/keys by default
+    local keydir="$etcdir/keys"
+    install -d -m 0700 "$keydir"
+    "$ROOT/.venv/bin/python" -c 'import sys; from lrk.control.auth import ensure_keys; \
+print(" ".join(ensure_keys(sys.argv[1])) or "present")' "$keydir" >/dev/null
+    if [ "$staged" = 0 ]; then chown -R lrk:lrk "$keydir"; fi
+    chmod 0700 "$keydir" && chmod 0600 "$keydir"/*.key
+    say "systemd: control keys in $keydir (admin.key for lrkproxy ctl, client.key for SIP proxies)"
+
     # the unit cannot reach a checkout under /home, /root or /run/user (ProtectHome=yes)
     case "$ROOT/" in
         /home/*|/root/*|/run/user/*)

@@ -20,7 +20,7 @@ from fastpath.contract import Action
 from lrk.control.allow import AllowList
 from lrk.control.msgpack_proto import MAX_CALL_ID, Outcome
 from lrk.control.ratelimit import RateLimiter
-from lrk.control.replay import ReplayCache
+from lrk.control.replay import HIT, MISS, SPENT, ReplayCache
 from lrk.core.engine import Engine
 from lrk.errors import SessionNotFound
 
@@ -47,6 +47,7 @@ LEGACY_COUNTERS = (
     "legacy.dropped.rate_limited", "legacy.dropped.draining",
     "legacy.refused.bad_peer_address", "legacy.refused.call_id_too_long",
     "legacy.refused.msgpack_call", "legacy.dropped.resend_limit",
+    "legacy.dropped.cookie_reused",
 )
 
 
@@ -101,13 +102,14 @@ class LegacyControl:
             if not sep or not cookie or not body:
                 self.counters["legacy.dropped.malformed"] += 1
                 return Outcome(None)
-            cached = self.replay.lookup(sender, cookie, now)
-            if cached is not None:
-                if not cached:  # this entry has answered its share of retransmissions
-                    self.counters["legacy.dropped.resend_limit"] += 1
-                    return Outcome(None)
+            verdict, cached = self.replay.answer(sender, cookie, now, data)
+            if verdict == HIT:
                 self.counters["legacy.retransmissions"] += 1
                 return Outcome(cached)
+            if verdict != MISS:  # resends used up, or another request under this cookie
+                self.counters["legacy.dropped.resend_limit" if verdict == SPENT
+                              else "legacy.dropped.cookie_reused"] += 1
+                return Outcome(None)
             prefix = cookie + b" "
         else:
             body = data.rstrip(b"\r\n\0")
@@ -131,7 +133,7 @@ class LegacyControl:
             log.debug("malformed legacy request %r: %s", data[:80], exc)
             return Outcome(None)
         if with_cookie:
-            self.replay.store(sender, cookie, reply, now)
+            self.replay.store(sender, cookie, reply, now, data)
         return Outcome(reply, actions)
 
     def plane_failed(self, data: bytes, sender: Hashable, with_cookie: bool = True) -> None:

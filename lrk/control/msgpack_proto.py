@@ -22,7 +22,7 @@ from fastpath.contract import MAX_STREAMS, Action
 from lrk.control.allow import AllowList
 from lrk.control.auth import MAGIC, TRAILER_BYTES, Authenticator, NotOwner
 from lrk.control.ratelimit import RateLimiter
-from lrk.control.replay import ReplayCache
+from lrk.control.replay import HIT, MISS, SPENT, ReplayCache
 from lrk.core import sdp
 from lrk.core.engine import Engine
 from lrk.core.session import Session, StreamOffer
@@ -132,7 +132,7 @@ class MsgpackControl:
                      "control.dropped.bad_signature", "control.dropped.expired",
                      "control.dropped.replayed", "control.dropped.replay_guard_full",
                      "control.dropped.resend_limit", "control.dropped.amplification",
-                     "control.dropped.busy",
+                     "control.dropped.busy", "control.dropped.cookie_reused",
                      "control.retransmissions", "control.retransmissions.in_flight"):
             self.counters[name] = 0
 
@@ -156,6 +156,7 @@ class MsgpackControl:
         caller = None
         repeat = False
         limit: Optional[int] = size  # the largest reply an unverified sender may get
+        unverified: Optional[bytes] = data  # what a retransmission must repeat exactly
         if self.auth is not None:
             caller, verdict = self.auth.verify(data, self.wall_clock() if wall is None
                                                else wall)
@@ -163,7 +164,7 @@ class MsgpackControl:
                 counters[f"control.dropped.{verdict}"] += 1
                 return Outcome(None)
             repeat = verdict == "repeat"
-            limit = None
+            limit = unverified = None
             data = data[:-TRAILER_BYTES]
         elif size > TRAILER_BYTES and data[-TRAILER_BYTES:4 - TRAILER_BYTES] == MAGIC:
             data = data[:-TRAILER_BYTES]  # signed for a relay that checks nothing: ignored
@@ -193,13 +194,14 @@ class MsgpackControl:
         if not isinstance(cookie, (str, bytes)) or not 0 < len(cookie) <= MAX_COOKIE:
             return self._error(None, "bad_request", f"cookie must be a string of 1-{MAX_COOKIE} "
                                "bytes", limit)
-        cached = self.replay.lookup(sender, cookie, now)
-        if cached is not None:
-            if not cached:  # this entry has answered its share of retransmissions
-                counters["control.dropped.resend_limit"] += 1
-                return Outcome(None)
+        verdict, cached = self.replay.answer(sender, cookie, now, unverified)
+        if verdict == HIT:
             counters["control.retransmissions"] += 1
             return Outcome(cached)
+        if verdict != MISS:  # resends used up; or, unverified, other bytes under the cookie
+            counters["control.dropped.resend_limit" if verdict == SPENT
+                     else "control.dropped.cookie_reused"] += 1
+            return Outcome(None)
         if self.replay.in_flight(sender, cookie):
             counters["control.retransmissions.in_flight"] += 1
             return Outcome(None)
@@ -210,12 +212,13 @@ class MsgpackControl:
         if type(version) is not int or version != VERSION:
             return self._error(cookie, "unsupported_version", f"protocol version "
                                f"{_clip(version)} is not supported; this relay speaks "
-                               f"{VERSION}", limit, sender, now)
+                               f"{VERSION}", limit, sender, now, unverified)
         cmd = message.get("cmd")
         if cmd not in COMMANDS:
             return self._error(cookie, "unknown_command", f"unknown command {_clip(cmd)}; "
-                               "known: " + ", ".join(COMMANDS), limit, sender, now)
-        if not self.replay.begin(sender, cookie):
+                               "known: " + ", ".join(COMMANDS), limit, sender, now,
+                               unverified)
+        if not self.replay.begin(sender, cookie, unverified):
             counters["control.dropped.busy"] += 1
             return Outcome(None)
         message[CALLER] = caller
@@ -491,17 +494,19 @@ class MsgpackControl:
         return _error_body(cookie, code, message)
 
     def _error(self, cookie: Any, code: str, message: str, limit: Optional[int] = None,
-               sender: Optional[Hashable] = None, now: float = 0.0) -> Outcome:
+               sender: Optional[Hashable] = None, now: float = 0.0,
+               request: Optional[bytes] = None) -> Outcome:
         """An error reply to a request that was not run. `limit`: the most bytes the
         sender may get (an unverified sender: its request's size); a larger reply is a
-        counted drop. With `sender`, the reply is cached for retransmissions."""
+        counted drop. With `sender`, the reply is cached for retransmissions (of exactly
+        `request`, when given)."""
         data = pack(_error_body(cookie, code, message))
         if limit is not None and len(data) > limit:
             self.counters["control.dropped.amplification"] += 1
             return Outcome(None)
         self.counters[f"control.errors.{code}"] += 1
         if sender is not None:
-            self.replay.store(sender, cookie, data, now)
+            self.replay.store(sender, cookie, data, now, request)
         return Outcome(data)
 
     def _final(self, sender: Hashable, cookie: Any, now: float, reply: Dict[str, Any]) -> Outcome:

@@ -5,12 +5,14 @@ replies, and an attacker picks those. Each entry is charged its reply, its cooki
 fixed overhead; the oldest go first. A reply larger than one datagram is never kept (it
 could not be sent anyway), and an entry answers at most `max_resends` retransmissions, so
 one captured request cannot make the relay send its reply to a spoofed address forever.
+`answer` also tells a retransmission (the same bytes) from another request that reuses
+a cookie: an unverified sender must not get a large cached reply for a tiny datagram.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Hashable, Optional, Set, Tuple
+from typing import Any, Dict, Hashable, Optional, Tuple
 
 REPLAY_WINDOW = 30.0
 #: msgpack replies kept at most (bytes, overhead included): about 40,000 small replies,
@@ -28,6 +30,8 @@ MAX_IN_FLIGHT = 4096
 
 #: what `lookup` returns for an entry whose retransmissions are used up: drop, do not run
 EXHAUSTED = b""
+#: `answer` verdicts
+MISS, HIT, SPENT, MISMATCH = "miss", "hit", "exhausted", "mismatch"
 
 
 def _cost(cookie: Any, reply: bytes) -> int:
@@ -48,9 +52,10 @@ class ReplayCache:
         self.max_resends = max_resends
         self.max_in_flight = max_in_flight
         self.bytes = 0
-        # key -> [expiry, reply, resends left, cost]
+        # key -> [expiry, reply, resends left, cost, hash of the request or None]
         self._entries: OrderedDict[Tuple[Hashable, Hashable], list] = OrderedDict()
-        self._in_flight: Set[Tuple[Hashable, Hashable]] = set()
+        #: (sender, cookie) -> hash of the request or None, while it runs
+        self._in_flight: Dict[Tuple[Hashable, Hashable], Optional[int]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -67,29 +72,50 @@ class ReplayCache:
         entry[2] -= 1
         return entry[1]
 
+    def answer(self, sender: Hashable, cookie: Hashable, now: float,
+               request: Optional[bytes] = None) -> Tuple[str, Optional[bytes]]:
+        """(verdict, reply) for a request that may be a retransmission: MISS (run it), HIT
+        (send the reply), SPENT (its resends are used up: drop it), MISMATCH (`request`
+        differs from the one the entry answered: another request reusing the cookie, drop
+        it). Without `request`, only the cookie is compared."""
+        self._purge(now)
+        entry = self._entries.get((sender, cookie))
+        if entry is None:
+            return MISS, None
+        if request is not None and entry[4] is not None and entry[4] != hash(request):
+            return MISMATCH, None
+        if entry[2] <= 0:
+            return SPENT, None
+        entry[2] -= 1
+        return HIT, entry[1]
+
     def in_flight(self, sender: Hashable, cookie: Hashable) -> bool:
         return (sender, cookie) in self._in_flight
 
-    def begin(self, sender: Hashable, cookie: Hashable) -> bool:
-        """Mark a request as being executed (its reply is not ready yet). False when
-        `max_in_flight` requests are executing already: the caller drops this one."""
+    def begin(self, sender: Hashable, cookie: Hashable, request: Optional[bytes] = None
+              ) -> bool:
+        """Mark a request as being executed (its reply is not ready yet); `request` is
+        remembered for `store`. False when `max_in_flight` requests are executing already:
+        the caller drops this one."""
         if len(self._in_flight) >= self.max_in_flight:
             return False
-        self._in_flight.add((sender, cookie))
+        self._in_flight[(sender, cookie)] = None if request is None else hash(request)
         return True
 
-    def store(self, sender: Hashable, cookie: Hashable, reply: bytes, now: float) -> bool:
-        """Keep `reply` for retransmissions; False (nothing kept) when it is larger than
-        one datagram."""
+    def store(self, sender: Hashable, cookie: Hashable, reply: bytes, now: float,
+              request: Optional[bytes] = None) -> bool:
+        """Keep `reply` for retransmissions (of `request`, when given: see `answer`); False
+        (nothing kept) when it is larger than one datagram."""
         key = (sender, cookie)
-        self._in_flight.discard(key)
+        began = self._in_flight.pop(key, None)
+        fingerprint = began if request is None else hash(request)
         old = self._entries.pop(key, None)
         if old is not None:
             self.bytes -= old[3]
         if len(reply) > self.max_entry:
             return False
         cost = _cost(cookie, reply)
-        self._entries[key] = [now + self.window, reply, self.max_resends, cost]
+        self._entries[key] = [now + self.window, reply, self.max_resends, cost, fingerprint]
         self.bytes += cost
         entries = self._entries
         while self.bytes > self.max_bytes and entries:
@@ -100,7 +126,7 @@ class ReplayCache:
     def discard(self, sender: Hashable, cookie: Hashable) -> None:
         """Forget a request: its retransmission runs it again (a legacy request whose data
         plane failed gets no reply, so the module's retry is a fresh attempt)."""
-        self._in_flight.discard((sender, cookie))
+        self._in_flight.pop((sender, cookie), None)
         entry = self._entries.pop((sender, cookie), None)
         if entry is not None:
             self.bytes -= entry[3]

@@ -337,6 +337,32 @@ def test_one_captured_request_gets_a_bounded_number_of_resends():
     assert ctl.counters["control.dropped.resend_limit"] == 40 - 1 - ctl.replay.max_resends
 
 
+def test_a_reused_cookie_gets_the_cached_reply_only_for_the_same_bytes_when_unverified():
+    """A tiny datagram under a cookie whose reply is large is not a retransmission: an
+    unverified sender gets nothing for it (it would be amplification)."""
+    ctl = make(auth=False)
+    stats = pack({"v": 1, "cookie": "s1", "cmd": "stats"})
+    first = ctl.handle(stats, A, 10.0).reply
+    assert ctl.handle(stats, A, 10.5).reply == first  # the same bytes: a retransmission
+    tiny = pack({"cookie": "s1"})
+    assert ctl.handle(tiny, A, 10.6).reply is None
+    assert ctl.counters["control.dropped.cookie_reused"] == 1
+    signed_ctl = make()  # a verified sender's resend may be signed anew: the cookie decides
+    wire = pack({"v": 1, "cookie": "s2", "cmd": "stats"})
+    first = signed_ctl.handle(signed(wire), A, 10.0).reply
+    assert signed_ctl.handle(signed(wire), A, 10.5).reply == first
+
+
+def test_legacy_answers_a_reused_cookie_only_for_the_same_bytes():
+    engine = Engine(EngineConfig(internal_ip=INTERNAL, external_ip=INTERNAL))
+    legacy = LegacyControl(engine)
+    s = s_req()
+    assert legacy.handle(s, LEGACY, 0.0).reply == s + b"OK"
+    assert legacy.handle(s, LEGACY, 0.5).reply == s + b"OK"  # Kamailio's resend
+    assert legacy.handle(b"1_1 \x00", LEGACY, 0.6).reply is None  # 5 bytes for 70
+    assert legacy.counters["legacy.dropped.cookie_reused"] == 1
+
+
 def test_a_full_replay_guard_refuses_rather_than_forgets():
     ctl = MsgpackControl(Engine(EngineConfig()), auth=Authenticator([TEST_KEY], 30.0, 2),
                          wall_clock=lambda: WALL)
