@@ -111,7 +111,8 @@ class _DatagramEndpoint:
 #: options a reload (SIGHUP, `ctl reload`) applies to a running relay; others need a restart
 RELOADABLE = ("log_level", "log_format", "silence_timeout", "max_lifetime", "quarantine",
               "max_sessions", "control_allow", "legacy_allow", "legacy_takeover_idle",
-              "legacy_timeout", "max_control_rate", "strict_source")
+              "legacy_timeout", "max_control_rate", "strict_source", "control_keys",
+              "control_auth_window")
 
 
 class Relay:
@@ -255,6 +256,17 @@ class Relay:
         applied = [name for name in RELOADABLE if getattr(fresh, name) != getattr(old, name)]
         restart = [name for name in vars(fresh) if name not in RELOADABLE
                    and getattr(fresh, name) != getattr(old, name)]
+        auth = self.control.auth
+        if auth is not None and fresh.control_auth == "hmac":
+            # key files are re-read every reload (rotation: add a key, later remove the
+            # old one); the replay guard keeps what it has seen
+            new_auth = relay_authenticator(fresh.control_auth, fresh.control_keys,
+                                           fresh.control_auth_window)
+            if new_auth is not None and _key_set(new_auth) != _key_set(auth):
+                applied.append("keys")
+            if new_auth is not None:
+                new_auth.guard = auth.guard
+                self.control.auth = new_auth
         engine_cfg = self.engine.config
         engine_cfg.silence_timeout = fresh.silence_timeout  # new sessions; live ones keep
         engine_cfg.max_lifetime = fresh.max_lifetime
@@ -488,6 +500,11 @@ class Relay:
         self.plane.refresh(expire)
         await done
         self._rearm()
+
+
+def _key_set(auth: Any) -> set:
+    """What a reload compares: each key's id, secret and rights."""
+    return {(k.id, k.secret, k.admin, k.owner) for k in auth.keys.values()}
 
 
 def _shown(address: Any) -> str:

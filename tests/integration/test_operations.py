@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -198,3 +200,29 @@ def test_top_view_rates():
     assert frame["pps_out"] == 250.0 and frame["pps_in"] == 250.0
     assert frame["drops"] == {"unexpected_source": 4} and frame["sessions"] == 3
     assert io.StringIO  # the renderer is exercised by the live test above
+
+
+def test_reload_reads_rotated_keys(start_relay, tmp_path, monkeypatch):
+    """Key rotation without a restart: a key added to the key directory works after
+    `ctl reload`; one removed stops working."""
+    from lrk.control.auth import KEYS_ENV, create_key
+
+    keys = tmp_path / "keys"
+    old = create_key(str(keys), "admin", admin=True)
+    monkeypatch.setenv(KEYS_ENV, str(keys))  # this relay's keys (and its readiness ping)
+    relay = start_relay()
+    new = create_key(str(keys), "rotated", admin=True)
+    with LrkClient([relay.node], timeout=0.5, retries=1, key=new) as rotated, \
+            pytest.raises((NodeTimeout, NoNodeAvailable)):
+        rotated.ping(relay.node)  # not known yet: no reply at all
+    with LrkClient([relay.node], timeout=1.0, retries=3, key=old) as admin:
+        assert "keys" in admin.reload()["applied"]
+    with LrkClient([relay.node], timeout=1.0, retries=3, key=new) as rotated:
+        assert rotated.ping(relay.node)["pong"] is True
+        kept = str(tmp_path / "retired.key")
+        shutil.copy2(old, kept)  # a client that still holds it
+        os.unlink(old)  # the old key retires from the relay's directory
+        assert "keys" in rotated.reload()["applied"]
+    with LrkClient([relay.node], timeout=0.5, retries=1, key=kept) as retired, \
+            pytest.raises((NodeTimeout, NoNodeAvailable)):
+        retired.ping(relay.node)
