@@ -13,6 +13,7 @@ import msgpack
 
 from lrk.control.auth import Key, create_key, ensure_keys, load_key, sign
 from lrk.demo.relay_process import RelayProcess, next_port_range
+from tests.sockets import pending  # noqa: F401 - tests import it from here
 
 Addr = Tuple[str, int]
 
@@ -81,20 +82,6 @@ def ask(sock: socket.socket, to: Addr, data: bytes) -> Dict[str, Any]:
         if reply.get("cookie") == cookie:
             return reply
     raise AssertionError(f"no reply to {cookie}")
-
-
-def pending(sock: socket.socket) -> List[bytes]:
-    """Datagrams queued on `sock` now (loopback delivers before sendto returns)."""
-    got = []
-    sock.setblocking(False)
-    try:
-        while True:
-            try:
-                got.append(sock.recv(65535))
-            except BlockingIOError:
-                return got
-    finally:
-        sock.setblocking(True)
 
 
 class Admin:

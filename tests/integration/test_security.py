@@ -235,7 +235,8 @@ def test_first_start_creates_keys_that_ctl_and_clients_find(tmp_path):
                              "off"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
-        while not (directory / "admin.key").exists():
+        # both files: the relay writes admin.key, then client.key
+        while not all((directory / name).exists() for name in ("admin.key", "client.key")):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         for name in ("admin.key", "client.key"):

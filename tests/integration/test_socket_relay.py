@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import msgpack
 import pytest
@@ -16,6 +16,7 @@ from lrk.client import LrkClient
 from lrk.client.errors import RelayError
 from lrk.demo.media import check_rtp, rtcp_sender_report, rtp_packet, summarize
 from tests.control_keys import sign_env
+from tests.sockets import pending
 
 from .conftest import port_free, worker_pids
 
@@ -41,22 +42,6 @@ def wait_until(predicate, timeout: float = 10.0, step: float = 0.05):
             return value
         time.sleep(step)
     raise AssertionError(f"condition not met within {timeout:.1f}s")
-
-
-def pending(sock: socket.socket) -> List[bytes]:
-    """The datagrams queued on a socket right now, without waiting. Loopback delivery is
-    synchronous (a datagram is queued before sendto returns), so once the relay has
-    handled (counted) a packet, anything it sent for it is already here."""
-    got = []
-    sock.setblocking(False)
-    try:
-        while True:
-            try:
-                got.append(sock.recv(65535))
-            except BlockingIOError:
-                return got
-    finally:
-        sock.setblocking(True)
 
 
 def leg_drops(client: LrkClient, call_id: str, leg: str) -> Dict[str, int]:

@@ -6,6 +6,7 @@ import socket
 import time
 
 from bench.netns import run, socket_in
+from tests.sockets import pending  # noqa: F401 - netns tests import it from here
 
 
 def endpoint(ns: str, ip: str, port: int, timeout: float = 3.0) -> socket.socket:
@@ -26,23 +27,6 @@ def receive(sock: socket.socket, n: int):
             break
         got.append((data, addr[:2]))
     return got
-
-
-def pending(sock: socket.socket) -> list:
-    """The datagrams queued on `sock` right now, without waiting (the timeout is kept).
-    For "nothing arrived" checks: first wait until the relay counted the packet as
-    handled (a drop counter moved), then look here, instead of waiting out a timeout."""
-    got = []
-    timeout = sock.gettimeout()
-    sock.setblocking(False)
-    try:
-        while True:
-            try:
-                got.append(sock.recv(65535))
-            except BlockingIOError:
-                return got
-    finally:
-        sock.settimeout(timeout)
 
 
 def wait(predicate, timeout: float = 10.0) -> None:
