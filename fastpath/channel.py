@@ -5,7 +5,7 @@ veto) every port while the worker owns the hot loop. Both ends are the same
 interpreter (the worker is started with the daemon's own executable) and the pair is
 private to them, so `marshal` fits: built into both interpreters, where msgpack runs
 as pure Python under PyPy and was most of the control plane's cost there. Messages
-are the frozen dataclasses below (and `fastpath.contract`'s specs and reports); on the
+are the immutable records below (and `fastpath.contract`'s specs and reports); on the
 wire each is a tagged tuple, converted by `encode_message`/`decode_message` only.
 """
 
@@ -15,7 +15,7 @@ import array
 import marshal
 import socket
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from fastpath.contract import Addr, LegReport, LegSpec, StreamSpec
 
@@ -37,8 +37,7 @@ def pair() -> Tuple[socket.socket, socket.socket]:
 
 
 # -- messages ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class InstallSession:
+class InstallSession(NamedTuple):
     """Daemon -> worker: serve one stream of a session (unit `uid`, see
     `fastpath.contract.unit_id`) on the four sockets that come with it (A-RTP, A-RTCP,
     B-RTP, B-RTCP), whose families and local addresses the daemon already knows."""
@@ -49,8 +48,7 @@ class InstallSession:
     addrs: Tuple[Addr, ...]
 
 
-@dataclass(frozen=True)
-class UpdateSession:
+class UpdateSession(NamedTuple):
     """Daemon -> worker: a unit's legs as they now are (a leg whose spec changed latches
     afresh; the other keeps its latch)."""
 
@@ -58,15 +56,13 @@ class UpdateSession:
     stream: StreamSpec
 
 
-@dataclass(frozen=True)
-class RemoveSession:
+class RemoveSession(NamedTuple):
     """Daemon -> worker: stop serving a unit, close its sockets (final report first)."""
 
     uid: int
 
 
-@dataclass(frozen=True)
-class UnitReport:
+class UnitReport(NamedTuple):
     """Worker -> daemon: what one unit counted since its install."""
 
     uid: int
@@ -100,8 +96,7 @@ class Batch:
     nfds: Tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Reports:
+class Reports(NamedTuple):
     """Worker -> daemon: session reports, and the worker's totals (last chunk only)."""
 
     reports: Tuple[UnitReport, ...]
@@ -120,8 +115,7 @@ Message = Union[InstallSession, UpdateSession, RemoveSession, Taps, Flush, Stop,
 
 
 def _leg_out(leg: LegSpec) -> tuple:
-    return (leg.name, leg.relay_ip, leg.relay_port, leg.announced, leg.rtcp_announced,
-            leg.latch_any, leg.generation, leg.rtcp_mux)
+    return tuple(leg)  # marshal takes plain tuples only
 
 
 def _leg_in(t: tuple) -> LegSpec:
@@ -141,8 +135,7 @@ def _spec_in(t: tuple) -> StreamSpec:
 
 
 def _report_leg_out(r: LegReport) -> tuple:
-    return (r.in_packets, r.in_bytes, r.out_packets, r.out_bytes, r.drops, r.generation,
-            r.latched, r.rtcp_latched)
+    return tuple(r)
 
 
 def _report_leg_in(t: tuple) -> LegReport:

@@ -1,17 +1,22 @@
 """The data-plane contract: what the engine tells a data plane, and what comes back.
 
 One vocabulary for every mode (socket, packet, kernel, nfqueue) and both processes
-(daemon and worker): small frozen dataclasses. The engine owns sessions and sends
+(daemon and worker): small immutable records. The engine owns sessions and sends
 *actions* carrying immutable snapshots (`SessionSpec`); a plane owns only what it
 observed (counters, latched peers, failures) and sends it back as *reports* and
 *events*; it never writes engine state. `DataPlane` is the interface each mode's
 adapter implements (`lrk/daemon/*_plane.py`).
+
+The records built once per request or per report (specs and reports) are NamedTuples:
+as immutable as frozen dataclasses, but built by tuple.__new__ and compared in C, which
+on CPython made a session's spec about four times cheaper to build (docs/benchmarks.md).
+Actions stay frozen dataclasses (a few per request, and they are dispatched by type).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 try:  # Python 3.8+: typing.Protocol
     from typing import Protocol
@@ -43,8 +48,7 @@ def unit_of(uid: int) -> Tuple[int, int]:
     return divmod(uid, MAX_STREAMS)
 
 
-@dataclass(frozen=True)
-class LegSpec:
+class LegSpec(NamedTuple):
     """One leg's side of one stream, as a data plane must serve it: where the peer sends,
     who that peer is."""
 
@@ -62,8 +66,7 @@ class LegSpec:
         return self.relay_port + 1
 
 
-@dataclass(frozen=True)
-class StreamSpec:
+class StreamSpec(NamedTuple):
     """One relayed stream (m= line `index` of the SDP) on both legs."""
 
     index: int
@@ -74,8 +77,7 @@ class StreamSpec:
         return self.a if name == LEG_A else self.b
 
 
-@dataclass(frozen=True)
-class SessionSpec:
+class SessionSpec(NamedTuple):
     """A session as a data plane must serve it (a snapshot: the engine's own state moves
     on). Disabled streams (port 0) are absent; `streams` keeps SDP order."""
 
@@ -140,8 +142,7 @@ Action = Union[Install, Update, Remove]
 
 
 # -- plane -> engine ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class LegReport:
+class LegReport(NamedTuple):
     """What a plane observed on one leg since the session was installed there (absolute
     counts, so a lost report loses nothing). `generation` is the leg generation the
     latches belong to (-1: the plane has no latch to report)."""
@@ -156,8 +157,7 @@ class LegReport:
     rtcp_latched: Optional[Addr] = None
 
 
-@dataclass(frozen=True)
-class StreamReport:
+class StreamReport(NamedTuple):
     """What a plane observed on one stream, per leg."""
 
     index: int
@@ -165,8 +165,7 @@ class StreamReport:
     b: LegReport
 
 
-@dataclass(frozen=True)
-class SessionReport:
+class SessionReport(NamedTuple):
     """Counters and latches of one session's streams; `last_rx` is the monotonic time
     media last arrived on any of them (None: none seen since install)."""
 

@@ -281,12 +281,13 @@ class MsgpackControl:
         if body is not None:
             if not isinstance(body, (str, bytes)):
                 raise BadRequest("sdp must be a string or binary")
-            desc = sdp.parse(body)
+            parsed = sdp.scan(body)
+            desc = parsed.desc
             if desc.first_relayable() is None:
                 raise BadRequest("sdp has no stream lrk can relay (every m= line is "
                                  "disabled, or not over UDP)")
             streams = [_stream_of(st) for st in desc.streams]
-            return streams, None, (body, desc)
+            return streams, None, parsed
         media = args.get("media")
         if isinstance(media, list):
             if not 0 < len(media) <= MAX_STREAMS:
@@ -325,7 +326,7 @@ class MsgpackControl:
             "streams": relays,
         }
         if body is not None:
-            text, desc = body
+            desc = body.desc
             rewrite: List[Optional[sdp.StreamRelay]] = []
             for i, st in enumerate(desc.streams):
                 m = leg.media[i] if i < len(leg.media) else None
@@ -333,7 +334,7 @@ class MsgpackControl:
                     rewrite.append(None)
                 else:
                     rewrite.append(sdp.StreamRelay(m.relay_ip, m.relay_port, None, muxes[i]))
-            reply["sdp"] = sdp.rewrite(text, rewrite)
+            reply["sdp"] = body.rewrite(rewrite)
         return reply
 
     def _cmd_offer(self, args: Dict[str, Any], now: float):
@@ -560,18 +561,22 @@ def _media_stream(value: Any, what: str) -> StreamOffer:
 
 
 def _too_deep(obj: Any, limit: int) -> bool:
-    """Iterative depth check: decoders differ in how deep they go before failing."""
-    stack = [(obj, 1)]
+    """Iterative depth check: decoders differ in how deep they go before failing. Only
+    containers are stacked (a request is mostly strings and numbers)."""
+    if type(obj) is dict:
+        children = obj.values()
+    elif type(obj) is list:
+        children = obj
+    else:
+        return False
+    stack = [(child, 2) for child in children if type(child) is dict or type(child) is list]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            if depth > limit:
-                return True
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            if depth > limit:
-                return True
-            stack.extend((v, depth + 1) for v in item)
+        if depth > limit:
+            return True
+        for child in (item.values() if type(item) is dict else item):
+            if type(child) is dict or type(child) is list:
+                stack.append((child, depth + 1))
     return False
 
 

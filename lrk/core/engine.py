@@ -419,36 +419,40 @@ class Engine:
         if len(wanted) > MAX_STREAMS:
             raise BadRequest(f"{len(wanted)} media streams; lrk relays at most {MAX_STREAMS}")
         a, b = session.legs[LEG_A], session.legs[LEG_B]
-        for leg in (a, b):
-            while len(leg.media) < len(wanted):
-                leg.media.append(None)
+        am, bm = a.media, b.media
+        n = len(wanted)
+        if len(am) < n:
+            am.extend([None] * (n - len(am)))
+        if len(bm) < n:
+            bm.extend([None] * (n - len(bm)))
         added: List[int] = []
         try:
             for i, want in enumerate(wanted):
-                if want and a.media[i] is None:
+                if want and am[i] is None:
                     port_a = self._allocate(now, a.relay_ip)
-                    a.media[i] = Media(a.relay_ip, port_a)
+                    am[i] = Media(a.relay_ip, port_a)
                     self.owner[port_a] = session
                     added.append(port_a)
                     port_b = self._allocate(now, b.relay_ip)
-                    b.media[i] = Media(b.relay_ip, port_b)
+                    bm[i] = Media(b.relay_ip, port_b)
                     self.owner[port_b] = session
                     added.append(port_b)
         except Exception:
-            for leg in (a, b):
-                for i, m in enumerate(leg.media):
+            for media in (am, bm):
+                for i, m in enumerate(media):
                     if m is not None and m.relay_port in added:
-                        leg.media[i] = None
+                        media[i] = None
             for port in added:
                 self.ports.release(port, now, quarantine=False)  # never carried media
                 self.owner.pop(port, None)
             raise
-        for i in range(len(a.media)):
-            if (i >= len(wanted) or not wanted[i]) and a.media[i] is not None:
+        for i, m in enumerate(am):
+            if m is not None and (i >= n or not wanted[i]):
                 self._free_stream(now, session, i)
-        for leg in (a, b):
-            while len(leg.media) > len(wanted) and leg.media[-1] is None:
-                leg.media.pop()
+        while len(am) > n and am[-1] is None:
+            am.pop()
+        while len(bm) > n and bm[-1] is None:
+            bm.pop()
 
     def _free_stream(self, now: float, session: Session, index: int) -> None:
         for leg in session.legs.values():

@@ -18,7 +18,7 @@ under PyPy.
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
@@ -48,9 +48,9 @@ NULL_ADDRESSES = frozenset({"0.0.0.0", "::"})
 _SHOWN = 60
 
 
-@dataclass(frozen=True)
-class Stream:
-    """One `m=` section as lrk sees it."""
+class Stream(NamedTuple):
+    """One `m=` section as lrk sees it (a NamedTuple: built once per m= line on the
+    control path, where a frozen dataclass of 16 fields cost more than parsing the line)."""
 
     index: int  # position among the m= lines, 0-based
     line: int  # line number of the m= line, 1-based (as in error messages)
@@ -119,12 +119,8 @@ class StreamRelay:
     rtcp_mux: bool = False  # announce a=rtcp-mux (kept, or added when the body lacks it)
 
     def __post_init__(self) -> None:
-        try:
-            if not self.ip.isascii():
-                raise ValueError
-            ipaddress.ip_address(self.ip)
-        except (AttributeError, ValueError):
-            raise ValueError(f"relay ip {self.ip!r} is not an IPv4 or IPv6 address") from None
+        if not isinstance(self.ip, str) or not is_address(self.ip):
+            raise ValueError(f"relay ip {self.ip!r} is not an IPv4 or IPv6 address")
         for name, value in (("port", self.port), ("rtcp_port", self.rtcp_port)):
             if value is None and name == "rtcp_port":
                 continue
@@ -154,6 +150,50 @@ class SdpMedia(NamedTuple):
 
 
 # -- public API -------------------------------------------------------------------------
+
+
+def is_address(text: str, family: Optional[str] = None) -> bool:
+    """Whether `text` is a plain IPv4 (family "IP4") or IPv6 ("IP6") address, either when
+    `family` is None. inet_pton, not ipaddress: this runs several times per request."""
+    if not text.isascii():
+        return False
+    if family != "IP6" and "." in text and ":" not in text:
+        try:
+            socket.inet_pton(socket.AF_INET, text)
+            return True
+        except OSError:
+            return False
+    if family != "IP4" and ":" in text:
+        try:
+            socket.inet_pton(socket.AF_INET6, text)
+            return True
+        except OSError:
+            return False
+    return False
+
+
+class Parsed:
+    """A body read once: its description, and rewrite() without reading it again."""
+
+    __slots__ = ("_doc", "_is_bytes")
+
+    def __init__(self, body: Body) -> None:
+        text, self._is_bytes = _decode(body)
+        self._doc = _scan(text)
+
+    @property
+    def desc(self) -> SessionDescription:
+        return self._doc.desc
+
+    def rewrite(self, relays: Sequence[Optional[StreamRelay]], *,
+                bump_version: bool = True) -> Body:
+        """As the module's rewrite() on the body this was read from."""
+        return _encode(_apply(self._doc, relays, bump_version, False), self._is_bytes)
+
+
+def scan(body: Body) -> Parsed:
+    """Read `body` once for both parse() and rewrite() (the control path does both)."""
+    return Parsed(body)
 
 
 def parse(body: Body) -> SessionDescription:
@@ -270,6 +310,15 @@ def _number(text: str, digits: int) -> Optional[int]:
 
 
 def _split_lines(text: str) -> Tuple[List[str], List[str]]:
+    crlf = text.count("\r\n")
+    if crlf and crlf == text.count("\n") and not text.endswith("\r"):
+        contents = text.split("\r\n")  # the usual body: CRLF everywhere, nothing else
+        if contents[-1] == "":
+            contents.pop()
+            return contents, ["\r\n"] * len(contents)
+        eols = ["\r\n"] * len(contents)
+        eols[-1] = ""
+        return contents, eols
     pieces = text.split("\n")
     ends_with_newline = pieces[-1] == ""
     if ends_with_newline:
@@ -295,12 +344,7 @@ def _connection(line: str) -> Tuple[Optional[str], Optional[str], Optional[str]]
         return None, None, "a connection line must be 'c=IN IP4|IP6 ADDRESS'"
     family = tokens[1].upper()
     address = tokens[2].split("/", 1)[0]  # multicast TTL / count suffix
-    try:
-        if family == "IP4":
-            ipaddress.IPv4Address(address)
-        else:
-            ipaddress.IPv6Address(address)
-    except ValueError:
+    if not is_address(address, family):
         kind = "IPv4" if family == "IP4" else "IPv6"
         return family, address, (f"connection address {_shown(address, 40)} is not an "
                                  f"{kind} address")
@@ -317,9 +361,7 @@ def _rtcp(value: str) -> Tuple[Optional[int], Optional[str], Optional[str]]:
         return port, None, None
     if len(tokens) != 4 or tokens[1].upper() != "IN" or tokens[2].upper() not in ("IP4", "IP6"):
         return port, None, "a=rtcp must be 'a=rtcp:PORT' or 'a=rtcp:PORT IN IP4|IP6 ADDRESS'"
-    try:
-        ipaddress.ip_address(tokens[3])
-    except ValueError:
+    if not is_address(tokens[3]):
         return port, None, f"a=rtcp address {_shown(tokens[3], 40)} is not an IP address"
     return port, tokens[3], None
 
@@ -459,6 +501,14 @@ def _first(desc: SessionDescription) -> Stream:
 
 def _token_span(line: str, k: int) -> Tuple[int, int]:
     """Start and end of the k-th whitespace-separated field after 'x=' (as str.split())."""
+    if line[2:3] != " " and "  " not in line and line.isprintable():  # the usual line
+        start = 2
+        for _ in range(k):
+            start = line.find(" ", start) + 1
+            if start == 0:
+                return len(line), len(line)
+        end = line.find(" ", start)
+        return start, (len(line) if end < 0 else end)
     i, n = 2, len(line)
     start = i
     for _ in range(k + 1):
@@ -551,12 +601,14 @@ def _apply(doc: _Doc, relays: Sequence[Optional[StreamRelay]], bump: bool,
             for stream, relay in zip(streams, relays)):
         for i in doc.session_ice:
             new[i] = None
-    changed = bool(after) or any(a != b for a, b in zip(new, contents))
+    changed = bool(after) or new != contents
     if changed and bump and doc.origin is not None:
         new[doc.origin] = _bumped(contents[doc.origin])
 
-    parts: List[str] = []
     eols = doc.eols
+    if not after and new[-1] is not None:
+        return "".join([line + eol for line, eol in zip(new, eols) if line is not None])
+    parts: List[str] = []
     for i, line in enumerate(new):
         eol = eols[i]
         if line is not None:

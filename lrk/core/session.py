@@ -290,9 +290,11 @@ class Session:
 
     def spec(self) -> SessionSpec:
         a, b = self.legs[LEG_A], self.legs[LEG_B]
+        am, bm = a.media, b.media
         return SessionSpec(self.sid, self.call_id,
-                           tuple(StreamSpec(i, a.spec(i), b.spec(i))
-                                 for i in self.active_streams()))
+                           tuple([StreamSpec(i, a.spec(i), b.spec(i))
+                                  for i in range(min(len(am), len(bm)))
+                                  if am[i] is not None and bm[i] is not None]))
 
     def observe(self, report: SessionReport) -> None:
         """Fold a data-plane report (absolute counts since each stream's install)."""

@@ -445,10 +445,12 @@ class SocketPlane:
     def commit(self, then: Callable[[], None]) -> None:
         """Send every queued worker message now; `then` once all of it is in the channels
         (at once, unless a worker's channel is full: then when it has drained)."""
+        waiting = False
         for w in self.workers:
             if w.outbox:
                 w._flush_outbox()
-        if any(w.outbox for w in self.workers):
+                waiting = waiting or bool(w.outbox)
+        if waiting:
             self._commit_waiters.append(then)
         else:
             then()

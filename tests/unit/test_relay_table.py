@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from fastpath.contract import LegReport, LegSpec, StreamSpec
 from fastpath.worker.relay_table import (
     DROP_NAMES,
@@ -32,8 +30,8 @@ def unannounced(name, gen):
 
 def setup(a=None, b=None, sid=7):
     table = RelayTable()
-    spec = StreamSpec(0, replace(a or unannounced("A", 0), name="A"),
-                      replace(b or unannounced("B", 0), name="B"))
+    spec = StreamSpec(0, (a or unannounced("A", 0))._replace(name="A"),
+                      (b or unannounced("B", 0))._replace(name="B"))
     session = table.install(sid, FDS, spec)
     eps = [table.by_fd[fd] for fd in FDS]
     return table, session, eps
