@@ -56,6 +56,26 @@ class UpdateSession(NamedTuple):
     stream: StreamSpec
 
 
+class InstallFork(NamedTuple):
+    """Daemon -> worker: another early dialog of unit `main_uid`'s stream (a forked
+    INVITE). Two sockets come with it (A-RTP, A-RTCP); its B side shares the main unit's
+    B sockets. `uid` is the daemon's id for it (negative: no clash with unit ids)."""
+
+    uid: int
+    main_uid: int
+    stream: StreamSpec
+    families: Tuple[int, ...]
+    addrs: Tuple[Addr, ...]
+
+
+class PromoteFork(NamedTuple):
+    """Daemon -> worker: the fork's dialog won (its final answer): its A sockets replace
+    the main unit's, which close; the fork unit is gone."""
+
+    main_uid: int
+    fork_uid: int
+
+
 class RemoveSession(NamedTuple):
     """Daemon -> worker: stop serving a unit, close its sockets (final report first)."""
 
@@ -110,8 +130,8 @@ class Flushed:
     req: int
 
 
-Message = Union[InstallSession, UpdateSession, RemoveSession, Taps, Flush, Stop, Batch,
-                Reports, Flushed, UnitReport]
+Message = Union[InstallSession, InstallFork, PromoteFork, UpdateSession, RemoveSession, Taps,
+                Flush, Stop, Batch, Reports, Flushed, UnitReport]
 
 
 def _leg_out(leg: LegSpec) -> tuple:
@@ -151,6 +171,10 @@ def _to_wire(m: Any) -> tuple:
         return ("I", m.uid, _spec_out(m.stream), m.families, m.addrs)
     if isinstance(m, UpdateSession):
         return ("U", m.uid, _spec_out(m.stream))
+    if isinstance(m, InstallFork):
+        return ("K", m.uid, m.main_uid, _spec_out(m.stream), m.families, m.addrs)
+    if isinstance(m, PromoteFork):
+        return ("P", m.main_uid, m.fork_uid)
     if isinstance(m, RemoveSession):
         return ("X", m.uid)
     if isinstance(m, Flush):
@@ -176,6 +200,11 @@ def _from_wire(t: tuple) -> Any:
                               tuple((a[0], a[1]) for a in t[4]))
     if tag == "U":
         return UpdateSession(t[1], _spec_in(t[2]))
+    if tag == "K":
+        return InstallFork(t[1], t[2], _spec_in(t[3]), tuple(t[4]),
+                           tuple((a[0], a[1]) for a in t[5]))
+    if tag == "P":
+        return PromoteFork(t[1], t[2])
     if tag == "X":
         return RemoveSession(t[1])
     if tag == "F":

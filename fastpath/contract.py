@@ -77,13 +77,32 @@ class StreamSpec(NamedTuple):
         return self.a if name == LEG_A else self.b
 
 
+class ForkSpec(NamedTuple):
+    """An early dialog beyond the first (a forked INVITE: another callee's 183 with SDP,
+    another To-tag). Its A side has relay ports of its own (the caller got them in that
+    183) and expects the caller; its B side shares the session's leg B relay ports (every
+    forked callee sends where the one offer told it to) and expects that callee, so a
+    plane tells the callees apart by source address. `key` (1..MAX_FORKS) is unique
+    within the session."""
+
+    key: int
+    tag: str
+    streams: Tuple[StreamSpec, ...]
+
+
+#: early dialogs per session beyond the first (forked INVITEs)
+MAX_FORKS = 8
+
+
 class SessionSpec(NamedTuple):
     """A session as a data plane must serve it (a snapshot: the engine's own state moves
-    on). Disabled streams (port 0) are absent; `streams` keeps SDP order."""
+    on). Disabled streams (port 0) are absent; `streams` keeps SDP order. `forks`: the
+    other early dialogs while the call is not yet answered (see ForkSpec)."""
 
     sid: int
     call_id: str
     streams: Tuple[StreamSpec, ...]
+    forks: Tuple[ForkSpec, ...] = ()
 
     def stream(self, index: int) -> Optional[StreamSpec]:
         for stream in self.streams:
@@ -172,6 +191,7 @@ class SessionReport(NamedTuple):
     sid: int
     last_rx: Optional[float]
     streams: Tuple[StreamReport, ...]
+    forks: Tuple[Tuple[int, Tuple[StreamReport, ...]], ...] = ()  # (ForkSpec.key, streams)
 
     @property
     def a(self) -> LegReport:
@@ -234,8 +254,9 @@ def drops_dict(drops: Tuple[Tuple[str, int], ...]) -> Dict[str, int]:
 
 
 __all__ = [
-    "Action", "Addr", "DROP_REASONS", "DataPlane", "Event", "EventSink", "Install", "LEGS",
-    "LEG_A", "LEG_B", "LegReport", "LegSpec", "MAX_STREAMS", "PlaneFailure", "Remove",
+    "Action", "Addr", "DROP_REASONS", "DataPlane", "Event", "EventSink", "ForkSpec", "Install",
+    "LEGS", "LEG_A", "LEG_B", "LegReport", "LegSpec", "MAX_FORKS", "MAX_STREAMS",
+    "PlaneFailure", "Remove",
     "SessionReport", "SessionSpec", "StreamReport", "StreamSpec", "Update", "drops_dict",
     "unit_id", "unit_of",
 ]

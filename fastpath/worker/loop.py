@@ -17,7 +17,7 @@ import select
 import signal
 import socket
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from fastpath import channel, logs
 from fastpath.packet import parse_media
@@ -116,6 +116,11 @@ class SocketWorker:
             self._handle_batch(message, fds)
         elif isinstance(message, channel.InstallSession):
             self._install(message, fds)
+        elif isinstance(message, channel.InstallFork):
+            self._install_fork(message, fds)
+        elif isinstance(message, channel.PromoteFork):
+            for fd in self.table.promote(message.main_uid, message.fork_uid):
+                self._close(fd)
         elif isinstance(message, channel.UpdateSession):
             self.table.update(message.uid, message.stream.a)
             self.table.update(message.uid, message.stream.b)
@@ -144,39 +149,58 @@ class SocketWorker:
             raise ValueError(f"install of {sid} carries {len(fds)} fds, not 4")
         if sid in self.table.sessions:
             self._remove(sid)
-        for fd, family in zip(fds, message.families):
+        session = self.table.install(sid, fds, message.stream)
+        self._adopt(fds, message.families, message.addrs, session.endpoints)
+
+    def _install_fork(self, message: channel.InstallFork, fds: List[int]) -> None:
+        if message.uid in self.table.sessions:
+            self._remove(message.uid)
+        session = self.table.install_fork(message.uid, message.main_uid, fds, message.stream)
+        self._adopt(fds, message.families, message.addrs, session.endpoints[:2])
+
+    def _adopt(self, fds: List[int], families: Tuple[int, ...], addrs: Tuple[Any, ...],
+               endpoints: List[Endpoint]) -> None:
+        """Sockets that came with an install: polled, and known by address (packet mode)."""
+        for fd, family in zip(fds, families):
             # family and type given: no getsockopt, no ioctl (non-blocking already)
             sock = socket.socket(family, socket.SOCK_DGRAM | _NONBLOCK, 0, fd)
             self.sockets[fd] = sock
             self.epoll.register(fd, select.EPOLLIN)
-        session = self.table.install(sid, fds, message.stream)
         if self.readers:
             egress = self.egress
-            addrs = dict(zip(fds, message.addrs))
-            for ep in session.endpoints:
-                ip, port = addrs[ep.fd]
+            by_fd = dict(zip(fds, addrs))
+            for ep in endpoints:
+                ip, port = by_fd[ep.fd]
                 self.by_addr[(ip, port)] = ep
                 if egress is not None:
                     egress.bind(ep.fd, ip, port)
-        self.addrs.update(zip(fds, message.addrs))
+        self.addrs.update(zip(fds, addrs))
 
     def _remove(self, sid: int) -> None:
+        unit = self.table.sessions.get(sid)
+        if unit is None:
+            return
+        for fork in list(unit.forks):  # they share its B sockets: gone first
+            self._remove(fork)
         session = self.table.remove(sid)
         if session is None:
             return
-        for ep in session.endpoints:
-            if self.egress is not None:
-                self.egress.forget(ep.fd)
-            sock = self.sockets.pop(ep.fd, None)
-            addr = self.addrs.pop(ep.fd, None)
-            if self.readers and addr is not None:
-                self.by_addr.pop(addr, None)
-            if sock is not None:
-                try:
-                    self.epoll.unregister(ep.fd)
-                except OSError:
-                    pass
-                sock.close()
+        for ep in session.owned():
+            self._close(ep.fd)
+
+    def _close(self, fd: int) -> None:
+        if self.egress is not None:
+            self.egress.forget(fd)
+        sock = self.sockets.pop(fd, None)
+        addr = self.addrs.pop(fd, None)
+        if self.readers and addr is not None:
+            self.by_addr.pop(addr, None)
+        if sock is not None:
+            try:
+                self.epoll.unregister(fd)
+            except OSError:
+                pass
+            sock.close()
 
     def _report(self, only: object) -> None:
         """Send counters of changed sessions (or of the given sids) to the daemon."""
@@ -251,8 +275,8 @@ class SocketWorker:
                     packets = io.recv(fd)
                     if not packets:
                         break
-                    if ep.demux:  # rtcp-mux on this leg only: RTCP leaves elsewhere
-                        for src_ep, out in table.forward_demux(ep, packets, now):
+                    if ep.split:  # rtcp-mux on one leg only, or forked callees
+                        for src_ep, out in table.forward_split(ep, packets, now):
                             if out:
                                 table.sent(src_ep, out, io.send(src_ep.fd, out))
                     else:
@@ -304,8 +328,8 @@ class SocketWorker:
 
     def _forward(self, ep, packets, now: float) -> None:
         """Packet mode: decide a run, queue what passes for the round's raw send."""
-        if ep.demux:
-            for src_ep, out in self.table.forward_demux(ep, packets, now):
+        if ep.split:
+            for src_ep, out in self.table.forward_split(ep, packets, now):
                 if out:
                     self._queue(src_ep, out)
             return

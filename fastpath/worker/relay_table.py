@@ -7,6 +7,11 @@ out of the partner endpoint (same kind, other leg) to that leg's peer. rtcp-mux:
 leg whose peer multiplexes RTCP on the RTP port takes and sends both there; when only
 one leg multiplexes, its RTP endpoint tells RTCP from RTP by payload type (RFC 5761)
 and hands RTCP to the other leg's RTCP endpoint, and back.
+Forked INVITEs: an early dialog beyond the first is a *fork* unit whose A endpoints have
+sockets of their own and whose B endpoints share the main unit's B sockets (every forked
+callee sends where the one offer said); what arrives there is handed to the endpoint
+whose peer sent it (`forward_split`). `promote` makes a fork the main unit when its
+dialog wins.
 Tuned for PyPy: slots, plain attributes, no per-packet allocation beyond the
 output tuple.
 """
@@ -34,6 +39,7 @@ class Endpoint:
         "fd", "sid", "leg", "kind", "expected_ip", "latch_any", "peer", "announced",
         "partner", "gen", "in_packets", "in_bytes", "out_packets", "out_bytes", "drops",
         "session", "mux", "demux", "rtcp_partner", "spec", "last", "sibling", "rtcp_addr",
+        "forks", "split",
     )
 
     def __init__(self, fd: int, sid: int, leg: str, kind: int) -> None:
@@ -60,6 +66,8 @@ class Endpoint:
         self.last = 0.0  # when the latched peer last sent (NAT re-learning after silence)
         self.sibling: Optional[Endpoint] = None  # RTCP: this leg's RTP endpoint
         self.rtcp_addr: Optional[Addr] = None  # RTCP: the announced RTCP address, exactly
+        self.forks: List[Endpoint] = []  # fork endpoints sharing this socket (leg B only)
+        self.split = False  # demux or forks: a batch may leave from several endpoints
 
     def configure(self, announced: Optional[Addr], latch_any: bool, gen: int) -> None:
         """A new offer/answer for this leg: new expected peer, forget the latch."""
@@ -79,13 +87,15 @@ def is_rtcp(data: bytes) -> bool:
 class RelaySession:
     """The four endpoints of one stream (unit) in one worker, plus its activity stamp."""
 
-    __slots__ = ("sid", "endpoints", "last_rx", "dirty")
+    __slots__ = ("sid", "endpoints", "last_rx", "dirty", "main", "forks")
 
-    def __init__(self, sid: int, endpoints: List[Endpoint]) -> None:
+    def __init__(self, sid: int, endpoints: List[Endpoint], main: Optional[int] = None) -> None:
         self.sid = sid
         self.endpoints = endpoints  # A-RTP, A-RTCP, B-RTP, B-RTCP
         self.last_rx: Optional[float] = None
         self.dirty = True
+        self.main = main  # a fork: the unit whose B sockets it shares
+        self.forks: List[int] = []  # a main unit: its forks' unit ids
         for ep in endpoints:
             ep.session = self
         endpoints[1].sibling, endpoints[3].sibling = endpoints[0], endpoints[2]
@@ -102,6 +112,12 @@ class RelaySession:
         for rtp, other_rtp, other_rtcp in ((a_rtp, b_rtp, b_rtcp), (b_rtp, a_rtp, a_rtcp)):
             rtp.demux = rtp.mux and not other_rtp.mux
             rtp.rtcp_partner = other_rtcp if rtp.demux else None
+        for ep in self.endpoints:
+            ep.split = ep.demux or bool(ep.forks)
+
+    def owned(self) -> List[Endpoint]:
+        """The endpoints whose sockets this unit owns (a fork shares B's)."""
+        return self.endpoints if self.main is None else self.endpoints[:2]
 
     def report(self) -> tuple:
         """(unit id, last_rx, leg A report, leg B report)."""
@@ -166,12 +182,123 @@ class RelayTable:
         session.wire()
         session.dirty = True
 
+    def install_fork(self, uid: int, main_uid: int, fds: List[int], spec: StreamSpec
+                     ) -> RelaySession:
+        """Another early dialog of `main_uid`'s stream: `fds` are its A-RTP and A-RTCP
+        sockets; its B endpoints share the main unit's B sockets."""
+        main = self.sessions.get(main_uid)
+        if main is None:
+            raise ValueError(f"fork {uid} of unit {main_uid}, which is not installed")
+        if len(fds) != 2:
+            raise ValueError(f"fork install of {uid} carries {len(fds)} fds, not 2")
+        b_rtp, b_rtcp = main.endpoints[2], main.endpoints[3]
+        eps = [
+            Endpoint(fds[0], uid, "A", RTP), Endpoint(fds[1], uid, "A", RTCP),
+            Endpoint(b_rtp.fd, uid, "B", RTP), Endpoint(b_rtcp.fd, uid, "B", RTCP),
+        ]
+        session = RelaySession(uid, eps, main=main_uid)
+        self.sessions[uid] = session
+        self.by_fd[fds[0]], self.by_fd[fds[1]] = eps[0], eps[1]
+        b_rtp.forks.append(eps[2])
+        b_rtcp.forks.append(eps[3])
+        main.forks.append(uid)
+        main.wire()
+        self.update(uid, spec.a)
+        self.update(uid, spec.b)
+        return session
+
+    def promote(self, main_uid: int, fork_uid: int) -> List[int]:
+        """The fork's dialog won: its A endpoints (sockets, counters, latches) replace the
+        main unit's; returns the fds of the main unit's old A sockets, to close."""
+        main = self.sessions.get(main_uid)
+        fork = self.sessions.get(fork_uid)
+        if main is None or fork is None or fork.main != main_uid:
+            raise ValueError(f"cannot promote {fork_uid} into {main_uid}: not its fork")
+        self._unlink_fork(fork)
+        del self.sessions[fork_uid]
+        old = main.endpoints[:2]
+        for ep in old:
+            self.by_fd.pop(ep.fd, None)
+        for ep in fork.endpoints[:2]:
+            ep.sid = main_uid
+            ep.session = main
+        main.endpoints[0], main.endpoints[1] = fork.endpoints[0], fork.endpoints[1]
+        main.endpoints[1].sibling = main.endpoints[0]
+        main.wire()
+        main.dirty = True
+        return [ep.fd for ep in old]
+
+    def _unlink_fork(self, fork: RelaySession) -> None:
+        main = self.sessions.get(fork.main)  # type: ignore[arg-type]
+        if main is None:
+            return
+        for i in (2, 3):
+            shared = main.endpoints[i]
+            shared.forks = [f for f in shared.forks if f is not fork.endpoints[i]]
+        main.forks = [uid for uid in main.forks if uid != fork.sid]
+        main.wire()
+
     def remove(self, sid: int) -> Optional[RelaySession]:
+        """Forget a unit (a main unit's forks must be removed first: the worker does)."""
         session = self.sessions.pop(sid, None)
         if session is not None:
-            for ep in session.endpoints:
+            if session.main is not None:
+                self._unlink_fork(session)
+            for ep in session.owned():
                 self.by_fd.pop(ep.fd, None)
         return session
+
+    def forward_split(
+        self, ep: Endpoint, packets: List[Tuple[bytes, Addr]], now: float
+    ) -> List[Tuple[Optional[Endpoint], List[Tuple[bytes, Addr]]]]:
+        """A batch on an endpoint with forks (shared by several callees) or with demux:
+        each packet goes to the endpoint whose peer sent it, then as `forward` (or
+        `forward_demux`) decides. Returns (endpoint, packets) per destination."""
+        if not ep.forks:
+            return self.forward_demux(ep, packets, now)
+        groups: Dict[Endpoint, List[Tuple[bytes, Addr]]] = {}
+        for pkt in packets:
+            target = self._fork_of(ep, pkt[1])
+            group = groups.get(target)
+            if group is None:
+                groups[target] = [pkt]
+            else:
+                group.append(pkt)
+        done: List[Tuple[Optional[Endpoint], List[Tuple[bytes, Addr]]]] = []
+        for target, group in groups.items():
+            if target.demux:
+                done.extend(self.forward_demux(target, group, now))
+            else:
+                done.append(self.forward(target, group, now))
+        return done
+
+    @staticmethod
+    def _fork_of(ep: Endpoint, src: Addr) -> Endpoint:
+        """Which dialog a packet on a shared socket belongs to: the one latched to its
+        source; else the not yet latched one whose callee announced exactly that address,
+        then that IP (for RTCP: the IP its RTP latched to); else the main dialog, which
+        admits or drops it by its own rule."""
+        if ep.peer == src:
+            return ep
+        forks = ep.forks
+        for fork in forks:
+            if fork.peer == src:
+                return fork
+        if ep.peer is None and src == ep.announced:
+            return ep
+        for fork in forks:
+            if fork.peer is None and src == fork.announced:
+                return fork
+        for fork in forks:
+            if fork.peer is not None:
+                continue
+            if fork.kind == RTCP:
+                rtp_peer = fork.sibling.peer if fork.sibling is not None else None
+                if rtp_peer is not None and rtp_peer[0] == src[0]:
+                    return fork
+            elif src[0] == fork.expected_ip:
+                return fork
+        return ep
 
     def forward_demux(
         self, ep: Endpoint, packets: List[Tuple[bytes, Addr]], now: float

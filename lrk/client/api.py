@@ -213,11 +213,14 @@ class LrkClient(_ClientBase):
                media: Optional[Tuple[str, int]] = None, *, sdp: Optional[SipData] = None,
                interface: str = "internal", latch_any: bool = False,
                timeout: Optional[int] = None, via_branch: Optional[str] = None,
-               set_id: Optional[int] = None) -> Reply:
-        """Send an answer to the node that got the call's offer (from the call table)."""
+               set_id: Optional[int] = None, provisional: bool = False) -> Reply:
+        """Send an answer to the node that got the call's offer (from the call table).
+        `provisional`: the SDP of a 1xx (183): an early dialog; with a forked INVITE each
+        To-tag's gets its own relay ports until the final answer picks one."""
         return self._run(self._core.answer(
             call_id, from_tag, to_tag, media, sdp=sdp, interface=interface,
-            latch_any=latch_any, timeout=timeout, via_branch=via_branch, set_id=set_id))
+            latch_any=latch_any, timeout=timeout, via_branch=via_branch, set_id=set_id,
+            provisional=provisional))
 
     def delete(self, call_id: str, from_tag: Optional[str] = None, *,
                via_branch: Optional[str] = None, set_id: Optional[int] = None) -> Reply:
@@ -393,11 +396,12 @@ class AsyncLrkClient(_ClientBase):
                      media: Optional[Tuple[str, int]] = None, *, sdp: Optional[SipData] = None,
                      interface: str = "internal", latch_any: bool = False,
                      timeout: Optional[int] = None, via_branch: Optional[str] = None,
-                     set_id: Optional[int] = None) -> Reply:
+                     set_id: Optional[int] = None, provisional: bool = False) -> Reply:
         """See LrkClient.answer."""
         return await self._run(self._core.answer(
             call_id, from_tag, to_tag, media, sdp=sdp, interface=interface,
-            latch_any=latch_any, timeout=timeout, via_branch=via_branch, set_id=set_id))
+            latch_any=latch_any, timeout=timeout, via_branch=via_branch, set_id=set_id,
+            provisional=provisional))
 
     async def delete(self, call_id: str, from_tag: Optional[str] = None, *,
                      via_branch: Optional[str] = None, set_id: Optional[int] = None) -> Reply:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Iterable, NamedTuple, Optional, Tuple, U
 from lrk.client.calltable import CallTable
 from lrk.client.errors import InvalidArgument, RelayError
 from lrk.client.manage import (
+    ANSWER,
     DELETE,
     NOTHING,
     apply_reply,
@@ -148,7 +149,8 @@ class ClientCore:
 
     def _media_message(self, cmd: str, call_id: str, from_tag: str, to_tag: Optional[str],
                        media: Optional[Tuple[str, int]], sdp: Optional[SipData], interface: str,
-                       latch_any: bool, timeout: Optional[int]) -> Dict[str, Any]:
+                       latch_any: bool, timeout: Optional[int],
+                       provisional: bool = False) -> Dict[str, Any]:
         _check_str("call_id", call_id)
         _check_str("from_tag", from_tag)
         _check_str("to_tag", to_tag, required=cmd == "answer")
@@ -173,6 +175,8 @@ class ClientCore:
                 raise InvalidArgument(f"sdp must be str or bytes, not {type(sdp).__name__}")
             message["sdp"] = sdp
         message["interface"] = interface
+        if provisional:
+            message["provisional"] = True  # a 183's answer: an early dialog (forking)
         if latch_any:
             message["latch_any"] = True
         if timeout is not None:
@@ -231,9 +235,9 @@ class ClientCore:
                media: Optional[Tuple[str, int]] = None, *, sdp: Optional[SipData] = None,
                interface: str = "internal", latch_any: bool = False,
                timeout: Optional[int] = None, via_branch: Optional[str] = None,
-               set_id: Optional[int] = None) -> Operation:
+               set_id: Optional[int] = None, provisional: bool = False) -> Operation:
         message = self._media_message("answer", call_id, from_tag, to_tag, media, sdp,
-                                      interface, latch_any, timeout)
+                                      interface, latch_any, timeout, provisional)
         return self._media_op(message, call_id, via_branch, set_id)
 
     def delete(self, call_id: str, from_tag: Optional[str] = None, *,
@@ -278,8 +282,11 @@ class ClientCore:
             return self.delete(plan.call_id, via_branch=plan.via_branch, set_id=set_id,
                                quiet_not_found=True)
         assert plan.from_tag is not None
+        msg = plan.message
+        provisional = not msg.is_request and msg.status is not None and msg.status < 200
         message = self._media_message(plan.op, plan.call_id, plan.from_tag, plan.to_tag, None,
-                                      plan.message.sdp, plan.interface, False, None)
+                                      msg.sdp, plan.interface, False, None,
+                                      plan.op == ANSWER and provisional)
         return self._media_op(message, plan.call_id, plan.via_branch, set_id,
                               lambda reply: apply_reply(plan, reply, ip_address))
 

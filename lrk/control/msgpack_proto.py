@@ -371,6 +371,7 @@ class MsgpackControl:
             latch_any=_bool(args.get("latch_any", False), "latch_any"),
             timeout=_opt_timeout(args.get("timeout")),
             strict_source=_opt_bool(args.get("strict_source"), "strict_source"),
+            provisional=_bool(args.get("provisional", False), "provisional"),
         )
         return self._relay_reply(session, leg, body, _offers(media), True), actions
 

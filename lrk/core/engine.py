@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from fastpath.contract import (
+    MAX_FORKS,
     MAX_STREAMS,
     Action,
     Addr,
@@ -25,7 +26,7 @@ from fastpath.contract import (
     Update,
 )
 from lrk.core.ports import PortAllocator
-from lrk.core.session import LEG_A, LEG_B, OTHER, Leg, Media, Session, StreamOffer
+from lrk.core.session import LEG_A, LEG_B, OTHER, Fork, Leg, Media, Session, StreamOffer
 from lrk.errors import AtCapacity, BadRequest, Draining, SessionNotFound
 
 PortProbe = Callable[[str, int], bool]
@@ -36,6 +37,7 @@ ENGINE_COUNTERS = (
     "sessions.refused.max_sessions", "sessions.refused.draining", "ports.exhausted",
     "sessions.expired.replaced", "legacy.conflicts.refused", "legacy.conflicts.replaced",
     "legacy.ports_outside_range", "sessions.failed", "streams.removed",
+    "sessions.early_dialogs", "sessions.early_dialogs.won", "sessions.early_dialogs.freed",
 )
 
 
@@ -164,22 +166,39 @@ class Engine:
         rtcp_port: Optional[int] = None,
         interface: str = "internal",
         latch_any: bool = False,
-        timeout: Optional[float] = None,
+        timeout: Optional[int] = None,
         strict_source: Optional[bool] = None,
+        provisional: bool = False,
     ) -> Tuple[Session, Leg, List[Action]]:
         """Record the answerer's streams; return the leg whose relay addresses the answer
-        announces. A stream the answer rejects (port 0) frees its ports on both legs."""
+        announces. A stream the answer rejects (port 0) frees its ports on both legs.
+
+        `provisional`: a 1xx (183) answer. Until a final answer, a provisional answer from
+        another To-tag than leg B's (a forked INVITE) is another early dialog with its
+        own A-side relay ports; the final answer's To-tag wins and the other early
+        dialogs are freed."""
         streams = _streams(media, rtcp_port)
         target_ip = self.interface_ip(interface)
         latch_any = self._learning(latch_any, strict_source)
         session = self.get(call_id)
         answering = session.leg_by_tag(to_tag)
-        if answering is None:
+        fork = session.forks.get(to_tag)
+        if answering is None and fork is None:
             offerer = session.leg_by_tag(from_tag)
             answering = session.legs[OTHER[offerer.name]] if offerer else session.legs[LEG_B]
-            answering.tag = to_tag
+            if (answering.name == LEG_B and answering.tag is not None
+                    and session.state != "answered"):
+                fork = self._fork(now, session, to_tag)  # another callee of a forked INVITE
+                answering = None
+            else:
+                answering.tag = to_tag
         if timeout is not None:
             session.timeout = timeout
+        if fork is not None and provisional:
+            return self._early(now, session, fork, streams, latch_any)
+        if fork is not None:
+            answering = self._promote(now, session, fork)
+        assert answering is not None
         target = session.legs[OTHER[answering.name]]
         self._ensure_ip(now, session, target, target_ip)
         offered = [m is not None for m in target.media]
@@ -187,11 +206,102 @@ class Engine:
         self._shape(now, session, [i < len(streams) and streams[i].active and offered[i]
                                    for i in range(len(offered))])
         self._announce(answering, streams, latch_any)
+        if not provisional and session.forks:
+            self._drop_forks(now, session)
         actions: List[Action] = [Update(session.spec(), answering.name)]
         self._schedule(session)
-        session.state = "answered"
+        if not provisional:
+            session.state = "answered"
+        elif session.state == "offered":
+            session.state = "early"
         self.counters["sessions.answers"] += 1
         return session, target, actions
+
+    # -- forked INVITEs: early dialogs -------------------------------------------------
+    def _fork(self, now: float, session: Session, tag: str) -> Fork:
+        """Another early dialog: A-side relay ports of its own for every stream leg A has
+        (the caller learns them from this dialog's 183), leg B's relay ports shared."""
+        if len(session.forks) >= MAX_FORKS:
+            raise BadRequest(f"call {session.call_id!r} already has {MAX_FORKS + 1} early "
+                             "dialogs; lrk relays at most that many forks of one INVITE")
+        a, b = session.legs[LEG_A], session.legs[LEG_B]
+        key = max([f.key for f in session.forks.values()], default=0) + 1
+        fork = Fork(key, tag, Leg(LEG_A, a.relay_ip, latch_any=a.latch_any,
+                                  generation=a.generation),
+                    Leg(LEG_B, b.relay_ip, tag=tag))
+        added: List[int] = []
+        try:
+            for m in a.media:
+                if m is None:
+                    fork.a.media.append(None)
+                    continue
+                port = self._allocate(now, a.relay_ip)
+                added.append(port)
+                copy = Media(a.relay_ip, port, m.kind, m.announced, m.rtcp_announced,
+                             m.rtcp_mux)
+                fork.a.media.append(copy)
+        except Exception:
+            for port in added:
+                self.ports.release(port, now, quarantine=False)  # never carried media
+            raise
+        for port in added:
+            self.owner[port] = session
+        fork.b.media = [None if m is None else Media(b.relay_ip, m.relay_port, m.kind)
+                        for m in b.media]
+        session.forks[tag] = fork
+        self.counters["sessions.early_dialogs"] += 1
+        return fork
+
+    def _early(self, now: float, session: Session, fork: Fork, streams: List[StreamOffer],
+               latch_any: bool) -> Tuple[Session, Leg, List[Action]]:
+        """A provisional answer of an early dialog that is not leg B's: its callee's
+        streams; a stream it rejects has no relay ports in this dialog."""
+        for i, m in enumerate(fork.a.media):
+            if m is not None and not (i < len(streams) and streams[i].active
+                                      and i < len(fork.b.media) and fork.b.media[i]):
+                self._release(now, session, m.relay_port, quarantine=False)
+                fork.a.media[i] = None
+                if i < len(fork.b.media):
+                    fork.b.media[i] = None
+        self._announce(fork.b, streams, latch_any)
+        self._schedule(session)
+        self.counters["sessions.answers"] += 1
+        return session, fork.a, [Update(session.spec(), LEG_B)]
+
+    def _promote(self, now: float, session: Session, fork: Fork) -> Leg:
+        """The final answer came from this early dialog: the caller keeps sending where
+        its 183 said (the fork's A-side ports replace leg A's), leg B expects its callee
+        on the same relay ports. Returns leg B, the answering leg."""
+        a, b = session.legs[LEG_A], session.legs[LEG_B]
+        for i, new in enumerate(fork.a.media):
+            old = a.media[i] if i < len(a.media) else None
+            if new is None or old is None:
+                continue
+            self._release(now, session, old.relay_port)
+            a.media[i] = new
+        for i, m in enumerate(fork.b.media):
+            mb = b.media[i] if i < len(b.media) else None
+            if m is not None and mb is not None:
+                mb.base.add(m.counters)  # its early media, counted on the shared ports
+        del session.forks[fork.tag]
+        b.tag = fork.tag
+        self.counters["sessions.early_dialogs.won"] += 1
+        return b
+
+    def _drop_forks(self, now: float, session: Session) -> None:
+        """The call is answered: the early dialogs that lost are freed."""
+        for fork in session.forks.values():
+            for m in fork.a.media:
+                if m is not None:
+                    self._release(now, session, m.relay_port)
+            self.counters["sessions.early_dialogs.freed"] += 1
+        session.forks.clear()
+
+    def _release(self, now: float, session: Session, port: int, quarantine: bool = True
+                 ) -> None:
+        self.ports.release(port, now, quarantine=quarantine)
+        if self.owner.get(port) is session:
+            del self.owner[port]
 
     def delete(
         self, now: float, call_id: str, from_tag: Optional[str] = None, reason: str = "deleted"

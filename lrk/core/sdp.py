@@ -585,13 +585,16 @@ def _apply(doc: _Doc, relays: Sequence[Optional[StreamRelay]], bump: bool,
                 new[i] = None
         for i in sec.ice:
             new[i] = None
-        last = max(i for i in range(sec.m, sec.end) if new[i] is not None and new[i].strip())
+        extra = []
         if not sec.rtcp and not relay.rtcp_mux and rtcp != relay.port + 1:
-            after.setdefault(last, []).append(f"a=rtcp:{rtcp}")
+            extra.append(f"a=rtcp:{rtcp}")
         if relay.rtcp_mux and not sec.mux:
             # the relay accepts rtcp-mux on this side even where the far side declined
             # it (it demultiplexes RTCP by payload type, RFC 5761)
-            after.setdefault(last, []).append("a=rtcp-mux")
+            extra.append("a=rtcp-mux")
+        if extra:  # after the section's last line that is kept and not blank
+            last = max(i for i in range(sec.m, sec.end) if new[i] is not None and new[i].strip())
+            after.setdefault(last, []).extend(extra)
     if not relayed:
         return "".join(line + eol for line, eol in zip(contents, doc.eols))
 

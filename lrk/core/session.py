@@ -9,13 +9,14 @@ the immutable snapshot the data plane gets; `observe()` folds back what it saw.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from fastpath.contract import (
     DROP_REASONS,
     LEG_A,
     LEG_B,
     Addr,
+    ForkSpec,
     LegReport,
     LegSpec,
     SessionReport,
@@ -27,8 +28,8 @@ OTHER = {LEG_A: LEG_B, LEG_B: LEG_A}
 #: c= addresses of old-style hold (RFC 2543)
 NULL_ADDRESSES = ("0.0.0.0", "::")
 
-__all__ = ["DROP_REASONS", "LEG_A", "LEG_B", "OTHER", "Addr", "Leg", "LegCounters", "Media",
-           "Session", "StreamOffer"]
+__all__ = ["DROP_REASONS", "LEG_A", "LEG_B", "OTHER", "Addr", "Fork", "Leg", "LegCounters",
+           "Media", "Session", "StreamOffer"]
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,28 @@ class Leg:
 
 
 @dataclass
+class Fork:
+    """An early dialog beyond the first (forked INVITE): `a` has relay ports of its own and
+    expects the caller (as leg A does); `b` expects this dialog's callee on leg B's relay
+    ports, which every forked callee shares. The final answer's dialog wins: its fork is
+    promoted into the legs, the others are freed."""
+
+    key: int
+    tag: str
+    a: Leg
+    b: Leg
+
+    def stream_specs(self) -> Tuple[StreamSpec, ...]:
+        am, bm = self.a.media, self.b.media
+        return tuple([StreamSpec(i, self.a.spec(i), self.b.spec(i))
+                      for i in range(min(len(am), len(bm)))
+                      if am[i] is not None and bm[i] is not None])
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"tag": self.tag, "legs": {LEG_A: self.a.as_dict(), LEG_B: self.b.as_dict()}}
+
+
+@dataclass
 class Session:
     """A call relayed between leg A (caller) and leg B (callee), stream by stream."""
 
@@ -272,6 +295,7 @@ class Session:
     via_branch: Optional[str] = None
     timer_at: Optional[float] = None  # the engine's live expiry entry for this session
     origin: str = "msgpack"  # "legacy": made by Kamailio's lrkproxy `S` (set_fixed)
+    forks: Dict[str, Fork] = field(default_factory=dict)  # To-tag -> other early dialog
 
     def leg_by_tag(self, tag: Optional[str]) -> Optional[Leg]:
         if tag is None:
@@ -291,10 +315,13 @@ class Session:
     def spec(self) -> SessionSpec:
         a, b = self.legs[LEG_A], self.legs[LEG_B]
         am, bm = a.media, b.media
-        return SessionSpec(self.sid, self.call_id,
-                           tuple([StreamSpec(i, a.spec(i), b.spec(i))
-                                  for i in range(min(len(am), len(bm)))
-                                  if am[i] is not None and bm[i] is not None]))
+        streams = tuple([StreamSpec(i, a.spec(i), b.spec(i))
+                         for i in range(min(len(am), len(bm)))
+                         if am[i] is not None and bm[i] is not None])
+        if not self.forks:
+            return SessionSpec(self.sid, self.call_id, streams)
+        return SessionSpec(self.sid, self.call_id, streams, tuple(
+            [ForkSpec(f.key, f.tag, f.stream_specs()) for f in self.forks.values()]))
 
     def observe(self, report: SessionReport) -> None:
         """Fold a data-plane report (absolute counts since each stream's install)."""
@@ -307,17 +334,32 @@ class Session:
                     ma.observe(stream.a, a.generation)
                 if mb is not None:
                     mb.observe(stream.b, b.generation)
+        if report.forks:
+            by_key = {f.key: f for f in self.forks.values()}
+            for key, streams in report.forks:
+                fork = by_key.get(key)
+                if fork is None:
+                    continue  # promoted or freed since
+                for stream in streams:
+                    i = stream.index
+                    for leg, leg_report in ((fork.a, stream.a), (fork.b, stream.b)):
+                        m = leg.media[i] if i < len(leg.media) else None
+                        if m is not None:
+                            m.observe(leg_report, leg.generation)
 
     def packets(self) -> int:
         return sum(leg.counters.in_packets for leg in self.legs.values())
 
     def ports(self) -> list:
         """Every relay RTP port of the session, leg A's streams then leg B's."""
-        return [m.relay_port for name in (LEG_A, LEG_B) for m in self.legs[name].media
-                if m is not None]
+        ports = [m.relay_port for name in (LEG_A, LEG_B) for m in self.legs[name].media
+                 if m is not None]
+        for fork in self.forks.values():  # their own A-side ports (B's are leg B's)
+            ports.extend(m.relay_port for m in fork.a.media if m is not None)
+        return ports
 
     def as_dict(self, now: float) -> Dict[str, Any]:
-        return {
+        out = {
             "call_id": self.call_id,
             "state": self.state,
             "age": round(now - self.created, 3),
@@ -326,6 +368,9 @@ class Session:
             "media_seen": self.last_media is not None,
             "legs": {name: leg.as_dict() for name, leg in self.legs.items()},
         }
+        if self.forks:
+            out["early_dialogs"] = [fork.as_dict() for fork in self.forks.values()]
+        return out
 
     def summary(self, now: float) -> Dict[str, Any]:
         return {

@@ -22,7 +22,7 @@ the scrape a 503.
 `snapshot()` returns a mapping:
 
     counters  {dotted name: number}   every counter of the relay (required)
-    sessions  {state: count}          sessions now relayed by state (offered, answered)
+    sessions  {state: count}          sessions now relayed by state (offered, early, answered)
     ports     {total, in_use, free, quarantined}: RTP/RTCP port *pairs*, as
               lrk.core.ports.PortAllocator.snapshot() gives them
     mode      "socket" | "kernel" | "nfqueue" | "packet"
@@ -123,6 +123,9 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
                         "failure (a breakdown of lrk_sessions_ended_total{reason=\"failed\"})."),
     "sessions_refused": ("counter", ("reason",),
                          "Offers refused, by reason (max_sessions: the configured limit)."),
+    "early_dialogs": ("counter", ("outcome",),
+                      "Early dialogs of forked INVITEs beyond the first (a 183 with SDP from "
+                      "another To-tag): created, won (its 200 OK picked it), freed (lost)."),
     "streams_removed": ("counter", (),
                         "Media streams taken out of sessions (a re-offer dropping or disabling "
                         "a media section); their ports are released."),
@@ -220,6 +223,8 @@ COUNTER_MAP: Tuple[Tuple[str, str, Dict[str, str]], ...] = (
     ("sessions.failed.*", "sessions_failed", {"reason": "*"}),
     ("sessions.refused.*", "sessions_refused", {"reason": "*"}),
     ("streams.removed", "streams_removed", {}),
+    ("sessions.early_dialogs", "early_dialogs", {"outcome": "created"}),
+    ("sessions.early_dialogs.*", "early_dialogs", {"outcome": "*"}),
     ("ports.exhausted", "ports_exhausted", {}),
     ("media.forwarded.packets", "media_forwarded_packets", {}),
     ("media.forwarded.bytes", "media_forwarded_bytes", {}),
@@ -263,7 +268,7 @@ REQUEST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 #: distinct (protocol, command) series of the latency histogram; more go to command="other"
 MAX_REQUEST_SERIES = 64
 #: session states always shown (as 0 when none), so a dashboard's series never vanish
-SESSION_STATES = ("offered", "answered")
+SESSION_STATES = ("offered", "early", "answered")
 
 #: metric names the collector emits besides FAMILIES (no unknown counter may take them)
 OWN_NAMES = ("build_info", "uptime_seconds", "workers", "sessions", "ports", "ports_used",
@@ -418,7 +423,8 @@ class RelayCollector(Collector):
         if sessions is not None:
             fam = GaugeMetricFamily(PREFIX + "sessions",
                                     "Sessions now relayed, by state: offered (waiting for "
-                                    "the answer) or answered (rtpengine: sessions).",
+                                    "the answer), early (a provisional answer: early media) "
+                                    "or answered (rtpengine: sessions).",
                                     labels=("state",))
             for state, n in sorted(sessions.items()):
                 fam.add_metric([str(state)], float(n))

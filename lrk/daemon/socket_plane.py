@@ -296,6 +296,12 @@ class SocketPlane:
         self._gathered: List[Callable[[], None]] = []  # refresh callbacks not yet sent
         self._commit_waiters: List[Callable[[], None]] = []
         self.units: Set[int] = set()  # unit ids the workers serve
+        #: early dialogs of forked INVITEs: (sid, ForkSpec.key, stream index) <-> the
+        #: worker's unit id for it (negative, so never a contract unit id)
+        self.fork_units: Dict[Tuple[int, int, int], int] = {}
+        self.fork_of: Dict[int, Tuple[int, int, int]] = {}
+        self._next_fork_uid = -1
+        self.installed_forks: Dict[Tuple[int, int, int], StreamSpec] = {}
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -372,6 +378,7 @@ class SocketPlane:
             elif isinstance(action, Remove):
                 old = self.installed.pop(action.sid, None)
                 if old is not None:
+                    self._remove_forks(action.sid, keep=())
                     for stream in old.streams:
                         self._remove_unit(action.sid, stream.index)
         self._close_unclaimed()
@@ -390,25 +397,118 @@ class SocketPlane:
         old = self.installed.get(spec.sid)
         old_streams = {s.index: s for s in old.streams} if old is not None else {}
         self.installed[spec.sid] = spec
+        sid = spec.sid
+        new_forks = {(f.key, s.index): s for f in spec.forks for s in f.streams}
+        promoted = self._promotions(sid, old_streams, spec)
+        self._remove_forks(sid, keep=set(new_forks) | set(promoted.values()))
         for index in old_streams:
             if spec.stream(index) is None:
-                self._remove_unit(spec.sid, index)
+                self._remove_forks(sid, keep=set(new_forks), index=index)
+                self._remove_unit(sid, index)
         for stream in spec.streams:
             before = old_streams.get(stream.index)
+            fork = promoted.get(stream.index)
+            if fork is not None:  # the early dialog that won: its sockets become the unit's
+                uid = unit_id(sid, stream.index)
+                fork_uid = self.fork_units.pop((sid,) + fork)
+                del self.fork_of[fork_uid]
+                del self.installed_forks[(sid,) + fork]
+                self.last.pop(fork_uid, None)
+                worker = self.worker_for(sid)
+                worker.send(channel.PromoteFork(uid, fork_uid))
+                worker.send(channel.UpdateSession(uid, stream))
+                continue
             if before is not None and _ports(before) != _ports(stream):
-                self._remove_unit(spec.sid, stream.index)
+                self._remove_forks(sid, keep=(), index=stream.index)
+                self._remove_unit(sid, stream.index)
                 before = None
             if before is None:
                 failure = self._install_unit(spec, stream)
                 if failure is not None:
+                    self._remove_forks(sid, keep=())
                     for other in spec.streams:
-                        self._remove_unit(spec.sid, other.index)
-                    del self.installed[spec.sid]
+                        self._remove_unit(sid, other.index)
+                    del self.installed[sid]
                     return failure
             elif before != stream:
-                self.worker_for(spec.sid).send(
-                    channel.UpdateSession(unit_id(spec.sid, stream.index), stream))
+                self.worker_for(sid).send(
+                    channel.UpdateSession(unit_id(sid, stream.index), stream))
+        for key, stream in new_forks.items():
+            uid = self.fork_units.get((sid,) + key)
+            if uid is None:
+                failure = self._install_fork(sid, key, stream)
+                if failure is not None:  # that early dialog has no media; the call goes on
+                    log.error("session %d: %s", sid, failure.detail)
+            elif self.installed_forks.get((sid,) + key) != stream:
+                self.installed_forks[(sid,) + key] = stream
+                self.worker_for(sid).send(channel.UpdateSession(uid, stream))
         return None
+
+    def _promotions(self, sid: int, old_streams: Dict[int, StreamSpec], spec: SessionSpec
+                    ) -> Dict[int, Tuple[int, int]]:
+        """Streams whose leg A moved onto an installed fork's A ports (its dialog won the
+        final answer): stream index -> (fork key, index)."""
+        promoted: Dict[int, Tuple[int, int]] = {}
+        for stream in spec.streams:
+            before = old_streams.get(stream.index)
+            if before is None or before.a.relay_port == stream.a.relay_port:
+                continue
+            for (fsid, key, index), _uid in self.fork_units.items():
+                if fsid != sid or index != stream.index:
+                    continue
+                fork = self.installed_forks.get((sid, key, index))
+                if fork is not None and (fork.a.relay_ip, fork.a.relay_port,
+                                         fork.b.relay_port) == (
+                        stream.a.relay_ip, stream.a.relay_port, stream.b.relay_port):
+                    promoted[stream.index] = (key, index)
+        return promoted
+
+    def _install_fork(self, sid: int, key: Tuple[int, int], stream: StreamSpec
+                      ) -> Optional[PlaneFailure]:
+        """Another early dialog: two sockets of its own on the A side."""
+        main_uid = unit_id(sid, stream.index)
+        if main_uid not in self.units:
+            return None  # its stream is not relayed (yet): nothing to share
+        leg = stream.a
+        pair_ = self.pending.pop((leg.relay_ip, leg.relay_port), None)
+        if pair_ is None:
+            pair_ = bind_pair(leg.relay_ip, leg.relay_port, self.rcvbuf)
+        if pair_ is None:
+            self.counters["plane.bind_failures"] += 1
+            return PlaneFailure(sid, "bind_failed", f"early dialog: cannot bind "
+                                f"{leg.relay_ip}:{leg.relay_port}-{leg.relay_port + 1}")
+        uid = self._next_fork_uid
+        self._next_fork_uid -= 1
+        self.fork_units[(sid,) + key] = uid
+        self.fork_of[uid] = (sid,) + key
+        self.installed_forks[(sid,) + key] = stream
+        addrs = ((leg.relay_ip, leg.relay_port), (leg.relay_ip, leg.relay_port + 1))
+        self.worker_for(sid).send(
+            channel.InstallFork(uid, main_uid, stream, tuple(int(s.family) for s in pair_),
+                                addrs), pair_)
+        return None
+
+    def _forget_forks(self, sid: int) -> None:
+        """Drop what the plane knows of the session's fork units (their worker is gone)."""
+        for full, uid in list(self.fork_units.items()):
+            if full[0] == sid:
+                del self.fork_units[full]
+                del self.fork_of[uid]
+                self.installed_forks.pop(full, None)
+                self.last.pop(uid, None)
+
+    def _remove_forks(self, sid: int, keep: Any, index: Optional[int] = None) -> None:
+        """Remove the session's fork units not in `keep` ((key, index) pairs); only those
+        of stream `index` when given."""
+        for full, uid in list(self.fork_units.items()):
+            fsid, key, idx = full
+            if fsid != sid or (key, idx) in keep or (index is not None and idx != index):
+                continue
+            del self.fork_units[full]
+            del self.fork_of[uid]
+            self.installed_forks.pop(full, None)
+            self.last.pop(uid, None)
+            self.worker_for(sid).send(channel.RemoveSession(uid))
 
     def _install_unit(self, spec: SessionSpec, stream: StreamSpec) -> Optional[PlaneFailure]:
         socks: List[socket.socket] = []
@@ -475,6 +575,7 @@ class SocketPlane:
                     self.base[uid] = last
                 self.units.discard(uid)
             del self.installed[sid]
+            self._forget_forks(sid)  # they died with the worker
             failure = self._converge(spec)
             if failure is not None:
                 failures.append(failure)
@@ -484,6 +585,7 @@ class SocketPlane:
     def lost(self, worker: WorkerHandle, detail: str) -> None:
         """A worker is gone for good: every session it served fails."""
         for sid in [sid for sid in self.installed if self.worker_for(sid) is worker]:
+            self._forget_forks(sid)
             for stream in self.installed.pop(sid).streams:
                 self.units.discard(unit_id(sid, stream.index))
             self.sink(PlaneFailure(sid, "worker_lost", detail))
@@ -494,6 +596,11 @@ class SocketPlane:
             base = self.base
             touched = set()
             for report in message.reports:
+                fork = self.fork_of.get(report.uid) if report.uid < 0 else None
+                if fork is not None:
+                    self.last[report.uid] = report
+                    touched.add(fork[0])
+                    continue
                 if report.uid not in self.units:
                     continue  # a final report racing the Remove that caused it
                 if base:
@@ -529,7 +636,20 @@ class SocketPlane:
             streams.append(StreamReport(stream.index, unit.a, unit.b))
             if unit.last_rx is not None and (last_rx is None or unit.last_rx > last_rx):
                 last_rx = unit.last_rx
-        return SessionReport(sid, last_rx, tuple(streams))
+        forks: List[Tuple[int, Tuple[StreamReport, ...]]] = []
+        for fork in spec.forks:
+            reports = []
+            for stream in fork.streams:
+                uid = self.fork_units.get((sid, fork.key, stream.index))
+                unit = self.last.get(uid) if uid is not None else None
+                if unit is None:
+                    continue
+                reports.append(StreamReport(stream.index, unit.a, unit.b))
+                if unit.last_rx is not None and (last_rx is None or unit.last_rx > last_rx):
+                    last_rx = unit.last_rx  # early media keeps the call alive too
+            if reports:
+                forks.append((fork.key, tuple(reports)))
+        return SessionReport(sid, last_rx, tuple(streams), tuple(forks))
 
     def refresh(self, then: Callable[[], None]) -> None:
         """Call `then` once every worker has reported its current counters (or after

@@ -15,7 +15,7 @@ from lrk.core import sdp
 from lrk.demo.media import rtcp_sender_report, rtp_packet
 from lrk.demo.relay_process import RelayProcess
 
-from .hosts import endpoint, receive, tables
+from .hosts import endpoint, receive, tables, wait
 
 pytestmark = pytest.mark.netns
 
@@ -109,3 +109,77 @@ def test_audio_and_video_both_ways_then_video_off_and_on(topo, tmp_path, mode):
     assert code == 0, relay.output
     if mode in ("kernel", "nfqueue"):
         assert "table inet lrk" not in tables(topo.relay.ns), "stop removes the table"
+
+
+def _audio(ip: str, port: int) -> str:
+    return (f"v=0\r\no=- 12 1 IN IP4 {ip}\r\ns=call\r\nc=IN IP4 {ip}\r\nt=0 0\r\n"
+            f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+
+
+def _drops(client, leg: str) -> int:
+    counters = client.query("fork")["session"]["legs"][leg]["streams"][0]["counters"]
+    return counters["drops"].get("unexpected_source", 0)
+
+
+@pytest.mark.parametrize("mode", ["socket", "packet"])
+def test_forked_invite_each_early_dialog_has_media_and_the_200s_wins(topo, tmp_path, mode):
+    """Two callees of one forked INVITE answer 183 with SDP: each one's early media
+    reaches the caller (from that dialog's own relay port), the caller reaches each on
+    the port its 183 named; the 200 OK's dialog keeps relaying on those ports, the other
+    is freed and its callee no longer gets through. Before: the second 183 re-tagged leg
+    B and the first callee's media was dropped."""
+    caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
+    relay = _relay(topo, mode, tmp_path)
+    socks = []
+    try:
+        with LrkClient([relay.node]) as client:
+            caller = endpoint(topo.caller.ns, caller_ip, 4000)
+            callee1 = endpoint(topo.callee.ns, callee_ip, 5000)
+            callee2 = endpoint(topo.callee.ns, callee_ip, 6000)
+            socks += [caller, callee1, callee2]
+            offer = client.offer("fork", "a", sdp=_audio(caller_ip, 4000),
+                                 interface="external")
+            to_b = _relay_addrs(offer)[0]
+            early1 = client.answer("fork", "a", "t1", sdp=_audio(callee_ip, 5000),
+                                   provisional=True)
+            early2 = client.answer("fork", "a", "t2", sdp=_audio(callee_ip, 6000),
+                                   provisional=True)
+            to_a1, to_a2 = _relay_addrs(early1)[0], _relay_addrs(early2)[0]
+            assert to_a1 != to_a2
+            assert client.stats()["ports"]["in_use"] == 3
+
+            # early media from each callee reaches the caller, from its dialog's port
+            callee1.sendto(rtp_packet(1, 0x501), to_b)
+            assert receive(caller, 1) == [(rtp_packet(1, 0x501), to_a1)]
+            callee2.sendto(rtp_packet(1, 0x602), to_b)
+            assert receive(caller, 1) == [(rtp_packet(1, 0x602), to_a2)]
+            # and the caller reaches each callee through the port its 183 named
+            caller.sendto(rtp_packet(2, 0x400), to_a2)
+            assert receive(callee2, 1) == [(rtp_packet(2, 0x400), to_b)]
+            caller.sendto(rtp_packet(3, 0x400), to_a1)
+            assert receive(callee1, 1) == [(rtp_packet(3, 0x400), to_b)]
+            early = client.query("fork")["session"]["early_dialogs"]
+            assert [d["tag"] for d in early] == ["t2"]
+            assert early[0]["legs"]["B"]["streams"][0]["counters"]["in_packets"] == 1
+
+            # the 200 OK comes from the second callee: its dialog wins
+            final = client.answer("fork", "a", "t2", sdp=_audio(callee_ip, 6000))
+            assert _relay_addrs(final)[0] == to_a2, "the caller keeps its 183's port"
+            assert client.stats()["ports"]["in_use"] == 2
+            assert "early_dialogs" not in client.query("fork")["session"]
+            callee2.sendto(rtp_packet(4, 0x602), to_b)
+            assert receive(caller, 1) == [(rtp_packet(4, 0x602), to_a2)]
+            caller.sendto(rtp_packet(5, 0x400), to_a2)
+            assert receive(callee2, 1) == [(rtp_packet(5, 0x400), to_b)]
+            # the losing callee is dropped at the relay (counted), not relayed
+            callee1.sendto(rtp_packet(6, 0x501), to_b)
+            wait(lambda: _drops(client, "B") >= 1)
+            callee2.sendto(rtp_packet(7, 0x602), to_b)
+            assert receive(caller, 1) == [(rtp_packet(7, 0x602), to_a2)]
+            client.delete("fork")
+            assert client.stats()["ports"]["in_use"] == 0
+    finally:
+        code = relay.stop()
+        for s in socks:
+            s.close()
+    assert code == 0, relay.output

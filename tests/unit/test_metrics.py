@@ -389,7 +389,7 @@ def test_relay_snapshot_from_an_engine():
                                              {"media.latched": 5}, engine.counters],
                           started=10.0, workers=1, now=25.0)
     assert snap["mode"] == "socket"
-    assert snap["sessions"] == {"offered": 2, "answered": 0}
+    assert snap["sessions"] == {"offered": 2, "early": 0, "answered": 0}
     assert snap["ports"] == engine.ports.snapshot()
     assert snap["ports"]["in_use"] == 4
     assert snap["counters"]["media.latched"] == 5  # later dicts win
