@@ -183,3 +183,45 @@ def test_forked_invite_each_early_dialog_has_media_and_the_200s_wins(topo, tmp_p
         for s in socks:
             s.close()
     assert code == 0, relay.output
+
+
+@pytest.mark.parametrize("mode", ["kernel", "nfqueue"])
+def test_forked_invite_in_kernel_modes_relays_the_first_dialog_then_the_winner(
+        topo, tmp_path, mode):
+    """Kernel and nfqueue modes match a relay port to one peer, so they relay the first
+    early dialog only (docs/fastpath.md); the 200 OK's dialog, here the second, then
+    relays both ways on the port its 183 named, and the loser's ports are freed."""
+    caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
+    relay = _relay(topo, mode, tmp_path)
+    socks = []
+    try:
+        with LrkClient([relay.node]) as client:
+            caller = endpoint(topo.caller.ns, caller_ip, 4000)
+            callee1 = endpoint(topo.callee.ns, callee_ip, 5000)
+            callee2 = endpoint(topo.callee.ns, callee_ip, 6000)
+            socks += [caller, callee1, callee2]
+            offer = client.offer("fork", "a", sdp=_audio(caller_ip, 4000),
+                                 interface="external")
+            to_b = _relay_addrs(offer)[0]
+            early1 = client.answer("fork", "a", "t1", sdp=_audio(callee_ip, 5000),
+                                   provisional=True)
+            early2 = client.answer("fork", "a", "t2", sdp=_audio(callee_ip, 6000),
+                                   provisional=True)
+            to_a1, to_a2 = _relay_addrs(early1)[0], _relay_addrs(early2)[0]
+            callee1.sendto(rtp_packet(1, 0x501), to_b)
+            assert receive(caller, 1) == [(rtp_packet(1, 0x501), to_a1)]
+            final = client.answer("fork", "a", "t2", sdp=_audio(callee_ip, 6000))
+            assert _relay_addrs(final)[0] == to_a2
+            assert client.stats()["ports"]["in_use"] == 2
+            callee2.sendto(rtp_packet(2, 0x602), to_b)
+            assert receive(caller, 1) == [(rtp_packet(2, 0x602), to_a2)]
+            caller.sendto(rtp_packet(3, 0x400), to_a2)
+            assert receive(callee2, 1) == [(rtp_packet(3, 0x400), to_b)]
+            client.delete("fork")
+            assert client.stats()["ports"]["in_use"] == 0
+    finally:
+        code = relay.stop()
+        for s in socks:
+            s.close()
+    assert code == 0, relay.output
+    assert "table inet lrk" not in tables(topo.relay.ns)

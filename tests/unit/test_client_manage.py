@@ -357,3 +357,16 @@ def test_v1_sdp_helpers_use_the_shared_module():
         parse_sdp("m=audio none RTP/AVP 0\r\n")
     with pytest.raises(SipParseError, match="bytes or str"):
         parse_sdp(42)
+
+
+def test_a_183_is_a_provisional_answer_and_a_200_a_final_one(client, net):
+    """Forking: each 183 with SDP goes as `provisional`, so the relay keeps each To-tag's
+    early dialog; the 200 OK is final and picks one."""
+    client.manage(request("INVITE", OFFER_SDP))
+    client.manage(response(183, ANSWER_SDP, to_tag="fork1"))
+    client.manage(response(183, ANSWER_SDP, to_tag="fork2"))
+    client.manage(response(200, ANSWER_SDP, to_tag="fork2"))
+    answers = [r for r in net.requests_to(A) if r["cmd"] == "answer"]
+    assert [(r["to_tag"], r.get("provisional", False)) for r in answers] == [
+        ("fork1", True), ("fork2", True), ("fork2", False)]
+    assert "provisional" not in answers[2], "a final answer does not carry the flag"

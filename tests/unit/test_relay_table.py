@@ -341,3 +341,71 @@ def test_rtcp_of_a_natted_phone_follows_its_rtp():
     table.forward(a_rtp, [(b"x", NATTED)], 1.5)
     _, out = table.forward(a_rtcp, [(b"\x80\xc8", (NATTED[0], 40001))], 2.0)
     assert a_rtcp.peer == (NATTED[0], 40001) and len(out) == 1
+
+
+# -- forked INVITEs: early dialogs sharing leg B's sockets -----------------------------------
+CALLEE2 = ("198.51.100.21", 6000)
+
+
+def forked():
+    """Main unit 7 (callee 1 announced) and fork -1 (callee 2) sharing its B sockets."""
+    table, session, eps = both()
+    fork_spec = StreamSpec(0, leg(CALLER_IP, 4000), leg(*CALLEE2, name="B"))
+    fork = table.install_fork(-1, 7, [20, 21], fork_spec)
+    return table, session, eps, fork
+
+
+def test_a_fork_shares_the_main_units_b_sockets_and_owns_its_a_sockets():
+    table, session, (a_rtp, a_rtcp, b_rtp, b_rtcp), fork = forked()
+    f_a_rtp, f_a_rtcp, f_b_rtp, f_b_rtcp = fork.endpoints
+    assert (f_b_rtp.fd, f_b_rtcp.fd) == (12, 13)
+    assert table.by_fd[12] is b_rtp, "the shared socket stays the main unit's"
+    assert table.by_fd[20] is f_a_rtp and table.by_fd[21] is f_a_rtcp
+    assert b_rtp.split and b_rtcp.split and not a_rtp.split
+    assert fork.owned() == [f_a_rtp, f_a_rtcp] and session.forks == [-1]
+
+
+def test_packets_on_the_shared_socket_go_to_the_dialog_of_their_source():
+    table, _session, (a_rtp, _, b_rtp, _), fork = forked()
+    callee1 = (CALLEE_IP, 5000)
+    batches = table.forward_split(b_rtp, [(b"one", callee1), (b"two", CALLEE2),
+                                          (b"uno", callee1)], 1.0)
+    by_sender = {ep.fd: out for ep, out in batches}
+    caller = (CALLER_IP, 4000)
+    # callee 1 leaves from leg A's socket, callee 2 from its dialog's own A socket
+    assert by_sender == {10: [(b"one", caller), (b"uno", caller)], 20: [(b"two", caller)]}
+    assert b_rtp.peer == callee1 and fork.endpoints[2].peer == CALLEE2
+    assert b_rtp.in_packets == 2 and fork.endpoints[2].in_packets == 1
+    # the caller reaches callee 2 through the fork's A socket, sent on the shared socket
+    sender, out = table.forward(fork.endpoints[0], [(b"hi", caller)], 1.5)
+    assert sender is fork.endpoints[2] and sender.fd == 12 and out == [(b"hi", CALLEE2)]
+
+
+def test_a_stranger_on_the_shared_socket_is_judged_by_the_main_dialog():
+    table, _session, (_, _, b_rtp, _), fork = forked()
+    table.forward_split(b_rtp, [(b"a", (CALLEE_IP, 5000))], 1.0)
+    batches = table.forward_split(b_rtp, [(b"x", ("203.0.113.99", 9))], 1.1)
+    assert [out for _ep, out in batches] == [[]]
+    assert b_rtp.drops[UNEXPECTED_SOURCE] == 1 and fork.endpoints[2].peer is None
+
+
+def test_promote_gives_the_fork_sockets_to_the_main_unit():
+    table, session, (a_rtp, a_rtcp, b_rtp, b_rtcp), fork = forked()
+    f_a_rtp, f_a_rtcp = fork.endpoints[:2]
+    closed = table.promote(7, -1)
+    assert closed == [10, 11]
+    assert session.endpoints[:2] == [f_a_rtp, f_a_rtcp]
+    assert session.endpoints[2:] == [b_rtp, b_rtcp]
+    assert -1 not in table.sessions and session.forks == [] and not b_rtp.forks
+    assert 10 not in table.by_fd and table.by_fd[20] is f_a_rtp
+    assert f_a_rtp.sid == 7 and f_a_rtp.session is session
+    assert f_a_rtp.partner is b_rtp and b_rtp.partner is f_a_rtp
+    assert f_a_rtcp.sibling is f_a_rtp and not b_rtp.split
+
+
+def test_removing_a_fork_leaves_the_shared_sockets_alone():
+    table, session, (_, _, b_rtp, b_rtcp), fork = forked()
+    removed = table.remove(-1)
+    assert removed is fork and [ep.fd for ep in removed.owned()] == [20, 21]
+    assert table.by_fd[12] is b_rtp and table.by_fd[13] is b_rtcp
+    assert 20 not in table.by_fd and not b_rtp.forks and not b_rtp.split
