@@ -183,8 +183,8 @@ def no_session_left(client, call_id: str) -> None:
 
 def test_forked_early_dialogs(stack, phones):
     """Two 183s with different To tags (a fork further on), then the 200 of the first:
-    the relay sends the caller's media to the latest early dialog, then to the one that
-    answered (the relay keeps one callee side per call)."""
+    each early dialog has relay ports of its own for the caller and media flows in both
+    at once; the 200's dialog keeps its ports, the other is freed."""
     relay = stack.relay()
     kam = stack.kamailio({0: [relay.node]})
     caller, bob, carol = phones("alice", kam), phones("bob", kam), phones("carol", kam)
@@ -200,9 +200,10 @@ def test_forked_early_dialogs(stack, phones):
     bob.reply(invite, "183 Session Progress", carol.sdp(), tag_carol)
     early_carol = caller.response(dialog, "INVITE", lambda s: s == 183)
     assert early_carol.to_tag == tag_carol
-    assert read_sdp(early_carol.body) == read_sdp(early_bob.body)  # same relay side
+    assert read_sdp(early_carol.body) != read_sdp(early_bob.body)  # its own relay ports
     media_flows(caller, early_carol, carol, invite, AUDIO, first_seq=50)
     media_flows(caller, early_carol, carol, invite, VIDEO, first_seq=50)
+    media_flows(caller, early_bob, bob, invite, AUDIO, first_seq=70)  # both at once
     # the first fork answers: its dialog is the call
     bob.reply(invite, "200 OK", bob.sdp(), tag_bob)
     ok = caller.response(dialog, "INVITE", lambda s: s == 200)
