@@ -211,62 +211,116 @@ def _tuple(data: bytes, off: int, end: int) -> Optional[Tuple[int, str, int, str
     return proto, src, sport, dst, dport
 
 
-def _counters(data: bytes, off: int, end: int) -> Tuple[int, int]:
-    """(packets, bytes) of a CTA_COUNTERS_* nest (64-bit, or the old 32-bit attributes)."""
-    packets = nbytes = 0
-    for kind, a, b in _attrs(data, off, end):
-        size = b - a
-        if size == 8 and kind in (CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES):
-            value = _BE64(data, a)[0]
-        elif size == 4 and kind in (CTA_COUNTERS32_PACKETS, CTA_COUNTERS32_BYTES):
-            value = _BE32(data, a)[0]
-        else:
-            continue
-        if kind in (CTA_COUNTERS_PACKETS, CTA_COUNTERS32_PACKETS):
-            packets = value
-        else:
-            nbytes = value
-    return packets, nbytes
+_NLA = netlink.NLATTR.unpack_from
+_make_flow = CtFlow._make
+_NO_REPLY = (None, 0, None, 0)
+_NFGEN = NFGENMSG.size
+_TUPLES = (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY)
+_COUNTERS = (CTA_COUNTERS_ORIG, CTA_COUNTERS_REPLY)
+_WIDE = (CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES)
+_NARROW = (CTA_COUNTERS32_PACKETS, CTA_COUNTERS32_BYTES)
+_PACKETS = (CTA_COUNTERS_PACKETS, CTA_COUNTERS32_PACKETS)
+_MISSING = object()
 
 
-def _flow(data: bytes, body: int, end: int) -> Optional[CtFlow]:
+def _garbled(alen: int, off: int, end: int) -> NetlinkDecodeError:
+    return NetlinkDecodeError(f"attribute of length {alen} at offset {off} runs past its "
+                              f"container (ends at {end})")
+
+
+def _flow(data: bytes, body: int, end: int, tuples: Optional[dict] = None,
+          seen: Optional[dict] = None) -> Optional[CtFlow]:
     """The flow of one IPCTNL_MSG_CT_NEW (nfgenmsg at `body`), None if it lacks a mark or a
-    complete original tuple. Raises NetlinkDecodeError for garbled attributes."""
+    complete original tuple. Raises NetlinkDecodeError for garbled attributes.
+
+    The poll's hot loop (every lrk flow, every poll): the top-level attributes are walked
+    inline (no generator), and with `tuples` (raw CTA_TUPLE_* payload -> its decoded
+    tuple, from earlier dumps) a flow's two tuples, which never change, are decoded once
+    per flow rather than once per poll; `seen` collects this dump's entries (the next
+    dump's `tuples`, so flows that vanished leave the cache). Same result either way."""
     mark = orig = reply = ct_id = start = None
     status = 0
-    counts_o = counts_r = (0, 0)
-    for akind, a, b in _attrs(data, body + NFGENMSG.size, end):
-        if akind == CTA_MARK and b - a == 4:
-            mark = _BE32(data, a)[0]
-        elif akind == CTA_STATUS and b - a == 4:
-            status = _BE32(data, a)[0]
-        elif akind == CTA_TUPLE_ORIG:
-            orig = _tuple(data, a, b)
-        elif akind == CTA_TUPLE_REPLY:
-            reply = _tuple(data, a, b)
-        elif akind == CTA_COUNTERS_ORIG:
-            counts_o = _counters(data, a, b)
-        elif akind == CTA_COUNTERS_REPLY:
-            counts_r = _counters(data, a, b)
-        elif akind == CTA_ID and b - a == 4:
-            ct_id = _BE32(data, a)[0]
-        elif akind == CTA_TIMESTAMP:
-            for tkind, ta, tb in _attrs(data, a, b):
-                if tkind == CTA_TIMESTAMP_START and tb - ta == 8:
-                    start = _BE64(data, ta)[0]
+    op = ob = rp = rb = 0
+    off = body + _NFGEN
+    while off + 4 <= end:
+        alen, kind = _NLA(data, off)
+        nxt = off + alen
+        if alen < 4 or nxt > end:
+            raise _garbled(alen, off, end)
+        kind &= 0x3FFF
+        a = off + 4
+        size = alen - 4
+        if kind in _TUPLES:
+            if tuples is None:
+                tup = _tuple(data, a, nxt)
+            else:
+                raw = data[a:nxt]
+                tup = tuples.get(raw, _MISSING)
+                if tup is _MISSING:
+                    tup = _tuple(data, a, nxt)
+                if seen is not None:
+                    seen[raw] = tup
+            if kind == CTA_TUPLE_ORIG:
+                orig = tup
+            else:
+                reply = tup
+        elif kind == CTA_MARK:
+            if size == 4:
+                mark = _BE32(data, a)[0]
+        elif kind == CTA_STATUS:
+            if size == 4:
+                status = _BE32(data, a)[0]
+        elif kind in _COUNTERS:
+            packets = nbytes = 0
+            coff = a
+            while coff + 4 <= nxt:
+                clen, ckind = _NLA(data, coff)
+                if clen < 4 or coff + clen > nxt:
+                    raise _garbled(clen, coff, nxt)
+                ckind &= 0x3FFF
+                if clen == 12 and ckind in _WIDE:
+                    value = _BE64(data, coff + 4)[0]
+                elif clen == 8 and ckind in _NARROW:
+                    value = _BE32(data, coff + 4)[0]
+                else:
+                    coff += (clen + 3) & ~3
+                    continue
+                if ckind in _PACKETS:
+                    packets = value
+                else:
+                    nbytes = value
+                coff += (clen + 3) & ~3
+            if kind == CTA_COUNTERS_ORIG:
+                op, ob = packets, nbytes
+            else:
+                rp, rb = packets, nbytes
+        elif kind == CTA_ID:
+            if size == 4:
+                ct_id = _BE32(data, a)[0]
+        elif kind == CTA_TIMESTAMP:
+            toff = a
+            while toff + 4 <= nxt:
+                tlen, tkind = _NLA(data, toff)
+                if tlen < 4 or toff + tlen > nxt:
+                    raise _garbled(tlen, toff, nxt)
+                if tkind & 0x3FFF == CTA_TIMESTAMP_START and tlen == 12:
+                    start = _BE64(data, toff + 4)[0]
+                toff += (tlen + 3) & ~3
+        off += (alen + 3) & ~3
     if mark is None or orig is None:
         return None
-    return CtFlow(mark, *orig, bool(status & IPS_SEEN_REPLY),
-                  *(reply[1:] if reply else (None, 0, None, 0)),
-                  *counts_o, *counts_r, ct_id, start)
+    return _make_flow((mark,) + orig + (bool(status & IPS_SEEN_REPLY),)
+                      + (reply[1:] if reply else _NO_REPLY)
+                      + (op, ob, rp, rb, ct_id, start))
 
 
-def _take(flows: List[CtFlow], data: bytes, mtype: int, body: int, end: int) -> int:
+def _take(flows: List[CtFlow], data: bytes, mtype: int, body: int, end: int,
+          tuples: Optional[dict] = None, seen: Optional[dict] = None) -> int:
     """Append the flow of one dump message to `flows`; 1 if it had to be skipped."""
     if mtype != CT_NEW:
         return 0
     try:
-        flow = _flow(data, body, end)
+        flow = _flow(data, body, end, tuples, seen)
     except (NetlinkDecodeError, ValueError, OSError):
         flow = None  # this entry only: the message boundary is still sound
     if flow is None:
@@ -314,6 +368,8 @@ class ConntrackSocket:
         self.nl = netlink.NetlinkSocket(sock, error=_io_error)
         self.sock = self.nl.sock
         self.timeout = timeout
+        #: raw CTA_TUPLE_* payload -> its decoded tuple, for the flows the last dump held
+        self._tuples: dict = {}
 
     def flush_marks(self, marks: Iterable[int], window: int = 256) -> int:
         """Flush the flows of every mark; returns how many requests the kernel acknowledged.
@@ -350,6 +406,8 @@ class ConntrackSocket:
         mid-dump and must be closed (a dump cannot be abandoned halfway)."""
         deadline = time.monotonic() + timeout
         out: List[CtFlow] = []
+        tuples = self._tuples
+        seen: dict = {}
         for mark, mask in list(filters) or [(None, 0xFFFFFFFF)]:
             seq = self.nl.next_seq()
             state = netlink.Dump(seq)
@@ -358,12 +416,13 @@ class ConntrackSocket:
                 for data, mtype, body, end in self.nl.dump(
                         dump_request(seq, family, mark, mask), state, timeout=left,
                         op=f"dump (timeout {timeout} s, {len(out)} flows so far)"):
-                    _take(out, data, mtype, body, end)
+                    _take(out, data, mtype, body, end, tuples, seen)
                     if len(out) > max_flows:
                         raise ConntrackError(f"conntrack dump holds more than {max_flows} "
                                              "lrk flows; raise max_flows")
             except NetlinkError as exc:
                 raise _typed(exc, "dump") from None
+        self._tuples = seen  # the tuples of the flows this dump held
         return out
 
     def close(self) -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "LegSpec",
     "SessionSpec",
     "conntrack_marks",
+    "drop_counter",
     "elements",
     "install_commands",
     "parse_counters",
@@ -556,6 +557,28 @@ def parse_counters(
     return result
 
 
+def _drop_names(family: Optional[int]) -> set:
+    if family is not None and family not in DROP_COUNTERS:
+        raise KernelRuleError(f"family {family!r} is not 4 or 6 (or None for both)")
+    return {DROP_COUNTERS[family]} if family else set(DROP_COUNTERS.values())
+
+
+def drop_counter(named: Dict[str, Tuple[int, int]], family: Optional[int] = None
+                 ) -> Tuple[int, int]:
+    """(packets, bytes) of new flows no session admits, from the table's named counters
+    (name -> (packets, bytes), e.g. as `fastpath.kernel.nft_setelem` reads them from the
+    kernel); ``family`` 4 or 6, None for both summed. Raises KernelRuleError when one
+    is missing."""
+    wanted = _drop_names(family)
+    missing = wanted - set(named)
+    if missing:
+        raise KernelRuleError(
+            f"counter(s) {sorted(missing)} not in the nft listing; list them with "
+            "'nft -j list counters table inet lrk'"
+        )
+    return sum(named[n][0] for n in wanted), sum(named[n][1] for n in wanted)
+
+
 def parse_drop_counter(json_obj: Dict[str, Any], family: Optional[int] = None) -> Tuple[int, int]:
     """(packets, bytes) of new flows no session admits (media.dropped.unexpected_source).
 
@@ -563,18 +586,10 @@ def parse_drop_counter(json_obj: Dict[str, Any], family: Optional[int] = None) -
     a listing of the whole table); ``family`` 4 or 6, None for both summed.
     In the NFQUEUE variant these are the packets handed to the queue.
     """
-    if family is not None and family not in DROP_COUNTERS:
-        raise KernelRuleError(f"family {family!r} is not 4 or 6 (or None for both)")
-    wanted = {DROP_COUNTERS[family]} if family else set(DROP_COUNTERS.values())
+    wanted = _drop_names(family)
     found: Dict[str, Tuple[int, int]] = {}
     for obj in _objects(json_obj, "drop counters"):
         body = obj.get("counter")
         if isinstance(body, dict) and body.get("name") in wanted:
             found[body["name"]] = (int(body.get("packets", 0)), int(body.get("bytes", 0)))
-    missing = wanted - set(found)
-    if missing:
-        raise KernelRuleError(
-            f"counter(s) {sorted(missing)} not in the nft listing; list them with "
-            "'nft -j list counters table inet lrk'"
-        )
-    return sum(p for p, _ in found.values()), sum(b for _, b in found.values())
+    return drop_counter(found, family)

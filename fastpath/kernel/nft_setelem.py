@@ -13,6 +13,12 @@ from the beginning for every message (skipping what it sent), so a dump costs O(
 Only sets whose key is ``ipv4_addr . inet_service`` or ``ipv6_addr . inet_service``
 (what ``fastpath.kernel.kernel_rules`` declares) are decoded. The message builder and the
 parser are pure (`dump_request`, `parse_dump`); `SetElemReader` is the thin socket shell.
+
+The table's named counters (kernel mode's drop counters) come the same way: one
+NFT_MSG_GETOBJ dump filtered by table and type (`objects_request`, `parse_objects`),
+about 0.1 ms, where ``nft -j list counters table ...`` through libnftables first fetches
+the whole ruleset with every set element into its cache (about 50 ms at 1,000 sessions,
+every call).
 """
 
 from __future__ import annotations
@@ -32,18 +38,23 @@ from fastpath.kernel.netlink import (
     NLM_F_REQUEST,
     NetlinkError,
     NetlinkRequestError,
+    attr_be32,
     attr_strz,
     nfmessage,
 )
 
 __all__ = ["NftDumpError", "NftDumpInterrupted", "SetElemReader", "dump_request", "parse_dump",
-           "parse_key"]
+           "parse_key", "objects_request", "parse_objects"]
 
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
+NFT_MSG_NEWOBJ = 18
+NFT_MSG_GETOBJ = 19
 NEWSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM
 GETSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM
+NEWOBJ = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWOBJ
+GETOBJ = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ
 NFPROTO_INET = 1
 
 NFTA_SET_ELEM_LIST_TABLE = 1
@@ -58,12 +69,20 @@ NFTA_EXPR_NAME = 1
 NFTA_EXPR_DATA = 2
 NFTA_COUNTER_BYTES = 1
 NFTA_COUNTER_PACKETS = 2
+NFTA_OBJ_TABLE = 1
+NFTA_OBJ_NAME = 2
+NFTA_OBJ_TYPE = 3
+NFTA_OBJ_DATA = 4
+NFT_OBJECT_COUNTER = 1
 
 _U64 = struct.Struct("!Q")
+_BE32 = struct.Struct("!I")
 _attrs = netlink.attrs
 
 Key = Tuple[str, int]
 Counters = Dict[Key, Tuple[int, int]]
+#: named counter objects: name -> (packets, bytes)
+Named = Dict[str, Tuple[int, int]]
 
 
 class NftDumpError(LrkError):
@@ -91,6 +110,53 @@ def dump_request(table: str, set_name: str, seq: int, family: int = NFPROTO_INET
     return nfmessage(GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP, seq, family, 0,
                      attr_strz(NFTA_SET_ELEM_LIST_TABLE, table)
                      + attr_strz(NFTA_SET_ELEM_LIST_SET, set_name))
+
+
+def objects_request(table: str, seq: int, obj_type: int = NFT_OBJECT_COUNTER,
+                    family: int = NFPROTO_INET) -> bytes:
+    """NFT_MSG_GETOBJ with NLM_F_DUMP: the stateful objects of one type (counters by
+    default) of one table; the kernel filters by table, type and family."""
+    return nfmessage(GETOBJ, NLM_F_REQUEST | NLM_F_DUMP, seq, family, 0,
+                     attr_strz(NFTA_OBJ_TABLE, table) + attr_be32(NFTA_OBJ_TYPE, obj_type))
+
+
+def _add_object(data: bytes, body: int, end: int, table: str, out: Named) -> None:
+    """The counter of one NFT_MSG_NEWOBJ message (nfgenmsg at `body`) into `out`, by name:
+    name -> (packets, bytes). Objects of another table or type are left out."""
+    name = otable = None
+    otype = 0
+    counter = (0, 0)
+    for kind, s, e in _attrs(data, body + NFGENMSG.size, end):
+        if kind == NFTA_OBJ_NAME:
+            name = data[s:e].split(b"\0", 1)[0].decode("utf-8", "replace")
+        elif kind == NFTA_OBJ_TABLE:
+            otable = data[s:e].split(b"\0", 1)[0].decode("utf-8", "replace")
+        elif kind == NFTA_OBJ_TYPE and e - s == 4:
+            otype = _BE32.unpack_from(data, s)[0]
+        elif kind == NFTA_OBJ_DATA:
+            packets = nbytes = 0
+            for k2, s2, e2 in _attrs(data, s, e):
+                if k2 == NFTA_COUNTER_PACKETS and e2 - s2 == 8:
+                    packets = _U64.unpack_from(data, s2)[0]
+                elif k2 == NFTA_COUNTER_BYTES and e2 - s2 == 8:
+                    nbytes = _U64.unpack_from(data, s2)[0]
+            counter = (packets, nbytes)
+    if name is not None and otable == table and otype == NFT_OBJECT_COUNTER:
+        out[name] = counter
+
+
+def parse_objects(data: bytes, seq: int, table: str, out: Named) -> bool:
+    """Add the named counters of one buffer of NFT_MSG_GETOBJ dump replies to `out`
+    (name -> (packets, bytes)); True once NLMSG_DONE came. Raises NftDumpError for an
+    error reply to `seq` or a garbled buffer."""
+    state = netlink.Dump(seq)
+    try:
+        for mtype, body, end in state.feed(data):
+            if mtype == NEWOBJ:
+                _add_object(data, body, end, table, out)
+    except NetlinkError as exc:
+        raise _typed(exc) from None
+    return state.done
 
 
 def parse_key(raw: bytes) -> Key:
@@ -210,6 +276,28 @@ class SetElemReader:
         if state.interrupted:  # comes with NLMSG_DONE: nothing of this dump is left queued
             raise NftDumpInterrupted("the ruleset changed during the set dump")
         return out
+
+    def named_counters(self, table: str, family: int = NFPROTO_INET,
+                       attempts: int = 3) -> Named:
+        """name -> (packets, bytes) of every named counter of one table (one GETOBJ
+        dump, taken again when the ruleset changed under it)."""
+        for left in range(attempts - 1, -1, -1):
+            seq = self.nl.next_seq()
+            state = netlink.Dump(seq)
+            out: Named = {}
+            try:
+                for data, mtype, body, end in self.nl.dump(
+                        objects_request(table, seq, NFT_OBJECT_COUNTER, family), state,
+                        idle=self.timeout, op=f"dump of the counters of table {table}"):
+                    if mtype == NEWOBJ:
+                        _add_object(data, body, end, table, out)
+            except NetlinkError as exc:
+                raise _typed(exc) from None
+            if not state.interrupted:
+                return out
+            if not left:
+                raise NftDumpInterrupted("the ruleset changed during the counter dump")
+        raise NftDumpError("no attempts")  # attempts < 1
 
     def close(self) -> None:
         self.nl.close()

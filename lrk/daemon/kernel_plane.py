@@ -39,6 +39,7 @@ from fastpath.kernel.kernel_rules import (
     LegSpec,
     SessionSpec,
     conntrack_marks,
+    drop_counter,
     parse_counters,
     parse_drop_counter,
 )
@@ -72,6 +73,7 @@ ACCT = {name: f"/proc/sys/net/netfilter/{name}"
         for name in ("nf_conntrack_acct", "nf_conntrack_timestamp")}
 #: (received from A's peer: packets, bytes, received from B's peer: packets, bytes)
 Counts = Tuple[int, int, int, int]
+_ZERO: Counts = (0, 0, 0, 0)
 
 
 def leg_spec(leg: PlaneLeg) -> Optional[LegSpec]:
@@ -121,6 +123,11 @@ class KernelPlane:
         self.ct: Optional[ConntrackSocket] = None
         #: counters straight from the kernel: nft's listing costs 13-20 s at 400,000 elements
         self.dump: Optional[SetElemReader] = None
+        #: the drop counters straight from the kernel (a GETOBJ dump, ~0.02 ms): nft's
+        #: listing fetches the whole ruleset, set elements too (~50 ms at 1,000 sessions);
+        #: None until start, and after a failure until the next poll opens it again
+        self.objects: Optional[SetElemReader] = None
+        self._objects_wanted = False
         self.installed: Dict[int, SessionSpec] = {}
         #: a second ctnetlink socket for flow dumps (a failed dump leaves it unusable)
         self.ct_dump: Optional[ConntrackSocket] = None
@@ -129,6 +136,9 @@ class KernelPlane:
         #: sessions whose re-latch flush failed: their flows may be the old generation's
         self._stale: Dict[int, List[int]] = {}
         self._seen: Dict[Tuple[str, int], Tuple[int, int]] = {}
+        #: `_owners` of the sessions installed now; None after any change to `installed`
+        self._owner_map: Optional[Dict[int, Tuple[int, str, bool, Tuple[str, int], str,
+                                                  Tuple[str, int]]]] = None
         self._last_poll = 0.0
         self.drop_counter = "media.dropped.unexpected_source"  # what the ruleset counts
         self.counters: Dict[str, int] = {
@@ -194,6 +204,8 @@ class KernelPlane:
         self.nft = Nft()
         self.nft.run(self.rules.create())  # replaces a table a crashed run left behind
         self.ct = ConntrackSocket()
+        self._objects_wanted = True
+        self._open_objects()
         if self.rules.seen:
             try:
                 self.dump = SetElemReader()
@@ -206,6 +218,7 @@ class KernelPlane:
     async def stop(self) -> None:
         marks = [m for spec in self.installed.values() for m in conntrack_marks(spec)]
         self.installed.clear()
+        self._owner_map = None
         self.specs.clear()
         self.streams.clear()
         if self.nft is not None:
@@ -224,6 +237,10 @@ class KernelPlane:
         if self.dump is not None:
             self.dump.close()
             self.dump = None
+        self._objects_wanted = False
+        if self.objects is not None:
+            self.objects.close()
+            self.objects = None
         self._flow_counts.clear()
         self._base.clear()
         self._totals.clear()
@@ -312,6 +329,7 @@ class KernelPlane:
         elif old != new:
             self.nft.run(self._elements(self.rules.update_commands(old, new)))
         self.installed[sid] = new
+        self._owner_map = None
         if old is not None and (old != new or relatch):
             # established flows keep their NAT: a new offer/answer must start afresh;
             # a peer that only moved (a latch) needs only the flows NATed towards it gone
@@ -328,6 +346,7 @@ class KernelPlane:
         spec = self.installed.pop(sid, None)
         if spec is None:
             return
+        self._owner_map = None
         assert self.nft is not None
         self._stale.pop(sid, None)
         self._base.pop(sid, None)
@@ -353,17 +372,17 @@ class KernelPlane:
             now = time.monotonic()
         self._last_poll = now
         seen: Dict[Tuple[str, int], Tuple[int, int]] = {}
-        families = {spec.family for spec in self.installed.values()}
         try:
             if self.rules.seen:
+                families = {spec.family for spec in self.installed.values()}
                 for fam in sorted(families):
                     seen.update(self._read_seen(fam))
-            drops = parse_drop_counter(self.nft.run_json(self.rules.drops_query()))
+            drops = self._read_drops()
         except (NftError, KernelRuleError) as exc:
             self.counters["kernel.errors"] += 1
             log.error("kernel counters unreadable: %s", exc)
             return
-        self.counters[self.drop_counter] = drops[0]
+        self.counters[self.drop_counter] = drops
         owners = self._owners()
         flows = self._flows(owners)
         latched = self._latched(flows or [], owners)
@@ -377,21 +396,25 @@ class KernelPlane:
         self._totals = totals
         by_session: Dict[int, List[StreamReport]] = {}
         moved: Dict[int, bool] = {}
-        for uid in list(self.installed):
-            stream = self.streams.get(uid)
+        stream_of = self.streams.get
+        leg_report = self._leg_report
+        for uid, spec in list(self.installed.items()):
+            stream = stream_of(uid)
             if stream is None:
                 continue
             sid = unit_of(uid)[0]
-            a_p, a_b, b_p, b_b = totals[uid]
-            if totals[uid] != previous.get(uid, (0, 0, 0, 0)):
+            counts = totals[uid]
+            a_p, a_b, b_p, b_b = counts
+            if counts != previous.get(uid, _ZERO):
                 moved[sid] = True
+            hdr = HEADER_BYTES[spec.family]
             # what B's peer sent was forwarded to A's peer, and back; a leg without a flow
             # reports no latch (a flow that timed out does not un-latch)
             by_session.setdefault(sid, []).append(StreamReport(
                 stream.index,
-                self._leg_report(uid, "A", stream.a.generation, (a_p, a_b, b_p, b_b), latched),
-                self._leg_report(uid, "B", stream.b.generation, (b_p, b_b, a_p, a_b),
-                                 latched)))
+                leg_report(uid, "A", stream.a.generation, counts, latched, hdr),
+                leg_report(uid, "B", stream.b.generation, (b_p, b_b, a_p, a_b), latched,
+                           hdr)))
         sink = self.sink
         for sid, streams in by_session.items():
             sink(SessionReport(sid, now if moved.get(sid) else None, tuple(streams)))
@@ -457,15 +480,20 @@ class KernelPlane:
                                          Tuple[str, int]]]:
         """ct mark -> (sid, leg, rtcp, relay address the flow enters at, other leg, its
         relay address), for every installed session; retries failed re-latch flushes."""
+        if self._stale:
+            for sid in [s for s in self.installed if s in self._stale]:
+                self._retry_flush(sid)
+        cached = self._owner_map
+        if cached is not None:
+            return cached
         owners: Dict[int, Tuple[int, str, bool, Tuple[str, int], str, Tuple[str, int]]] = {}
         for sid, spec in self.installed.items():
-            if sid in self._stale:
-                self._retry_flush(sid)
             for name, leg, other, other_leg in (("A", spec.a, "B", spec.b),
                                                 ("B", spec.b, "A", spec.a)):
                 for rtcp in (False, True):
                     owners[leg.rtp_mark + rtcp] = (sid, name, rtcp, leg.relay(rtcp), other,
                                                    other_leg.relay(rtcp))
+        self._owner_map = owners
         return owners
 
     def _flows(self, owners: Dict[int, tuple]) -> Optional[List[CtFlow]]:
@@ -527,12 +555,15 @@ class KernelPlane:
 
     def _leg_report(self, sid: int, name: str, generation: int,
                     counts: Tuple[int, int, int, int],
-                    latched: Dict[Tuple[int, str, bool], Tuple[str, int]]) -> LegReport:
-        """Netfilter counts IP packets: their IP and UDP headers come off, so that bytes
-        mean payload bytes as in the userspace modes."""
+                    latched: Dict[Tuple[int, str, bool], Tuple[str, int]],
+                    hdr: Optional[int] = None) -> LegReport:
+        """Netfilter counts IP packets: their IP and UDP headers come off (`hdr` bytes a
+        packet; looked up when not given), so that bytes mean payload bytes as in the
+        userspace modes."""
         rtp, rtcp = latched.get((sid, name, False)), latched.get((sid, name, True))
-        spec = self.installed.get(sid)
-        hdr = HEADER_BYTES[spec.family] if spec is not None else 0
+        if hdr is None:
+            spec = self.installed.get(sid)
+            hdr = HEADER_BYTES[spec.family] if spec is not None else 0
         return LegReport(counts[0], max(0, counts[1] - hdr * counts[0]), counts[2],
                          max(0, counts[3] - hdr * counts[2]), self._leg_drops(sid, name),
                          generation if (rtp or rtcp) else -1, rtp, rtcp)
@@ -555,10 +586,35 @@ class KernelPlane:
         assert self.nft is not None
         return parse_counters(self.nft.run_json(self.rules.counters_query(fam)))
 
+    def _open_objects(self) -> None:
+        try:
+            self.objects = SetElemReader()
+        except (NftDumpError, OSError) as exc:
+            self._objects_wanted = False  # no socket at all: nft from now on, said once
+            log.warning("no nf_tables netlink socket (%s): drop counters read through nft", exc)
+
+    def _read_drops(self) -> int:
+        """Packets the table's drop counters counted: a netlink dump of its counter
+        objects, or nft's listing when that is unavailable or failed (this poll)."""
+        if self.objects is None and self._objects_wanted:
+            self._open_objects()
+        if self.objects is not None:
+            try:
+                return drop_counter(self.objects.named_counters(self.rules.table))[0]
+            except (NftDumpError, OSError) as exc:
+                log.warning("counter object dump failed (%s): drop counters read through nft",
+                            exc)
+                self.objects.close()
+                self.objects = None
+        assert self.nft is not None
+        return parse_drop_counter(self.nft.run_json(self.rules.drops_query()))[0]
+
     def refresh(self, then: Callable[[], None]) -> None:
         """Counters no older than `poll_interval` (the plane's own timer keeps them so):
-        a full read costs O(sessions) (about 40 ms for the set and 70 ms for the counters
-        at 1,000 sessions), far too much to pay on every delete or query."""
+        a full read costs O(sessions) (at 1,000 sessions with 2,000 flows, conntrack
+        counting: about 45 ms of CPU, over half of it the kernel walking its whole
+        conntrack hash once per mark filter; bench/kernel_poll_cost.py), far too much to
+        pay on every delete or query."""
         if time.monotonic() - self._last_poll >= self.poll_interval:
             self._poll()
         then()
