@@ -159,8 +159,8 @@ def _report_leg_out(r: LegReport) -> tuple:
 
 
 def _report_leg_in(t: tuple) -> LegReport:
-    return LegReport(t[0], t[1], t[2], t[3], tuple((k, v) for k, v in t[4]), t[5],
-                     _addr(t[6]), _addr(t[7]))
+    # marshal keeps tuples: drops come back as ((reason, n), ...), peers as (ip, port)
+    return LegReport._make(t)
 
 
 def _to_wire(m: Any) -> tuple:
@@ -222,6 +222,18 @@ def _from_wire(t: tuple) -> Any:
 
 def encode_message(message: Any) -> bytes:
     return marshal.dumps(_to_wire(message))
+
+
+def encode_reports(reports: Sequence[tuple], totals: Optional[Dict[str, int]] = None
+                   ) -> bytes:
+    """A `Reports` message from reports already in wire form, each
+    (uid, last_rx, leg A tuple, leg B tuple) with LegReport's fields in order: the
+    worker builds those directly (one report per changed unit every half second)."""
+    return marshal.dumps(("R", tuple(reports), totals))
+
+
+def send_bytes(sock: socket.socket, data: bytes) -> None:
+    sock.send(data)
 
 
 def decode_message(data: bytes) -> Any:

@@ -60,6 +60,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "http://HOST:PORT/metrics ('off' disables; default off)")
     p.add_argument("--max-control-rate", type=float, metavar="N", help="control requests "
                    "per second accepted from one source address (default 0: no limit)")
+    p.add_argument("--state-dir", metavar="DIR", help="keep sessions across restarts in a "
+                   "SQLite file under DIR (default: off, sessions end with the process)")
     p.add_argument("--check-config", action="store_true", help="validate the configuration "
                    "(file and options), print a one-line summary and exit: 0 when valid, "
                    "2 with the error otherwise")
@@ -83,7 +85,7 @@ def _add_ctl(sub: argparse._SubParsersAction) -> None:
                    help="top: refreshes before exiting (0: until Ctrl-C)")
     p.add_argument("--interval", type=float, default=1.0, help="top: seconds between refreshes")
     p.add_argument("command", choices=("ping", "list", "query", "stats", "delete", "capabilities",
-                                       "drain", "undrain", "reload", "top"))
+                                       "drain", "undrain", "reload", "shutdown", "top"))
     p.add_argument("call_id", nargs="?", help="Call-ID for query and delete")
 
 
@@ -110,7 +112,7 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
         "silence_timeout": args.silence_timeout, "max_lifetime": args.max_lifetime,
         "log_level": args.log_level, "log_format": args.log_format, "legacy": args.legacy,
         "packet_interfaces": args.packet_interfaces, "metrics": args.metrics,
-        "max_control_rate": args.max_control_rate,
+        "max_control_rate": args.max_control_rate, "state_dir": args.state_dir,
     }
 
 

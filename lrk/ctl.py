@@ -98,6 +98,8 @@ def run_ctl(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                         return 3
             elif args.command == "reload":
                 reply = client.reload()
+            elif args.command == "shutdown":
+                reply = client.shutdown()
             elif args.command == "top":
                 return run_top(client, out, getattr(args, "count", 0),
                                getattr(args, "interval", 1.0), args.json)

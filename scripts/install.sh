@@ -170,7 +170,7 @@ install_systemd() {
         etc/systemd/lrkproxy.service > "$unit.tmp"
     chmod 0644 "$unit.tmp"
     mv -f "$unit.tmp" "$unit"
-    say "systemd: $unit (ExecStart=$bin run --config /etc/lrk/lrk.toml)"
+    say "systemd: $unit (ExecStart=$bin run --config /etc/lrk/lrk.toml --state-dir \${STATE_DIRECTORY})"
 
     if [ -e "$config" ]; then
         say "systemd: $config exists, left as it is"

@@ -213,11 +213,11 @@ class SocketWorker:
         for sid in sids:
             session = sessions[sid]
             session.dirty = False
-            chunk.append(channel.UnitReport(*session.report()))
+            chunk.append(session.report())
             if len(chunk) >= channel.REPORT_CHUNK:
-                channel.send(self.chan, channel.Reports(tuple(chunk)))
+                channel.send_bytes(self.chan, channel.encode_reports(chunk))
                 chunk = []
-        channel.send(self.chan, channel.Reports(tuple(chunk), self.totals()))
+        channel.send_bytes(self.chan, channel.encode_reports(chunk, self.totals()))
 
     def totals(self) -> Dict[str, int]:
         """Worker-wide counters: the table's plus what the batch I/O layer met."""

@@ -120,18 +120,28 @@ class RelaySession:
         return self.endpoints if self.main is None else self.endpoints[:2]
 
     def report(self) -> tuple:
-        """(unit id, last_rx, leg A report, leg B report)."""
+        """(unit id, last_rx, leg A, leg B) in wire form: each leg a plain tuple with
+        LegReport's fields in order (`channel.encode_reports`)."""
         eps = self.endpoints
         return (self.sid, self.last_rx, _leg_report(eps[0], eps[1]),
                 _leg_report(eps[2], eps[3]))
 
 
-def _leg_report(rtp: Endpoint, rtcp: Endpoint) -> LegReport:
-    drops = tuple((reason, rtp.drops[i] + rtcp.drops[i]) for i, reason in enumerate(DROP_NAMES)
-                  if rtp.drops[i] + rtcp.drops[i])
-    return LegReport(rtp.in_packets + rtcp.in_packets, rtp.in_bytes + rtcp.in_bytes,
-                     rtp.out_packets + rtcp.out_packets, rtp.out_bytes + rtcp.out_bytes,
-                     drops, rtp.gen, rtp.peer, rtcp.peer)
+def _leg_report(rtp: Endpoint, rtcp: Endpoint) -> tuple:
+    a, b = rtp.drops, rtcp.drops
+    if a[0] or a[1] or a[2] or b[0] or b[1] or b[2]:
+        drops = tuple([(reason, a[i] + b[i]) for i, reason in enumerate(DROP_NAMES)
+                       if a[i] + b[i]])
+    else:
+        drops = ()
+    return (rtp.in_packets + rtcp.in_packets, rtp.in_bytes + rtcp.in_bytes,
+            rtp.out_packets + rtcp.out_packets, rtp.out_bytes + rtcp.out_bytes,
+            drops, rtp.gen, rtp.peer, rtcp.peer)
+
+
+def leg_report(rtp: Endpoint, rtcp: Endpoint) -> LegReport:
+    """One leg's counters and latches as the contract's LegReport."""
+    return LegReport._make(_leg_report(rtp, rtcp))
 
 
 class RelayTable:

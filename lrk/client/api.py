@@ -191,6 +191,11 @@ class LrkClient(_ClientBase):
         """Make a node re-read its configuration file (as SIGHUP does)."""
         return self._run(self._core.reload(node, set_id))
 
+    def shutdown(self, node: Optional[NodeLike] = None, *, set_id: Optional[int] = None
+                 ) -> Reply:
+        """Stop a node and end its calls for good (a SIGTERM keeps them for a restart)."""
+        return self._run(self._core.shutdown(node, set_id))
+
     def list(self, limit: Optional[int] = None, offset: Optional[int] = None, *,
              node: Optional[NodeLike] = None, set_id: Optional[int] = None) -> Reply:
         """One page of a node's sessions (`total`, `sessions`)."""
@@ -371,6 +376,11 @@ class AsyncLrkClient(_ClientBase):
                      set_id: Optional[int] = None) -> Reply:
         """See LrkClient.reload."""
         return await self._run(self._core.reload(node, set_id))
+
+    async def shutdown(self, node: Optional[NodeLike] = None, *,
+                       set_id: Optional[int] = None) -> Reply:
+        """See LrkClient.shutdown."""
+        return await self._run(self._core.shutdown(node, set_id))
 
     async def stats(self, node: Optional[NodeLike] = None, *,
                     set_id: Optional[int] = None) -> Reply:

@@ -222,6 +222,10 @@ class ClientCore:
                ) -> Operation:
         return self._admin("reload", node, set_id)
 
+    def shutdown(self, node: Optional[NodeLike] = None, set_id: Optional[int] = None
+                 ) -> Operation:
+        return self._admin("shutdown", node, set_id)
+
     def offer(self, call_id: str, from_tag: str, media: Optional[Tuple[str, int]] = None, *,
               sdp: Optional[SipData] = None, to_tag: Optional[str] = None,
               interface: str = "internal", latch_any: bool = False,

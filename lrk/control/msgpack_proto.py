@@ -50,7 +50,7 @@ ERROR_CODES = ("malformed", "too_large", "bad_request", "unknown_command",
                "ports_exhausted",
                "data_plane", "draining", "capacity", "internal")
 COMMANDS = ("ping", "capabilities", "offer", "answer", "delete", "query", "list", "stats",
-            "drain", "reload")
+            "drain", "reload", "shutdown")
 #: commands whose reply shows traffic counters: the daemon refreshes them first
 NEEDS_COUNTERS = frozenset(("delete", "query", "list", "stats"))
 
@@ -112,6 +112,8 @@ class MsgpackControl:
         self.limiter = RateLimiter(rate)
         #: the shell's reload (`reload` command): returns (applied, restart_needed) names
         self.on_reload: Optional[Callable[[], Tuple[List[str], List[str]]]] = None
+        #: stop the relay and end every call (`shutdown`): set by the daemon
+        self.on_shutdown: Optional[Callable[[], None]] = None
         self.info = dict(info or {})
         #: None: no authentication (control_auth = "none"): every sender may do anything
         self.auth = auth
@@ -476,6 +478,16 @@ class MsgpackControl:
         except ConfigError as exc:
             raise BadRequest(f"configuration not applied: {exc}") from exc
         return {"applied": applied, "restart_needed": restart}, []
+
+    def _cmd_shutdown(self, args: Dict[str, Any], now: float):
+        """Stop the relay and end every call for good: the session store is emptied, so
+        the next start begins with no calls (a plain SIGTERM keeps them for a restart)."""
+        self._require_admin(args, "shutdown")
+        if self.on_shutdown is None:
+            raise BadRequest("this relay cannot be shut down over the control protocol")
+        sessions = len(self.engine.by_call)
+        self.on_shutdown()
+        return {"stopping": True, "sessions_ended": sessions}, []
 
     def _cmd_stats(self, args: Dict[str, Any], now: float):
         counters: Dict[str, int] = {}

@@ -38,6 +38,7 @@ ENGINE_COUNTERS = (
     "sessions.expired.replaced", "legacy.conflicts.refused", "legacy.conflicts.replaced",
     "legacy.ports_outside_range", "sessions.failed", "streams.removed",
     "sessions.early_dialogs", "sessions.early_dialogs.won", "sessions.early_dialogs.freed",
+    "sessions.restored", "sessions.restore_refused",
 )
 
 
@@ -450,6 +451,31 @@ class Engine:
         self._register(session)
         actions.append(Install(session.spec()))
         return session, actions, "created"
+
+    # -- restart: sessions from a store -------------------------------------------------
+    def adopt(self, now: float, session: Session) -> List[Action]:
+        """Take over a session rebuilt from a store (a restarted relay): its relay ports
+        are claimed as they were, so the calls' media keeps its addresses. Refused
+        (counted, nothing changes) when its Call-ID or id is taken or a port is outside
+        this relay's range or in use."""
+        ports = session.ports()
+        if (session.call_id in self.by_call or session.sid in self.by_sid
+                or not ports or any(not self.ports.contains(p) or self.ports.is_in_use(p)
+                                    for p in ports)
+                or len(set(ports)) != len(ports)):
+            self.counters["sessions.restore_refused"] += 1
+            return []
+        for port in ports:
+            self.ports.claim(port, now)
+        self._next_sid = max(self._next_sid, session.sid + 1)
+        session.timer_at = None
+        self.by_call[session.call_id] = session
+        self.by_sid[session.sid] = session
+        for port in ports:
+            self.owner[port] = session
+        self._schedule(session)
+        self.counters["sessions.restored"] += 1
+        return [Install(session.spec())]
 
     # -- data-plane feedback ---------------------------------------------------------
     def handle_event(self, now: float, event: Event) -> List[Action]:

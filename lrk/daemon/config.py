@@ -91,6 +91,9 @@ class Config:
     strict_source: bool = False
     # a learning leg's latched peer may be replaced by a new source once silent this long
     relearn_after: float = 3.0
+    # sessions survive a restart: kept in a SQLite file under this directory (one file per
+    # relay, named after its control address and ports); "" = sessions die with the process
+    state_dir: str = ""
 
     # -- derived ---------------------------------------------------------------------
     @property
@@ -187,6 +190,9 @@ class Config:
                               f"0..{MAX_COALESCE_US} (it is added to every packet's latency)")
         if not isinstance(self.strict_source, bool):
             raise ConfigError(f"strict_source {self.strict_source!r} must be true or false")
+        if not isinstance(self.state_dir, str):
+            raise ConfigError(f"state_dir must be a directory path (a string), not "
+                              f"{self.state_dir!r}")
         if isinstance(self.relearn_after, bool) or not isinstance(
                 self.relearn_after, (int, float)) or not 0 < self.relearn_after <= 3600:
             raise ConfigError(f"relearn_after {self.relearn_after!r} must be within 0..3600 "

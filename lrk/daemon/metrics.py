@@ -123,6 +123,12 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
                         "failure (a breakdown of lrk_sessions_ended_total{reason=\"failed\"})."),
     "sessions_refused": ("counter", ("reason",),
                          "Offers refused, by reason (max_sessions: the configured limit)."),
+    "sessions_restored": ("counter", ("outcome",),
+                          "Sessions read back from the session store at start (a restart): "
+                          "restored, or refused (its ports or Call-ID taken, unreadable)."),
+    "store_operations": ("counter", ("outcome",),
+                         "Session store writes: written, deleted, failed (the store is down or "
+                         "full: the relay goes on, calls are kept in memory)."),
     "early_dialogs": ("counter", ("outcome",),
                       "Early dialogs of forked INVITEs beyond the first (a 183 with SDP from "
                       "another To-tag): created, won (its 200 OK picked it), freed (lost)."),
@@ -223,6 +229,9 @@ COUNTER_MAP: Tuple[Tuple[str, str, Dict[str, str]], ...] = (
     ("sessions.failed.*", "sessions_failed", {"reason": "*"}),
     ("sessions.refused.*", "sessions_refused", {"reason": "*"}),
     ("streams.removed", "streams_removed", {}),
+    ("sessions.restored", "sessions_restored", {"outcome": "restored"}),
+    ("sessions.restore_refused", "sessions_restored", {"outcome": "refused"}),
+    ("store.*", "store_operations", {"outcome": "*"}),
     ("sessions.early_dialogs", "early_dialogs", {"outcome": "created"}),
     ("sessions.early_dialogs.*", "early_dialogs", {"outcome": "*"}),
     ("ports.exhausted", "ports_exhausted", {}),

@@ -21,22 +21,28 @@ from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from fastpath import logs
-from fastpath.contract import Action, DataPlane, Event, PlaneFailure
+from fastpath.contract import Action, DataPlane, Event, PlaneFailure, Remove, SessionReport
 from lrk import __version__
 from lrk.control.allow import AllowList
 from lrk.control.auth import relay_authenticator
 from lrk.control.legacy import LegacyControl
 from lrk.control.msgpack_proto import NEEDS_COUNTERS, MsgpackControl, Outcome, Request
 from lrk.core.engine import Engine, EngineConfig
+from lrk.core.persist import RecordError, from_record, owner_of, to_record
+from lrk.core.session import Session
 from lrk.daemon.config import Config
 from lrk.daemon.kernel_plane import KernelPlane
 from lrk.daemon.metrics import MetricsServer, NoMetrics, legacy_command, relay_snapshot
 from lrk.daemon.nfqueue_plane import NfqueuePlane
 from lrk.daemon.sdnotify import process_notifier
 from lrk.daemon.socket_plane import SocketPlane
+from lrk.daemon.store import SqliteStore, open_store
 from lrk.errors import ConfigError
 
 log = logging.getLogger("lrk.relay")
+#: a restarted socket-mode relay waits at most this long for a killed predecessor's
+#: worker to let go of a restored session's ports
+RESTORE_PORT_WAIT = 3.0
 #: the start and stop lines, shown whatever the log level (`fastpath.logs.setup`)
 lifecycle = logging.getLogger("lrk.lifecycle")
 MAX_LEGACY_STREAM = 8192
@@ -179,10 +185,19 @@ class Relay:
         self._stopping = False
         if load_config is not None:
             self.control.on_reload = self.reload
+        #: sessions survive a restart when a state_dir is configured
+        self.store: Optional[SqliteStore] = open_store(config.state_dir, config.control,
+                                                       config.ports)
+        self.end_calls = False  # `shutdown`: stop and end every call (store emptied)
+        self.request_stop: Optional[Callable[[], None]] = None  # set by serve()
+        self.control.on_shutdown = self.shutdown
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         await self.plane.start()
+        if self.store is not None:
+            await self._restore()
         for legacy in self.config.legacy_addrs:
             if isinstance(legacy, str):
                 self._claim_unix_path(legacy)
@@ -318,14 +333,114 @@ class Relay:
                 os.unlink(path)
         now = time.monotonic()
         actions: List[Action] = []
-        for session in list(self.engine.sessions()):
-            actions.extend(self.engine.delete(now, session.call_id, reason="deleted")[1])
+        if self.store is not None and not self.end_calls:
+            # the calls outlive this process: their last counters into the store, then the
+            # data plane lets go of them (the next start restores them)
+            await self._refreshed()
+            self._save_all()
+            actions = [Remove(s.sid, s.call_id, "restart") for s in self.engine.sessions()]
+            if actions:
+                lifecycle.info("%d call(s) kept in the session store for the next start",
+                               len(actions))
+        else:
+            for session in list(self.engine.sessions()):
+                actions.extend(self.engine.delete(now, session.call_id, reason="deleted")[1])
+            if self.store is not None:
+                self.store.clear()
         self.plane.apply(actions)  # a failure here changes nothing: everything goes
         await self.plane.stop()
+        if self.store is not None:
+            self.store.close()
+
+    def shutdown(self) -> None:
+        """Stop, ending every call (`lrkproxy ctl shutdown`): nothing is kept."""
+        self.end_calls = True
+        if self.request_stop is not None:
+            self._loop.call_soon(self.request_stop)
+
+    async def _refreshed(self) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self.plane.refresh(lambda: done.done() or done.set_result(None))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(done, 2.0)
+
+    # -- the session store -----------------------------------------------------------
+    def _persist(self, actions: List[Action]) -> None:
+        """Write what `actions` changed to the store, before any reply about it leaves."""
+        store = self.store
+        if store is None or not actions:
+            return
+        now, wall = time.monotonic(), time.time()
+        for action in actions:
+            if isinstance(action, Remove):
+                store.delete(action.sid)
+                continue
+            session = self.engine.by_sid.get(action.sid)
+            if session is not None:
+                self._put(session, now, wall)
+
+    def _put(self, session: Session, now: float, wall: float) -> None:
+        assert self.store is not None
+        self.store.put(session.sid, session.call_id, to_record(
+            session, now, wall, self.control.owners.get(session.sid)))
+
+    def _save_all(self) -> None:
+        now, wall = time.monotonic(), time.time()
+        for session in self.engine.sessions():
+            self._put(session, now, wall)
+
+    async def _restore(self) -> None:
+        """Take back the calls a previous run of this relay kept in the store."""
+        assert self.store is not None
+        records = self.store.load()
+        restored = 0
+        deadline = time.monotonic() + RESTORE_PORT_WAIT
+        for sid, record in records:
+            now, wall = time.monotonic(), time.time()
+            try:
+                session = from_record(record, now, wall)
+            except RecordError as exc:
+                log.error("session store: record %d unreadable (%s); dropped", sid, exc)
+                self.engine.counters["sessions.restore_refused"] += 1
+                self.store.delete(sid)
+                continue
+            if isinstance(self.plane, SocketPlane):
+                await self._claim_ports(session, deadline)
+            actions = self.engine.adopt(now, session)
+            if not actions:
+                log.error("session store: call %r not restored (its ports or Call-ID are "
+                          "taken, or outside --ports)", session.call_id)
+                self.store.delete(sid)
+                self.plane.apply([])  # releases ports probed for it
+                continue
+            owner = owner_of(record)
+            if owner is not None:
+                self.control.owners[session.sid] = owner
+            if not self._apply(actions):
+                restored += 1
+        if records:
+            lifecycle.info("restored %d of %d call(s) from %s", restored, len(records),
+                           self.store.path)
+
+    async def _claim_ports(self, session: Session, deadline: float) -> None:
+        """Bind a restored session's ports (socket/packet mode), waiting (bounded) for a
+        killed predecessor's worker to let go of them."""
+        plane = self.plane
+        assert isinstance(plane, SocketPlane)
+        media = [m for leg in session.legs.values() for m in leg.media if m is not None]
+        for fork in session.forks.values():
+            media.extend(m for m in fork.a.media if m is not None)
+        for m in media:
+            while not plane.probe(m.relay_ip, m.relay_port):
+                if time.monotonic() >= deadline:
+                    return  # the install fails and says so (bind_failed)
+                await asyncio.sleep(0.05)
 
     def _extra_counters(self) -> Dict[str, int]:  # the plane's and the legacy protocol's
         counters = dict(self.plane.media_counters())
         counters.update(self.legacy.counters)
+        if self.store is not None:
+            counters.update(self.store.counters)
         return counters
 
     # -- legacy protocol ---------------------------------------------------------------
@@ -388,6 +503,7 @@ class Relay:
         if not actions:
             return []
         failures = self.plane.apply(actions)
+        self._persist(actions)
         if failures:
             now = time.monotonic()
             ends: List[Action] = []
@@ -396,6 +512,7 @@ class Relay:
                           failure.reason, failure.detail)
                 ends.extend(self.engine.fail(now, failure))
             self.plane.apply(ends)
+            self._persist(ends)
         self._rearm()
         return failures
 
@@ -404,9 +521,16 @@ class Relay:
         if isinstance(event, PlaneFailure):
             log.error("session %d failed in the data plane (%s): %s", event.sid, event.reason,
                       event.detail)
+        latches = None
+        if self.store is not None and isinstance(event, SessionReport):
+            latches = _latches(self.engine.by_sid.get(event.sid))
         actions = self.engine.handle_event(time.monotonic(), event)
         if actions:
             self._apply(actions)
+        elif latches is not None:
+            session = self.engine.by_sid.get(event.sid)  # type: ignore[union-attr]
+            if session is not None and _latches(session) != latches:
+                self._put(session, time.monotonic(), time.time())  # a peer (re)latched
 
     def _send(self, endpoint: _DatagramEndpoint, reply: Optional[bytes], addr: Any) -> None:
         """Replies leave only after the data plane has what they announce (a client may send
@@ -480,6 +604,7 @@ class Relay:
             for action in actions:
                 log.info("session %s ended: %s", action.call_id, action.reason)
             self.plane.apply(actions)
+            self._persist(actions)
         except Exception:
             log.exception("expiry failed")
         self._rearm()
@@ -495,6 +620,7 @@ class Relay:
         def expire() -> None:
             actions = self.engine.handle_timer(time.monotonic())
             self.plane.apply(actions)
+            self._persist(actions)
             done.set_result(None)
 
         self.plane.refresh(expire)
@@ -514,12 +640,21 @@ def _shown(address: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _latches(session: Optional[Session]) -> Optional[tuple]:
+    """Every latched peer of a session (a change is written to the store)."""
+    if session is None:
+        return None
+    return tuple((m.latched, m.rtcp_latched) for leg in session.legs.values()
+                 for m in leg.media if m is not None)
+
+
 async def serve(config: Config, stop_event: asyncio.Event,
                 why: Optional[Callable[[], str]] = None,
                 load_config: Optional[Callable[[], Config]] = None) -> None:
     """Run a relay until `stop_event`; SIGINT/SIGTERM set it (the reason is logged),
     SIGHUP reloads through `load_config` (when given)."""
     relay = Relay(config, load_config)
+    relay.request_stop = stop_event.set
     await relay.start()
     notifier = process_notifier()
     notifier.ready(f"serving: mode={config.mode} control={_shown(relay.control_address)}")
@@ -545,6 +680,8 @@ async def serve(config: Config, stop_event: asyncio.Event,
             loop.add_signal_handler(signal.SIGHUP, on_hup)
     if why is None:
         def why() -> str:
+            if relay.end_calls:
+                return "shutdown requested over the control protocol: every call ended"
             return signals[0] if signals else "stop requested"
     reason = "stopped"
     try:

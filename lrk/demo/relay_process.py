@@ -167,6 +167,26 @@ class RelayProcess:
             self._tmp.cleanup()
         return proc.returncode
 
+    def again(self) -> RelayProcess:
+        """A relay with this one's exact command line and environment (same control
+        address, ports and state directory: a restart), not started yet."""
+        twin = RelayProcess.__new__(RelayProcess)
+        twin.__dict__.update(self.__dict__)
+        twin.proc = None
+        twin.output = ""
+        twin._tmp = None  # the namespace case keeps the first relay's socket directory
+        return twin
+
+    def kill(self) -> int:
+        """SIGKILL the daemon only (a crash): its workers see the channel close and exit."""
+        proc = self.proc
+        assert proc is not None
+        proc.kill()
+        proc.wait()
+        self.output = self.read_output()
+        self._log.close()
+        return proc.returncode
+
     def read_output(self) -> str:
         self._log.seek(0)
         return self._log.read().decode(errors="replace")

@@ -78,7 +78,7 @@ class Fuzzer:
                                    "from_tag": "f", "to_tag": r.choice(["t", "u"]),
                                    "media": {"ip": "198.51.100.10",
                                              "port": r.randrange(1, 65536)}}
-        if cmd in ("drain", "reload"):  # not this test's business: keep taking calls
+        if cmd in ("drain", "reload", "shutdown"):  # not this test's business: keep serving
             message["cmd"] = "stats"
         for _ in range(r.randrange(3)):  # a few wild arguments
             message[r.choice(["v", "timeout", "interface", "latch_any", "limit", "offset",

@@ -76,7 +76,8 @@ def test_unit_settings():
     s = read_unit(UNIT)["Service"]
     assert s["Type"] == "notify"
     assert s["NotifyAccess"] == "main"
-    assert s["ExecStart"] == f"{SHIPPED_BIN} run --config /etc/lrk/lrk.toml"
+    assert s["ExecStart"] == (f"{SHIPPED_BIN} run --config /etc/lrk/lrk.toml "
+                              "--state-dir ${STATE_DIRECTORY}")
     assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert s["Restart"] == "on-failure"
     assert s["RestartPreventExitStatus"] == "2"  # lrkproxy's exit code for a bad config
@@ -163,7 +164,8 @@ def test_install_systemd_staged(tmp_path):
     config = dest / "etc/lrk/lrk.toml"
     checkout_bin = ROOT / ".venv-pypy" / "bin" / "lrkproxy"
     s = read_unit(unit)
-    assert s["Service"]["ExecStart"] == f"{checkout_bin} run --config /etc/lrk/lrk.toml"
+    assert s["Service"]["ExecStart"] == (f"{checkout_bin} run --config /etc/lrk/lrk.toml "
+                                         "--state-dir ${STATE_DIRECTORY}")
     assert s["Unit"]["Documentation"] == f"file:{ROOT}/docs/running.md"
     assert SHIPPED_BIN not in unit.read_text()
     assert config.read_text() == (ROOT / "etc" / "lrk.toml").read_text()

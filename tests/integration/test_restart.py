@@ -1,0 +1,152 @@
+"""Calls survive a relay restart (issue: calls survive): with `state_dir` set, every
+session is written to a SQLite store before the reply that announces it, and a relay
+started again with the same command line takes the calls back on the same ports.
+
+Each test runs real relays in socket mode on loopback and real media through them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import List
+
+import pytest
+
+from lrk.client import LrkClient
+from lrk.daemon.store import path_for
+from lrk.demo.media import MediaEndpoint
+from lrk.demo.relay_process import RelayProcess
+
+from .conftest import next_ports, worker_pids
+
+pytestmark = pytest.mark.integration
+
+CALLS = 5
+
+
+def _relay(tmp_path, ports: str) -> RelayProcess:
+    return RelayProcess(ports=ports, extra=["--state-dir", str(tmp_path / "state")])
+
+
+def _store_rows(relay: RelayProcess, tmp_path) -> int:
+    control = relay.argv[relay.argv.index("--control") + 1]
+    path = path_for(str(tmp_path / "state"), control, relay.ports)
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+
+
+def _setup(client: LrkClient, n: int) -> List[tuple]:
+    calls = []
+    for i in range(n):
+        caller, callee = MediaEndpoint(), MediaEndpoint()
+        to_b = client.offer(f"call-{i}", "ft", caller.address)["relay"]
+        to_a = client.answer(f"call-{i}", "ft", "tt", callee.address)["relay"]
+        calls.append((caller, callee, (to_a["ip"], to_a["port"]), (to_b["ip"], to_b["port"])))
+    return calls
+
+
+def _flows(calls, ssrc_base: int, first_seq: int) -> None:
+    """Three packets each way on every call, exact bytes, from the relay's address."""
+    for i, (caller, callee, to_a, to_b) in enumerate(calls):
+        caller.send_rtp(to_a, 3, ssrc_base + i, first_seq)
+        got = callee.receive(callee.rtp, 3, 3.0)
+        assert [src for _d, src in got] == [to_b] * 3, f"call {i}: {got}"
+        callee.send_rtp(to_b, 3, ssrc_base + 0x100 + i, first_seq)
+        got = caller.receive(caller.rtp, 3, 3.0)
+        assert [src for _d, src in got] == [to_a] * 3, f"call {i}: {got}"
+
+
+def _close(calls) -> None:
+    for caller, callee, _a, _b in calls:
+        caller.close()
+        callee.close()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill -9"])
+def test_restart_keeps_every_call_on_its_ports(tmp_path, how):
+    ports = next_ports()
+    first = _relay(tmp_path, ports).start()
+    calls = []
+    second = None
+    try:
+        with LrkClient([first.node], timeout=1.0, retries=3) as client:
+            calls = _setup(client, CALLS)
+            _flows(calls, 0x1000, 0)
+            before = client.query("call-0")["session"]
+        assert _store_rows(first, tmp_path) == CALLS
+        if how == "sigterm":
+            assert first.stop() == 0
+            assert f"{CALLS} call(s) kept in the session store" in first.output
+        else:
+            workers = worker_pids(first)
+            first.kill()
+            assert workers  # its worker exits on its own (channel closed)
+        second = first.again().start()
+        assert f"restored {CALLS} of {CALLS} call(s)" in second.read_output()
+        with LrkClient([second.node], timeout=1.0, retries=3) as client:
+            after = client.query("call-0")["session"]
+            for leg in ("A", "B"):
+                assert after["legs"][leg]["relay"] == before["legs"][leg]["relay"]
+                assert after["legs"][leg]["tag"] == before["legs"][leg]["tag"]
+            assert client.stats()["sessions"] == CALLS
+            _flows(calls, 0x2000, 10)
+            again = client.query("call-0")["session"]["legs"]["A"]["counters"]
+            # counters continue: the 3 packets before the restart and the 3 after
+            assert again["in_packets"] == 6, again
+            for i in range(CALLS):
+                client.delete(f"call-{i}")
+            assert client.stats()["ports"]["in_use"] == 0
+        assert _store_rows(second, tmp_path) == 0, "an ended call leaves no record"
+    finally:
+        code = second.stop() if second is not None else first.stop()
+        _close(calls)
+    assert code == 0
+
+
+def test_shutdown_ends_every_call_and_the_next_start_has_none(tmp_path):
+    ports = next_ports()
+    first = _relay(tmp_path, ports).start()
+    calls = []
+    second = None
+    try:
+        with LrkClient([first.node], timeout=1.0, retries=3) as client:
+            calls = _setup(client, 2)
+            reply = client.shutdown()
+            assert reply["stopping"] is True and reply["sessions_ended"] == 2
+        assert first.proc.wait(10) == 0
+        first.stop()
+        assert "shutdown requested" in first.output
+        assert _store_rows(first, tmp_path) == 0
+        second = first.again().start()
+        with LrkClient([second.node], timeout=1.0, retries=3) as client:
+            assert client.stats()["sessions"] == 0
+    finally:
+        if second is not None:
+            second.stop()
+        else:
+            first.stop()
+        _close(calls)
+
+
+def test_a_record_that_cannot_be_read_is_dropped_not_fatal(tmp_path):
+    ports = next_ports()
+    first = _relay(tmp_path, ports).start()
+    calls = []
+    second = None
+    try:
+        with LrkClient([first.node], timeout=1.0, retries=3) as client:
+            calls = _setup(client, 2)
+        assert first.stop() == 0
+        control = first.argv[first.argv.index("--control") + 1]
+        with sqlite3.connect(path_for(str(tmp_path / "state"), control, ports)) as db:
+            db.execute("UPDATE sessions SET record = x'c1' WHERE call_id = 'call-0'")
+        second = first.again().start()
+        assert "restored 1 of 2 call(s)" in second.read_output()
+        with LrkClient([second.node], timeout=1.0, retries=3) as client:
+            assert [s["call_id"] for s in client.list()["sessions"]] == ["call-1"]
+            assert client.stats()["counters"]["sessions.restore_refused"] == 1
+        assert _store_rows(second, tmp_path) == 1
+    finally:
+        code = second.stop() if second is not None else first.stop()
+        _close(calls)
+    assert code == 0
