@@ -189,6 +189,7 @@ class Relay:
         self.store: Optional[SqliteStore] = open_store(config.state_dir, config.control,
                                                        config.ports)
         self.end_calls = False  # `shutdown`: stop and end every call (store emptied)
+        self._dirty: Dict[int, bool] = {}  # sid -> write (True) or delete, not yet stored
         self.request_stop: Optional[Callable[[], None]] = None  # set by serve()
         self.control.on_shutdown = self.shutdown
 
@@ -337,7 +338,8 @@ class Relay:
             # the calls outlive this process: their last counters into the store, then the
             # data plane lets go of them (the next start restores them)
             await self._refreshed()
-            self._save_all()
+            self._dirty = {sid: True for sid in self.engine.by_sid}
+            self._flush_store()
             actions = [Remove(s.sid, s.call_id, "restart") for s in self.engine.sessions()]
             if actions:
                 lifecycle.info("%d call(s) kept in the session store for the next start",
@@ -366,28 +368,33 @@ class Relay:
 
     # -- the session store -----------------------------------------------------------
     def _persist(self, actions: List[Action]) -> None:
-        """Write what `actions` changed to the store, before any reply about it leaves."""
-        store = self.store
-        if store is None or not actions:
+        """Note what `actions` changed for the store; `_flush_store` writes it (one
+        transaction per burst of requests) before any reply about it leaves."""
+        if self.store is None or not actions:
             return
-        now, wall = time.monotonic(), time.time()
+        dirty = self._dirty
         for action in actions:
-            if isinstance(action, Remove):
-                store.delete(action.sid)
-                continue
-            session = self.engine.by_sid.get(action.sid)
-            if session is not None:
-                self._put(session, now, wall)
+            dirty[action.sid] = not isinstance(action, Remove)
 
-    def _put(self, session: Session, now: float, wall: float) -> None:
-        assert self.store is not None
-        self.store.put(session.sid, session.call_id, to_record(
-            session, now, wall, self.control.owners.get(session.sid)))
-
-    def _save_all(self) -> None:
+    def _flush_store(self) -> None:
+        store = self.store
+        dirty = self._dirty
+        if store is None or not dirty:
+            return
+        self._dirty = {}
         now, wall = time.monotonic(), time.time()
-        for session in self.engine.sessions():
-            self._put(session, now, wall)
+        puts = []
+        deletes = []
+        owners = self.control.owners
+        for sid, live in dirty.items():
+            session = self.engine.by_sid.get(sid) if live else None
+            if session is None:
+                deletes.append(sid)
+            else:
+                puts.append((sid, session.call_id,
+                             to_record(session, now, wall, owners.get(sid))))
+        store.write(puts, deletes)
+
 
     async def _restore(self) -> None:
         """Take back the calls a previous run of this relay kept in the store."""
@@ -418,6 +425,7 @@ class Relay:
                 self.control.owners[session.sid] = owner
             if not self._apply(actions):
                 restored += 1
+        self._flush_store()
         if records:
             lifecycle.info("restored %d of %d call(s) from %s", restored, len(records),
                            self.store.path)
@@ -530,7 +538,8 @@ class Relay:
         elif latches is not None:
             session = self.engine.by_sid.get(event.sid)  # type: ignore[union-attr]
             if session is not None and _latches(session) != latches:
-                self._put(session, time.monotonic(), time.time())  # a peer (re)latched
+                self._dirty[session.sid] = True  # a peer (re)latched
+                self._flush_store()
 
     def _send(self, endpoint: _DatagramEndpoint, reply: Optional[bytes], addr: Any) -> None:
         """Replies leave only after the data plane has what they announce (a client may send
@@ -541,9 +550,11 @@ class Relay:
         if self._held is not None:
             self._held.append((endpoint, reply, addr))
             return
+        self._flush_store()
         self.plane.commit(lambda: endpoint.sendto(reply, addr))
 
     async def _committed(self) -> None:
+        self._flush_store()
         done = asyncio.get_running_loop().create_future()
         self.plane.commit(lambda: done.done() or done.set_result(None))
         await done
@@ -554,6 +565,7 @@ class Relay:
 
     def _release_replies(self) -> None:
         held, self._held = self._held, None
+        self._flush_store()
         if held:
             def send_all() -> None:
                 for endpoint, reply, addr in held:
@@ -605,6 +617,7 @@ class Relay:
                 log.info("session %s ended: %s", action.call_id, action.reason)
             self.plane.apply(actions)
             self._persist(actions)
+            self._flush_store()
         except Exception:
             log.exception("expiry failed")
         self._rearm()
@@ -621,6 +634,7 @@ class Relay:
             actions = self.engine.handle_timer(time.monotonic())
             self.plane.apply(actions)
             self._persist(actions)
+            self._flush_store()
             done.set_result(None)
 
         self.plane.refresh(expire)

@@ -49,6 +49,34 @@ class SqliteStore:
             raise ConfigError(f"session store {path}: {exc} (state_dir must be a writable "
                               "directory)") from exc
 
+    def write(self, puts: List[Tuple[int, str, Record]], deletes: List[int]) -> None:
+        """Several changes in one transaction (one burst of requests: one commit)."""
+        if not puts and not deletes:
+            return
+        try:
+            cur = self.db.cursor()
+            try:
+                cur.execute("BEGIN")
+                if deletes:
+                    cur.executemany("DELETE FROM sessions WHERE sid = ?",
+                                    [(sid,) for sid in deletes])
+                if puts:
+                    cur.executemany(
+                        "INSERT OR REPLACE INTO sessions (sid, call_id, record) "
+                        "VALUES (?, ?, ?)",
+                        [(sid, call_id, msgpack.packb(rec, use_bin_type=True))
+                         for sid, call_id, rec in puts])
+                cur.execute("COMMIT")
+            finally:
+                cur.close()
+        except sqlite3.Error as exc:
+            with_rollback(self.db)
+            self._failed(exc)
+            return
+        self._works()
+        self.counters["store.written"] += len(puts)
+        self.counters["store.deleted"] += len(deletes)
+
     def put(self, sid: int, call_id: str, record: Record) -> None:
         self._run("INSERT OR REPLACE INTO sessions (sid, call_id, record) VALUES (?, ?, ?)",
                   (sid, call_id, msgpack.packb(record, use_bin_type=True)), "store.written")
@@ -95,16 +123,31 @@ class SqliteStore:
             finally:
                 cur.close()
         except sqlite3.Error as exc:
-            self.counters["store.failed"] += 1
-            if not self._failing:
-                log.error("session store %s failed (%s): calls go on, but a restart "
-                          "would lose the changes since", self.path, exc)
-                self._failing = True
+            self._failed(exc)
             return
+        self._works()
+        self.counters[counter] += 1
+
+    def _failed(self, exc: Exception) -> None:
+        self.counters["store.failed"] += 1
+        if not self._failing:
+            log.error("session store %s failed (%s): calls go on, but a restart would "
+                      "lose the changes since", self.path, exc)
+            self._failing = True
+
+    def _works(self) -> None:
         if self._failing:
             log.warning("session store %s works again", self.path)
             self._failing = False
-        self.counters[counter] += 1
+
+
+def with_rollback(db: sqlite3.Connection) -> None:
+    """End a failed transaction (if one is open) so the next write starts clean."""
+    try:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
 
 
 def path_for(state_dir: str, control: str, ports: str) -> str:

@@ -119,3 +119,15 @@ def test_a_damaged_record_is_a_record_error(damage):
     damage(rec)
     with pytest.raises(RecordError):
         from_record(rec, 1.0, 1e6)
+
+
+def test_a_burst_is_one_transaction_and_a_failing_store_is_counted(tmp_path):
+    store = SqliteStore(str(tmp_path / "s.sqlite"))
+    store.write([(1, "a", {"v": 1}), (2, "b", {"v": 1})], [])
+    store.write([(3, "c", {"v": 1})], [1])
+    assert [sid for sid, _ in store.load()] == [2, 3]
+    assert store.counters == {"store.written": 3, "store.deleted": 1, "store.failed": 0}
+    store.db.close()  # the store breaks under the relay (disk gone): writes fail, counted
+    store.write([(4, "d", {"v": 1})], [2])
+    store.put(5, "e", {"v": 1})
+    assert store.counters["store.failed"] == 2 and store.counters["store.written"] == 3
