@@ -174,7 +174,9 @@ class RelayProcess:
         twin.__dict__.update(self.__dict__)
         twin.proc = None
         twin.output = ""
-        twin._tmp = None  # the namespace case keeps the first relay's socket directory
+        # in a namespace the control socket's directory goes with the twin (take the twin
+        # before stopping this one, or stop() removes the directory)
+        self._tmp = None
         return twin
 
     def kill(self) -> int:

@@ -225,3 +225,49 @@ def test_forked_invite_in_kernel_modes_relays_the_first_dialog_then_the_winner(
             s.close()
     assert code == 0, relay.output
     assert "table inet lrk" not in tables(topo.relay.ns)
+
+
+@pytest.mark.parametrize("mode", ["socket", "packet", "kernel", "nfqueue"])
+def test_calls_survive_a_restart(topo, tmp_path, mode):
+    """With state_dir, SIGTERM and a start with the same command line keep the call: same
+    relay ports, media flows again both ways (kernel modes re-create their table, so
+    media pauses meanwhile), and the stop after the delete leaves nothing behind."""
+    caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
+    cfg = tmp_path / f"{mode}.toml"
+    cfg.write_text(f"kernel_poll = 0.2\nquarantine = 0\nstate_dir = \"{tmp_path / 'state'}\"\n")
+    extra = ["--mode", mode, "--internal-ip", topo.relay.ip4,
+             "--external-ip", topo.relay_ext.ip4, "--config", str(cfg)]
+    if mode == "packet":
+        extra += ["--packet-interface", "vc1", "--packet-interface", "ve1"]
+    first = RelayProcess(ports=PORTS, netns=topo.relay.ns, extra=extra).start()
+    second = None
+    caller = endpoint(topo.caller.ns, caller_ip, 4000)
+    callee = endpoint(topo.callee.ns, callee_ip, 5000)
+    try:
+        with LrkClient([first.node]) as client:
+            to_b = _relay_addrs(client.offer("keep", "a", sdp=_audio(caller_ip, 4000),
+                                             interface="external"))[0]
+            to_a = _relay_addrs(client.answer("keep", "a", "b",
+                                              sdp=_audio(callee_ip, 5000)))[0]
+            caller.sendto(rtp_packet(1, 0x400), to_a)
+            assert receive(callee, 1) == [(rtp_packet(1, 0x400), to_b)]
+        second = first.again()
+        assert first.stop() == 0
+        assert "1 call(s) kept in the session store" in first.output
+        second.start()
+        with LrkClient([second.node]) as client:
+            legs = client.query("keep")["session"]["legs"]
+            assert (legs["A"]["relay"]["port"], legs["B"]["relay"]["port"]) == (to_a[1], to_b[1])
+            caller.sendto(rtp_packet(2, 0x400), to_a)
+            assert receive(callee, 1) == [(rtp_packet(2, 0x400), to_b)], mode
+            callee.sendto(rtp_packet(3, 0x500), to_b)
+            assert receive(caller, 1) == [(rtp_packet(3, 0x500), to_a)], mode
+            client.delete("keep")
+            assert client.stats()["ports"]["in_use"] == 0
+    finally:
+        code = second.stop() if second is not None and second.proc else first.stop()
+        caller.close()
+        callee.close()
+    assert code == 0, second.output if second is not None else first.output
+    if mode in ("kernel", "nfqueue"):
+        assert "table inet lrk" not in tables(topo.relay.ns)
