@@ -20,7 +20,12 @@ once (warm-up), then `--polls` times, and reports the process CPU time of each p
 (``time.process_time()`` plus the children's rusage, so an ``nft`` binary it spawns
 counts too), the wall time, and a digest of the reports the last poll sent to the sink
 (per-leg counters and latches, times left out): two source trees that report the same
-state print the same digest. ``--profile`` adds a cProfile of the polls (CPython).
+state print the same digest. `periodic_interval_s` is how often the plane's own timer
+reads (conntrack counting: min(15 s, udp_timeout / 2) since reads date each flow's last
+packet; before that, and with `"rules"`, every `kernel_poll`), `cpu_ms_per_s_periodic`
+the resulting CPU per second of an idle relay (reads before expiry decisions and
+queries come on top, at most one per `kernel_poll`). ``--profile`` adds a cProfile of
+the polls (CPython).
 The plane is stopped (table deleted, flows flushed) and conntrack flushed after each
 child; the namespaces are deleted at the end, also on failure or Ctrl-C.
 """
@@ -173,6 +178,11 @@ def inner(args: argparse.Namespace) -> Dict[str, Any]:
             "dropped_unexpected": plane.counters["media.dropped.unexpected_source"],
             "kernel_errors": plane.counters["kernel.errors"],
         })
+        # what an idle relay pays per second: one periodic read every `sweep_interval`
+        # (conntrack counting: min(15 s, udp_timeout / 2); older trees: every poll_interval)
+        interval = getattr(plane, "sweep_interval", plane.poll_interval)
+        out["periodic_interval_s"] = interval
+        out["cpu_ms_per_s_periodic"] = round(out["cpu_ms_per_poll_mean"] / interval, 3)
         if prof is not None:
             import io
             import pstats

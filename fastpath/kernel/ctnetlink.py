@@ -36,7 +36,8 @@ from fastpath.kernel.netlink import (
 )
 
 __all__ = ["ConntrackError", "ConntrackParseError", "ConntrackSocket", "CtFlow", "DumpPart",
-           "dump_request", "flush_by_mark", "mark_filters", "parse_acks", "parse_dump"]
+           "dump_request", "flush_by_mark", "mark_filters", "parse_acks", "parse_dump",
+           "udp_last_packet"]
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW = 0
@@ -49,6 +50,8 @@ CTA_TUPLE_ORIG = 1
 CTA_TUPLE_REPLY = 2
 CTA_STATUS = 3
 IPS_SEEN_REPLY = 0x2
+IPS_ASSURED = 0x4
+CTA_TIMEOUT = 7  # be32, whole seconds left before the flow expires (rounded down)
 CTA_MARK = 8
 CTA_COUNTERS_ORIG = 9
 CTA_COUNTERS_REPLY = 10
@@ -111,7 +114,9 @@ class CtFlow(NamedTuple):
     unless `nf_conntrack_acct` was on when the flow was created; `id` (CTA_ID) tells a
     flow from a later one, None if the kernel sent none; a flow re-created in the same
     slab object with the same tuples gets the same id, `start` (CTA_TIMESTAMP_START, ns,
-    None without `nf_conntrack_timestamp`) tells those apart."""
+    None without `nf_conntrack_timestamp`) tells those apart. `status` is CTA_STATUS
+    (IPS_* bits), `timeout` CTA_TIMEOUT: whole seconds left before the flow expires,
+    which every packet resets (`udp_last_packet`); None if the kernel sent none."""
 
     mark: int
     proto: int
@@ -130,6 +135,44 @@ class CtFlow(NamedTuple):
     reply_bytes: int = 0
     id: Optional[int] = None
     start: Optional[int] = None
+    status: int = 0
+    timeout: Optional[int] = None
+
+
+def udp_last_packet(flow: CtFlow, now: float, udp_timeout: int, stream_timeout: int,
+                    wall_ns: Optional[int] = None) -> Optional[float]:
+    """When a UDP `flow` last carried a packet (either direction), on the clock of `now`,
+    read right after the dump that listed it; None without a CTA_TIMEOUT.
+
+    Every packet resets a UDP flow's timeout (nf_conntrack_proto_udp.c): to
+    `udp_timeout` (net.netfilter.nf_conntrack_udp_timeout) while it is not IPS_ASSURED,
+    to `stream_timeout` (nf_conntrack_udp_timeout_stream) once it is (a reply seen and
+    the flow over 2 s old). CTA_TIMEOUT is the time left, rounded down to whole seconds,
+    so the last packet came in [now - (setting - left), that + 1 s): this returns the
+    upper end (never earlier than the packet: silence expiry never ends a call early on
+    it), at most `now`. Two kernel variants are handled: one that marked a flow ASSURED
+    at its first reply while still refreshing it to `udp_timeout` for its first 2 s
+    (with `wall_ns`, time.time_ns() after the dump, and the flow's start time: a last
+    packet that could lie in those 2 s reads the later way); a flow left more than its
+    setting (a NAT clash entry refreshed to the stream timeout without ASSURED) reads
+    as `stream_timeout`, or as active now if even that is exceeded (a timeout lrk
+    cannot explain)."""
+    left = flow.timeout
+    if left is None:
+        return None
+    setting = udp_timeout
+    if flow.status & IPS_ASSURED:
+        setting = stream_timeout
+        # the packet, read with the short setting, within ~2 s of the flow's start?
+        if left < udp_timeout and wall_ns is not None and flow.start is not None \
+                and stream_timeout - udp_timeout > 5 \
+                and (wall_ns - flow.start) / 1e9 - (udp_timeout - left) <= 3.0:
+            setting = udp_timeout
+    if left > setting:
+        if left > stream_timeout:
+            return now
+        setting = stream_timeout
+    return min(now, now - (setting - left) + 1.0)
 
 
 class DumpPart(NamedTuple):
@@ -238,7 +281,7 @@ def _flow(data: bytes, body: int, end: int, tuples: Optional[dict] = None,
     tuple, from earlier dumps) a flow's two tuples, which never change, are decoded once
     per flow rather than once per poll; `seen` collects this dump's entries (the next
     dump's `tuples`, so flows that vanished leave the cache). Same result either way."""
-    mark = orig = reply = ct_id = start = None
+    mark = orig = reply = ct_id = start = timeout = None
     status = 0
     op = ob = rp = rb = 0
     off = body + _NFGEN
@@ -270,6 +313,9 @@ def _flow(data: bytes, body: int, end: int, tuples: Optional[dict] = None,
         elif kind == CTA_STATUS:
             if size == 4:
                 status = _BE32(data, a)[0]
+        elif kind == CTA_TIMEOUT:
+            if size == 4:
+                timeout = _BE32(data, a)[0]
         elif kind in _COUNTERS:
             packets = nbytes = 0
             coff = a
@@ -311,7 +357,7 @@ def _flow(data: bytes, body: int, end: int, tuples: Optional[dict] = None,
         return None
     return _make_flow((mark,) + orig + (bool(status & IPS_SEEN_REPLY),)
                       + (reply[1:] if reply else _NO_REPLY)
-                      + (op, ob, rp, rb, ct_id, start))
+                      + (op, ob, rp, rb, ct_id, start, status, timeout))
 
 
 def _take(flows: List[CtFlow], data: bytes, mtype: int, body: int, end: int,

@@ -8,6 +8,14 @@ and every session's conntrack flows flushed when it ends or re-latches.
 Per-leg counters come from conntrack accounting (``counters="conntrack"``, the
 namespace's `nf_conntrack_acct` and `nf_conntrack_timestamp` are switched on while
 running) or from the ruleset's per-packet `seen` sets (``"rules"``, ~1.5 us/pkt more).
+
+When media last flowed: with conntrack counting, from each flow's remaining timeout
+(every packet resets it; `fastpath.kernel.ctnetlink.udp_last_packet`), so one read tells
+the last packet's time to about a second whenever it is made. The periodic read then
+only has to see every flow before it expires (`udp_timeout` after its last packet): it
+runs every `sweep_interval` (about 15 s); reads before an expiry decision or a query
+(`refresh`) still come at most `poll_interval` apart. `"rules"` counting has only
+counters: a read that sees them move dates the media to itself, every `poll_interval`.
 """
 
 from __future__ import annotations
@@ -32,7 +40,14 @@ from fastpath.contract import (
 )
 from fastpath.contract import LegSpec as PlaneLeg
 from fastpath.contract import SessionSpec as PlaneSession
-from fastpath.kernel.ctnetlink import ConntrackError, ConntrackSocket, CtFlow, mark_filters
+from fastpath.kernel.ctnetlink import (
+    IPS_ASSURED,
+    ConntrackError,
+    ConntrackSocket,
+    CtFlow,
+    mark_filters,
+    udp_last_packet,
+)
 from fastpath.kernel.kernel_rules import (
     KernelRuleError,
     KernelRuleset,
@@ -71,9 +86,34 @@ FORWARDING = {4: "/proc/sys/net/ipv4/ip_forward", 6: "/proc/sys/net/ipv6/conf/al
 #: per-flow packet/byte counters and start times; apply to flows created while they are 1
 ACCT = {name: f"/proc/sys/net/netfilter/{name}"
         for name in ("nf_conntrack_acct", "nf_conntrack_timestamp")}
+#: what every packet resets a UDP flow's timeout to: not assured, assured (read, not written)
+UDP_TIMEOUTS = ("/proc/sys/net/netfilter/nf_conntrack_udp_timeout",
+                "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream")
+#: the kernel's defaults, until start reads the namespace's values
+DEFAULT_UDP_TIMEOUTS = (30, 120)
+#: the longest time between periodic reads in conntrack counting (latches and relay-wide
+#: counters of sessions nobody queries are at most this old)
+MAX_SWEEP = 15.0
 #: (received from A's peer: packets, bytes, received from B's peer: packets, bytes)
 Counts = Tuple[int, int, int, int]
 _ZERO: Counts = (0, 0, 0, 0)
+
+
+def read_udp_timeouts(paths: Sequence[str] = UDP_TIMEOUTS) -> Tuple[int, int]:
+    """(nf_conntrack_udp_timeout, nf_conntrack_udp_timeout_stream) of this namespace, in
+    seconds; the kernel's defaults for one that cannot be read (logged). lrk never
+    writes them: a change takes effect for lrk at its next start."""
+    values = list(DEFAULT_UDP_TIMEOUTS)
+    for i, path in enumerate(paths):
+        try:
+            with open(path) as fh:
+                value = int(fh.read().strip())
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s (%s): assuming %d s", path, exc, values[i])
+            continue
+        if value > 0:
+            values[i] = value
+    return values[0], values[1]
 
 
 def leg_spec(leg: PlaneLeg) -> Optional[LegSpec]:
@@ -140,6 +180,14 @@ class KernelPlane:
         self._owner_map: Optional[Dict[int, Tuple[int, str, bool, Tuple[str, int], str,
                                                   Tuple[str, int]]]] = None
         self._last_poll = 0.0
+        #: conntrack counting: per unit, the latest time one of its flows carried a packet
+        #: (plane's monotonic clock), from the flows' remaining timeouts
+        self._last_rx: Dict[int, float] = {}
+        #: nf_conntrack_udp_timeout and _stream in the relay's namespace (read on start)
+        self.udp_timeouts: Tuple[int, int] = DEFAULT_UDP_TIMEOUTS
+        #: clocks read right after each flow dump (tests replace them)
+        self.clock: Callable[[], float] = time.monotonic
+        self.wall_ns: Callable[[], int] = time.time_ns
         self.drop_counter = "media.dropped.unexpected_source"  # what the ruleset counts
         self.counters: Dict[str, int] = {
             "media.dropped.unexpected_source": 0,
@@ -160,6 +208,11 @@ class KernelPlane:
                         f"kernel mode forwards in netfilter: enable {FORWARDING[fam]} "
                         "(sysctl) in the relay's network namespace, or use --mode socket")
         if not self.rules.seen:
+            self.udp_timeouts = read_udp_timeouts()
+            log.info("kernel mode: UDP flows expire %d s (%d s assured) after their last "
+                     "packet: counters read every %g s, and at most %g s old before an "
+                     "expiry or a query", self.udp_timeouts[0], self.udp_timeouts[1],
+                     self.sweep_interval, self.poll_interval)
             self._enable_acct()
         try:
             self._start_tables()
@@ -244,6 +297,7 @@ class KernelPlane:
         self._flow_counts.clear()
         self._base.clear()
         self._totals.clear()
+        self._last_rx.clear()
         self._restore_acct()
 
     # -- actions -----------------------------------------------------------------------
@@ -351,6 +405,7 @@ class KernelPlane:
         self._stale.pop(sid, None)
         self._base.pop(sid, None)
         self._totals.pop(sid, None)
+        self._last_rx.pop(sid, None)
         self._forget(sid, spec)
         self.nft.run(self._elements(self.rules.remove_commands(spec)))
         self._flush_flows(conntrack_marks(spec))
@@ -369,7 +424,7 @@ class KernelPlane:
         if self.nft is None:
             return
         if now is None:
-            now = time.monotonic()
+            now = self.clock()
         self._last_poll = now
         seen: Dict[Tuple[str, int], Tuple[int, int]] = {}
         try:
@@ -395,9 +450,10 @@ class KernelPlane:
         previous = self._totals
         self._totals = totals
         by_session: Dict[int, List[StreamReport]] = {}
-        moved: Dict[int, bool] = {}
+        last: Dict[int, float] = {}
         stream_of = self.streams.get
         leg_report = self._leg_report
+        last_rx = self._last_rx
         for uid, spec in list(self.installed.items()):
             stream = stream_of(uid)
             if stream is None:
@@ -405,8 +461,13 @@ class KernelPlane:
             sid = unit_of(uid)[0]
             counts = totals[uid]
             a_p, a_b, b_p, b_b = counts
-            if counts != previous.get(uid, _ZERO):
-                moved[sid] = True
+            # when its flows last carried a packet; without their timeouts ("rules"
+            # counting, a kernel that sends none), this read if the counters moved
+            t = last_rx.get(uid)
+            if t is None and counts != previous.get(uid, _ZERO):
+                t = now
+            if t is not None and t > last.get(sid, -1e300):
+                last[sid] = t
             hdr = HEADER_BYTES[spec.family]
             # what B's peer sent was forwarded to A's peer, and back; a leg without a flow
             # reports no latch (a flow that timed out does not un-latch)
@@ -417,7 +478,7 @@ class KernelPlane:
                            hdr)))
         sink = self.sink
         for sid, streams in by_session.items():
-            sink(SessionReport(sid, now if moved.get(sid) else None, tuple(streams)))
+            sink(SessionReport(sid, last.get(sid), tuple(streams)))
 
     def _seen_totals(self, seen: Dict[Tuple[str, int], Tuple[int, int]]) -> Dict[int, Counts]:
         """Per session, packets/bytes received per leg from the `seen` element counters."""
@@ -440,9 +501,14 @@ class KernelPlane:
         peer sent, its reply direction what the other leg's peer sent. Flows vanish (flush
         on re-offer, expiry); their last counts move into a per-session base so counters
         never go back. Packets a flow counted after the last poll before it vanished are
-        lost (at most one poll interval of that flow)."""
+        lost (at most one poll interval of that flow; none for flows that expired: the
+        periodic read comes more often than flows expire). Each flow's remaining timeout
+        also dates its last packet (`_last_rx`, kept after the flow is gone)."""
         base = self._base
         current: Dict[tuple, Tuple[int, str, int, int, int, int]] = {}
+        last_rx = self._last_rx
+        now, wall_ns = self.clock(), self.wall_ns()  # right after the dump
+        udp, stream = self.udp_timeouts
         for flow in flows:
             owner = owners.get(flow.mark)
             if owner is None or flow.proto != 17 or (flow.dst, flow.dport) != owner[3]:
@@ -450,6 +516,19 @@ class KernelPlane:
             key = (flow.id, flow.start, flow.mark, flow.src, flow.sport, flow.dst, flow.dport)
             current[key] = (owner[0], owner[1], flow.orig_packets, flow.orig_bytes,
                             flow.reply_packets, flow.reply_bytes)
+            left = flow.timeout
+            if left is not None:
+                # udp_last_packet, its common cases inline (2,000 flows a read)
+                assured = flow.status & IPS_ASSURED
+                setting = stream if assured else udp
+                if left > setting or (assured and left < udp):
+                    t = udp_last_packet(flow, now, udp, stream, wall_ns)
+                else:
+                    t = now - (setting - left) + 1.0
+                    if t > now:
+                        t = now
+                if t is not None and t > last_rx.get(owner[0], -1e300):
+                    last_rx[owner[0]] = t
         for key, old in self._flow_counts.items():
             new = current.get(key)
             # gone, or a later flow with the same id and tuple (its counts restarted)
@@ -610,23 +689,36 @@ class KernelPlane:
         return parse_drop_counter(self.nft.run_json(self.rules.drops_query()))[0]
 
     def refresh(self, then: Callable[[], None]) -> None:
-        """Counters no older than `poll_interval` (the plane's own timer keeps them so):
-        a full read costs O(sessions) (at 1,000 sessions with 2,000 flows, conntrack
-        counting: about 45 ms of CPU, over half of it the kernel walking its whole
-        conntrack hash once per mark filter; bench/kernel_poll_cost.py), far too much to
-        pay on every delete or query."""
-        if time.monotonic() - self._last_poll >= self.poll_interval:
+        """Counters no older than `poll_interval` (the relay asks before every expiry
+        decision and for delete, query, list, stats; the plane's own timer reads only
+        every `sweep_interval`): a full read costs O(sessions) (at 1,000 sessions with
+        2,000 flows, conntrack counting: about 45 ms of CPU, over half of it the kernel
+        walking its whole conntrack hash once per mark filter;
+        bench/kernel_poll_cost.py), far too much to pay on every delete or query."""
+        if self.clock() - self._last_poll >= self.poll_interval:
             self._poll()
         then()
 
+    @property
+    def sweep_interval(self) -> float:
+        """Seconds between periodic reads. Conntrack counting: every flow's last packet
+        is dated by its timeout at any read, so a read only has to come before a flow
+        that went silent expires (`udp_timeout` after its last packet, when its last
+        counts would be lost): half that, at most MAX_SWEEP, never more often than
+        `poll_interval`. `"rules"` counting dates media by the read that sees counters
+        move: every `poll_interval`."""
+        if self.rules.seen:
+            return self.poll_interval
+        return max(self.poll_interval, min(MAX_SWEEP, self.udp_timeouts[0] / 2.0))
+
     def get_timer(self) -> Optional[float]:
-        """The next counter poll, while any session is installed."""
+        """The next periodic counter read, while any session is installed."""
         if not self.installed:
             return None
-        return self._last_poll + self.poll_interval
+        return self._last_poll + self.sweep_interval
 
     def handle_timer(self, now: float) -> None:
-        if self.installed and now >= self._last_poll + self.poll_interval:
+        if self.installed and now >= self._last_poll + self.sweep_interval:
             self._poll(now)
 
     def media_counters(self) -> Dict[str, int]:

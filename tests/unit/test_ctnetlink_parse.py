@@ -18,6 +18,7 @@ from fastpath.kernel.ctnetlink import (
     dump_request,
     mark_filters,
     parse_dump,
+    udp_last_packet,
 )
 from fastpath.kernel.netlink import NLA_F_NESTED
 
@@ -83,7 +84,8 @@ def test_ipv6_flow():
     data = flow("2001:db8::10", 6000, "2001:db8::1", 30002, 30002, family=10)
     part = parse_dump(data)
     assert part.flows == [CtFlow(30002, 17, "2001:db8::10", 6000, "2001:db8::1", 30002,
-                                 False, "2001:db8::1", 30002, "2001:db8::99", 5000)]
+                                 False, "2001:db8::1", 30002, "2001:db8::99", 5000,
+                                 status=0x8)]
     assert not part.done
 
 
@@ -197,7 +199,7 @@ def test_old_32_bit_counters_and_missing_accounting():
         (0, 0, 7, 700)
     assert got.id is None and got.start is None
     (plain,) = parse_dump(flow("198.51.100.10", 1, "198.51.100.1", 30000, 30000)).flows
-    assert plain[11:] == (0, 0, 0, 0, None, None)  # acct off: zeros, not garbage
+    assert plain[11:] == (0, 0, 0, 0, None, None, 0x8, None)  # acct off: zeros, not garbage
 
 
 def test_garbled_counters_skip_that_flow_only():
@@ -208,3 +210,82 @@ def test_garbled_counters_skip_that_flow_only():
     part = parse_dump(bad + good + DONE)
     assert [(f.sport, f.orig_packets) for f in part.flows] == [(2, 5)]
     assert part.skipped == 1
+
+
+# -- CTA_TIMEOUT and CTA_STATUS: when a flow last carried a packet -------------------------
+IPS_SEEN_REPLY, IPS_ASSURED, IPS_CONFIRMED = 0x2, 0x4, 0x8
+UDP, STREAM = 30, 120  # nf_conntrack_udp_timeout, nf_conntrack_udp_timeout_stream
+
+
+def timed(left: int, status: int, start_ns: int = 0) -> bytes:
+    """A flow message as the kernel sends it: CTA_STATUS, CTA_TIMEOUT, a start time."""
+    extra = attr(7, struct.pack("!I", left))  # CTA_TIMEOUT
+    extra += attr(20, attr(1, struct.pack("!Q", start_ns)), nested=True)
+    return counted(flow("198.51.100.10", 4444, "198.51.100.1", 30000, 30000, status=status),
+                   extra)
+
+
+def test_timeout_and_status_are_parsed():
+    (got,) = parse_dump(timed(117, IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED)).flows
+    assert got.timeout == 117 and got.status == 0xE and got.replied
+    (untimed,) = parse_dump(flow("198.51.100.10", 1, "198.51.100.1", 30000, 30000)).flows
+    assert untimed.timeout is None
+    short = counted(flow("198.51.100.10", 1, "198.51.100.1", 30000, 30000),
+                    attr(7, b"\0\0\1"))  # a 3-byte CTA_TIMEOUT: ignored, not misread
+    assert parse_dump(short).flows[0].timeout is None
+
+
+NOW = 5000.0  # monotonic clock right after the dump
+WALL = 1_800_000_000 * 10**9  # time.time_ns() right after the dump
+
+
+def last(left: int, status: int, age_s: float = 1000.0) -> object:
+    (got,) = parse_dump(timed(left, status, start_ns=WALL - int(age_s * 1e9))).flows
+    return udp_last_packet(got, NOW, UDP, STREAM, WALL)
+
+
+@pytest.mark.parametrize("left,status,want", [
+    # not replied: every packet resets it to udp_timeout; "29" = 29.x s left
+    (29, IPS_CONFIRMED, NOW),  # just now (the upper end: at most NOW)
+    (20, IPS_CONFIRMED, NOW - 10 + 1),
+    (0, IPS_CONFIRMED, NOW - 30 + 1),
+    # replied but not assured (its first 2 s, or a NAT clash entry): udp_timeout too
+    (25, IPS_CONFIRMED | IPS_SEEN_REPLY, NOW - 5 + 1),
+    # assured: the stream timeout
+    (119, IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED, NOW),
+    (100, IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED, NOW - 20 + 1),
+    (29, IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED, NOW - 91 + 1),  # 91 s silent
+    # more left than its status explains: refreshed to the stream timeout (NAT clash
+    # entries are never assured), or a timeout lrk cannot explain: active now
+    (100, IPS_CONFIRMED | IPS_SEEN_REPLY, NOW - 20 + 1),
+    (5000, IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED, NOW),
+])
+def test_last_packet_from_remaining_timeout(left, status, want):
+    assert last(left, status) == want
+
+
+def test_last_packet_is_never_before_the_packet():
+    """CTA_TIMEOUT is rounded down: for any real age of the last packet (in 0.1 s steps)
+    the estimate lies in [packet, packet + 1 s]."""
+    for setting, status in ((UDP, IPS_CONFIRMED), (STREAM, 0xE)):
+        for tenths in range(0, setting * 10):
+            age = tenths / 10
+            left = int(setting - age)  # what the kernel reports
+            got = last(left, status)
+            assert NOW - age <= got <= NOW - age + 1.0, (setting, age, got)
+
+
+def test_assured_in_its_first_two_seconds_on_older_kernels():
+    """Kernels that set ASSURED at the first reply but refresh to udp_timeout for a flow's
+    first 2 s: an assured flow whose last packet could lie in those 2 s is read with
+    udp_timeout (the later time); on current kernels that reading cannot arise (an
+    assured flow with under udp_timeout left went silent over 90 s ago, long after its
+    first 2 s)."""
+    assured = IPS_CONFIRMED | IPS_SEEN_REPLY | IPS_ASSURED
+    # flow started 11.5 s ago, 19 s left: with udp_timeout its last packet came ~1.5 s in
+    assert last(19, assured, age_s=11.5) == NOW - 11 + 1
+    # started 200 s ago: only the stream reading fits (silent for 101 s)
+    assert last(19, assured, age_s=200.0) == NOW - 101 + 1
+    (got,) = parse_dump(timed(19, assured)).flows
+    assert udp_last_packet(got, NOW, UDP, STREAM) == NOW - 101 + 1  # no wall clock given
+    assert udp_last_packet(got._replace(timeout=None), NOW, UDP, STREAM, WALL) is None

@@ -332,21 +332,38 @@ def test_kernel_plane_nft_error_is_a_failure():
     assert plane.counters["kernel.errors"] == 1
 
 
-def test_kernel_plane_polls_on_its_own_timer_so_silence_expiry_is_exact():
-    """Media for the first second, then silence: the call ends within one poll interval
-    of its timeout (10 s), however long nobody asks for stats."""
+@pytest.mark.parametrize("timeouts", [True, False])
+def test_kernel_plane_silence_expiry_is_exact_with_sparse_periodic_reads(timeouts):
+    """Media for the first second, then silence; the shell refreshes the plane before
+    every expiry decision, as the relay does. With the flow's remaining timeout (what
+    the kernel sends) the last packet is dated to within a second whenever it is read:
+    the call ends within 1 s + kernel_poll of last packet + timeout (10 s), while the
+    plane's own timer reads only every 15 s. Without it (a kernel sending no
+    CTA_TIMEOUT) the read that saw the counters move dates the media: later, never
+    earlier."""
     e = engine()
     plane = kernel_plane(FakeNft())
-    plane.sink = lambda event: e.handle_event(0.0, event)
+    clock = 0.0
+    plane.clock = lambda: clock
+    plane.sink = lambda event: e.handle_event(clock, event)
     session = call(e)
     assert plane.apply([Install(session.spec())]) == []
     a = session.spec().a
     ct: FakeCt = plane.ct_dump  # type: ignore[assignment]
-    # the flow entered at leg A's RTP port
+    # the flow entered at leg A's RTP port; packets until t=1.0, then silence
     mark = plane.installed[unit_id(session.sid, 0)].a.rtp_mark
-    ct.flows_now = [CtFlow(mark, 17, CALLER[0], CALLER[1], "127.0.0.1", a.relay_port,
-                           orig_packets=50, orig_bytes=5000)]
-    clock = 0.0
+    flow = CtFlow(mark, 17, CALLER[0], CALLER[1], "127.0.0.1", a.relay_port,
+                  orig_packets=50, orig_bytes=5000, status=0x8)
+    reads: List[float] = []
+
+    def dump(*_args: Any, **_kw: Any) -> List[CtFlow]:
+        reads.append(clock)
+        # the kernel: 30 s from the last packet, whole seconds left, rounded down
+        left = int(30 - (clock - 1.0)) if timeouts else None
+        return [flow._replace(timeout=left)] if left is None or left >= 0 else []
+
+    ct.flows = dump  # type: ignore[method-assign]
+    assert plane.sweep_interval == 15.0  # udp_timeout 30 s / 2
     plane._last_poll = 0.0
     ended_at = None
     for step in range(1, 200):
@@ -354,13 +371,20 @@ def test_kernel_plane_polls_on_its_own_timer_so_silence_expiry_is_exact():
         if plane.get_timer() is not None and plane.get_timer() <= clock:
             plane.handle_timer(clock)
         if e.due(clock):
+            plane.refresh(lambda: None)
             actions = e.handle_timer(clock)
-            plane.apply(actions)
-            ended_at = clock
-            break
+            if actions:
+                plane.apply(actions)
+                ended_at = clock
+                break
     assert session.legs["A"].counters.in_packets == 50
-    assert session.last_media == 2.0  # the first poll saw the media
-    assert ended_at is not None and 10.0 <= ended_at <= 12.0 + 0.5, ended_at
+    if timeouts:
+        assert 1.0 <= session.last_media <= 2.0  # the packet at 1.0, read at 10.0
+        assert ended_at is not None and 11.0 <= ended_at <= 12.0 + 0.5, ended_at
+    else:
+        assert session.last_media == 10.0  # the first read, before the first expiry
+        assert ended_at == 20.0
+    assert reads[0] == 10.0  # no periodic read before 15 s: the expiry's refresh read
     assert plane.installed == {}
 
 

@@ -43,9 +43,11 @@ RECORDED_CT = bytes.fromhex(
 RECORDED_CT_DONE = bytes.fromhex("140000000300020001000000297d000000000000")
 RECORDED_FLOWS = [
     CtFlow(30000, 17, "198.51.100.5", 4000, "198.51.100.5", 30000, True, "198.51.100.5",
-           30000, "198.51.100.5", 4000, 3, 564, 1, 128, 2472621153, 1796282809327937483),
+           30000, "198.51.100.5", 4000, 3, 564, 1, 128, 2472621153, 1796282809327937483,
+           0xA, 29),
     CtFlow(30002, 17, "2001:db8::5", 6000, "2001:db8::5", 30002, False, "2001:db8::5", 30002,
-           "2001:db8::5", 6000, 2, 416, 0, 0, 3977398981, 1796282809328003732),
+           "2001:db8::5", 6000, 2, 416, 0, 0, 3977398981, 1796282809328003732,
+           0x8, 29),
 ]
 
 #: NFT_MSG_GETOBJ dump (seq 1) of kernel mode's table: its two named drop counters
@@ -77,7 +79,7 @@ def _ref_counters(data: bytes, off: int, end: int) -> Tuple[int, int]:
 
 
 def ref_flow(data: bytes, body: int, end: int) -> Optional[CtFlow]:
-    mark = orig = reply = ct_id = start = None
+    mark = orig = reply = ct_id = start = timeout = None
     status = 0
     counts_o = counts_r = (0, 0)
     for akind, a, b in nl.attrs(data, body + 4, end):
@@ -85,6 +87,8 @@ def ref_flow(data: bytes, body: int, end: int) -> Optional[CtFlow]:
             mark = struct.unpack_from("!I", data, a)[0]
         elif akind == 3 and b - a == 4:
             status = struct.unpack_from("!I", data, a)[0]
+        elif akind == 7 and b - a == 4:
+            timeout = struct.unpack_from("!I", data, a)[0]
         elif akind == 1:
             orig = ctn._tuple(data, a, b)
         elif akind == 2:
@@ -102,7 +106,7 @@ def ref_flow(data: bytes, body: int, end: int) -> Optional[CtFlow]:
     if mark is None or orig is None:
         return None
     return CtFlow(mark, *orig, bool(status & 2), *(reply[1:] if reply else (None, 0, None, 0)),
-                  *counts_o, *counts_r, ct_id, start)
+                  *counts_o, *counts_r, ct_id, start, status, timeout)
 
 
 def _outcome(fn, *args) -> Any:
@@ -357,3 +361,126 @@ def test_owners_follow_installs_and_removals():
     from fastpath.contract import Remove
     plane.apply([Remove(1, "c1", "deleted")])
     assert plane._owners() == {}
+
+
+# -- when media last flowed: the flows' remaining timeouts ----------------------------------
+def _two_sessions() -> Tuple[KernelPlane, list, List[float]]:
+    """A plane holding the recorded dump's sessions: IPv4 (leg A at 198.51.100.5:30000)
+    and IPv6 (leg A at [2001:db8::5]:30002), on a clock the test sets."""
+    plane = KernelPlane(30000, 30099, ["198.51.100.5", "2001:db8::5"], poll_interval=2.0)
+    plane.nft = FakeNft()  # type: ignore[assignment]
+    plane.ct = plane.ct_dump = FakeCt()  # type: ignore[assignment]
+    plane.objects = FakeObjects({"unexpected4": (0, 0), "unexpected6": (0, 0)})  # type: ignore
+    clock = [1000.0]
+    plane.clock = lambda: clock[0]
+    plane.wall_ns = lambda: 1_796_282_900 * 10**9 + int(clock[0] * 1e9)
+    events: list = []
+    plane.sink = events.append
+    v4 = StreamSpec(0, LegSpec("A", "198.51.100.5", 30000, ("198.51.100.5", 4000)),
+                    LegSpec("B", "198.51.100.5", 30004, ("198.51.100.5", 4002)))
+    v6 = StreamSpec(0, LegSpec("A", "2001:db8::5", 30002, ("2001:db8::5", 6000)),
+                    LegSpec("B", "2001:db8::5", 30006, ("2001:db8::5", 6002)))
+    assert plane.apply([Install(SessionSpec(1, "v4", (v4,))),
+                        Install(SessionSpec(2, "v6", (v6,)))]) == []
+    return plane, events, clock
+
+
+@little
+def test_recorded_flows_date_their_last_packet():
+    """The recorded flows had 29 s left of 30 (one replied, one not; neither assured):
+    their last packets came within the second before the dump."""
+    plane, events, clock = _two_sessions()
+    plane.ct_dump.flows_now = parse_dump(RECORDED_CT + RECORDED_CT_DONE, seq=1).flows
+    plane._poll(clock[0])
+    assert {e.sid: e.last_rx for e in events} == {1: 1000.0, 2: 1000.0}
+    assert events[0].a.in_packets == 3 and events[0].b.in_packets == 1
+
+
+def test_poll_reports_the_latest_packet_of_a_sessions_flows_and_keeps_it():
+    """last_rx is the latest of the session's flows' last packets, whenever it is read,
+    moved counters or not; a flow that expired leaves its time behind; a session whose
+    flows carry no CTA_TIMEOUT falls back to the read that saw counters move."""
+    plane, events, clock = _two_sessions()
+    assured = CtFlow(30000, 17, "198.51.100.5", 4000, "198.51.100.5", 30000, True,
+                     "198.51.100.5", 30004, "198.51.100.5", 4000, 500, 86000, 480, 82560,
+                     7, 1, status=0xE, timeout=110)  # 10 s silent (assured: 120 s)
+    rtcp = CtFlow(30001, 17, "198.51.100.5", 4001, "198.51.100.5", 30001, False,
+                  "198.51.100.5", 30005, "198.51.100.5", 4001, 9, 900, 0, 0, 8, 1,
+                  status=0x8, timeout=25)  # 5 s silent (unreplied: 30 s)
+    untimed = CtFlow(30002, 17, "2001:db8::5", 6000, "2001:db8::5", 30002,
+                     orig_packets=4, orig_bytes=400, id=9, start=1)
+    plane.ct_dump.flows_now = [assured, rtcp, untimed]
+    plane._poll(clock[0])
+    assert {e.sid: e.last_rx for e in events} == {1: 1000.0 - 5 + 1, 2: 1000.0}
+    # 20 s later: RTCP expired, RTP silent 30 s; the IPv6 counters did not move
+    events.clear()
+    clock[0] = 1020.0
+    plane.ct_dump.flows_now = [assured._replace(timeout=90), untimed]
+    plane._poll(clock[0])
+    assert {e.sid: e.last_rx for e in events} == {1: 996.0, 2: None}
+    assert events[0].a.in_packets == 509  # the expired flow's counts stay
+    # media again on RTP
+    events.clear()
+    clock[0] = 1035.0
+    plane.ct_dump.flows_now = [assured._replace(timeout=119, orig_packets=600)]
+    plane._poll(clock[0])
+    assert [(e.sid, e.last_rx) for e in events] == [(1, 1035.0), (2, None)]
+    # a removed session takes its time with it
+    from fastpath.contract import Remove
+    plane.apply([Remove(1, "v4", "deleted")])
+    assert unit_id(1, 0) not in plane._last_rx
+
+
+def test_periodic_reads_are_sparse_refresh_keeps_kernel_poll():
+    plane, events, clock = _two_sessions()
+    plane.ct_dump.flows_now = []
+    assert plane.udp_timeouts == (30, 120) and plane.sweep_interval == 15.0
+    plane._poll(clock[0])
+    assert plane.get_timer() == 1015.0
+    plane.handle_timer(1014.9)
+    assert plane._last_poll == 1000.0  # not yet
+    clock[0] = 1001.9
+    plane.refresh(lambda: None)
+    assert plane._last_poll == 1000.0  # counters 1.9 s old: fresh enough
+    clock[0] = 1002.0
+    done: List[bool] = []
+    plane.refresh(lambda: done.append(True))
+    assert plane._last_poll == 1002.0 and done == [True]  # kernel_poll old: read first
+    plane.handle_timer(1017.0)
+    assert plane._last_poll == 1017.0
+    for timeouts, poll, want in (((20, 60), 2.0, 10.0), ((300, 600), 2.0, 15.0),
+                                 ((30, 120), 20.0, 20.0), ((2, 120), 2.0, 2.0)):
+        plane.udp_timeouts, plane.poll_interval = timeouts, poll
+        assert plane.sweep_interval == want, (timeouts, poll)
+    rules = KernelPlane(30000, 30099, ["198.51.100.5"], poll_interval=2.0, counters="rules")
+    assert rules.sweep_interval == 2.0  # no timeouts to date media by: every kernel_poll
+
+
+def test_udp_timeouts_are_read_not_written(tmp_path):
+    from lrk.daemon.kernel_plane import read_udp_timeouts
+    udp, stream = tmp_path / "udp", tmp_path / "stream"
+    udp.write_text("20\n")
+    stream.write_text("90\n")
+    assert read_udp_timeouts((str(udp), str(stream))) == (20, 90)
+    assert (udp.read_text(), stream.read_text()) == ("20\n", "90\n")
+    stream.write_text("garbage\n")
+    assert read_udp_timeouts((str(udp), str(stream))) == (20, 120)  # default for that one
+    assert read_udp_timeouts((str(tmp_path / "none"), str(udp))) == (30, 20)
+
+
+def test_the_polls_inline_dating_is_udp_last_packet():
+    """The poll dates flows inline in the common cases: the same times as the function,
+    for every status and remaining time (rare cases included: it falls back to it)."""
+    plane, _events, clock = _two_sessions()
+    uid = unit_id(1, 0)
+    for status in (0x8, 0xA, 0xE):
+        for left in list(range(0, 130)) + [5000]:
+            for age_s in (1.5, 500.0):
+                flow = CtFlow(30000, 17, "198.51.100.5", 4000, "198.51.100.5", 30000,
+                              bool(status & 2), id=1, start=plane.wall_ns() - int(age_s * 1e9),
+                              status=status, timeout=left)
+                plane._last_rx.clear()
+                plane.ct_dump.flows_now = [flow]
+                plane._poll(clock[0])
+                want = ctn.udp_last_packet(flow, clock[0], 30, 120, plane.wall_ns())
+                assert plane._last_rx[uid] == want, (status, left, age_s)
