@@ -5,7 +5,7 @@ embedded SQLite store (`state_dir`) against no store, side by side in one run.
         --out bench/results/store-cost-<date>.json
 
 Per judged run a fresh relay (socket mode, loopback, `control_auth = "hmac"`, the
-default); the closed loop of `bench.control_load` (16 calls in flight, offer -> answer ->
+default, `quarantine = 0.5` as in `bench.before_after`); the closed loop of `bench.control_load` (16 calls in flight, offer -> answer ->
 delete with one-stream SDP bodies, every reply checked) after 2,000 warm-up calls.
 With a store every offer, answer and delete writes (or deletes) a SQLite row before
 its reply leaves. Variants alternate, the order reversed every other round; both
@@ -33,7 +33,14 @@ VARIANTS = ("none", "sqlite")
 
 def one_run(python: str, store: str, cycles: int, warmup: int) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lrk-store-") as state:
-        extra = ["--state-dir", state] if store == "sqlite" else []
+        # as bench.before_after's control runs: a short quarantine, or 5,000 calls/s run
+        # the 10,000 port pairs out within the default 5 s
+        cfg = os.path.join(state, "relay.toml")
+        with open(cfg, "w") as fh:
+            fh.write("quarantine = 0.5\n")
+        extra = ["--config", cfg]
+        if store == "sqlite":
+            extra += ["--state-dir", os.path.join(state, "store")]
         relay = RelayProcess(ports="10000-29999", python=python, extra=extra)
         relay.start()
         try:
@@ -69,6 +76,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 res = one_run(found[label]["python"], store, args.cycles, args.warmup)
                 res.update(round=rnd, interpreter=label, store=store,
                            load_before=os.getloadavg()[0])
+                if res["errors"]:
+                    print(f"r{rnd} {label} store={store}: {res['errors']} errors: the run is "
+                          "not valid", file=sys.stderr)
                 print(f"r{rnd} {label:7s} store={store:6s} {res['cycles_per_s']:8.1f} calls/s "
                       f"{res['server_us_per_request']:6.1f} us/req err {res['errors']}",
                       file=sys.stderr, flush=True)
