@@ -9,6 +9,16 @@ every relay port P (RTP; RTCP is P + 1) of a leg X whose partner leg is Y:
 * ``adm``  relay X ip . P . X's peer ip                (admission of new flows)
 * ``seen`` relay X ip . P                              (per-port counter, every packet)
 
+A forked INVITE's further early dialogs (:class:`ForkSpec`) share leg B's relay
+port with the session, so their callees are told apart by source address:
+
+* ``fmark`` relay B ip . P . callee ip . port -> ct mark  (admission + mark, before
+  the generic lookups: a fork callee's new flow gets its own mark)
+* ``ffwd``  mark -> caller ip . port                   (DNAT of such a flow)
+
+and ``out`` SNATs it from the fork's own A port. Fork B marks are the fork's A mark
+plus :data:`FORK_MARK_OFFSET`, never a relay port.
+
 ``seen`` exists only with ``counters="rules"``.  With ``counters="conntrack"``
 there is no filter chain: admission runs in the NAT prerouting chain, which
 netfilter calls only for a conntrack entry's first packet, so later packets
@@ -48,6 +58,8 @@ from fastpath.errors import LrkError
 __all__ = [
     "COUNTER_SOURCES",
     "DROP_COUNTERS",
+    "FORK_MARK_OFFSET",
+    "ForkSpec",
     "KernelRuleError",
     "KernelRuleset",
     "LegSpec",
@@ -73,7 +85,9 @@ QUEUE_COMMENT = "lrk: unadmitted new flow ipv{}, to NFQUEUE"
 COUNTER_SOURCES = ("conntrack", "rules")
 
 # the sets/maps of one family in the order commands are written
-_KINDS = ("fwd", "mark", "out", "adm", "seen")
+_KINDS = ("fwd", "mark", "out", "adm", "seen", "fmark", "ffwd")
+#: ct mark of a fork's B leg: its A leg's mark plus this (above every port-valued mark)
+FORK_MARK_OFFSET = 0x10000
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
 _MARK_MAX = 0xFFFFFFFF
 
@@ -188,6 +202,21 @@ class SessionSpec:
         return self.a.family
 
 
+@dataclass(frozen=True)
+class ForkSpec(SessionSpec):
+    """Another early dialog of a forked INVITE: leg A is the fork's own relay port and
+    the caller; leg B is the session's (shared) leg B relay port and this fork's callee,
+    matched by source address and port (its SDP's) before the session's generic
+    lookups. B's mark defaults to A's mark + FORK_MARK_OFFSET."""
+
+    def __post_init__(self) -> None:
+        if self.b.mark is None:
+            object.__setattr__(self, "b", LegSpec(
+                self.b.relay_ip, self.b.relay_port, self.b.peer_ip, self.b.peer_port,
+                self.b.peer_rtcp_port, self.a.rtp_mark + FORK_MARK_OFFSET))
+        super().__post_init__()
+
+
 def _addr(ip_port: Tuple[str, int]) -> str:
     return f"{ip_port[0]} . {ip_port[1]}"
 
@@ -198,11 +227,21 @@ def elements(spec: SessionSpec, seen: bool = True) -> Elements:
     ``seen=False`` leaves out the ``seen`` counters (conntrack-counted rulesets have none).
     """
     fam = spec.family
-    out: Elements = {f"{kind}{fam}": {} for kind in _KINDS if seen or kind != "seen"}
+    out: Elements = {f"{kind}{fam}": {} for kind in _KINDS[:5] if seen or kind != "seen"}
+    fork = isinstance(spec, ForkSpec)
+    if fork:
+        out[f"fmark{fam}"] = {}
+        out[f"ffwd{fam}"] = {}
     for leg, other in ((spec.a, spec.b), (spec.b, spec.a)):
         for rtcp in (False, True):
             key = _addr(leg.relay(rtcp))
             mark = str(leg.rtp_mark + rtcp)
+            if fork and leg is spec.b:
+                # the shared B port: only this callee's source address and port
+                out[f"fmark{fam}"][f"{key} . {_addr(leg.peer(rtcp))}"] = mark
+                out[f"ffwd{fam}"][mark] = _addr(other.peer(rtcp))
+                out[f"out{fam}"][mark] = _addr(other.relay(rtcp))
+                continue
             out[f"fwd{fam}"][key] = _addr(other.peer(rtcp))
             out[f"mark{fam}"][key] = mark
             out[f"out{fam}"][mark] = _addr(other.relay(rtcp))
@@ -365,6 +404,11 @@ class KernelRuleset:
         if not 1 <= lo <= hi < _MARK_MAX:
             raise KernelRuleError(f"mark range {lo}-{hi} must be within 1..{_MARK_MAX - 1}")
         self.mark_range = (lo, hi)
+        if hi + FORK_MARK_OFFSET >= _MARK_MAX:
+            raise KernelRuleError(f"mark range {lo}-{hi} leaves no room for fork marks "
+                                  f"(+{FORK_MARK_OFFSET})")
+        #: ct marks of forks' B legs (ForkSpec)
+        self.fork_mark_range = (lo + FORK_MARK_OFFSET, hi + FORK_MARK_OFFSET)
 
     @property
     def seen(self) -> bool:
@@ -389,7 +433,8 @@ class KernelRuleset:
         """The whole table; replaces a leftover one (e.g. of a crashed run) atomically."""
         t = self.table
         ports = f"{self.port_start}-{self.port_end}"
-        marks = f"{self.mark_range[0]}-{self.mark_range[1]}"
+        marks = (f"{{ {self.mark_range[0]}-{self.mark_range[1]}, "
+                 f"{self.fork_mark_range[0]}-{self.fork_mark_range[1]} }}")
         ip = {4: "ip", 6: "ip6"}
         addr = {4: "ipv4_addr", 6: "ipv6_addr"}
         lines = [f"add table inet {t}", f"delete table inet {t}", f"table inet {t} {{"]
@@ -406,6 +451,8 @@ class KernelRuleset:
                 f"  map mark{fam} {{ type {a} . inet_service : mark; }}",
                 f"  map out{fam} {{ type mark : {a} . inet_service; }}",
                 f"  set adm{fam} {{ type {a} . inet_service . {a}; counter; }}",
+                f"  map fmark{fam} {{ type {a} . inet_service . {a} . inet_service : mark; }}",
+                f"  map ffwd{fam} {{ type mark : {a} . inet_service; }}",
             ]
             if self.seen:
                 lines.append(f"  set seen{fam} {{ type {a} . inet_service; counter; }}")
@@ -423,6 +470,10 @@ class KernelRuleset:
                 f"  chain media{fam} {{",
                 f"    ct state new {p} daddr . udp dport . {p} saddr @adm{fam} "
                 f"ct mark set {p} daddr . udp dport map @mark{fam}",
+                # a forked callee on the shared B port: its own mark (after the generic
+                # rule, which a callee at the main callee's IP also matches)
+                f"    ct state new ct mark set {p} daddr . udp dport . {p} saddr . udp sport "
+                f"map @fmark{fam}",
                 f"    {self._unadmitted(fam)}",
             ]
             if self.seen:
@@ -436,6 +487,9 @@ class KernelRuleset:
             "    type nat hook prerouting priority dstnat; policy accept;",
             # conntrack counting: admission here, once per conntrack entry, before DNAT
             *([] if self.seen else jumps),
+            # forks' callees first (by their mark; a miss falls through to the generic)
+            f"    ip daddr @relay_ips4 udp dport {ports} dnat ip to ct mark map @ffwd4",
+            f"    ip6 daddr @relay_ips6 udp dport {ports} dnat ip6 to ct mark map @ffwd6",
             f"    ip daddr @relay_ips4 udp dport {ports} dnat ip to ip daddr . udp dport map @fwd4",
             f"    ip6 daddr @relay_ips6 udp dport {ports} "
             "dnat ip6 to ip6 daddr . udp dport map @fwd6",
@@ -468,7 +522,8 @@ class KernelRuleset:
                     f"leg {name} relay port {leg.relay_port} (RTCP +1) is outside the "
                     f"ruleset's port range {self.port_start}-{self.port_end}"
                 )
-            lo, hi = self.mark_range
+            lo, hi = self.fork_mark_range if (
+                name == "B" and isinstance(spec, ForkSpec)) else self.mark_range
             if not lo <= leg.rtp_mark < hi:
                 raise KernelRuleError(
                     f"leg {name} ct mark {leg.rtp_mark} (RTCP +1) is outside the mark range "

@@ -49,6 +49,7 @@ from fastpath.kernel.ctnetlink import (
     udp_last_packet,
 )
 from fastpath.kernel.kernel_rules import (
+    ForkSpec,
     KernelRuleError,
     KernelRuleset,
     LegSpec,
@@ -133,9 +134,21 @@ def session_spec(stream: StreamSpec) -> Optional[SessionSpec]:
     return SessionSpec(a, b)
 
 
+def fork_spec(stream: StreamSpec) -> Optional[ForkSpec]:
+    """The kernel's view of one stream of a further early dialog (a fork unit): its own
+    A port and the caller, the session's B port and this fork's callee."""
+    a, b = leg_spec(stream.a), leg_spec(stream.b)
+    if a is None or b is None:
+        return None
+    return ForkSpec(a, b)
+
+
 class KernelPlane:
     """Applies engine actions as nftables element changes; reads counters back, every
     `poll_interval` on its own timer, and reports them to the engine as events."""
+
+    #: serve every early dialog of a forked INVITE (fork units); False: the first only
+    relays_forks = True
 
     def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
                  table: str = "lrk", poll_interval: float = 2.0,
@@ -175,6 +188,11 @@ class KernelPlane:
         self.max_flows = 1_000_000
         #: sessions whose re-latch flush failed: their flows may be the old generation's
         self._stale: Dict[int, List[int]] = {}
+        #: fork units (forked INVITEs' further early dialogs) have negative unit ids:
+        #: per session, (fork key, stream index) -> unit id; and unit id -> (sid, key, index)
+        self.session_forks: Dict[int, Dict[Tuple[int, int], int]] = {}
+        self.fork_of: Dict[int, Tuple[int, int, int]] = {}
+        self._next_fork_uid = -1
         self._seen: Dict[Tuple[str, int], Tuple[int, int]] = {}
         #: `_owners` of the sessions installed now; None after any change to `installed`
         self._owner_map: Optional[Dict[int, Tuple[int, str, bool, Tuple[str, int], str,
@@ -264,7 +282,9 @@ class KernelPlane:
                 self.dump = SetElemReader()
             except OSError as exc:
                 log.warning("no nf_tables netlink socket (%s): counters read through nft", exc)
-        self._flush_flows(range(self.port_start, self.port_end + 1))  # its flows too
+        lo, hi = self.rules.fork_mark_range
+        self._flush_flows(list(range(self.port_start, self.port_end + 1))  # its flows too
+                          + list(range(lo, hi + 1)))
         log.info("kernel mode: table inet %s ready (%s, counters from %s)", self.rules.table,
                  self.nft.backend, self.rules.counters)
 
@@ -274,6 +294,8 @@ class KernelPlane:
         self._owner_map = None
         self.specs.clear()
         self.streams.clear()
+        self.session_forks.clear()
+        self.fork_of.clear()
         if self.nft is not None:
             try:
                 self.nft.run(self.rules.destroy())
@@ -337,6 +359,13 @@ class KernelPlane:
         """One nft element set per stream: added, removed, changed, re-latched."""
         old = self.specs.get(spec.sid)
         self.specs[spec.sid] = spec
+        forks = spec.forks if self.relays_forks else ()
+        wanted = {(f.key, s.index): s for f in forks for s in f.streams}
+        # early dialogs gone (freed, or promoted: then the main unit takes over their A
+        # ports, so their elements must go first)
+        mine = self.session_forks.get(spec.sid, {})
+        for key in [k for k in mine if k not in wanted]:
+            self._remove(mine[key])
         if old is not None:
             for stream in old.streams:
                 if spec.stream(stream.index) is None:
@@ -349,9 +378,31 @@ class KernelPlane:
                 before.a.generation != stream.a.generation
                 or before.b.generation != stream.b.generation)
             self._install(uid, stream, relatch)
+        # a callee is told apart by its source address: a fork whose callee is one that
+        # already sends to that B port (the session's, an earlier fork's) is not relayed
+        taken = {(s.index, s.b.announced) for s in spec.streams}
+        for key, stream in wanted.items():
+            peer = (stream.index, stream.b.announced)
+            clash = peer in taken
+            taken.add(peer)
+            mine = self.session_forks.setdefault(spec.sid, {})
+            uid = mine.get(key)
+            if uid is None:
+                uid = mine[key] = self._next_fork_uid
+                self._next_fork_uid -= 1
+                self.fork_of[uid] = (spec.sid,) + key
+            before = self.streams.get(uid)
+            self.streams[uid] = stream
+            relatch = before is not None and (
+                before.a.generation != stream.a.generation
+                or before.b.generation != stream.b.generation)
+            self._apply_unit(uid, self.installed.get(uid),
+                             None if clash else fork_spec(stream), relatch)
 
     def _drop_session(self, sid: int) -> None:
         spec = self.specs.pop(sid, None)
+        for uid in list(self.session_forks.get(sid, {}).values()):
+            self._remove(uid)
         if spec is None:
             return
         for stream in spec.streams:
@@ -370,8 +421,11 @@ class KernelPlane:
 
     def _install(self, sid: int, stream: StreamSpec, relatch: bool) -> None:
         """Install or update one unit (`sid` here is the unit id)."""
-        old = self.installed.get(sid)
-        new = self._spec(sid, stream)
+        self._apply_unit(sid, self.installed.get(sid), self._spec(sid, stream), relatch)
+
+    def _apply_unit(self, sid: int, old: Optional[SessionSpec], new: Optional[SessionSpec],
+                    relatch: bool) -> None:
+        """Turn a unit's elements from `old` into `new` (None: none)."""
         if new is None:
             if old is not None:
                 self._remove(sid)
@@ -397,6 +451,13 @@ class KernelPlane:
     def _remove(self, sid: int) -> None:
         """Remove one unit (`sid` here is the unit id)."""
         self.streams.pop(sid, None)
+        fork = self.fork_of.pop(sid, None)
+        if fork is not None:
+            mine = self.session_forks.get(fork[0])
+            if mine is not None:
+                mine.pop(fork[1:], None)
+                if not mine:
+                    del self.session_forks[fork[0]]
         spec = self.installed.pop(sid, None)
         if spec is None:
             return
@@ -450,6 +511,8 @@ class KernelPlane:
         previous = self._totals
         self._totals = totals
         by_session: Dict[int, List[StreamReport]] = {}
+        by_fork: Dict[int, Dict[int, List[StreamReport]]] = {}
+        fork_of = self.fork_of
         last: Dict[int, float] = {}
         stream_of = self.streams.get
         leg_report = self._leg_report
@@ -458,7 +521,8 @@ class KernelPlane:
             stream = stream_of(uid)
             if stream is None:
                 continue
-            sid = unit_of(uid)[0]
+            fork = fork_of.get(uid) if uid < 0 else None
+            sid = fork[0] if fork is not None else unit_of(uid)[0]
             counts = totals[uid]
             a_p, a_b, b_p, b_b = counts
             # when its flows last carried a packet; without their timeouts ("rules"
@@ -471,14 +535,20 @@ class KernelPlane:
             hdr = HEADER_BYTES[spec.family]
             # what B's peer sent was forwarded to A's peer, and back; a leg without a flow
             # reports no latch (a flow that timed out does not un-latch)
-            by_session.setdefault(sid, []).append(StreamReport(
+            report = StreamReport(
                 stream.index,
                 leg_report(uid, "A", stream.a.generation, counts, latched, hdr),
                 leg_report(uid, "B", stream.b.generation, (b_p, b_b, a_p, a_b), latched,
-                           hdr)))
+                           hdr))
+            if fork is not None:
+                by_fork.setdefault(sid, {}).setdefault(fork[1], []).append(report)
+            else:
+                by_session.setdefault(sid, []).append(report)
         sink = self.sink
-        for sid, streams in by_session.items():
-            sink(SessionReport(sid, last.get(sid), tuple(streams)))
+        for sid in list(by_session) + [s for s in by_fork if s not in by_session]:
+            forks = tuple((key, tuple(reports))
+                          for key, reports in sorted(by_fork.get(sid, {}).items()))
+            sink(SessionReport(sid, last.get(sid), tuple(by_session.get(sid, ())), forks))
 
     def _seen_totals(self, seen: Dict[Tuple[str, int], Tuple[int, int]]) -> Dict[int, Counts]:
         """Per session, packets/bytes received per leg from the `seen` element counters."""
@@ -486,7 +556,9 @@ class KernelPlane:
         totals: Dict[int, Counts] = {}
         for sid, spec in self.installed.items():
             got = [0, 0, 0, 0]
-            for i, leg in ((0, spec.a), (2, spec.b)):
+            # a fork's B port is the session's: its `seen` element counts every callee
+            legs = ((0, spec.a),) if isinstance(spec, ForkSpec) else ((0, spec.a), (2, spec.b))
+            for i, leg in legs:
                 for rtcp in (False, True):
                     p, b = seen.get(leg.relay(rtcp), (0, 0))
                     got[i] += p
@@ -620,7 +692,11 @@ class KernelPlane:
         if self.ct_dump is None:
             self.ct_dump = ConntrackSocket()
         lo, hi = self.rules.mark_range
-        return self.ct_dump.flows(mark_filters(lo, hi), timeout=self.dump_timeout,
+        filters = mark_filters(lo, hi)
+        if filters and self.fork_of:  # fork units' B legs carry marks of their own range
+            forks = mark_filters(*self.rules.fork_mark_range)
+            filters = filters + forks if forks else []
+        return self.ct_dump.flows(filters, timeout=self.dump_timeout,
                                   max_flows=self.max_flows)
 
     def _retry_flush(self, sid: int) -> None:

@@ -43,6 +43,10 @@ def _without_admission(text: str) -> str:
 class NfqueuePlane(KernelPlane):
     """Kernel mode plus userspace admission and latching of each flow's first packet."""
 
+    #: admission and latching here are per relay port: a forked INVITE's further early
+    #: dialogs are not relayed (the first one is; the 200 OK's dialog after it)
+    relays_forks = False
+
     def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
                  table: str = "lrk", poll_interval: float = 2.0,
                  queue_num: int = 0, bypass: bool = False) -> None:

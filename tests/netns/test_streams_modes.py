@@ -8,14 +8,17 @@ nothing relayed it in any mode.
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
+from bench.netns import run
 from lrk.client import LrkClient
 from lrk.core import sdp
 from lrk.demo.media import rtcp_sender_report, rtp_packet
 from lrk.demo.relay_process import RelayProcess
 
-from .hosts import endpoint, receive, tables, wait
+from .hosts import endpoint, flows, receive, tables, wait
 
 pytestmark = pytest.mark.netns
 
@@ -121,28 +124,42 @@ def _drops(client, leg: str) -> int:
     return counters["drops"].get("unexpected_source", 0)
 
 
-@pytest.mark.parametrize("mode", ["socket", "packet"])
+def _unexpected(client) -> int:
+    return client.stats()["counters"]["media.dropped.unexpected_source"]
+
+
+#: a second address of the callee host (kernel mode admits new flows by source IP, so
+#: the losing callee must be elsewhere than the winner to be refused once it lost)
+CALLEE2_IP4 = "198.51.100.71"
+
+
+@pytest.mark.parametrize("mode", ["socket", "packet", "kernel"])
 def test_forked_invite_each_early_dialog_has_media_and_the_200s_wins(topo, tmp_path, mode):
     """Two callees of one forked INVITE answer 183 with SDP: each one's early media
     reaches the caller (from that dialog's own relay port), the caller reaches each on
     the port its 183 named; the 200 OK's dialog keeps relaying on those ports, the other
     is freed and its callee no longer gets through. Before: the second 183 re-tagged leg
-    B and the first callee's media was dropped."""
+    B and the first callee's media was dropped (kernel mode: it was never relayed)."""
+    kernel = mode == "kernel"
     caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
+    callee2_ip = callee_ip
+    if kernel:
+        callee2_ip = CALLEE2_IP4
+        run("ip", "addr", "add", f"{callee2_ip}/26", "dev", "ve0", ns=topo.callee.ns)
     relay = _relay(topo, mode, tmp_path)
     socks = []
     try:
         with LrkClient([relay.node]) as client:
             caller = endpoint(topo.caller.ns, caller_ip, 4000)
             callee1 = endpoint(topo.callee.ns, callee_ip, 5000)
-            callee2 = endpoint(topo.callee.ns, callee_ip, 6000)
+            callee2 = endpoint(topo.callee.ns, callee2_ip, 6000)
             socks += [caller, callee1, callee2]
             offer = client.offer("fork", "a", sdp=_audio(caller_ip, 4000),
                                  interface="external")
             to_b = _relay_addrs(offer)[0]
             early1 = client.answer("fork", "a", "t1", sdp=_audio(callee_ip, 5000),
                                    provisional=True)
-            early2 = client.answer("fork", "a", "t2", sdp=_audio(callee_ip, 6000),
+            early2 = client.answer("fork", "a", "t2", sdp=_audio(callee2_ip, 6000),
                                    provisional=True)
             to_a1, to_a2 = _relay_addrs(early1)[0], _relay_addrs(early2)[0]
             assert to_a1 != to_a2
@@ -160,10 +177,17 @@ def test_forked_invite_each_early_dialog_has_media_and_the_200s_wins(topo, tmp_p
             assert receive(callee1, 1) == [(rtp_packet(3, 0x400), to_b)]
             early = client.query("fork")["session"]["early_dialogs"]
             assert [d["tag"] for d in early] == ["t2"]
-            assert early[0]["legs"]["B"]["streams"][0]["counters"]["in_packets"] == 1
+
+            def fork_in(leg: str) -> int:
+                dialog = client.query("fork")["session"]["early_dialogs"][0]
+                return dialog["legs"][leg]["streams"][0]["counters"]["in_packets"]
+
+            if kernel:  # counters come from conntrack, read every kernel_poll
+                wait(lambda: (fork_in("A"), fork_in("B")) == (1, 1))
+            assert fork_in("B") == 1
 
             # the 200 OK comes from the second callee: its dialog wins
-            final = client.answer("fork", "a", "t2", sdp=_audio(callee_ip, 6000))
+            final = client.answer("fork", "a", "t2", sdp=_audio(callee2_ip, 6000))
             assert _relay_addrs(final)[0] == to_a2, "the caller keeps its 183's port"
             assert client.stats()["ports"]["in_use"] == 2
             assert "early_dialogs" not in client.query("fork")["session"]
@@ -172,8 +196,12 @@ def test_forked_invite_each_early_dialog_has_media_and_the_200s_wins(topo, tmp_p
             caller.sendto(rtp_packet(5, 0x400), to_a2)
             assert receive(callee2, 1) == [(rtp_packet(5, 0x400), to_b)]
             # the losing callee is dropped at the relay (counted), not relayed
+            dropped = _unexpected(client)
             callee1.sendto(rtp_packet(6, 0x501), to_b)
-            wait(lambda: _drops(client, "B") >= 1)
+            if kernel:  # refused by admission: the relay-wide counter of new flows
+                wait(lambda: _unexpected(client) == dropped + 1)
+            else:
+                wait(lambda: _drops(client, "B") >= 1)
             callee2.sendto(rtp_packet(7, 0x602), to_b)
             assert receive(caller, 1) == [(rtp_packet(7, 0x602), to_a2)]
             client.delete("fork")
@@ -185,12 +213,105 @@ def test_forked_invite_each_early_dialog_has_media_and_the_200s_wins(topo, tmp_p
     assert code == 0, relay.output
 
 
-@pytest.mark.parametrize("mode", ["kernel", "nfqueue"])
+def _audio_any(ip: str, port: int) -> str:
+    return _audio(ip, port).replace("IN IP4", "IN IP6" if ":" in ip else "IN IP4")
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_forked_invite_in_kernel_mode_tells_callees_on_one_ip_apart_by_port(
+        topo, tmp_path, family):
+    """Kernel mode: two forked callees on ONE address (different ports) share leg B's
+    relay port; each one's early media (RTP and RTCP) reaches the caller from its own
+    dialog's port and the caller reaches each through its 183's port. When the 200
+    picks the first dialog, the other's elements and conntrack flows go."""
+    pick = (lambda h: h.ip6) if family == "ipv6" else (lambda h: h.ip4)
+    caller_ip, callee_ip = pick(topo.caller), pick(topo.callee)
+    cfg = tmp_path / "kernel.toml"
+    cfg.write_text("kernel_poll = 0.2\nquarantine = 0\n")
+    ns = topo.relay.ns
+    relay = RelayProcess(ports=PORTS, netns=ns, extra=[
+        "--mode", "kernel", "--internal-ip", pick(topo.relay),
+        "--external-ip", pick(topo.relay_ext), "--config", str(cfg)]).start()
+    socks = []
+    try:
+        with LrkClient([relay.node]) as client:
+            caller = endpoint(topo.caller.ns, caller_ip, 4000)
+            caller_rtcp = endpoint(topo.caller.ns, caller_ip, 4001)
+            callee = {port: endpoint(topo.callee.ns, callee_ip, port)
+                      for port in (5000, 5001, 6000, 6001)}
+            socks += [caller, caller_rtcp, *callee.values()]
+            offer = client.offer("fork", "a", sdp=_audio_any(caller_ip, 4000),
+                                 interface="external")
+            to_b = _relay_addrs(offer)[0]
+            to_a = {}
+            for tag, port in (("t1", 5000), ("t2", 6000)):
+                early = client.answer("fork", "a", tag, sdp=_audio_any(callee_ip, port),
+                                      provisional=True)
+                to_a[port] = _relay_addrs(early)[0]
+            assert to_a[5000] != to_a[6000]
+
+            def norm(addr):
+                return (str(ipaddress.ip_address(addr[0])), addr[1])
+
+            def rtcp(addr):
+                return (addr[0], addr[1] + 1)
+
+            for seq, port in enumerate((6000, 5000, 6000)):  # t2 first, then both
+                callee[port].sendto(rtp_packet(seq, port), to_b)
+                got = receive(caller, 1)
+                assert [(p, norm(a)) for p, a in got] == [
+                    (rtp_packet(seq, port), norm(to_a[port]))], (family, port)
+                report = rtcp_sender_report(port, seq, 160)
+                callee[port + 1].sendto(report, rtcp(to_b))
+                got = receive(caller_rtcp, 1)
+                assert [(p, norm(a)) for p, a in got] == [
+                    (report, norm(rtcp(to_a[port])))], (family, port)
+            for seq, port in enumerate((5000, 6000)):
+                caller.sendto(rtp_packet(10 + seq, 0x400), to_a[port])
+                got = receive(callee[port], 1)
+                assert [(p, norm(a)) for p, a in got] == [
+                    (rtp_packet(10 + seq, 0x400), norm(to_b))], (family, port)
+                caller_rtcp.sendto(rtcp_sender_report(0x400, seq, 160), rtcp(to_a[port]))
+                got = receive(callee[port + 1], 1)
+                assert [(p, norm(a)) for p, a in got] == [
+                    (rtcp_sender_report(0x400, seq, 160), norm(rtcp(to_b)))], (family, port)
+
+            def fork_flows() -> list:
+                return [f for f in flows(ns) if "sport=6000 " in f or "sport=6001 " in f]
+
+            def fork_map() -> str:
+                fam = 6 if family == "ipv6" else 4
+                return run("nft", "list", "map", "inet", "lrk", f"fmark{fam}", ns=ns).stdout
+
+            assert fork_flows(), "the second callee's flows exist"
+            assert "elements" in fork_map()
+            final = client.answer("fork", "a", "t1", sdp=_audio_any(callee_ip, 5000))
+            assert _relay_addrs(final)[0] == to_a[5000]
+            assert client.stats()["ports"]["in_use"] == 2
+            wait(lambda: fork_flows() == [])  # freed: its flows were flushed
+            assert "elements" not in fork_map(), "the fork's source-qualified elements went"
+            callee[5000].sendto(rtp_packet(20, 0x500), to_b)
+            got = receive(caller, 1)
+            assert [(p, norm(a)) for p, a in got] == [(rtp_packet(20, 0x500), norm(to_a[5000]))]
+            caller.sendto(rtp_packet(21, 0x400), to_a[5000])
+            got = receive(callee[5000], 1)
+            assert [(p, norm(a)) for p, a in got] == [(rtp_packet(21, 0x400), norm(to_b))]
+            client.delete("fork")
+            assert client.stats()["ports"]["in_use"] == 0
+    finally:
+        code = relay.stop()
+        for s in socks:
+            s.close()
+    assert code == 0, relay.output
+    assert "table inet lrk" not in tables(topo.relay.ns)
+
+
+@pytest.mark.parametrize("mode", ["nfqueue"])
 def test_forked_invite_in_kernel_modes_relays_the_first_dialog_then_the_winner(
         topo, tmp_path, mode):
-    """Kernel and nfqueue modes match a relay port to one peer, so they relay the first
-    early dialog only (docs/fastpath.md); the 200 OK's dialog, here the second, then
-    relays both ways on the port its 183 named, and the loser's ports are freed."""
+    """NFQUEUE mode admits and latches per relay port, so it relays the first early
+    dialog only (docs/fastpath.md); the 200 OK's dialog, here the second, then relays
+    both ways on the port its 183 named, and the loser's ports are freed."""
     caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
     relay = _relay(topo, mode, tmp_path)
     socks = []

@@ -484,3 +484,63 @@ def test_the_polls_inline_dating_is_udp_last_packet():
                 plane._poll(clock[0])
                 want = ctn.udp_last_packet(flow, clock[0], 30, 120, plane.wall_ns())
                 assert plane._last_rx[uid] == want, (status, left, age_s)
+
+
+# -- forked INVITEs: a fork unit per further early dialog --------------------------------
+def test_fork_units_are_installed_counted_promoted_and_removed():
+    from fastpath.contract import ForkSpec, Remove, Update
+    from fastpath.kernel.kernel_rules import FORK_MARK_OFFSET
+    from fastpath.kernel.kernel_rules import ForkSpec as KernelFork
+
+    plane, events = _plane(FakeNft(), FakeObjects({"unexpected4": (0, 0),
+                                                    "unexpected6": (0, 0)}))
+    caller, callee2 = ("198.51.100.10", 4000), ("198.51.100.71", 6000)
+    a = LegSpec("A", "198.51.100.1", 31000, caller)
+    b = LegSpec("B", "198.51.100.1", 31002, ("198.51.100.70", 5000))
+    fa = LegSpec("A", "198.51.100.1", 31004, caller)
+    fb = LegSpec("B", "198.51.100.1", 31002, callee2)
+    early = SessionSpec(1, "c1", (StreamSpec(0, a, b),),
+                        (ForkSpec(1, "t2", (StreamSpec(0, fa, fb),)),))
+    assert plane.apply([Update(early, "B")]) == []
+    (fork_uid,) = [uid for uid in plane.installed if uid < 0]
+    assert isinstance(plane.installed[fork_uid], KernelFork)
+    assert plane.fork_of[fork_uid] == (1, 1, 0)
+    mark = 31004 + FORK_MARK_OFFSET
+    owners = plane._owners()
+    assert sorted(owners) == [31000, 31001, 31002, 31003, 31004, 31005, mark, mark + 1]
+    assert owners[mark][:4] == (fork_uid, "B", False, ("198.51.100.1", 31002))
+    # the second callee's early media: a flow of its own mark, replied by the caller
+    plane.ct_dump.flows_now = [CtFlow(mark, 17, callee2[0], callee2[1], "198.51.100.1",
+                                      31002, True, caller[0], caller[1], "198.51.100.1",
+                                      31004, 2, 2 * 200, 1, 200)]
+    plane._poll(1.0)
+    (report,) = events
+    assert report.sid == 1 and report.streams[0].b.in_packets == 0
+    ((key, (fork_stream,)),) = report.forks
+    assert key == 1 and fork_stream.b.in_packets == 2 and fork_stream.a.in_packets == 1
+    assert fork_stream.b.latched == callee2 and fork_stream.a.latched == caller
+    # the 200 picks the fork: the session's A side moves to its port, the fork unit goes
+    won = SessionSpec(1, "c1", (StreamSpec(0, fa, fb),))
+    assert plane.apply([Update(won, "B")]) == []
+    assert [uid for uid in plane.installed if uid < 0] == [] and plane.fork_of == {}
+    assert plane.session_forks == {}
+    assert sorted(plane._owners()) == [31002, 31003, 31004, 31005]
+    assert plane._owners()[31004][:2] == (unit_id(1, 0), "A")
+    assert plane.apply([Update(early, "B")]) == []  # forks again, then all removed
+    plane.apply([Remove(1, "c1", "deleted")])
+    assert plane.installed == {} and plane.fork_of == {} and plane.session_forks == {}
+
+
+def test_a_fork_whose_callee_already_sends_to_the_b_port_is_not_installed():
+    from fastpath.contract import ForkSpec, Update
+
+    plane, _events = _plane(FakeNft(), None)
+    caller, callee = ("198.51.100.10", 4000), ("198.51.100.70", 5000)
+    a = LegSpec("A", "198.51.100.1", 31000, caller)
+    b = LegSpec("B", "198.51.100.1", 31002, callee)
+    fork = StreamSpec(0, LegSpec("A", "198.51.100.1", 31004, caller),
+                      LegSpec("B", "198.51.100.1", 31002, callee))
+    spec = SessionSpec(1, "c1", (StreamSpec(0, a, b),), (ForkSpec(1, "t2", (fork,)),))
+    assert plane.apply([Update(spec, "B")]) == []
+    assert [uid for uid in plane.installed if uid < 0] == []
+    assert sorted(plane._owners()) == [31000, 31001, 31002, 31003]

@@ -12,6 +12,8 @@ import pytest
 
 from fastpath.kernel.kernel_rules import (
     DROP_COUNTERS,
+    FORK_MARK_OFFSET,
+    ForkSpec,
     KernelRuleError,
     KernelRuleset,
     LegSpec,
@@ -219,8 +221,13 @@ def test_create_is_idempotent_and_scoped_to_relay_ips_and_ports():
         'comment "lrk: unadmitted new flow ipv4, media.dropped.unexpected_source"',
         "    ip6 daddr @relay_ips6 udp dport 20000-20099 "
         "dnat ip6 to ip6 daddr . udp dport map @fwd6",
-        "    meta nfproto ipv4 meta l4proto udp ct mark 20000-20099 snat ip to ct mark map @out4",
-        "    meta nfproto ipv6 meta l4proto udp ct mark 20000-20099 snat ip6 to ct mark map @out6",
+        "    meta nfproto ipv4 meta l4proto udp ct mark { 20000-20099, 85536-85635 } "
+        "snat ip to ct mark map @out4",
+        "    meta nfproto ipv6 meta l4proto udp ct mark { 20000-20099, 85536-85635 } "
+        "snat ip6 to ct mark map @out6",
+        # forked INVITEs: a further callee on the shared B port, by source address
+        "    ct state new ct mark set ip daddr . udp dport . ip saddr . udp sport map @fmark4",
+        "    ip daddr @relay_ips4 udp dport 20000-20099 dnat ip to ct mark map @ffwd4",
     ):
         assert expected in lines
     assert "  set seen6 { type ipv6_addr . inet_service; counter; }" in lines
@@ -358,3 +365,60 @@ def test_queries_name_one_listing_each():
     assert rs.counters_query(4) == "list set inet media seen4\n"
     assert rs.counters_query(6) == "list set inet media seen6\n"
     assert rs.drops_query() == "list counters table inet media\n"
+
+
+# -- forked INVITEs: further early dialogs on the shared B port -----------------------
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_fork_unit_matches_its_callee_by_source_on_the_shared_b_port(v6):
+    a_ip, b_ip, caller, callee = (A6, B6, PA6, "2001:db8:2::71") if v6 else (
+        A4, B4, PA4, "198.51.100.71")
+    fam = 6 if v6 else 4
+    fork = ForkSpec(LegSpec(a_ip, 30010, caller, 4000), LegSpec(b_ip, 30002, callee, 6000))
+    assert fork.b.mark == 30010 + FORK_MARK_OFFSET  # never a relay port, never B's
+    assert conntrack_marks(fork) == [30010, 30011, 30010 + FORK_MARK_OFFSET,
+                                     30011 + FORK_MARK_OFFSET]
+    got = elements(fork)
+    m = 30010 + FORK_MARK_OFFSET
+    # caller -> the fork's own A port: a normal leg, SNAT from the shared B port
+    assert got[f"fwd{fam}"] == {f"{a_ip} . 30010": f"{callee} . 6000",
+                                f"{a_ip} . 30011": f"{callee} . 6001"}
+    assert got[f"adm{fam}"] == {f"{a_ip} . 30010 . {caller}": None,
+                                f"{a_ip} . 30011 . {caller}": None}
+    assert got[f"seen{fam}"] == {f"{a_ip} . 30010": None, f"{a_ip} . 30011": None}
+    # the fork's callee -> the shared B port: only by its source, SNAT from A's port
+    assert got[f"fmark{fam}"] == {f"{b_ip} . 30002 . {callee} . 6000": str(m),
+                                  f"{b_ip} . 30003 . {callee} . 6001": str(m + 1)}
+    assert got[f"ffwd{fam}"] == {str(m): f"{caller} . 4000", str(m + 1): f"{caller} . 4001"}
+    assert got[f"out{fam}"] == {"30010": f"{b_ip} . 30002", "30011": f"{b_ip} . 30003",
+                                str(m): f"{a_ip} . 30010", str(m + 1): f"{a_ip} . 30011"}
+    # nothing generic on the shared port: the session's own elements stay its own
+    assert not any(k.startswith(f"{b_ip} . 3000") for k in got[f"fwd{fam}"])
+    main = session6() if v6 else session4()
+    text = ruleset().install_commands(main, fork)  # no conflicting keys with the session
+    assert f"add element inet lrk fmark{fam} " in text
+    removal = ruleset().remove_commands(fork)
+    assert f"delete element inet lrk fmark{fam} {{ {b_ip} . 30002 . {callee} . 6000, " \
+        in removal
+
+
+def test_fork_b_mark_must_lie_in_the_fork_mark_range():
+    rs = ruleset()
+    assert rs.fork_mark_range == (30000 + FORK_MARK_OFFSET, 30999 + FORK_MARK_OFFSET)
+    fork = ForkSpec(LegSpec(A4, 30010, PA4, 4000), LegSpec(B4, 30002, PB4, 6000))
+    rs.check(fork)
+    odd = ForkSpec(LegSpec(A4, 30010, PA4, 4000), LegSpec(B4, 30002, PB4, 6000, mark=30500))
+    with pytest.raises(KernelRuleError, match="mark range"):
+        rs.check(odd)
+    with pytest.raises(KernelRuleError, match="fork marks"):
+        ruleset(mark_range=(1, 0xFFFFFFFE))
+
+
+def test_fork_update_of_its_callee_moves_only_its_elements():
+    old = ForkSpec(LegSpec(A4, 30010, PA4, 4000), LegSpec(B4, 30002, PB4, 6000))
+    new = ForkSpec(LegSpec(A4, 30010, PA4, 4000), LegSpec(B4, 30002, PB4, 6008))
+    text = update_commands(old, new)
+    assert "adm4" not in text and "mark4 " not in text.replace("fmark4", "")
+    assert f"delete element inet lrk fmark4 {{ {B4} . 30002 . {PB4} . 6000" in text
+    assert f"add element inet lrk fmark4 {{ {B4} . 30002 . {PB4} . 6008" in text
