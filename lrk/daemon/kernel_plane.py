@@ -396,8 +396,10 @@ class KernelPlane:
             relatch = before is not None and (
                 before.a.generation != stream.a.generation
                 or before.b.generation != stream.b.generation)
-            self._apply_unit(uid, self.installed.get(uid),
-                             None if clash else fork_spec(stream), relatch)
+            if clash:
+                self._apply_unit(uid, self.installed.get(uid), None, relatch)
+            else:
+                self._install(uid, stream, relatch)
 
     def _drop_session(self, sid: int) -> None:
         spec = self.specs.pop(sid, None)
@@ -409,8 +411,9 @@ class KernelPlane:
             self._remove(unit_id(sid, stream.index))
 
     def _spec(self, uid: int, stream: StreamSpec) -> Optional[SessionSpec]:
-        """What the kernel should hold for a unit (nfqueue mode adds latched sources)."""
-        return session_spec(stream)
+        """What the kernel should hold for a unit (nfqueue mode adds latched sources): a
+        fork unit's is a ForkSpec."""
+        return fork_spec(stream) if uid in self.fork_of else session_spec(stream)
 
     def _elements(self, commands: str) -> str:
         """Element commands as applied (nfqueue mode leaves admission to userspace)."""

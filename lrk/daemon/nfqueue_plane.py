@@ -7,6 +7,12 @@ direction is forwarded to it), flushes flows that were NATed towards the old add
 admits the source and re-injects the packet (NF_REPEAT). From then on conntrack and
 NAT carry the flow. This also settles the case kernel mode cannot: a callee that
 sends before a NATed caller.
+
+A forked INVITE's further early dialogs are fork units (as in kernel mode): a first
+packet to a fork's own A port is judged by that fork's leg A; one to the shared B port
+from the exact address a fork's callee announced is that fork's (re-injected for the
+ruleset's `fmark`/`ffwd` entries to take, the session's leg B not latched to it); any
+other one there is the session's leg B's.
 """
 
 from __future__ import annotations
@@ -18,14 +24,14 @@ from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from fastpath.contract import LegSpec as PlaneLeg
-from fastpath.contract import StreamSpec
+from fastpath.contract import StreamSpec, unit_of
 from fastpath.kernel.ctnetlink import CtFlow
-from fastpath.kernel.kernel_rules import KernelRuleError, KernelRuleset, SessionSpec
+from fastpath.kernel.kernel_rules import ForkSpec, KernelRuleError, KernelRuleset, SessionSpec
 from fastpath.kernel.nfqueue import NF_DROP, NF_REPEAT
 from fastpath.kernel.nfqueue_socket import NfQueue, add_queue_rule
 from fastpath.kernel.nft import NftError
 from fastpath.packet import parse_udp
-from lrk.daemon.kernel_plane import KernelPlane, session_spec
+from lrk.daemon.kernel_plane import KernelPlane
 
 log = logging.getLogger("lrk.nfqueue")
 
@@ -43,9 +49,8 @@ def _without_admission(text: str) -> str:
 class NfqueuePlane(KernelPlane):
     """Kernel mode plus userspace admission and latching of each flow's first packet."""
 
-    #: admission and latching here are per relay port: a forked INVITE's further early
-    #: dialogs are not relayed (the first one is; the 200 OK's dialog after it)
-    relays_forks = False
+    #: every early dialog of a forked INVITE is relayed (fork units, as in kernel mode)
+    relays_forks = True
 
     def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
                  table: str = "lrk", poll_interval: float = 2.0,
@@ -59,7 +64,8 @@ class NfqueuePlane(KernelPlane):
         self.queue_num = queue_num
         self.bypass = bypass
         self.nfq: Optional[NfQueue] = None
-        # relay address -> (sid, leg name, is RTCP)
+        # relay address -> (unit id, leg name, is RTCP); a fork unit's own A ports only
+        # (the B port it shares is the session's unit's: forks' callees are found by source)
         self.by_relay: Dict[Addr, Tuple[int, str, bool]] = {}
         # (sid, leg, rtcp) -> latched source
         self.latched: Dict[Tuple[int, str, bool], Addr] = {}
@@ -91,7 +97,7 @@ class NfqueuePlane(KernelPlane):
     # -- sessions ----------------------------------------------------------------------
     def _spec(self, uid: int, stream: StreamSpec) -> Optional[SessionSpec]:
         """The unit with latched sources in place of announced ones."""
-        spec = session_spec(stream)
+        spec = super()._spec(uid, stream)
         if spec is None:
             return None
         legs = {}
@@ -103,35 +109,55 @@ class NfqueuePlane(KernelPlane):
                               peer_port=rtp[1] if rtp else leg.peer_port,
                               peer_rtcp_port=rtcp[1] if rtcp else leg.peer(True)[1])
             legs[name] = leg
-        return SessionSpec(legs["A"], legs["B"])
+        return type(spec)(legs["A"], legs["B"])  # a fork unit's stays a ForkSpec
 
     def _elements(self, commands: str) -> str:
         return _without_admission(commands)
 
     def _install(self, sid: int, stream: StreamSpec, relatch: bool) -> None:
         before = self.streams_applied.get(sid)
-        if relatch and before is not None:  # a new offer/answer: that leg latches afresh
+        if before is not None:
+            moved = False
             for name in ("A", "B"):
-                if before.leg(name).generation != stream.leg(name).generation:
+                old_leg, new_leg = before.leg(name), stream.leg(name)
+                # a new offer/answer, or a leg moved to another relay port (a fork's
+                # dialog won): that leg latches afresh
+                if (relatch and old_leg.generation != new_leg.generation) or (
+                        old_leg.relay_ip, old_leg.relay_port) != (new_leg.relay_ip,
+                                                                  new_leg.relay_port):
+                    moved = True
                     for rtcp in (False, True):
                         self.latched.pop((sid, name, rtcp), None)
-            self._drop_admissions(sid)
+            if relatch or moved:
+                self._drop_admissions(sid)
         self.streams_applied[sid] = stream
         super()._install(sid, stream, relatch)
         new = self.installed.get(sid)
+        mine: Set[Addr] = set()
         if new is not None:
-            for name, leg in (("A", new.a), ("B", new.b)):
+            legs = (("A", new.a),) if isinstance(new, ForkSpec) else (("A", new.a), ("B", new.b))
+            for name, leg in legs:
                 for rtcp in (False, True):
                     self.by_relay[leg.relay(rtcp)] = (sid, name, rtcp)
+                    mine.add(leg.relay(rtcp))
+        self._drop_relays(sid, keep=mine)  # ports it no longer has
+
+    def _drop_relays(self, uid: int, keep: Set[Addr]) -> None:
+        """Forget the relay addresses `by_relay` gives to unit `uid` (but `keep`)."""
+        for addr in [k for k, v in self.by_relay.items() if v[0] == uid and k not in keep]:
+            del self.by_relay[addr]
 
     def _forget(self, sid: int, spec: SessionSpec) -> None:
         self.streams_applied.pop(sid, None)
         self.leg_drops.pop((sid, "A"), None)
         self.leg_drops.pop((sid, "B"), None)
         self._drop_admissions(sid)
+        # only its own entries: a fork unit's B port is the session's unit's
         for leg in (spec.a, spec.b):
             for rtcp in (False, True):
-                self.by_relay.pop(leg.relay(rtcp), None)
+                addr = leg.relay(rtcp)
+                if self.by_relay.get(addr, (None,))[0] == sid:
+                    del self.by_relay[addr]
         for key in [k for k in self.latched if k[0] == sid]:
             del self.latched[key]
 
@@ -170,6 +196,15 @@ class NfqueuePlane(KernelPlane):
             self.counters["media.dropped.unexpected_source"] += 1
             return NF_DROP
         sid, name, rtcp = entry
+        if name == "B":
+            fork = self._fork_callee(sid, rtcp, (dst_ip, dport), (src_ip, sport))
+            if fork is not None:
+                # a fork's callee: the ruleset's fmark/ffwd entries take it on re-injection
+                # (no adm element: that would admit its IP to the session's leg B too)
+                self.latched[(fork, "B", rtcp)] = (src_ip, sport)
+                self.counters["media.latched"] += 1
+                self._latch_news = True
+                return NF_REPEAT
         leg = stream.leg(name)
         if not self._admits(sid, name, rtcp, leg, (src_ip, sport)):
             self.counters["media.dropped.unexpected_source"] += 1
@@ -192,6 +227,16 @@ class NfqueuePlane(KernelPlane):
             self.admitted[sid].add(key)
             self.counters["nfqueue.admitted"] += 1
         return NF_REPEAT
+
+    def _fork_callee(self, uid: int, rtcp: bool, relay: Addr, src: Addr) -> Optional[int]:
+        """The fork unit of unit `uid`'s session whose callee, on this shared B port, is
+        exactly `src` (as its SDP announced it); None when none is."""
+        for fork in self.session_forks.get(unit_of(uid)[0], {}).values():
+            spec = self.installed.get(fork)
+            if isinstance(spec, ForkSpec) and spec.b.relay(rtcp) == relay \
+                    and spec.b.peer(rtcp) == src:
+                return fork
+        return None
 
     def _admits(self, uid: int, name: str, rtcp: bool, leg: PlaneLeg, src: Addr) -> bool:
         """A new flow's source, judged as the socket relay judges a first packet: the

@@ -412,6 +412,109 @@ def test_nfqueue_plane_reports_latches_instead_of_writing_engine_state():
     assert session.legs["A"].latched == nat
 
 
+def _forked_nfqueue_plane() -> Any:
+    from fastpath.contract import ForkSpec
+
+    plane = NfqueuePlane(31000, 31099, ["198.51.100.1"])
+    plane.nft = FakeNft()  # type: ignore[assignment]
+    plane.ct = plane.ct_dump = FakeCt()  # type: ignore[assignment]
+    plane.sink = lambda event: None
+    caller, callee1, callee2 = (("198.51.100.10", 4000), ("198.51.100.70", 5000),
+                                ("198.51.100.71", 6000))
+    a = LegSpec("A", "198.51.100.1", 31000, caller)
+    # leg B learns (latch_any): it would take any first source, a fork's callee included
+    b = LegSpec("B", "198.51.100.1", 31002, callee1, latch_any=True)
+    fa = LegSpec("A", "198.51.100.1", 31004, caller)
+    fb = LegSpec("B", "198.51.100.1", 31002, callee2)
+    early = SessionSpec(1, "c1", (StreamSpec(0, a, b),),
+                        (ForkSpec(1, "t2", (StreamSpec(0, fa, fb),)),))
+    assert plane.apply([Update(early, "B")]) == []
+    return plane, early, (fa, fb)
+
+
+def test_nfqueue_plane_admits_each_early_dialog_of_a_forked_invite():
+    """A first packet to a fork's own A port is the fork's leg A's (latched, admitted, the
+    fork's elements re-pointed); one to the shared B port from the exact address a fork's
+    callee announced is re-injected for the ruleset's fmark/ffwd entries without latching
+    or admitting anything for the session's leg B; anything else there is leg B's."""
+    from fastpath.kernel.kernel_rules import ForkSpec as KernelFork
+    from fastpath.kernel.nfqueue import NF_DROP, NF_REPEAT
+
+    plane, _early, (fa, fb) = _forked_nfqueue_plane()
+    main = unit_id(1, 0)
+    (fork,) = [uid for uid in plane.installed if uid < 0]
+    relay = "198.51.100.1"
+    assert plane.by_relay[(relay, 31004)] == (fork, "A", False)
+    assert plane.by_relay[(relay, 31005)] == (fork, "A", True)
+    assert plane.by_relay[(relay, 31002)] == (main, "B", False)  # shared: the session's
+    # the caller (behind NAT) on the fork's A port: that fork's leg A latches and admits
+    nat = ("198.51.100.10", 61000)
+    assert plane._decide(_udp4(nat, (relay, 31004))) == NF_REPEAT
+    assert plane.latched == {(fork, "A", False): nat}
+    assert isinstance(plane.installed[fork], KernelFork)
+    assert plane.installed[fork].a.peer(False) == nat  # the callee's media goes there
+    assert plane.admitted == {fork: {f"adm4 {{ {relay} . 31004 . {nat[0]} }}"}}
+    # the fork's callee, from exactly its SDP's address, on the shared B port
+    runs = len(plane.nft.runs)
+    assert plane._decide(_udp4(fb.announced, (relay, 31002))) == NF_REPEAT
+    assert (main, "B", False) not in plane.latched
+    assert plane.latched[(fork, "B", False)] == fb.announced
+    assert main not in plane.admitted and len(plane.nft.runs) == runs  # nothing added
+    # the same callee IP from another port is not that fork's: leg B's rules (learning)
+    other = (fb.announced[0], 6002)
+    assert plane._decide(_udp4(other, (relay, 31002))) == NF_REPEAT
+    assert plane.latched[(main, "B", False)] == other
+    assert plane.admitted[main] == {f"adm4 {{ {relay} . 31002 . {other[0]} }}"}
+    # leg B latched: a new flow from elsewhere is refused, counted on leg B
+    assert plane._decide(_udp4(("198.51.100.70", 5000), (relay, 31002))) == NF_DROP
+    assert plane.leg_drops == {(main, "B"): 1}
+    # nothing to the fork's A port from elsewhere than the caller's IP
+    assert plane._decide(_udp4(("198.51.100.99", 4000), (relay, 31004))) == NF_DROP
+    assert plane.leg_drops == {(main, "B"): 1, (fork, "A"): 1}
+
+
+@pytest.mark.parametrize("end", ["freed", "promoted"])
+def test_nfqueue_plane_cleans_up_a_fork_as_a_removed_unit(end):
+    """A freed or promoted fork's adm elements, relay ports and latches go; the shared B
+    port stays the session's."""
+    from fastpath.kernel.nfqueue import NF_REPEAT
+
+    plane, early, (fa, fb) = _forked_nfqueue_plane()
+    main = unit_id(1, 0)
+    (fork,) = [uid for uid in plane.installed if uid < 0]
+    relay = "198.51.100.1"
+    nat = ("198.51.100.10", 61000)
+    assert plane._decide(_udp4(nat, (relay, 31004))) == NF_REPEAT
+    assert plane._decide(_udp4(fb.announced, (relay, 31002))) == NF_REPEAT
+    assert plane._decide(_udp4(("198.51.100.10", 4000), (relay, 31000))) == NF_REPEAT
+    adm = f"adm4 {{ {relay} . 31004 . {nat[0]} }}"
+    assert adm in plane.admitted[fork]
+    if end == "freed":  # the 200 came from the first callee
+        spec = early._replace(forks=())
+    else:  # from the fork's callee: the session's A side moves to the fork's A port
+        spec = SessionSpec(1, "c1", (StreamSpec(0, fa, fb._replace(generation=1)),))
+    assert plane.apply([Update(spec, "B")]) == []
+    assert plane.fork_of == {} and plane.session_forks == {}
+    assert f"delete element inet lrk {adm}" in "".join(plane.nft.runs)
+    assert fork not in plane.admitted and fork not in plane.leg_drops
+    assert [k for k in plane.latched if k[0] == fork] == []
+    assert [v for v in plane.by_relay.values() if v[0] == fork] == []
+    assert plane.by_relay[(relay, 31002)] == (main, "B", False)
+    assert plane.by_relay[(relay, 31003)] == (main, "B", True)
+    if end == "freed":
+        assert plane.by_relay[(relay, 31000)] == (main, "A", False)
+        assert (relay, 31004) not in plane.by_relay
+        assert plane.latched == {(main, "A", False): ("198.51.100.10", 4000)}
+    else:
+        assert plane.by_relay[(relay, 31004)] == (main, "A", False)
+        assert (relay, 31000) not in plane.by_relay  # the old A port is not the session's
+        assert plane.latched == {} and main not in plane.admitted  # A moved, B re-answered
+        assert plane._decide(_udp4(nat, (relay, 31004))) == NF_REPEAT  # the session's now
+        assert plane.latched == {(main, "A", False): nat}
+    plane.apply([Remove(1, "c1", "deleted")])
+    assert plane.by_relay == {} and plane.latched == {} and plane.admitted == {}
+
+
 def _udp4(src: Any, dst: Any) -> bytes:
     import struct
 
