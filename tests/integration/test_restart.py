@@ -8,6 +8,8 @@ Each test runs real relays in socket mode on loopback and real media through the
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from typing import List
 
 import pytest
@@ -150,3 +152,23 @@ def test_a_record_that_cannot_be_read_is_dropped_not_fatal(tmp_path):
         code = second.stop() if second is not None else first.stop()
         _close(calls)
     assert code == 0
+
+
+def test_ctl_shutdown_stops_the_relay_and_ends_its_calls(tmp_path):
+    """The operator's way to end everything for good: `lrkproxy ctl shutdown` (admin key,
+    found in $LRK_KEYS as the relay's own)."""
+    relay = _relay(tmp_path, next_ports()).start()
+    calls = []
+    try:
+        with LrkClient([relay.node], timeout=1.0, retries=3) as client:
+            calls = _setup(client, 1)
+        done = subprocess.run([sys.executable, "-m", "lrk.cli", "ctl", "--node", relay.node,
+                               "shutdown"], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert "stopping" in done.stdout and "sessions_ended" in done.stdout
+        assert relay.proc.wait(10) == 0
+    finally:
+        relay.stop()
+        _close(calls)
+    assert "shutdown requested over the control protocol" in relay.output
+    assert _store_rows(relay, tmp_path) == 0
