@@ -134,13 +134,7 @@ def _add_object(data: bytes, body: int, end: int, table: str, out: Named) -> Non
         elif kind == NFTA_OBJ_TYPE and e - s == 4:
             otype = _BE32.unpack_from(data, s)[0]
         elif kind == NFTA_OBJ_DATA:
-            packets = nbytes = 0
-            for k2, s2, e2 in _attrs(data, s, e):
-                if k2 == NFTA_COUNTER_PACKETS and e2 - s2 == 8:
-                    packets = _U64.unpack_from(data, s2)[0]
-                elif k2 == NFTA_COUNTER_BYTES and e2 - s2 == 8:
-                    nbytes = _U64.unpack_from(data, s2)[0]
-            counter = (packets, nbytes)
+            counter = _counter_data(data, s, e)
     if name is not None and otable == table and otype == NFT_OBJECT_COUNTER:
         out[name] = counter
 
@@ -173,6 +167,17 @@ def parse_key(raw: bytes) -> Key:
     return ip, port
 
 
+def _counter_data(data: bytes, start: int, end: int) -> Tuple[int, int]:
+    """(packets, bytes) of a counter's attributes (an expression's or a named object's)."""
+    packets = nbytes = 0
+    for kind, s, e in _attrs(data, start, end):
+        if kind == NFTA_COUNTER_PACKETS and e - s == 8:
+            packets = _U64.unpack_from(data, s)[0]
+        elif kind == NFTA_COUNTER_BYTES and e - s == 8:
+            nbytes = _U64.unpack_from(data, s)[0]
+    return packets, nbytes
+
+
 def _counter(data: bytes, start: int, end: int) -> Optional[Tuple[int, int]]:
     """(packets, bytes) of one expression if it is a counter."""
     name = None
@@ -181,13 +186,7 @@ def _counter(data: bytes, start: int, end: int) -> Optional[Tuple[int, int]]:
         if kind == NFTA_EXPR_NAME:
             name = data[s:e].rstrip(b"\0")
         elif kind == NFTA_EXPR_DATA:
-            packets = nbytes = 0
-            for k2, s2, e2 in _attrs(data, s, e):
-                if k2 == NFTA_COUNTER_PACKETS and e2 - s2 == 8:
-                    packets = _U64.unpack_from(data, s2)[0]
-                elif k2 == NFTA_COUNTER_BYTES and e2 - s2 == 8:
-                    nbytes = _U64.unpack_from(data, s2)[0]
-            found = (packets, nbytes)
+            found = _counter_data(data, s, e)
     return found if name == b"counter" else None
 
 
