@@ -10,7 +10,8 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-from typing import List
+from contextlib import contextmanager
+from typing import Iterator, List
 
 import pytest
 
@@ -26,15 +27,41 @@ pytestmark = pytest.mark.integration
 CALLS = 5
 
 
-def _relay(tmp_path, ports: str) -> RelayProcess:
-    return RelayProcess(ports=ports, extra=["--state-dir", str(tmp_path / "state")])
+def _store_path(relay: RelayProcess, tmp_path) -> str:
+    control = relay.argv[relay.argv.index("--control") + 1]
+    return path_for(str(tmp_path / "state"), control, relay.ports)
 
 
 def _store_rows(relay: RelayProcess, tmp_path) -> int:
-    control = relay.argv[relay.argv.index("--control") + 1]
-    path = path_for(str(tmp_path / "state"), control, relay.ports)
-    with sqlite3.connect(path) as db:
+    with sqlite3.connect(_store_path(relay, tmp_path)) as db:
         return db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+
+
+class _Relays:
+    """A test's relay (socket mode, its own state_dir) and its restarts, and the calls
+    set up through them."""
+
+    def __init__(self, tmp_path) -> None:
+        self.current = RelayProcess(ports=next_ports(),
+                                    extra=["--state-dir", str(tmp_path / "state")]).start()
+        self.calls: List[tuple] = []
+
+    def restart(self) -> RelayProcess:
+        """The same command line started again (the current relay is stopped or dead)."""
+        self.current = self.current.again().start()
+        return self.current
+
+
+@contextmanager
+def _relays(tmp_path) -> Iterator[_Relays]:
+    """At the end the current relay stops (it must exit 0) and the calls' sockets close."""
+    relays = _Relays(tmp_path)
+    try:
+        yield relays
+    finally:
+        code = relays.current.stop()
+        _close(relays.calls)
+    assert code == 0, relays.current.output
 
 
 def _setup(client: LrkClient, n: int) -> List[tuple]:
@@ -66,13 +93,10 @@ def _close(calls) -> None:
 
 @pytest.mark.parametrize("how", ["sigterm", "kill -9"])
 def test_restart_keeps_every_call_on_its_ports(tmp_path, how):
-    ports = next_ports()
-    first = _relay(tmp_path, ports).start()
-    calls = []
-    second = None
-    try:
+    with _relays(tmp_path) as relays:
+        first = relays.current
         with LrkClient([first.node], timeout=1.0, retries=3) as client:
-            calls = _setup(client, CALLS)
+            relays.calls = calls = _setup(client, CALLS)
             _flows(calls, 0x1000, 0)
             before = client.query("call-0")["session"]
         assert _store_rows(first, tmp_path) == CALLS
@@ -83,7 +107,7 @@ def test_restart_keeps_every_call_on_its_ports(tmp_path, how):
             workers = worker_pids(first)
             first.kill()
             assert workers  # its worker exits on its own (channel closed)
-        second = first.again().start()
+        second = relays.restart()
         assert f"restored {CALLS} of {CALLS} call(s)" in second.read_output()
         with LrkClient([second.node], timeout=1.0, retries=3) as client:
             after = client.query("call-0")["session"]
@@ -99,76 +123,51 @@ def test_restart_keeps_every_call_on_its_ports(tmp_path, how):
                 client.delete(f"call-{i}")
             assert client.stats()["ports"]["in_use"] == 0
         assert _store_rows(second, tmp_path) == 0, "an ended call leaves no record"
-    finally:
-        code = second.stop() if second is not None else first.stop()
-        _close(calls)
-    assert code == 0
 
 
 def test_shutdown_ends_every_call_and_the_next_start_has_none(tmp_path):
-    ports = next_ports()
-    first = _relay(tmp_path, ports).start()
-    calls = []
-    second = None
-    try:
+    with _relays(tmp_path) as relays:
+        first = relays.current
         with LrkClient([first.node], timeout=1.0, retries=3) as client:
-            calls = _setup(client, 2)
+            relays.calls = _setup(client, 2)
             reply = client.shutdown()
             assert reply["stopping"] is True and reply["sessions_ended"] == 2
         assert first.proc.wait(10) == 0
         first.stop()
         assert "shutdown requested" in first.output
         assert _store_rows(first, tmp_path) == 0
-        second = first.again().start()
+        second = relays.restart()
         with LrkClient([second.node], timeout=1.0, retries=3) as client:
             assert client.stats()["sessions"] == 0
-    finally:
-        if second is not None:
-            second.stop()
-        else:
-            first.stop()
-        _close(calls)
 
 
 def test_a_record_that_cannot_be_read_is_dropped_not_fatal(tmp_path):
-    ports = next_ports()
-    first = _relay(tmp_path, ports).start()
-    calls = []
-    second = None
-    try:
+    with _relays(tmp_path) as relays:
+        first = relays.current
         with LrkClient([first.node], timeout=1.0, retries=3) as client:
-            calls = _setup(client, 2)
+            relays.calls = _setup(client, 2)
         assert first.stop() == 0
-        control = first.argv[first.argv.index("--control") + 1]
-        with sqlite3.connect(path_for(str(tmp_path / "state"), control, ports)) as db:
+        with sqlite3.connect(_store_path(first, tmp_path)) as db:
             db.execute("UPDATE sessions SET record = x'c1' WHERE call_id = 'call-0'")
-        second = first.again().start()
+        second = relays.restart()
         assert "restored 1 of 2 call(s)" in second.read_output()
         with LrkClient([second.node], timeout=1.0, retries=3) as client:
             assert [s["call_id"] for s in client.list()["sessions"]] == ["call-1"]
             assert client.stats()["counters"]["sessions.restore_refused"] == 1
         assert _store_rows(second, tmp_path) == 1
-    finally:
-        code = second.stop() if second is not None else first.stop()
-        _close(calls)
-    assert code == 0
 
 
 def test_ctl_shutdown_stops_the_relay_and_ends_its_calls(tmp_path):
     """The operator's way to end everything for good: `lrkproxy ctl shutdown` (admin key,
     found in $LRK_KEYS as the relay's own)."""
-    relay = _relay(tmp_path, next_ports()).start()
-    calls = []
-    try:
+    with _relays(tmp_path) as relays:
+        relay = relays.current
         with LrkClient([relay.node], timeout=1.0, retries=3) as client:
-            calls = _setup(client, 1)
+            relays.calls = _setup(client, 1)
         done = subprocess.run([sys.executable, "-m", "lrk.cli", "ctl", "--node", relay.node,
                                "shutdown"], capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
         assert "stopping" in done.stdout and "sessions_ended" in done.stdout
         assert relay.proc.wait(10) == 0
-    finally:
-        relay.stop()
-        _close(calls)
     assert "shutdown requested over the control protocol" in relay.output
     assert _store_rows(relay, tmp_path) == 0
