@@ -296,12 +296,12 @@ class SocketPlane:
         self._gathered: List[Callable[[], None]] = []  # refresh callbacks not yet sent
         self._commit_waiters: List[Callable[[], None]] = []
         self.units: Set[int] = set()  # unit ids the workers serve
-        #: early dialogs of forked INVITEs: (sid, ForkSpec.key, stream index) <-> the
-        #: worker's unit id for it (negative, so never a contract unit id)
-        self.fork_units: Dict[Tuple[int, int, int], int] = {}
-        self.fork_of: Dict[int, Tuple[int, int, int]] = {}
+        #: early dialogs of forked INVITEs, per session: (ForkSpec.key, stream index) ->
+        #: [the worker's unit id for it (negative: never a contract unit id), the stream
+        #: as installed]; and unit id -> session id, for its reports
+        self.forks: Dict[int, Dict[Tuple[int, int], list]] = {}
+        self.fork_of: Dict[int, int] = {}
         self._next_fork_uid = -1
-        self.installed_forks: Dict[Tuple[int, int, int], StreamSpec] = {}
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -410,10 +410,7 @@ class SocketPlane:
             fork = promoted.get(stream.index)
             if fork is not None:  # the early dialog that won: its sockets become the unit's
                 uid = unit_id(sid, stream.index)
-                fork_uid = self.fork_units.pop((sid,) + fork)
-                del self.fork_of[fork_uid]
-                del self.installed_forks[(sid,) + fork]
-                self.last.pop(fork_uid, None)
+                fork_uid = self._drop_fork(sid, fork)
                 worker = self.worker_for(sid)
                 worker.send(channel.PromoteFork(uid, fork_uid))
                 worker.send(channel.UpdateSession(uid, stream))
@@ -433,15 +430,16 @@ class SocketPlane:
             elif before != stream:
                 self.worker_for(sid).send(
                     channel.UpdateSession(unit_id(sid, stream.index), stream))
+        mine = self.forks.get(sid, {})
         for key, stream in new_forks.items():
-            uid = self.fork_units.get((sid,) + key)
-            if uid is None:
+            entry = mine.get(key)
+            if entry is None:
                 failure = self._install_fork(sid, key, stream)
                 if failure is not None:  # that early dialog has no media; the call goes on
                     log.error("session %d: %s", sid, failure.detail)
-            elif self.installed_forks.get((sid,) + key) != stream:
-                self.installed_forks[(sid,) + key] = stream
-                self.worker_for(sid).send(channel.UpdateSession(uid, stream))
+            elif entry[1] != stream:
+                entry[1] = stream
+                self.worker_for(sid).send(channel.UpdateSession(entry[0], stream))
         return None
 
     def _promotions(self, sid: int, old_streams: Dict[int, StreamSpec], spec: SessionSpec
@@ -449,16 +447,16 @@ class SocketPlane:
         """Streams whose leg A moved onto an installed fork's A ports (its dialog won the
         final answer): stream index -> (fork key, index)."""
         promoted: Dict[int, Tuple[int, int]] = {}
+        mine = self.forks.get(sid)
+        if not mine:
+            return promoted
         for stream in spec.streams:
             before = old_streams.get(stream.index)
             if before is None or before.a.relay_port == stream.a.relay_port:
                 continue
-            for (fsid, key, index), _uid in self.fork_units.items():
-                if fsid != sid or index != stream.index:
-                    continue
-                fork = self.installed_forks.get((sid, key, index))
-                if fork is not None and (fork.a.relay_ip, fork.a.relay_port,
-                                         fork.b.relay_port) == (
+            for (key, index), (_uid, fork) in mine.items():
+                if index == stream.index and (fork.a.relay_ip, fork.a.relay_port,
+                                              fork.b.relay_port) == (
                         stream.a.relay_ip, stream.a.relay_port, stream.b.relay_port):
                     promoted[stream.index] = (key, index)
         return promoted
@@ -479,36 +477,36 @@ class SocketPlane:
                                 f"{leg.relay_ip}:{leg.relay_port}-{leg.relay_port + 1}")
         uid = self._next_fork_uid
         self._next_fork_uid -= 1
-        self.fork_units[(sid,) + key] = uid
-        self.fork_of[uid] = (sid,) + key
-        self.installed_forks[(sid,) + key] = stream
+        self.forks.setdefault(sid, {})[key] = [uid, stream]
+        self.fork_of[uid] = sid
         addrs = ((leg.relay_ip, leg.relay_port), (leg.relay_ip, leg.relay_port + 1))
         self.worker_for(sid).send(
             channel.InstallFork(uid, main_uid, stream, tuple(int(s.family) for s in pair_),
                                 addrs), pair_)
         return None
 
+    def _drop_fork(self, sid: int, key: Tuple[int, int]) -> int:
+        """Forget one fork unit of the session; returns its unit id."""
+        mine = self.forks[sid]
+        uid = mine.pop(key)[0]
+        if not mine:
+            del self.forks[sid]
+        del self.fork_of[uid]
+        self.last.pop(uid, None)
+        return uid
+
     def _forget_forks(self, sid: int) -> None:
         """Drop what the plane knows of the session's fork units (their worker is gone)."""
-        for full, uid in list(self.fork_units.items()):
-            if full[0] == sid:
-                del self.fork_units[full]
-                del self.fork_of[uid]
-                self.installed_forks.pop(full, None)
-                self.last.pop(uid, None)
+        for key in list(self.forks.get(sid, ())):
+            self._drop_fork(sid, key)
 
     def _remove_forks(self, sid: int, keep: Any, index: Optional[int] = None) -> None:
         """Remove the session's fork units not in `keep` ((key, index) pairs); only those
         of stream `index` when given."""
-        for full, uid in list(self.fork_units.items()):
-            fsid, key, idx = full
-            if fsid != sid or (key, idx) in keep or (index is not None and idx != index):
+        for key in list(self.forks.get(sid, ())):
+            if key in keep or (index is not None and key[1] != index):
                 continue
-            del self.fork_units[full]
-            del self.fork_of[uid]
-            self.installed_forks.pop(full, None)
-            self.last.pop(uid, None)
-            self.worker_for(sid).send(channel.RemoveSession(uid))
+            self.worker_for(sid).send(channel.RemoveSession(self._drop_fork(sid, key)))
 
     def _install_unit(self, spec: SessionSpec, stream: StreamSpec) -> Optional[PlaneFailure]:
         socks: List[socket.socket] = []
@@ -596,10 +594,10 @@ class SocketPlane:
             base = self.base
             touched = set()
             for report in message.reports:
-                fork = self.fork_of.get(report.uid) if report.uid < 0 else None
-                if fork is not None:
+                fork_sid = self.fork_of.get(report.uid) if report.uid < 0 else None
+                if fork_sid is not None:
                     self.last[report.uid] = report
-                    touched.add(fork[0])
+                    touched.add(fork_sid)
                     continue
                 if report.uid not in self.units:
                     continue  # a final report racing the Remove that caused it
@@ -637,11 +635,12 @@ class SocketPlane:
             if unit.last_rx is not None and (last_rx is None or unit.last_rx > last_rx):
                 last_rx = unit.last_rx
         forks: List[Tuple[int, Tuple[StreamReport, ...]]] = []
+        mine = self.forks.get(sid, {})
         for fork in spec.forks:
             reports = []
             for stream in fork.streams:
-                uid = self.fork_units.get((sid, fork.key, stream.index))
-                unit = self.last.get(uid) if uid is not None else None
+                entry = mine.get((fork.key, stream.index))
+                unit = self.last.get(entry[0]) if entry is not None else None
                 if unit is None:
                     continue
                 reports.append(StreamReport(stream.index, unit.a, unit.b))
