@@ -17,6 +17,8 @@ import sys
 import tempfile
 from typing import IO, Callable, Optional, Sequence, Tuple, Type
 
+from lrk.demo.relay_process import read_log
+
 #: exceptions a command handler may raise for a bad command: they become error replies
 COMMAND_ERRORS: Tuple[Type[BaseException], ...] = (
     ValueError, KeyError, TypeError, AttributeError, OSError, RuntimeError)
@@ -92,8 +94,7 @@ class ChildProcess:
         poller.register(proc.stdout.fileno(), select.POLLIN)
         line = proc.stdout.readline() if poller.poll(timeout * 1000) else ""
         if not line:
-            self._err.seek(0)
-            err = self._err.read().decode(errors="replace")[-2000:]
+            err = read_log(self._err)[-2000:]
             raise self.error(f"{self.what} did not answer {cmd.get('cmd')!r} within "
                              f"{timeout:.0f} s (exit code {proc.poll()}): {err}")
         reply = json.loads(line)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import IO, Dict, List, Optional
 
 import msgpack
 
@@ -19,6 +19,22 @@ from lrk.errors import LrkError
 
 _OFFSET = (os.getpid() % 40) * 512
 _slices = itertools.count()
+
+
+def read_log(log: IO[bytes]) -> str:
+    """Everything a child process has written to `log` (a file it shares as stdout/stderr).
+
+    pread, not seek + read: the child's descriptors share this file's offset, so a seek
+    here would make the child's next line overwrite the file's start."""
+    fd = log.fileno()
+    chunks = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, 1 << 16, offset)
+        if not chunk:
+            return b"".join(chunks).decode(errors="replace")
+        chunks.append(chunk)
+        offset += len(chunk)
 
 
 def next_port_range(size: int = 64) -> str:
@@ -190,8 +206,7 @@ class RelayProcess:
         return proc.returncode
 
     def read_output(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")
+        return read_log(self._log)
 
     def __enter__(self) -> RelayProcess:
         return self.start()

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import msgpack
 
 from bench.netns import socket_in
+from lrk.demo.relay_process import read_log
 from tests.control_keys import sign_env
 
 Addr = Tuple[str, int]
@@ -221,8 +222,7 @@ class GoldenRelay:
 
     def read_output(self) -> str:
         assert self._log is not None
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")
+        return read_log(self._log)
 
     def __enter__(self) -> GoldenRelay:
         return self.start()
