@@ -361,10 +361,8 @@ class Relay:
             self._loop.call_soon(self.request_stop)
 
     async def _refreshed(self) -> None:
-        done = asyncio.get_running_loop().create_future()
-        self.plane.refresh(lambda: done.done() or done.set_result(None))
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(done, 2.0)
+            await asyncio.wait_for(_future_of(self.plane.refresh), 2.0)
 
     # -- the session store -----------------------------------------------------------
     def _persist(self, actions: List[Action]) -> None:
@@ -555,9 +553,7 @@ class Relay:
 
     async def _committed(self) -> None:
         self._flush_store()
-        done = asyncio.get_running_loop().create_future()
-        self.plane.commit(lambda: done.done() or done.set_result(None))
-        await done
+        await _future_of(self.plane.commit)
 
     def _hold_replies(self) -> None:
         if self._held is None:
@@ -652,6 +648,14 @@ def _shown(address: Any) -> str:
         return f"unix:{address}"
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _future_of(register: Callable[[Callable[[], None]], None]) -> asyncio.Future:
+    """A future that is done once the callback handed to `register` (the plane's
+    `commit` or `refresh`) has run."""
+    done = asyncio.get_running_loop().create_future()
+    register(lambda: done.done() or done.set_result(None))
+    return done
 
 
 def _latches(session: Optional[Session]) -> Optional[tuple]:
