@@ -1,0 +1,273 @@
+"""A load generator that is never the limit: Debian's trafgen (netsniff-ng) on a veth.
+
+`bench.loadgen` sends through UDP sockets from Python and tops out near 115-120k pkt/s on
+this 2-core machine, below what the kernel and XDP paths forward. trafgen writes whole
+frames into a PACKET_MMAP ring (no socket layer, no qdisc, one C process pinned to one
+CPU), so it offers several times the rate any relay here can take, and what it could not
+send it says (its exit statistics and the device's tx counter are both read).
+
+The frames are built here, byte for byte (Ethernet, IPv4 or IPv6 without options, UDP
+with a correct checksum, a 12-byte RTP header and a fixed payload), and written into the
+trafgen configuration as constant bytes: trafgen then only copies them, round-robin over
+the flows, with no per-packet work of its own.
+
+The receiving side is a `Sink`: an nftables table in the callee's namespace that counts
+and drops the flows' UDP packets at the earliest hook (prerouting, raw priority), so the
+receiver costs nearly nothing and sends no ICMP back; the count is read from the counter.
+
+    gen = Trafgen(ns=caller_ns, dev="vc0", src_mac=..., dst_mac=..., flows=[Flow(...)])
+    with Sink(callee_ns, ports=(30000, 40000)) as sink:
+        sent = gen.run(rate=500_000, count=1_000_000)
+        delivered = sink.packets()
+
+Bounds: at most MAX_FLOWS flows (the config holds every frame), MAX_COUNT packets and
+MAX_DURATION seconds a run (trafgen is killed at the deadline).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from bench.netns import NetnsError, run
+
+MAX_FLOWS = 20_000
+MAX_COUNT = 50_000_000
+MAX_DURATION = 60.0
+#: RTP payload: 160 bytes of G.711 (20 ms): 12 + 160 = 172-byte UDP payload, as bench.loadgen
+PAYLOAD_LEN = 160
+
+
+class TrafgenError(NetnsError):
+    """trafgen could not run or did not send what it was asked to; the message says why."""
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One stream as the generator sends it: source and destination address and port."""
+
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    ssrc: int = 0x1234
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def rtp(ssrc: int, seq: int = 1, payload_len: int = PAYLOAD_LEN) -> bytes:
+    """A PCMU RTP packet (version 2, PT 0) with a payload of 0xd5 (G.711 silence)."""
+    return struct.pack("!BBHII", 0x80, 0, seq & 0xFFFF, seq * 160 & 0xFFFFFFFF, ssrc) + (
+        b"\xd5" * payload_len)
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes(int(part, 16) for part in mac.split(":"))
+
+
+def frame(flow: Flow, src_mac: str, dst_mac: str, payload: Optional[bytes] = None,
+          ttl: int = 64) -> bytes:
+    """The exact Ethernet frame trafgen sends for `flow` (IPv4 or IPv6 by its addresses)."""
+    body = rtp(flow.ssrc) if payload is None else payload
+    udp_len = 8 + len(body)
+    v6 = ":" in flow.src
+    if v6 != (":" in flow.dst):
+        raise ValueError(f"flow mixes address families: {flow}")
+    fam = socket.AF_INET6 if v6 else socket.AF_INET
+    src, dst = socket.inet_pton(fam, flow.src), socket.inet_pton(fam, flow.dst)
+    if v6:
+        pseudo = src + dst + struct.pack("!I3xB", udp_len, 17)
+    else:
+        pseudo = src + dst + struct.pack("!BBH", 0, 17, udp_len)
+    udp = struct.pack("!HHHH", flow.sport, flow.dport, udp_len, 0) + body
+    csum = _csum(pseudo + udp) or 0xFFFF
+    udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
+    if v6:
+        ip = struct.pack("!IHBB", 0x60000000, udp_len, 17, ttl) + src + dst
+        ethertype = 0x86DD
+    else:
+        hdr = struct.pack("!BBHHHBBH", 0x45, 0, 20 + udp_len, 0, 0x4000, ttl, 17, 0) + src + dst
+        ip = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
+        ethertype = 0x0800
+    return mac_bytes(dst_mac) + mac_bytes(src_mac) + struct.pack("!H", ethertype) + ip + udp
+
+
+def render(frames: Sequence[bytes]) -> str:
+    """A trafgen configuration: one packet block of constant bytes per frame."""
+    if not frames:
+        raise ValueError("no frames to send")
+    if len(frames) > MAX_FLOWS:
+        raise ValueError(f"{len(frames)} flows: at most {MAX_FLOWS} fit one configuration")
+    return "".join("{ " + ", ".join(f"0x{b:02x}" for b in f) + " }\n" for f in frames)
+
+
+def link_mac(ns: str, dev: str) -> str:
+    out = run("ip", "-j", "link", "show", "dev", dev, ns=ns).stdout
+    return json.loads(out)[0]["address"]
+
+
+def tx_packets(ns: str, dev: str) -> int:
+    out = run("ip", "-j", "-s", "link", "show", "dev", dev, ns=ns).stdout
+    return int(json.loads(out)[0]["stats64"]["tx"]["packets"])
+
+
+_SENT = re.compile(r"(\d+)\s+packets outgoing")
+
+
+@dataclass
+class Trafgen:
+    """trafgen in namespace `ns` sending `flows` out of `dev` to the next hop `dst_mac`."""
+
+    ns: str
+    dev: str
+    src_mac: str
+    dst_mac: str
+    flows: Sequence[Flow]
+    cpu: Optional[int] = None
+
+    def run(self, rate: int, count: int, timeout: Optional[float] = None) -> int:
+        """Send `count` frames at `rate` pkt/s (0: as fast as trafgen can); returns the frames
+        sent, checked against trafgen's own statistics and the device's tx counter."""
+        if not 0 < count <= MAX_COUNT:
+            raise ValueError(f"count {count} outside 1..{MAX_COUNT}")
+        if rate < 0:
+            raise ValueError(f"rate {rate} must be positive (or 0: unpaced)")
+        expected = count / rate if rate else count / 1e6
+        deadline = min(MAX_DURATION, timeout if timeout is not None else expected * 3 + 5)
+        frames = [frame(f, self.src_mac, self.dst_mac) for f in self.flows]
+        fd, path = tempfile.mkstemp(prefix="lrk-trafgen-", suffix=".cfg")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(render(frames))
+            before = tx_packets(self.ns, self.dev)
+            cmd = ["ip", "netns", "exec", self.ns]
+            if self.cpu is not None:
+                cmd += ["taskset", "-c", str(self.cpu)]
+            cmd += ["trafgen", "--dev", self.dev, "--conf", path, "--cpus", "1",
+                    *(["--rate", f"{int(rate)}pps"] if rate else []), "--num", str(int(count)),
+                    "--no-sock-mem", "--notouch-irq", "--qdisc-path"]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=deadline)
+            except subprocess.TimeoutExpired as exc:
+                raise TrafgenError(f"trafgen did not finish {count} packets at {rate} pkt/s "
+                                   f"within {deadline:.0f} s") from exc
+            if proc.returncode != 0:
+                raise TrafgenError(f"trafgen failed ({proc.returncode}): "
+                                   f"{(proc.stderr or proc.stdout).strip()[-400:]}")
+            on_wire = tx_packets(self.ns, self.dev) - before
+        finally:
+            os.unlink(path)
+        reported = _SENT.search(proc.stdout + proc.stderr)
+        if reported and int(reported.group(1)) != count:
+            raise TrafgenError(f"trafgen sent {reported.group(1)} of {count} packets")
+        # the device's own frames (ND, MLD) may add a few to the tx counter, never fewer
+        if on_wire < count:
+            raise TrafgenError(f"trafgen reports {count} packets but {self.dev} sent {on_wire}")
+        return count
+
+
+class Sink:
+    """Counts and drops UDP to `ports` in namespace `ns` before routing (no socket, no ICMP)."""
+
+    def __init__(self, ns: str, ports: Tuple[int, int], table: str = "lrksink") -> None:
+        self.ns, self.ports, self.table = ns, ports, table
+
+    def __enter__(self) -> Sink:
+        lo, hi = self.ports
+        rules = (f"table inet {self.table} {{\n"
+                 f" counter rx {{ }}\n"
+                 f" chain pre {{ type filter hook prerouting priority -300; policy accept;\n"
+                 f"  udp dport {lo}-{hi} counter name rx drop\n }}\n}}\n")
+        _nft_stdin(self.ns, rules)
+        return self
+
+    def packets(self) -> int:
+        out = run("nft", "-j", "list", "counter", "inet", self.table, "rx", ns=self.ns).stdout
+        for item in json.loads(out)["nftables"]:
+            if "counter" in item:
+                return int(item["counter"]["packets"])
+        raise TrafgenError(f"sink counter missing in {self.ns}")
+
+    def __exit__(self, *exc: object) -> None:
+        run("nft", "delete", "table", "inet", self.table, ns=self.ns, check=False)
+
+
+def _nft_stdin(ns: str, rules: str) -> None:
+    proc = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules,
+                          capture_output=True, text=True, timeout=20)
+    if proc.returncode != 0:
+        raise TrafgenError(f"nft in {ns} failed: {proc.stderr.strip()}")
+
+
+def flows_for(caller: str, relay: str, sessions: int, first_port: int = 30000,
+              sport: int = 4000) -> List[Flow]:
+    """One flow per session from `caller` to consecutive even relay ports (bench layout)."""
+    if first_port + 4 * sessions > 65536 or sport + 2 * min(sessions, 20000) > 65536:
+        raise ValueError(f"{sessions} sessions do not fit one port range from {first_port}")
+    return [Flow(caller, sport + 2 * (i % 20000), relay, first_port + 4 * i, ssrc=i + 1)
+            for i in range(sessions)]
+
+
+def headroom(counts: int = 2_000_000, rates: Sequence[int] = (0, 500_000, 1_000_000),
+             sessions: int = 1000) -> List[dict]:
+    """What the generator reaches through plain routing into a sink (no relay): the ceiling
+    any relay figure measured with it stays below. On veth the relay namespace's forwarding
+    runs in the sender's softirq context, so this is generator + routing on one core."""
+    import time
+
+    from bench.netns import Topology
+
+    results = []
+    with Topology("-tg") as topo:
+        mac = link_mac(topo.callee.ns, "ve0")
+        run("ip", "neigh", "replace", topo.callee.ip4, "lladdr", mac, "dev", "ve1", "nud",
+            "permanent", ns=topo.relay.ns)
+        flows = [Flow(topo.caller.ip4, 4000 + 2 * (i % 20000), topo.callee.ip4,
+                      30000 + 4 * i, ssrc=i + 1) for i in range(sessions)]
+        gen = Trafgen(topo.caller.ns, "vc0", link_mac(topo.caller.ns, "vc0"),
+                      link_mac(topo.relay.ns, "vc1"), flows, cpu=0)
+        for rate in rates:
+            with Sink(topo.callee.ns, (30000, 30000 + 4 * sessions)) as sink:
+                t0 = time.monotonic()
+                sent = gen.run(rate, counts)
+                wall = time.monotonic() - t0
+                results.append({"offered": rate or "unpaced", "sent": sent,
+                                "delivered": sink.packets(), "wall_s": round(wall, 3),
+                                "sent_pps": round(sent / wall)})
+    return results
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--count", type=int, default=2_000_000)
+    ap.add_argument("--sessions", type=int, default=1000)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    res = {"machine": os.uname().release, "date": __import__("time").strftime("%Y-%m-%d %H:%M"),
+           "headroom": headroom(args.count, sessions=args.sessions)}
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
