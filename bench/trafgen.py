@@ -34,7 +34,7 @@ import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from bench.netns import NetnsError, run
 
@@ -222,11 +222,65 @@ def flows_for(caller: str, relay: str, sessions: int, first_port: int = 30000,
             for i in range(sessions)]
 
 
-def headroom(counts: int = 2_000_000, rates: Sequence[int] = (0, 500_000, 1_000_000),
-             sessions: int = 1000) -> List[dict]:
-    """What the generator reaches through plain routing into a sink (no relay): the ceiling
-    any relay figure measured with it stays below. On veth the relay namespace's forwarding
-    runs in the sender's softirq context, so this is generator + routing on one core."""
+def _napi_threads(dev: str) -> Dict[int, str]:
+    found = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/comm") as fh:
+                    comm = fh.read().strip()
+            except OSError:
+                continue
+            if comm.startswith(f"napi/{dev}-"):
+                found[int(pid)] = comm
+    return found
+
+
+def steer(relay_ns: str, relay_dev: str, sender_ns: str, sender_dev: str, cpu: int) -> int:
+    """Move the relay namespace's receive work off the sender's core onto `cpu`.
+
+    On a veth pair the receiver's stack normally runs in the *sender's* softirq context, so
+    a generator on core 0 also pays for the relay's forwarding and no relay core is busy.
+    Here the relay's veth gets NAPI (GRO on; the sender's TSO off makes plain UDP eligible),
+    threaded NAPI, and its thread is pinned to `cpu`; the sender's veth gets a real queue
+    (pfifo) so a full ring pushes back on the generator instead of failing its send. The
+    relay's forwarding, NAT, conntrack or XDP program then run on `cpu`, whose busy share
+    (`cpu_busy`) is the relay's. Every setting is per device, inside the test namespaces.
+    Returns the NAPI thread's pid."""
+    before = set(_napi_threads(relay_dev))
+    run("ethtool", "-K", relay_dev, "gro", "on", ns=relay_ns)
+    run("ethtool", "-K", sender_dev, "tso", "off", ns=sender_ns)
+    run("tc", "qdisc", "replace", "dev", sender_dev, "root", "pfifo", "limit", "1000",
+        ns=sender_ns)
+    run("sh", "-c", f"echo 1 > /sys/class/net/{relay_dev}/threaded", ns=relay_ns)
+    new = sorted(set(_napi_threads(relay_dev)) - before)
+    if len(new) != 1:
+        raise TrafgenError(f"expected one new NAPI thread for {relay_dev}, found {new}")
+    subprocess.run(["taskset", "-pc", str(cpu), str(new[0])], check=True, capture_output=True)
+    return new[0]
+
+
+def cpu_times(cpu: int) -> Tuple[int, int]:
+    """(busy, total) jiffies of one CPU from /proc/stat."""
+    with open("/proc/stat") as fh:
+        for line in fh:
+            if line.startswith(f"cpu{cpu} "):
+                v = [int(x) for x in line.split()[1:]]
+                total = sum(v[:8])
+                return total - v[3] - v[4], total
+    raise TrafgenError(f"cpu{cpu} not in /proc/stat")
+
+
+def busy_share(before: Tuple[int, int], after: Tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total else 0.0
+
+
+def headroom(count: int = 2_000_000, rates: Sequence[int] = (300_000, 600_000, 1_000_000),
+             sessions: int = 1000, relay_cpu: int = 1) -> List[dict]:
+    """What the generator reaches through plain routing into a sink (no relay), with the
+    relay namespace's work steered to `relay_cpu` (`steer`) and trafgen on the other core:
+    the ceiling any relay figure measured with it stays below, and which side saturated."""
     import time
 
     from bench.netns import Topology
@@ -236,18 +290,26 @@ def headroom(counts: int = 2_000_000, rates: Sequence[int] = (0, 500_000, 1_000_
         mac = link_mac(topo.callee.ns, "ve0")
         run("ip", "neigh", "replace", topo.callee.ip4, "lladdr", mac, "dev", "ve1", "nud",
             "permanent", ns=topo.relay.ns)
+        steer(topo.relay.ns, "vc1", topo.caller.ns, "vc0", relay_cpu)
         flows = [Flow(topo.caller.ip4, 4000 + 2 * (i % 20000), topo.callee.ip4,
                       30000 + 4 * i, ssrc=i + 1) for i in range(sessions)]
+        gen_cpu = 1 - relay_cpu if relay_cpu in (0, 1) else 0
         gen = Trafgen(topo.caller.ns, "vc0", link_mac(topo.caller.ns, "vc0"),
-                      link_mac(topo.relay.ns, "vc1"), flows, cpu=0)
+                      link_mac(topo.relay.ns, "vc1"), flows, cpu=gen_cpu)
         for rate in rates:
             with Sink(topo.callee.ns, (30000, 30000 + 4 * sessions)) as sink:
-                t0 = time.monotonic()
-                sent = gen.run(rate, counts)
+                t0, c_relay, c_gen = time.monotonic(), cpu_times(relay_cpu), cpu_times(gen_cpu)
+                sent = gen.run(rate, count)
                 wall = time.monotonic() - t0
-                results.append({"offered": rate or "unpaced", "sent": sent,
-                                "delivered": sink.packets(), "wall_s": round(wall, 3),
-                                "sent_pps": round(sent / wall)})
+                relay_busy = busy_share(c_relay, cpu_times(relay_cpu))
+                gen_busy = busy_share(c_gen, cpu_times(gen_cpu))
+                delivered = sink.packets()
+                results.append({"offered": rate, "sent": sent, "delivered": delivered,
+                                "wall_s": round(wall, 3), "sent_pps": round(sent / wall),
+                                "relay_cpu_busy": round(relay_busy, 2),
+                                "generator_cpu_busy": round(gen_busy, 2),
+                                "saturated": ("relay core" if relay_busy > 0.95 else
+                                              "generator" if gen_busy > 0.95 else "neither")})
     return results
 
 
@@ -256,11 +318,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--count", type=int, default=2_000_000)
+    ap.add_argument("--rates", default="300000,600000,1000000")
     ap.add_argument("--sessions", type=int, default=1000)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     res = {"machine": os.uname().release, "date": __import__("time").strftime("%Y-%m-%d %H:%M"),
-           "headroom": headroom(args.count, sessions=args.sessions)}
+           "headroom": headroom(args.count, [int(r) for r in args.rates.split(",")],
+                               sessions=args.sessions)}
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:
