@@ -1,0 +1,315 @@
+"""Per-core capacity of the kernel-side relay paths, with a generator that is never the limit.
+
+    .venv/bin/python -m bench.quickpath --sessions 1,1000 --modes routing,static-nat,kernel \\
+        --out bench/results/quickpath-<date>.json
+
+One topology (`bench.netns.Topology`: caller <-> relay <-> callee namespaces on veth
+pairs), one direction caller -> relay -> callee, 214-byte frames (172-byte RTP datagrams).
+The relay namespace's receive work -- routing, NAT, conntrack, lrk's nftables rules or XDP
+program -- is steered onto the relay core (`bench.trafgen.steer`: threaded NAPI on the
+relay's caller-side veth, pinned), and the generator is trafgen on the other core
+(`bench.trafgen.Trafgen`), which sends several times what any path here forwards. The
+callee counts and drops at its first hook (`bench.trafgen.Sink`).
+
+Modes:
+* ``routing``     plain IP forwarding, no NAT, no ruleset (the baseline);
+* ``static-nat``  a static nftables DNAT/SNAT map pair, one element each per session;
+* ``kernel``      ``lrkproxy run --mode kernel``, sessions set up through `LrkClient`;
+* ``xdp``         ``lrkproxy run --mode xdp`` (when this tree has it), the same way.
+
+For each (mode, sessions): a capacity search (`bench.capacity.search`: doubling, then
+bisection; a step offers R pkt/s for `--step` seconds and passes with < 1 % loss), then
+the capacity is *confirmed*: three runs in a row at that rate must pass, or the rate
+steps down 5 % and tries again. Every step records the relay core's and the generator
+core's busy share (/proc/stat) and which side saturated (> 95 % busy).
+
+Bounds: at most MAX_RATE pkt/s and `--step` <= 3 s per step, at most 14 steps per search,
+3 confirmation attempts; every process, namespace and table is gone at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+from bench.capacity import LOSS_LIMIT, machine, search, verdict
+from bench.interpreters import pypy_or_current
+from bench.netns import Topology, run
+from bench.trafgen import Flow, Sink, Trafgen, busy_share, cpu_times, link_mac, steer
+
+Addr = Tuple[str, int]
+
+MAX_RATE = 2_000_000  # bench.capacity.search caps its ramp there too
+MAX_STEP_S = 3.0
+MAX_STEPS = 14
+CONFIRM_RUNS = 3
+CONFIRM_ATTEMPTS = 3
+CALLER_PORT = 4000
+CALLEE_PORT = 30000
+RELAY_PORT = 20000
+STATIC_TABLE = "qpnat"
+RELAY_CPU, GEN_CPU = 1, 0
+MODES = ("routing", "static-nat", "kernel", "xdp")
+
+
+class QuickpathError(RuntimeError):
+    """The benchmark could not run; the message says what is missing."""
+
+
+def flows_for(topo: Topology, sessions: int) -> List[Tuple[Addr, Addr]]:
+    """(caller address, callee address) per session; ports fit one 16-bit range each."""
+    if sessions > 16_000:
+        raise QuickpathError(f"{sessions} sessions: this rig holds at most 16,000 (ports)")
+    return [((topo.caller.ip4, CALLER_PORT + 2 * i), (topo.callee.ip4, CALLEE_PORT + 2 * i))
+            for i in range(sessions)]
+
+
+class Rig:
+    """The topology, steered, with a permanent neighbour entry for the callee."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        mac = link_mac(topo.callee.ns, "ve0")
+        run("ip", "neigh", "replace", topo.callee.ip4, "lladdr", mac, "dev", "ve1", "nud",
+            "permanent", ns=topo.relay.ns)
+        self.napi_pid = steer(topo.relay.ns, "vc1", topo.caller.ns, "vc0", RELAY_CPU)
+        self.caller_mac = link_mac(topo.caller.ns, "vc0")
+        self.relay_mac = link_mac(topo.relay.ns, "vc1")
+
+    def generator(self, pairs: List[Tuple[Addr, Addr]], dests: List[Addr]) -> Trafgen:
+        flows = [Flow(a[0], a[1], d[0], d[1], ssrc=i + 1)
+                 for i, ((a, _b), d) in enumerate(zip(pairs, dests))]
+        return Trafgen(self.topo.caller.ns, "vc0", self.caller_mac, self.relay_mac, flows,
+                       cpu=GEN_CPU)
+
+
+# -- modes: each yields where session i's caller sends -----------------------------------
+
+
+@contextlib.contextmanager
+def routing(rig: Rig, pairs: List[Tuple[Addr, Addr]], python: str) -> Iterator[List[Addr]]:
+    yield [b for _a, b in pairs]
+
+
+@contextlib.contextmanager
+def static_nat(rig: Rig, pairs: List[Tuple[Addr, Addr]],
+               python: str) -> Iterator[List[Addr]]:
+    t, topo = STATIC_TABLE, rig.topo
+    a_ip, b_ip = topo.relay.ip4, topo.relay_ext.ip4
+    dn = [f"{a_ip} . {RELAY_PORT + 2 * i} : {b[0]} . {b[1]}" for i, (_a, b) in enumerate(pairs)]
+    sn = [f"{b[0]} . {b[1]} : {b_ip} . {RELAY_PORT + 2 * i}" for i, (_a, b) in enumerate(pairs)]
+    text = (f"table inet {t} {{\n"
+            " map dnat4 { type ipv4_addr . inet_service : ipv4_addr . inet_service; }\n"
+            " map snat4 { type ipv4_addr . inet_service : ipv4_addr . inet_service; }\n"
+            " chain pre { type nat hook prerouting priority dstnat; policy accept;\n"
+            f"  ip daddr {a_ip} udp dport {RELAY_PORT}-{RELAY_PORT + 2 * len(pairs)} "
+            "dnat ip to ip daddr . udp dport map @dnat4\n }\n"
+            " chain post { type nat hook postrouting priority srcnat; policy accept;\n"
+            "  ct status dnat snat ip to ip daddr . udp dport map @snat4\n }\n}\n")
+    for lo in range(0, len(pairs), 2000):
+        text += (f"add element inet {t} dnat4 {{ {', '.join(dn[lo:lo + 2000])} }}\n"
+                 f"add element inet {t} snat4 {{ {', '.join(sn[lo:lo + 2000])} }}\n")
+    _nft(topo.relay.ns, text)
+    try:
+        yield [(a_ip, RELAY_PORT + 2 * i) for i in range(len(pairs))]
+    finally:
+        run("nft", "delete", "table", "inet", t, ns=topo.relay.ns, check=False)
+        run("conntrack", "-F", ns=topo.relay.ns, check=False)
+
+
+def _nft(ns: str, text: str) -> None:
+    import subprocess
+
+    proc = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=text,
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise QuickpathError(f"nft in {ns}: {proc.stderr.strip()[:400]}")
+
+
+def lrk_mode(mode_args: List[str]) -> Callable[..., Any]:
+    @contextlib.contextmanager
+    def setup(rig: Rig, pairs: List[Tuple[Addr, Addr]], python: str) -> Iterator[List[Addr]]:
+        from lrk.client import LrkClient
+        from lrk.demo.relay_process import RelayProcess
+
+        topo = rig.topo
+        ports = f"{RELAY_PORT}-{RELAY_PORT + 4 * len(pairs) + 63}"
+        extra = [*mode_args, "--internal-ip", topo.relay.ip4, "--external-ip",
+                 topo.relay_ext.ip4, "--silence-timeout", "3600", "--workers", "1"]
+        relay = RelayProcess(ports=ports, netns=topo.relay.ns, extra=extra, python=python)
+        client = None
+        try:
+            relay.start(ready_timeout=60.0)
+            client = LrkClient([relay.node], timeout=5.0, retries=2)
+            dests = []
+            for i, (a, b) in enumerate(pairs):
+                call_id = f"qp-{i}"
+                client.offer(call_id, "a", a, interface="external")
+                answer = client.answer(call_id, "a", "b", b, interface="internal")
+                dests.append((answer["relay"]["ip"], int(answer["relay"]["port"])))
+            yield dests
+        finally:
+            if client is not None:
+                client.close()
+            code = relay.stop()
+            run("conntrack", "-F", ns=topo.relay.ns, check=False)
+            if code not in (0, None):
+                raise QuickpathError(f"relay exited with {code}: {relay.output[-400:]}")
+    return setup
+
+
+SETUPS: Dict[str, Callable[..., Any]] = {
+    "routing": routing,
+    "static-nat": static_nat,
+    "kernel": lrk_mode(["--mode", "kernel"]),
+    "xdp": lrk_mode(["--mode", "xdp", "--xdp-interface", "vc1", "--xdp-interface", "ve1"]),
+}
+
+
+# -- measuring ---------------------------------------------------------------------------
+
+
+def _settled(sink: Sink, deadline_s: float = 1.0) -> int:
+    """The sink's count once it stops growing (frames still in queues land first)."""
+    last, end = sink.packets(), time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        time.sleep(0.05)
+        now = sink.packets()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def step(gen: Trafgen, sink: Sink, rate: int, seconds: float) -> dict:
+    """Offer `rate` pkt/s for `seconds`; delivered, loss and both cores' busy share."""
+    count = max(1000, int(rate * seconds))
+    before = sink.packets()
+    c_relay, c_gen, t0 = cpu_times(RELAY_CPU), cpu_times(GEN_CPU), time.monotonic()
+    sent = gen.run(rate, count)
+    wall = time.monotonic() - t0
+    relay_busy = busy_share(c_relay, cpu_times(RELAY_CPU))
+    gen_busy = busy_share(c_gen, cpu_times(GEN_CPU))
+    delivered = _settled(sink) - before
+    achieved = sent / wall if wall > 0 else 0.0
+    res = {"rate": rate, "sent": sent, "received": delivered,
+           "loss": round(1 - delivered / sent, 5) if sent else 1.0,
+           "achieved_rate": round(achieved), "delivered_rate": round(delivered / wall),
+           "generator_limited": achieved < 0.97 * rate,
+           "relay_core_busy": round(relay_busy, 3), "generator_core_busy": round(gen_busy, 3)}
+    res["saturated"] = ("relay core" if relay_busy > 0.95 else
+                        "generator" if gen_busy > 0.95 else "neither")
+    return res
+
+
+def confirm(measure: Callable[[int], dict], rate: int) -> dict:
+    """Three passing runs in a row at `rate`, stepping down 5 % after a failure."""
+    attempts = []
+    for _ in range(CONFIRM_ATTEMPTS):
+        runs = []
+        for _ in range(CONFIRM_RUNS):
+            r = measure(rate)
+            r["verdict"] = verdict(r, LOSS_LIMIT)
+            runs.append(r)
+            if r["verdict"] != "pass":
+                break
+        attempts.append({"rate": rate, "runs": runs})
+        if len(runs) == CONFIRM_RUNS and all(r["verdict"] == "pass" for r in runs):
+            return {"confirmed_pps": rate, "attempts": attempts}
+        rate = int(rate * 0.95)
+    return {"confirmed_pps": None, "attempts": attempts}
+
+
+def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float,
+                 start: int) -> dict:
+    pairs = flows_for(rig.topo, sessions)
+    t0 = time.monotonic()
+    with SETUPS[mode](rig, pairs, python) as dests:
+        setup_s = time.monotonic() - t0
+        gen = rig.generator(pairs, dests)
+        with Sink(rig.topo.callee.ns, (CALLEE_PORT, CALLEE_PORT + 2 * sessions)) as sink:
+            gen.run(10_000, max(1000, sessions))  # first packets: latching, conntrack
+            _settled(sink)
+
+            def measure(rate: int) -> dict:
+                return step(gen, sink, rate, seconds)
+
+            found = search(measure, start, MAX_STEPS)
+            cap = found["capacity_pps"]
+            conf = confirm(measure, cap) if cap else {"confirmed_pps": None, "attempts": []}
+    last = [r for a in conf["attempts"] for r in a["runs"]]
+    at_cap = [r for r in last if r.get("verdict") == "pass"]
+    return {"mode": mode, "sessions": sessions, "setup_s": round(setup_s, 2),
+            "capacity_pps": conf["confirmed_pps"], "search": found,
+            "confirmation": conf,
+            "relay_core_busy_at_capacity": (statistics.median(r["relay_core_busy"]
+                                                              for r in at_cap)
+                                            if at_cap else None),
+            "saturated": at_cap[-1]["saturated"] if at_cap else None,
+            "upper_bound_pps": found["upper_bound_pps"]}
+
+
+def table(results: List[dict]) -> str:
+    lines = ["| mode | sessions | capacity (pkt/s, confirmed 3x) | relay core busy there | "
+             "lowest rate that did not pass | why it did not | saturated there |",
+             "|---|---:|---:|---:|---:|---|---|"]
+    for r in results:
+        up = r["upper_bound_pps"]
+        bad = next((s for s in r["search"]["steps"]
+                    if s["rate"] == up and s.get("verdict") != "pass"), None)
+        lines.append(f"| {r['mode']} | {r['sessions']:,} | "
+                     f"{r['capacity_pps'] or 0:,} | {r['relay_core_busy_at_capacity']} | "
+                     f"{up or '-'} | {bad['verdict'] if bad else '-'} | "
+                     f"{bad['saturated'] if bad else '-'} |")
+    return "\n".join(lines)
+
+
+def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
+              start: int = 200_000, python: Optional[str] = None) -> dict:
+    if os.geteuid() != 0:
+        raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
+    if not 0 < seconds <= MAX_STEP_S:
+        raise QuickpathError(f"--step {seconds} outside (0, {MAX_STEP_S}]")
+    unknown = [m for m in modes if m not in SETUPS]
+    if unknown:
+        raise QuickpathError(f"unknown modes {unknown}; choose from {list(SETUPS)}")
+    py = python or pypy_or_current()
+    results = []
+    with Topology("-qp") as topo:
+        rig = Rig(topo)
+        for n in sessions:
+            for mode in modes:
+                print(f"quickpath: {mode} x {n} ...", file=sys.stderr, flush=True)
+                results.append(measure_mode(rig, mode, n, py, seconds, start))
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
+            "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU, "step_s": seconds,
+            "results": results}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sessions", default="1,1000")
+    ap.add_argument("--modes", default="routing,static-nat,kernel")
+    ap.add_argument("--step", type=float, default=1.0, help="seconds per step")
+    ap.add_argument("--start", type=int, default=200_000, help="first offered rate")
+    ap.add_argument("--python", help="interpreter of the relay (default: pypy3)")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    res = run_bench([int(s) for s in args.sessions.split(",")], args.modes.split(","),
+                    args.step, args.start, args.python)
+    print(table(res["results"]))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""bench.quickpath's confirmation: three passing runs in a row, else 5 % lower, bounded."""
+
+from __future__ import annotations
+
+from typing import List
+
+from bench.quickpath import CONFIRM_ATTEMPTS, confirm, table
+
+
+def _fake(limit: int, flaky_at: List[int]):
+    """A path that passes below `limit`; the rates in `flaky_at` fail once each."""
+    calls: List[int] = []
+
+    def measure(rate: int) -> dict:
+        calls.append(rate)
+        fails = rate >= limit or (rate in flaky_at and calls.count(rate) == 2)
+        sent = 10_000
+        return {"rate": rate, "sent": sent, "received": sent // 2 if fails else sent,
+                "loss": 0.5 if fails else 0.0, "generator_limited": False,
+                "relay_core_busy": 0.9, "saturated": "neither"}
+    return measure, calls
+
+
+def test_three_passes_in_a_row_confirm_the_rate() -> None:
+    measure, calls = _fake(limit=1_000_000, flaky_at=[])
+    res = confirm(measure, 500_000)
+    assert res["confirmed_pps"] == 500_000 and calls == [500_000] * 3
+
+
+def test_a_failure_steps_down_five_percent_and_starts_over() -> None:
+    measure, calls = _fake(limit=1_000_000, flaky_at=[500_000])
+    res = confirm(measure, 500_000)
+    assert calls == [500_000, 500_000, 475_000, 475_000, 475_000]
+    assert res["confirmed_pps"] == 475_000
+    assert [len(a["runs"]) for a in res["attempts"]] == [2, 3]
+
+
+def test_never_confirmed_is_reported_not_invented() -> None:
+    measure, calls = _fake(limit=100, flaky_at=[])
+    res = confirm(measure, 500_000)
+    assert res["confirmed_pps"] is None and len(res["attempts"]) == CONFIRM_ATTEMPTS
+    assert len(calls) == CONFIRM_ATTEMPTS
+
+
+def test_table_names_why_the_next_rate_did_not_pass() -> None:
+    steps = [{"rate": 100, "verdict": "pass", "saturated": "neither"},
+             {"rate": 200, "verdict": "fail", "saturated": "relay core"}]
+    row = table([{"mode": "kernel", "sessions": 1000, "capacity_pps": 100,
+                  "relay_core_busy_at_capacity": 0.8, "upper_bound_pps": 200,
+                  "search": {"steps": steps}}]).splitlines()[-1]
+    assert row == "| kernel | 1,000 | 100 | 0.8 | 200 | fail | relay core |"
