@@ -39,9 +39,10 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from bench.capacity import LOSS_LIMIT, machine, search, verdict
+from bench.frames import Flow
 from bench.interpreters import pypy_or_current
 from bench.netns import Topology, run
-from bench.trafgen import Flow, Sink, Trafgen, busy_share, cpu_times, link_mac, steer
+from bench.trafgen import Sink, Trafgen, busy_share, cpu_times, link_mac, steer
 
 Addr = Tuple[str, int]
 

@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 
+from bench.frames import inet_checksum
 from bench.netns import PREFIX, list_namespaces
 from fastpath.kernel import nfqueue as nfq
 from fastpath.kernel.nfqueue import (
@@ -109,15 +110,6 @@ def be32(v: int) -> bytes:
 def msg(mtype: int, flags: int, seq: int, family: int, res_id: int, attrs: bytes) -> bytes:
     return (nlh(20 + len(attrs), mtype, flags, seq) + bytes([family, 0])
             + res_id.to_bytes(2, "big") + attrs)
-
-
-def inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def ipv4_udp(src: str, sport: int, dst: str, dport: int, data: bytes) -> bytes:

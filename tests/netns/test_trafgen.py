@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import socket
 
+from bench.frames import Flow, rtp
 from bench.netns import Topology, run, socket_in
-from bench.trafgen import Flow, Sink, Trafgen, link_mac, rtp, steer
+from bench.trafgen import Sink, Trafgen, link_mac, steer
 
 
 def _gen(topo: Topology, flows) -> Trafgen:

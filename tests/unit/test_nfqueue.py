@@ -18,6 +18,7 @@ from typing import Optional
 
 import pytest
 
+from bench.frames import inet_checksum
 from fastpath.kernel import netlink as nl
 from fastpath.kernel import nfqueue as nfq
 from fastpath.kernel.nfqueue import (
@@ -89,15 +90,6 @@ def ipv4_udp(src: str, sport: int, dst: str, dport: int, data: bytes, *, options
                       socket.inet_aton(src), socket.inet_aton(dst)) + options
     hdr = hdr[:10] + struct.pack("!H", inet_checksum(hdr)) + hdr[12:]
     return hdr + struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
-
-
-def inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 # -- codec: building --------------------------------------------------------------------

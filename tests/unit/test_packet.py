@@ -10,20 +10,12 @@ from typing import Tuple
 
 import pytest
 
+from bench.frames import inet_checksum
 from fastpath import packet
 from fastpath.packet import parse_media, parse_udp
 
 A4, A6 = socket.AF_INET, socket.AF_INET6
 UDP, TCP, ICMP = 17, 6, 1
-
-
-def inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def v4(src: str, sport: int, dst: str, dport: int, data: bytes, *, options: bytes = b"",

@@ -8,7 +8,9 @@ import struct
 import dpkt
 import pytest
 
-from bench.trafgen import MAX_FLOWS, Flow, _csum, flows_for, frame, render, rtp
+from bench.frames import Flow, frame, rtp
+from bench.frames import inet_checksum as _csum
+from bench.trafgen import MAX_FLOWS, flows_for, render
 
 MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
 
