@@ -13,12 +13,14 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 #: verdict counter names, in the program's enum order
 REASONS = (
     "redirect", "tx", "pass_other", "pass_short", "pass_kernel", "pass_source_port",
-    "pass_unconfirmed", "pass_fragment", "pass_options", "pass_ttl", "pass_fib",
+    "pass_peer_nat", "pass_fragment", "pass_options", "pass_ttl", "pass_fib",
     "drop_no_destination", "drop_unexpected_source", "drop_malformed",
 )
 #: entry flags
 F_KERNEL = 1
-F_NEED_PEER = 2
+F_CHECK_PEER = 2
+#: what the program saw at an entry
+SEEN_NONE, SEEN_EXACT, SEEN_OTHER_PORT = 0, 1, 2
 
 _KEY = struct.Struct("=I16sHH")  # family, addr, port (be), pad
 _ADDR_KEY = struct.Struct("=I16s")
@@ -64,22 +66,22 @@ class Entry(NamedTuple):
     new_dst: Addr
     counter: int
     flags: int = 0
-    peer: Optional[Addr] = None  # the reverse direction's relay address (F_NEED_PEER)
+    peer: Optional[Addr] = None  # the reverse direction's relay address (F_CHECK_PEER)
 
     def key(self) -> bytes:
         return stream_key(self.relay)
 
-    def value(self, confirmed: bool = False) -> bytes:
+    def value(self, seen: int = SEEN_NONE) -> bytes:
         peer = stream_key(self.peer) if self.peer is not None else bytes(KEY_SIZE)
         return _VAL.pack(_addr(self.source[0])[1], _be(self.source[1]), self.flags,
                          _addr(self.new_src[0])[1], _be(self.new_src[1]), 0,
                          _addr(self.new_dst[0])[1], _be(self.new_dst[1]), 0,
-                         self.counter, int(confirmed), peer)
+                         self.counter, seen, peer)
 
 
-def confirmed(value: bytes) -> bool:
-    """The `confirmed` field of a stream value read back from the map."""
-    return bool(_VAL.unpack(value)[10])
+def seen(value: bytes) -> int:
+    """The `seen` field (SEEN_*) of a stream value read back from the map."""
+    return int(_VAL.unpack(value)[10])
 
 
 def counters(raw: bytes, ncpus: int) -> Tuple[int, int, int]:

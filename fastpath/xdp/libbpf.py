@@ -82,6 +82,8 @@ int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
 int libbpf_num_possible_cpus(void);
 void *libbpf_set_print(void *fn);
 unsigned int if_nametoindex(const char *ifname);
+int bpf_prog_get_fd_by_id(uint32_t id);
+int bpf_obj_get_info_by_fd(int bpf_fd, void *info, uint32_t *info_len);
 """
 
 _ffi = FFI()
@@ -236,6 +238,25 @@ def xdp_query_id(ifindex: int, flags: int = 0) -> int:
     _check(f"bpf_xdp_query_id(ifindex {ifindex})",
            _load().bpf_xdp_query_id(ifindex, flags, out))
     return int(out[0])
+
+
+#: struct bpf_prog_info up to the end of `name` (offset 64, 16 bytes)
+_INFO_NAME = slice(64, 80)
+
+
+def prog_name(prog_id: int) -> str:
+    """The name of a loaded program by id ("" when it is gone)."""
+    lib = _load()
+    fd = lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return ""
+    try:
+        info = _ffi.new("char[]", 80)
+        size = _ffi.new("uint32_t *", 80)
+        _check("bpf_obj_get_info_by_fd", lib.bpf_obj_get_info_by_fd(fd, info, size))
+        return _ffi.buffer(info)[_INFO_NAME].split(b"\0")[0].decode(errors="replace")
+    finally:
+        os.close(fd)
 
 
 def test_run(prog_fd: int, frame: bytes, ingress_ifindex: int = 0,

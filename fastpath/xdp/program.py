@@ -21,6 +21,7 @@ from fastpath.xdp.libbpf import (
     BpfObject,
     if_nametoindex,
     num_cpus,
+    prog_name,
     test_run,
     xdp_attach,
     xdp_detach,
@@ -68,15 +69,16 @@ class XdpProgram:
         for ip in relay_ips:
             self.relay_addrs.update(layout.addr_key(ip), b"\1\0\0\0")
 
-    def put(self, entry: layout.Entry, confirmed: bool = False) -> None:
-        self.streams.update(entry.key(), entry.value(confirmed))
+    def put(self, entry: layout.Entry, seen: int = layout.SEEN_NONE) -> None:
+        self.streams.update(entry.key(), entry.value(seen))
 
     def remove(self, relay: Tuple[str, int]) -> bool:
         return self.streams.delete(layout.stream_key(relay))
 
-    def is_confirmed(self, relay: Tuple[str, int]) -> bool:
+    def seen(self, relay: Tuple[str, int]) -> int:
+        """What the program saw at an entry (layout.SEEN_*; SEEN_NONE without one)."""
         raw = self.streams.lookup(layout.stream_key(relay))
-        return raw is not None and layout.confirmed(raw)
+        return layout.seen(raw) if raw is not None else layout.SEEN_NONE
 
     def read_counter(self, index: int) -> Tuple[int, int, int]:
         """(packets, payload bytes, last packet ns on CLOCK_MONOTONIC; 0: none)."""
@@ -101,6 +103,7 @@ class XdpProgram:
         except OSError as exc:
             raise XdpAttachError(f"xdp_interfaces names {ifname!r}, which does not exist in "
                                  "the relay's network namespace") from exc
+        self._replace_leftover(ifname, ifindex)
         tried: List[str] = []
         for name in (("native", "generic") if mode == "auto" else (mode,)):
             flags = MODES[name]
@@ -115,6 +118,26 @@ class XdpProgram:
                 "with XDP; another XDP program on the interface is not replaced")
         raise XdpAttachError(f"cannot attach XDP to {ifname}: " + "; ".join(tried)
                              + f" ({hint}); --mode kernel works without XDP")
+
+    def _replace_leftover(self, ifname: str, ifindex: int) -> None:
+        """A crashed run leaves its program attached (an attachment outlives the process):
+        lrk's own is replaced; another tool's is never touched."""
+        for name, flags in MODES.items():
+            try:
+                prog_id = xdp_query_id(ifindex, flags)
+            except XdpError:
+                continue
+            if not prog_id:
+                continue
+            owner = prog_name(prog_id)
+            if owner != "lrk_relay":
+                raise XdpAttachError(
+                    f"{ifname} already has an XDP program ({name} mode, id {prog_id}, "
+                    f"name {owner!r}) that is not lrk's: detach it "
+                    f"(ip link set dev {ifname} xdp off) or use --mode kernel")
+            log.warning("xdp: detaching lrk's program id %d left on %s (%s mode) by an "
+                        "earlier run", prog_id, ifname, name)
+            xdp_detach(ifindex, flags)
 
     def detach_all(self) -> List[str]:
         """Detach from every interface attached here; errors logged, names returned."""

@@ -6,7 +6,7 @@
  * port as source, that leg's peer as destination), checksums updated, TTL/hop limit
  * decremented, and redirected to the next hop bpf_fib_lookup names (XDP_TX when that
  * is the ingress interface). Everything the daemon must judge (a port it has not
- * latched, a peer not yet confirmed, fragments, options, no neighbour) is XDP_PASS
+ * latched, a destination seen sending from another port, fragments, options, no neighbour) is XDP_PASS
  * into the kernel-mode nftables path unchanged; junk to a relay port (no stream, a
  * wrong source address, inconsistent lengths) is XDP_DROP. Every verdict is counted
  * per reason in a per-CPU array (indices: fastpath/xdp/layout.py, keep in step).
@@ -35,7 +35,7 @@ enum {
 	V_PASS_SHORT,
 	V_PASS_KERNEL,
 	V_PASS_SOURCE_PORT,
-	V_PASS_UNCONFIRMED,
+	V_PASS_PEER_NAT,
 	V_PASS_FRAGMENT,
 	V_PASS_OPTIONS,
 	V_PASS_TTL,
@@ -48,7 +48,11 @@ enum {
 
 /* entry flags */
 #define F_KERNEL 1    /* the kernel path serves this port (forks, unknown peers) */
-#define F_NEED_PEER 2 /* forward only once the peer entry is confirmed */
+#define F_CHECK_PEER 2 /* pass while the peer sends from another port than named */
+
+/* what the program saw at an entry (stream_val.seen) */
+#define SEEN_EXACT 1  /* a packet from src:src_port */
+#define SEEN_OTHER_PORT 2 /* a packet from src, another port: NAT, kernel path learns */
 
 struct stream_key {
 	__u32 family;     /* 4 or 6 */
@@ -68,8 +72,8 @@ struct stream_val {
 	__u16 new_dport;  /* network order */
 	__u16 pad2;
 	__u32 counter;    /* index into stream_counters */
-	__u32 confirmed;  /* set here when a packet from src:src_port was forwarded */
-	struct stream_key peer; /* the reverse direction's key (F_NEED_PEER) */
+	__u32 seen;       /* SEEN_*, written here; the daemon writes 0 */
+	struct stream_key peer; /* the reverse direction's key (F_CHECK_PEER) */
 };
 
 struct counter {
@@ -179,18 +183,20 @@ static __always_inline void count_stream(struct stream_val *v, __u32 bytes)
 		c->bytes += bytes;
 		c->last_ns = bpf_ktime_get_ns();
 	}
-	if (!v->confirmed)
-		v->confirmed = 1;
+	if (!v->seen)
+		v->seen = SEEN_EXACT;
 }
 
-static __always_inline int peer_unconfirmed(struct stream_val *v)
+/* the destination peer was seen sending from another port than the one this entry
+ * sends to (a NAT): conntrack knows its real port, the daemon does not yet */
+static __always_inline int peer_nat(struct stream_val *v)
 {
 	struct stream_val *p;
 
-	if (!(v->flags & F_NEED_PEER))
+	if (!(v->flags & F_CHECK_PEER))
 		return 0;
 	p = bpf_map_lookup_elem(&streams, &v->peer);
-	return !p || !p->confirmed;
+	return p && p->seen == SEEN_OTHER_PORT;
 }
 
 static __always_inline int send(struct xdp_md *ctx, struct ethhdr *eth,
@@ -246,10 +252,12 @@ static __always_inline int relay4(struct xdp_md *ctx, struct ethhdr *eth, void *
 		if (tot > (__u32)((long)data_end - (long)ip) || ulen < 8 || ulen != tot - 20)
 			return verdict(V_DROP_MALFORMED, XDP_DROP);
 	}
-	if (v->src_port && udp->source != v->src_port)
+	if (v->src_port && udp->source != v->src_port) {
+		v->seen = SEEN_OTHER_PORT;
 		return verdict(V_PASS_SOURCE_PORT, XDP_PASS);
-	if (peer_unconfirmed(v))
-		return verdict(V_PASS_UNCONFIRMED, XDP_PASS);
+	}
+	if (peer_nat(v))
+		return verdict(V_PASS_PEER_NAT, XDP_PASS);
 	if (ip->ttl <= 1)
 		return verdict(V_PASS_TTL, XDP_PASS);
 
@@ -347,10 +355,12 @@ static __always_inline int relay6(struct xdp_md *ctx, struct ethhdr *eth, void *
 		    || !udp->check)
 			return verdict(V_DROP_MALFORMED, XDP_DROP);
 	}
-	if (v->src_port && udp->source != v->src_port)
+	if (v->src_port && udp->source != v->src_port) {
+		v->seen = SEEN_OTHER_PORT;
 		return verdict(V_PASS_SOURCE_PORT, XDP_PASS);
-	if (peer_unconfirmed(v))
-		return verdict(V_PASS_UNCONFIRMED, XDP_PASS);
+	}
+	if (peer_nat(v))
+		return verdict(V_PASS_PEER_NAT, XDP_PASS);
 	if (ip->hop_limit <= 1)
 		return verdict(V_PASS_TTL, XDP_PASS);
 

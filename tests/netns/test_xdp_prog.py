@@ -11,7 +11,14 @@ from typing import Dict, Iterator, NamedTuple
 import pytest
 
 from bench.netns import run
-from fastpath.xdp.layout import F_KERNEL, F_NEED_PEER, Entry
+from fastpath.xdp.layout import (
+    F_CHECK_PEER,
+    F_KERNEL,
+    SEEN_EXACT,
+    SEEN_NONE,
+    SEEN_OTHER_PORT,
+    Entry,
+)
 from fastpath.xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, if_nametoindex
 from fastpath.xdp.program import XdpProgram
 
@@ -80,7 +87,7 @@ def env() -> Iterator[Dict[str, object]]:
             prog.put(Entry((a, 30010), (net.caller, 4000), (a, 30012), (net.other, 4010),
                            base + 3))  # both legs on one link: XDP_TX
             prog.put(Entry((b, 30020), (net.callee, 5020), (a, 30022), (net.caller, 4020),
-                           base + 4, F_NEED_PEER, peer=(a, 30022)))
+                           base + 4, F_CHECK_PEER, peer=(a, 30022)))
             prog.put(Entry((a, 30022), (net.caller, 4020), (b, 30020), (net.callee, 5020),
                            base + 5))
             prog.put(Entry((a, 30030), (net.caller, 4000), (b, 30032), (net.callee, 5000),
@@ -130,7 +137,7 @@ def test_admitted_stream_is_rewritten_and_redirected(env, net):
     packets, octets, last = prog.read_counter(idx)
     assert (packets - before[0], octets - before[1]) == (1, len(PAYLOAD))
     assert last > 0
-    assert prog.is_confirmed((net.relay_a, 30000))
+    assert prog.seen((net.relay_a, 30000)) == SEEN_EXACT
 
 
 def test_callee_direction_and_ethernet_padding(env, net):
@@ -251,19 +258,37 @@ def test_inconsistent_lengths_are_dropped(env, net, case):
     assert (verdict, out, moved) == (XDP_DROP, bytes(data), {"drop_malformed": 1})
 
 
-def test_peer_must_confirm_before_the_reverse_direction_is_fast(env, net):
-    """F_NEED_PEER: callee -> caller waits (kernel path) until the caller's own entry has
-    forwarded a packet from the exact address the daemon wrote."""
-    data = frame(CALLEE_MAC, EA_MAC, net.callee, net.relay_b, 5020, 30020, PAYLOAD)
+def test_reverse_direction_passes_while_its_peer_is_behind_a_nat(env, net):
+    """F_CHECK_PEER: callee -> caller goes to the caller's SDP port until the caller is
+    seen sending from another port (a NAT): then the kernel path (conntrack knows the
+    real port) until the daemon writes the latched port into both entries."""
     prog: XdpProgram = env["prog"]  # type: ignore[assignment]
-    assert not prog.is_confirmed((net.relay_a, 30022))
-    assert _run(env, data, "ifindex_b") == (XDP_PASS, data, {"pass_unconfirmed": 1})
-    verdict, _, _ = _run(env, _in(net, 30022, sport=4020))
+    fam = _fam(net)
+    a, b = net.relay_a, net.relay_b
+    prog.put(Entry((b, 30024), (net.callee, 5024), (a, 30026), (net.caller, 4024),
+                   100 * fam + 9, F_CHECK_PEER, peer=(a, 30026)))
+    prog.put(Entry((a, 30026), (net.caller, 4024), (b, 30024), (net.callee, 5024),
+                   100 * fam + 10))
+    data = frame(CALLEE_MAC, EA_MAC, net.callee, net.relay_b, 5024, 30024, PAYLOAD)
+    verdict, out, _ = _run(env, data, "ifindex_b")  # the caller has not sent: SDP port
     assert verdict == XDP_REDIRECT
-    verdict, out, moved = _run(env, data, "ifindex_b")
+    assert out == frame(RA_MAC, CALLER_MAC, a, net.caller, 30026, 4024, PAYLOAD, ttl=63)
+    nat = _in(net, 30026, sport=4444)
+    assert _run(env, nat) == (XDP_PASS, nat, {"pass_source_port": 1})
+    assert prog.seen((a, 30026)) == SEEN_OTHER_PORT
+    assert _run(env, data, "ifindex_b") == (XDP_PASS, data, {"pass_peer_nat": 1})
+    # the daemon learnt the real port (conntrack): both entries name it
+    prog.put(Entry((a, 30026), (net.caller, 4444), (b, 30024), (net.callee, 5024),
+                   100 * fam + 10))
+    prog.put(Entry((b, 30024), (net.callee, 5024), (a, 30026), (net.caller, 4444),
+                   100 * fam + 9))
+    assert prog.seen((a, 30026)) == SEEN_NONE
+    verdict, out, _ = _run(env, data, "ifindex_b")
     assert verdict == XDP_REDIRECT
-    assert out == frame(RA_MAC, CALLER_MAC, net.relay_a, net.caller, 30022, 4020, PAYLOAD,
-                        ttl=63)
+    assert out == frame(RA_MAC, CALLER_MAC, a, net.caller, 30026, 4444, PAYLOAD, ttl=63)
+    verdict, out, _ = _run(env, nat)
+    assert verdict == XDP_REDIRECT
+    assert out == frame(EA_MAC, CALLEE_MAC, b, net.callee, 30024, 5024, PAYLOAD, ttl=63)
 
 
 def test_any_source_port_entry(env, net):
