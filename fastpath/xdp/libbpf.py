@@ -248,6 +248,9 @@ def prog_name(prog_id: int) -> str:
     """The name of a loaded program by id ("" when it is gone)."""
     lib = _load()
     fd = lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd == -errno.EPERM:
+        raise XdpError(f"cannot look at BPF program id {prog_id}: looking a program up by "
+                       "id needs CAP_SYS_ADMIN")
     if fd < 0:
         return ""
     try:

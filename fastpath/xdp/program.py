@@ -129,7 +129,11 @@ class XdpProgram:
                 continue
             if not prog_id:
                 continue
-            owner = prog_name(prog_id)
+            try:
+                owner = prog_name(prog_id)
+            except XdpError as exc:
+                raise XdpAttachError(f"{ifname} already has an XDP program ({name} mode, id "
+                                     f"{prog_id}) and lrk cannot tell whose: {exc}") from exc
             if owner != "lrk_relay":
                 raise XdpAttachError(
                     f"{ifname} already has an XDP program ({name} mode, id {prog_id}, "
