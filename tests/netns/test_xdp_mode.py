@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import subprocess
 import time
 from typing import List, Optional
@@ -28,6 +29,7 @@ from .hosts import endpoint, flows, pending, receive, tables, wait
 pytestmark = pytest.mark.netns
 
 PORTS = "30000-30099"
+SO_RCVBUFFORCE = 33  # linux/socket.h; root: beyond net.core.rmem_max
 
 
 def _pick(family: str):
@@ -350,3 +352,55 @@ def test_xdp_mode_refuses_an_interface_it_cannot_attach_to(topo, tmp_path):
     assert "nope0" in str(err.value) and "does not exist" in str(err.value)
     assert _xdp_prog_id(topo.relay.ns, "vc1") == 0
     assert "table inet lrk" not in tables(topo.relay.ns)
+
+
+def test_xdp_mode_junk_flood_costs_established_calls_nothing(topo, tmp_path):
+    """A bounded flood of junk at the relay's ports (a stranger at the call's own relay
+    port, and at ports with no session) interleaved with a call's media both ways: every
+    media packet arrives intact, every junk packet is dropped at the driver and counted
+    (exactly), and none reaches a host."""
+    caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
+    stranger_ip = "198.51.100.72"
+    run("ip", "addr", "add", f"{stranger_ip}/26", "dev", "ve0", ns=topo.callee.ns)
+    _gro(topo)
+    relay = _relay(topo, tmp_path, "ipv4").start()
+    socks: list = []
+    try:
+        with LrkClient([relay.node]) as client:
+            caller = endpoint(topo.caller.ns, caller_ip, 4000)
+            callee = endpoint(topo.callee.ns, callee_ip, 5000)
+            stranger = endpoint(topo.callee.ns, stranger_ip, 7000)
+            socks += [caller, callee, stranger]
+            for s in (caller, callee):
+                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+            to_b = _norm(_addrs(client.offer("f-call", "a", sdp=_body(caller_ip, 4000),
+                                             interface="external"))[0])
+            to_a = _norm(_addrs(client.answer("f-call", "a", "b",
+                                              sdp=_body(callee_ip, 5000)))[0])
+            _resolve(topo.relay.ns, [(topo.relay.ip4, caller_ip),
+                                     (topo.relay_ext.ip4, callee_ip)])
+            before = _counters(client)
+            calls, per_call = 400, 25  # 10,000 junk packets, bounded
+            junk = rtp_packet(0, 0xBAD)
+            for seq in range(calls):
+                caller.sendto(rtp_packet(seq, 0x400), to_a)
+                callee.sendto(rtp_packet(seq, 0x500), to_b)
+                for k in range(per_call):
+                    if k % 2:  # a stranger at the call's relay ports
+                        stranger.sendto(junk, to_b)
+                    else:  # ports without a session
+                        stranger.sendto(junk, (to_b[0], 30050 + 2 * (k % 20)))
+            assert _got(callee, calls) == [(rtp_packet(s, 0x400), to_b) for s in range(calls)]
+            assert _got(caller, calls) == [(rtp_packet(s, 0x500), to_a) for s in range(calls)]
+            assert pending(stranger) == []
+            after = _counters(client)
+            assert after["xdp.verdicts.redirect"] - before["xdp.verdicts.redirect"] == 2 * calls
+            dropped = sum(after[k] - before.get(k, 0) for k in (
+                "media.dropped.unexpected_source", "media.dropped.no_destination"))
+            assert dropped == calls * per_call
+            assert flows(topo.relay.ns) == [], "no junk reached netfilter"
+        assert relay.stop() == 0
+    finally:
+        relay.stop()
+        for s in socks:
+            s.close()

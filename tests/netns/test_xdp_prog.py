@@ -11,6 +11,7 @@ from typing import Dict, Iterator, NamedTuple
 import pytest
 
 from bench.netns import run
+from bench.xdp_frames import frame, in_netns, ones_sum, udp_checksum
 from fastpath.xdp.layout import (
     F_CHECK_PEER,
     F_KERNEL,
@@ -23,7 +24,6 @@ from fastpath.xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, if_nam
 from fastpath.xdp.program import XdpProgram
 
 from .throwaway import Namespaces
-from .xdp_frames import frame, in_netns, ones_sum, udp_checksum
 
 pytestmark = pytest.mark.netns
 
