@@ -19,9 +19,10 @@ RTP packets, and for every session count the modes one after the other:
 * ``nfqueue``     ``lrkproxy run --mode nfqueue``: each flow's first packet is admitted
                   and latched in userspace (NFQUEUE), the rest is kernel NAT.
 * ``xdp``         ``lrkproxy run --mode xdp`` with the XDP program on the relay
-                  namespace's two veths (native mode); only when asked for with
-                  --modes. Such a run sets GRO on and TX checksum offload off on the
-                  hosts' veth ends for every mode of the run (``options.xdp_links``):
+                  namespace's two veths (native mode; ``xdp-generic``: generic/SKB
+                  mode); only when asked for with --modes. Such a run sets GRO on
+                  and TX checksum offload off on the hosts' veth ends for every mode
+                  of the run (``options.xdp_links``):
                   native redirect into a veth needs NAPI at its far end, and a frame
                   XDP redirects must carry a full UDP checksum (docs/fastpath.md).
 * ``socket``      ``lrkproxy run`` (socket mode, one worker, PyPy).
@@ -137,7 +138,7 @@ POLICE_TABLE = "benchpolice"
 #: other relays, through bench.peers (their own daemon and client, in the relay namespace)
 PEER_MODES = ("rtpengine",)
 #: opt-in daemon modes (--modes): not in the default run
-XDP_MODES = ("xdp",)
+XDP_MODES = ("xdp", "xdp-generic")
 DAEMON_MODES = ("kernel", "nfqueue", "socket", "packet") + MITIGATIONS + PEER_MODES + XDP_MODES
 #: above DAEMON_MAX_SESSIONS: the kernel datapath alone -- kernel mode's ruleset
 #: (fastpath.kernel.kernel_rules) with its elements installed in bulk, no daemon
@@ -664,6 +665,9 @@ class Bench:
             "xdp": lambda m, rig: self._lrk(
                 m, rig, ["--mode", "xdp", "--xdp-interface", "vc1", "--xdp-interface", "ve1"],
                 self.kernel_python, "lrk"),
+            "xdp-generic": lambda m, rig: self._lrk(
+                m, rig, ["--mode", "xdp", "--xdp-interface", "vc1", "--xdp-interface", "ve1",
+                         "--xdp-attach", "generic"], self.kernel_python, "lrk"),
             RULES_MODE: self._kernel_rules,
             "socket-pinned": lambda m, rig: self._pinned(m, rig, "socket"),
             "packet-pinned": lambda m, rig: self._pinned(m, rig, "packet"),

@@ -237,11 +237,29 @@ def test_relay_counters_add_the_program_verdicts_and_drops():
     plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
     prog.verdicts.update(redirect=40, drop_unexpected_source=3, drop_no_destination=4)
     prog.counts[prog.entries[(RA, 30000)].counter] = (40, 6400, 1)
+    plane.refresh(lambda: None)  # the relay refreshes before `stats`
+    prog.counts[prog.entries[(RA, 30000)].counter] = (41, 6560, 2)  # not read yet
     total = plane.media_counters()
     assert total["xdp.verdicts.redirect"] == 40
     assert total["media.dropped.unexpected_source"] == 5
     assert total["media.dropped.no_destination"] == 4
     assert (total["media.received.packets"], total["media.received.bytes"]) == (45, 6900)
+
+
+def test_refresh_reads_the_slots_at_most_every_poll_interval():
+    """The relay refreshes before every delete, query and stats: reading every slot each
+    time would cost O(sessions) map lookups per request."""
+    events: list = []
+    plane, prog = _plane(events)
+    now = [100.0]
+    plane.clock = lambda: now[0]
+    plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
+    plane.refresh(lambda: None)
+    plane.refresh(lambda: None)
+    assert len(events) == 1
+    now[0] += plane.poll_interval
+    plane.refresh(lambda: None)
+    assert len(events) == 2
 
 
 def test_learning_verdicts_bring_the_kernel_read_forward():
