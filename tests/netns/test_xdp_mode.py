@@ -172,11 +172,15 @@ def test_xdp_mode_call(topo, tmp_path, family):
             assert after["xdp.verdicts.pass_source_port"] == 0
             assert flows(ns) == [], "the kernel path carried nothing"
 
+            # the program's counters are read at most every kernel_poll (0.2 s here)
+            def counted() -> bool:
+                legs = client.query("x-call")["session"]["legs"]
+                return all((c["in_packets"], c["out_packets"]) == (21, 21)
+                           for leg in ("A", "B") for c in
+                           (legs[leg]["streams"][i]["counters"] for i in range(2)))
+
+            wait(counted, timeout=5)
             legs = client.query("x-call")["session"]["legs"]
-            for leg in ("A", "B"):
-                for i in range(2):
-                    c = legs[leg]["streams"][i]["counters"]
-                    assert (c["in_packets"], c["out_packets"]) == (21, 21), (leg, i, c)
             size = len(rtp_packet(0, 0))
             c = legs["A"]["streams"][0]["counters"]
             assert c["in_bytes"] == 20 * size + len(rtcp_sender_report(0x100, 20, 3440))
@@ -260,9 +264,13 @@ def test_xdp_mode_learns_a_nated_caller_then_carries_it(topo, tmp_path, family):
                 callee.sendto(rtp_packet(seq, 0x500), to_b)
             assert _got(nat, 5) == [(rtp_packet(s, 0x500), to_a) for s in range(1, 6)]
             assert _counters(client)["xdp.verdicts.redirect"] == redirect + 10
-            legs = client.query("n-call")["session"]["legs"]
-            assert legs["A"]["counters"]["in_packets"] == 6
-            assert legs["B"]["counters"]["in_packets"] == 7
+
+            def counted() -> bool:  # read at most every kernel_poll (0.2 s here)
+                legs = client.query("n-call")["session"]["legs"]
+                return (legs["A"]["counters"]["in_packets"],
+                        legs["B"]["counters"]["in_packets"]) == (6, 7)
+
+            wait(counted, timeout=5)
             client.delete("n-call")
         assert relay.stop() == 0
     finally:
