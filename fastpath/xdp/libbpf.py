@@ -160,10 +160,11 @@ class BpfObject:
                 log = _ffi.string(self._log).decode(errors="replace")[-4000:]
                 hint = ""
                 if -rc == errno.EPERM:
-                    hint = (": loading BPF programs needs CAP_BPF and CAP_NET_ADMIN (or root), "
-                            "and a memlock limit that allows the maps")
+                    hint = (": loading BPF programs needs CAP_BPF and CAP_NET_ADMIN (or root; "
+                            "kernels before 5.11 also a memlock limit that holds the maps)")
                 raise XdpError(f"the kernel refused {os.path.basename(path)}: "
-                               f"{os.strerror(-rc)}{hint}" + (f"\n{log}" if log else ""))
+                               f"{os.strerror(-rc)}{hint}; --mode kernel works without BPF"
+                               + (f"\n{log}" if log else ""))
         except BaseException:
             self.close()
             raise

@@ -14,8 +14,9 @@ import ipaddress
 import json
 import socket
 import subprocess
+import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import pytest
 
@@ -69,6 +70,18 @@ def _prog_exists(prog_id: int) -> bool:
                           capture_output=True).returncode == 0
 
 
+def _map_ids(prog_id: int) -> List[int]:
+    """The maps a loaded program uses (bpftool's JSON)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)],
+                         capture_output=True, text=True, check=True).stdout
+    return list(json.loads(out).get("map_ids", []))
+
+
+def _map_exists(map_id: int) -> bool:
+    return subprocess.run(["bpftool", "map", "show", "id", str(map_id)],
+                          capture_output=True).returncode == 0
+
+
 def _relay(topo, tmp_path, family: str, config: str = "",
            interfaces=("vc1", "ve1")) -> RelayProcess:
     pick = _pick(family)
@@ -109,11 +122,13 @@ def _counters(client) -> dict:
     return client.stats()["counters"]
 
 
-def _assert_clean(topo, prog_ids: List[int]) -> None:
+def _assert_clean(topo, prog_ids: List[int], map_ids: Sequence[int] = ()) -> None:
     ns = topo.relay.ns
     assert _xdp_prog_id(ns, "vc1") == 0 and _xdp_prog_id(ns, "ve1") == 0, "XDP detached"
     for prog_id in prog_ids:
         assert not _prog_exists(prog_id), f"program {prog_id} outlived the relay"
+    for map_id in map_ids:
+        assert not _map_exists(map_id), f"map {map_id} outlived the relay"
     assert "table inet lrk" not in tables(ns), "stop removes the table"
     assert flows(ns) == []
 
@@ -131,6 +146,8 @@ def test_xdp_mode_call(topo, tmp_path, family):
         assert "attached to vc1 in native mode" in out and "attached to ve1 in native mode" in out
         prog_ids = [_xdp_prog_id(ns, "vc1"), _xdp_prog_id(ns, "ve1")]
         assert prog_ids[0] and prog_ids[0] == prog_ids[1]
+        map_ids = _map_ids(prog_ids[0])
+        assert len(map_ids) >= 5 and all(_map_exists(m) for m in map_ids)
         with LrkClient([relay.node]) as client:
             caller = {p: endpoint(topo.caller.ns, caller_ip, p) for p in (4000, 4001, 4002, 4003)}
             callee = {p: endpoint(topo.callee.ns, callee_ip, p) for p in (5000, 5001, 5002, 5003)}
@@ -204,7 +221,7 @@ def test_xdp_mode_call(topo, tmp_path, family):
                  == after["xdp.verdicts.drop_no_destination"] + 2, timeout=5)
         assert relay.stop() == 0
         assert "program detached" in relay.output
-        _assert_clean(topo, prog_ids)
+        _assert_clean(topo, prog_ids, map_ids)
     finally:
         relay.stop()
         for s in socks:
@@ -412,3 +429,21 @@ def test_xdp_mode_junk_flood_costs_established_calls_nothing(topo, tmp_path):
         relay.stop()
         for s in socks:
             s.close()
+
+
+def test_xdp_mode_names_the_missing_capability(topo, tmp_path):
+    """Root without CAP_BPF and CAP_SYS_ADMIN (a container, a tight systemd unit): the
+    relay does not start, says what is missing and that kernel mode works without it,
+    and leaves nothing behind."""
+    wrapper = tmp_path / "python-without-bpf"
+    wrapper.write_text("#!/bin/sh\nexec setpriv --bounding-set -bpf,-sys_admin,-perfmon "
+                       f"{sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    relay = _relay(topo, tmp_path, "ipv4")
+    relay.argv[relay.argv.index(sys.executable)] = str(wrapper)
+    with pytest.raises(LaunchError) as err:
+        relay.start(ready_timeout=10)
+    text = str(err.value)
+    assert "CAP_BPF" in text and "--mode kernel" in text, text
+    assert _xdp_prog_id(topo.relay.ns, "vc1") == 0
+    assert "table inet lrk" not in tables(topo.relay.ns)
