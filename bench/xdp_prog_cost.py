@@ -70,6 +70,8 @@ def measure(calls: int, entries: int) -> Dict[str, object]:
             host = f"198.51.100.{11 + i // 17000}"
             prog.put(Entry((ra, port), (host, 4000), (ea, port), (callee, 5000), 100 + i))
         ifindex = in_netns(ns, lambda: if_nametoindex("ra"))
+        prog.allow_egress(ifindex)
+        prog.allow_egress(in_netns(ns, lambda: if_nametoindex("ea")))
         cases: Dict[str, bytes] = {}
         for fam, (ra, _ea, caller, callee, _) in NETS.items():
             cases[f"ipv{fam} relayed (rewrite + fib + redirect)"] = frame(

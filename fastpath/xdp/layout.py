@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 REASONS = (
     "redirect", "tx", "pass_other", "pass_short", "pass_kernel", "pass_source_port",
     "pass_peer_nat", "pass_fragment", "pass_options", "pass_ttl", "pass_fib",
-    "drop_no_destination", "drop_unexpected_source", "drop_malformed",
+    "drop_no_destination", "drop_unexpected_source", "drop_malformed", "pass_egress",
 )
 #: entry flags
 F_KERNEL = 1

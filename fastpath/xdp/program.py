@@ -47,6 +47,7 @@ class XdpProgram:
         self.verdicts = BpfMap(obj.map_fd("verdicts"), 4, 8, self.ncpus)
         self.config = BpfMap(obj.map_fd("config"), 4, 4)
         self.relay_addrs = BpfMap(obj.map_fd("relay_addrs"), 20, 4)
+        self.tx_ifaces = BpfMap(obj.map_fd("tx_ifaces"), 4, 4)
         self.relay_fd = obj.prog_fd("lrk_relay")
         #: ifindex -> (interface name, mode flags) of every attachment made here
         self.attached: Dict[int, Tuple[str, int]] = {}
@@ -113,11 +114,18 @@ class XdpProgram:
                 tried.append(f"{name}: {exc}")
                 continue
             self.attached[ifindex] = (ifname, flags)
+            self.allow_egress(ifindex)
             return name
         hint = ("attaching XDP needs CAP_NET_ADMIN and CAP_BPF (run as root) and a kernel "
                 "with XDP; another XDP program on the interface is not replaced")
         raise XdpAttachError(f"cannot attach XDP to {ifname}: " + "; ".join(tried)
                              + f" ({hint}); --mode kernel works without XDP")
+
+    def allow_egress(self, ifindex: int) -> None:
+        """Let the program send out of `ifindex` (attach does it for its interface);
+        frames whose next hop is elsewhere go to the kernel path."""
+        key = ifindex.to_bytes(4, "little")
+        self.tx_ifaces.update(key, key)
 
     def _replace_leftover(self, ifname: str, ifindex: int) -> None:
         """A crashed run leaves its program attached (an attachment outlives the process):

@@ -43,6 +43,7 @@ enum {
 	V_DROP_NO_DESTINATION,
 	V_DROP_UNEXPECTED_SOURCE,
 	V_DROP_MALFORMED,
+	V_PASS_EGRESS,
 	V_MAX,
 };
 
@@ -127,6 +128,15 @@ struct {
 	__type(value, __u32);
 } relay_addrs SEC(".maps");
 
+/* the interfaces the program runs on (ifindex): the only ones it sends out of, since a
+ * driver may take redirected frames only where an XDP program is attached */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} tx_ifaces SEC(".maps");
+
 static __always_inline int verdict(__u32 reason, int action)
 {
 	__u64 *n = bpf_map_lookup_elem(&verdicts, &reason);
@@ -197,6 +207,13 @@ static __always_inline int peer_nat(struct stream_val *v)
 		return 0;
 	p = bpf_map_lookup_elem(&streams, &v->peer);
 	return p && p->seen == SEEN_OTHER_PORT;
+}
+
+static __always_inline int egress_ok(struct bpf_fib_lookup *fib)
+{
+	__u32 ifindex = fib->ifindex;
+
+	return bpf_map_lookup_elem(&tx_ifaces, &ifindex) != 0;
 }
 
 static __always_inline int send(struct xdp_md *ctx, struct ethhdr *eth,
@@ -272,6 +289,8 @@ static __always_inline int relay4(struct xdp_md *ctx, struct ethhdr *eth, void *
 	fib.dport = v->new_dport;
 	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return verdict(V_PASS_FIB, XDP_PASS);
+	if (!egress_ok(&fib))
+		return verdict(V_PASS_EGRESS, XDP_PASS);
 
 	/* UDP checksum over the pseudo-header: addresses and ports change (0 stays 0) */
 	__builtin_memcpy(old, &ip->saddr, 8);
@@ -374,6 +393,8 @@ static __always_inline int relay6(struct xdp_md *ctx, struct ethhdr *eth, void *
 	fib.dport = v->new_dport;
 	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return verdict(V_PASS_FIB, XDP_PASS);
+	if (!egress_ok(&fib))
+		return verdict(V_PASS_EGRESS, XDP_PASS);
 
 	__builtin_memcpy(old, &ip->saddr, 32);
 	old[16] = udp->source;

@@ -73,6 +73,8 @@ def env() -> Iterator[Dict[str, object]]:
         ifindex = in_netns(ns, lambda: if_nametoindex("ra"))
         ifindex_b = in_netns(ns, lambda: if_nametoindex("ea"))
         prog = XdpProgram.load(max_streams=1024, max_counters=1024)
+        prog.allow_egress(ifindex)  # as attaching to ra and ea would
+        prog.allow_egress(ifindex_b)
         prog.configure(30000, 30099, [n.relay_a for n in NETS.values()]
                        + [n.relay_b for n in NETS.values()])
         for fam, net in NETS.items():
@@ -289,6 +291,20 @@ def test_reverse_direction_passes_while_its_peer_is_behind_a_nat(env, net):
     verdict, out, _ = _run(env, nat)
     assert verdict == XDP_REDIRECT
     assert out == frame(EA_MAC, CALLEE_MAC, b, net.callee, 30024, 5024, PAYLOAD, ttl=63)
+
+
+def test_next_hop_on_an_interface_without_the_program_passes(env, net):
+    """A driver may take redirected frames only where an XDP program runs: a next hop
+    out of another interface is the kernel path's."""
+    prog: XdpProgram = env["prog"]  # type: ignore[assignment]
+    key = env["ifindex_b"].to_bytes(4, "little")
+    prog.tx_ifaces.delete(key)
+    try:
+        data = _in(net, 30000)
+        assert _run(env, data) == (XDP_PASS, data, {"pass_egress": 1})
+    finally:
+        prog.allow_egress(env["ifindex_b"])
+    assert _run(env, _in(net, 30000))[0] == XDP_REDIRECT
 
 
 def test_any_source_port_entry(env, net):
