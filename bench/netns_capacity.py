@@ -18,6 +18,13 @@ RTP packets, and for every session count the modes one after the other:
                   answer from the callee, interface internal).
 * ``nfqueue``     ``lrkproxy run --mode nfqueue``: each flow's first packet is admitted
                   and latched in userspace (NFQUEUE), the rest is kernel NAT.
+* ``xdp``         ``lrkproxy run --mode xdp`` with the XDP program on the relay
+                  namespace's two veths (native mode; ``xdp-generic``: generic/SKB
+                  mode); only when asked for with --modes. Such a run sets GRO on
+                  and TX checksum offload off on the hosts' veth ends for every mode
+                  of the run (``options.xdp_links``):
+                  native redirect into a veth needs NAPI at its far end, and a frame
+                  XDP redirects must carry a full UDP checksum (docs/fastpath.md).
 * ``socket``      ``lrkproxy run`` (socket mode, one worker, PyPy).
 * ``packet``      ``lrkproxy run --mode packet`` with AF_PACKET taps on the relay
                   namespace's two veths (``vc1``, ``ve1``), userspace forwarding.
@@ -130,12 +137,14 @@ POLICE_TABLE = "benchpolice"
 #: lrk's daemon modes (a relay process in the relay namespace, sessions through LrkClient)
 #: other relays, through bench.peers (their own daemon and client, in the relay namespace)
 PEER_MODES = ("rtpengine",)
-DAEMON_MODES = ("kernel", "nfqueue", "socket", "packet") + MITIGATIONS + PEER_MODES
+#: opt-in daemon modes (--modes): not in the default run
+XDP_MODES = ("xdp", "xdp-generic")
+DAEMON_MODES = ("kernel", "nfqueue", "socket", "packet") + MITIGATIONS + PEER_MODES + XDP_MODES
 #: above DAEMON_MAX_SESSIONS: the kernel datapath alone -- kernel mode's ruleset
 #: (fastpath.kernel.kernel_rules) with its elements installed in bulk, no daemon
 RULES_MODE = "kernel-rules"
 SCALE_MODES = ("routing", "static-nat", RULES_MODE)
-ALL_MODES = MODES + MITIGATIONS + PEER_MODES + (RULES_MODE,)
+ALL_MODES = MODES + MITIGATIONS + PEER_MODES + XDP_MODES + (RULES_MODE,)
 DEFAULT_SESSIONS = (1, 1000)
 #: lrk hands out 4 ports per session (two RTP/RTCP pairs) from ONE range shared by both
 #: relay addresses (kernel mode: ct marks are relay ports), so one relay holds at most
@@ -653,6 +662,12 @@ class Bench:
             "packet": lambda m, rig: self._lrk(
                 m, rig, ["--mode", "packet", "--packet-interface", "vc1",
                          "--packet-interface", "ve1"], self.socket_python, "lrkpkt"),
+            "xdp": lambda m, rig: self._lrk(
+                m, rig, ["--mode", "xdp", "--xdp-interface", "vc1", "--xdp-interface", "ve1"],
+                self.kernel_python, "lrk"),
+            "xdp-generic": lambda m, rig: self._lrk(
+                m, rig, ["--mode", "xdp", "--xdp-interface", "vc1", "--xdp-interface", "ve1",
+                         "--xdp-attach", "generic"], self.kernel_python, "lrk"),
             RULES_MODE: self._kernel_rules,
             "socket-pinned": lambda m, rig: self._pinned(m, rig, "socket"),
             "packet-pinned": lambda m, rig: self._pinned(m, rig, "packet"),
@@ -1295,6 +1310,14 @@ def options(quick: bool = False, **over: Any) -> dict:
     return opts
 
 
+def xdp_links(topo: Topology) -> None:
+    """The hosts' veth ends as xdp mode needs them (and as a NIC-attached host would
+    be): NAPI on (GRO) for native redirect into them, full UDP checksums (TX checksum
+    offload off). Applied before any mode runs, so every mode of the run shares them."""
+    for ns, dev in ((topo.caller.ns, "vc0"), (topo.callee.ns, "ve0")):
+        run("ethtool", "-K", dev, "gro", "on", "tx", "off", ns=ns)
+
+
 def modes_for(n: int, modes: Optional[List[str]]) -> Tuple[List[str], List[dict]]:
     """(modes measured at n sessions, modes skipped there with the reason)."""
     wanted = (list(modes) if modes else
@@ -1344,6 +1367,9 @@ def run_bench(sessions: List[int], modes: Optional[List[str]] = None, *, quick: 
     bench: Optional[Bench] = None
     try:
         topo.create()
+        if any(m in XDP_MODES for m in modes or ()):
+            xdp_links(topo)
+            opts["xdp_links"] = True
         bench = Bench(topo, gen_python=gen_python, socket_python=socket_python,
                       kernel_python=kernel_python, progress=say)
         for n in sessions:
@@ -1408,7 +1434,8 @@ def ratios(results: List[dict]) -> List[dict]:
         base = by.get(("static-nat", n))
         if base is None:
             continue
-        for mode in ("kernel", "nfqueue", "socket", "packet", *MITIGATIONS, RULES_MODE, "routing"):
+        for mode in ("kernel", "nfqueue", "socket", "packet", *MITIGATIONS, RULES_MODE, "routing",
+                     *XDP_MODES):
             r = by.get((mode, n))
             if r is None:
                 continue

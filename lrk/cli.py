@@ -45,10 +45,18 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    dest="packet_interfaces",
                    help="packet mode: an interface whose media lrk reads with AF_PACKET "
                    "(repeat for several)")
-    p.add_argument("--mode", choices=("socket", "kernel", "nfqueue", "packet"),
+    p.add_argument("--xdp-interface", action="append", metavar="IFACE",
+                   dest="xdp_interfaces",
+                   help="xdp mode: a media interface the XDP program attaches to "
+                   "(repeat for several)")
+    p.add_argument("--xdp-attach", choices=("auto", "native", "generic"),
+                   help="xdp mode: native (driver) or generic (SKB) XDP; auto: native where "
+                   "the driver allows (default)")
+    p.add_argument("--mode", choices=("socket", "kernel", "nfqueue", "packet", "xdp"),
                    help="data plane: socket (default, no privileges), kernel (netfilter NAT) "
-                   "nfqueue (NAT, each flow's first packet checked in userspace) or packet "
-                   "(AF_PACKET taps, userspace forwarding); all but socket need root")
+                   "nfqueue (NAT, each flow's first packet checked in userspace), packet "
+                   "(AF_PACKET taps, userspace forwarding) or xdp (kernel mode with an XDP "
+                   "program carrying established streams); all but socket need root")
     p.add_argument("--workers", type=int, metavar="N", help="relay worker processes (default 1)")
     p.add_argument("--silence-timeout", type=float, metavar="S", help="end sessions silent "
                    "this long (default 60)")
@@ -112,6 +120,7 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
         "silence_timeout": args.silence_timeout, "max_lifetime": args.max_lifetime,
         "log_level": args.log_level, "log_format": args.log_format, "legacy": args.legacy,
         "packet_interfaces": args.packet_interfaces, "metrics": args.metrics,
+        "xdp_interfaces": args.xdp_interfaces, "xdp_attach": args.xdp_attach,
         "max_control_rate": args.max_control_rate, "state_dir": args.state_dir,
     }
 

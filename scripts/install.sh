@@ -33,7 +33,7 @@ done
 
 APT_PACKAGES=(python3 python3-venv python3-dev pypy3 pypy3-venv pypy3-dev gcc libffi-dev
               iproute2 nftables conntrack procps kamailio rtpengine-daemon prometheus
-              kamailio-python3-modules sip-tester netsniff-ng)
+              kamailio-python3-modules sip-tester clang llvm libbpf-dev ethtool netsniff-ng)
 CPYTHON=/usr/bin/python3
 PYPY=/usr/bin/pypy3
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -135,6 +135,13 @@ if [ "$DO_VENV" = 1 ]; then
     [ -x "$PYPY" ] || die "$PYPY not found (install pypy3 pypy3-venv, or drop --no-apt)"
     setup_venv .venv "$CPYTHON" "tox>=4"
     setup_venv .venv-pypy "$PYPY"
+    # xdp mode's BPF program, compiled now (also on first use when missing or stale)
+    if command -v clang >/dev/null && [ -e /usr/include/bpf/bpf_helpers.h ]; then
+        obj="$(.venv/bin/python -m fastpath.xdp.build)" || die "could not compile the XDP program"
+        say "xdp: BPF program compiled: $obj"
+    else
+        say "xdp: no clang or libbpf-dev (--no-apt?): xdp mode compiles its program on first use"
+    fi
     say "install done: .venv ($(.venv/bin/python -V)), .venv-pypy (PyPy $(.venv-pypy/bin/python -c 'import sys; print(".".join(map(str, sys.pypy_version_info[:3])))'))"
 fi
 
@@ -209,12 +216,19 @@ print(" ".join(ensure_keys(sys.argv[1])) or "present")' "$keydir" >/dev/null
         printf 'install.sh: warning: %s is not valid yet: %s\n' "$config" "$summary" >&2
     fi
     case "$mode" in
-        kernel|nfqueue|packet)
+        kernel|nfqueue|packet|xdp)
             install -d -m 0755 "$dropdir"
             install -m 0644 etc/systemd/lrkproxy.service.d/privileged-modes.conf "$dropdir/"
-            say "systemd: mode $mode: CAP_NET_ADMIN CAP_NET_RAW drop-in installed" ;;
+            say "systemd: mode $mode: CAP_NET_ADMIN CAP_NET_RAW drop-in installed"
+            if [ "$mode" = xdp ]; then
+                install -m 0644 etc/systemd/lrkproxy.service.d/xdp-mode.conf "$dropdir/"
+                say "systemd: mode xdp: CAP_BPF CAP_SYS_ADMIN, bpf() drop-in installed"
+            else
+                rm -f "$dropdir/xdp-mode.conf"
+            fi ;;
         "") ;;  # config invalid: leave the drop-in as it is
         *)
+            rm -f "$dropdir/xdp-mode.conf"
             if [ -e "$dropdir/privileged-modes.conf" ]; then
                 rm -f "$dropdir/privileged-modes.conf"
                 say "systemd: mode $mode: privileged-modes drop-in removed"

@@ -16,7 +16,7 @@ if sys.version_info >= (3, 11):
 else:  # PyPy 3.9
     import tomli as tomllib
 
-MODES = ("socket", "kernel", "nfqueue", "packet")
+MODES = ("socket", "kernel", "nfqueue", "packet", "xdp")
 #: packet mode reads every session from one tap and sends with one sendmmsg per round, so
 #: gathering packets for a moment pays off most there; socket mode gains too (fewer
 #: wake-ups) but keeps 0 by default, its latency the lowest (docs/operations.md)
@@ -61,6 +61,12 @@ class Config:
     nfqueue_num: int = 0  # nfqueue mode: the queue number lrk reads
     nfqueue_bypass: bool = False  # nfqueue mode: accept new flows while lrk is not reading
     packet_interfaces: List[str] = field(default_factory=list)  # packet mode: taps
+    # xdp mode (kernel mode + an XDP program carrying established streams): the media
+    # interfaces it attaches to, how (auto: native where the driver allows, else generic),
+    # and how many stream directions its maps hold (4 per audio stream)
+    xdp_interfaces: List[str] = field(default_factory=list)
+    xdp_attach: str = "auto"
+    xdp_max_streams: int = 65536
     silence_timeout: float = 60.0
     max_lifetime: float = 10800.0
     quarantine: float = 5.0
@@ -174,6 +180,16 @@ class Config:
                                   "media lrk taps (e.g. --packet-interface eth0)")
             if self.workers != 1:
                 raise ConfigError("packet mode runs one worker (every tap sees every packet)")
+        if self.mode == "xdp" and (not self.xdp_interfaces or not all(
+                isinstance(i, str) and i for i in self.xdp_interfaces)):
+            raise ConfigError("xdp mode needs xdp_interfaces: the media interfaces the "
+                              "XDP program attaches to (e.g. --xdp-interface eth0)")
+        if self.xdp_attach not in ("auto", "native", "generic"):
+            raise ConfigError(f"xdp_attach {self.xdp_attach!r} must be auto, native or generic")
+        if isinstance(self.xdp_max_streams, bool) or not isinstance(self.xdp_max_streams, int) \
+                or not 16 <= self.xdp_max_streams <= 1 << 22:
+            raise ConfigError(f"xdp_max_streams {self.xdp_max_streams!r} must be within "
+                              "16..4194304")
         if self.kernel_counters not in ("conntrack", "rules"):
             raise ConfigError(f"kernel_counters {self.kernel_counters!r} must be conntrack "
                               "or rules")

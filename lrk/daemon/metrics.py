@@ -25,7 +25,7 @@ the scrape a 503.
     sessions  {state: count}          sessions now relayed by state (offered, early, answered)
     ports     {total, in_use, free, quarantined}: RTP/RTCP port *pairs*, as
               lrk.core.ports.PortAllocator.snapshot() gives them
-    mode      "socket" | "kernel" | "nfqueue" | "packet"
+    mode      "socket" | "kernel" | "nfqueue" | "packet" | "xdp"
     uptime    seconds since the relay started (optional)
     workers   worker processes (optional)
 
@@ -190,6 +190,11 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
                              "Kernel modes: conntrack flows flushed on delete or re-latch."),
     "kernel_flows_dumped": ("counter", (), "Kernel modes: conntrack flows read for latching."),
     "nfqueue_packets": ("counter", (), "nfqueue mode: first packets of flows seen."),
+    "xdp_packets": ("counter", ("verdict",),
+                    "xdp mode: packets the XDP program judged, by verdict and reason "
+                    "(redirect, tx, pass_*, drop_*)."),
+    "xdp_entries_written": ("counter", (), "xdp mode: stream entries written to the map."),
+    "xdp_errors": ("counter", (), "xdp mode: failed XDP map writes and reads."),
     "nfqueue_queued_packets": ("counter", (),
                                "nfqueue mode: packets the ruleset queued to lrk."),
     "nfqueue_admitted_flows": ("counter", (), "nfqueue mode: flows admitted (latched)."),
@@ -261,6 +266,9 @@ COUNTER_MAP: Tuple[Tuple[str, str, Dict[str, str]], ...] = (
     ("kernel.flows.flushed", "kernel_flows_flushed", {}),
     ("kernel.flows.dumped", "kernel_flows_dumped", {}),
     ("nfqueue.packets", "nfqueue_packets", {}),
+    ("xdp.verdicts.*", "xdp_packets", {"verdict": "*"}),
+    ("xdp.entries.written", "xdp_entries_written", {}),
+    ("xdp.errors", "xdp_errors", {}),
     ("nfqueue.queued", "nfqueue_queued_packets", {}),
     ("nfqueue.admitted", "nfqueue_admitted_flows", {}),
     ("nfqueue.verdict_errors", "nfqueue_verdict_errors", {}),

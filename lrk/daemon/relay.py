@@ -37,6 +37,7 @@ from lrk.daemon.nfqueue_plane import NfqueuePlane
 from lrk.daemon.sdnotify import process_notifier
 from lrk.daemon.socket_plane import SocketPlane
 from lrk.daemon.store import SqliteStore, open_store
+from lrk.daemon.xdp_plane import XdpPlane
 from lrk.errors import ConfigError
 
 log = logging.getLogger("lrk.relay")
@@ -145,6 +146,12 @@ class Relay:
         if config.mode == "kernel":
             self.plane = KernelPlane(start, end, relay_ips, config.kernel_table,
                                      config.kernel_poll, counters=config.kernel_counters)
+        elif config.mode == "xdp":
+            self.plane = XdpPlane(start, end, relay_ips, config.xdp_interfaces,
+                                  config.kernel_table, config.kernel_poll,
+                                  counters=config.kernel_counters,
+                                  attach_mode=config.xdp_attach,
+                                  max_streams=config.xdp_max_streams)
         elif config.mode == "nfqueue":
             self.plane = NfqueuePlane(start, end, relay_ips, config.kernel_table,
                                       config.kernel_poll, config.nfqueue_num,

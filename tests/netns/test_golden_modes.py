@@ -1,4 +1,5 @@
-"""Golden daemon tests for the privileged data planes (root): packet, kernel and nfqueue mode.
+"""Golden daemon tests for the privileged data planes (root): packet, kernel, nfqueue and xdp
+mode.
 
 Each test starts `lrkproxy run --mode MODE` in a relay namespace of its own, between a caller
 (198.51.100.10) and a callee (198.51.100.70) namespace (`bench.netns.Topology`), with the
@@ -15,12 +16,13 @@ from typing import Callable, Iterator, List
 
 import pytest
 
+from bench.netns import run as bench_run
 from tests.golden import scenarios
 from tests.golden.harness import GoldenRelay, ipv6_ready, netns_layout
 
 pytestmark = pytest.mark.netns
 
-MODES = ("packet", "kernel", "nfqueue")
+MODES = ("packet", "kernel", "nfqueue", "xdp")
 #: kernel mode reads counters and latches every kernel_poll seconds: often, so that the
 #: script's bounded waits for them are short
 KERNEL_CONFIG = "kernel_poll = 0.2\n"
@@ -45,6 +47,12 @@ def start(topo, control_keys_env) -> Iterator[Callable[..., GoldenRelay]]:
             extra = ("--packet-interface", "vc1", "--packet-interface", "ve1")
         elif mode == "kernel":
             config = KERNEL_CONFIG
+        elif mode == "xdp":
+            extra = ("--xdp-interface", "vc1", "--xdp-interface", "ve1")
+            config = KERNEL_CONFIG
+            # the hosts' veth ends as a wire (tests/netns/test_xdp_mode.py says why)
+            for ns, dev in ((topo.caller.ns, "vc0"), (topo.callee.ns, "ve0")):
+                bench_run("ethtool", "-K", dev, "gro", "on", "tx", "off", ns=ns)
         elif mode == "nfqueue":
             config = NFQUEUE_CONFIG
         if v6:

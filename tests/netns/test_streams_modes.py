@@ -40,6 +40,12 @@ def _relay(topo, mode: str, tmp_path, config: str = "", ip=_ip4) -> RelayProcess
              "--external-ip", ip(topo.relay_ext), "--config", str(cfg)]
     if mode == "packet":
         extra += ["--packet-interface", "vc1", "--packet-interface", "ve1"]
+    if mode == "xdp":
+        extra += ["--xdp-interface", "vc1", "--xdp-interface", "ve1"]
+        # the hosts' veth ends as a wire: NAPI for native redirect into them, full UDP
+        # checksums (tests/netns/test_xdp_mode.py says why)
+        for ns, dev in ((topo.caller.ns, "vc0"), (topo.callee.ns, "ve0")):
+            run("ethtool", "-K", dev, "gro", "on", "tx", "off", ns=ns)
     return RelayProcess(ports=PORTS, netns=topo.relay.ns, extra=extra).start()
 
 
@@ -57,8 +63,10 @@ def _stops_cleanly(topo, mode: str, relays: List[RelayProcess]) -> Iterator[list
         for sock in socks:
             sock.close()
     assert codes[-1] == 0, started[-1].output
-    if mode in ("kernel", "nfqueue"):
+    if mode in ("kernel", "nfqueue", "xdp"):
         assert "table inet lrk" not in tables(topo.relay.ns), "stop removes the table"
+    if mode == "xdp":
+        assert "xdp" not in run("ip", "link", "show", "vc1", ns=topo.relay.ns).stdout
 
 
 def _body(ip: str, audio: int, video: int) -> str:
@@ -71,7 +79,7 @@ def _relay_addrs(reply) -> list:
     return [None if s is None else (s["ip"], s["port"]) for s in reply["streams"]]
 
 
-@pytest.mark.parametrize("mode", ["socket", "packet", "kernel", "nfqueue"])
+@pytest.mark.parametrize("mode", ["socket", "packet", "kernel", "nfqueue", "xdp"])
 def test_audio_and_video_both_ways_then_video_off_and_on(topo, tmp_path, mode):
     caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
     relay = _relay(topo, mode, tmp_path)
@@ -108,7 +116,7 @@ def test_audio_and_video_both_ways_then_video_off_and_on(topo, tmp_path, mode):
 
         stats = client.stats()
         assert stats["ports"]["in_use"] == 4  # pairs: two streams on two legs
-        if mode in ("kernel", "nfqueue"):
+        if mode in ("kernel", "nfqueue", "xdp"):
             assert "table inet lrk" in tables(topo.relay.ns)
 
         # re-INVITE disabling video: its ports go (both legs)
@@ -150,7 +158,7 @@ def _unexpected(client) -> int:
 CALLEE2_IP4 = "198.51.100.71"
 
 
-@pytest.mark.parametrize("mode", ["socket", "packet", "kernel", "nfqueue"])
+@pytest.mark.parametrize("mode", ["socket", "packet", "kernel", "nfqueue", "xdp"])
 def test_forked_invite_each_early_dialog_has_media_and_the_200s_wins(topo, tmp_path, mode):
     """Two callees of one forked INVITE answer 183 with SDP: each one's early media
     reaches the caller (from that dialog's own relay port), the caller reaches each on
@@ -158,10 +166,10 @@ def test_forked_invite_each_early_dialog_has_media_and_the_200s_wins(topo, tmp_p
     is freed and its callee no longer gets through. Before: the second 183 re-tagged leg
     B and the first callee's media was dropped (kernel mode: it was never relayed; nfqueue
     mode: only the first dialog's was)."""
-    kernel = mode == "kernel"
+    kernel = mode in ("kernel", "xdp")  # xdp: forked calls take the kernel path
     caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
     callee2_ip = callee_ip
-    if mode in ("kernel", "nfqueue"):
+    if mode in ("kernel", "nfqueue", "xdp"):
         callee2_ip = CALLEE2_IP4
         run("ip", "addr", "add", f"{callee2_ip}/26", "dev", "ve0", ns=topo.callee.ns)
     relay = _relay(topo, mode, tmp_path)
@@ -310,7 +318,7 @@ def test_forked_invite_in_kernel_mode_tells_callees_on_one_ip_apart_by_port(
         assert client.stats()["ports"]["in_use"] == 0
 
 
-@pytest.mark.parametrize("mode", ["socket", "packet", "kernel", "nfqueue"])
+@pytest.mark.parametrize("mode", ["socket", "packet", "kernel", "nfqueue", "xdp"])
 def test_calls_survive_a_restart(topo, tmp_path, mode):
     """With state_dir, SIGTERM and a start with the same command line keep the call: same
     relay ports, media flows again both ways (kernel modes re-create their table, so

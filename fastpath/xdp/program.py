@@ -1,0 +1,174 @@
+"""The loaded relay program and its maps, typed: what the XDP plane and the tests use.
+
+`XdpProgram.load` compiles (cached) and loads relay.bpf.c; `attach` puts it on an
+interface, native (driver) mode first and generic (SKB) mode when the driver refuses,
+and says which; `close` detaches from every interface it attached and releases the
+object, so no program or map of lrk outlives it (the kernel frees both with the last
+fd and attachment).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from fastpath.xdp import build, layout
+from fastpath.xdp.errors import XdpAttachError, XdpError
+from fastpath.xdp.libbpf import (
+    XDP_FLAGS_DRV_MODE,
+    XDP_FLAGS_SKB_MODE,
+    BpfMap,
+    BpfObject,
+    if_nametoindex,
+    num_cpus,
+    prog_name,
+    test_run,
+    xdp_attach,
+    xdp_detach,
+    xdp_query_id,
+)
+
+log = logging.getLogger("lrk.xdp")
+
+MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+
+
+class XdpProgram:
+    """One loaded copy of relay.bpf.c (maps sized for `max_streams` directions and
+    `max_counters` counter slots)."""
+
+    def __init__(self, obj: BpfObject, max_counters: int) -> None:
+        self.obj = obj
+        self.ncpus = num_cpus()
+        self.max_counters = max_counters
+        self.streams = BpfMap(obj.map_fd("streams"), layout.KEY_SIZE, layout.VAL_SIZE)
+        self.counters = BpfMap(obj.map_fd("stream_counters"), 4, layout.COUNTER_SIZE,
+                               self.ncpus)
+        self.verdicts = BpfMap(obj.map_fd("verdicts"), 4, 8, self.ncpus)
+        self.config = BpfMap(obj.map_fd("config"), 4, 4)
+        self.relay_addrs = BpfMap(obj.map_fd("relay_addrs"), 20, 4)
+        self.tx_ifaces = BpfMap(obj.map_fd("tx_ifaces"), 4, 4)
+        self.relay_fd = obj.prog_fd("lrk_relay")
+        #: ifindex -> (interface name, mode flags) of every attachment made here
+        self.attached: Dict[int, Tuple[str, int]] = {}
+
+    @classmethod
+    def load(cls, max_streams: int = 65536, max_counters: int = 65536,
+             path: Optional[str] = None) -> XdpProgram:
+        obj = BpfObject(path or build.object_path(),
+                        {"streams": max_streams, "stream_counters": max_counters})
+        try:
+            return cls(obj, max_counters)
+        except BaseException:
+            obj.close()
+            raise
+
+    # -- configuration -------------------------------------------------------------------
+    def configure(self, port_min: int, port_max: int, relay_ips: Sequence[str]) -> None:
+        """The relay's port range and addresses: the program owns UDP to these only."""
+        self.config.update(b"\0\0\0\0", layout.config_value(port_min, port_max))
+        for ip in relay_ips:
+            self.relay_addrs.update(layout.addr_key(ip), b"\1\0\0\0")
+
+    def put(self, entry: layout.Entry, seen: int = layout.SEEN_NONE) -> None:
+        self.streams.update(entry.key(), entry.value(seen))
+
+    def remove(self, relay: Tuple[str, int]) -> bool:
+        return self.streams.delete(layout.stream_key(relay))
+
+    def seen(self, relay: Tuple[str, int]) -> int:
+        """What the program saw at an entry (layout.SEEN_*; SEEN_NONE without one)."""
+        raw = self.streams.lookup(layout.stream_key(relay))
+        return layout.seen(raw) if raw is not None else layout.SEEN_NONE
+
+    def read_counter(self, index: int) -> Tuple[int, int, int]:
+        """(packets, payload bytes, last packet ns on CLOCK_MONOTONIC; 0: none)."""
+        raw = self.counters.lookup(index.to_bytes(4, "little"))
+        return layout.counters(raw, self.ncpus) if raw else (0, 0, 0)
+
+    def reset_counter(self, index: int) -> None:
+        self.counters.update(index.to_bytes(4, "little"), bytes(layout.COUNTER_SIZE))
+
+    def verdict_counts(self) -> Dict[str, int]:
+        raws = [self.verdicts.lookup(i.to_bytes(4, "little")) or bytes(8 * self.ncpus)
+                for i in range(len(layout.REASONS))]
+        return layout.verdict_totals(raws, self.ncpus)
+
+    # -- attachment ----------------------------------------------------------------------
+    def attach(self, ifname: str, mode: str = "auto") -> str:
+        """Attach to `ifname`: native where the driver allows, else generic ("auto"), or
+        the one mode asked for. Returns the mode used; raises XdpAttachError naming what
+        is missing."""
+        try:
+            ifindex = if_nametoindex(ifname)
+        except OSError as exc:
+            raise XdpAttachError(f"xdp_interfaces names {ifname!r}, which does not exist in "
+                                 "the relay's network namespace") from exc
+        self._replace_leftover(ifname, ifindex)
+        tried: List[str] = []
+        for name in (("native", "generic") if mode == "auto" else (mode,)):
+            flags = MODES[name]
+            try:
+                xdp_attach(ifindex, self.relay_fd, flags)
+            except XdpAttachError as exc:
+                tried.append(f"{name}: {exc}")
+                continue
+            self.attached[ifindex] = (ifname, flags)
+            self.allow_egress(ifindex)
+            return name
+        hint = ("attaching XDP needs CAP_NET_ADMIN and CAP_BPF (run as root) and a kernel "
+                "with XDP; another XDP program on the interface is not replaced")
+        raise XdpAttachError(f"cannot attach XDP to {ifname}: " + "; ".join(tried)
+                             + f" ({hint}); --mode kernel works without XDP")
+
+    def allow_egress(self, ifindex: int) -> None:
+        """Let the program send out of `ifindex` (attach does it for its interface);
+        frames whose next hop is elsewhere go to the kernel path."""
+        key = ifindex.to_bytes(4, "little")
+        self.tx_ifaces.update(key, key)
+
+    def _replace_leftover(self, ifname: str, ifindex: int) -> None:
+        """A crashed run leaves its program attached (an attachment outlives the process):
+        lrk's own is replaced; another tool's is never touched."""
+        for name, flags in MODES.items():
+            try:
+                prog_id = xdp_query_id(ifindex, flags)
+            except XdpError:
+                continue
+            if not prog_id:
+                continue
+            try:
+                owner = prog_name(prog_id)
+            except XdpError as exc:
+                raise XdpAttachError(f"{ifname} already has an XDP program ({name} mode, id "
+                                     f"{prog_id}) and lrk cannot tell whose: {exc}") from exc
+            if owner != "lrk_relay":
+                raise XdpAttachError(
+                    f"{ifname} already has an XDP program ({name} mode, id {prog_id}, "
+                    f"name {owner!r}) that is not lrk's: detach it "
+                    f"(ip link set dev {ifname} xdp off) or use --mode kernel")
+            log.warning("xdp: detaching lrk's program id %d left on %s (%s mode) by an "
+                        "earlier run", prog_id, ifname, name)
+            xdp_detach(ifindex, flags)
+
+    def detach_all(self) -> List[str]:
+        """Detach from every interface attached here; errors logged, names returned."""
+        failed = []
+        for ifindex, (ifname, flags) in list(self.attached.items()):
+            try:
+                if xdp_query_id(ifindex, flags) != 0:
+                    xdp_detach(ifindex, flags)
+            except XdpError as exc:
+                log.error("could not detach XDP from %s: %s", ifname, exc)
+                failed.append(ifname)
+                continue
+            del self.attached[ifindex]
+        return failed
+
+    def close(self) -> None:
+        self.detach_all()
+        self.obj.close()
+
+    def test_run(self, frame: bytes, ingress_ifindex: int = 0) -> Tuple[int, bytes]:
+        verdict, out, _ = test_run(self.relay_fd, frame, ingress_ifindex)
+        return verdict, out

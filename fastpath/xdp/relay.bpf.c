@@ -1,0 +1,442 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/* lrk's XDP media quickpath: the whole job for established streams at the driver.
+ *
+ * One hash lookup per packet on (family, relay address, relay port). A hit whose
+ * source is the peer the daemon wrote is rewritten to the other leg (relay address and
+ * port as source, that leg's peer as destination), checksums updated, TTL/hop limit
+ * decremented, and redirected to the next hop bpf_fib_lookup names (XDP_TX when that
+ * is the ingress interface). Everything the daemon must judge (a port it has not
+ * latched, a destination seen sending from another port, fragments, options, no neighbour) is XDP_PASS
+ * into the kernel-mode nftables path unchanged; junk to a relay port (no stream, a
+ * wrong source address, inconsistent lengths) is XDP_DROP. Every verdict is counted
+ * per reason in a per-CPU array (indices: fastpath/xdp/layout.py, keep in step).
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
+/* verdict counter indices (fastpath/xdp/layout.py: REASONS) */
+enum {
+	V_REDIRECT = 0,
+	V_TX,
+	V_PASS_OTHER,
+	V_PASS_SHORT,
+	V_PASS_KERNEL,
+	V_PASS_SOURCE_PORT,
+	V_PASS_PEER_NAT,
+	V_PASS_FRAGMENT,
+	V_PASS_OPTIONS,
+	V_PASS_TTL,
+	V_PASS_FIB,
+	V_DROP_NO_DESTINATION,
+	V_DROP_UNEXPECTED_SOURCE,
+	V_DROP_MALFORMED,
+	V_PASS_EGRESS,
+	V_MAX,
+};
+
+/* entry flags */
+#define F_KERNEL 1    /* the kernel path serves this port (forks, unknown peers) */
+#define F_CHECK_PEER 2 /* pass while the peer sends from another port than named */
+
+/* what the program saw at an entry (stream_val.seen) */
+#define SEEN_EXACT 1  /* a packet from src:src_port */
+#define SEEN_OTHER_PORT 2 /* a packet from src, another port: NAT, kernel path learns */
+
+struct stream_key {
+	__u32 family;     /* 4 or 6 */
+	__u8 addr[16];    /* relay address (IPv4: first 4 bytes, rest 0) */
+	__u16 port;       /* relay port, network order */
+	__u16 pad;
+};
+
+struct stream_val {
+	__u8 src[16];     /* the peer expected to send here */
+	__u16 src_port;   /* network order; 0: any port of that address */
+	__u16 flags;
+	__u8 new_src[16]; /* the other leg's relay address */
+	__u16 new_sport;  /* network order */
+	__u16 pad1;
+	__u8 new_dst[16]; /* the other leg's peer */
+	__u16 new_dport;  /* network order */
+	__u16 pad2;
+	__u32 counter;    /* index into stream_counters */
+	__u32 seen;       /* SEEN_*, written here; the daemon writes 0 */
+	struct stream_key peer; /* the reverse direction's key (F_CHECK_PEER) */
+};
+
+struct counter {
+	__u64 packets;
+	__u64 bytes;      /* UDP payload bytes */
+	__u64 last_ns;    /* bpf_ktime_get_ns (CLOCK_MONOTONIC) of the last packet */
+};
+
+struct relay_cfg {
+	__u16 port_min;   /* host order */
+	__u16 port_max;
+};
+
+struct addr_key {
+	__u32 family;
+	__u8 addr[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct stream_key);
+	__type(value, struct stream_val);
+} streams SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct counter);
+} stream_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, V_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} verdicts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct relay_cfg);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct addr_key);
+	__type(value, __u32);
+} relay_addrs SEC(".maps");
+
+/* the interfaces the program runs on (ifindex): the only ones it sends out of, since a
+ * driver may take redirected frames only where an XDP program is attached */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+} tx_ifaces SEC(".maps");
+
+static __always_inline int verdict(__u32 reason, int action)
+{
+	__u64 *n = bpf_map_lookup_elem(&verdicts, &reason);
+
+	if (n)
+		*n += 1;
+	return action;
+}
+
+static __always_inline __u16 csum_fold(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)sum;
+}
+
+/* RFC 1624 incremental update: take `n` old 16-bit words out, put the new ones in */
+static __always_inline __u32 csum_replace(__u32 sum, const __u16 *old, const __u16 *new, int n)
+{
+#pragma unroll
+	for (int i = 0; i < n; i++) {
+		sum += (__u16)~old[i];
+		sum += new[i];
+	}
+	return sum;
+}
+
+static __always_inline int in_range(__u16 port_be)
+{
+	__u32 zero = 0;
+	struct relay_cfg *cfg = bpf_map_lookup_elem(&config, &zero);
+	__u16 port = bpf_ntohs(port_be);
+
+	return cfg && port >= cfg->port_min && port <= cfg->port_max;
+}
+
+static __always_inline int addr_eq(const __u8 *a, const __u8 *b, int n)
+{
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		if (i < n && a[i] != b[i])
+			return 0;
+	}
+	return 1;
+}
+
+static __always_inline void count_stream(struct stream_val *v, __u32 bytes)
+{
+	__u32 idx = v->counter;
+	struct counter *c = bpf_map_lookup_elem(&stream_counters, &idx);
+
+	if (c) {
+		c->packets += 1;
+		c->bytes += bytes;
+		c->last_ns = bpf_ktime_get_ns();
+	}
+	if (!v->seen)
+		v->seen = SEEN_EXACT;
+}
+
+/* the destination peer was seen sending from another port than the one this entry
+ * sends to (a NAT): conntrack knows its real port, the daemon does not yet */
+static __always_inline int peer_nat(struct stream_val *v)
+{
+	struct stream_val *p;
+
+	if (!(v->flags & F_CHECK_PEER))
+		return 0;
+	p = bpf_map_lookup_elem(&streams, &v->peer);
+	return p && p->seen == SEEN_OTHER_PORT;
+}
+
+static __always_inline int egress_ok(struct bpf_fib_lookup *fib)
+{
+	__u32 ifindex = fib->ifindex;
+
+	return bpf_map_lookup_elem(&tx_ifaces, &ifindex) != 0;
+}
+
+static __always_inline int send(struct xdp_md *ctx, struct ethhdr *eth,
+				struct bpf_fib_lookup *fib)
+{
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	if (fib->ifindex == ctx->ingress_ifindex)
+		return verdict(V_TX, XDP_TX);
+	return verdict(V_REDIRECT, bpf_redirect(fib->ifindex, 0));
+}
+
+static __always_inline int relay4(struct xdp_md *ctx, struct ethhdr *eth, void *data_end)
+{
+	struct iphdr *ip = (void *)(eth + 1);
+	struct addr_key ak = {.family = 4};
+	struct stream_key key = {.family = 4};
+	struct bpf_fib_lookup fib = {};
+	struct stream_val *v;
+	struct udphdr *udp;
+	__u16 old[6], new[6];
+	__u32 sum;
+
+	if ((void *)(ip + 1) > data_end)
+		return verdict(V_PASS_SHORT, XDP_PASS);
+	if (ip->version != 4 || ip->protocol != IPPROTO_UDP)
+		return verdict(V_PASS_OTHER, XDP_PASS);
+	__builtin_memcpy(ak.addr, &ip->daddr, 4);
+	if (!bpf_map_lookup_elem(&relay_addrs, &ak))
+		return verdict(V_PASS_OTHER, XDP_PASS);
+	if (ip->frag_off & bpf_htons(0x3fff))
+		return verdict(V_PASS_FRAGMENT, XDP_PASS);
+	if (ip->ihl != 5)
+		return verdict(V_PASS_OPTIONS, XDP_PASS);
+	udp = (void *)(ip + 1);
+	if ((void *)(udp + 1) > data_end)
+		return verdict(V_PASS_SHORT, XDP_PASS);
+	if (!in_range(udp->dest))
+		return verdict(V_PASS_OTHER, XDP_PASS);
+	__builtin_memcpy(key.addr, &ip->daddr, 4);
+	key.port = udp->dest;
+	v = bpf_map_lookup_elem(&streams, &key);
+	if (!v)
+		return verdict(V_DROP_NO_DESTINATION, XDP_DROP);
+	if (v->flags & F_KERNEL)
+		return verdict(V_PASS_KERNEL, XDP_PASS);
+	if (!addr_eq((__u8 *)&ip->saddr, v->src, 4))
+		return verdict(V_DROP_UNEXPECTED_SOURCE, XDP_DROP);
+	{
+		__u32 tot = bpf_ntohs(ip->tot_len);
+		__u32 ulen = bpf_ntohs(udp->len);
+
+		if (tot > (__u32)((long)data_end - (long)ip) || ulen < 8 || ulen != tot - 20)
+			return verdict(V_DROP_MALFORMED, XDP_DROP);
+	}
+	if (v->src_port && udp->source != v->src_port) {
+		v->seen = SEEN_OTHER_PORT;
+		return verdict(V_PASS_SOURCE_PORT, XDP_PASS);
+	}
+	if (peer_nat(v))
+		return verdict(V_PASS_PEER_NAT, XDP_PASS);
+	if (ip->ttl <= 1)
+		return verdict(V_PASS_TTL, XDP_PASS);
+
+	fib.family = AF_INET;
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.tot_len = bpf_ntohs(ip->tot_len);
+	fib.tos = ip->tos;
+	fib.ifindex = ctx->ingress_ifindex;
+	__builtin_memcpy(&fib.ipv4_src, v->new_src, 4);
+	__builtin_memcpy(&fib.ipv4_dst, v->new_dst, 4);
+	fib.sport = v->new_sport;
+	fib.dport = v->new_dport;
+	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return verdict(V_PASS_FIB, XDP_PASS);
+	if (!egress_ok(&fib))
+		return verdict(V_PASS_EGRESS, XDP_PASS);
+
+	/* UDP checksum over the pseudo-header: addresses and ports change (0 stays 0) */
+	__builtin_memcpy(old, &ip->saddr, 8);
+	old[4] = udp->source;
+	old[5] = udp->dest;
+	__builtin_memcpy(&ip->saddr, v->new_src, 4);
+	__builtin_memcpy(&ip->daddr, v->new_dst, 4);
+	udp->source = v->new_sport;
+	udp->dest = v->new_dport;
+	__builtin_memcpy(new, &ip->saddr, 8);
+	new[4] = udp->source;
+	new[5] = udp->dest;
+	if (udp->check) {
+		sum = csum_replace((__u16)~udp->check, old, new, 6);
+		udp->check = ~csum_fold(sum);
+		if (!udp->check)
+			udp->check = 0xffff;
+	}
+	/* IPv4 header: TTL - 1, checksum recomputed over the 20 bytes */
+	ip->ttl -= 1;
+	ip->check = 0;
+	{
+		__u16 *w = (__u16 *)ip;
+
+		sum = 0;
+#pragma unroll
+		for (int i = 0; i < 10; i++)
+			sum += w[i];
+		ip->check = ~csum_fold(sum);
+	}
+	count_stream(v, bpf_ntohs(udp->len) - 8);
+	return send(ctx, eth, &fib);
+}
+
+static __always_inline int relay6(struct xdp_md *ctx, struct ethhdr *eth, void *data_end)
+{
+	struct ipv6hdr *ip = (void *)(eth + 1);
+	struct addr_key ak = {.family = 6};
+	struct stream_key key = {.family = 6};
+	struct bpf_fib_lookup fib = {};
+	struct stream_val *v;
+	struct udphdr *udp;
+	__u16 old[18], new[18];
+	__u32 sum;
+
+	if ((void *)(ip + 1) > data_end)
+		return verdict(V_PASS_SHORT, XDP_PASS);
+	if (ip->version != 6)
+		return verdict(V_PASS_OTHER, XDP_PASS);
+	__builtin_memcpy(ak.addr, &ip->daddr, 16);
+	if (!bpf_map_lookup_elem(&relay_addrs, &ak))
+		return verdict(V_PASS_OTHER, XDP_PASS);
+	if (ip->nexthdr == 44)  /* fragment header */
+		return verdict(V_PASS_FRAGMENT, XDP_PASS);
+	if (ip->nexthdr != IPPROTO_UDP) {
+		/* extension headers (hop-by-hop, routing, ...) or another protocol */
+		if (ip->nexthdr == 0 || ip->nexthdr == 43 || ip->nexthdr == 60)
+			return verdict(V_PASS_OPTIONS, XDP_PASS);
+		return verdict(V_PASS_OTHER, XDP_PASS);
+	}
+	udp = (void *)(ip + 1);
+	if ((void *)(udp + 1) > data_end)
+		return verdict(V_PASS_SHORT, XDP_PASS);
+	if (!in_range(udp->dest))
+		return verdict(V_PASS_OTHER, XDP_PASS);
+	__builtin_memcpy(key.addr, &ip->daddr, 16);
+	key.port = udp->dest;
+	v = bpf_map_lookup_elem(&streams, &key);
+	if (!v)
+		return verdict(V_DROP_NO_DESTINATION, XDP_DROP);
+	if (v->flags & F_KERNEL)
+		return verdict(V_PASS_KERNEL, XDP_PASS);
+	if (!addr_eq((__u8 *)&ip->saddr, v->src, 16))
+		return verdict(V_DROP_UNEXPECTED_SOURCE, XDP_DROP);
+	{
+		__u32 plen = bpf_ntohs(ip->payload_len);
+		__u32 ulen = bpf_ntohs(udp->len);
+
+		/* the UDP checksum is mandatory over IPv6 (RFC 8200) */
+		if (plen > (__u32)((long)data_end - (long)udp) || ulen < 8 || ulen != plen
+		    || !udp->check)
+			return verdict(V_DROP_MALFORMED, XDP_DROP);
+	}
+	if (v->src_port && udp->source != v->src_port) {
+		v->seen = SEEN_OTHER_PORT;
+		return verdict(V_PASS_SOURCE_PORT, XDP_PASS);
+	}
+	if (peer_nat(v))
+		return verdict(V_PASS_PEER_NAT, XDP_PASS);
+	if (ip->hop_limit <= 1)
+		return verdict(V_PASS_TTL, XDP_PASS);
+
+	fib.family = AF_INET6;
+	fib.l4_protocol = IPPROTO_UDP;
+	fib.tot_len = bpf_ntohs(ip->payload_len) + sizeof(*ip);
+	fib.ifindex = ctx->ingress_ifindex;
+	__builtin_memcpy(fib.ipv6_src, v->new_src, 16);
+	__builtin_memcpy(fib.ipv6_dst, v->new_dst, 16);
+	fib.sport = v->new_sport;
+	fib.dport = v->new_dport;
+	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return verdict(V_PASS_FIB, XDP_PASS);
+	if (!egress_ok(&fib))
+		return verdict(V_PASS_EGRESS, XDP_PASS);
+
+	__builtin_memcpy(old, &ip->saddr, 32);
+	old[16] = udp->source;
+	old[17] = udp->dest;
+	__builtin_memcpy(&ip->saddr, v->new_src, 16);
+	__builtin_memcpy(&ip->daddr, v->new_dst, 16);
+	udp->source = v->new_sport;
+	udp->dest = v->new_dport;
+	__builtin_memcpy(new, &ip->saddr, 32);
+	new[16] = udp->source;
+	new[17] = udp->dest;
+	sum = csum_replace((__u16)~udp->check, old, new, 18);
+	udp->check = ~csum_fold(sum);
+	if (!udp->check)
+		udp->check = 0xffff;
+	ip->hop_limit -= 1;
+	count_stream(v, bpf_ntohs(udp->len) - 8);
+	return send(ctx, eth, &fib);
+}
+
+SEC("xdp")
+int lrk_relay(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return verdict(V_PASS_SHORT, XDP_PASS);
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return relay4(ctx, eth, data_end);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return relay6(ctx, eth, data_end);
+	return verdict(V_PASS_OTHER, XDP_PASS);
+}
+
+/* for the far side of a veth pair: native XDP redirect into a veth needs a program
+ * (or GRO) on the receiving end; this one only passes */
+SEC("xdp")
+int lrk_pass(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

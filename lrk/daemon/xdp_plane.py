@@ -1,0 +1,408 @@
+"""xdp mode: kernel mode with an XDP program in front that carries established streams.
+
+Composes a `KernelPlane` (nftables NAT, conntrack latching and counting: everything the
+XDP program hands back with XDP_PASS still works as in kernel mode) and writes, for
+every stream it relays, one XDP map entry per direction (RTP and RTCP): packets to a
+leg's relay port from that leg's peer go out from the other leg's relay port to the
+other leg's peer, without netfilter, conntrack or a socket.
+
+What an entry expects and where it sends comes from what the kernel plane knows: the
+announced peer (SDP), replaced by the peer conntrack latched (a NATed source port) as
+soon as a counter read reports it for the leg's current generation. A packet from the
+right address but another port goes to the kernel path (which learns it); a direction
+whose destination is only announced forwards once the destination's own entry has
+forwarded a packet from exactly that address (F_CHECK_PEER), so a NATed peer is never
+sent to its SDP port while conntrack knows better. Sessions with forked early dialogs
+stay on the kernel path (their shared B port tells callees apart by source).
+
+Counters: each direction has a per-CPU slot (packets, payload bytes, last packet time
+on CLOCK_MONOTONIC); reports are the kernel plane's plus the slots', and `last_rx` the
+later of both, so silence expiry sees XDP-carried media.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+from fastpath.contract import (
+    Action,
+    EventSink,
+    Install,
+    LegReport,
+    PlaneFailure,
+    Remove,
+    SessionReport,
+    StreamReport,
+    StreamSpec,
+    Update,
+    unit_id,
+    unit_of,
+)
+from fastpath.kernel.kernel_rules import SessionSpec as KernelSpec
+from fastpath.xdp.errors import XdpError
+from fastpath.xdp.layout import F_CHECK_PEER, F_KERNEL, REASONS, SEEN_NONE, Entry
+from fastpath.xdp.program import XdpProgram
+from lrk.daemon.kernel_plane import KernelPlane
+from lrk.errors import ConfigError
+
+log = logging.getLogger("lrk.xdp")
+#: shown at every log level: which interfaces run the program, and how
+lifecycle = logging.getLogger("lrk.lifecycle")
+
+Addr = Tuple[str, int]
+#: (unit id, leg name, rtcp)
+LatchKey = Tuple[int, str, bool]
+#: verdicts that mean "the kernel path must learn something": a read of conntrack is due
+LEARNING = ("pass_source_port", "pass_peer_nat")
+
+
+class XdpPlane:
+    """Kernel mode plus XDP entries; the DataPlane contract (fastpath/contract.py)."""
+
+    def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
+                 interfaces: Sequence[str], table: str = "lrk", poll_interval: float = 2.0,
+                 counters: str = "conntrack", attach_mode: str = "auto",
+                 max_streams: int = 65536,
+                 load: Callable[..., XdpProgram] = XdpProgram.load) -> None:
+        if not interfaces:
+            raise ConfigError("xdp mode needs xdp_interfaces: the media interfaces to attach "
+                              "the XDP program to (e.g. --xdp-interface eth0)")
+        self.kernel = KernelPlane(port_start, port_end, relay_ips, table, poll_interval,
+                                  counters=counters)
+        self.kernel.sink = self._on_kernel_event
+        self.port_start, self.port_end = port_start, port_end
+        self.relay_ips = sorted(set(relay_ips))
+        self.interfaces = list(interfaces)
+        self.attach_mode = attach_mode
+        self.max_streams = max_streams
+        self._load = load
+        self.prog: Optional[XdpProgram] = None
+        self.sink: EventSink = lambda event: None
+        self.poll_interval = poll_interval
+        self.clock: Callable[[], float] = time.monotonic
+        #: per session: relay address -> the entry written there; per relay its counter slot
+        self.entries: Dict[int, Dict[Addr, Entry]] = {}
+        self.slots: Dict[Addr, int] = {}
+        self._free: List[int] = []
+        self._next_slot = 0
+        #: latches conntrack reported, per session: (uid, leg, rtcp) -> (generation, peer)
+        self.latches: Dict[int, Dict[LatchKey, Tuple[int, Addr]]] = {}
+        #: per counter slot, its last read (packets, bytes, last ns): relay-wide counters
+        #: between reads
+        self._slot_counts: Dict[int, Tuple[int, int, int]] = {}
+        self._last_read = -1e300
+        #: the kernel plane's last report per session (counters since install)
+        self._kreports: Dict[int, SessionReport] = {}
+        self._learning_seen = 0
+        self._last_check = 0.0
+        self.counters: Dict[str, int] = {"xdp.entries.written": 0, "xdp.errors": 0}
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.kernel.start()
+        try:
+            self.prog = self._load(max_streams=self.max_streams, max_counters=self.max_streams)
+            self.prog.configure(self.port_start, self.port_end, self.relay_ips)
+            for ifname in self.interfaces:
+                mode = self.prog.attach(ifname, self.attach_mode)
+                lifecycle.info("xdp mode: program attached to %s in %s mode%s", ifname, mode,
+                         "" if mode == "native" else
+                         " (the driver has no native XDP: slower, still no netfilter)")
+        except XdpError as exc:
+            await self._release()
+            raise ConfigError(f"xdp mode: {exc}") from exc
+        except BaseException:
+            await self._release()
+            raise
+
+    async def _release(self) -> None:
+        if self.prog is not None:
+            self.prog.close()
+            self.prog = None
+        await self.kernel.stop()
+
+    async def stop(self) -> None:
+        """Detach from every interface, release the program and its maps (the kernel
+        frees them with the last reference), then stop the kernel path."""
+        self.entries.clear()
+        self.slots.clear()
+        self.latches.clear()
+        self._kreports.clear()
+        self._slot_counts.clear()
+        if self.prog is not None:
+            failed = self.prog.detach_all()
+            if failed:
+                log.error("xdp mode: still attached to %s", ", ".join(failed))
+            self.prog.close()
+            self.prog = None
+            lifecycle.info("xdp mode: program detached from %s", ", ".join(self.interfaces))
+        await self.kernel.stop()
+
+    # -- actions -----------------------------------------------------------------------
+    def commit(self, then: Callable[[], None]) -> None:
+        then()
+
+    def apply(self, actions: Sequence[Action]) -> List[PlaneFailure]:
+        """Kernel elements first (the XDP path hands back to them), then the entries."""
+        failures = self.kernel.apply(actions)
+        failed = {f.sid for f in failures}
+        for action in actions:
+            sid = action.sid
+            try:
+                if isinstance(action, Remove) or sid in failed:
+                    self._drop_session(sid)
+                elif isinstance(action, (Install, Update)):
+                    self._sync_session(sid)
+            except XdpError as exc:
+                self.counters["xdp.errors"] += 1
+                log.error("xdp mode could not write the entries of session %d: %s", sid, exc)
+                if isinstance(action, Remove) or sid in failed:
+                    continue
+                failures.append(PlaneFailure(sid, "kernel_error", f"xdp: {exc}"[:200]))
+                failed.add(sid)
+                self.kernel.apply([Remove(sid, action.spec.call_id, "xdp_error")])
+                self._drop_session(sid)
+        return failures
+
+    def _units(self, sid: int) -> List[int]:
+        """Unit ids the kernel plane holds for a session (main and fork units)."""
+        spec = self.kernel.specs.get(sid)
+        uids = [unit_id(sid, s.index) for s in spec.streams] if spec is not None else []
+        uids += list(self.kernel.session_forks.get(sid, {}).values())
+        return uids
+
+    def _sync_session(self, sid: int) -> None:
+        """A session's entries from what the kernel plane holds now (a fork unit shares
+        leg B's relay ports with the main unit: entries are per session, by relay)."""
+        forked = bool(self.kernel.session_forks.get(sid))
+        wanted: Dict[Addr, Entry] = {}
+        for uid in self._units(sid):
+            kspec = self.kernel.installed.get(uid)
+            stream = self.kernel.streams.get(uid)
+            if kspec is not None and stream is not None:
+                wanted.update(self._wanted(uid, kspec, stream, forked))
+        self._write_session(sid, wanted)
+
+    def _wanted(self, uid: int, kspec: KernelSpec, stream: StreamSpec,
+                forked: bool) -> Dict[Addr, Entry]:
+        out: Dict[Addr, Entry] = {}
+        legs = (("A", kspec.a, stream.a.generation, "B", kspec.b, stream.b.generation),
+                ("B", kspec.b, stream.b.generation, "A", kspec.a, stream.a.generation))
+        for rtcp in (False, True):
+            for name, leg, gen, oname, other, ogen in legs:
+                relay = leg.relay(rtcp)
+                if forked:  # the kernel path tells forked callees apart by source
+                    out[relay] = Entry(relay, relay, relay, relay, 0, F_KERNEL)
+                    continue
+                source = self._latch(uid, name, rtcp, gen) or leg.peer(rtcp)
+                dest = self._latch(uid, oname, rtcp, ogen)
+                flags, peer = 0, None
+                if dest is None:
+                    dest = other.peer(rtcp)
+                    flags, peer = F_CHECK_PEER, other.relay(rtcp)
+                out[relay] = Entry(relay, source, other.relay(rtcp), dest, 0, flags, peer)
+        return out
+
+    def _latch(self, uid: int, name: str, rtcp: bool, generation: int) -> Optional[Addr]:
+        got = self.latches.get(unit_of(uid)[0], {}).get((uid, name, rtcp))
+        return got[1] if got is not None and got[0] == generation else None
+
+    def _write_session(self, sid: int, wanted: Dict[Addr, Entry]) -> None:
+        assert self.prog is not None
+        old = self.entries.get(sid, {})
+        for relay in [r for r in old if r not in wanted]:
+            self.prog.remove(relay)
+            slot = self.slots.pop(relay, None)
+            if slot is not None:
+                self._free.append(slot)
+                self._slot_counts.pop(slot, None)
+        held = {}
+        for relay, entry in wanted.items():
+            slot = self.slots.get(relay)
+            if slot is None:
+                slot = self._free.pop() if self._free else self._take_slot()
+                self.prog.reset_counter(slot)
+                self.slots[relay] = slot
+            entry = entry._replace(counter=slot)
+            before = old.get(relay)
+            if before != entry:
+                # a destination that only moved keeps what was seen of its source
+                keep = (self.prog.seen(relay) if before is not None
+                        and before.source == entry.source else SEEN_NONE)
+                self.prog.put(entry, seen=keep)
+                self.counters["xdp.entries.written"] += 1
+            held[relay] = entry
+        if held:
+            self.entries[sid] = held
+        else:
+            self.entries.pop(sid, None)
+
+    def _take_slot(self) -> int:
+        if self._next_slot >= self.max_streams:
+            raise XdpError(f"all {self.max_streams} XDP counter slots are in use "
+                           "(xdp_max_streams)")
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def _drop_session(self, sid: int) -> None:
+        if self.prog is not None:
+            self._write_session(sid, {})
+        self.latches.pop(sid, None)
+        self._kreports.pop(sid, None)
+
+    # -- reports -------------------------------------------------------------------------
+    def _on_kernel_event(self, event) -> None:
+        """A kernel report: note its latches (rewrite entries that move), add the XDP
+        counters, pass it on. Failures pass through."""
+        if not isinstance(event, SessionReport):
+            self.sink(event)
+            return
+        self._kreports[event.sid] = event
+        latches = self.latches.setdefault(event.sid, {})
+        moved = False
+        for report in event.streams:
+            uid = unit_id(event.sid, report.index)
+            stream = self.kernel.streams.get(uid)
+            if stream is None:
+                continue
+            for name, leg, spec in (("A", report.a, stream.a), ("B", report.b, stream.b)):
+                if leg.generation != spec.generation:
+                    continue
+                for rtcp, addr in ((False, leg.latched), (True, leg.rtcp_latched)):
+                    if addr is None:
+                        continue
+                    key = (uid, name, rtcp)
+                    value = (spec.generation, (addr[0], addr[1]))
+                    if latches.get(key) != value:
+                        latches[key] = value
+                        moved = True
+        if moved and self.prog is not None:
+            try:
+                self._sync_session(event.sid)
+            except XdpError as exc:
+                self.counters["xdp.errors"] += 1
+                log.error("xdp mode could not re-point session %d: %s", event.sid, exc)
+        self.sink(self._merged(event.sid, event))
+
+    def _merged(self, sid: int, base: Optional[SessionReport]) -> SessionReport:
+        """The kernel plane's report with every XDP slot of the session added."""
+        prog = self.prog
+        kernel = {r.index: r for r in base.streams} if base is not None else {}
+        last_rx = base.last_rx if base is not None else None
+        streams = []
+        entries = self.entries.get(sid, {})
+        spec = self.kernel.specs.get(sid)
+        for stream in (spec.streams if spec is not None else ()):
+            k = kernel.get(stream.index)
+            legs = []
+            for name, lspec, other in (("A", stream.a, stream.b), ("B", stream.b, stream.a)):
+                rep = (k.a if name == "A" else k.b) if k is not None else LegReport()
+                add = [0, 0, 0, 0]
+                latched = [rep.latched, rep.rtcp_latched]
+                for rtcp in (False, True):
+                    for mine, relay in ((True, (lspec.relay_ip, lspec.relay_port + rtcp)),
+                                        (False, (other.relay_ip, other.relay_port + rtcp))):
+                        entry = entries.get(relay)
+                        if entry is None or prog is None or entry.flags & F_KERNEL:
+                            continue
+                        packets, octets, last_ns = self._read_slot(entry.counter)
+                        if mine:
+                            add[0] += packets
+                            add[1] += octets
+                            if packets and latched[rtcp] is None:
+                                latched[rtcp] = entry.source
+                        else:
+                            add[2] += packets
+                            add[3] += octets
+                        if last_ns:
+                            t = last_ns / 1e9
+                            last_rx = t if last_rx is None else max(last_rx, t)
+                generation = rep.generation
+                if generation < 0 and (latched[0] or latched[1]):
+                    generation = lspec.generation
+                legs.append(rep._replace(
+                    in_packets=rep.in_packets + add[0], in_bytes=rep.in_bytes + add[1],
+                    out_packets=rep.out_packets + add[2], out_bytes=rep.out_bytes + add[3],
+                    generation=generation, latched=latched[0], rtcp_latched=latched[1]))
+            streams.append(StreamReport(stream.index, legs[0], legs[1]))
+        forks = base.forks if base is not None else ()
+        return SessionReport(sid, last_rx, tuple(streams), forks)
+
+    def _read_slot(self, slot: int) -> Tuple[int, int, int]:
+        assert self.prog is not None
+        got = self._slot_counts[slot] = self.prog.read_counter(slot)
+        return got
+
+    def _report_all(self) -> None:
+        self._last_read = self.clock()
+        for sid in list(self.kernel.specs):
+            self.sink(self._merged(sid, self._kreports.get(sid)))
+
+    def refresh(self, then: Callable[[], None]) -> None:
+        """Kernel counters no older than `poll_interval` (its own rule), and every
+        session's XDP slots (a map lookup per direction, no conntrack walk) read again
+        when the last read is that old: the relay refreshes before every `delete`,
+        `query` and `stats`, and reading every slot of 1,000 sessions each time would
+        make a delete cost tens of milliseconds."""
+        self.kernel.refresh(lambda: None)
+        if self.clock() - self._last_read >= self.poll_interval:
+            self._report_all()
+        then()
+
+    def get_timer(self) -> Optional[float]:
+        """The kernel plane's reads, and while any session is installed a check every
+        `poll_interval` whether the kernel path has something to learn (a NATed source
+        port, a destination seen behind a NAT): then its conntrack read comes now."""
+        timers = [t for t in (self.kernel.get_timer(),
+                              self._last_check + self.poll_interval if self.entries else None)
+                  if t is not None]
+        return min(timers) if timers else None
+
+    def handle_timer(self, now: float) -> None:
+        self.kernel.handle_timer(now)
+        if self.entries and now >= self._last_check + self.poll_interval:
+            self._last_check = now
+            if self.prog is None:
+                return
+            counts = self.prog.verdict_counts()
+            learning = sum(counts[r] for r in LEARNING)
+            if learning != self._learning_seen:
+                self._learning_seen = learning
+                self.kernel.refresh(lambda: None)
+                self._report_all()
+
+    def media_counters(self) -> Dict[str, int]:
+        """The kernel path's counters plus the XDP program's: every verdict per reason
+        (`xdp.verdicts.<reason>`), its drops in the relay-wide drop counters, and what its slots
+        carried in `media.received.*`."""
+        total = self.kernel.media_counters()
+        total.update(self.counters)
+        if self.prog is None:
+            return total
+        try:
+            verdicts = self.prog.verdict_counts()
+        except XdpError as exc:
+            log.error("xdp counters unreadable: %s", exc)
+            return total
+        for reason in REASONS:
+            total[f"xdp.verdicts.{reason}"] = verdicts[reason]
+        total["media.dropped.unexpected_source"] = (
+            total.get("media.dropped.unexpected_source", 0) + verdicts["drop_unexpected_source"])
+        total["media.dropped.no_destination"] = (
+            total.get("media.dropped.no_destination", 0) + verdicts["drop_no_destination"])
+        total["media.dropped.malformed"] = verdicts["drop_malformed"]
+        # what the live sessions' slots carried, as of the last read (at most
+        # `poll_interval` old after a refresh, which `stats` does first)
+        counts = self._slot_counts.values()
+        total["media.received.packets"] = (total.get("media.received.packets", 0)
+                                           + sum(c[0] for c in counts))
+        total["media.received.bytes"] = (total.get("media.received.bytes", 0)
+                                         + sum(c[1] for c in counts))
+        return total
+
+    @property
+    def installed_relays(self) -> Set[Addr]:
+        """Every relay address/port with an XDP entry (tests, diagnostics)."""
+        return {relay for entries in self.entries.values() for relay in entries}

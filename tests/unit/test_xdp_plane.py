@@ -1,0 +1,280 @@
+"""xdp mode's daemon side without a kernel: which XDP entries the plane writes from what
+the kernel plane holds (announced peers, conntrack latches of the current generation,
+forked sessions on the kernel path), how it merges the program's counters into reports,
+and what it frees. The kernel plane and the loaded program are fakes here; the real ones
+run in tests/netns/test_xdp_mode.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Dict, List, Tuple
+
+from fastpath.contract import (
+    ForkSpec,
+    Install,
+    LegReport,
+    LegSpec,
+    Remove,
+    SessionReport,
+    SessionSpec,
+    StreamReport,
+    StreamSpec,
+    Update,
+    unit_id,
+)
+from fastpath.xdp.layout import F_CHECK_PEER, F_KERNEL, REASONS, SEEN_NONE, Entry
+from lrk.daemon.kernel_plane import fork_spec, session_spec
+from lrk.daemon.xdp_plane import XdpPlane
+
+RA, RB = "198.51.100.1", "198.51.100.65"
+CALLER, CALLEE = "198.51.100.10", "198.51.100.70"
+
+
+class FakeProgram:
+    def __init__(self) -> None:
+        self.entries: Dict[Tuple[str, int], Entry] = {}
+        self.counts: Dict[int, Tuple[int, int, int]] = {}
+        self.resets: List[int] = []
+        self.verdicts = {r: 0 for r in REASONS}
+        self.closed = False
+
+    def put(self, entry: Entry, seen: int = SEEN_NONE) -> None:
+        self.entries[entry.relay] = entry
+
+    def remove(self, relay) -> bool:
+        return self.entries.pop(relay, None) is not None
+
+    def seen(self, relay) -> int:
+        return SEEN_NONE
+
+    def reset_counter(self, index: int) -> None:
+        self.resets.append(index)
+        self.counts[index] = (0, 0, 0)
+
+    def read_counter(self, index: int):
+        return self.counts.get(index, (0, 0, 0))
+
+    def verdict_counts(self):
+        return dict(self.verdicts)
+
+    def configure(self, *args) -> None:
+        pass
+
+    def attach(self, ifname: str, mode: str) -> str:
+        return "native"
+
+    def detach_all(self) -> list:
+        return []
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeKernel:
+    """What XdpPlane reads of a KernelPlane, kept as KernelPlane keeps it."""
+
+    def __init__(self) -> None:
+        self.specs: Dict[int, SessionSpec] = {}
+        self.streams: Dict[int, StreamSpec] = {}
+        self.installed: dict = {}
+        self.session_forks: Dict[int, Dict[Tuple[int, int], int]] = {}
+        self.fork_of: Dict[int, Tuple[int, int, int]] = {}
+        self.sink = lambda event: None
+        self.refreshed = 0
+        self._next = -1
+
+    def apply(self, actions) -> list:
+        for action in actions:
+            self._drop(action.sid)
+            if isinstance(action, (Install, Update)):
+                spec = action.spec
+                self.specs[spec.sid] = spec
+                for s in spec.streams:
+                    uid = unit_id(spec.sid, s.index)
+                    self.streams[uid] = s
+                    self.installed[uid] = session_spec(s)
+                for f in spec.forks:
+                    for s in f.streams:
+                        uid, self._next = self._next, self._next - 1
+                        self.session_forks.setdefault(spec.sid, {})[(f.key, s.index)] = uid
+                        self.fork_of[uid] = (spec.sid, f.key, s.index)
+                        self.streams[uid] = s
+                        self.installed[uid] = fork_spec(s)
+        return []
+
+    def _drop(self, sid: int) -> None:
+        spec = self.specs.pop(sid, None)
+        for uid in self.session_forks.pop(sid, {}).values():
+            self.fork_of.pop(uid)
+            self.streams.pop(uid)
+            self.installed.pop(uid)
+        for s in spec.streams if spec else ():
+            self.streams.pop(unit_id(sid, s.index))
+            self.installed.pop(unit_id(sid, s.index))
+
+    def refresh(self, then) -> None:
+        self.refreshed += 1
+        then()
+
+    def get_timer(self):
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        pass
+
+    def media_counters(self) -> dict:
+        return {"media.dropped.unexpected_source": 2, "media.received.packets": 5,
+                "media.received.bytes": 500}
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+def _stream(index: int, gen_a: int = 0, gen_b: int = 0) -> StreamSpec:
+    port = 30000 + 4 * index
+    return StreamSpec(index,
+                      LegSpec("A", RA, port, (CALLER, 4000 + 2 * index), generation=gen_a),
+                      LegSpec("B", RB, port + 2, (CALLEE, 5000 + 2 * index), generation=gen_b))
+
+
+def _plane(events: list):
+    prog = FakeProgram()
+    plane = XdpPlane(30000, 30099, [RA, RB], ["vc1"], load=lambda **kw: prog)
+    plane.kernel = FakeKernel()  # type: ignore[assignment]
+    plane.kernel.sink = plane._on_kernel_event
+    plane.sink = events.append
+    asyncio.run(plane.start())
+    return plane, prog
+
+
+def test_entries_from_announced_peers_both_directions_rtp_and_rtcp():
+    plane, prog = _plane([])
+    spec = SessionSpec(1, "c", (_stream(0), _stream(1)))
+    assert plane.apply([Install(spec)]) == []
+    assert len(prog.entries) == 8  # 2 streams x (RTP, RTCP) x 2 directions
+    e = prog.entries[(RA, 30000)]
+    assert (e.source, e.new_src, e.new_dst) == ((CALLER, 4000), (RB, 30002), (CALLEE, 5000))
+    assert (e.flags, e.peer) == (F_CHECK_PEER, (RB, 30002))
+    rtcp = prog.entries[(RB, 30007)]  # video, leg B, RTCP
+    assert (rtcp.source, rtcp.new_src, rtcp.new_dst) == ((CALLEE, 5003), (RA, 30005),
+                                                        (CALLER, 4003))
+    assert len({x.counter for x in prog.entries.values()}) == 8, "a slot per direction"
+
+
+def test_a_conntrack_latch_of_the_current_generation_rewrites_both_directions():
+    events: list = []
+    plane, prog = _plane(events)
+    spec = SessionSpec(1, "c", (_stream(0, gen_a=3),))
+    plane.apply([Install(spec)])
+    stale = StreamReport(0, LegReport(generation=2, latched=(CALLER, 4444)), LegReport())
+    plane.kernel.sink(SessionReport(1, None, (stale,)))
+    assert prog.entries[(RA, 30000)].source == (CALLER, 4000), "an old generation's latch"
+    fresh = StreamReport(0, LegReport(in_packets=1, generation=3, latched=(CALLER, 4444)),
+                         LegReport())
+    plane.kernel.sink(SessionReport(1, 10.0, (fresh,)))
+    a, b = prog.entries[(RA, 30000)], prog.entries[(RB, 30002)]
+    assert a.source == (CALLER, 4444)
+    assert (b.new_dst, b.flags) == ((CALLER, 4444), 0), "the latch needs no peer check"
+    assert prog.entries[(RA, 30001)].source == (CALLER, 4001), "RTCP latches on its own"
+    assert events[-1].a.latched == (CALLER, 4444) and events[-1].a.in_packets == 1
+
+
+def test_reports_add_the_program_counters_and_last_seen():
+    events: list = []
+    plane, prog = _plane(events)
+    plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
+    slot = {relay: e.counter for relay, e in prog.entries.items()}
+    prog.counts[slot[(RA, 30000)]] = (10, 1600, 7_000_000_000)
+    prog.counts[slot[(RA, 30001)]] = (1, 52, 6_000_000_000)
+    prog.counts[slot[(RB, 30002)]] = (8, 1280, 9_500_000_000)
+    base = StreamReport(0, LegReport(in_packets=2, in_bytes=320), LegReport(out_packets=2,
+                                                                           out_bytes=320))
+    plane.kernel.sink(SessionReport(1, 5.0, (base,)))
+    rep = events[-1]
+    assert rep.last_rx == 9.5
+    assert (rep.a.in_packets, rep.a.in_bytes, rep.a.out_packets, rep.a.out_bytes) == \
+        (13, 1972, 8, 1280)
+    assert (rep.b.in_packets, rep.b.out_packets, rep.b.out_bytes) == (8, 13, 1972)
+    assert rep.a.latched == (CALLER, 4000) and rep.a.rtcp_latched == (CALLER, 4001)
+    # refresh reads every session's slots without a kernel report
+    prog.counts[slot[(RA, 30000)]] = (11, 1760, 12_000_000_000)
+    done: list = []
+    plane.refresh(lambda: done.append(1))
+    assert done == [1] and events[-1].last_rx == 12.0 and events[-1].a.in_packets == 14
+
+
+def test_forked_sessions_stay_on_the_kernel_path_until_the_200():
+    plane, prog = _plane([])
+    fork = ForkSpec(1, "t2", (StreamSpec(0, LegSpec("A", RA, 30010, (CALLER, 4000)),
+                                         LegSpec("B", RB, 30002, ("198.51.100.71", 6000))),))
+    spec = SessionSpec(1, "c", (_stream(0),), forks=(fork,))
+    plane.apply([Install(spec)])
+    assert set(prog.entries) == {(RA, 30000), (RA, 30001), (RB, 30002), (RB, 30003),
+                                 (RA, 30010), (RA, 30011)}
+    assert all(e.flags == F_KERNEL for e in prog.entries.values())
+    plane.apply([Update(SessionSpec(1, "c", (_stream(0),)), "B")])
+    assert set(prog.entries) == {(RA, 30000), (RA, 30001), (RB, 30002), (RB, 30003)}
+    assert not any(e.flags & F_KERNEL for e in prog.entries.values())
+
+
+def test_remove_frees_entries_and_slots_which_start_from_zero_when_reused():
+    plane, prog = _plane([])
+    plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
+    used = sorted(e.counter for e in prog.entries.values())
+    plane.apply([Remove(1, "c", "deleted")])
+    assert prog.entries == {} and plane.entries == {} and plane.slots == {}
+    prog.resets.clear()
+    plane.apply([Install(SessionSpec(2, "d", (_stream(1),)))])
+    assert sorted(e.counter for e in prog.entries.values()) == used
+    assert sorted(prog.resets) == used
+
+
+def test_relay_counters_add_the_program_verdicts_and_drops():
+    plane, prog = _plane([])
+    plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
+    prog.verdicts.update(redirect=40, drop_unexpected_source=3, drop_no_destination=4)
+    prog.counts[prog.entries[(RA, 30000)].counter] = (40, 6400, 1)
+    plane.refresh(lambda: None)  # the relay refreshes before `stats`
+    prog.counts[prog.entries[(RA, 30000)].counter] = (41, 6560, 2)  # not read yet
+    total = plane.media_counters()
+    assert total["xdp.verdicts.redirect"] == 40
+    assert total["media.dropped.unexpected_source"] == 5
+    assert total["media.dropped.no_destination"] == 4
+    assert (total["media.received.packets"], total["media.received.bytes"]) == (45, 6900)
+
+
+def test_refresh_reads_the_slots_at_most_every_poll_interval():
+    """The relay refreshes before every delete, query and stats: reading every slot each
+    time would cost O(sessions) map lookups per request."""
+    events: list = []
+    plane, prog = _plane(events)
+    now = [100.0]
+    plane.clock = lambda: now[0]
+    plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
+    plane.refresh(lambda: None)
+    plane.refresh(lambda: None)
+    assert len(events) == 1
+    now[0] += plane.poll_interval
+    plane.refresh(lambda: None)
+    assert len(events) == 2
+
+
+def test_learning_verdicts_bring_the_kernel_read_forward():
+    plane, prog = _plane([])
+    plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
+    plane.handle_timer(100.0)
+    assert plane.kernel.refreshed == 0
+    assert plane.get_timer() == 100.0 + plane.poll_interval
+    prog.verdicts["pass_source_port"] = 1
+    plane.handle_timer(100.0 + plane.poll_interval)
+    assert plane.kernel.refreshed == 1
+
+
+def test_stop_releases_the_program():
+    plane, prog = _plane([])
+    plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
+    asyncio.run(plane.stop())
+    assert prog.closed and plane.prog is None and plane.entries == {}
