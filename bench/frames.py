@@ -6,7 +6,7 @@ checksum or a length is computed one way everywhere.
 
 from __future__ import annotations
 
-import socket
+import ipaddress
 import struct
 from dataclasses import dataclass
 from typing import Optional
@@ -26,13 +26,50 @@ class Flow:
     ssrc: int = 0x1234
 
 
-def inet_checksum(data: bytes) -> int:
+def mac(text: str) -> bytes:
+    return bytes(int(x, 16) for x in text.split(":"))
+
+
+def ones_sum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def inet_checksum(data: bytes) -> int:
+    return ~ones_sum(data) & 0xFFFF
+
+
+def udp_checksum(src: str, dst: str, udp: bytes) -> int:
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    if s.version == 4:
+        pseudo = s.packed + d.packed + struct.pack("!BBH", 0, 17, len(udp))
+    else:
+        pseudo = s.packed + d.packed + struct.pack("!IxxxB", len(udp), 17)
+    c = inet_checksum(pseudo + udp)
+    return c or 0xFFFF
+
+
+def udp_frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport: int,
+          payload: bytes, ttl: int = 64, csum: Optional[int] = None, ident: int = 0x1234,
+          frag: int = 0, pad: int = 0) -> bytes:
+    """Ethernet + IPv4/IPv6 + UDP; `csum` overrides the UDP checksum (0: none)."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    c = udp_checksum(src, dst, udp) if csum is None else csum
+    udp = udp[:6] + struct.pack("!H", c) + udp[8:]
+    if ":" in src:
+        ip = struct.pack("!IHBB", 6 << 28, len(udp), 17, ttl)
+        ip += ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed
+        eth_type = 0x86DD
+    else:
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), ident, frag, ttl, 17, 0,
+                          ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed)
+        ip = hdr[:10] + struct.pack("!H", inet_checksum(hdr)) + hdr[12:]
+        eth_type = 0x0800
+    return mac(dst_mac) + mac(src_mac) + struct.pack("!H", eth_type) + ip + udp + bytes(pad)
 
 
 def rtp(ssrc: int, seq: int = 1, payload_len: int = PAYLOAD_LEN) -> bytes:
@@ -41,34 +78,10 @@ def rtp(ssrc: int, seq: int = 1, payload_len: int = PAYLOAD_LEN) -> bytes:
         b"\xd5" * payload_len)
 
 
-def mac_bytes(mac: str) -> bytes:
-    return bytes(int(part, 16) for part in mac.split(":"))
-
-
 def frame(flow: Flow, src_mac: str, dst_mac: str, payload: Optional[bytes] = None,
           ttl: int = 64) -> bytes:
     """The exact Ethernet frame trafgen sends for `flow` (IPv4 or IPv6 by its addresses)."""
-    body = rtp(flow.ssrc) if payload is None else payload
-    udp_len = 8 + len(body)
-    v6 = ":" in flow.src
-    if v6 != (":" in flow.dst):
+    if (":" in flow.src) != (":" in flow.dst):
         raise ValueError(f"flow mixes address families: {flow}")
-    fam = socket.AF_INET6 if v6 else socket.AF_INET
-    src, dst = socket.inet_pton(fam, flow.src), socket.inet_pton(fam, flow.dst)
-    if v6:
-        pseudo = src + dst + struct.pack("!I3xB", udp_len, 17)
-    else:
-        pseudo = src + dst + struct.pack("!BBH", 0, 17, udp_len)
-    udp = struct.pack("!HHHH", flow.sport, flow.dport, udp_len, 0) + body
-    csum = inet_checksum(pseudo + udp) or 0xFFFF
-    udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
-    if v6:
-        ip = struct.pack("!IHBB", 0x60000000, udp_len, 17, ttl) + src + dst
-        ethertype = 0x86DD
-    else:
-        hdr = struct.pack("!BBHHHBBH", 0x45, 0, 20 + udp_len, 0, 0x4000, ttl, 17, 0) + src + dst
-        ip = hdr[:10] + struct.pack("!H", inet_checksum(hdr)) + hdr[12:]
-        ethertype = 0x0800
-    return mac_bytes(dst_mac) + mac_bytes(src_mac) + struct.pack("!H", ethertype) + ip + udp
-
-
+    return udp_frame(src_mac, dst_mac, flow.src, flow.dst, flow.sport, flow.dport,
+                     rtp(flow.ssrc) if payload is None else payload, ttl=ttl)

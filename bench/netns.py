@@ -14,9 +14,11 @@ import socket
 import subprocess
 import threading
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 from lrk.errors import LrkError
+
+T = TypeVar("T")
 
 PREFIX = "lrk-t"
 CLONE_NEWNET = 0x40000000
@@ -64,32 +66,37 @@ def sweep(prefix: str = PREFIX) -> List[str]:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def socket_in(ns: str, family: int = socket.AF_INET,
-              kind: int = socket.SOCK_DGRAM, proto: int = 0) -> socket.socket:
-    """A socket that lives in namespace `ns` (setns on a throwaway thread)."""
+def in_netns(ns: str, fn: Callable[[], T]) -> T:
+    """Run `fn` on a throwaway thread inside namespace `ns` (BPF_PROG_TEST_RUN resolves
+    ingress_ifindex and bpf_fib_lookup in the caller's namespace)."""
     result: List[object] = []
 
-    def make() -> None:
+    def run() -> None:
         try:
             fd = os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY)
             try:
                 if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({ns}): {os.strerror(err)}")
+                    raise OSError(ctypes.get_errno(), f"setns({ns})")
             finally:
                 os.close(fd)
-            result.append(socket.socket(family, kind, proto))
-        except BaseException as exc:  # handed to the caller's thread
+            result.append(fn())
+        except BaseException as exc:
             result.append(exc)
 
-    t = threading.Thread(target=make, name=f"setns-{ns}")
+    t = threading.Thread(target=run, name=f"in-{ns}")
     t.start()
-    t.join(10)
+    t.join(30)
     if not result:
-        raise NetnsError(f"could not make a socket in {ns}")
+        raise NetnsError(f"no result from a thread in {ns}")
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]  # type: ignore[return-value]
+
+
+def socket_in(ns: str, family: int = socket.AF_INET,
+              kind: int = socket.SOCK_DGRAM, proto: int = 0) -> socket.socket:
+    """A socket that lives in namespace `ns` (a socket stays in the namespace it was made in)."""
+    return in_netns(ns, lambda: socket.socket(family, kind, proto))
 
 
 @dataclass

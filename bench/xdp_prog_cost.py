@@ -22,8 +22,8 @@ import sys
 from typing import Dict, List, Optional
 
 from bench.capacity import machine
-from bench.netns import PREFIX, list_namespaces, run
-from bench.xdp_frames import frame, in_netns
+from bench.frames import udp_frame as frame
+from bench.netns import PREFIX, in_netns, list_namespaces, run
 from fastpath.xdp.layout import Entry
 from fastpath.xdp.libbpf import if_nametoindex, test_run
 from fastpath.xdp.program import XdpProgram

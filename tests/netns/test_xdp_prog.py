@@ -10,8 +10,9 @@ from typing import Dict, Iterator, NamedTuple
 
 import pytest
 
-from bench.netns import run
-from bench.xdp_frames import frame, in_netns, ones_sum, udp_checksum
+from bench.frames import ones_sum, udp_checksum
+from bench.frames import udp_frame as frame
+from bench.netns import in_netns, run
 from fastpath.xdp.layout import (
     F_CHECK_PEER,
     F_KERNEL,
