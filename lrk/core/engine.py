@@ -453,15 +453,21 @@ class Engine:
         return session, actions, "created"
 
     # -- restart: sessions from a store -------------------------------------------------
-    def adopt(self, now: float, session: Session) -> List[Action]:
+    def adopt(self, now: float, session: Session, foreign: bool = False) -> List[Action]:
         """Take over a session rebuilt from a store (a restarted relay): its relay ports
         are claimed as they were, so the calls' media keeps its addresses. Refused
         (counted, nothing changes) when its Call-ID or id is taken or a port is outside
-        this relay's range or in use."""
+        this relay's range or in use.
+
+        `foreign`: a session of another node (a standby's takeover): it gets a fresh id
+        here, and its ports may lie outside this relay's range (the peer's range; they
+        go back to no pool when the call ends)."""
         ports = session.ports()
+        if foreign and session.call_id not in self.by_call:
+            session.sid = self._next_sid
         if (session.call_id in self.by_call or session.sid in self.by_sid
-                or not ports or any(not self.ports.contains(p) or self.ports.is_in_use(p)
-                                    for p in ports)
+                or not ports or any((not foreign and not self.ports.contains(p))
+                                    or self.ports.is_in_use(p) for p in ports)
                 or len(set(ports)) != len(ports)):
             self.counters["sessions.restore_refused"] += 1
             return []
