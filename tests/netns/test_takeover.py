@@ -1,0 +1,227 @@
+"""Calls survive the loss of a node: two relay namespaces share one Redis (started here,
+on a unix socket); node 2 stands by for node 1. 50 calls on node 1 (some still in early
+dialog, one with a second early dialog of a forked INVITE), node 1 killed (-9), its media
+address moved to node 2 (as keepalived would): every call's media flows again through
+node 2 within 2 s, counters continue from the stored records, and once the calls are
+deleted no Redis key, port or process is left.
+
+    client ns: br0 198.51.100.10 (callers) .11 (callees)
+      |-- veth -- node 1 ns: 198.51.100.21, shared 198.51.100.100 (moves)
+      '-- veth -- node 2 ns: 198.51.100.22
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+from typing import Dict, Iterator, List, Tuple
+
+import pytest
+
+from bench.netns import run
+from lrk.client import LrkClient
+from lrk.demo.media import rtp_packet
+from lrk.demo.relay_process import RelayProcess
+from tests.redis_server import RedisServer
+
+from .hosts import endpoint, wait
+from .throwaway import Namespaces
+
+pytestmark = pytest.mark.netns
+
+VIP = "198.51.100.100"
+CALLER, CALLEE = "198.51.100.10", "198.51.100.11"
+CALLS = 50
+EARLY = 10  # calls left in early dialog (183 only); the first of them forked
+TAKEOVER_LIMIT = 2.0
+
+
+def _audio(ip: str, port: int) -> str:
+    return (f"v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n"
+            f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
+
+
+class TwoNodes:
+    """The namespaces and links of the test (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.spaces = Namespaces("tk")
+        self.client = self.spaces.make("c")
+        self.node = [self.spaces.make("n1"), self.spaces.make("n2")]
+        run("ip", "link", "add", "br0", "type", "bridge", ns=self.client)
+        for i, ns in enumerate(self.node):
+            run("ip", "link", "add", f"c{i}", "netns", self.client, "type", "veth", "peer",
+                "name", "e0", "netns", ns)
+            run("ip", "link", "set", f"c{i}", "master", "br0", "up", ns=self.client)
+            run("ip", "addr", "add", f"198.51.100.{21 + i}/24", "dev", "e0", ns=ns)
+            run("ip", "link", "set", "e0", "up", ns=ns)
+        for ip in (CALLER, CALLEE):
+            run("ip", "addr", "add", f"{ip}/24", "dev", "br0", ns=self.client)
+        run("ip", "link", "set", "br0", "up", ns=self.client)
+        run("ip", "addr", "add", f"{VIP}/24", "dev", "e0", ns=self.node[0])
+
+    def move_vip(self) -> None:
+        """What keepalived does on failover: the address leaves node 1 and appears on
+        node 2, and its gratuitous ARP makes the neighbours forget node 1's MAC."""
+        run("ip", "addr", "del", f"{VIP}/24", "dev", "e0", ns=self.node[0])
+        run("ip", "addr", "add", f"{VIP}/24", "dev", "e0", ns=self.node[1])
+        run("ip", "neigh", "flush", "dev", "br0", ns=self.client)
+
+
+@pytest.fixture
+def nodes() -> Iterator[TwoNodes]:
+    t = TwoNodes.__new__(TwoNodes)
+    t.spaces = Namespaces("tk")
+    try:
+        TwoNodes.__init__(t)
+        yield t
+    finally:
+        t.spaces.destroy()
+
+
+def _relay(ns: str, ip: str, ports: str, tmp_path, name: str, config: str) -> RelayProcess:
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(f"quarantine = 0\nnode_id = \"{name}\"\n{config}")
+    return RelayProcess(ports=ports, netns=ns, extra=[
+        "--internal-ip", ip, "--external-ip", ip, "--config", str(cfg)]).start()
+
+
+def _pids_of(ns: str) -> List[str]:
+    return run("ip", "netns", "pids", ns).stdout.split()
+
+
+def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path):
+    socks: List[socket.socket] = []
+    relays: List[RelayProcess] = []
+    with RedisServer() as redis:
+        store = f"store = \"redis\"\nredis_url = \"{redis.url}\"\n"
+        try:
+            node1 = _relay(nodes.node[0], VIP, "30000-30299", tmp_path, "node1", store)
+            relays.append(node1)
+            node2 = _relay(nodes.node[1], "198.51.100.22", "31000-31299", tmp_path, "node2",
+                           store + "standby_for = [\"node1\"]\nstandby_poll = 0.1\n")
+            relays.append(node2)
+            # (caller socket, callee socket, relay A addr, relay B addr) per call
+            calls: Dict[str, Tuple[socket.socket, socket.socket, tuple, tuple]] = {}
+            fork_callee = endpoint(nodes.client, CALLEE, 7000)
+            socks.append(fork_callee)
+            with LrkClient([node1.node]) as c1:
+                for i in range(CALLS):
+                    cid = f"call-{i}"
+                    caller = endpoint(nodes.client, CALLER, 4000 + 2 * i, timeout=0.05)
+                    callee = endpoint(nodes.client, CALLEE, 5000 + 2 * i, timeout=0.05)
+                    socks += [caller, callee]
+                    offer = c1.offer(cid, "a", sdp=_audio(CALLER, 4000 + 2 * i))
+                    answer = c1.answer(cid, "a", "b", sdp=_audio(CALLEE, 5000 + 2 * i),
+                                       provisional=i < EARLY)
+                    to_b = (offer["streams"][0]["ip"], offer["streams"][0]["port"])
+                    to_a = (answer["streams"][0]["ip"], answer["streams"][0]["port"])
+                    calls[cid] = (caller, callee, to_a, to_b)
+                c1.answer("call-0", "a", "b2", sdp=_audio(CALLEE, 7000), provisional=True)
+                assert c1.query("call-0")["session"]["state"] == "early"
+                # media before the failure: each call latches both ways (written to Redis)
+                for cid, (caller, callee, to_a, to_b) in calls.items():
+                    caller.sendto(rtp_packet(1, 0x100), to_a)
+                    assert callee.recvfrom(2048)[0] == rtp_packet(1, 0x100), cid
+                    callee.sendto(rtp_packet(1, 0x200), to_b)
+                    assert caller.recvfrom(2048)[0] == rtp_packet(1, 0x200), cid
+                wait(lambda: c1.query("call-49")["session"]["legs"]["A"]["latched"]
+                     is not None)
+                before = {cid: c1.query(cid)["session"]["legs"]["A"]["counters"]["in_packets"]
+                          for cid in calls}
+            with LrkClient([node2.node]) as c2:
+                wait(lambda: c2.stats()["store"]["standby_for"] == {"node1": CALLS})
+                assert c2.stats()["sessions"] == 0
+                assert node1.kill() == -9
+                wait(lambda: len(_pids_of(nodes.node[0])) == 0)  # its worker saw EOF
+                t0 = time.monotonic()
+                nodes.move_vip()
+                gaps = _media_back(calls, t0)
+                assert max(gaps.values()) <= TAKEOVER_LIMIT, sorted(gaps.values())[-5:]
+                print(f"takeover gap: median {statistics.median(gaps.values()):.3f} s, "
+                      f"worst {max(gaps.values()):.3f} s over {len(gaps)} calls")
+                stats = c2.stats()
+                assert stats["sessions"] == CALLS
+                assert stats["counters"]["takeover.sessions"] == CALLS
+                assert stats["counters"]["takeover.refused"] == 0
+                for cid in calls:  # counters continued from node 1's records
+                    legs = c2.query(cid)["session"]["legs"]
+                    assert legs["A"]["counters"]["in_packets"] > before[cid] - 1 >= 0, cid
+                    assert (legs["A"]["relay"]["ip"], legs["A"]["relay"]["port"]) == \
+                        calls[cid][2]
+                assert c2.query("call-0")["session"]["state"] == "early"
+                # the forked early dialog is relayed too (its own caller-side port)
+                _early_fork_flows(c2, calls, fork_callee)
+                keys = redis.keys("lrk:*:session:*")
+                assert len(keys) == CALLS and all(k.startswith("lrk:node2:") for k in keys)
+                for cid in calls:
+                    c2.delete(cid)
+                assert c2.stats()["ports"]["in_use"] == 0
+                assert redis.keys("lrk:*:session:*") == []
+            assert node2.stop() == 0, node2.output
+            assert "took over 50 call(s) of node node1 (0 refused)" in node2.output
+            assert _pids_of(nodes.node[1]) == []
+        finally:
+            for relay in relays:
+                if relay.proc is not None and relay.proc.poll() is None:
+                    relay.stop()
+                if relay._tmp is not None:
+                    relay._tmp.cleanup()
+            for s in socks:
+                s.close()
+        assert redis.keys("lrk:*:session:*") == []
+
+
+def _media_back(calls, t0: float) -> Dict[str, float]:
+    """Send on every call (both ways) every 20 ms until each got through node 2; the
+    seconds from the address move to each call's first packet through (its gap)."""
+    deadline = t0 + TAKEOVER_LIMIT + 3.0
+    gaps: Dict[str, float] = {}
+    seq = 10
+    while len(gaps) < len(calls) and time.monotonic() < deadline:
+        seq += 1
+        for cid, (caller, callee, to_a, to_b) in calls.items():
+            if cid in gaps:
+                continue
+            caller.sendto(rtp_packet(seq, 0x100), to_a)
+            callee.sendto(rtp_packet(seq, 0x200), to_b)
+        time.sleep(0.02)  # the send pace (20 ms, as RTP); bounded by the deadline
+        now = time.monotonic()
+        for cid, (caller, callee, _a, _b) in calls.items():
+            if cid in gaps:
+                continue
+            if _drained(callee) and _drained(caller):
+                gaps[cid] = now - t0
+    missing = sorted(set(calls) - set(gaps))
+    assert not missing, f"no media through node 2 for {missing[:5]} ({len(missing)} calls)"
+    return gaps
+
+
+def _drained(sock: socket.socket) -> bool:
+    """Whether anything arrived on `sock` (everything queued is read)."""
+    got = False
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                sock.recv(2048)
+                got = True
+            except BlockingIOError:
+                return got
+    finally:
+        sock.settimeout(0.05)
+
+
+def _early_fork_flows(c2: LrkClient, calls, fork_callee: socket.socket) -> None:
+    """call-0's second early dialog (To-tag b2): the caller reaches fork_callee through
+    the fork's own A port on node 2 now."""
+    session = c2.query("call-0")["session"]
+    [fork] = session["early_dialogs"]
+    assert fork["tag"] == "b2"
+    relay = fork["legs"]["A"]["relay"]
+    caller = calls["call-0"][0]
+    fork_callee.settimeout(2.0)
+    caller.sendto(rtp_packet(90, 0x300), (relay["ip"], relay["port"]))
+    assert fork_callee.recvfrom(2048)[0] == rtp_packet(90, 0x300)
+
