@@ -11,8 +11,10 @@ Redis down is survivable: a failed write marks the store down (`up` False, logge
 `store.up` 0, `store.failed` counted) and remembers the sids it could not write (at
 most `MAX_PENDING`; beyond that the next catch-up rewrites everything). While down no
 write touches the network: the relay's timer calls `handle_timer` every `RETRY`
-seconds, which pings Redis and, once it answers, writes what the relay holds now for
-the pending sids (records for live sessions, deletes for ended ones). Every command has
+seconds, which asks Redis for its run_id and, once it answers, writes what the relay
+holds now for the pending sids (records for live sessions, deletes for ended ones), or
+for every session when Redis restarted meanwhile (a new run_id: it may have lost its
+keys) or the pending set overflowed. Every command has
 a short socket timeout (`timeout`) and no retries, so the event loop never waits long.
 """
 
@@ -97,6 +99,13 @@ class RedisStore:
         self.source: Optional[Source] = None  # set by the relay
         self._retry_at: Optional[float] = None
         self.clock = clock
+        #: the server's run_id: another one after an outage means a restarted Redis that
+        #: may have lost every key (no persistence), so the catch-up rewrites everything
+        self.run_id: Optional[str] = None
+        try:
+            self.run_id = self._server_id()
+        except REDIS_ERRORS:
+            pass  # down at start: load() says so; the first catch-up rewrites everything
 
     # -- the store interface (SqliteStore's) ----------------------------------------
     def write(self, puts: Puts, deletes: List[int],
@@ -188,8 +197,11 @@ class RedisStore:
             return
         self._retry_at = now + RETRY
         try:
-            self.db.ping()
+            run_id = self._server_id()
+            if run_id != self.run_id or run_id is None:
+                self.overflow = True  # a new server (or one never seen): everything
             self.catch_up()
+            self.run_id = run_id
         except REDIS_ERRORS:
             return  # still down: try again at the next RETRY
         self.up = True
@@ -230,6 +242,10 @@ class RedisStore:
         pipe.execute()
         self.counters["store.written"] += len(puts)
         self.counters["store.deleted"] += len(deletes) + len(foreign)
+
+    def _server_id(self) -> Optional[str]:
+        run_id = self.db.info("server").get("run_id")
+        return None if run_id is None else str(run_id)
 
     def _scan(self, node: str) -> Iterable[bytes]:
         return self.db.scan_iter(match=f"lrk:{node}:session:*", count=SCAN_COUNT)

@@ -95,6 +95,20 @@ def test_redis_down_keeps_pending_sids_and_catches_up_on_the_timer(server, redis
     store.close()
 
 
+def test_after_an_outage_of_the_same_server_only_pending_sids_are_written(
+        server, redis_url):
+    clock = Clock()
+    store = RedisStore(redis_url, "n1", clock=clock)
+    store.source = lambda sids: ([(s, f"c{s}", {"now": s}) for s in sids or [] if s != 2],
+                                 [s for s in sids or [] if s == 2])
+    assert store.write([(1, "c1", {"v": 1}), (2, "c2", {"v": 2}), (3, "c3", {"v": 3})], [])
+    store._down(OSError("network unreachable"))  # the same server, unreachable a while
+    store.write([(1, "c1", {"v": 1})], [2])
+    store.handle_timer(clock.t + redis_store.RETRY)
+    assert store.up and dict(store.load()) == {1: {"now": 1}, 3: {"v": 3}}  # 3 untouched
+    store.close()
+
+
 def test_an_overflow_of_pending_sids_rewrites_everything_and_drops_stale_keys(
         server, redis_url, monkeypatch):
     monkeypatch.setattr(redis_store, "MAX_PENDING", 2)
