@@ -505,7 +505,7 @@ class Relay:
         self._taken(store, standby, taken)
         return taken.summary()
 
-    def _adopt_foreign(self, session: Session) -> bool:
+    def _adopt_foreign(self, session: Session, record: Any) -> bool:
         now = time.monotonic()
         if isinstance(self.plane, SocketPlane):
             for ip, port in session_media(session):
@@ -519,6 +519,9 @@ class Relay:
         if not actions:
             self.plane.apply([])
             return False
+        owner = owner_of(record)
+        if owner is not None:  # its control client may go on steering it
+            self.control.owners[session.sid] = owner
         return not self._apply(actions)
 
     def _taken(self, store: RedisStore, standby: Standby, taken: Taken) -> None:
@@ -527,7 +530,7 @@ class Relay:
         store.write(puts, [], [(taken.peer, sid) for sid in taken.moved])
         for sid in taken.moved.values():
             self._dirty.pop(sid, None)  # written just now
-        standby.forget(taken.peer, list(taken.moved))
+        standby.forget(taken.peer, list(taken.moved) + list(taken.refused))
         counters = standby.counters
         counters["takeover.runs"] += 1
         counters["takeover.sessions"] += len(taken.adopted)

@@ -148,15 +148,17 @@ class Standby:
         return self.copies.get(peer, {})
 
     def forget(self, peer: str, sids: List[int]) -> None:
+        """Drop records from the copy: taken over, or tried and refused (so the automatic
+        trigger does not retry them every poll; `ctl takeover` re-reads Redis)."""
         copy = self.copies.get(peer, {})
         for sid in sids:
             copy.pop(sid, None)
 
 
 def take(peer: str, records: Dict[int, Any], now: float, wall: float,
-         adopt: Callable[[Session], bool]) -> Taken:
-    """Rebuild every record of `peer` and hand it to `adopt` (the relay: engine, data
-    plane); what cannot be read or adopted is named in `refused`."""
+         adopt: Callable[[Session, Any], bool]) -> Taken:
+    """Rebuild every record of `peer` and hand it (and its record) to `adopt` (the relay:
+    engine, data plane); what cannot be read or adopted is named in `refused`."""
     taken = Taken(peer)
     for sid, record in sorted(records.items()):
         try:
@@ -165,7 +167,7 @@ def take(peer: str, records: Dict[int, Any], now: float, wall: float,
             log.error("takeover of %s: record %d unreadable (%s)", peer, sid, exc)
             taken.refused[sid] = "unreadable"
             continue
-        if adopt(session):
+        if adopt(session, record):
             taken.adopted.append(session)
             taken.moved[sid] = session.sid
         else:

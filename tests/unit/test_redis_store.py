@@ -162,7 +162,7 @@ def test_take_adopts_foreign_sessions_with_fresh_ids_outside_the_range_with_fork
     own, _, _ = target.offer(1.0, "mine", "x", [StreamOffer("198.51.100.30", 4000)])
     assert own.sid == session.sid  # the ids collide: the adopted one is renumbered
     taken = take("n1", {session.sid: record, 99: {"v": 1}}, 50.0, 1e6 + 5,
-                 lambda s: bool(target.adopt(50.0, s, foreign=True)))
+                 lambda s, _rec: bool(target.adopt(50.0, s, foreign=True)))
     assert taken.summary() == {"node": "n1", "adopted": 1, "refused": 1,
                                "reasons": ["unreadable"]}
     back = taken.adopted[0]
@@ -171,7 +171,7 @@ def test_take_adopts_foreign_sessions_with_fresh_ids_outside_the_range_with_fork
     assert target.by_call["c1"] is back and list(back.forks) == list(session.forks)
     # the same call again (a second takeover run) is refused, nothing changes
     again = take("n1", {session.sid: record}, 51.0, 1e6 + 6,
-                 lambda s: bool(target.adopt(51.0, s, foreign=True)))
+                 lambda s, _rec: bool(target.adopt(51.0, s, foreign=True)))
     assert again.refused == {session.sid: "not_adopted"}
     assert engine(31000, 31199).adopt(50.0, a_call(engine()), foreign=False) == []  # range
 
