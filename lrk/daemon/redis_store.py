@@ -122,7 +122,7 @@ class RedisStore:
         try:
             self._transaction(puts, deletes, foreign)
         except REDIS_ERRORS as exc:
-            self._down(exc)
+            self.mark_down(exc)
             self._remember([sid for sid, _, _ in puts] + list(deletes), foreign)
             return False
         return True
@@ -141,7 +141,7 @@ class RedisStore:
                 self.db.delete(*keys)
             self.counters["store.deleted"] += len(keys)
         except REDIS_ERRORS as exc:
-            self._down(exc)
+            self.mark_down(exc)
 
     def load(self) -> List[Tuple[int, Any]]:
         """Every (sid, record) of this node; an unreadable record comes back as None.
@@ -149,7 +149,7 @@ class RedisStore:
         try:
             return sorted(self.load_node(self.node).items())
         except REDIS_ERRORS as exc:
-            self._down(exc)
+            self.mark_down(exc)
             log.error("session store %s: could not read this node's records at start; "
                       "calls of an earlier run are not restored", self.path)
             return []
@@ -263,7 +263,8 @@ class RedisStore:
             self.overflow = True
         self.counters["store.pending"] = len(self.pending)
 
-    def _down(self, exc: BaseException) -> None:
+    def mark_down(self, exc: BaseException) -> None:
+        """Redis did not answer: count it, log once, retry on the timer (RETRY)."""
         self.counters["store.failed"] += 1
         if self.up:
             log.error("session store %s is down (%s): calls go on in memory; the store "

@@ -127,8 +127,8 @@ class Standby:
                     self.gens[peer] = gen
                     self.counters["standby.refreshes"] += 1
         except REDIS_ERRORS as exc:
-            log.warning("standby: could not read peers' sessions (%s); keeping the copies",
-                        exc)
+            # the store logs it once and retries on its timer; the copies stay as they are
+            self.store.mark_down(exc)
             return
         self.counters["standby.peer_sessions"] = sum(len(c) for c in self.copies.values())
 
@@ -144,7 +144,8 @@ class Standby:
             try:
                 self.copies[peer] = self.store.load_node(peer)
             except REDIS_ERRORS as exc:
-                log.warning("takeover: Redis did not answer (%s); using the warm copy", exc)
+                self.store.mark_down(exc)
+                log.warning("takeover of %s: Redis did not answer; using the warm copy", peer)
         return self.copies.get(peer, {})
 
     def forget(self, peer: str, sids: List[int]) -> None:

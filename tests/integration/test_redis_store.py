@@ -13,12 +13,12 @@ from typing import Iterator, List
 import msgpack
 import pytest
 
+from bench.redis_server import RedisServer
 from lrk.cli import build_parser
 from lrk.client import LrkClient
 from lrk.ctl import run_ctl
 from lrk.demo.media import MediaEndpoint
 from lrk.demo.relay_process import RelayProcess
-from tests.redis_server import RedisServer
 
 from .conftest import next_ports, port_free, worker_pids
 from .test_restart import _close, _flows, _setup

@@ -19,88 +19,42 @@ from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
-from bench.netns import run
+from bench.redis_server import RedisServer
+from bench.takeover_gap import CALLEE, CALLER, TwoNodes, audio, start_node
 from lrk.client import LrkClient
 from lrk.demo.media import rtp_packet
 from lrk.demo.relay_process import RelayProcess
-from tests.redis_server import RedisServer
 
 from .hosts import endpoint, wait
-from .throwaway import Namespaces
 
 pytestmark = pytest.mark.netns
 
-VIP = "198.51.100.100"
-CALLER, CALLEE = "198.51.100.10", "198.51.100.11"
 CALLS = 50
 EARLY = 10  # calls left in early dialog (183 only); the first of them forked
 TAKEOVER_LIMIT = 2.0
 
 
-def _audio(ip: str, port: int) -> str:
-    return (f"v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n"
-            f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n")
-
-
-class TwoNodes:
-    """The namespaces and links of the test (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.spaces = Namespaces("tk")
-        self.client = self.spaces.make("c")
-        self.node = [self.spaces.make("n1"), self.spaces.make("n2")]
-        run("ip", "link", "add", "br0", "type", "bridge", ns=self.client)
-        for i, ns in enumerate(self.node):
-            run("ip", "link", "add", f"c{i}", "netns", self.client, "type", "veth", "peer",
-                "name", "e0", "netns", ns)
-            run("ip", "link", "set", f"c{i}", "master", "br0", "up", ns=self.client)
-            run("ip", "addr", "add", f"198.51.100.{21 + i}/24", "dev", "e0", ns=ns)
-            run("ip", "link", "set", "e0", "up", ns=ns)
-        for ip in (CALLER, CALLEE):
-            run("ip", "addr", "add", f"{ip}/24", "dev", "br0", ns=self.client)
-        run("ip", "link", "set", "br0", "up", ns=self.client)
-        run("ip", "addr", "add", f"{VIP}/24", "dev", "e0", ns=self.node[0])
-
-    def move_vip(self) -> None:
-        """What keepalived does on failover: the address leaves node 1 and appears on
-        node 2, and its gratuitous ARP makes the neighbours forget node 1's MAC."""
-        run("ip", "addr", "del", f"{VIP}/24", "dev", "e0", ns=self.node[0])
-        run("ip", "addr", "add", f"{VIP}/24", "dev", "e0", ns=self.node[1])
-        run("ip", "neigh", "flush", "dev", "br0", ns=self.client)
-
-
 @pytest.fixture
 def nodes() -> Iterator[TwoNodes]:
-    t = TwoNodes.__new__(TwoNodes)
-    t.spaces = Namespaces("tk")
+    t = TwoNodes()
     try:
-        TwoNodes.__init__(t)
         yield t
     finally:
-        t.spaces.destroy()
+        t.destroy()
 
 
-def _relay(ns: str, ip: str, ports: str, tmp_path, name: str, config: str) -> RelayProcess:
-    cfg = tmp_path / f"{name}.toml"
-    cfg.write_text(f"quarantine = 0\nnode_id = \"{name}\"\n{config}")
-    return RelayProcess(ports=ports, netns=ns, extra=[
-        "--internal-ip", ip, "--external-ip", ip, "--config", str(cfg)]).start()
-
-
-def _pids_of(ns: str) -> List[str]:
-    return run("ip", "netns", "pids", ns).stdout.split()
-
-
-def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path):
+@pytest.mark.parametrize("redis_down", [False, True], ids=["redis_up", "redis_down"])
+def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
+                                                               redis_down):
+    """redis_down: Redis stops before node 1 dies; node 2 takes over from its warm copy
+    and writes the calls once Redis is back (a new, empty server)."""
     socks: List[socket.socket] = []
     relays: List[RelayProcess] = []
     with RedisServer() as redis:
-        store = f"store = \"redis\"\nredis_url = \"{redis.url}\"\n"
         try:
-            node1 = _relay(nodes.node[0], VIP, "30000-30299", tmp_path, "node1", store)
+            node1 = start_node(nodes, 0, redis, str(tmp_path), poll=0.1)
             relays.append(node1)
-            node2 = _relay(nodes.node[1], "198.51.100.22", "31000-31299", tmp_path, "node2",
-                           store + "standby_for = [\"node1\"]\nstandby_poll = 0.1\n")
+            node2 = start_node(nodes, 1, redis, str(tmp_path), poll=0.1)
             relays.append(node2)
             # (caller socket, callee socket, relay A addr, relay B addr) per call
             calls: Dict[str, Tuple[socket.socket, socket.socket, tuple, tuple]] = {}
@@ -112,13 +66,13 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path)
                     caller = endpoint(nodes.client, CALLER, 4000 + 2 * i, timeout=0.05)
                     callee = endpoint(nodes.client, CALLEE, 5000 + 2 * i, timeout=0.05)
                     socks += [caller, callee]
-                    offer = c1.offer(cid, "a", sdp=_audio(CALLER, 4000 + 2 * i))
-                    answer = c1.answer(cid, "a", "b", sdp=_audio(CALLEE, 5000 + 2 * i),
+                    offer = c1.offer(cid, "a", sdp=audio(CALLER, 4000 + 2 * i))
+                    answer = c1.answer(cid, "a", "b", sdp=audio(CALLEE, 5000 + 2 * i),
                                        provisional=i < EARLY)
                     to_b = (offer["streams"][0]["ip"], offer["streams"][0]["port"])
                     to_a = (answer["streams"][0]["ip"], answer["streams"][0]["port"])
                     calls[cid] = (caller, callee, to_a, to_b)
-                c1.answer("call-0", "a", "b2", sdp=_audio(CALLEE, 7000), provisional=True)
+                c1.answer("call-0", "a", "b2", sdp=audio(CALLEE, 7000), provisional=True)
                 assert c1.query("call-0")["session"]["state"] == "early"
                 # media before the failure: each call latches both ways (written to Redis)
                 for cid, (caller, callee, to_a, to_b) in calls.items():
@@ -133,8 +87,10 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path)
             with LrkClient([node2.node]) as c2:
                 wait(lambda: c2.stats()["store"]["standby_for"] == {"node1": CALLS})
                 assert c2.stats()["sessions"] == 0
+                if redis_down:
+                    redis.stop()
                 assert node1.kill() == -9
-                wait(lambda: len(_pids_of(nodes.node[0])) == 0)  # its worker saw EOF
+                wait(lambda: nodes.pids(0) == [])  # its worker saw EOF
                 t0 = time.monotonic()
                 nodes.move_vip()
                 gaps = _media_back(calls, t0)
@@ -145,6 +101,10 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path)
                 assert stats["sessions"] == CALLS
                 assert stats["counters"]["takeover.sessions"] == CALLS
                 assert stats["counters"]["takeover.refused"] == 0
+                if redis_down:
+                    assert stats["store"]["state"] == "degraded"
+                    redis.start()
+                    wait(lambda: c2.stats()["store"]["state"] == "up")
                 for cid in calls:  # counters continued from node 1's records
                     legs = c2.query(cid)["session"]["legs"]
                     assert legs["A"]["counters"]["in_packets"] > before[cid] - 1 >= 0, cid
@@ -161,7 +121,9 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path)
                 assert redis.keys("lrk:*:session:*") == []
             assert node2.stop() == 0, node2.output
             assert "took over 50 call(s) of node node1 (0 refused)" in node2.output
-            assert _pids_of(nodes.node[1]) == []
+            if redis_down:  # said once, however often the standby's poll found it down
+                assert node2.output.count("is down") == 1, node2.output
+            assert nodes.pids(1) == []
         finally:
             for relay in relays:
                 if relay.proc is not None and relay.proc.poll() is None:

@@ -8,6 +8,7 @@ from typing import Iterator, List, Optional
 
 import pytest
 
+from bench.redis_server import RedisServer
 from lrk.core.engine import Engine, EngineConfig
 from lrk.core.persist import to_record
 from lrk.core.session import StreamOffer
@@ -16,7 +17,6 @@ from lrk.daemon.config import Config
 from lrk.daemon.redis_store import RedisStore, gen_key, open_session_store, session_key
 from lrk.daemon.takeover import Standby, record_addresses, take
 from lrk.errors import ConfigError
-from tests.redis_server import RedisServer
 from tests.unit.test_persist import a_call
 
 
@@ -102,7 +102,7 @@ def test_after_an_outage_of_the_same_server_only_pending_sids_are_written(
     store.source = lambda sids: ([(s, f"c{s}", {"now": s}) for s in sids or [] if s != 2],
                                  [s for s in sids or [] if s == 2])
     assert store.write([(1, "c1", {"v": 1}), (2, "c2", {"v": 2}), (3, "c3", {"v": 3})], [])
-    store._down(OSError("network unreachable"))  # the same server, unreachable a while
+    store.mark_down(OSError("network unreachable"))  # the same server, unreachable a while
     store.write([(1, "c1", {"v": 1})], [2])
     store.handle_timer(clock.t + redis_store.RETRY)
     assert store.up and dict(store.load()) == {1: {"now": 1}, 3: {"v": 3}}  # 3 untouched
