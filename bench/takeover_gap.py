@@ -41,6 +41,7 @@ from lrk.client import LrkClient
 from lrk.demo.relay_process import RelayProcess
 
 VIP = "198.51.100.100"
+VIP_CONTROL = f"{VIP}:22222"
 CALLER, CALLEE = "198.51.100.10", "198.51.100.11"
 NODE_IPS = ("198.51.100.21", "198.51.100.22")
 NODE_PORTS = ("30000-33999", "34000-37999")
@@ -104,7 +105,10 @@ def start_node(nodes: TwoNodes, i: int, redis: RedisServer, tmp: str, poll: floa
     cfg = os.path.join(tmp, f"{name}.toml")
     with open(cfg, "w") as fh:
         fh.write(f"quarantine = 0\nstore = \"redis\"\nredis_url = \"{redis.url}\"\n"
-                 f"node_id = \"{name}\"\n")
+                 f"node_id = \"{name}\"\n"
+                 # the control address on the moving address: whichever node holds it
+                 f"control_extra = [\"{VIP_CONTROL}\"]\n"
+                 "control_allow = [\"127.0.0.0/8\", \"198.51.100.0/24\"]\n")
         if i == 1:
             fh.write(f"standby_for = [\"node1\"]\nstandby_poll = {poll}\n")
     ip = VIP if i == 0 else NODE_IPS[1]

@@ -108,6 +108,10 @@ class Config:
     standby_for: List[str] = field(default_factory=list)
     # seconds between reads of the peers' generation counters and local addresses
     standby_poll: float = 0.5
+    # more msgpack control addresses (HOST:PORT), bound with IP_FREEBIND: an address
+    # keepalived moves (here now, or only after a takeover), so the control layer reaches
+    # a node's calls at the same control address wherever they are served
+    control_extra: List[str] = field(default_factory=list)
 
     # -- derived ---------------------------------------------------------------------
     @property
@@ -131,6 +135,10 @@ class Config:
                 raise ConfigError(f"control {self.control!r}: unix: needs an absolute path")
             return path
         return parse_hostport(self.control, "control")
+
+    @property
+    def control_extra_addrs(self) -> List[Tuple[str, int]]:
+        return [parse_hostport(a, "control_extra") for a in self.control_extra]
 
     @property
     def metrics_addr(self) -> Optional[Tuple[str, int]]:
@@ -232,6 +240,10 @@ class Config:
                               "read from the shared Redis")
         if self.node_id and self.node_id in self.standby_for:
             raise ConfigError(f"standby_for names this node itself ({self.node_id!r})")
+        if not isinstance(self.control_extra, list):
+            raise ConfigError(f"control_extra {self.control_extra!r} must be a list of "
+                              "HOST:PORT control addresses")
+        self.control_extra_addrs  # noqa: B018 - validates
         poll = self.standby_poll
         if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not (
                 0.05 <= poll <= 60):

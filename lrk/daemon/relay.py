@@ -51,6 +51,7 @@ MAX_LEGACY_STREAM = 8192
 LEGACY_STREAM_TIMEOUT = 2.0
 READ_BURST = 64  # datagrams read per wake-up of a control socket
 MAX_DATAGRAM = 65535
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux; binds an address not (yet) here
 
 
 class _DatagramEndpoint:
@@ -177,6 +178,7 @@ class Relay:
         self.metrics: Any = NoMetrics()
         self._endpoint: Optional[_DatagramEndpoint] = None
         self._legacy_endpoints: List[_DatagramEndpoint] = []
+        self._extra_endpoints: List[_DatagramEndpoint] = []
         self._legacy_servers: List[asyncio.AbstractServer] = []
         self._unix_paths: List[str] = []
         self.control_address: Any = None
@@ -222,6 +224,10 @@ class Relay:
             address, self.on_control, self.control.counters, "control.send_errors")
         self.control_address = (address if isinstance(address, str)
                                 else endpoint.sock.getsockname()[:2])
+        for extra in self.config.control_extra_addrs:  # e.g. on an address keepalived moves
+            self._extra_endpoints.append(self._datagram_endpoint(
+                extra, self.on_control, self.control.counters, "control.send_errors",
+                freebind=True))
         self._endpoint = endpoint
         self._loop = loop
         if self.config.metrics_addr is not None:
@@ -239,7 +245,8 @@ class Relay:
             else "-")
 
     def _datagram_endpoint(self, address: Any, on_datagram: Any, counters: Counter,
-                           send_error_counter: str) -> _DatagramEndpoint:
+                           send_error_counter: str, freebind: bool = False
+                           ) -> _DatagramEndpoint:
         if isinstance(address, str):
             self._claim_unix_path(address)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -254,6 +261,8 @@ class Relay:
             sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                                  socket.SOCK_DGRAM)
             try:
+                if freebind:  # the address may arrive later (keepalived moves it here)
+                    sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
                 sock.bind((host, port))
             except BaseException:
                 sock.close()
@@ -331,9 +340,10 @@ class Relay:
         if self._endpoint is not None:
             self._endpoint.close()
             self._endpoint = None
-        for endpoint in self._legacy_endpoints:
+        for endpoint in self._legacy_endpoints + self._extra_endpoints:
             endpoint.close()
         self._legacy_endpoints = []
+        self._extra_endpoints = []
         for server in self._legacy_servers:
             server.close()
             await server.wait_closed()

@@ -12,15 +12,18 @@ deleted no Redis key, port or process is left.
 
 from __future__ import annotations
 
+import json
 import socket
 import statistics
+import sys
 import time
 from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
+from bench.netns import run
 from bench.redis_server import RedisServer
-from bench.takeover_gap import CALLEE, CALLER, TwoNodes, audio, start_node
+from bench.takeover_gap import CALLEE, CALLER, VIP_CONTROL, TwoNodes, audio, start_node
 from lrk.client import LrkClient
 from lrk.demo.media import rtp_packet
 from lrk.demo.relay_process import RelayProcess
@@ -84,6 +87,7 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
                      is not None)
                 before = {cid: c1.query(cid)["session"]["legs"]["A"]["counters"]["in_packets"]
                           for cid in calls}
+            assert _stats_at_vip(nodes)["store"]["node"] == "node1"
             with LrkClient([node2.node]) as c2:
                 wait(lambda: c2.stats()["store"]["standby_for"] == {"node1": CALLS})
                 assert c2.stats()["sessions"] == 0
@@ -111,6 +115,9 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
                     assert (legs["A"]["relay"]["ip"], legs["A"]["relay"]["port"]) == \
                         calls[cid][2]
                 assert c2.query("call-0")["session"]["state"] == "early"
+                # the control address moved with the media address (control_extra)
+                at_vip = _stats_at_vip(nodes)
+                assert (at_vip["store"]["node"], at_vip["sessions"]) == ("node2", CALLS)
                 # the forked early dialog is relayed too (its own caller-side port)
                 _early_fork_flows(c2, calls, fork_callee)
                 keys = redis.keys("lrk:*:session:*")
@@ -133,6 +140,14 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
             for s in socks:
                 s.close()
         assert redis.keys("lrk:*:session:*") == []
+
+
+def _stats_at_vip(nodes: TwoNodes) -> dict:
+    """`lrkproxy ctl stats` from the client namespace to the control address on the
+    moving address (the SIP proxy's view)."""
+    out = run("ip", "netns", "exec", nodes.client, sys.executable, "-m", "lrk.cli", "ctl",
+              "--node", f"udp:{VIP_CONTROL}", "--json", "stats")
+    return json.loads(out.stdout)
 
 
 def _media_back(calls, t0: float) -> Dict[str, float]:
