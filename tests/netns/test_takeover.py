@@ -13,6 +13,7 @@ deleted no Redis key, port or process is left.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import statistics
 import sys
@@ -91,6 +92,7 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
             with LrkClient([node2.node]) as c2:
                 wait(lambda: c2.stats()["store"]["standby_for"] == {"node1": CALLS})
                 assert c2.stats()["sessions"] == 0
+                fds_before = _fds(node2)
                 if redis_down:
                     redis.stop()
                 assert node1.kill() == -9
@@ -126,6 +128,8 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
                     c2.delete(cid)
                 assert c2.stats()["ports"]["in_use"] == 0
                 assert redis.keys("lrk:*:session:*") == []
+                # every socket of the taken-over calls closed (daemon and worker)
+                wait(lambda: _fds(node2) == fds_before)
             assert node2.stop() == 0, node2.output
             assert "took over 50 call(s) of node node1 (0 refused)" in node2.output
             if redis_down:  # said once, however often the standby's poll found it down
@@ -140,6 +144,14 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
             for s in socks:
                 s.close()
         assert redis.keys("lrk:*:session:*") == []
+
+
+def _fds(relay: RelayProcess) -> int:
+    """Open file descriptors of a relay daemon and its workers."""
+    pid = relay.proc.pid  # type: ignore[union-attr]
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        pids = [pid] + [int(p) for p in fh.read().split()]
+    return sum(len(os.listdir(f"/proc/{p}/fd")) for p in pids)
 
 
 def _stats_at_vip(nodes: TwoNodes) -> dict:
