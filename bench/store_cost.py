@@ -9,7 +9,7 @@ Per judged run a fresh relay (socket mode, loopback, `control_auth = "hmac"`, th
 default, `quarantine = 0.5` as in `bench.before_after`); the closed loop of
 `bench.control_load` (16 calls in flight, offer -> answer -> delete with one-stream SDP
 bodies, every reply checked) after 2,000 warm-up calls. With a store every offer,
-answer and delete writes (or deletes) a SQLite row, or a Redis key in one MULTI per
+answer and delete writes (or deletes) a SQLite row, or a Redis key in one script call per
 burst, before its reply leaves. Variants alternate, the order reversed every other
 round; both interpreters. `server_us_per_request` is the relay's CPU (daemon + worker)
 per request; `redis_us_per_request` the redis-server's.
