@@ -48,6 +48,8 @@ MAX_PENDING = 100000
 SCAN_COUNT = 500
 #: socket timeout of every Redis command (seconds): the event loop waits at most this
 TIMEOUT = 0.25
+#: socket timeout of the reconnection probe while Redis is down
+PROBE_TIMEOUT = 0.05
 
 REDIS_ERRORS = (redis.RedisError, OSError)
 
@@ -103,6 +105,11 @@ class RedisStore:
             self.db = redis.Redis.from_url(url, socket_timeout=timeout,
                                            socket_connect_timeout=timeout,
                                            retry=Retry(NoBackoff(), 0))
+            # asks, while Redis is down, whether it is back: a blackholed server costs
+            # the event loop at most PROBE_TIMEOUT per RETRY
+            self._probe = redis.Redis.from_url(url, socket_timeout=PROBE_TIMEOUT,
+                                               socket_connect_timeout=PROBE_TIMEOUT,
+                                               retry=Retry(NoBackoff(), 0))
         except ValueError as exc:
             raise ConfigError(f"redis_url {url!r}: {exc} (e.g. redis://127.0.0.1:6379/0 "
                               "or unix:///run/redis/redis.sock)") from exc
@@ -178,10 +185,11 @@ class RedisStore:
         return sum(1 for _ in self._scan(self.node))
 
     def close(self) -> None:
-        try:
-            self.db.close()
-        except REDIS_ERRORS:
-            pass
+        for db in (self.db, self._probe):
+            try:
+                db.close()
+            except REDIS_ERRORS:
+                pass
 
     # -- peers (warm standby, takeover) ----------------------------------------------
     def load_node(self, node: str) -> Dict[int, Any]:
@@ -217,7 +225,7 @@ class RedisStore:
             return
         self._retry_at = now + RETRY
         try:
-            run_id = self._server_id()
+            run_id = self._server_id(self._probe)
             if run_id != self.run_id or run_id is None:
                 self.overflow = True  # a new server (or one never seen): everything
             self.catch_up()
@@ -263,8 +271,8 @@ class RedisStore:
         self.counters["store.written"] += len(puts)
         self.counters["store.deleted"] += len(deletes) + len(foreign)
 
-    def _server_id(self) -> Optional[str]:
-        run_id = self.db.info("server").get("run_id")
+    def _server_id(self, db: Optional[redis.Redis] = None) -> Optional[str]:
+        run_id = (db or self.db).info("server").get("run_id")
         return None if run_id is None else str(run_id)
 
     def _scan(self, node: str) -> Iterable[bytes]:
