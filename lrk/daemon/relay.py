@@ -359,7 +359,11 @@ class Relay:
             self._dirty = {sid: True for sid in self.engine.by_sid}
             self._flush_store()
             actions = [Remove(s.sid, s.call_id, "restart") for s in self.engine.sessions()]
-            if actions:
+            if actions and getattr(self.store, "up", True) is False:
+                lifecycle.warning("%d call(s) not written: the session store (Redis) is "
+                                  "down; the next start cannot restore them (a standby "
+                                  "has its copy)", len(actions))
+            elif actions:
                 lifecycle.info("%d call(s) kept in the session store for the next start",
                                len(actions))
         else:
