@@ -13,7 +13,6 @@ deleted no Redis key, port or process is left.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import statistics
 import sys
@@ -92,7 +91,7 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
             with LrkClient([node2.node]) as c2:
                 wait(lambda: c2.stats()["store"]["standby_for"] == {"node1": CALLS})
                 assert c2.stats()["sessions"] == 0
-                fds_before = _fds(node2)
+                udp_before = _udp_sockets(node2)
                 if redis_down:
                     redis.stop()
                 assert node1.kill() == -9
@@ -124,12 +123,13 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
                 _early_fork_flows(c2, calls, fork_callee)
                 keys = redis.keys("lrk:*:session:*")
                 assert len(keys) == CALLS and all(k.startswith("lrk:node2:") for k in keys)
+                assert _udp_sockets(node2) >= udp_before + 4 * CALLS  # bound while up
                 for cid in calls:
                     c2.delete(cid)
                 assert c2.stats()["ports"]["in_use"] == 0
                 assert redis.keys("lrk:*:session:*") == []
                 # every socket of the taken-over calls closed (daemon and worker)
-                wait(lambda: _fds(node2) == fds_before)
+                wait(lambda: _udp_sockets(node2) == udp_before)
             assert node2.stop() == 0, node2.output
             assert "took over 50 call(s) of node node1 (0 refused)" in node2.output
             if redis_down:  # said once, however often the standby's poll found it down
@@ -146,12 +146,14 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
         assert redis.keys("lrk:*:session:*") == []
 
 
-def _fds(relay: RelayProcess) -> int:
-    """Open file descriptors of a relay daemon and its workers."""
+def _udp_sockets(relay: RelayProcess) -> int:
+    """UDP sockets in the relay's namespace (daemon, workers: every media port)."""
     pid = relay.proc.pid  # type: ignore[union-attr]
-    with open(f"/proc/{pid}/task/{pid}/children") as fh:
-        pids = [pid] + [int(p) for p in fh.read().split()]
-    return sum(len(os.listdir(f"/proc/{p}/fd")) for p in pids)
+    count = 0
+    for table in ("udp", "udp6"):
+        with open(f"/proc/{pid}/net/{table}") as fh:
+            count += len(fh.read().splitlines()) - 1
+    return count
 
 
 def _stats_at_vip(nodes: TwoNodes) -> dict:
