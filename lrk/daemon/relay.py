@@ -359,7 +359,7 @@ class Relay:
             self._dirty = {sid: True for sid in self.engine.by_sid}
             self._flush_store()
             actions = [Remove(s.sid, s.call_id, "restart") for s in self.engine.sessions()]
-            if actions and getattr(self.store, "up", True) is False:
+            if actions and isinstance(self.store, RedisStore) and not self.store.up:
                 lifecycle.warning("%d call(s) not written: the session store (Redis) is "
                                   "down; the next start cannot restore them (a standby "
                                   "has its copy)", len(actions))
@@ -493,7 +493,7 @@ class Relay:
             if self.standby is not None:
                 status["standby_for"] = {p: len(c) for p, c in self.standby.copies.items()}
             return status
-        return {"kind": "sqlite", "state": "up" if not store._failing else "degraded"}
+        return {"kind": "sqlite", "state": "up" if store.up else "degraded"}
 
     # -- standby: taking a dead peer's calls over ------------------------------------
     def take_over(self, peer: str) -> Dict[str, Any]:

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from typing import Iterator, List, Optional
 
+import msgpack
 import pytest
+from netaddr import IPSet
 
 from bench.redis_server import RedisServer
+from lrk.control.msgpack_proto import MsgpackControl
 from lrk.core.engine import Engine, EngineConfig
 from lrk.core.persist import to_record
 from lrk.core.session import StreamOffer
@@ -17,6 +20,7 @@ from lrk.daemon.config import Config
 from lrk.daemon.redis_store import RedisStore, gen_key, open_session_store, session_key
 from lrk.daemon.takeover import Standby, record_addresses, take
 from lrk.errors import ConfigError
+from tests.control_keys import ADMIN_KEY, TEST_KEY, authenticator, signed, wall_clock
 from tests.unit.test_persist import a_call
 
 
@@ -192,3 +196,47 @@ def test_config_for_redis_and_standby_is_validated():
     assert isinstance(store, RedisStore) and store.ttl == 100 + 20 + 60
     assert store.load() == [] and not store.up  # no server there: down, not fatal
     store.close()
+
+
+def test_the_takeover_command_needs_an_admin_and_a_relay_that_can_take_over():
+    control = MsgpackControl(engine(), allow=IPSet(["127.0.0.0/8"]))  # no auth: admin
+    cookies = iter(range(100))
+
+    def ask(message: dict) -> dict:
+        # a long cookie: an unsigned sender gets no reply larger than its request
+        request = {"v": 1, "cookie": f"c{next(cookies)}", "pad": "x" * 200, **message}
+        out = control.handle(msgpack.packb(request), ("127.0.0.1", 9), 1.0)
+        assert out.reply is not None
+        return msgpack.unpackb(out.reply, raw=False)
+
+    error = ask({"cmd": "takeover", "node_id": "n1"})["error"]
+    assert error["code"] == "bad_request" and "cannot take calls over" in error["message"]
+    error = ask({"cmd": "takeover"})["error"]
+    assert error["code"] == "bad_request" and "node_id" in error["message"]
+    taken = []
+
+    def on_takeover(node: str) -> dict:
+        if node == "me":
+            raise ConfigError("'me' is this node")
+        taken.append(node)
+        return {"node": node, "adopted": 2, "refused": 0, "reasons": []}
+
+    control.on_takeover = on_takeover
+    reply = ask({"cmd": "takeover", "node_id": "n1"})
+    assert (reply["ok"], reply["adopted"], taken) == (True, 2, ["n1"]), reply
+    error = ask({"cmd": "takeover", "node_id": "me"})["error"]
+    assert error["code"] == "bad_request" and "this node" in error["message"]
+
+
+def test_only_an_admin_key_may_take_calls_over():
+    control = MsgpackControl(engine(), allow=IPSet(["127.0.0.0/8"]), auth=authenticator(),
+                             wall_clock=wall_clock)
+    control.on_takeover = lambda node: {"node": node, "adopted": 0, "refused": 0,
+                                        "reasons": []}
+    for key, ok in ((TEST_KEY, False), (ADMIN_KEY, True)):
+        data = msgpack.packb({"v": 1, "cookie": key.id, "cmd": "takeover", "node_id": "n1"})
+        out = control.handle(signed(data, key), ("127.0.0.1", 9), 1.0)
+        reply = msgpack.unpackb(out.reply, raw=False)
+        assert reply["ok"] is ok, reply
+        if not ok:
+            assert reply["error"]["code"] == "forbidden"
