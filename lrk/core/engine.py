@@ -76,11 +76,14 @@ class Engine:
         self.draining = False
 
     # -- helpers -------------------------------------------------------------------
-    def interface_ip(self, interface: str) -> str:
+    def interface_ip(self, interface: str, session: Optional[Session] = None) -> str:
+        """The relay address of `interface`: the engine's, or those of the node a
+        `session` was taken over from (Session.interfaces)."""
+        pinned = session.interfaces if session is not None else None
         if interface == "internal":
-            return self.config.internal_ip
+            return pinned[0] if pinned else self.config.internal_ip
         if interface == "external":
-            return self.config.external_ip
+            return pinned[1] if pinned else self.config.external_ip
         raise BadRequest(f"interface must be 'internal' or 'external', not {interface!r}")
 
     def _allocate(self, now: float, ip: str) -> int:
@@ -124,7 +127,7 @@ class Engine:
         """Record the offerer's streams; return the leg whose relay addresses the offer
         announces. `media` is every m= line in order (or one (ip, port) for one stream)."""
         streams = _streams(media, rtcp_port)
-        target_ip = self.interface_ip(interface)
+        target_ip = self.interface_ip(interface, self.by_call.get(call_id))
         latch_any = self._learning(latch_any, strict_source)
         session = self.by_call.get(call_id)
         actions: List[Action] = []
@@ -179,7 +182,7 @@ class Engine:
         own A-side relay ports; the final answer's To-tag wins and the other early
         dialogs are freed."""
         streams = _streams(media, rtcp_port)
-        target_ip = self.interface_ip(interface)
+        target_ip = self.interface_ip(interface, self.by_call.get(call_id))
         latch_any = self._learning(latch_any, strict_source)
         session = self.get(call_id)
         answering = session.leg_by_tag(to_tag)
@@ -463,6 +466,8 @@ class Engine:
         here, and its ports may lie outside this relay's range (the peer's range; they
         go back to no pool when the call ends)."""
         ports = session.ports()
+        if not foreign:
+            session.interfaces = None  # our own call: our addresses (as configured now)
         if foreign and session.call_id not in self.by_call:
             session.sid = self._next_sid
         if (session.call_id in self.by_call or session.sid in self.by_sid

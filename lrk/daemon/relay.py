@@ -413,6 +413,8 @@ class Relay:
         now, wall = time.monotonic(), time.time()
         owners = self.control.owners
         by_sid = self.engine.by_sid
+        cfg = self.engine.config
+        interfaces = (cfg.internal_ip, cfg.external_ip)
         puts = []
         deletes: List[int] = []
         for sid in (list(by_sid) if sids is None else sids):
@@ -421,7 +423,7 @@ class Relay:
                 deletes.append(sid)
             else:
                 puts.append((sid, session.call_id,
-                             to_record(session, now, wall, owners.get(sid))))
+                             to_record(session, now, wall, owners.get(sid), interfaces)))
         return puts, deletes
 
     async def _restore(self) -> None:

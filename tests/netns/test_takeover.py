@@ -215,4 +215,11 @@ def _early_fork_flows(c2: LrkClient, calls, fork_callee: socket.socket) -> None:
     fork_callee.settimeout(2.0)
     caller.sendto(rtp_packet(90, 0x300), (relay["ip"], relay["port"]))
     assert fork_callee.recvfrom(2048)[0] == rtp_packet(90, 0x300)
+    # its 200 OK on node 2: the fork wins and is promoted, media flows on its ports
+    final = c2.answer("call-0", "a", "b2", sdp=audio(CALLEE, 7000))
+    to_a = (final["streams"][0]["ip"], final["streams"][0]["port"])
+    assert to_a == (relay["ip"], relay["port"])
+    assert c2.query("call-0")["session"]["state"] == "answered"
+    caller.sendto(rtp_packet(91, 0x300), to_a)
+    assert fork_callee.recvfrom(2048)[0] == rtp_packet(91, 0x300)
 

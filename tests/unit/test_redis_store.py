@@ -13,7 +13,7 @@ from netaddr import IPSet
 from bench.redis_server import RedisServer
 from lrk.control.msgpack_proto import MsgpackControl
 from lrk.core.engine import Engine, EngineConfig
-from lrk.core.persist import to_record
+from lrk.core.persist import from_record, to_record
 from lrk.core.session import StreamOffer
 from lrk.daemon import redis_store
 from lrk.daemon.config import Config
@@ -240,3 +240,33 @@ def test_only_an_admin_key_may_take_calls_over():
         assert reply["ok"] is ok, reply
         if not ok:
             assert reply["error"]["code"] == "forbidden"
+
+
+def test_a_taken_over_call_keeps_its_old_nodes_addresses_on_later_requests():
+    vip, mine = "198.51.100.100", "198.51.100.22"
+    source = Engine(EngineConfig(internal_ip=vip, external_ip=vip, port_start=30000,
+                                 port_end=30199, quarantine=0))
+    session, _, _ = source.offer(1.0, "c", "a", [StreamOffer("198.51.100.10", 4000)])
+    source.answer(2.0, "c", "a", "b", [StreamOffer("198.51.100.11", 5000)], provisional=True)
+    source.answer(2.5, "c", "a", "b2", [StreamOffer("198.51.100.11", 7000)],
+                  provisional=True)
+    fork_a = session.forks["b2"].a.media[0].relay_port
+    record = to_record(session, 3.0, 1e6, interfaces=(vip, vip))
+    target = Engine(EngineConfig(internal_ip=mine, external_ip=mine, port_start=34000,
+                                 port_end=34199, quarantine=0))
+    taken = take("n1", {session.sid: record}, 10.0, 1e6 + 7,
+                 lambda s, _rec: bool(target.adopt(10.0, s, foreign=True)))
+    back = taken.adopted[0]
+    assert back.interfaces == (vip, vip)
+    # the fork's 200 OK on the new node: promoted on its ports, nothing moves to `mine`
+    _, leg, actions = target.answer(11.0, "c", "a", "b2", [StreamOffer("198.51.100.11", 7000)])
+    assert (leg.relay_ip, leg.media[0].relay_port) == (vip, fork_a)
+    assert target.counters["sessions.rebound"] == 0
+    _, leg, _ = target.offer(12.0, "c", "a", [StreamOffer("198.51.100.10", 4000)],
+                             to_tag="b2", interface="external")  # a re-INVITE
+    assert leg.relay_ip == vip
+    # its record on the new node carries them on; a restart of our own calls does not
+    assert to_record(back, 13.0, 1e6, interfaces=(mine, mine))["interfaces"] == [vip, vip]
+    own = from_record(to_record(back, 13.0, 1e6), 20.0, 1e6 + 7)
+    assert engine(30000, 30199).adopt(20.0, own)
+    assert own.interfaces is None
