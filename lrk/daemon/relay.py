@@ -18,7 +18,7 @@ import socket
 import stat
 import time
 from collections import Counter
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from fastpath import logs
 from fastpath.contract import Action, DataPlane, Event, PlaneFailure, Remove, SessionReport
@@ -498,11 +498,11 @@ class Relay:
         return {"kind": "sqlite", "state": "up" if store.up else "degraded"}
 
     # -- standby: taking a dead peer's calls over ------------------------------------
-    def take_over(self, peer: str) -> Dict[str, Any]:
+    def take_over(self, peer: str, only: Optional[Set[str]] = None) -> Dict[str, Any]:
         """Adopt every session of node `peer` (its addresses must be local now: that is
-        what keepalived moved): same relay addresses and ports, counters continued, the
-        records moved to this node's keys. The reply leaves after the data plane has
-        them (as any reply)."""
+        what keepalived moved; `only`: just those on these addresses): same relay
+        addresses and ports, counters continued, the records moved to this node's keys.
+        The reply leaves after the data plane has them (as any reply)."""
         store = self.store
         if not isinstance(store, RedisStore):
             raise ConfigError("takeover needs store = \"redis\" (the peers' sessions are "
@@ -517,7 +517,8 @@ class Relay:
             standby.copies[peer] = {}
             standby.gens[peer] = None
         records = standby.records(peer)
-        taken = take(peer, records, time.monotonic(), time.time(), self._adopt_foreign)
+        taken = take(peer, records, time.monotonic(), time.time(), self._adopt_foreign,
+                     only)
         self._taken(store, standby, taken)
         return taken.summary()
 
@@ -720,11 +721,12 @@ class Relay:
         if isinstance(self.store, RedisStore):
             self.store.handle_timer(now)
         if self.standby is not None:
-            peer = self.standby.handle_timer(now)
-            if peer is not None:
-                lifecycle.warning("an address of node %s's calls is local now: taking over",
-                                  peer)
-                self.take_over(peer)
+            due = self.standby.handle_timer(now)
+            if due is not None:
+                peer, here = due
+                lifecycle.warning("%s of node %s's calls is local now: taking them over",
+                                  ", ".join(sorted(here)), peer)
+                self.take_over(peer, here)
 
     def _expire(self) -> None:
         self._expiring = False

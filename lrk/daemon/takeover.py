@@ -103,18 +103,19 @@ class Standby:
     def get_timer(self) -> Optional[float]:
         return self._next
 
-    def handle_timer(self, now: float) -> Optional[str]:
-        """Refresh the copies (when Redis answers); the peer to take over now (one of its
-        sessions' addresses is local), if any."""
+    def handle_timer(self, now: float) -> Optional[Tuple[str, Set[str]]]:
+        """Refresh the copies (when Redis answers); the peer to take over now and its
+        addresses that are local (keepalived moved them here), if any."""
         if self._next is None or now < self._next:
             return None
         self._next = now + self.poll
         if self.store.up:
             self.refresh()
         for peer in self.peers:
-            copy = self.copies[peer]
-            if copy and any(self.local(ip) for ip in self.addresses(peer)):
-                return peer
+            if self.copies[peer]:
+                here = {ip for ip in self.addresses(peer) if self.local(ip)}
+                if here:
+                    return peer, here
         return None
 
     def refresh(self, force: bool = False) -> None:
@@ -157,11 +158,15 @@ class Standby:
 
 
 def take(peer: str, records: Dict[int, Any], now: float, wall: float,
-         adopt: Callable[[Session, Any], bool]) -> Taken:
+         adopt: Callable[[Session, Any], bool], only: Optional[Set[str]] = None) -> Taken:
     """Rebuild every record of `peer` and hand it (and its record) to `adopt` (the relay:
-    engine, data plane); what cannot be read or adopted is named in `refused`."""
+    engine, data plane); what cannot be read or adopted is named in `refused`. `only`:
+    just the records whose every address is one of these (the rest stay for a later
+    takeover, when their addresses arrive too)."""
     taken = Taken(peer)
     for sid, record in sorted(records.items()):
+        if only is not None and record is not None and not record_addresses(record) <= only:
+            continue
         try:
             session = from_record(record, now, wall)
         except RecordError as exc:

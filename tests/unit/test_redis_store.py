@@ -151,7 +151,7 @@ def test_a_standby_rereads_a_peer_only_when_its_generation_moves_and_sees_addres
     assert standby.handle_timer(1.0) is None
     assert standby.counters["standby.refreshes"] == refreshes  # generation unchanged
     local["127.0.0.1"] = True  # keepalived moved the address here
-    assert standby.handle_timer(1.5) == "n1"
+    assert standby.handle_timer(1.5) == ("n1", {"127.0.0.1"})
     peer.close()
     standby_store.close()
 
@@ -173,6 +173,9 @@ def test_take_adopts_foreign_sessions_with_fresh_ids_outside_the_range_with_fork
     assert back.sid != own.sid and taken.moved == {session.sid: back.sid}
     assert sorted(back.ports()) == sorted(session.ports())
     assert target.by_call["c1"] is back and list(back.forks) == list(session.forks)
+    # a takeover limited to addresses that are not this record's leaves it alone
+    assert take("n1", {session.sid: record}, 50.0, 1e6 + 5, lambda s, _rec: True,
+                only={"198.51.100.77"}).summary()["adopted"] == 0
     # the same call again (a second takeover run) is refused, nothing changes
     again = take("n1", {session.sid: record}, 51.0, 1e6 + 6,
                  lambda s, _rec: bool(target.adopt(51.0, s, foreign=True)))
