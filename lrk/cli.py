@@ -93,8 +93,10 @@ def _add_ctl(sub: argparse._SubParsersAction) -> None:
                    help="top: refreshes before exiting (0: until Ctrl-C)")
     p.add_argument("--interval", type=float, default=1.0, help="top: seconds between refreshes")
     p.add_argument("command", choices=("ping", "list", "query", "stats", "delete", "capabilities",
-                                       "drain", "undrain", "reload", "shutdown", "top"))
-    p.add_argument("call_id", nargs="?", help="Call-ID for query and delete")
+                                       "drain", "undrain", "reload", "shutdown", "top",
+                                       "takeover"))
+    p.add_argument("call_id", nargs="?", help="Call-ID for query and delete; the node_id "
+                   "whose calls to adopt for takeover")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

@@ -70,6 +70,10 @@ def run_ctl(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if args.command in ("query", "delete") and not args.call_id:
         print(f"lrkproxy ctl {args.command}: a Call-ID is required", file=sys.stderr)
         return 2
+    if args.command == "takeover" and not args.call_id:
+        print("lrkproxy ctl takeover: the node_id of the node whose calls to adopt is "
+              "required", file=sys.stderr)
+        return 2
     if getattr(args, "token", None):
         print("lrkproxy ctl: --token is gone: requests are signed with a key file; use --key "
               f"FILE (default: admin.key in {default_key_dir()}; docs/security.md)",
@@ -100,6 +104,8 @@ def run_ctl(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 reply = client.reload()
             elif args.command == "shutdown":
                 reply = client.shutdown()
+            elif args.command == "takeover":
+                reply = client.takeover(args.call_id)
             elif args.command == "top":
                 return run_top(client, out, getattr(args, "count", 0),
                                getattr(args, "interval", 1.0), args.json)

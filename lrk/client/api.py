@@ -196,6 +196,12 @@ class LrkClient(_ClientBase):
         """Stop a node and end its calls for good (a SIGTERM keeps them for a restart)."""
         return self._run(self._core.shutdown(node, set_id))
 
+    def takeover(self, peer: str, node: Optional[NodeLike] = None, *,
+                 set_id: Optional[int] = None) -> Reply:
+        """Make a node adopt every call of node `peer` (its node_id; the two share a
+        Redis, and peer's media addresses have moved to that node)."""
+        return self._run(self._core.takeover(peer, node, set_id))
+
     def list(self, limit: Optional[int] = None, offset: Optional[int] = None, *,
              node: Optional[NodeLike] = None, set_id: Optional[int] = None) -> Reply:
         """One page of a node's sessions (`total`, `sessions`)."""
@@ -381,6 +387,11 @@ class AsyncLrkClient(_ClientBase):
                        set_id: Optional[int] = None) -> Reply:
         """See LrkClient.shutdown."""
         return await self._run(self._core.shutdown(node, set_id))
+
+    async def takeover(self, peer: str, node: Optional[NodeLike] = None, *,
+                       set_id: Optional[int] = None) -> Reply:
+        """See LrkClient.takeover."""
+        return await self._run(self._core.takeover(peer, node, set_id))
 
     async def stats(self, node: Optional[NodeLike] = None, *,
                     set_id: Optional[int] = None) -> Reply:

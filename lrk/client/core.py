@@ -226,6 +226,11 @@ class ClientCore:
                  ) -> Operation:
         return self._admin("shutdown", node, set_id)
 
+    def takeover(self, peer: str, node: Optional[NodeLike] = None,
+                 set_id: Optional[int] = None) -> Operation:
+        _check_str("peer", peer)
+        return self._admin("takeover", node, set_id, node_id=peer)
+
     def offer(self, call_id: str, from_tag: str, media: Optional[Tuple[str, int]] = None, *,
               sdp: Optional[SipData] = None, to_tag: Optional[str] = None,
               interface: str = "internal", latch_any: bool = False,

@@ -50,7 +50,7 @@ ERROR_CODES = ("malformed", "too_large", "bad_request", "unknown_command",
                "ports_exhausted",
                "data_plane", "draining", "capacity", "internal")
 COMMANDS = ("ping", "capabilities", "offer", "answer", "delete", "query", "list", "stats",
-            "drain", "reload", "shutdown")
+            "drain", "reload", "shutdown", "takeover")
 #: commands whose reply shows traffic counters: the daemon refreshes them first
 NEEDS_COUNTERS = frozenset(("delete", "query", "list", "stats"))
 
@@ -114,6 +114,10 @@ class MsgpackControl:
         self.on_reload: Optional[Callable[[], Tuple[List[str], List[str]]]] = None
         #: stop the relay and end every call (`shutdown`): set by the daemon
         self.on_shutdown: Optional[Callable[[], None]] = None
+        #: adopt every call of another node (`takeover`): set by the daemon
+        self.on_takeover: Optional[Callable[[str], Dict[str, Any]]] = None
+        #: the session store's state for `stats` (None: no store)
+        self.store_status: Optional[Callable[[], Optional[Dict[str, Any]]]] = None
         self.info = dict(info or {})
         #: None: no authentication (control_auth = "none"): every sender may do anything
         self.auth = auth
@@ -489,18 +493,34 @@ class MsgpackControl:
         self.on_shutdown()
         return {"stopping": True, "sessions_ended": sessions}, []
 
+    def _cmd_takeover(self, args: Dict[str, Any], now: float):
+        """Adopt every call of another node that shares this one's Redis (its media
+        addresses must be on this host now: keepalived moved them)."""
+        self._require_admin(args, "takeover")
+        node = _name(args.get("node_id"), "node_id")
+        if self.on_takeover is None:
+            raise BadRequest("this relay cannot take calls over")
+        try:
+            return self.on_takeover(node), []
+        except ConfigError as exc:
+            raise BadRequest(f"takeover of {node!r}: {exc}") from exc
+
     def _cmd_stats(self, args: Dict[str, Any], now: float):
         counters: Dict[str, int] = {}
         counters.update(self.counters)
         counters.update(self.engine.counters)
         counters.update(self.media_counters())
-        return {
+        body = {
             "uptime": round(now - self.started, 3),
             "draining": self.engine.draining,
             "sessions": len(self.engine.by_call),
             "ports": self.engine.ports.snapshot(),
             "counters": counters,
-        }, []
+        }
+        store = self.store_status() if self.store_status is not None else None
+        if store is not None:
+            body["store"] = store
+        return body, []
 
     # -- replies ---------------------------------------------------------------------
     def _error_msg(self, cookie: Any, code: str, message: str) -> Dict[str, Any]:

@@ -76,11 +76,14 @@ class Engine:
         self.draining = False
 
     # -- helpers -------------------------------------------------------------------
-    def interface_ip(self, interface: str) -> str:
+    def interface_ip(self, interface: str, session: Optional[Session] = None) -> str:
+        """The relay address of `interface`: the engine's, or those of the node a
+        `session` was taken over from (Session.interfaces)."""
+        pinned = session.interfaces if session is not None else None
         if interface == "internal":
-            return self.config.internal_ip
+            return pinned[0] if pinned else self.config.internal_ip
         if interface == "external":
-            return self.config.external_ip
+            return pinned[1] if pinned else self.config.external_ip
         raise BadRequest(f"interface must be 'internal' or 'external', not {interface!r}")
 
     def _allocate(self, now: float, ip: str) -> int:
@@ -124,7 +127,7 @@ class Engine:
         """Record the offerer's streams; return the leg whose relay addresses the offer
         announces. `media` is every m= line in order (or one (ip, port) for one stream)."""
         streams = _streams(media, rtcp_port)
-        target_ip = self.interface_ip(interface)
+        target_ip = self.interface_ip(interface, self.by_call.get(call_id))
         latch_any = self._learning(latch_any, strict_source)
         session = self.by_call.get(call_id)
         actions: List[Action] = []
@@ -179,7 +182,7 @@ class Engine:
         own A-side relay ports; the final answer's To-tag wins and the other early
         dialogs are freed."""
         streams = _streams(media, rtcp_port)
-        target_ip = self.interface_ip(interface)
+        target_ip = self.interface_ip(interface, self.by_call.get(call_id))
         latch_any = self._learning(latch_any, strict_source)
         session = self.get(call_id)
         answering = session.leg_by_tag(to_tag)
@@ -453,15 +456,23 @@ class Engine:
         return session, actions, "created"
 
     # -- restart: sessions from a store -------------------------------------------------
-    def adopt(self, now: float, session: Session) -> List[Action]:
+    def adopt(self, now: float, session: Session, foreign: bool = False) -> List[Action]:
         """Take over a session rebuilt from a store (a restarted relay): its relay ports
         are claimed as they were, so the calls' media keeps its addresses. Refused
         (counted, nothing changes) when its Call-ID or id is taken or a port is outside
-        this relay's range or in use."""
+        this relay's range or in use.
+
+        `foreign`: a session of another node (a standby's takeover): it gets a fresh id
+        here, and its ports may lie outside this relay's range (the peer's range; they
+        go back to no pool when the call ends)."""
         ports = session.ports()
+        if not foreign:
+            session.interfaces = None  # our own call: our addresses (as configured now)
+        if foreign and session.call_id not in self.by_call:
+            session.sid = self._next_sid
         if (session.call_id in self.by_call or session.sid in self.by_sid
-                or not ports or any(not self.ports.contains(p) or self.ports.is_in_use(p)
-                                    for p in ports)
+                or not ports or any((not foreign and not self.ports.contains(p))
+                                    or self.ports.is_in_use(p) for p in ports)
                 or len(set(ports)) != len(ports)):
             self.counters["sessions.restore_refused"] += 1
             return []

@@ -10,7 +10,7 @@ to the one that reads it; `restore` turns them back into the reader's monotonic 
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from lrk.core.session import Fork, Leg, LegCounters, Media, Session
 
@@ -46,9 +46,12 @@ def _leg(leg: Leg) -> Record:
             "generation": leg.generation, "media": [_media(m) for m in leg.media]}
 
 
-def to_record(session: Session, now: float, wall: float, owner: Optional[str] = None
-              ) -> Record:
-    """`session` as a record; `now` (monotonic) and `wall` (Unix) are the same instant."""
+def to_record(session: Session, now: float, wall: float, owner: Optional[str] = None,
+              interfaces: Optional[Tuple[str, str]] = None) -> Record:
+    """`session` as a record; `now` (monotonic) and `wall` (Unix) are the same instant.
+    `interfaces`: the writer's (internal, external) relay addresses, which a node that
+    takes the call over keeps using for it (unless the session has its own)."""
+    pinned = session.interfaces or interfaces
     def to_wall(t: Optional[float]) -> Optional[float]:
         return None if t is None else wall - (now - t)
 
@@ -57,6 +60,7 @@ def to_record(session: Session, now: float, wall: float, owner: Optional[str] = 
         "created": to_wall(session.created), "last_media": to_wall(session.last_media),
         "timeout": session.timeout, "state": session.state, "via_branch": session.via_branch,
         "origin": session.origin, "owner": owner,
+        "interfaces": None if pinned is None else [pinned[0], pinned[1]],
         "legs": [_leg(session.legs["A"]), _leg(session.legs["B"])],
         "forks": [{"key": f.key, "tag": f.tag, "a": _leg(f.a), "b": _leg(f.b)}
                   for f in session.forks.values()],
@@ -132,6 +136,12 @@ def from_record(rec: Any, now: float, wall: float) -> Session:
             fork = Fork(int(f["key"]), str(f["tag"]), _leg_back(f["a"], f"forks[{i}].a"),
                         _leg_back(f["b"], f"forks[{i}].b"))
             session.forks[fork.tag] = fork
+        pinned = rec.get("interfaces")
+        if pinned is not None:
+            if not (isinstance(pinned, list) and len(pinned) == 2
+                    and all(isinstance(ip, str) for ip in pinned)):
+                raise RecordError(f"interfaces must be [internal, external], not {pinned!r}")
+            session.interfaces = (pinned[0], pinned[1])
     except RecordError:
         raise
     except (KeyError, TypeError, ValueError) as exc:

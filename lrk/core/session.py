@@ -296,6 +296,9 @@ class Session:
     timer_at: Optional[float] = None  # the engine's live expiry entry for this session
     origin: str = "msgpack"  # "legacy": made by Kamailio's lrkproxy `S` (set_fixed)
     forks: Dict[str, Fork] = field(default_factory=dict)  # To-tag -> other early dialog
+    #: (internal, external) relay addresses of a call taken over from another node: its
+    #: later requests keep using that node's addresses; None: the engine's own
+    interfaces: Optional[Tuple[str, str]] = None
 
     def leg_by_tag(self, tag: Optional[str]) -> Optional[Leg]:
         if tag is None:

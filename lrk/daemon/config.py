@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -17,6 +19,7 @@ else:  # PyPy 3.9
     import tomli as tomllib
 
 MODES = ("socket", "kernel", "nfqueue", "packet", "xdp")
+STORES = ("sqlite", "redis")
 #: packet mode reads every session from one tap and sends with one sendmmsg per round, so
 #: gathering packets for a moment pays off most there; socket mode gains too (fewer
 #: wake-ups) but keeps 0 by default, its latency the lowest (docs/operations.md)
@@ -100,8 +103,31 @@ class Config:
     # sessions survive a restart: kept in a SQLite file under this directory (one file per
     # relay, named after its control address and ports); "" = sessions die with the process
     state_dir: str = ""
+    # where sessions are kept: "sqlite" (a file under state_dir, this host only) or
+    # "redis" (redis_url; nodes that stand by for each other share one Redis)
+    store: str = "sqlite"
+    redis_url: str = ""
+    # this node's name in the shared store (keys lrk:<node_id>:session:<sid>); "" = derived
+    # from the host name and the control address
+    node_id: str = ""
+    # nodes whose calls this one keeps a warm copy of and takes over (store = "redis")
+    standby_for: List[str] = field(default_factory=list)
+    # seconds between reads of the peers' generation counters and local addresses
+    standby_poll: float = 0.5
+    # more msgpack control addresses (HOST:PORT), bound with IP_FREEBIND: an address
+    # keepalived moves (here now, or only after a takeover), so the control layer reaches
+    # a node's calls at the same control address wherever they are served
+    control_extra: List[str] = field(default_factory=list)
 
     # -- derived ---------------------------------------------------------------------
+    @property
+    def node_name(self) -> str:
+        """node_id, or host name and control address (one name per relay on a host)."""
+        if self.node_id:
+            return self.node_id
+        return re.sub(r"[^A-Za-z0-9._-]+", "_",
+                      f"{socket.gethostname()}-{self.control}").strip("_")
+
     @property
     def port_range(self) -> Tuple[int, int]:
         return parse_ports(self.ports)
@@ -115,6 +141,10 @@ class Config:
                 raise ConfigError(f"control {self.control!r}: unix: needs an absolute path")
             return path
         return parse_hostport(self.control, "control")
+
+    @property
+    def control_extra_addrs(self) -> List[Tuple[str, int]]:
+        return [parse_hostport(a, "control_extra") for a in self.control_extra]
 
     @property
     def metrics_addr(self) -> Optional[Tuple[str, int]]:
@@ -209,6 +239,31 @@ class Config:
         if not isinstance(self.state_dir, str):
             raise ConfigError(f"state_dir must be a directory path (a string), not "
                               f"{self.state_dir!r}")
+        if self.store not in STORES:
+            raise ConfigError(f"store {self.store!r} must be \"sqlite\" (a file under "
+                              "state_dir) or \"redis\" (redis_url, shared by nodes)")
+        if self.store == "redis" and not (isinstance(self.redis_url, str) and self.redis_url):
+            raise ConfigError("store = \"redis\" needs redis_url (e.g. "
+                              "redis://127.0.0.1:6379/0 or unix:///run/redis/redis.sock)")
+        if not isinstance(self.node_id, str) or ":" in self.node_id:
+            raise ConfigError(f"node_id {self.node_id!r} must be a name without ':'")
+        if not isinstance(self.standby_for, list) or not all(
+                isinstance(p, str) and p and ":" not in p for p in self.standby_for):
+            raise ConfigError(f"standby_for {self.standby_for!r} must be a list of node_id "
+                              "names")
+        if self.standby_for and self.store != "redis":
+            raise ConfigError("standby_for needs store = \"redis\": the peers' sessions are "
+                              "read from the shared Redis")
+        if self.node_id and self.node_id in self.standby_for:
+            raise ConfigError(f"standby_for names this node itself ({self.node_id!r})")
+        if not isinstance(self.control_extra, list):
+            raise ConfigError(f"control_extra {self.control_extra!r} must be a list of "
+                              "HOST:PORT control addresses")
+        self.control_extra_addrs  # noqa: B018 - validates
+        poll = self.standby_poll
+        if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not (
+                0.05 <= poll <= 60):
+            raise ConfigError(f"standby_poll {poll!r} must be within 0.05..60 seconds")
         if isinstance(self.relearn_after, bool) or not isinstance(
                 self.relearn_after, (int, float)) or not 0 < self.relearn_after <= 3600:
             raise ConfigError(f"relearn_after {self.relearn_after!r} must be within 0..3600 "

@@ -129,6 +129,14 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
     "store_operations": ("counter", ("outcome",),
                          "Session store writes: written, deleted, failed (the store is down or "
                          "full: the relay goes on, calls are kept in memory)."),
+    "store_up": ("gauge", (), "1 while the session store takes writes, 0 while it is down "
+                 "(Redis unreachable: calls go on in memory, the store catches up later)."),
+    "store_pending": ("gauge", (), "Sessions changed while the store was down, waiting to be "
+                      "written when it answers again."),
+    "standby_peer_sessions": ("gauge", (), "Sessions of the nodes this one stands by for, "
+                              "in its warm copy."),
+    "takeover_sessions": ("counter", ("outcome",), "Sessions of a dead peer taken over "
+                          "(adopted) or not (refused), and takeovers run (runs)."),
     "early_dialogs": ("counter", ("outcome",),
                       "Early dialogs of forked INVITEs beyond the first (a 183 with SDP from "
                       "another To-tag): created, won (its 200 OK picked it), freed (lost)."),
@@ -237,6 +245,13 @@ COUNTER_MAP: Tuple[Tuple[str, str, Dict[str, str]], ...] = (
     ("sessions.restored", "sessions_restored", {"outcome": "restored"}),
     ("sessions.restore_refused", "sessions_restored", {"outcome": "refused"}),
     ("store.*", "store_operations", {"outcome": "*"}),
+    ("store.up", "store_up", {}),
+    ("store.pending", "store_pending", {}),
+    ("standby.peer_sessions", "standby_peer_sessions", {}),
+    ("standby.refreshes", "store_operations", {"outcome": "standby_refreshes"}),
+    ("takeover.runs", "takeover_sessions", {"outcome": "runs"}),
+    ("takeover.sessions", "takeover_sessions", {"outcome": "adopted"}),
+    ("takeover.refused", "takeover_sessions", {"outcome": "refused"}),
     ("sessions.early_dialogs", "early_dialogs", {"outcome": "created"}),
     ("sessions.early_dialogs.*", "early_dialogs", {"outcome": "*"}),
     ("ports.exhausted", "ports_exhausted", {}),

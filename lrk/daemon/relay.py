@@ -18,7 +18,7 @@ import socket
 import stat
 import time
 from collections import Counter
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from fastpath import logs
 from fastpath.contract import Action, DataPlane, Event, PlaneFailure, Remove, SessionReport
@@ -34,9 +34,11 @@ from lrk.daemon.config import Config
 from lrk.daemon.kernel_plane import KernelPlane
 from lrk.daemon.metrics import MetricsServer, NoMetrics, legacy_command, relay_snapshot
 from lrk.daemon.nfqueue_plane import NfqueuePlane
+from lrk.daemon.redis_store import RedisStore, open_session_store
 from lrk.daemon.sdnotify import process_notifier
 from lrk.daemon.socket_plane import SocketPlane
-from lrk.daemon.store import SqliteStore, open_store
+from lrk.daemon.store import SqliteStore
+from lrk.daemon.takeover import Standby, Taken, session_media, take
 from lrk.daemon.xdp_plane import XdpPlane
 from lrk.errors import ConfigError
 
@@ -50,6 +52,7 @@ MAX_LEGACY_STREAM = 8192
 LEGACY_STREAM_TIMEOUT = 2.0
 READ_BURST = 64  # datagrams read per wake-up of a control socket
 MAX_DATAGRAM = 65535
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux; binds an address not (yet) here
 
 
 class _DatagramEndpoint:
@@ -182,6 +185,7 @@ class Relay:
         self.metrics: Any = NoMetrics()
         self._endpoint: Optional[_DatagramEndpoint] = None
         self._legacy_endpoints: List[_DatagramEndpoint] = []
+        self._extra_endpoints: List[_DatagramEndpoint] = []
         self._legacy_servers: List[asyncio.AbstractServer] = []
         self._unix_paths: List[str] = []
         self.control_address: Any = None
@@ -192,9 +196,15 @@ class Relay:
         self._stopping = False
         if load_config is not None:
             self.control.on_reload = self.reload
-        #: sessions survive a restart when a state_dir is configured
-        self.store: Optional[SqliteStore] = open_store(config.state_dir, config.control,
-                                                       config.ports)
+        #: sessions survive a restart when a state_dir (or store = "redis") is configured
+        self.store: Optional[Union[SqliteStore, RedisStore]] = open_session_store(config)
+        self.standby: Optional[Standby] = None
+        if isinstance(self.store, RedisStore):
+            self.store.source = self._records
+            if config.standby_for:
+                self.standby = Standby(self.store, config.standby_for, config.standby_poll)
+        self.control.on_takeover = self.take_over
+        self.control.store_status = self._store_status
         self.end_calls = False  # `shutdown`: stop and end every call (store emptied)
         self._dirty: Dict[int, bool] = {}  # sid -> write (True) or delete, not yet stored
         self.request_stop: Optional[Callable[[], None]] = None  # set by serve()
@@ -221,6 +231,10 @@ class Relay:
             address, self.on_control, self.control.counters, "control.send_errors")
         self.control_address = (address if isinstance(address, str)
                                 else endpoint.sock.getsockname()[:2])
+        for extra in self.config.control_extra_addrs:  # e.g. on an address keepalived moves
+            self._extra_endpoints.append(self._datagram_endpoint(
+                extra, self.on_control, self.control.counters, "control.send_errors",
+                freebind=True))
         self._endpoint = endpoint
         self._loop = loop
         if self.config.metrics_addr is not None:
@@ -238,7 +252,8 @@ class Relay:
             else "-")
 
     def _datagram_endpoint(self, address: Any, on_datagram: Any, counters: Counter,
-                           send_error_counter: str) -> _DatagramEndpoint:
+                           send_error_counter: str, freebind: bool = False
+                           ) -> _DatagramEndpoint:
         if isinstance(address, str):
             self._claim_unix_path(address)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -253,6 +268,8 @@ class Relay:
             sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
                                  socket.SOCK_DGRAM)
             try:
+                if freebind:  # the address may arrive later (keepalived moves it here)
+                    sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
                 sock.bind((host, port))
             except BaseException:
                 sock.close()
@@ -330,9 +347,10 @@ class Relay:
         if self._endpoint is not None:
             self._endpoint.close()
             self._endpoint = None
-        for endpoint in self._legacy_endpoints:
+        for endpoint in self._legacy_endpoints + self._extra_endpoints:
             endpoint.close()
         self._legacy_endpoints = []
+        self._extra_endpoints = []
         for server in self._legacy_servers:
             server.close()
             await server.wait_closed()
@@ -348,7 +366,11 @@ class Relay:
             self._dirty = {sid: True for sid in self.engine.by_sid}
             self._flush_store()
             actions = [Remove(s.sid, s.call_id, "restart") for s in self.engine.sessions()]
-            if actions:
+            if actions and isinstance(self.store, RedisStore) and not self.store.up:
+                lifecycle.warning("%d call(s) not written: the session store (Redis) is "
+                                  "down; the next start cannot restore them (a standby "
+                                  "has its copy)", len(actions))
+            elif actions:
                 lifecycle.info("%d call(s) kept in the session store for the next start",
                                len(actions))
         else:
@@ -387,19 +409,29 @@ class Relay:
         if store is None or not dirty:
             return
         self._dirty = {}
+        puts, deletes = self._records([sid for sid, live in dirty.items() if live])
+        deletes.extend(sid for sid, live in dirty.items() if not live)
+        if store.write(puts, deletes) is False:
+            self._rearm()  # Redis is down: the store's catch-up timer
+
+    def _records(self, sids: Optional[List[int]]) -> Tuple[list, List[int]]:
+        """The store's view of `sids` now (None: every session): records of the live
+        ones, and the ended ones to delete."""
         now, wall = time.monotonic(), time.time()
-        puts = []
-        deletes = []
         owners = self.control.owners
-        for sid, live in dirty.items():
-            session = self.engine.by_sid.get(sid) if live else None
+        by_sid = self.engine.by_sid
+        cfg = self.engine.config
+        interfaces = (cfg.internal_ip, cfg.external_ip)
+        puts = []
+        deletes: List[int] = []
+        for sid in (list(by_sid) if sids is None else sids):
+            session = by_sid.get(sid)
             if session is None:
                 deletes.append(sid)
             else:
                 puts.append((sid, session.call_id,
-                             to_record(session, now, wall, owners.get(sid))))
-        store.write(puts, deletes)
-
+                             to_record(session, now, wall, owners.get(sid), interfaces)))
+        return puts, deletes
 
     async def _restore(self) -> None:
         """Take back the calls a previous run of this relay kept in the store."""
@@ -454,7 +486,81 @@ class Relay:
         counters.update(self.legacy.counters)
         if self.store is not None:
             counters.update(self.store.counters)
+        if self.standby is not None:
+            counters.update(self.standby.counters)
         return counters
+
+    def _store_status(self) -> Optional[Dict[str, Any]]:
+        """The `store` field of `stats`: which store, and whether it takes writes."""
+        store = self.store
+        if store is None:
+            return None
+        if isinstance(store, RedisStore):
+            status: Dict[str, Any] = {"kind": "redis", "node": store.node,
+                                      "state": "up" if store.up else "degraded",
+                                      "pending": len(store.pending)}
+            if self.standby is not None:
+                status["standby_for"] = {p: len(c) for p, c in self.standby.copies.items()}
+            return status
+        return {"kind": "sqlite", "state": "up" if store.up else "degraded"}
+
+    # -- standby: taking a dead peer's calls over ------------------------------------
+    def take_over(self, peer: str, only: Optional[Set[str]] = None) -> Dict[str, Any]:
+        """Adopt every session of node `peer` (its addresses must be local now: that is
+        what keepalived moved; `only`: just those on these addresses): same relay
+        addresses and ports, counters continued, the records moved to this node's keys.
+        The reply leaves after the data plane has them (as any reply)."""
+        store = self.store
+        if not isinstance(store, RedisStore):
+            raise ConfigError("takeover needs store = \"redis\" (the peers' sessions are "
+                              "in the shared Redis)")
+        if peer == store.node:
+            raise ConfigError(f"{peer!r} is this node")
+        standby = self.standby
+        if standby is None:  # an operator's takeover of a node not in standby_for
+            standby = Standby(store, [peer])
+        elif peer not in standby.peers:
+            standby.peers.append(peer)
+            standby.copies[peer] = {}
+            standby.gens[peer] = None
+        records = standby.records(peer)
+        taken = take(peer, records, time.monotonic(), time.time(), self._adopt_foreign,
+                     only)
+        self._taken(store, standby, taken)
+        return taken.summary()
+
+    def _adopt_foreign(self, session: Session, record: Any) -> bool:
+        now = time.monotonic()
+        if isinstance(self.plane, SocketPlane):
+            for ip, port in session_media(session):
+                if not self.plane.probe(ip, port):
+                    log.error("takeover: call %r: %s port %d cannot be bound here (the "
+                              "address is not local, or the port is taken)", session.call_id,
+                              ip, port)
+                    self.plane.apply([])  # lets go of the ports probed for it
+                    return False
+        actions = self.engine.adopt(now, session, foreign=True)
+        if not actions:
+            self.plane.apply([])
+            return False
+        owner = owner_of(record)
+        if owner is not None:  # its control client may go on steering it
+            self.control.owners[session.sid] = owner
+        return not self._apply(actions)
+
+    def _taken(self, store: RedisStore, standby: Standby, taken: Taken) -> None:
+        """Move the adopted records to this node's keys (one transaction)."""
+        puts, _ = self._records([s.sid for s in taken.adopted])
+        store.write(puts, [], [(taken.peer, sid) for sid in taken.moved])
+        for sid in taken.moved.values():
+            self._dirty.pop(sid, None)  # written just now
+        standby.forget(taken.peer, list(taken.moved) + list(taken.refused))
+        counters = standby.counters
+        counters["takeover.runs"] += 1
+        counters["takeover.sessions"] += len(taken.adopted)
+        counters["takeover.refused"] += len(taken.refused)
+        lifecycle.warning("took over %d call(s) of node %s (%d refused)", len(taken.adopted),
+                          taken.peer, len(taken.refused))
 
     # -- legacy protocol ---------------------------------------------------------------
     def on_legacy(self, data: bytes, addr: Any, endpoint: _DatagramEndpoint) -> None:
@@ -579,7 +685,9 @@ class Relay:
     # -- the timer -------------------------------------------------------------------
     def next_deadline(self) -> Optional[float]:
         """The earliest of the engine's and the data plane's deadlines (monotonic)."""
-        times = [t for t in (self.engine.get_timer(), self.plane.get_timer()) if t is not None]
+        times = [t for t in (self.engine.get_timer(), self.plane.get_timer(),
+                             *(side.get_timer() for side in self._sides()))
+                 if t is not None]
         return min(times) if times else None
 
     def _rearm(self) -> None:
@@ -601,6 +709,7 @@ class Relay:
         try:
             now = time.monotonic()
             self.plane.handle_timer(now)
+            self._side_timers(now)
             if self.engine.due(now):
                 # fresh last-media times before ending anything
                 self._expiring = True
@@ -609,6 +718,22 @@ class Relay:
         except Exception:  # the timer must survive anything: it ends every call
             log.exception("timer failed")
         self._rearm()
+
+    def _sides(self) -> List[Any]:
+        """The store (catching up after Redis was down) and the standby: on the timer."""
+        return [side for side in (self.store, self.standby)
+                if side is not None and hasattr(side, "get_timer")]
+
+    def _side_timers(self, now: float) -> None:
+        if isinstance(self.store, RedisStore):
+            self.store.handle_timer(now)
+        if self.standby is not None:
+            due = self.standby.handle_timer(now)
+            if due is not None:
+                peer, here = due
+                lifecycle.warning("%s of node %s's calls is local now: taking them over",
+                                  ", ".join(sorted(here)), peer)
+                self.take_over(peer, here)
 
     def _expire(self) -> None:
         self._expiring = False

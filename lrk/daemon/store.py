@@ -49,6 +49,11 @@ class SqliteStore:
             raise ConfigError(f"session store {path}: {exc} (state_dir must be a writable "
                               "directory)") from exc
 
+    @property
+    def up(self) -> bool:
+        """False while writes fail (logged once, counted in store.failed)."""
+        return not self._failing
+
     def write(self, puts: List[Tuple[int, str, Record]], deletes: List[int]) -> None:
         """Several changes in one transaction (one burst of requests: one commit)."""
         if not puts and not deletes:

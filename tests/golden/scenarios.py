@@ -39,7 +39,8 @@ from tests.golden.harness import (
 V = 1
 SECONDS = Between(float, 0.0, 60.0)  # age / idle of a session this script just made
 COMMANDS = ["ping", "capabilities", "offer", "answer", "delete", "query", "list", "stats",
-            "drain", "reload", "shutdown"]  # drain, reload: e2f0e0d; shutdown: the store
+            "drain", "reload", "shutdown", "takeover"]  # drain, reload: e2f0e0d; shutdown:
+# the store; takeover: the Redis store (issue 13)
 ERROR_CODES = ["malformed", "too_large", "bad_request", "unknown_command", "unsupported_version",
                "unauthorized", "not_found", "ports_exhausted", "data_plane", "draining",
                "capacity", "internal"]
