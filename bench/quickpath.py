@@ -15,7 +15,9 @@ Modes:
 * ``routing``     plain IP forwarding, no NAT, no ruleset (the baseline);
 * ``static-nat``  a static nftables DNAT/SNAT map pair, one element each per session;
 * ``kernel``      ``lrkproxy run --mode kernel``, sessions set up through `LrkClient`;
-* ``xdp``         ``lrkproxy run --mode xdp`` (when this tree has it), the same way.
+* ``xdp``         ``lrkproxy run --mode xdp`` (native XDP on the relay's veths), the same way;
+* ``xdp-generic`` the same with ``--xdp-attach generic`` (XDP on the skb, after the
+                  stack built it; on veth it skips native XDP's copy into a page).
 
 For each (mode, sessions): a capacity search (`bench.capacity.search`: doubling, then
 bisection; a step offers R pkt/s for `--step` seconds and passes with < 1 % loss), then
@@ -42,6 +44,7 @@ from bench.capacity import LOSS_LIMIT, machine, search, verdict
 from bench.frames import Flow
 from bench.interpreters import pypy_or_current
 from bench.netns import Topology, run
+from bench.netns_capacity import xdp_links
 from bench.trafgen import Sink, Trafgen, busy_share, cpu_times, link_mac, steer
 
 Addr = Tuple[str, int]
@@ -56,7 +59,6 @@ CALLEE_PORT = 30000
 RELAY_PORT = 20000
 STATIC_TABLE = "qpnat"
 RELAY_CPU, GEN_CPU = 1, 0
-MODES = ("routing", "static-nat", "kernel", "xdp")
 
 
 class QuickpathError(RuntimeError):
@@ -79,6 +81,7 @@ class Rig:
         mac = link_mac(topo.callee.ns, "ve0")
         run("ip", "neigh", "replace", topo.callee.ip4, "lladdr", mac, "dev", "ve1", "nud",
             "permanent", ns=topo.relay.ns)
+        xdp_links(topo)  # every mode of a run shares the hosts' link settings
         self.napi_pid = steer(topo.relay.ns, "vc1", topo.caller.ns, "vc0", RELAY_CPU)
         self.caller_mac = link_mac(topo.caller.ns, "vc0")
         self.relay_mac = link_mac(topo.relay.ns, "vc1")
@@ -170,6 +173,8 @@ SETUPS: Dict[str, Callable[..., Any]] = {
     "static-nat": static_nat,
     "kernel": lrk_mode(["--mode", "kernel"]),
     "xdp": lrk_mode(["--mode", "xdp", "--xdp-interface", "vc1", "--xdp-interface", "ve1"]),
+    "xdp-generic": lrk_mode(["--mode", "xdp", "--xdp-attach", "generic", "--xdp-interface",
+                             "vc1", "--xdp-interface", "ve1"]),
 }
 
 

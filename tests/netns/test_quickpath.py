@@ -17,7 +17,7 @@ from bench.trafgen import Sink
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.mark.parametrize("mode", ["routing", "static-nat", "kernel"])
+@pytest.mark.parametrize("mode", ["routing", "static-nat", "kernel", "xdp"])
 def test_mode_delivers_every_packet_at_a_modest_rate(topo: Topology, mode: str) -> None:
     rig = Rig(topo)
     pairs = flows_for(topo, 20)
@@ -30,3 +30,5 @@ def test_mode_delivers_every_packet_at_a_modest_rate(topo: Topology, mode: str) 
             assert 0.0 <= r["relay_core_busy"] <= 1.0
     tables = run("nft", "list", "tables", ns=topo.relay.ns).stdout
     assert "qpnat" not in tables and "inet lrk" not in tables
+    for dev in ("vc1", "ve1"):
+        assert "xdp" not in run("ip", "link", "show", "dev", dev, ns=topo.relay.ns).stdout
