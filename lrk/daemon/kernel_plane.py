@@ -77,6 +77,8 @@ from fastpath.kernel.nft_setelem import NftDumpError, SetElemReader
 from lrk.errors import ConfigError
 
 log = logging.getLogger("lrk.kernel")
+#: restart events (table kept, adopted): shown whatever the log level (`fastpath.logs`)
+lifecycle = logging.getLogger("lrk.lifecycle")
 
 #: IP + UDP header bytes netfilter counts in each packet (no IP options on media)
 HEADER_BYTES = {4: 20 + 8, 6: 40 + 8}
@@ -323,7 +325,7 @@ class KernelPlane:
             return
         self._found = listing.elements
         self._found_chains = listing.chains_with_rules
-        log.info("kernel mode: adopting table inet %s (%d elements) and its flows: media "
+        lifecycle.info("kernel mode: adopting table inet %s (%d elements) and its flows: media "
                  "kept flowing while no relay ran", self.rules.table,
                  sum(len(e) for e in listing.elements.values()))
 
@@ -393,7 +395,7 @@ class KernelPlane:
             for uid, counts in self._flow_totals(flows, owners).items():
                 self._base[uid] = [-n for n in counts]  # reports count from here
         self._last_poll = self.clock()
-        log.info("kernel mode: adopted %d unit(s) of restored calls; removed %d element(s) "
+        lifecycle.info("kernel mode: adopted %d unit(s) of restored calls; removed %d element(s) "
                  "and the flows of %d mark(s) no restored call owns", len(self.installed),
                  stale, self.counters["kernel.adopt.flushed_marks"])
 
@@ -439,7 +441,7 @@ class KernelPlane:
                 except (NftError, KernelRuleError, ConntrackError, OSError) as exc:
                     log.error("kernel mode could not remove session %s: %s", sid, exc)
             marks: List[int] = []
-            log.info("kernel mode: table inet %s, its flows and the accounting sysctls left "
+            lifecycle.info("kernel mode: table inet %s, its flows and the accounting sysctls left "
                      "in place for %d kept call(s): the kernel forwards their media until "
                      "the next start adopts them", self.rules.table, len(self._kept))
             self._kept.clear()
