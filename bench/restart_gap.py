@@ -7,14 +7,17 @@
 Root only: everything runs in a throwaway caller <-> relay <-> callee namespace topology
 (`bench.netns.Topology`, documentation addresses), the same for every mode. For each
 mode and each signal (`term`: SIGTERM, what `systemctl restart` does; `kill`: SIGKILL
-of the daemon, a crash): a fresh relay with a temporary state_dir, N two-way calls set
+of the daemon, a crash; `none`: no restart, the baseline of the same media on the same
+machine): a fresh relay with a temporary state_dir, N two-way calls set
 up through `lrk.client`, RTP from `bench.callgen` (in this process; 50 packets/s per
 direction, 172-byte packets, caller sockets in the caller's namespace, callee sockets
 in the callee's), `--before` s of media, then the relay is stopped and started again
 with the same command line while media keeps flowing, and media goes on for about
 `--after` s once the new relay answers.
 
-Per call: packets lost (sent - received, both directions); per direction: the longest
+Per call: packets lost (sent - received, both directions; `lost_inside`: the sequence
+gaps, i.e. lost while later packets of the stream arrived; the rest were still in flight
+or dropped at the end); per direction: the longest
 interval between two arrivals (20 ms when nothing was lost). The figures: media gap
 median and worst over every direction of every call, loss per call median and worst,
 `generator_limited` if the generator could not keep the rate itself.
@@ -48,7 +51,7 @@ from lrk.demo.relay_process import RelayProcess
 MAX_CALLS = 2000
 MAX_MEDIA = 30.0
 MODES = ("socket", "packet", "kernel", "nfqueue")
-SIGNALS = ("term", "kill")
+SIGNALS = ("none", "term", "kill")
 PORTS = (30000, 34999)
 #: a restart is expected to take at most this long (media runs on for --after past it)
 RESTART_BUDGET = 2.0
@@ -130,6 +133,10 @@ def run_once(topo: Topology, mode: str, signal: str, calls: int, before: float,
         def restart() -> None:
             time.sleep(before)  # the media generator runs meanwhile (no check waits here)
             events["restart"] = time.monotonic()
+            if signal == "none":  # the baseline: the same media, no restart
+                events["old_gone"] = events["new_ready"] = events["restart"]
+                second.append(relay)
+                return
             twin = relay.again()
             if signal == "term":
                 relay.stop()
@@ -154,8 +161,10 @@ def run_once(topo: Topology, mode: str, signal: str, calls: int, before: float,
         per = result["per_stream"]
         gaps = sorted(s["max_gap_ms"] for s in per)
         lost_call = [0] * calls
+        inside = [0] * calls  # sequence gaps: lost while later packets of the stream came
         for s in per:
             lost_call[s["call"]] += s["sent"] - s["received"]
+            inside[s["call"]] += s["lost"]
         with LrkClient([current.node], timeout=2.0, retries=3) as client:
             restored = client.stats()["sessions"]
             for i in range(calls):
@@ -163,6 +172,8 @@ def run_once(topo: Topology, mode: str, signal: str, calls: int, before: float,
             in_use = client.stats()["ports"]["in_use"]
         left = leftovers(topo)
         fds_after = _fds(current)
+        log = [line for line in current.read_output().splitlines()
+               if "lrk.lifecycle" in line or "level=warning" in line or "level=error" in line]
         code = current.stop()
         current = relay  # stopped
         gone = leftovers(topo)
@@ -179,10 +190,17 @@ def run_once(topo: Topology, mode: str, signal: str, calls: int, before: float,
             "lost_per_call_median": statistics.median(lost_call),
             "lost_per_call_worst": max(lost_call),
             "calls_losing_packets": sum(1 for n in lost_call if n),
+            "lost_inside_per_call_median": statistics.median(inside),
+            "lost_inside_per_call_worst": max(inside),
+            "lost_at_the_end": sum(lost_call) - sum(inside),
             "sent": result["sent"], "received": result["received"],
             "generator_limited": result["generator_limited"],
             "generator_max_gap_ms": result["max_gap_ms"],
             "restored_sessions": restored,
+            "lost_by_direction": [sum(s["sent"] - s["received"] for s in per
+                                      if s["direction"] == d)
+                                  for d in ("caller_to_callee", "callee_to_caller")],
+            "new_relay_log": log[:20],
             "leak_check": {"ports_in_use": in_use, **left, "fds_idle_first": fds_idle,
                            "fds_after_delete": fds_after, "stop_exit": code,
                            "after_stop": gone},
