@@ -313,8 +313,8 @@ def test_forked_invite_in_kernel_mode_tells_callees_on_one_ip_apart_by_port(
 @pytest.mark.parametrize("mode", ["socket", "packet", "kernel", "nfqueue"])
 def test_calls_survive_a_restart(topo, tmp_path, mode):
     """With state_dir, SIGTERM and a start with the same command line keep the call: same
-    relay ports, media flows again both ways (kernel modes re-create their table, so
-    media pauses meanwhile), and the stop after the delete leaves nothing behind."""
+    relay ports, media flows again both ways (kernel modes adopt their table: see
+    test_kernel_adopt.py), and the stop after the delete leaves nothing behind."""
     caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
     first = _relay(topo, mode, tmp_path, config=f"state_dir = \"{tmp_path / 'state'}\"\n")
     relays = [first]
