@@ -105,6 +105,16 @@ def leftovers(topo: Topology) -> Dict[str, int]:
             "table": int(table)}
 
 
+def quiet(load: float, wait: float) -> Dict[str, Any]:
+    """Wait (at most `wait` s) for the 1-minute load average to fall below `load`; what
+    was found goes into the result (other work on the machine shows in the figures)."""
+    deadline = time.monotonic() + wait
+    while os.getloadavg()[0] >= load and time.monotonic() < deadline:
+        time.sleep(2.0)
+    return {"loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+            "quiet": os.getloadavg()[0] < load}
+
+
 def run_once(topo: Topology, mode: str, signal: str, calls: int, before: float,
              after: float, python: Optional[str]) -> Dict[str, Any]:
     """One relay, `calls` calls, one restart by `signal`; the gaps and losses it caused."""
@@ -221,6 +231,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--after", type=float, default=3.0,
                    help="media after the restart's budget (s)")
     p.add_argument("--python", help="the relay's interpreter (default: this one)")
+    p.add_argument("--quiet-load", type=float, default=1.0,
+                   help="before each run, wait for the 1-min load average to fall below this")
+    p.add_argument("--quiet-wait", type=float, default=60.0, help="... at most this long (s)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if not 0 < args.calls <= MAX_CALLS:
@@ -238,8 +251,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     with Topology("rg") as topo:
         for mode in modes:
             for signal in signals:
+                found = quiet(args.quiet_load, args.quiet_wait)
                 res = run_once(topo, mode, signal, args.calls, args.before, args.after,
                                args.python)
+                res.update(found)
                 print(json.dumps(res), flush=True)
                 results.append(res)
     if args.out:
