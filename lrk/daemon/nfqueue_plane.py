@@ -120,11 +120,11 @@ class NfqueuePlane(KernelPlane):
             return
         fam = spec.family
         adm = found.get(f"adm{fam}", {})
-        if self._found_adm is None:
+        if self._found_adm is None:  # once per restore, both families (addresses differ)
             index: Dict[str, List[str]] = {}
-            for key in adm:
-                relay = key.rsplit(" . ", 1)[0]
-                index.setdefault(relay, []).append(key)
+            for family in (4, 6):
+                for key in found.get(f"adm{family}", {}):
+                    index.setdefault(key.rsplit(" . ", 1)[0], []).append(key)
             self._found_adm = index
         fwd = found.get(f"fwd{fam}", {})
         fork = isinstance(spec, ForkSpec)

@@ -278,3 +278,21 @@ def test_nfqueue_adoption_takes_back_admissions_and_latches():
     plane.apply([Remove(1, "c1", "deleted")])
     assert any(f"delete element inet lrk adm4 {{ {RELAY} . 31002 . {NAT[0]} }}" in run
                for run in nft.runs), nft.runs
+
+
+def test_nfqueue_adoption_finds_admissions_of_both_families():
+    """An IPv6 call restored after an IPv4 one gets its admissions and latches back too."""
+    relay6, caller6, callee6 = "2001:db8::1", ("2001:db8::10", 4000), ("2001:db8::20", 5000)
+    plane = NfqueuePlane(31000, 31099, [RELAY, relay6], adopt=True)
+    four = spec(1, 31000, 31002)
+    six = SessionSpec(2, "c2", (StreamSpec(0, LegSpec("A", relay6, 31010, caller6),
+                                           LegSpec("B", relay6, 31012, callee6)),))
+    nft = adopting(plane, listing(plane.rules, kernel_view(four), kernel_view(six)), [])
+    assert plane.apply([Install(four), Install(six)]) == []
+    plane.adopted()
+    assert nft.runs == []
+    assert plane.latched[(unit_id(2, 0), "B", False)] == callee6
+    assert plane.admitted[unit_id(2, 0)] == {
+        f"adm6 {{ {relay6} . {port} . {ip} }}" for port, ip in (
+            (31010, caller6[0]), (31011, caller6[0]), (31012, callee6[0]),
+            (31013, callee6[0]))}
