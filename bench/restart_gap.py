@@ -11,7 +11,8 @@ of the daemon, a crash; `none`: no restart, the baseline of the same media on th
 machine): a fresh relay with a temporary state_dir, N two-way calls set
 up through `lrk.client`, RTP from `bench.callgen` (in this process; 50 packets/s per
 direction, 172-byte packets, caller sockets in the caller's namespace, callee sockets
-in the callee's), `--before` s of media, then the relay is stopped and started again
+in the callee's), `--warmup` s of media not counted (every flow set up and latched),
+then `--before` s of measured media, then the relay is stopped and started again
 with the same command line while media keeps flowing, and media goes on for about
 `--after` s once the new relay answers.
 
@@ -115,8 +116,18 @@ def quiet(load: float, wait: float) -> Dict[str, Any]:
             "quiet": os.getloadavg()[0] < load}
 
 
+def ct_stats(topo: Topology) -> Dict[str, int]:
+    """The relay namespace's conntrack drop counters, summed over CPUs."""
+    out: Dict[str, int] = {}
+    for line in run("conntrack", "-S", ns=topo.relay.ns, check=False).stdout.splitlines():
+        for key, value in re.findall(r"(\w+)=(\d+)", line):
+            if key in ("drop", "early_drop", "insert_failed", "invalid", "error"):
+                out[key] = out.get(key, 0) + int(value)
+    return out
+
+
 def run_once(topo: Topology, mode: str, signal: str, calls: int, before: float,
-             after: float, python: Optional[str]) -> Dict[str, Any]:
+             after: float, python: Optional[str], warmup: float = 1.0) -> Dict[str, Any]:
     """One relay, `calls` calls, one restart by `signal`; the gaps and losses it caused."""
     state = tempfile.TemporaryDirectory(prefix="lrk-restart-")
     relay = _relay(topo, mode, state.name, python).start()
@@ -158,11 +169,15 @@ def run_once(topo: Topology, mode: str, signal: str, calls: int, before: float,
             events["new_ready"] = time.monotonic()
 
         duration = min(MAX_MEDIA, before + RESTART_BUDGET + after)
+        ct_before = ct_stats(topo)
         with CallGen(spec, seed=13) as gen:
+            # every flow admitted and latched first (nfqueue mode queues the first packets
+            # of 400 flows starting at once: that loss is not the restart's)
+            warm = gen.run(warmup, grace=0.3)
             thread = threading.Thread(target=restart, daemon=True)
             t0 = time.monotonic()
             thread.start()
-            result = gen.run(duration, detail=True, grace=0.5)
+            result = gen.run(duration, detail=True, grace=1.0)
             thread.join(MAX_MEDIA)
         if not second or "new_ready" not in events:
             raise RuntimeError(f"the relay did not come back in {mode} mode: "
@@ -175,8 +190,13 @@ def run_once(topo: Topology, mode: str, signal: str, calls: int, before: float,
         for s in per:
             lost_call[s["call"]] += s["sent"] - s["received"]
             inside[s["call"]] += s["lost"]
+        ct_after = ct_stats(topo)
         with LrkClient([current.node], timeout=2.0, retries=3) as client:
-            restored = client.stats()["sessions"]
+            stats = client.stats()
+            restored = stats["sessions"]
+            relay_counters = {k: v for k, v in stats["counters"].items()
+                              if k.startswith(("nfqueue.", "kernel.", "media.dropped",
+                                               "media.latched", "workers.")) and v}
             for i in range(calls):
                 client.delete(f"gap-{i}")
             in_use = client.stats()["ports"]["in_use"]
@@ -206,7 +226,11 @@ def run_once(topo: Topology, mode: str, signal: str, calls: int, before: float,
             "sent": result["sent"], "received": result["received"],
             "generator_limited": result["generator_limited"],
             "generator_max_gap_ms": result["max_gap_ms"],
+            "warmup": {"seconds": warmup, "sent": warm["sent"], "lost": warm["lost"]},
             "restored_sessions": restored,
+            "relay_counters_after": relay_counters,
+            "conntrack_stats_delta": {k: ct_after.get(k, 0) - ct_before.get(k, 0)
+                                      for k in ct_after},
             "lost_by_direction": [sum(s["sent"] - s["received"] for s in per
                                       if s["direction"] == d)
                                   for d in ("caller_to_callee", "callee_to_caller")],
@@ -231,6 +255,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--after", type=float, default=3.0,
                    help="media after the restart's budget (s)")
     p.add_argument("--python", help="the relay's interpreter (default: this one)")
+    p.add_argument("--warmup", type=float, default=1.0,
+                   help="media before the measured run (every flow set up), not counted")
     p.add_argument("--quiet-load", type=float, default=1.0,
                    help="before each run, wait for the 1-min load average to fall below this")
     p.add_argument("--quiet-wait", type=float, default=60.0, help="... at most this long (s)")
@@ -253,7 +279,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for signal in signals:
                 found = quiet(args.quiet_load, args.quiet_wait)
                 res = run_once(topo, mode, signal, args.calls, args.before, args.after,
-                               args.python)
+                               args.python, args.warmup)
                 res.update(found)
                 print(json.dumps(res), flush=True)
                 results.append(res)
