@@ -54,8 +54,9 @@ MAX_MEDIA = 30.0
 MODES = ("socket", "packet", "kernel", "nfqueue")
 SIGNALS = ("none", "term", "kill")
 PORTS = (30000, 34999)
-#: a restart is expected to take at most this long (media runs on for --after past it)
-RESTART_BUDGET = 2.0
+#: a restart is expected to take at most this long (media runs on for --after past it;
+#: PyPy relays on a loaded 2-core machine took up to 5 s, packet mode with 200 calls)
+RESTART_BUDGET = 8.0
 
 
 def _relay(topo: Topology, mode: str, state: str, python: Optional[str]) -> RelayProcess:
@@ -214,6 +215,8 @@ def run_once(topo: Topology, mode: str, signal: str, calls: int, before: float,
             "old_gone_s": round(events["old_gone"] - events["restart"], 3),
             "restart_s": round(events["new_ready"] - events["restart"], 3),
             "media_after_ready_s": round(t0 + result["send_wall"] - events["new_ready"], 3),
+            # the media must outlast the restart for the gap to be measured
+            "restart_outlasted_media": t0 + result["send_wall"] - events["new_ready"] < 1.0,
             "gap_ms_median": round(statistics.median(gaps), 1),
             "gap_ms_p90": round(gaps[int(0.9 * (len(gaps) - 1))], 1),
             "gap_ms_worst": round(gaps[-1], 1),
