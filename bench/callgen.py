@@ -217,7 +217,7 @@ class StreamStats:
     __slots__ = ("stream_id", "ssrc", "filler", "hist", "received", "duplicates", "reordered",
                  "damaged", "markers", "inconsistent", "negative_latency", "base_ext",
                  "max_ext", "mask", "ts0", "ext0", "last_ts", "last_arrival", "last_lat",
-                 "jitter", "added_jitter", "lat_n", "lat_sum", "lat_max")
+                 "jitter", "added_jitter", "lat_n", "lat_sum", "lat_max", "max_gap")
 
     def __init__(self, stream_id: int, ssrc: Optional[int] = None,
                  hist: Optional[LatencyHistogram] = None) -> None:
@@ -232,6 +232,7 @@ class StreamStats:
         self.jitter = 0.0  # RFC 3550 J, in timestamp units
         self.added_jitter = 0.0  # the same filter on the one-way latency, ns
         self.lat_n = self.lat_sum = self.lat_max = 0
+        self.max_gap = 0  # longest time between two arrivals, ns (a restart's media gap)
 
     def packet(self, seq: int, ts: int, marker: int, send_ns: int, arrival_ns: int) -> None:
         """Account one intact packet (seq 16-bit, ts 32-bit, times in ns)."""
@@ -270,7 +271,10 @@ class StreamStats:
             dts = (ts - self.last_ts) & 0xFFFFFFFF
             if dts >= 0x80000000:
                 dts -= 0x100000000
-            d = (arrival_ns - self.last_arrival) / NS_PER_TS - dts
+            between = arrival_ns - self.last_arrival
+            if between > self.max_gap:
+                self.max_gap = between
+            d = between / NS_PER_TS - dts
             self.jitter += (abs(d) - self.jitter) / 16.0
         self.received += 1
         self.last_ts = ts
@@ -316,7 +320,8 @@ class StreamStats:
                 "added_jitter_ms": round(self.added_jitter_ms, 4),
                 "latency_mean_ms": (round(self.lat_sum / self.lat_n / 1e6, 4)
                                     if self.lat_n else None),
-                "latency_max_ms": round(self.lat_max / 1e6, 4) if self.lat_n else None}
+                "latency_max_ms": round(self.lat_max / 1e6, 4) if self.lat_n else None,
+                "max_gap_ms": round(self.max_gap / 1e6, 3)}
 
 
 def _quantiles(values: List[float]) -> dict:

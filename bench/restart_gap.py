@@ -1,21 +1,32 @@
-"""Media gap per call across a relay restart (calls survive: `state_dir`).
+"""Media gap and packets lost per call across a relay restart, per mode and signal.
 
-    .venv/bin/python -m bench.restart_gap --calls 200 --how sigterm,kill \\
-        --python .venv-pypy/bin/python --out bench/results/restart-gap-<date>.json
+    .venv/bin/python -m bench.restart_gap --calls 200 --mode socket,packet,kernel,nfqueue \\
+        --signal term,kill --python .venv-pypy/bin/python \\
+        --out bench/results/restart-gap-<date>.json
 
-For each way of restarting (`sigterm`: what `systemctl restart` does; `kill`: SIGKILL of
-the daemon, a crash), in socket mode on loopback: a fresh relay with a temporary
-state_dir, N two-way calls set up through `lrk.client`, RTP at 50 packets/s per
-direction on every call (one 172-byte packet per call and direction every 20 ms, sent
-by this process), then the relay is restarted with the same command line while media
-keeps flowing, and media goes on for `--after` seconds once the new relay answers.
+Root only: everything runs in a throwaway caller <-> relay <-> callee namespace topology
+(`bench.netns.Topology`, documentation addresses), the same for every mode. For each
+mode and each signal (`term`: SIGTERM, what `systemctl restart` does; `kill`: SIGKILL
+of the daemon, a crash; `none`: no restart, the baseline of the same media on the same
+machine): a fresh relay with a temporary state_dir, N two-way calls set
+up through `lrk.client`, RTP from `bench.callgen` (in this process; 50 packets/s per
+direction, 172-byte packets, caller sockets in the caller's namespace, callee sockets
+in the callee's), `--warmup` s of media not counted (every flow set up and latched),
+then `--before` s of measured media, then the relay is stopped and started again
+with the same command line while media keeps flowing, and media goes on for about
+`--after` s once the new relay answers.
 
-Per call and direction: the longest interval between two packets that arrived (20 ms
-when nothing was lost) and the packets lost. The figure is the media gap: median and
-worst over every direction of every call, and the loss per call. The generator is one
-thread sending 2N packets per 20 ms tick and draining its sockets in between; it
-records how many ticks it missed (`late_ticks`), so a gap it caused itself shows.
-Bounded: at most 2,000 calls and 30 s per restart.
+Per call: packets lost (sent - received, both directions; `lost_inside`: the sequence
+gaps, i.e. lost while later packets of the stream arrived; the rest were still in flight
+or dropped at the end); per direction: the longest
+interval between two arrivals (20 ms when nothing was lost). The figures: media gap
+median and worst over every direction of every call, loss per call median and worst,
+`generator_limited` if the generator could not keep the rate itself.
+
+Leak check after each run: every call deleted, then no port in use, no UDP socket in
+the port range (socket/packet), no nft map element and no conntrack flow with a mark of
+lrk's (kernel/nfqueue), and after the relay's stop no table. Bounded: at most 2,000
+calls and 30 s of media per run.
 """
 
 from __future__ import annotations
@@ -23,182 +34,262 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
-import select
 import socket
 import statistics
-import struct
 import sys
 import tempfile
 import threading
 import time
 from typing import Any, Dict, List, Optional
 
+from bench.callgen import CallGen
+from bench.netns import Topology, run, socket_in
 from lrk.client import LrkClient
-from lrk.demo.relay_process import RelayProcess, next_port_range
+from lrk.demo.relay_process import RelayProcess
 
-TICK = 0.020
 MAX_CALLS = 2000
-MAX_SECONDS = 30.0
+MAX_MEDIA = 30.0
+MODES = ("socket", "packet", "kernel", "nfqueue")
+SIGNALS = ("none", "term", "kill")
+PORTS = (30000, 34999)
+#: a restart is expected to take at most this long (media runs on for --after past it;
+#: PyPy relays on a loaded 2-core machine took up to 5 s, packet mode with 200 calls)
+RESTART_BUDGET = 8.0
 
 
-def _socket() -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    s.setblocking(False)
-    return s
+def _relay(topo: Topology, mode: str, state: str, python: Optional[str]) -> RelayProcess:
+    extra = ["--mode", mode, "--internal-ip", topo.relay.ip4,
+             "--external-ip", topo.relay_ext.ip4, "--state-dir", state]
+    if mode == "packet":
+        extra += ["--packet-interface", "vc1", "--packet-interface", "ve1"]
+    return RelayProcess(ports=f"{PORTS[0]}-{PORTS[1]}", netns=topo.relay.ns, extra=extra,
+                        python=python)
 
 
-def _packet(stream: int, seq: int) -> bytes:
-    return struct.pack("!BBHII", 0x80, 0, seq & 0xFFFF, seq * 160, stream) + bytes(160)
-
-
-def run_once(how: str, calls: int, before: float, after: float,
-             python: Optional[str]) -> Dict[str, Any]:
-    """One relay, `calls` calls, one restart `how`; the gaps and losses it caused."""
-    state = tempfile.TemporaryDirectory(prefix="lrk-restart-")
-    relay = RelayProcess(ports=next_port_range(4 * calls + 64), python=python,
-                         extra=["--state-dir", state.name])
-    relay.start()
-    socks: List[socket.socket] = []
-    second: Optional[RelayProcess] = None
+def _fds(relay: RelayProcess) -> int:
+    """Open fds of the daemon and its workers."""
+    assert relay.proc is not None
+    pids = [relay.proc.pid]
     try:
-        legs = []  # per call: (caller sock, callee sock, relay addr for A, for B)
+        with open(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children") as fh:
+            pids += [int(p) for p in fh.read().split()]
+    except OSError:
+        pass
+    return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids
+               if os.path.exists(f"/proc/{pid}/fd"))
+
+
+def leftovers(topo: Topology) -> Dict[str, int]:
+    """What the relay namespace holds for lrk's port range: UDP sockets, nft map
+    elements of the session maps, conntrack flows with a mark in lrk's ranges."""
+    ns = topo.relay.ns
+    sockets = 0
+    for line in run("ss", "-uanH", ns=ns, check=False).stdout.splitlines():
+        m = re.search(r":(\d+)\s", line)
+        if m and PORTS[0] <= int(m.group(1)) <= PORTS[1]:
+            sockets += 1
+    elements = 0
+    listing = run("nft", "-j", "list", "table", "inet", "lrk", ns=ns, check=False)
+    if listing.returncode == 0:
+        for obj in json.loads(listing.stdout)["nftables"]:
+            body = obj.get("map") or obj.get("set")
+            if body and re.match(r"^(fwd|mark|out|adm|seen|fmark|ffwd)[46]$", body["name"]):
+                elements += len(body.get("elem", ()))
+    flows = 0
+    for line in run("conntrack", "-L", ns=ns, check=False).stdout.splitlines():
+        m = re.search(r"mark=(\d+)", line)
+        if m and int(m.group(1)) != 0:
+            flows += 1
+    table = "table inet lrk" in run("nft", "list", "tables", ns=ns, check=False).stdout
+    return {"udp_sockets_in_range": sockets, "nft_elements": elements, "lrk_flows": flows,
+            "table": int(table)}
+
+
+def quiet(load: float, wait: float) -> Dict[str, Any]:
+    """Wait (at most `wait` s) for the 1-minute load average to fall below `load`; what
+    was found goes into the result (other work on the machine shows in the figures)."""
+    deadline = time.monotonic() + wait
+    while os.getloadavg()[0] >= load and time.monotonic() < deadline:
+        time.sleep(2.0)
+    return {"loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+            "quiet": os.getloadavg()[0] < load}
+
+
+def ct_stats(topo: Topology) -> Dict[str, int]:
+    """The relay namespace's conntrack drop counters, summed over CPUs."""
+    out: Dict[str, int] = {}
+    for line in run("conntrack", "-S", ns=topo.relay.ns, check=False).stdout.splitlines():
+        for key, value in re.findall(r"(\w+)=(\d+)", line):
+            if key in ("drop", "early_drop", "insert_failed", "invalid", "error"):
+                out[key] = out.get(key, 0) + int(value)
+    return out
+
+
+def run_once(topo: Topology, mode: str, signal: str, calls: int, before: float,
+             after: float, python: Optional[str], warmup: float = 1.0) -> Dict[str, Any]:
+    """One relay, `calls` calls, one restart by `signal`; the gaps and losses it caused."""
+    state = tempfile.TemporaryDirectory(prefix="lrk-restart-")
+    relay = _relay(topo, mode, state.name, python).start()
+    fds_idle = _fds(relay)
+    socks: List[socket.socket] = []
+    current = relay
+    try:
+        spec = []
         with LrkClient([relay.node], timeout=2.0, retries=3) as client:
             for i in range(calls):
-                caller, callee = _socket(), _socket()
+                caller = socket_in(topo.caller.ns)
+                callee = socket_in(topo.callee.ns)
                 socks += [caller, callee]
-                to_b = client.offer(f"gap-{i}", "a", caller.getsockname())["relay"]
+                caller.bind((topo.caller.ip4, 0))
+                callee.bind((topo.callee.ip4, 0))
+                to_b = client.offer(f"gap-{i}", "a", caller.getsockname(),
+                                    interface="external")["relay"]
                 to_a = client.answer(f"gap-{i}", "a", "b", callee.getsockname())["relay"]
-                legs.append((caller, callee, (to_a["ip"], to_a["port"]),
+                spec.append((caller.fileno(), callee.fileno(), (to_a["ip"], to_a["port"]),
                              (to_b["ip"], to_b["port"])))
-        # stream 2i: caller -> callee, 2i+1: callee -> caller; the receiving socket
-        by_fd = {}
-        for i, (caller, callee, _a, _b) in enumerate(legs):
-            by_fd[callee.fileno()] = (callee, 2 * i)
-            by_fd[caller.fileno()] = (caller, 2 * i + 1)
-        sent = [0] * (2 * calls)
-        got = [0] * (2 * calls)
-        last = [0.0] * (2 * calls)
-        gap = [0.0] * (2 * calls)
         events: Dict[str, float] = {}
-        restarted = threading.Event()
+        second: List[RelayProcess] = []
 
         def restart() -> None:
-            nonlocal second
+            time.sleep(before)  # the media generator runs meanwhile (no check waits here)
             events["restart"] = time.monotonic()
-            if how == "sigterm":
+            if signal == "none":  # the baseline: the same media, no restart
+                events["old_gone"] = events["new_ready"] = events["restart"]
+                second.append(relay)
+                return
+            twin = relay.again()
+            if signal == "term":
                 relay.stop()
             else:
                 relay.kill()
             events["old_gone"] = time.monotonic()
-            second = relay.again().start()
+            second.append(twin)
+            twin.start()
             events["new_ready"] = time.monotonic()
-            restarted.set()
 
-        poller = select.epoll()
-        for fd in by_fd:
-            poller.register(fd, select.EPOLLIN)
-        t0 = time.monotonic()
-        deadline = t0 + MAX_SECONDS
-        next_tick = t0
-        late = 0
-        thread: Optional[threading.Thread] = None
-        seq = 0
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                break
-            if thread is None and now - t0 >= before:
-                thread = threading.Thread(target=restart, daemon=True)
-                thread.start()
-            if restarted.is_set() and now - events["new_ready"] >= after:
-                break
-            if now >= next_tick:
-                if now - next_tick > TICK:
-                    late += 1
-                for i, (caller, callee, to_a, to_b) in enumerate(legs):
-                    try:
-                        caller.sendto(_packet(2 * i, seq), to_a)
-                        sent[2 * i] += 1
-                    except OSError:
-                        pass
-                    try:
-                        callee.sendto(_packet(2 * i + 1, seq), to_b)
-                        sent[2 * i + 1] += 1
-                    except OSError:
-                        pass
-                seq += 1
-                next_tick += TICK
-                if next_tick < now - 5 * TICK:
-                    next_tick = now  # far behind: skip, counted in `late`
-            wait = max(0.0, min(next_tick - time.monotonic(), TICK))
-            for fd, _ev in poller.poll(wait):
-                sock, stream = by_fd[fd]
-                while True:
-                    try:
-                        sock.recv(2048)
-                    except (BlockingIOError, OSError):
-                        break
-                    t = time.monotonic()
-                    if last[stream]:
-                        gap[stream] = max(gap[stream], t - last[stream])
-                    last[stream] = t
-                    got[stream] += 1
-        if thread is not None:
-            thread.join(MAX_SECONDS)
-        poller.close()
-        gaps_ms = sorted(g * 1000 for g in gap)
-        lost = [sent[s] - got[s] for s in range(2 * calls)]
-        per_call_lost = [lost[2 * i] + lost[2 * i + 1] for i in range(calls)]
+        duration = min(MAX_MEDIA, before + RESTART_BUDGET + after)
+        ct_before = ct_stats(topo)
+        with CallGen(spec, seed=13) as gen:
+            # every flow admitted and latched first (nfqueue mode queues the first packets
+            # of 400 flows starting at once: that loss is not the restart's)
+            warm = gen.run(warmup, grace=0.3)
+            thread = threading.Thread(target=restart, daemon=True)
+            t0 = time.monotonic()
+            thread.start()
+            result = gen.run(duration, detail=True, grace=1.0)
+            thread.join(MAX_MEDIA)
+        if not second or "new_ready" not in events:
+            raise RuntimeError(f"the relay did not come back in {mode} mode: "
+                               f"{second[0].read_output() if second else relay.output}")
+        current = second[0]
+        per = result["per_stream"]
+        gaps = sorted(s["max_gap_ms"] for s in per)
+        lost_call = [0] * calls
+        inside = [0] * calls  # sequence gaps: lost while later packets of the stream came
+        for s in per:
+            lost_call[s["call"]] += s["sent"] - s["received"]
+            inside[s["call"]] += s["lost"]
+        ct_after = ct_stats(topo)
+        with LrkClient([current.node], timeout=2.0, retries=3) as client:
+            stats = client.stats()
+            restored = stats["sessions"]
+            relay_counters = {k: v for k, v in stats["counters"].items()
+                              if k.startswith(("nfqueue.", "kernel.", "media.dropped",
+                                               "media.latched", "workers.")) and v}
+            for i in range(calls):
+                client.delete(f"gap-{i}")
+            in_use = client.stats()["ports"]["in_use"]
+        left = leftovers(topo)
+        fds_after = _fds(current)
+        log = [line for line in current.read_output().splitlines()
+               if "lrk.lifecycle" in line or "level=warning" in line or "level=error" in line]
+        code = current.stop()
+        current = relay  # stopped
+        gone = leftovers(topo)
         return {
-            "how": how, "calls": calls, "relay_python": python or sys.executable,
-            "restart_s": round(events.get("new_ready", 0) - events.get("restart", 0), 3),
-            "old_gone_s": round(events.get("old_gone", 0) - events.get("restart", 0), 3),
-            "gap_ms_median": round(statistics.median(gaps_ms), 1),
-            "gap_ms_p90": round(gaps_ms[int(0.9 * (len(gaps_ms) - 1))], 1),
-            "gap_ms_worst": round(gaps_ms[-1], 1),
-            "lost_per_call_median": statistics.median(per_call_lost),
-            "lost_per_call_worst": max(per_call_lost),
-            "calls_without_media_after": sum(
-                1 for s in range(2 * calls) if last[s] < events.get("new_ready", 0)),
-            "sent": sum(sent), "received": sum(got), "late_ticks": late,
+            "mode": mode, "signal": signal, "calls": calls,
+            "relay_python": python or sys.executable,
+            "restart_at_s": round(events["restart"] - t0, 3),
+            "old_gone_s": round(events["old_gone"] - events["restart"], 3),
+            "restart_s": round(events["new_ready"] - events["restart"], 3),
+            "media_after_ready_s": round(t0 + result["send_wall"] - events["new_ready"], 3),
+            # the media must outlast the restart for the gap to be measured
+            "restart_outlasted_media": t0 + result["send_wall"] - events["new_ready"] < 1.0,
+            "gap_ms_median": round(statistics.median(gaps), 1),
+            "gap_ms_p90": round(gaps[int(0.9 * (len(gaps) - 1))], 1),
+            "gap_ms_worst": round(gaps[-1], 1),
+            "lost_per_call_median": statistics.median(lost_call),
+            "lost_per_call_worst": max(lost_call),
+            "calls_losing_packets": sum(1 for n in lost_call if n),
+            "lost_inside_per_call_median": statistics.median(inside),
+            "lost_inside_per_call_worst": max(inside),
+            "lost_at_the_end": sum(lost_call) - sum(inside),
+            "sent": result["sent"], "received": result["received"],
+            "generator_limited": result["generator_limited"],
+            "generator_max_gap_ms": result["max_gap_ms"],
+            "warmup": {"seconds": warmup, "sent": warm["sent"], "lost": warm["lost"]},
+            "restored_sessions": restored,
+            "relay_counters_after": relay_counters,
+            "conntrack_stats_delta": {k: ct_after.get(k, 0) - ct_before.get(k, 0)
+                                      for k in ct_after},
+            "lost_by_direction": [sum(s["sent"] - s["received"] for s in per
+                                      if s["direction"] == d)
+                                  for d in ("caller_to_callee", "callee_to_caller")],
+            "new_relay_log": log[:20],
+            "leak_check": {"ports_in_use": in_use, **left, "fds_idle_first": fds_idle,
+                           "fds_after_delete": fds_after, "stop_exit": code,
+                           "after_stop": gone},
         }
     finally:
         for s in socks:
             s.close()
-        if second is not None:
-            second.stop()
-        else:
-            relay.stop()
+        current.stop()
         state.cleanup()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=200)
-    p.add_argument("--how", default="sigterm,kill")
+    p.add_argument("--mode", default=",".join(MODES))
+    p.add_argument("--signal", default=",".join(SIGNALS))
     p.add_argument("--before", type=float, default=2.0, help="media before the restart (s)")
-    p.add_argument("--after", type=float, default=3.0, help="media after it is ready (s)")
+    p.add_argument("--after", type=float, default=3.0,
+                   help="media after the restart's budget (s)")
     p.add_argument("--python", help="the relay's interpreter (default: this one)")
+    p.add_argument("--warmup", type=float, default=1.0,
+                   help="media before the measured run (every flow set up), not counted")
+    p.add_argument("--quiet-load", type=float, default=1.0,
+                   help="before each run, wait for the 1-min load average to fall below this")
+    p.add_argument("--quiet-wait", type=float, default=60.0, help="... at most this long (s)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if not 0 < args.calls <= MAX_CALLS:
         p.error(f"--calls must be 1..{MAX_CALLS}")
+    modes = args.mode.split(",")
+    signals = args.signal.split(",")
+    if set(modes) - set(MODES) or set(signals) - set(SIGNALS):
+        p.error(f"--mode takes {','.join(MODES)}; --signal takes {','.join(SIGNALS)}")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = 2 * args.calls + 256
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
     results = []
-    for how in args.how.split(","):
-        res = run_once(how, args.calls, args.before, args.after, args.python)
-        print(json.dumps(res), flush=True)
-        results.append(res)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    with Topology("rg") as topo:
+        for mode in modes:
+            for signal in signals:
+                found = quiet(args.quiet_load, args.quiet_wait)
+                res = run_once(topo, mode, signal, args.calls, args.before, args.after,
+                               args.python, args.warmup)
+                res.update(found)
+                print(json.dumps(res), flush=True)
+                results.append(res)
     if args.out:
         with open(args.out, "w") as fh:
-            json.dump({"argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                                                   time.gmtime()),
-                       "loadavg": os.getloadavg(), "results": results}, fh, indent=1)
+            json.dump({"argv": sys.argv, "started": started, "loadavg": os.getloadavg(),
+                       "cpus": os.cpu_count(), "results": results}, fh, indent=1)
     return 0
 
 

@@ -50,7 +50,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from fastpath.errors import LrkError
@@ -62,6 +63,8 @@ __all__ = [
     "ForkSpec",
     "KernelRuleError",
     "KernelRuleset",
+    "LAYOUT_VERSION",
+    "TableListing",
     "LegSpec",
     "SessionSpec",
     "conntrack_marks",
@@ -69,6 +72,7 @@ __all__ = [
     "elements",
     "install_commands",
     "parse_counters",
+    "parse_table",
     "parse_drop_counter",
     "remove_commands",
     "update_commands",
@@ -90,6 +94,11 @@ _KINDS = ("fwd", "mark", "out", "adm", "seen", "fmark", "ffwd")
 FORK_MARK_OFFSET = 0x10000
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
 _MARK_MAX = 0xFFFFFFFF
+#: bumped whenever what the table means changes without its text changing (a restarted
+#: lrk of another version then replaces the table instead of adopting it)
+LAYOUT_VERSION = 1
+#: the one-element set whose element names the layout a table was created with
+LAYOUT_SET = "layout"
 
 Elements = Dict[str, Dict[str, Optional[str]]]
 
@@ -342,6 +351,96 @@ def update_commands(old: SessionSpec, new: SessionSpec, table: str = "lrk",
     return _text(_lines("delete", table, gone, False) + _lines("add", table, added, True))
 
 
+def claim_commands(found: Elements, *specs: SessionSpec, table: str = "lrk",
+                   seen: bool = True) -> str:
+    """Delete/add lines turning what an adopted table holds under these sessions' keys
+    into what they need (one transaction); elements already right are not touched, so
+    their counters keep counting. The keys are taken out of `found`: what is left there
+    at the end of a restore belongs to no session."""
+    _check_table(table)
+    gone: Elements = {}
+    added: Elements = {}
+    for name, want in _merge(specs, seen).items():
+        have = found.get(name, {})
+        for key, value in want.items():
+            if key in have:
+                old = have.pop(key)
+                if old == value:
+                    continue
+                gone.setdefault(name, {})[key] = None
+            added.setdefault(name, {})[key] = value
+    return _text(_lines("delete", table, gone, False) + _lines("add", table, added, True))
+
+
+def leftover_commands(found: Elements, table: str = "lrk") -> str:
+    """``delete element`` lines for every element in `found` (the ones no session
+    claimed), as one transaction; empty text when there are none."""
+    _check_table(table)
+    return _text(_lines("delete", table, found, False))
+
+
+@dataclass
+class TableListing:
+    """What ``nft -j list table`` shows of an existing lrk table: its layout marker
+    (None: none, an older lrk's table), session elements as :func:`elements` spells them,
+    and the chains that hold rules added beside the ruleset text (NFQUEUE rules)."""
+
+    layout: Optional[int]
+    elements: Elements = field(default_factory=dict)
+    chains_with_rules: Dict[str, int] = field(default_factory=dict)
+
+
+def _spell(value: Any) -> str:
+    """One element key or value from nft's JSON as :func:`elements` writes it."""
+    if isinstance(value, dict) and isinstance(value.get("concat"), list):
+        return " . ".join(_spell(v) for v in value["concat"])
+    if isinstance(value, bool):
+        raise KernelRuleError(f"unexpected element part {value!r}")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            return value
+    raise KernelRuleError(f"unexpected element part {value!r} in an nft listing")
+
+
+def parse_table(json_obj: Dict[str, Any]) -> TableListing:
+    """Read ``nft -j list table inet <table>``: the layout marker, every session set and
+    map (``fwd``, ``mark``, ``out``, ``adm``, ``seen``, ``fmark``, ``ffwd`` of both
+    families) and how many rules each chain has."""
+    listing = TableListing(None)
+    names = {f"{kind}{fam}" for kind in _KINDS for fam in (4, 6)}
+    for obj in _objects(json_obj, "a table"):
+        rule = obj.get("rule")
+        if isinstance(rule, dict) and isinstance(rule.get("chain"), str):
+            chain = rule["chain"]
+            listing.chains_with_rules[chain] = listing.chains_with_rules.get(chain, 0) + 1
+            continue
+        body = obj.get("set") or obj.get("map")
+        if not isinstance(body, dict):
+            continue
+        name = body.get("name")
+        items = body.get("elem") or ()
+        if name == LAYOUT_SET:
+            for item in items:
+                if isinstance(item, int) and not isinstance(item, bool):
+                    listing.layout = item
+            continue
+        if name not in names:
+            continue
+        elems = listing.elements.setdefault(name, {})
+        for item in items:
+            if isinstance(item, dict) and isinstance(item.get("elem"), dict):
+                item = item["elem"].get("val")  # an element with a counter
+            if isinstance(item, list) and len(item) == 2:  # a map element: key, value
+                elems[_spell(item[0])] = _spell(item[1])
+            else:
+                elems[_spell(item)] = None
+    return listing
+
+
 class KernelRuleset:
     """The ``table inet <table>`` of the kernel fast path for one relay.
 
@@ -415,6 +514,15 @@ class KernelRuleset:
         """Whether this ruleset counts every packet in ``seen`` sets."""
         return self.counters == "rules"
 
+    @property
+    def layout(self) -> int:
+        """A 32-bit digest of this ruleset (its text, the NFQUEUE rule's queue and
+        bypass, LAYOUT_VERSION): a restarted relay adopts a table with the same one and
+        replaces any other (an upgrade, another port range, relay IPs, counting)."""
+        text = (f"lrk table layout {LAYOUT_VERSION}\n{self._body()}"
+                f"queue {self.queue} bypass {self.queue_bypass}\n")
+        return zlib.crc32(text.encode())
+
     # -- ruleset ---------------------------------------------------------
 
     def _unadmitted(self, fam: int) -> str:
@@ -430,14 +538,32 @@ class KernelRuleset:
         return f'ct state new ct mark 0 counter name "{name}" {verdict} comment "{comment}"'
 
     def create(self) -> str:
-        """The whole table; replaces a leftover one (e.g. of a crashed run) atomically."""
+        """The whole table; replaces a leftover one (e.g. of a crashed run) atomically.
+        Its ``layout`` set names :attr:`layout`, which a restarted relay checks before it
+        adopts the table."""
         t = self.table
+        body = self._body()
+        marker = f"  set {LAYOUT_SET} {{ type mark; elements = {{ {self.layout} }} }}\n"
+        return f"add table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n{marker}{body}"
+
+    def adopt_query(self) -> str:
+        """List command whose ``nft -j`` output :func:`parse_table` reads."""
+        return f"list table inet {self.table}\n"
+
+    def claim_commands(self, found: Elements, *specs: SessionSpec) -> str:
+        """:func:`claim_commands` for this table, after :meth:`check` of every session."""
+        for spec in specs:
+            self.check(spec)
+        return claim_commands(found, *specs, table=self.table, seen=self.seen)
+
+    def _body(self) -> str:
+        """The table's contents after its opening line (what :attr:`layout` digests)."""
         ports = f"{self.port_start}-{self.port_end}"
         marks = (f"{{ {self.mark_range[0]}-{self.mark_range[1]}, "
                  f"{self.fork_mark_range[0]}-{self.fork_mark_range[1]} }}")
         ip = {4: "ip", 6: "ip6"}
         addr = {4: "ipv4_addr", 6: "ipv6_addr"}
-        lines = [f"add table inet {t}", f"delete table inet {t}", f"table inet {t} {{"]
+        lines = []
         for fam in (4, 6):
             name = DROP_COUNTERS[fam]
             lines.append(f"  counter {name} {{ }}")

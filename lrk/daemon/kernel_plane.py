@@ -5,6 +5,15 @@ The shell around `fastpath.kernel.kernel_rules` (what to write) and `fastpath.ke
 `table inet lrk` there: created (replacing a leftover) on start, deleted on stop,
 and every session's conntrack flows flushed when it ends or re-latches.
 
+Restarts (`adopt`, a relay with a session store): the kernel forwards on while no
+process runs. A stop that keeps the calls (Remove with reason KEPT for each) leaves
+the table, its flows and the accounting sysctls as they are; the next start adopts a
+table of the same layout (`KernelRuleset.layout`, a marker element) instead of
+replacing it: each restored session claims its elements (only what differs is
+rewritten), then `adopted()` deletes the elements and flushes the flows no restored
+session owns, and counts from there on. A table of another layout, or no restored
+session at all, is replaced as on a plain start.
+
 Per-leg counters come from conntrack accounting (``counters="conntrack"``, the
 namespace's `nf_conntrack_acct` and `nf_conntrack_timestamp` are switched on while
 running) or from the ruleset's per-packet `seen` sets (``"rules"``, ~1.5 us/pkt more).
@@ -22,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from fastpath.contract import (
     Action,
@@ -49,21 +58,27 @@ from fastpath.kernel.ctnetlink import (
     udp_last_packet,
 )
 from fastpath.kernel.kernel_rules import (
+    Elements,
     ForkSpec,
     KernelRuleError,
     KernelRuleset,
     LegSpec,
     SessionSpec,
+    TableListing,
     conntrack_marks,
     drop_counter,
+    leftover_commands,
     parse_counters,
     parse_drop_counter,
+    parse_table,
 )
 from fastpath.kernel.nft import Nft, NftError
 from fastpath.kernel.nft_setelem import NftDumpError, SetElemReader
 from lrk.errors import ConfigError
 
 log = logging.getLogger("lrk.kernel")
+#: restart events (table kept, adopted): shown whatever the log level (`fastpath.logs`)
+lifecycle = logging.getLogger("lrk.lifecycle")
 
 #: IP + UDP header bytes netfilter counts in each packet (no IP options on media)
 HEADER_BYTES = {4: 20 + 8, 6: 40 + 8}
@@ -95,6 +110,9 @@ DEFAULT_UDP_TIMEOUTS = (30, 120)
 #: the longest time between periodic reads in conntrack counting (latches and relay-wide
 #: counters of sessions nobody queries are at most this old)
 MAX_SWEEP = 15.0
+#: the reason of the Remove a relay that keeps its calls sends for each at stop: the
+#: kernel state stays for the next start to adopt
+KEPT = "restart"
 #: (received from A's peer: packets, bytes, received from B's peer: packets, bytes)
 Counts = Tuple[int, int, int, int]
 _ZERO: Counts = (0, 0, 0, 0)
@@ -152,7 +170,7 @@ class KernelPlane:
 
     def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
                  table: str = "lrk", poll_interval: float = 2.0,
-                 counters: str = "conntrack") -> None:
+                 counters: str = "conntrack", adopt: bool = False) -> None:
         self.port_start = port_start
         self.port_end = port_end
         self.rules = KernelRuleset(table=table, port_start=port_start, port_end=port_end,
@@ -207,10 +225,24 @@ class KernelPlane:
         self.clock: Callable[[], float] = time.monotonic
         self.wall_ns: Callable[[], int] = time.time_ns
         self.drop_counter = "media.dropped.unexpected_source"  # what the ruleset counts
+        #: keep an existing table of this layout at start (the relay restores sessions)
+        self.adopt = adopt
+        #: while a restore runs: the adopted table's elements no restored unit claimed yet
+        self._found: Optional[Elements] = None
+        #: the adopted table's chains with rules (nfqueue mode: its NFQUEUE rules exist)
+        self._found_chains: Dict[str, int] = {}
+        #: sessions released for the next start (Remove with reason KEPT)
+        self._kept: Set[int] = set()
+        #: `seen` counts an adopted table held at adoption, per relay address: reports
+        #: count from there (the session's stored counters hold what came before)
+        self._seen_offset: Dict[Tuple[str, int], Tuple[int, int]] = {}
         self.counters: Dict[str, int] = {
             "media.dropped.unexpected_source": 0,
             "kernel.errors": 0,
             "kernel.sessions.installed": 0,
+            "kernel.sessions.adopted": 0,
+            "kernel.adopt.removed_elements": 0,
+            "kernel.adopt.flushed_marks": 0,
             "kernel.flows.flushed": 0,
             "kernel.flows.dumped": 0,
         }
@@ -273,7 +305,6 @@ class KernelPlane:
 
     def _start_tables(self) -> None:
         self.nft = Nft()
-        self.nft.run(self.rules.create())  # replaces a table a crashed run left behind
         self.ct = ConntrackSocket()
         self._objects_wanted = True
         self._open_objects()
@@ -282,26 +313,155 @@ class KernelPlane:
                 self.dump = SetElemReader()
             except OSError as exc:
                 log.warning("no nf_tables netlink socket (%s): counters read through nft", exc)
-        lo, hi = self.rules.fork_mark_range
-        self._flush_flows(list(range(self.port_start, self.port_end + 1))  # its flows too
-                          + list(range(lo, hi + 1)))
+        self._open_table()
         log.info("kernel mode: table inet %s ready (%s, counters from %s)", self.rules.table,
                  self.nft.backend, self.rules.counters)
 
+    def _open_table(self) -> None:
+        """Adopt an existing table of this layout (`adopt`), else create it afresh."""
+        listing = self._existing() if self.adopt else None
+        if listing is None:
+            self._fresh_table()
+            return
+        self._found = listing.elements
+        self._found_chains = listing.chains_with_rules
+        lifecycle.info("kernel mode: adopting table inet %s (%d elements) and its flows: media "
+                 "kept flowing while no relay ran", self.rules.table,
+                 sum(len(e) for e in listing.elements.values()))
+
+    def _existing(self) -> Optional[TableListing]:
+        """The table a previous run left, when it has this ruleset's layout."""
+        assert self.nft is not None
+        try:
+            listing = parse_table(self.nft.run_json(self.rules.adopt_query()))
+        except NftError:
+            return None  # no such table: nothing to adopt
+        except KernelRuleError as exc:
+            log.warning("kernel mode: table inet %s unreadable (%s): replaced",
+                        self.rules.table, exc)
+            return None
+        if listing.layout != self.rules.layout:
+            log.warning("kernel mode: table inet %s has another layout (%s, this lrk writes "
+                        "%s: another lrk version, or changed ports, relay addresses or "
+                        "counting): replaced; restored calls get new elements and their "
+                        "media pauses until then", self.rules.table,
+                        "none" if listing.layout is None else f"{listing.layout:08x}",
+                        f"{self.rules.layout:08x}")
+            return None
+        return listing
+
+    def _fresh_table(self) -> None:
+        """Create the table (replacing a leftover) and flush every flow lrk marked."""
+        assert self.nft is not None
+        self.nft.run(self.rules.create())  # replaces a table a crashed run left behind
+        lo, hi = self.rules.fork_mark_range
+        self._flush_flows(list(range(self.port_start, self.port_end + 1))  # its flows too
+                          + list(range(lo, hi + 1)))
+
+    def adopted(self) -> None:
+        """The restore is over: elements of an adopted table no restored session claimed
+        are deleted, flows with marks no session owns flushed, and counters start from
+        what the kernel holds now (the sessions' stored counters hold the rest). Nothing
+        restored: the table is re-created, as on a plain start."""
+        found, self._found = self._found, None
+        self._found_chains = {}
+        if found is None:
+            return
+        if not self.installed:
+            log.info("kernel mode: no call restored: table inet %s re-created",
+                     self.rules.table)
+            self._fresh_table()
+            return
+        stale = sum(len(e) for e in found.values())
+        if stale:
+            assert self.nft is not None
+            try:
+                self.nft.run(leftover_commands(found, self.rules.table))
+                self.counters["kernel.adopt.removed_elements"] += stale
+            except NftError as exc:
+                self.counters["kernel.errors"] += 1
+                log.error("kernel mode: could not delete %d element(s) no restored call owns: "
+                          "%s", stale, exc)
+        owners = self._owners()
+        flows = self._adopt_flows(owners)
+        if self.rules.seen:
+            try:
+                for fam in sorted({spec.family for spec in self.installed.values()}):
+                    self._seen_offset.update(self._read_seen(fam))
+            except (NftError, KernelRuleError) as exc:
+                self.counters["kernel.errors"] += 1
+                log.error("kernel mode: adopted counters unreadable: %s", exc)
+        elif flows is not None:
+            for uid, counts in self._flow_totals(flows, owners).items():
+                self._base[uid] = [-n for n in counts]  # reports count from here
+        self._last_poll = self.clock()
+        lifecycle.info("kernel mode: adopted %d unit(s) of restored calls; removed %d element(s) "
+                 "and the flows of %d mark(s) no restored call owns", len(self.installed),
+                 stale, self.counters["kernel.adopt.flushed_marks"])
+
+    def _adopt_flows(self, owners: Dict[int, tuple]) -> Optional[List[CtFlow]]:
+        """lrk's flows in an adopted table: those with a mark in lrk's ranges that no
+        restored unit owns are flushed; the rest are returned (None: dump failed)."""
+        if self.ct_dump is None:
+            try:
+                self.ct_dump = ConntrackSocket()
+            except OSError as exc:
+                log.error("kernel mode: no conntrack socket to adopt flows: %s", exc)
+                return None
+        ranges = (self.rules.mark_range, self.rules.fork_mark_range)
+        filters = [f for lo, hi in ranges for f in mark_filters(lo, hi)]
+        if any(not mark_filters(lo, hi) for lo, hi in ranges):
+            filters = []  # unfiltered: every mark is checked below
+        try:
+            flows = self.ct_dump.flows(filters, timeout=self.dump_timeout,
+                                       max_flows=self.max_flows)
+        except (ConntrackError, OSError) as exc:
+            self.counters["kernel.errors"] += 1
+            log.error("kernel mode: conntrack dump failed: flows of ended calls stay until "
+                      "they expire: %s", exc)
+            self.ct_dump.close()
+            self.ct_dump = None
+            return None
+        stray = sorted({f.mark for f in flows if f.mark not in owners
+                        and any(lo <= f.mark <= hi for lo, hi in ranges)})
+        try:
+            self._flush_flows(stray)
+            self.counters["kernel.adopt.flushed_marks"] += len(stray)
+        except ConntrackError as exc:
+            self.counters["kernel.errors"] += 1
+            log.error("kernel mode: could not flush flows no restored call owns: %s", exc)
+        return [f for f in flows if f.mark in owners]
+
     async def stop(self) -> None:
-        marks = [m for spec in self.installed.values() for m in conntrack_marks(spec)]
+        keep = bool(self._kept)
+        if keep:  # the calls live on: only sessions not kept (none, from the relay) go
+            for sid in [s for s in self.specs if s not in self._kept]:
+                try:
+                    self._drop_session(sid)
+                except (NftError, KernelRuleError, ConntrackError, OSError) as exc:
+                    log.error("kernel mode could not remove session %s: %s", sid, exc)
+            marks: List[int] = []
+            lifecycle.info("kernel mode: table inet %s, its flows and the accounting sysctls left "
+                     "in place for %d kept call(s): the kernel forwards their media until "
+                     "the next start adopts them", self.rules.table, len(self._kept))
+            self._kept.clear()
+            self._acct_old = {}
+        else:
+            marks = [m for spec in self.installed.values() for m in conntrack_marks(spec)]
         self.installed.clear()
         self._owner_map = None
         self.specs.clear()
         self.streams.clear()
         self.session_forks.clear()
         self.fork_of.clear()
-        if self.nft is not None:
+        if self.nft is not None and not keep:
             try:
                 self.nft.run(self.rules.destroy())
             except NftError as exc:
                 log.error("could not delete table inet %s: %s", self.rules.table, exc)
         self._flush_flows(marks)
+        self._found = None
+        self._seen_offset.clear()
         self._stale.clear()
         if self.ct is not None:
             self.ct.close()
@@ -334,6 +494,9 @@ class KernelPlane:
         failures: List[PlaneFailure] = []
         for action in actions:
             sid = action.sid
+            if isinstance(action, Remove) and action.reason == KEPT:
+                self._kept.add(sid)  # its elements and flows stay for the next start
+                continue
             try:
                 if isinstance(action, Remove):
                     self._drop_session(sid)
@@ -434,7 +597,13 @@ class KernelPlane:
                 self._remove(sid)
             return
         assert self.nft is not None
-        if old is None:
+        if old is None and self._found is not None:
+            # a restored unit in an adopted table: only what differs is rewritten
+            text = self._elements(self.rules.claim_commands(self._found, new))
+            if text:
+                self.nft.run(text)
+            self.counters["kernel.sessions.adopted"] += 1
+        elif old is None:
             self.nft.run(self._elements(self.rules.install_commands(new)))
             self.counters["kernel.sessions.installed"] += 1
         elif old != new:
@@ -470,6 +639,11 @@ class KernelPlane:
         self._base.pop(sid, None)
         self._totals.pop(sid, None)
         self._last_rx.pop(sid, None)
+        if self._seen_offset:  # a fork's B port is the session's: not its to drop
+            legs = (spec.a,) if isinstance(spec, ForkSpec) else (spec.a, spec.b)
+            for leg in legs:
+                for rtcp in (False, True):
+                    self._seen_offset.pop(leg.relay(rtcp), None)
         self._forget(sid, spec)
         self.nft.run(self._elements(self.rules.remove_commands(spec)))
         self._flush_flows(conntrack_marks(spec))
@@ -555,6 +729,17 @@ class KernelPlane:
 
     def _seen_totals(self, seen: Dict[Tuple[str, int], Tuple[int, int]]) -> Dict[int, Counts]:
         """Per session, packets/bytes received per leg from the `seen` element counters."""
+        offset = self._seen_offset
+        if offset:  # an adopted table's counts before adoption are the store's
+            seen = dict(seen)
+            for key, was in list(offset.items()):
+                now = seen.get(key)
+                if now is None:
+                    continue
+                if now[0] < was[0]:  # the element was re-created since: counts afresh
+                    del offset[key]
+                else:
+                    seen[key] = (now[0] - was[0], now[1] - was[1])
         self._seen = seen
         totals: Dict[int, Counts] = {}
         for sid, spec in self.installed.items():

@@ -197,6 +197,15 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
     "kernel_flows_flushed": ("counter", (),
                              "Kernel modes: conntrack flows flushed on delete or re-latch."),
     "kernel_flows_dumped": ("counter", (), "Kernel modes: conntrack flows read for latching."),
+    "kernel_sessions_adopted": ("counter", (),
+                                "Kernel modes: restored sessions whose elements an adopted "
+                                "table held (restart without a media pause)."),
+    "kernel_adopt_removed_elements": ("counter", (),
+                                      "Kernel modes: elements of an adopted table that no "
+                                      "restored session owned, deleted."),
+    "kernel_adopt_flushed_marks": ("counter", (),
+                                   "Kernel modes: ct marks of an adopted table's flows that "
+                                   "no restored session owned, flushed."),
     "nfqueue_packets": ("counter", (), "nfqueue mode: first packets of flows seen."),
     "xdp_packets": ("counter", ("verdict",),
                     "xdp mode: packets the XDP program judged, by verdict and reason "
@@ -280,6 +289,9 @@ COUNTER_MAP: Tuple[Tuple[str, str, Dict[str, str]], ...] = (
     ("kernel.sessions.installed", "kernel_sessions_installed", {}),
     ("kernel.flows.flushed", "kernel_flows_flushed", {}),
     ("kernel.flows.dumped", "kernel_flows_dumped", {}),
+    ("kernel.sessions.adopted", "kernel_sessions_adopted", {}),
+    ("kernel.adopt.removed_elements", "kernel_adopt_removed_elements", {}),
+    ("kernel.adopt.flushed_marks", "kernel_adopt_flushed_marks", {}),
     ("nfqueue.packets", "nfqueue_packets", {}),
     ("xdp.verdicts.*", "xdp_packets", {"verdict": "*"}),
     ("xdp.entries.written", "xdp_entries_written", {}),

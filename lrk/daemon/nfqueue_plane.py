@@ -13,6 +13,13 @@ packet to a fork's own A port is judged by that fork's leg A; one to the shared 
 from the exact address a fork's callee announced is that fork's (re-injected for the
 ruleset's `fmark`/`ffwd` entries to take, the session's leg B not latched to it); any
 other one there is the session's leg B's.
+
+Restarts: the NFQUEUE rule sits in the table (chains nfq4/nfq6), so an adopted table
+keeps it; flows admitted before the stop keep going in conntrack. While no process
+reads the queue, a new flow's first packets are dropped by the kernel (accepted
+unrelayed with `nfqueue_bypass`): a restart loses only flows that start meanwhile.
+On adoption the admitted sources (`adm` elements) become this plane's again and, where
+a leg was admitted, the other leg's forwarding element gives that leg's latch back.
 """
 
 from __future__ import annotations
@@ -54,10 +61,10 @@ class NfqueuePlane(KernelPlane):
 
     def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
                  table: str = "lrk", poll_interval: float = 2.0,
-                 queue_num: int = 0, bypass: bool = False) -> None:
+                 queue_num: int = 0, bypass: bool = False, adopt: bool = False) -> None:
         # the queued first packet is re-run (NF_REPEAT): kept on the per-packet `seen` counting
         super().__init__(port_start, port_end, relay_ips, table, poll_interval,
-                         counters="rules")
+                         counters="rules", adopt=adopt)
         self.rules = KernelRuleset(table=table, port_start=port_start, port_end=port_end,
                                    relay_ips=sorted(set(relay_ips)),
                                    queue=queue_num, queue_bypass=bypass, queue_chain=True)
@@ -77,15 +84,65 @@ class NfqueuePlane(KernelPlane):
         self.counters.update({"nfqueue.packets": 0, "nfqueue.admitted": 0,
                               "nfqueue.queued": 0, "media.latched": 0})
         self.drop_counter = "nfqueue.queued"  # the ruleset's counter counts queued packets
+        #: while adopting: relay address ("ip . port") -> the adopted table's adm keys there
+        self._found_adm: Optional[Dict[str, List[str]]] = None
 
     async def start(self) -> None:
         await super().start()
-        for fam in (4, 6):
-            add_queue_rule(NFPROTO_INET, self.rules.table, f"nfq{fam}", self.queue_num,
-                           bypass=self.bypass)
+        if self._found is not None:  # adopted: its NFQUEUE rules are there (unless a
+            for fam in (4, 6):       # crash came between the table and its rules)
+                if not self._found_chains.get(f"nfq{fam}"):
+                    self._add_queue_rule(fam)
         self.nfq = NfQueue(self.queue_num, copy_range=128, fail_open=self.bypass)
         self.nfq.bind()
         asyncio.get_running_loop().add_reader(self.nfq.fileno(), self._on_queue)
+
+    def _fresh_table(self) -> None:
+        super()._fresh_table()
+        for fam in (4, 6):
+            self._add_queue_rule(fam)
+
+    def _add_queue_rule(self, fam: int) -> None:
+        add_queue_rule(NFPROTO_INET, self.rules.table, f"nfq{fam}", self.queue_num,
+                       bypass=self.bypass)
+
+    def adopted(self) -> None:
+        self._found_adm = None
+        super().adopted()
+
+    def _adopt_unit(self, uid: int, stream: StreamSpec) -> None:
+        """A restored unit in an adopted table: the sources admitted on its relay ports
+        become its admissions again, and a leg admitted there is latched to where the
+        other leg's `fwd` element sends (what `_decide` wrote before the restart)."""
+        found = self._found
+        spec = super()._spec(uid, stream)
+        if found is None or spec is None:
+            return
+        fam = spec.family
+        adm = found.get(f"adm{fam}", {})
+        if self._found_adm is None:  # once per restore, both families (addresses differ)
+            index: Dict[str, List[str]] = {}
+            for family in (4, 6):
+                for key in found.get(f"adm{family}", {}):
+                    index.setdefault(key.rsplit(" . ", 1)[0], []).append(key)
+            self._found_adm = index
+        fwd = found.get(f"fwd{fam}", {})
+        fork = isinstance(spec, ForkSpec)
+        legs = (("A", spec.a, spec.b),) if fork else (("A", spec.a, spec.b),
+                                                      ("B", spec.b, spec.a))
+        for name, leg, other in legs:
+            for rtcp in (False, True):
+                relay = f"{leg.relay_ip} . {leg.relay_port + rtcp}"
+                keys = [k for k in self._found_adm.pop(relay, ()) if k in adm]
+                if not keys:
+                    continue
+                for key in keys:
+                    del adm[key]
+                    self.admitted.setdefault(uid, set()).add(f"adm{fam} {{ {key} }}")
+                peer = fwd.get(f"{other.relay_ip} . {other.relay_port + rtcp}")
+                if peer is not None and not fork:
+                    ip, port = peer.split(" . ")
+                    self.latched[(uid, name, rtcp)] = (ip, int(port))
 
     async def stop(self) -> None:
         if self.nfq is not None:
@@ -115,6 +172,8 @@ class NfqueuePlane(KernelPlane):
         return _without_admission(commands)
 
     def _install(self, sid: int, stream: StreamSpec, relatch: bool) -> None:
+        if self._found is not None and sid not in self.installed:
+            self._adopt_unit(sid, stream)
         before = self.streams_applied.get(sid)
         if before is not None:
             moved = False

@@ -146,19 +146,22 @@ class Relay:
         ))
         relay_ips = (self.engine.config.internal_ip, self.engine.config.external_ip)
         self.plane: DataPlane
+        # with a store, a restart adopts the kernel's table and flows (calls never pause)
+        adopt = bool(config.state_dir) or config.store == "redis"
         if config.mode == "kernel":
             self.plane = KernelPlane(start, end, relay_ips, config.kernel_table,
-                                     config.kernel_poll, counters=config.kernel_counters)
+                                     config.kernel_poll, counters=config.kernel_counters,
+                                     adopt=adopt)
         elif config.mode == "xdp":
             self.plane = XdpPlane(start, end, relay_ips, config.xdp_interfaces,
                                   config.kernel_table, config.kernel_poll,
                                   counters=config.kernel_counters,
                                   attach_mode=config.xdp_attach,
-                                  max_streams=config.xdp_max_streams)
+                                  max_streams=config.xdp_max_streams, adopt=adopt)
         elif config.mode == "nfqueue":
             self.plane = NfqueuePlane(start, end, relay_ips, config.kernel_table,
                                       config.kernel_poll, config.nfqueue_num,
-                                      config.nfqueue_bypass)
+                                      config.nfqueue_bypass, adopt=adopt)
         else:
             socket_plane = SocketPlane(start, end, relay_ips, config.workers, config.batch,
                                        config.io, config.log_level, config.log_format,
@@ -216,6 +219,8 @@ class Relay:
         await self.plane.start()
         if self.store is not None:
             await self._restore()
+        if isinstance(self.plane, (KernelPlane, XdpPlane)):
+            self.plane.adopted()  # what no restored call claimed goes
         for legacy in self.config.legacy_addrs:
             if isinstance(legacy, str):
                 self._claim_unix_path(legacy)

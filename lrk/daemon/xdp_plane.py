@@ -65,12 +65,15 @@ class XdpPlane:
                  interfaces: Sequence[str], table: str = "lrk", poll_interval: float = 2.0,
                  counters: str = "conntrack", attach_mode: str = "auto",
                  max_streams: int = 65536,
-                 load: Callable[..., XdpProgram] = XdpProgram.load) -> None:
+                 load: Callable[..., XdpProgram] = XdpProgram.load, adopt: bool = False) -> None:
         if not interfaces:
             raise ConfigError("xdp mode needs xdp_interfaces: the media interfaces to attach "
                               "the XDP program to (e.g. --xdp-interface eth0)")
+        # adopt: the kernel table beneath the program survives a restart that keeps calls
+        # (the program itself is detached on every stop; the kernel path carries media until
+        # the next process attaches its own)
         self.kernel = KernelPlane(port_start, port_end, relay_ips, table, poll_interval,
-                                  counters=counters)
+                                  counters=counters, adopt=adopt)
         self.kernel.sink = self._on_kernel_event
         self.port_start, self.port_end = port_start, port_end
         self.relay_ips = sorted(set(relay_ips))
@@ -116,6 +119,10 @@ class XdpPlane:
         except BaseException:
             await self._release()
             raise
+
+    def adopted(self) -> None:
+        """The restore is over: the kernel path beneath reconciles its adopted table."""
+        self.kernel.adopted()
 
     async def _release(self) -> None:
         if self.prog is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from typing import Iterator, List
 
@@ -30,6 +31,15 @@ CALLS = 5
 def _store_path(relay: RelayProcess, tmp_path) -> str:
     control = relay.argv[relay.argv.index("--control") + 1]
     return path_for(str(tmp_path / "state"), control, relay.ports)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process is alive (a zombie waiting for its new parent to reap it is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _store_rows(relay: RelayProcess, tmp_path) -> int:
@@ -106,7 +116,12 @@ def test_restart_keeps_every_call_on_its_ports(tmp_path, how):
         else:
             workers = worker_pids(first)
             first.kill()
-            assert workers  # its worker exits on its own (channel closed)
+            assert workers
+            # its workers exit on their own (channel closed): no orphan holds the ports
+            deadline = time.monotonic() + 5.0
+            while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not [pid for pid in workers if _running(pid)], "orphaned workers"
         second = relays.restart()
         assert f"restored {CALLS} of {CALLS} call(s)" in second.read_output()
         with LrkClient([second.node], timeout=1.0, retries=3) as client:

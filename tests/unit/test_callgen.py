@@ -245,6 +245,15 @@ def test_stream_stats_alone_and_negative_latency():
     assert st.summary()["latency_max_ms"] == pytest.approx(0.001)
 
 
+def test_stream_stats_keep_the_longest_gap_between_arrivals():
+    """A restart's media gap: 20 ms apart, then 600 ms without a packet (29 lost)."""
+    st = StreamStats(4)
+    for seq, at_ms in ((0, 0), (1, 20), (2, 40), (32, 640), (33, 660)):
+        st.packet(seq, seq * 160, 0, T0, T0 + at_ms * 1_000_000)
+    assert st.summary()["max_gap_ms"] == 600.0
+    assert st.lost == 29
+
+
 def test_callgen_rejects_bad_arguments_with_clear_errors():
     with pytest.raises(CallGenError, match="calls must number"):
         CallGen([])

@@ -249,8 +249,10 @@ def test_conntrack_counting_ruleset_admits_in_the_nat_chain_only():
     # admission, the drop counter and NAT are those of the rules variant
     rules = ruleset().create().splitlines()
     start, end = rules.index("  chain pre_filter {"), rules.index("  chain media4 {")
-    assert [x for x in rules[:start] + rules[end:] if "seen" not in x] == \
-        lines[:nat + 2] + lines[nat + 4:]
+    def same(text):  # the layout markers differ: the rulesets do
+        return [x for x in text if "seen" not in x and "set layout" not in x]
+
+    assert same(rules[:start] + rules[end:]) == same(lines[:nat + 2] + lines[nat + 4:])
     # no seen elements in install, update or remove
     spec, moved = session4(), session4(peer_port=5002)
     assert rs.install_commands(spec) == GOLDEN_INSTALL4.split("add element inet lrk seen4")[0]
