@@ -23,6 +23,7 @@ from lrk.control.allow import AllowList
 from lrk.control.auth import MAGIC, TRAILER_BYTES, Authenticator, NotOwner
 from lrk.control.ratelimit import RateLimiter
 from lrk.control.replay import HIT, MISS, SPENT, ReplayCache
+from lrk.control.wire import packb
 from lrk.core import sdp
 from lrk.core.engine import Engine
 from lrk.core.session import Session, StreamOffer
@@ -90,7 +91,7 @@ class Outcome:
 
 
 def pack(message: Dict[str, Any]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+    return packb(message)
 
 
 class MsgpackControl:
