@@ -283,7 +283,9 @@ class Engine:
         for i, m in enumerate(fork.b.media):
             mb = b.media[i] if i < len(b.media) else None
             if m is not None and mb is not None:
-                mb.base.add(m.counters)  # its early media, counted on the shared ports
+                base = mb.base.copy()  # a base is replaced, never changed (it may be shared)
+                base.add(m.counters)  # its early media, counted on the shared ports
+                mb.base = base
         del session.forks[fork.tag]
         b.tag = fork.tag
         self.counters["sessions.early_dialogs.won"] += 1
