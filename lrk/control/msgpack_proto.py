@@ -571,10 +571,10 @@ def _offers(media: Any) -> List[StreamOffer]:
 
 def _stream_of(st: Any) -> StreamOffer:
     """A parsed m= line as the engine takes it: port 0 where lrk does not relay it."""
-    if not st.needs_relay:
-        return StreamOffer(st.address or "0.0.0.0", 0, kind=st.media)
-    return StreamOffer(st.address, st.port, st.rtcp_port, st.rtcp_mux, st.media,
-                       rtcp_ip=st.rtcp_address)
+    if not st.relayable or st.port == 0:
+        return StreamOffer(st.address or "0.0.0.0", 0, None, False, st.media)
+    return StreamOffer(st.address, st.port, st.rtcp_port, st.rtcp_mux, st.media, False,
+                       st.rtcp_address)
 
 
 def _media_stream(value: Any, what: str) -> StreamOffer:
