@@ -63,7 +63,9 @@ from lrk.control.auth import sign
 from lrk.demo.relay_process import RelayProcess, free_udp_port
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORK = "/tmp/lrk-ba"
+#: wrappers and keys; $LRK_BA_WORK gives a run its own (two trees benchmarked at once on
+#: one machine would otherwise overwrite each other's "after" wrapper)
+WORK = os.environ.get("LRK_BA_WORK") or "/tmp/lrk-ba"
 
 
 def say(text: str) -> None:

@@ -4,6 +4,8 @@ only results are asserted):
 * packet path: the relay table's forwarding decision for a batch, a tapped packet's
   parse (packet mode), and the IPv4/UDP header + checksum of raw egress;
 * protocol codecs: a msgpack control request, a legacy lrkproxy request, an NG message;
+* the control path with SDP bodies: scan + rewrite of one body, a whole offer + answer +
+  delete through the msgpack codec and the engine, and packing a delete's reply;
 * session lookup: by Call-ID among 10,000 sessions, and by relay address (packet mode).
 
     python -m pytest bench/bench_micro.py --benchmark-columns=mean,ops
@@ -21,8 +23,10 @@ from fastpath.contract import LegSpec, StreamSpec
 from fastpath.packet import parse_media
 from fastpath.worker.raw_egress import ipv4_udp_header, udp_checksum
 from fastpath.worker.relay_table import RelayTable
+from lrk.control import wire
 from lrk.control.legacy import LegacyControl
 from lrk.control.msgpack_proto import MsgpackControl
+from lrk.core import sdp
 from lrk.core.engine import Engine, EngineConfig
 from lrk.demo.media import rtp_packet
 
@@ -93,6 +97,64 @@ def test_micro_msgpack_control_offer(benchmark):
 
     reply = benchmark(offer)
     assert reply["ok"] is True and reply["relay"]["port"] >= 10000
+
+
+def test_micro_sdp_scan_and_rewrite(benchmark):
+    """The control path's SDP work per offer or answer: read the body once, point its
+    one audio stream at the relay (docs/benchmarks.md section 1)."""
+    body = audio_sdp(*CALLER)
+    relays = [sdp.StreamRelay.of_relay(RELAY_A[0], RELAY_A[1], False)]
+
+    def scan_rewrite() -> str:
+        return sdp.scan(body).rewrite(relays)
+
+    out = benchmark(scan_rewrite)
+    assert f"c=IN IP4 {RELAY_A[0]}\r\n" in out and f"m=audio {RELAY_A[1]} " in out
+    assert CALLER[0] not in out.split("o=", 1)[1].split("\r\n", 1)[1]
+
+
+def test_micro_msgpack_sdp_call(benchmark):
+    """offer + answer + delete with SDP bodies (a fresh Call-ID each time), as the judged
+    control-plane figure sends them: codec, SDP, engine, reply packing."""
+    control = MsgpackControl(Engine(EngineConfig(port_start=10000, port_end=60000,
+                                                 quarantine=0)))
+    offer_sdp, answer_sdp = audio_sdp(*CALLER), audio_sdp(*CALLEE)
+    state = {"n": 0}
+
+    def call() -> list:
+        state["n"] += 1
+        n = state["n"]
+        requests = [
+            {"cookie": f"o{n}", "cmd": "offer", "call_id": f"s{n}", "from_tag": "a",
+             "sdp": offer_sdp, "interface": "external"},
+            {"cookie": f"a{n}", "cmd": "answer", "call_id": f"s{n}", "from_tag": "a",
+             "to_tag": "b", "sdp": answer_sdp},
+            {"cookie": f"d{n}", "cmd": "delete", "call_id": f"s{n}"},
+        ]
+        return [msgpack.unpackb(control.handle(msgpack.packb(r), ("127.0.0.1", 9),
+                                               float(n)).reply, raw=False)
+                for r in requests]
+
+    offer, answer, delete = benchmark(call)
+    assert offer["ok"] and answer["ok"] and delete["ok"], (offer, answer, delete)
+    assert f"m=audio {offer['relay']['port']} " in offer["sdp"]
+    assert delete["session"]["legs"]["B"]["tag"] == "b"
+    assert not control.engine.by_call
+
+
+def test_micro_reply_packing(benchmark):
+    """A delete's reply (the largest of a call: per-stream counters) as the relay packs
+    it: msgpack's C packer on CPython, lrk.control.wire's packer on PyPy."""
+    control = MsgpackControl(Engine(EngineConfig(port_start=10000, port_end=60000,
+                                                 quarantine=0)))
+    control.handle(msgpack.packb({"cookie": "o", "cmd": "offer", "call_id": "p",
+                                  "from_tag": "a", "sdp": audio_sdp(*CALLER)}), CALLER, 1.0)
+    data = control.handle(msgpack.packb({"cookie": "d", "cmd": "delete", "call_id": "p"}),
+                          CALLER, 2.0).reply
+    reply = msgpack.unpackb(data, raw=False)
+    packed = benchmark(wire.packb, reply)
+    assert packed == data == msgpack.packb(reply, use_bin_type=True)
+    benchmark.extra_info["bytes"] = len(packed)
 
 
 def test_micro_legacy_ping(benchmark):

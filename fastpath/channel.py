@@ -147,7 +147,7 @@ def _addr(a: Any) -> Optional[Addr]:
 
 
 def _spec_out(spec: StreamSpec) -> tuple:
-    return (spec.index, _leg_out(spec.a), _leg_out(spec.b))
+    return (spec[0], tuple(spec[1]), tuple(spec[2]))  # index, leg A, leg B
 
 
 def _spec_in(t: tuple) -> StreamSpec:
@@ -164,6 +164,22 @@ def _report_leg_in(t: tuple) -> LegReport:
 
 
 def _to_wire(m: Any) -> tuple:
+    encode = _ENCODERS.get(type(m))
+    if encode is not None:  # one dict lookup instead of a ladder of isinstance checks
+        return encode(m)
+    return _to_wire_slow(m)
+
+
+_ENCODERS = {
+    InstallSession: lambda m: ("I", m.uid, _spec_out(m.stream), m.families, m.addrs),
+    UpdateSession: lambda m: ("U", m.uid, _spec_out(m.stream)),
+    RemoveSession: lambda m: ("X", m.uid),
+    Batch: lambda m: ("B", tuple([_to_wire(x) for x in m.messages]), m.nfds),
+    Flush: lambda m: ("F", m.req),
+}
+
+
+def _to_wire_slow(m: Any) -> tuple:
     if isinstance(m, Reports):
         return ("R", tuple((r.uid, r.last_rx, _report_leg_out(r.a), _report_leg_out(r.b))
                            for r in m.reports), m.totals)

@@ -7,10 +7,10 @@ observed (counters, latched peers, failures) and sends it back as *reports* and
 *events*; it never writes engine state. `DataPlane` is the interface each mode's
 adapter implements (`lrk/daemon/*_plane.py`).
 
-The records built once per request or per report (specs and reports) are NamedTuples:
-as immutable as frozen dataclasses, but built by tuple.__new__ and compared in C, which
-on CPython made a session's spec about four times cheaper to build (docs/benchmarks.md).
-Actions stay frozen dataclasses (a few per request, and they are dispatched by type).
+The records built once per request or per report (specs, reports and the actions) are
+NamedTuples: as immutable as frozen dataclasses, but built by tuple.__new__ and compared
+in C, which on CPython made a session's spec about four times cheaper to build
+(docs/benchmarks.md). Actions are dispatched by type (isinstance), never as tuples.
 """
 
 from __future__ import annotations
@@ -123,8 +123,7 @@ class SessionSpec(NamedTuple):
         return self.a if name == LEG_A else self.b
 
 
-@dataclass(frozen=True)
-class Install:
+class Install(NamedTuple):
     """Start relaying a session: bind or open its four ports, write its kernel state."""
 
     spec: SessionSpec
@@ -134,8 +133,7 @@ class Install:
         return self.spec.sid
 
 
-@dataclass(frozen=True)
-class Update:
+class Update(NamedTuple):
     """The session changed (new offer/answer): `spec` is the whole session as it now is;
     the plane diffs it per stream against what it holds (streams added, removed, moved
     to other relay ports, re-latched). `leg` names the leg that latches afresh."""
@@ -148,8 +146,7 @@ class Update:
         return self.spec.sid
 
 
-@dataclass(frozen=True)
-class Remove:
+class Remove(NamedTuple):
     """Stop relaying a session and release everything the plane holds for it."""
 
     sid: int

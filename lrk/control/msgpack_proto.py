@@ -23,6 +23,7 @@ from lrk.control.allow import AllowList
 from lrk.control.auth import MAGIC, TRAILER_BYTES, Authenticator, NotOwner
 from lrk.control.ratelimit import RateLimiter
 from lrk.control.replay import HIT, MISS, SPENT, ReplayCache
+from lrk.control.wire import packb
 from lrk.core import sdp
 from lrk.core.engine import Engine
 from lrk.core.session import Session, StreamOffer
@@ -51,6 +52,10 @@ ERROR_CODES = ("malformed", "too_large", "bad_request", "unknown_command",
                "data_plane", "draining", "capacity", "internal")
 COMMANDS = ("ping", "capabilities", "offer", "answer", "delete", "query", "list", "stats",
             "drain", "reload", "shutdown", "takeover")
+_KNOWN = frozenset(COMMANDS)
+#: per command: its request counter and its handler's name (no f-strings per request)
+_REQUEST_COUNTER = {cmd: f"control.requests.{cmd}" for cmd in COMMANDS}
+_HANDLER = {cmd: f"_cmd_{cmd}" for cmd in COMMANDS}
 #: commands whose reply shows traffic counters: the daemon refreshes them first
 NEEDS_COUNTERS = frozenset(("delete", "query", "list", "stats"))
 
@@ -90,7 +95,7 @@ class Outcome:
 
 
 def pack(message: Dict[str, Any]) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
+    return packb(message)
 
 
 class MsgpackControl:
@@ -220,7 +225,7 @@ class MsgpackControl:
                                f"{_clip(version)} is not supported; this relay speaks "
                                f"{VERSION}", limit, sender, now, unverified)
         cmd = message.get("cmd")
-        if cmd not in COMMANDS:
+        if type(cmd) is not str or cmd not in _KNOWN:
             return self._error(cookie, "unknown_command", f"unknown command {_clip(cmd)}; "
                                "known: " + ", ".join(COMMANDS), limit, sender, now,
                                unverified)
@@ -232,8 +237,8 @@ class MsgpackControl:
 
     # -- phase 2 ---------------------------------------------------------------------
     def execute(self, request: Request, now: float) -> Outcome:
-        self.counters[f"control.requests.{request.cmd}"] += 1
-        handler = getattr(self, f"_cmd_{request.cmd}")
+        self.counters[_REQUEST_COUNTER[request.cmd]] += 1
+        handler = getattr(self, _HANDLER[request.cmd])
         actions: List[Action] = []
         try:
             body, actions = handler(request.args, now)
@@ -316,39 +321,46 @@ class MsgpackControl:
         a=rtcp-mux on; an answer announces it wherever the offerer asked for it, even if
         the answerer declined (the relay demultiplexes RTCP between the legs)."""
         relays: List[Optional[Any]] = []
-        muxes: List[bool] = []
+        rewrite: List[Optional[sdp.StreamRelay]] = []
+        first = None
+        n_offered = len(offered)
         for i, m in enumerate(leg.media):
-            mux = False
-            if m is not None:
-                mux = m.rtcp_mux if answer else (i < len(offered) and offered[i].rtcp_mux)
-            muxes.append(mux)
-            relays.append(None if m is None else {
-                "ip": m.relay_ip, "port": m.relay_port,
-                "rtcp_port": m.relay_port if mux else m.rtcp_port, "rtcp_mux": mux})
+            if m is None:
+                relays.append(None)
+                rewrite.append(None)
+                continue
+            if first is None:
+                first = m
+            mux = m.rtcp_mux if answer else (i < n_offered and offered[i].rtcp_mux)
+            port = m.relay_port
+            relays.append({"ip": m.relay_ip, "port": port,
+                           "rtcp_port": port if mux else port + 1, "rtcp_mux": mux})
+            rewrite.append(sdp.StreamRelay.of_relay(m.relay_ip, port, mux))
+        port = 0 if first is None else first.relay_port
         reply: Dict[str, Any] = {
             "call_id": session.call_id,
             "leg": leg.name,
-            "relay": {"ip": leg.relay_ip, "port": leg.relay_port, "rtcp_port": leg.rtcp_port},
+            "relay": {"ip": leg.relay_ip, "port": port, "rtcp_port": port + 1},
             "streams": relays,
         }
         if body is not None:
-            desc = body.desc
-            rewrite: List[Optional[sdp.StreamRelay]] = []
-            for i, st in enumerate(desc.streams):
-                m = leg.media[i] if i < len(leg.media) else None
-                if m is None or not st.needs_relay:
+            streams = body.desc.streams
+            for i, st in enumerate(streams):
+                if i >= len(rewrite):
                     rewrite.append(None)
-                else:
-                    rewrite.append(sdp.StreamRelay(m.relay_ip, m.relay_port, None, muxes[i]))
+                elif not st.needs_relay:
+                    rewrite[i] = None
+            del rewrite[len(streams):]
             reply["sdp"] = body.rewrite(rewrite)
         return reply
 
     def _cmd_offer(self, args: Dict[str, Any], now: float):
-        fresh = self._may_offer(args)
+        call_id = _name(args.get("call_id"), "call_id")
+        fresh = self._may_offer(args, call_id)
         media, rtcp, body = self._media_args(args)
         session, leg, actions = self.engine.offer(
             now,
-            _name(args.get("call_id"), "call_id"),
+            call_id,
             _name(args.get("from_tag"), "from_tag"),
             media,
             rtcp_port=rtcp,
@@ -364,11 +376,12 @@ class MsgpackControl:
         return self._relay_reply(session, leg, body, _offers(media), False), actions
 
     def _cmd_answer(self, args: Dict[str, Any], now: float):
-        self._visible(args, _name(args.get("call_id"), "call_id"))
+        call_id = _name(args.get("call_id"), "call_id")
+        self._visible(args, call_id)
         media, rtcp, body = self._media_args(args)
         session, leg, actions = self.engine.answer(
             now,
-            _name(args.get("call_id"), "call_id"),
+            call_id,
             _name(args.get("from_tag"), "from_tag"),
             _name(args.get("to_tag"), "to_tag"),
             media,
@@ -382,10 +395,11 @@ class MsgpackControl:
         return self._relay_reply(session, leg, body, _offers(media), True), actions
 
     def _cmd_delete(self, args: Dict[str, Any], now: float):
-        self._visible(args, _name(args.get("call_id"), "call_id"))
+        call_id = _name(args.get("call_id"), "call_id")
+        self._visible(args, call_id)
         session, actions = self.engine.delete(
             now,
-            _name(args.get("call_id"), "call_id"),
+            call_id,
             _opt_name(args.get("from_tag"), "from_tag"),
         )
         return {"call_id": session.call_id, "session": session.as_dict(now)}, actions
@@ -413,10 +427,10 @@ class MsgpackControl:
             raise SessionNotFound(f"no session with Call-ID {call_id!r}")
         return session
 
-    def _may_offer(self, args: Dict[str, Any]) -> bool:
+    def _may_offer(self, args: Dict[str, Any], call_id: str) -> bool:
         """True when the offer creates a session (to be claimed); refused when the Call-ID
         is a call of another client (or a legacy call, for a key that is not admin)."""
-        session = self.engine.by_call.get(_name(args.get("call_id"), "call_id"))
+        session = self.engine.by_call.get(call_id)
         if session is None:
             return True
         if not self._may_touch(args, session):
@@ -577,10 +591,10 @@ def _offers(media: Any) -> List[StreamOffer]:
 
 def _stream_of(st: Any) -> StreamOffer:
     """A parsed m= line as the engine takes it: port 0 where lrk does not relay it."""
-    if not st.needs_relay:
-        return StreamOffer(st.address or "0.0.0.0", 0, kind=st.media)
-    return StreamOffer(st.address, st.port, st.rtcp_port, st.rtcp_mux, st.media,
-                       rtcp_ip=st.rtcp_address)
+    if not st.relayable or st.port == 0:
+        return StreamOffer(st.address or "0.0.0.0", 0, None, False, st.media)
+    return StreamOffer(st.address, st.port, st.rtcp_port, st.rtcp_mux, st.media, False,
+                       st.rtcp_address)
 
 
 def _media_stream(value: Any, what: str) -> StreamOffer:

@@ -52,8 +52,10 @@ class ReplayCache:
         self.max_resends = max_resends
         self.max_in_flight = max_in_flight
         self.bytes = 0
-        # key -> [expiry, reply, resends left, cost, hash of the request or None]
-        self._entries: OrderedDict[Tuple[Hashable, Hashable], list] = OrderedDict()
+        # key -> (expiry, reply, resends left, cost, hash of the request or None): a tuple
+        # of atoms, which the cyclic GC stops tracking (tens of thousands of entries
+        # live; as lists every collection of the oldest generation walked them all)
+        self._entries: OrderedDict[Tuple[Hashable, Hashable], tuple] = OrderedDict()
         #: (sender, cookie) -> hash of the request or None, while it runs
         self._in_flight: Dict[Tuple[Hashable, Hashable], Optional[int]] = {}
 
@@ -64,12 +66,13 @@ class ReplayCache:
         """The reply to resend; None when unknown; EXHAUSTED (empty) once the entry has
         answered `max_resends` retransmissions (the request must not run again either)."""
         self._purge(now)
-        entry = self._entries.get((sender, cookie))
+        key = (sender, cookie)
+        entry = self._entries.get(key)
         if entry is None:
             return None
         if entry[2] <= 0:
             return EXHAUSTED
-        entry[2] -= 1
+        self._entries[key] = (entry[0], entry[1], entry[2] - 1, entry[3], entry[4])
         return entry[1]
 
     def answer(self, sender: Hashable, cookie: Hashable, now: float,
@@ -79,14 +82,15 @@ class ReplayCache:
         differs from the one the entry answered: another request reusing the cookie, drop
         it). Without `request`, only the cookie is compared."""
         self._purge(now)
-        entry = self._entries.get((sender, cookie))
+        key = (sender, cookie)
+        entry = self._entries.get(key)
         if entry is None:
             return MISS, None
         if request is not None and entry[4] is not None and entry[4] != hash(request):
             return MISMATCH, None
         if entry[2] <= 0:
             return SPENT, None
-        entry[2] -= 1
+        self._entries[key] = (entry[0], entry[1], entry[2] - 1, entry[3], entry[4])
         return HIT, entry[1]
 
     def in_flight(self, sender: Hashable, cookie: Hashable) -> bool:
@@ -115,7 +119,7 @@ class ReplayCache:
         if len(reply) > self.max_entry:
             return False
         cost = _cost(cookie, reply)
-        self._entries[key] = [now + self.window, reply, self.max_resends, cost, fingerprint]
+        self._entries[key] = (now + self.window, reply, self.max_resends, cost, fingerprint)
         self.bytes += cost
         entries = self._entries
         while self.bytes > self.max_bytes and entries:

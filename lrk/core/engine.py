@@ -131,13 +131,14 @@ class Engine:
         latch_any = self._learning(latch_any, strict_source)
         session = self.by_call.get(call_id)
         actions: List[Action] = []
+        wanted = [s.active for s in streams]
         if session is None:
-            if not any(s.active for s in streams):
+            if not any(wanted):
                 raise BadRequest("the offer has no stream with a non-zero port to relay")
             session = self._create(now, call_id, from_tag, target_ip, timeout, via_branch)
             offering = session.legs[LEG_A]
             try:
-                self._shape(now, session, [s.active for s in streams])
+                self._shape(now, session, wanted)
             except Exception:
                 self._end(now, session, "failed", count=False)
                 raise
@@ -153,7 +154,7 @@ class Engine:
                 session.timeout = timeout
             target = session.legs[OTHER[offering.name]]
             self._ensure_ip(now, session, target, target_ip)
-            self._shape(now, session, [s.active for s in streams])
+            self._shape(now, session, wanted)
             self._announce(offering, streams, latch_any)
             actions.append(Update(session.spec(), offering.name))
             self._schedule(session)
@@ -286,7 +287,9 @@ class Engine:
         for i, m in enumerate(fork.b.media):
             mb = b.media[i] if i < len(b.media) else None
             if m is not None and mb is not None:
-                mb.base.add(m.counters)  # its early media, counted on the shared ports
+                base = mb.base.copy()  # a base is replaced, never changed (it may be shared)
+                base.add(m.counters)  # its early media, counted on the shared ports
+                mb.base = base
         del session.forks[fork.tag]
         b.tag = fork.tag
         self.counters["sessions.early_dialogs.won"] += 1
@@ -568,6 +571,12 @@ class Engine:
         a, b = session.legs[LEG_A], session.legs[LEG_B]
         am, bm = a.media, b.media
         n = len(wanted)
+        if len(am) == n and len(bm) == n:  # an answer or re-offer: usually nothing changes
+            for i in range(n):
+                if (am[i] is not None) != bool(wanted[i]):
+                    break
+            else:
+                return
         if len(am) < n:
             am.extend([None] * (n - len(am)))
         if len(bm) < n:
@@ -668,7 +677,7 @@ def _streams(media: Union[Addr, Sequence[StreamOffer]], rtcp_port: Optional[int]
     """Every stream of a request: a list of StreamOffer, or one (ip, port) pair."""
     if isinstance(media, tuple) and len(media) == 2 and isinstance(media[0], str):
         return [StreamOffer(media[0], int(media[1]), rtcp_port,  # type: ignore[arg-type]
-                            keep_ports=True)]
+                            False, "audio", True)]  # keep_ports
     streams = list(media)  # type: ignore[arg-type]
     if not streams:
         raise BadRequest("no media stream given")

@@ -44,6 +44,11 @@ ICE_ATTRIBUTES = frozenset({
 })
 # Old-style hold (RFC 2543): the stream stays held, the relay is not announced there.
 NULL_ADDRESSES = frozenset({"0.0.0.0", "::"})
+# Attribute lines lrk never looks at (none is rtcp, rtcp-mux, a direction or ICE): the
+# bulk of a body's lines, passed over with one startswith
+_PASSED_OVER = ("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:", "a=ssrc", "a=extmap", "a=ptime:",
+                "a=maxptime:", "a=mid:", "a=msid", "a=fingerprint:", "a=setup:",
+                "a=crypto:", "a=group:")
 
 _SHOWN = 60
 
@@ -90,9 +95,9 @@ class Stream(NamedTuple):
         return self.relayable and self.port != 0
 
 
-@dataclass(frozen=True)
-class SessionDescription:
-    """What `parse()` found: every stream in m= order, and the session-level values."""
+class SessionDescription(NamedTuple):
+    """What `parse()` found: every stream in m= order, and the session-level values (a
+    NamedTuple: built per request, where a frozen dataclass cost more than the m= lines)."""
 
     streams: Tuple[Stream, ...]
     version: Optional[int]  # o= session version, None without an o= line
@@ -128,6 +133,14 @@ class StreamRelay:
                 raise ValueError(f"relay {name} must be an integer 1-65535, not {value!r}")
         if not isinstance(self.rtcp_mux, bool):
             raise ValueError(f"relay rtcp_mux must be a bool, not {self.rtcp_mux!r}")
+
+    @classmethod
+    def of_relay(cls, ip: str, port: int, rtcp_mux: bool) -> StreamRelay:
+        """One of the relay's own addresses (valid by construction: the engine allocated
+        it), without __post_init__'s checks: the control path makes one per stream."""
+        relay = object.__new__(cls)
+        relay.__dict__.update(ip=ip, port=port, rtcp_port=None, rtcp_mux=rtcp_mux)
+        return relay
 
     @property
     def family(self) -> str:
@@ -265,11 +278,13 @@ class _Doc:
     """A body split into lines plus where the parts rewrite() touches are."""
 
     __slots__ = ("contents", "eols", "eol", "origin", "session_conns", "session_ice",
-                 "sections", "desc")
+                 "sections", "desc", "crlf")
 
-    def __init__(self, contents: List[str], eols: List[str]) -> None:
+    def __init__(self, contents: List[str], eols: List[str], crlf: bool = False) -> None:
         self.contents = contents
         self.eols = eols
+        #: every line ends in CRLF, the last one too (the usual body): joined in one go
+        self.crlf = crlf
         self.eol = "\n" if eols and eols[0] == "\n" else "\r\n"
         self.origin: Optional[int] = None
         self.session_conns: List[int] = []
@@ -309,16 +324,17 @@ def _number(text: str, digits: int) -> Optional[int]:
     return None
 
 
-def _split_lines(text: str) -> Tuple[List[str], List[str]]:
+def _split_lines(text: str) -> Tuple[List[str], List[str], bool]:
+    """(line contents, line endings, whether every line ends in CRLF)."""
     crlf = text.count("\r\n")
     if crlf and crlf == text.count("\n") and not text.endswith("\r"):
         contents = text.split("\r\n")  # the usual body: CRLF everywhere, nothing else
         if contents[-1] == "":
             contents.pop()
-            return contents, ["\r\n"] * len(contents)
+            return contents, ["\r\n"] * len(contents), True
         eols = ["\r\n"] * len(contents)
         eols[-1] = ""
-        return contents, eols
+        return contents, eols, False
     pieces = text.split("\n")
     ends_with_newline = pieces[-1] == ""
     if ends_with_newline:
@@ -334,7 +350,7 @@ def _split_lines(text: str) -> Tuple[List[str], List[str]]:
         else:
             contents.append(piece)
             eols.append(newline)
-    return contents, eols
+    return contents, eols, False
 
 
 def _connection(line: str) -> Tuple[Optional[str], Optional[str], Optional[str]]:
@@ -367,8 +383,8 @@ def _rtcp(value: str) -> Tuple[Optional[int], Optional[str], Optional[str]]:
 
 
 def _scan(text: str) -> _Doc:
-    contents, eols = _split_lines(text)
-    doc = _Doc(contents, eols)
+    contents, eols, crlf = _split_lines(text)
+    doc = _Doc(contents, eols, crlf)
     sections = doc.sections
     session_direction = "sendrecv"
     version: Optional[int] = None
@@ -376,6 +392,8 @@ def _scan(text: str) -> _Doc:
     for i, line in enumerate(contents):
         kind = line[:2]
         if kind == "a=":
+            if line.startswith(_PASSED_OVER):
+                continue
             name, colon, _ = line[2:].partition(":")
             if not colon:
                 name = name.rstrip()
@@ -479,13 +497,9 @@ def _stream(doc: _Doc, index: int, sec: _Section, s_family: Optional[str],
             continue
         if rtcp_port is None:
             rtcp_port, rtcp_address = port_found, address_found
-    return Stream(
-        index=index, line=sec.m + 1, media=tokens[0], port=port, port_count=count,
-        proto=proto, formats=tuple(tokens[3:]), address=address, family=family,
-        media_connection=media_connection, rtcp_port=rtcp_port, rtcp_address=rtcp_address,
-        rtcp_mux=bool(sec.mux), direction=sec.direction or s_direction,
-        ice=sec.candidates, relayable=relayable,
-    )
+    return Stream(index, sec.m + 1, tokens[0], port, count, proto, tuple(tokens[3:]), address,
+                  family, media_connection, rtcp_port, rtcp_address, bool(sec.mux),
+                  sec.direction or s_direction, sec.candidates, relayable)
 
 
 def _first(desc: SessionDescription) -> Stream:
@@ -610,6 +624,8 @@ def _apply(doc: _Doc, relays: Sequence[Optional[StreamRelay]], bump: bool,
 
     eols = doc.eols
     if not after and new[-1] is not None:
+        if doc.crlf:
+            return "\r\n".join([line for line in new if line is not None]) + "\r\n"
         return "".join([line + eol for line, eol in zip(new, eols) if line is not None])
     parts: List[str] = []
     for i, line in enumerate(new):
@@ -641,6 +657,25 @@ def _session_connection(doc: _Doc, relays: Sequence[Optional[StreamRelay]],
     desc = doc.desc
     if not doc.session_conns or desc.address in NULL_ADDRESSES:
         return
+    # the usual body: every stream inherits the session c= and every enabled one is
+    # relayed to one address: the session c= moves (as below, without the bookkeeping)
+    target: Optional[StreamRelay] = None
+    for stream, relay in zip(desc.streams, relays):
+        if stream.media_connection:
+            break
+        if relay is None:
+            if stream.port != 0:
+                break
+        elif target is None:
+            target = relay
+        elif relay.ip != target.ip:
+            break
+    else:
+        if target is not None:
+            conn = f"c=IN {target.family} {target.ip}"
+            for i in doc.session_conns:
+                new[i] = conn
+            return
     inheritors = [(stream, relay) for stream, relay in zip(desc.streams, relays)
                   if not stream.media_connection]
     untouched = any(relay is None and not stream.disabled for stream, relay in inheritors)

@@ -11,6 +11,7 @@ ports cannot be bound.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import itertools
 import logging
@@ -49,6 +50,7 @@ def _family(ip: str) -> int:
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+_DGRAM_NONBLOCK = int(socket.SOCK_DGRAM) | _NONBLOCK
 
 
 def set_rcvbuf(sock: socket.socket, size: int) -> None:
@@ -64,13 +66,17 @@ def set_rcvbuf(sock: socket.socket, size: int) -> None:
 
 def bind_pair(ip: str, port: int, rcvbuf: int = 0
               ) -> Optional[Tuple[socket.socket, socket.socket]]:
-    """RTP and RTCP sockets on (ip, port) and (ip, port + 1); None if either is taken."""
+    """RTP and RTCP sockets on (ip, port) and (ip, port + 1); None if either is taken.
+
+    They are the C-level `_socket.socket`s (what `socket.socket` wraps): the daemon only
+    binds them, passes their fds to a worker and closes them, and the Python wrapper's
+    constructor cost more than the bind (four sockets per call)."""
     socks: List[socket.socket] = []
     try:
         for p in (port, port + 1):
             # non-blocking from birth: no FIONBIO ioctl per port (the control plane's cost
             # is mostly these few syscalls per port)
-            s = socket.socket(_family(ip), socket.SOCK_DGRAM | _NONBLOCK)
+            s = _socket.socket(_family(ip), _DGRAM_NONBLOCK)
             socks.append(s)
             s.bind((ip, p))
             if p == port:  # RTCP (a few packets per second) keeps the kernel's default
@@ -378,7 +384,8 @@ class SocketPlane:
             elif isinstance(action, Remove):
                 old = self.installed.pop(action.sid, None)
                 if old is not None:
-                    self._remove_forks(action.sid, keep=())
+                    if action.sid in self.forks:
+                        self._remove_forks(action.sid, keep=())
                     for stream in old.streams:
                         self._remove_unit(action.sid, stream.index)
         self._close_unclaimed()
@@ -394,10 +401,12 @@ class SocketPlane:
     def _converge(self, spec: SessionSpec) -> Optional[PlaneFailure]:
         """Make the worker serve `spec`: streams added, removed, moved to other relay ports
         (re-installed: counters restart there, the engine folded them) or re-latched."""
-        old = self.installed.get(spec.sid)
-        old_streams = {s.index: s for s in old.streams} if old is not None else {}
-        self.installed[spec.sid] = spec
         sid = spec.sid
+        old = self.installed.get(sid)
+        self.installed[sid] = spec
+        if not spec.forks and sid not in self.forks:
+            return self._converge_streams(spec, old)
+        old_streams = {s.index: s for s in old.streams} if old is not None else {}
         new_forks = {(f.key, s.index): s for f in spec.forks for s in f.streams}
         promoted = self._promotions(sid, old_streams, spec)
         self._remove_forks(sid, keep=set(new_forks) | set(promoted.values()))
@@ -440,6 +449,41 @@ class SocketPlane:
             elif entry[1] != stream:
                 entry[1] = stream
                 self.worker_for(sid).send(channel.UpdateSession(entry[0], stream))
+        return None
+
+    def _converge_streams(self, spec: SessionSpec, old: Optional[SessionSpec]
+                          ) -> Optional[PlaneFailure]:
+        """`_converge` of a session without early dialogs, before or now (nearly every
+        request): the same steps with no fork bookkeeping."""
+        sid = spec.sid
+        if old is None:
+            old_streams: Dict[int, StreamSpec] = {}
+        else:
+            old_streams = {s.index: s for s in old.streams}
+            if len(old_streams) != len(spec.streams) or any(
+                    s.index not in old_streams for s in spec.streams):
+                wanted = {s.index for s in spec.streams}
+                for index in old_streams:
+                    if index not in wanted:
+                        self._remove_unit(sid, index)
+        for stream in spec.streams:
+            before = old_streams.get(stream.index)
+            if before is not None and (before.a.relay_port != stream.a.relay_port
+                                       or before.b.relay_port != stream.b.relay_port
+                                       or before.a.relay_ip != stream.a.relay_ip
+                                       or before.b.relay_ip != stream.b.relay_ip):
+                self._remove_unit(sid, stream.index)
+                before = None
+            if before is None:
+                failure = self._install_unit(spec, stream)
+                if failure is not None:
+                    for other in spec.streams:
+                        self._remove_unit(sid, other.index)
+                    del self.installed[sid]
+                    return failure
+            elif before != stream:
+                self.worker_for(sid).send(
+                    channel.UpdateSession(unit_id(sid, stream.index), stream))
         return None
 
     def _promotions(self, sid: int, old_streams: Dict[int, StreamSpec], spec: SessionSpec
@@ -523,12 +567,13 @@ class SocketPlane:
                                     f"{leg.relay_port + 1} (in use by another process?)")
             socks.extend(pair_)
         # what the worker would otherwise ask the kernel for, four syscalls per socket
-        addrs = tuple((leg.relay_ip, leg.relay_port + rtcp)
-                      for leg in (stream.a, stream.b) for rtcp in (0, 1))
+        a, b = stream.a, stream.b
+        addrs = ((a.relay_ip, a.relay_port), (a.relay_ip, a.relay_port + 1),
+                 (b.relay_ip, b.relay_port), (b.relay_ip, b.relay_port + 1))
         uid = unit_id(spec.sid, stream.index)
         self.units.add(uid)
         self.worker_for(spec.sid).send(
-            channel.InstallSession(uid, stream, tuple(int(s.family) for s in socks), addrs),
+            channel.InstallSession(uid, stream, tuple([int(s.family) for s in socks]), addrs),
             socks)
         return None
 

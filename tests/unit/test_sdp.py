@@ -234,6 +234,15 @@ def test_stream_relay_rtcp_defaults():
     assert StreamRelay("2001:db8::1", 30000, 30005, True).family == "IP6"
 
 
+def test_stream_relay_of_relay_is_the_checked_relay_unchecked():
+    for ip, port, mux in (("198.51.100.1", 30000, False), ("2001:db8::1", 30002, True)):
+        fast, checked = StreamRelay.of_relay(ip, port, mux), StreamRelay(ip, port, None, mux)
+        assert fast == checked and hash(fast) == hash(checked)
+        assert (fast.family, fast.rtcp) == (checked.family, checked.rtcp)
+        with pytest.raises(AttributeError):
+            fast.port = 1  # type: ignore[misc]
+
+
 def test_rewrite_adds_a_rtcp_only_when_the_relay_port_is_not_the_default():
     text = body(*HEAD, "m=audio 4000 RTP/AVP 0", "a=ptime:20", "")
     out = sdp.rewrite(text, [StreamRelay("203.0.113.1", 30000, 30007)])
