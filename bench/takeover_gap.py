@@ -98,9 +98,16 @@ class TwoNodes:
         assert not leaked, f"namespaces left behind: {leaked}"
 
 
+MODES = ("socket", "kernel", "xdp")
+
+
 def start_node(nodes: TwoNodes, i: int, redis: RedisServer, tmp: str, poll: float,
-               python: Optional[str] = None) -> RelayProcess:
-    """Node i+1 in its namespace: Redis store; node 2 stands by for node 1."""
+               python: Optional[str] = None, mode: str = "socket") -> RelayProcess:
+    """Node i+1 in its namespace: Redis store; node 2 stands by for node 1. kernel and
+    xdp modes: forwarding on in the node's namespace, node 2's ruleset built for node 1's
+    media too (`standby_media`), the XDP program on e0."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
     name = f"node{i + 1}"
     cfg = os.path.join(tmp, f"{name}.toml")
     with open(cfg, "w") as fh:
@@ -111,9 +118,26 @@ def start_node(nodes: TwoNodes, i: int, redis: RedisServer, tmp: str, poll: floa
                  "control_allow = [\"127.0.0.0/8\", \"198.51.100.0/24\"]\n")
         if i == 1:
             fh.write(f"standby_for = [\"node1\"]\nstandby_poll = {poll}\n")
+        if mode != "socket":
+            fh.write("kernel_poll = 0.2\n")
+            if mode == "xdp":
+                # generic XDP: native XDP_TX on this veth back into the client's bridge
+                # reaches the bridge but never a socket here (a NIC has no such hop)
+                fh.write("xdp_attach = \"generic\"\n")
+            if i == 1:
+                fh.write(f"standby_media = [\"{VIP}:{NODE_PORTS[0]}\"]\n")
+    extra = ["--mode", mode]
+    if mode != "socket":
+        run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=nodes.node[i])
+    if mode == "xdp":
+        # native XDP_TX on a veth needs NAPI at its far end (GRO on); frames from the
+        # bridge carry complete checksums (tx offload off), as a NIC's would
+        run("ethtool", "-K", f"c{i}", "gro", "on", "tx", "off", ns=nodes.client)
+        run("ethtool", "-K", "br0", "tx", "off", ns=nodes.client)
+        extra += ["--xdp-interface", "e0"]
     ip = VIP if i == 0 else NODE_IPS[1]
     return RelayProcess(ports=NODE_PORTS[i], netns=nodes.node[i], python=python, extra=[
-        "--internal-ip", ip, "--external-ip", ip, "--config", cfg]).start()
+        *extra, "--internal-ip", ip, "--external-ip", ip, "--config", cfg]).start()
 
 
 def audio(ip: str, port: int) -> str:
