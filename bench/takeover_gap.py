@@ -101,7 +101,7 @@ class TwoNodes:
         assert not leaked, f"namespaces left behind: {leaked}"
 
 
-MODES = ("socket", "kernel", "xdp")
+MODES = ("socket", "kernel", "xdp", "nfqueue")
 
 
 def start_node(nodes: TwoNodes, i: int, redis: RedisServer, tmp: str, poll: float,

@@ -162,7 +162,8 @@ class Relay:
         elif config.mode == "nfqueue":
             self.plane = NfqueuePlane(start, end, relay_ips, config.kernel_table,
                                       config.kernel_poll, config.nfqueue_num,
-                                      config.nfqueue_bypass, adopt=adopt)
+                                      config.nfqueue_bypass, adopt=adopt,
+                                      extra=config.standby_media_ranges)
         else:
             socket_plane = SocketPlane(start, end, relay_ips, config.workers, config.batch,
                                        config.io, config.log_level, config.log_format,
@@ -207,15 +208,11 @@ class Relay:
             self.store.source = self._records
             if config.standby_for:
                 self.standby = Standby(self.store, config.standby_for, config.standby_poll)
-        if config.standby_for and config.mode in ("kernel", "xdp") and \
+        if config.standby_for and config.mode in ("kernel", "xdp", "nfqueue") and \
                 not config.standby_media:
             log.warning("standby_for in %s mode without standby_media: the ruleset serves "
                         "only this node's addresses and ports, so a takeover refuses the "
                         "peers' calls (docs/operations.md)", config.mode)
-        elif config.standby_for and config.mode == "nfqueue":
-            log.warning("standby_for in nfqueue mode: its ruleset serves only this node's "
-                        "addresses and ports, so a takeover refuses the peers' calls "
-                        "(not supported: docs/operations.md)")
         self.control.on_takeover = self.take_over
         self.control.store_status = self._store_status
         self.end_calls = False  # `shutdown`: stop and end every call (store emptied)

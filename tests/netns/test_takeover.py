@@ -150,7 +150,7 @@ KCALLS = 10
 KEARLY = 3
 
 
-@pytest.mark.parametrize("mode", ["kernel", "xdp"])
+@pytest.mark.parametrize("mode", ["kernel", "xdp", "nfqueue"])
 def test_a_standby_takes_over_in_kernel_modes(nodes, tmp_path, mode):
     """kernel and xdp modes: node 2's ruleset is built for node 1's address and ports
     too (`standby_media`); 10 calls (3 in early dialog, one forked) flow through node 2
