@@ -15,10 +15,10 @@ in for keepalived's gratuitous ARP). keepalived's own failure detection (advert_
 about 3 s by default) comes on top of these figures: they start at the address move.
 
 Per call and direction: the longest interval between two packets that arrived (the
-media gap; 20 ms when nothing was lost) and the packets lost. --mode: socket, kernel, xdp
-(node 2's ruleset built for node 1's media too: `standby_media`; xdp: generic attach on
-these veths, and taken-over calls ride node 2's kernel path; see docs/operations.md).
-nfqueue and packet modes have no takeover.
+media gap; 20 ms when nothing was lost) and the packets lost. --mode: socket, kernel, xdp,
+nfqueue (node 2's ruleset built for node 1's media too: `standby_media`; xdp: generic
+attach on these veths, and taken-over calls ride node 2's kernel path; see
+docs/operations.md). packet mode has no takeover.
 """
 
 from __future__ import annotations
