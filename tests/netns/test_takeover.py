@@ -3,7 +3,8 @@ on a unix socket); node 2 stands by for node 1. 50 calls on node 1 (some still i
 dialog, one with a second early dialog of a forked INVITE), node 1 killed (-9), its media
 address moved to node 2 (as keepalived would): every call's media flows again through
 node 2 within 2 s, counters continue from the stored records, and once the calls are
-deleted no Redis key, port or process is left.
+deleted no Redis key, port or process is left. Then the same with 10 calls in kernel,
+xdp and nfqueue modes (node 2's table built for node 1's media: `standby_media`).
 
     client ns: br0 198.51.100.10 (callers) .11 (callees)
       |-- veth -- node 1 ns: 198.51.100.21, shared 198.51.100.100 (moves)
@@ -152,7 +153,7 @@ KEARLY = 3
 
 @pytest.mark.parametrize("mode", ["kernel", "xdp", "nfqueue"])
 def test_a_standby_takes_over_in_kernel_modes(nodes, tmp_path, mode):
-    """kernel and xdp modes: node 2's ruleset is built for node 1's address and ports
+    """kernel, xdp and nfqueue modes: node 2's ruleset is built for node 1's address and ports
     too (`standby_media`); 10 calls (3 in early dialog, one forked) flow through node 2
     within 2 s of the move, counters continue, and once deleted no nft element, no
     conntrack flow, no Redis key is left; after its stop no table and no XDP program."""
