@@ -462,7 +462,11 @@ class Relay:
                 continue
             if isinstance(self.plane, SocketPlane):
                 await self._claim_ports(session, deadline)
-            actions = self.engine.adopt(now, session)
+            # a call this node took over: its record names the peer's addresses, and its
+            # ports lie in the peer's range (kept, as at the takeover)
+            own = (self.engine.config.internal_ip, self.engine.config.external_ip)
+            taken = session.interfaces is not None and tuple(session.interfaces) != own
+            actions = self.engine.adopt(now, session, taken=taken)
             if not actions:
                 log.error("session store: call %r not restored (its ports or Call-ID are "
                           "taken, or outside --ports)", session.call_id)

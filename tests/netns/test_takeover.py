@@ -155,8 +155,9 @@ KEARLY = 3
 def test_a_standby_takes_over_in_kernel_modes(nodes, tmp_path, mode):
     """kernel, xdp and nfqueue modes: node 2's ruleset is built for node 1's address and ports
     too (`standby_media`); 10 calls (3 in early dialog, one forked) flow through node 2
-    within 2 s of the move, counters continue, and once deleted no nft element, no
-    conntrack flow, no Redis key is left; after its stop no table and no XDP program."""
+    within 2 s of the move, counters continue, a restart of node 2 adopts its table and
+    keeps them, and once deleted no nft element, no conntrack flow, no Redis key is left;
+    after its stop no table and no XDP program."""
     socks: List[socket.socket] = []
     relays: List[RelayProcess] = []
     with RedisServer() as redis:
@@ -216,6 +217,20 @@ def test_a_standby_takes_over_in_kernel_modes(nodes, tmp_path, mode):
                 _early_fork_flows(c2, calls, fork_callee)
                 keys = redis.keys("lrk:*:session:*")
                 assert len(keys) == KCALLS and all(k.startswith("lrk:node2:") for k in keys)
+            # node 2 restarts keeping the calls: its table (same layout, node 1's ranges
+            # in it) is adopted, the taken-over calls restored and relayed on
+            assert node2.stop() == 0, node2.output
+            assert "took over 10 call(s) of node node1 (0 refused)" in node2.output
+            node2 = start_node(nodes, 1, redis, str(tmp_path), poll=0.1, mode=mode)
+            relays.append(node2)
+            with LrkClient([node2.node]) as c2:
+                assert c2.stats()["sessions"] == KCALLS, node2.read_output()
+                out = node2.read_output()
+                assert "has another layout" not in out and "not restored" not in out, out
+                assert "restored 10 of 10 call(s)" in out, out
+                # call-0's A side moved to its promoted fork's port: the others flow on
+                _media_back({cid: c for cid, c in calls.items() if cid != "call-0"},
+                            time.monotonic())
                 for cid in calls:
                     c2.delete(cid)
                 assert c2.stats()["ports"]["in_use"] == 0
@@ -224,7 +239,6 @@ def test_a_standby_takes_over_in_kernel_modes(nodes, tmp_path, mode):
                 assert _sets(nodes) == {}
                 wait(lambda: _flows(nodes, VIP_ADDR) == 0)
             assert node2.stop() == 0, node2.output
-            assert "took over 10 call(s) of node node1 (0 refused)" in node2.output
             assert nodes.pids(1) == []
             tables = run("nft", "list", "tables", ns=nodes.node[1]).stdout
             assert "lrk" not in tables, tables
