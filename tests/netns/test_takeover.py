@@ -151,10 +151,11 @@ KCALLS = 10
 KEARLY = 3
 
 
-@pytest.mark.parametrize("mode", ["kernel", "xdp", "nfqueue"])
-def test_a_standby_takes_over_in_kernel_modes(nodes, tmp_path, mode):
-    """kernel, xdp and nfqueue modes: node 2's ruleset is built for node 1's address and ports
-    too (`standby_media`); 10 calls (3 in early dialog, one forked) flow through node 2
+@pytest.mark.parametrize("mode", ["kernel", "xdp", "nfqueue", "socket"])
+def test_a_standby_takes_over_per_mode_and_keeps_calls_over_a_restart(nodes, tmp_path, mode):
+    """kernel, xdp and nfqueue modes (socket mode too, for the restart): node 2's
+    ruleset is built for node 1's address and ports too (`standby_media`); 10 calls
+    (3 in early dialog, one forked) flow through node 2
     within 2 s of the move, counters continue, a restart of node 2 adopts its table and
     keeps them, and once deleted no nft element, no conntrack flow, no Redis key is left;
     after its stop no table and no XDP program."""
@@ -166,7 +167,8 @@ def test_a_standby_takes_over_in_kernel_modes(nodes, tmp_path, mode):
             relays.append(node1)
             node2 = start_node(nodes, 1, redis, str(tmp_path), poll=0.1, mode=mode)
             relays.append(node2)
-            assert _sets(nodes) == {}  # nothing installed on the standby yet
+            kernel = mode != "socket"  # a table to check
+            assert not kernel or _sets(nodes) == {}  # nothing installed on the standby yet
             calls: Dict[str, Tuple[socket.socket, socket.socket, tuple, tuple]] = {}
             fork_callee = endpoint(nodes.client, CALLEE, 7000)
             socks.append(fork_callee)
@@ -208,8 +210,9 @@ def test_a_standby_takes_over_in_kernel_modes(nodes, tmp_path, mode):
                 assert stats["counters"]["takeover.sessions"] == KCALLS
                 assert stats["counters"]["takeover.refused"] == 0
                 assert c2.query("call-0")["session"]["state"] == "early"
-                sets = _sets(nodes)
-                assert any(VIP_ADDR in str(e) for e in sets.get("fwd4", [])), sets
+                if kernel:
+                    sets = _sets(nodes)
+                    assert any(VIP_ADDR in str(e) for e in sets.get("fwd4", [])), sets
                 # counters continued from node 1's records (and count node 2's packets)
                 wait(lambda: all(
                     c2.query(cid)["session"]["legs"]["A"]["counters"]["in_packets"]
@@ -235,9 +238,9 @@ def test_a_standby_takes_over_in_kernel_modes(nodes, tmp_path, mode):
                     c2.delete(cid)
                 assert c2.stats()["ports"]["in_use"] == 0
                 assert redis.keys("lrk:*:session:*") == []
-                # no element, and no flow of an ended call (conntrack, by the VIP)
-                assert _sets(nodes) == {}
-                wait(lambda: _flows(nodes, VIP_ADDR) == 0)
+                if kernel:  # no element, and no flow of an ended call (by the VIP)
+                    assert _sets(nodes) == {}
+                    wait(lambda: _flows(nodes, VIP_ADDR) == 0)
             assert node2.stop() == 0, node2.output
             assert nodes.pids(1) == []
             tables = run("nft", "list", "tables", ns=nodes.node[1]).stdout
