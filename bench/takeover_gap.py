@@ -1,7 +1,8 @@
 """Media gap per call when a standby takes over a dead node's calls (two nodes, one Redis).
 
     .venv/bin/python -m bench.takeover_gap --calls 50 --poll 0.5,0.1 \\
-        --python .venv-pypy/bin/python --out bench/results/takeover-gap-<date>.json
+        --mode socket,kernel,xdp --python .venv-pypy/bin/python \\
+        --out bench/results/takeover-gap-<date>.json
 
 Root only. Namespaces made here (removed at the end, leaks asserted): a client
 namespace with a bridge (callers 198.51.100.10, callees .11) and two relay namespaces
@@ -14,8 +15,10 @@ in for keepalived's gratuitous ARP). keepalived's own failure detection (advert_
 about 3 s by default) comes on top of these figures: they start at the address move.
 
 Per call and direction: the longest interval between two packets that arrived (the
-media gap; 20 ms when nothing was lost) and the packets lost. Mode: socket (the only
-mode whose takeover is built; see docs/operations.md).
+media gap; 20 ms when nothing was lost) and the packets lost. --mode: socket, kernel, xdp,
+nfqueue (node 2's ruleset built for node 1's media too: `standby_media`; xdp: generic
+attach on these veths, and taken-over calls ride node 2's kernel path; see
+docs/operations.md). packet mode has no takeover.
 """
 
 from __future__ import annotations
@@ -98,9 +101,16 @@ class TwoNodes:
         assert not leaked, f"namespaces left behind: {leaked}"
 
 
+MODES = ("socket", "kernel", "xdp", "nfqueue")
+
+
 def start_node(nodes: TwoNodes, i: int, redis: RedisServer, tmp: str, poll: float,
-               python: Optional[str] = None) -> RelayProcess:
-    """Node i+1 in its namespace: Redis store; node 2 stands by for node 1."""
+               python: Optional[str] = None, mode: str = "socket") -> RelayProcess:
+    """Node i+1 in its namespace: Redis store; node 2 stands by for node 1. kernel and
+    xdp modes: forwarding on in the node's namespace, node 2's ruleset built for node 1's
+    media too (`standby_media`), the XDP program on e0."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
     name = f"node{i + 1}"
     cfg = os.path.join(tmp, f"{name}.toml")
     with open(cfg, "w") as fh:
@@ -111,9 +121,26 @@ def start_node(nodes: TwoNodes, i: int, redis: RedisServer, tmp: str, poll: floa
                  "control_allow = [\"127.0.0.0/8\", \"198.51.100.0/24\"]\n")
         if i == 1:
             fh.write(f"standby_for = [\"node1\"]\nstandby_poll = {poll}\n")
+        if mode != "socket":
+            fh.write("kernel_poll = 0.2\n")
+            if mode == "xdp":
+                # generic XDP: native XDP_TX on this veth back into the client's bridge
+                # reaches the bridge but never a socket here (a NIC has no such hop)
+                fh.write("xdp_attach = \"generic\"\n")
+            if i == 1:
+                fh.write(f"standby_media = [\"{VIP}:{NODE_PORTS[0]}\"]\n")
+    extra = ["--mode", mode]
+    if mode != "socket":
+        run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=nodes.node[i])
+    if mode == "xdp":
+        # native XDP_TX on a veth needs NAPI at its far end (GRO on); frames from the
+        # bridge carry complete checksums (tx offload off), as a NIC's would
+        run("ethtool", "-K", f"c{i}", "gro", "on", "tx", "off", ns=nodes.client)
+        run("ethtool", "-K", "br0", "tx", "off", ns=nodes.client)
+        extra += ["--xdp-interface", "e0"]
     ip = VIP if i == 0 else NODE_IPS[1]
     return RelayProcess(ports=NODE_PORTS[i], netns=nodes.node[i], python=python, extra=[
-        "--internal-ip", ip, "--external-ip", ip, "--config", cfg]).start()
+        *extra, "--internal-ip", ip, "--external-ip", ip, "--config", cfg]).start()
 
 
 def audio(ip: str, port: int) -> str:
@@ -126,15 +153,15 @@ def _packet(stream: int, seq: int) -> bytes:
 
 
 def run_once(calls: int, early: int, poll: float, before: float, after: float,
-             python: Optional[str]) -> Dict[str, Any]:
+             python: Optional[str], mode: str = "socket") -> Dict[str, Any]:
     nodes = TwoNodes()
     redis = RedisServer().start()
     tmp = tempfile.TemporaryDirectory(prefix="lrk-takeover-")
     socks: List[socket.socket] = []
     relays: List[RelayProcess] = []
     try:
-        relays.append(start_node(nodes, 0, redis, tmp.name, poll, python))
-        relays.append(start_node(nodes, 1, redis, tmp.name, poll, python))
+        relays.append(start_node(nodes, 0, redis, tmp.name, poll, python, mode))
+        relays.append(start_node(nodes, 1, redis, tmp.name, poll, python, mode))
         legs = []
         with LrkClient([relays[0].node], timeout=2.0, retries=3) as client:
             for i in range(calls):
@@ -226,7 +253,7 @@ def run_once(calls: int, early: int, poll: float, before: float, after: float,
         lost = [sent[s] - got[s] for s in range(n)]
         per_call_lost = [lost[2 * i] + lost[2 * i + 1] for i in range(calls)]
         return {
-            "mode": "socket", "calls": calls, "early": early, "standby_poll": poll,
+            "mode": mode, "calls": calls, "early": early, "standby_poll": poll,
             "relay_python": python or sys.executable,
             "kill_to_move_s": round(events["move"] - events["kill"], 3),
             "move_s": round(events["moved"] - events["move"], 3),
@@ -266,6 +293,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--before", type=float, default=2.0, help="media before the failure (s)")
     p.add_argument("--after", type=float, default=3.0, help="media after the move (s)")
     p.add_argument("--python", help="the relays' interpreter (default: this one)")
+    p.add_argument("--mode", default="socket", help="data plane modes, one run each: "
+                   + ", ".join(MODES))
     p.add_argument("--out")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -277,13 +306,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     need = 2 * args.calls + 256
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+    modes = args.mode.split(",")
+    for mode in modes:
+        if mode not in MODES:
+            p.error(f"--mode {mode!r}: takeover is built for {', '.join(MODES)}")
     results = []
     for rnd in range(1, max(1, min(args.rounds, 10)) + 1):
-        for poll in (float(v) for v in args.poll.split(",")):
-            res = run_once(args.calls, early, poll, args.before, args.after, args.python)
-            res["round"] = rnd
-            print(json.dumps(res), flush=True)
-            results.append(res)
+        for mode in modes:
+            for poll in (float(v) for v in args.poll.split(",")):
+                res = run_once(args.calls, early, poll, args.before, args.after, args.python,
+                               mode)
+                res["round"] = rnd
+                print(json.dumps(res), flush=True)
+                results.append(res)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"argv": sys.argv, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC",

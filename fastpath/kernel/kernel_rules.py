@@ -444,7 +444,9 @@ def parse_table(json_obj: Dict[str, Any]) -> TableListing:
 class KernelRuleset:
     """The ``table inet <table>`` of the kernel fast path for one relay.
 
-    Only UDP to ``relay_ips`` and ports ``port_start..port_end`` is touched.
+    Only UDP to ``relay_ips`` and ports ``port_start..port_end`` is touched (and, for
+    a standby, ``extra`` (address, first port, last port): its peers' media, which it
+    serves after a takeover; every address with every range: one set, one port set).
     ``queue`` selects the NFQUEUE variant: a new flow that no ``adm`` element
     admits goes to queue ``queue`` instead of being dropped (``queue_bypass``:
     accept it when no reader is bound).  The reader admits by adding the
@@ -470,6 +472,7 @@ class KernelRuleset:
         mark_range: Optional[Tuple[int, int]] = None,
         queue_chain: bool = False,
         counters: str = "rules",
+        extra: Sequence[Tuple[str, int, int]] = (),
     ) -> None:
         self.table = _check_table(table)
         if counters not in COUNTER_SOURCES:
@@ -492,6 +495,22 @@ class KernelRuleset:
                 self.relay_ips[fam].append(ip)
         if not relay_ips:
             raise KernelRuleError("relay_ips is empty: give the relay's own media addresses")
+        #: port ranges served: this relay's, then a standby's peers' (``extra``: address,
+        #: first port, last port); their addresses join ``relay_ips``
+        self.ranges: List[Tuple[int, int]] = [(self.port_start, self.port_end)]
+        for value, lo_port, hi_port in extra:
+            ip, fam = _ip(value, "standby relay IP")
+            if ip not in self.relay_ips[fam]:
+                self.relay_ips[fam].append(ip)
+            lo_port, hi_port = _port(lo_port, "port_start"), _port(hi_port, "port_end")
+            if hi_port <= lo_port:
+                raise KernelRuleError(f"standby port range {lo_port}-{hi_port} must hold at "
+                                      "least one RTP/RTCP pair")
+            if (lo_port, hi_port) not in self.ranges:
+                if any(lo_port <= hi and lo <= hi_port for lo, hi in self.ranges):
+                    raise KernelRuleError(f"standby port range {lo_port}-{hi_port} overlaps "
+                                          f"{self.ranges}: nodes need disjoint ranges")
+                self.ranges.append((lo_port, hi_port))
         if queue is not None:
             _port(queue, "queue number", 0, 65535)
         self.queue = queue
@@ -499,7 +518,9 @@ class KernelRuleset:
         # kernels without CONFIG_NFT_QUEUE: jump to an empty chain nfq4/nfq6 to which the
         # caller appends an xt NFQUEUE rule over netlink (fastpath.kernel.nfqueue_socket)
         self.queue_chain = bool(queue_chain) and queue is not None
-        lo, hi = mark_range if mark_range is not None else (port_start, port_end)
+        # marks are relay ports: their hull covers every range served
+        lo, hi = mark_range if mark_range is not None else (
+            min(r[0] for r in self.ranges), max(r[1] for r in self.ranges))
         if not 1 <= lo <= hi < _MARK_MAX:
             raise KernelRuleError(f"mark range {lo}-{hi} must be within 1..{_MARK_MAX - 1}")
         self.mark_range = (lo, hi)
@@ -558,7 +579,9 @@ class KernelRuleset:
 
     def _body(self) -> str:
         """The table's contents after its opening line (what :attr:`layout` digests)."""
-        ports = f"{self.port_start}-{self.port_end}"
+        spans = [f"{lo}-{hi}" for lo, hi in sorted(self.ranges)]
+        # one range: the text (and so the layout) of a relay without standby ranges
+        ports = spans[0] if len(spans) == 1 else "{ " + ", ".join(spans) + " }"
         marks = (f"{{ {self.mark_range[0]}-{self.mark_range[1]}, "
                  f"{self.fork_mark_range[0]}-{self.fork_mark_range[1]} }}")
         ip = {4: "ip", 6: "ip6"}
@@ -643,10 +666,11 @@ class KernelRuleset:
                     f"leg {name} relay address {leg.relay_ip} is not one of the ruleset's "
                     f"relay IPs {self.relay_ips[4] + self.relay_ips[6]}"
                 )
-            if not self.port_start <= leg.relay_port < self.port_end:
+            if not any(lo <= leg.relay_port < hi for lo, hi in self.ranges):
+                spans = ", ".join(f"{lo}-{hi}" for lo, hi in self.ranges)
                 raise KernelRuleError(
                     f"leg {name} relay port {leg.relay_port} (RTCP +1) is outside the "
-                    f"ruleset's port range {self.port_start}-{self.port_end}"
+                    f"ruleset's port ranges {spans}"
                 )
             lo, hi = self.fork_mark_range if (
                 name == "B" and isinstance(spec, ForkSpec)) else self.mark_range

@@ -459,7 +459,8 @@ class Engine:
         return session, actions, "created"
 
     # -- restart: sessions from a store -------------------------------------------------
-    def adopt(self, now: float, session: Session, foreign: bool = False) -> List[Action]:
+    def adopt(self, now: float, session: Session, foreign: bool = False,
+              taken: bool = False) -> List[Action]:
         """Take over a session rebuilt from a store (a restarted relay): its relay ports
         are claimed as they were, so the calls' media keeps its addresses. Refused
         (counted, nothing changes) when its Call-ID or id is taken or a port is outside
@@ -467,14 +468,18 @@ class Engine:
 
         `foreign`: a session of another node (a standby's takeover): it gets a fresh id
         here, and its ports may lie outside this relay's range (the peer's range; they
-        go back to no pool when the call ends)."""
+        go back to no pool when the call ends).
+
+        `taken`: this node's own record of a call it took over earlier (restored after a
+        restart): its id stays, and so do its ports outside the range and the peer's
+        addresses (`Session.interfaces`)."""
         ports = session.ports()
-        if not foreign:
+        if not foreign and not taken:
             session.interfaces = None  # our own call: our addresses (as configured now)
         if foreign and session.call_id not in self.by_call:
             session.sid = self._next_sid
         if (session.call_id in self.by_call or session.sid in self.by_sid
-                or not ports or any((not foreign and not self.ports.contains(p))
+                or not ports or any((not (foreign or taken) and not self.ports.contains(p))
                                     or self.ports.is_in_use(p) for p in ports)
                 or len(set(ports)) != len(ports)):
             self.counters["sessions.restore_refused"] += 1

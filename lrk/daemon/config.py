@@ -114,6 +114,10 @@ class Config:
     standby_for: List[str] = field(default_factory=list)
     # seconds between reads of the peers' generation counters and local addresses
     standby_poll: float = 0.5
+    # kernel/xdp modes: the media addresses and port ranges of the standby_for nodes
+    # ("ADDR:START-END", "[V6]:START-END"): the ruleset is built for them from the start,
+    # so taken-over calls (which keep the peer's addresses and ports) are served at once
+    standby_media: List[str] = field(default_factory=list)
     # more msgpack control addresses (HOST:PORT), bound with IP_FREEBIND: an address
     # keepalived moves (here now, or only after a takeover), so the control layer reaches
     # a node's calls at the same control address wherever they are served
@@ -131,6 +135,28 @@ class Config:
     @property
     def port_range(self) -> Tuple[int, int]:
         return parse_ports(self.ports)
+
+    @property
+    def standby_media_ranges(self) -> List[Tuple[str, int, int]]:
+        """`standby_media` parsed: (address, first port, last port) per entry."""
+        out: List[Tuple[str, int, int]] = []
+        if not isinstance(self.standby_media, list):
+            raise ConfigError(f"standby_media {self.standby_media!r} must be a list of "
+                              "\"ADDR:START-END\" strings")
+        for item in self.standby_media:
+            if not isinstance(item, str) or ":" not in item:
+                raise ConfigError(f"standby_media entry {item!r} must be \"ADDR:START-END\" "
+                                  "(IPv6: \"[ADDR]:START-END\")")
+            host, _, ports = item.rpartition(":")
+            host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            try:
+                ip = str(ipaddress.ip_address(host))
+            except ValueError:
+                raise ConfigError(f"standby_media entry {item!r}: {host!r} is not an IP "
+                                  "address") from None
+            start, end = parse_ports(ports)
+            out.append((ip, start, end))
+        return out
 
     @property
     def control_addr(self) -> Union[Tuple[str, int], str]:
@@ -260,6 +286,14 @@ class Config:
             raise ConfigError(f"control_extra {self.control_extra!r} must be a list of "
                               "HOST:PORT control addresses")
         self.control_extra_addrs  # noqa: B018 - validates
+        media = self.standby_media_ranges
+        own = self.port_range
+        for ip, start, end in media:
+            if not (end < own[0] or start > own[1]):
+                raise ConfigError(f"standby_media {ip}:{start}-{end} overlaps this node's "
+                                  f"ports {self.ports!r}: nodes need disjoint port ranges")
+        if media and not self.standby_for:
+            raise ConfigError("standby_media names a peer's media, but standby_for is empty")
         poll = self.standby_poll
         if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not (
                 0.05 <= poll <= 60):

@@ -170,11 +170,14 @@ class KernelPlane:
 
     def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
                  table: str = "lrk", poll_interval: float = 2.0,
-                 counters: str = "conntrack", adopt: bool = False) -> None:
+                 counters: str = "conntrack", adopt: bool = False,
+                 extra: Sequence[Tuple[str, int, int]] = ()) -> None:
         self.port_start = port_start
         self.port_end = port_end
+        # extra: a standby's peers' media (address, ports), served once taken over
         self.rules = KernelRuleset(table=table, port_start=port_start, port_end=port_end,
-                                   relay_ips=sorted(set(relay_ips)), counters=counters)
+                                   relay_ips=sorted(set(relay_ips)), counters=counters,
+                                   extra=extra)
         self.sink: EventSink = lambda event: None
         #: what the engine asked for, per session, and per unit (one stream of a session;
         #: the kernel state below is keyed by unit id)
@@ -354,9 +357,9 @@ class KernelPlane:
         """Create the table (replacing a leftover) and flush every flow lrk marked."""
         assert self.nft is not None
         self.nft.run(self.rules.create())  # replaces a table a crashed run left behind
-        lo, hi = self.rules.fork_mark_range
-        self._flush_flows(list(range(self.port_start, self.port_end + 1))  # its flows too
-                          + list(range(lo, hi + 1)))
+        marks = [m for lo, hi in (self.rules.mark_range, self.rules.fork_mark_range)
+                 for m in range(lo, hi + 1)]
+        self._flush_flows(marks)  # its flows too
 
     def adopted(self) -> None:
         """The restore is over: elements of an adopted table no restored session claimed

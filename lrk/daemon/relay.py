@@ -151,17 +151,19 @@ class Relay:
         if config.mode == "kernel":
             self.plane = KernelPlane(start, end, relay_ips, config.kernel_table,
                                      config.kernel_poll, counters=config.kernel_counters,
-                                     adopt=adopt)
+                                     adopt=adopt, extra=config.standby_media_ranges)
         elif config.mode == "xdp":
             self.plane = XdpPlane(start, end, relay_ips, config.xdp_interfaces,
                                   config.kernel_table, config.kernel_poll,
                                   counters=config.kernel_counters,
                                   attach_mode=config.xdp_attach,
-                                  max_streams=config.xdp_max_streams, adopt=adopt)
+                                  max_streams=config.xdp_max_streams, adopt=adopt,
+                                  extra=config.standby_media_ranges)
         elif config.mode == "nfqueue":
             self.plane = NfqueuePlane(start, end, relay_ips, config.kernel_table,
                                       config.kernel_poll, config.nfqueue_num,
-                                      config.nfqueue_bypass, adopt=adopt)
+                                      config.nfqueue_bypass, adopt=adopt,
+                                      extra=config.standby_media_ranges)
         else:
             socket_plane = SocketPlane(start, end, relay_ips, config.workers, config.batch,
                                        config.io, config.log_level, config.log_format,
@@ -206,6 +208,11 @@ class Relay:
             self.store.source = self._records
             if config.standby_for:
                 self.standby = Standby(self.store, config.standby_for, config.standby_poll)
+        if config.standby_for and config.mode in ("kernel", "xdp", "nfqueue") and \
+                not config.standby_media:
+            log.warning("standby_for in %s mode without standby_media: the ruleset serves "
+                        "only this node's addresses and ports, so a takeover refuses the "
+                        "peers' calls (docs/operations.md)", config.mode)
         self.control.on_takeover = self.take_over
         self.control.store_status = self._store_status
         self.end_calls = False  # `shutdown`: stop and end every call (store emptied)
@@ -455,7 +462,11 @@ class Relay:
                 continue
             if isinstance(self.plane, SocketPlane):
                 await self._claim_ports(session, deadline)
-            actions = self.engine.adopt(now, session)
+            # a call this node took over: its record names the peer's addresses, and its
+            # ports lie in the peer's range (kept, as at the takeover)
+            own = (self.engine.config.internal_ip, self.engine.config.external_ip)
+            taken = session.interfaces is not None and tuple(session.interfaces) != own
+            actions = self.engine.adopt(now, session, taken=taken)
             if not actions:
                 log.error("session store: call %r not restored (its ports or Call-ID are "
                           "taken, or outside --ports)", session.call_id)

@@ -65,15 +65,18 @@ class XdpPlane:
                  interfaces: Sequence[str], table: str = "lrk", poll_interval: float = 2.0,
                  counters: str = "conntrack", attach_mode: str = "auto",
                  max_streams: int = 65536,
-                 load: Callable[..., XdpProgram] = XdpProgram.load, adopt: bool = False) -> None:
+                 load: Callable[..., XdpProgram] = XdpProgram.load, adopt: bool = False,
+                 extra: Sequence[Tuple[str, int, int]] = ()) -> None:
         if not interfaces:
             raise ConfigError("xdp mode needs xdp_interfaces: the media interfaces to attach "
                               "the XDP program to (e.g. --xdp-interface eth0)")
         # adopt: the kernel table beneath the program survives a restart that keeps calls
         # (the program itself is detached on every stop; the kernel path carries media until
         # the next process attaches its own)
+        # extra (a standby's peers' media): served by the kernel path only; the program
+        # owns this node's addresses and range and passes the peers' media to it
         self.kernel = KernelPlane(port_start, port_end, relay_ips, table, poll_interval,
-                                  counters=counters, adopt=adopt)
+                                  counters=counters, adopt=adopt, extra=extra)
         self.kernel.sink = self._on_kernel_event
         self.port_start, self.port_end = port_start, port_end
         self.relay_ips = sorted(set(relay_ips))

@@ -3,7 +3,8 @@ on a unix socket); node 2 stands by for node 1. 50 calls on node 1 (some still i
 dialog, one with a second early dialog of a forked INVITE), node 1 killed (-9), its media
 address moved to node 2 (as keepalived would): every call's media flows again through
 node 2 within 2 s, counters continue from the stored records, and once the calls are
-deleted no Redis key, port or process is left.
+deleted no Redis key, port or process is left. Then the same with 10 calls in kernel,
+xdp and nfqueue modes (node 2's table built for node 1's media: `standby_media`).
 
     client ns: br0 198.51.100.10 (callers) .11 (callees)
       |-- veth -- node 1 ns: 198.51.100.21, shared 198.51.100.100 (moves)
@@ -144,6 +145,153 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
             for s in socks:
                 s.close()
         assert redis.keys("lrk:*:session:*") == []
+
+
+KCALLS = 10
+KEARLY = 3
+
+
+@pytest.mark.parametrize("mode", ["kernel", "xdp", "nfqueue", "socket"])
+def test_a_standby_takes_over_per_mode_and_keeps_calls_over_a_restart(nodes, tmp_path, mode):
+    """kernel, xdp and nfqueue modes (socket mode too, for the restart): node 2's
+    ruleset is built for node 1's address and ports too (`standby_media`); 10 calls
+    (3 in early dialog, one forked) flow through node 2
+    within 2 s of the move, counters continue, a restart of node 2 adopts its table and
+    keeps them, and once deleted no nft element, no conntrack flow, no Redis key is left;
+    after its stop no table and no XDP program."""
+    socks: List[socket.socket] = []
+    relays: List[RelayProcess] = []
+    with RedisServer() as redis:
+        try:
+            node1 = start_node(nodes, 0, redis, str(tmp_path), poll=0.1, mode=mode)
+            relays.append(node1)
+            node2 = start_node(nodes, 1, redis, str(tmp_path), poll=0.1, mode=mode)
+            relays.append(node2)
+            kernel = mode != "socket"  # a table to check
+            assert not kernel or _sets(nodes) == {}  # nothing installed on the standby yet
+            calls: Dict[str, Tuple[socket.socket, socket.socket, tuple, tuple]] = {}
+            fork_callee = endpoint(nodes.client, CALLEE, 7000)
+            socks.append(fork_callee)
+            with LrkClient([node1.node]) as c1:
+                for i in range(KCALLS):
+                    cid = f"call-{i}"
+                    caller = endpoint(nodes.client, CALLER, 4000 + 2 * i, timeout=0.05)
+                    callee = endpoint(nodes.client, CALLEE, 5000 + 2 * i, timeout=0.05)
+                    socks += [caller, callee]
+                    offer = c1.offer(cid, "a", sdp=audio(CALLER, 4000 + 2 * i))
+                    answer = c1.answer(cid, "a", "b", sdp=audio(CALLEE, 5000 + 2 * i),
+                                       provisional=i < KEARLY)
+                    to_b = (offer["streams"][0]["ip"], offer["streams"][0]["port"])
+                    to_a = (answer["streams"][0]["ip"], answer["streams"][0]["port"])
+                    calls[cid] = (caller, callee, to_a, to_b)
+                c1.answer("call-0", "a", "b2", sdp=audio(CALLEE, 7000), provisional=True)
+                for cid, (caller, callee, to_a, to_b) in calls.items():
+                    caller.sendto(rtp_packet(1, 0x100), to_a)
+                    assert _recv(callee) == rtp_packet(1, 0x100), cid
+                    callee.sendto(rtp_packet(1, 0x200), to_b)
+                    assert _recv(caller) == rtp_packet(1, 0x200), cid
+                # the kernel plane's poll reports the counts (and latches): stored
+                wait(lambda: all(c1.query(cid)["session"]["legs"]["A"]["counters"]
+                                 ["in_packets"] >= 1 for cid in calls))
+                before = {cid: c1.query(cid)["session"]["legs"]["A"]["counters"]["in_packets"]
+                          for cid in calls}
+            with LrkClient([node2.node]) as c2:
+                wait(lambda: c2.stats()["store"]["standby_for"] == {"node1": KCALLS})
+                assert node1.kill() == -9
+                wait(lambda: nodes.pids(0) == [])
+                t0 = time.monotonic()
+                nodes.move_vip()
+                gaps = _media_back(calls, t0)
+                assert max(gaps.values()) <= TAKEOVER_LIMIT, sorted(gaps.values())[-5:]
+                print(f"{mode} takeover gap: median {statistics.median(gaps.values()):.3f} s, "
+                      f"worst {max(gaps.values()):.3f} s over {len(gaps)} calls")
+                stats = c2.stats()
+                assert stats["sessions"] == KCALLS
+                assert stats["counters"]["takeover.sessions"] == KCALLS
+                assert stats["counters"]["takeover.refused"] == 0
+                assert c2.query("call-0")["session"]["state"] == "early"
+                if kernel:
+                    sets = _sets(nodes)
+                    assert any(VIP_ADDR in str(e) for e in sets.get("fwd4", [])), sets
+                # counters continued from node 1's records (and count node 2's packets)
+                wait(lambda: all(
+                    c2.query(cid)["session"]["legs"]["A"]["counters"]["in_packets"]
+                    > before[cid] for cid in calls))
+                _early_fork_flows(c2, calls, fork_callee)
+                keys = redis.keys("lrk:*:session:*")
+                assert len(keys) == KCALLS and all(k.startswith("lrk:node2:") for k in keys)
+            # node 2 restarts keeping the calls: its table (same layout, node 1's ranges
+            # in it) is adopted, the taken-over calls restored and relayed on
+            assert node2.stop() == 0, node2.output
+            assert "took over 10 call(s) of node node1 (0 refused)" in node2.output
+            node2 = start_node(nodes, 1, redis, str(tmp_path), poll=0.1, mode=mode)
+            relays.append(node2)
+            with LrkClient([node2.node]) as c2:
+                assert c2.stats()["sessions"] == KCALLS, node2.read_output()
+                out = node2.read_output()
+                assert "has another layout" not in out and "not restored" not in out, out
+                assert "restored 10 of 10 call(s)" in out, out
+                # call-0's A side moved to its promoted fork's port: the others flow on
+                _media_back({cid: c for cid, c in calls.items() if cid != "call-0"},
+                            time.monotonic())
+                for cid in calls:
+                    c2.delete(cid)
+                assert c2.stats()["ports"]["in_use"] == 0
+                assert redis.keys("lrk:*:session:*") == []
+                if kernel:  # no element, and no flow of an ended call (by the VIP)
+                    assert _sets(nodes) == {}
+                    wait(lambda: _flows(nodes, VIP_ADDR) == 0)
+            assert node2.stop() == 0, node2.output
+            assert nodes.pids(1) == []
+            tables = run("nft", "list", "tables", ns=nodes.node[1]).stdout
+            assert "lrk" not in tables, tables
+            assert _xdp_prog(nodes, 1) == 0
+        finally:
+            for relay in relays:
+                if relay.proc is not None and relay.proc.poll() is None:
+                    relay.stop()
+                if relay._tmp is not None:
+                    relay._tmp.cleanup()
+            for s in socks:
+                s.close()
+        assert redis.keys("lrk:*:session:*") == []
+
+
+VIP_ADDR = VIP_CONTROL.split(":")[0]
+
+
+def _recv(sock: socket.socket, timeout: float = 2.0) -> bytes:
+    """One datagram within `timeout` (the pre-failure checks; kernel paths may need the
+    neighbour resolved first)."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recvfrom(2048)[0]
+    finally:
+        sock.settimeout(0.05)
+
+
+def _sets(nodes: TwoNodes) -> Dict[str, list]:
+    """Node 2's lrk table: every set and map with elements (name -> elements)."""
+    out = run("nft", "-j", "list", "table", "inet", "lrk", ns=nodes.node[1]).stdout
+    found: Dict[str, list] = {}
+    for item in json.loads(out)["nftables"]:
+        body = item.get("set") or item.get("map")
+        if body and body.get("elem") and body["name"] not in ("layout",) \
+                and not body["name"].startswith("relay_ips"):
+            found[body["name"]] = body["elem"]
+    return found
+
+
+def _flows(nodes: TwoNodes, ip: str) -> int:
+    """Conntrack flows in node 2's namespace to `ip` (the taken-over calls' address)."""
+    out = run("conntrack", "-L", "-d", ip, ns=nodes.node[1], check=False)
+    return sum(1 for line in out.stdout.splitlines() if "udp" in line)
+
+
+def _xdp_prog(nodes: TwoNodes, i: int) -> int:
+    """The id of the XDP program on node i+1's e0 (0: none)."""
+    info = json.loads(run("ip", "-j", "link", "show", "e0", ns=nodes.node[i]).stdout)[0]
+    return int(((info.get("xdp") or {}).get("prog") or {}).get("id", 0))
 
 
 def _udp_sockets(relay: RelayProcess) -> int:

@@ -409,3 +409,20 @@ def test_check_config_invalid_exits_2(tmp_path, capsys, text, message):
 def test_check_config_missing_file(capsys):
     assert cli.main(["run", "--check-config", "--config", "/nonexistent/lrk.toml"]) == 2
     assert "/nonexistent/lrk.toml" in capsys.readouterr().err
+
+
+def test_standby_media_is_parsed_and_checked():
+    """kernel/xdp takeover: the peers' media addresses and port ranges."""
+    cfg = Config(ports="34000-37999", store="redis", redis_url="redis://127.0.0.1:6379/0",
+                 standby_for=["node1"],
+                 standby_media=["198.51.100.100:30000-33999", "[2001:DB8::1]:38000-39999"])
+    assert cfg.validate().standby_media_ranges == [("198.51.100.100", 30000, 33999),
+                                                   ("2001:db8::1", 38000, 39999)]
+    for bad, match in ((["198.51.100.100:35000-36000"], "overlaps"),
+                       (["198.51.100.100"], "ADDR:START-END"),
+                       (["nohost:30000-33999"], "not an IP address"),
+                       (["198.51.100.100:3-1"], "START-END|within")):
+        with pytest.raises(ConfigError, match=match):
+            dataclasses.replace(cfg, standby_media=bad).validate()
+    with pytest.raises(ConfigError, match="standby_for is empty"):
+        Config(ports="34000-37999", standby_media=["198.51.100.100:30000-33999"]).validate()

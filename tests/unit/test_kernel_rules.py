@@ -309,6 +309,32 @@ def test_ruleset_refuses_sessions_it_would_not_forward():
         rs.update_commands(session4(), session4(mark=40000))
 
 
+def test_standby_ranges_join_the_ruleset_and_change_its_layout():
+    """A standby's peers' media (address, ports): served after a takeover; a ruleset
+    without them keeps the text (so the layout) of before."""
+    plain = ruleset(relay_ips=[A4], port_start=34000, port_end=37999)
+    rs = ruleset(relay_ips=[A4], port_start=34000, port_end=37999,
+                 extra=[("198.51.100.100", 30000, 33999)])
+    lines = rs.create().splitlines()
+    assert "  set relay_ips4 { type ipv4_addr; elements = { 198.51.100.1, 198.51.100.100 } }" \
+        in lines
+    assert "    ip daddr @relay_ips4 udp dport { 30000-33999, 34000-37999 } jump media4" in lines
+    assert "    meta nfproto ipv4 meta l4proto udp ct mark { 30000-37999, 95536-103535 } " \
+        "snat ip to ct mark map @out4" in lines
+    assert rs.layout != plain.layout
+    assert plain.layout == ruleset(relay_ips=[A4], port_start=34000, port_end=37999,
+                                   extra=[]).layout
+    taken = SessionSpec(LegSpec("198.51.100.100", 30000, PA4, 4000),
+                        LegSpec("198.51.100.100", 30002, PB4, 5000))
+    rs.check(taken)  # the peer's address and ports
+    with pytest.raises(KernelRuleError, match="relay IPs"):
+        plain.check(taken)
+    with pytest.raises(KernelRuleError, match="port ranges 34000-37999, 30000-33999"):
+        rs.check(SessionSpec(LegSpec(A4, 38000, PA4, 4000), LegSpec(A4, 34002, PB4, 5000)))
+    with pytest.raises(KernelRuleError, match="overlaps"):
+        ruleset(port_start=34000, port_end=37999, extra=[(A4, 37000, 39999)])
+
+
 def _set_json(name: str, elems: List[Any]) -> Dict[str, Any]:
     meta = {"metainfo": {"version": "1.0.6", "json_schema_version": 1}}
     body = {"family": "inet", "name": name, "table": "lrk", "elem": elems}

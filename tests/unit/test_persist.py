@@ -106,6 +106,21 @@ def test_adopt_refuses_ports_outside_the_range():
     assert other.ports.in_use == 0
 
 
+def test_adopt_taken_keeps_id_ports_outside_the_range_and_the_peers_addresses():
+    """A call this node took over, restored after its restart: same id, the peer's
+    ports and addresses (a plain restore would refuse it as outside the range)."""
+    e = engine()
+    session = a_call(e)
+    rec = to_record(session, 20.0, 1e6, interfaces=("198.51.100.100", "198.51.100.100"))
+    other = Engine(EngineConfig(port_start=40000, port_end=40099))
+    restored = from_record(rec, 1.0, 1e6)
+    actions = other.adopt(1.0, restored, taken=True)
+    assert [type(a) for a in actions] == [Install]
+    assert restored.sid == session.sid
+    assert restored.interfaces == ("198.51.100.100", "198.51.100.100")
+    assert sorted(other.owner) == sorted(session.ports())
+
+
 @pytest.mark.parametrize("damage", [
     lambda r: r.update(v=2),
     lambda r: r.pop("legs"),
