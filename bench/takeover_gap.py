@@ -18,7 +18,8 @@ Per call and direction: the longest interval between two packets that arrived (t
 media gap; 20 ms when nothing was lost) and the packets lost. --mode: socket, kernel, xdp,
 nfqueue (node 2's ruleset built for node 1's media too: `standby_media`; xdp: generic
 attach on these veths, and taken-over calls ride node 2's kernel path; see
-docs/operations.md). packet mode has no takeover.
+docs/operations.md), packet (AF_PACKET taps on e0 whose filter and drop rules cover
+node 1's media too: the same `standby_media`).
 """
 
 from __future__ import annotations
@@ -101,14 +102,15 @@ class TwoNodes:
         assert not leaked, f"namespaces left behind: {leaked}"
 
 
-MODES = ("socket", "kernel", "xdp", "nfqueue")
+MODES = ("socket", "kernel", "xdp", "nfqueue", "packet")
 
 
 def start_node(nodes: TwoNodes, i: int, redis: RedisServer, tmp: str, poll: float,
                python: Optional[str] = None, mode: str = "socket") -> RelayProcess:
     """Node i+1 in its namespace: Redis store; node 2 stands by for node 1. kernel and
     xdp modes: forwarding on in the node's namespace, node 2's ruleset built for node 1's
-    media too (`standby_media`), the XDP program on e0."""
+    media too (`standby_media`), the XDP program on e0. packet mode: taps on e0, node
+    2's filter and drop rules covering node 1's media (`standby_media`)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
     name = f"node{i + 1}"
@@ -121,17 +123,19 @@ def start_node(nodes: TwoNodes, i: int, redis: RedisServer, tmp: str, poll: floa
                  "control_allow = [\"127.0.0.0/8\", \"198.51.100.0/24\"]\n")
         if i == 1:
             fh.write(f"standby_for = [\"node1\"]\nstandby_poll = {poll}\n")
-        if mode != "socket":
+        if mode in ("kernel", "xdp", "nfqueue"):
             fh.write("kernel_poll = 0.2\n")
             if mode == "xdp":
                 # generic XDP: native XDP_TX on this veth back into the client's bridge
                 # reaches the bridge but never a socket here (a NIC has no such hop)
                 fh.write("xdp_attach = \"generic\"\n")
-            if i == 1:
-                fh.write(f"standby_media = [\"{VIP}:{NODE_PORTS[0]}\"]\n")
+        if mode != "socket" and i == 1:
+            fh.write(f"standby_media = [\"{VIP}:{NODE_PORTS[0]}\"]\n")
     extra = ["--mode", mode]
-    if mode != "socket":
+    if mode in ("kernel", "xdp", "nfqueue"):
         run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=nodes.node[i])
+    if mode == "packet":
+        extra += ["--packet-interface", "e0"]
     if mode == "xdp":
         # native XDP_TX on a veth needs NAPI at its far end (GRO on); frames from the
         # bridge carry complete checksums (tx offload off), as a NIC's would

@@ -169,7 +169,9 @@ class Relay:
                                        config.io, config.log_level, config.log_format,
                                        config.socket_rcvbuf,
                                        config.packet_interfaces if config.mode == "packet"
-                                       else (), config.coalesce_us, config.relearn_after)
+                                       else (), config.coalesce_us, config.relearn_after,
+                                       standby_media=config.standby_media_ranges
+                                       if config.mode == "packet" else ())
             self.engine.probe = socket_plane.probe  # ports are bound while allocating
             self.plane = socket_plane
         self.plane.sink = self.on_plane_event
@@ -208,11 +210,12 @@ class Relay:
             self.store.source = self._records
             if config.standby_for:
                 self.standby = Standby(self.store, config.standby_for, config.standby_poll)
-        if config.standby_for and config.mode in ("kernel", "xdp", "nfqueue") and \
+        if config.standby_for and config.mode in ("kernel", "xdp", "nfqueue", "packet") and \
                 not config.standby_media:
-            log.warning("standby_for in %s mode without standby_media: the ruleset serves "
-                        "only this node's addresses and ports, so a takeover refuses the "
-                        "peers' calls (docs/operations.md)", config.mode)
+            log.warning("standby_for in %s mode without standby_media: the ruleset (packet "
+                        "mode: the taps' filter) serves only this node's addresses and "
+                        "ports, so the peers' calls are not relayed after a takeover "
+                        "(docs/operations.md)", config.mode)
         self.control.on_takeover = self.take_over
         self.control.store_status = self._store_status
         self.end_calls = False  # `shutdown`: stop and end every call (store emptied)

@@ -267,11 +267,14 @@ class SocketPlane:
                  log_level: str = "warning", log_format: str = "kv", rcvbuf: int = 0,
                  packet_ifaces: Sequence[str] = (), coalesce_us: int = 0,
                  relearn_after: float = 3.0,
-                 flush_timeout: float = 1.0) -> None:
+                 flush_timeout: float = 1.0,
+                 standby_media: Sequence[Tuple[str, int, int]] = ()) -> None:
         self.port_start = port_start
         self.port_end = port_end
         self.relay_ips = sorted(set(relay_ips))
         self.packet_ifaces = list(packet_ifaces)
+        #: packet mode: peers' (address, first, last port) the taps read too (takeover)
+        self.standby_media = list(standby_media)
         self.nft: Any = None
         self.rcvbuf = rcvbuf
         self.coalesce_us = coalesce_us
@@ -324,7 +327,8 @@ class SocketPlane:
 
             self.nft = Nft()
             self.nft.run(drop_rules(DEFAULT_TABLE, self.port_start, self.port_end,
-                                    self.relay_ips, ifnames=self.packet_ifaces))
+                                    self.relay_ips, ifnames=self.packet_ifaces,
+                                    extra=self.standby_media))
 
     def open_taps(self) -> List[socket.socket]:
         """Packet mode: AF_PACKET sockets for a worker, opened here so that they queue
@@ -333,7 +337,8 @@ class SocketPlane:
             return []
         from fastpath.kernel.taps import open_packet_socket
 
-        return [open_packet_socket(ifname, self.port_start, self.port_end)
+        return [open_packet_socket(ifname, self.port_start, self.port_end,
+                                   extra=self.standby_media)
                 for ifname in self.packet_ifaces]
 
     async def stop(self) -> None:

@@ -4,7 +4,8 @@ dialog, one with a second early dialog of a forked INVITE), node 1 killed (-9), 
 address moved to node 2 (as keepalived would): every call's media flows again through
 node 2 within 2 s, counters continue from the stored records, and once the calls are
 deleted no Redis key, port or process is left. Then the same with 10 calls in kernel,
-xdp and nfqueue modes (node 2's table built for node 1's media: `standby_media`).
+xdp, nfqueue and packet modes (node 2's table, or its taps' filter, built for node 1's
+media: `standby_media`).
 
     client ns: br0 198.51.100.10 (callers) .11 (callees)
       |-- veth -- node 1 ns: 198.51.100.21, shared 198.51.100.100 (moves)
@@ -151,14 +152,15 @@ KCALLS = 10
 KEARLY = 3
 
 
-@pytest.mark.parametrize("mode", ["kernel", "xdp", "nfqueue", "socket"])
+@pytest.mark.parametrize("mode", ["kernel", "xdp", "nfqueue", "socket", "packet"])
 def test_a_standby_takes_over_per_mode_and_keeps_calls_over_a_restart(nodes, tmp_path, mode):
-    """kernel, xdp and nfqueue modes (socket mode too, for the restart): node 2's
-    ruleset is built for node 1's address and ports too (`standby_media`); 10 calls
+    """kernel, xdp, nfqueue and packet modes (socket mode too, for the restart): node 2's
+    ruleset (packet mode: its taps' filter and drop rules) is built for node 1's address
+    and ports too (`standby_media`); 10 calls
     (3 in early dialog, one forked) flow through node 2
     within 2 s of the move, counters continue, a restart of node 2 adopts its table and
     keeps them, and once deleted no nft element, no conntrack flow, no Redis key is left;
-    after its stop no table and no XDP program."""
+    after its stop no table (the taps' `lrkpkt` included) and no XDP program."""
     socks: List[socket.socket] = []
     relays: List[RelayProcess] = []
     with RedisServer() as redis:
@@ -167,7 +169,7 @@ def test_a_standby_takes_over_per_mode_and_keeps_calls_over_a_restart(nodes, tmp
             relays.append(node1)
             node2 = start_node(nodes, 1, redis, str(tmp_path), poll=0.1, mode=mode)
             relays.append(node2)
-            kernel = mode != "socket"  # a table to check
+            kernel = mode not in ("socket", "packet")  # a table to check
             assert not kernel or _sets(nodes) == {}  # nothing installed on the standby yet
             calls: Dict[str, Tuple[socket.socket, socket.socket, tuple, tuple]] = {}
             fork_callee = endpoint(nodes.client, CALLEE, 7000)
@@ -213,6 +215,10 @@ def test_a_standby_takes_over_per_mode_and_keeps_calls_over_a_restart(nodes, tmp
                 if kernel:
                     sets = _sets(nodes)
                     assert any(VIP_ADDR in str(e) for e in sets.get("fwd4", [])), sets
+                if mode == "packet":  # node 1's media is dropped after node 2's taps
+                    rules = run("nft", "list", "table", "inet", "lrkpkt",
+                                ns=nodes.node[1]).stdout
+                    assert f"ip daddr {VIP_ADDR} udp dport" in rules, rules
                 # counters continued from node 1's records (and count node 2's packets)
                 wait(lambda: all(
                     c2.query(cid)["session"]["legs"]["A"]["counters"]["in_packets"]
