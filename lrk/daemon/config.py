@@ -114,7 +114,7 @@ class Config:
     standby_for: List[str] = field(default_factory=list)
     # seconds between reads of the peers' generation counters and local addresses
     standby_poll: float = 0.5
-    # kernel/xdp modes: the media addresses and port ranges of the standby_for nodes
+    # kernel/xdp/nfqueue/packet modes: the media addresses and port ranges of the standby_for nodes
     # ("ADDR:START-END", "[V6]:START-END"): the ruleset is built for them from the start,
     # so taken-over calls (which keep the peer's addresses and ports) are served at once
     standby_media: List[str] = field(default_factory=list)
