@@ -1,4 +1,4 @@
-"""Several relay addresses per side (issue 14), socket mode: two calls get the SAME port
+"""Several relay addresses per side (issue 14), socket and packet modes: two calls get the SAME port
 number on different relay addresses and both relay media exactly; nothing is left after
 the deletes."""
 
@@ -24,16 +24,19 @@ def _bound(ns: str) -> list:
     return [line for line in out if any(f":{p} " in line + " " for p in range(30000, 30004))]
 
 
-def test_same_port_on_two_addresses_relays_both_calls(topo):
+@pytest.mark.parametrize("mode", ["socket", "packet"])
+def test_same_port_on_two_addresses_relays_both_calls(topo, mode):
     ns = topo.relay.ns
     run("ip", "addr", "add", f"{IN2}/26", "dev", "vc1", ns=ns)
     run("ip", "addr", "add", f"{EX2}/26", "dev", "ve1", ns=ns)
     in1, ex1 = topo.relay.ip4, topo.relay_ext.ip4
     caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
+    extra = ["--internal-ip", in1, "--internal-ip", IN2, "--external-ip", ex1,
+             "--external-ip", EX2]
+    if mode == "packet":  # taps on both links; sockets only hold the ports
+        extra += ["--mode", "packet", "--packet-interface", "vc1", "--packet-interface", "ve1"]
     # two pairs per address: one call of one stream per address and side
-    with RelayProcess(ports="30000-30003", netns=ns,
-                      extra=["--internal-ip", in1, "--internal-ip", IN2,
-                             "--external-ip", ex1, "--external-ip", EX2]) as relay, \
+    with RelayProcess(ports="30000-30003", netns=ns, extra=extra) as relay, \
             LrkClient([relay.node]) as client:
         socks = []
         try:
