@@ -150,8 +150,9 @@ def config_summary(config: Any, path: Optional[str]) -> str:
     """One line: where the configuration came from and what the relay would serve."""
     start, end = config.port_range
     pairs = len(range(start + (start & 1), end, 2))
-    if config.mode in ("socket", "packet"):  # one range per relay address
-        pairs *= len(config.relay_addresses)
+    if config.mode in ("socket", "packet") and max(len(config.internal_ips),
+                                                   len(config.external_ips)) > 1:
+        pairs *= len(config.relay_addresses)  # one range per relay address
     sessions = pairs // 2
     if config.max_sessions:
         sessions = min(sessions, config.max_sessions)

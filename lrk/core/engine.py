@@ -56,10 +56,11 @@ class EngineConfig:
     #: False: it learns its peer from the first packet (NAT), see RelayTable._admit
     strict_source: bool = False
     #: every relay address per side (empty: the one internal_ip / external_ip); each has
-    #: its own port range unless `shared_ports` (kernel modes: ct marks are port numbers)
+    #: its own port range unless `shared_ports` (kernel modes: ct marks are port numbers).
+    #: None: shared while each side has one address (as before several were possible)
     internal_ips: Tuple[str, ...] = ()
     external_ips: Tuple[str, ...] = ()
-    shared_ports: bool = False
+    shared_ports: Optional[bool] = None
 
     def side(self, interface: str) -> Tuple[str, ...]:
         if interface == "internal":
@@ -72,9 +73,12 @@ class Engine:
 
     def __init__(self, config: EngineConfig, probe: Optional[PortProbe] = None) -> None:
         self.config = config
+        shared = config.shared_ports
+        if shared is None:
+            shared = len(config.side("internal")) == 1 and len(config.side("external")) == 1
         self.ports = AddressPorts(config.side("internal") + config.side("external"),
                                   config.port_start, config.port_end, config.quarantine,
-                                  shared=config.shared_ports)
+                                  shared=shared)
         self.probe = probe
         self.by_call: Dict[str, Session] = {}
         self.by_sid: Dict[int, Session] = {}

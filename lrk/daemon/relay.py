@@ -138,7 +138,7 @@ class Relay:
             external_ip=config.external_ip or config.internal_ip,
             internal_ips=tuple(config.internal_ips),
             external_ips=tuple(config.external_ips),
-            shared_ports=config.mode in SHARED_PORT_MODES,
+            shared_ports=True if config.mode in SHARED_PORT_MODES else None,
             port_start=start,
             port_end=end,
             silence_timeout=config.silence_timeout,

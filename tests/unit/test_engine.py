@@ -54,8 +54,9 @@ def test_offer_creates_session_with_two_legs_on_distinct_ports():
     a, b = session.legs[LEG_A], session.legs[LEG_B]
     assert a.relay_port != b.relay_port
     assert a.relay_port % 2 == 0 and b.relay_port % 2 == 0
-    assert engine.ports.is_in_use(a.relay_ip, a.relay_port)
-    assert engine.ports.is_in_use(b.relay_ip, b.relay_port)
+    # one address per side: one range shared by both, a port number is unique on the relay
+    assert engine.ports.is_in_use(INTERNAL, a.relay_port)
+    assert engine.ports.is_in_use(EXTERNAL, b.relay_port)
     assert engine.ports.in_use == 2
     assert a.tag == "ft" and b.tag is None
     assert a.announced == CALLER
@@ -208,11 +209,11 @@ def test_answer_other_interface_rebinds_leg_a():
     assert leg is a
     # the plane sees the stream's relay port move: it re-installs that stream
     assert actions == [Update(session.spec(), LEG_B)]
-    # EXTERNAL has its own range: the same port number may come back, on the other address
-    assert (actions[0].spec.a.relay_ip, actions[0].spec.a.relay_port) == (EXTERNAL, a.relay_port)
+    assert actions[0].spec.a.relay_port != old
     assert a.relay_ip == EXTERNAL
+    assert a.relay_port != old
     assert not engine.ports.is_in_use(INTERNAL, old)
-    assert engine.ports.is_in_use(EXTERNAL, a.relay_port)
+    assert engine.ports.is_in_use(INTERNAL, a.relay_port)
     assert engine.ports.in_use == 2
     assert engine.ports.quarantined == 1
     assert session.legs[LEG_B].relay_port == port_b
@@ -228,23 +229,20 @@ def test_reoffer_other_interface_rebinds_leg_b():
     _, leg, actions = engine.offer(1.0, "c1", "ft", CALLER, to_tag="tt", interface="external")
     assert leg is b
     assert actions == [Update(session.spec(), LEG_A)]
-    assert b.relay_ip == EXTERNAL
+    assert b.relay_ip == EXTERNAL and b.relay_port != old
     assert not engine.ports.is_in_use(INTERNAL, old)
-    assert engine.ports.is_in_use(EXTERNAL, b.relay_port)
     assert session.legs[LEG_A].generation == 2
 
 
 def test_rebind_exhaustion_keeps_session_bound():
-    engine = make(port_end=30003)  # two pairs per address
-    engine.ports.claim(EXTERNAL, 30000, 0.0)  # the external address is full
-    engine.ports.claim(EXTERNAL, 30002, 0.0)
+    engine = make(port_end=30003)  # two pairs only
     session, _, _ = engine.offer(0.0, "c1", "ft", CALLER)
     ports = session.ports()
     with pytest.raises(PortsExhausted):
         engine.answer(1.0, "c1", "ft", "tt", CALLEE, interface="external")
     assert session.ports() == ports
     assert session.legs[LEG_A].relay_ip == INTERNAL
-    assert engine.ports.in_use == 4
+    assert engine.ports.in_use == 2
     assert all(engine.ports.is_in_use(INTERNAL, p) for p in ports)
     assert engine.counters["ports.exhausted"] == 1
 
@@ -534,9 +532,8 @@ def test_probe_receives_leg_ip():
         probe=probe,
     )
     session, _, _ = engine.offer(0.0, "c1", "ft", CALLER, interface="external")
-    # each address has its own range: the probe's veto of 30000 concerns both, separately
-    assert probed == [(INTERNAL, 30000), (INTERNAL, 30002), (EXTERNAL, 30000), (EXTERNAL, 30002)]
-    assert session.ports() == [30002, 30002]
+    assert probed == [(INTERNAL, 30000), (INTERNAL, 30002), (EXTERNAL, 30004)]
+    assert session.ports() == [30002, 30004]
 
 
 def test_counters_over_lifecycle():

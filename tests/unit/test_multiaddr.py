@@ -105,6 +105,15 @@ def test_legs_spread_over_the_addresses_and_reuse_port_numbers():
     assert len(more) == 2
 
 
+def test_one_address_per_side_keeps_one_shared_range():
+    e = engine(internal_ips=(IN1,), external_ips=(EX1,))
+    session, _, _ = e.offer(0.0, "c1", "ft", CALLER, interface="external")
+    assert (session.legs["A"].relay_port, session.legs["B"].relay_port) == (30000, 30002)
+    assert e.ports.total == 4 and e.ports.is_in_use(EX1, 30000)
+    forced = engine(shared_ports=True)  # kernel modes: shared whatever the addresses
+    assert forced.ports.total == 4
+
+
 def test_rebind_to_the_other_interface_picks_one_of_its_addresses():
     e = engine()
     session, _, _ = e.offer(0.0, "c1", "ft", CALLER)
