@@ -192,3 +192,17 @@ def test_cli_flags_repeat():
     over = cli._overrides(args)
     assert over["internal_ips"] == [IN1, IN2] and over["external_ip"] == EX1
     assert "internal_ip" not in over and "external_ips" not in over
+
+
+def test_metrics_show_ports_per_address():
+    from lrk.daemon.metrics import RelayCollector, relay_snapshot
+
+    e = engine()
+    e.offer(0.0, "c1", "ft", CALLER, interface="external")
+    snap = relay_snapshot(e, "socket", [{}])
+    fams = {f.name: f for f in RelayCollector(lambda: snap).collect()}
+    used = {s.labels["address"]: s.value for s in fams["lrk_address_ports_used"].samples}
+    assert used == {IN1: 2.0, IN2: 0.0, EX1: 2.0, EX2: 0.0}  # ports: two per pair
+    free = {s.labels["address"]: s.value for s in fams["lrk_address_ports_free"].samples}
+    assert free[IN1] == 6.0 and free[IN2] == 8.0
+    assert [s.value for s in fams["lrk_ports"].samples] == [32.0]
