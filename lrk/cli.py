@@ -131,7 +131,8 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _addresses(args: argparse.Namespace) -> Dict[str, Any]:
-    """--internal-ip / --external-ip: one sets internal_ip, several internal_ips."""
+    """--internal-ip / --external-ip replace the file's addresses of that side: one sets
+    internal_ip (and internal_ips to it alone), several set internal_ips."""
     out: Dict[str, Any] = {}
     for side in ("internal", "external"):
         given = getattr(args, f"{side}_ip", None)
@@ -139,10 +140,8 @@ def _addresses(args: argparse.Namespace) -> Dict[str, Any]:
             continue
         if isinstance(given, str):
             given = [given]
-        if len(given) == 1:
-            out[f"{side}_ip"] = given[0]
-        else:
-            out[f"{side}_ips"] = list(given)
+        out[f"{side}_ip"] = given[0]
+        out[f"{side}_ips"] = list(given)
     return out
 
 

@@ -190,8 +190,17 @@ def test_cli_flags_repeat():
     args = cli.build_parser().parse_args(["run", "--internal-ip", IN1, "--internal-ip", IN2,
                                           "--external-ip", EX1])
     over = cli._overrides(args)
-    assert over["internal_ips"] == [IN1, IN2] and over["external_ip"] == EX1
-    assert "internal_ip" not in over and "external_ips" not in over
+    assert over["internal_ips"] == [IN1, IN2] and over["internal_ip"] == IN1
+    assert over["external_ip"] == EX1 and over["external_ips"] == [EX1]
+
+
+def test_cli_addresses_replace_the_files(tmp_path):
+    path = tmp_path / "lrk.toml"
+    path.write_text(f'internal_ips = ["{IN1}", "{IN2}"]\n')
+    args = cli.build_parser().parse_args(["run", "--internal-ip", EX1])
+    c = load(str(path), cli._overrides(args))
+    assert c.internal_ips == [EX1] and c.external_ips == [EX1] and c.relay_addresses == [EX1]
+    assert load(str(path), {}).relay_addresses == [IN1, IN2]
 
 
 def test_metrics_show_ports_per_address():
