@@ -36,8 +36,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--control", metavar="HOST:PORT", help="msgpack control address "
                    "(default 127.0.0.1:22222)")
     p.add_argument("--ports", metavar="START-END", help="relay port range (default 30000-40000)")
-    p.add_argument("--internal-ip", metavar="IP", help="relay address for the internal side")
-    p.add_argument("--external-ip", metavar="IP", help="relay address for the external side")
+    p.add_argument("--internal-ip", action="append", metavar="IP",
+                   help="relay address for the internal side; repeat for several, each with "
+                   "its own port range (socket and packet modes)")
+    p.add_argument("--external-ip", action="append", metavar="IP",
+                   help="relay address for the external side; repeat for several")
     p.add_argument("--legacy", action="append", metavar="ADDR",
                    help="legacy lrkproxy (Kamailio module) listener: HOST:PORT, [IPv6]:PORT or "
                    "unix:/path; repeat for several; 'off' disables (default 127.0.0.1:22333)")
@@ -117,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
     return {
-        "control": args.control, "ports": args.ports, "internal_ip": args.internal_ip,
-        "external_ip": args.external_ip, "mode": args.mode, "workers": args.workers,
+        "control": args.control, "ports": args.ports, **_addresses(args),
+        "mode": args.mode, "workers": args.workers,
         "silence_timeout": args.silence_timeout, "max_lifetime": args.max_lifetime,
         "log_level": args.log_level, "log_format": args.log_format, "legacy": args.legacy,
         "packet_interfaces": args.packet_interfaces, "metrics": args.metrics,
@@ -127,10 +130,28 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
+def _addresses(args: argparse.Namespace) -> Dict[str, Any]:
+    """--internal-ip / --external-ip replace the file's addresses of that side: one sets
+    internal_ip (and internal_ips to it alone), several set internal_ips."""
+    out: Dict[str, Any] = {}
+    for side in ("internal", "external"):
+        given = getattr(args, f"{side}_ip", None)
+        if given is None:
+            continue
+        if isinstance(given, str):
+            given = [given]
+        out[f"{side}_ip"] = given[0]
+        out[f"{side}_ips"] = list(given)
+    return out
+
+
 def config_summary(config: Any, path: Optional[str]) -> str:
     """One line: where the configuration came from and what the relay would serve."""
     start, end = config.port_range
     pairs = len(range(start + (start & 1), end, 2))
+    if config.mode in ("socket", "packet") and max(len(config.internal_ips),
+                                                   len(config.external_ips)) > 1:
+        pairs *= len(config.relay_addresses)  # one range per relay address
     sessions = pairs // 2
     if config.max_sessions:
         sessions = min(sessions, config.max_sessions)
@@ -143,8 +164,9 @@ def config_summary(config: Any, path: Optional[str]) -> str:
         metrics = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return (f"lrkproxy: configuration OK ({source}): mode={config.mode} "
             f"control={config.control} legacy={legacy} ports={config.ports} "
-            f"({pairs} RTP/RTCP pairs, {sessions} sessions) internal_ip={config.internal_ip} "
-            f"external_ip={config.external_ip} workers={config.workers} "
+            f"({pairs} RTP/RTCP pairs, {sessions} sessions) "
+            f"internal_ip={','.join(config.internal_ips)} "
+            f"external_ip={','.join(config.external_ips)} workers={config.workers} "
             f"metrics={metrics} "
             f"max_control_rate={rate} log_level={config.log_level}")
 

@@ -170,8 +170,9 @@ class LegacyControl:
         # highest block start it may use
         end = blocks[-1]
         best_start, best_len, run_start, run_len = blocks[0], -1, None, 0
+        ips = (self.engine.config.internal_ip, self.engine.config.external_ip)
         for p in blocks + blocks:  # twice round: runs may wrap past the end
-            free = not (ports.is_in_use(p) or ports.is_in_use(p + 2))
+            free = not any(ports.is_in_use(ip, p) or ports.is_in_use(ip, p + 2) for ip in ips)
             if free:
                 if run_start is None:
                     run_start, run_len = p, 0
@@ -209,7 +210,7 @@ class LegacyControl:
                         len(call_id), MAX_CALL_ID)
             return reply, []
         cfg = self.engine.config
-        ours = (cfg.internal_ip, cfg.external_ip)
+        ours = cfg.side("internal") + cfg.side("external")
         if (a_relay[0] not in ours or b_relay[0] not in ours or a_relay[1] % 2
                 or b_relay[1] % 2 or a_relay[1] == b_relay[1]):
             self.counters["legacy.refused.bad_relay_address"] += 1
@@ -222,7 +223,7 @@ class LegacyControl:
                         "(port 0, unspecified, broadcast, multicast or reserved)", call_id,
                         a_peer, b_peer)
             return reply, []
-        if self._msgpack_call(call_id, (a_relay[1], b_relay[1])):
+        if self._msgpack_call(call_id, (a_relay, b_relay)):
             self.counters["legacy.refused.msgpack_call"] += 1
             log.warning("legacy S for %.64s refused: its Call-ID or relay port %d or %d belongs "
                         "to a call of the msgpack protocol", call_id, a_relay[1], b_relay[1])
@@ -251,15 +252,15 @@ class LegacyControl:
         return prefix + body + b"OK", actions
 
     # -- msgpack calls are out of reach --------------------------------------------------
-    def _msgpack_call(self, call_id: str, ports: Tuple[int, ...]) -> bool:
+    def _msgpack_call(self, call_id: str, relays: Tuple[Tuple[str, int], ...]) -> bool:
         """Whether the Call-ID, or a relay port's holder, is a session the legacy protocol
         did not make (set_fixed refuses those too; asking first names the reason)."""
         engine = self.engine
         session = engine.by_call.get(call_id)
         if session is not None and session.origin != "legacy":
             return True
-        for port in ports:
-            holder = engine.owner.get(port & ~1)
+        for ip, port in relays:
+            holder = engine.owner.get((ip, port & ~1))
             if holder is not None and holder.origin != "legacy":
                 return True
         return False

@@ -278,6 +278,8 @@ class MsgpackControl:
             "port_range": [cfg.port_start, cfg.port_end],
             "internal_ip": cfg.internal_ip,
             "external_ip": cfg.external_ip,
+            "internal_ips": list(cfg.side("internal")),
+            "external_ips": list(cfg.side("external")),
             "silence_timeout": cfg.silence_timeout,
             "max_lifetime": cfg.max_lifetime,
             "max_request_bytes": MAX_REQUEST_BYTES,
@@ -529,6 +531,7 @@ class MsgpackControl:
             "draining": self.engine.draining,
             "sessions": len(self.engine.by_call),
             "ports": self.engine.ports.snapshot(),
+            "ports_by_address": self.engine.ports.by_address(),
             "counters": counters,
         }
         store = self.store_status() if self.store_status is not None else None

@@ -25,7 +25,7 @@ from fastpath.contract import (
     SessionReport,
     Update,
 )
-from lrk.core.ports import PortAllocator
+from lrk.core.ports import AddressPorts
 from lrk.core.session import LEG_A, LEG_B, OTHER, Fork, Leg, Media, Session, StreamOffer
 from lrk.errors import AtCapacity, BadRequest, Draining, SessionNotFound
 
@@ -55,6 +55,17 @@ class EngineConfig:
     #: True: a leg accepts media only from the address its SDP announced (v0.1's rule);
     #: False: it learns its peer from the first packet (NAT), see RelayTable._admit
     strict_source: bool = False
+    #: every relay address per side (empty: the one internal_ip / external_ip); each has
+    #: its own port range unless `shared_ports` (kernel modes: ct marks are port numbers).
+    #: None: shared while each side has one address (as before several were possible)
+    internal_ips: Tuple[str, ...] = ()
+    external_ips: Tuple[str, ...] = ()
+    shared_ports: Optional[bool] = None
+
+    def side(self, interface: str) -> Tuple[str, ...]:
+        if interface == "internal":
+            return self.internal_ips or (self.internal_ip,)
+        return self.external_ips or (self.external_ip,)
 
 
 class Engine:
@@ -62,11 +73,17 @@ class Engine:
 
     def __init__(self, config: EngineConfig, probe: Optional[PortProbe] = None) -> None:
         self.config = config
-        self.ports = PortAllocator(config.port_start, config.port_end, config.quarantine)
+        shared = config.shared_ports
+        if shared is None:
+            shared = len(config.side("internal")) == 1 and len(config.side("external")) == 1
+        self.ports = AddressPorts(config.side("internal") + config.side("external"),
+                                  config.port_start, config.port_end, config.quarantine,
+                                  shared=shared)
         self.probe = probe
         self.by_call: Dict[str, Session] = {}
         self.by_sid: Dict[int, Session] = {}
-        self.owner: Dict[int, Session] = {}  # even relay port -> session holding it
+        #: (relay address, even relay port) -> session holding it
+        self.owner: Dict[Tuple[str, int], Session] = {}
         self.counters: Counter = Counter({name: 0 for name in ENGINE_COUNTERS})
         self._next_sid = 1
         #: (deadline, sid) per session; an entry is live while it equals the session's
@@ -86,11 +103,20 @@ class Engine:
             return pinned[1] if pinned else self.config.external_ip
         raise BadRequest(f"interface must be 'internal' or 'external', not {interface!r}")
 
+    def _side(self, interface: str, session: Optional[Session] = None) -> Tuple[str, ...]:
+        """Every relay address of `interface` a new leg may use (a taken-over session's
+        pinned one only)."""
+        if session is not None and session.interfaces:
+            return (self.interface_ip(interface, session),)
+        if interface not in ("internal", "external"):
+            self.interface_ip(interface)  # raises BadRequest
+        return self.config.side(interface)
+
     def _allocate(self, now: float, ip: str) -> int:
         probe = self.probe
         usable = None if probe is None else (lambda port: probe(ip, port))
         try:
-            return self.ports.allocate(now, usable)
+            return self.ports.allocate(now, ip, usable)
         except Exception:
             self.counters["ports.exhausted"] += 1
             raise
@@ -127,7 +153,7 @@ class Engine:
         """Record the offerer's streams; return the leg whose relay addresses the offer
         announces. `media` is every m= line in order (or one (ip, port) for one stream)."""
         streams = _streams(media, rtcp_port)
-        target_ip = self.interface_ip(interface, self.by_call.get(call_id))
+        target_ips = self._side(interface, self.by_call.get(call_id))
         latch_any = self._learning(latch_any, strict_source)
         session = self.by_call.get(call_id)
         actions: List[Action] = []
@@ -135,7 +161,8 @@ class Engine:
         if session is None:
             if not any(wanted):
                 raise BadRequest("the offer has no stream with a non-zero port to relay")
-            session = self._create(now, call_id, from_tag, target_ip, timeout, via_branch)
+            session = self._create(now, call_id, from_tag, self.ports.pick(target_ips), timeout,
+                                   via_branch)
             offering = session.legs[LEG_A]
             try:
                 self._shape(now, session, wanted)
@@ -153,7 +180,7 @@ class Engine:
             if timeout is not None:
                 session.timeout = timeout
             target = session.legs[OTHER[offering.name]]
-            self._ensure_ip(now, session, target, target_ip)
+            self._ensure_ip(now, session, target, target_ips)
             self._shape(now, session, wanted)
             self._announce(offering, streams, latch_any)
             actions.append(Update(session.spec(), offering.name))
@@ -183,7 +210,7 @@ class Engine:
         own A-side relay ports; the final answer's To-tag wins and the other early
         dialogs are freed."""
         streams = _streams(media, rtcp_port)
-        target_ip = self.interface_ip(interface, self.by_call.get(call_id))
+        target_ips = self._side(interface, self.by_call.get(call_id))
         latch_any = self._learning(latch_any, strict_source)
         session = self.get(call_id)
         answering = session.leg_by_tag(to_tag)
@@ -205,7 +232,7 @@ class Engine:
             answering = self._promote(now, session, fork)
         assert answering is not None
         target = session.legs[OTHER[answering.name]]
-        self._ensure_ip(now, session, target, target_ip)
+        self._ensure_ip(now, session, target, target_ips)
         offered = [m is not None for m in target.media]
         # an answer cannot enable a stream the offer did not: only rejections count
         self._shape(now, session, [i < len(streams) and streams[i].active and offered[i]
@@ -235,6 +262,7 @@ class Engine:
                                   generation=a.generation),
                     Leg(LEG_B, b.relay_ip, tag=tag))
         added: List[int] = []
+        ip = a.relay_ip
         try:
             for m in a.media:
                 if m is None:
@@ -247,10 +275,10 @@ class Engine:
                 fork.a.media.append(copy)
         except Exception:
             for port in added:
-                self.ports.release(port, now, quarantine=False)  # never carried media
+                self.ports.release(ip, port, now, quarantine=False)  # never carried media
             raise
         for port in added:
-            self.owner[port] = session
+            self.owner[(ip, port)] = session
         fork.b.media = [None if m is None else Media(b.relay_ip, m.relay_port, m.kind)
                         for m in b.media]
         session.forks[tag] = fork
@@ -264,7 +292,7 @@ class Engine:
         for i, m in enumerate(fork.a.media):
             if m is not None and not (i < len(streams) and streams[i].active
                                       and i < len(fork.b.media) and fork.b.media[i]):
-                self._release(now, session, m.relay_port, quarantine=False)
+                self._release(now, session, m, quarantine=False)
                 fork.a.media[i] = None
                 if i < len(fork.b.media):
                     fork.b.media[i] = None
@@ -282,7 +310,7 @@ class Engine:
             old = a.media[i] if i < len(a.media) else None
             if new is None or old is None:
                 continue
-            self._release(now, session, old.relay_port)
+            self._release(now, session, old)
             a.media[i] = new
         for i, m in enumerate(fork.b.media):
             mb = b.media[i] if i < len(b.media) else None
@@ -300,15 +328,16 @@ class Engine:
         for fork in session.forks.values():
             for m in fork.a.media:
                 if m is not None:
-                    self._release(now, session, m.relay_port)
+                    self._release(now, session, m)
             self.counters["sessions.early_dialogs.freed"] += 1
         session.forks.clear()
 
-    def _release(self, now: float, session: Session, port: int, quarantine: bool = True
+    def _release(self, now: float, session: Session, m: Media, quarantine: bool = True
                  ) -> None:
-        self.ports.release(port, now, quarantine=quarantine)
-        if self.owner.get(port) is session:
-            del self.owner[port]
+        key = (m.relay_ip, m.relay_port)
+        self.ports.release(m.relay_ip, m.relay_port, now, quarantine=quarantine)
+        if self.owner.get(key) is session:
+            del self.owner[key]
 
     def delete(
         self, now: float, call_id: str, from_tag: Optional[str] = None, reason: str = "deleted"
@@ -410,7 +439,7 @@ class Engine:
             return None, [], "refused"
         holders: List[Session] = []
         for relay, _peer in wanted.values():
-            holder = self.owner.get(relay[1] & ~1)
+            holder = self.owner.get((relay[0], relay[1] & ~1))
             if holder is not None and holder is not session and \
                     all(h is not holder for h in holders):
                 holders.append(holder)
@@ -441,7 +470,7 @@ class Engine:
                 self._schedule(session)
                 return session, actions, "updated"
         for relay, _peer in wanted.values():
-            self.ports.claim(relay[1], now)
+            self.ports.claim(relay[0], relay[1], now)
         sid = self._next_sid
         self._next_sid += 1
         session = Session(
@@ -473,25 +502,25 @@ class Engine:
         `taken`: this node's own record of a call it took over earlier (restored after a
         restart): its id stays, and so do its ports outside the range and the peer's
         addresses (`Session.interfaces`)."""
-        ports = session.ports()
+        addrs = relay_addrs(session)
         if not foreign and not taken:
             session.interfaces = None  # our own call: our addresses (as configured now)
         if foreign and session.call_id not in self.by_call:
             session.sid = self._next_sid
         if (session.call_id in self.by_call or session.sid in self.by_sid
-                or not ports or any((not (foreign or taken) and not self.ports.contains(p))
-                                    or self.ports.is_in_use(p) for p in ports)
-                or len(set(ports)) != len(ports)):
+                or not addrs or any((not (foreign or taken) and not self.ports.contains(p))
+                                    or self.ports.is_in_use(ip, p) for ip, p in addrs)
+                or len(set(addrs)) != len(addrs)):
             self.counters["sessions.restore_refused"] += 1
             return []
-        for port in ports:
-            self.ports.claim(port, now)
+        for ip, port in addrs:
+            self.ports.claim(ip, port, now)
         self._next_sid = max(self._next_sid, session.sid + 1)
         session.timer_at = None
         self.by_call[session.call_id] = session
         self.by_sid[session.sid] = session
-        for port in ports:
-            self.owner[port] = session
+        for key in addrs:
+            self.owner[key] = session
         self._schedule(session)
         self.counters["sessions.restored"] += 1
         return [Install(session.spec())]
@@ -552,7 +581,7 @@ class Engine:
             created=now,
             timeout=self.config.silence_timeout if timeout is None else timeout,
             legs={
-                LEG_A: Leg(LEG_A, self.config.internal_ip, tag=from_tag),
+                LEG_A: Leg(LEG_A, self.ports.pick(self.config.side("internal")), tag=from_tag),
                 LEG_B: Leg(LEG_B, b_ip),
             },
             via_branch=via_branch,
@@ -563,8 +592,8 @@ class Engine:
     def _register(self, session: Session) -> None:
         self.by_call[session.call_id] = session
         self.by_sid[session.sid] = session
-        for port in session.ports():
-            self.owner[port] = session
+        for key in relay_addrs(session):
+            self.owner[key] = session
         self.counters["sessions.created"] += 1
         self._schedule(session)
 
@@ -586,26 +615,26 @@ class Engine:
             am.extend([None] * (n - len(am)))
         if len(bm) < n:
             bm.extend([None] * (n - len(bm)))
-        added: List[int] = []
+        added: List[Tuple[str, int]] = []
         try:
             for i, want in enumerate(wanted):
                 if want and am[i] is None:
                     port_a = self._allocate(now, a.relay_ip)
                     am[i] = Media(a.relay_ip, port_a)
-                    self.owner[port_a] = session
-                    added.append(port_a)
+                    self.owner[(a.relay_ip, port_a)] = session
+                    added.append((a.relay_ip, port_a))
                     port_b = self._allocate(now, b.relay_ip)
                     bm[i] = Media(b.relay_ip, port_b)
-                    self.owner[port_b] = session
-                    added.append(port_b)
+                    self.owner[(b.relay_ip, port_b)] = session
+                    added.append((b.relay_ip, port_b))
         except Exception:
             for media in (am, bm):
                 for i, m in enumerate(media):
-                    if m is not None and m.relay_port in added:
+                    if m is not None and (m.relay_ip, m.relay_port) in added:
                         media[i] = None
-            for port in added:
-                self.ports.release(port, now, quarantine=False)  # never carried media
-                self.owner.pop(port, None)
+            for ip, port in added:
+                self.ports.release(ip, port, now, quarantine=False)  # never carried media
+                self.owner.pop((ip, port), None)
             raise
         for i, m in enumerate(am):
             if m is not None and (i >= n or not wanted[i]):
@@ -620,9 +649,7 @@ class Engine:
             m = leg.media[index]
             if m is None:
                 continue
-            self.ports.release(m.relay_port, now)
-            if self.owner.get(m.relay_port) is session:
-                del self.owner[m.relay_port]
+            self._release(now, session, m)
             leg.media[index] = None
         self.counters["streams.removed"] += 1
 
@@ -634,20 +661,22 @@ class Engine:
             if m is not None:
                 m.announce(offer)
 
-    def _ensure_ip(self, now: float, session: Session, leg: Leg, ip: str) -> None:
+    def _ensure_ip(self, now: float, session: Session, leg: Leg, ips: Tuple[str, ...]
+                   ) -> None:
         """Move a leg to another relay address (interface flag changed): new ports for
         each of its streams; the data plane re-installs them (counters fold)."""
-        if leg.relay_ip == ip:
+        if leg.relay_ip in ips:
             return
+        ip = self.ports.pick(ips)
         moved = []
         for i, m in enumerate(leg.media):
             if m is None:
                 continue
             new_port = self._allocate(now, ip)
             moved.append(i)
-            self.ports.release(m.relay_port, now)
-            self.owner.pop(m.relay_port, None)
-            self.owner[new_port] = session
+            self.ports.release(m.relay_ip, m.relay_port, now)
+            self.owner.pop((m.relay_ip, m.relay_port), None)
+            self.owner[(ip, new_port)] = session
             m.relay_ip = ip
             m.relay_port = new_port
         leg.relay_ip = ip
@@ -661,10 +690,10 @@ class Engine:
     def _end(self, now: float, session: Session, reason: str, count: bool = True) -> Remove:
         del self.by_call[session.call_id]
         del self.by_sid[session.sid]
-        for port in session.ports():
-            self.ports.release(port, now)
-            if self.owner.get(port) is session:
-                del self.owner[port]
+        for key in relay_addrs(session):
+            self.ports.release(key[0], key[1], now)
+            if self.owner.get(key) is session:
+                del self.owner[key]
         session.timer_at = None
         if not count:
             self.counters["sessions.created"] -= 1  # it never got to exist
@@ -675,6 +704,15 @@ class Engine:
         else:
             self.counters[f"sessions.expired.{reason}"] += 1
         return Remove(session.sid, session.call_id, reason)
+
+
+def relay_addrs(session: Session) -> List[Tuple[str, int]]:
+    """Every (relay address, RTP port) of the session, as Session.ports() orders them."""
+    out = [(m.relay_ip, m.relay_port) for name in (LEG_A, LEG_B)
+           for m in session.legs[name].media if m is not None]
+    for fork in session.forks.values():  # their own A-side ports (B's are leg B's)
+        out.extend((m.relay_ip, m.relay_port) for m in fork.a.media if m is not None)
+    return out
 
 
 def _streams(media: Union[Addr, Sequence[StreamOffer]], rtcp_port: Optional[int]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, deque
-from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from lrk.errors import ConfigError, PortsExhausted
 
@@ -138,3 +138,131 @@ class PortAllocator:
             del self._held_set[port]
             if port not in self._in_use:
                 self._enqueue(port)
+
+
+class AddressPorts:
+    """One PortAllocator per relay address, the same range on each: a relay with several
+    addresses per side holds that many times the pairs of one 16-bit range.
+
+    `shared=True` keeps one allocator for every address (a port number is then unique on
+    the whole relay): the kernel modes need that while their ct marks are port numbers.
+    Ports claimed on an address that is not configured (a peer's calls taken over) are
+    tracked apart and never handed out."""
+
+    def __init__(self, addresses: Sequence[str], start: int, end: int,
+                 quarantine: float = 5.0, shared: bool = False) -> None:
+        if not addresses:
+            raise ConfigError("no relay address: give at least one internal_ip")
+        self.addresses: Tuple[str, ...] = tuple(dict.fromkeys(addresses))
+        self.shared = shared
+        if shared:
+            one = PortAllocator(start, end, quarantine)
+            self._by_ip: Dict[str, PortAllocator] = {ip: one for ip in self.addresses}
+            self._pools: List[PortAllocator] = [one]
+        else:
+            self._by_ip = {ip: PortAllocator(start, end, quarantine) for ip in self.addresses}
+            self._pools = list(self._by_ip.values())
+        self._shared_pool = self._pools[0] if shared else None
+        self._foreign: Set[Tuple[str, int]] = set()  # (ip, even port) on no configured address
+        self.start = start
+        self.end = end
+
+    # -- configuration ---------------------------------------------------------------
+    @property
+    def quarantine(self) -> float:
+        return self._pools[0].quarantine
+
+    @quarantine.setter
+    def quarantine(self, value: float) -> None:
+        for pool in self._pools:
+            pool.quarantine = value
+
+    def _pool(self, ip: str) -> Optional[PortAllocator]:
+        pool = self._by_ip.get(ip)
+        return pool if pool is not None else self._shared_pool
+
+    # -- queries ---------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        return sum(p.total for p in self._pools)
+
+    @property
+    def in_use(self) -> int:
+        return sum(p.in_use for p in self._pools) + len(self._foreign)
+
+    @property
+    def free(self) -> int:
+        return sum(p.free for p in self._pools)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(p.quarantined for p in self._pools)
+
+    def contains(self, port: int) -> bool:
+        """Whether `port` lies in the range (the same on every address)."""
+        return self._pools[0].contains(port)
+
+    def is_in_use(self, ip: str, port: int) -> bool:
+        pool = self._pool(ip)
+        if pool is None:
+            return (ip, port & ~1) in self._foreign
+        return pool.is_in_use(port)
+
+    def pick(self, candidates: Sequence[str]) -> str:
+        """The address of `candidates` with the most free pairs (the first on a tie).
+
+        Most-free rather than round-robin: it also evens out what legacy claims, restores
+        and releases did, and it is as cheap (a handful of addresses, O(1) counts)."""
+        if len(candidates) == 1 or self.shared:
+            return candidates[0]
+        best, most = candidates[0], -1
+        for ip in candidates:
+            pool = self._by_ip.get(ip)
+            free = pool.free if pool is not None else -1
+            if free > most:
+                best, most = ip, free
+        return best
+
+    def snapshot(self) -> Dict[str, int]:
+        """Totals over every address (RTP/RTCP pairs), as PortAllocator.snapshot()."""
+        return {"total": self.total, "in_use": self.in_use,
+                "quarantined": self.quarantined, "free": self.free}
+
+    def by_address(self) -> Dict[str, Dict[str, int]]:
+        """Each configured address's own counts (with `shared`, every address shows the
+        one shared pool)."""
+        return {ip: self._by_ip[ip].snapshot() for ip in self.addresses}
+
+    # -- changes ---------------------------------------------------------------------
+    def allocate(self, now: float, ip: str,
+                 usable: Optional[Callable[[int], bool]] = None) -> int:
+        """A free even port on `ip` (a configured address)."""
+        pool = self._by_ip.get(ip)
+        if pool is None:
+            raise PortsExhausted(f"relay address {ip} is not configured "
+                                 f"({', '.join(self.addresses)}): no ports to allocate there")
+        try:
+            return pool.allocate(now, usable)
+        except PortsExhausted as exc:
+            if len(self._pools) > 1:
+                raise PortsExhausted(f"{ip}: {exc}; add relay addresses on this side "
+                                     "(internal_ips / external_ips) for more") from None
+            raise
+
+    def claim(self, ip: str, port: int, now: float) -> bool:
+        """Take `port` on `ip` (legacy clients and restores pick ports); False if taken."""
+        pool = self._pool(ip)
+        if pool is None:
+            key = (ip, port & ~1)
+            if key in self._foreign:
+                return False
+            self._foreign.add(key)
+            return True
+        return pool.claim(port, now)
+
+    def release(self, ip: str, port: int, now: float, quarantine: bool = True) -> None:
+        pool = self._pool(ip)
+        if pool is None:
+            self._foreign.discard((ip, port & ~1))
+        else:
+            pool.release(port, now, quarantine)

@@ -19,6 +19,10 @@ else:  # PyPy 3.9
     import tomli as tomllib
 
 MODES = ("socket", "kernel", "nfqueue", "packet", "xdp")
+#: modes whose ports are one space over every relay address (ct marks are port numbers)
+SHARED_PORT_MODES = ("kernel", "nfqueue", "xdp")
+#: relay addresses per side (internal_ips, external_ips)
+MAX_ADDRESSES = 64
 STORES = ("sqlite", "redis")
 #: packet mode reads every session from one tap and sends with one sendmmsg per round, so
 #: gathering packets for a moment pays off most there; socket mode gains too (fewer
@@ -46,6 +50,11 @@ class Config:
     ports: str = "30000-40000"
     internal_ip: str = "127.0.0.1"
     external_ip: Optional[str] = None  # defaults to internal_ip
+    # several relay addresses per side, each with its own port range (socket and packet
+    # modes): the first is internal_ip / external_ip; empty = that one address only.
+    # external_ips defaults to internal_ips (as external_ip to internal_ip)
+    internal_ips: List[str] = field(default_factory=list)
+    external_ips: List[str] = field(default_factory=list)
     mode: str = "socket"
     workers: int = 1
     batch: int = 64
@@ -210,14 +219,7 @@ class Config:
         return out
 
     def validate(self) -> Config:
-        if self.external_ip is None:
-            self.external_ip = self.internal_ip
-        for name in ("internal_ip", "external_ip"):
-            value = getattr(self, name)
-            try:
-                setattr(self, name, str(ipaddress.ip_address(value)))
-            except ValueError:
-                raise ConfigError(f"{name} {value!r} is not an IP address") from None
+        self._validate_addresses()
         start, end = self.port_range
         if start + (start & 1) + 3 > end:
             raise ConfigError(f"ports {self.ports!r}: the range needs room for two RTP/RTCP "
@@ -334,6 +336,63 @@ class Config:
                               "(and not 0)")
         self.control_auth_window = float(window)
         return self
+
+
+    def _validate_addresses(self) -> None:
+        """internal_ip(s) / external_ip(s): one list per side whose first entry is the
+        single-address option, every address literal, one family per side."""
+        external_default = self.external_ip is None and not self.external_ips
+        for side in ("internal", "external"):
+            many = getattr(self, f"{side}_ips")
+            if not isinstance(many, list) or not all(isinstance(a, str) for a in many):
+                raise ConfigError(f"{side}_ips {many!r} must be a list of IP addresses")
+            if not many:
+                continue
+            one = getattr(self, f"{side}_ip")
+            default = "127.0.0.1" if side == "internal" else None
+            if one not in (default, many[0]):
+                raise ConfigError(f"{side}_ip {one!r} and {side}_ips {many!r} disagree: "
+                                  f"{side}_ip is the first of {side}_ips; set one of them")
+            setattr(self, f"{side}_ip", many[0])
+        if self.external_ip is None:
+            self.external_ip = self.internal_ip
+        if external_default:
+            self.external_ips = list(self.internal_ips)
+        for side in ("internal", "external"):
+            one = getattr(self, f"{side}_ip")
+            try:
+                setattr(self, f"{side}_ip", str(ipaddress.ip_address(one)))
+            except ValueError:
+                raise ConfigError(f"{side}_ip {one!r} is not an IP address") from None
+            many = getattr(self, f"{side}_ips") or [getattr(self, f"{side}_ip")]
+            parsed = []
+            for value in many:
+                try:
+                    parsed.append(ipaddress.ip_address(value))
+                except ValueError:
+                    raise ConfigError(f"{side}_ips: {value!r} is not an IP address") from None
+            if len(set(parsed)) != len(parsed):
+                raise ConfigError(f"{side}_ips {many!r} names an address twice")
+            if len({a.version for a in parsed}) > 1:
+                raise ConfigError(f"{side}_ips {many!r} mixes IPv4 and IPv6: a side's "
+                                  "addresses must be of one family (a leg may get any of them)")
+            if len(parsed) > MAX_ADDRESSES:
+                raise ConfigError(f"{side}_ips: {len(parsed)} addresses, at most "
+                                  f"{MAX_ADDRESSES} per side")
+            setattr(self, f"{side}_ips", [str(a) for a in parsed])
+        if self.mode in SHARED_PORT_MODES and max(len(self.internal_ips),
+                                                  len(self.external_ips)) > 1:
+            raise ConfigError(f"mode {self.mode!r} takes one relay address per side (its "
+                              "conntrack marks are port numbers, unique on one port range); "
+                              "several internal_ips / external_ips need mode socket or packet")
+
+    @property
+    def relay_addresses(self) -> List[str]:
+        """Every relay address, internal side first, each once."""
+        internal = self.internal_ips or [self.internal_ip]
+        external = self.external_ips or (
+            [self.external_ip] if self.external_ip else internal)
+        return list(dict.fromkeys(internal + external))
 
 
 def _ipset(networks: Any, name: str) -> IPSet:

@@ -24,7 +24,8 @@ the scrape a 503.
     counters  {dotted name: number}   every counter of the relay (required)
     sessions  {state: count}          sessions now relayed by state (offered, early, answered)
     ports     {total, in_use, free, quarantined}: RTP/RTCP port *pairs*, as
-              lrk.core.ports.PortAllocator.snapshot() gives them
+              lrk.core.ports.AddressPorts.snapshot() gives them (every address)
+    ports_by_address  {address: the same}  per relay address (optional)
     mode      "socket" | "kernel" | "nfqueue" | "packet" | "xdp"
     uptime    seconds since the relay started (optional)
     workers   worker processes (optional)
@@ -316,6 +317,7 @@ SESSION_STATES = ("offered", "early", "answered")
 
 #: metric names the collector emits besides FAMILIES (no unknown counter may take them)
 OWN_NAMES = ("build_info", "uptime_seconds", "workers", "sessions", "ports", "ports_used",
+             "address_ports_used", "address_ports_free",
              "ports_free", "ports_quarantined", "control_request_duration_seconds",
              UNMAPPED_FAMILY)
 
@@ -476,6 +478,9 @@ class RelayCollector(Collector):
         ports = snap.get("ports")
         if ports is not None:
             out.extend(self._ports(ports))
+        by_address = snap.get("ports_by_address")
+        if by_address:
+            out.extend(self._address_ports(by_address))
         out.extend(self._counters(snap.get("counters") or {}))
         if self.latency is not None:
             fam = self.latency.family()
@@ -496,6 +501,21 @@ class RelayCollector(Collector):
                 # the allocator counts RTP/RTCP pairs; rtpengine's figures count ports
                 yield GaugeMetricFamily(PREFIX + name, text + " Two per RTP/RTCP pair.",
                                         value=float(ports[key]) * 2)
+
+    @staticmethod
+    def _address_ports(by_address: Mapping[str, Mapping[str, int]]) -> Iterable[Metric]:
+        """Ports per relay address: which address fills first (several per side)."""
+        for key, name, text in (
+                ("in_use", "address_ports_used", "Media ports held by sessions"),
+                ("free", "address_ports_free", "Media ports free for new sessions")):
+            fam = GaugeMetricFamily(PREFIX + name, text + " on each relay address (one "
+                                    "range each with several addresses per side, else one "
+                                    "shared range). Two per RTP/RTCP pair.",
+                                    labels=("address",))
+            for address, counts in sorted(by_address.items()):
+                if key in counts:
+                    fam.add_metric([str(address)], float(counts[key]) * 2)
+            yield fam
 
     def _counters(self, counters: Mapping[str, Any]) -> List[Metric]:
         grouped: Dict[str, Dict[Tuple[str, ...], float]] = {}
@@ -581,6 +601,9 @@ def relay_snapshot(engine: Any, mode: str, counters: Iterable[Mapping[str, Any]]
         states[session.state] = states.get(session.state, 0) + 1
     snap: Dict[str, Any] = {"counters": merged, "sessions": states,
                             "ports": engine.ports.snapshot(), "mode": mode}
+    by_address = getattr(engine.ports, "by_address", None)
+    if by_address is not None:
+        snap["ports_by_address"] = by_address()
     if started is not None:
         snap["uptime"] = max(0.0, (time.monotonic() if now is None else now) - started)
     if workers is not None:

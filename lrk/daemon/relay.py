@@ -30,7 +30,7 @@ from lrk.control.msgpack_proto import NEEDS_COUNTERS, MsgpackControl, Outcome, R
 from lrk.core.engine import Engine, EngineConfig
 from lrk.core.persist import RecordError, from_record, owner_of, to_record
 from lrk.core.session import Session
-from lrk.daemon.config import Config
+from lrk.daemon.config import SHARED_PORT_MODES, Config
 from lrk.daemon.kernel_plane import KernelPlane
 from lrk.daemon.metrics import MetricsServer, NoMetrics, legacy_command, relay_snapshot
 from lrk.daemon.nfqueue_plane import NfqueuePlane
@@ -136,6 +136,9 @@ class Relay:
         self.engine = Engine(EngineConfig(
             internal_ip=config.internal_ip,
             external_ip=config.external_ip or config.internal_ip,
+            internal_ips=tuple(config.internal_ips),
+            external_ips=tuple(config.external_ips),
+            shared_ports=True if config.mode in SHARED_PORT_MODES else None,
             port_start=start,
             port_end=end,
             silence_timeout=config.silence_timeout,
@@ -144,7 +147,7 @@ class Relay:
             max_sessions=config.max_sessions,
             strict_source=config.strict_source,
         ))
-        relay_ips = (self.engine.config.internal_ip, self.engine.config.external_ip)
+        relay_ips = config.relay_addresses
         self.plane: DataPlane
         # with a store, a restart adopts the kernel's table and flows (calls never pause)
         adopt = bool(config.state_dir) or config.store == "redis"
@@ -262,7 +265,7 @@ class Relay:
             "lrk %s serving: mode=%s control=%s legacy=%s media=%s ports=%d-%d workers=%s",
             __version__, self.config.mode, _shown(self.control_address),
             ",".join(_shown(a) for a in self.config.legacy_addrs) or "off",
-            ",".join(sorted({cfg.internal_ip, cfg.external_ip})), cfg.port_start,
+            ",".join(self.config.relay_addresses), cfg.port_start,
             cfg.port_end, self.config.workers if self.config.mode in ("socket", "packet")
             else "-")
 

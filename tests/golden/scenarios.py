@@ -165,7 +165,8 @@ def control(relay: GoldenRelay) -> None:
                   _ok("g-ping", pong=True))
     assert_golden(relay.request({"v": V, "cookie": "g-caps", "cmd": "capabilities"}),
                   _ok("g-caps", version=1, commands=COMMANDS, port_range=[P, E],
-                      internal_ip=L.internal, external_ip=L.external, silence_timeout=60.0,
+                      internal_ip=L.internal, external_ip=L.external,
+                      internal_ips=[L.internal], external_ips=[L.external], silence_timeout=60.0,
                       max_lifetime=10800.0, max_request_bytes=65000, mode=relay.mode,
                       relay_version="0.1.0", workers=1))
 
@@ -246,7 +247,10 @@ def control(relay: GoldenRelay) -> None:
     assert_golden({k: v for k, v in stats.items() if k != "counters"},
                   _ok("g-stats", uptime=Between(float, 0.0, 120.0), draining=False, sessions=0,
                       ports={"total": (E - P + 1) // 2, "in_use": 0, "quarantined": 2,
-                             "free": (E - P + 1) // 2 - 2}), "stats")
+                             "free": (E - P + 1) // 2 - 2},
+                      ports_by_address={ip: {"total": (E - P + 1) // 2, "in_use": 0,
+                                             "quarantined": 2, "free": (E - P + 1) // 2 - 2}
+                                        for ip in (L.internal, L.external)}), "stats")
     requests = {cmd: 0 for cmd in COMMANDS}
     requests.update(ping=1, capabilities=1, offer=9, answer=4, delete=3, query=3, list=2,
                     stats=1)

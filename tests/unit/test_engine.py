@@ -54,7 +54,9 @@ def test_offer_creates_session_with_two_legs_on_distinct_ports():
     a, b = session.legs[LEG_A], session.legs[LEG_B]
     assert a.relay_port != b.relay_port
     assert a.relay_port % 2 == 0 and b.relay_port % 2 == 0
-    assert engine.ports.is_in_use(a.relay_port) and engine.ports.is_in_use(b.relay_port)
+    # one address per side: one range shared by both, a port number is unique on the relay
+    assert engine.ports.is_in_use(INTERNAL, a.relay_port)
+    assert engine.ports.is_in_use(EXTERNAL, b.relay_port)
     assert engine.ports.in_use == 2
     assert a.tag == "ft" and b.tag is None
     assert a.announced == CALLER
@@ -210,8 +212,8 @@ def test_answer_other_interface_rebinds_leg_a():
     assert actions[0].spec.a.relay_port != old
     assert a.relay_ip == EXTERNAL
     assert a.relay_port != old
-    assert not engine.ports.is_in_use(old)
-    assert engine.ports.is_in_use(a.relay_port)
+    assert not engine.ports.is_in_use(INTERNAL, old)
+    assert engine.ports.is_in_use(INTERNAL, a.relay_port)
     assert engine.ports.in_use == 2
     assert engine.ports.quarantined == 1
     assert session.legs[LEG_B].relay_port == port_b
@@ -228,7 +230,7 @@ def test_reoffer_other_interface_rebinds_leg_b():
     assert leg is b
     assert actions == [Update(session.spec(), LEG_A)]
     assert b.relay_ip == EXTERNAL and b.relay_port != old
-    assert not engine.ports.is_in_use(old)
+    assert not engine.ports.is_in_use(INTERNAL, old)
     assert session.legs[LEG_A].generation == 2
 
 
@@ -241,7 +243,7 @@ def test_rebind_exhaustion_keeps_session_bound():
     assert session.ports() == ports
     assert session.legs[LEG_A].relay_ip == INTERNAL
     assert engine.ports.in_use == 2
-    assert all(engine.ports.is_in_use(p) for p in ports)
+    assert all(engine.ports.is_in_use(INTERNAL, p) for p in ports)
     assert engine.counters["ports.exhausted"] == 1
 
 
@@ -258,7 +260,7 @@ def test_delete_releases_ports():
     assert "c1" not in engine.by_call and session.sid not in engine.by_sid
     assert engine.ports.in_use == 0
     assert engine.ports.quarantined == 2
-    assert not any(engine.ports.is_in_use(p) for p in ports)
+    assert not any(engine.ports.is_in_use(INTERNAL, p) for p in ports)
     assert engine.counters["sessions.deleted"] == 1
     with pytest.raises(SessionNotFound):
         engine.get("c1")

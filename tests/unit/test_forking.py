@@ -83,7 +83,8 @@ def test_200_from_a_later_dialog_wins_and_the_others_are_freed():
     assert spec.streams[0].a.relay_port == to_caller2.relay_port
     assert spec.streams[0].b.relay_port == b_port
     assert spec.streams[0].b.announced == CALLEE2
-    assert not e.ports.is_in_use(old_a) and not e.ports.is_in_use(to_caller3.relay_port)
+    assert not e.ports.is_in_use("127.0.0.1", old_a)
+    assert not e.ports.is_in_use("127.0.0.1", to_caller3.relay_port)
     assert e.ports.in_use == 2
     assert e.counters["sessions.early_dialogs.won"] == 1
     assert e.counters["sessions.early_dialogs.freed"] == 1
@@ -99,7 +100,7 @@ def test_200_from_the_first_dialog_frees_every_fork():
     _s, final, actions = e.answer(4.0, "fork", "a", "t1", audio(CALLEE1))
     assert final.relay_port == to_caller1.relay_port
     assert actions[0].spec.forks == () and not session.forks
-    assert not e.ports.is_in_use(to_caller2.relay_port) and e.ports.in_use == 2
+    assert not e.ports.is_in_use("127.0.0.1", to_caller2.relay_port) and e.ports.in_use == 2
     assert e.counters["sessions.early_dialogs.freed"] == 1
 
 
@@ -111,7 +112,7 @@ def test_a_200_from_a_to_tag_without_a_183_wins_too():
     _s, final, actions = e.answer(4.0, "fork", "a", "t9", audio(CALLEE3))
     assert session.legs["B"].tag == "t9" and final.relay_port != first
     assert actions[0].spec.streams[0].b.announced == CALLEE3
-    assert e.ports.in_use == 2 and not e.ports.is_in_use(first)
+    assert e.ports.in_use == 2 and not e.ports.is_in_use("127.0.0.1", first)
 
 
 def test_answers_without_the_provisional_flag_keep_the_old_meaning():

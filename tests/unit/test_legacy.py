@@ -72,10 +72,21 @@ def module_allocations(start: int, end: int, current: int, n: int) -> List[int]:
     return out
 
 
+def held(engine: Engine, port: int) -> bool:
+    """Whether `port` is in use on either relay address (each has its own range)."""
+    return any(engine.ports.is_in_use(ip, port) for ip in (INTERNAL, EXTERNAL))
+
+
+def owner_at(engine: Engine, port: int) -> Any:
+    """The session holding `port` on either relay address, or None."""
+    found = [engine.owner.get((ip, port)) for ip in (INTERNAL, EXTERNAL)]
+    return next((s for s in found if s is not None), None)
+
+
 def run_before_held(engine: Engine, seq: List[int]) -> int:
     """How many of the module's allocations (each p and p+2, RTCP +1) miss every held port."""
     for i, p in enumerate(seq):
-        if engine.ports.is_in_use(p) or engine.ports.is_in_use(p + 2):
+        if held(engine, p) or held(engine, p + 2):
             return i
     return len(seq)
 
@@ -145,8 +156,8 @@ def test_config_current_port_starts_the_longest_run_of_free_blocks():
         assert isinstance(out.actions[-1], Install)
     # and a msgpack call, its ports from the allocator (not on the module's 4-port grid)
     engine.offer(0.0, "msgpack-call", "tag", CALLER)
-    held = sorted(p for p in range(30000, 30100, 2) if engine.ports.is_in_use(p))
-    assert held == [30000, 30002, 30004, 30006, 30040, 30042]
+    taken = sorted(p for p in range(30000, 30100, 2) if held(engine, p))
+    assert taken == [30000, 30002, 30004, 30006, 30040, 30042]
     start, end, current, _, _ = g_config(legacy, 1.0)
     assert (start, end) == (30000, 30096)
     # free blocks: 30008..30036 (8) and 30044..30096 (14): the module starts on the longer
@@ -198,8 +209,8 @@ def test_set_creates_the_session_and_echoes_the_request():
     assert a.rtcp_port == 30013 and b.rtcp_port == 30011
     assert session.timeout == 60.0
     for port in (30010, 30011, 30012, 30013):
-        assert engine.ports.is_in_use(port)
-    assert engine.owner[30010] is session and engine.owner[30012] is session
+        assert held(engine, port)
+    assert owner_at(engine, 30010) is session and owner_at(engine, 30012) is session
     assert legacy.counters["legacy.requests.S"] == 1
     assert legacy.counters["legacy.sessions.created"] == 1
 
@@ -275,9 +286,9 @@ def test_changed_relay_ports_replace_the_session():
     new = legacy.engine.by_sid[out.actions[1].sid]
     assert new is not old and new.sid != old.sid
     assert engine.by_call["call-1@test"] is new
-    assert not engine.ports.is_in_use(30000) and not engine.ports.is_in_use(30002)
-    assert engine.ports.is_in_use(30020) and engine.ports.is_in_use(30022)
-    assert 30000 not in engine.owner and engine.owner[30020] is new
+    assert not held(engine, 30000) and not held(engine, 30002)
+    assert held(engine, 30020) and held(engine, 30022)
+    assert owner_at(engine, 30000) is None and owner_at(engine, 30020) is new
     assert engine.counters["sessions.expired.replaced"] == 1
     assert legacy.counters["legacy.sessions.created"] == 2
 
@@ -304,9 +315,9 @@ def test_port_of_a_live_call_is_not_hijacked(media_at, now):
     assert out.reply == req + b"OK"  # the module cannot read an error anyway
     assert out.actions == []
     assert engine.by_call == {"old@test": old}
-    assert engine.owner[30000] is old and engine.owner[30002] is old
+    assert owner_at(engine, 30000) is old and owner_at(engine, 30002) is old
     assert old.legs[LEG_A].announced == CALLER and old.legs[LEG_B].announced == CALLEE
-    assert engine.ports.is_in_use(30000) and engine.ports.is_in_use(30002)
+    assert held(engine, 30000) and held(engine, 30002)
     assert engine.counters["legacy.conflicts.refused"] == 1
     assert legacy.counters["legacy.sessions.refused"] == 1
     assert legacy.counters["legacy.sessions.created"] == 1
@@ -326,7 +337,7 @@ def test_port_of_a_silent_call_is_taken_over(media_at, now):
     new = legacy.engine.by_sid[out.actions[1].sid]
     assert new.call_id == "new@test"
     assert engine.by_call == {"new@test": new}
-    assert engine.owner[30000] is new and engine.owner[30002] is new
+    assert owner_at(engine, 30000) is new and owner_at(engine, 30002) is new
     assert engine.counters["legacy.conflicts.replaced"] == 1
     assert engine.counters["sessions.expired.replaced"] == 1
     assert legacy.counters["legacy.sessions.created"] == 2
@@ -386,7 +397,7 @@ def test_client_chosen_ports_bypass_quarantine_and_stay_out_of_the_allocator():
     # the quarantine ending later does not free the ports the second call now holds
     session, _, _ = engine.offer(10.0, "msgpack@test", "tag", CALLER)
     assert not set(session.ports()) & {30000, 30002}
-    assert engine.owner[30000].call_id == "second@test"
+    assert owner_at(engine, 30000).call_id == "second@test"
 
 
 # -- refused relay addresses -----------------------------------------------------------------
@@ -452,7 +463,7 @@ def test_timeout_field_is_the_silence_timeout():
     assert [(type(a), a.sid, a.reason) for a in actions] == [(Remove, session.sid, "silence")]
     assert engine.by_call == {} and engine.ports.in_use == 0
     for port in (30000, 30002):
-        assert not engine.ports.is_in_use(port)
+        assert not held(engine, port)
     # the ports are free for the module's next call on them
     out = legacy.handle(s_req(cookie=b"1_2", call_id="next@test"), KAM, 111.0)
     assert isinstance(out.actions[0], Install)

@@ -292,6 +292,8 @@ def test_stats():
     assert reply["uptime"] == 60.0
     assert reply["sessions"] == 1
     assert reply["ports"] == {"total": 500, "in_use": 2, "quarantined": 0, "free": 498}
+    # one address per side: one range shared by both (each shows it)
+    assert [p["in_use"] for p in reply["ports_by_address"].values()] == [2, 2]
     c = reply["counters"]
     assert c["control.requests.offer"] == 1
     assert c["control.requests.query"] == 1

@@ -87,7 +87,7 @@ def test_adopt_claims_the_same_ports_and_refuses_a_clash():
     actions = fresh.adopt(5.0, from_record(rec, 5.0, 1e6))
     assert [type(a) for a in actions] == [Install]
     assert actions[0].spec == session.spec()
-    assert sorted(fresh.owner) == sorted(session.ports())
+    assert sorted(fresh.owner) == sorted(("127.0.0.1", p) for p in session.ports())
     assert fresh.ports.in_use == e.ports.in_use
     assert fresh.counters["sessions.restored"] == 1
     # the same record again (a duplicate): refused, nothing changes

@@ -74,14 +74,14 @@ def test_reinvite_adds_video_then_disables_it_and_frees_its_ports():
                               to_tag="tt")
     assert isinstance(actions[0], Update) and len(actions[0].spec.streams) == 2
     assert e.ports.in_use == 4
-    video_ports = e.by_call["c"].legs["A"].media[1].relay_port, \
-        e.by_call["c"].legs["B"].media[1].relay_port
+    legs = e.by_call["c"].legs
+    video_ports = [(m.relay_ip, m.relay_port) for m in (legs["A"].media[1], legs["B"].media[1])]
     _s, _l, actions = e.offer(9.0, "c", "ft", [StreamOffer(CALLER, 4000),
                                                StreamOffer(CALLER, 0, kind="video")],
                               to_tag="tt")
     assert [s.index for s in actions[0].spec.streams] == [0]
     assert e.ports.in_use == 2
-    assert not any(e.ports.is_in_use(p) for p in video_ports)
+    assert not any(e.ports.is_in_use(ip, p) for ip, p in video_ports)
     assert e.counters["streams.removed"] == 1
 
 
