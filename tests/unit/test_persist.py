@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fastpath.contract import Install, LegReport, SessionReport, StreamReport
-from lrk.core.engine import Engine, EngineConfig
+from lrk.core.engine import Engine, EngineConfig, relay_addrs
 from lrk.core.persist import RecordError, from_record, owner_of, to_record
 from lrk.core.session import StreamOffer
 from lrk.daemon.store import SqliteStore, path_for
@@ -118,7 +118,7 @@ def test_adopt_taken_keeps_id_ports_outside_the_range_and_the_peers_addresses():
     assert [type(a) for a in actions] == [Install]
     assert restored.sid == session.sid
     assert restored.interfaces == ("198.51.100.100", "198.51.100.100")
-    assert sorted(other.owner) == sorted(session.ports())
+    assert sorted(other.owner) == sorted(relay_addrs(session))
 
 
 @pytest.mark.parametrize("damage", [
