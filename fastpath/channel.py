@@ -77,7 +77,8 @@ class PromoteFork(NamedTuple):
 
 
 class RemoveSession(NamedTuple):
-    """Daemon -> worker: stop serving a unit, close its sockets (final report first)."""
+    """Daemon -> worker: stop serving a unit, close its sockets. No final report:
+    the daemon forgot the unit when it sent this (it refreshes counters before a delete)."""
 
     uid: int
 

@@ -92,16 +92,12 @@ class SocketWorker:
                         os.close(fd)
 
     def _handle_batch(self, batch: channel.Batch, fds: List[int]) -> None:
-        """Several messages in one: each takes its `nfds` fds in order. Removed sessions
-        are reported in one message first, not one report per remove."""
-        removed = [m.uid for m in batch.messages if isinstance(m, channel.RemoveSession)]
-        if removed:
-            self._report(removed)
+        """Several messages in one: each takes its `nfds` fds in order."""
         at = 0
         for message, n in zip(batch.messages, batch.nfds):
             mine, at = fds[at:at + n], at + n
             try:
-                self._handle(message, mine, report_removes=False)
+                self._handle(message, mine)
             except Exception:
                 log.exception("bad channel message %s", type(message).__name__)
                 self.bad_messages += 1
@@ -111,7 +107,7 @@ class SocketWorker:
         for fd in fds[at:]:
             os.close(fd)
 
-    def _handle(self, message: object, fds: List[int], report_removes: bool = True) -> None:
+    def _handle(self, message: object, fds: List[int]) -> None:
         if isinstance(message, channel.Batch):
             self._handle_batch(message, fds)
         elif isinstance(message, channel.InstallSession):
@@ -125,8 +121,8 @@ class SocketWorker:
             self.table.update(message.uid, message.stream.a)
             self.table.update(message.uid, message.stream.b)
         elif isinstance(message, channel.RemoveSession):
-            if report_removes:
-                self._report([message.uid])
+            # no final report: the daemon forgets a unit when it sends the remove and
+            # would drop the report (its counters came with the delete's Flush)
             self._remove(message.uid)
         elif isinstance(message, channel.Flush):
             self._report(None)

@@ -93,7 +93,9 @@ class RelaySession:
         self.sid = sid
         self.endpoints = endpoints  # A-RTP, A-RTCP, B-RTP, B-RTCP
         self.last_rx: Optional[float] = None
-        self.dirty = True
+        #: counters or latches the daemon has not seen; a new unit has none to tell (the
+        #: daemon starts a stream at zero, unlatched), so it is not reported before media
+        self.dirty = False
         self.main = main  # a fork: the unit whose B sockets it shares
         self.forks: List[int] = []  # a main unit: its forks' unit ids
         for ep in endpoints:
@@ -190,7 +192,8 @@ class RelayTable:
         rtcp.configure(leg.rtcp_announced, leg.latch_any, leg.generation)
         rtp.mux = leg.rtcp_mux
         session.wire()
-        session.dirty = True
+        # not dirty: a forgotten latch is nothing to report (the engine forgot it with
+        # the offer or answer that made this spec; a report carries no latch to clear)
 
     def install_fork(self, uid: int, main_uid: int, fds: List[int], spec: StreamSpec
                      ) -> RelaySession:

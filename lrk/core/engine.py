@@ -153,11 +153,11 @@ class Engine:
         """Record the offerer's streams; return the leg whose relay addresses the offer
         announces. `media` is every m= line in order (or one (ip, port) for one stream)."""
         streams = _streams(media, rtcp_port)
-        target_ips = self._side(interface, self.by_call.get(call_id))
-        latch_any = self._learning(latch_any, strict_source)
         session = self.by_call.get(call_id)
+        target_ips = self._side(interface, session)
+        latch_any = self._learning(latch_any, strict_source)
         actions: List[Action] = []
-        wanted = [s.active for s in streams]
+        wanted = [s.port != 0 or s.keep_ports for s in streams]  # StreamOffer.active
         if session is None:
             if not any(wanted):
                 raise BadRequest("the offer has no stream with a non-zero port to relay")
@@ -210,9 +210,9 @@ class Engine:
         own A-side relay ports; the final answer's To-tag wins and the other early
         dialogs are freed."""
         streams = _streams(media, rtcp_port)
-        target_ips = self._side(interface, self.by_call.get(call_id))
-        latch_any = self._learning(latch_any, strict_source)
         session = self.get(call_id)
+        target_ips = self._side(interface, session)
+        latch_any = self._learning(latch_any, strict_source)
         answering = session.leg_by_tag(to_tag)
         fork = session.forks.get(to_tag)
         if answering is None and fork is None:
@@ -233,10 +233,11 @@ class Engine:
         assert answering is not None
         target = session.legs[OTHER[answering.name]]
         self._ensure_ip(now, session, target, target_ips)
-        offered = [m is not None for m in target.media]
         # an answer cannot enable a stream the offer did not: only rejections count
-        self._shape(now, session, [i < len(streams) and streams[i].active and offered[i]
-                                   for i in range(len(offered))])
+        n_streams = len(streams)
+        self._shape(now, session, [m is not None and i < n_streams
+                                   and (streams[i].port != 0 or streams[i].keep_ports)
+                                   for i, m in enumerate(target.media)])
         self._announce(answering, streams, latch_any)
         if not provisional and session.forks:
             self._drop_forks(now, session)
@@ -605,6 +606,20 @@ class Engine:
         a, b = session.legs[LEG_A], session.legs[LEG_B]
         am, bm = a.media, b.media
         n = len(wanted)
+        if n == 1 and not am and not bm and wanted[0]:  # a new one-stream call
+            owner = self.owner
+            ip_a, ip_b = a.relay_ip, b.relay_ip
+            port_a = self._allocate(now, ip_a)
+            try:
+                port_b = self._allocate(now, ip_b)
+            except Exception:
+                self.ports.release(ip_a, port_a, now, quarantine=False)  # never carried media
+                raise
+            am.append(Media(ip_a, port_a))
+            bm.append(Media(ip_b, port_b))
+            owner[(ip_a, port_a)] = session
+            owner[(ip_b, port_b)] = session
+            return
         if len(am) == n and len(bm) == n:  # an answer or re-offer: usually nothing changes
             for i in range(n):
                 if (am[i] is not None) != bool(wanted[i]):

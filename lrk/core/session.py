@@ -346,9 +346,19 @@ class Session:
     def spec(self) -> SessionSpec:
         a, b = self.legs[LEG_A], self.legs[LEG_B]
         am, bm = a.media, b.media
-        streams = tuple([StreamSpec(i, a.spec(i), b.spec(i))
-                         for i in range(min(len(am), len(bm)))
-                         if am[i] is not None and bm[i] is not None])
+        if len(am) == 1 and len(bm) == 1:  # one stream (audio): no index loop, no calls
+            ma, mb = am[0], bm[0]
+            streams: Tuple[StreamSpec, ...] = () if ma is None or mb is None else (
+                StreamSpec(0, LegSpec(a.name, ma.relay_ip, ma.relay_port, ma.announced,
+                                      ma.rtcp_announced, a.latch_any, a.generation,
+                                      ma.rtcp_mux),
+                           LegSpec(b.name, mb.relay_ip, mb.relay_port, mb.announced,
+                                   mb.rtcp_announced, b.latch_any, b.generation,
+                                   mb.rtcp_mux)),)
+        else:
+            streams = tuple([StreamSpec(i, a.spec(i), b.spec(i))
+                             for i in range(min(len(am), len(bm)))
+                             if am[i] is not None and bm[i] is not None])
         if not self.forks:
             return SessionSpec(self.sid, self.call_id, streams)
         return SessionSpec(self.sid, self.call_id, streams, tuple(
@@ -383,8 +393,9 @@ class Session:
 
     def ports(self) -> list:
         """Every relay RTP port of the session, leg A's streams then leg B's."""
-        ports = [m.relay_port for name in (LEG_A, LEG_B) for m in self.legs[name].media
-                 if m is not None]
+        legs = self.legs
+        ports = [m.relay_port for m in legs[LEG_A].media if m is not None]
+        ports.extend([m.relay_port for m in legs[LEG_B].media if m is not None])
         for fork in self.forks.values():  # their own A-side ports (B's are leg B's)
             ports.extend(m.relay_port for m in fork.a.media if m is not None)
         return ports

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -654,6 +655,8 @@ class Relay:
                 ends.extend(self.engine.fail(now, failure))
             self.plane.apply(ends)
             self._persist(ends)
+        elif all(type(action) is Remove for action in actions):
+            return failures  # an ended call only makes deadlines later: the timer stands
         self._rearm()
         return failures
 
@@ -828,6 +831,9 @@ async def serve(config: Config, stop_event: asyncio.Event,
     relay = Relay(config, load_config)
     relay.request_stop = stop_event.set
     await relay.start()
+    if hasattr(gc, "freeze"):  # CPython: start-up's objects stay out of every GC pass
+        gc.collect()
+        gc.freeze()
     notifier = process_notifier()
     notifier.ready(f"serving: mode={config.mode} control={_shown(relay.control_address)}")
     signals: List[str] = []
