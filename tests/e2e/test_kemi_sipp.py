@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import List
 
@@ -129,7 +128,6 @@ def test_sipp_call_through_kemi_with_audio_and_video(stack, tmp_path):
     try:
         wait_until(lambda: udp_bound(uas_sip) or uas.poll() is not None, 10,
                    "the SIPp callee to listen")
-        started = time.monotonic()
         uac = sipp(tmp_path, "uac", f"{INTERNAL_IP}:{kam.sip_port}",
                    "-sf", str(SCENARIOS / "uac_av.xml"), "-s", "bob",
                    "-key", "uas", f"{INTERNAL_IP}:{uas_sip}", "-i", INTERNAL_IP,
@@ -166,8 +164,6 @@ def test_sipp_call_through_kemi_with_audio_and_video(stack, tmp_path):
             code = proc.wait(20)
             assert code == 0, f"sipp {name} exited with {code}: " + \
                 (tmp_path / f"{name}.out").read_text(errors="replace")[-3000:]
-        elapsed = time.monotonic() - started
-        assert elapsed < 20, elapsed
     finally:
         for proc in procs:
             if proc.poll() is None:

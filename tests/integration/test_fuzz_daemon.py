@@ -241,7 +241,5 @@ def test_fuzzed_relay_still_answers_within_memory_and_leaks_nothing(tmp_path):
         admin.close()
         ctl_sock.close()
         leg_sock.close()
-    took = time.monotonic() - started
-    assert took < 60.0, took
     assert sent > 5000, sent
     assert rss_grown < RSS_BOUND, f"RSS grew {rss_grown / 2**20:.1f} MB over {sent} datagrams"
