@@ -51,7 +51,7 @@ from lrk.demo.relay_process import RelayProcess
 
 MAX_CALLS = 2000
 MAX_MEDIA = 30.0
-MODES = ("socket", "packet", "kernel", "nfqueue")
+MODES = ("socket", "packet", "kernel", "nfqueue", "xdp")
 SIGNALS = ("none", "term", "kill")
 PORTS = (30000, 34999)
 #: a restart is expected to take at most this long (media runs on for --after past it;
@@ -64,6 +64,8 @@ def _relay(topo: Topology, mode: str, state: str, python: Optional[str]) -> Rela
              "--external-ip", topo.relay_ext.ip4, "--state-dir", state]
     if mode == "packet":
         extra += ["--packet-interface", "vc1", "--packet-interface", "ve1"]
+    if mode == "xdp":
+        extra += ["--xdp-interface", "vc1", "--xdp-interface", "ve1"]
     return RelayProcess(ports=f"{PORTS[0]}-{PORTS[1]}", netns=topo.relay.ns, extra=extra,
                         python=python)
 
@@ -278,6 +280,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = []
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     with Topology("rg") as topo:
+        if "xdp" in modes:  # the hosts' links as xdp mode needs, for every mode of the run
+            from bench.netns_capacity import xdp_links
+
+            xdp_links(topo)
         for mode in modes:
             for signal in signals:
                 found = quiet(args.quiet_load, args.quiet_wait)
