@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Any, Dict, List, Optional
 
-from fastpath import logs
+from fastpath import jit, logs
 from lrk import __version__
 from lrk.errors import ConfigError, LrkError
 
@@ -209,6 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from lrk.daemon.relay import serve
 
     logs.setup(config.log_level, config.log_format)
+    jit.apply(config.pypy_jit)  # before the hot paths warm up (no-op on CPython)
     _use_uvloop()
 
     async def main() -> None:

@@ -19,7 +19,7 @@ import socket
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from fastpath import channel, logs
+from fastpath import channel, jit, logs
 from fastpath.packet import parse_media
 from fastpath.worker.mmsg import make_batch_io
 from fastpath.worker.packet_io import PacketReader
@@ -415,8 +415,10 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     parser.add_argument("--log-format", default="kv")
     parser.add_argument("--coalesce-us", type=int, default=0)
     parser.add_argument("--relearn-after", type=float, default=3.0)
+    parser.add_argument("--pypy-jit", default="pypy")
     args = parser.parse_args(argv)
     logs.setup(args.log_level, args.log_format)
+    jit.apply(args.pypy_jit)
     # the daemon decides when we stop: a signal to the whole process group (Ctrl-C,
     # `systemctl stop`, killpg) must not kill the worker before the daemon stops it (it
     # would see a dead worker and restart it); a worker whose daemon died sees EOF

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from netaddr import AddrFormatError, IPSet
 
+from fastpath import jit
 from lrk.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -64,6 +65,9 @@ class Config:
     # the next wake-up carries more packets; adds at most that much latency.
     # -1: the mode's default (packet 500, others 0)
     coalesce_us: int = -1
+    # PyPy JIT thresholds of the daemon and its workers (fastpath/jit.py): "tuned" compiles
+    # hot paths after fewer calls, "pypy" keeps PyPy's defaults, or name=value,...
+    pypy_jit: str = "tuned"
     kernel_table: str = "lrk"  # kernel mode: the nftables table (inet family) lrk owns
     kernel_poll: float = 2.0  # kernel mode: seconds between counter reads for expiry
     # kernel mode: per-leg media counters from conntrack accounting (sets the relay
@@ -257,6 +261,10 @@ class Config:
             raise ConfigError(f"workers {self.workers} must be within 1..64")
         if not 0 <= self.socket_rcvbuf <= 1 << 30:
             raise ConfigError(f"socket_rcvbuf {self.socket_rcvbuf} must be within 0..1073741824")
+        try:
+            jit.resolve(self.pypy_jit)
+        except jit.JitParamError as exc:
+            raise ConfigError(str(exc)) from exc
         if self.coalesce_us == -1:
             self.coalesce_us = DEFAULT_COALESCE_US.get(self.mode, 0)
         if not 0 <= self.coalesce_us <= MAX_COALESCE_US:

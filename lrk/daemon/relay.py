@@ -175,7 +175,8 @@ class Relay:
                                        config.packet_interfaces if config.mode == "packet"
                                        else (), config.coalesce_us, config.relearn_after,
                                        standby_media=config.standby_media_ranges
-                                       if config.mode == "packet" else ())
+                                       if config.mode == "packet" else (),
+                                       pypy_jit=config.pypy_jit)
             self.engine.probe = socket_plane.probe  # ports are bound while allocating
             self.plane = socket_plane
         self.plane.sink = self.on_plane_event

@@ -135,7 +135,8 @@ class WorkerHandle:
                str(theirs.fileno()), "--batch", str(self.plane.batch), "--io", self.plane.io,
                "--log-level", self.plane.log_level, "--log-format", self.plane.log_format,
                "--coalesce-us", str(self.plane.coalesce_us),
-               "--relearn-after", repr(self.plane.relearn_after)]
+               "--relearn-after", repr(self.plane.relearn_after),
+               "--pypy-jit", self.plane.pypy_jit]
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), close_fds=True,
                                          preexec_fn=_ignore_stop_signals)
@@ -268,7 +269,8 @@ class SocketPlane:
                  packet_ifaces: Sequence[str] = (), coalesce_us: int = 0,
                  relearn_after: float = 3.0,
                  flush_timeout: float = 1.0,
-                 standby_media: Sequence[Tuple[str, int, int]] = ()) -> None:
+                 standby_media: Sequence[Tuple[str, int, int]] = (),
+                 pypy_jit: str = "pypy") -> None:
         self.port_start = port_start
         self.port_end = port_end
         self.relay_ips = sorted(set(relay_ips))
@@ -279,6 +281,7 @@ class SocketPlane:
         self.rcvbuf = rcvbuf
         self.coalesce_us = coalesce_us
         self.relearn_after = relearn_after
+        self.pypy_jit = pypy_jit  # the workers' JIT thresholds (fastpath.jit)
         self.log_level = log_level
         self.log_format = log_format
         self.nworkers = max(1, workers)

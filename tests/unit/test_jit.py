@@ -1,0 +1,53 @@
+"""fastpath.jit: the PyPy JIT setting of the daemon and its workers."""
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from fastpath import jit
+from lrk.daemon.config import load
+from lrk.errors import ConfigError
+
+
+def test_named_settings_resolve():
+    assert jit.resolve("tuned") == jit.TUNED
+    assert jit.resolve("pypy") == ""  # PyPy's own defaults: nothing set
+    assert jit.resolve("threshold=500,function_threshold=800") == \
+        "threshold=500,function_threshold=800"
+
+
+@pytest.mark.parametrize("bad", ["fast", "threshold", "threshold=abc", "=5", "threshold=5,",
+                                 "thres hold=5", "nosuchparam=5"])
+def test_malformed_settings_are_refused_with_an_example(bad):
+    with pytest.raises(jit.JitParamError, match="name=number"):
+        jit.resolve(bad)
+
+
+def test_config_default_is_tuned_and_bad_values_are_config_errors():
+    assert load(None, {}).pypy_jit == "tuned"
+    assert load(None, {"pypy_jit": "pypy"}).pypy_jit == "pypy"
+    with pytest.raises(ConfigError, match="pypy_jit"):
+        load(None, {"pypy_jit": "warp=9"})
+    with pytest.raises(ConfigError, match="pypy_jit"):
+        load(None, {"pypy_jit": 3})
+
+
+def test_apply_sets_the_jit_on_pypy_only():
+    assert jit.apply("pypy") is (platform.python_implementation() == "PyPy")
+
+
+def test_a_value_pypy_refuses_is_a_typed_error_on_pypy():
+    """In a child process: the parameters stay PyPy's in this one (a trace limit this
+    high is refused by PyPy itself)."""
+    code = ("from fastpath import jit\n"
+            "try:\n    jit.apply('trace_limit=30000')\n"
+            "except jit.JitParamError as e:\n    print('refused', e)\n"
+            "else:\n    print('applied')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    if platform.python_implementation() == "PyPy":
+        assert out.startswith("refused") and "trace_limit=30000" in out
+    else:
+        assert out.startswith("applied")  # no JIT: nothing to refuse, nothing set
