@@ -181,8 +181,16 @@ def py_packb(obj: Any) -> bytes:
     return b"".join(out)
 
 
+#: one C packer for every reply (msgpack.packb builds a Packer per call)
+_C_PACKER = msgpack.Packer(use_bin_type=True)
+
+
 def _c_packb(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    try:
+        return _C_PACKER.pack(obj)
+    except Exception:
+        _C_PACKER.reset()  # nothing half-packed leaks into the next reply
+        return msgpack.packb(obj, use_bin_type=True)  # msgpack's own error, as packb
 
 
 #: the packer of this interpreter

@@ -74,3 +74,11 @@ def test_py_packb_leaves_what_it_cannot_pack_to_msgpack():
 def test_packb_is_msgpacks_where_msgpack_is_compiled():
     assert wire.packb({"ok": True}) == b"\x81\xa2ok\xc3"
     assert (wire.packb is wire.py_packb) == wire.PURE_PYTHON_MSGPACK
+
+
+def test_the_shared_c_packer_leaves_nothing_behind_after_a_refused_object():
+    """The reused packer of the C path: a reply msgpack refuses raises msgpack's own error,
+    and the next reply is packed from an empty buffer."""
+    with pytest.raises(TypeError):
+        wire._c_packb({"ok": True, "bad": object()})
+    assert wire._c_packb({"ok": True}) == msgpack.packb({"ok": True}, use_bin_type=True)
