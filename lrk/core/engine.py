@@ -593,7 +593,7 @@ class Engine:
     def _register(self, session: Session) -> None:
         self.by_call[session.call_id] = session
         self.by_sid[session.sid] = session
-        for key in relay_addrs(session):
+        for key in relay_addrs(session):  # none yet for a new call: _shape adds them
             self.owner[key] = session
         self.counters["sessions.created"] += 1
         self._schedule(session)
@@ -723,10 +723,17 @@ class Engine:
 
 def relay_addrs(session: Session) -> List[Tuple[str, int]]:
     """Every (relay address, RTP port) of the session, as Session.ports() orders them."""
-    out = [(m.relay_ip, m.relay_port) for name in (LEG_A, LEG_B)
-           for m in session.legs[name].media if m is not None]
-    for fork in session.forks.values():  # their own A-side ports (B's are leg B's)
-        out.extend((m.relay_ip, m.relay_port) for m in fork.a.media if m is not None)
+    legs = session.legs
+    out = []
+    for m in legs[LEG_A].media:  # plain loops: every delete walks these
+        if m is not None:
+            out.append((m.relay_ip, m.relay_port))
+    for m in legs[LEG_B].media:
+        if m is not None:
+            out.append((m.relay_ip, m.relay_port))
+    if session.forks:
+        for fork in session.forks.values():  # their own A-side ports (B's are leg B's)
+            out.extend([(m.relay_ip, m.relay_port) for m in fork.a.media if m is not None])
     return out
 
 

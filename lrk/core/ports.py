@@ -108,7 +108,7 @@ class PortAllocator:
         if base not in self._in_use:
             return
         self._in_use.discard(base)
-        if not self.contains(base):
+        if not self.start <= base < self.end:  # contains(), inline: every call end runs it
             return
         if quarantine and self.quarantine > 0:
             self._hold(base, now + self.quarantine)
