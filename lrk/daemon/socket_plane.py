@@ -432,21 +432,9 @@ class SocketPlane:
                 worker.send(channel.PromoteFork(uid, fork_uid))
                 worker.send(channel.UpdateSession(uid, stream))
                 continue
-            if before is not None and _ports(before) != _ports(stream):
-                self._remove_forks(sid, keep=(), index=stream.index)
-                self._remove_unit(sid, stream.index)
-                before = None
-            if before is None:
-                failure = self._install_unit(spec, stream)
-                if failure is not None:
-                    self._remove_forks(sid, keep=())
-                    for other in spec.streams:
-                        self._remove_unit(sid, other.index)
-                    del self.installed[sid]
-                    return failure
-            elif before != stream:
-                self.worker_for(sid).send(
-                    channel.UpdateSession(unit_id(sid, stream.index), stream))
+            failure = self._converge_stream(spec, stream, before, with_forks=True)
+            if failure is not None:
+                return failure
         mine = self.forks.get(sid, {})
         for key, stream in new_forks.items():
             entry = mine.get(key)
@@ -475,23 +463,36 @@ class SocketPlane:
                     if index not in wanted:
                         self._remove_unit(sid, index)
         for stream in spec.streams:
-            before = old_streams.get(stream.index)
-            if before is not None and (before.a.relay_port != stream.a.relay_port
-                                       or before.b.relay_port != stream.b.relay_port
-                                       or before.a.relay_ip != stream.a.relay_ip
-                                       or before.b.relay_ip != stream.b.relay_ip):
-                self._remove_unit(sid, stream.index)
-                before = None
-            if before is None:
-                failure = self._install_unit(spec, stream)
-                if failure is not None:
-                    for other in spec.streams:
-                        self._remove_unit(sid, other.index)
-                    del self.installed[sid]
-                    return failure
-            elif before != stream:
-                self.worker_for(sid).send(
-                    channel.UpdateSession(unit_id(sid, stream.index), stream))
+            failure = self._converge_stream(spec, stream, old_streams.get(stream.index),
+                                            with_forks=False)
+            if failure is not None:
+                return failure
+        return None
+
+    def _converge_stream(self, spec: SessionSpec, stream: StreamSpec,
+                         before: Optional[StreamSpec], with_forks: bool
+                         ) -> Optional[PlaneFailure]:
+        """One stream of a converge: moved to other relay ports (re-installed), new
+        (installed), or changed in place (updated). A failed install takes the whole
+        session out of the worker (and its early dialogs, `with_forks`)."""
+        sid = spec.sid
+        if before is not None and _ports(before) != _ports(stream):
+            if with_forks:
+                self._remove_forks(sid, keep=(), index=stream.index)
+            self._remove_unit(sid, stream.index)
+            before = None
+        if before is None:
+            failure = self._install_unit(spec, stream)
+            if failure is not None:
+                if with_forks:
+                    self._remove_forks(sid, keep=())
+                for other in spec.streams:
+                    self._remove_unit(sid, other.index)
+                del self.installed[sid]
+            return failure
+        if before != stream:
+            self.worker_for(sid).send(
+                channel.UpdateSession(unit_id(sid, stream.index), stream))
         return None
 
     def _promotions(self, sid: int, old_streams: Dict[int, StreamSpec], spec: SessionSpec
