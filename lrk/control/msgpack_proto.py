@@ -29,6 +29,8 @@ from lrk.core.engine import Engine
 from lrk.core.session import Session, StreamOffer
 from lrk.errors import BadRequest, ConfigError, LrkError, SessionNotFound
 
+_new = tuple.__new__
+
 log = logging.getLogger("lrk.control")
 
 VERSION = 1
@@ -595,9 +597,11 @@ def _offers(media: Any) -> List[StreamOffer]:
 def _stream_of(st: Any) -> StreamOffer:
     """A parsed m= line as the engine takes it: port 0 where lrk does not relay it."""
     if not st.relayable or st.port == 0:
-        return StreamOffer(st.address or "0.0.0.0", 0, None, False, st.media)
-    return StreamOffer(st.address, st.port, st.rtcp_port, st.rtcp_mux, st.media, False,
-                       st.rtcp_address)
+        return _new(StreamOffer, (st.address or "0.0.0.0", 0, None, False, st.media, False,
+                                  None))
+    # every field given, through tuple.__new__: StreamOffer's own __new__ is Python
+    return _new(StreamOffer, (st.address, st.port, st.rtcp_port, st.rtcp_mux, st.media, False,
+                              st.rtcp_address))
 
 
 def _media_stream(value: Any, what: str) -> StreamOffer:

@@ -29,6 +29,9 @@ from lrk.core.ports import AddressPorts
 from lrk.core.session import LEG_A, LEG_B, OTHER, Fork, Leg, Media, Session, StreamOffer
 from lrk.errors import AtCapacity, BadRequest, Draining, SessionNotFound
 
+#: a NamedTuple from all of its fields, without its Python-level __new__ (hot paths)
+_new = tuple.__new__
+
 PortProbe = Callable[[str, int], bool]
 
 ENGINE_COUNTERS = (
@@ -108,9 +111,13 @@ class Engine:
         pinned one only)."""
         if session is not None and session.interfaces:
             return (self.interface_ip(interface, session),)
-        if interface not in ("internal", "external"):
-            self.interface_ip(interface)  # raises BadRequest
-        return self.config.side(interface)
+        config = self.config  # EngineConfig.side, inline: every offer and answer asks
+        if interface == "internal":
+            return config.internal_ips or (config.internal_ip,)
+        if interface == "external":
+            return config.external_ips or (config.external_ip,)
+        self.interface_ip(interface)  # raises BadRequest
+        return ()
 
     def _allocate(self, now: float, ip: str) -> int:
         probe = self.probe
@@ -152,10 +159,12 @@ class Engine:
     ) -> Tuple[Session, Leg, List[Action]]:
         """Record the offerer's streams; return the leg whose relay addresses the offer
         announces. `media` is every m= line in order (or one (ip, port) for one stream)."""
-        streams = _streams(media, rtcp_port)
+        streams = media if type(media) is list and media else _streams(media, rtcp_port)
         session = self.by_call.get(call_id)
         target_ips = self._side(interface, session)
-        latch_any = self._learning(latch_any, strict_source)
+        if not latch_any:  # _learning(), inline
+            latch_any = not (self.config.strict_source if strict_source is None
+                             else strict_source)
         actions: List[Action] = []
         wanted = [s.port != 0 or s.keep_ports for s in streams]  # StreamOffer.active
         if session is None:
@@ -170,7 +179,7 @@ class Engine:
                 self._end(now, session, "failed", count=False)
                 raise
             self._announce(offering, streams, latch_any)
-            actions.append(Install(session.spec()))
+            actions.append(_new(Install, (session.spec(),)))
         else:
             offering = session.leg_by_tag(from_tag)
             if offering is None:
@@ -183,7 +192,7 @@ class Engine:
             self._ensure_ip(now, session, target, target_ips)
             self._shape(now, session, wanted)
             self._announce(offering, streams, latch_any)
-            actions.append(Update(session.spec(), offering.name))
+            actions.append(_new(Update, (session.spec(), offering.name)))
             self._schedule(session)
         self.counters["sessions.offers"] += 1
         return session, session.legs[OTHER[offering.name]], actions
@@ -209,10 +218,14 @@ class Engine:
         another To-tag than leg B's (a forked INVITE) is another early dialog with its
         own A-side relay ports; the final answer's To-tag wins and the other early
         dialogs are freed."""
-        streams = _streams(media, rtcp_port)
-        session = self.get(call_id)
+        streams = media if type(media) is list and media else _streams(media, rtcp_port)
+        session = self.by_call.get(call_id)
+        if session is None:
+            raise SessionNotFound(f"no session with Call-ID {call_id!r}")
         target_ips = self._side(interface, session)
-        latch_any = self._learning(latch_any, strict_source)
+        if not latch_any:  # _learning(), inline
+            latch_any = not (self.config.strict_source if strict_source is None
+                             else strict_source)
         answering = session.leg_by_tag(to_tag)
         fork = session.forks.get(to_tag)
         if answering is None and fork is None:
@@ -241,7 +254,7 @@ class Engine:
         self._announce(answering, streams, latch_any)
         if not provisional and session.forks:
             self._drop_forks(now, session)
-        actions: List[Action] = [Update(session.spec(), answering.name)]
+        actions: List[Action] = [_new(Update, (session.spec(), answering.name))]
         self._schedule(session)
         if not provisional:
             session.state = "answered"
@@ -359,7 +372,12 @@ class Engine:
 
     def _schedule(self, session: Session) -> None:
         """Make sure a live timer entry is no later than the session's deadline."""
-        at = self.deadline(session)
+        last = session.last_media  # deadline(), inline: every offer and answer schedules
+        created = session.created
+        at = (created if last is None else last) + session.timeout
+        lifetime = self.config.max_lifetime
+        if lifetime and created + lifetime < at:
+            at = created + lifetime
         if session.timer_at is None or at < session.timer_at:
             session.timer_at = at
             heapq.heappush(self._timers, (at, session.sid))
@@ -670,7 +688,8 @@ class Engine:
 
     @staticmethod
     def _announce(leg: Leg, streams: List[StreamOffer], latch_any: bool) -> None:
-        leg.relatch(latch_any)
+        leg.latch_any = latch_any  # Leg.relatch(), inline
+        leg.generation += 1
         for i, offer in enumerate(streams):
             m = leg.media[i] if i < len(leg.media) else None
             if m is not None:
@@ -718,7 +737,7 @@ class Engine:
             self.counters["sessions.failed"] += 1
         else:
             self.counters[f"sessions.expired.{reason}"] += 1
-        return Remove(session.sid, session.call_id, reason)
+        return _new(Remove, (session.sid, session.call_id, reason))
 
 
 def relay_addrs(session: Session) -> List[Tuple[str, int]]:

@@ -51,6 +51,8 @@ _PASSED_OVER = ("a=rtpmap:", "a=fmtp:", "a=rtcp-fb:", "a=ssrc", "a=extmap", "a=p
                 "a=crypto:", "a=group:")
 
 _SHOWN = 60
+#: a NamedTuple from all of its fields without its Python-level __new__ (per m= line)
+_new = tuple.__new__
 
 
 class Stream(NamedTuple):
@@ -449,8 +451,8 @@ def _scan(text: str) -> _Doc:
     for index, sec in enumerate(sections):
         streams.append(_stream(doc, index, sec, s_family, s_address, s_problem,
                                session_direction))
-    doc.desc = SessionDescription(tuple(streams), version, s_address, s_family,
-                                  session_direction, doc.eol)
+    doc.desc = _new(SessionDescription, (tuple(streams), version, s_address, s_family,
+                                         session_direction, doc.eol))
     return doc
 
 
@@ -497,9 +499,10 @@ def _stream(doc: _Doc, index: int, sec: _Section, s_family: Optional[str],
             continue
         if rtcp_port is None:
             rtcp_port, rtcp_address = port_found, address_found
-    return Stream(index, sec.m + 1, tokens[0], port, count, proto, tuple(tokens[3:]), address,
-                  family, media_connection, rtcp_port, rtcp_address, bool(sec.mux),
-                  sec.direction or s_direction, sec.candidates, relayable)
+    return _new(Stream, (index, sec.m + 1, tokens[0], port, count, proto, tuple(tokens[3:]),
+                         address, family, media_connection, rtcp_port, rtcp_address,
+                         bool(sec.mux), sec.direction or s_direction, sec.candidates,
+                         relayable))
 
 
 def _first(desc: SessionDescription) -> Stream:

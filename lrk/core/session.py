@@ -32,6 +32,9 @@ __all__ = ["DROP_REASONS", "LEG_A", "LEG_B", "OTHER", "Addr", "Fork", "Leg", "Le
            "Media", "Session", "StreamOffer"]
 
 
+#: builds a NamedTuple from all of its fields without its Python-level __new__
+_new = tuple.__new__
+
 class StreamOffer(NamedTuple):
     """One stream as an offer or answer announces it (port 0: disabled or rejected). A
     NamedTuple: one per m= line of every request, built in C (a frozen dataclass cost
@@ -154,15 +157,22 @@ class Media:
                 self.rtcp_latched = report.rtcp_latched
 
     def as_dict(self) -> Dict[str, Any]:
-        return {
+        port = self.relay_port
+        announced, latched, rtcp_latched = self.announced, self.latched, self.rtcp_latched
+        c = self.counters
+        return {  # _addr() and LegCounters.as_dict(), inline: a delete's reply has 2+
             "kind": self.kind,
-            "relay": {"ip": self.relay_ip, "port": self.relay_port,
-                      "rtcp_port": self.relay_port if self.rtcp_mux else self.rtcp_port},
+            "relay": {"ip": self.relay_ip, "port": port,
+                      "rtcp_port": port if self.rtcp_mux else port + 1},
             "rtcp_mux": self.rtcp_mux,
-            "announced": _addr(self.announced),
-            "latched": _addr(self.latched),
-            "rtcp_latched": _addr(self.rtcp_latched),
-            "counters": self.counters.as_dict(),
+            "announced": None if announced is None else {"ip": announced[0],
+                                                         "port": announced[1]},
+            "latched": None if latched is None else {"ip": latched[0], "port": latched[1]},
+            "rtcp_latched": None if rtcp_latched is None else {"ip": rtcp_latched[0],
+                                                               "port": rtcp_latched[1]},
+            "counters": {"in_packets": c.in_packets, "in_bytes": c.in_bytes,
+                         "out_packets": c.out_packets, "out_bytes": c.out_bytes,
+                         "drops": dict(c.drops)},
         }
 
 
@@ -248,6 +258,22 @@ class Leg:
             m.observe(report, self.generation)
 
     def as_dict(self) -> Dict[str, Any]:
+        media = self.media
+        if len(media) == 1 and media[0] is not None:
+            # one stream (nearly every call): the leg's fields are that stream's, so the
+            # leg shares the stream's dicts instead of building them twice
+            d = media[0].as_dict()
+            port = media[0].relay_port
+            return {
+                "tag": self.tag,
+                "relay": {"ip": self.relay_ip, "port": port, "rtcp_port": port + 1},
+                "announced": d["announced"],
+                "latched": d["latched"],
+                "rtcp_latched": d["rtcp_latched"],
+                "latch_any": self.latch_any,
+                "counters": d["counters"],
+                "streams": [d],
+            }
         # one pass over the streams (a delete's reply has this per leg): the first
         # stream's fields and the totals of `counters`, without the properties' rescans
         first = None
@@ -348,19 +374,22 @@ class Session:
         am, bm = a.media, b.media
         if len(am) == 1 and len(bm) == 1:  # one stream (audio): no index loop, no calls
             ma, mb = am[0], bm[0]
+            # tuple.__new__ with every field: the NamedTuples' own __new__ is a Python
+            # function (its defaults), and a request builds four of them
             streams: Tuple[StreamSpec, ...] = () if ma is None or mb is None else (
-                StreamSpec(0, LegSpec(a.name, ma.relay_ip, ma.relay_port, ma.announced,
-                                      ma.rtcp_announced, a.latch_any, a.generation,
-                                      ma.rtcp_mux),
-                           LegSpec(b.name, mb.relay_ip, mb.relay_port, mb.announced,
+                _new(StreamSpec, (
+                    0,
+                    _new(LegSpec, (a.name, ma.relay_ip, ma.relay_port, ma.announced,
+                                   ma.rtcp_announced, a.latch_any, a.generation, ma.rtcp_mux)),
+                    _new(LegSpec, (b.name, mb.relay_ip, mb.relay_port, mb.announced,
                                    mb.rtcp_announced, b.latch_any, b.generation,
-                                   mb.rtcp_mux)),)
+                                   mb.rtcp_mux)))),)
         else:
             streams = tuple([StreamSpec(i, a.spec(i), b.spec(i))
                              for i in range(min(len(am), len(bm)))
                              if am[i] is not None and bm[i] is not None])
         if not self.forks:
-            return SessionSpec(self.sid, self.call_id, streams)
+            return _new(SessionSpec, (self.sid, self.call_id, streams, ()))
         return SessionSpec(self.sid, self.call_id, streams, tuple(
             [ForkSpec(f.key, f.tag, f.stream_specs()) for f in self.forks.values()]))
 
