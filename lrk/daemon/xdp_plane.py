@@ -35,16 +35,14 @@ from fastpath.contract import (
     Remove,
     SessionReport,
     StreamReport,
-    StreamSpec,
     Update,
     unit_id,
     unit_of,
 )
-from fastpath.kernel.kernel_rules import SessionSpec as KernelSpec
 from fastpath.xdp.errors import XdpError
 from fastpath.xdp.layout import F_CHECK_PEER, F_KERNEL, REASONS, SEEN_NONE, Entry
 from fastpath.xdp.program import XdpProgram
-from lrk.daemon.kernel_plane import KEPT, KernelPlane
+from lrk.daemon.kernel_plane import KEPT, KernelPlane, UnitView
 from lrk.errors import ConfigError
 
 log = logging.getLogger("lrk.xdp")
@@ -219,28 +217,18 @@ class XdpPlane:
                 self._drop_session(sid)
         return failures
 
-    def _units(self, sid: int) -> List[int]:
-        """Unit ids the kernel plane holds for a session (main and fork units)."""
-        spec = self.kernel.specs.get(sid)
-        uids = [unit_id(sid, s.index) for s in spec.streams] if spec is not None else []
-        uids += list(self.kernel.session_forks.get(sid, {}).values())
-        return uids
-
     def _sync_session(self, sid: int) -> None:
         """A session's entries from what the kernel plane holds now (a fork unit shares
         leg B's relay ports with the main unit: entries are per session, by relay)."""
-        forked = bool(self.kernel.session_forks.get(sid))
+        forked = self.kernel.forked(sid)
         wanted: Dict[Addr, Entry] = {}
-        for uid in self._units(sid):
-            kspec = self.kernel.installed.get(uid)
-            stream = self.kernel.streams.get(uid)
-            if kspec is not None and stream is not None:
-                wanted.update(self._wanted(uid, kspec, stream, forked))
+        for unit in self.kernel.units(sid):
+            wanted.update(self._wanted(unit, forked))
         self._write_session(sid, wanted)
 
-    def _wanted(self, uid: int, kspec: KernelSpec, stream: StreamSpec,
-                forked: bool) -> Dict[Addr, Entry]:
+    def _wanted(self, unit: UnitView, forked: bool) -> Dict[Addr, Entry]:
         out: Dict[Addr, Entry] = {}
+        uid, stream, kspec = unit
         legs = (("A", kspec.a, stream.a.generation, "B", kspec.b, stream.b.generation),
                 ("B", kspec.b, stream.b.generation, "A", kspec.a, stream.a.generation))
         for rtcp in (False, True):
@@ -317,7 +305,7 @@ class XdpPlane:
         moved = False
         for report in event.streams:
             uid = unit_id(event.sid, report.index)
-            stream = self.kernel.streams.get(uid)
+            stream = self.kernel.stream(uid)
             if stream is None:
                 continue
             for name, leg, spec in (("A", report.a, stream.a), ("B", report.b, stream.b)):
@@ -346,7 +334,7 @@ class XdpPlane:
         last_rx = base.last_rx if base is not None else None
         streams = []
         entries = self.entries.get(sid, {})
-        spec = self.kernel.specs.get(sid)
+        spec = self.kernel.session(sid)
         for stream in (spec.streams if spec is not None else ()):
             k = kernel.get(stream.index)
             legs = []
@@ -390,7 +378,7 @@ class XdpPlane:
 
     def _report_all(self) -> None:
         self._last_read = self.clock()
-        for sid in list(self.kernel.specs):
+        for sid in self.kernel.session_ids():
             self.sink(self._merged(sid, self._kreports.get(sid)))
 
     def refresh(self, then: Callable[[], None]) -> None:

@@ -23,7 +23,7 @@ from fastpath.contract import (
     unit_id,
 )
 from fastpath.xdp.layout import F_CHECK_PEER, F_KERNEL, REASONS, SEEN_NONE, Entry
-from lrk.daemon.kernel_plane import fork_spec, session_spec
+from lrk.daemon.kernel_plane import KernelView, fork_spec, session_spec
 from lrk.daemon.xdp_plane import XdpPlane
 
 RA, RB = "198.51.100.1", "198.51.100.65"
@@ -82,8 +82,9 @@ class FakeProgram:
         self.released = True
 
 
-class FakeKernel:
-    """What XdpPlane reads of a KernelPlane, kept as KernelPlane keeps it."""
+class FakeKernel(KernelView):
+    """A KernelPlane's state kept as it keeps it, read through its read-only seam
+    (KernelView) as XdpPlane reads the real one."""
 
     def __init__(self) -> None:
         self.specs: Dict[int, SessionSpec] = {}
