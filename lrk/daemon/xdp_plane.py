@@ -15,6 +15,12 @@ forwarded a packet from exactly that address (F_CHECK_PEER), so a NATed peer is 
 sent to its SDP port while conntrack knows better. Sessions with forked early dialogs
 stay on the kernel path (their shared B port tells callees apart by source).
 
+Restarts that keep calls lose no packet: a stop that keeps calls leaves the program
+attached with their entries (it forwards on; after kill -9 the attachment outlives the
+process anyway), and a start loads its own copy but attaches it only in `adopted()`,
+once the restore has written every restored call's entries, replacing the old one in
+one step. What it reads of the kernel plane goes through `KernelView` (read-only).
+
 Counters: each direction has a per-CPU slot (packets, payload bytes, last packet time
 on CLOCK_MONOTONIC); reports are the kernel plane's plus the slots', and `last_rx` the
 later of both, so silence expiry sees XDP-carried media.

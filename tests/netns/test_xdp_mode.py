@@ -6,7 +6,8 @@ source, carried by the XDP program (its redirect counter, and no conntrack flow:
 kernel path never saw them); counters in `query`; junk (spoofed source, unknown port)
 dropped and counted; a NATed caller learnt by the kernel path and then carried by XDP;
 silence expiry from the XDP last-seen times; nothing left after stop or after a crash
-and a restart (no XDP on the interfaces, no program of ours, no table, no flows)."""
+and a restart (no XDP on the interfaces, no program of ours, no table, no flows); media
+through a SIGTERM and a kill -9 restart without a packet lost."""
 
 from __future__ import annotations
 
