@@ -95,23 +95,47 @@ class XdpProgram:
         return layout.verdict_totals(raws, self.ncpus)
 
     # -- attachment ----------------------------------------------------------------------
-    def attach(self, ifname: str, mode: str = "auto") -> str:
-        """Attach to `ifname`: native where the driver allows, else generic ("auto"), or
-        the one mode asked for. Returns the mode used; raises XdpAttachError naming what
-        is missing."""
+    def attachable(self, ifname: str) -> int:
+        """Check, without attaching, that `ifname` exists here and holds no other tool's
+        XDP program (lrk's own leftover is replaced by `attach`); returns its ifindex.
+        The plane checks at start and attaches once the restore is over."""
         try:
             ifindex = if_nametoindex(ifname)
         except OSError as exc:
             raise XdpAttachError(f"xdp_interfaces names {ifname!r}, which does not exist in "
                                  "the relay's network namespace") from exc
-        self._replace_leftover(ifname, ifindex)
+        self._leftover(ifname, ifindex)
+        return ifindex
+
+    def attach(self, ifname: str, mode: str = "auto") -> str:
+        """Attach to `ifname`: native where the driver allows, else generic ("auto"), or
+        the one mode asked for. Returns the mode used; raises XdpAttachError naming what
+        is missing. lrk's program left by a crashed run is replaced in one step where the
+        mode allows (the interface is never without a program meanwhile: the old one
+        forwards with its entries until the new one takes over)."""
+        ifindex = self.attachable(ifname)
+        left = self._leftover(ifname, ifindex)
+        names = ["native", "generic"] if mode == "auto" else [mode]
+        if left is not None:
+            prog_id, old = left
+            if old in names:  # the same mode: an atomic replacement, tried first
+                names.remove(old)
+                names.insert(0, old)
+                log.warning("xdp: replacing lrk's program id %d left on %s (%s mode) by an "
+                            "earlier run", prog_id, ifname, old)
+            else:
+                log.warning("xdp: detaching lrk's program id %d left on %s (%s mode) by an "
+                            "earlier run", prog_id, ifname, old)
+                xdp_detach(ifindex, MODES[old])
         tried: List[str] = []
-        for name in (("native", "generic") if mode == "auto" else (mode,)):
+        for name in names:
             flags = MODES[name]
             try:
                 xdp_attach(ifindex, self.relay_fd, flags)
             except XdpAttachError as exc:
                 tried.append(f"{name}: {exc}")
+                if left is not None and name == left[1]:  # not replaced: out of the way
+                    xdp_detach(ifindex, flags)
                 continue
             self.attached[ifindex] = (ifname, flags)
             self.allow_egress(ifindex)
@@ -127,15 +151,16 @@ class XdpProgram:
         key = ifindex.to_bytes(4, "little")
         self.tx_ifaces.update(key, key)
 
-    def _replace_leftover(self, ifname: str, ifindex: int) -> None:
-        """A crashed run leaves its program attached (an attachment outlives the process):
-        lrk's own is replaced; another tool's is never touched."""
+    def _leftover(self, ifname: str, ifindex: int) -> Optional[Tuple[int, str]]:
+        """(program id, mode) of lrk's program on the interface that this object did not
+        attach (a crashed run's: an attachment outlives its process), or None. Another
+        tool's program is never touched: XdpAttachError."""
         for name, flags in MODES.items():
             try:
                 prog_id = xdp_query_id(ifindex, flags)
             except XdpError:
                 continue
-            if not prog_id:
+            if not prog_id or self.attached.get(ifindex, (None, None))[1] == flags:
                 continue
             try:
                 owner = prog_name(prog_id)
@@ -147,9 +172,8 @@ class XdpProgram:
                     f"{ifname} already has an XDP program ({name} mode, id {prog_id}, "
                     f"name {owner!r}) that is not lrk's: detach it "
                     f"(ip link set dev {ifname} xdp off) or use --mode kernel")
-            log.warning("xdp: detaching lrk's program id %d left on %s (%s mode) by an "
-                        "earlier run", prog_id, ifname, name)
-            xdp_detach(ifindex, flags)
+            return prog_id, name
+        return None
 
     def detach_all(self) -> List[str]:
         """Detach from every interface attached here; errors logged, names returned."""
@@ -167,6 +191,13 @@ class XdpProgram:
 
     def close(self) -> None:
         self.detach_all()
+        self.obj.close()
+
+    def release(self) -> None:
+        """Let go of the object and keep every attachment: the kernel holds the program
+        and its maps through them, and it forwards on with the entries it has until
+        another `attach` replaces it (a restart that keeps calls)."""
+        self.attached.clear()
         self.obj.close()
 
     def test_run(self, frame: bytes, ingress_ifindex: int = 0) -> Tuple[int, bytes]:

@@ -226,15 +226,53 @@ static __always_inline int send(struct xdp_md *ctx, struct ethhdr *eth,
 	return verdict(V_REDIRECT, bpf_redirect(fib->ifindex, 0));
 }
 
+/* the admission both families share, in this order (each verdict counted): a relay
+ * port in range, its stream entry (none: junk, dropped), the kernel path's ports, the
+ * sender's address (another: dropped), the lengths (`malformed`: dropped), the sender's
+ * port (another: a NAT the kernel path learns), the destination behind a NAT, the
+ * TTL / hop limit. Returns ADMITTED with the entry in *out, or the verdict to return. */
+#define ADMITTED -1
+
+static __always_inline int admit(struct stream_key *key, struct udphdr *udp,
+				 const __u8 *saddr, int alen, int malformed, __u8 ttl,
+				 struct stream_val **out)
+{
+	struct stream_val *v;
+
+	if (!in_range(udp->dest))
+		return verdict(V_PASS_OTHER, XDP_PASS);
+	key->port = udp->dest;
+	v = bpf_map_lookup_elem(&streams, key);
+	if (!v)
+		return verdict(V_DROP_NO_DESTINATION, XDP_DROP);
+	if (v->flags & F_KERNEL)
+		return verdict(V_PASS_KERNEL, XDP_PASS);
+	if (!addr_eq(saddr, v->src, alen))
+		return verdict(V_DROP_UNEXPECTED_SOURCE, XDP_DROP);
+	if (malformed)
+		return verdict(V_DROP_MALFORMED, XDP_DROP);
+	if (v->src_port && udp->source != v->src_port) {
+		v->seen = SEEN_OTHER_PORT;
+		return verdict(V_PASS_SOURCE_PORT, XDP_PASS);
+	}
+	if (peer_nat(v))
+		return verdict(V_PASS_PEER_NAT, XDP_PASS);
+	if (ttl <= 1)
+		return verdict(V_PASS_TTL, XDP_PASS);
+	*out = v;
+	return ADMITTED;
+}
+
 static __always_inline int relay4(struct xdp_md *ctx, struct ethhdr *eth, void *data_end)
 {
 	struct iphdr *ip = (void *)(eth + 1);
 	struct addr_key ak = {.family = 4};
 	struct stream_key key = {.family = 4};
 	struct bpf_fib_lookup fib = {};
-	struct stream_val *v;
+	struct stream_val *v = 0;
 	struct udphdr *udp;
 	__u16 old[6], new[6];
+	int malformed, action;
 	__u32 sum;
 
 	if ((void *)(ip + 1) > data_end)
@@ -251,32 +289,17 @@ static __always_inline int relay4(struct xdp_md *ctx, struct ethhdr *eth, void *
 	udp = (void *)(ip + 1);
 	if ((void *)(udp + 1) > data_end)
 		return verdict(V_PASS_SHORT, XDP_PASS);
-	if (!in_range(udp->dest))
-		return verdict(V_PASS_OTHER, XDP_PASS);
-	__builtin_memcpy(key.addr, &ip->daddr, 4);
-	key.port = udp->dest;
-	v = bpf_map_lookup_elem(&streams, &key);
-	if (!v)
-		return verdict(V_DROP_NO_DESTINATION, XDP_DROP);
-	if (v->flags & F_KERNEL)
-		return verdict(V_PASS_KERNEL, XDP_PASS);
-	if (!addr_eq((__u8 *)&ip->saddr, v->src, 4))
-		return verdict(V_DROP_UNEXPECTED_SOURCE, XDP_DROP);
 	{
 		__u32 tot = bpf_ntohs(ip->tot_len);
 		__u32 ulen = bpf_ntohs(udp->len);
 
-		if (tot > (__u32)((long)data_end - (long)ip) || ulen < 8 || ulen != tot - 20)
-			return verdict(V_DROP_MALFORMED, XDP_DROP);
+		malformed = tot > (__u32)((long)data_end - (long)ip) || ulen < 8
+			    || ulen != tot - 20;
 	}
-	if (v->src_port && udp->source != v->src_port) {
-		v->seen = SEEN_OTHER_PORT;
-		return verdict(V_PASS_SOURCE_PORT, XDP_PASS);
-	}
-	if (peer_nat(v))
-		return verdict(V_PASS_PEER_NAT, XDP_PASS);
-	if (ip->ttl <= 1)
-		return verdict(V_PASS_TTL, XDP_PASS);
+	__builtin_memcpy(key.addr, &ip->daddr, 4);
+	action = admit(&key, udp, (__u8 *)&ip->saddr, 4, malformed, ip->ttl, &v);
+	if (action != ADMITTED)
+		return action;
 
 	fib.family = AF_INET;
 	fib.l4_protocol = IPPROTO_UDP;
@@ -331,9 +354,10 @@ static __always_inline int relay6(struct xdp_md *ctx, struct ethhdr *eth, void *
 	struct addr_key ak = {.family = 6};
 	struct stream_key key = {.family = 6};
 	struct bpf_fib_lookup fib = {};
-	struct stream_val *v;
+	struct stream_val *v = 0;
 	struct udphdr *udp;
 	__u16 old[18], new[18];
+	int malformed, action;
 	__u32 sum;
 
 	if ((void *)(ip + 1) > data_end)
@@ -354,34 +378,18 @@ static __always_inline int relay6(struct xdp_md *ctx, struct ethhdr *eth, void *
 	udp = (void *)(ip + 1);
 	if ((void *)(udp + 1) > data_end)
 		return verdict(V_PASS_SHORT, XDP_PASS);
-	if (!in_range(udp->dest))
-		return verdict(V_PASS_OTHER, XDP_PASS);
-	__builtin_memcpy(key.addr, &ip->daddr, 16);
-	key.port = udp->dest;
-	v = bpf_map_lookup_elem(&streams, &key);
-	if (!v)
-		return verdict(V_DROP_NO_DESTINATION, XDP_DROP);
-	if (v->flags & F_KERNEL)
-		return verdict(V_PASS_KERNEL, XDP_PASS);
-	if (!addr_eq((__u8 *)&ip->saddr, v->src, 16))
-		return verdict(V_DROP_UNEXPECTED_SOURCE, XDP_DROP);
 	{
 		__u32 plen = bpf_ntohs(ip->payload_len);
 		__u32 ulen = bpf_ntohs(udp->len);
 
 		/* the UDP checksum is mandatory over IPv6 (RFC 8200) */
-		if (plen > (__u32)((long)data_end - (long)udp) || ulen < 8 || ulen != plen
-		    || !udp->check)
-			return verdict(V_DROP_MALFORMED, XDP_DROP);
+		malformed = plen > (__u32)((long)data_end - (long)udp) || ulen < 8
+			    || ulen != plen || !udp->check;
 	}
-	if (v->src_port && udp->source != v->src_port) {
-		v->seen = SEEN_OTHER_PORT;
-		return verdict(V_PASS_SOURCE_PORT, XDP_PASS);
-	}
-	if (peer_nat(v))
-		return verdict(V_PASS_PEER_NAT, XDP_PASS);
-	if (ip->hop_limit <= 1)
-		return verdict(V_PASS_TTL, XDP_PASS);
+	__builtin_memcpy(key.addr, &ip->daddr, 16);
+	action = admit(&key, udp, (__u8 *)&ip->saddr, 16, malformed, ip->hop_limit, &v);
+	if (action != ADMITTED)
+		return action;
 
 	fib.family = AF_INET6;
 	fib.l4_protocol = IPPROTO_UDP;

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from fastpath.contract import (
     Action,
@@ -161,7 +161,54 @@ def fork_spec(stream: StreamSpec) -> Optional[ForkSpec]:
     return ForkSpec(a, b)
 
 
-class KernelPlane:
+class UnitView(NamedTuple):
+    """One unit (a stream, or a fork's stream) as the kernel path holds it: the engine's
+    stream spec (leg generations) and the rules' spec (relay addresses, peers, RTCP)."""
+
+    uid: int
+    stream: StreamSpec
+    rules: SessionSpec
+
+
+class KernelView:
+    """The read-only seam over what a kernel plane holds, for the xdp plane that composes
+    one (and its fakes in tests): no caller outside this module reads the dicts."""
+
+    specs: Dict[int, PlaneSession]
+    streams: Dict[int, StreamSpec]
+    installed: Dict[int, SessionSpec]
+    session_forks: Dict[int, Dict[Tuple[int, int], int]]
+
+    def session_ids(self) -> List[int]:
+        """Every session installed now."""
+        return list(self.specs)
+
+    def session(self, sid: int) -> Optional[PlaneSession]:
+        """The engine's last spec of a session."""
+        return self.specs.get(sid)
+
+    def stream(self, uid: int) -> Optional[StreamSpec]:
+        """The engine's stream spec of a unit (main or fork)."""
+        return self.streams.get(uid)
+
+    def forked(self, sid: int) -> bool:
+        """Whether the session has fork units (forked early dialogs)."""
+        return bool(self.session_forks.get(sid))
+
+    def units(self, sid: int) -> List[UnitView]:
+        """The session's units with elements written (main units, then fork units)."""
+        spec = self.specs.get(sid)
+        uids = [unit_id(sid, s.index) for s in spec.streams] if spec is not None else []
+        uids += list(self.session_forks.get(sid, {}).values())
+        out = []
+        for uid in uids:
+            rules, stream = self.installed.get(uid), self.streams.get(uid)
+            if rules is not None and stream is not None:
+                out.append(UnitView(uid, stream, rules))
+        return out
+
+
+class KernelPlane(KernelView):
     """Applies engine actions as nftables element changes; reads counters back, every
     `poll_interval` on its own timer, and reports them to the engine as events."""
 

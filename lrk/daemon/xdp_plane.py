@@ -15,6 +15,12 @@ forwarded a packet from exactly that address (F_CHECK_PEER), so a NATed peer is 
 sent to its SDP port while conntrack knows better. Sessions with forked early dialogs
 stay on the kernel path (their shared B port tells callees apart by source).
 
+Restarts that keep calls lose no packet: a stop that keeps calls leaves the program
+attached with their entries (it forwards on; after kill -9 the attachment outlives the
+process anyway), and a start loads its own copy but attaches it only in `adopted()`,
+once the restore has written every restored call's entries, replacing the old one in
+one step. What it reads of the kernel plane goes through `KernelView` (read-only).
+
 Counters: each direction has a per-CPU slot (packets, payload bytes, last packet time
 on CLOCK_MONOTONIC); reports are the kernel plane's plus the slots', and `last_rx` the
 later of both, so silence expiry sees XDP-carried media.
@@ -35,16 +41,14 @@ from fastpath.contract import (
     Remove,
     SessionReport,
     StreamReport,
-    StreamSpec,
     Update,
     unit_id,
     unit_of,
 )
-from fastpath.kernel.kernel_rules import SessionSpec as KernelSpec
 from fastpath.xdp.errors import XdpError
 from fastpath.xdp.layout import F_CHECK_PEER, F_KERNEL, REASONS, SEEN_NONE, Entry
 from fastpath.xdp.program import XdpProgram
-from lrk.daemon.kernel_plane import KernelPlane
+from lrk.daemon.kernel_plane import KEPT, KernelPlane, UnitView
 from lrk.errors import ConfigError
 
 log = logging.getLogger("lrk.xdp")
@@ -72,7 +76,7 @@ class XdpPlane:
                               "the XDP program to (e.g. --xdp-interface eth0)")
         # adopt: the kernel table beneath the program survives a restart that keeps calls
         # (the program itself is detached on every stop; the kernel path carries media until
-        # the next process attaches its own)
+        # the next process has restored the calls' entries and attaches its own)
         # extra (a standby's peers' media): served by the kernel path only; the program
         # owns this node's addresses and range and passes the peers' media to it
         self.kernel = KernelPlane(port_start, port_end, relay_ips, table, poll_interval,
@@ -85,6 +89,11 @@ class XdpPlane:
         self.max_streams = max_streams
         self._load = load
         self.prog: Optional[XdpProgram] = None
+        #: the program is on the interfaces (from `adopted`, once the restore is over)
+        self._attached = False
+        #: sessions a stop keeps for the next start (Remove with reason KEPT): their
+        #: entries stay, and the program stays attached to forward them
+        self._kept: Set[int] = set()
         self.sink: EventSink = lambda event: None
         self.poll_interval = poll_interval
         self.clock: Callable[[], float] = time.monotonic
@@ -107,15 +116,17 @@ class XdpPlane:
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
+        """The kernel path, and the program loaded and configured but not attached: the
+        restore writes the calls' entries first (`adopted` attaches). Attached any earlier,
+        an empty map would drop the adopted calls' packets as unknown, where the kernel
+        table beneath (SIGTERM: the program was detached) or the crashed run's program,
+        still attached with its entries (kill -9), forwards them."""
         await self.kernel.start()
         try:
             self.prog = self._load(max_streams=self.max_streams, max_counters=self.max_streams)
             self.prog.configure(self.port_start, self.port_end, self.relay_ips)
-            for ifname in self.interfaces:
-                mode = self.prog.attach(ifname, self.attach_mode)
-                lifecycle.info("xdp mode: program attached to %s in %s mode%s", ifname, mode,
-                         "" if mode == "native" else
-                         " (the driver has no native XDP: slower, still no netfilter)")
+            for ifname in self.interfaces:  # a missing interface fails the start, not later
+                self.prog.attachable(ifname)
         except XdpError as exc:
             await self._release()
             raise ConfigError(f"xdp mode: {exc}") from exc
@@ -124,8 +135,24 @@ class XdpPlane:
             raise
 
     def adopted(self) -> None:
-        """The restore is over: the kernel path beneath reconciles its adopted table."""
+        """The restore is over: the kernel path beneath reconciles its adopted table, then
+        the program, whose map now holds every restored call, goes onto the interfaces
+        (replacing a crashed run's in one step). Raises ConfigError if it cannot attach
+        (the program is released; the kernel table keeps forwarding the calls)."""
         self.kernel.adopted()
+        if self.prog is None or self._attached:
+            return
+        try:
+            for ifname in self.interfaces:
+                mode = self.prog.attach(ifname, self.attach_mode)
+                lifecycle.info("xdp mode: program attached to %s in %s mode%s", ifname, mode,
+                               "" if mode == "native" else
+                               " (the driver has no native XDP: slower, still no netfilter)")
+        except XdpError as exc:
+            self.prog.close()
+            self.prog = None
+            raise ConfigError(f"xdp mode: {exc}") from exc
+        self._attached = True
 
     async def _release(self) -> None:
         if self.prog is not None:
@@ -134,20 +161,36 @@ class XdpPlane:
         await self.kernel.stop()
 
     async def stop(self) -> None:
-        """Detach from every interface, release the program and its maps (the kernel
-        frees them with the last reference), then stop the kernel path."""
+        """Calls kept for the next start (SIGTERM with a session store): the program
+        stays attached with their entries and forwards their media until the next start
+        replaces it in one step (a detach and a later attach would each reconfigure the
+        driver's rings, losing what is in flight, and leave the media to the kernel path
+        meanwhile). Otherwise: detach from every interface and release the program and its
+        maps (the kernel frees them with the last reference). Then the kernel path stops
+        (it keeps its table for kept calls)."""
+        kept = len(self._kept)
+        self._kept.clear()
         self.entries.clear()
         self.slots.clear()
         self.latches.clear()
         self._kreports.clear()
         self._slot_counts.clear()
         if self.prog is not None:
-            failed = self.prog.detach_all()
-            if failed:
-                log.error("xdp mode: still attached to %s", ", ".join(failed))
-            self.prog.close()
+            if kept and self._attached:
+                self.prog.release()
+                lifecycle.info("xdp mode: program left attached to %s for %d kept call(s): "
+                               "it forwards their media until the next start replaces it",
+                               ", ".join(self.interfaces), kept)
+            else:
+                failed = self.prog.detach_all()
+                if failed:
+                    log.error("xdp mode: still attached to %s", ", ".join(failed))
+                self.prog.close()
+                if self._attached:
+                    lifecycle.info("xdp mode: program detached from %s",
+                                   ", ".join(self.interfaces))
             self.prog = None
-            lifecycle.info("xdp mode: program detached from %s", ", ".join(self.interfaces))
+            self._attached = False
         await self.kernel.stop()
 
     # -- actions -----------------------------------------------------------------------
@@ -160,6 +203,10 @@ class XdpPlane:
         failed = {f.sid for f in failures}
         for action in actions:
             sid = action.sid
+            if isinstance(action, Remove) and action.reason == KEPT and sid not in failed:
+                # a stop that keeps the call: its entries stay for the program left attached
+                self._kept.add(sid)
+                continue
             try:
                 if isinstance(action, Remove) or sid in failed:
                     self._drop_session(sid)
@@ -176,28 +223,18 @@ class XdpPlane:
                 self._drop_session(sid)
         return failures
 
-    def _units(self, sid: int) -> List[int]:
-        """Unit ids the kernel plane holds for a session (main and fork units)."""
-        spec = self.kernel.specs.get(sid)
-        uids = [unit_id(sid, s.index) for s in spec.streams] if spec is not None else []
-        uids += list(self.kernel.session_forks.get(sid, {}).values())
-        return uids
-
     def _sync_session(self, sid: int) -> None:
         """A session's entries from what the kernel plane holds now (a fork unit shares
         leg B's relay ports with the main unit: entries are per session, by relay)."""
-        forked = bool(self.kernel.session_forks.get(sid))
+        forked = self.kernel.forked(sid)
         wanted: Dict[Addr, Entry] = {}
-        for uid in self._units(sid):
-            kspec = self.kernel.installed.get(uid)
-            stream = self.kernel.streams.get(uid)
-            if kspec is not None and stream is not None:
-                wanted.update(self._wanted(uid, kspec, stream, forked))
+        for unit in self.kernel.units(sid):
+            wanted.update(self._wanted(unit, forked))
         self._write_session(sid, wanted)
 
-    def _wanted(self, uid: int, kspec: KernelSpec, stream: StreamSpec,
-                forked: bool) -> Dict[Addr, Entry]:
+    def _wanted(self, unit: UnitView, forked: bool) -> Dict[Addr, Entry]:
         out: Dict[Addr, Entry] = {}
+        uid, stream, kspec = unit
         legs = (("A", kspec.a, stream.a.generation, "B", kspec.b, stream.b.generation),
                 ("B", kspec.b, stream.b.generation, "A", kspec.a, stream.a.generation))
         for rtcp in (False, True):
@@ -274,7 +311,7 @@ class XdpPlane:
         moved = False
         for report in event.streams:
             uid = unit_id(event.sid, report.index)
-            stream = self.kernel.streams.get(uid)
+            stream = self.kernel.stream(uid)
             if stream is None:
                 continue
             for name, leg, spec in (("A", report.a, stream.a), ("B", report.b, stream.b)):
@@ -303,7 +340,7 @@ class XdpPlane:
         last_rx = base.last_rx if base is not None else None
         streams = []
         entries = self.entries.get(sid, {})
-        spec = self.kernel.specs.get(sid)
+        spec = self.kernel.session(sid)
         for stream in (spec.streams if spec is not None else ()):
             k = kernel.get(stream.index)
             legs = []
@@ -347,7 +384,7 @@ class XdpPlane:
 
     def _report_all(self) -> None:
         self._last_read = self.clock()
-        for sid in list(self.kernel.specs):
+        for sid in self.kernel.session_ids():
             self.sink(self._merged(sid, self._kreports.get(sid)))
 
     def refresh(self, then: Callable[[], None]) -> None:

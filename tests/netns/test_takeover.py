@@ -14,6 +14,7 @@ media: `standby_media`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import statistics
@@ -48,36 +49,88 @@ def nodes() -> Iterator[TwoNodes]:
         t.destroy()
 
 
+Call = Tuple[socket.socket, socket.socket, tuple, tuple]
+
+
+@contextlib.contextmanager
+def _held() -> Iterator[Tuple[List[RelayProcess], List[socket.socket]]]:
+    """A test's relays and sockets: every relay still running is stopped (its control
+    directory removed) and every socket closed at the end, whatever happened."""
+    relays: List[RelayProcess] = []
+    socks: List[socket.socket] = []
+    try:
+        yield relays, socks
+    finally:
+        for relay in relays:
+            if relay.proc is not None and relay.proc.poll() is None:
+                relay.stop()
+            if relay._tmp is not None:
+                relay._tmp.cleanup()
+        for s in socks:
+            s.close()
+
+
+def _two_nodes(nodes: TwoNodes, redis: RedisServer, tmp_path, relays: List[RelayProcess],
+               mode: str = "socket") -> Tuple[RelayProcess, RelayProcess]:
+    """Node 1 and node 2 (standing by for node 1), started in `mode`."""
+    for i in (0, 1):
+        relays.append(start_node(nodes, i, redis, str(tmp_path), poll=0.1, mode=mode))
+    return relays[0], relays[1]
+
+
+def _calls(c1: LrkClient, nodes: TwoNodes, n: int, early: int,
+           socks: List[socket.socket]) -> Dict[str, Call]:
+    """`n` calls on node 1, the first `early` left in early dialog (183 only), call-0
+    forked (a second early dialog to the callee's port 7000): per call (caller socket,
+    callee socket, relay A addr, relay B addr)."""
+    calls: Dict[str, Call] = {}
+    for i in range(n):
+        cid = f"call-{i}"
+        caller = endpoint(nodes.client, CALLER, 4000 + 2 * i, timeout=0.05)
+        callee = endpoint(nodes.client, CALLEE, 5000 + 2 * i, timeout=0.05)
+        socks += [caller, callee]
+        offer = c1.offer(cid, "a", sdp=audio(CALLER, 4000 + 2 * i))
+        answer = c1.answer(cid, "a", "b", sdp=audio(CALLEE, 5000 + 2 * i),
+                           provisional=i < early)
+        to_b = (offer["streams"][0]["ip"], offer["streams"][0]["port"])
+        to_a = (answer["streams"][0]["ip"], answer["streams"][0]["port"])
+        calls[cid] = (caller, callee, to_a, to_b)
+    c1.answer("call-0", "a", "b2", sdp=audio(CALLEE, 7000), provisional=True)
+    return calls
+
+
+def _taken_over(c2: LrkClient, n: int) -> dict:
+    """Node 2's stats once it holds node 1's `n` calls, every one adopted."""
+    stats = c2.stats()
+    assert stats["sessions"] == n
+    assert stats["counters"]["takeover.sessions"] == n
+    assert stats["counters"]["takeover.refused"] == 0
+    return stats
+
+
+def _move_and_time(nodes: TwoNodes, calls: Dict[str, Call], label: str) -> None:
+    """Move node 1's address to node 2 and wait for every call's media through node 2,
+    each within TAKEOVER_LIMIT of the move."""
+    t0 = time.monotonic()
+    nodes.move_vip()
+    gaps = _media_back(calls, t0)
+    assert max(gaps.values()) <= TAKEOVER_LIMIT, sorted(gaps.values())[-5:]
+    print(f"{label}takeover gap: median {statistics.median(gaps.values()):.3f} s, "
+          f"worst {max(gaps.values()):.3f} s over {len(gaps)} calls")
+
+
 @pytest.mark.parametrize("redis_down", [False, True], ids=["redis_up", "redis_down"])
 def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
                                                                redis_down):
     """redis_down: Redis stops before node 1 dies; node 2 takes over from its warm copy
     and writes the calls once Redis is back (a new, empty server)."""
-    socks: List[socket.socket] = []
-    relays: List[RelayProcess] = []
     with RedisServer() as redis:
-        try:
-            node1 = start_node(nodes, 0, redis, str(tmp_path), poll=0.1)
-            relays.append(node1)
-            node2 = start_node(nodes, 1, redis, str(tmp_path), poll=0.1)
-            relays.append(node2)
-            # (caller socket, callee socket, relay A addr, relay B addr) per call
-            calls: Dict[str, Tuple[socket.socket, socket.socket, tuple, tuple]] = {}
+        with _held() as (relays, socks):
+            node1, node2 = _two_nodes(nodes, redis, tmp_path, relays)
             fork_callee = endpoint(nodes.client, CALLEE, 7000)
             socks.append(fork_callee)
             with LrkClient([node1.node]) as c1:
-                for i in range(CALLS):
-                    cid = f"call-{i}"
-                    caller = endpoint(nodes.client, CALLER, 4000 + 2 * i, timeout=0.05)
-                    callee = endpoint(nodes.client, CALLEE, 5000 + 2 * i, timeout=0.05)
-                    socks += [caller, callee]
-                    offer = c1.offer(cid, "a", sdp=audio(CALLER, 4000 + 2 * i))
-                    answer = c1.answer(cid, "a", "b", sdp=audio(CALLEE, 5000 + 2 * i),
-                                       provisional=i < EARLY)
-                    to_b = (offer["streams"][0]["ip"], offer["streams"][0]["port"])
-                    to_a = (answer["streams"][0]["ip"], answer["streams"][0]["port"])
-                    calls[cid] = (caller, callee, to_a, to_b)
-                c1.answer("call-0", "a", "b2", sdp=audio(CALLEE, 7000), provisional=True)
+                calls = _calls(c1, nodes, CALLS, EARLY, socks)
                 assert c1.query("call-0")["session"]["state"] == "early"
                 # media before the failure: each call latches both ways (written to Redis)
                 for cid, (caller, callee, to_a, to_b) in calls.items():
@@ -98,16 +151,8 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
                     redis.stop()
                 assert node1.kill() == -9
                 wait(lambda: nodes.pids(0) == [])  # its worker saw EOF
-                t0 = time.monotonic()
-                nodes.move_vip()
-                gaps = _media_back(calls, t0)
-                assert max(gaps.values()) <= TAKEOVER_LIMIT, sorted(gaps.values())[-5:]
-                print(f"takeover gap: median {statistics.median(gaps.values()):.3f} s, "
-                      f"worst {max(gaps.values()):.3f} s over {len(gaps)} calls")
-                stats = c2.stats()
-                assert stats["sessions"] == CALLS
-                assert stats["counters"]["takeover.sessions"] == CALLS
-                assert stats["counters"]["takeover.refused"] == 0
+                _move_and_time(nodes, calls, "")
+                stats = _taken_over(c2, CALLS)
                 if redis_down:
                     assert stats["store"]["state"] == "degraded"
                     redis.start()
@@ -137,14 +182,6 @@ def test_a_standby_takes_over_every_call_when_the_address_moves(nodes, tmp_path,
             if redis_down:  # said once, however often the standby's poll found it down
                 assert node2.output.count("is down") == 1, node2.output
             assert nodes.pids(1) == []
-        finally:
-            for relay in relays:
-                if relay.proc is not None and relay.proc.poll() is None:
-                    relay.stop()
-                if relay._tmp is not None:
-                    relay._tmp.cleanup()
-            for s in socks:
-                s.close()
         assert redis.keys("lrk:*:session:*") == []
 
 
@@ -161,32 +198,15 @@ def test_a_standby_takes_over_per_mode_and_keeps_calls_over_a_restart(nodes, tmp
     within 2 s of the move, counters continue, a restart of node 2 adopts its table and
     keeps them, and once deleted no nft element, no conntrack flow, no Redis key is left;
     after its stop no table (the taps' `lrkpkt` included) and no XDP program."""
-    socks: List[socket.socket] = []
-    relays: List[RelayProcess] = []
     with RedisServer() as redis:
-        try:
-            node1 = start_node(nodes, 0, redis, str(tmp_path), poll=0.1, mode=mode)
-            relays.append(node1)
-            node2 = start_node(nodes, 1, redis, str(tmp_path), poll=0.1, mode=mode)
-            relays.append(node2)
+        with _held() as (relays, socks):
+            node1, node2 = _two_nodes(nodes, redis, tmp_path, relays, mode)
             kernel = mode not in ("socket", "packet")  # a table to check
             assert not kernel or _sets(nodes) == {}  # nothing installed on the standby yet
-            calls: Dict[str, Tuple[socket.socket, socket.socket, tuple, tuple]] = {}
             fork_callee = endpoint(nodes.client, CALLEE, 7000)
             socks.append(fork_callee)
             with LrkClient([node1.node]) as c1:
-                for i in range(KCALLS):
-                    cid = f"call-{i}"
-                    caller = endpoint(nodes.client, CALLER, 4000 + 2 * i, timeout=0.05)
-                    callee = endpoint(nodes.client, CALLEE, 5000 + 2 * i, timeout=0.05)
-                    socks += [caller, callee]
-                    offer = c1.offer(cid, "a", sdp=audio(CALLER, 4000 + 2 * i))
-                    answer = c1.answer(cid, "a", "b", sdp=audio(CALLEE, 5000 + 2 * i),
-                                       provisional=i < KEARLY)
-                    to_b = (offer["streams"][0]["ip"], offer["streams"][0]["port"])
-                    to_a = (answer["streams"][0]["ip"], answer["streams"][0]["port"])
-                    calls[cid] = (caller, callee, to_a, to_b)
-                c1.answer("call-0", "a", "b2", sdp=audio(CALLEE, 7000), provisional=True)
+                calls = _calls(c1, nodes, KCALLS, KEARLY, socks)
                 for cid, (caller, callee, to_a, to_b) in calls.items():
                     caller.sendto(rtp_packet(1, 0x100), to_a)
                     assert _recv(callee) == rtp_packet(1, 0x100), cid
@@ -201,16 +221,8 @@ def test_a_standby_takes_over_per_mode_and_keeps_calls_over_a_restart(nodes, tmp
                 wait(lambda: c2.stats()["store"]["standby_for"] == {"node1": KCALLS})
                 assert node1.kill() == -9
                 wait(lambda: nodes.pids(0) == [])
-                t0 = time.monotonic()
-                nodes.move_vip()
-                gaps = _media_back(calls, t0)
-                assert max(gaps.values()) <= TAKEOVER_LIMIT, sorted(gaps.values())[-5:]
-                print(f"{mode} takeover gap: median {statistics.median(gaps.values()):.3f} s, "
-                      f"worst {max(gaps.values()):.3f} s over {len(gaps)} calls")
-                stats = c2.stats()
-                assert stats["sessions"] == KCALLS
-                assert stats["counters"]["takeover.sessions"] == KCALLS
-                assert stats["counters"]["takeover.refused"] == 0
+                _move_and_time(nodes, calls, f"{mode} ")
+                _taken_over(c2, KCALLS)
                 assert c2.query("call-0")["session"]["state"] == "early"
                 if kernel:
                     sets = _sets(nodes)
@@ -252,14 +264,6 @@ def test_a_standby_takes_over_per_mode_and_keeps_calls_over_a_restart(nodes, tmp
             tables = run("nft", "list", "tables", ns=nodes.node[1]).stdout
             assert "lrk" not in tables, tables
             assert _xdp_prog(nodes, 1) == 0
-        finally:
-            for relay in relays:
-                if relay.proc is not None and relay.proc.poll() is None:
-                    relay.stop()
-                if relay._tmp is not None:
-                    relay._tmp.cleanup()
-            for s in socks:
-                s.close()
         assert redis.keys("lrk:*:session:*") == []
 
 

@@ -6,7 +6,8 @@ source, carried by the XDP program (its redirect counter, and no conntrack flow:
 kernel path never saw them); counters in `query`; junk (spoofed source, unknown port)
 dropped and counted; a NATed caller learnt by the kernel path and then carried by XDP;
 silence expiry from the XDP last-seen times; nothing left after stop or after a crash
-and a restart (no XDP on the interfaces, no program of ours, no table, no flows)."""
+and a restart (no XDP on the interfaces, no program of ours, no table, no flows); media
+through a SIGTERM and a kill -9 restart without a packet lost."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
-from bench.netns import run
+from bench.callgen import CallGen
+from bench.netns import run, socket_in
 from lrk.client import LrkClient
 from lrk.demo.media import rtcp_sender_report, rtp_packet
 from lrk.demo.relay_process import LaunchError, RelayProcess
@@ -31,6 +34,9 @@ pytestmark = pytest.mark.netns
 
 PORTS = "30000-30099"
 SO_RCVBUFFORCE = 33  # linux/socket.h; root: beyond net.core.rmem_max
+#: the restart test: calls (50 pkt/s each way) and seconds of media around the restart
+RESTART_CALLS = 20
+RESTART_MEDIA = 7.0
 
 
 def _pick(family: str):
@@ -133,239 +139,253 @@ def _assert_clean(topo, prog_ids: List[int], map_ids: Sequence[int] = ()) -> Non
     assert flows(ns) == []
 
 
+class XdpRun:
+    """One test's relays (xdp mode, the hosts' links as it needs them) and sockets: what
+    every test here sets up, all stopped and closed at the end (the `xdp` fixture)."""
+
+    def __init__(self, topo, tmp_path) -> None:
+        self.topo, self.tmp_path = topo, tmp_path
+        self.relays: List[RelayProcess] = []
+        self.socks: List[socket.socket] = []
+
+    def start(self, family: str = "ipv4", config: str = "") -> RelayProcess:
+        _gro(self.topo)
+        return self.held(_relay(self.topo, self.tmp_path, family, config).start())
+
+    def held(self, relay: RelayProcess) -> RelayProcess:
+        """A relay stopped at the end (one made by `again()`, started or not)."""
+        self.relays.append(relay)
+        return relay
+
+    def endpoint(self, ns: str, ip: str, port: int) -> socket.socket:
+        sock = endpoint(ns, ip, port)
+        self.socks.append(sock)
+        return sock
+
+    def close(self) -> None:
+        for relay in self.relays:
+            relay.stop()
+        for sock in self.socks:
+            sock.close()
+
+
+@pytest.fixture
+def xdp(topo, tmp_path) -> Iterator[XdpRun]:
+    run_ = XdpRun(topo, tmp_path)
+    try:
+        yield run_
+    finally:
+        run_.close()
+
+
+def _call(client, call_id: str, caller: Tuple[str, int], callee: Tuple[str, int],
+          **offer) -> Tuple[Tuple[str, int], Tuple[str, int]]:
+    """An audio call: (where the caller sends, where the callee sends), normalised."""
+    to_b = _norm(_addrs(client.offer(call_id, "a", sdp=_body(*caller), interface="external",
+                                     **offer))[0])
+    to_a = _norm(_addrs(client.answer(call_id, "a", "b", sdp=_body(*callee)))[0])
+    return to_a, to_b
+
+
+def _resolve_hosts(topo, family: str) -> None:
+    """The relay knows the caller's (internal side) and callee's (external side) link
+    addresses."""
+    pick = _pick(family)
+    _resolve(topo.relay.ns, [(pick(topo.relay), pick(topo.caller)),
+                             (pick(topo.relay_ext), pick(topo.callee))])
+
+
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_xdp_mode_call(topo, tmp_path, family):
+def test_xdp_mode_call(topo, xdp, family):
     pick = _pick(family)
     caller_ip, callee_ip = pick(topo.caller), pick(topo.callee)
     ns = topo.relay.ns
-    _gro(topo)
-    relay = _relay(topo, tmp_path, family).start()
-    socks: list = []
-    try:
-        out = relay.read_output()
-        assert "attached to vc1 in native mode" in out and "attached to ve1 in native mode" in out
-        prog_ids = [_xdp_prog_id(ns, "vc1"), _xdp_prog_id(ns, "ve1")]
-        assert prog_ids[0] and prog_ids[0] == prog_ids[1]
-        map_ids = _map_ids(prog_ids[0])
-        assert len(map_ids) >= 5 and all(_map_exists(m) for m in map_ids)
-        with LrkClient([relay.node]) as client:
-            caller = {p: endpoint(topo.caller.ns, caller_ip, p) for p in (4000, 4001, 4002, 4003)}
-            callee = {p: endpoint(topo.callee.ns, callee_ip, p) for p in (5000, 5001, 5002, 5003)}
-            spoof = endpoint(topo.callee.ns, callee_ip, 5999)
-            socks += [*caller.values(), *callee.values(), spoof]
-            offer = client.offer("x-call", "a", sdp=_body(caller_ip, 4000, 4002),
-                                 interface="external")
-            answer = client.answer("x-call", "a", "b", sdp=_body(callee_ip, 5000, 5002))
-            to_b, to_a = [_norm(a) for a in _addrs(offer)], [_norm(a) for a in _addrs(answer)]
-            # the relay knows both hosts' link addresses already (a frame towards a host
-            # it has no neighbour entry for goes the kernel path, which resolves it:
-            # xdp.verdicts.pass_fib, tested in test_xdp_prog.py)
-            _resolve(ns, [(pick(topo.relay), caller_ip), (pick(topo.relay_ext), callee_ip)])
-            before = _counters(client)
-            sent = 0
-            for i in range(2):  # audio, video
-                a_port, b_port = 4000 + 2 * i, 5000 + 2 * i
-                pkts = [rtp_packet(seq, 0x100 + i) for seq in range(20)]
-                for p in pkts:
-                    caller[a_port].sendto(p, to_a[i])
-                assert _got(callee[b_port], 20) == [(p, to_b[i]) for p in pkts], (family, i)
-                back = [rtp_packet(seq, 0x200 + i) for seq in range(20)]
-                for p in back:
-                    callee[b_port].sendto(p, to_b[i])
-                assert _got(caller[a_port], 20) == [(p, to_a[i]) for p in back], (family, i)
-                rtcp_a, rtcp_b = (to_a[i][0], to_a[i][1] + 1), (to_b[i][0], to_b[i][1] + 1)
-                report = rtcp_sender_report(0x100 + i, 20, 3440)
-                caller[a_port + 1].sendto(report, rtcp_a)
-                assert _got(callee[b_port + 1], 1) == [(report, rtcp_b)]
-                report = rtcp_sender_report(0x200 + i, 20, 3440)
-                callee[b_port + 1].sendto(report, rtcp_b)
-                assert _got(caller[a_port + 1], 1) == [(report, rtcp_a)]
-                sent += 42
-            after = _counters(client)
-            # every packet went through the XDP program, none through netfilter
-            assert after["xdp.verdicts.redirect"] - before["xdp.verdicts.redirect"] == sent, \
-                str({k: v for k, v in after.items() if k.startswith(("xdp", "media"))})
-            assert after["xdp.verdicts.pass_peer_nat"] == 0
-            assert after["xdp.verdicts.pass_source_port"] == 0
-            assert flows(ns) == [], "the kernel path carried nothing"
+    relay = xdp.start(family)
+    out = relay.read_output()
+    assert "attached to vc1 in native mode" in out and "attached to ve1 in native mode" in out
+    prog_ids = [_xdp_prog_id(ns, "vc1"), _xdp_prog_id(ns, "ve1")]
+    assert prog_ids[0] and prog_ids[0] == prog_ids[1]
+    map_ids = _map_ids(prog_ids[0])
+    assert len(map_ids) >= 5 and all(_map_exists(m) for m in map_ids)
+    with LrkClient([relay.node]) as client:
+        caller = {p: xdp.endpoint(topo.caller.ns, caller_ip, p) for p in range(4000, 4004)}
+        callee = {p: xdp.endpoint(topo.callee.ns, callee_ip, p) for p in range(5000, 5004)}
+        spoof = xdp.endpoint(topo.callee.ns, callee_ip, 5999)
+        offer = client.offer("x-call", "a", sdp=_body(caller_ip, 4000, 4002),
+                             interface="external")
+        answer = client.answer("x-call", "a", "b", sdp=_body(callee_ip, 5000, 5002))
+        to_b, to_a = [_norm(a) for a in _addrs(offer)], [_norm(a) for a in _addrs(answer)]
+        # the relay knows both hosts' link addresses already (a frame towards a host
+        # it has no neighbour entry for goes the kernel path, which resolves it:
+        # xdp.verdicts.pass_fib, tested in test_xdp_prog.py)
+        _resolve_hosts(topo, family)
+        before = _counters(client)
+        sent = 0
+        for i in range(2):  # audio, video
+            a_port, b_port = 4000 + 2 * i, 5000 + 2 * i
+            pkts = [rtp_packet(seq, 0x100 + i) for seq in range(20)]
+            for p in pkts:
+                caller[a_port].sendto(p, to_a[i])
+            assert _got(callee[b_port], 20) == [(p, to_b[i]) for p in pkts], (family, i)
+            back = [rtp_packet(seq, 0x200 + i) for seq in range(20)]
+            for p in back:
+                callee[b_port].sendto(p, to_b[i])
+            assert _got(caller[a_port], 20) == [(p, to_a[i]) for p in back], (family, i)
+            rtcp_a, rtcp_b = (to_a[i][0], to_a[i][1] + 1), (to_b[i][0], to_b[i][1] + 1)
+            report = rtcp_sender_report(0x100 + i, 20, 3440)
+            caller[a_port + 1].sendto(report, rtcp_a)
+            assert _got(callee[b_port + 1], 1) == [(report, rtcp_b)]
+            report = rtcp_sender_report(0x200 + i, 20, 3440)
+            callee[b_port + 1].sendto(report, rtcp_b)
+            assert _got(caller[a_port + 1], 1) == [(report, rtcp_a)]
+            sent += 42
+        after = _counters(client)
+        # every packet went through the XDP program, none through netfilter
+        assert after["xdp.verdicts.redirect"] - before["xdp.verdicts.redirect"] == sent, \
+            str({k: v for k, v in after.items() if k.startswith(("xdp", "media"))})
+        assert after["xdp.verdicts.pass_peer_nat"] == 0
+        assert after["xdp.verdicts.pass_source_port"] == 0
+        assert flows(ns) == [], "the kernel path carried nothing"
 
-            # the program's counters are read at most every kernel_poll (0.2 s here)
-            def counted() -> bool:
-                legs = client.query("x-call")["session"]["legs"]
-                return all((c["in_packets"], c["out_packets"]) == (21, 21)
-                           for leg in ("A", "B") for c in
-                           (legs[leg]["streams"][i]["counters"] for i in range(2)))
-
-            wait(counted, timeout=5)
+        # the program's counters are read at most every kernel_poll (0.2 s here)
+        def counted() -> bool:
             legs = client.query("x-call")["session"]["legs"]
-            size = len(rtp_packet(0, 0))
-            c = legs["A"]["streams"][0]["counters"]
-            assert c["in_bytes"] == 20 * size + len(rtcp_sender_report(0x100, 20, 3440))
-            assert _norm((legs["A"]["latched"]["ip"], legs["A"]["latched"]["port"])) == \
-                _norm((caller_ip, 4000))
+            return all((c["in_packets"], c["out_packets"]) == (21, 21)
+                       for leg in ("A", "B") for c in
+                       (legs[leg]["streams"][i]["counters"] for i in range(2)))
 
-            # junk to the relay's ports: dropped at the driver, counted
-            spoof.sendto(rtp_packet(0, 0xBAD), tuple(to_a[0]))  # not leg A's peer
-            caller[4000].sendto(rtp_packet(0, 0xBAD), (to_a[0][0], 30098))  # no session
-            wait(lambda: _counters(client)["media.dropped.unexpected_source"]
-                 == before["media.dropped.unexpected_source"] + 1, timeout=5)
-            wait(lambda: _counters(client)["media.dropped.no_destination"]
-                 == before.get("media.dropped.no_destination", 0) + 1, timeout=5)
-            assert pending(callee[5000]) == [] and pending(callee[5002]) == []
+        wait(counted, timeout=5)
+        legs = client.query("x-call")["session"]["legs"]
+        size = len(rtp_packet(0, 0))
+        c = legs["A"]["streams"][0]["counters"]
+        assert c["in_bytes"] == 20 * size + len(rtcp_sender_report(0x100, 20, 3440))
+        assert _norm((legs["A"]["latched"]["ip"], legs["A"]["latched"]["port"])) == \
+            _norm((caller_ip, 4000))
 
-            client.delete("x-call")
-            assert client.stats()["ports"]["in_use"] == 0
-            # the deleted session's ports now drop at the driver
-            caller[4000].sendto(rtp_packet(1, 0xBAD), to_a[0])
-            wait(lambda: _counters(client)["xdp.verdicts.drop_no_destination"]
-                 == after["xdp.verdicts.drop_no_destination"] + 2, timeout=5)
-        assert relay.stop() == 0
-        assert "program detached" in relay.output
-        _assert_clean(topo, prog_ids, map_ids)
-    finally:
-        relay.stop()
-        for s in socks:
-            s.close()
+        # junk to the relay's ports: dropped at the driver, counted
+        spoof.sendto(rtp_packet(0, 0xBAD), tuple(to_a[0]))  # not leg A's peer
+        caller[4000].sendto(rtp_packet(0, 0xBAD), (to_a[0][0], 30098))  # no session
+        wait(lambda: _counters(client)["media.dropped.unexpected_source"]
+             == before["media.dropped.unexpected_source"] + 1, timeout=5)
+        wait(lambda: _counters(client)["media.dropped.no_destination"]
+             == before.get("media.dropped.no_destination", 0) + 1, timeout=5)
+        assert pending(callee[5000]) == [] and pending(callee[5002]) == []
+
+        client.delete("x-call")
+        assert client.stats()["ports"]["in_use"] == 0
+        # the deleted session's ports now drop at the driver
+        caller[4000].sendto(rtp_packet(1, 0xBAD), to_a[0])
+        wait(lambda: _counters(client)["xdp.verdicts.drop_no_destination"]
+             == after["xdp.verdicts.drop_no_destination"] + 2, timeout=5)
+    assert relay.stop() == 0
+    assert "program detached" in relay.output
+    _assert_clean(topo, prog_ids, map_ids)
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
-def test_xdp_mode_learns_a_nated_caller_then_carries_it(topo, tmp_path, family):
+def test_xdp_mode_learns_a_nated_caller_then_carries_it(topo, xdp, family):
     """The caller sends from another port than its SDP's: the XDP program hands those
     packets to the kernel path (conntrack NAT relays and latches them); after the next
     counter read the entries name the real port and XDP carries both directions."""
     pick = _pick(family)
     caller_ip, callee_ip = pick(topo.caller), pick(topo.callee)
-    _gro(topo)
-    relay = _relay(topo, tmp_path, family).start()
-    socks: list = []
-    try:
-        with LrkClient([relay.node]) as client:
-            nat = endpoint(topo.caller.ns, caller_ip, 4444)
-            sdp_port = endpoint(topo.caller.ns, caller_ip, 4000)
-            callee = endpoint(topo.callee.ns, callee_ip, 5000)
-            socks += [nat, sdp_port, callee]
-            to_b = _norm(_addrs(client.offer("n-call", "a", sdp=_body(caller_ip, 4000),
-                                             interface="external"))[0])
-            to_a = _norm(_addrs(client.answer("n-call", "a", "b",
-                                              sdp=_body(callee_ip, 5000)))[0])
-            _resolve(topo.relay.ns, [(pick(topo.relay), caller_ip),
-                                     (pick(topo.relay_ext), callee_ip)])
-            # the callee first: before the caller sent anything its SDP port is all there
-            # is (as in kernel mode), and XDP carries it, so no conntrack flow is made
-            # that the caller's NATed flow would clash with (kernel mode's limit)
-            callee.sendto(rtp_packet(100, 0x500), to_b)
-            assert _got(sdp_port, 1) == [(rtp_packet(100, 0x500), to_a)]
-            assert flows(topo.relay.ns) == []
-            nat.sendto(rtp_packet(0, 0x400), to_a)
-            assert _got(callee, 1) == [(rtp_packet(0, 0x400), to_b)]
-            # the caller was seen behind a NAT: the callee's answer goes the kernel path,
-            # whose conntrack flow sends it to the caller's real port
-            callee.sendto(rtp_packet(0, 0x500), to_b)
-            assert _got(nat, 1) == [(rtp_packet(0, 0x500), to_a)]
-            counters = _counters(client)
-            assert counters["xdp.verdicts.pass_source_port"] == 1
-            assert counters["xdp.verdicts.pass_peer_nat"] == 1
-            real = _norm((caller_ip, 4444))
+    relay = xdp.start(family)
+    with LrkClient([relay.node]) as client:
+        nat = xdp.endpoint(topo.caller.ns, caller_ip, 4444)
+        sdp_port = xdp.endpoint(topo.caller.ns, caller_ip, 4000)
+        callee = xdp.endpoint(topo.callee.ns, callee_ip, 5000)
+        to_a, to_b = _call(client, "n-call", (caller_ip, 4000), (callee_ip, 5000))
+        _resolve_hosts(topo, family)
+        # the callee first: before the caller sent anything its SDP port is all there
+        # is (as in kernel mode), and XDP carries it, so no conntrack flow is made
+        # that the caller's NATed flow would clash with (kernel mode's limit)
+        callee.sendto(rtp_packet(100, 0x500), to_b)
+        assert _got(sdp_port, 1) == [(rtp_packet(100, 0x500), to_a)]
+        assert flows(topo.relay.ns) == []
+        nat.sendto(rtp_packet(0, 0x400), to_a)
+        assert _got(callee, 1) == [(rtp_packet(0, 0x400), to_b)]
+        # the caller was seen behind a NAT: the callee's answer goes the kernel path,
+        # whose conntrack flow sends it to the caller's real port
+        callee.sendto(rtp_packet(0, 0x500), to_b)
+        assert _got(nat, 1) == [(rtp_packet(0, 0x500), to_a)]
+        counters = _counters(client)
+        assert counters["xdp.verdicts.pass_source_port"] == 1
+        assert counters["xdp.verdicts.pass_peer_nat"] == 1
+        real = _norm((caller_ip, 4444))
 
-            def learnt() -> bool:
-                latched = client.query("n-call")["session"]["legs"]["A"]["latched"]
-                return latched is not None and _norm((latched["ip"], latched["port"])) == real
+        def learnt() -> bool:
+            latched = client.query("n-call")["session"]["legs"]["A"]["latched"]
+            return latched is not None and _norm((latched["ip"], latched["port"])) == real
 
-            wait(learnt, timeout=5)
-            redirect = _counters(client)["xdp.verdicts.redirect"]
-            assert redirect == 1  # the callee's first packet
-            for seq in range(1, 6):
-                nat.sendto(rtp_packet(seq, 0x400), to_a)
-            assert [d for d, _ in _got(callee, 5)] == [rtp_packet(s, 0x400) for s in range(1, 6)]
-            for seq in range(1, 6):
-                callee.sendto(rtp_packet(seq, 0x500), to_b)
-            assert _got(nat, 5) == [(rtp_packet(s, 0x500), to_a) for s in range(1, 6)]
-            assert _counters(client)["xdp.verdicts.redirect"] == redirect + 10
+        wait(learnt, timeout=5)
+        redirect = _counters(client)["xdp.verdicts.redirect"]
+        assert redirect == 1  # the callee's first packet
+        for seq in range(1, 6):
+            nat.sendto(rtp_packet(seq, 0x400), to_a)
+        assert [d for d, _ in _got(callee, 5)] == [rtp_packet(s, 0x400) for s in range(1, 6)]
+        for seq in range(1, 6):
+            callee.sendto(rtp_packet(seq, 0x500), to_b)
+        assert _got(nat, 5) == [(rtp_packet(s, 0x500), to_a) for s in range(1, 6)]
+        assert _counters(client)["xdp.verdicts.redirect"] == redirect + 10
 
-            def counted() -> bool:  # read at most every kernel_poll (0.2 s here)
-                legs = client.query("n-call")["session"]["legs"]
-                return (legs["A"]["counters"]["in_packets"],
-                        legs["B"]["counters"]["in_packets"]) == (6, 7)
+        def counted() -> bool:  # read at most every kernel_poll (0.2 s here)
+            legs = client.query("n-call")["session"]["legs"]
+            return (legs["A"]["counters"]["in_packets"],
+                    legs["B"]["counters"]["in_packets"]) == (6, 7)
 
-            wait(counted, timeout=5)
-            client.delete("n-call")
-        assert relay.stop() == 0
-    finally:
-        relay.stop()
-        for s in socks:
-            s.close()
+        wait(counted, timeout=5)
+        client.delete("n-call")
+    assert relay.stop() == 0
 
 
-def test_xdp_mode_silence_expiry_from_xdp_last_seen(topo, tmp_path):
+def test_xdp_mode_silence_expiry_from_xdp_last_seen(topo, xdp):
     """Media carried only by XDP keeps a call alive (no conntrack flow carries it); when
     it stops, the call ends about its silence timeout later."""
     caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
-    _gro(topo)
-    relay = _relay(topo, tmp_path, "ipv4").start()
-    socks: list = []
-    try:
-        with LrkClient([relay.node]) as client:
-            caller = endpoint(topo.caller.ns, caller_ip, 4000)
-            callee = endpoint(topo.callee.ns, callee_ip, 5000)
-            socks += [caller, callee]
-            client.offer("q-call", "a", sdp=_body(caller_ip, 4000), interface="external",
-                         timeout=1)
-            to_a = _norm(_addrs(client.answer("q-call", "a", "b",
-                                              sdp=_body(callee_ip, 5000)))[0])
-            _resolve(topo.relay.ns, [(topo.relay_ext.ip4, callee_ip)])
-            start = time.monotonic()
-            seq = 0
-            while time.monotonic() - start < 3.0:  # three timeouts of media, bounded
-                caller.sendto(rtp_packet(seq, 0x400), to_a)
-                assert len(receive(callee, 1)) == 1
-                seq += 1
-                time.sleep(0.1)
-            assert client.list()["total"] == 1, "media through XDP kept the call"
-            assert flows(topo.relay.ns) == []
-            last = time.monotonic()
-            wait(lambda: client.list()["total"] == 0, timeout=10)
-            ended = time.monotonic() - last
-            assert 0.8 <= ended <= 3.0, ended
-            assert _counters(client)["sessions.expired.silence"] == 1
-        assert relay.stop() == 0
-    finally:
-        relay.stop()
-        for s in socks:
-            s.close()
+    relay = xdp.start()
+    with LrkClient([relay.node]) as client:
+        caller = xdp.endpoint(topo.caller.ns, caller_ip, 4000)
+        callee = xdp.endpoint(topo.callee.ns, callee_ip, 5000)
+        to_a, _ = _call(client, "q-call", (caller_ip, 4000), (callee_ip, 5000), timeout=1)
+        _resolve(topo.relay.ns, [(topo.relay_ext.ip4, callee_ip)])
+        start = time.monotonic()
+        seq = 0
+        while time.monotonic() - start < 3.0:  # three timeouts of media, bounded
+            caller.sendto(rtp_packet(seq, 0x400), to_a)
+            assert len(receive(callee, 1)) == 1
+            seq += 1
+            time.sleep(0.1)
+        assert client.list()["total"] == 1, "media through XDP kept the call"
+        assert flows(topo.relay.ns) == []
+        last = time.monotonic()
+        wait(lambda: client.list()["total"] == 0, timeout=10)
+        ended = time.monotonic() - last
+        assert 0.8 <= ended <= 3.0, ended
+        assert _counters(client)["sessions.expired.silence"] == 1
+    assert relay.stop() == 0
 
 
-def test_xdp_mode_crash_leftover_is_replaced_and_cleaned(topo, tmp_path):
+def test_xdp_mode_crash_leftover_is_replaced_and_cleaned(topo, xdp):
     """SIGKILL leaves the program attached (an attachment outlives its process); the
     next start replaces lrk's own leftover, and its stop leaves nothing."""
     ns = topo.relay.ns
-    _gro(topo)
-    first = _relay(topo, tmp_path, "ipv4").start()
+    first = xdp.start()
     crashed = _xdp_prog_id(ns, "vc1")
-    second = first.again()
+    second = xdp.held(first.again())
     first.kill()
     assert _xdp_prog_id(ns, "vc1") == crashed, "a crash leaves the attachment"
-    try:
-        second.start()
-        assert "left on vc1" in second.read_output()
-        current = _xdp_prog_id(ns, "vc1")
-        assert current and current != crashed
-        with LrkClient([second.node]) as client:
-            caller = endpoint(topo.caller.ns, topo.caller.ip4, 4000)
-            callee = endpoint(topo.callee.ns, topo.callee.ip4, 5000)
-            try:
-                client.offer("c-call", "a", sdp=_body(topo.caller.ip4, 4000),
-                             interface="external")
-                to_a = _addrs(client.answer("c-call", "a", "b",
-                                            sdp=_body(topo.callee.ip4, 5000)))[0]
-                caller.sendto(rtp_packet(1, 0x400), tuple(to_a))
-                assert len(receive(callee, 1)) == 1
-            finally:
-                caller.close()
-                callee.close()
-        assert second.stop() == 0
-        _assert_clean(topo, [crashed, current])
-    finally:
-        second.stop()
+    second.start()
+    assert "left on vc1" in second.read_output()
+    current = _xdp_prog_id(ns, "vc1")
+    assert current and current != crashed
+    with LrkClient([second.node]) as client:
+        caller = xdp.endpoint(topo.caller.ns, topo.caller.ip4, 4000)
+        callee = xdp.endpoint(topo.callee.ns, topo.callee.ip4, 5000)
+        to_a, _ = _call(client, "c-call", (topo.caller.ip4, 4000), (topo.callee.ip4, 5000))
+        caller.sendto(rtp_packet(1, 0x400), to_a)
+        assert len(receive(callee, 1)) == 1
+    assert second.stop() == 0
+    _assert_clean(topo, [crashed, current])
 
 
 def test_xdp_mode_refuses_an_interface_it_cannot_attach_to(topo, tmp_path):
@@ -379,7 +399,7 @@ def test_xdp_mode_refuses_an_interface_it_cannot_attach_to(topo, tmp_path):
     assert "table inet lrk" not in tables(topo.relay.ns)
 
 
-def test_xdp_mode_junk_flood_costs_established_calls_nothing(topo, tmp_path):
+def test_xdp_mode_junk_flood_costs_established_calls_nothing(topo, xdp):
     """A bounded flood of junk at the relay's ports (a stranger at the call's own relay
     port, and at ports with no session) interleaved with a call's media both ways: every
     media packet arrives intact, every junk packet is dropped at the driver and counted
@@ -387,48 +407,36 @@ def test_xdp_mode_junk_flood_costs_established_calls_nothing(topo, tmp_path):
     caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
     stranger_ip = "198.51.100.72"
     run("ip", "addr", "add", f"{stranger_ip}/26", "dev", "ve0", ns=topo.callee.ns)
-    _gro(topo)
-    relay = _relay(topo, tmp_path, "ipv4").start()
-    socks: list = []
-    try:
-        with LrkClient([relay.node]) as client:
-            caller = endpoint(topo.caller.ns, caller_ip, 4000)
-            callee = endpoint(topo.callee.ns, callee_ip, 5000)
-            stranger = endpoint(topo.callee.ns, stranger_ip, 7000)
-            socks += [caller, callee, stranger]
-            for s in (caller, callee):
-                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
-            to_b = _norm(_addrs(client.offer("f-call", "a", sdp=_body(caller_ip, 4000),
-                                             interface="external"))[0])
-            to_a = _norm(_addrs(client.answer("f-call", "a", "b",
-                                              sdp=_body(callee_ip, 5000)))[0])
-            _resolve(topo.relay.ns, [(topo.relay.ip4, caller_ip),
-                                     (topo.relay_ext.ip4, callee_ip)])
-            before = _counters(client)
-            calls, per_call = 400, 25  # 10,000 junk packets, bounded
-            junk = rtp_packet(0, 0xBAD)
-            for seq in range(calls):
-                caller.sendto(rtp_packet(seq, 0x400), to_a)
-                callee.sendto(rtp_packet(seq, 0x500), to_b)
-                for k in range(per_call):
-                    if k % 2:  # a stranger at the call's relay ports
-                        stranger.sendto(junk, to_b)
-                    else:  # ports without a session
-                        stranger.sendto(junk, (to_b[0], 30050 + 2 * (k % 20)))
-            assert _got(callee, calls) == [(rtp_packet(s, 0x400), to_b) for s in range(calls)]
-            assert _got(caller, calls) == [(rtp_packet(s, 0x500), to_a) for s in range(calls)]
-            assert pending(stranger) == []
-            after = _counters(client)
-            assert after["xdp.verdicts.redirect"] - before["xdp.verdicts.redirect"] == 2 * calls
-            dropped = sum(after[k] - before.get(k, 0) for k in (
-                "media.dropped.unexpected_source", "media.dropped.no_destination"))
-            assert dropped == calls * per_call
-            assert flows(topo.relay.ns) == [], "no junk reached netfilter"
-        assert relay.stop() == 0
-    finally:
-        relay.stop()
-        for s in socks:
-            s.close()
+    relay = xdp.start()
+    with LrkClient([relay.node]) as client:
+        caller = xdp.endpoint(topo.caller.ns, caller_ip, 4000)
+        callee = xdp.endpoint(topo.callee.ns, callee_ip, 5000)
+        stranger = xdp.endpoint(topo.callee.ns, stranger_ip, 7000)
+        for s in (caller, callee):
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+        to_a, to_b = _call(client, "f-call", (caller_ip, 4000), (callee_ip, 5000))
+        _resolve_hosts(topo, "ipv4")
+        before = _counters(client)
+        calls, per_call = 400, 25  # 10,000 junk packets, bounded
+        junk = rtp_packet(0, 0xBAD)
+        for seq in range(calls):
+            caller.sendto(rtp_packet(seq, 0x400), to_a)
+            callee.sendto(rtp_packet(seq, 0x500), to_b)
+            for k in range(per_call):
+                if k % 2:  # a stranger at the call's relay ports
+                    stranger.sendto(junk, to_b)
+                else:  # ports without a session
+                    stranger.sendto(junk, (to_b[0], 30050 + 2 * (k % 20)))
+        assert _got(callee, calls) == [(rtp_packet(s, 0x400), to_b) for s in range(calls)]
+        assert _got(caller, calls) == [(rtp_packet(s, 0x500), to_a) for s in range(calls)]
+        assert pending(stranger) == []
+        after = _counters(client)
+        assert after["xdp.verdicts.redirect"] - before["xdp.verdicts.redirect"] == 2 * calls
+        dropped = sum(after[k] - before.get(k, 0) for k in (
+            "media.dropped.unexpected_source", "media.dropped.no_destination"))
+        assert dropped == calls * per_call
+        assert flows(topo.relay.ns) == [], "no junk reached netfilter"
+    assert relay.stop() == 0
 
 
 def test_xdp_mode_names_the_missing_capability(topo, tmp_path):
@@ -447,3 +455,79 @@ def test_xdp_mode_names_the_missing_capability(topo, tmp_path):
     assert "CAP_BPF" in text and "--mode kernel" in text, text
     assert _xdp_prog_id(topo.relay.ns, "vc1") == 0
     assert "table inet lrk" not in tables(topo.relay.ns)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill -9"])
+def test_xdp_mode_media_flows_through_a_restart(topo, tmp_path, xdp, how):
+    """Calls with media flowing both ways through a restart (SIGTERM, or kill -9 of the
+    daemon): the old program stays attached with its entries (SIGTERM keeps it for the
+    kept calls; after kill -9 its attachment outlives the process), the new process
+    writes the restored calls' entries into its own map and only then replaces it, in
+    one step. The new process drops no packet as no_destination, every receiver sees
+    every sequence number (veth: no loss allowed), XDP carries again after the restart,
+    and the old program is gone (one program per interface, never two, never none).
+    Before the fix the new program was attached before the restore and dropped the
+    adopted calls' packets for 180-300 ms (docs/benchmarks.md section 6); detaching at
+    SIGTERM and attaching later also lost the frames in flight in the veth rings."""
+    ns = topo.relay.ns
+    caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
+    first = xdp.start(config=f"state_dir = \"{tmp_path / 'state'}\"\n")
+    spec = []
+    with LrkClient([first.node]) as client:
+        for i in range(RESTART_CALLS):
+            caller, callee = socket_in(topo.caller.ns), socket_in(topo.callee.ns)
+            xdp.socks += [caller, callee]
+            caller.bind((caller_ip, 0))
+            callee.bind((callee_ip, 0))
+            to_b = client.offer(f"r-{i}", "a", caller.getsockname(),
+                                interface="external")["relay"]
+            to_a = client.answer(f"r-{i}", "a", "b", callee.getsockname())["relay"]
+            spec.append((caller.fileno(), callee.fileno(), (to_a["ip"], to_a["port"]),
+                         (to_b["ip"], to_b["port"])))
+        _resolve_hosts(topo, "ipv4")
+        old = _xdp_prog_id(ns, "vc1")
+        events: dict = {}
+
+        def restart() -> None:
+            time.sleep(0.5)  # media runs meanwhile
+            second = xdp.held(first.again())
+            if how == "sigterm":
+                first.stop()
+            else:
+                first.kill()
+            second.start()
+            events["ready"] = time.monotonic()
+
+        with CallGen(spec, seed=7) as gen:
+            warm = gen.run(0.5, grace=0.3)
+            assert warm["lost"] == 0 and warm["received"] == warm["sent"], warm
+            assert _counters(client)["xdp.verdicts.redirect"] > 0, "XDP carries"
+            thread = threading.Thread(target=restart, daemon=True)
+            thread.start()
+            result = gen.run(RESTART_MEDIA, detail=True, grace=1.0)
+            end = time.monotonic()
+            thread.join(RESTART_MEDIA)
+    assert "ready" in events and len(xdp.relays) == 2, xdp.relays[-1].read_output()
+    assert end - events["ready"] >= 1.0, "media must outlast the restart"
+    second = xdp.relays[1]
+    if how == "sigterm":
+        assert f"left attached to vc1, ve1 for {RESTART_CALLS} kept call(s)" in first.output
+    per = result["per_stream"]
+    lost = {(s["call"], s["direction"]): (s["sent"], s["received"], s["lost"])
+            for s in per if s["received"] != s["sent"] or s["lost"]}
+    with LrkClient([second.node]) as client:
+        counters = _counters(client)
+        assert lost == {}, (lost, run("conntrack", "-S", ns=ns).stdout,
+                            {k: v for k, v in counters.items()
+                             if k.startswith(("xdp.", "media.dropped"))})
+        assert counters["xdp.verdicts.drop_no_destination"] == 0
+        assert counters.get("media.dropped.no_destination", 0) == 0
+        assert counters["xdp.verdicts.redirect"] > 0, "the new program carries"
+        assert client.stats()["sessions"] == RESTART_CALLS
+        for i in range(RESTART_CALLS):
+            client.delete(f"r-{i}")
+    current = _xdp_prog_id(ns, "vc1")
+    assert current and current != old and _xdp_prog_id(ns, "ve1") == current
+    assert not _prog_exists(old), "the old program went with its attachment"
+    assert second.stop() == 0
+    _assert_clean(topo, [old, current])

@@ -23,7 +23,7 @@ from fastpath.contract import (
     unit_id,
 )
 from fastpath.xdp.layout import F_CHECK_PEER, F_KERNEL, REASONS, SEEN_NONE, Entry
-from lrk.daemon.kernel_plane import fork_spec, session_spec
+from lrk.daemon.kernel_plane import KernelView, fork_spec, session_spec
 from lrk.daemon.xdp_plane import XdpPlane
 
 RA, RB = "198.51.100.1", "198.51.100.65"
@@ -37,6 +37,10 @@ class FakeProgram:
         self.resets: List[int] = []
         self.verdicts = {r: 0 for r in REASONS}
         self.closed = False
+        #: (interface, entries in the map at that moment) per attach
+        self.attaches: List[Tuple[str, int]] = []
+        self.released = False
+        self.checked: List[str] = []
 
     def put(self, entry: Entry, seen: int = SEEN_NONE) -> None:
         self.entries[entry.relay] = entry
@@ -60,7 +64,12 @@ class FakeProgram:
     def configure(self, *args) -> None:
         pass
 
+    def attachable(self, ifname: str) -> int:
+        self.checked.append(ifname)
+        return 1
+
     def attach(self, ifname: str, mode: str) -> str:
+        self.attaches.append((ifname, len(self.entries)))
         return "native"
 
     def detach_all(self) -> list:
@@ -69,9 +78,13 @@ class FakeProgram:
     def close(self) -> None:
         self.closed = True
 
+    def release(self) -> None:
+        self.released = True
 
-class FakeKernel:
-    """What XdpPlane reads of a KernelPlane, kept as KernelPlane keeps it."""
+
+class FakeKernel(KernelView):
+    """A KernelPlane's state kept as it keeps it, read through its read-only seam
+    (KernelView) as XdpPlane reads the real one."""
 
     def __init__(self) -> None:
         self.specs: Dict[int, SessionSpec] = {}
@@ -132,6 +145,9 @@ class FakeKernel:
     async def stop(self) -> None:
         pass
 
+    def adopted(self) -> None:
+        pass
+
 
 def _stream(index: int, gen_a: int = 0, gen_b: int = 0) -> StreamSpec:
     port = 30000 + 4 * index
@@ -148,6 +164,41 @@ def _plane(events: list):
     plane.sink = events.append
     asyncio.run(plane.start())
     return plane, prog
+
+
+def test_the_program_is_attached_only_after_the_restore_wrote_the_entries():
+    """A restart: start checks the interfaces but attaches nothing, the restore installs
+    the calls (their entries go into the map), and `adopted` attaches once, with every
+    entry there (attached earlier, the program would drop the calls' packets as
+    unknown while the kernel path could carry them)."""
+    plane, prog = _plane([])
+    assert prog.checked == ["vc1"] and prog.attaches == []
+    plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
+    assert prog.attaches == []
+    plane.adopted()
+    assert prog.attaches == [("vc1", 4)]
+    plane.adopted()
+    assert len(prog.attaches) == 1, "attached once"
+
+
+def test_a_stop_that_keeps_calls_leaves_the_program_attached_with_their_entries():
+    """SIGTERM with a store: Remove(KEPT) leaves the entries, and the stop releases the
+    program without detaching it (it forwards until the next start replaces it); a stop
+    with nothing kept detaches and closes."""
+    plane, prog = _plane([])
+    plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
+    plane.adopted()
+    assert plane.apply([Remove(1, "c", "restart")]) == []
+    assert len(prog.entries) == 4, "a kept call's entries stay"
+    asyncio.run(plane.stop())
+    assert prog.released and not prog.closed
+    plane, prog = _plane([])
+    plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
+    plane.adopted()
+    plane.apply([Remove(1, "c", "deleted")])
+    assert prog.entries == {}
+    asyncio.run(plane.stop())
+    assert prog.closed and not prog.released
 
 
 def test_entries_from_announced_peers_both_directions_rtp_and_rtcp():
