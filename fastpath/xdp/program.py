@@ -10,6 +10,7 @@ fd and attachment).
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from fastpath.xdp import build, layout
@@ -203,3 +204,37 @@ class XdpProgram:
     def test_run(self, frame: bytes, ingress_ifindex: int = 0) -> Tuple[int, bytes]:
         verdict, out, _ = test_run(self.relay_fd, frame, ingress_ifindex)
         return verdict, out
+
+
+def detach_leftovers() -> List[str]:
+    """Detach lrk's XDP programs left attached in this network namespace by an xdp-mode
+    run that kept its calls or crashed (an attachment outlives its process): a relay
+    started in another mode must not have them take its ports' packets. Other tools'
+    programs are never touched. Returns "ifname (mode)" for each one detached."""
+    done: List[str] = []
+    for ifindex, ifname in _interfaces():
+        for mode, flags in MODES.items():
+            try:
+                prog_id = xdp_query_id(ifindex, flags)
+                if prog_id and prog_name(prog_id) == "lrk_relay":
+                    xdp_detach(ifindex, flags)
+                    done.append(f"{ifname} ({mode})")
+            except XdpError as exc:
+                log.debug("xdp: cannot check %s (%s): %s", ifname, mode, exc)
+    return done
+
+
+def _interfaces() -> List[Tuple[int, str]]:
+    """(ifindex, name) of this thread's network namespace (PyPy 3.9's socket module has
+    no if_nameindex: /proc/thread-self/net/dev lists the same names)."""
+    if hasattr(socket, "if_nameindex"):
+        return list(socket.if_nameindex())
+    out = []
+    with open("/proc/thread-self/net/dev") as fh:
+        for line in fh.readlines()[2:]:  # two header lines
+            name = line.split(":", 1)[0].strip()
+            try:
+                out.append((if_nametoindex(name), name))
+            except OSError:
+                continue  # gone since
+    return out

@@ -41,7 +41,7 @@ from lrk.daemon.socket_plane import SocketPlane
 from lrk.daemon.store import SqliteStore
 from lrk.daemon.takeover import Standby, Taken, session_media, take
 from lrk.daemon.xdp_plane import XdpPlane
-from lrk.errors import ConfigError
+from lrk.errors import ConfigError, LrkError
 
 log = logging.getLogger("lrk.relay")
 #: a restarted socket-mode relay waits at most this long for a killed predecessor's
@@ -125,6 +125,19 @@ RELOADABLE = ("log_level", "log_format", "silence_timeout", "max_lifetime", "qua
               "legacy_timeout", "max_control_rate", "strict_source", "control_keys",
               "control_auth_window")
 
+
+
+def _detach_xdp_leftovers() -> None:
+    """An xdp-mode run that kept its calls leaves its program attached for the next xdp
+    run to replace; a relay started in another mode detaches it (it would take this
+    relay's packets). Without libbpf there is nothing of lrk's to find."""
+    try:
+        from fastpath.xdp.program import detach_leftovers
+    except (ImportError, OSError, LrkError):
+        return
+    for where in detach_leftovers():
+        lifecycle.warning("xdp: detached lrk's XDP program left on %s by an earlier "
+                          "xdp-mode run (this relay runs in another mode)", where)
 
 class Relay:
     """Owns the engine, the control endpoint and the data plane for one relay node."""
@@ -231,6 +244,8 @@ class Relay:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
+        if self.config.mode != "xdp":
+            _detach_xdp_leftovers()
         await self.plane.start()
         if self.store is not None:
             await self._restore()

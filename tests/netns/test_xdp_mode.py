@@ -531,3 +531,36 @@ def test_xdp_mode_media_flows_through_a_restart(topo, tmp_path, xdp, how):
     assert not _prog_exists(old), "the old program went with its attachment"
     assert second.stop() == 0
     _assert_clean(topo, [old, current])
+
+
+def test_a_relay_in_another_mode_detaches_the_program_an_xdp_run_left(topo, tmp_path, xdp):
+    """SIGTERM of an xdp-mode relay with calls keeps its program attached for the next
+    xdp run to replace. If the next run is kernel mode, it detaches that program at start
+    (logged) instead of letting it take the ports' packets; the kept call goes on through
+    the kernel path."""
+    ns = topo.relay.ns
+    caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
+    first = xdp.start(config=f"state_dir = \"{tmp_path / 'state'}\"\n")
+    caller = xdp.endpoint(topo.caller.ns, caller_ip, 4000)
+    callee = xdp.endpoint(topo.callee.ns, callee_ip, 5000)
+    with LrkClient([first.node]) as client:
+        to_a, _ = _call(client, "m-call", (caller_ip, 4000), (callee_ip, 5000))
+    second = xdp.held(first.again())  # before the stop: the control socket's directory
+    assert first.stop() == 0
+    assert _xdp_prog_id(ns, "vc1") != 0, "a stop that keeps calls leaves the program attached"
+    # the same node, its state and addresses, now in kernel mode
+    argv = list(first.argv)
+    argv[argv.index("--mode") + 1] = "kernel"
+    while "--xdp-interface" in argv:
+        at = argv.index("--xdp-interface")
+        del argv[at:at + 2]
+    second.argv = argv
+    second.start()
+    assert _xdp_prog_id(ns, "vc1") == 0 and _xdp_prog_id(ns, "ve1") == 0
+    with LrkClient([second.node]) as client:
+        assert client.list()["total"] == 1, "the kept call was adopted"
+        caller.sendto(rtp_packet(1, 0x500), to_a)
+        assert len(receive(callee, 1)) == 1, "the kept call flows through the kernel path"
+        client.delete("m-call")
+    assert second.stop() == 0
+    assert "detached lrk's XDP program left on vc1" in second.output
