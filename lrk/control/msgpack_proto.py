@@ -251,9 +251,7 @@ class MsgpackControl:
         except Exception:
             log.exception("internal error on %s", request.cmd)
             reply = self._error_msg(request.cookie, "internal", "internal error; see relay log")
-        outcome = self._final(request.sender, request.cookie, now, reply)
-        outcome.actions = actions
-        return outcome
+        return self._final(request.sender, request.cookie, now, reply, actions)
 
     def plane_failed(self, request: Request, detail: str, now: float) -> Outcome:
         """The data plane refused what `request` set up (the engine has ended the session):
@@ -562,16 +560,17 @@ class MsgpackControl:
             self.replay.store(sender, cookie, data, now, request)
         return Outcome(data)
 
-    def _final(self, sender: Hashable, cookie: Any, now: float, reply: Dict[str, Any]) -> Outcome:
-        """Pack, cache and return the reply; one too large for a datagram becomes a small
-        `too_large` error (the request has run: its effect stays)."""
-        data = pack(reply)
+    def _final(self, sender: Hashable, cookie: Any, now: float, reply: Dict[str, Any],
+               actions: Optional[List[Action]] = None) -> Outcome:
+        """Pack, cache and return the reply (with `actions`); one too large for a datagram
+        becomes a small `too_large` error (the request has run: its effect stays)."""
+        data = packb(reply)
         if len(data) > MAX_REPLY_BYTES:
             data = pack(self._error_msg(
                 cookie, "too_large", f"the request was carried out, but its reply of "
                 f"{len(data)} bytes does not fit one datagram ({MAX_REPLY_BYTES})"))
         self.replay.store(sender, cookie, data, now)
-        return Outcome(data)
+        return Outcome(data) if actions is None else Outcome(data, actions)
 
 
 def _error_body(cookie: Any, code: str, message: str) -> Dict[str, Any]:
