@@ -1,0 +1,139 @@
+"""Control-path cost in CPU instructions, v0.1 vs this tree: a figure no load can move.
+
+    .venv/bin/python -m bench.instructions --before /tmp/lrk-v01 \\
+        --out bench/results/instructions-<date>.json
+
+Timing the control path on a shared 2-core machine moves by ±30 % between runs;
+instruction counts do not (valgrind's cachegrind counts the instructions a process
+executes, whatever else runs). Each tree runs the same sans-IO loop -- the msgpack
+control protocol and the engine, no sockets: offer, answer and delete of one audio call
+with SDP bodies, unsigned -- under ``valgrind --tool=cachegrind`` twice, with `calls`
+and with 0 measured calls after the same warm-up; the difference over `calls` is the
+instructions per call. CPython only (valgrind and a JIT do not make a fair count).
+
+What it does not count: the sockets and the worker (the same syscalls in both trees:
+``strace -c`` of the daemon, docs/benchmarks.md section 1), and time lost to cache
+misses, which instructions do not show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+from bench.ng import audio_sdp
+
+WARMUP = 1000
+MAX_CALLS = 20000
+
+#: the loop each tree runs: its own MsgpackControl and Engine (v0.1's take no auth)
+LOOP = r'''
+import pickle, sys
+from lrk.core.engine import Engine, EngineConfig
+from lrk.control.msgpack_proto import MsgpackControl
+warm, n, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+with open(path, "rb") as fh:
+    calls = pickle.load(fh)
+engine = Engine(EngineConfig(port_start=10000, port_end=60000, quarantine=0))
+try:
+    control = MsgpackControl(engine, auth=None)
+except TypeError:
+    control = MsgpackControl(engine)
+now = 1.0
+for datagrams in calls[:warm + n]:
+    for data in datagrams:
+        now += 0.0001
+        control.handle(data, ("127.0.0.1", 9), now)
+'''
+
+
+def requests(count: int) -> List[List[bytes]]:
+    """`count` calls of three msgpack requests each (offer, answer, delete)."""
+    import msgpack
+
+    out = []
+    for i in range(count):
+        call_id = f"bench-{i}"
+        out.append([msgpack.packb(r) for r in (
+            {"cmd": "offer", "call_id": call_id, "from_tag": "a", "cookie": f"{i}.0",
+             "sdp": audio_sdp("127.0.0.1", 7000), "interface": "external"},
+            {"cmd": "answer", "call_id": call_id, "from_tag": "a", "to_tag": "b",
+             "cookie": f"{i}.1", "sdp": audio_sdp("127.0.0.1", 7002),
+             "interface": "internal"},
+            {"cmd": "delete", "call_id": call_id, "cookie": f"{i}.2"})])
+    return out
+
+
+def instructions(python: str, tree: str, script: str, data: str, warm: int, n: int) -> int:
+    """Instructions valgrind counted for one run of the loop in `tree`."""
+    env = dict(os.environ, PYTHONPATH=tree)
+    out = subprocess.run(
+        ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+         python, script, str(warm), str(n), data],
+        cwd=tree, env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise SystemExit(f"the loop failed in {tree}: {out.stderr[-2000:]}")
+    found = re.search(r"I\s+refs:\s+([\d,]+)", out.stderr)
+    if found is None:
+        raise SystemExit(f"valgrind printed no instruction count: {out.stderr[-500:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def per_call(python: str, tree: str, script: str, data: str, calls: int) -> int:
+    base = instructions(python, tree, script, data, WARMUP, 0)
+    return (instructions(python, tree, script, data, WARMUP, calls) - base) // calls
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--before", required=True, help="a checkout of the tree to compare with")
+    ap.add_argument("--after", default=os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--python", default=sys.executable, help="a CPython interpreter")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    if not 1 <= args.calls <= MAX_CALLS:
+        ap.error(f"--calls must be within 1..{MAX_CALLS}")
+    if shutil.which("valgrind") is None:
+        ap.error("valgrind is not installed (apt-get install valgrind)")
+    with tempfile.TemporaryDirectory(prefix="lrk-instr-") as tmp:
+        script = os.path.join(tmp, "loop.py")
+        data = os.path.join(tmp, "calls.pickle")
+        with open(script, "w") as fh:
+            fh.write(LOOP)
+        import pickle
+
+        with open(data, "wb") as fh:
+            pickle.dump(requests(WARMUP + args.calls), fh)
+        result: Dict[str, Any] = {
+            "command": " ".join(["python -m bench.instructions", *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "python": subprocess.run([args.python, "-VV"], capture_output=True,
+                                     text=True).stdout.strip(),
+            "calls": args.calls, "warmup": WARMUP,
+        }
+        for side, tree in (("before", args.before), ("after", args.after)):
+            result[side] = {"tree": tree,
+                            "instructions_per_call": per_call(args.python, tree, script, data,
+                                                              args.calls)}
+    result["after_over_before"] = round(result["after"]["instructions_per_call"]
+                                        / result["before"]["instructions_per_call"], 3)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
