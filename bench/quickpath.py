@@ -46,6 +46,7 @@ from bench.interpreters import pypy_or_current
 from bench.netns import Topology, run
 from bench.netns_capacity import xdp_links
 from bench.trafgen import Sink, Trafgen, busy_share, cpu_times, link_mac, steer
+from bench.xdpgen import XdpGen, XdpSink, thread_cpu_ns, xmit_errors
 
 Addr = Tuple[str, int]
 
@@ -59,6 +60,12 @@ CALLEE_PORT = 30000
 RELAY_PORT = 20000
 STATIC_TABLE = "qpnat"
 RELAY_CPU, GEN_CPU = 1, 0
+GENERATORS = ("xdp", "trafgen")
+#: the relay's NAPI thread runs SCHED_FIFO: as a NIC's softirq, it is not queued behind
+#: other processes of a shared machine (RT throttling still leaves them 5 %)
+NAPI_RT_PRIO = 50
+#: the relay's NAPI thread at or above this share of the wall time: the relay core is full
+NAPI_FULL = 0.9
 
 
 class QuickpathError(RuntimeError):
@@ -74,23 +81,49 @@ def flows_for(topo: Topology, sessions: int) -> List[Tuple[Addr, Addr]]:
 
 
 class Rig:
-    """The topology, steered, with a permanent neighbour entry for the callee."""
+    """The topology, steered, with a permanent neighbour entry for the callee; frames come
+    from `generator` ("xdp": `bench.xdpgen.XdpGen`, counted by an `XdpSink`; "trafgen":
+    `bench.trafgen.Trafgen`, counted by the nft `Sink`)."""
 
-    def __init__(self, topo: Topology) -> None:
-        self.topo = topo
+    def __init__(self, topo: Topology, generator: str = "xdp") -> None:
+        if generator not in GENERATORS:
+            raise QuickpathError(f"unknown generator {generator!r}; choose from {GENERATORS}")
+        self.topo, self.kind = topo, generator
         mac = link_mac(topo.callee.ns, "ve0")
         run("ip", "neigh", "replace", topo.callee.ip4, "lladdr", mac, "dev", "ve1", "nud",
             "permanent", ns=topo.relay.ns)
         xdp_links(topo)  # every mode of a run shares the hosts' link settings
-        self.napi_pid = steer(topo.relay.ns, "vc1", topo.caller.ns, "vc0", RELAY_CPU)
+        self.napi_pid = steer(topo.relay.ns, "vc1", topo.caller.ns, "vc0", RELAY_CPU,
+                              rt_prio=NAPI_RT_PRIO)
         self.caller_mac = link_mac(topo.caller.ns, "vc0")
         self.relay_mac = link_mac(topo.relay.ns, "vc1")
 
-    def generator(self, pairs: List[Tuple[Addr, Addr]], dests: List[Addr]) -> Trafgen:
+    def generator(self, pairs: List[Tuple[Addr, Addr]], dests: List[Addr]) -> Any:
+        """The generator for these flows (an XdpGen holds BPF fds: close it, or use
+        `generating`)."""
         flows = [Flow(a[0], a[1], d[0], d[1], ssrc=i + 1)
                  for i, ((a, _b), d) in enumerate(zip(pairs, dests))]
+        if self.kind == "xdp":
+            return XdpGen.for_flows(self.topo.caller.ns, "vc0", self.caller_mac,
+                                    self.relay_mac, flows, cpu=GEN_CPU)
         return Trafgen(self.topo.caller.ns, "vc0", self.caller_mac, self.relay_mac, flows,
                        cpu=GEN_CPU)
+
+    @contextlib.contextmanager
+    def generating(self, pairs: List[Tuple[Addr, Addr]], dests: List[Addr]) -> Iterator[Any]:
+        gen = self.generator(pairs, dests)
+        try:
+            yield gen
+        finally:
+            if isinstance(gen, XdpGen):
+                gen.close()
+
+    def sink(self, sessions: int) -> Any:
+        """Counts and drops what reaches the callee on its ports (a context manager)."""
+        ports = (CALLEE_PORT, CALLEE_PORT + 2 * sessions)
+        if self.kind == "xdp":
+            return XdpSink(self.topo.callee.ns, "ve0", ports)
+        return Sink(self.topo.callee.ns, ports)
 
 
 # -- modes: each yields where session i's caller sends -----------------------------------
@@ -193,24 +226,45 @@ def _settled(sink: Sink, deadline_s: float = 1.0) -> int:
     return last
 
 
-def step(gen: Trafgen, sink: Sink, rate: int, seconds: float) -> dict:
-    """Offer `rate` pkt/s for `seconds`; delivered, loss and both cores' busy share."""
+def step(gen: Any, sink: Any, rate: int, seconds: float,
+         napi_pid: Optional[int] = None) -> dict:
+    """Offer `rate` pkt/s for `seconds`; delivered, loss, both cores' busy share, the relay
+    NAPI thread's share (the relay's own work, whatever else runs on its core) and, with
+    the XDP generator, the frames the relay's veth ring refused."""
     count = max(1000, int(rate * seconds))
     before = sink.packets()
+    xdp = isinstance(gen, XdpGen)
+    ring0 = xmit_errors(gen.ns, gen.dev) if xdp else 0
+    napi0 = thread_cpu_ns(napi_pid) if napi_pid else 0
     c_relay, c_gen, t0 = cpu_times(RELAY_CPU), cpu_times(GEN_CPU), time.monotonic()
     sent = gen.run(rate, count)
     wall = time.monotonic() - t0
     relay_busy = busy_share(c_relay, cpu_times(RELAY_CPU))
     gen_busy = busy_share(c_gen, cpu_times(GEN_CPU))
+    napi_busy = (thread_cpu_ns(napi_pid) - napi0) / 1e9 / wall if napi_pid else None
     delivered = _settled(sink) - before
-    achieved = sent / wall if wall > 0 else 0.0
+    if xdp:  # the program's own clock: first to last frame sent
+        achieved = gen.last.rate
+        limited = achieved < 0.97 * rate
+    else:
+        achieved = sent / wall if wall > 0 else 0.0
+        limited = achieved < 0.97 * rate
     res = {"rate": rate, "sent": sent, "received": delivered,
            "loss": round(1 - delivered / sent, 5) if sent else 1.0,
            "achieved_rate": round(achieved), "delivered_rate": round(delivered / wall),
-           "generator_limited": achieved < 0.97 * rate,
-           "relay_core_busy": round(relay_busy, 3), "generator_core_busy": round(gen_busy, 3)}
-    res["saturated"] = ("relay core" if relay_busy > 0.95 else
-                        "generator" if gen_busy > 0.95 else "neither")
+           "generator_limited": limited,
+           "relay_core_busy": round(relay_busy, 3), "generator_core_busy": round(gen_busy, 3),
+           "relay_napi_busy": round(napi_busy, 3) if napi_busy is not None else None}
+    if xdp:
+        res["ring_refused"] = xmit_errors(gen.ns, gen.dev) - ring0
+        res["lag_resets"] = gen.last.lag_resets
+    # the XDP generator spins between frames (its core reads ~100 % busy at any rate): it
+    # saturated when it could not keep its schedule; trafgen when its core was full
+    gen_full = limited or (not xdp and gen_busy > 0.95)
+    relay_full = (napi_busy >= NAPI_FULL if napi_busy is not None else relay_busy > 0.95)
+    res["saturated"] = ("relay core" if relay_full and not gen_full else
+                        "generator" if gen_full and not relay_full else
+                        "both" if gen_full else "neither")
     return res
 
 
@@ -238,13 +292,12 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
     t0 = time.monotonic()
     with SETUPS[mode](rig, pairs, python) as dests:
         setup_s = time.monotonic() - t0
-        gen = rig.generator(pairs, dests)
-        with Sink(rig.topo.callee.ns, (CALLEE_PORT, CALLEE_PORT + 2 * sessions)) as sink:
+        with rig.generating(pairs, dests) as gen, rig.sink(sessions) as sink:
             gen.run(10_000, max(1000, sessions))  # first packets: latching, conntrack
             _settled(sink)
 
             def measure(rate: int) -> dict:
-                return step(gen, sink, rate, seconds)
+                return step(gen, sink, rate, seconds, rig.napi_pid)
 
             found = search(measure, start, MAX_STEPS)
             cap = found["capacity_pps"]
@@ -257,27 +310,38 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             "relay_core_busy_at_capacity": (statistics.median(r["relay_core_busy"]
                                                               for r in at_cap)
                                             if at_cap else None),
+            "relay_napi_busy_at_capacity": (statistics.median(r["relay_napi_busy"]
+                                                              for r in at_cap)
+                                             if at_cap else None),
             "saturated": at_cap[-1]["saturated"] if at_cap else None,
             "upper_bound_pps": found["upper_bound_pps"]}
 
 
 def table(results: List[dict]) -> str:
-    lines = ["| mode | sessions | capacity (pkt/s, confirmed 3x) | relay core busy there | "
-             "lowest rate that did not pass | why it did not | saturated there |",
-             "|---|---:|---:|---:|---:|---|---|"]
+    lines = ["| mode | sessions | capacity (pkt/s, confirmed 3x) | relay NAPI thread busy there "
+             "| relay core busy there | lowest rate that did not pass | why it did not | "
+             "saturated there |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in results:
         up = r["upper_bound_pps"]
         bad = next((s for s in r["search"]["steps"]
                     if s["rate"] == up and s.get("verdict") != "pass"), None)
         lines.append(f"| {r['mode']} | {r['sessions']:,} | "
-                     f"{r['capacity_pps'] or 0:,} | {r['relay_core_busy_at_capacity']} | "
-                     f"{up or '-'} | {bad['verdict'] if bad else '-'} | "
+                     f"{r['capacity_pps'] or 0:,} | {r.get('relay_napi_busy_at_capacity')} | "
+                     f"{r['relay_core_busy_at_capacity']} | "
+                     f"{f'{up:,}' if up else '-'} | {bad['verdict'] if bad else '-'} | "
                      f"{bad['saturated'] if bad else '-'} |")
     return "\n".join(lines)
 
 
+def load_average() -> List[float]:
+    """The machine's 1-, 5- and 15-minute load (it is shared: figures say how busy)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
-              start: int = 200_000, python: Optional[str] = None) -> dict:
+              start: int = 200_000, python: Optional[str] = None,
+              generator: str = "xdp") -> dict:
     if os.geteuid() != 0:
         raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
     if not 0 < seconds <= MAX_STEP_S:
@@ -287,29 +351,37 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
         raise QuickpathError(f"unknown modes {unknown}; choose from {list(SETUPS)}")
     py = python or pypy_or_current()
     results = []
+    load_before = load_average()
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with Topology("-qp") as topo:
-        rig = Rig(topo)
+        rig = Rig(topo, generator)
         for n in sessions:
             for mode in modes:
                 print(f"quickpath: {mode} x {n} ...", file=sys.stderr, flush=True)
-                results.append(measure_mode(rig, mode, n, py, seconds, start))
-    return {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                res = measure_mode(rig, mode, n, py, seconds, start)
+                res["load_after"] = load_average()
+                results.append(res)
+    return {"machine": machine(), "date": date,
             "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
-            "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU, "step_s": seconds,
+            "generator": generator, "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
+            "step_s": seconds, "load_before": load_before, "load_after": load_average(),
             "results": results}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sessions", default="1,1000")
-    ap.add_argument("--modes", default="routing,static-nat,kernel")
+    ap.add_argument("--modes", default="routing,static-nat,kernel,xdp")
+    ap.add_argument("--generator", choices=GENERATORS, default="xdp",
+                    help="xdp: bench.xdpgen (frames reach the relay as XDP frames, as from "
+                         "a NIC); trafgen: AF_PACKET (as skbs)")
     ap.add_argument("--step", type=float, default=1.0, help="seconds per step")
     ap.add_argument("--start", type=int, default=200_000, help="first offered rate")
     ap.add_argument("--python", help="interpreter of the relay (default: pypy3)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     res = run_bench([int(s) for s in args.sessions.split(",")], args.modes.split(","),
-                    args.step, args.start, args.python)
+                    args.step, args.start, args.python, args.generator)
     print(table(res["results"]))
     if args.out:
         with open(args.out, "w") as fh:
