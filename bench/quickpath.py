@@ -51,6 +51,9 @@ from bench.xdpgen import XdpGen, XdpSink, thread_cpu_ns, xmit_errors
 Addr = Tuple[str, int]
 
 MAX_RATE = 2_000_000  # bench.capacity.search caps its ramp there too
+#: offered three times after the search: what a full relay core still forwards (a stall of
+#: the shared machine costs a run only the frames of the stall, not its verdict)
+OVERLOAD_RATE = 2_000_000
 MAX_STEP_S = 3.0
 MAX_STEPS = 14
 CONFIRM_RUNS = 3
@@ -95,6 +98,7 @@ class Rig:
         xdp_links(topo)  # every mode of a run shares the hosts' link settings
         self.napi_pid = steer(topo.relay.ns, "vc1", topo.caller.ns, "vc0", RELAY_CPU,
                               rt_prio=NAPI_RT_PRIO)
+        self.client: Any = None  # the relay's LrkClient while a daemon mode is set up
         self.caller_mac = link_mac(topo.caller.ns, "vc0")
         self.relay_mac = link_mac(topo.relay.ns, "vc1")
 
@@ -184,6 +188,7 @@ def lrk_mode(mode_args: List[str]) -> Callable[..., Any]:
         try:
             relay.start(ready_timeout=60.0)
             client = LrkClient([relay.node], timeout=5.0, retries=2)
+            rig.client = client  # the junk bench reads the relay's counters
             dests = []
             for i, (a, b) in enumerate(pairs):
                 call_id = f"qp-{i}"
@@ -192,6 +197,7 @@ def lrk_mode(mode_args: List[str]) -> Callable[..., Any]:
                 dests.append((answer["relay"]["ip"], int(answer["relay"]["port"])))
             yield dests
         finally:
+            rig.client = None
             if client is not None:
                 client.close()
             code = relay.stop()
@@ -249,9 +255,11 @@ def step(gen: Any, sink: Any, rate: int, seconds: float,
     else:
         achieved = sent / wall if wall > 0 else 0.0
         limited = achieved < 0.97 * rate
+    # delivered over the time the frames were sent (the XDP generator's own clock)
+    span = sent / achieved if xdp and achieved else wall
     res = {"rate": rate, "sent": sent, "received": delivered,
            "loss": round(1 - delivered / sent, 5) if sent else 1.0,
-           "achieved_rate": round(achieved), "delivered_rate": round(delivered / wall),
+           "achieved_rate": round(achieved), "delivered_rate": round(delivered / span),
            "generator_limited": limited,
            "relay_core_busy": round(relay_busy, 3), "generator_core_busy": round(gen_busy, 3),
            "relay_napi_busy": round(napi_busy, 3) if napi_busy is not None else None}
@@ -302,6 +310,7 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             found = search(measure, start, MAX_STEPS)
             cap = found["capacity_pps"]
             conf = confirm(measure, cap) if cap else {"confirmed_pps": None, "attempts": []}
+            over = [measure(OVERLOAD_RATE) for _ in range(CONFIRM_RUNS)]
     last = [r for a in conf["attempts"] for r in a["runs"]]
     at_cap = [r for r in last if r.get("verdict") == "pass"]
     return {"mode": mode, "sessions": sessions, "setup_s": round(setup_s, 2),
@@ -314,14 +323,119 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
                                                               for r in at_cap)
                                              if at_cap else None),
             "saturated": at_cap[-1]["saturated"] if at_cap else None,
-            "upper_bound_pps": found["upper_bound_pps"]}
+            "upper_bound_pps": found["upper_bound_pps"],
+            "overload": over,
+            "forwarded_at_overload_pps": int(statistics.median(r["delivered_rate"]
+                                                                for r in over))}
+
+
+# -- junk flood --------------------------------------------------------------------------
+
+STRANGER = "198.51.100.11"  # on the caller's link, never a call's peer: its frames are junk
+DROP_COUNTERS = ("media.dropped.unexpected_source", "media.dropped.no_destination")
+
+
+def junk_frames(rig: Rig, pairs: List[Tuple[Addr, Addr]], dests: List[Addr],
+                junk_per_media: int, sessions: int) -> Tuple[List[bytes], List[bool]]:
+    """One rotation of the generator: per call, its media frame and `junk_per_media` junk
+    frames from a stranger, alternately at the call's own relay port (unexpected source)
+    and at relay ports beyond the allocated ones (no destination; never the caller's own
+    address there, which another call's port would take for a NATed peer). Returns the
+    frames and which of them are media."""
+    from bench.frames import frame
+
+    free_lo = RELAY_PORT + 4 * sessions  # lrk allocates 4 ports a session from the bottom
+    frames, is_media = [], []
+    for i, ((a, _b), d) in enumerate(zip(pairs, dests)):
+        frames.append(frame(Flow(a[0], a[1], d[0], d[1], ssrc=i + 1), rig.caller_mac,
+                            rig.relay_mac))
+        is_media.append(True)
+        for k in range(junk_per_media):
+            if k % 2 == 0:
+                f = Flow(STRANGER, 7000 + 2 * (k % 64), d[0], d[1], ssrc=0xBAD)
+            else:
+                f = Flow(STRANGER, 7001, d[0], free_lo + 2 * (k % 30), ssrc=0xBAD)
+            frames.append(frame(f, rig.caller_mac, rig.relay_mac))
+            is_media.append(False)
+    return frames, is_media
+
+
+def _relay_counters(rig: Rig) -> Dict[str, int]:
+    return dict(rig.client.stats()["counters"])
+
+
+def junk_flood(rig: Rig, sessions: int, junk_per_media: int, rounds: int, rate: int,
+               python: str) -> dict:
+    """xdp mode with `sessions` calls set up through the daemon; every call's media and a
+    flood of junk from the XDP generator in one rotation, `rounds` times, at `rate` pkt/s
+    (0: the generator's highest). Records media sent and delivered, junk sent and what the
+    relay counted as dropped, the frames the relay's veth ring refused, and both sides'
+    busy shares."""
+    pairs = flows_for(rig.topo, sessions)
+    with SETUPS["xdp"](rig, pairs, python) as dests:
+        frames, is_media = junk_frames(rig, pairs, dests, junk_per_media, sessions)
+        media_per_round = sum(is_media)
+        gen = XdpGen(rig.topo.caller.ns, "vc0", frames, cpu=GEN_CPU)
+        try:
+            with XdpSink(rig.topo.callee.ns, "ve0", (CALLEE_PORT,
+                                                     CALLEE_PORT + 2 * sessions)) as sink:
+                # warm-up: one round of media only, paced (neighbours, latching)
+                with XdpGen(rig.topo.caller.ns, "vc0",
+                            [f for f, m in zip(frames, is_media) if m], cpu=GEN_CPU) as warm:
+                    warm.run(50_000, media_per_round)
+                _settled(sink)
+                gen.reset_rotation()
+                before, delivered0 = _relay_counters(rig), sink.packets()
+                ring0 = xmit_errors(gen.ns, gen.dev)
+                napi0 = thread_cpu_ns(rig.napi_pid)
+                t0 = time.monotonic()
+                count = len(frames) * rounds
+                gen.run(rate, count)
+                wall = time.monotonic() - t0
+                napi_busy = (thread_cpu_ns(rig.napi_pid) - napi0) / 1e9 / wall
+                delivered = _settled(sink) - delivered0
+                refused = xmit_errors(gen.ns, gen.dev) - ring0
+                after = _wait_counters(rig, before, count - media_per_round * rounds)
+        finally:
+            gen.close()
+    media_sent = media_per_round * rounds
+    junk_sent = count - media_sent
+    dropped = {k: after.get(k, 0) - before.get(k, 0) for k in DROP_COUNTERS}
+    total_rate = gen.last.rate
+    return {"sessions": sessions, "junk_per_media": junk_per_media, "rounds": rounds,
+            "offered_rate": rate or "unpaced", "total_rate": round(total_rate),
+            "media_rate": round(total_rate * media_per_round / len(frames)),
+            "junk_rate": round(total_rate * (len(frames) - media_per_round) / len(frames)),
+            "media_sent": media_sent, "media_delivered": delivered,
+            "media_lost": media_sent - delivered, "junk_sent": junk_sent,
+            "junk_dropped_counted": sum(dropped.values()), "dropped": dropped,
+            "redirected": (after.get("xdp.verdicts.redirect", 0)
+                           - before.get("xdp.verdicts.redirect", 0)),
+            "ring_refused": refused, "lag_resets": gen.last.lag_resets,
+            "relay_napi_busy": round(napi_busy, 3), "wall_s": round(wall, 3)}
+
+
+def _wait_counters(rig: Rig, before: Dict[str, int], junk: int,
+                   deadline_s: float = 5.0) -> Dict[str, int]:
+    """The relay's counters once its drop counters stop moving (or show every junk frame):
+    the daemon reads the program's per-CPU verdicts when asked."""
+    end, last = time.monotonic() + deadline_s, _relay_counters(rig)
+    while time.monotonic() < end:
+        if sum(last.get(k, 0) - before.get(k, 0) for k in DROP_COUNTERS) >= junk:
+            return last
+        time.sleep(0.2)
+        now = _relay_counters(rig)
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def table(results: List[dict]) -> str:
     lines = ["| mode | sessions | capacity (pkt/s, confirmed 3x) | relay NAPI thread busy there "
              "| relay core busy there | lowest rate that did not pass | why it did not | "
-             "saturated there |",
-             "|---|---:|---:|---:|---:|---:|---|---|"]
+             "saturated there | forwarded at 2 Mpps offered (median of 3) | saturated there |",
+             "|---|---:|---:|---:|---:|---:|---|---|---:|---|"]
     for r in results:
         up = r["upper_bound_pps"]
         bad = next((s for s in r["search"]["steps"]
@@ -330,7 +444,8 @@ def table(results: List[dict]) -> str:
                      f"{r['capacity_pps'] or 0:,} | {r.get('relay_napi_busy_at_capacity')} | "
                      f"{r['relay_core_busy_at_capacity']} | "
                      f"{f'{up:,}' if up else '-'} | {bad['verdict'] if bad else '-'} | "
-                     f"{bad['saturated'] if bad else '-'} |")
+                     f"{bad['saturated'] if bad else '-'} | "
+                     f"{r['forwarded_at_overload_pps']:,} | {r['overload'][-1]['saturated']} |")
     return "\n".join(lines)
 
 
@@ -368,6 +483,25 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
             "results": results}
 
 
+def run_junk(sessions: int, junk_per_media: int, rounds: int, rate: int,
+             python: Optional[str] = None, runs: int = 3) -> dict:
+    """`runs` junk floods in a row on one set of calls' topology (the bench's record)."""
+    if os.geteuid() != 0:
+        raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
+    py = python or pypy_or_current()
+    load_before = load_average()
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out = []
+    with Topology("-qj") as topo:
+        rig = Rig(topo, "xdp")
+        for _ in range(runs):
+            out.append(junk_flood(rig, sessions, junk_per_media, rounds, rate, py))
+    return {"machine": machine(), "date": date,
+            "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
+            "generator": "xdp", "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
+            "load_before": load_before, "load_after": load_average(), "runs": out}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sessions", default="1,1000")
@@ -378,8 +512,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--step", type=float, default=1.0, help="seconds per step")
     ap.add_argument("--start", type=int, default=200_000, help="first offered rate")
     ap.add_argument("--python", help="interpreter of the relay (default: pypy3)")
+    ap.add_argument("--junk", action="store_true",
+                    help="instead of capacity: xdp mode, --sessions calls (the first "
+                         "number), media plus a junk flood at the generator's highest rate")
+    ap.add_argument("--junk-per-media", type=int, default=39)
+    ap.add_argument("--junk-rounds", type=int, default=100)
+    ap.add_argument("--junk-rate", type=int, default=0, help="0: unpaced")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.junk:
+        res = run_junk(int(args.sessions.split(",")[0]), args.junk_per_media, args.junk_rounds,
+                       args.junk_rate, args.python)
+        print(json.dumps(res["runs"], indent=1))
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(res, fh, indent=1)
+        return 0
     res = run_bench([int(s) for s in args.sessions.split(",")], args.modes.split(","),
                     args.step, args.start, args.python, args.generator)
     print(table(res["results"]))
