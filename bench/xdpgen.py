@@ -191,6 +191,10 @@ class XdpGen:
         out["last_ns"] = max(p["last_ns"] for p in per)
         return out
 
+    def reset_rotation(self) -> None:
+        """The next frame is template 0's (every CPU's state zeroed)."""
+        self._state.update(b"\0\0\0\0", bytes(_STATE.size))
+
     def run(self, rate: int, count: int, timeout: Optional[float] = None) -> int:
         """Send `count` frames at `rate` pkt/s (0: unpaced); returns the frames sent, checked
         against the program's own XDP_TX count. `self.last` has the details."""
