@@ -316,12 +316,10 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
     return {"mode": mode, "sessions": sessions, "setup_s": round(setup_s, 2),
             "capacity_pps": conf["confirmed_pps"], "search": found,
             "confirmation": conf,
-            "relay_core_busy_at_capacity": (statistics.median(r["relay_core_busy"]
-                                                              for r in at_cap)
-                                            if at_cap else None),
-            "relay_napi_busy_at_capacity": (statistics.median(r["relay_napi_busy"]
-                                                              for r in at_cap)
-                                             if at_cap else None),
+            "relay_core_busy_at_capacity": (round(statistics.median(
+                r["relay_core_busy"] for r in at_cap), 3) if at_cap else None),
+            "relay_napi_busy_at_capacity": (round(statistics.median(
+                r["relay_napi_busy"] for r in at_cap), 3) if at_cap else None),
             "saturated": at_cap[-1]["saturated"] if at_cap else None,
             "upper_bound_pps": found["upper_bound_pps"],
             "overload": over,
@@ -445,8 +443,15 @@ def table(results: List[dict]) -> str:
                      f"{r['relay_core_busy_at_capacity']} | "
                      f"{f'{up:,}' if up else '-'} | {bad['verdict'] if bad else '-'} | "
                      f"{bad['saturated'] if bad else '-'} | "
-                     f"{r['forwarded_at_overload_pps']:,} | {r['overload'][-1]['saturated']} |")
+                     f"{_overload(r)} |")
     return "\n".join(lines)
+
+
+def _overload(r: dict) -> str:
+    over = r.get("overload")
+    if not over:
+        return "- | -"
+    return f"{r['forwarded_at_overload_pps']:,} | {over[-1]['saturated']}"
 
 
 def load_average() -> List[float]:
