@@ -1,15 +1,19 @@
 """Per-core capacity of the kernel-side relay paths, with a generator that is never the limit.
 
-    .venv/bin/python -m bench.quickpath --sessions 1,1000 --modes routing,static-nat,kernel \\
-        --out bench/results/quickpath-<date>.json
+    python -m bench.quickpath --generator xdp --sessions 1,1000 \
+        --modes routing,static-nat,kernel,xdp --step 0.5 --out bench/results/quickpath-<date>.json
+    python -m bench.quickpath --junk --sessions 1000 [--junk-rate R] --out ...
 
 One topology (`bench.netns.Topology`: caller <-> relay <-> callee namespaces on veth
 pairs), one direction caller -> relay -> callee, 214-byte frames (172-byte RTP datagrams).
 The relay namespace's receive work -- routing, NAT, conntrack, lrk's nftables rules or XDP
 program -- is steered onto the relay core (`bench.trafgen.steer`: threaded NAPI on the
-relay's caller-side veth, pinned), and the generator is trafgen on the other core
-(`bench.trafgen.Trafgen`), which sends several times what any path here forwards. The
-callee counts and drops at its first hook (`bench.trafgen.Sink`).
+relay's caller-side veth, pinned, SCHED_FIFO), and the generator runs on the other core:
+
+* ``--generator xdp`` (default): `bench.xdpgen.XdpGen`, frames reach the relay's veth as
+  XDP frames (as from a NIC's ring), counted by an `XdpSink` at the callee's veth;
+* ``--generator trafgen``: `bench.trafgen.Trafgen` (AF_PACKET: frames arrive as skbs,
+  which veth copies into a page before native XDP runs), counted by the nft `Sink`.
 
 Modes:
 * ``routing``     plain IP forwarding, no NAT, no ruleset (the baseline);
@@ -17,16 +21,24 @@ Modes:
 * ``kernel``      ``lrkproxy run --mode kernel``, sessions set up through `LrkClient`;
 * ``xdp``         ``lrkproxy run --mode xdp`` (native XDP on the relay's veths), the same way;
 * ``xdp-generic`` the same with ``--xdp-attach generic`` (XDP on the skb, after the
-                  stack built it; on veth it skips native XDP's copy into a page).
+                  stack built it).
 
 For each (mode, sessions): a capacity search (`bench.capacity.search`: doubling, then
 bisection; a step offers R pkt/s for `--step` seconds and passes with < 1 % loss), then
 the capacity is *confirmed*: three runs in a row at that rate must pass, or the rate
-steps down 5 % and tries again. Every step records the relay core's and the generator
-core's busy share (/proc/stat) and which side saturated (> 95 % busy).
+steps down 5 % and tries again; then three runs at OVERLOAD_RATE record what a full
+relay core forwards. Every step records the relay NAPI thread's busy share (its run
+time: the relay's work whatever else runs on the core), both cores' busy share
+(/proc/stat), the frames the relay's veth ring refused (XDP generator) and which side
+saturated (relay: NAPI thread >= NAPI_FULL; generator: it fell behind its rate).
+
+``--junk``: xdp mode with N calls, each call's media frame and a flood of junk frames in
+one rotation from the XDP generator (`junk_flood`): media lost, junk dropped and counted
+by the relay (`media.dropped.*`), three runs.
 
 Bounds: at most MAX_RATE pkt/s and `--step` <= 3 s per step, at most 14 steps per search,
-3 confirmation attempts; every process, namespace and table is gone at the end.
+3 confirmation attempts, 3 overload runs; every process, namespace, table and BPF program
+is gone at the end.
 """
 
 from __future__ import annotations

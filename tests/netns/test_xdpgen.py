@@ -58,27 +58,33 @@ def _xdp_on(ns: str, dev: str) -> bool:
     return "xdp" in run("ip", "link", "show", "dev", dev, ns=ns).stdout
 
 
-def test_frames_arrive_byte_for_byte_in_rotation(topo: Topology) -> None:
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_frames_arrive_byte_for_byte_in_rotation(topo: Topology, family: str) -> None:
     """Captured at the relay's veth: exactly bench.frames' bytes, flow 0, 1, 2, 0, ...;
     recycled pages that the relay's stack rewrote (TTL, MACs) go out whole again."""
     _route_to_callee(topo)
-    flows = _flows(topo, 3)
+    v6 = family == "ipv6"
+    src, dst = (topo.caller.ip6, topo.callee.ip6) if v6 else (topo.caller.ip4,
+                                                                topo.callee.ip4)
+    if v6:
+        run("ip", "-6", "neigh", "replace", dst, "lladdr", link_mac(topo.callee.ns, "ve0"),
+            "dev", "ve1", "nud", "permanent", ns=topo.relay.ns)
+    flows = [Flow(src, 4000 + 2 * i, dst, 30000 + 2 * i, ssrc=i + 1) for i in range(3)]
+    ethertype, proto_at = (b"\x86\xdd", 20) if v6 else (b"\x08\x00", 23)
     cap = socket_in(topo.relay.ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     try:
         cap.bind(("vc1", 0))
         cap.settimeout(3)
+        gen_mac, relay_mac = link_mac(topo.caller.ns, "vc0"), link_mac(topo.relay.ns, "vc1")
         with _gen(topo, flows) as gen:
             assert gen.run(rate=10_000, count=30) == 30
             assert (gen.last.frames, gen.last.lag_resets) == (30, 0)
-            want = [frame(f, gen_mac, relay_mac) for f, gen_mac, relay_mac in
-                    ((flows[i % 3], link_mac(topo.caller.ns, "vc0"),
-                      link_mac(topo.relay.ns, "vc1")) for i in range(30))]
             got = []
             while len(got) < 30:
-                data, addr = cap.recvfrom(4096)
-                if data[12:14] == b"\x08\x00" and data[23] == 17:  # not ARP, ND
+                data, _addr = cap.recvfrom(4096)
+                if data[12:14] == ethertype and data[proto_at] == 17:  # not ARP, ND, MLD
                     got.append(data)
-        assert got == want
+        assert got == [frame(flows[i % 3], gen_mac, relay_mac) for i in range(30)]
     finally:
         cap.close()
 
