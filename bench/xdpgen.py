@@ -89,7 +89,7 @@ class XdpGenError(NetnsError):
     """The XDP generator or sink could not run or did not send what was asked; says why."""
 
 
-def _enter(ns: str, cpu: Optional[int]) -> None:
+def _enter(ns: str, cpu: int) -> None:
     """This thread into namespace `ns`, pinned to `cpu`, at SCHED_FIFO GEN_RT_PRIO (on a
     shared machine the spinning generator keeps its schedule)."""
     fd = os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY)
@@ -98,8 +98,7 @@ def _enter(ns: str, cpu: Optional[int]) -> None:
             raise OSError(ctypes.get_errno(), f"setns({ns})")
     finally:
         os.close(fd)
-    if cpu is not None:
-        pin_thread(0, cpu)  # 0: this thread only
+    pin_thread(0, cpu)  # 0: this thread only
     if GEN_RT_PRIO:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(GEN_RT_PRIO))
     else:
@@ -152,9 +151,10 @@ class Sent:
 
 
 class XdpGen:
-    """Sends `frames` in rotation out of `dev` in namespace `ns` as XDP frames, from `cpu`."""
+    """Sends `frames` in rotation out of `dev` in namespace `ns` as XDP frames, from a
+    thread pinned to `cpu` (the quota lives in that CPU's slot of the per-CPU state)."""
 
-    def __init__(self, ns: str, dev: str, frames: Sequence[bytes], cpu: Optional[int] = None,
+    def __init__(self, ns: str, dev: str, frames: Sequence[bytes], cpu: int = 0,
                  batch_size: int = BATCH, max_burst: int = MAX_BURST) -> None:
         _check_frames(frames)
         self.ns, self.dev, self.cpu, self.n = ns, dev, cpu, len(frames)
@@ -176,7 +176,7 @@ class XdpGen:
 
     @classmethod
     def for_flows(cls, ns: str, dev: str, src_mac: str, dst_mac: str, flows: Sequence[Flow],
-                  cpu: Optional[int] = None) -> XdpGen:
+                  cpu: int = 0) -> XdpGen:
         return cls(ns, dev, [frame(f, src_mac, dst_mac) for f in flows], cpu=cpu)
 
     def state(self) -> dict:
@@ -210,7 +210,7 @@ class XdpGen:
         # the rotation goes on from where it was; the schedule and the quota start afresh
         cursor = self.state()["cursor"]
         # the calling CPU's slot carries the quota and the rotation
-        cpu = self.cpu if self.cpu is not None else 0
+        cpu = self.cpu
         stride = (_STATE.size + 7) // 8 * 8
         slots = bytearray(stride * self.ncpus)
         _STATE.pack_into(slots, stride * cpu, cursor, 0, 0, 0, 0, count, 0, 0, 0)
