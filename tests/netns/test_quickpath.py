@@ -42,11 +42,13 @@ def test_mode_delivers_every_packet_at_a_modest_rate(topo: Topology, mode: str,
 def test_junk_flood_from_the_xdp_generator_costs_xdp_calls_nothing(topo: Topology) -> None:
     """xdp mode, 1,000 calls set up through the daemon, each call's media frame followed by
     19 junk frames (a stranger at the call's relay port, and at relay ports with no
-    session), 40,000 frames at 150,000 pkt/s from the XDP generator: every media frame
+    session), 40,000 frames at 50,000 pkt/s from the XDP generator (veth's 256-frame ring
+    covers a 5 ms stall of a shared machine; bench.quickpath --junk floods at the
+    generator's highest rate): every media frame
     arrives at the callee, every junk frame is dropped by the relay and counted in its
     media.dropped.* counters, none reaches the callee."""
     rig = Rig(topo, "xdp")
-    r = junk_flood(rig, sessions=1000, junk_per_media=19, rounds=2, rate=150_000,
+    r = junk_flood(rig, sessions=1000, junk_per_media=19, rounds=2, rate=50_000,
                    python=sys.executable)
     assert r["ring_refused"] == 0, "the relay's veth refused frames: not a junk verdict"
     assert (r["media_sent"], r["junk_sent"]) == (2_000, 38_000)

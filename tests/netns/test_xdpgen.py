@@ -90,7 +90,8 @@ def test_frames_arrive_byte_for_byte_in_rotation(topo: Topology, family: str) ->
 
 
 def test_n_frames_asked_n_frames_counted_at_the_sink(topo: Topology) -> None:
-    """10,000 frames of 50 flows at 50,000 pkt/s: the program sent 10,000, the relay's
+    """10,000 frames of 50 flows at 20,000 pkt/s (veth's 256-frame ring then covers a
+    12 ms stall of a shared machine): the program sent 10,000, the relay's
     veth refused none, the sink counted 10,000 (and their bytes); never faster than the
     schedule allows; then nothing of either program is left."""
     _route_to_callee(topo)
@@ -101,9 +102,9 @@ def test_n_frames_asked_n_frames_counted_at_the_sink(topo: Topology) -> None:
             sink_ids = _prog_ids("lrk_sink")
             assert sink.attached()
             refused0 = xmit_errors(topo.caller.ns, "vc0")
-            assert gen.run(rate=50_000, count=10_000) == 10_000
+            assert gen.run(rate=20_000, count=10_000) == 10_000
             span = (gen.last.last_ns - gen.last.first_ns) / 1e9
-            assert span >= (10_000 - 1 - MAX_BURST) / 50_000
+            assert span >= (10_000 - 1 - MAX_BURST) / 20_000
             assert xmit_errors(topo.caller.ns, "vc0") == refused0
             wait(lambda: sink.packets() >= 10_000, timeout=5)
             assert (sink.packets(), sink.bytes()) == (10_000, 10_000 * len(
