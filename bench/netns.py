@@ -66,7 +66,16 @@ def sweep(prefix: str = PREFIX) -> List[str]:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def in_netns(ns: str, fn: Callable[[], T]) -> T:
+def pin_thread(tid: int, cpu: int) -> None:
+    """Pin one thread (0: the calling one) to `cpu` (PyPy 3.9's os has no
+    sched_setaffinity, so through libc)."""
+    mask = ctypes.c_ulong(1 << cpu)
+    if _libc.sched_setaffinity(tid, ctypes.sizeof(mask), ctypes.byref(mask)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"sched_setaffinity({tid}, cpu {cpu}): {os.strerror(err)}")
+
+
+def in_netns(ns: str, fn: Callable[[], T], timeout: float = 30.0) -> T:
     """Run `fn` on a throwaway thread inside namespace `ns` (BPF_PROG_TEST_RUN resolves
     ingress_ifindex and bpf_fib_lookup in the caller's namespace)."""
     result: List[object] = []
@@ -85,9 +94,9 @@ def in_netns(ns: str, fn: Callable[[], T]) -> T:
 
     t = threading.Thread(target=run, name=f"in-{ns}")
     t.start()
-    t.join(30)
+    t.join(timeout)
     if not result:
-        raise NetnsError(f"no result from a thread in {ns}")
+        raise NetnsError(f"no result from a thread in {ns} within {timeout:.0f} s")
     if isinstance(result[0], BaseException):
         raise result[0]
     return result[0]  # type: ignore[return-value]

@@ -1,15 +1,19 @@
 """Per-core capacity of the kernel-side relay paths, with a generator that is never the limit.
 
-    .venv/bin/python -m bench.quickpath --sessions 1,1000 --modes routing,static-nat,kernel \\
-        --out bench/results/quickpath-<date>.json
+    python -m bench.quickpath --generator xdp --sessions 1,1000 \
+        --modes routing,static-nat,kernel,xdp --step 0.5 --out bench/results/quickpath-<date>.json
+    python -m bench.quickpath --junk --sessions 1000 [--junk-rate R] --out ...
 
 One topology (`bench.netns.Topology`: caller <-> relay <-> callee namespaces on veth
 pairs), one direction caller -> relay -> callee, 214-byte frames (172-byte RTP datagrams).
 The relay namespace's receive work -- routing, NAT, conntrack, lrk's nftables rules or XDP
 program -- is steered onto the relay core (`bench.trafgen.steer`: threaded NAPI on the
-relay's caller-side veth, pinned), and the generator is trafgen on the other core
-(`bench.trafgen.Trafgen`), which sends several times what any path here forwards. The
-callee counts and drops at its first hook (`bench.trafgen.Sink`).
+relay's caller-side veth, pinned, SCHED_FIFO), and the generator runs on the other core:
+
+* ``--generator xdp`` (default): `bench.xdpgen.XdpGen`, frames reach the relay's veth as
+  XDP frames (as from a NIC's ring), counted by an `XdpSink` at the callee's veth;
+* ``--generator trafgen``: `bench.trafgen.Trafgen` (AF_PACKET: frames arrive as skbs,
+  which veth copies into a page before native XDP runs), counted by the nft `Sink`.
 
 Modes:
 * ``routing``     plain IP forwarding, no NAT, no ruleset (the baseline);
@@ -17,16 +21,24 @@ Modes:
 * ``kernel``      ``lrkproxy run --mode kernel``, sessions set up through `LrkClient`;
 * ``xdp``         ``lrkproxy run --mode xdp`` (native XDP on the relay's veths), the same way;
 * ``xdp-generic`` the same with ``--xdp-attach generic`` (XDP on the skb, after the
-                  stack built it; on veth it skips native XDP's copy into a page).
+                  stack built it).
 
 For each (mode, sessions): a capacity search (`bench.capacity.search`: doubling, then
 bisection; a step offers R pkt/s for `--step` seconds and passes with < 1 % loss), then
 the capacity is *confirmed*: three runs in a row at that rate must pass, or the rate
-steps down 5 % and tries again. Every step records the relay core's and the generator
-core's busy share (/proc/stat) and which side saturated (> 95 % busy).
+steps down 5 % and tries again; then three runs at OVERLOAD_RATE record what a full
+relay core forwards. Every step records the relay NAPI thread's busy share (its run
+time: the relay's work whatever else runs on the core), both cores' busy share
+(/proc/stat), the frames the relay's veth ring refused (XDP generator) and which side
+saturated (relay: NAPI thread >= NAPI_FULL; generator: it fell behind its rate).
+
+``--junk``: xdp mode with N calls, each call's media frame and a flood of junk frames in
+one rotation from the XDP generator (`junk_flood`): media lost, junk dropped and counted
+by the relay (`media.dropped.*`), three runs.
 
 Bounds: at most MAX_RATE pkt/s and `--step` <= 3 s per step, at most 14 steps per search,
-3 confirmation attempts; every process, namespace and table is gone at the end.
+3 confirmation attempts, 3 overload runs; every process, namespace, table and BPF program
+is gone at the end.
 """
 
 from __future__ import annotations
@@ -46,10 +58,14 @@ from bench.interpreters import pypy_or_current
 from bench.netns import Topology, run
 from bench.netns_capacity import xdp_links
 from bench.trafgen import Sink, Trafgen, busy_share, cpu_times, link_mac, steer
+from bench.xdpgen import XdpGen, XdpSink, thread_cpu_ns, xmit_errors
 
 Addr = Tuple[str, int]
 
 MAX_RATE = 2_000_000  # bench.capacity.search caps its ramp there too
+#: offered three times after the search: what a full relay core still forwards (a stall of
+#: the shared machine costs a run only the frames of the stall, not its verdict)
+OVERLOAD_RATE = 2_000_000
 MAX_STEP_S = 3.0
 MAX_STEPS = 14
 CONFIRM_RUNS = 3
@@ -59,6 +75,12 @@ CALLEE_PORT = 30000
 RELAY_PORT = 20000
 STATIC_TABLE = "qpnat"
 RELAY_CPU, GEN_CPU = 1, 0
+GENERATORS = ("xdp", "trafgen")
+#: the relay's NAPI thread runs SCHED_FIFO: as a NIC's softirq, it is not queued behind
+#: other processes of a shared machine (RT throttling still leaves them 5 %)
+NAPI_RT_PRIO = 50
+#: the relay's NAPI thread at or above this share of the wall time: the relay core is full
+NAPI_FULL = 0.9
 
 
 class QuickpathError(RuntimeError):
@@ -74,23 +96,50 @@ def flows_for(topo: Topology, sessions: int) -> List[Tuple[Addr, Addr]]:
 
 
 class Rig:
-    """The topology, steered, with a permanent neighbour entry for the callee."""
+    """The topology, steered, with a permanent neighbour entry for the callee; frames come
+    from `generator` ("xdp": `bench.xdpgen.XdpGen`, counted by an `XdpSink`; "trafgen":
+    `bench.trafgen.Trafgen`, counted by the nft `Sink`)."""
 
-    def __init__(self, topo: Topology) -> None:
-        self.topo = topo
+    def __init__(self, topo: Topology, generator: str = "xdp") -> None:
+        if generator not in GENERATORS:
+            raise QuickpathError(f"unknown generator {generator!r}; choose from {GENERATORS}")
+        self.topo, self.kind = topo, generator
         mac = link_mac(topo.callee.ns, "ve0")
         run("ip", "neigh", "replace", topo.callee.ip4, "lladdr", mac, "dev", "ve1", "nud",
             "permanent", ns=topo.relay.ns)
         xdp_links(topo)  # every mode of a run shares the hosts' link settings
-        self.napi_pid = steer(topo.relay.ns, "vc1", topo.caller.ns, "vc0", RELAY_CPU)
+        self.napi_pid = steer(topo.relay.ns, "vc1", topo.caller.ns, "vc0", RELAY_CPU,
+                              rt_prio=NAPI_RT_PRIO)
+        self.client: Any = None  # the relay's LrkClient while a daemon mode is set up
         self.caller_mac = link_mac(topo.caller.ns, "vc0")
         self.relay_mac = link_mac(topo.relay.ns, "vc1")
 
-    def generator(self, pairs: List[Tuple[Addr, Addr]], dests: List[Addr]) -> Trafgen:
+    def generator(self, pairs: List[Tuple[Addr, Addr]], dests: List[Addr]) -> Any:
+        """The generator for these flows (an XdpGen holds BPF fds: close it, or use
+        `generating`)."""
         flows = [Flow(a[0], a[1], d[0], d[1], ssrc=i + 1)
                  for i, ((a, _b), d) in enumerate(zip(pairs, dests))]
+        if self.kind == "xdp":
+            return XdpGen.for_flows(self.topo.caller.ns, "vc0", self.caller_mac,
+                                    self.relay_mac, flows, cpu=GEN_CPU)
         return Trafgen(self.topo.caller.ns, "vc0", self.caller_mac, self.relay_mac, flows,
                        cpu=GEN_CPU)
+
+    @contextlib.contextmanager
+    def generating(self, pairs: List[Tuple[Addr, Addr]], dests: List[Addr]) -> Iterator[Any]:
+        gen = self.generator(pairs, dests)
+        try:
+            yield gen
+        finally:
+            if isinstance(gen, XdpGen):
+                gen.close()
+
+    def sink(self, sessions: int) -> Any:
+        """Counts and drops what reaches the callee on its ports (a context manager)."""
+        ports = (CALLEE_PORT, CALLEE_PORT + 2 * sessions)
+        if self.kind == "xdp":
+            return XdpSink(self.topo.callee.ns, "ve0", ports)
+        return Sink(self.topo.callee.ns, ports)
 
 
 # -- modes: each yields where session i's caller sends -----------------------------------
@@ -151,6 +200,7 @@ def lrk_mode(mode_args: List[str]) -> Callable[..., Any]:
         try:
             relay.start(ready_timeout=60.0)
             client = LrkClient([relay.node], timeout=5.0, retries=2)
+            rig.client = client  # the junk bench reads the relay's counters
             dests = []
             for i, (a, b) in enumerate(pairs):
                 call_id = f"qp-{i}"
@@ -159,6 +209,7 @@ def lrk_mode(mode_args: List[str]) -> Callable[..., Any]:
                 dests.append((answer["relay"]["ip"], int(answer["relay"]["port"])))
             yield dests
         finally:
+            rig.client = None
             if client is not None:
                 client.close()
             code = relay.stop()
@@ -193,24 +244,47 @@ def _settled(sink: Sink, deadline_s: float = 1.0) -> int:
     return last
 
 
-def step(gen: Trafgen, sink: Sink, rate: int, seconds: float) -> dict:
-    """Offer `rate` pkt/s for `seconds`; delivered, loss and both cores' busy share."""
+def step(gen: Any, sink: Any, rate: int, seconds: float,
+         napi_pid: Optional[int] = None) -> dict:
+    """Offer `rate` pkt/s for `seconds`; delivered, loss, both cores' busy share, the relay
+    NAPI thread's share (the relay's own work, whatever else runs on its core) and, with
+    the XDP generator, the frames the relay's veth ring refused."""
     count = max(1000, int(rate * seconds))
     before = sink.packets()
+    xdp = isinstance(gen, XdpGen)
+    ring0 = xmit_errors(gen.ns, gen.dev) if xdp else 0
+    napi0 = thread_cpu_ns(napi_pid) if napi_pid else 0
     c_relay, c_gen, t0 = cpu_times(RELAY_CPU), cpu_times(GEN_CPU), time.monotonic()
     sent = gen.run(rate, count)
     wall = time.monotonic() - t0
     relay_busy = busy_share(c_relay, cpu_times(RELAY_CPU))
     gen_busy = busy_share(c_gen, cpu_times(GEN_CPU))
+    napi_busy = (thread_cpu_ns(napi_pid) - napi0) / 1e9 / wall if napi_pid else None
     delivered = _settled(sink) - before
-    achieved = sent / wall if wall > 0 else 0.0
+    if xdp:  # the program's own clock: first to last frame sent
+        achieved = gen.last.rate
+        limited = achieved < 0.97 * rate
+    else:
+        achieved = sent / wall if wall > 0 else 0.0
+        limited = achieved < 0.97 * rate
+    # delivered over the time the frames were sent (the XDP generator's own clock)
+    span = sent / achieved if xdp and achieved else wall
     res = {"rate": rate, "sent": sent, "received": delivered,
            "loss": round(1 - delivered / sent, 5) if sent else 1.0,
-           "achieved_rate": round(achieved), "delivered_rate": round(delivered / wall),
-           "generator_limited": achieved < 0.97 * rate,
-           "relay_core_busy": round(relay_busy, 3), "generator_core_busy": round(gen_busy, 3)}
-    res["saturated"] = ("relay core" if relay_busy > 0.95 else
-                        "generator" if gen_busy > 0.95 else "neither")
+           "achieved_rate": round(achieved), "delivered_rate": round(delivered / span),
+           "generator_limited": limited,
+           "relay_core_busy": round(relay_busy, 3), "generator_core_busy": round(gen_busy, 3),
+           "relay_napi_busy": round(napi_busy, 3) if napi_busy is not None else None}
+    if xdp:
+        res["ring_refused"] = xmit_errors(gen.ns, gen.dev) - ring0
+        res["lag_resets"] = gen.last.lag_resets
+    # the XDP generator spins between frames (its core reads ~100 % busy at any rate): it
+    # saturated when it could not keep its schedule; trafgen when its core was full
+    gen_full = limited or (not xdp and gen_busy > 0.95)
+    relay_full = (napi_busy >= NAPI_FULL if napi_busy is not None else relay_busy > 0.95)
+    res["saturated"] = ("relay core" if relay_full and not gen_full else
+                        "generator" if gen_full and not relay_full else
+                        "both" if gen_full else "neither")
     return res
 
 
@@ -238,46 +312,168 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
     t0 = time.monotonic()
     with SETUPS[mode](rig, pairs, python) as dests:
         setup_s = time.monotonic() - t0
-        gen = rig.generator(pairs, dests)
-        with Sink(rig.topo.callee.ns, (CALLEE_PORT, CALLEE_PORT + 2 * sessions)) as sink:
+        with rig.generating(pairs, dests) as gen, rig.sink(sessions) as sink:
             gen.run(10_000, max(1000, sessions))  # first packets: latching, conntrack
             _settled(sink)
 
             def measure(rate: int) -> dict:
-                return step(gen, sink, rate, seconds)
+                return step(gen, sink, rate, seconds, rig.napi_pid)
 
             found = search(measure, start, MAX_STEPS)
             cap = found["capacity_pps"]
             conf = confirm(measure, cap) if cap else {"confirmed_pps": None, "attempts": []}
+            over = [measure(OVERLOAD_RATE) for _ in range(CONFIRM_RUNS)]
     last = [r for a in conf["attempts"] for r in a["runs"]]
     at_cap = [r for r in last if r.get("verdict") == "pass"]
     return {"mode": mode, "sessions": sessions, "setup_s": round(setup_s, 2),
             "capacity_pps": conf["confirmed_pps"], "search": found,
             "confirmation": conf,
-            "relay_core_busy_at_capacity": (statistics.median(r["relay_core_busy"]
-                                                              for r in at_cap)
-                                            if at_cap else None),
+            "relay_core_busy_at_capacity": (round(statistics.median(
+                r["relay_core_busy"] for r in at_cap), 3) if at_cap else None),
+            "relay_napi_busy_at_capacity": (round(statistics.median(
+                r["relay_napi_busy"] for r in at_cap), 3) if at_cap else None),
             "saturated": at_cap[-1]["saturated"] if at_cap else None,
-            "upper_bound_pps": found["upper_bound_pps"]}
+            "upper_bound_pps": found["upper_bound_pps"],
+            "overload": over,
+            "forwarded_at_overload_pps": int(statistics.median(r["delivered_rate"]
+                                                                for r in over))}
+
+
+# -- junk flood --------------------------------------------------------------------------
+
+STRANGER = "198.51.100.11"  # on the caller's link, never a call's peer: its frames are junk
+DROP_COUNTERS = ("media.dropped.unexpected_source", "media.dropped.no_destination")
+
+
+def junk_frames(rig: Rig, pairs: List[Tuple[Addr, Addr]], dests: List[Addr],
+                junk_per_media: int, sessions: int) -> Tuple[List[bytes], List[bool]]:
+    """One rotation of the generator: per call, its media frame and `junk_per_media` junk
+    frames from a stranger, alternately at the call's own relay port (unexpected source)
+    and at relay ports beyond the allocated ones (no destination; never the caller's own
+    address there, which another call's port would take for a NATed peer). Returns the
+    frames and which of them are media."""
+    from bench.frames import frame
+
+    free_lo = RELAY_PORT + 4 * sessions  # lrk allocates 4 ports a session from the bottom
+    frames, is_media = [], []
+    for i, ((a, _b), d) in enumerate(zip(pairs, dests)):
+        frames.append(frame(Flow(a[0], a[1], d[0], d[1], ssrc=i + 1), rig.caller_mac,
+                            rig.relay_mac))
+        is_media.append(True)
+        for k in range(junk_per_media):
+            if k % 2 == 0:
+                f = Flow(STRANGER, 7000 + 2 * (k % 64), d[0], d[1], ssrc=0xBAD)
+            else:
+                f = Flow(STRANGER, 7001, d[0], free_lo + 2 * (k % 30), ssrc=0xBAD)
+            frames.append(frame(f, rig.caller_mac, rig.relay_mac))
+            is_media.append(False)
+    return frames, is_media
+
+
+def _relay_counters(rig: Rig) -> Dict[str, int]:
+    return dict(rig.client.stats()["counters"])
+
+
+def junk_flood(rig: Rig, sessions: int, junk_per_media: int, rounds: int, rate: int,
+               python: str) -> dict:
+    """xdp mode with `sessions` calls set up through the daemon; every call's media and a
+    flood of junk from the XDP generator in one rotation, `rounds` times, at `rate` pkt/s
+    (0: the generator's highest). Records media sent and delivered, junk sent and what the
+    relay counted as dropped, the frames the relay's veth ring refused, and both sides'
+    busy shares."""
+    pairs = flows_for(rig.topo, sessions)
+    with SETUPS["xdp"](rig, pairs, python) as dests:
+        frames, is_media = junk_frames(rig, pairs, dests, junk_per_media, sessions)
+        media_per_round = sum(is_media)
+        gen = XdpGen(rig.topo.caller.ns, "vc0", frames, cpu=GEN_CPU)
+        try:
+            with XdpSink(rig.topo.callee.ns, "ve0", (CALLEE_PORT,
+                                                     CALLEE_PORT + 2 * sessions)) as sink:
+                # warm-up: one round of media only, paced (neighbours, latching)
+                with XdpGen(rig.topo.caller.ns, "vc0",
+                            [f for f, m in zip(frames, is_media) if m], cpu=GEN_CPU) as warm:
+                    warm.run(50_000, media_per_round)
+                _settled(sink)
+                gen.reset_rotation()
+                before, delivered0 = _relay_counters(rig), sink.packets()
+                ring0 = xmit_errors(gen.ns, gen.dev)
+                napi0 = thread_cpu_ns(rig.napi_pid)
+                t0 = time.monotonic()
+                count = len(frames) * rounds
+                gen.run(rate, count)
+                wall = time.monotonic() - t0
+                napi_busy = (thread_cpu_ns(rig.napi_pid) - napi0) / 1e9 / wall
+                delivered = _settled(sink) - delivered0
+                refused = xmit_errors(gen.ns, gen.dev) - ring0
+                after = _wait_counters(rig, before, count - media_per_round * rounds)
+        finally:
+            gen.close()
+    media_sent = media_per_round * rounds
+    junk_sent = count - media_sent
+    dropped = {k: after.get(k, 0) - before.get(k, 0) for k in DROP_COUNTERS}
+    total_rate = gen.last.rate
+    return {"sessions": sessions, "junk_per_media": junk_per_media, "rounds": rounds,
+            "offered_rate": rate or "unpaced", "total_rate": round(total_rate),
+            "media_rate": round(total_rate * media_per_round / len(frames)),
+            "junk_rate": round(total_rate * (len(frames) - media_per_round) / len(frames)),
+            "media_sent": media_sent, "media_delivered": delivered,
+            "media_lost": media_sent - delivered, "junk_sent": junk_sent,
+            "junk_dropped_counted": sum(dropped.values()), "dropped": dropped,
+            "redirected": (after.get("xdp.verdicts.redirect", 0)
+                           - before.get("xdp.verdicts.redirect", 0)),
+            "ring_refused": refused, "lag_resets": gen.last.lag_resets,
+            "relay_napi_busy": round(napi_busy, 3), "wall_s": round(wall, 3)}
+
+
+def _wait_counters(rig: Rig, before: Dict[str, int], junk: int,
+                   deadline_s: float = 5.0) -> Dict[str, int]:
+    """The relay's counters once its drop counters stop moving (or show every junk frame):
+    the daemon reads the program's per-CPU verdicts when asked."""
+    end, last = time.monotonic() + deadline_s, _relay_counters(rig)
+    while time.monotonic() < end:
+        if sum(last.get(k, 0) - before.get(k, 0) for k in DROP_COUNTERS) >= junk:
+            return last
+        time.sleep(0.2)
+        now = _relay_counters(rig)
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def table(results: List[dict]) -> str:
-    lines = ["| mode | sessions | capacity (pkt/s, confirmed 3x) | relay core busy there | "
-             "lowest rate that did not pass | why it did not | saturated there |",
-             "|---|---:|---:|---:|---:|---|---|"]
+    lines = ["| mode | sessions | capacity (pkt/s, confirmed 3x) | relay NAPI thread busy there "
+             "| relay core busy there | lowest rate that did not pass | why it did not | "
+             "saturated there | forwarded at 2 Mpps offered (median of 3) | saturated there |",
+             "|---|---:|---:|---:|---:|---:|---|---|---:|---|"]
     for r in results:
         up = r["upper_bound_pps"]
         bad = next((s for s in r["search"]["steps"]
                     if s["rate"] == up and s.get("verdict") != "pass"), None)
         lines.append(f"| {r['mode']} | {r['sessions']:,} | "
-                     f"{r['capacity_pps'] or 0:,} | {r['relay_core_busy_at_capacity']} | "
-                     f"{up or '-'} | {bad['verdict'] if bad else '-'} | "
-                     f"{bad['saturated'] if bad else '-'} |")
+                     f"{r['capacity_pps'] or 0:,} | {r.get('relay_napi_busy_at_capacity')} | "
+                     f"{r['relay_core_busy_at_capacity']} | "
+                     f"{f'{up:,}' if up else '-'} | {bad['verdict'] if bad else '-'} | "
+                     f"{bad['saturated'] if bad else '-'} | "
+                     f"{_overload(r)} |")
     return "\n".join(lines)
 
 
+def _overload(r: dict) -> str:
+    over = r.get("overload")
+    if not over:
+        return "- | -"
+    return f"{r['forwarded_at_overload_pps']:,} | {over[-1]['saturated']}"
+
+
+def load_average() -> List[float]:
+    """The machine's 1-, 5- and 15-minute load (it is shared: figures say how busy)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
-              start: int = 200_000, python: Optional[str] = None) -> dict:
+              start: int = 200_000, python: Optional[str] = None,
+              generator: str = "xdp") -> dict:
     if os.geteuid() != 0:
         raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
     if not 0 < seconds <= MAX_STEP_S:
@@ -287,29 +483,70 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
         raise QuickpathError(f"unknown modes {unknown}; choose from {list(SETUPS)}")
     py = python or pypy_or_current()
     results = []
+    load_before = load_average()
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with Topology("-qp") as topo:
-        rig = Rig(topo)
+        rig = Rig(topo, generator)
         for n in sessions:
             for mode in modes:
                 print(f"quickpath: {mode} x {n} ...", file=sys.stderr, flush=True)
-                results.append(measure_mode(rig, mode, n, py, seconds, start))
-    return {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                res = measure_mode(rig, mode, n, py, seconds, start)
+                res["load_after"] = load_average()
+                results.append(res)
+    return {"machine": machine(), "date": date,
             "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
-            "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU, "step_s": seconds,
+            "generator": generator, "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
+            "step_s": seconds, "load_before": load_before, "load_after": load_average(),
             "results": results}
+
+
+def run_junk(sessions: int, junk_per_media: int, rounds: int, rate: int,
+             python: Optional[str] = None, runs: int = 3) -> dict:
+    """`runs` junk floods in a row on one set of calls' topology (the bench's record)."""
+    if os.geteuid() != 0:
+        raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
+    py = python or pypy_or_current()
+    load_before = load_average()
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out = []
+    with Topology("-qj") as topo:
+        rig = Rig(topo, "xdp")
+        for _ in range(runs):
+            out.append(junk_flood(rig, sessions, junk_per_media, rounds, rate, py))
+    return {"machine": machine(), "date": date,
+            "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
+            "generator": "xdp", "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
+            "load_before": load_before, "load_after": load_average(), "runs": out}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sessions", default="1,1000")
-    ap.add_argument("--modes", default="routing,static-nat,kernel")
+    ap.add_argument("--modes", default="routing,static-nat,kernel,xdp")
+    ap.add_argument("--generator", choices=GENERATORS, default="xdp",
+                    help="xdp: bench.xdpgen (frames reach the relay as XDP frames, as from "
+                         "a NIC); trafgen: AF_PACKET (as skbs)")
     ap.add_argument("--step", type=float, default=1.0, help="seconds per step")
     ap.add_argument("--start", type=int, default=200_000, help="first offered rate")
     ap.add_argument("--python", help="interpreter of the relay (default: pypy3)")
+    ap.add_argument("--junk", action="store_true",
+                    help="instead of capacity: xdp mode, --sessions calls (the first "
+                         "number), media plus a junk flood at the generator's highest rate")
+    ap.add_argument("--junk-per-media", type=int, default=39)
+    ap.add_argument("--junk-rounds", type=int, default=100)
+    ap.add_argument("--junk-rate", type=int, default=0, help="0: unpaced")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.junk:
+        res = run_junk(int(args.sessions.split(",")[0]), args.junk_per_media, args.junk_rounds,
+                       args.junk_rate, args.python)
+        print(json.dumps(res["runs"], indent=1))
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(res, fh, indent=1)
+        return 0
     res = run_bench([int(s) for s in args.sessions.split(",")], args.modes.split(","),
-                    args.step, args.start, args.python)
+                    args.step, args.start, args.python, args.generator)
     print(table(res["results"]))
     if args.out:
         with open(args.out, "w") as fh:

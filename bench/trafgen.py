@@ -176,7 +176,8 @@ def _napi_threads(dev: str) -> Dict[int, str]:
     return found
 
 
-def steer(relay_ns: str, relay_dev: str, sender_ns: str, sender_dev: str, cpu: int) -> int:
+def steer(relay_ns: str, relay_dev: str, sender_ns: str, sender_dev: str, cpu: int,
+          rt_prio: int = 0) -> int:
     """Move the relay namespace's receive work off the sender's core onto `cpu`.
 
     On a veth pair the receiver's stack normally runs in the *sender's* softirq context, so
@@ -186,7 +187,9 @@ def steer(relay_ns: str, relay_dev: str, sender_ns: str, sender_dev: str, cpu: i
     (pfifo) so a full ring pushes back on the generator instead of failing its send. The
     relay's forwarding, NAT, conntrack or XDP program then run on `cpu`, whose busy share
     (`cpu_busy`) is the relay's. Every setting is per device, inside the test namespaces.
-    Returns the NAPI thread's pid."""
+    `rt_prio` > 0 runs the thread SCHED_FIFO at that priority: like a NIC's softirq, it is
+    then not queued behind other processes of a shared machine (RT throttling still leaves
+    them 5 % of the core). Returns the NAPI thread's pid."""
     before = set(_napi_threads(relay_dev))
     run("ethtool", "-K", relay_dev, "gro", "on", ns=relay_ns)
     run("ethtool", "-K", sender_dev, "tso", "off", ns=sender_ns)
@@ -197,6 +200,8 @@ def steer(relay_ns: str, relay_dev: str, sender_ns: str, sender_dev: str, cpu: i
     if len(new) != 1:
         raise TrafgenError(f"expected one new NAPI thread for {relay_dev}, found {new}")
     subprocess.run(["taskset", "-pc", str(cpu), str(new[0])], check=True, capture_output=True)
+    if rt_prio:
+        os.sched_setscheduler(new[0], os.SCHED_FIFO, os.sched_param(rt_prio))
     return new[0]
 
 

@@ -62,7 +62,7 @@ def object_path(source: str = SOURCE, clang: Optional[str] = None) -> str:
     with open(source, "rb") as fh:
         text = fh.read()
     digest = hashlib.sha256(text + repr(command("clang", "S", "O")).encode()).hexdigest()[:16]
-    name = f"relay-{digest}.bpf.o"
+    name = f"{os.path.basename(source).split('.')[0]}-{digest}.bpf.o"  # relay-, gen-, sink-
     dirs = _build_dirs()
     for d in dirs:
         path = os.path.join(d, name)
@@ -79,7 +79,7 @@ def object_path(source: str = SOURCE, clang: Optional[str] = None) -> str:
     for d in dirs:
         try:
             os.makedirs(d, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".relay-", suffix=".o", dir=d)
+            fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".o", dir=d)
             os.close(fd)
         except OSError as exc:
             last = exc

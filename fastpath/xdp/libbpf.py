@@ -283,3 +283,51 @@ def test_run(prog_fd: int, frame: bytes, ingress_ifindex: int = 0,
     opts.repeat = repeat
     _check("bpf_prog_test_run_opts", lib.bpf_prog_test_run_opts(prog_fd, opts))
     return int(opts.retval), _ffi.buffer(out, opts.data_size_out)[:], int(opts.duration)
+
+
+#: bpf_test_run_opts.flags: the frames a test run's program returns XDP_TX/REDIRECT for are
+#: really sent (kernel >= 5.18)
+BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
+#: the kernel's cap on batch_size in a live test run (TEST_XDP_MAX_BATCH)
+LIVE_MAX_BATCH = 256
+
+
+class LiveRun:
+    """BPF_PROG_TEST_RUN in live-frames mode, its arguments built once and reused: each
+    `send(n)` runs the program on `n` copies of `frame` and transmits what it returns
+    XDP_TX or XDP_REDIRECT for, on the calling CPU, in batches of `batch_size`.
+    `ingress_ifindex` (in the calling thread's namespace) is where XDP_TX sends."""
+
+    def __init__(self, prog_fd: int, frame: bytes, ingress_ifindex: int,
+                 batch_size: int = 64) -> None:
+        if not 0 < batch_size <= LIVE_MAX_BATCH:
+            raise ValueError(f"batch_size {batch_size} outside 1..{LIVE_MAX_BATCH}")
+        self._lib = _load()
+        self._frame = _ffi.new("char[]", frame)
+        self._ctx = _ffi.new("uint32_t[6]")
+        self._ctx[1] = len(frame)
+        self._ctx[3] = ingress_ifindex
+        opts = _ffi.new("struct bpf_test_run_opts *")
+        opts.sz = _ffi.sizeof("struct bpf_test_run_opts")
+        opts.data_in = self._frame
+        opts.data_size_in = len(frame)
+        opts.ctx_in = self._ctx
+        opts.ctx_size_in = _ffi.sizeof(self._ctx)
+        opts.flags = BPF_F_TEST_XDP_LIVE_FRAMES
+        opts.batch_size = batch_size
+        self._opts = opts
+        self._fd = prog_fd
+
+    def send(self, n: int) -> bool:
+        """Run the program `n` times and transmit what it returns XDP_TX for (the kernel
+        loops; one syscall). False: a signal to this thread ended the run early (EINTR)."""
+        self._opts.repeat = n
+        rc = self._lib.bpf_prog_test_run_opts(self._fd, self._opts)
+        if rc == -errno.EINTR:
+            return False
+        if rc < 0:
+            hint = (" (live frames need kernel >= 5.18 and an interface that takes XDP "
+                    "frames: a veth whose peer has NAPI, i.e. GRO on or an XDP program)"
+                    if -rc in (errno.EINVAL, errno.EOPNOTSUPP) else "")
+            raise XdpError(f"bpf_prog_test_run_opts (live frames): {os.strerror(-rc)}{hint}")
+        return True

@@ -46,6 +46,9 @@ def test_table_names_why_the_next_rate_did_not_pass() -> None:
     steps = [{"rate": 100, "verdict": "pass", "saturated": "neither"},
              {"rate": 200, "verdict": "fail", "saturated": "relay core"}]
     row = table([{"mode": "kernel", "sessions": 1000, "capacity_pps": 100,
-                  "relay_core_busy_at_capacity": 0.8, "upper_bound_pps": 200,
-                  "search": {"steps": steps}}]).splitlines()[-1]
-    assert row == "| kernel | 1,000 | 100 | 0.8 | 200 | fail | relay core |"
+                  "relay_core_busy_at_capacity": 0.8, "relay_napi_busy_at_capacity": 0.7,
+                  "upper_bound_pps": 200, "search": {"steps": steps},
+                  "overload": [{"saturated": "relay core"}],
+                  "forwarded_at_overload_pps": 150}]).splitlines()[-1]
+    assert row == ("| kernel | 1,000 | 100 | 0.7 | 0.8 | 200 | fail | relay core | 150 | "
+                   "relay core |")
