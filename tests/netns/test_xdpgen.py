@@ -90,10 +90,11 @@ def test_frames_arrive_byte_for_byte_in_rotation(topo: Topology, family: str) ->
 
 
 def test_n_frames_asked_n_frames_counted_at_the_sink(topo: Topology) -> None:
-    """10,000 frames of 50 flows at 20,000 pkt/s (veth's 256-frame ring then covers a
-    12 ms stall of a shared machine): the program sent 10,000, the relay's
-    veth refused none, the sink counted 10,000 (and their bytes); never faster than the
-    schedule allows; then nothing of either program is left."""
+    """2,000 frames of 50 flows at 2,000 pkt/s (veth's 256-frame ring then covers a
+    128 ms stall of a shared machine; at 20,000 pkt/s a loaded one lost frames): the
+    program sent 2,000, the relay's veth refused none, the sink counted 2,000 (and their
+    bytes); never faster than the schedule allows; then nothing of either program is
+    left."""
     _route_to_callee(topo)
     with _gen(topo, _flows(topo, 50)) as gen:
         gen_ids = _prog_ids("lrk_gen")
@@ -102,12 +103,12 @@ def test_n_frames_asked_n_frames_counted_at_the_sink(topo: Topology) -> None:
             sink_ids = _prog_ids("lrk_sink")
             assert sink.attached()
             refused0 = xmit_errors(topo.caller.ns, "vc0")
-            assert gen.run(rate=20_000, count=10_000) == 10_000
+            assert gen.run(rate=2_000, count=2_000) == 2_000
             span = (gen.last.last_ns - gen.last.first_ns) / 1e9
-            assert span >= (10_000 - 1 - MAX_BURST) / 20_000
+            assert span >= (2_000 - 1 - MAX_BURST) / 2_000
             assert xmit_errors(topo.caller.ns, "vc0") == refused0
-            wait(lambda: sink.packets() >= 10_000, timeout=5)
-            assert (sink.packets(), sink.bytes()) == (10_000, 10_000 * len(
+            wait(lambda: sink.packets() >= 2_000, timeout=5)
+            assert (sink.packets(), sink.bytes()) == (2_000, 2_000 * len(
                 frame(_flows(topo, 1)[0], "00:00:00:00:00:01", "00:00:00:00:00:02")))
         assert not _xdp_on(topo.callee.ns, "ve0")
     assert not set(gen_ids) & set(_prog_ids("lrk_gen"))
