@@ -135,30 +135,37 @@ def read_udp_timeouts(paths: Sequence[str] = UDP_TIMEOUTS) -> Tuple[int, int]:
     return values[0], values[1]
 
 
-def leg_spec(leg: PlaneLeg) -> Optional[LegSpec]:
-    """The kernel's view of a leg, or None while its peer is unknown or on hold (port 0)."""
+def leg_spec(leg: PlaneLeg, rules: Optional[KernelRuleset] = None) -> Optional[LegSpec]:
+    """The kernel's view of a leg, or None while its peer is unknown or on hold (port 0);
+    with `rules`, its ct mark is its relay address's (mark slots)."""
     if leg.announced is None or not leg.announced[1]:
         return None
     rtcp = leg.rtcp_announced[1] if leg.rtcp_announced else None
+    if rules is not None and rules.slot_of:
+        return rules.leg(leg.relay_ip, leg.relay_port, leg.announced[0], leg.announced[1],
+                         rtcp or None)
     return LegSpec(leg.relay_ip, leg.relay_port, leg.announced[0], leg.announced[1],
                    peer_rtcp_port=rtcp or None)
 
 
-def session_spec(stream: StreamSpec) -> Optional[SessionSpec]:
+def session_spec(stream: StreamSpec, rules: Optional[KernelRuleset] = None
+                 ) -> Optional[SessionSpec]:
     """The kernel's view of one stream (a unit), or None while a peer is unknown."""
-    a, b = leg_spec(stream.a), leg_spec(stream.b)
+    a, b = leg_spec(stream.a, rules), leg_spec(stream.b, rules)
     if a is None or b is None:
         return None
     return SessionSpec(a, b)
 
 
-def fork_spec(stream: StreamSpec) -> Optional[ForkSpec]:
+def fork_spec(stream: StreamSpec, rules: Optional[KernelRuleset] = None
+              ) -> Optional[ForkSpec]:
     """The kernel's view of one stream of a further early dialog (a fork unit): its own
-    A port and the caller, the session's B port and this fork's callee."""
-    a, b = leg_spec(stream.a), leg_spec(stream.b)
+    A port and the caller, the session's B port and this fork's callee (B's mark above
+    every slot's, `KernelRuleset.fork_offset`)."""
+    a, b = leg_spec(stream.a, rules), leg_spec(stream.b, rules)
     if a is None or b is None:
         return None
-    return ForkSpec(a, b)
+    return rules.fork(a, b) if rules is not None else ForkSpec(a, b)
 
 
 class KernelPlane:
@@ -171,13 +178,15 @@ class KernelPlane:
     def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
                  table: str = "lrk", poll_interval: float = 2.0,
                  counters: str = "conntrack", adopt: bool = False,
-                 extra: Sequence[Tuple[str, int, int]] = ()) -> None:
+                 extra: Sequence[Tuple[str, int, int]] = (),
+                 mark_slots: Sequence[str] = ()) -> None:
         self.port_start = port_start
         self.port_end = port_end
-        # extra: a standby's peers' media (address, ports), served once taken over
+        # extra: a standby's peers' media (address, ports), served once taken over;
+        # mark_slots: several addresses per side, each its own port space and marks
         self.rules = KernelRuleset(table=table, port_start=port_start, port_end=port_end,
                                    relay_ips=sorted(set(relay_ips)), counters=counters,
-                                   extra=extra)
+                                   extra=extra, mark_slots=mark_slots)
         self.sink: EventSink = lambda event: None
         #: what the engine asked for, per session, and per unit (one stream of a session;
         #: the kernel state below is keyed by unit id)
@@ -354,12 +363,42 @@ class KernelPlane:
         return listing
 
     def _fresh_table(self) -> None:
-        """Create the table (replacing a leftover) and flush every flow lrk marked."""
+        """Create the table (replacing a leftover) and flush every flow lrk marked: the
+        marks a filtered dump finds (one flush per mark walks the whole conntrack table,
+        so flushing every possible mark blindly costs 2 x slots x range walks), or every
+        mark when that dump fails."""
         assert self.nft is not None
         self.nft.run(self.rules.create())  # replaces a table a crashed run left behind
-        marks = [m for lo, hi in (self.rules.mark_range, self.rules.fork_mark_range)
-                 for m in range(lo, hi + 1)]
-        self._flush_flows(marks)  # its flows too
+        if self.ct is None:
+            return
+        try:
+            flows = self._ruleset_flows()
+        except (ConntrackError, OSError) as exc:
+            log.warning("kernel mode: conntrack dump failed (%s): flushing every lrk mark", exc)
+            self._flush_flows(self.rules.all_marks())
+            return
+        owns = self.rules.owns_mark
+        self._flush_flows(sorted({f.mark for f in flows if owns(f.mark)}))  # its flows too
+
+    def _ruleset_filters(self) -> List[Tuple[int, int]]:
+        """(mark, mask) filters covering every mark of the ruleset ([]: dump everything)."""
+        hulls = (self.rules.mark_hull, self.rules.fork_mark_hull)
+        filters = [f for lo, hi in hulls for f in mark_filters(lo, hi)]
+        if any(not mark_filters(lo, hi) for lo, hi in hulls):
+            return []  # unfiltered: every mark is checked by the caller
+        return filters
+
+    def _ruleset_flows(self) -> List[CtFlow]:
+        """Every flow whose mark may be lrk's (callers check each mark)."""
+        if self.ct_dump is None:
+            self.ct_dump = ConntrackSocket()
+        try:
+            return self.ct_dump.flows(self._ruleset_filters(), timeout=self.dump_timeout,
+                                      max_flows=self.max_flows)
+        except (ConntrackError, OSError):
+            self.ct_dump.close()
+            self.ct_dump = None
+            raise
 
     def adopted(self) -> None:
         """The restore is over: elements of an adopted table no restored session claimed
@@ -405,28 +444,15 @@ class KernelPlane:
     def _adopt_flows(self, owners: Dict[int, tuple]) -> Optional[List[CtFlow]]:
         """lrk's flows in an adopted table: those with a mark in lrk's ranges that no
         restored unit owns are flushed; the rest are returned (None: dump failed)."""
-        if self.ct_dump is None:
-            try:
-                self.ct_dump = ConntrackSocket()
-            except OSError as exc:
-                log.error("kernel mode: no conntrack socket to adopt flows: %s", exc)
-                return None
-        ranges = (self.rules.mark_range, self.rules.fork_mark_range)
-        filters = [f for lo, hi in ranges for f in mark_filters(lo, hi)]
-        if any(not mark_filters(lo, hi) for lo, hi in ranges):
-            filters = []  # unfiltered: every mark is checked below
         try:
-            flows = self.ct_dump.flows(filters, timeout=self.dump_timeout,
-                                       max_flows=self.max_flows)
+            flows = self._ruleset_flows()
         except (ConntrackError, OSError) as exc:
             self.counters["kernel.errors"] += 1
             log.error("kernel mode: conntrack dump failed: flows of ended calls stay until "
                       "they expire: %s", exc)
-            self.ct_dump.close()
-            self.ct_dump = None
             return None
-        stray = sorted({f.mark for f in flows if f.mark not in owners
-                        and any(lo <= f.mark <= hi for lo, hi in ranges)})
+        owns = self.rules.owns_mark
+        stray = sorted({f.mark for f in flows if f.mark not in owners and owns(f.mark)})
         try:
             self._flush_flows(stray)
             self.counters["kernel.adopt.flushed_marks"] += len(stray)
@@ -579,7 +605,9 @@ class KernelPlane:
     def _spec(self, uid: int, stream: StreamSpec) -> Optional[SessionSpec]:
         """What the kernel should hold for a unit (nfqueue mode adds latched sources): a
         fork unit's is a ForkSpec."""
-        return fork_spec(stream) if uid in self.fork_of else session_spec(stream)
+        if uid in self.fork_of:
+            return fork_spec(stream, self.rules)
+        return session_spec(stream, self.rules)
 
     def _elements(self, commands: str) -> str:
         """Element commands as applied (nfqueue mode leaves admission to userspace)."""
@@ -882,10 +910,10 @@ class KernelPlane:
     def _dump(self) -> List[CtFlow]:
         if self.ct_dump is None:
             self.ct_dump = ConntrackSocket()
-        lo, hi = self.rules.mark_range
+        lo, hi = self.rules.mark_hull  # every slot's marks (a mark slot per address)
         filters = mark_filters(lo, hi)
         if filters and self.fork_of:  # fork units' B legs carry marks of their own range
-            forks = mark_filters(*self.rules.fork_mark_range)
+            forks = mark_filters(*self.rules.fork_mark_hull)
             filters = filters + forks if forks else []
         return self.ct_dump.flows(filters, timeout=self.dump_timeout,
                                   max_flows=self.max_flows)

@@ -62,16 +62,17 @@ class NfqueuePlane(KernelPlane):
     def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
                  table: str = "lrk", poll_interval: float = 2.0,
                  queue_num: int = 0, bypass: bool = False, adopt: bool = False,
-                 extra: Sequence[Tuple[str, int, int]] = ()) -> None:
+                 extra: Sequence[Tuple[str, int, int]] = (),
+                 mark_slots: Sequence[str] = ()) -> None:
         # the queued first packet is re-run (NF_REPEAT): kept on the per-packet `seen` counting
         super().__init__(port_start, port_end, relay_ips, table, poll_interval,
-                         counters="rules", adopt=adopt, extra=extra)
+                         counters="rules", adopt=adopt, extra=extra, mark_slots=mark_slots)
         # extra: a standby's peers' media, as in kernel mode (admission is by relay
         # address and port, whatever range it is in)
         self.rules = KernelRuleset(table=table, port_start=port_start, port_end=port_end,
                                    relay_ips=sorted(set(relay_ips)),
                                    queue=queue_num, queue_bypass=bypass, queue_chain=True,
-                                   extra=extra)
+                                   extra=extra, mark_slots=mark_slots)
         self.queue_num = queue_num
         self.bypass = bypass
         self.nfq: Optional[NfQueue] = None
