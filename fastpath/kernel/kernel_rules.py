@@ -116,13 +116,27 @@ class KernelRuleError(LrkError):
     code = "bad_request"
 
 
+#: addresses already normalised (relay addresses and peers repeat on every install:
+#: ipaddress costs ~10 us a call); cleared when full
+_IP_CACHE: Dict[str, Tuple[str, int]] = {}
+_IP_CACHE_MAX = 65536
+
+
 def _ip(value: str, what: str) -> Tuple[str, int]:
     """Normalise an address to nft's spelling (compressed IPv6); returns (text, family)."""
+    hit = _IP_CACHE.get(value) if type(value) is str else None
+    if hit is not None:
+        return hit
     try:
         addr = ipaddress.ip_address(str(value).strip())
     except ValueError:
         raise KernelRuleError(f"{what} {value!r} is not an IPv4 or IPv6 address") from None
-    return str(addr), addr.version
+    out = (str(addr), addr.version)
+    if type(value) is str:
+        if len(_IP_CACHE) >= _IP_CACHE_MAX:
+            _IP_CACHE.clear()
+        _IP_CACHE[value] = out
+    return out
 
 
 def _port(value: int, what: str, lo: int = 1, hi: int = 65535) -> int:
@@ -577,11 +591,8 @@ class KernelRuleset:
     def leg(self, relay_ip: str, relay_port: int, peer_ip: str, peer_port: int,
             peer_rtcp_port: Optional[int] = None) -> LegSpec:
         """A leg with the mark of its relay address's slot."""
-        leg = LegSpec(relay_ip, relay_port, peer_ip, peer_port, peer_rtcp_port)
-        mark = self.mark(leg.relay_ip, relay_port)
-        if mark is None:
-            return leg
-        return LegSpec(leg.relay_ip, relay_port, leg.peer_ip, peer_port, peer_rtcp_port, mark)
+        return LegSpec(relay_ip, relay_port, peer_ip, peer_port, peer_rtcp_port,
+                       self.mark(_ip(relay_ip, "relay_ip")[0], relay_port))
 
     def fork(self, a: LegSpec, b: LegSpec) -> ForkSpec:
         """A fork unit whose B mark is A's plus :attr:`fork_offset` (above every slot),
