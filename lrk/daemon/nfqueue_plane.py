@@ -229,7 +229,7 @@ class NfqueuePlane(KernelPlane):
         keys = self.admitted.pop(sid, set())
         if keys and self.nft is not None:
             lines = [f"delete element inet {self.rules.table} {key}" for key in sorted(keys)]
-            self.nft.run("\n".join(lines) + "\n")
+            self._write("\n".join(lines) + "\n")
 
     # -- first packets -----------------------------------------------------------------
     def _on_queue(self) -> None:
@@ -287,7 +287,7 @@ class NfqueuePlane(KernelPlane):
         key = f"adm{fam} {{ {dst_ip} . {dport} . {src_ip} }}"
         if key not in self.admitted.setdefault(sid, set()):
             assert self.nft is not None
-            self.nft.run(f"add element inet {self.rules.table} {key}\n")
+            self._write(f"add element inet {self.rules.table} {key}\n")
             self.admitted[sid].add(key)
             self.counters["nfqueue.admitted"] += 1
         return NF_REPEAT
