@@ -30,7 +30,6 @@ from fastpath.kernel.netlink import (
     NLM_F_CREATE,
     NLM_F_REQUEST,
     NetlinkError,
-    attr,
     attr_strz,
     nested,
     nfmessage,
@@ -59,6 +58,13 @@ SET_TYPES: Dict[str, Tuple[str, Optional[str]]] = {
 }
 _PORT = struct.Struct("!Hxx")
 _MARK = struct.Struct("=I")
+_NESTED = 0x8000  # NLA_F_NESTED
+#: LIST_ELEM { KEY { VALUE ...: their three nlattr headers (host order)
+_ELEM_KEY = struct.Struct("=HHHHHH")
+#: DATA { VALUE ...
+_ELEM_DATA = struct.Struct("=HHHH")
+#: addresses as inet_pton gives them (relay addresses and peers repeat); cleared when full
+_ADDR: Dict[Tuple[str, int], bytes] = {}
 
 
 class ElementTextError(ValueError):
@@ -67,7 +73,13 @@ class ElementTextError(ValueError):
 
 def _part(kind: str, text: str, family: int) -> bytes:
     if kind == "a":
-        return socket.inet_pton(socket.AF_INET6 if family == 6 else socket.AF_INET, text)
+        got = _ADDR.get((text, family))
+        if got is None:
+            if len(_ADDR) >= 65536:
+                _ADDR.clear()
+            got = _ADDR[(text, family)] = socket.inet_pton(
+                socket.AF_INET6 if family == 6 else socket.AF_INET, text)
+        return got
     value = int(text)
     if kind == "p":
         if not 0 <= value <= 0xFFFF:
@@ -112,6 +124,20 @@ def _line(line: str) -> Tuple[bool, str, str, List[Tuple[bytes, Optional[bytes]]
     return add, table, name, items
 
 
+def _element(key: bytes, value: Optional[bytes]) -> bytes:
+    """NFTA_LIST_ELEM { KEY { VALUE key }, DATA { VALUE value } } (keys and values are
+    whole 4-byte words: no padding), as `netlink.nested`/`attr` would build it."""
+    k = len(key)
+    size = 12 + k + (0 if value is None else 8 + len(value))
+    head = _ELEM_KEY.pack(size, NFTA_LIST_ELEM | _NESTED, 8 + k,
+                          NFTA_SET_ELEM_KEY | _NESTED, 4 + k, NFTA_DATA_VALUE)
+    if value is None:
+        return head + key
+    v = len(value)
+    return b"".join((head, key, _ELEM_DATA.pack(8 + v, NFTA_SET_ELEM_DATA | _NESTED, 4 + v,
+                                                 NFTA_DATA_VALUE), value))
+
+
 def batch(text: str, first_seq: int) -> Tuple[bytes, List[int]]:
     """The NFNL batch for element `text`, and the sequence numbers whose acks to await.
     Raises ElementTextError (nothing built) for text it cannot express."""
@@ -122,11 +148,7 @@ def batch(text: str, first_seq: int) -> Tuple[bytes, List[int]]:
         if not line.strip():
             continue
         add, table, name, items = _line(line)
-        elems = b"".join(
-            nested(NFTA_LIST_ELEM, nested(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, key)),
-                   *((nested(NFTA_SET_ELEM_DATA, attr(NFTA_DATA_VALUE, value)),)
-                     if value is not None else ()))
-            for key, value in items)
+        elems = b"".join(_element(key, value) for key, value in items)
         seq += 1
         msgs.append(nfmessage(NEWSETELEM if add else DELSETELEM,
                               NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if add else 0), seq,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from fastpath.contract import (
     Action,
@@ -117,6 +117,8 @@ KEPT = "restart"
 #: (received from A's peer: packets, bytes, received from B's peer: packets, bytes)
 Counts = Tuple[int, int, int, int]
 _ZERO: Counts = (0, 0, 0, 0)
+#: what a unit with nothing to report last said: no counts, media time, latch or drops
+_IDLE = (_ZERO, None, None, None, None, None, (), ())
 
 
 def read_udp_timeouts(paths: Sequence[str] = UDP_TIMEOUTS) -> Tuple[int, int]:
@@ -773,13 +775,23 @@ class KernelPlane:
         latched_get = latched.get
         reported = self._reported
         last_rx = self._last_rx
-        for uid, spec in list(self.installed.items()):
+        # units with something to say: counts, a latch, a media time or drops; the others
+        # were reported idle before and are passed over without a new object (at 100,000
+        # calls most are: allocating per unit woke the garbage collector every read)
+        active = set(totals)
+        active.update(key[0] for key in latched)
+        active.update(last_rx)
+        active.update(self._drop_units())
+        idle = _IDLE
+        for uid, spec in self.installed.items():  # sink() runs after the loop
+            if uid not in active and reported.get(uid) is idle:
+                continue
             stream = stream_of(uid)
             if stream is None:
                 continue
             fork = fork_of.get(uid) if uid < 0 else None
             sid = fork[0] if fork is not None else unit_of(uid)[0]
-            counts = totals[uid]
+            counts = totals.get(uid, _ZERO)
             a_p, a_b, b_p, b_b = counts
             # when its flows last carried a packet; without their timeouts ("rules"
             # counting, a kernel that sends none), this read if the counters moved
@@ -798,7 +810,7 @@ class KernelPlane:
                    leg_drops(uid, "A"), leg_drops(uid, "B"))
             if prev == key:
                 continue
-            reported[uid] = key
+            reported[uid] = idle if key == idle else key
             hdr = HEADER_BYTES[spec.family]
             # what B's peer sent was forwarded to A's peer, and back; a leg without a flow
             # reports no latch (a flow that timed out does not un-latch)
@@ -886,13 +898,19 @@ class KernelPlane:
             if restarted and old[0] in self.installed:
                 self._fold(base.setdefault(old[0], [0, 0, 0, 0]), old)
         self._flow_counts = current
-        totals = {sid: list(base.get(sid, (0, 0, 0, 0))) for sid in self.installed}
+        # sparse: only units with flows now or before (the rest count zero); at 100,000
+        # calls a list per unit made each read O(calls) and woke the garbage collector
+        installed = self.installed
+        for sid in [s for s in base if s not in installed]:
+            del base[sid]
+        totals = {sid: list(b) for sid, b in base.items()}
         for entry in current.values():
             got = totals.get(entry[0])
-            if got is not None:
-                self._fold(got, entry)
-        for sid in [s for s in base if s not in self.installed]:
-            del base[sid]
+            if got is None:
+                if entry[0] not in installed:
+                    continue
+                got = totals[entry[0]] = [0, 0, 0, 0]
+            self._fold(got, entry)
         return {sid: (g[0], g[1], g[2], g[3]) for sid, g in totals.items()}
 
     @staticmethod
@@ -1000,6 +1018,10 @@ class KernelPlane:
         return LegReport(counts[0], max(0, counts[1] - hdr * counts[0]), counts[2],
                          max(0, counts[3] - hdr * counts[2]), self._leg_drops(sid, name),
                          generation if (rtp or rtcp) else -1, rtp, rtcp)
+
+    def _drop_units(self) -> Iterable[int]:
+        """Units with per-leg drops to report (none here: netfilter counts table-wide)."""
+        return ()
 
     def _leg_drops(self, sid: int, name: str) -> Tuple[Tuple[str, int], ...]:
         """Per-leg drops: netfilter's drop counter is table-wide (not per leg) here."""

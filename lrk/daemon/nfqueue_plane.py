@@ -316,6 +316,9 @@ class NfqueuePlane(KernelPlane):
         announced = leg.announced
         return leg.latch_any or (announced is not None and announced[0] == src[0])
 
+    def _drop_units(self) -> Set[int]:
+        return {uid for uid, _ in self.leg_drops}
+
     def _leg_drops(self, sid: int, name: str) -> Tuple[Tuple[str, int], ...]:
         n = self.leg_drops.get((sid, name), 0)
         return (("unexpected_source", n),) if n else ()

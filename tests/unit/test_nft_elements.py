@@ -87,3 +87,12 @@ def test_ipv6_keys_and_deletes():
 def test_text_it_cannot_express_is_refused_before_sending(text):
     with pytest.raises(ElementTextError):
         batch(text, 1)
+
+
+def test_the_inline_element_encoding_is_the_generic_one():
+    from fastpath.kernel.nft_elements import _element
+
+    key, value = bytes(range(8)), bytes(range(20))
+    assert _element(key, value) == nl.nested(
+        1, nl.nested(1, nl.attr(1, key)), nl.nested(2, nl.attr(1, value)))
+    assert _element(key, None) == nl.nested(1, nl.nested(1, nl.attr(1, key)))
