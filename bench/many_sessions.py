@@ -232,6 +232,9 @@ def kernel(args: argparse.Namespace) -> Dict[str, Any]:
                 # than the default signature window
                 fh.write(f"kernel_poll = {args.kernel_poll}\nsilence_timeout = 3600\n"
                          "max_lifetime = 0\ncontrol_auth_window = 300\n")
+            if args.mode == "xdp":  # four directions (map entries) a one-stream call
+                with open(cfg, "a") as fh:
+                    fh.write(f"xdp_max_streams = {4 * args.sessions + 1024}\n")
             extra = ["--mode", args.mode, "--config", cfg]
             if args.mode == "xdp":
                 extra += ["--xdp-interface", "vc1", "--xdp-interface", "ve1"]

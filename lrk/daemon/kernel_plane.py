@@ -674,7 +674,10 @@ class KernelPlane:
         elif old != new:
             self._write(self._elements(self.rules.update_commands(old, new)))
         self.installed[sid] = new
-        self._owner_map = None
+        if self._owner_map is not None and old != new:  # kept up to date, not rebuilt
+            if old is not None:
+                self._disown(sid, old)
+            self._own(self._owner_map, sid, new)
         if old is not None and (old != new or relatch):
             # established flows keep their NAT: a new offer/answer must start afresh;
             # a peer that only moved (a latch) needs only the flows NATed towards it gone
@@ -698,7 +701,7 @@ class KernelPlane:
         spec = self.installed.pop(sid, None)
         if spec is None:
             return
-        self._owner_map = None
+        self._disown(sid, spec)
         assert self.nft is not None
         self._stale.pop(sid, None)
         self._base.pop(sid, None)
@@ -935,14 +938,29 @@ class KernelPlane:
             return cached
         owners: Dict[int, Tuple[int, str, bool, Tuple[str, int], str, Tuple[str, int]]] = {}
         for sid, spec in self.installed.items():
-            for name, leg, other, other_leg in (("A", spec.a, "B", spec.b),
-                                                ("B", spec.b, "A", spec.a)):
-                for rtcp in (False, True):
-                    owners[leg.rtp_mark + rtcp] = (sid, name, rtcp, leg.relay(rtcp), other,
-                                                   other_leg.relay(rtcp))
+            self._own(owners, sid, spec)
         self._owner_map = owners
         return owners
 
+    @staticmethod
+    def _own(owners: Dict[int, tuple], sid: int, spec: SessionSpec) -> None:
+        """A unit's four marks into `owners` (built once, then kept up to date by each
+        install and removal: rebuilding 400,000 entries per read cost ~0.3 s)."""
+        for name, leg, other, other_leg in (("A", spec.a, "B", spec.b),
+                                            ("B", spec.b, "A", spec.a)):
+            for rtcp in (False, True):
+                owners[leg.rtp_mark + rtcp] = (sid, name, rtcp, leg.relay(rtcp), other,
+                                               other_leg.relay(rtcp))
+
+    def _disown(self, sid: int, spec: SessionSpec) -> None:
+        """A unit's marks out of the owner map (those still its own)."""
+        owners = self._owner_map
+        if owners is None:
+            return
+        for mark in conntrack_marks(spec):
+            got = owners.get(mark)
+            if got is not None and got[0] == sid:
+                del owners[mark]
     def _flows(self, owners: Dict[int, tuple]) -> Optional[List[CtFlow]]:
         """lrk's flows: one mark-filtered dump per poll, O(flows of lrk). None when the
         dump failed (counted and logged)."""

@@ -396,3 +396,18 @@ def test_a_poll_reports_only_units_that_changed():
     plane.apply([Install(spec(2, 31004, 31006, callee=NAT))])  # re-pointed: reported again
     plane._poll(13.0)
     assert [r.sid for r in reports] == [2]
+
+
+def test_the_owner_map_is_kept_up_to_date_not_rebuilt():
+    plane = KernelPlane(31000, 31099, [RELAY])
+    adopting(plane, None, [])
+    plane.apply([Install(spec(1, 31000, 31002)), Install(spec(2, 31004, 31006))])
+    owners = plane._owners()
+    plane.apply([Install(spec(3, 31008, 31010)),
+                 Install(SessionSpec(1, "c1", (StreamSpec(0, LegSpec("A", RELAY, 31012, CALLER),
+                                                          LegSpec("B", RELAY, 31002, CALLEE)),))),
+                 Remove(2, "c2", "deleted")])
+    assert plane._owners() is owners  # the same map, changed in place
+    plane._owner_map = None
+    assert plane._owners() == owners  # what a rebuild gives
+    assert sorted(owners) == [31002, 31003, 31008, 31009, 31010, 31011, 31012, 31013]
