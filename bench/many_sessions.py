@@ -242,7 +242,8 @@ def kernel(args: argparse.Namespace) -> Dict[str, Any]:
                 extra += ["--internal-ip", ip]
             for ip in external:
                 extra += ["--external-ip", ip]
-            relay = RelayProcess(ports=args.ports, netns=ns, extra=extra).start()
+            relay = RelayProcess(ports=args.ports, netns=ns, extra=extra,
+                                 python=args.relay_python).start()
             try:
                 result = _kernel_run(args, relay, topo, tmp)
             finally:
@@ -295,6 +296,7 @@ def _kernel_run(args: argparse.Namespace, relay: RelayProcess, topo: Any, tmp: s
         return sorted(xs)[len(xs) // 2] if xs else float("nan")
 
     result.update({
+        "relay_python": args.relay_python or sys.executable,
         "mode": args.mode, "addresses_per_side": args.addresses, "ports": args.ports,
         "kernel_poll": args.kernel_poll,
         "sessions_held": stats.get("sessions"), "port_pairs": stats.get("ports"),
@@ -373,6 +375,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="the relay's mode (kernel)")
     parser.add_argument("--kernel-poll", type=float, default=2.0,
                         help="the relay's kernel_poll (kernel)")
+    parser.add_argument("--relay-python", help="the relay's interpreter (kernel; default: "
+                        "this one): a PyPy relay driven by a CPython client, whose msgpack "
+                        "is C, measures the relay rather than the client")
     parser.add_argument("--passes", type=int, default=5,
                         help="counter-read passes timed (kernel)")
     parser.add_argument("--sessions", type=int, default=4000)
