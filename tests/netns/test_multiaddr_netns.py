@@ -132,3 +132,67 @@ def test_same_port_on_two_addresses_relays_both_calls(topo, tmp_path, mode):
                 s.close()
     if mode in KERNEL_MODES:
         assert "table inet lrk" not in run("nft", "list", "tables", ns=ns).stdout
+
+
+def test_kernel_mode_keeps_both_calls_across_a_restart_and_adopts_their_slots(topo, tmp_path):
+    """Two calls on the same port numbers of two addresses per side; SIGTERM keeps them
+    (the kernel forwards on, each flow under its own slot's mark); the next start adopts
+    the table (same layout: the slots did not change) and both calls relay on; deleting
+    the call on the second addresses flushes only its slot's flows."""
+    from .test_kernel_adopt import _both_ways
+
+    ns = topo.relay.ns
+    run("ip", "addr", "add", f"{IN2}/26", "dev", "vc1", ns=ns)
+    run("ip", "addr", "add", f"{EX2}/26", "dev", "ve1", ns=ns)
+    in1, ex1 = topo.relay.ip4, topo.relay_ext.ip4
+    caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
+    cfg = tmp_path / "lrk.toml"
+    cfg.write_text(f'kernel_poll = 0.2\nquarantine = 0\nstate_dir = "{tmp_path / "state"}"\n')
+    extra = ["--mode", "kernel", "--internal-ip", in1, "--internal-ip", IN2, "--external-ip",
+             ex1, "--external-ip", EX2, "--config", str(cfg)]
+    first = RelayProcess(ports="30000-30003", netns=ns, extra=extra).start()
+    second = None
+    socks = []
+    try:
+        calls = []
+        with LrkClient([first.node]) as client:
+            for n in range(2):
+                caller = endpoint(topo.caller.ns, caller_ip, 4000 + 2 * n)
+                callee = endpoint(topo.callee.ns, callee_ip, 5000 + 2 * n)
+                socks += [caller, callee]
+                offer = client.offer(f"mr-{n}", "a", (caller_ip, 4000 + 2 * n),
+                                     interface="external")
+                answer = client.answer(f"mr-{n}", "a", "b", (callee_ip, 5000 + 2 * n),
+                                       interface="internal")
+                to_a = (answer["relay"]["ip"], answer["relay"]["port"])
+                to_b = (offer["relay"]["ip"], offer["relay"]["port"])
+                calls.append((caller, callee, to_a, to_b))
+                _both_ways(caller, callee, to_a, to_b, 0, 3)
+        port = calls[0][2][1]
+        assert calls[1][2] == (IN2, port)
+        assert _marks(ns) == {port, port + SLOT}
+        second = first.again()
+        assert first.stop() == 0
+        assert "left in place for 2 kept call(s)" in first.output
+        for caller, callee, to_a, to_b in calls:  # no relay runs: the kernel forwards on
+            _both_ways(caller, callee, to_a, to_b, 10, 5)
+        second.start()
+        out = second.read_output()
+        assert "adopting table inet lrk" in out and "restored 2 of 2 call(s)" in out, out
+        assert _marks(ns) == {port, port + SLOT}, "both calls' flows kept"
+        for caller, callee, to_a, to_b in calls:
+            _both_ways(caller, callee, to_a, to_b, 20, 3)
+        with LrkClient([second.node]) as client:
+            client.delete("mr-1")
+            assert _marks(ns) == {port}, "only the second addresses' call was flushed"
+            _both_ways(calls[0][0], calls[0][1], calls[0][2], calls[0][3], 30, 3)
+            client.delete("mr-0")
+            assert _elements(ns) == {} and flows(ns) == []
+        assert second.stop() == 0
+        assert "table inet lrk" not in run("nft", "list", "tables", ns=ns).stdout
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        for s in socks:
+            s.close()
