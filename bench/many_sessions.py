@@ -5,6 +5,8 @@ what holding them costs.
         --ports 30000-32047 --out bench/results/many-sessions-daemon.json
     .venv/bin/python -m bench.many_sessions engine --sessions 100000 --addresses 8 \\
         --out bench/results/many-sessions-engine.json
+    .venv/bin/python -m bench.many_sessions kernel --sessions 100000 --addresses 4 \\
+        --ports 10000-65535 --out bench/results/many-sessions-kernel.json
 
 ``daemon``: an lrk relay in socket mode on loopback with ``--addresses`` relay addresses
 per side (127.0.0.1.. internal, 127.0.1.1.. external: loopback answers for all of
@@ -15,6 +17,16 @@ costs one send + one recv + one unpack per request. Then: sessions/s, the relay'
 RSS (daemon + workers) per session, the round trip of one ``stats`` at that size, and
 that the calls spread over the addresses. Socket mode holds 4 sockets a call, so N is
 bound by the fd limit (``ulimit -n``; 20000 here: about 4,800 calls).
+
+``kernel`` (root): a relay in kernel mode (``--mode xdp`` or ``nfqueue`` too) in a
+caller / relay / callee namespace topology of its own, ``--addresses`` (at most 8)
+relay addresses per side on 198.51.100.0/24, each with its own port space and ct mark
+slot; N calls installed over the relay's unix control socket, then ``--passes``
+counter-read passes (a ``stats`` after ``kernel_poll``: the relay reads every call's
+counters first), every call deleted, the relay stopped: sessions/s of install and
+delete, daemon CPU and RSS, what is left (calls, ports, conntrack flows, the table).
+Requests are signed right before each run (the relay's ``control_auth_window`` is set
+to 300 s). ``--relay-python`` runs the relay under another interpreter.
 
 ``engine``: the sans-IO engine alone (the daemon's control plane without sockets) with
 N calls on ``--addresses`` addresses per side and the full port range: offer + answer
