@@ -177,6 +177,8 @@ class KernelPlane:
 
     #: serve every early dialog of a forked INVITE (fork units); False: the first only
     relays_forks = True
+    #: a unit's install writes its `adm` elements (nfqueue mode: userspace admits)
+    writes_admission = True
 
     def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
                  table: str = "lrk", poll_interval: float = 2.0,
@@ -669,7 +671,7 @@ class KernelPlane:
                 self._write(text)
             self.counters["kernel.sessions.adopted"] += 1
         elif old is None:
-            self._write(self._elements(self.rules.install_commands(new)))
+            self._write_unit(new, True)
             self.counters["kernel.sessions.installed"] += 1
         elif old != new:
             self._write(self._elements(self.rules.update_commands(old, new)))
@@ -714,8 +716,20 @@ class KernelPlane:
                 for rtcp in (False, True):
                     self._seen_offset.pop(leg.relay(rtcp), None)
         self._forget(sid, spec)
-        self._write(self._elements(self.rules.remove_commands(spec)))
+        self._write_unit(spec, False)
         self._flush_flows(conntrack_marks(spec))
+
+    def _write_unit(self, spec: SessionSpec, add: bool) -> None:
+        """A unit's install (`add`) or removal: a plain unit's batch straight from its
+        spec, a fork unit's (or without a netlink socket) through its text."""
+        if self.writer is not None and not isinstance(spec, ForkSpec):
+            if add:
+                self.rules.check(spec)
+            self.writer.run_spec(spec, self.rules.table, self.rules.seen,
+                                 self.writes_admission, add)
+            return
+        self._write(self._elements(self.rules.install_commands(spec) if add
+                                   else self.rules.remove_commands(spec)))
 
     def _write(self, text: str) -> None:
         """Element text as one transaction: a netlink batch, or nft when there is no

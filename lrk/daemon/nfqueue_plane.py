@@ -58,6 +58,8 @@ class NfqueuePlane(KernelPlane):
 
     #: every early dialog of a forked INVITE is relayed (fork units, as in kernel mode)
     relays_forks = True
+    #: admission elements are written when userspace admits a first packet
+    writes_admission = False
 
     def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
                  table: str = "lrk", poll_interval: float = 2.0,

@@ -96,3 +96,23 @@ def test_the_inline_element_encoding_is_the_generic_one():
     assert _element(key, value) == nl.nested(
         1, nl.nested(1, nl.attr(1, key)), nl.nested(2, nl.attr(1, value)))
     assert _element(key, None) == nl.nested(1, nl.nested(1, nl.attr(1, key)))
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("seen", [False, True])
+@pytest.mark.parametrize("admission", [False, True])
+def test_a_units_batch_from_its_spec_is_the_batch_of_its_text(v6, seen, admission):
+    from fastpath.kernel.nft_elements import spec_batch
+
+    a, b = ("2001:db8:1::1", "2001:db8:2::1") if v6 else ("198.51.100.1", "198.51.100.65")
+    pa, pb = ("2001:db8:1::10", "2001:db8:2::70") if v6 else ("198.51.100.10", "198.51.100.70")
+    rs = KernelRuleset(port_start=30000, port_end=30999, relay_ips=[a, b], mark_slots=[a, b],
+                       counters="rules" if seen else "conntrack")
+    spec = SessionSpec(rs.leg(a, 30000, pa, 4000, 4005), rs.leg(b, 30002, pb, 5000))
+    for add in (True, False):
+        text = rs.install_commands(spec) if add else rs.remove_commands(spec)
+        if not admission:
+            text = "".join(ln + "\n" for ln in text.splitlines() if " adm" not in ln)
+        data, seqs, names = spec_batch(spec, 7, "lrk", seen, admission, add)
+        assert (data, seqs) == batch(text, 7)
+        assert names == [ln.split()[4] for ln in text.splitlines()]
