@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import socket
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import msgpack
 
+from bench.inflight import pipeline
 from bench.ng import CALL_FLAGS, NgError, audio_sdp, decode_message, encode_message
 from lrk.control.auth import Key, sign
 from lrk.demo.relay_process import RelayProcess
@@ -197,57 +197,12 @@ def run_load(addr: Addr, cycles: int, window: int = 16, deadline: float = MAX_SE
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     sock.connect(addr)
     sock.setblocking(False)
-    next_cycle = 0
-    in_flight: Dict[str, Tuple[int, int, float]] = {}  # cookie -> (cycle, step, sent at)
-    latencies: List[float] = []
-    errors = resent = stray = 0
-    done = 0
     server_cpu0 = cpu() if cpu else 0.0
     client_cpu0 = time.process_time()
-    started = time.monotonic()
-    stop_at = started + deadline
-
-    def send(cycle: int, step: int) -> None:
-        try:
-            sock.send(datagrams[cycle][step])
-        except (BlockingIOError, ConnectionRefusedError):
-            pass  # counted as lost: resent after the 1 s quiet period
-        in_flight[f"{prefix}{cycle}.{step}"] = (cycle, step, time.monotonic())
-
-    while next_cycle < min(window, cycles):
-        send(next_cycle, 0)
-        next_cycle += 1
-    while in_flight and time.monotonic() < stop_at:
-        ready, _, _ = select.select([sock], [], [], 1.0)
-        if not ready:
-            for cycle, step, _t in list(in_flight.values()):  # lost: resend, same cookie
-                resent += 1
-                send(cycle, step)
-            continue
-        while True:
-            try:
-                data = sock.recv(65535)
-            except BlockingIOError:
-                break
-            except ConnectionRefusedError:
-                continue
-            cookie, ok = protocol.judge(data)
-            entry = in_flight.pop(cookie, None) if cookie is not None else None
-            if entry is None:
-                stray += 1  # a late reply to a resent request, or garbage
-                continue
-            cycle, step, sent_at = entry
-            latencies.append(time.monotonic() - sent_at)
-            if not ok:
-                errors += 1
-            if step < STEPS - 1:
-                send(cycle, step + 1)
-            else:
-                done += 1
-                if next_cycle < cycles:
-                    send(next_cycle, 0)
-                    next_cycle += 1
-    elapsed = time.monotonic() - started
+    run = pipeline(sock, datagrams, window, deadline, protocol.judge,
+                   lambda cycle, step: f"{prefix}{cycle}.{step}")
+    latencies, errors, resent, stray = run.latencies, run.errors, run.resent, run.stray
+    done, elapsed = run.done, run.seconds
     client_cpu = time.process_time() - client_cpu0
     server_cpu = (cpu() - server_cpu0) if cpu else None
     sock.close()

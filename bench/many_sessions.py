@@ -5,6 +5,8 @@ what holding them costs.
         --ports 30000-32047 --out bench/results/many-sessions-daemon.json
     .venv/bin/python -m bench.many_sessions engine --sessions 100000 --addresses 8 \\
         --out bench/results/many-sessions-engine.json
+    .venv/bin/python -m bench.many_sessions kernel --sessions 100000 --addresses 4 \\
+        --ports 10000-65535 --out bench/results/many-sessions-kernel.json
 
 ``daemon``: an lrk relay in socket mode on loopback with ``--addresses`` relay addresses
 per side (127.0.0.1.. internal, 127.0.1.1.. external: loopback answers for all of
@@ -15,6 +17,16 @@ costs one send + one recv + one unpack per request. Then: sessions/s, the relay'
 RSS (daemon + workers) per session, the round trip of one ``stats`` at that size, and
 that the calls spread over the addresses. Socket mode holds 4 sockets a call, so N is
 bound by the fd limit (``ulimit -n``; 20000 here: about 4,800 calls).
+
+``kernel`` (root): a relay in kernel mode (``--mode xdp`` or ``nfqueue`` too) in a
+caller / relay / callee namespace topology of its own, ``--addresses`` (at most 8)
+relay addresses per side on 198.51.100.0/24, each with its own port space and ct mark
+slot; N calls installed over the relay's unix control socket, then ``--passes``
+counter-read passes (a ``stats`` after ``kernel_poll``: the relay reads every call's
+counters first), every call deleted, the relay stopped: sessions/s of install and
+delete, daemon CPU and RSS, what is left (calls, ports, conntrack flows, the table).
+Requests are signed right before each run (the relay's ``control_auth_window`` is set
+to 300 s). ``--relay-python`` runs the relay under another interpreter.
 
 ``engine``: the sans-IO engine alone (the daemon's control plane without sockets) with
 N calls on ``--addresses`` addresses per side and the full port range: offer + answer
@@ -29,19 +41,21 @@ import json
 import os
 import platform
 import resource
-import select
 import socket
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import msgpack
 
+from bench.inflight import pipeline
 from lrk.client import LrkClient
 from lrk.control.auth import sign
 from lrk.demo.relay_process import RelayProcess
 
 MAX_SECONDS = 120.0
+#: kernel: 100,000 calls at 1,000-2,000/s
+KERNEL_SECONDS = 300.0
 
 
 def _rss_kib(pid: int) -> int:
@@ -69,59 +83,87 @@ def _addresses(n: int) -> Tuple[List[str], List[str]]:
     return ([f"127.0.0.{i + 1}" for i in range(n)], [f"127.0.1.{i + 1}" for i in range(n)])
 
 
-def install(addr: Tuple[str, int], datagrams: List[List[bytes]], window: int
-            ) -> Dict[str, Any]:
-    """Every call's offer then answer, `window` calls in flight; replies checked."""
+def _judge(errors: List[str]) -> Callable[[bytes], Tuple[Optional[str], bool]]:
+    """A reply's cookie and success; the first few errors' texts go to `errors`."""
+    def judge(data: bytes) -> Tuple[Optional[str], bool]:
+        try:
+            reply = msgpack.unpackb(data, raw=False)
+        except (ValueError, msgpack.ExtraData):
+            return None, False
+        ok = reply.get("ok") is True
+        if not ok and len(errors) < 5:
+            errors.append(str(reply.get("error")))
+        return reply.get("cookie"), ok
+    return judge
+
+
+def install(sock: socket.socket, datagrams: List[List[bytes]], window: int,
+            prefix: str = "", deadline: float = MAX_SECONDS) -> Dict[str, Any]:
+    """Every call's requests in order (offer then answer, or a delete), `window` calls in
+    flight, on a connected socket (`bench.inflight.pipeline`); replies checked."""
+    sock.setblocking(False)
+    errors: List[str] = []
+    run = pipeline(sock, datagrams, window, deadline, _judge(errors),
+                   lambda call, step: f"{prefix}{call}.{step}")
+    return {"installed": run.done, "seconds": round(run.seconds, 3), "resent": run.resent,
+            "failed": run.errors, "errors": errors,
+            "sessions_per_s": round(run.done / run.seconds, 1) if run.seconds else 0.0}
+
+
+def _udp(addr: Tuple[str, int]) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
     sock.connect(addr)
-    sock.setblocking(False)
-    in_flight: Dict[str, Tuple[int, int]] = {}
-    errors: List[str] = []
-    next_call = done = resent = 0
-    started = time.monotonic()
-    stop_at = started + MAX_SECONDS
+    return sock
 
-    def send(call: int, step: int) -> None:
-        try:
-            sock.send(datagrams[call][step])
-        except BlockingIOError:
-            pass  # resent after a quiet second
-        in_flight[f"{call}.{step}"] = (call, step)
 
-    while next_call < min(window, len(datagrams)):
-        send(next_call, 0)
-        next_call += 1
-    while in_flight and time.monotonic() < stop_at:
-        ready, _, _ = select.select([sock], [], [], 1.0)
-        if not ready:
-            for call, step in list(in_flight.values()):
-                resent += 1
-                send(call, step)
-            continue
-        while True:
-            try:
-                data = sock.recv(65535)
-            except BlockingIOError:
-                break
-            reply = msgpack.unpackb(data, raw=False)
-            entry = in_flight.pop(reply.get("cookie"), None)
-            if entry is None:
-                continue  # a late reply to a resent request
-            if reply.get("ok") is not True and len(errors) < 5:
-                errors.append(str(reply.get("error")))
-            call, step = entry
-            if step == 0:
-                send(call, 1)
-            else:
-                done += 1
-                if next_call < len(datagrams):
-                    send(next_call, 0)
-                    next_call += 1
-    elapsed = time.monotonic() - started
-    sock.close()
-    return {"installed": done, "seconds": round(elapsed, 3), "resent": resent,
-            "errors": errors, "sessions_per_s": round(done / elapsed, 1) if elapsed else 0.0}
+def _unix(path: str, directory: str, ns: str) -> socket.socket:
+    """A datagram socket bound in `directory`, connected to a relay's unix control socket
+    (how a relay in another network namespace is reached). Made in namespace `ns`, whose
+    net.unix.max_dgram_qlen (the caller raised it) bounds the replies queued to it."""
+    from bench.netns import socket_in
+
+    local = os.path.join(directory, "bench.sock")
+    if os.path.exists(local):
+        os.unlink(local)  # the previous run's
+    sock = socket_in(ns, socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    sock.bind(local)
+    sock.connect(path)
+    return sock
+
+
+def _packer(relay: RelayProcess) -> Callable[[Dict[str, Any]], bytes]:
+    """Packs and signs requests with one timestamp (now): the relay refuses a signature
+    older than its control_auth_window, so sign right before a run."""
+    key, wall = relay.ping_key(), time.time()
+
+    def packed(request: Dict[str, Any]) -> bytes:
+        data = msgpack.packb(request)
+        return sign(data, key, wall) if key is not None else data
+    return packed
+
+
+def _requests(relay: RelayProcess, sessions: int, caller: str, callee: str
+              ) -> List[List[bytes]]:
+    """Every call's offer + answer, packed and signed before the clock starts (cookies
+    "<call>.<step>")."""
+    packed = _packer(relay)
+    return [[packed({"cmd": "offer", "cookie": f"{n}.0", "call_id": f"many-{n}",
+                      "from_tag": "a", "interface": "external",
+                      "media": {"ip": caller, "port": 7000 + 2 * (n % 20000)}}),
+              packed({"cmd": "answer", "cookie": f"{n}.1", "call_id": f"many-{n}",
+                      "from_tag": "a", "to_tag": "b", "interface": "internal",
+                      "media": {"ip": callee, "port": 7000 + 2 * (n % 20000)}})]
+             for n in range(sessions)]
+
+
+def _deletes(relay: RelayProcess, sessions: int) -> List[List[bytes]]:
+    """Every call's delete (cookies "d<call>.0": a cookie seen before gets the relay's
+    cached reply)."""
+    packed = _packer(relay)
+    return [[packed({"cmd": "delete", "cookie": f"d{n}.0", "call_id": f"many-{n}",
+                     "from_tag": "a"})] for n in range(sessions)]
 
 
 def daemon(args: argparse.Namespace) -> Dict[str, Any]:
@@ -133,21 +175,10 @@ def daemon(args: argparse.Namespace) -> Dict[str, Any]:
         extra += ["--external-ip", ip]
     with RelayProcess(ports=args.ports, extra=extra) as relay:
         pid = relay.proc.pid  # type: ignore[union-attr]
-        key, wall = relay.ping_key(), time.time()
-
-        def packed(request: Dict[str, Any]) -> bytes:
-            data = msgpack.packb(request)
-            return sign(data, key, wall) if key is not None else data
-
-        datagrams = [[packed({"cmd": "offer", "cookie": f"{n}.0", "call_id": f"many-{n}",
-                              "from_tag": "a", "interface": "external",
-                              "media": {"ip": "127.0.0.1", "port": 7000}}),
-                      packed({"cmd": "answer", "cookie": f"{n}.1", "call_id": f"many-{n}",
-                              "from_tag": "a", "to_tag": "b", "interface": "internal",
-                              "media": {"ip": "127.0.0.1", "port": 7002}})]
-                     for n in range(args.sessions)]
+        datagrams = _requests(relay, args.sessions, "127.0.0.1", "127.0.0.1")
         rss0 = _rss_kib(pid)
-        result = install(("127.0.0.1", relay.control_port), datagrams, args.window)
+        with _udp(("127.0.0.1", relay.control_port)) as sock:
+            result = install(sock, datagrams, args.window)
         rss1 = _rss_kib(pid)
         times = []
         stats: Dict[str, Any] = {}
@@ -165,6 +196,138 @@ def daemon(args: argparse.Namespace) -> Dict[str, Any]:
         "rss_kib_before": rss0, "rss_kib_after": rss1,
         "rss_bytes_per_session": round((rss1 - rss0) * 1024 / max(1, result["installed"])),
         "stats_round_trip_ms_median": round(times[len(times) // 2] * 1000, 3),
+    })
+    return result
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _timed_stats(client: LrkClient, pid: int) -> Tuple[float, float, Dict[str, Any]]:
+    """(wall s, daemon CPU s, reply) of one `stats`."""
+    c0, t0 = _cpu_s(pid), time.perf_counter()
+    reply = dict(client.stats())
+    return time.perf_counter() - t0, _cpu_s(pid) - c0, reply
+
+
+def kernel(args: argparse.Namespace) -> Dict[str, Any]:
+    """N calls through a kernel-mode (or xdp-mode) relay in a namespace of its own, with
+    `--addresses` relay addresses per side on 198.51.100.0/24 (each its own port space
+    and ct mark slot): install rate, RSS, one counter-read pass, delete-all, stop."""
+    import tempfile
+
+    from bench.netns import Topology, run
+
+    if args.addresses > 8:
+        raise SystemExit("kernel: at most 8 addresses per side (198.51.100.1-8 internal, "
+                         "198.51.100.65 and .81-.87 external)")
+    topo = Topology(f"ms{os.getpid() % 1000}").create()
+    try:
+        ns = topo.relay.ns
+        internal = [f"198.51.100.{i + 1}" for i in range(args.addresses)]
+        external = ["198.51.100.65"] + [f"198.51.100.{81 + i}" for i in range(args.addresses - 1)]
+        # unix datagram queues of 10 (the default) would drop a window of 64 requests
+        run("sysctl", "-qw", f"net.unix.max_dgram_qlen={4 * args.window}", ns=ns)
+        for ip in internal[1:]:
+            run("ip", "addr", "add", f"{ip}/26", "dev", "vc1", ns=ns)
+        for ip in external[1:]:
+            run("ip", "addr", "add", f"{ip}/26", "dev", "ve1", ns=ns)
+        with tempfile.TemporaryDirectory(prefix="lrk-many-") as tmp:
+            os.chmod(tmp, 0o755)
+            cfg = os.path.join(tmp, "lrk.toml")
+            with open(cfg, "w") as fh:
+                # requests are signed before each run starts: 100,000 calls take longer
+                # than the default signature window
+                fh.write(f"kernel_poll = {args.kernel_poll}\nsilence_timeout = 3600\n"
+                         "max_lifetime = 0\ncontrol_auth_window = 300\n")
+            if args.mode == "xdp":  # four directions (map entries) a one-stream call
+                with open(cfg, "a") as fh:
+                    fh.write(f"xdp_max_streams = {4 * args.sessions + 1024}\n")
+            extra = ["--mode", args.mode, "--config", cfg]
+            if args.mode == "xdp":
+                extra += ["--xdp-interface", "vc1", "--xdp-interface", "ve1"]
+            for ip in internal:
+                extra += ["--internal-ip", ip]
+            for ip in external:
+                extra += ["--external-ip", ip]
+            relay = RelayProcess(ports=args.ports, netns=ns, extra=extra,
+                                 python=args.relay_python).start()
+            try:
+                result = _kernel_run(args, relay, topo, tmp)
+            finally:
+                t0 = time.perf_counter()
+                code = relay.stop(timeout=120)
+                stop_s = time.perf_counter() - t0
+            result.update({"stop_seconds": round(stop_s, 3), "stop_exit_code": code,
+                           "table_left": "table inet lrk" in run("nft", "list", "tables",
+                                                                 ns=ns).stdout})
+    finally:
+        topo.destroy()
+    return result
+
+
+def _kernel_run(args: argparse.Namespace, relay: RelayProcess, topo: Any, tmp: str
+                ) -> Dict[str, Any]:
+    from bench.netns import run
+
+    pid = relay.proc.pid  # type: ignore[union-attr]  # ip netns exec execs the relay
+    setup = _requests(relay, args.sessions, topo.caller.ip4, topo.callee.ip4)
+    rss0, cpu0 = _rss_kib(pid), _cpu_s(pid)
+    with _unix(relay.host, tmp, topo.relay.ns) as sock:
+        result = install(sock, setup, args.window, deadline=KERNEL_SECONDS)
+    rss1, cpu1 = _rss_kib(pid), _cpu_s(pid)
+    result["daemon_cpu_s_install"] = round(cpu1 - cpu0, 2)
+    passes, quick = [], []
+    stats: Dict[str, Any] = {}
+    with LrkClient([relay.node], timeout=30.0) as client:
+        for _ in range(args.passes):
+            # a stats after kernel_poll seconds reads every counter first (refresh): one
+            # pass; the one right after it reuses that read
+            time.sleep(args.kernel_poll + 0.1)
+            passes.append(_timed_stats(client, pid)[:2])
+            wall, cpu, stats = _timed_stats(client, pid)
+            quick.append((wall, cpu))
+    deletes = _deletes(relay, args.sessions)
+    cpu2 = _cpu_s(pid)
+    with _unix(relay.host, tmp, topo.relay.ns) as sock:
+        removed = install(sock, deletes, args.window, prefix="d", deadline=KERNEL_SECONDS)
+    cpu3 = _cpu_s(pid)
+    with LrkClient([relay.node], timeout=30.0) as client:
+        after = dict(client.stats())
+    flows_left = [line for line in run("conntrack", "-L", ns=topo.relay.ns,
+                                       check=False).stdout.splitlines()
+                  if line.startswith("udp")]
+    by_address = stats.get("ports_by_address", {})
+    counters = stats.get("counters", {})
+
+    def median(xs: List[float]) -> float:
+        return sorted(xs)[len(xs) // 2] if xs else float("nan")
+
+    result.update({
+        "relay_python": args.relay_python or sys.executable,
+        "mode": args.mode, "addresses_per_side": args.addresses, "ports": args.ports,
+        "kernel_poll": args.kernel_poll,
+        "sessions_held": stats.get("sessions"), "port_pairs": stats.get("ports"),
+        "in_use_by_address": {ip: p["in_use"] for ip, p in by_address.items()},
+        "kernel_units_installed": counters.get("kernel.sessions.installed"),
+        "kernel_errors": counters.get("kernel.errors"),
+        "rss_kib_before": rss0, "rss_kib_after": rss1,
+        "rss_bytes_per_session": round((rss1 - rss0) * 1024 / max(1, result["installed"])),
+        "counter_pass_stats_wall_ms_median": round(median([p[0] for p in passes]) * 1000, 1),
+        "counter_pass_daemon_cpu_ms_median": round(median([p[1] for p in passes]) * 1000, 1),
+        "stats_without_pass_wall_ms_median": round(median([q[0] for q in quick]) * 1000, 1),
+        "counter_passes_timed": len(passes),
+        "delete_all_seconds": removed["seconds"], "deleted": removed["installed"],
+        "deletes_per_s": removed["sessions_per_s"], "delete_failed": removed["failed"],
+        "delete_errors": removed["errors"],
+        "daemon_cpu_s_delete_all": round(cpu3 - cpu2, 2),
+        "sessions_after_delete": after.get("sessions"),
+        "ports_in_use_after_delete": after.get("ports", {}).get("in_use"),
+        "conntrack_flows_left": len(flows_left),
     })
     return result
 
@@ -219,7 +382,16 @@ def engine(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=("daemon", "engine"))
+    parser.add_argument("what", choices=("daemon", "engine", "kernel"))
+    parser.add_argument("--mode", default="kernel", choices=("kernel", "xdp", "nfqueue"),
+                        help="the relay's mode (kernel)")
+    parser.add_argument("--kernel-poll", type=float, default=2.0,
+                        help="the relay's kernel_poll (kernel)")
+    parser.add_argument("--relay-python", help="the relay's interpreter (kernel; default: "
+                        "this one): a PyPy relay driven by a CPython client, whose msgpack "
+                        "is C, measures the relay rather than the client")
+    parser.add_argument("--passes", type=int, default=5,
+                        help="counter-read passes timed (kernel)")
     parser.add_argument("--sessions", type=int, default=4000)
     parser.add_argument("--addresses", type=int, default=4, help="relay addresses per side")
     parser.add_argument("--ports", default="30000-32047")
@@ -230,7 +402,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.sessions <= 200_000 or not 1 <= args.addresses <= 64:
         parser.error("--sessions must be within 1..200000, --addresses within 1..64")
-    result = daemon(args) if args.what == "daemon" else engine(args)
+    result = {"daemon": daemon, "engine": engine, "kernel": kernel}[args.what](args)
     result.update({"python": f"{platform.python_implementation()} {platform.python_version()}",
                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared",
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

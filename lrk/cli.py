@@ -149,8 +149,7 @@ def config_summary(config: Any, path: Optional[str]) -> str:
     """One line: where the configuration came from and what the relay would serve."""
     start, end = config.port_range
     pairs = len(range(start + (start & 1), end, 2))
-    if config.mode in ("socket", "packet") and max(len(config.internal_ips),
-                                                   len(config.external_ips)) > 1:
+    if max(len(config.internal_ips), len(config.external_ips)) > 1:
         pairs *= len(config.relay_addresses)  # one range per relay address
     sessions = pairs // 2
     if config.max_sessions:

@@ -31,8 +31,11 @@ Replies (Y's peer -> relay Y) match the conntrack reply tuple and are un-NATed
 by conntrack, so a NATed caller is latched implicitly.  Each map/set exists per
 family (suffix 4/6); a session's legs are both IPv4 or both IPv6.
 
-Marks are relay ports by default, which is why relay ports must be unique
-across relay IPs (one allocator); :attr:`LegSpec.mark` lifts that when needed.
+Marks are relay ports by default (one address per side: one port space over the
+relay's addresses). With several addresses per side each address has its own port
+space, and its own mark *slot* (:attr:`KernelRuleset.mark_slots`): mark = port +
+slot * :data:`MARK_SLOT` (slot 0 keeps mark = port, RTCP = mark + 1), fork B marks
+above every slot (:attr:`KernelRuleset.fork_offset`).
 
 Conntrack caveats (measured): removing or changing elements only affects
 *new* flows; an established flow keeps its NAT until its conntrack entry is
@@ -60,6 +63,7 @@ __all__ = [
     "COUNTER_SOURCES",
     "DROP_COUNTERS",
     "FORK_MARK_OFFSET",
+    "MARK_SLOT",
     "ForkSpec",
     "KernelRuleError",
     "KernelRuleset",
@@ -90,8 +94,11 @@ COUNTER_SOURCES = ("conntrack", "rules")
 
 # the sets/maps of one family in the order commands are written
 _KINDS = ("fwd", "mark", "out", "adm", "seen", "fmark", "ffwd")
-#: ct mark of a fork's B leg: its A leg's mark plus this (above every port-valued mark)
-FORK_MARK_OFFSET = 0x10000
+#: the ct marks of one relay address's ports: mark = port + slot * MARK_SLOT
+MARK_SLOT = 0x10000
+#: ct mark of a fork's B leg with one mark slot: its A leg's mark plus this (above every
+#: port-valued mark); with n slots the offset is n * MARK_SLOT (`KernelRuleset.fork_offset`)
+FORK_MARK_OFFSET = MARK_SLOT
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,30}$")
 _MARK_MAX = 0xFFFFFFFF
 #: bumped whenever what the table means changes without its text changing (a restarted
@@ -109,13 +116,27 @@ class KernelRuleError(LrkError):
     code = "bad_request"
 
 
+#: addresses already normalised (relay addresses and peers repeat on every install:
+#: ipaddress costs ~10 us a call); cleared when full
+_IP_CACHE: Dict[str, Tuple[str, int]] = {}
+_IP_CACHE_MAX = 65536
+
+
 def _ip(value: str, what: str) -> Tuple[str, int]:
     """Normalise an address to nft's spelling (compressed IPv6); returns (text, family)."""
+    hit = _IP_CACHE.get(value) if type(value) is str else None
+    if hit is not None:
+        return hit
     try:
         addr = ipaddress.ip_address(str(value).strip())
     except ValueError:
         raise KernelRuleError(f"{what} {value!r} is not an IPv4 or IPv6 address") from None
-    return str(addr), addr.version
+    out = (str(addr), addr.version)
+    if type(value) is str:
+        if len(_IP_CACHE) >= _IP_CACHE_MAX:
+            _IP_CACHE.clear()
+        _IP_CACHE[value] = out
+    return out
 
 
 def _port(value: int, what: str, lo: int = 1, hi: int = 65535) -> int:
@@ -473,6 +494,7 @@ class KernelRuleset:
         queue_chain: bool = False,
         counters: str = "rules",
         extra: Sequence[Tuple[str, int, int]] = (),
+        mark_slots: Sequence[str] = (),
     ) -> None:
         self.table = _check_table(table)
         if counters not in COUNTER_SOURCES:
@@ -518,17 +540,77 @@ class KernelRuleset:
         # kernels without CONFIG_NFT_QUEUE: jump to an empty chain nfq4/nfq6 to which the
         # caller appends an xt NFQUEUE rule over netlink (fastpath.kernel.nfqueue_socket)
         self.queue_chain = bool(queue_chain) and queue is not None
-        # marks are relay ports: their hull covers every range served
+        # several addresses per side: each address its own port space, so its own mark
+        # slot (mark = port + slot * MARK_SLOT); none given: every mark is slot 0's
+        if isinstance(mark_slots, str):
+            raise KernelRuleError("mark_slots must be a list of addresses, not one string")
+        #: relay address -> its mark slot (empty: every address slot 0, mark = port)
+        self.slot_of: Dict[str, int] = {}
+        for value in mark_slots:
+            ip, fam = _ip(value, "mark slot address")
+            if ip in self.slot_of:
+                raise KernelRuleError(f"mark_slots names {ip} twice")
+            if ip not in self.relay_ips[fam]:
+                raise KernelRuleError(f"mark slot address {ip} is not one of the relay IPs "
+                                      f"{self.relay_ips[4] + self.relay_ips[6]}")
+            self.slot_of[ip] = len(self.slot_of)
+        self.mark_slots = max(1, len(self.slot_of))
+        #: fork B marks: the fork's A mark plus this, above every slot's marks
+        self.fork_offset = self.mark_slots * MARK_SLOT
+        # marks are relay ports (+ slot): their hull covers every range served
         lo, hi = mark_range if mark_range is not None else (
             min(r[0] for r in self.ranges), max(r[1] for r in self.ranges))
         if not 1 <= lo <= hi < _MARK_MAX:
             raise KernelRuleError(f"mark range {lo}-{hi} must be within 1..{_MARK_MAX - 1}")
+        if hi - lo >= MARK_SLOT and self.slot_of:
+            raise KernelRuleError(f"mark range {lo}-{hi} spans more than one mark slot "
+                                  f"({MARK_SLOT} marks)")
+        #: slot 0's marks (the only ones with one address per side)
         self.mark_range = (lo, hi)
-        if hi + FORK_MARK_OFFSET >= _MARK_MAX:
+        if hi + 2 * self.fork_offset - MARK_SLOT >= _MARK_MAX:
             raise KernelRuleError(f"mark range {lo}-{hi} leaves no room for fork marks "
-                                  f"(+{FORK_MARK_OFFSET})")
-        #: ct marks of forks' B legs (ForkSpec)
-        self.fork_mark_range = (lo + FORK_MARK_OFFSET, hi + FORK_MARK_OFFSET)
+                                  f"(+{self.fork_offset})")
+        #: ct marks of forks' B legs (ForkSpec) of slot 0
+        self.fork_mark_range = (lo + self.fork_offset, hi + self.fork_offset)
+        #: every slot's marks, and forks' B marks: [(first, last)], slot by slot
+        self.mark_ranges = [(lo + s * MARK_SLOT, hi + s * MARK_SLOT)
+                            for s in range(self.mark_slots)]
+        self.fork_mark_ranges = [(a + self.fork_offset, b + self.fork_offset)
+                                 for a, b in self.mark_ranges]
+        #: hulls of mark_ranges and fork_mark_ranges (a conntrack dump filters by these,
+        #: a few aligned blocks, and checks each mark after)
+        self.mark_hull = (self.mark_ranges[0][0], self.mark_ranges[-1][1])
+        self.fork_mark_hull = (self.fork_mark_ranges[0][0], self.fork_mark_ranges[-1][1])
+
+    def mark(self, ip: str, port: int) -> Optional[int]:
+        """The RTP ct mark of relay (ip, port) when it is not the port itself (an address
+        with a mark slot above 0), else None (:attr:`LegSpec.mark`'s default)."""
+        slot = self.slot_of.get(ip, 0)
+        return port + slot * MARK_SLOT if slot else None
+
+    def leg(self, relay_ip: str, relay_port: int, peer_ip: str, peer_port: int,
+            peer_rtcp_port: Optional[int] = None) -> LegSpec:
+        """A leg with the mark of its relay address's slot."""
+        return LegSpec(relay_ip, relay_port, peer_ip, peer_port, peer_rtcp_port,
+                       self.mark(_ip(relay_ip, "relay_ip")[0], relay_port))
+
+    def fork(self, a: LegSpec, b: LegSpec) -> ForkSpec:
+        """A fork unit whose B mark is A's plus :attr:`fork_offset` (above every slot),
+        whatever mark `b` came with (the shared B port's own is the session's)."""
+        mark = a.rtp_mark + self.fork_offset
+        if b.mark != mark:
+            b = LegSpec(b.relay_ip, b.relay_port, b.peer_ip, b.peer_port, b.peer_rtcp_port,
+                        mark)
+        return ForkSpec(a, b)
+
+    def all_marks(self) -> List[int]:
+        """Every ct mark this ruleset may give a flow (own and fork ranges)."""
+        return [m for lo, hi in self.mark_ranges + self.fork_mark_ranges
+                for m in range(lo, hi + 1)]
+
+    def owns_mark(self, mark: int) -> bool:
+        """Whether `mark` lies in one of this ruleset's mark ranges."""
+        return any(lo <= mark <= hi for lo, hi in self.mark_ranges + self.fork_mark_ranges)
 
     @property
     def seen(self) -> bool:
@@ -542,6 +624,8 @@ class KernelRuleset:
         replaces any other (an upgrade, another port range, relay IPs, counting)."""
         text = (f"lrk table layout {LAYOUT_VERSION}\n{self._body()}"
                 f"queue {self.queue} bypass {self.queue_bypass}\n")
+        if self.slot_of:  # which address has which mark slot (absent: as before)
+            text += "".join(f"slot {ip} {n}\n" for ip, n in self.slot_of.items())
         return zlib.crc32(text.encode())
 
     # -- ruleset ---------------------------------------------------------
@@ -582,8 +666,8 @@ class KernelRuleset:
         spans = [f"{lo}-{hi}" for lo, hi in sorted(self.ranges)]
         # one range: the text (and so the layout) of a relay without standby ranges
         ports = spans[0] if len(spans) == 1 else "{ " + ", ".join(spans) + " }"
-        marks = (f"{{ {self.mark_range[0]}-{self.mark_range[1]}, "
-                 f"{self.fork_mark_range[0]}-{self.fork_mark_range[1]} }}")
+        marks = "{ " + ", ".join(f"{lo}-{hi}" for lo, hi in
+                                 self.mark_ranges + self.fork_mark_ranges) + " }"
         ip = {4: "ip", 6: "ip6"}
         addr = {4: "ipv4_addr", 6: "ipv6_addr"}
         lines = []
@@ -672,12 +756,20 @@ class KernelRuleset:
                     f"leg {name} relay port {leg.relay_port} (RTCP +1) is outside the "
                     f"ruleset's port ranges {spans}"
                 )
-            lo, hi = self.fork_mark_range if (
-                name == "B" and isinstance(spec, ForkSpec)) else self.mark_range
-            if not lo <= leg.rtp_mark < hi:
+            fork_b = name == "B" and isinstance(spec, ForkSpec)
+            if self.slot_of and not fork_b:
+                want = self.mark(leg.relay_ip, leg.relay_port) or leg.relay_port
+                if leg.rtp_mark != want:
+                    raise KernelRuleError(
+                        f"leg {name} ct mark {leg.rtp_mark} is not its relay address's "
+                        f"({leg.relay_ip} port {leg.relay_port}: mark {want}); build legs "
+                        "with KernelRuleset.leg")
+            ranges = self.fork_mark_ranges if fork_b else self.mark_ranges
+            if not any(lo <= leg.rtp_mark < hi for lo, hi in ranges):
+                spans = ", ".join(f"{lo}-{hi}" for lo, hi in ranges)
                 raise KernelRuleError(
-                    f"leg {name} ct mark {leg.rtp_mark} (RTCP +1) is outside the mark range "
-                    f"{lo}-{hi}; post-routing would not SNAT it"
+                    f"leg {name} ct mark {leg.rtp_mark} (RTCP +1) is outside the mark "
+                    f"range(s) {spans}; post-routing would not SNAT it"
                 )
 
     def install_commands(self, *specs: SessionSpec) -> str:

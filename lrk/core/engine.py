@@ -59,8 +59,10 @@ class EngineConfig:
     #: False: it learns its peer from the first packet (NAT), see RelayTable._admit
     strict_source: bool = False
     #: every relay address per side (empty: the one internal_ip / external_ip); each has
-    #: its own port range unless `shared_ports` (kernel modes: ct marks are port numbers).
-    #: None: shared while each side has one address (as before several were possible)
+    #: its own port range unless `shared_ports`. None: one range shared by the internal
+    #: and external address while each side has one (kernel modes then mark flows by
+    #: port alone, as before several were possible; with more, each address has a mark
+    #: slot, fastpath/kernel/kernel_rules.py)
     internal_ips: Tuple[str, ...] = ()
     external_ips: Tuple[str, ...] = ()
     shared_ports: Optional[bool] = None

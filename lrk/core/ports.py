@@ -145,7 +145,9 @@ class AddressPorts:
     addresses per side holds that many times the pairs of one 16-bit range.
 
     `shared=True` keeps one allocator for every address (a port number is then unique on
-    the whole relay): the kernel modes need that while their ct marks are port numbers.
+    the whole relay): what a relay with one address per side does, in every mode (its
+    ct marks in the kernel modes are then port numbers; with several addresses each has
+    a mark slot of its own, `fastpath.kernel.kernel_rules.KernelRuleset.mark_slots`).
     Ports claimed on an address that is not configured (a peer's calls taken over) are
     tracked apart and never handed out."""
 

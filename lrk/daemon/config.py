@@ -20,8 +20,6 @@ else:  # PyPy 3.9
     import tomli as tomllib
 
 MODES = ("socket", "kernel", "nfqueue", "packet", "xdp")
-#: modes whose ports are one space over every relay address (ct marks are port numbers)
-SHARED_PORT_MODES = ("kernel", "nfqueue", "xdp")
 #: relay addresses per side (internal_ips, external_ips)
 MAX_ADDRESSES = 64
 STORES = ("sqlite", "redis")
@@ -388,11 +386,19 @@ class Config:
                 raise ConfigError(f"{side}_ips: {len(parsed)} addresses, at most "
                                   f"{MAX_ADDRESSES} per side")
             setattr(self, f"{side}_ips", [str(a) for a in parsed])
-        if self.mode in SHARED_PORT_MODES and max(len(self.internal_ips),
-                                                  len(self.external_ips)) > 1:
-            raise ConfigError(f"mode {self.mode!r} takes one relay address per side (its "
-                              "conntrack marks are port numbers, unique on one port range); "
-                              "several internal_ips / external_ips need mode socket or packet")
+
+    @property
+    def several_addresses(self) -> bool:
+        """Whether a side has more than one relay address: then every address has a port
+        space of its own (and, in kernel, nfqueue and xdp modes, a ct mark slot)."""
+        return max(len(self.internal_ips), len(self.external_ips)) > 1
+
+    @property
+    def mark_slots(self) -> List[str]:
+        """Kernel, nfqueue and xdp modes: the addresses in mark-slot order (slot = index,
+        ct mark = port + slot * 0x10000), empty with one address per side (mark = port,
+        one port space over the relay's addresses, as before several were possible)."""
+        return self.relay_addresses if self.several_addresses else []
 
     @property
     def relay_addresses(self) -> List[str]:

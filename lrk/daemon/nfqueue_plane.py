@@ -58,20 +58,23 @@ class NfqueuePlane(KernelPlane):
 
     #: every early dialog of a forked INVITE is relayed (fork units, as in kernel mode)
     relays_forks = True
+    #: admission elements are written when userspace admits a first packet
+    writes_admission = False
 
     def __init__(self, port_start: int, port_end: int, relay_ips: Sequence[str],
                  table: str = "lrk", poll_interval: float = 2.0,
                  queue_num: int = 0, bypass: bool = False, adopt: bool = False,
-                 extra: Sequence[Tuple[str, int, int]] = ()) -> None:
+                 extra: Sequence[Tuple[str, int, int]] = (),
+                 mark_slots: Sequence[str] = ()) -> None:
         # the queued first packet is re-run (NF_REPEAT): kept on the per-packet `seen` counting
         super().__init__(port_start, port_end, relay_ips, table, poll_interval,
-                         counters="rules", adopt=adopt, extra=extra)
+                         counters="rules", adopt=adopt, extra=extra, mark_slots=mark_slots)
         # extra: a standby's peers' media, as in kernel mode (admission is by relay
         # address and port, whatever range it is in)
         self.rules = KernelRuleset(table=table, port_start=port_start, port_end=port_end,
                                    relay_ips=sorted(set(relay_ips)),
                                    queue=queue_num, queue_bypass=bypass, queue_chain=True,
-                                   extra=extra)
+                                   extra=extra, mark_slots=mark_slots)
         self.queue_num = queue_num
         self.bypass = bypass
         self.nfq: Optional[NfQueue] = None
@@ -228,7 +231,7 @@ class NfqueuePlane(KernelPlane):
         keys = self.admitted.pop(sid, set())
         if keys and self.nft is not None:
             lines = [f"delete element inet {self.rules.table} {key}" for key in sorted(keys)]
-            self.nft.run("\n".join(lines) + "\n")
+            self._write("\n".join(lines) + "\n")
 
     # -- first packets -----------------------------------------------------------------
     def _on_queue(self) -> None:
@@ -286,7 +289,7 @@ class NfqueuePlane(KernelPlane):
         key = f"adm{fam} {{ {dst_ip} . {dport} . {src_ip} }}"
         if key not in self.admitted.setdefault(sid, set()):
             assert self.nft is not None
-            self.nft.run(f"add element inet {self.rules.table} {key}\n")
+            self._write(f"add element inet {self.rules.table} {key}\n")
             self.admitted[sid].add(key)
             self.counters["nfqueue.admitted"] += 1
         return NF_REPEAT
@@ -314,6 +317,9 @@ class NfqueuePlane(KernelPlane):
             return src == leg.rtcp_announced or (rtp is not None and rtp[0] == src[0])
         announced = leg.announced
         return leg.latch_any or (announced is not None and announced[0] == src[0])
+
+    def _drop_units(self) -> Set[int]:
+        return {uid for uid, _ in self.leg_drops}
 
     def _leg_drops(self, sid: int, name: str) -> Tuple[Tuple[str, int], ...]:
         n = self.leg_drops.get((sid, name), 0)

@@ -31,7 +31,7 @@ from lrk.control.msgpack_proto import NEEDS_COUNTERS, MsgpackControl, Outcome, R
 from lrk.core.engine import Engine, EngineConfig
 from lrk.core.persist import RecordError, from_record, owner_of, to_record
 from lrk.core.session import Session
-from lrk.daemon.config import SHARED_PORT_MODES, Config
+from lrk.daemon.config import Config
 from lrk.daemon.kernel_plane import KernelPlane
 from lrk.daemon.metrics import MetricsServer, NoMetrics, legacy_command, relay_snapshot
 from lrk.daemon.nfqueue_plane import NfqueuePlane
@@ -152,7 +152,7 @@ class Relay:
             external_ip=config.external_ip or config.internal_ip,
             internal_ips=tuple(config.internal_ips),
             external_ips=tuple(config.external_ips),
-            shared_ports=True if config.mode in SHARED_PORT_MODES else None,
+            shared_ports=None,  # one space with one address per side, else per address
             port_start=start,
             port_end=end,
             silence_timeout=config.silence_timeout,
@@ -168,19 +168,22 @@ class Relay:
         if config.mode == "kernel":
             self.plane = KernelPlane(start, end, relay_ips, config.kernel_table,
                                      config.kernel_poll, counters=config.kernel_counters,
-                                     adopt=adopt, extra=config.standby_media_ranges)
+                                     adopt=adopt, extra=config.standby_media_ranges,
+                                     mark_slots=config.mark_slots)
         elif config.mode == "xdp":
             self.plane = XdpPlane(start, end, relay_ips, config.xdp_interfaces,
                                   config.kernel_table, config.kernel_poll,
                                   counters=config.kernel_counters,
                                   attach_mode=config.xdp_attach,
                                   max_streams=config.xdp_max_streams, adopt=adopt,
-                                  extra=config.standby_media_ranges)
+                                  extra=config.standby_media_ranges,
+                                  mark_slots=config.mark_slots)
         elif config.mode == "nfqueue":
             self.plane = NfqueuePlane(start, end, relay_ips, config.kernel_table,
                                       config.kernel_poll, config.nfqueue_num,
                                       config.nfqueue_bypass, adopt=adopt,
-                                      extra=config.standby_media_ranges)
+                                      extra=config.standby_media_ranges,
+                                      mark_slots=config.mark_slots)
         else:
             socket_plane = SocketPlane(start, end, relay_ips, config.workers, config.batch,
                                        config.io, config.log_level, config.log_format,

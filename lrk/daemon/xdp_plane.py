@@ -70,7 +70,8 @@ class XdpPlane:
                  counters: str = "conntrack", attach_mode: str = "auto",
                  max_streams: int = 65536,
                  load: Callable[..., XdpProgram] = XdpProgram.load, adopt: bool = False,
-                 extra: Sequence[Tuple[str, int, int]] = ()) -> None:
+                 extra: Sequence[Tuple[str, int, int]] = (),
+                 mark_slots: Sequence[str] = ()) -> None:
         if not interfaces:
             raise ConfigError("xdp mode needs xdp_interfaces: the media interfaces to attach "
                               "the XDP program to (e.g. --xdp-interface eth0)")
@@ -80,7 +81,8 @@ class XdpPlane:
         # extra (a standby's peers' media): served by the kernel path only; the program
         # owns this node's addresses and range and passes the peers' media to it
         self.kernel = KernelPlane(port_start, port_end, relay_ips, table, poll_interval,
-                                  counters=counters, adopt=adopt, extra=extra)
+                                  counters=counters, adopt=adopt, extra=extra,
+                                  mark_slots=mark_slots)
         self.kernel.sink = self._on_kernel_event
         self.port_start, self.port_end = port_start, port_end
         self.relay_ips = sorted(set(relay_ips))

@@ -18,9 +18,10 @@ from fastpath.contract import (
     StreamSpec,
     unit_id,
 )
-from fastpath.kernel.ctnetlink import CtFlow
+from fastpath.kernel.ctnetlink import ConntrackError, CtFlow
 from fastpath.kernel.kernel_rules import (
     DROP_COUNTERS,
+    FORK_MARK_OFFSET,
     KernelRuleset,
     elements,
     parse_table,
@@ -217,9 +218,34 @@ def test_a_table_of_another_layout_or_none_is_created_afresh():
     for table in (None, listing(KernelRuleset(port_start=31000, port_end=31099,
                                               relay_ips=[RELAY]), layout=7)):
         plane = KernelPlane(31000, 31099, [RELAY], adopt=True)
-        nft = adopting(plane, table, [])
+        # a leftover flow of lrk (and a fork's), and one with a mark outside lrk's ranges
+        left = [flow(31004, 31004, ("198.51.100.20", 4000), 3),
+                flow(31004 + FORK_MARK_OFFSET, 31006, ("198.51.100.21", 4000), 1),
+                flow(29000, 31004, ("198.51.100.20", 4002), 1)]
+        nft = adopting(plane, table, left)
         assert nft.runs == [plane.rules.create()]
-        assert plane.ct.flushed  # type: ignore[union-attr]
+        # only the marks a dump found are flushed (one flush walks all of conntrack)
+        assert plane.ct.flushed == [31004, 31004 + FORK_MARK_OFFSET]  # type: ignore[union-attr]
+
+
+def test_a_fresh_table_flushes_every_mark_when_the_dump_fails():
+    plane = KernelPlane(31000, 31099, [RELAY, "198.51.100.2"], adopt=True,
+                        mark_slots=[RELAY, "198.51.100.2"])
+    nft = FakeNft(None)
+    plane.nft = nft  # type: ignore[assignment]
+    plane.ct = FakeCt([])  # type: ignore[assignment]
+
+    class Broken(FakeCt):
+        def flows(self, filters: Any, timeout: float = 0, max_flows: int = 0) -> List[CtFlow]:
+            raise ConntrackError("dump refused")
+
+    plane.ct_dump = Broken([])  # type: ignore[assignment]
+    plane._open_table()
+    flushed = plane.ct.flushed  # type: ignore[union-attr]
+    # two slots of 100 marks, and their forks' (offset 2 x 0x10000)
+    assert len(flushed) == 400
+    assert flushed[:2] == [31000, 31001] and 31000 + 0x10000 in flushed
+    assert 31000 + 0x20000 in flushed and 31099 + 0x30000 in flushed
 
 
 def test_without_a_store_the_table_is_never_adopted():
@@ -296,3 +322,92 @@ def test_nfqueue_adoption_finds_admissions_of_both_families():
         f"adm6 {{ {relay6} . {port} . {ip} }}" for port, ip in (
             (31010, caller6[0]), (31011, caller6[0]), (31012, callee6[0]),
             (31013, callee6[0]))}
+
+
+def test_same_port_on_two_addresses_gets_two_mark_sets_and_an_adopted_table_keeps_them():
+    """Several addresses per side: each relay address its own ct mark slot, so two calls
+    on the same port numbers of different addresses own different flows."""
+    other = "198.51.100.2"
+    slots = [RELAY, other]
+
+    def on(sid: int, ip: str) -> SessionSpec:
+        return SessionSpec(sid, f"c{sid}", (StreamSpec(0, LegSpec("A", ip, 31000, CALLER),
+                                                       LegSpec("B", ip, 31002, CALLEE)),))
+
+    plane = KernelPlane(31000, 31099, slots, adopt=True, mark_slots=slots)
+    adopting(plane, None, [])
+    assert plane.apply([Install(on(1, RELAY)), Install(on(2, other))]) == []
+    one, two = (plane.installed[unit_id(sid, 0)] for sid in (1, 2))
+    assert [one.a.rtp_mark, one.b.rtp_mark] == [31000, 31002]  # slot 0: marks = ports
+    assert [two.a.rtp_mark, two.b.rtp_mark] == [31000 + 0x10000, 31002 + 0x10000]
+    owners = plane._owners()
+    assert len(owners) == 8 and owners[31000 + 0x10000][3] == (other, 31000)
+    # a flow of each: counted for its own session only
+    flows = [flow(31000, 31000, CALLER, 3),
+             CtFlow(31000 + 0x10000, 17, CALLER[0], CALLER[1], other, 31000, replied=False,
+                    orig_packets=5, orig_bytes=1000, id=9, start=1)]
+    totals = plane._flow_totals(flows, owners)
+    assert totals[unit_id(1, 0)] == (3, 600, 3, 600)
+    assert totals[unit_id(2, 0)] == (5, 1000, 0, 0)
+    plane.ct.flushed.clear()  # type: ignore[union-attr]
+    plane.apply([Remove(2, "c2", "deleted")])
+    assert plane.ct.flushed == [31000 + 0x10000, 31001 + 0x10000,  # type: ignore[union-attr]
+                                31002 + 0x10000, 31003 + 0x10000]
+    # a restart: the slotted table adopted, a foreign-slot stray flow flushed
+    again = KernelPlane(31000, 31099, slots, adopt=True, mark_slots=slots)
+    stray = CtFlow(31004 + 0x10000, 17, CALLER[0], CALLER[1], other, 31004, id=11, start=1)
+    nft = adopting(again, listing(again.rules, kernel_view_in(again, on(1, RELAY))),
+                   [flow(31000, 31000, CALLER, 3), stray])
+    again.apply([Install(on(1, RELAY))])
+    assert nft.runs == []  # claimed: nothing rewritten
+    again.adopted()
+    assert again.ct.flushed == [31004 + 0x10000]  # type: ignore[union-attr]
+
+
+def kernel_view_in(plane: KernelPlane, s: SessionSpec) -> KSession:
+    view = session_spec(s.streams[0], plane.rules)
+    assert view is not None
+    return view
+
+
+def test_a_poll_reports_only_units_that_changed():
+    """At 100,000 calls most units carry no change between two reads: they are not
+    reported again (the engine holds their last report); a change, or any action on the
+    unit (the engine may count from a new base), reports it again."""
+    plane = KernelPlane(31000, 31099, [RELAY], counters="conntrack")
+    reports: List[SessionReport] = []
+    plane.sink = reports.append
+    adopting(plane, None, [])
+    plane.ct.flows_now = []  # type: ignore[union-attr]
+    assert plane.apply([Install(spec(1, 31000, 31002)), Install(spec(2, 31004, 31006))]) == []
+    ct = plane.ct
+    assert ct is not None
+    ct.flows_now = [flow(31000, 31000, CALLER, 3)]  # type: ignore[attr-defined]
+    plane._poll(10.0)
+    assert sorted(r.sid for r in reports) == [1, 2]  # the first read: everything
+    reports.clear()
+    plane._poll(11.0)
+    assert reports == []  # nothing moved
+    ct.flows_now = [flow(31000, 31000, CALLER, 5)]  # type: ignore[attr-defined]
+    plane._poll(12.0)
+    assert [r.sid for r in reports] == [1]
+    assert reports[0].streams[0].a.in_packets == 5
+    reports.clear()
+    plane.apply([Install(spec(2, 31004, 31006, callee=NAT))])  # re-pointed: reported again
+    plane._poll(13.0)
+    assert [r.sid for r in reports] == [2]
+
+
+def test_the_owner_map_is_kept_up_to_date_not_rebuilt():
+    plane = KernelPlane(31000, 31099, [RELAY])
+    adopting(plane, None, [])
+    plane.apply([Install(spec(1, 31000, 31002)), Install(spec(2, 31004, 31006))])
+    owners = plane._owners()
+    plane.apply([Install(spec(3, 31008, 31010)),
+                 Install(SessionSpec(1, "c1", (StreamSpec(0, LegSpec("A", RELAY, 31012, CALLER),
+                                                          LegSpec("B", RELAY, 31002, CALLEE)),))),
+                 Remove(2, "c2", "deleted")])
+    assert plane._owners() is owners  # the same map, changed in place
+    plane._owner_map = None
+    assert plane._owners() == owners  # what a rebuild gives
+    assert sorted(owners) == [31002, 31003, 31008, 31009, 31010, 31011, 31012, 31013]

@@ -417,13 +417,15 @@ def test_poll_reports_the_latest_packet_of_a_sessions_flows_and_keeps_it():
     clock[0] = 1020.0
     plane.ct_dump.flows_now = [assured._replace(timeout=90), untimed]
     plane._poll(clock[0])
-    assert {e.sid: e.last_rx for e in events} == {1: 996.0, 2: None}
+    # session 2: counters, time and latches as last reported: not reported again
+    assert {e.sid: e.last_rx for e in events} == {1: 996.0}
     assert events[0].a.in_packets == 509  # the expired flow's counts stay
     # media again on RTP
     events.clear()
     clock[0] = 1035.0
     plane.ct_dump.flows_now = [assured._replace(timeout=119, orig_packets=600)]
     plane._poll(clock[0])
+    # session 2's flow is gone (its latch with it): reported, as its counts stay
     assert [(e.sid, e.last_rx) for e in events] == [(1, 1035.0), (2, None)]
     # a removed session takes its time with it
     from fastpath.contract import Remove

@@ -13,6 +13,7 @@ import pytest
 from fastpath.kernel.kernel_rules import (
     DROP_COUNTERS,
     FORK_MARK_OFFSET,
+    MARK_SLOT,
     ForkSpec,
     KernelRuleError,
     KernelRuleset,
@@ -450,3 +451,94 @@ def test_fork_update_of_its_callee_moves_only_its_elements():
     assert "adm4" not in text and "mark4 " not in text.replace("fmark4", "")
     assert f"delete element inet lrk fmark4 {{ {B4} . 30002 . {PB4} . 6000" in text
     assert f"add element inet lrk fmark4 {{ {B4} . 30002 . {PB4} . 6008" in text
+
+
+# -- several relay addresses per side: a ct mark slot per address ---------------------
+
+A4B, B4B = "198.51.100.2", "198.51.100.66"
+
+
+def slotted(**kw: Any) -> KernelRuleset:
+    return ruleset(relay_ips=[A4, A4B, B4, B4B], mark_slots=[A4, A4B, B4, B4B], **kw)
+
+
+def test_marks_are_unique_across_addresses_and_slot_0_keeps_the_port():
+    rs = slotted()
+    assert rs.slot_of == {A4: 0, A4B: 1, B4: 2, B4B: 3}
+    assert rs.mark(A4, 30000) is None  # slot 0: mark = port, as with one address
+    assert rs.mark(A4B, 30000) == 30000 + MARK_SLOT
+    assert rs.mark(B4B, 30000) == 30000 + 3 * MARK_SLOT
+    # the same port pair on all four addresses: two sessions, eight distinct marks
+    one = SessionSpec(rs.leg(A4, 30000, PA4, 4000), rs.leg(B4, 30000, PB4, 5000))
+    two = SessionSpec(rs.leg(A4B, 30000, PA4, 4000), rs.leg(B4B, 30000, PB4, 5000))
+    marks = conntrack_marks(one) + conntrack_marks(two)
+    assert marks == [30000, 30001, 30000 + 2 * MARK_SLOT, 30001 + 2 * MARK_SLOT,
+                     30000 + MARK_SLOT, 30001 + MARK_SLOT, 30000 + 3 * MARK_SLOT,
+                     30001 + 3 * MARK_SLOT]
+    assert len(set(marks)) == 8
+    # both install in one transaction: no key or mark conflicts
+    text = rs.install_commands(one, two)
+    assert f"{30000 + MARK_SLOT} : 198.51.100.66 . 30000" in text
+    assert f"{A4B} . 30001 : {30001 + MARK_SLOT}" in text
+    # the old ruleset (one slot, marks = ports) could not hold them both
+    with pytest.raises(KernelRuleError, match="same relay port or mark"):
+        install_commands(SessionSpec(LegSpec(A4, 30000, PA4, 4000), LegSpec(B4, 30002, PB4, 5000)),
+                         SessionSpec(LegSpec(A4B, 30000, PA4, 4000),
+                                     LegSpec(B4B, 30002, PB4, 5000)))
+
+
+def test_a_leg_with_another_slots_mark_is_refused():
+    rs = slotted()
+    with pytest.raises(KernelRuleError, match="not its relay address's"):
+        rs.check(SessionSpec(LegSpec(A4B, 30000, PA4, 4000), rs.leg(B4, 30002, PB4, 5000)))
+
+
+def test_fork_marks_lie_above_every_slot():
+    rs = slotted()
+    assert rs.fork_offset == 4 * MARK_SLOT
+    assert rs.mark_ranges == [(30000 + s * MARK_SLOT, 30999 + s * MARK_SLOT)
+                              for s in range(4)]
+    assert rs.fork_mark_ranges == [(30000 + s * MARK_SLOT, 30999 + s * MARK_SLOT)
+                                   for s in range(4, 8)]
+    fork = rs.fork(rs.leg(B4B, 30010, PA4, 4000), rs.leg(A4B, 30002, PB4, 6000))
+    a_mark = 30010 + 3 * MARK_SLOT
+    assert fork.b.mark == a_mark + 4 * MARK_SLOT
+    assert conntrack_marks(fork) == [a_mark, a_mark + 1, a_mark + 4 * MARK_SLOT,
+                                     a_mark + 4 * MARK_SLOT + 1]
+    rs.check(fork)
+    highest = max(hi for _, hi in rs.fork_mark_ranges)
+    assert highest == 30999 + 7 * MARK_SLOT < 0xFFFFFFFF  # 32-bit ct mark
+    every = set(rs.all_marks())
+    assert len(every) == 8 * 1000 and all(rs.owns_mark(m) for m in (30000, highest))
+    assert not rs.owns_mark(29999) and not rs.owns_mark(31000)  # the gaps are not lrk's
+    # post-routing SNATs every slot's marks and every fork range
+    assert ("ct mark { 30000-30999, 95536-96535, 161072-162071, 226608-227607, "
+            "292144-293143, 357680-358679, 423216-424215, 488752-489751 } snat ip to ct mark "
+            "map @out4") in rs.create()
+    # the 32-bit mark space bounds the slots: 64 + 64 addresses fit
+    many = [f"198.51.100.{i}" for i in range(1, 129)]
+    big = ruleset(relay_ips=many, mark_slots=many)
+    assert max(hi for _, hi in big.fork_mark_ranges) == 30999 + 255 * MARK_SLOT
+    with pytest.raises(KernelRuleError, match="no room for fork marks"):
+        ruleset(relay_ips=many, mark_slots=many, mark_range=(0xFF100000, 0xFF1003E7))
+
+
+def test_one_slot_keeps_the_ruleset_text_and_layout():
+    # one address per side: no slots, the text (and so the adopted table) as before
+    plain = ruleset()
+    assert ruleset(mark_slots=()).create() == plain.create()
+    assert plain.fork_offset == FORK_MARK_OFFSET == MARK_SLOT
+    assert "ct mark { 30000-30999, 95536-96535 }" in plain.create()
+    # slots change the layout, and so does their order (marks would mean other addresses)
+    a = slotted()
+    b = ruleset(relay_ips=[A4, A4B, B4, B4B], mark_slots=[A4B, A4, B4, B4B])
+    assert len({plain.layout, a.layout, b.layout}) == 3
+
+
+def test_mark_slots_must_be_relay_addresses_named_once():
+    with pytest.raises(KernelRuleError, match="not one of the relay IPs"):
+        ruleset(mark_slots=["198.51.100.99"])
+    with pytest.raises(KernelRuleError, match="twice"):
+        ruleset(mark_slots=[A4, A4])
+    with pytest.raises(KernelRuleError, match="list of addresses"):
+        ruleset(mark_slots=A4)

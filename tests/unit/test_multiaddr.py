@@ -177,13 +177,39 @@ def test_config_lists_default_to_the_single_addresses():
     ({"internal_ips": [IN1, IN1]}, "names an address twice"),
     ({"external_ips": [EX1, "2001:db8::1"]}, "mixes IPv4 and IPv6"),
     ({"internal_ip": IN2, "internal_ips": [IN1]}, "disagree"),
-    ({"internal_ips": [IN1, IN2], "mode": "kernel"}, "one relay address per side"),
-    ({"external_ips": [EX1, EX2], "mode": "xdp", "xdp_interfaces": ["eth0"]},
-     "need mode socket or packet"),
 ])
 def test_config_refuses_bad_address_lists(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load(None, overrides)
+
+
+@pytest.mark.parametrize("mode, extra", [
+    ("kernel", {}), ("nfqueue", {}), ("xdp", {"xdp_interfaces": ["eth0"]}),
+    ("socket", {}), ("packet", {"packet_interfaces": ["eth0"]}),
+])
+def test_config_accepts_several_addresses_per_side_in_every_mode(mode, extra):
+    c = load(None, dict(extra, mode=mode, internal_ips=[IN1, IN2], external_ips=[EX1, EX2]))
+    assert c.several_addresses
+    # mark slots in address order: internal side first (ct mark = port + slot * 0x10000)
+    assert c.mark_slots == [IN1, IN2, EX1, EX2]
+    one = load(None, dict(extra, mode=mode, internal_ip=IN1, external_ip=EX1))
+    assert not one.several_addresses and one.mark_slots == []  # marks stay port numbers
+
+
+@pytest.mark.parametrize("mode, extra", [
+    ("kernel", {}), ("nfqueue", {}), ("xdp", {"xdp_interfaces": ["eth0"]})])
+def test_the_relay_gives_kernel_modes_per_address_ports_and_mark_slots(tmp_path, mode, extra):
+    from lrk.daemon.relay import Relay
+
+    base = dict(extra, mode=mode, ports="30000-30007", control="127.0.0.1:22222",
+                control_keys=[str(tmp_path / "keys")])
+    relay = Relay(load(None, dict(base, internal_ips=[IN1, IN2], external_ips=[EX1, EX2])))
+    rules = relay.plane.kernel.rules if mode == "xdp" else relay.plane.rules
+    assert not relay.engine.ports.shared  # each address its own port space
+    assert rules.slot_of == {IN1: 0, IN2: 1, EX1: 2, EX2: 3}
+    single = Relay(load(None, dict(base, internal_ip=IN1, external_ip=EX1)))
+    rules = single.plane.kernel.rules if mode == "xdp" else single.plane.rules
+    assert single.engine.ports.shared and rules.slot_of == {}  # marks = ports, as before
 
 
 def test_cli_flags_repeat():
