@@ -258,7 +258,8 @@ CONTROL_VARIANTS = [
 def control(args: argparse.Namespace, wrappers: Dict[Tuple[str, str], str]) -> Dict[str, Any]:
     runs: List[Dict[str, Any]] = []
     labels = [x for x in args.interpreters.split(",")]
-    variants = [(lab, *v) for v in CONTROL_VARIANTS for lab in labels]
+    chosen = CONTROL_VARIANTS if args.variants == "all" else CONTROL_VARIANTS[:3]
+    variants = [(lab, *v) for v in chosen for lab in labels]
     deadline = time.monotonic() + args.budget
     for r in range(args.rounds):
         order = variants if r % 2 == 0 else list(reversed(variants))
@@ -597,6 +598,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--before", default="/tmp/lrk-before", help="the old tree (a worktree)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--interpreters", default="cpython,pypy")
+    p.add_argument("--variants", choices=("all", "audio"), default="all",
+                   help="control: every variant, or only audio calls (v0.1, hmac, none): "
+                        "more rounds of the like-for-like pair in the same time")
     p.add_argument("--cycles", type=int, default=10000, help="control: calls per judged run")
     p.add_argument("--warmup", type=int, default=2000, help="control: warm-up calls per relay")
     p.add_argument("--window", type=int, default=16)
