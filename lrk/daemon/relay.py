@@ -126,7 +126,6 @@ RELOADABLE = ("log_level", "log_format", "silence_timeout", "max_lifetime", "qua
               "control_auth_window")
 
 
-
 def _detach_xdp_leftovers() -> None:
     """An xdp-mode run that kept its calls leaves its program attached for the next xdp
     run to replace; a relay started in another mode detaches it (it would take this
