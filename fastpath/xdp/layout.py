@@ -84,11 +84,12 @@ def seen(value: bytes) -> int:
     return int(_VAL.unpack(value)[10])
 
 
-def counters(raw: bytes, ncpus: int) -> Tuple[int, int, int]:
-    """(packets, payload bytes, last ns) summed (last: max) over the per-CPU values."""
+def counters(raw: bytes, ncpus: int, offset: int = 0) -> Tuple[int, int, int]:
+    """(packets, payload bytes, last ns) summed (last: max) over the per-CPU values at
+    `offset` of `raw` (a batch read holds many slots' values back to back)."""
     packets = octets = last = 0
     for i in range(ncpus):
-        p, b, t = _COUNTER.unpack_from(raw, i * COUNTER_SIZE)
+        p, b, t = _COUNTER.unpack_from(raw, offset + i * COUNTER_SIZE)
         packets += p
         octets += b
         last = max(last, t)

@@ -78,6 +78,8 @@ int bpf_xdp_query_id(int ifindex, int flags, uint32_t *prog_id);
 int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_delete_elem(int fd, const void *key);
+int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys,
+                         void *values, uint32_t *count, const void *opts);
 int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
 int libbpf_num_possible_cpus(void);
 void *libbpf_set_print(void *fn);
@@ -213,6 +215,33 @@ class BpfMap:
             return None
         _check("bpf_map_lookup_elem", rc)
         return _ffi.buffer(self._buf)[:]
+
+    def lookup_array(self, count: int, chunk: int = 8192) -> bytes:
+        """The values of array indexes 0..count-1 in a few BPF_MAP_LOOKUP_BATCH calls (one
+        per `chunk`), as one buffer of `count` values (per-CPU: `slots` each): reading
+        tens of thousands of counters one lookup at a time costs a syscall each."""
+        lib = _load()
+        stride = self._stride * self.slots
+        out = bytearray()
+        keys = _ffi.new("uint32_t[]", chunk)
+        values = _ffi.new("char[]", stride * chunk)
+        n = _ffi.new("uint32_t *")
+        batch = _ffi.new("uint32_t *")
+        start = 0
+        while start < count:
+            want = min(chunk, count - start)
+            n[0] = want
+            # in_batch: where the previous call stopped (NULL: from the first index)
+            rc = lib.bpf_map_lookup_batch(self.fd, _ffi.NULL if start == 0 else batch,
+                                          batch, keys, values, n, _ffi.NULL)
+            if rc < 0 and rc != -errno.ENOENT:
+                _check("bpf_map_lookup_batch", rc)
+            got = n[0]
+            out += _ffi.buffer(values, stride * got)
+            start += got
+            if rc == -errno.ENOENT or got == 0:
+                break
+        return bytes(out[:stride * count])
 
     def delete(self, key: bytes) -> bool:
         rc = _load().bpf_map_delete_elem(self.fd, key)

@@ -342,3 +342,26 @@ def test_checksum_edge_cases(env, net):
         assert verdict == XDP_REDIRECT
         assert out == frame(EA_MAC, CALLEE_MAC, net.relay_b, net.callee, 30002, 5000, PAYLOAD,
                             ttl=63, csum=0)
+
+
+def test_counters_read_in_batches_equal_one_lookup_each(env):
+    """`read_counters` of many slots reads the per-CPU array in batches (one syscall per
+    8,192 slots): every slot comes back as `read_counter` reads it, including slots past
+    the last one written and slots read twice."""
+    from fastpath.xdp.layout import COUNTER_SIZE
+    from fastpath.xdp.program import BATCH_FROM
+
+    prog: XdpProgram = env["prog"]  # type: ignore[assignment]
+    stride = (COUNTER_SIZE + 7) // 8 * 8
+    slots = list(range(700, 700 + BATCH_FROM + 44))  # clear of the slots other tests use
+    for i in slots[::7]:  # per CPU: packets i, bytes 10 i, last seen ns 1000 i + cpu
+        prog.counters.update(i.to_bytes(4, "little"), b"".join(
+            struct.pack("=QQQ", i, 10 * i, 1000 * i + cpu).ljust(stride, b"\0")
+            for cpu in range(prog.ncpus)))
+    batch = prog.read_counters(slots + slots[:5])
+    assert sorted(batch) == slots
+    assert batch == {i: prog.read_counter(i) for i in slots}
+    assert batch[700] == (700 * prog.ncpus, 7000 * prog.ncpus, 700_000 + prog.ncpus - 1)
+    assert batch[701] == (0, 0, 0)
+    for i in slots:
+        prog.reset_counter(i)

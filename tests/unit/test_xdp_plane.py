@@ -41,6 +41,7 @@ class FakeProgram:
         self.attaches: List[Tuple[str, int]] = []
         self.released = False
         self.checked: List[str] = []
+        self.batch_reads = 0
 
     def put(self, entry: Entry, seen: int = SEEN_NONE) -> None:
         self.entries[entry.relay] = entry
@@ -57,6 +58,10 @@ class FakeProgram:
 
     def read_counter(self, index: int):
         return self.counts.get(index, (0, 0, 0))
+
+    def read_counters(self, indexes):
+        self.batch_reads += 1
+        return {i: self.counts.get(i, (0, 0, 0)) for i in indexes}
 
     def verdict_counts(self):
         return dict(self.verdicts)
@@ -149,8 +154,8 @@ class FakeKernel(KernelView):
         pass
 
 
-def _stream(index: int, gen_a: int = 0, gen_b: int = 0) -> StreamSpec:
-    port = 30000 + 4 * index
+def _stream(index: int, gen_a: int = 0, gen_b: int = 0, base: int = 30000) -> StreamSpec:
+    port = base + 4 * index
     return StreamSpec(index,
                       LegSpec("A", RA, port, (CALLER, 4000 + 2 * index), generation=gen_a),
                       LegSpec("B", RB, port + 2, (CALLEE, 5000 + 2 * index), generation=gen_b))
@@ -307,10 +312,34 @@ def test_refresh_reads_the_slots_at_most_every_poll_interval():
     plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
     plane.refresh(lambda: None)
     plane.refresh(lambda: None)
-    assert len(events) == 1
+    assert len(events) == 1 and prog.batch_reads == 1
+    now[0] += plane.poll_interval
+    slot = next(iter(prog.entries.values())).counter
+    prog.counts[slot] = (5, 800, 101_000_000_000)
+    plane.refresh(lambda: None)
+    assert len(events) == 2 and prog.batch_reads == 2
+
+
+def test_a_pass_reports_only_sessions_whose_slots_moved():
+    """At 100,000 calls a report per call per pass cost seconds: a pass reads every slot
+    in one batch and reports the sessions whose counts moved (and each new one once)."""
+    events: list = []
+    plane, prog = _plane(events)
+    now = [100.0]
+    plane.clock = lambda: now[0]
+    plane.apply([Install(SessionSpec(1, "c", (_stream(0),))),
+                 Install(SessionSpec(2, "d", (_stream(0, base=30010),)))])
+    plane.refresh(lambda: None)
+    assert sorted(e.sid for e in events) == [1, 2]  # each new session once
     now[0] += plane.poll_interval
     plane.refresh(lambda: None)
-    assert len(events) == 2
+    assert len(events) == 2, "nothing moved: no report"
+    slots = {relay: e.counter for relay, e in prog.entries.items()}
+    prog.counts[slots[(RA, 30010)]] = (3, 480, 102_000_000_000)
+    now[0] += plane.poll_interval
+    plane.refresh(lambda: None)
+    assert [e.sid for e in events[2:]] == [2]
+    assert events[-1].a.in_packets == 3 and events[-1].last_rx == 102.0
 
 
 def test_learning_verdicts_bring_the_kernel_read_forward():
