@@ -19,7 +19,6 @@ misses, which instructions do not show.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
+from bench import jsonlines
 from bench.ng import audio_sdp
 
 WARMUP = 1000
@@ -127,11 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                               args.calls)}
     result["after_over_before"] = round(result["after"]["instructions_per_call"]
                                         / result["before"]["instructions_per_call"], 3)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    jsonlines.emit(result, args.out, indent=1)
     return 0
 
 

@@ -130,3 +130,12 @@ class ChildProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def emit(result: dict, out: Optional[str], indent: int = 1) -> None:
+    """A benchmark's result: printed as JSON, and written to `out` too when given."""
+    text = json.dumps(result, indent=indent)
+    print(text)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")

@@ -37,7 +37,6 @@ counter report folded in. No network, no processes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -48,6 +47,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import msgpack
 
+from bench import jsonlines
 from bench.inflight import pipeline
 from lrk.client import LrkClient
 from lrk.control.auth import sign
@@ -408,11 +408,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "loadavg_before": os.getloadavg()[0],
                    "command": " ".join(["python -m bench.many_sessions", *sys.argv[1:]])})
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    jsonlines.emit(result, args.out, indent=2)
     return 0
 
 

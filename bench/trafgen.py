@@ -34,6 +34,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from bench import jsonlines
 from bench.frames import Flow, frame
 from bench.netns import NetnsError, run
 
@@ -270,11 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     res = {"machine": os.uname().release, "date": __import__("time").strftime("%Y-%m-%d %H:%M"),
            "headroom": headroom(args.count, [int(r) for r in args.rates.split(",")],
                                sessions=args.sessions)}
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    jsonlines.emit(res, args.out, indent=1)
     return 0
 
 

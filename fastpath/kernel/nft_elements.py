@@ -36,20 +36,23 @@ from fastpath.kernel.netlink import (
     nfmessage,
 )
 from fastpath.kernel.nft import NftError
+from fastpath.kernel.nft_setelem import (
+    NFNL_SUBSYS_NFTABLES,
+    NFPROTO_INET,
+    NFTA_DATA_VALUE,
+    NFTA_LIST_ELEM,
+    NFTA_SET_ELEM_KEY,
+    NFTA_SET_ELEM_LIST_ELEMENTS,
+    NFTA_SET_ELEM_LIST_SET,
+    NFTA_SET_ELEM_LIST_TABLE,
+)
 
 __all__ = ["ElementTextError", "ElementWriter", "SET_TYPES", "batch", "spec_batch"]
 
-NFNL_SUBSYS_NFTABLES = 10
+# the element-list attributes nft_setelem's reader decodes; the writer adds its own
 NEWSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | 12
 DELSETELEM = (NFNL_SUBSYS_NFTABLES << 8) | 14
-NFPROTO_INET = 1
-NFTA_SET_ELEM_LIST_TABLE = 1
-NFTA_SET_ELEM_LIST_SET = 2
-NFTA_SET_ELEM_LIST_ELEMENTS = 3
-NFTA_LIST_ELEM = 1
-NFTA_SET_ELEM_KEY = 1
 NFTA_SET_ELEM_DATA = 2
-NFTA_DATA_VALUE = 1
 
 #: set name without its family digit -> (key parts, value parts or None for a set):
 #: "a" an address, "p" a port, "m" a ct mark
@@ -139,6 +142,16 @@ def _element(key: bytes, value: Optional[bytes]) -> bytes:
                                                  NFTA_DATA_VALUE), value))
 
 
+
+def _setelem_message(add: bool, seq: int, table: str, name: str, elems: bytes) -> bytes:
+    """One NEWSETELEM / DELSETELEM message of a batch: `elems` into set `name`."""
+    return nfmessage(NEWSETELEM if add else DELSETELEM,
+                     NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if add else 0), seq,
+                     NFPROTO_INET, 0,
+                     attr_strz(NFTA_SET_ELEM_LIST_TABLE, table)
+                     + attr_strz(NFTA_SET_ELEM_LIST_SET, name)
+                     + nested(NFTA_SET_ELEM_LIST_ELEMENTS, elems))
+
 def batch(text: str, first_seq: int) -> Tuple[bytes, List[int]]:
     """The NFNL batch for element `text`, and the sequence numbers whose acks to await.
     Raises ElementTextError (nothing built) for text it cannot express."""
@@ -151,12 +164,7 @@ def batch(text: str, first_seq: int) -> Tuple[bytes, List[int]]:
         add, table, name, items = _line(line)
         elems = b"".join(_element(key, value) for key, value in items)
         seq += 1
-        msgs.append(nfmessage(NEWSETELEM if add else DELSETELEM,
-                              NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if add else 0), seq,
-                              NFPROTO_INET, 0,
-                              attr_strz(NFTA_SET_ELEM_LIST_TABLE, table)
-                              + attr_strz(NFTA_SET_ELEM_LIST_SET, name)
-                              + nested(NFTA_SET_ELEM_LIST_ELEMENTS, elems)))
+        msgs.append(_setelem_message(add, seq, table, name, elems))
         seqs.append(seq)
     begin = nfmessage(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first_seq, 0, NFNL_SUBSYS_NFTABLES)
     end = nfmessage(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq + 1, 0, NFNL_SUBSYS_NFTABLES)
@@ -197,12 +205,7 @@ def spec_batch(spec: SessionSpec, first_seq: int, table: str = "lrk", seen: bool
         name = f"{kind}{fam}"
         seq += 1
         elems = b"".join(_element(k, v if add else None) for k, v in items[kind])
-        msgs.append(nfmessage(NEWSETELEM if add else DELSETELEM,
-                              NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if add else 0), seq,
-                              NFPROTO_INET, 0,
-                              attr_strz(NFTA_SET_ELEM_LIST_TABLE, table)
-                              + attr_strz(NFTA_SET_ELEM_LIST_SET, name)
-                              + nested(NFTA_SET_ELEM_LIST_ELEMENTS, elems)))
+        msgs.append(_setelem_message(add, seq, table, name, elems))
         seqs.append(seq)
         names.append(name)
     begin = nfmessage(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, first_seq, 0, NFNL_SUBSYS_NFTABLES)

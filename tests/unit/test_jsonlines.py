@@ -40,3 +40,16 @@ def test_bounded_and_eof():
     assert len(replies) == 3
     replies, _ = _run([])
     assert replies == []
+
+
+def test_emit_prints_the_result_and_writes_the_same_json(tmp_path, capsys):
+    import json
+
+    from bench import jsonlines
+
+    out = tmp_path / "r.json"
+    jsonlines.emit({"rate": 5, "ok": True}, str(out))
+    printed = capsys.readouterr().out
+    assert json.loads(printed) == {"rate": 5, "ok": True} == json.loads(out.read_text())
+    jsonlines.emit({"x": 1}, None)  # printed only
+    assert json.loads(capsys.readouterr().out) == {"x": 1}
