@@ -104,6 +104,22 @@ class XdpProgram:
         return {i: counters(raw, ncpus, i * size) if (i + 1) * size <= end else (0, 0, 0)
                 for i in wanted}
 
+    @property
+    def slot_size(self) -> int:
+        """Bytes of one slot in `read_raw`'s buffer (its per-CPU values)."""
+        return self.counters._stride * self.ncpus
+
+    def read_raw(self, count: int) -> bytes:
+        """Slots 0..count-1 as one buffer, in batch reads (`parse_slot` reads one)."""
+        return self.counters.lookup_array(count) if count > 0 else b""
+
+    def parse_slot(self, raw: bytes, index: int) -> Tuple[int, int, int]:
+        """`read_counter`'s value of slot `index` in a `read_raw` buffer."""
+        offset = index * self.slot_size
+        if offset + self.slot_size > len(raw):
+            return (0, 0, 0)
+        return layout.counters(raw, self.ncpus, offset)
+
     def reset_counter(self, index: int) -> None:
         self.counters.update(index.to_bytes(4, "little"), bytes(layout.COUNTER_SIZE))
 

@@ -7,6 +7,7 @@ run in tests/netns/test_xdp_mode.py."""
 from __future__ import annotations
 
 import asyncio
+import struct
 from typing import Dict, List, Tuple
 
 from fastpath.contract import (
@@ -42,6 +43,7 @@ class FakeProgram:
         self.released = False
         self.checked: List[str] = []
         self.batch_reads = 0
+        self.parsed = 0
 
     def put(self, entry: Entry, seen: int = SEEN_NONE) -> None:
         self.entries[entry.relay] = entry
@@ -62,6 +64,17 @@ class FakeProgram:
     def read_counters(self, indexes):
         self.batch_reads += 1
         return {i: self.counts.get(i, (0, 0, 0)) for i in indexes}
+
+    slot_size = 24
+
+    def read_raw(self, count: int) -> bytes:
+        self.batch_reads += 1
+        return b"".join(struct.pack("=QQQ", *self.counts.get(i, (0, 0, 0)))
+                        for i in range(count))
+
+    def parse_slot(self, raw: bytes, index: int):
+        self.parsed += 1
+        return struct.unpack_from("=QQQ", raw, index * 24)
 
     def verdict_counts(self):
         return dict(self.verdicts)
@@ -358,3 +371,29 @@ def test_stop_releases_the_program():
     plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
     asyncio.run(plane.stop())
     assert prog.closed and plane.prog is None and plane.entries == {}
+
+
+def test_a_batched_pass_parses_only_blocks_that_changed(monkeypatch):
+    """Past BATCH_FROM slots a pass reads the whole array and parses only the blocks of
+    slots whose bytes changed since the last pass: idle calls cost a compare."""
+    import lrk.daemon.xdp_plane as xdp_plane
+
+    monkeypatch.setattr(xdp_plane, "BATCH_FROM", 1)
+    monkeypatch.setattr(xdp_plane, "BLOCK_SLOTS", 4)  # one session's 4 directions a block
+    events: list = []
+    plane, prog = _plane(events)
+    now = [100.0]
+    plane.clock = lambda: now[0]
+    plane.apply([Install(SessionSpec(sid, f"c{sid}", (_stream(0, base=30000 + 8 * sid),)))
+                 for sid in (1, 2, 3)])
+    plane.refresh(lambda: None)
+    assert sorted(e.sid for e in events) == [1, 2, 3] and prog.parsed == 12
+    now[0] += plane.poll_interval
+    plane.refresh(lambda: None)
+    assert len(events) == 3 and prog.parsed == 12, "nothing changed: nothing parsed"
+    slot = {relay: e.counter for relay, e in prog.entries.items()}[(RA, 30016)]  # call 2
+    prog.counts[slot] = (4, 640, 103_000_000_000)
+    now[0] += plane.poll_interval
+    plane.refresh(lambda: None)
+    assert [e.sid for e in events[3:]] == [2] and prog.parsed == 16  # one block
+    assert events[-1].a.in_packets == 4 and events[-1].last_rx == 103.0
