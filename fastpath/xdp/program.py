@@ -96,13 +96,8 @@ class XdpProgram:
         wanted = sorted(set(indexes))
         if len(wanted) < BATCH_FROM:
             return {i: self.read_counter(i) for i in wanted}
-        raw = self.counters.lookup_array(wanted[-1] + 1)
-        size = self.counters._stride * self.ncpus
-        end = len(raw)
-        ncpus = self.ncpus
-        counters = layout.counters
-        return {i: counters(raw, ncpus, i * size) if (i + 1) * size <= end else (0, 0, 0)
-                for i in wanted}
+        raw = self.read_raw(wanted[-1] + 1)
+        return {i: self.parse_slot(raw, i) for i in wanted}
 
     @property
     def slot_size(self) -> int:

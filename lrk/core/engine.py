@@ -113,13 +113,9 @@ class Engine:
         pinned one only)."""
         if session is not None and session.interfaces:
             return (self.interface_ip(interface, session),)
-        config = self.config  # EngineConfig.side, inline: every offer and answer asks
-        if interface == "internal":
-            return config.internal_ips or (config.internal_ip,)
-        if interface == "external":
-            return config.external_ips or (config.external_ip,)
-        self.interface_ip(interface)  # raises BadRequest
-        return ()
+        if interface not in ("internal", "external"):
+            self.interface_ip(interface)  # raises BadRequest
+        return self.config.side(interface)
 
     def _allocate(self, now: float, ip: str) -> int:
         probe = self.probe
@@ -161,12 +157,10 @@ class Engine:
     ) -> Tuple[Session, Leg, List[Action]]:
         """Record the offerer's streams; return the leg whose relay addresses the offer
         announces. `media` is every m= line in order (or one (ip, port) for one stream)."""
-        streams = media if type(media) is list and media else _streams(media, rtcp_port)
+        streams = _streams(media, rtcp_port)
         session = self.by_call.get(call_id)
         target_ips = self._side(interface, session)
-        if not latch_any:  # _learning(), inline
-            latch_any = not (self.config.strict_source if strict_source is None
-                             else strict_source)
+        latch_any = self._learning(latch_any, strict_source)
         actions: List[Action] = []
         wanted = [s.port != 0 or s.keep_ports for s in streams]  # StreamOffer.active
         if session is None:
@@ -220,14 +214,12 @@ class Engine:
         another To-tag than leg B's (a forked INVITE) is another early dialog with its
         own A-side relay ports; the final answer's To-tag wins and the other early
         dialogs are freed."""
-        streams = media if type(media) is list and media else _streams(media, rtcp_port)
+        streams = _streams(media, rtcp_port)
         session = self.by_call.get(call_id)
         if session is None:
             raise SessionNotFound(f"no session with Call-ID {call_id!r}")
         target_ips = self._side(interface, session)
-        if not latch_any:  # _learning(), inline
-            latch_any = not (self.config.strict_source if strict_source is None
-                             else strict_source)
+        latch_any = self._learning(latch_any, strict_source)
         answering = session.leg_by_tag(to_tag)
         fork = session.forks.get(to_tag)
         if answering is None and fork is None:
@@ -374,12 +366,7 @@ class Engine:
 
     def _schedule(self, session: Session) -> None:
         """Make sure a live timer entry is no later than the session's deadline."""
-        last = session.last_media  # deadline(), inline: every offer and answer schedules
-        created = session.created
-        at = (created if last is None else last) + session.timeout
-        lifetime = self.config.max_lifetime
-        if lifetime and created + lifetime < at:
-            at = created + lifetime
+        at = self.deadline(session)
         if session.timer_at is None or at < session.timer_at:
             session.timer_at = at
             heapq.heappush(self._timers, (at, session.sid))
@@ -690,8 +677,7 @@ class Engine:
 
     @staticmethod
     def _announce(leg: Leg, streams: List[StreamOffer], latch_any: bool) -> None:
-        leg.latch_any = latch_any  # Leg.relatch(), inline
-        leg.generation += 1
+        leg.relatch(latch_any)
         for i, offer in enumerate(streams):
             m = leg.media[i] if i < len(leg.media) else None
             if m is not None:
@@ -761,6 +747,8 @@ def relay_addrs(session: Session) -> List[Tuple[str, int]]:
 def _streams(media: Union[Addr, Sequence[StreamOffer]], rtcp_port: Optional[int]
              ) -> List[StreamOffer]:
     """Every stream of a request: a list of StreamOffer, or one (ip, port) pair."""
+    if type(media) is list and media:  # the usual case, as the protocol parsed it
+        return media
     if isinstance(media, tuple) and len(media) == 2 and isinstance(media[0], str):
         return [StreamOffer(media[0], int(media[1]), rtcp_port,  # type: ignore[arg-type]
                             False, "audio", True)]  # keep_ports

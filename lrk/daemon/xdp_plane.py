@@ -435,14 +435,9 @@ class XdpPlane:
         pass (every slot in use on the first pass, or after the array grew)."""
         assert self.prog is not None
         in_use = self._slot_sid
-        if len(in_use) < BATCH_FROM:
-            try:
-                return self.prog.read_counters(list(in_use))
-            except XdpError as exc:
-                self.counters["xdp.errors"] += 1
-                log.error("xdp counters unreadable: %s", exc)
-                return {}
         try:
+            if len(in_use) < BATCH_FROM:
+                return self.prog.read_counters(list(in_use))
             raw = self.prog.read_raw(self._next_slot)
         except XdpError as exc:
             self.counters["xdp.errors"] += 1
