@@ -75,6 +75,16 @@ def pin_thread(tid: int, cpu: int) -> None:
         raise OSError(err, f"sched_setaffinity({tid}, cpu {cpu}): {os.strerror(err)}")
 
 
+def enter(ns: str) -> None:
+    """Move the calling thread into network namespace `ns` (setns: this thread only)."""
+    fd = os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns({ns})")
+    finally:
+        os.close(fd)
+
+
 def in_netns(ns: str, fn: Callable[[], T], timeout: float = 30.0) -> T:
     """Run `fn` on a throwaway thread inside namespace `ns` (BPF_PROG_TEST_RUN resolves
     ingress_ifindex and bpf_fib_lookup in the caller's namespace)."""
@@ -82,12 +92,7 @@ def in_netns(ns: str, fn: Callable[[], T], timeout: float = 30.0) -> T:
 
     def run() -> None:
         try:
-            fd = os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns({ns})")
-            finally:
-                os.close(fd)
+            enter(ns)
             result.append(fn())
         except BaseException as exc:
             result.append(exc)

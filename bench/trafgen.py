@@ -43,6 +43,17 @@ MAX_COUNT = 50_000_000
 MAX_DURATION = 60.0
 
 
+
+def run_deadline(rate: int, count: int, timeout: Optional[float], max_count: int) -> float:
+    """A generator run's bounds checked, and how long it may take: `timeout`, or three times
+    the expected duration plus 5 s, at most MAX_DURATION (both generators' rule)."""
+    if not 0 < count <= max_count:
+        raise ValueError(f"count {count} outside 1..{max_count}")
+    if rate < 0:
+        raise ValueError(f"rate {rate} must be positive (or 0: unpaced)")
+    expected = count / rate if rate else count / 1e6
+    return min(MAX_DURATION, timeout if timeout is not None else expected * 3 + 5)
+
 class TrafgenError(NetnsError):
     """trafgen could not run or did not send what it was asked to; the message says why."""
 
@@ -83,12 +94,7 @@ class Trafgen:
     def run(self, rate: int, count: int, timeout: Optional[float] = None) -> int:
         """Send `count` frames at `rate` pkt/s (0: as fast as trafgen can); returns the frames
         sent, checked against trafgen's own statistics and the device's tx counter."""
-        if not 0 < count <= MAX_COUNT:
-            raise ValueError(f"count {count} outside 1..{MAX_COUNT}")
-        if rate < 0:
-            raise ValueError(f"rate {rate} must be positive (or 0: unpaced)")
-        expected = count / rate if rate else count / 1e6
-        deadline = min(MAX_DURATION, timeout if timeout is not None else expected * 3 + 5)
+        deadline = run_deadline(rate, count, timeout, MAX_COUNT)
         frames = [frame(f, self.src_mac, self.dst_mac) for f in self.flows]
         fd, path = tempfile.mkstemp(prefix="lrk-trafgen-", suffix=".cfg")
         try:

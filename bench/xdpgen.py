@@ -39,7 +39,6 @@ Bounds: at most MAX_TEMPLATES flows, MAX_COUNT frames and MAX_DURATION seconds a
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import struct
@@ -49,7 +48,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from bench.frames import Flow, frame
-from bench.netns import CLONE_NEWNET, NETNS_DIR, NetnsError, in_netns, pin_thread, run
+from bench.netns import NetnsError, enter, in_netns, pin_thread, run
+from bench.trafgen import run_deadline
 from fastpath.xdp import build
 from fastpath.xdp.errors import XdpError
 from fastpath.xdp.libbpf import (
@@ -82,7 +82,6 @@ GEN_RT_PRIO = 40  # 0: nice GEN_NICE instead
 STOP_SIGNAL = signal.SIGRTMIN + 7
 POLL_S = 0.001
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class XdpGenError(NetnsError):
@@ -92,12 +91,7 @@ class XdpGenError(NetnsError):
 def _enter(ns: str, cpu: int) -> None:
     """This thread into namespace `ns`, pinned to `cpu`, at SCHED_FIFO GEN_RT_PRIO (on a
     shared machine the spinning generator keeps its schedule)."""
-    fd = os.open(os.path.join(NETNS_DIR, ns), os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns({ns})")
-    finally:
-        os.close(fd)
+    enter(ns)
     pin_thread(0, cpu)  # 0: this thread only
     if GEN_RT_PRIO:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(GEN_RT_PRIO))
@@ -198,12 +192,7 @@ class XdpGen:
     def run(self, rate: int, count: int, timeout: Optional[float] = None) -> int:
         """Send `count` frames at `rate` pkt/s (0: unpaced); returns the frames sent, checked
         against the program's own XDP_TX count. `self.last` has the details."""
-        if not 0 < count <= MAX_COUNT:
-            raise ValueError(f"count {count} outside 1..{MAX_COUNT}")
-        if rate < 0:
-            raise ValueError(f"rate {rate} must be positive (or 0: unpaced)")
-        expected = count / rate if rate else count / 1e6
-        deadline = min(MAX_DURATION, timeout if timeout is not None else expected * 3 + 5)
+        deadline = run_deadline(rate, count, timeout, MAX_COUNT)
         interval = int((1e9 / rate) * (1 << FP)) if rate else 0
         self._config.update(b"\0\0\0\0", _CONFIG.pack(self.n, interval,
                                                       interval * self.max_burst))

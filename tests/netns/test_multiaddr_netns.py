@@ -47,17 +47,24 @@ def _elements(ns: str) -> dict:
     return {k: v for k, v in out.items() if v}
 
 
-@pytest.mark.parametrize("mode", ["socket", "packet", "kernel", "nfqueue", "xdp"])
-def test_same_port_on_two_addresses_relays_both_calls(topo, tmp_path, mode):
+def _two_addresses(topo, tmp_path, config: str) -> list:
+    """The relay namespace gets a second address on each side (IN2, EX2); returns the
+    relay's options for both addresses per side and a config file (`config` added)."""
     ns = topo.relay.ns
     run("ip", "addr", "add", f"{IN2}/26", "dev", "vc1", ns=ns)
     run("ip", "addr", "add", f"{EX2}/26", "dev", "ve1", ns=ns)
+    cfg = tmp_path / "lrk.toml"
+    cfg.write_text("kernel_poll = 0.2\nquarantine = 0\n" + config)
+    return ["--internal-ip", topo.relay.ip4, "--internal-ip", IN2,
+            "--external-ip", topo.relay_ext.ip4, "--external-ip", EX2, "--config", str(cfg)]
+
+
+@pytest.mark.parametrize("mode", ["socket", "packet", "kernel", "nfqueue", "xdp"])
+def test_same_port_on_two_addresses_relays_both_calls(topo, tmp_path, mode):
+    ns = topo.relay.ns
     in1, ex1 = topo.relay.ip4, topo.relay_ext.ip4
     caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
-    cfg = tmp_path / "lrk.toml"
-    cfg.write_text("kernel_poll = 0.2\nquarantine = 0\n")
-    extra = ["--internal-ip", in1, "--internal-ip", IN2, "--external-ip", ex1,
-             "--external-ip", EX2, "--config", str(cfg)]
+    extra = _two_addresses(topo, tmp_path, "")
     if mode == "packet":  # taps on both links; sockets only hold the ports
         extra += ["--mode", "packet", "--packet-interface", "vc1", "--packet-interface", "ve1"]
     elif mode == "xdp":
@@ -142,14 +149,9 @@ def test_kernel_mode_keeps_both_calls_across_a_restart_and_adopts_their_slots(to
     from .test_kernel_adopt import _both_ways
 
     ns = topo.relay.ns
-    run("ip", "addr", "add", f"{IN2}/26", "dev", "vc1", ns=ns)
-    run("ip", "addr", "add", f"{EX2}/26", "dev", "ve1", ns=ns)
-    in1, ex1 = topo.relay.ip4, topo.relay_ext.ip4
     caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
-    cfg = tmp_path / "lrk.toml"
-    cfg.write_text(f'kernel_poll = 0.2\nquarantine = 0\nstate_dir = "{tmp_path / "state"}"\n')
-    extra = ["--mode", "kernel", "--internal-ip", in1, "--internal-ip", IN2, "--external-ip",
-             ex1, "--external-ip", EX2, "--config", str(cfg)]
+    extra = ["--mode", "kernel",
+             *_two_addresses(topo, tmp_path, f'state_dir = "{tmp_path / "state"}"\n')]
     first = RelayProcess(ports="30000-30003", netns=ns, extra=extra).start()
     second = None
     socks = []
