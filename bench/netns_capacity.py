@@ -335,9 +335,7 @@ def tree_pids(pid: int) -> List[int]:
     return out
 
 
-def runtime_ns(pids: List[int]) -> int:
-    """Run time (ns, schedstat) of these processes, all threads. Without
-    IRQ_TIME_ACCOUNTING it includes the softirq work that ran in their context."""
+def _schedstat(pids: List[int], field: int) -> int:
     total = 0
     for pid in pids:
         try:
@@ -347,10 +345,22 @@ def runtime_ns(pids: List[int]) -> int:
         for tid in tids:
             try:
                 with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
-                    total += int(fh.read().split()[0])
+                    total += int(fh.read().split()[field])
             except (OSError, ValueError, IndexError):
                 pass
     return total
+
+
+def runtime_ns(pids: List[int]) -> int:
+    """Run time (ns, schedstat) of these processes, all threads. Without
+    IRQ_TIME_ACCOUNTING it includes the softirq work that ran in their context."""
+    return _schedstat(pids, 0)
+
+
+def timeslices(pids: List[int]) -> int:
+    """Times these processes' threads were scheduled in (schedstat): their wake-ups,
+    which is what a userspace relay's per-packet cost follows at media rates."""
+    return _schedstat(pids, 2)
 
 
 def ksoftirqd_pids() -> List[int]:
@@ -1041,6 +1051,7 @@ def cpu_point(bench: Bench, gen: GeneratorGroup, m: Mode, rate: float, duration:
     relay_idle = (rp1 - rp0) / idle_wall
     steps = []
     d_kirq = d_busy = d_relay = d_gen = d_path = 0.0
+    wakeups = 0
     received = 0
     wall = 0.0
     gpids = gen.pids
@@ -1049,7 +1060,9 @@ def cpu_point(bench: Bench, gen: GeneratorGroup, m: Mode, rate: float, duration:
         rpids = m.relay_pids()
         c0, t0 = cpu_ticks(), time.monotonic()
         r0, g0, k0 = runtime_ns(rpids), runtime_ns(gpids), runtime_ns(kpids)
+        w0 = timeslices(rpids)
         res = gen.step(rate, duration, grace)
+        wakeups += timeslices(rpids) - w0
         c1, t1 = cpu_ticks(), time.monotonic()
         r1, g1, k1 = runtime_ns(rpids), runtime_ns(gpids), runtime_ns(kpids)
         res["verdict"] = verdict(res)
@@ -1077,6 +1090,7 @@ def cpu_point(bench: Bench, gen: GeneratorGroup, m: Mode, rate: float, duration:
         "softirq_by_cpu_us": [round(max(0.0, _us(d - bg * wall)) / received, 3)
                               for d, bg in zip(d_cpu, bg_cpu)],
         "relay_us": round(relay, 3),
+        "relay_packets_per_wakeup": round(received / wakeups, 2) if wakeups else None,
         "relay_ns_us": round(softirq + relay, 3),
         "generator_us": round(d_gen / received, 3),
         "path_us": round(d_path / received, 3),
@@ -1223,7 +1237,8 @@ def measure_mode(bench: Bench, rig: Rig, mode: str, opts: dict) -> dict:
         all_steps.extend(cpu.get("steps", []))
         say(f"{label} equal load {opts['cpu_rate']} pkt/s: softirq {cpu.get('softirq_us')} "
             f"+ relay {cpu.get('relay_us')} = {cpu.get('relay_ns_us')} us/pkt "
-            f"(generator {cpu.get('generator_us')}), loss {100 * cpu.get('loss', 1):.2f}%")
+            f"(generator {cpu.get('generator_us')}), loss {100 * cpu.get('loss', 1):.2f}%, "
+            f"{cpu.get('relay_packets_per_wakeup')} packets per relay wake-up")
         latency = first_packet_latency(m)
         say(f"{label} {latency['flows']} new flows: install {latency['install_median_ms']} ms "
             f"({latency['installs_per_second']} /s), first packet "

@@ -258,6 +258,10 @@ class KernelPlane(KernelView):
         #: a call's elements as one nf_tables netlink batch (~0.1 ms; libnftables spends
         #: ~0.3 ms a transaction parsing and fetching its cache); None: through nft
         self.writer: Optional[ElementWriter] = None
+        #: while `deferred()` runs: element texts and flow flushes held for one
+        #: transaction (and one flush pass) at its end
+        self._deferred: Optional[List[str]] = None
+        self._deferred_marks: List[int] = []
         self.ct: Optional[ConntrackSocket] = None
         #: counters straight from the kernel: nft's listing costs 13-20 s at 400,000 elements
         self.dump: Optional[SetElemReader] = None
@@ -769,7 +773,8 @@ class KernelPlane(KernelView):
     def _write_unit(self, spec: SessionSpec, add: bool) -> None:
         """A unit's install (`add`) or removal: a plain unit's batch straight from its
         spec, a fork unit's (or without a netlink socket) through its text."""
-        if self.writer is not None and not isinstance(spec, ForkSpec):
+        if self.writer is not None and not isinstance(spec, ForkSpec) \
+                and self._deferred is None:
             if add:
                 self.rules.check(spec)
             self.writer.run_spec(spec, self.rules.table, self.rules.seen,
@@ -778,9 +783,46 @@ class KernelPlane(KernelView):
         self._write(self._elements(self.rules.install_commands(spec) if add
                                    else self.rules.remove_commands(spec)))
 
+    def deferred_begin(self) -> None:
+        """Hold element writes and flow flushes until `deferred_end` (a burst of
+        decisions becomes one transaction)."""
+        self._deferred = []
+        self._deferred_marks = []
+
+    def deferred_mark(self) -> int:
+        """Where the held writes stand (for `deferred_end`'s failure report)."""
+        return len(self._deferred or ())
+
+    def deferred_end(self) -> List[int]:
+        """Apply the held writes as one transaction, then the held flushes. When the
+        transaction fails, each write is tried alone; returns the indexes of the writes
+        that failed (their errors counted and logged), so the caller can refuse what
+        depended on them."""
+        texts, marks = self._deferred or [], self._deferred_marks
+        self._deferred, self._deferred_marks = None, []
+        failed: List[int] = []
+        if texts:
+            try:
+                self._write("".join(texts))
+            except (NftError, KernelRuleError, OSError):
+                for i, text in enumerate(texts):
+                    try:
+                        self._write(text)
+                    except (NftError, KernelRuleError, OSError) as exc:
+                        failed.append(i)
+                        self.counters["kernel.errors"] += 1
+                        log.error("kernel mode: element write failed: %s", exc)
+        if marks:
+            self._flush_flows(marks)
+        return failed
+
     def _write(self, text: str) -> None:
         """Element text as one transaction: a netlink batch, or nft when there is no
         socket or the text is not element lines (NftError either way: nothing applied)."""
+        if self._deferred is not None:
+            if text:
+                self._deferred.append(text if text.endswith("\n") else text + "\n")
+            return
         if self.writer is not None:
             try:
                 self.writer.run(text)
@@ -792,6 +834,9 @@ class KernelPlane(KernelView):
 
     def _flush_flows(self, marks) -> None:
         if self.ct is None:
+            return
+        if self._deferred is not None:
+            self._deferred_marks.extend(marks)
             return
         marks = list(marks)
         if marks:

@@ -81,6 +81,7 @@ class NfqueuePlane(KernelPlane):
         # relay address -> (unit id, leg name, is RTCP); a fork unit's own A ports only
         # (the B port it shares is the session's unit's: forks' callees are found by source)
         self.by_relay: Dict[Addr, Tuple[int, str, bool]] = {}
+        self.relays_of: Dict[int, Set[Addr]] = {}  # unit id -> its keys in by_relay
         # (sid, leg, rtcp) -> latched source
         self.latched: Dict[Tuple[int, str, bool], Addr] = {}
         self.admitted: Dict[int, Set[str]] = {}  # unit id -> adm element keys added
@@ -89,7 +90,8 @@ class NfqueuePlane(KernelPlane):
         #: (unit id, leg) -> new flows refused in userspace (per-leg drops, as query shows)
         self.leg_drops: Dict[Tuple[int, str], int] = {}
         self.counters.update({"nfqueue.packets": 0, "nfqueue.admitted": 0,
-                              "nfqueue.queued": 0, "media.latched": 0})
+                              "nfqueue.queued": 0, "nfqueue.requeued": 0,
+                              "media.latched": 0})
         self.drop_counter = "nfqueue.queued"  # the ruleset's counter counts queued packets
         #: while adopting: relay address ("ip . port") -> the adopted table's adm keys there
         self._found_adm: Optional[Dict[str, List[str]]] = None
@@ -207,11 +209,15 @@ class NfqueuePlane(KernelPlane):
                     self.by_relay[leg.relay(rtcp)] = (sid, name, rtcp)
                     mine.add(leg.relay(rtcp))
         self._drop_relays(sid, keep=mine)  # ports it no longer has
+        self.relays_of[sid] = mine
 
     def _drop_relays(self, uid: int, keep: Set[Addr]) -> None:
-        """Forget the relay addresses `by_relay` gives to unit `uid` (but `keep`)."""
-        for addr in [k for k, v in self.by_relay.items() if v[0] == uid and k not in keep]:
-            del self.by_relay[addr]
+        """Forget the relay addresses `by_relay` gives to unit `uid` (but `keep`); from
+        the unit's own index: a first packet re-installs its unit, and a scan of every
+        relay address per first packet made a burst of new flows quadratic."""
+        for addr in self.relays_of.pop(uid, set()) - keep:
+            if self.by_relay.get(addr, (None,))[0] == uid:
+                del self.by_relay[addr]
 
     def _forget(self, sid: int, spec: SessionSpec) -> None:
         self.streams_applied.pop(sid, None)
@@ -224,6 +230,7 @@ class NfqueuePlane(KernelPlane):
                 addr = leg.relay(rtcp)
                 if self.by_relay.get(addr, (None,))[0] == sid:
                     del self.by_relay[addr]
+        self._drop_relays(sid, keep=set())
         for key in [k for k in self.latched if k[0] == sid]:
             del self.latched[key]
 
@@ -239,15 +246,28 @@ class NfqueuePlane(KernelPlane):
         if nfq is None:
             return
         packets = nfq.receive_batch(64)
+        if not packets:
+            return
+        # one transaction for the batch's element writes (a burst of new flows, as
+        # after a takeover, must not queue behind one netlink round trip per flow),
+        # then the verdicts: a packet is re-injected only once its admission is written
+        self.deferred_begin()
+        decided = []
         for pkt in packets:
             self.counters["nfqueue.packets"] += 1
             verdict = NF_DROP
+            first = self.deferred_mark()
             try:
                 verdict = self._decide(pkt.payload)
             except (NftError, KernelRuleError, OSError) as exc:
                 self.counters["kernel.errors"] += 1
                 log.error("could not admit a flow: %s", exc)
-            nfq.verdict(pkt.packet_id, verdict)
+            decided.append((pkt.packet_id, verdict, first, self.deferred_mark()))
+        failed = self.deferred_end()
+        for packet_id, verdict, first, end in decided:
+            if failed and any(first <= i < end for i in failed):
+                verdict = NF_DROP
+            nfq.verdict(packet_id, verdict)
 
     def _decide(self, payload: bytes) -> int:
         parsed = parse_udp(payload)
@@ -272,6 +292,13 @@ class NfqueuePlane(KernelPlane):
                 self._latch_news = True
                 return NF_REPEAT
         leg = stream.leg(name)
+        key = f"adm{fam} {{ {dst_ip} . {dport} . {src_ip} }}"
+        if self.latched.get((sid, name, rtcp)) == (src_ip, sport) \
+                and key in self.admitted.get(sid, ()):
+            # queued behind its flow's first packet, which admitted it meanwhile:
+            # re-injected as it is (nothing to write; not a new latch)
+            self.counters["nfqueue.requeued"] += 1
+            return NF_REPEAT
         if not self._admits(sid, name, rtcp, leg, (src_ip, sport)):
             self.counters["media.dropped.unexpected_source"] += 1
             key = (sid, name)
@@ -286,7 +313,6 @@ class NfqueuePlane(KernelPlane):
         # re-points the other direction at this source and, when that changed anything,
         # flushes the flows NATed towards the old address (the other side spoke first)
         self._install(sid, stream, False)
-        key = f"adm{fam} {{ {dst_ip} . {dport} . {src_ip} }}"
         if key not in self.admitted.setdefault(sid, set()):
             assert self.nft is not None
             self._write(f"add element inet {self.rules.table} {key}\n")

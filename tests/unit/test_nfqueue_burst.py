@@ -1,0 +1,155 @@
+"""nfqueue mode under a burst of new flows (a takeover, 200 calls starting at once): one
+transaction per queue batch, packets queued behind their flow's first one re-injected
+without writes, and a failed write refusing only the packets that needed it."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any, List, Tuple
+
+from fastpath.contract import Install, LegSpec, Remove, SessionSpec, StreamSpec
+from fastpath.kernel.nfqueue import NF_DROP, NF_REPEAT
+from fastpath.kernel.nft import NftError
+from lrk.daemon.nfqueue_plane import NfqueuePlane
+
+RELAY = "198.51.100.1"
+CALLS = 20
+
+
+def _udp4(src: Tuple[str, int], dst: Tuple[str, int]) -> bytes:
+    payload = b"\x80" + b"\x00" * 11
+    udp = struct.pack("!HHHH", src[1], dst[1], 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0,
+                     socket.inet_aton(src[0]), socket.inet_aton(dst[0]))
+    return ip + udp
+
+
+class Log:
+    """What the plane did, in order: nft transactions and conntrack flushes."""
+
+    def __init__(self, fail_on: str = "") -> None:
+        self.events: List[Tuple[str, Any]] = []
+        self.fail_on = fail_on
+        self.backend = "fake"
+
+    # nft
+    def run(self, text: str) -> None:
+        if self.fail_on and self.fail_on in text:
+            raise NftError(f"Error: Could not process rule: {self.fail_on}")
+        self.events.append(("nft", text))
+
+    # conntrack
+    def flush_marks(self, marks: Any) -> None:
+        self.events.append(("flush", sorted(marks)))
+
+    def flows(self, filters: Any, timeout: float = 0, max_flows: int = 0) -> list:
+        return []
+
+    def close(self) -> None:
+        pass
+
+    def writes(self) -> List[str]:
+        return [text for kind, text in self.events if kind == "nft"]
+
+
+class Packet:
+    def __init__(self, packet_id: int, payload: bytes) -> None:
+        self.packet_id, self.payload = packet_id, payload
+
+
+class FakeQueue:
+    def __init__(self, packets: List[bytes]) -> None:
+        self.waiting = [Packet(i + 1, p) for i, p in enumerate(packets)]
+        self.verdicts: List[Tuple[int, int]] = []
+
+    def receive_batch(self, max_n: int = 64) -> List[Packet]:
+        out, self.waiting = self.waiting[:max_n], self.waiting[max_n:]
+        return out
+
+    def verdict(self, packet_id: int, verdict: int) -> None:
+        self.verdicts.append((packet_id, verdict))
+
+
+def _plane(log: Log) -> Tuple[NfqueuePlane, List[int]]:
+    plane = NfqueuePlane(31000, 31999, [RELAY])
+    plane.nft = log  # type: ignore[assignment]
+    plane.ct = plane.ct_dump = log  # type: ignore[assignment]
+    plane.sink = lambda event: None
+    relay_ports = []
+    for i in range(CALLS):
+        port = 31000 + 4 * i
+        a = LegSpec("A", RELAY, port, ("198.51.100.10", 4000 + 2 * i))
+        b = LegSpec("B", RELAY, port + 2, ("198.51.100.70", 5000 + 2 * i))
+        assert plane.apply([Install(SessionSpec(i + 1, f"c{i}", (StreamSpec(0, a, b),)))]) == []
+        relay_ports.append(port)
+    log.events.clear()
+    return plane, relay_ports
+
+
+def _burst(relay_ports: List[int], behind: int) -> List[bytes]:
+    """Each call's caller, behind a NAT: its first packet, then `behind` more queued
+    before the first was decided; calls interleaved as they arrive."""
+    packets = []
+    for _k in range(1 + behind):
+        for i, port in enumerate(relay_ports):
+            packets.append(_udp4(("198.51.100.10", 61000 + i), (RELAY, port)))
+    return packets
+
+
+def test_a_burst_of_new_flows_is_one_transaction_per_queue_batch():
+    log = Log()
+    plane, ports = _plane(log)
+    queue = FakeQueue(_burst(ports, behind=2))  # 60 packets: one batch of 64
+    plane.nfq = queue  # type: ignore[assignment]
+    plane._on_queue()
+    assert queue.verdicts == [(i + 1, NF_REPEAT) for i in range(3 * CALLS)]
+    writes = log.writes()
+    assert len(writes) == 1  # every latch and admission of the batch in one transaction
+    assert writes[0].count("add element inet lrk adm4") == CALLS
+    # flows NATed towards the announced addresses go after the new elements are in
+    assert [kind for kind, _ in log.events] == ["nft", "flush"]
+    assert plane.counters["nfqueue.admitted"] == CALLS
+    assert plane.counters["media.latched"] == CALLS  # latches, not packets
+    assert plane.counters["nfqueue.requeued"] == 2 * CALLS
+    assert plane.counters["nfqueue.packets"] == 3 * CALLS
+    assert len(plane.latched) == CALLS
+
+
+def test_packets_behind_an_admitted_flow_write_nothing():
+    log = Log()
+    plane, ports = _plane(log)
+    plane.nfq = FakeQueue(_burst(ports[:1], behind=0))  # type: ignore[assignment]
+    plane._on_queue()
+    assert len(log.writes()) == 1
+    queue = FakeQueue(_burst(ports[:1], behind=4))
+    plane.nfq = queue  # type: ignore[assignment]
+    plane._on_queue()
+    assert [v for _, v in queue.verdicts] == [NF_REPEAT] * 5
+    assert len(log.writes()) == 1  # nothing new to write
+    assert plane.counters["nfqueue.requeued"] == 5
+
+
+def test_a_failed_write_refuses_only_the_packets_that_needed_it():
+    bad = f"{RELAY} . 31008 . 198.51.100.10"  # call 2's admission
+    log = Log(fail_on=bad)
+    plane, ports = _plane(log)
+    queue = FakeQueue(_burst(ports[:4], behind=0))
+    plane.nfq = queue  # type: ignore[assignment]
+    plane._on_queue()
+    assert queue.verdicts == [(1, NF_REPEAT), (2, NF_REPEAT), (3, NF_DROP), (4, NF_REPEAT)]
+    assert plane.counters["kernel.errors"] == 1
+    # the batch failed as a whole, then each write went alone: the others are in
+    applied = "".join(log.writes())
+    assert applied.count("add element inet lrk adm4") == 3 and bad not in applied
+
+
+def test_ended_calls_leave_no_relay_address_behind():
+    log = Log()
+    plane, ports = _plane(log)
+    plane.nfq = FakeQueue(_burst(ports, behind=1))  # type: ignore[assignment]
+    plane._on_queue()
+    assert len(plane.by_relay) == 4 * CALLS and len(plane.relays_of) == CALLS
+    plane.apply([Remove(i + 1, f"c{i}", "deleted") for i in range(CALLS)])
+    assert plane.by_relay == {} and plane.relays_of == {} and plane.latched == {}
+    assert plane.admitted == {}
