@@ -208,6 +208,9 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
                                    "Kernel modes: ct marks of an adopted table's flows that "
                                    "no restored session owned, flushed."),
     "nfqueue_packets": ("counter", (), "nfqueue mode: first packets of flows seen."),
+    "nfqueue_requeued_packets": ("counter", (),
+                                 "nfqueue mode: packets queued behind their flow's first "
+                                 "one, re-injected once it was admitted."),
     "xdp_packets": ("counter", ("verdict",),
                     "xdp mode: packets the XDP program judged, by verdict and reason "
                     "(redirect, tx, pass_*, drop_*)."),
@@ -294,6 +297,7 @@ COUNTER_MAP: Tuple[Tuple[str, str, Dict[str, str]], ...] = (
     ("kernel.adopt.removed_elements", "kernel_adopt_removed_elements", {}),
     ("kernel.adopt.flushed_marks", "kernel_adopt_flushed_marks", {}),
     ("nfqueue.packets", "nfqueue_packets", {}),
+    ("nfqueue.requeued", "nfqueue_requeued_packets", {}),
     ("xdp.verdicts.*", "xdp_packets", {"verdict": "*"}),
     ("xdp.entries.written", "xdp_entries_written", {}),
     ("xdp.errors", "xdp_errors", {}),
