@@ -224,6 +224,8 @@ class SocketWorker:
             r.truncated for r in self.readers.values())
         if self.readers:
             totals["media.dropped.unknown_flow"] = self.unknown_flow
+            totals["media.dropped.tap_overflow"] = sum(
+                r.count_overflows() for r in self.readers.values())
             totals["media.egress.fallback.packets"] = self.egress_fallback
             totals["media.egress.raw.disabled"] = self.egress_disabled
             egress = self.egress

@@ -30,6 +30,9 @@ SLOT_SIZE = mmsg.SLOT_SIZE
 #: sizeof(struct sockaddr_ll) is 20; slots are 32 bytes so ifindex is every 8th int
 NAME_SIZE = 32
 
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
+_TPACKET_STATS = struct.Struct("II")  # struct tpacket_stats: tp_packets, tp_drops
 MSG_DONTWAIT = mmsg.MSG_DONTWAIT
 MSG_TRUNC = mmsg.MSG_TRUNC
 _SOFT_ERRNOS = frozenset((errno.ENETDOWN, errno.ENXIO, errno.EINTR, errno.ENOBUFS))
@@ -55,6 +58,8 @@ class PacketReader:
         self.sock = sock
         self.batch = max(1, min(int(batch), mmsg.MAX_BATCH))
         self.truncated = 0
+        #: packets the kernel dropped at this tap because its buffer was full
+        self.overflowed = 0
         self.recv_errors: Dict[str, int] = {}
         name = sock.getsockname()[0]
         self.ifindex = _ifindex(sock, name) if name else 0
@@ -77,6 +82,17 @@ class PacketReader:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def count_overflows(self) -> int:
+        """Add what the kernel dropped at this tap since the last call (a full receive
+        buffer: the worker fell behind) to `overflowed`, and return the total. The
+        kernel resets its count on every read of PACKET_STATISTICS."""
+        try:
+            raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size)
+        except OSError:
+            return self.overflowed
+        self.overflowed += _TPACKET_STATS.unpack(raw)[1]
+        return self.overflowed
 
     def close(self) -> None:
         self.sock.close()
