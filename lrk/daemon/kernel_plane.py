@@ -790,31 +790,45 @@ class KernelPlane(KernelView):
         self._deferred_marks = []
 
     def deferred_mark(self) -> int:
-        """Where the held writes stand (for `deferred_end`'s failure report)."""
+        """Where the held writes stand: a decision's writes are [mark before, mark after)."""
         return len(self._deferred or ())
 
-    def deferred_end(self) -> List[int]:
-        """Apply the held writes as one transaction, then the held flushes. When the
-        transaction fails, each write is tried alone; returns the indexes of the writes
-        that failed (their errors counted and logged), so the caller can refuse what
-        depended on them."""
+    def deferred_end(self, groups: Sequence[Tuple[int, int]]) -> Set[int]:
+        """Apply the held writes as one transaction, then the held flushes. When that
+        transaction fails, each group of writes (one decision's: a [first, end) range of
+        marks) is tried as a transaction of its own; returns the indexes of the groups
+        that failed (nothing of theirs applied; errors counted and logged), so the caller
+        can refuse and retry what depended on them."""
         texts, marks = self._deferred or [], self._deferred_marks
         self._deferred, self._deferred_marks = None, []
-        failed: List[int] = []
+        failed: Set[int] = set()
         if texts:
             try:
                 self._write("".join(texts))
             except (NftError, KernelRuleError, OSError):
-                for i, text in enumerate(texts):
+                for i, (first, end) in enumerate(groups):
+                    if first >= end:
+                        continue
                     try:
-                        self._write(text)
+                        self._write("".join(texts[first:end]))
                     except (NftError, KernelRuleError, OSError) as exc:
-                        failed.append(i)
+                        failed.add(i)
                         self.counters["kernel.errors"] += 1
                         log.error("kernel mode: element write failed: %s", exc)
         if marks:
             self._flush_flows(marks)
         return failed
+
+    def _restore_unit(self, sid: int, spec: Optional[SessionSpec]) -> None:
+        """Record `spec` as unit `sid`'s elements again: a held write that would have
+        changed them failed, so the kernel still has `spec` (the next decision rewrites)."""
+        current = self.installed.get(sid)
+        if current == spec or current is None or spec is None:
+            return
+        self.installed[sid] = spec
+        if self._owner_map is not None:
+            self._disown(sid, current)
+            self._own(self._owner_map, sid, spec)
 
     def _write(self, text: str) -> None:
         """Element text as one transaction: a netlink batch, or nft when there is no

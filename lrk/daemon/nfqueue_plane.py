@@ -87,6 +87,11 @@ class NfqueuePlane(KernelPlane):
         self.admitted: Dict[int, Set[str]] = {}  # unit id -> adm element keys added
         self.streams_applied: Dict[int, StreamSpec] = {}  # unit id -> as last installed
         self._latch_news = False  # a latch (or refusal) decided since the last poll
+        #: the admission (unit id, adm key) the packet being decided relies on, whether
+        #: its decision added that admission, and the unit's elements before it
+        self._relied: Optional[Tuple[int, str]] = None
+        self._added = False
+        self._before: Optional[Tuple[int, Optional[SessionSpec]]] = None
         #: (unit id, leg) -> new flows refused in userspace (per-leg drops, as query shows)
         self.leg_drops: Dict[Tuple[int, str], int] = {}
         self.counters.update({"nfqueue.packets": 0, "nfqueue.admitted": 0,
@@ -252,21 +257,39 @@ class NfqueuePlane(KernelPlane):
         # after a takeover, must not queue behind one netlink round trip per flow),
         # then the verdicts: a packet is re-injected only once its admission is written
         self.deferred_begin()
-        decided = []
+        decided: List[Tuple[int, int, Optional[Tuple[int, str]], bool]] = []
+        groups: List[Tuple[int, int]] = []
+        befores: List[Optional[Tuple[int, Optional[SessionSpec]]]] = []
         for pkt in packets:
             self.counters["nfqueue.packets"] += 1
             verdict = NF_DROP
             first = self.deferred_mark()
+            self._relied, self._added, self._before = None, False, None
             try:
                 verdict = self._decide(pkt.payload)
             except (NftError, KernelRuleError, OSError) as exc:
                 self.counters["kernel.errors"] += 1
                 log.error("could not admit a flow: %s", exc)
-            decided.append((pkt.packet_id, verdict, first, self.deferred_mark()))
-        failed = self.deferred_end()
-        for packet_id, verdict, first, end in decided:
-            if failed and any(first <= i < end for i in failed):
-                verdict = NF_DROP
+            decided.append((pkt.packet_id, verdict, self._relied, self._added))
+            befores.append(self._before)
+            groups.append((first, self.deferred_mark()))
+        failed = self.deferred_end(groups)
+        # nothing of a failed decision was applied: its unit's elements are recorded as
+        # they were (the earliest failure's view last) and the flow's next packet
+        # decides afresh, as one whose write failed always did
+        for i in sorted(failed, reverse=True):
+            _pid, _verdict, relied, added = decided[i]
+            if relied is not None and added:
+                self.admitted.get(relied[0], set()).discard(relied[1])
+            before = befores[i]
+            if before is not None:
+                self._restore_unit(*before)
+        for i, (packet_id, verdict, relied, added) in enumerate(decided):
+            if verdict == NF_REPEAT and relied is not None and (
+                    i in failed or relied[1] not in self.admitted.get(relied[0], ())):
+                verdict = NF_DROP  # it would only come back to the queue
+            elif added:
+                self.counters["nfqueue.admitted"] += 1
             nfq.verdict(packet_id, verdict)
 
     def _decide(self, payload: bytes) -> int:
@@ -298,6 +321,7 @@ class NfqueuePlane(KernelPlane):
             # queued behind its flow's first packet, which admitted it meanwhile:
             # re-injected as it is (nothing to write; not a new latch)
             self.counters["nfqueue.requeued"] += 1
+            self._relied = (sid, key)
             return NF_REPEAT
         if not self._admits(sid, name, rtcp, leg, (src_ip, sport)):
             self.counters["media.dropped.unexpected_source"] += 1
@@ -310,6 +334,7 @@ class NfqueuePlane(KernelPlane):
         self.latched[(sid, name, rtcp)] = (src_ip, sport)
         self.counters["media.latched"] += 1
         self._latch_news = True
+        self._before = (sid, self.installed.get(sid))
         # re-points the other direction at this source and, when that changed anything,
         # flushes the flows NATed towards the old address (the other side spoke first)
         self._install(sid, stream, False)
@@ -317,7 +342,8 @@ class NfqueuePlane(KernelPlane):
             assert self.nft is not None
             self._write(f"add element inet {self.rules.table} {key}\n")
             self.admitted[sid].add(key)
-            self.counters["nfqueue.admitted"] += 1
+            self._added = True  # counted once written (`_on_queue`)
+        self._relied = (sid, key)
         return NF_REPEAT
 
     def _fork_callee(self, uid: int, rtcp: bool, relay: Addr, src: Addr) -> Optional[int]:

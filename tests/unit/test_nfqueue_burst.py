@@ -134,14 +134,31 @@ def test_a_failed_write_refuses_only_the_packets_that_needed_it():
     bad = f"{RELAY} . 31008 . 198.51.100.10"  # call 2's admission
     log = Log(fail_on=bad)
     plane, ports = _plane(log)
-    queue = FakeQueue(_burst(ports[:4], behind=0))
+    # calls 0-3 first packets, then one more packet of each, all in one batch
+    queue = FakeQueue(_burst(ports[:4], behind=1))
     plane.nfq = queue  # type: ignore[assignment]
     plane._on_queue()
-    assert queue.verdicts == [(1, NF_REPEAT), (2, NF_REPEAT), (3, NF_DROP), (4, NF_REPEAT)]
+    assert queue.verdicts == [(1, NF_REPEAT), (2, NF_REPEAT), (3, NF_DROP), (4, NF_REPEAT),
+                              (5, NF_REPEAT), (6, NF_REPEAT), (7, NF_DROP), (8, NF_REPEAT)]
     assert plane.counters["kernel.errors"] == 1
-    # the batch failed as a whole, then each write went alone: the others are in
+    # the batch failed as a whole, then each decision went alone: the others are in,
+    # nothing of call 2's decision is
     applied = "".join(log.writes())
     assert applied.count("add element inet lrk adm4") == 3 and bad not in applied
+    assert all(f"{RELAY} . 31008" not in text for text in log.writes())
+    # call 2's next packet decides afresh, and now the write goes through: the re-point
+    # of its other direction too (the plane knows the kernel never got it)
+    sid = plane.by_relay[(RELAY, ports[2])][0]
+    assert plane.installed[sid].a.peer(False) == ("198.51.100.10", 4004)  # as announced
+    log.fail_on = ""
+    retry = FakeQueue([_udp4(("198.51.100.10", 61002), (RELAY, ports[2]))])
+    plane.nfq = retry  # type: ignore[assignment]
+    plane._on_queue()
+    assert retry.verdicts == [(1, NF_REPEAT)]
+    assert bad in log.writes()[-1]
+    assert plane.installed[sid].a.peer(False) == ("198.51.100.10", 61002)
+    assert "61002" in log.writes()[-1].replace(bad, "")  # the re-point, written now
+    assert plane.counters["nfqueue.admitted"] == 4
 
 
 def test_ended_calls_leave_no_relay_address_behind():
