@@ -389,6 +389,13 @@ class Engine:
             return at
         return None
 
+    def timer_floor(self) -> Optional[float]:
+        """A lower bound of `get_timer()` in O(1), without its clean-up (None: no entry):
+        the earliest heap entry, live or not (a live session's deadline is never before
+        its entry). The shell's per-request re-arm reads this instead of `get_timer()`."""
+        timers = self._timers
+        return timers[0][0] if timers else None
+
     def due(self, now: float) -> bool:
         """Whether `handle_timer(now)` would end something: the shell then refreshes the
         data plane's counters first, so that no call ends on stale ones."""
