@@ -622,6 +622,9 @@ def _too_deep(obj: Any, limit: int) -> bool:
         children = obj
     else:
         return False
+    kinds = set(map(type, children))  # in C: a flat request stacks nothing
+    if dict not in kinds and list not in kinds:
+        return False
     stack = [(child, 2) for child in children if type(child) is dict or type(child) is list]
     while stack:
         item, depth = stack.pop()

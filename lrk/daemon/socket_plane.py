@@ -15,6 +15,7 @@ import _socket
 import asyncio
 import itertools
 import logging
+import operator
 import os
 import signal
 import socket
@@ -42,6 +43,11 @@ from fastpath.contract import (
 )
 
 log = logging.getLogger("lrk.plane")
+
+
+#: a bound socket's family and fd as plain ints, mapped in C over a request's sockets
+_FAMILY = operator.attrgetter("family")
+_FILENO = operator.methodcaller("fileno")
 
 
 def _family(ip: str) -> int:
@@ -181,7 +187,7 @@ class WorkerHandle:
         while self.outbox and chan is not None:
             message, socks, taken = self._next_batch()
             try:
-                channel.send(chan, message, [s.fileno() for s in socks])
+                channel.send(chan, message, list(map(_FILENO, socks)))
             except BlockingIOError:  # the worker is behind: replies wait (see commit)
                 self.plane.counters["workers.channel.full"] += 1
                 self.plane.loop.add_writer(chan.fileno(), self._writable)
@@ -452,12 +458,17 @@ class SocketPlane:
         """`_converge` of a session without early dialogs, before or now (nearly every
         request): the same steps with no fork bookkeeping."""
         sid = spec.sid
-        if old is None:
-            old_streams: Dict[int, StreamSpec] = {}
-        else:
-            old_streams = {s.index: s for s in old.streams}
-            if len(old_streams) != len(spec.streams) or any(
-                    s.index not in old_streams for s in spec.streams):
+        old_streams: Dict[int, StreamSpec] = {}
+        if old is not None:  # plain loops: no comprehension objects per request
+            for s in old.streams:
+                old_streams[s.index] = s
+            same = len(old_streams) == len(spec.streams)
+            if same:
+                for s in spec.streams:
+                    if s.index not in old_streams:
+                        same = False
+                        break
+            if not same:
                 wanted = {s.index for s in spec.streams}
                 for index in old_streams:
                     if index not in wanted:
@@ -582,7 +593,7 @@ class SocketPlane:
         uid = unit_id(spec.sid, stream.index)
         self.units.add(uid)
         self.worker_for(spec.sid).send(
-            channel.InstallSession(uid, stream, tuple([int(s.family) for s in socks]), addrs),
+            channel.InstallSession(uid, stream, tuple(map(int, map(_FAMILY, socks))), addrs),
             socks)
         return None
 
@@ -708,7 +719,10 @@ class SocketPlane:
         """Call `then` once every worker has reported its current counters (or after
         `flush_timeout`, counted, counters then possibly lagging). Plain callbacks: no
         task per request; the requests of one loop iteration share one round trip."""
-        if not any(w.chan is not None for w in self.workers):
+        for w in self.workers:
+            if w.chan is not None:
+                break
+        else:
             then()
             return
         self._gathered.append(then)
