@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from fastpath.contract import (
@@ -119,7 +120,7 @@ class Engine:
 
     def _allocate(self, now: float, ip: str) -> int:
         probe = self.probe
-        usable = None if probe is None else (lambda port: probe(ip, port))
+        usable = None if probe is None else partial(probe, ip)  # usable(port), built in C
         try:
             return self.ports.allocate(now, ip, usable)
         except Exception:

@@ -663,7 +663,8 @@ class Relay:
         if not actions:
             return []
         failures = self.plane.apply(actions)
-        self._persist(actions)
+        if self.store is not None:
+            self._persist(actions)
         if failures:
             now = time.monotonic()
             ends: List[Action] = []
@@ -708,7 +709,8 @@ class Relay:
         if self._held is not None:
             self._held.append((endpoint, reply, addr))
             return
-        self._flush_store()
+        if self._dirty:
+            self._flush_store()
         self.plane.commit(lambda: endpoint.sendto(reply, addr))
 
     async def _committed(self) -> None:
@@ -721,7 +723,8 @@ class Relay:
 
     def _release_replies(self) -> None:
         held, self._held = self._held, None
-        self._flush_store()
+        if self._dirty:
+            self._flush_store()
         if held:
             def send_all() -> None:
                 for endpoint, reply, addr in held:
