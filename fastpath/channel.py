@@ -184,7 +184,7 @@ def _update_out(m: UpdateSession) -> tuple:
 _ENCODERS = {
     InstallSession: _install_out,
     UpdateSession: _update_out,
-    RemoveSession: lambda m: ("X", m.uid),
+    RemoveSession: lambda m: ("X", m[0]),  # .uid
     Batch: lambda m: ("B", tuple([_to_wire(x) for x in m.messages]), m.nfds),
     Flush: lambda m: ("F", m.req),
 }

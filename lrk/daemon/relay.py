@@ -91,6 +91,7 @@ class _DatagramEndpoint:
 
     def _read(self) -> None:
         recvfrom = self.sock.recvfrom
+        on_datagram = self.on_datagram  # an attribute holding a callable: read it once
         for _ in range(READ_BURST):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
@@ -100,7 +101,7 @@ class _DatagramEndpoint:
                 self.counters[self.send_error_counter] += 1
                 continue
             try:
-                self.on_datagram(data, addr, self)
+                on_datagram(data, addr, self)
             except Exception:  # one bad request never stops the listener
                 log.exception("control datagram from %s failed", addr)
                 self.counters[self.send_error_counter.split(".")[0] + ".internal_errors"] += 1

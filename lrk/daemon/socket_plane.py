@@ -397,12 +397,13 @@ class SocketPlane:
                 if failure is not None:
                     failures.append(failure)
             elif isinstance(action, Remove):
-                old = self.installed.pop(action.sid, None)
+                sid = action[0]  # .sid (fields by index: see _converge_streams)
+                old = self.installed.pop(sid, None)
                 if old is not None:
-                    if action.sid in self.forks:
-                        self._remove_forks(action.sid, keep=())
-                    for stream in old.streams:
-                        self._remove_unit(action.sid, stream.index)
+                    if sid in self.forks:
+                        self._remove_forks(sid, keep=())
+                    for stream in old[2]:  # .streams
+                        self._remove_unit(sid, stream[0])  # .index
         self._close_unclaimed()
         return failures
 
