@@ -439,7 +439,8 @@ class Session:
             "timeout": self.timeout,
             "media_seen": self.last_media is not None,
         }
-        legs = out["legs"] = {}  # in the legs' order, as a comprehension would
+        legs: Dict[str, Any] = {}  # in the legs' order, as a comprehension would
+        out["legs"] = legs
         for name, leg in self.legs.items():
             legs[name] = leg.as_dict()
         if self.forks:
