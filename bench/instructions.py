@@ -14,6 +14,14 @@ instructions per call. CPython only (valgrind and a JIT do not make a fair count
 What it does not count: the sockets and the worker (the same syscalls in both trees:
 ``strace -c`` of the daemon, docs/benchmarks.md section 1), and time lost to cache
 misses, which instructions do not show.
+
+``--daemon`` counts the whole control process instead: each tree's relay (`lrkproxy
+run`, socket mode, unsigned) runs under cachegrind with cache and branch simulation
+while `bench.control_load` drives it (offer + answer + delete with SDP, 4 calls in
+flight), once with `calls` and once with 0 calls after the same warm-up; per call:
+instructions, L1 data misses and branch mispredictions (indirect ones apart: the
+interpreter's dispatch). Close to deterministic (the worker's report timing moves
+them by about 1 %); slow (a minute per 1,000 calls and tree).
 """
 
 from __future__ import annotations
@@ -92,6 +100,71 @@ def per_call(python: str, tree: str, script: str, data: str, calls: int) -> int:
     return (instructions(python, tree, script, data, WARMUP, calls) - base) // calls
 
 
+#: cachegrind's summary lines -> the figures --daemon reports
+_DAEMON_FIGURES = {
+    "instructions": r"I\s+refs:\s+([\d,]+)",
+    "d1_misses": r"D1\s+misses:\s+([\d,]+)",
+    "branches": r"Branches:\s+([\d,]+)",
+    "mispredicts": r"Mispredicts:\s+([\d,]+)",
+    "indirect_mispredicts": r"Mispredicts:\s+[\d,]+\s+\(\s*[\d,]+ cond \+\s+([\d,]+) ind",
+}
+DAEMON_WARMUP = 200
+
+
+def daemon_run(python: str, tree: str, calls: int, tmp: str) -> Dict[str, int]:
+    """Cachegrind's totals for one relay of `tree` that served `calls` calls after the
+    warm-up, until it stopped."""
+    from bench.before_after import BodyProtocol
+    from bench.control_load import run_load
+    from lrk.demo.relay_process import RelayProcess
+
+    log = os.path.join(tmp, f"cachegrind-{os.getpid()}-{calls}.log")
+    wrapper = os.path.join(tmp, "relay-under-valgrind")
+    with open(wrapper, "w") as fh:
+        fh.write(f"#!/bin/sh\ncd {tree} && PYTHONPATH={tree} exec valgrind --tool=cachegrind "
+                 f"--cache-sim=yes --branch-sim=yes --cachegrind-out-file=/dev/null "
+                 f"--log-file={log} {python} \"$@\"\n")
+    os.chmod(wrapper, 0o755)
+    config = os.path.join(tmp, "relay.toml")
+    with open(config, "w") as fh:
+        fh.write("quarantine = 0.5\n")
+        with open(os.path.join(tree, "lrk", "daemon", "config.py")) as src:
+            if "control_auth" in src.read():  # v0.1 has no authentication to turn off
+                fh.write('control_auth = "none"\n')
+    relay = RelayProcess(ports="10000-29999", python=wrapper, extra=["--config", config],
+                         auth="none")
+    relay.start(ready_timeout=120)
+    try:
+        addr = ("127.0.0.1", relay.control_port)
+        protocol = BodyProtocol("audio", None)
+        for cycles in (DAEMON_WARMUP, calls):
+            if cycles:
+                done = run_load(addr, cycles, 4, protocol=protocol)
+                if done.get("errors"):
+                    raise SystemExit(f"the relay of {tree} answered with errors: {done}")
+    finally:
+        relay.stop(timeout=120)
+    with open(log) as fh:
+        return figures(fh.read(), tree)
+
+
+def figures(text: str, tree: str = "") -> Dict[str, int]:
+    """The --daemon figures from cachegrind's summary (its log file)."""
+    out = {}
+    for name, pattern in _DAEMON_FIGURES.items():
+        found = re.search(pattern, text)
+        if found is None:
+            raise SystemExit(f"cachegrind printed no {name} for {tree}: {text[-500:]}")
+        out[name] = int(found.group(1).replace(",", ""))
+    return out
+
+
+def daemon_per_call(python: str, tree: str, calls: int, tmp: str) -> Dict[str, int]:
+    base = daemon_run(python, tree, 0, tmp)
+    full = daemon_run(python, tree, calls, tmp)
+    return {name: (full[name] - base[name]) // calls for name in _DAEMON_FIGURES}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--before", required=True, help="a checkout of the tree to compare with")
@@ -99,12 +172,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.path.abspath(__file__))))
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--python", default=sys.executable, help="a CPython interpreter")
+    ap.add_argument("--daemon", action="store_true",
+                    help="the whole control process (relay under cachegrind, with cache "
+                         "and branch simulation) instead of the sans-IO loop")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if not 1 <= args.calls <= MAX_CALLS:
         ap.error(f"--calls must be within 1..{MAX_CALLS}")
     if shutil.which("valgrind") is None:
         ap.error("valgrind is not installed (apt-get install valgrind)")
+    if args.daemon:
+        return _main_daemon(args)
     with tempfile.TemporaryDirectory(prefix="lrk-instr-") as tmp:
         script = os.path.join(tmp, "loop.py")
         data = os.path.join(tmp, "calls.pickle")
@@ -127,6 +205,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                               args.calls)}
     result["after_over_before"] = round(result["after"]["instructions_per_call"]
                                         / result["before"]["instructions_per_call"], 3)
+    jsonlines.emit(result, args.out, indent=1)
+    return 0
+
+
+def _main_daemon(args: argparse.Namespace) -> int:
+    result: Dict[str, Any] = {
+        "command": " ".join(["python -m bench.instructions", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "python": subprocess.run([args.python, "-VV"], capture_output=True,
+                                 text=True).stdout.strip(),
+        "calls": args.calls, "warmup": DAEMON_WARMUP, "mode": "daemon",
+    }
+    with tempfile.TemporaryDirectory(prefix="lrk-instr-") as tmp:
+        for side, tree in (("before", args.before), ("after", args.after)):
+            result[side] = {"tree": tree, "per_call": daemon_per_call(
+                os.path.abspath(args.python), os.path.abspath(tree), args.calls, tmp)}
+    before, after = result["before"]["per_call"], result["after"]["per_call"]
+    result["after_over_before"] = {name: round(after[name] / before[name], 3)
+                                   for name in _DAEMON_FIGURES if before[name]}
     jsonlines.emit(result, args.out, indent=1)
     return 0
 

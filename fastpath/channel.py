@@ -171,10 +171,20 @@ def _to_wire(m: Any) -> tuple:
     return _to_wire_slow(m)
 
 
+def _install_out(m: InstallSession) -> tuple:
+    s = m[1]  # by index, _spec_out() inline: every offer sends one (fields in C, no getattr)
+    return ("I", m[0], (s[0], tuple(s[1]), tuple(s[2])), m[2], m[3])
+
+
+def _update_out(m: UpdateSession) -> tuple:
+    s = m[1]  # as _install_out: every answer sends one
+    return ("U", m[0], (s[0], tuple(s[1]), tuple(s[2])))
+
+
 _ENCODERS = {
-    InstallSession: lambda m: ("I", m.uid, _spec_out(m.stream), m.families, m.addrs),
-    UpdateSession: lambda m: ("U", m.uid, _spec_out(m.stream)),
-    RemoveSession: lambda m: ("X", m.uid),
+    InstallSession: _install_out,
+    UpdateSession: _update_out,
+    RemoveSession: lambda m: ("X", m[0]),  # .uid
     Batch: lambda m: ("B", tuple([_to_wire(x) for x in m.messages]), m.nfds),
     Flush: lambda m: ("F", m.req),
 }

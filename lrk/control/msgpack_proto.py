@@ -57,7 +57,6 @@ COMMANDS = ("ping", "capabilities", "offer", "answer", "delete", "query", "list"
 _KNOWN = frozenset(COMMANDS)
 #: per command: its request counter and its handler's name (no f-strings per request)
 _REQUEST_COUNTER = {cmd: f"control.requests.{cmd}" for cmd in COMMANDS}
-_HANDLER = {cmd: f"_cmd_{cmd}" for cmd in COMMANDS}
 #: commands whose reply shows traffic counters: the daemon refreshes them first
 NEEDS_COUNTERS = frozenset(("delete", "query", "list", "stats"))
 
@@ -240,10 +239,10 @@ class MsgpackControl:
     # -- phase 2 ---------------------------------------------------------------------
     def execute(self, request: Request, now: float) -> Outcome:
         self.counters[_REQUEST_COUNTER[request.cmd]] += 1
-        handler = getattr(self, _HANDLER[request.cmd])
+        handler = _HANDLER[request.cmd]
         actions: List[Action] = []
         try:
-            body, actions = handler(request.args, now)
+            body, actions = handler(self, request.args, now)
             reply = {"v": VERSION, "cookie": request.cookie, "ok": True}
             reply.update(body)
         except LrkError as exc:
@@ -573,6 +572,12 @@ class MsgpackControl:
         return Outcome(data) if actions is None else Outcome(data, actions)
 
 
+#: command -> MsgpackControl._cmd_<command>, the plain function (no getattr and bound
+#: method per request)
+_HANDLER: Dict[str, Callable[..., Any]] = {
+    cmd: getattr(MsgpackControl, f"_cmd_{cmd}") for cmd in COMMANDS}
+
+
 def _error_body(cookie: Any, code: str, message: str) -> Dict[str, Any]:
     if len(message) > MAX_ERROR_MESSAGE // 4:  # may be longer than the limit in bytes
         message = message.encode("utf-8")[:MAX_ERROR_MESSAGE].decode("utf-8", "ignore")
@@ -595,12 +600,14 @@ def _offers(media: Any) -> List[StreamOffer]:
 
 def _stream_of(st: Any) -> StreamOffer:
     """A parsed m= line as the engine takes it: port 0 where lrk does not relay it."""
-    if not st.relayable or st.port == 0:
-        return _new(StreamOffer, (st.address or "0.0.0.0", 0, None, False, st.media, False,
-                                  None))
+    # unpacked (sdp.Stream's fields in order): CPython 3.11 looks NamedTuple fields up by
+    # name generically, eight times here
+    (_index, _line, media, port, _port_count, _proto, _formats, address, _family,
+     _media_connection, rtcp_port, rtcp_address, rtcp_mux, _direction, _ice, relayable) = st
+    if not relayable or port == 0:
+        return _new(StreamOffer, (address or "0.0.0.0", 0, None, False, media, False, None))
     # every field given, through tuple.__new__: StreamOffer's own __new__ is Python
-    return _new(StreamOffer, (st.address, st.port, st.rtcp_port, st.rtcp_mux, st.media, False,
-                              st.rtcp_address))
+    return _new(StreamOffer, (address, port, rtcp_port, rtcp_mux, media, False, rtcp_address))
 
 
 def _media_stream(value: Any, what: str) -> StreamOffer:
@@ -621,6 +628,9 @@ def _too_deep(obj: Any, limit: int) -> bool:
     elif type(obj) is list:
         children = obj
     else:
+        return False
+    kinds = set(map(type, children))  # in C: a flat request stacks nothing
+    if dict not in kinds and list not in kinds:
         return False
     stack = [(child, 2) for child in children if type(child) is dict or type(child) is list]
     while stack:

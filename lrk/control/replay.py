@@ -58,6 +58,9 @@ class ReplayCache:
         self._entries: OrderedDict[Tuple[Hashable, Hashable], tuple] = OrderedDict()
         #: (sender, cookie) -> hash of the request or None, while it runs
         self._in_flight: Dict[Tuple[Hashable, Hashable], Optional[int]] = {}
+        #: no entry expires before this (a lower bound: entries are kept in expiry order),
+        #: so a request walks `_purge` only when something may be due
+        self._purge_at = float("inf")
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -65,7 +68,8 @@ class ReplayCache:
     def lookup(self, sender: Hashable, cookie: Hashable, now: float) -> Optional[bytes]:
         """The reply to resend; None when unknown; EXHAUSTED (empty) once the entry has
         answered `max_resends` retransmissions (the request must not run again either)."""
-        self._purge(now)
+        if now >= self._purge_at:
+            self._purge(now)
         key = (sender, cookie)
         entry = self._entries.get(key)
         if entry is None:
@@ -81,7 +85,8 @@ class ReplayCache:
         (send the reply), SPENT (its resends are used up: drop it), MISMATCH (`request`
         differs from the one the entry answered: another request reusing the cookie, drop
         it). Without `request`, only the cookie is compared."""
-        self._purge(now)
+        if now >= self._purge_at:
+            self._purge(now)
         key = (sender, cookie)
         entry = self._entries.get(key)
         if entry is None:
@@ -118,10 +123,15 @@ class ReplayCache:
             self.bytes -= old[3]
         if len(reply) > self.max_entry:
             return False
-        cost = _cost(cookie, reply)
-        self._entries[key] = (now + self.window, reply, self.max_resends, cost, fingerprint)
-        self.bytes += cost
+        # _cost(), inline (every request stores its reply)
+        cost = len(reply) + (len(cookie) if isinstance(cookie, (bytes, str)) else 16) \
+            + ENTRY_OVERHEAD
+        expiry = now + self.window
         entries = self._entries
+        entries[key] = (expiry, reply, self.max_resends, cost, fingerprint)
+        if expiry < self._purge_at:
+            self._purge_at = expiry
+        self.bytes += cost
         while self.bytes > self.max_bytes and entries:
             _key, evicted = entries.popitem(last=False)
             self.bytes -= evicted[3]
@@ -141,6 +151,8 @@ class ReplayCache:
             key = next(iter(entries))
             entry = entries[key]
             if entry[0] > now:
-                break
+                self._purge_at = entry[0]
+                return
             del entries[key]
             self.bytes -= entry[3]
+        self._purge_at = float("inf")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from fastpath.contract import (
@@ -119,7 +120,7 @@ class Engine:
 
     def _allocate(self, now: float, ip: str) -> int:
         probe = self.probe
-        usable = None if probe is None else (lambda port: probe(ip, port))
+        usable = None if probe is None else partial(probe, ip)  # usable(port), built in C
         try:
             return self.ports.allocate(now, ip, usable)
         except Exception:
@@ -388,6 +389,13 @@ class Engine:
                 continue
             return at
         return None
+
+    def timer_floor(self) -> Optional[float]:
+        """A lower bound of `get_timer()` in O(1), without its clean-up (None: no entry):
+        the earliest heap entry, live or not (a live session's deadline is never before
+        its entry). The shell's per-request re-arm reads this instead of `get_timer()`."""
+        timers = self._timers
+        return timers[0][0] if timers else None
 
     def due(self, now: float) -> bool:
         """Whether `handle_timer(now)` would end something: the shell then refreshes the

@@ -125,15 +125,16 @@ class Media:
         self.base = self.counters.copy()
 
     def announce(self, offer: StreamOffer) -> None:
-        ip, port = offer.ip, offer.port
+        # unpacked: CPython 3.11 looks NamedTuple fields up by name generically
+        ip, port, rtcp_port, rtcp_mux, kind, _keep_ports, rtcp_ip = offer
         if ip in NULL_ADDRESSES:  # old-style hold: nothing may be sent there
             port = 0
         self.announced = (ip, port)
-        rtcp_ip = offer.rtcp_ip or ip
-        self.rtcp_announced = (rtcp_ip, 0 if not port else offer.rtcp_port if offer.rtcp_port
-                               else (port if offer.rtcp_mux else port + 1))
-        self.rtcp_mux = offer.rtcp_mux
-        self.kind = offer.kind
+        rtcp_ip = rtcp_ip or ip
+        self.rtcp_announced = (rtcp_ip, 0 if not port else rtcp_port if rtcp_port
+                               else (port if rtcp_mux else port + 1))
+        self.rtcp_mux = rtcp_mux
+        self.kind = kind
         self.latched = None
         self.rtcp_latched = None
 
@@ -437,8 +438,11 @@ class Session:
             "idle": round(now - self.idle_since(), 3),
             "timeout": self.timeout,
             "media_seen": self.last_media is not None,
-            "legs": {name: leg.as_dict() for name, leg in self.legs.items()},
         }
+        legs: Dict[str, Any] = {}  # in the legs' order, as a comprehension would
+        out["legs"] = legs
+        for name, leg in self.legs.items():
+            legs[name] = leg.as_dict()
         if self.forks:
             out["early_dialogs"] = [fork.as_dict() for fork in self.forks.values()]
         return out

@@ -91,6 +91,7 @@ class _DatagramEndpoint:
 
     def _read(self) -> None:
         recvfrom = self.sock.recvfrom
+        on_datagram = self.on_datagram  # an attribute holding a callable: read it once
         for _ in range(READ_BURST):
             try:
                 data, addr = recvfrom(MAX_DATAGRAM)
@@ -100,7 +101,7 @@ class _DatagramEndpoint:
                 self.counters[self.send_error_counter] += 1
                 continue
             try:
-                self.on_datagram(data, addr, self)
+                on_datagram(data, addr, self)
             except Exception:  # one bad request never stops the listener
                 log.exception("control datagram from %s failed", addr)
                 self.counters[self.send_error_counter.split(".")[0] + ".internal_errors"] += 1
@@ -663,7 +664,8 @@ class Relay:
         if not actions:
             return []
         failures = self.plane.apply(actions)
-        self._persist(actions)
+        if self.store is not None:
+            self._persist(actions)
         if failures:
             now = time.monotonic()
             ends: List[Action] = []
@@ -673,8 +675,12 @@ class Relay:
                 ends.extend(self.engine.fail(now, failure))
             self.plane.apply(ends)
             self._persist(ends)
-        elif all(type(action) is Remove for action in actions):
-            return failures  # an ended call only makes deadlines later: the timer stands
+        else:
+            for action in actions:
+                if type(action) is not Remove:
+                    break
+            else:  # an ended call only makes deadlines later: the timer stands
+                return failures
         self._rearm()
         return failures
 
@@ -704,7 +710,8 @@ class Relay:
         if self._held is not None:
             self._held.append((endpoint, reply, addr))
             return
-        self._flush_store()
+        if self._dirty:
+            self._flush_store()
         self.plane.commit(lambda: endpoint.sendto(reply, addr))
 
     async def _committed(self) -> None:
@@ -717,7 +724,8 @@ class Relay:
 
     def _release_replies(self) -> None:
         held, self._held = self._held, None
-        self._flush_store()
+        if self._dirty:
+            self._flush_store()
         if held:
             def send_all() -> None:
                 for endpoint, reply, addr in held:
@@ -738,6 +746,9 @@ class Relay:
         (it then re-arms when it fires)."""
         if self._stopping or self._expiring:
             return
+        armed = self._timer_at
+        if armed is not None and self._armed_early_enough(armed):
+            return
         at = self.next_deadline()
         if at is None or (self._timer_at is not None and self._timer_at <= at):
             return
@@ -745,6 +756,25 @@ class Relay:
             self._timer.cancel()
         self._timer_at = at
         self._timer = self._loop.call_later(max(0.0, at - time.monotonic()), self._on_timer)
+
+    def _armed_early_enough(self, armed: float) -> bool:
+        """Whether nothing is due before `armed` (what `_rearm` asks after every request),
+        from the engine's O(1) lower bound: a new call's deadline is later than the armed
+        one, so the engine's heap is not cleaned up once per request (it is when the
+        timer fires)."""
+        floor = self.engine.timer_floor()
+        if floor is not None and floor < armed:
+            return False
+        at = self.plane.get_timer()
+        if at is not None and at < armed:
+            return False
+        if self.store is None and self.standby is None:
+            return True
+        for side in self._sides():
+            at = side.get_timer()
+            if at is not None and at < armed:
+                return False
+        return True
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -15,6 +15,7 @@ import _socket
 import asyncio
 import itertools
 import logging
+import operator
 import os
 import signal
 import socket
@@ -42,6 +43,11 @@ from fastpath.contract import (
 )
 
 log = logging.getLogger("lrk.plane")
+
+
+#: a bound socket's family and fd as plain ints, mapped in C over a request's sockets
+_FAMILY = operator.attrgetter("family")
+_FILENO = operator.methodcaller("fileno")
 
 
 def _family(ip: str) -> int:
@@ -89,7 +95,8 @@ def bind_pair(ip: str, port: int, rcvbuf: int = 0
 
 
 def _ports(stream: StreamSpec) -> tuple:
-    return (stream.a.relay_ip, stream.a.relay_port, stream.b.relay_ip, stream.b.relay_port)
+    _index, a, b = stream  # unpacked: each NamedTuple field by name is a generic lookup
+    return (a[1], a[2], b[1], b[2])  # LegSpec relay_ip, relay_port
 
 
 def _add_leg(base: LegReport, new: LegReport) -> LegReport:
@@ -181,7 +188,7 @@ class WorkerHandle:
         while self.outbox and chan is not None:
             message, socks, taken = self._next_batch()
             try:
-                channel.send(chan, message, [s.fileno() for s in socks])
+                channel.send(chan, message, list(map(_FILENO, socks)))
             except BlockingIOError:  # the worker is behind: replies wait (see commit)
                 self.plane.counters["workers.channel.full"] += 1
                 self.plane.loop.add_writer(chan.fileno(), self._writable)
@@ -386,16 +393,17 @@ class SocketPlane:
         failures: List[PlaneFailure] = []
         for action in actions:
             if isinstance(action, (Install, Update)):
-                failure = self._converge(action.spec)
+                failure = self._converge(action[0])  # .spec
                 if failure is not None:
                     failures.append(failure)
             elif isinstance(action, Remove):
-                old = self.installed.pop(action.sid, None)
+                sid = action[0]  # .sid (fields by index: see _converge_streams)
+                old = self.installed.pop(sid, None)
                 if old is not None:
-                    if action.sid in self.forks:
-                        self._remove_forks(action.sid, keep=())
-                    for stream in old.streams:
-                        self._remove_unit(action.sid, stream.index)
+                    if sid in self.forks:
+                        self._remove_forks(sid, keep=())
+                    for stream in old[2]:  # .streams
+                        self._remove_unit(sid, stream[0])  # .index
         self._close_unclaimed()
         return failures
 
@@ -409,10 +417,10 @@ class SocketPlane:
     def _converge(self, spec: SessionSpec) -> Optional[PlaneFailure]:
         """Make the worker serve `spec`: streams added, removed, moved to other relay ports
         (re-installed: counters restart there, the engine folded them) or re-latched."""
-        sid = spec.sid
+        sid, _call_id, streams, forks = spec
         old = self.installed.get(sid)
         self.installed[sid] = spec
-        if not spec.forks and sid not in self.forks:
+        if not forks and sid not in self.forks:
             return self._converge_streams(spec, old)
         old_streams = {s.index: s for s in old.streams} if old is not None else {}
         new_forks = {(f.key, s.index): s for f in spec.forks for s in f.streams}
@@ -450,20 +458,26 @@ class SocketPlane:
     def _converge_streams(self, spec: SessionSpec, old: Optional[SessionSpec]
                           ) -> Optional[PlaneFailure]:
         """`_converge` of a session without early dialogs, before or now (nearly every
-        request): the same steps with no fork bookkeeping."""
-        sid = spec.sid
-        if old is None:
-            old_streams: Dict[int, StreamSpec] = {}
-        else:
-            old_streams = {s.index: s for s in old.streams}
-            if len(old_streams) != len(spec.streams) or any(
-                    s.index not in old_streams for s in spec.streams):
-                wanted = {s.index for s in spec.streams}
+        request): the same steps with no fork bookkeeping. Fields by index (s[0]:
+        StreamSpec.index): CPython 3.11 looks NamedTuple fields up by name generically."""
+        sid, _call_id, streams, _forks = spec
+        old_streams: Dict[int, StreamSpec] = {}
+        if old is not None:  # plain loops: no comprehension objects per request
+            for s in old[2]:  # .streams
+                old_streams[s[0]] = s
+            same = len(old_streams) == len(streams)
+            if same:
+                for s in streams:
+                    if s[0] not in old_streams:
+                        same = False
+                        break
+            if not same:
+                wanted = {s.index for s in streams}
                 for index in old_streams:
                     if index not in wanted:
                         self._remove_unit(sid, index)
-        for stream in spec.streams:
-            failure = self._converge_stream(spec, stream, old_streams.get(stream.index),
+        for stream in streams:
+            failure = self._converge_stream(spec, stream, old_streams.get(stream[0]),
                                             with_forks=False)
             if failure is not None:
                 return failure
@@ -475,7 +489,7 @@ class SocketPlane:
         """One stream of a converge: moved to other relay ports (re-installed), new
         (installed), or changed in place (updated). A failed install takes the whole
         session out of the worker (and its early dialogs, `with_forks`)."""
-        sid = spec.sid
+        sid = spec[0]  # .sid
         if before is not None and _ports(before) != _ports(stream):
             if with_forks:
                 self._remove_forks(sid, keep=(), index=stream.index)
@@ -563,8 +577,9 @@ class SocketPlane:
 
     def _install_unit(self, spec: SessionSpec, stream: StreamSpec) -> Optional[PlaneFailure]:
         socks: List[socket.socket] = []
-        for leg in (stream.a, stream.b):
-            pair_ = self.pending.pop((leg.relay_ip, leg.relay_port), None)
+        index, a, b = stream
+        for leg in (a, b):
+            pair_ = self.pending.pop(leg[1:3], None)  # (relay_ip, relay_port)
             if pair_ is None:
                 pair_ = bind_pair(leg.relay_ip, leg.relay_port, self.rcvbuf)
             if pair_ is None:
@@ -576,13 +591,14 @@ class SocketPlane:
                                     f"{leg.relay_port + 1} (in use by another process?)")
             socks.extend(pair_)
         # what the worker would otherwise ask the kernel for, four syscalls per socket
-        a, b = stream.a, stream.b
-        addrs = ((a.relay_ip, a.relay_port), (a.relay_ip, a.relay_port + 1),
-                 (b.relay_ip, b.relay_port), (b.relay_ip, b.relay_port + 1))
-        uid = unit_id(spec.sid, stream.index)
+        a_ip, a_port = a[1:3]
+        b_ip, b_port = b[1:3]
+        addrs = ((a_ip, a_port), (a_ip, a_port + 1), (b_ip, b_port), (b_ip, b_port + 1))
+        sid = spec[0]
+        uid = unit_id(sid, index)
         self.units.add(uid)
-        self.worker_for(spec.sid).send(
-            channel.InstallSession(uid, stream, tuple([int(s.family) for s in socks]), addrs),
+        self.worker_for(sid).send(
+            channel.InstallSession(uid, stream, tuple(map(int, map(_FAMILY, socks))), addrs),
             socks)
         return None
 
@@ -708,7 +724,10 @@ class SocketPlane:
         """Call `then` once every worker has reported its current counters (or after
         `flush_timeout`, counted, counters then possibly lagging). Plain callbacks: no
         task per request; the requests of one loop iteration share one round trip."""
-        if not any(w.chan is not None for w in self.workers):
+        for w in self.workers:
+            if w.chan is not None:
+                break
+        else:
             then()
             return
         self._gathered.append(then)

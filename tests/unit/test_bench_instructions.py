@@ -28,3 +28,24 @@ def test_the_loop_runs_every_call_on_this_tree(tmp_path):
                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
                          text=True, timeout=120, check=True).stdout
     assert out.split() == ["5"]  # every call set up and deleted, none failed
+
+
+SUMMARY = """==1== I   refs:      2,509,143,887
+==1== D1  misses:       24,886,933  ( 21,073,606 rd   +   3,813,327 wr)
+==1== Branches:        432,701,351  (401,227,588 cond +  31,473,763 ind)
+==1== Mispredicts:      49,529,191  ( 34,318,387 cond +  15,210,804 ind)
+"""
+
+
+def test_daemon_figures_come_from_cachegrinds_summary():
+    assert instructions.figures(SUMMARY) == {
+        "instructions": 2509143887, "d1_misses": 24886933, "branches": 432701351,
+        "mispredicts": 49529191, "indirect_mispredicts": 15210804}
+
+
+def test_daemon_per_call_is_the_difference_over_the_calls(monkeypatch, tmp_path):
+    runs = {0: instructions.figures(SUMMARY),
+            1000: {k: v + 1000 * 7 for k, v in instructions.figures(SUMMARY).items()}}
+    monkeypatch.setattr(instructions, "daemon_run", lambda py, tree, calls, tmp: runs[calls])
+    per = instructions.daemon_per_call("python", "tree", 1000, str(tmp_path))
+    assert per == dict.fromkeys(instructions._DAEMON_FIGURES, 7)

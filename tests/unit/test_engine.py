@@ -553,3 +553,19 @@ def test_counters_over_lifecycle():
     assert engine.counters["sessions.answers"] == 3
     assert engine.ports.in_use == 0
     assert not engine.by_call and not engine.by_sid
+
+
+def test_timer_floor_is_a_lower_bound_of_get_timer():
+    """The relay re-arms after a request from timer_floor(): it must never be later than
+    the earliest deadline, including after the earliest call ended or had media."""
+    engine = make(silence_timeout=60.0)
+    assert engine.timer_floor() is None and engine.get_timer() is None
+    call(engine, now=0.0, call_id="c1")
+    call(engine, now=5.0, call_id="c2")
+    assert engine.timer_floor() == engine.get_timer() == 60.0
+    engine.delete(6.0, "c1")
+    assert engine.timer_floor() == 60.0  # c1's entry is dead, still the floor
+    assert engine.get_timer() == 65.0  # cleaned up on the full read
+    assert engine.timer_floor() == 65.0
+    engine.by_call["c2"].last_media = 30.0  # media since: the deadline moved later
+    assert engine.timer_floor() <= engine.get_timer() == 90.0

@@ -115,3 +115,19 @@ def test_in_flight_tracking():
     cache.store(A, "c", b"done", 0.0)
     assert not cache.in_flight(A, "c")
     assert cache.lookup(A, "c", 0.0) == b"done"
+
+
+def test_expiry_still_happens_after_the_oldest_entry_went_early():
+    """A purge runs only once the oldest entry may have expired (a lower bound): an entry
+    removed before its expiry (discard, a re-store) must not keep later ones alive."""
+    cache = ReplayCache(window=30.0)
+    cache.store(A, "c1", b"r1", 0.0)
+    cache.store(A, "c2", b"r2", 10.0)
+    cache.discard(A, "c1")
+    cache.store(A, "c3", b"r3", 20.0)
+    assert cache.lookup(A, "c2", 39.9) == b"r2"
+    assert cache.lookup(A, "c2", 40.0) is None  # c2's own expiry, not c1's or c3's
+    assert cache.lookup(A, "c3", 40.0) == b"r3"
+    assert len(cache) == 1 and cache.bytes == _cost("c3", b"r3")
+    assert cache.lookup(A, "c3", 50.0) is None
+    assert len(cache) == 0 and cache.bytes == 0
