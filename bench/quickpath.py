@@ -2,6 +2,8 @@
 
     python -m bench.quickpath --generator xdp --sessions 1,1000 \
         --modes routing,static-nat,kernel,xdp --step 0.5 --out bench/results/quickpath-<date>.json
+    python -m bench.quickpath --generator xdp --sessions 100000 \
+        --modes routing,static-nat,kernel,xdp --step 0.5 --out ...
     python -m bench.quickpath --junk --sessions 1000 [--junk-rate R] --out ...
 
 One topology (`bench.netns.Topology`: caller <-> relay <-> callee namespaces on veth
@@ -15,10 +17,21 @@ relay's caller-side veth, pinned, SCHED_FIFO), and the generator runs on the oth
 * ``--generator trafgen``: `bench.trafgen.Trafgen` (AF_PACKET: frames arrive as skbs,
   which veth copies into a page before native XDP runs), counted by the nft `Sink`.
 
+Sessions (1..128,000): session i's flow goes from caller address i mod k to callee
+address i mod k, ports 4000 + 2 (i div k) and 30000 + 2 (i div k), with k =
+ceil(sessions / 16,000) addresses per side (`addresses_for`, `spread`: one address and
+today's ports up to 16,000 sessions; 7 at 100,000), so every port stays in one 16-bit
+range; the relay gets k addresses per side too (`bench.many_sessions.kernel_addresses`:
+198.51.100.1-8 on the caller's link, .65 and .81-.87 on the callee's), the callee
+addresses permanent neighbour entries. Each one-way flow through a NAT mode holds one
+conntrack entry in the relay namespace (nf_conntrack_max is the machine's, read-only
+there; recorded per mode with the entries counted after the warm-up).
+
 Modes:
 * ``routing``     plain IP forwarding, no NAT, no ruleset (the baseline);
 * ``static-nat``  a static nftables DNAT/SNAT map pair, one element each per session;
-* ``kernel``      ``lrkproxy run --mode kernel``, sessions set up through `LrkClient`;
+* ``kernel``      ``lrkproxy run --mode kernel``, every call installed pipelined over the
+                  daemon's unix control socket (`bench.many_sessions.install`, 64 in flight);
 * ``xdp``         ``lrkproxy run --mode xdp`` (native XDP on the relay's veths), the same way;
 * ``xdp-generic`` the same with ``--xdp-attach generic`` (XDP on the skb, after the
                   stack built it).
@@ -37,8 +50,9 @@ one rotation from the XDP generator (`junk_flood`): media lost, junk dropped and
 by the relay (`media.dropped.*`), three runs.
 
 Bounds: at most MAX_RATE pkt/s and `--step` <= 3 s per step, at most 14 steps per search,
-3 confirmation attempts, 3 overload runs; every process, namespace, table and BPF program
-is gone at the end.
+3 confirmation attempts, 3 overload runs, INSTALL_DEADLINE_S for a daemon's calls; every
+process, namespace, table, BPF program and conntrack entry is gone at the end (what a mode
+left in the relay namespace is recorded: `leftovers`).
 """
 
 from __future__ import annotations
@@ -64,7 +78,7 @@ from bench.many_sessions import (
     relay_args,
     unix_socket,
 )
-from bench.netns import Topology, run
+from bench.netns import Topology, list_namespaces, run
 from bench.netns_capacity import xdp_links
 from bench.trafgen import Sink, Trafgen, busy_share, cpu_times, link_mac, steer
 from bench.xdpgen import XdpGen, XdpSink, thread_cpu_ns, xmit_errors
@@ -618,6 +632,9 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
                 res = measure_mode(rig, mode, n, py, seconds, start)
                 res["load_after"] = load_average()
                 results.append(res)
+    left = [ns for ns in list_namespaces() if ns in topo.namespaces]
+    if left:
+        raise QuickpathError(f"namespaces left after the run: {left}")
     return {"machine": machine(), "date": date,
             "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
             "generator": generator, "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
