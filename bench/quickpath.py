@@ -177,6 +177,8 @@ class Rig:
             run("ip", "neigh", "replace", ip, "lladdr", mac, "dev", "ve1", "nud",
                 "permanent", ns=topo.relay.ns)
         self._relay_ips = 1  # relay addresses per side on the relay's veths so far
+        add_relay_addresses(topo, [topo.relay.ip4], [topo.relay_ext.ip4],
+                            INSTALL_WINDOW)  # none added: the control queue's depth
         xdp_links(topo)  # every mode of a run shares the hosts' link settings
         self.napi_pid = steer(topo.relay.ns, "vc1", topo.caller.ns, "vc0", RELAY_CPU,
                               rt_prio=NAPI_RT_PRIO)
@@ -437,6 +439,14 @@ def leftovers(rig: Rig) -> Dict[str, Any]:
     return {"nft_tables": tables, "xdp_on": xdp, "conntrack": conntrack_count(ns)}
 
 
+def xdp_verdicts(rig: Rig) -> Dict[str, int]:
+    """The relay program's verdict counters (xdp modes; empty otherwise): whether the
+    frames were relayed by the program (redirect) or passed on to the kernel's path."""
+    if rig.client is None:
+        return {}
+    return {k: v for k, v in _relay_counters(rig).items() if k.startswith("xdp.verdicts.")}
+
+
 def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float,
                  start: int) -> dict:
     pairs = flows_for(rig.topo, sessions)
@@ -450,6 +460,8 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             warm_delivered = _settled(sink) - before
             flows = conntrack_count(rig.topo.relay.ns)
 
+            verdicts0 = xdp_verdicts(rig)
+
             def measure(rate: int) -> dict:
                 return step(gen, sink, rate, seconds, rig.napi_pid)
 
@@ -457,6 +469,7 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             cap = found["capacity_pps"]
             conf = confirm(measure, cap) if cap else {"confirmed_pps": None, "attempts": []}
             over = [measure(OVERLOAD_RATE) for _ in range(CONFIRM_RUNS)]
+            verdicts1 = xdp_verdicts(rig)
     last = [r for a in conf["attempts"] for r in a["runs"]]
     at_cap = [r for r in last if r.get("verdict") == "pass"]
     left = leftovers(rig)
@@ -465,6 +478,8 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             "warmup_sent": warm, "warmup_delivered": warm_delivered,
             "conntrack_after_warmup": flows, "nf_conntrack_max": conntrack_max(),
             "left_after_teardown": left,
+            "xdp_verdicts": {k: v - verdicts0.get(k, 0) for k, v in verdicts1.items()
+                             if v != verdicts0.get(k, 0)},
             "capacity_pps": conf["confirmed_pps"], "search": found,
             "confirmation": conf,
             "relay_core_busy_at_capacity": (round(statistics.median(
