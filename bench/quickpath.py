@@ -133,6 +133,23 @@ def addresses_for(sessions: int) -> int:
     return -(-sessions // PORTS_PER_ADDRESS)
 
 
+def relay_addresses_for(sessions: int) -> int:
+    """Relay addresses per side a daemon needs for `sessions`: with one per side lrk keeps
+    one port pool for both (four ports a session from RELAY_PORT: at most 11,368), with
+    several one pool an address (two ports a session each)."""
+    k = addresses_for(sessions)
+    if k == 1 and relay_ports_end(sessions, 1) > 65535:
+        return 2
+    return k
+
+
+def relay_ports_end(sessions: int, k: int) -> int:
+    """The top of the daemon's port range for `sessions` on `k` addresses per side: four
+    ports a session on one shared pool, two an address on k > 1 pools, 64 spare."""
+    share = -(-sessions // k)
+    return RELAY_PORT + (4 if k == 1 else 2) * share + 63
+
+
 def spread(sessions: int, ips: Sequence[str], base: int) -> List[Addr]:
     """Session i's address: ips[i mod k] (k = `addresses_for`), port base + 2 (i div k):
     the addresses take turns, so each holds an even share and the ports of one address
@@ -187,9 +204,9 @@ class Rig:
         self.relay_mac = link_mac(topo.relay.ns, "vc1")
 
     def relay_addresses(self, sessions: int) -> Tuple[List[str], List[str]]:
-        """The relay's (internal, external) addresses for `sessions` (`addresses_for`),
+        """The relay's (internal, external) addresses for `sessions` (`relay_addresses_for`),
         added to its veths the first time a mode needs them (they stay for the rig)."""
-        k = addresses_for(sessions)
+        k = relay_addresses_for(sessions)
         internal, external = kernel_addresses(k)
         if k > self._relay_ips:
             have_i, have_e = kernel_addresses(self._relay_ips)
@@ -286,8 +303,7 @@ def lrk_mode(mode: str, more_args: Sequence[str] = ()) -> Callable[..., Any]:
 
         topo, n = rig.topo, len(pairs)
         internal, external = rig.relay_addresses(n)
-        # lrk takes two ports a session on each side's address, from the bottom
-        ports = f"{RELAY_PORT}-{min(65535, RELAY_PORT + 2 * port_span(n) + 63)}"
+        ports = f"{RELAY_PORT}-{min(65535, relay_ports_end(n, len(internal)))}"
         client = relay = None
         with tempfile.TemporaryDirectory(prefix="lrk-qp-") as tmp:
             os.chmod(tmp, 0o755)  # the relay may drop privileges

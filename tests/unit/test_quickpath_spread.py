@@ -21,6 +21,8 @@ from bench.quickpath import (
     addresses_for,
     flows_for,
     port_span,
+    relay_addresses_for,
+    relay_ports_end,
     spread,
 )
 
@@ -75,3 +77,17 @@ def test_too_many_sessions_or_too_few_addresses_say_why() -> None:
     with pytest.raises(QuickpathError, match="need 2 addresses, 1 given"):
         spread(PORTS_PER_ADDRESS + 1, ["198.51.100.10"], CALLER_PORT)
     assert len(flows_for(Topology(), MAX_SESSIONS)) == MAX_SESSIONS
+
+
+def test_the_daemons_ports_fit_its_addresses() -> None:
+    """One relay address per side shares one pool (4 ports a session): past 11,368
+    sessions the daemon gets a second address per side; its range stays in 16 bits for
+    every share it must hold."""
+    assert relay_addresses_for(1000) == 1 and relay_ports_end(1000, 1) == RELAY_PORT + 4063
+    assert relay_addresses_for(11_368) == 1 and relay_addresses_for(11_369) == 2
+    assert relay_addresses_for(16_000) == 2 and relay_addresses_for(100_000) == 7
+    for n in (1, 1000, 11_368, 11_369, 16_000, 16_001, 100_000, MAX_SESSIONS):
+        k = relay_addresses_for(n)
+        pairs_needed = -(-n // k) * (2 if k == 1 else 1)  # RTP/RTCP pairs on one pool
+        pairs_held = (min(65535, relay_ports_end(n, k)) - RELAY_PORT + 1) // 2
+        assert pairs_held >= pairs_needed, n
