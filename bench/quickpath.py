@@ -290,8 +290,8 @@ def _nft(ns: str, text: str) -> None:
 
 
 def lrk_mode(mode: str, more_args: Sequence[str] = ()) -> Callable[..., Any]:
-    """A daemon mode: ``lrkproxy run --mode <mode>`` with `addresses_for(sessions)` relay
-    addresses per side, every call installed pipelined over its unix control socket
+    """A daemon mode: ``lrkproxy run --mode <mode>`` with `relay_addresses_for(sessions)`
+    relay addresses per side, every call installed pipelined over its unix control socket
     (`bench.many_sessions.install`, INSTALL_WINDOW calls in flight); yields where each
     call's caller sends (the answer's relay address)."""
     @contextlib.contextmanager
@@ -491,6 +491,8 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
     left = leftovers(rig)
     return {"mode": mode, "sessions": sessions, "setup_s": round(setup_s, 2),
             "addresses_per_side": addresses_for(sessions),
+            "relay_addresses_per_side": (relay_addresses_for(sessions)
+                                         if mode != "routing" else 0),
             "warmup_sent": warm, "warmup_delivered": warm_delivered,
             "conntrack_after_warmup": flows, "nf_conntrack_max": conntrack_max(),
             "left_after_teardown": left,
