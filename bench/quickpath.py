@@ -185,7 +185,7 @@ class Rig:
     from `generator` ("xdp": `bench.xdpgen.XdpGen`, counted by an `XdpSink`; "trafgen":
     `bench.trafgen.Trafgen`, counted by the nft `Sink`)."""
 
-    def __init__(self, topo: Topology, generator: str = "xdp") -> None:
+    def __init__(self, topo: Topology, generator: str = "xdp", relay_ips: int = 0) -> None:
         if generator not in GENERATORS:
             raise QuickpathError(f"unknown generator {generator!r}; choose from {GENERATORS}")
         self.topo, self.kind = topo, generator
@@ -194,6 +194,8 @@ class Rig:
             run("ip", "neigh", "replace", ip, "lladdr", mac, "dev", "ve1", "nud",
                 "permanent", ns=topo.relay.ns)
         self._relay_ips = 1  # relay addresses per side on the relay's veths so far
+        #: at least this many relay addresses per side (0: as the sessions need)
+        self.min_relay_ips = relay_ips
         add_relay_addresses(topo, [topo.relay.ip4], [topo.relay_ext.ip4],
                             INSTALL_WINDOW)  # none added: the control queue's depth
         xdp_links(topo)  # every mode of a run shares the hosts' link settings
@@ -206,7 +208,7 @@ class Rig:
     def relay_addresses(self, sessions: int) -> Tuple[List[str], List[str]]:
         """The relay's (internal, external) addresses for `sessions` (`relay_addresses_for`),
         added to its veths the first time a mode needs them (they stay for the rig)."""
-        k = relay_addresses_for(sessions)
+        k = max(relay_addresses_for(sessions), self.min_relay_ips)
         internal, external = kernel_addresses(k)
         if k > self._relay_ips:
             have_i, have_e = kernel_addresses(self._relay_ips)
@@ -491,8 +493,8 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
     left = leftovers(rig)
     return {"mode": mode, "sessions": sessions, "setup_s": round(setup_s, 2),
             "addresses_per_side": addresses_for(sessions),
-            "relay_addresses_per_side": (relay_addresses_for(sessions)
-                                         if mode != "routing" else 0),
+            "relay_addresses_per_side": (max(relay_addresses_for(sessions),
+                                             rig.min_relay_ips) if mode != "routing" else 0),
             "warmup_sent": warm, "warmup_delivered": warm_delivered,
             "conntrack_after_warmup": flows, "nf_conntrack_max": conntrack_max(),
             "left_after_teardown": left,
@@ -645,9 +647,11 @@ def load_average() -> List[float]:
 
 def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
               start: int = 200_000, python: Optional[str] = None,
-              generator: str = "xdp") -> dict:
+              generator: str = "xdp", relay_ips: int = 0) -> dict:
     if os.geteuid() != 0:
         raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
+    if not 0 <= relay_ips <= MAX_ADDRESSES:
+        raise QuickpathError(f"--relay-addresses {relay_ips} outside 0..{MAX_ADDRESSES}")
     if not 0 < seconds <= MAX_STEP_S:
         raise QuickpathError(f"--step {seconds} outside (0, {MAX_STEP_S}]")
     unknown = [m for m in modes if m not in SETUPS]
@@ -658,7 +662,7 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
     load_before = load_average()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with Topology("-qp") as topo:
-        rig = Rig(topo, generator)
+        rig = Rig(topo, generator, relay_ips)
         for n in sessions:
             for mode in modes:
                 print(f"quickpath: {mode} x {n} ...", file=sys.stderr, flush=True)
@@ -704,6 +708,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--step", type=float, default=1.0, help="seconds per step")
     ap.add_argument("--start", type=int, default=200_000, help="first offered rate")
     ap.add_argument("--python", help="interpreter of the relay (default: pypy3)")
+    ap.add_argument("--relay-addresses", type=int, default=0,
+                    help="at least this many relay addresses per side (0: as many as the "
+                         "sessions need: one up to 11,368, then one per 16,000)")
     ap.add_argument("--junk", action="store_true",
                     help="instead of capacity: xdp mode, --sessions calls (the first "
                          "number), media plus a junk flood at the generator's highest rate")
@@ -721,7 +728,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 json.dump(res, fh, indent=1)
         return 0
     res = run_bench([int(s) for s in args.sessions.split(",")], args.modes.split(","),
-                    args.step, args.start, args.python, args.generator)
+                    args.step, args.start, args.python, args.generator,
+                    args.relay_addresses)
     print(table(res["results"]))
     if args.out:
         with open(args.out, "w") as fh:
