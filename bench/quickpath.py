@@ -22,10 +22,12 @@ address i mod k, ports 4000 + 2 (i div k) and 30000 + 2 (i div k), with k =
 ceil(sessions / 16,000) addresses per side (`addresses_for`, `spread`: one address and
 today's ports up to 16,000 sessions; 7 at 100,000), so every port stays in one 16-bit
 range; the relay gets k addresses per side too (`bench.many_sessions.kernel_addresses`:
-198.51.100.1-8 on the caller's link, .65 and .81-.87 on the callee's), the callee
-addresses permanent neighbour entries. Each one-way flow through a NAT mode holds one
-conntrack entry in the relay namespace (nf_conntrack_max is the machine's, read-only
-there; recorded per mode with the entries counted after the warm-up).
+198.51.100.1-8 on the caller's link, .65 and .81-.87 on the callee's; two past 11,368
+sessions, where one address per side, whose port pool both sides share, runs out;
+``--relay-addresses N``: at least N), the callee addresses permanent neighbour entries.
+Each one-way flow through a NAT mode holds one conntrack entry in the relay namespace
+(nf_conntrack_max is the machine's, read-only there; recorded per mode with the entries
+counted after the warm-up).
 
 Modes:
 * ``routing``     plain IP forwarding, no NAT, no ruleset (the baseline);
