@@ -43,7 +43,7 @@ import resource
 import socket
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import msgpack
 
@@ -52,6 +52,8 @@ from bench.inflight import pipeline
 from lrk.client import LrkClient
 from lrk.control.auth import sign
 from lrk.demo.relay_process import RelayProcess
+
+Addr = Tuple[str, int]
 
 MAX_SECONDS = 120.0
 #: kernel: 100,000 calls at 1,000-2,000/s
@@ -83,8 +85,10 @@ def _addresses(n: int) -> Tuple[List[str], List[str]]:
     return ([f"127.0.0.{i + 1}" for i in range(n)], [f"127.0.1.{i + 1}" for i in range(n)])
 
 
-def _judge(errors: List[str]) -> Callable[[bytes], Tuple[Optional[str], bool]]:
-    """A reply's cookie and success; the first few errors' texts go to `errors`."""
+def _judge(errors: List[str], keep: Optional[Dict[str, Dict[str, Any]]] = None
+           ) -> Callable[[bytes], Tuple[Optional[str], bool]]:
+    """A reply's cookie and success; the first few errors' texts go to `errors`, and every
+    reply to `keep` (by cookie) if given."""
     def judge(data: bytes) -> Tuple[Optional[str], bool]:
         try:
             reply = msgpack.unpackb(data, raw=False)
@@ -93,17 +97,21 @@ def _judge(errors: List[str]) -> Callable[[bytes], Tuple[Optional[str], bool]]:
         ok = reply.get("ok") is True
         if not ok and len(errors) < 5:
             errors.append(str(reply.get("error")))
+        if keep is not None and reply.get("cookie") is not None:
+            keep[reply["cookie"]] = reply
         return reply.get("cookie"), ok
     return judge
 
 
 def install(sock: socket.socket, datagrams: List[List[bytes]], window: int,
-            prefix: str = "", deadline: float = MAX_SECONDS) -> Dict[str, Any]:
+            prefix: str = "", deadline: float = MAX_SECONDS,
+            keep: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
     """Every call's requests in order (offer then answer, or a delete), `window` calls in
-    flight, on a connected socket (`bench.inflight.pipeline`); replies checked."""
+    flight, on a connected socket (`bench.inflight.pipeline`); replies checked (and kept
+    in `keep` by cookie, if given: where the relay put each call)."""
     sock.setblocking(False)
     errors: List[str] = []
-    run = pipeline(sock, datagrams, window, deadline, _judge(errors),
+    run = pipeline(sock, datagrams, window, deadline, _judge(errors, keep),
                    lambda call, step: f"{prefix}{call}.{step}")
     return {"installed": run.done, "seconds": round(run.seconds, 3), "resent": run.resent,
             "failed": run.errors, "errors": errors,
@@ -117,7 +125,7 @@ def _udp(addr: Tuple[str, int]) -> socket.socket:
     return sock
 
 
-def _unix(path: str, directory: str, ns: str) -> socket.socket:
+def unix_socket(path: str, directory: str, ns: str) -> socket.socket:
     """A datagram socket bound in `directory`, connected to a relay's unix control socket
     (how a relay in another network namespace is reached). Made in namespace `ns`, whose
     net.unix.max_dgram_qlen (the caller raised it) bounds the replies queued to it."""
@@ -144,18 +152,26 @@ def _packer(relay: RelayProcess) -> Callable[[Dict[str, Any]], bytes]:
     return packed
 
 
+def call_requests(relay: RelayProcess, media: Sequence[Tuple[Addr, Addr]],
+                  prefix: str = "many-") -> List[List[bytes]]:
+    """Call n's offer (its caller's media address, interface external) + answer (its
+    callee's, internal), packed and signed before the clock starts (cookies
+    "<n>.<step>", call ids "<prefix><n>")."""
+    packed = _packer(relay)
+    return [[packed({"cmd": "offer", "cookie": f"{n}.0", "call_id": f"{prefix}{n}",
+                      "from_tag": "a", "interface": "external",
+                      "media": {"ip": a[0], "port": a[1]}}),
+              packed({"cmd": "answer", "cookie": f"{n}.1", "call_id": f"{prefix}{n}",
+                      "from_tag": "a", "to_tag": "b", "interface": "internal",
+                      "media": {"ip": b[0], "port": b[1]}})]
+             for n, (a, b) in enumerate(media)]
+
+
 def _requests(relay: RelayProcess, sessions: int, caller: str, callee: str
               ) -> List[List[bytes]]:
-    """Every call's offer + answer, packed and signed before the clock starts (cookies
-    "<call>.<step>")."""
-    packed = _packer(relay)
-    return [[packed({"cmd": "offer", "cookie": f"{n}.0", "call_id": f"many-{n}",
-                      "from_tag": "a", "interface": "external",
-                      "media": {"ip": caller, "port": 7000 + 2 * (n % 20000)}}),
-              packed({"cmd": "answer", "cookie": f"{n}.1", "call_id": f"many-{n}",
-                      "from_tag": "a", "to_tag": "b", "interface": "internal",
-                      "media": {"ip": callee, "port": 7000 + 2 * (n % 20000)}})]
-             for n in range(sessions)]
+    """Every call's offer + answer from one caller and one callee address."""
+    return call_requests(relay, [((caller, 7000 + 2 * (n % 20000)),
+                                  (callee, 7000 + 2 * (n % 20000))) for n in range(sessions)])
 
 
 def _deletes(relay: RelayProcess, sessions: int) -> List[List[bytes]]:
@@ -214,6 +230,54 @@ def _timed_stats(client: LrkClient, pid: int) -> Tuple[float, float, Dict[str, A
     return time.perf_counter() - t0, _cpu_s(pid) - c0, reply
 
 
+MAX_KERNEL_ADDRESSES = 8
+
+
+def kernel_addresses(n: int) -> Tuple[List[str], List[str]]:
+    """`n` relay addresses per side in a `bench.netns.Topology`: internal on the caller's
+    link (198.51.100.1-8), external on the callee's (198.51.100.65, .81-.87); the first
+    of each is the topology's own."""
+    if not 1 <= n <= MAX_KERNEL_ADDRESSES:
+        raise ValueError(f"{n} relay addresses per side: 1..{MAX_KERNEL_ADDRESSES}")
+    return ([f"198.51.100.{i + 1}" for i in range(n)],
+            ["198.51.100.65"] + [f"198.51.100.{81 + i}" for i in range(n - 1)])
+
+
+def add_relay_addresses(topo: Any, internal: List[str], external: List[str],
+                        window: int) -> None:
+    """The relay's addresses beyond the topology's own on its veths (vc1 internal, ve1
+    external), and a unix datagram queue deep enough for `window` requests in flight
+    (the default 10 would drop replies)."""
+    from bench.netns import run
+
+    ns = topo.relay.ns
+    run("sysctl", "-qw", f"net.unix.max_dgram_qlen={4 * window}", ns=ns)
+    for ip in internal[1:]:
+        run("ip", "addr", "add", f"{ip}/26", "dev", "vc1", ns=ns)
+    for ip in external[1:]:
+        run("ip", "addr", "add", f"{ip}/26", "dev", "ve1", ns=ns)
+
+
+def relay_args(cfg: str, mode: str, sessions: int, internal: List[str], external: List[str],
+               kernel_poll: float = 2.0) -> List[str]:
+    """Writes the relay's config to `cfg` and returns its command-line arguments: `mode`
+    (xdp: on the topology's vc1 and ve1), the addresses, no expiry; the control
+    signature window is 300 s because requests are signed before a whole run starts."""
+    with open(cfg, "w") as fh:
+        fh.write(f"kernel_poll = {kernel_poll}\nsilence_timeout = 3600\n"
+                 "max_lifetime = 0\ncontrol_auth_window = 300\n")
+        if mode == "xdp":  # four directions (map entries) a one-stream call
+            fh.write(f"xdp_max_streams = {4 * sessions + 1024}\n")
+    extra = ["--mode", mode, "--config", cfg]
+    if mode == "xdp":
+        extra += ["--xdp-interface", "vc1", "--xdp-interface", "ve1"]
+    for ip in internal:
+        extra += ["--internal-ip", ip]
+    for ip in external:
+        extra += ["--external-ip", ip]
+    return extra
+
+
 def kernel(args: argparse.Namespace) -> Dict[str, Any]:
     """N calls through a kernel-mode (or xdp-mode) relay in a namespace of its own, with
     `--addresses` relay addresses per side on 198.51.100.0/24 (each its own port space
@@ -222,38 +286,18 @@ def kernel(args: argparse.Namespace) -> Dict[str, Any]:
 
     from bench.netns import Topology, run
 
-    if args.addresses > 8:
+    if args.addresses > MAX_KERNEL_ADDRESSES:
         raise SystemExit("kernel: at most 8 addresses per side (198.51.100.1-8 internal, "
                          "198.51.100.65 and .81-.87 external)")
     topo = Topology(f"ms{os.getpid() % 1000}").create()
     try:
         ns = topo.relay.ns
-        internal = [f"198.51.100.{i + 1}" for i in range(args.addresses)]
-        external = ["198.51.100.65"] + [f"198.51.100.{81 + i}" for i in range(args.addresses - 1)]
-        # unix datagram queues of 10 (the default) would drop a window of 64 requests
-        run("sysctl", "-qw", f"net.unix.max_dgram_qlen={4 * args.window}", ns=ns)
-        for ip in internal[1:]:
-            run("ip", "addr", "add", f"{ip}/26", "dev", "vc1", ns=ns)
-        for ip in external[1:]:
-            run("ip", "addr", "add", f"{ip}/26", "dev", "ve1", ns=ns)
+        internal, external = kernel_addresses(args.addresses)
+        add_relay_addresses(topo, internal, external, args.window)
         with tempfile.TemporaryDirectory(prefix="lrk-many-") as tmp:
             os.chmod(tmp, 0o755)
-            cfg = os.path.join(tmp, "lrk.toml")
-            with open(cfg, "w") as fh:
-                # requests are signed before each run starts: 100,000 calls take longer
-                # than the default signature window
-                fh.write(f"kernel_poll = {args.kernel_poll}\nsilence_timeout = 3600\n"
-                         "max_lifetime = 0\ncontrol_auth_window = 300\n")
-            if args.mode == "xdp":  # four directions (map entries) a one-stream call
-                with open(cfg, "a") as fh:
-                    fh.write(f"xdp_max_streams = {4 * args.sessions + 1024}\n")
-            extra = ["--mode", args.mode, "--config", cfg]
-            if args.mode == "xdp":
-                extra += ["--xdp-interface", "vc1", "--xdp-interface", "ve1"]
-            for ip in internal:
-                extra += ["--internal-ip", ip]
-            for ip in external:
-                extra += ["--external-ip", ip]
+            extra = relay_args(os.path.join(tmp, "lrk.toml"), args.mode, args.sessions,
+                               internal, external, args.kernel_poll)
             relay = RelayProcess(ports=args.ports, netns=ns, extra=extra,
                                  python=args.relay_python).start()
             try:
@@ -277,7 +321,7 @@ def _kernel_run(args: argparse.Namespace, relay: RelayProcess, topo: Any, tmp: s
     pid = relay.proc.pid  # type: ignore[union-attr]  # ip netns exec execs the relay
     setup = _requests(relay, args.sessions, topo.caller.ip4, topo.callee.ip4)
     rss0, cpu0 = _rss_kib(pid), _cpu_s(pid)
-    with _unix(relay.host, tmp, topo.relay.ns) as sock:
+    with unix_socket(relay.host, tmp, topo.relay.ns) as sock:
         result = install(sock, setup, args.window, deadline=KERNEL_SECONDS)
     rss1, cpu1 = _rss_kib(pid), _cpu_s(pid)
     result["daemon_cpu_s_install"] = round(cpu1 - cpu0, 2)
@@ -293,7 +337,7 @@ def _kernel_run(args: argparse.Namespace, relay: RelayProcess, topo: Any, tmp: s
             quick.append((wall, cpu))
     deletes = _deletes(relay, args.sessions)
     cpu2 = _cpu_s(pid)
-    with _unix(relay.host, tmp, topo.relay.ns) as sock:
+    with unix_socket(relay.host, tmp, topo.relay.ns) as sock:
         removed = install(sock, deletes, args.window, prefix="d", deadline=KERNEL_SECONDS)
     cpu3 = _cpu_s(pid)
     with LrkClient([relay.node], timeout=30.0) as client:

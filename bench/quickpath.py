@@ -2,6 +2,8 @@
 
     python -m bench.quickpath --generator xdp --sessions 1,1000 \
         --modes routing,static-nat,kernel,xdp --step 0.5 --out bench/results/quickpath-<date>.json
+    python -m bench.quickpath --generator xdp --sessions 100000 \
+        --modes routing,static-nat,kernel,xdp --step 0.5 --out ...
     python -m bench.quickpath --junk --sessions 1000 [--junk-rate R] --out ...
 
 One topology (`bench.netns.Topology`: caller <-> relay <-> callee namespaces on veth
@@ -15,10 +17,23 @@ relay's caller-side veth, pinned, SCHED_FIFO), and the generator runs on the oth
 * ``--generator trafgen``: `bench.trafgen.Trafgen` (AF_PACKET: frames arrive as skbs,
   which veth copies into a page before native XDP runs), counted by the nft `Sink`.
 
+Sessions (1..128,000): session i's flow goes from caller address i mod k to callee
+address i mod k, ports 4000 + 2 (i div k) and 30000 + 2 (i div k), with k =
+ceil(sessions / 16,000) addresses per side (`addresses_for`, `spread`: one address and
+today's ports up to 16,000 sessions; 7 at 100,000), so every port stays in one 16-bit
+range; the relay gets k addresses per side too (`bench.many_sessions.kernel_addresses`:
+198.51.100.1-8 on the caller's link, .65 and .81-.87 on the callee's; two past 11,368
+sessions, where one address per side, whose port pool both sides share, runs out;
+``--relay-addresses N``: at least N), the callee addresses permanent neighbour entries.
+Each one-way flow through a NAT mode holds one conntrack entry in the relay namespace
+(nf_conntrack_max is the machine's, read-only there; recorded per mode with the entries
+counted after the warm-up).
+
 Modes:
 * ``routing``     plain IP forwarding, no NAT, no ruleset (the baseline);
 * ``static-nat``  a static nftables DNAT/SNAT map pair, one element each per session;
-* ``kernel``      ``lrkproxy run --mode kernel``, sessions set up through `LrkClient`;
+* ``kernel``      ``lrkproxy run --mode kernel``, every call installed pipelined over the
+                  daemon's unix control socket (`bench.many_sessions.install`, 64 in flight);
 * ``xdp``         ``lrkproxy run --mode xdp`` (native XDP on the relay's veths), the same way;
 * ``xdp-generic`` the same with ``--xdp-attach generic`` (XDP on the skb, after the
                   stack built it).
@@ -37,8 +52,9 @@ one rotation from the XDP generator (`junk_flood`): media lost, junk dropped and
 by the relay (`media.dropped.*`), three runs.
 
 Bounds: at most MAX_RATE pkt/s and `--step` <= 3 s per step, at most 14 steps per search,
-3 confirmation attempts, 3 overload runs; every process, namespace, table and BPF program
-is gone at the end.
+3 confirmation attempts, 3 overload runs, INSTALL_DEADLINE_S for a daemon's calls; every
+process, namespace, table, BPF program and conntrack entry is gone at the end (what a mode
+left in the relay namespace is recorded: `leftovers`).
 """
 
 from __future__ import annotations
@@ -50,12 +66,21 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from bench.capacity import LOSS_LIMIT, machine, search, verdict
 from bench.frames import Flow
 from bench.interpreters import pypy_or_current
-from bench.netns import Topology, run
+from bench.many_sessions import (
+    MAX_KERNEL_ADDRESSES,
+    add_relay_addresses,
+    call_requests,
+    install,
+    kernel_addresses,
+    relay_args,
+    unix_socket,
+)
+from bench.netns import Topology, list_namespaces, run
 from bench.netns_capacity import xdp_links
 from bench.trafgen import Sink, Trafgen, busy_share, cpu_times, link_mac, steer
 from bench.xdpgen import XdpGen, XdpSink, thread_cpu_ns, xmit_errors
@@ -75,6 +100,19 @@ CALLEE_PORT = 30000
 RELAY_PORT = 20000
 STATIC_TABLE = "qpnat"
 RELAY_CPU, GEN_CPU = 1, 0
+#: sessions one caller, callee or relay address carries: its ports (4000.., 20000..,
+#: 30000.., two a session) stay within one 16-bit range
+PORTS_PER_ADDRESS = 16_000
+MAX_ADDRESSES = MAX_KERNEL_ADDRESSES  # relay addresses per side (bench.many_sessions)
+MAX_SESSIONS = PORTS_PER_ADDRESS * MAX_ADDRESSES
+#: caller and callee addresses beyond the topology's own (198.51.100.10 on the caller's
+#: /26, .70 on the callee's): clear of the relay's (.1-.8, .65, .81-.87) and STRANGER
+CALLER_EXTRA = tuple(f"198.51.100.{40 + i}" for i in range(MAX_ADDRESSES - 1))
+CALLEE_EXTRA = tuple(f"198.51.100.{100 + i}" for i in range(MAX_ADDRESSES - 1))
+#: calls in flight while a daemon mode installs its calls (bench.inflight)
+INSTALL_WINDOW = 64
+INSTALL_DEADLINE_S = 300.0
+RELAY_STOP_S = 120.0
 GENERATORS = ("xdp", "trafgen")
 #: the relay's NAPI thread runs SCHED_FIFO: as a NIC's softirq, it is not queued behind
 #: other processes of a shared machine (RT throttling still leaves them 5 %)
@@ -87,12 +125,61 @@ class QuickpathError(RuntimeError):
     """The benchmark could not run; the message says what is missing."""
 
 
+def addresses_for(sessions: int) -> int:
+    """Addresses per side (caller, callee, relay) that `sessions` need: each carries at most
+    PORTS_PER_ADDRESS sessions' ports."""
+    if not 1 <= sessions <= MAX_SESSIONS:
+        raise QuickpathError(f"{sessions} sessions: this rig holds 1..{MAX_SESSIONS:,} "
+                             f"({MAX_ADDRESSES} addresses per side, {PORTS_PER_ADDRESS:,} "
+                             "sessions an address)")
+    return -(-sessions // PORTS_PER_ADDRESS)
+
+
+def relay_addresses_for(sessions: int) -> int:
+    """Relay addresses per side a daemon needs for `sessions`: with one per side lrk keeps
+    one port pool for both (four ports a session from RELAY_PORT: at most 11,368), with
+    several one pool an address (two ports a session each)."""
+    k = addresses_for(sessions)
+    if k == 1 and relay_ports_end(sessions, 1) > 65535:
+        return 2
+    return k
+
+
+def relay_ports_end(sessions: int, k: int) -> int:
+    """The top of the daemon's port range for `sessions` on `k` addresses per side: four
+    ports a session on one shared pool, two an address on k > 1 pools, 64 spare."""
+    share = -(-sessions // k)
+    return RELAY_PORT + (4 if k == 1 else 2) * share + 63
+
+
+def spread(sessions: int, ips: Sequence[str], base: int) -> List[Addr]:
+    """Session i's address: ips[i mod k] (k = `addresses_for`), port base + 2 (i div k):
+    the addresses take turns, so each holds an even share and the ports of one address
+    stay below base + 2 * PORTS_PER_ADDRESS (one 16-bit range)."""
+    k = addresses_for(sessions)
+    if len(ips) < k:
+        raise QuickpathError(f"{sessions} sessions need {k} addresses, {len(ips)} given")
+    return [(ips[i % k], base + 2 * (i // k)) for i in range(sessions)]
+
+
+def port_span(sessions: int) -> int:
+    """Ports (even and odd) one address's share of `sessions` spans."""
+    return 2 * -(-sessions // addresses_for(sessions))
+
+
+def caller_ips(topo: Topology) -> List[str]:
+    return [topo.caller.ip4, *CALLER_EXTRA]
+
+
+def callee_ips(topo: Topology) -> List[str]:
+    return [topo.callee.ip4, *CALLEE_EXTRA]
+
+
 def flows_for(topo: Topology, sessions: int) -> List[Tuple[Addr, Addr]]:
-    """(caller address, callee address) per session; ports fit one 16-bit range each."""
-    if sessions > 16_000:
-        raise QuickpathError(f"{sessions} sessions: this rig holds at most 16,000 (ports)")
-    return [((topo.caller.ip4, CALLER_PORT + 2 * i), (topo.callee.ip4, CALLEE_PORT + 2 * i))
-            for i in range(sessions)]
+    """(caller address, callee address) per session, spread over `addresses_for(sessions)`
+    caller and callee addresses (one each up to PORTS_PER_ADDRESS sessions)."""
+    return list(zip(spread(sessions, caller_ips(topo), CALLER_PORT),
+                    spread(sessions, callee_ips(topo), CALLEE_PORT)))
 
 
 class Rig:
@@ -100,19 +187,37 @@ class Rig:
     from `generator` ("xdp": `bench.xdpgen.XdpGen`, counted by an `XdpSink`; "trafgen":
     `bench.trafgen.Trafgen`, counted by the nft `Sink`)."""
 
-    def __init__(self, topo: Topology, generator: str = "xdp") -> None:
+    def __init__(self, topo: Topology, generator: str = "xdp", relay_ips: int = 0) -> None:
         if generator not in GENERATORS:
             raise QuickpathError(f"unknown generator {generator!r}; choose from {GENERATORS}")
         self.topo, self.kind = topo, generator
         mac = link_mac(topo.callee.ns, "ve0")
-        run("ip", "neigh", "replace", topo.callee.ip4, "lladdr", mac, "dev", "ve1", "nud",
-            "permanent", ns=topo.relay.ns)
+        for ip in callee_ips(topo):  # every callee address the flows may use
+            run("ip", "neigh", "replace", ip, "lladdr", mac, "dev", "ve1", "nud",
+                "permanent", ns=topo.relay.ns)
+        self._relay_ips = 1  # relay addresses per side on the relay's veths so far
+        #: at least this many relay addresses per side (0: as the sessions need)
+        self.min_relay_ips = relay_ips
+        add_relay_addresses(topo, [topo.relay.ip4], [topo.relay_ext.ip4],
+                            INSTALL_WINDOW)  # none added: the control queue's depth
         xdp_links(topo)  # every mode of a run shares the hosts' link settings
         self.napi_pid = steer(topo.relay.ns, "vc1", topo.caller.ns, "vc0", RELAY_CPU,
                               rt_prio=NAPI_RT_PRIO)
         self.client: Any = None  # the relay's LrkClient while a daemon mode is set up
         self.caller_mac = link_mac(topo.caller.ns, "vc0")
         self.relay_mac = link_mac(topo.relay.ns, "vc1")
+
+    def relay_addresses(self, sessions: int) -> Tuple[List[str], List[str]]:
+        """The relay's (internal, external) addresses for `sessions` (`relay_addresses_for`),
+        added to its veths the first time a mode needs them (they stay for the rig)."""
+        k = max(relay_addresses_for(sessions), self.min_relay_ips)
+        internal, external = kernel_addresses(k)
+        if k > self._relay_ips:
+            have_i, have_e = kernel_addresses(self._relay_ips)
+            add_relay_addresses(self.topo, [have_i[0], *internal[self._relay_ips:]],
+                                [have_e[0], *external[self._relay_ips:]], INSTALL_WINDOW)
+            self._relay_ips = k
+        return internal, external
 
     def generator(self, pairs: List[Tuple[Addr, Addr]], dests: List[Addr]) -> Any:
         """The generator for these flows (an XdpGen holds BPF fds: close it, or use
@@ -136,7 +241,7 @@ class Rig:
 
     def sink(self, sessions: int) -> Any:
         """Counts and drops what reaches the callee on its ports (a context manager)."""
-        ports = (CALLEE_PORT, CALLEE_PORT + 2 * sessions)
+        ports = (CALLEE_PORT, CALLEE_PORT + port_span(sessions))
         if self.kind == "xdp":
             return XdpSink(self.topo.callee.ns, "ve0", ports)
         return Sink(self.topo.callee.ns, ports)
@@ -153,24 +258,27 @@ def routing(rig: Rig, pairs: List[Tuple[Addr, Addr]], python: str) -> Iterator[L
 @contextlib.contextmanager
 def static_nat(rig: Rig, pairs: List[Tuple[Addr, Addr]],
                python: str) -> Iterator[List[Addr]]:
-    t, topo = STATIC_TABLE, rig.topo
-    a_ip, b_ip = topo.relay.ip4, topo.relay_ext.ip4
-    dn = [f"{a_ip} . {RELAY_PORT + 2 * i} : {b[0]} . {b[1]}" for i, (_a, b) in enumerate(pairs)]
-    sn = [f"{b[0]} . {b[1]} : {b_ip} . {RELAY_PORT + 2 * i}" for i, (_a, b) in enumerate(pairs)]
+    t, topo, n = STATIC_TABLE, rig.topo, len(pairs)
+    internal, external = rig.relay_addresses(n)
+    fronts = spread(n, internal, RELAY_PORT)  # where session i's caller sends
+    backs = spread(n, external, RELAY_PORT)  # where the callee sees it come from
+    dn = [f"{f[0]} . {f[1]} : {b[0]} . {b[1]}" for f, (_a, b) in zip(fronts, pairs)]
+    sn = [f"{b[0]} . {b[1]} : {s[0]} . {s[1]}" for s, (_a, b) in zip(backs, pairs)]
+    daddr = internal[0] if len(internal) == 1 else "{ " + ", ".join(internal) + " }"
     text = (f"table inet {t} {{\n"
             " map dnat4 { type ipv4_addr . inet_service : ipv4_addr . inet_service; }\n"
             " map snat4 { type ipv4_addr . inet_service : ipv4_addr . inet_service; }\n"
             " chain pre { type nat hook prerouting priority dstnat; policy accept;\n"
-            f"  ip daddr {a_ip} udp dport {RELAY_PORT}-{RELAY_PORT + 2 * len(pairs)} "
+            f"  ip daddr {daddr} udp dport {RELAY_PORT}-{RELAY_PORT + port_span(n)} "
             "dnat ip to ip daddr . udp dport map @dnat4\n }\n"
             " chain post { type nat hook postrouting priority srcnat; policy accept;\n"
             "  ct status dnat snat ip to ip daddr . udp dport map @snat4\n }\n}\n")
-    for lo in range(0, len(pairs), 2000):
+    for lo in range(0, n, 2000):
         text += (f"add element inet {t} dnat4 {{ {', '.join(dn[lo:lo + 2000])} }}\n"
                  f"add element inet {t} snat4 {{ {', '.join(sn[lo:lo + 2000])} }}\n")
     _nft(topo.relay.ns, text)
     try:
-        yield [(a_ip, RELAY_PORT + 2 * i) for i in range(len(pairs))]
+        yield fronts
     finally:
         run("nft", "delete", "table", "inet", t, ns=topo.relay.ns, check=False)
         run("conntrack", "-F", ns=topo.relay.ns, check=False)
@@ -180,52 +288,75 @@ def _nft(ns: str, text: str) -> None:
     import subprocess
 
     proc = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=text,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise QuickpathError(f"nft in {ns}: {proc.stderr.strip()[:400]}")
 
 
-def lrk_mode(mode_args: List[str]) -> Callable[..., Any]:
+def lrk_mode(mode: str, more_args: Sequence[str] = ()) -> Callable[..., Any]:
+    """A daemon mode: ``lrkproxy run --mode <mode>`` with `relay_addresses_for(sessions)`
+    relay addresses per side, every call installed pipelined over its unix control socket
+    (`bench.many_sessions.install`, INSTALL_WINDOW calls in flight); yields where each
+    call's caller sends (the answer's relay address)."""
     @contextlib.contextmanager
     def setup(rig: Rig, pairs: List[Tuple[Addr, Addr]], python: str) -> Iterator[List[Addr]]:
+        import tempfile
+
         from lrk.client import LrkClient
         from lrk.demo.relay_process import RelayProcess
 
-        topo = rig.topo
-        ports = f"{RELAY_PORT}-{RELAY_PORT + 4 * len(pairs) + 63}"
-        extra = [*mode_args, "--internal-ip", topo.relay.ip4, "--external-ip",
-                 topo.relay_ext.ip4, "--silence-timeout", "3600", "--workers", "1"]
-        relay = RelayProcess(ports=ports, netns=topo.relay.ns, extra=extra, python=python)
-        client = None
-        try:
-            relay.start(ready_timeout=60.0)
-            client = LrkClient([relay.node], timeout=5.0, retries=2)
-            rig.client = client  # the junk bench reads the relay's counters
-            dests = []
-            for i, (a, b) in enumerate(pairs):
-                call_id = f"qp-{i}"
-                client.offer(call_id, "a", a, interface="external")
-                answer = client.answer(call_id, "a", "b", b, interface="internal")
-                dests.append((answer["relay"]["ip"], int(answer["relay"]["port"])))
-            yield dests
-        finally:
-            rig.client = None
-            if client is not None:
-                client.close()
-            code = relay.stop()
-            run("conntrack", "-F", ns=topo.relay.ns, check=False)
-            if code not in (0, None):
-                raise QuickpathError(f"relay exited with {code}: {relay.output[-400:]}")
+        topo, n = rig.topo, len(pairs)
+        internal, external = rig.relay_addresses(n)
+        ports = f"{RELAY_PORT}-{min(65535, relay_ports_end(n, len(internal)))}"
+        client = relay = None
+        with tempfile.TemporaryDirectory(prefix="lrk-qp-") as tmp:
+            os.chmod(tmp, 0o755)  # the relay may drop privileges
+            extra = [*relay_args(os.path.join(tmp, "lrk.toml"), mode, n, internal, external),
+                     *more_args, "--workers", "1"]
+            try:
+                relay = RelayProcess(ports=ports, netns=topo.relay.ns, extra=extra,
+                                     python=python)
+                relay.start(ready_timeout=60.0)
+                dests = install_calls(relay, pairs, tmp, topo.relay.ns)
+                client = LrkClient([relay.node], timeout=5.0, retries=2)
+                rig.client = client  # the junk bench reads the relay's counters
+                yield dests
+            finally:
+                rig.client = None
+                if client is not None:
+                    client.close()
+                code = relay.stop(timeout=RELAY_STOP_S) if relay is not None else None
+                run("conntrack", "-F", ns=topo.relay.ns, check=False)
+                if code not in (0, None):
+                    raise QuickpathError(f"relay exited with {code}: {relay.output[-400:]}")
     return setup
+
+
+def install_calls(relay: Any, pairs: List[Tuple[Addr, Addr]], tmp: str,
+                  ns: str) -> List[Addr]:
+    """Every call's offer + answer through the relay's unix control socket, pipelined;
+    returns each call's relay address on the caller's side. Raises QuickpathError unless
+    every call was installed."""
+    keep: Dict[str, Dict[str, Any]] = {}
+    datagrams = call_requests(relay, pairs, prefix="qp-")
+    with unix_socket(relay.host, tmp, ns) as sock:
+        res = install(sock, datagrams, INSTALL_WINDOW, deadline=INSTALL_DEADLINE_S,
+                      keep=keep)
+    if res["installed"] != len(pairs) or res["failed"]:
+        raise QuickpathError(f"{res['installed']} of {len(pairs)} calls installed in "
+                             f"{res['seconds']} s, {res['failed']} failed: {res['errors']}")
+    print(f"quickpath: {len(pairs):,} calls installed in {res['seconds']} s "
+          f"({res['sessions_per_s']:,.0f}/s)", file=sys.stderr, flush=True)
+    return [(keep[f"{i}.1"]["relay"]["ip"], int(keep[f"{i}.1"]["relay"]["port"]))
+            for i in range(len(pairs))]
 
 
 SETUPS: Dict[str, Callable[..., Any]] = {
     "routing": routing,
     "static-nat": static_nat,
-    "kernel": lrk_mode(["--mode", "kernel"]),
-    "xdp": lrk_mode(["--mode", "xdp", "--xdp-interface", "vc1", "--xdp-interface", "ve1"]),
-    "xdp-generic": lrk_mode(["--mode", "xdp", "--xdp-attach", "generic", "--xdp-interface",
-                             "vc1", "--xdp-interface", "ve1"]),
+    "kernel": lrk_mode("kernel"),
+    "xdp": lrk_mode("xdp"),
+    "xdp-generic": lrk_mode("xdp", ["--xdp-attach", "generic"]),
 }
 
 
@@ -306,6 +437,36 @@ def confirm(measure: Callable[[int], dict], rate: int) -> dict:
     return {"confirmed_pps": None, "attempts": attempts}
 
 
+def conntrack_count(ns: str) -> int:
+    """Conntrack entries in namespace `ns` (each one-way flow through a NAT mode holds one;
+    nf_conntrack_max is the machine's, read-only in a namespace)."""
+    out = run("sysctl", "-n", "net.netfilter.nf_conntrack_count", ns=ns, check=False)
+    return int(out.stdout.strip() or 0)
+
+
+def conntrack_max() -> int:
+    with open("/proc/sys/net/netfilter/nf_conntrack_max") as fh:
+        return int(fh.read())
+
+
+def leftovers(rig: Rig) -> Dict[str, Any]:
+    """What a mode left in the relay namespace after its teardown: nft tables, XDP
+    programs on the relay's veths, conntrack entries (all should be none)."""
+    ns = rig.topo.relay.ns
+    tables = [t for t in run("nft", "list", "tables", ns=ns).stdout.splitlines() if t]
+    xdp = [dev for dev in ("vc1", "ve1")
+           if "xdp" in run("ip", "link", "show", "dev", dev, ns=ns).stdout]
+    return {"nft_tables": tables, "xdp_on": xdp, "conntrack": conntrack_count(ns)}
+
+
+def xdp_verdicts(rig: Rig) -> Dict[str, int]:
+    """The relay program's verdict counters (xdp modes; empty otherwise): whether the
+    frames were relayed by the program (redirect) or passed on to the kernel's path."""
+    if rig.client is None:
+        return {}
+    return {k: v for k, v in _relay_counters(rig).items() if k.startswith("xdp.verdicts.")}
+
+
 def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float,
                  start: int) -> dict:
     pairs = flows_for(rig.topo, sessions)
@@ -313,8 +474,13 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
     with SETUPS[mode](rig, pairs, python) as dests:
         setup_s = time.monotonic() - t0
         with rig.generating(pairs, dests) as gen, rig.sink(sessions) as sink:
-            gen.run(10_000, max(1000, sessions))  # first packets: latching, conntrack
-            _settled(sink)
+            before = sink.packets()
+            warm = max(1000, sessions)
+            gen.run(10_000, warm)  # first packets: latching, conntrack
+            warm_delivered = _settled(sink) - before
+            flows = conntrack_count(rig.topo.relay.ns)
+
+            verdicts0 = xdp_verdicts(rig)
 
             def measure(rate: int) -> dict:
                 return step(gen, sink, rate, seconds, rig.napi_pid)
@@ -323,9 +489,19 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             cap = found["capacity_pps"]
             conf = confirm(measure, cap) if cap else {"confirmed_pps": None, "attempts": []}
             over = [measure(OVERLOAD_RATE) for _ in range(CONFIRM_RUNS)]
+            verdicts1 = xdp_verdicts(rig)
     last = [r for a in conf["attempts"] for r in a["runs"]]
     at_cap = [r for r in last if r.get("verdict") == "pass"]
+    left = leftovers(rig)
     return {"mode": mode, "sessions": sessions, "setup_s": round(setup_s, 2),
+            "addresses_per_side": addresses_for(sessions),
+            "relay_addresses_per_side": (max(relay_addresses_for(sessions),
+                                             rig.min_relay_ips) if mode != "routing" else 0),
+            "warmup_sent": warm, "warmup_delivered": warm_delivered,
+            "conntrack_after_warmup": flows, "nf_conntrack_max": conntrack_max(),
+            "left_after_teardown": left,
+            "xdp_verdicts": {k: v - verdicts0.get(k, 0) for k, v in verdicts1.items()
+                             if v != verdicts0.get(k, 0)},
             "capacity_pps": conf["confirmed_pps"], "search": found,
             "confirmation": conf,
             "relay_core_busy_at_capacity": (round(statistics.median(
@@ -473,9 +649,11 @@ def load_average() -> List[float]:
 
 def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
               start: int = 200_000, python: Optional[str] = None,
-              generator: str = "xdp") -> dict:
+              generator: str = "xdp", relay_ips: int = 0) -> dict:
     if os.geteuid() != 0:
         raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
+    if not 0 <= relay_ips <= MAX_ADDRESSES:
+        raise QuickpathError(f"--relay-addresses {relay_ips} outside 0..{MAX_ADDRESSES}")
     if not 0 < seconds <= MAX_STEP_S:
         raise QuickpathError(f"--step {seconds} outside (0, {MAX_STEP_S}]")
     unknown = [m for m in modes if m not in SETUPS]
@@ -486,13 +664,16 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
     load_before = load_average()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with Topology("-qp") as topo:
-        rig = Rig(topo, generator)
+        rig = Rig(topo, generator, relay_ips)
         for n in sessions:
             for mode in modes:
                 print(f"quickpath: {mode} x {n} ...", file=sys.stderr, flush=True)
                 res = measure_mode(rig, mode, n, py, seconds, start)
                 res["load_after"] = load_average()
                 results.append(res)
+    left = [ns for ns in list_namespaces() if ns in topo.namespaces]
+    if left:
+        raise QuickpathError(f"namespaces left after the run: {left}")
     return {"machine": machine(), "date": date,
             "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
             "generator": generator, "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
@@ -529,6 +710,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--step", type=float, default=1.0, help="seconds per step")
     ap.add_argument("--start", type=int, default=200_000, help="first offered rate")
     ap.add_argument("--python", help="interpreter of the relay (default: pypy3)")
+    ap.add_argument("--relay-addresses", type=int, default=0,
+                    help="at least this many relay addresses per side (0: as many as the "
+                         "sessions need: one up to 11,368, then one per 16,000)")
     ap.add_argument("--junk", action="store_true",
                     help="instead of capacity: xdp mode, --sessions calls (the first "
                          "number), media plus a junk flood at the generator's highest rate")
@@ -546,7 +730,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 json.dump(res, fh, indent=1)
         return 0
     res = run_bench([int(s) for s in args.sessions.split(",")], args.modes.split(","),
-                    args.step, args.start, args.python, args.generator)
+                    args.step, args.start, args.python, args.generator,
+                    args.relay_addresses)
     print(table(res["results"]))
     if args.out:
         with open(args.out, "w") as fh:
