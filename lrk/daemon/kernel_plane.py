@@ -75,7 +75,7 @@ from fastpath.kernel.kernel_rules import (
 from fastpath.kernel.nft import Nft, NftError
 from fastpath.kernel.nft_elements import ElementTextError, ElementWriter
 from fastpath.kernel.nft_setelem import NftDumpError, SetElemReader
-from lrk.errors import ConfigError
+from lrk.errors import ConfigError, LrkError
 
 log = logging.getLogger("lrk.kernel")
 #: restart events (table kept, adopted): shown whatever the log level (`fastpath.logs`)
@@ -262,6 +262,7 @@ class KernelPlane(KernelView):
         #: transaction (and one flush pass) at its end
         self._deferred: Optional[List[str]] = None
         self._deferred_marks: List[int] = []
+        self._deferred_stale: List[int] = []  # units whose held flush ends their `_stale`
         self.ct: Optional[ConntrackSocket] = None
         #: counters straight from the kernel: nft's listing costs 13-20 s at 400,000 elements
         self.dump: Optional[SetElemReader] = None
@@ -738,6 +739,10 @@ class KernelPlane(KernelView):
             if not marks:
                 return
             self._stale[sid] = marks  # until flushed: not the new generation's latch
+            if self._deferred is not None:  # flushed after the held writes
+                self._deferred_marks.extend(marks)
+                self._deferred_stale.append(sid)
+                return
             self._flush_flows(marks)
             self._stale.pop(sid, None)
 
@@ -788,35 +793,57 @@ class KernelPlane(KernelView):
         decisions becomes one transaction)."""
         self._deferred = []
         self._deferred_marks = []
+        self._deferred_stale = []
 
     def deferred_mark(self) -> int:
         """Where the held writes stand: a decision's writes are [mark before, mark after)."""
         return len(self._deferred or ())
 
-    def deferred_end(self, groups: Sequence[Tuple[int, int]]) -> Set[int]:
-        """Apply the held writes as one transaction, then the held flushes. When that
-        transaction fails, each group of writes (one decision's: a [first, end) range of
-        marks) is tried as a transaction of its own; returns the indexes of the groups
-        that failed (nothing of theirs applied; errors counted and logged), so the caller
-        can refuse and retry what depended on them."""
+    def deferred_end(self, groups: Sequence[Tuple[int, int, Optional[int]]]) -> Set[int]:
+        """Apply the held writes as one transaction, then the held flushes; never raises.
+        When that transaction fails, each group of writes (one decision's: a [first, end)
+        range of marks, and the unit it changes) is tried as a transaction of its own, and
+        a unit's later groups fail with its first failed one (they were computed on top of
+        it); returns the indexes of the groups that failed (nothing of theirs applied;
+        errors counted and logged), so the caller can refuse and retry what depended on
+        them. A flush that fails is retried with the next read (the units stay stale)."""
         texts, marks = self._deferred or [], self._deferred_marks
-        self._deferred, self._deferred_marks = None, []
+        stale = self._deferred_stale
+        self._deferred, self._deferred_marks, self._deferred_stale = None, [], []
         failed: Set[int] = set()
         if texts:
             try:
                 self._write("".join(texts))
-            except (NftError, KernelRuleError, OSError):
-                for i, (first, end) in enumerate(groups):
+            except (NftError, KernelRuleError, OSError) as batch_exc:
+                self.counters["nfqueue.batches.retried"] = (
+                    self.counters.get("nfqueue.batches.retried", 0) + 1)
+                log.warning("kernel mode: a batch of element writes failed (%s): "
+                            "writing each decision alone", batch_exc)
+                broken: Set[Optional[int]] = set()
+                for i, (first, end, unit) in enumerate(groups):
                     if first >= end:
+                        continue
+                    if unit is not None and unit in broken:
+                        failed.add(i)
                         continue
                     try:
                         self._write("".join(texts[first:end]))
                     except (NftError, KernelRuleError, OSError) as exc:
                         failed.add(i)
+                        if unit is not None:
+                            broken.add(unit)
                         self.counters["kernel.errors"] += 1
                         log.error("kernel mode: element write failed: %s", exc)
         if marks:
-            self._flush_flows(marks)
+            try:
+                self._flush_flows(marks)
+            except (LrkError, OSError) as exc:
+                self.counters["kernel.errors"] += 1
+                log.error("kernel mode: conntrack flush failed (retried with the next "
+                          "read): %s", exc)
+            else:
+                for sid in stale:
+                    self._stale.pop(sid, None)
         return failed
 
     def _restore_unit(self, sid: int, spec: Optional[SessionSpec]) -> None:

@@ -208,6 +208,9 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
                                    "Kernel modes: ct marks of an adopted table's flows that "
                                    "no restored session owned, flushed."),
     "nfqueue_packets": ("counter", (), "nfqueue mode: first packets of flows seen."),
+    "nfqueue_retried_batches": ("counter", (),
+                                "nfqueue mode: queue batches whose element writes failed "
+                                "as one transaction and were written decision by decision."),
     "nfqueue_requeued_packets": ("counter", (),
                                  "nfqueue mode: packets queued behind their flow's first "
                                  "one, re-injected once it was admitted."),
@@ -298,6 +301,7 @@ COUNTER_MAP: Tuple[Tuple[str, str, Dict[str, str]], ...] = (
     ("kernel.adopt.flushed_marks", "kernel_adopt_flushed_marks", {}),
     ("nfqueue.packets", "nfqueue_packets", {}),
     ("nfqueue.requeued", "nfqueue_requeued_packets", {}),
+    ("nfqueue.batches.retried", "nfqueue_retried_batches", {}),
     ("xdp.verdicts.*", "xdp_packets", {"verdict": "*"}),
     ("xdp.entries.written", "xdp_entries_written", {}),
     ("xdp.errors", "xdp_errors", {}),

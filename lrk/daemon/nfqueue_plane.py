@@ -44,6 +44,8 @@ log = logging.getLogger("lrk.nfqueue")
 
 NFPROTO_INET = 1
 Addr = Tuple[str, int]
+#: what a decision changed: (unit id, its elements before, latch key, latch before)
+_Before = Tuple[int, Optional[SessionSpec], Tuple[int, str, bool], Optional[Addr]]
 
 
 def _without_admission(text: str) -> str:
@@ -88,14 +90,16 @@ class NfqueuePlane(KernelPlane):
         self.streams_applied: Dict[int, StreamSpec] = {}  # unit id -> as last installed
         self._latch_news = False  # a latch (or refusal) decided since the last poll
         #: the admission (unit id, adm key) the packet being decided relies on, whether
-        #: its decision added that admission, and the unit's elements before it
+        #: its decision added that admission, and what it changed: (unit id, the unit's
+        #: elements before, the latch key, the latch before)
         self._relied: Optional[Tuple[int, str]] = None
         self._added = False
-        self._before: Optional[Tuple[int, Optional[SessionSpec]]] = None
+        self._before: Optional[_Before] = None
         #: (unit id, leg) -> new flows refused in userspace (per-leg drops, as query shows)
         self.leg_drops: Dict[Tuple[int, str], int] = {}
         self.counters.update({"nfqueue.packets": 0, "nfqueue.admitted": 0,
                               "nfqueue.queued": 0, "nfqueue.requeued": 0,
+                              "nfqueue.batches.retried": 0,
                               "media.latched": 0})
         self.drop_counter = "nfqueue.queued"  # the ruleset's counter counts queued packets
         #: while adopting: relay address ("ip . port") -> the adopted table's adm keys there
@@ -214,7 +218,8 @@ class NfqueuePlane(KernelPlane):
                     self.by_relay[leg.relay(rtcp)] = (sid, name, rtcp)
                     mine.add(leg.relay(rtcp))
         self._drop_relays(sid, keep=mine)  # ports it no longer has
-        self.relays_of[sid] = mine
+        if mine:
+            self.relays_of[sid] = mine
 
     def _drop_relays(self, uid: int, keep: Set[Addr]) -> None:
         """Forget the relay addresses `by_relay` gives to unit `uid` (but `keep`); from
@@ -223,6 +228,15 @@ class NfqueuePlane(KernelPlane):
         for addr in self.relays_of.pop(uid, set()) - keep:
             if self.by_relay.get(addr, (None,))[0] == uid:
                 del self.by_relay[addr]
+
+    def _remove(self, sid: int) -> None:
+        super()._remove(sid)
+        # a unit that never had elements (an offer never answered, a leg on hold) was
+        # never `_forget`-ten: its plane-side records go here
+        self.streams_applied.pop(sid, None)
+        self._drop_relays(sid, keep=set())
+        self.leg_drops.pop((sid, "A"), None)
+        self.leg_drops.pop((sid, "B"), None)
 
     def _forget(self, sid: int, spec: SessionSpec) -> None:
         self.streams_applied.pop(sid, None)
@@ -255,42 +269,63 @@ class NfqueuePlane(KernelPlane):
             return
         # one transaction for the batch's element writes (a burst of new flows, as
         # after a takeover, must not queue behind one netlink round trip per flow),
-        # then the verdicts: a packet is re-injected only once its admission is written
+        # then the flushes, then the verdicts: a packet is re-injected only once its
+        # admission is written, and every packet taken gets its verdict
         self.deferred_begin()
         decided: List[Tuple[int, int, Optional[Tuple[int, str]], bool]] = []
-        groups: List[Tuple[int, int]] = []
-        befores: List[Optional[Tuple[int, Optional[SessionSpec]]]] = []
-        for pkt in packets:
-            self.counters["nfqueue.packets"] += 1
-            verdict = NF_DROP
-            first = self.deferred_mark()
-            self._relied, self._added, self._before = None, False, None
-            try:
-                verdict = self._decide(pkt.payload)
-            except (NftError, KernelRuleError, OSError) as exc:
-                self.counters["kernel.errors"] += 1
-                log.error("could not admit a flow: %s", exc)
-            decided.append((pkt.packet_id, verdict, self._relied, self._added))
-            befores.append(self._before)
-            groups.append((first, self.deferred_mark()))
-        failed = self.deferred_end(groups)
-        # nothing of a failed decision was applied: its unit's elements are recorded as
-        # they were (the earliest failure's view last) and the flow's next packet
-        # decides afresh, as one whose write failed always did
+        groups: List[Tuple[int, int, Optional[int]]] = []
+        befores: List[Optional[_Before]] = []
+        failed: Set[int] = set()
+        try:
+            for pkt in packets:
+                self.counters["nfqueue.packets"] += 1
+                verdict = NF_DROP
+                first = self.deferred_mark()
+                self._relied, self._added, self._before = None, False, None
+                try:
+                    verdict = self._decide(pkt.payload)
+                except (NftError, KernelRuleError, OSError) as exc:
+                    self.counters["kernel.errors"] += 1
+                    log.error("could not admit a flow: %s", exc)
+                except Exception:  # a bug must cost this packet, not the queue
+                    self.counters["kernel.errors"] += 1
+                    log.exception("could not decide a queued packet")
+                decided.append((pkt.packet_id, verdict, self._relied, self._added))
+                befores.append(self._before)
+                groups.append((first, self.deferred_mark(),
+                               self._before[0] if self._before else None))
+        finally:
+            failed = self.deferred_end(groups)
+            self._undo(failed, decided, befores)
+            for i, (packet_id, verdict, relied, added) in enumerate(decided):
+                if verdict == NF_REPEAT and relied is not None and (
+                        i in failed or relied[1] not in self.admitted.get(relied[0], ())):
+                    verdict = NF_DROP  # it would only come back to the queue
+                elif added:
+                    self.counters["nfqueue.admitted"] += 1
+                nfq.verdict(packet_id, verdict)
+            for pkt in packets[len(decided):]:  # not reached (a bug above): refused
+                nfq.verdict(pkt.packet_id, NF_DROP)
+
+    def _undo(self, failed: Set[int], decided: list, befores: List[Optional[_Before]]) -> None:
+        """Nothing of a failed decision was applied: its admission, its latch and its
+        unit's element view go back to what they were (the earliest failure's view
+        last), so the flow's next packet decides afresh, as one whose write failed
+        always did."""
         for i in sorted(failed, reverse=True):
             _pid, _verdict, relied, added = decided[i]
             if relied is not None and added:
                 self.admitted.get(relied[0], set()).discard(relied[1])
             before = befores[i]
-            if before is not None:
-                self._restore_unit(*before)
-        for i, (packet_id, verdict, relied, added) in enumerate(decided):
-            if verdict == NF_REPEAT and relied is not None and (
-                    i in failed or relied[1] not in self.admitted.get(relied[0], ())):
-                verdict = NF_DROP  # it would only come back to the queue
-            elif added:
-                self.counters["nfqueue.admitted"] += 1
-            nfq.verdict(packet_id, verdict)
+            if before is None:
+                continue
+            sid, spec, latch_key, latch = before
+            self._restore_unit(sid, spec)
+            if latch is None:
+                self.latched.pop(latch_key, None)
+            else:
+                self.latched[latch_key] = latch
+            self.counters["media.latched"] -= 1
 
     def _decide(self, payload: bytes) -> int:
         parsed = parse_udp(payload)
@@ -331,10 +366,11 @@ class NfqueuePlane(KernelPlane):
             return NF_DROP
         # latch: the other direction now goes to this real source (reported to the
         # engine with the next counter poll, with the generation it belongs to)
+        before_latch = self.latched.get((sid, name, rtcp))
         self.latched[(sid, name, rtcp)] = (src_ip, sport)
         self.counters["media.latched"] += 1
         self._latch_news = True
-        self._before = (sid, self.installed.get(sid))
+        self._before = (sid, self.installed.get(sid), (sid, name, rtcp), before_latch)
         # re-points the other direction at this source and, when that changed anything,
         # flushes the flows NATed towards the old address (the other side spoke first)
         self._install(sid, stream, False)

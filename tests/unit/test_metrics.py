@@ -121,6 +121,7 @@ EXPECTED = {
     "kernel.adopt.flushed_marks": ("lrk_kernel_adopt_flushed_marks_total", {}),
     "nfqueue.packets": ("lrk_nfqueue_packets_total", {}),
     "nfqueue.requeued": ("lrk_nfqueue_requeued_packets_total", {}),
+    "nfqueue.batches.retried": ("lrk_nfqueue_retried_batches_total", {}),
     "nfqueue.queued": ("lrk_nfqueue_queued_packets_total", {}),
     "nfqueue.admitted": ("lrk_nfqueue_admitted_flows_total", {}),
     "nfqueue.verdict_errors": ("lrk_nfqueue_verdict_errors_total", {}),

@@ -59,9 +59,10 @@ class Packet:
 
 
 class FakeQueue:
-    def __init__(self, packets: List[bytes]) -> None:
+    def __init__(self, packets: List[bytes], log: Any = None) -> None:
         self.waiting = [Packet(i + 1, p) for i, p in enumerate(packets)]
         self.verdicts: List[Tuple[int, int]] = []
+        self.log = log
 
     def receive_batch(self, max_n: int = 64) -> List[Packet]:
         out, self.waiting = self.waiting[:max_n], self.waiting[max_n:]
@@ -69,6 +70,8 @@ class FakeQueue:
 
     def verdict(self, packet_id: int, verdict: int) -> None:
         self.verdicts.append((packet_id, verdict))
+        if self.log is not None:
+            self.log.events.append(("verdict", packet_id))
 
 
 def _plane(log: Log) -> Tuple[NfqueuePlane, List[int]]:
@@ -100,15 +103,16 @@ def _burst(relay_ports: List[int], behind: int) -> List[bytes]:
 def test_a_burst_of_new_flows_is_one_transaction_per_queue_batch():
     log = Log()
     plane, ports = _plane(log)
-    queue = FakeQueue(_burst(ports, behind=2))  # 60 packets: one batch of 64
+    queue = FakeQueue(_burst(ports, behind=2), log)  # 60 packets: one batch of 64
     plane.nfq = queue  # type: ignore[assignment]
     plane._on_queue()
     assert queue.verdicts == [(i + 1, NF_REPEAT) for i in range(3 * CALLS)]
     writes = log.writes()
     assert len(writes) == 1  # every latch and admission of the batch in one transaction
     assert writes[0].count("add element inet lrk adm4") == CALLS
-    # flows NATed towards the announced addresses go after the new elements are in
-    assert [kind for kind, _ in log.events] == ["nft", "flush"]
+    # flows NATed towards the announced addresses go after the new elements are in, and
+    # only then is any packet re-injected
+    assert [kind for kind, _ in log.events] == ["nft", "flush"] + ["verdict"] * (3 * CALLS)
     assert plane.counters["nfqueue.admitted"] == CALLS
     assert plane.counters["media.latched"] == CALLS  # latches, not packets
     assert plane.counters["nfqueue.requeued"] == 2 * CALLS
@@ -170,3 +174,81 @@ def test_ended_calls_leave_no_relay_address_behind():
     plane.apply([Remove(i + 1, f"c{i}", "deleted") for i in range(CALLS)])
     assert plane.by_relay == {} and plane.relays_of == {} and plane.latched == {}
     assert plane.admitted == {}
+
+
+def test_a_failed_conntrack_flush_still_gives_every_packet_its_verdict():
+    from fastpath.kernel.ctnetlink import ConntrackError
+
+    log = Log()
+    plane, ports = _plane(log)
+
+    def broken(marks: Any) -> None:
+        raise ConntrackError("conntrack flush failed: timeout")
+
+    log.flush_marks = broken  # type: ignore[assignment]
+    queue = FakeQueue(_burst(ports[:2], behind=1))
+    plane.nfq = queue  # type: ignore[assignment]
+    plane._on_queue()  # does not raise
+    assert [v for _, v in queue.verdicts] == [NF_REPEAT] * 4  # the elements are in
+    assert plane.counters["kernel.errors"] == 1
+    assert len(plane._stale) == 2  # the flush is retried with the next read
+    assert plane._deferred is None  # writes are immediate again
+
+
+def test_a_bug_in_a_decision_costs_that_packet_only():
+    log = Log()
+    plane, ports = _plane(log)
+    decide = plane._decide
+    calls = []
+
+    def buggy(payload: bytes) -> int:
+        calls.append(payload)
+        if len(calls) == 2:
+            raise ValueError("a bug")
+        return decide(payload)
+
+    plane._decide = buggy  # type: ignore[assignment]
+    queue = FakeQueue(_burst(ports[:3], behind=0))
+    plane.nfq = queue  # type: ignore[assignment]
+    plane._on_queue()
+    assert queue.verdicts == [(1, NF_REPEAT), (2, NF_DROP), (3, NF_REPEAT)]
+    assert plane.counters["kernel.errors"] == 1
+    # nothing is held any more: the next install is written at once
+    writes = len(log.writes())
+    a = LegSpec("A", RELAY, 31900, ("198.51.100.10", 4000))
+    b = LegSpec("B", RELAY, 31902, ("198.51.100.70", 5000))
+    assert plane.apply([Install(SessionSpec(999, "x", (StreamSpec(0, a, b),)))]) == []
+    assert len(log.writes()) > writes
+
+
+def test_a_units_later_decisions_fail_with_its_first_failed_one():
+    """Leg A's RTP and RTCP first packets in one batch, RTP's admission write fails: the
+    RTCP decision was computed on top of it, so nothing of the unit is applied, and the
+    plane's view of the unit, its latches and admissions are as before the batch."""
+    bad = f"{RELAY} . 31000 . 198.51.100.10"
+    log = Log(fail_on=bad)
+    plane, ports = _plane(log)
+    sid = plane.by_relay[(RELAY, 31000)][0]
+    spec_before = plane.installed[sid]
+    queue = FakeQueue([_udp4(("198.51.100.10", 61000), (RELAY, 31000)),
+                       _udp4(("198.51.100.10", 61001), (RELAY, 31001))])
+    plane.nfq = queue  # type: ignore[assignment]
+    plane._on_queue()
+    assert queue.verdicts == [(1, NF_DROP), (2, NF_DROP)]
+    assert log.writes() == []  # neither decision's writes went in
+    assert plane.installed[sid] == spec_before
+    assert [k for k in plane.latched if k[0] == sid] == []
+    assert plane.admitted.get(sid, set()) == set()
+    assert plane.counters["media.latched"] == 0 and plane.counters["nfqueue.admitted"] == 0
+    assert plane.counters["nfqueue.batches.retried"] == 1
+
+
+def test_a_call_never_answered_leaves_nothing_behind():
+    log = Log()
+    plane, _ports = _plane(log)
+    a = LegSpec("A", RELAY, 31900, ("198.51.100.10", 4000))
+    b = LegSpec("B", RELAY, 31902, None)  # no answer yet: no elements
+    assert plane.apply([Install(SessionSpec(999, "x", (StreamSpec(0, a, b),)))]) == []
+    plane.apply([Remove(999, "x", "deleted")])
+    ours = {sid for sid in plane.installed}
+    assert set(plane.relays_of) <= ours and set(plane.streams_applied) <= ours
