@@ -43,6 +43,9 @@ from lrk.daemon.kernel_plane import KernelPlane
 log = logging.getLogger("lrk.nfqueue")
 
 NFPROTO_INET = 1
+#: packets the kernel holds for a verdict, and the queue socket's receive buffer
+QUEUE_MAXLEN = 20_000
+QUEUE_RCVBUF = 48 << 20
 Addr = Tuple[str, int]
 #: what a decision changed: (unit id, its elements before, latch key, latch before)
 _Before = Tuple[int, Optional[SessionSpec], Tuple[int, str, bool], Optional[Addr]]
@@ -111,7 +114,12 @@ class NfqueuePlane(KernelPlane):
             for fam in (4, 6):       # crash came between the table and its rules)
                 if not self._found_chains.get(f"nfq{fam}"):
                     self._add_queue_rule(fam)
-        self.nfq = NfQueue(self.queue_num, copy_range=128, fail_open=self.bypass)
+        # a burst of new flows (a takeover: every call at once) queues each flow's
+        # packets until userspace admits its first one; room for about a second of
+        # 200 calls' media (20,000 packets of 128 copied bytes: ~40 MB of socket
+        # buffer at most, held only while a burst lasts)
+        self.nfq = NfQueue(self.queue_num, copy_range=128, fail_open=self.bypass,
+                           maxlen=QUEUE_MAXLEN, rcvbuf=QUEUE_RCVBUF)
         self.nfq.bind()
         asyncio.get_running_loop().add_reader(self.nfq.fileno(), self._on_queue)
 
