@@ -21,6 +21,8 @@ F_KERNEL = 1
 F_CHECK_PEER = 2
 #: what the program saw at an entry
 SEEN_NONE, SEEN_EXACT, SEEN_OTHER_PORT = 0, 1, 2
+#: bit set by the reverse entry: this entry's destination sends from another port (NAT)
+SEEN_PEER_MOVED = 4
 
 _KEY = struct.Struct("=I16sHH")  # family, addr, port (be), pad
 _ADDR_KEY = struct.Struct("=I16s")
@@ -66,7 +68,7 @@ class Entry(NamedTuple):
     new_dst: Addr
     counter: int
     flags: int = 0
-    peer: Optional[Addr] = None  # the reverse direction's relay address (F_CHECK_PEER)
+    peer: Optional[Addr] = None  # the reverse direction's relay address
 
     def key(self) -> bytes:
         return stream_key(self.relay)

@@ -54,6 +54,11 @@ enum {
 /* what the program saw at an entry (stream_val.seen) */
 #define SEEN_EXACT 1  /* a packet from src:src_port */
 #define SEEN_OTHER_PORT 2 /* a packet from src, another port: NAT, kernel path learns */
+#define SEEN_LOW 3        /* the two bits above */
+/* this entry's destination was seen sending from another port (a NAT): set by the
+ * reverse entry (the one at `peer`) when that happens, so the hot path of an
+ * F_CHECK_PEER entry reads its own value instead of looking the reverse entry up */
+#define SEEN_PEER_MOVED 4
 
 struct stream_key {
 	__u32 family;     /* 4 or 6 */
@@ -74,7 +79,7 @@ struct stream_val {
 	__u16 pad2;
 	__u32 counter;    /* index into stream_counters */
 	__u32 seen;       /* SEEN_*, written here; the daemon writes 0 */
-	struct stream_key peer; /* the reverse direction's key (F_CHECK_PEER) */
+	struct stream_key peer; /* the reverse direction's key */
 };
 
 struct counter {
@@ -193,20 +198,27 @@ static __always_inline void count_stream(struct stream_val *v, __u32 bytes)
 		c->bytes += bytes;
 		c->last_ns = bpf_ktime_get_ns();
 	}
-	if (!v->seen)
-		v->seen = SEEN_EXACT;
+	if (!(v->seen & SEEN_LOW))
+		v->seen |= SEEN_EXACT;
 }
 
 /* the destination peer was seen sending from another port than the one this entry
  * sends to (a NAT): conntrack knows its real port, the daemon does not yet */
 static __always_inline int peer_nat(struct stream_val *v)
 {
+	return (v->flags & F_CHECK_PEER) && (v->seen & SEEN_PEER_MOVED);
+}
+
+/* this entry's source sends from another port: tell the reverse entry, whose
+ * destination it is (rare: until the daemon learns the port) */
+static __always_inline void source_moved(struct stream_val *v)
+{
 	struct stream_val *p;
 
-	if (!(v->flags & F_CHECK_PEER))
-		return 0;
+	v->seen = (v->seen & SEEN_PEER_MOVED) | SEEN_OTHER_PORT;
 	p = bpf_map_lookup_elem(&streams, &v->peer);
-	return p && p->seen == SEEN_OTHER_PORT;
+	if (p && !(p->seen & SEEN_PEER_MOVED))
+		p->seen |= SEEN_PEER_MOVED;
 }
 
 static __always_inline int egress_ok(struct bpf_fib_lookup *fib)
@@ -252,7 +264,7 @@ static __always_inline int admit(struct stream_key *key, struct udphdr *udp,
 	if (malformed)
 		return verdict(V_DROP_MALFORMED, XDP_DROP);
 	if (v->src_port && udp->source != v->src_port) {
-		v->seen = SEEN_OTHER_PORT;
+		source_moved(v);
 		return verdict(V_PASS_SOURCE_PORT, XDP_PASS);
 	}
 	if (peer_nat(v))

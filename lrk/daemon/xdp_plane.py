@@ -47,7 +47,14 @@ from fastpath.contract import (
     unit_of,
 )
 from fastpath.xdp.errors import XdpError
-from fastpath.xdp.layout import F_CHECK_PEER, F_KERNEL, REASONS, SEEN_NONE, Entry
+from fastpath.xdp.layout import (
+    F_CHECK_PEER,
+    F_KERNEL,
+    REASONS,
+    SEEN_NONE,
+    SEEN_PEER_MOVED,
+    Entry,
+)
 from fastpath.xdp.program import BATCH_FROM, XdpProgram
 from lrk.daemon.kernel_plane import KEPT, KernelPlane, UnitView
 from lrk.errors import ConfigError
@@ -263,11 +270,14 @@ class XdpPlane:
                     continue
                 source = self._latch(uid, name, rtcp, gen) or leg.peer(rtcp)
                 dest = self._latch(uid, oname, rtcp, ogen)
-                flags, peer = 0, None
+                # every entry names the reverse one: a source seen from another port
+                # marks it there (SEEN_PEER_MOVED), which an F_CHECK_PEER entry reads
+                flags = 0
                 if dest is None:
                     dest = other.peer(rtcp)
-                    flags, peer = F_CHECK_PEER, other.relay(rtcp)
-                out[relay] = Entry(relay, source, other.relay(rtcp), dest, 0, flags, peer)
+                    flags = F_CHECK_PEER
+                out[relay] = Entry(relay, source, other.relay(rtcp), dest, 0, flags,
+                                   other.relay(rtcp))
         return out
 
     def _latch(self, uid: int, name: str, rtcp: bool, generation: int) -> Optional[Addr]:
@@ -295,9 +305,13 @@ class XdpPlane:
             entry = entry._replace(counter=slot)
             before = old.get(relay)
             if before != entry:
-                # a destination that only moved keeps what was seen of its source
-                keep = (self.prog.seen(relay) if before is not None
-                        and before.source == entry.source else SEEN_NONE)
+                # a destination that only moved keeps what was seen of its source; what
+                # was seen of the destination (SEEN_PEER_MOVED) goes with a new one
+                keep = SEEN_NONE
+                if before is not None and before.source == entry.source:
+                    keep = self.prog.seen(relay)
+                    if before.new_dst != entry.new_dst:
+                        keep &= ~SEEN_PEER_MOVED
                 self.prog.put(entry, seen=keep)
                 self.counters["xdp.entries.written"] += 1
             held[relay] = entry

@@ -19,6 +19,7 @@ from fastpath.xdp.layout import (
     SEEN_EXACT,
     SEEN_NONE,
     SEEN_OTHER_PORT,
+    SEEN_PEER_MOVED,
     Entry,
 )
 from fastpath.xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, if_nametoindex
@@ -92,7 +93,7 @@ def env() -> Iterator[Dict[str, object]]:
             prog.put(Entry((b, 30020), (net.callee, 5020), (a, 30022), (net.caller, 4020),
                            base + 4, F_CHECK_PEER, peer=(a, 30022)))
             prog.put(Entry((a, 30022), (net.caller, 4020), (b, 30020), (net.callee, 5020),
-                           base + 5))
+                           base + 5, peer=(b, 30020)))
             prog.put(Entry((a, 30030), (net.caller, 4000), (b, 30032), (net.callee, 5000),
                            base + 6, F_KERNEL))
             prog.put(Entry((a, 30040), (net.caller, 4040), (b, 30042),
@@ -271,7 +272,7 @@ def test_reverse_direction_passes_while_its_peer_is_behind_a_nat(env, net):
     prog.put(Entry((b, 30024), (net.callee, 5024), (a, 30026), (net.caller, 4024),
                    100 * fam + 9, F_CHECK_PEER, peer=(a, 30026)))
     prog.put(Entry((a, 30026), (net.caller, 4024), (b, 30024), (net.callee, 5024),
-                   100 * fam + 10))
+                   100 * fam + 10, peer=(b, 30024)))
     data = frame(CALLEE_MAC, EA_MAC, net.callee, net.relay_b, 5024, 30024, PAYLOAD)
     verdict, out, _ = _run(env, data, "ifindex_b")  # the caller has not sent: SDP port
     assert verdict == XDP_REDIRECT
@@ -279,6 +280,8 @@ def test_reverse_direction_passes_while_its_peer_is_behind_a_nat(env, net):
     nat = _in(net, 30026, sport=4444)
     assert _run(env, nat) == (XDP_PASS, nat, {"pass_source_port": 1})
     assert prog.seen((a, 30026)) == SEEN_OTHER_PORT
+    # ... which marked the reverse entry, whose hot path reads only its own value
+    assert prog.seen((b, 30024)) & SEEN_PEER_MOVED
     assert _run(env, data, "ifindex_b") == (XDP_PASS, data, {"pass_peer_nat": 1})
     # the daemon learnt the real port (conntrack): both entries name it
     prog.put(Entry((a, 30026), (net.caller, 4444), (b, 30024), (net.callee, 5024),

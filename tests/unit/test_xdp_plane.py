@@ -23,7 +23,16 @@ from fastpath.contract import (
     Update,
     unit_id,
 )
-from fastpath.xdp.layout import F_CHECK_PEER, F_KERNEL, REASONS, SEEN_NONE, Entry
+from fastpath.xdp.layout import (
+    F_CHECK_PEER,
+    F_KERNEL,
+    REASONS,
+    SEEN_EXACT,
+    SEEN_NONE,
+    SEEN_OTHER_PORT,
+    SEEN_PEER_MOVED,
+    Entry,
+)
 from lrk.daemon.kernel_plane import KernelView, fork_spec, session_spec
 from lrk.daemon.xdp_plane import XdpPlane
 
@@ -34,6 +43,7 @@ CALLER, CALLEE = "198.51.100.10", "198.51.100.70"
 class FakeProgram:
     def __init__(self) -> None:
         self.entries: Dict[Tuple[str, int], Entry] = {}
+        self.seen_values: Dict[Tuple[str, int], int] = {}  # what the program wrote
         self.counts: Dict[int, Tuple[int, int, int]] = {}
         self.resets: List[int] = []
         self.verdicts = {r: 0 for r in REASONS}
@@ -47,12 +57,13 @@ class FakeProgram:
 
     def put(self, entry: Entry, seen: int = SEEN_NONE) -> None:
         self.entries[entry.relay] = entry
+        self.seen_values[entry.relay] = seen
 
     def remove(self, relay) -> bool:
         return self.entries.pop(relay, None) is not None
 
     def seen(self, relay) -> int:
-        return SEEN_NONE
+        return self.seen_values.get(relay, SEEN_NONE)
 
     def reset_counter(self, index: int) -> None:
         self.resets.append(index)
@@ -249,6 +260,29 @@ def test_a_conntrack_latch_of_the_current_generation_rewrites_both_directions():
     assert (b.new_dst, b.flags) == ((CALLER, 4444), 0), "the latch needs no peer check"
     assert prog.entries[(RA, 30001)].source == (CALLER, 4001), "RTCP latches on its own"
     assert events[-1].a.latched == (CALLER, 4444) and events[-1].a.in_packets == 1
+
+
+def test_every_entry_names_its_reverse_one_and_a_new_destination_forgets_its_nat_mark():
+    """The program marks an entry SEEN_PEER_MOVED from its reverse entry (named in every
+    entry) when the destination sends from another port; a rewrite to a new destination
+    drops that mark and keeps what was seen of the unchanged source."""
+    plane, prog = _plane([])
+    spec = SessionSpec(1, "c", (_stream(0),))
+    plane.apply([Install(spec)])
+    a, b = prog.entries[(RA, 30000)], prog.entries[(RB, 30002)]
+    assert (a.peer, b.peer) == ((RB, 30002), (RA, 30000))
+    assert a.flags == b.flags == F_CHECK_PEER
+    # the program: the caller sent exactly (a), the callee from another port (b saw it
+    # and marked a)
+    prog.seen_values[(RA, 30000)] = SEEN_EXACT | SEEN_PEER_MOVED
+    prog.seen_values[(RB, 30002)] = SEEN_OTHER_PORT
+    # conntrack learnt the callee's port: a sends there now, b expects it
+    latch = StreamReport(0, LegReport(), LegReport(generation=0, latched=(CALLEE, 5555)))
+    plane.kernel.sink(SessionReport(1, 10.0, (latch,)))
+    a, b = prog.entries[(RA, 30000)], prog.entries[(RB, 30002)]
+    assert (a.new_dst, a.flags, a.peer) == ((CALLEE, 5555), 0, (RB, 30002))
+    assert prog.seen_values[(RA, 30000)] == SEEN_EXACT  # the NAT mark went with the old port
+    assert b.source == (CALLEE, 5555) and prog.seen_values[(RB, 30002)] == SEEN_NONE
 
 
 def test_reports_add_the_program_counters_and_last_seen():
