@@ -258,8 +258,8 @@ class KernelPlane(KernelView):
         #: a call's elements as one nf_tables netlink batch (~0.1 ms; libnftables spends
         #: ~0.3 ms a transaction parsing and fetching its cache); None: through nft
         self.writer: Optional[ElementWriter] = None
-        #: while `deferred()` runs: element texts and flow flushes held for one
-        #: transaction (and one flush pass) at its end
+        #: from `deferred_begin` to `deferred_end`: element texts and flow flushes held
+        #: for one transaction (and one flush pass) at the end
         self._deferred: Optional[List[str]] = None
         self._deferred_marks: List[int] = []
         self._deferred_stale: List[int] = []  # units whose held flush ends their `_stale`

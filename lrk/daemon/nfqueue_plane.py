@@ -239,25 +239,15 @@ class NfqueuePlane(KernelPlane):
 
     def _remove(self, sid: int) -> None:
         super()._remove(sid)
-        # a unit that never had elements (an offer never answered, a leg on hold) was
-        # never `_forget`-ten: its plane-side records go here
+        # whether or not the unit ever had elements (an offer never answered, a leg on
+        # hold has none, and no `_forget`): its plane-side records go
         self.streams_applied.pop(sid, None)
-        self._drop_relays(sid, keep=set())
+        self._drop_relays(sid, keep=set())  # only its own: a fork's B port is the session's
         self.leg_drops.pop((sid, "A"), None)
         self.leg_drops.pop((sid, "B"), None)
 
     def _forget(self, sid: int, spec: SessionSpec) -> None:
-        self.streams_applied.pop(sid, None)
-        self.leg_drops.pop((sid, "A"), None)
-        self.leg_drops.pop((sid, "B"), None)
         self._drop_admissions(sid)
-        # only its own entries: a fork unit's B port is the session's unit's
-        for leg in (spec.a, spec.b):
-            for rtcp in (False, True):
-                addr = leg.relay(rtcp)
-                if self.by_relay.get(addr, (None,))[0] == sid:
-                    del self.by_relay[addr]
-        self._drop_relays(sid, keep=set())
         for key in [k for k in self.latched if k[0] == sid]:
             del self.latched[key]
 
@@ -283,7 +273,6 @@ class NfqueuePlane(KernelPlane):
         decided: List[Tuple[int, int, Optional[Tuple[int, str]], bool]] = []
         groups: List[Tuple[int, int, Optional[int]]] = []
         befores: List[Optional[_Before]] = []
-        failed: Set[int] = set()
         try:
             for pkt in packets:
                 self.counters["nfqueue.packets"] += 1
