@@ -33,7 +33,7 @@ import os
 import socket
 import sys
 import threading
-from typing import Any, Callable, Deque, Dict, List, Optional, TypeVar
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from fastpath.kernel.netlink import (
     NETLINK_CAP_ACK,
@@ -229,6 +229,14 @@ class NfQueue:
             self.request(msg, "verdict")
         else:
             self._send(msg, "verdict")
+
+    def verdicts(self, decided: Sequence[Tuple[int, int]]) -> None:
+        """(packet id, verdict) pairs as one datagram of verdict messages: the kernel
+        applies them in order, in one system call (errors come back as for `verdict`)."""
+        if decided:
+            self._send(b"".join(build_verdict(self.queue_num, packet_id, verdict,
+                                              seq=self._next_seq())
+                                for packet_id, verdict in decided), "verdicts")
 
     def verdict_batch(self, last_id: int, verdict: int, mark: Optional[int] = None, *,
                       wait: bool = False) -> None:

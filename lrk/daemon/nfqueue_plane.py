@@ -267,8 +267,12 @@ class NfqueuePlane(KernelPlane):
             return
         # one transaction for the batch's element writes (a burst of new flows, as
         # after a takeover, must not queue behind one netlink round trip per flow),
-        # then the flushes, then the verdicts: a packet is re-injected only once its
-        # admission is written, and every packet taken gets its verdict
+        # then the flushes (a flow NATed towards a latched leg's old address would
+        # clash with the re-injected packet's at conntrack confirm), then the verdicts
+        # in one message: a packet is re-injected only once its admission is written,
+        # and every packet taken gets its verdict. A flow's packets that reach the
+        # kernel after the commit take the ruleset's path and may overtake its first,
+        # still queued, packet (docs/fastpath.md)
         self.deferred_begin()
         decided: List[Tuple[int, int, Optional[Tuple[int, str]], bool]] = []
         groups: List[Tuple[int, int, Optional[int]]] = []
@@ -294,15 +298,17 @@ class NfqueuePlane(KernelPlane):
         finally:
             failed = self.deferred_end(groups)
             self._undo(failed, decided, befores)
+            verdicts: List[Tuple[int, int]] = []
             for i, (packet_id, verdict, relied, added) in enumerate(decided):
                 if verdict == NF_REPEAT and relied is not None and (
                         i in failed or relied[1] not in self.admitted.get(relied[0], ())):
                     verdict = NF_DROP  # it would only come back to the queue
                 elif added:
                     self.counters["nfqueue.admitted"] += 1
-                nfq.verdict(packet_id, verdict)
+                verdicts.append((packet_id, verdict))
             for pkt in packets[len(decided):]:  # not reached (a bug above): refused
-                nfq.verdict(pkt.packet_id, NF_DROP)
+                verdicts.append((pkt.packet_id, NF_DROP))
+            nfq.verdicts(verdicts)
 
     def _undo(self, failed: Set[int], decided: list, befores: List[Optional[_Before]]) -> None:
         """Nothing of a failed decision was applied: its admission, its latch and its

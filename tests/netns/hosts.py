@@ -29,6 +29,18 @@ def receive(sock: socket.socket, n: int):
     return got
 
 
+def relay_flow(src: socket.socket, dst: socket.socket, packets: list, to) -> list:
+    """`packets` sent from `src` to the relay address `to`, and what `dst` got (as
+    `receive`). The first goes alone: in nfqueue mode userspace decides a flow's first
+    packet, and packets sent while it does may overtake it (docs/fastpath.md); from then
+    on the relay keeps the order, which the caller can assert."""
+    src.sendto(packets[0], to)
+    got = receive(dst, 1)
+    for pkt in packets[1:]:
+        src.sendto(pkt, to)
+    return got + receive(dst, len(packets) - 1)
+
+
 def wait(predicate, timeout: float = 10.0) -> None:
     """Poll an observable until `predicate()` holds; fail at the deadline."""
     deadline = time.monotonic() + timeout

@@ -20,7 +20,7 @@ from bench.netns import run
 from lrk.client import LrkClient
 from lrk.demo.media import rtp_packet
 
-from .hosts import endpoint, flows, receive, tables
+from .hosts import endpoint, flows, relay_flow, tables
 from .test_streams_modes import _audio, _relay, _relay_addrs, _stops_cleanly
 
 pytestmark = pytest.mark.netns
@@ -42,13 +42,12 @@ def _both_ways(caller, callee, to_a: Addr, to_b: Addr, first: int, n: int) -> No
     """`n` packets each way, every one received from the right relay address. The caller's
     go (and arrive) first: a callee whose first packet races the caller's can own the
     conntrack tuple the caller's flow needs (the design limit the xfail test in
-    test_kernel_rules_netns.py documents), which made the first exchange flaky."""
-    for seq in range(first, first + n):
-        caller.sendto(rtp_packet(seq, 0x400), to_a)
-    assert receive(callee, n) == [(rtp_packet(s, 0x400), to_b) for s in range(first, first + n)]
-    for seq in range(first, first + n):
-        callee.sendto(rtp_packet(seq, 0x500), to_b)
-    assert receive(caller, n) == [(rtp_packet(s, 0x500), to_a) for s in range(first, first + n)]
+    test_kernel_rules_netns.py documents), which made the first exchange flaky. Each
+    direction's first packet goes alone (`relay_flow` says why)."""
+    forth = [rtp_packet(seq, 0x400) for seq in range(first, first + n)]
+    assert relay_flow(caller, callee, forth, to_a) == [(pkt, to_b) for pkt in forth]
+    back = [rtp_packet(seq, 0x500) for seq in range(first, first + n)]
+    assert relay_flow(callee, caller, back, to_b) == [(pkt, to_a) for pkt in back]
 
 
 def _marks(ns: str) -> List[int]:

@@ -14,7 +14,7 @@ from lrk.client import LrkClient
 from lrk.demo.media import rtcp_sender_report, rtp_packet
 from lrk.demo.relay_process import RelayProcess
 
-from .hosts import endpoint, flows, pending, receive, wait
+from .hosts import endpoint, flows, pending, receive, relay_flow, wait
 from .test_xdp_mode import _gro, _resolve
 
 pytestmark = pytest.mark.netns
@@ -102,13 +102,11 @@ def test_same_port_on_two_addresses_relays_both_calls(topo, tmp_path, mode):
                 in1: 1, IN2: 1, ex1: 1, EX2: 1}
             for n, (caller, callee, callee_rtcp, to_a, to_b) in enumerate(relays):
                 sent = [rtp_packet(seq, 0x5A000000 + n) for seq in range(5)]
-                for pkt in sent:
-                    caller.sendto(pkt, to_a)
-                assert receive(callee, 5) == [(pkt, to_b) for pkt in sent], (mode, n)
+                assert relay_flow(caller, callee, sent, to_a) == [
+                    (pkt, to_b) for pkt in sent], (mode, n)
                 back = [rtp_packet(seq, 0x5B000000 + n) for seq in range(5)]
-                for pkt in back:
-                    callee.sendto(pkt, to_b)
-                assert receive(caller, 5) == [(pkt, to_a) for pkt in back], (mode, n)
+                assert relay_flow(callee, caller, back, to_b) == [
+                    (pkt, to_a) for pkt in back], (mode, n)
                 report = rtcp_sender_report(0x5A000000 + n, 5, 800)
                 caller.sendto(report, (to_a[0], to_a[1] + 1))  # RTCP: port + 1, mark + 1
                 assert receive(callee_rtcp, 1) == [(report, (to_b[0], to_b[1] + 1))]

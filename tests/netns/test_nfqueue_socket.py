@@ -385,6 +385,24 @@ def test_receive_accept_and_drop(net, v6):
     assert q.receive_batch(10) == [] and q.stats()["verdict_errors"] == {}
 
 
+def test_verdicts_in_one_datagram_apply_each_in_order(net):
+    """`verdicts`: many packets' verdicts in one send, each applied, in the order given
+    (the plane re-injects a batch with it); an unknown id among them costs only itself."""
+    lab, tx, rx, _, _ = net
+    q = lab.queue(7)
+    data = payloads("one", 5)
+    send(tx, (B4, PORT), data)
+    got = collect(q, 5)
+    q.verdicts([(got[0].packet_id, NF_ACCEPT), (got[1].packet_id, NF_DROP),
+                (99999, NF_ACCEPT), (got[2].packet_id, NF_ACCEPT),
+                (got[3].packet_id, NF_ACCEPT), (got[4].packet_id, NF_DROP)])
+    assert drain(rx, 3) == [data[0], data[2], data[3]]
+    assert q.receive_batch(10) == []
+    assert q.stats()["verdict_errors"] == {"ENOENT": 1}
+    q.verdicts([])  # nothing to send: no datagram, no error
+    assert q.stats()["verdict_errors"] == {"ENOENT": 1}
+
+
 def test_batch_verdict_covers_ids_up_to_n(net):
     lab, tx, rx, _, _ = net
     q = lab.queue(7)

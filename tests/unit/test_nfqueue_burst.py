@@ -61,17 +61,18 @@ class Packet:
 class FakeQueue:
     def __init__(self, packets: List[bytes], log: Any = None) -> None:
         self.waiting = [Packet(i + 1, p) for i, p in enumerate(packets)]
-        self.verdicts: List[Tuple[int, int]] = []
+        self.given: List[Tuple[int, int]] = []
         self.log = log
 
     def receive_batch(self, max_n: int = 64) -> List[Packet]:
         out, self.waiting = self.waiting[:max_n], self.waiting[max_n:]
         return out
 
-    def verdict(self, packet_id: int, verdict: int) -> None:
-        self.verdicts.append((packet_id, verdict))
+    def verdicts(self, decided: List[Tuple[int, int]]) -> None:
+        """One datagram of verdicts, as the real queue sends them."""
+        self.given.extend(decided)
         if self.log is not None:
-            self.log.events.append(("verdict", packet_id))
+            self.log.events.append(("verdicts", [packet_id for packet_id, _ in decided]))
 
 
 def _plane(log: Log) -> Tuple[NfqueuePlane, List[int]]:
@@ -106,13 +107,14 @@ def test_a_burst_of_new_flows_is_one_transaction_per_queue_batch():
     queue = FakeQueue(_burst(ports, behind=2), log)  # 60 packets: one batch of 64
     plane.nfq = queue  # type: ignore[assignment]
     plane._on_queue()
-    assert queue.verdicts == [(i + 1, NF_REPEAT) for i in range(3 * CALLS)]
+    assert queue.given == [(i + 1, NF_REPEAT) for i in range(3 * CALLS)]
     writes = log.writes()
     assert len(writes) == 1  # every latch and admission of the batch in one transaction
     assert writes[0].count("add element inet lrk adm4") == CALLS
     # flows NATed towards the announced addresses go after the new elements are in, and
-    # only then is any packet re-injected
-    assert [kind for kind, _ in log.events] == ["nft", "flush"] + ["verdict"] * (3 * CALLS)
+    # only then are the packets re-injected, in order, in one datagram
+    assert [kind for kind, _ in log.events] == ["nft", "flush", "verdicts"]
+    assert log.events[2] == ("verdicts", list(range(1, 3 * CALLS + 1)))
     assert plane.counters["nfqueue.admitted"] == CALLS
     assert plane.counters["media.latched"] == CALLS  # latches, not packets
     assert plane.counters["nfqueue.requeued"] == 2 * CALLS
@@ -129,7 +131,7 @@ def test_packets_behind_an_admitted_flow_write_nothing():
     queue = FakeQueue(_burst(ports[:1], behind=4))
     plane.nfq = queue  # type: ignore[assignment]
     plane._on_queue()
-    assert [v for _, v in queue.verdicts] == [NF_REPEAT] * 5
+    assert [v for _, v in queue.given] == [NF_REPEAT] * 5
     assert len(log.writes()) == 1  # nothing new to write
     assert plane.counters["nfqueue.requeued"] == 5
 
@@ -142,7 +144,7 @@ def test_a_failed_write_refuses_only_the_packets_that_needed_it():
     queue = FakeQueue(_burst(ports[:4], behind=1))
     plane.nfq = queue  # type: ignore[assignment]
     plane._on_queue()
-    assert queue.verdicts == [(1, NF_REPEAT), (2, NF_REPEAT), (3, NF_DROP), (4, NF_REPEAT),
+    assert queue.given == [(1, NF_REPEAT), (2, NF_REPEAT), (3, NF_DROP), (4, NF_REPEAT),
                               (5, NF_REPEAT), (6, NF_REPEAT), (7, NF_DROP), (8, NF_REPEAT)]
     assert plane.counters["kernel.errors"] == 1
     # the batch failed as a whole, then each decision went alone: the others are in,
@@ -158,7 +160,7 @@ def test_a_failed_write_refuses_only_the_packets_that_needed_it():
     retry = FakeQueue([_udp4(("198.51.100.10", 61002), (RELAY, ports[2]))])
     plane.nfq = retry  # type: ignore[assignment]
     plane._on_queue()
-    assert retry.verdicts == [(1, NF_REPEAT)]
+    assert retry.given == [(1, NF_REPEAT)]
     assert bad in log.writes()[-1]
     assert plane.installed[sid].a.peer(False) == ("198.51.100.10", 61002)
     assert "61002" in log.writes()[-1].replace(bad, "")  # the re-point, written now
@@ -189,7 +191,7 @@ def test_a_failed_conntrack_flush_still_gives_every_packet_its_verdict():
     queue = FakeQueue(_burst(ports[:2], behind=1))
     plane.nfq = queue  # type: ignore[assignment]
     plane._on_queue()  # does not raise
-    assert [v for _, v in queue.verdicts] == [NF_REPEAT] * 4  # the elements are in
+    assert [v for _, v in queue.given] == [NF_REPEAT] * 4  # the elements are in
     assert plane.counters["kernel.errors"] == 1
     assert len(plane._stale) == 2  # the flush is retried with the next read
     assert plane._deferred is None  # writes are immediate again
@@ -211,7 +213,7 @@ def test_a_bug_in_a_decision_costs_that_packet_only():
     queue = FakeQueue(_burst(ports[:3], behind=0))
     plane.nfq = queue  # type: ignore[assignment]
     plane._on_queue()
-    assert queue.verdicts == [(1, NF_REPEAT), (2, NF_DROP), (3, NF_REPEAT)]
+    assert queue.given == [(1, NF_REPEAT), (2, NF_DROP), (3, NF_REPEAT)]
     assert plane.counters["kernel.errors"] == 1
     # nothing is held any more: the next install is written at once
     writes = len(log.writes())
@@ -234,7 +236,7 @@ def test_a_units_later_decisions_fail_with_its_first_failed_one():
                        _udp4(("198.51.100.10", 61001), (RELAY, 31001))])
     plane.nfq = queue  # type: ignore[assignment]
     plane._on_queue()
-    assert queue.verdicts == [(1, NF_DROP), (2, NF_DROP)]
+    assert queue.given == [(1, NF_DROP), (2, NF_DROP)]
     assert log.writes() == []  # neither decision's writes went in
     assert plane.installed[sid] == spec_before
     assert [k for k in plane.latched if k[0] == sid] == []
