@@ -21,7 +21,10 @@ while `bench.control_load` drives it (offer + answer + delete with SDP, 4 calls 
 flight), once with `calls` and once with 0 calls after the same warm-up; per call:
 instructions, L1 data misses and branch mispredictions (indirect ones apart: the
 interpreter's dispatch). Close to deterministic (the worker's report timing moves
-them by about 1 %); slow (a minute per 1,000 calls and tree).
+them by about 1 %); slow (a minute per 1,000 calls and tree). The socket worker (a
+process of its own, which binds the call's ports) is counted too, apart: cachegrind
+follows it (``--trace-children=yes``, one log per process, each process named by the
+command its log records).
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def per_call(python: str, tree: str, script: str, data: str, calls: int) -> int:
 _DAEMON_FIGURES = {
     "instructions": r"I\s+refs:\s+([\d,]+)",
     "d1_misses": r"D1\s+misses:\s+([\d,]+)",
+    "ll_misses": r"LL misses:\s+([\d,]+)",  # data and instructions: what goes to memory
     "branches": r"Branches:\s+([\d,]+)",
     "mispredicts": r"Mispredicts:\s+([\d,]+)",
     "indirect_mispredicts": r"Mispredicts:\s+[\d,]+\s+\(\s*[\d,]+ cond \+\s+([\d,]+) ind",
@@ -111,19 +115,19 @@ _DAEMON_FIGURES = {
 DAEMON_WARMUP = 200
 
 
-def daemon_run(python: str, tree: str, calls: int, tmp: str) -> Dict[str, int]:
-    """Cachegrind's totals for one relay of `tree` that served `calls` calls after the
-    warm-up, until it stopped."""
+def daemon_run(python: str, tree: str, calls: int, tmp: str) -> Dict[str, Dict[str, int]]:
+    """Cachegrind's totals, per process ("daemon", "worker"), for one relay of `tree`
+    that served `calls` calls after the warm-up, until it stopped."""
     from bench.before_after import BodyProtocol
     from bench.control_load import run_load
     from lrk.demo.relay_process import RelayProcess
 
-    log = os.path.join(tmp, f"cachegrind-{os.getpid()}-{calls}.log")
+    logs = tempfile.mkdtemp(prefix=f"cachegrind-{calls}-", dir=tmp)
     wrapper = os.path.join(tmp, "relay-under-valgrind")
     with open(wrapper, "w") as fh:
         fh.write(f"#!/bin/sh\ncd {tree} && PYTHONPATH={tree} exec valgrind --tool=cachegrind "
                  f"--cache-sim=yes --branch-sim=yes --cachegrind-out-file=/dev/null "
-                 f"--log-file={log} {python} \"$@\"\n")
+                 f"--trace-children=yes --log-file={logs}/%p.log {python} \"$@\"\n")
     os.chmod(wrapper, 0o755)
     config = os.path.join(tmp, "relay.toml")
     with open(config, "w") as fh:
@@ -144,8 +148,27 @@ def daemon_run(python: str, tree: str, calls: int, tmp: str) -> Dict[str, int]:
                     raise SystemExit(f"the relay of {tree} answered with errors: {done}")
     finally:
         relay.stop(timeout=120)
-    with open(log) as fh:
-        return figures(fh.read(), tree)
+    texts = []
+    for name in sorted(os.listdir(logs)):
+        with open(os.path.join(logs, name)) as fh:
+            texts.append(fh.read())
+    return by_process(texts, tree)
+
+
+def by_process(texts: List[str], tree: str = "") -> Dict[str, Dict[str, int]]:
+    """The figures of each cachegrind log, keyed by the process it names in its
+    "Command:" line: the socket worker ("worker") or the control process ("daemon")."""
+    out: Dict[str, Dict[str, int]] = {}
+    for text in texts:
+        command = re.search(r"Command: (.*)", text)
+        role = "worker" if command and "worker" in command.group(1) else "daemon"
+        if role in out:
+            raise SystemExit(f"two {role} processes in one run of {tree}")
+        out[role] = figures(text, tree)
+    if set(out) != {"daemon", "worker"}:
+        raise SystemExit(f"cachegrind logged {sorted(out)} for {tree}, not a daemon and "
+                         "its worker")
+    return out
 
 
 def figures(text: str, tree: str = "") -> Dict[str, int]:
@@ -159,10 +182,15 @@ def figures(text: str, tree: str = "") -> Dict[str, int]:
     return out
 
 
-def daemon_per_call(python: str, tree: str, calls: int, tmp: str) -> Dict[str, int]:
+def daemon_per_call(python: str, tree: str, calls: int, tmp: str
+                    ) -> Dict[str, Dict[str, int]]:
+    """Per call and process ("daemon", "worker", and their "total")."""
     base = daemon_run(python, tree, 0, tmp)
     full = daemon_run(python, tree, calls, tmp)
-    return {name: (full[name] - base[name]) // calls for name in _DAEMON_FIGURES}
+    out = {role: {name: (full[role][name] - base[role][name]) // calls
+                  for name in _DAEMON_FIGURES} for role in ("daemon", "worker")}
+    out["total"] = {name: out["daemon"][name] + out["worker"][name] for name in _DAEMON_FIGURES}
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -222,8 +250,10 @@ def _main_daemon(args: argparse.Namespace) -> int:
             result[side] = {"tree": tree, "per_call": daemon_per_call(
                 os.path.abspath(args.python), os.path.abspath(tree), args.calls, tmp)}
     before, after = result["before"]["per_call"], result["after"]["per_call"]
-    result["after_over_before"] = {name: round(after[name] / before[name], 3)
-                                   for name in _DAEMON_FIGURES if before[name]}
+    result["after_over_before"] = {
+        role: {name: round(after[role][name] / before[role][name], 3)
+               for name in _DAEMON_FIGURES if before[role][name]}
+        for role in ("daemon", "worker", "total")}
     jsonlines.emit(result, args.out, indent=1)
     return 0
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import msgpack
+import pytest
 
 from bench import instructions
 
@@ -32,6 +33,7 @@ def test_the_loop_runs_every_call_on_this_tree(tmp_path):
 
 SUMMARY = """==1== I   refs:      2,509,143,887
 ==1== D1  misses:       24,886,933  ( 21,073,606 rd   +   3,813,327 wr)
+==1== LL misses:         1,204,551  (    700,103 rd   +     504,448 wr)
 ==1== Branches:        432,701,351  (401,227,588 cond +  31,473,763 ind)
 ==1== Mispredicts:      49,529,191  ( 34,318,387 cond +  15,210,804 ind)
 """
@@ -39,13 +41,31 @@ SUMMARY = """==1== I   refs:      2,509,143,887
 
 def test_daemon_figures_come_from_cachegrinds_summary():
     assert instructions.figures(SUMMARY) == {
-        "instructions": 2509143887, "d1_misses": 24886933, "branches": 432701351,
+        "instructions": 2509143887, "d1_misses": 24886933, "ll_misses": 1204551,
+        "branches": 432701351,
         "mispredicts": 49529191, "indirect_mispredicts": 15210804}
 
 
 def test_daemon_per_call_is_the_difference_over_the_calls(monkeypatch, tmp_path):
-    runs = {0: instructions.figures(SUMMARY),
-            1000: {k: v + 1000 * 7 for k, v in instructions.figures(SUMMARY).items()}}
+    base = instructions.figures(SUMMARY)
+    runs = {0: {"daemon": base, "worker": base},
+            1000: {"daemon": {k: v + 1000 * 7 for k, v in base.items()},
+                   "worker": {k: v + 1000 * 2 for k, v in base.items()}}}
     monkeypatch.setattr(instructions, "daemon_run", lambda py, tree, calls, tmp: runs[calls])
     per = instructions.daemon_per_call("python", "tree", 1000, str(tmp_path))
-    assert per == dict.fromkeys(instructions._DAEMON_FIGURES, 7)
+    assert per == {"daemon": dict.fromkeys(instructions._DAEMON_FIGURES, 7),
+                   "worker": dict.fromkeys(instructions._DAEMON_FIGURES, 2),
+                   "total": dict.fromkeys(instructions._DAEMON_FIGURES, 9)}
+
+
+def test_each_log_is_named_by_the_process_it_records():
+    daemon = "==7== Command: /usr/bin/python3 -m lrk run --mode socket\n" + SUMMARY
+    worker = ("==9== Command: /usr/bin/python3 -m fastpath.worker.loop --channel-fd 5\n"
+              + SUMMARY.replace("2,509,143,887", "11"))
+    out = instructions.by_process([worker, daemon])
+    assert out["daemon"]["instructions"] == 2509143887
+    assert out["worker"]["instructions"] == 11
+    with pytest.raises(SystemExit, match="not a daemon and its worker"):
+        instructions.by_process([daemon])
+    with pytest.raises(SystemExit, match="two worker processes"):
+        instructions.by_process([worker, worker, daemon])
