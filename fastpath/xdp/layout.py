@@ -2,6 +2,8 @@
 
 Keys and values are packed here and nowhere else; addresses are 16 bytes (IPv4 in
 the first 4), ports in network order, as the program compares them with packet bytes.
+The stream map is an array: relay address `n` (in the order `configure` got them) owns
+indexes n * span .. n * span + span - 1, one per port of the range (`stream_index`).
 """
 
 from __future__ import annotations
@@ -19,17 +21,20 @@ REASONS = (
 #: entry flags
 F_KERNEL = 1
 F_CHECK_PEER = 2
+F_LIVE = 4  # a stream is at this index (a removed one is zeroed)
 #: what the program saw at an entry
 SEEN_NONE, SEEN_EXACT, SEEN_OTHER_PORT = 0, 1, 2
 #: bit set by the reverse entry: this entry's destination sends from another port (NAT)
 SEEN_PEER_MOVED = 4
 
-_KEY = struct.Struct("=I16sHH")  # family, addr, port (be), pad
 _ADDR_KEY = struct.Struct("=I16s")
-_VAL = struct.Struct("=16sHH16sHH16sHHII24s")
+#: src, src port, flags, new src, new sport, pad, new dst, new dport, pad, counter, seen,
+#: peer (the reverse direction's index + 1; 0: none)
+_VAL = struct.Struct("=16sHH16sHH16sHHIII")
 _COUNTER = struct.Struct("=QQQ")
 _CFG = struct.Struct("=HH")
-KEY_SIZE, VAL_SIZE, COUNTER_SIZE = _KEY.size, _VAL.size, _COUNTER.size
+VAL_SIZE, COUNTER_SIZE = _VAL.size, _COUNTER.size
+assert VAL_SIZE == 72  # struct stream_val, no padding
 
 Addr = Tuple[str, int]
 
@@ -44,9 +49,25 @@ def _be(port: int) -> int:
     return struct.unpack("=H", struct.pack("!H", port))[0]
 
 
-def stream_key(relay: Addr) -> bytes:
-    fam, raw = _addr(relay[0])
-    return _KEY.pack(fam, raw, _be(relay[1]), 0)
+def packed(ip: str) -> bytes:
+    """The 16 bytes an address is stored as (one spelling per address)."""
+    return _addr(ip)[1]
+
+
+def stream_index(base: int, port_min: int, port_max: int, port: int) -> int:
+    """The array index of `port` in the block that starts at `base`; ValueError when the
+    port is outside the range."""
+    if not port_min <= port <= port_max:
+        raise ValueError(f"port {port} is outside the relay range {port_min}-{port_max}")
+    return base + port - port_min
+
+
+def index_key(index: int) -> bytes:
+    return index.to_bytes(4, "little")
+
+
+def base_value(base: int) -> bytes:
+    return base.to_bytes(4, "little")
 
 
 def addr_key(ip: str) -> bytes:
@@ -70,20 +91,24 @@ class Entry(NamedTuple):
     flags: int = 0
     peer: Optional[Addr] = None  # the reverse direction's relay address
 
-    def key(self) -> bytes:
-        return stream_key(self.relay)
-
-    def value(self, seen: int = SEEN_NONE) -> bytes:
-        peer = stream_key(self.peer) if self.peer is not None else bytes(KEY_SIZE)
-        return _VAL.pack(_addr(self.source[0])[1], _be(self.source[1]), self.flags,
+    def value(self, seen: int = SEEN_NONE, peer_index: Optional[int] = None) -> bytes:
+        """The live entry's bytes; `peer_index`: the array index of `peer`."""
+        return _VAL.pack(_addr(self.source[0])[1], _be(self.source[1]),
+                         self.flags | F_LIVE,
                          _addr(self.new_src[0])[1], _be(self.new_src[1]), 0,
                          _addr(self.new_dst[0])[1], _be(self.new_dst[1]), 0,
-                         self.counter, seen, peer)
+                         self.counter, seen, 0 if peer_index is None else peer_index + 1)
 
 
 def seen(value: bytes) -> int:
-    """The `seen` field (SEEN_*) of a stream value read back from the map."""
-    return int(_VAL.unpack(value)[10])
+    """The `seen` field (SEEN_*) of a stream value read back from the map (SEEN_NONE
+    where no stream is)."""
+    fields = _VAL.unpack(value)
+    return int(fields[10]) if fields[2] & F_LIVE else SEEN_NONE
+
+
+def live(value: bytes) -> bool:
+    return bool(_VAL.unpack(value)[2] & F_LIVE)
 
 
 def counters(raw: bytes, ncpus: int, offset: int = 0) -> Tuple[int, int, int]:

@@ -37,14 +37,18 @@ BATCH_FROM = 256
 
 
 class XdpProgram:
-    """One loaded copy of relay.bpf.c (maps sized for `max_streams` directions and
-    `max_counters` counter slots)."""
+    """One loaded copy of relay.bpf.c (a stream array of `stream_slots` entries, one per
+    relay address and port, and `max_counters` counter slots)."""
 
-    def __init__(self, obj: BpfObject, max_counters: int) -> None:
+    def __init__(self, obj: BpfObject, max_counters: int, stream_slots: int) -> None:
         self.obj = obj
         self.ncpus = num_cpus()
         self.max_counters = max_counters
-        self.streams = BpfMap(obj.map_fd("streams"), layout.KEY_SIZE, layout.VAL_SIZE)
+        self.stream_slots = stream_slots
+        #: relay address (packed) -> its block's first index; the range, from `configure`
+        self._base: Dict[bytes, int] = {}
+        self._range = (1, 0)
+        self.streams = BpfMap(obj.map_fd("streams"), 4, layout.VAL_SIZE)
         self.counters = BpfMap(obj.map_fd("stream_counters"), 4, layout.COUNTER_SIZE,
                                self.ncpus)
         self.verdicts = BpfMap(obj.map_fd("verdicts"), 4, 8, self.ncpus)
@@ -57,31 +61,70 @@ class XdpProgram:
 
     @classmethod
     def load(cls, max_streams: int = 65536, max_counters: int = 65536,
-             path: Optional[str] = None) -> XdpProgram:
+             path: Optional[str] = None, stream_slots: Optional[int] = None) -> XdpProgram:
+        """`stream_slots`: the stream array's size, at least the relay addresses times
+        the ports of the range that `configure` will get (default `max_streams`)."""
+        slots = max_streams if stream_slots is None else stream_slots
         obj = BpfObject(path or build.object_path(),
-                        {"streams": max_streams, "stream_counters": max_counters})
+                        {"streams": slots, "stream_counters": max_counters})
         try:
-            return cls(obj, max_counters)
+            return cls(obj, max_counters, slots)
         except BaseException:
             obj.close()
             raise
 
     # -- configuration -------------------------------------------------------------------
     def configure(self, port_min: int, port_max: int, relay_ips: Sequence[str]) -> None:
-        """The relay's port range and addresses: the program owns UDP to these only."""
+        """The relay's port range and addresses: the program owns UDP to these only.
+        Each address gets its block of the stream array, in the order given."""
+        span = port_max - port_min + 1
+        addrs = list(dict.fromkeys(layout.packed(ip) for ip in relay_ips))
+        if len(addrs) * span > self.stream_slots:
+            need = len(addrs) * span
+            raise XdpError(f"the stream array has {self.stream_slots} entries and "
+                           f"{len(addrs)} relay address(es) x {span} ports need {need}: "
+                           f"load it with stream_slots >= {need}")
         self.config.update(b"\0\0\0\0", layout.config_value(port_min, port_max))
+        self._range = (port_min, port_max)
         for ip in relay_ips:
-            self.relay_addrs.update(layout.addr_key(ip), b"\1\0\0\0")
+            base = addrs.index(layout.packed(ip)) * span
+            self._base[layout.packed(ip)] = base
+            self.relay_addrs.update(layout.addr_key(ip), layout.base_value(base))
+
+    def owns(self, ip: str) -> bool:
+        """`ip` is one of the relay addresses the program serves (`configure`)."""
+        return layout.packed(ip) in self._base
+
+    def index(self, relay: Tuple[str, int]) -> int:
+        """The stream array index of a relay address and port (XdpError: not the
+        relay's)."""
+        base = self._base.get(layout.packed(relay[0]))
+        if base is None:
+            raise XdpError(f"{relay[0]} is not one of the relay addresses the program "
+                           "was configured with")
+        try:
+            return layout.stream_index(base, self._range[0], self._range[1], relay[1])
+        except ValueError as exc:
+            raise XdpError(str(exc)) from None
 
     def put(self, entry: layout.Entry, seen: int = layout.SEEN_NONE) -> None:
-        self.streams.update(entry.key(), entry.value(seen))
+        peer = self.index(entry.peer) if entry.peer is not None \
+            and self.owns(entry.peer[0]) else None
+        self.streams.update(layout.index_key(self.index(entry.relay)),
+                            entry.value(seen, peer))
 
     def remove(self, relay: Tuple[str, int]) -> bool:
-        return self.streams.delete(layout.stream_key(relay))
+        """Zero a relay port's entry; False when no stream was there."""
+        key = layout.index_key(self.index(relay))
+        raw = self.streams.lookup(key)
+        if raw is None or not layout.live(raw):
+            return False
+        self.streams.update(key, bytes(layout.VAL_SIZE))
+        return True
 
     def seen(self, relay: Tuple[str, int]) -> int:
         """What the program saw at an entry (layout.SEEN_*; SEEN_NONE without one)."""
-        raw = self.streams.lookup(layout.stream_key(relay))
+        raw = self.streams.lookup(layout.index_key(self.index(relay)))
         return layout.seen(raw) if raw is not None else layout.SEEN_NONE
 
     def read_counter(self, index: int) -> Tuple[int, int, int]:

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /* lrk's XDP media quickpath: the whole job for established streams at the driver.
  *
- * One hash lookup per packet on (family, relay address, relay port). A hit whose
+ * Two lookups per packet: the relay address (a small hash: its block of the stream
+ * array) and the stream, an array index (block + port - lowest port: no hashing, no
+ * bucket walk, one cache line or two at any number of streams). A live entry whose
  * source is the peer the daemon wrote is rewritten to the other leg (relay address and
  * port as source, that leg's peer as destination), checksums updated, TTL/hop limit
  * decremented, and redirected to the next hop bpf_fib_lookup names (XDP_TX when that
@@ -50,6 +52,7 @@ enum {
 /* entry flags */
 #define F_KERNEL 1    /* the kernel path serves this port (forks, unknown peers) */
 #define F_CHECK_PEER 2 /* pass while the peer sends from another port than named */
+#define F_LIVE 4       /* a stream is here (the daemon zeroes a removed entry) */
 
 /* what the program saw at an entry (stream_val.seen) */
 #define SEEN_EXACT 1  /* a packet from src:src_port */
@@ -59,13 +62,6 @@ enum {
  * reverse entry (the one at `peer`) when that happens, so the hot path of an
  * F_CHECK_PEER entry reads its own value instead of looking the reverse entry up */
 #define SEEN_PEER_MOVED 4
-
-struct stream_key {
-	__u32 family;     /* 4 or 6 */
-	__u8 addr[16];    /* relay address (IPv4: first 4 bytes, rest 0) */
-	__u16 port;       /* relay port, network order */
-	__u16 pad;
-};
 
 struct stream_val {
 	__u8 src[16];     /* the peer expected to send here */
@@ -79,7 +75,7 @@ struct stream_val {
 	__u16 pad2;
 	__u32 counter;    /* index into stream_counters */
 	__u32 seen;       /* SEEN_*, written here; the daemon writes 0 */
-	struct stream_key peer; /* the reverse direction's key */
+	__u32 peer;       /* the reverse direction's index + 1; 0: none */
 };
 
 struct counter {
@@ -98,10 +94,12 @@ struct addr_key {
 	__u8 addr[16];
 };
 
+/* one block of (port_max - port_min + 1) entries per relay address, indexed by port;
+ * sized by the daemon before loading */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 65536);
-	__type(key, struct stream_key);
+	__type(key, __u32);
 	__type(value, struct stream_val);
 } streams SEC(".maps");
 
@@ -126,6 +124,7 @@ struct {
 	__type(value, struct relay_cfg);
 } config SEC(".maps");
 
+/* relay address -> the first index of its block in `streams` */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 256);
@@ -169,13 +168,17 @@ static __always_inline __u32 csum_replace(__u32 sum, const __u16 *old, const __u
 	return sum;
 }
 
-static __always_inline int in_range(__u16 port_be)
+/* the stream array index of relay port `port_be` in the block at `base`; -1 when the
+ * port is outside the relay's range */
+static __always_inline long stream_index(__u32 base, __u16 port_be)
 {
 	__u32 zero = 0;
 	struct relay_cfg *cfg = bpf_map_lookup_elem(&config, &zero);
 	__u16 port = bpf_ntohs(port_be);
 
-	return cfg && port >= cfg->port_min && port <= cfg->port_max;
+	if (!cfg || port < cfg->port_min || port > cfg->port_max)
+		return -1;
+	return (long)base + (port - cfg->port_min);
 }
 
 static __always_inline int addr_eq(const __u8 *a, const __u8 *b, int n)
@@ -215,8 +218,12 @@ static __always_inline void source_moved(struct stream_val *v)
 {
 	struct stream_val *p;
 
+	__u32 peer = v->peer - 1;
+
 	v->seen = (v->seen & SEEN_PEER_MOVED) | SEEN_OTHER_PORT;
-	p = bpf_map_lookup_elem(&streams, &v->peer);
+	if (!v->peer)
+		return;
+	p = bpf_map_lookup_elem(&streams, &peer);
 	if (p && !(p->seen & SEEN_PEER_MOVED))
 		p->seen |= SEEN_PEER_MOVED;
 }
@@ -239,23 +246,25 @@ static __always_inline int send(struct xdp_md *ctx, struct ethhdr *eth,
 }
 
 /* the admission both families share, in this order (each verdict counted): a relay
- * port in range, its stream entry (none: junk, dropped), the kernel path's ports, the
+ * port in range, its live stream entry (none: junk, dropped), the kernel path's ports, the
  * sender's address (another: dropped), the lengths (`malformed`: dropped), the sender's
  * port (another: a NAT the kernel path learns), the destination behind a NAT, the
  * TTL / hop limit. Returns ADMITTED with the entry in *out, or the verdict to return. */
 #define ADMITTED -1
 
-static __always_inline int admit(struct stream_key *key, struct udphdr *udp,
+static __always_inline int admit(__u32 base, struct udphdr *udp,
 				 const __u8 *saddr, int alen, int malformed, __u8 ttl,
 				 struct stream_val **out)
 {
 	struct stream_val *v;
+	long index = stream_index(base, udp->dest);
+	__u32 key;
 
-	if (!in_range(udp->dest))
+	if (index < 0)
 		return verdict(V_PASS_OTHER, XDP_PASS);
-	key->port = udp->dest;
-	v = bpf_map_lookup_elem(&streams, key);
-	if (!v)
+	key = (__u32)index;
+	v = bpf_map_lookup_elem(&streams, &key);
+	if (!v || !(v->flags & F_LIVE))
 		return verdict(V_DROP_NO_DESTINATION, XDP_DROP);
 	if (v->flags & F_KERNEL)
 		return verdict(V_PASS_KERNEL, XDP_PASS);
@@ -279,7 +288,7 @@ static __always_inline int relay4(struct xdp_md *ctx, struct ethhdr *eth, void *
 {
 	struct iphdr *ip = (void *)(eth + 1);
 	struct addr_key ak = {.family = 4};
-	struct stream_key key = {.family = 4};
+	__u32 *base;
 	struct bpf_fib_lookup fib = {};
 	struct stream_val *v = 0;
 	struct udphdr *udp;
@@ -292,7 +301,8 @@ static __always_inline int relay4(struct xdp_md *ctx, struct ethhdr *eth, void *
 	if (ip->version != 4 || ip->protocol != IPPROTO_UDP)
 		return verdict(V_PASS_OTHER, XDP_PASS);
 	__builtin_memcpy(ak.addr, &ip->daddr, 4);
-	if (!bpf_map_lookup_elem(&relay_addrs, &ak))
+	base = bpf_map_lookup_elem(&relay_addrs, &ak);
+	if (!base)
 		return verdict(V_PASS_OTHER, XDP_PASS);
 	if (ip->frag_off & bpf_htons(0x3fff))
 		return verdict(V_PASS_FRAGMENT, XDP_PASS);
@@ -308,8 +318,7 @@ static __always_inline int relay4(struct xdp_md *ctx, struct ethhdr *eth, void *
 		malformed = tot > (__u32)((long)data_end - (long)ip) || ulen < 8
 			    || ulen != tot - 20;
 	}
-	__builtin_memcpy(key.addr, &ip->daddr, 4);
-	action = admit(&key, udp, (__u8 *)&ip->saddr, 4, malformed, ip->ttl, &v);
+	action = admit(*base, udp, (__u8 *)&ip->saddr, 4, malformed, ip->ttl, &v);
 	if (action != ADMITTED)
 		return action;
 
@@ -364,7 +373,7 @@ static __always_inline int relay6(struct xdp_md *ctx, struct ethhdr *eth, void *
 {
 	struct ipv6hdr *ip = (void *)(eth + 1);
 	struct addr_key ak = {.family = 6};
-	struct stream_key key = {.family = 6};
+	__u32 *base;
 	struct bpf_fib_lookup fib = {};
 	struct stream_val *v = 0;
 	struct udphdr *udp;
@@ -377,7 +386,8 @@ static __always_inline int relay6(struct xdp_md *ctx, struct ethhdr *eth, void *
 	if (ip->version != 6)
 		return verdict(V_PASS_OTHER, XDP_PASS);
 	__builtin_memcpy(ak.addr, &ip->daddr, 16);
-	if (!bpf_map_lookup_elem(&relay_addrs, &ak))
+	base = bpf_map_lookup_elem(&relay_addrs, &ak);
+	if (!base)
 		return verdict(V_PASS_OTHER, XDP_PASS);
 	if (ip->nexthdr == 44)  /* fragment header */
 		return verdict(V_PASS_FRAGMENT, XDP_PASS);
@@ -398,8 +408,7 @@ static __always_inline int relay6(struct xdp_md *ctx, struct ethhdr *eth, void *
 		malformed = plen > (__u32)((long)data_end - (long)udp) || ulen < 8
 			    || ulen != plen || !udp->check;
 	}
-	__builtin_memcpy(key.addr, &ip->daddr, 16);
-	action = admit(&key, udp, (__u8 *)&ip->saddr, 16, malformed, ip->hop_limit, &v);
+	action = admit(*base, udp, (__u8 *)&ip->saddr, 16, malformed, ip->hop_limit, &v);
 	if (action != ADMITTED)
 		return action;
 

@@ -144,7 +144,10 @@ class XdpPlane:
         still attached with its entries (kill -9), forwards them."""
         await self.kernel.start()
         try:
-            self.prog = self._load(max_streams=self.max_streams, max_counters=self.max_streams)
+            # the stream array: one entry per relay address and port of the range
+            slots = len(self.relay_ips) * (self.port_end - self.port_start + 1)
+            self.prog = self._load(max_streams=self.max_streams, max_counters=self.max_streams,
+                                   stream_slots=slots)
             self.prog.configure(self.port_start, self.port_end, self.relay_ips)
             for ifname in self.interfaces:  # a missing interface fails the start, not later
                 self.prog.attachable(ifname)
@@ -296,6 +299,8 @@ class XdpPlane:
                 self._slot_counts.pop(slot, None)
         held = {}
         for relay, entry in wanted.items():
+            if not self.prog.owns(relay[0]):
+                continue  # another node's address (a takeover): the kernel path's
             slot = self.slots.get(relay)
             if slot is None:
                 slot = self._free.pop() if self._free else self._take_slot()

@@ -13,6 +13,7 @@ import pytest
 from bench.frames import ones_sum, udp_checksum
 from bench.frames import udp_frame as frame
 from bench.netns import in_netns, run
+from fastpath.xdp.errors import XdpError
 from fastpath.xdp.layout import (
     F_CHECK_PEER,
     F_KERNEL,
@@ -368,3 +369,44 @@ def test_counters_read_in_batches_equal_one_lookup_each(env):
     assert batch[701] == (0, 0, 0)
     for i in slots:
         prog.reset_counter(i)
+
+
+def test_each_relay_address_has_its_own_block_and_a_removed_entry_drops(env, net):
+    """The stream array: the same port on the other relay address is another entry (none
+    here: junk, dropped), a removed entry is zeroed and drops as unknown, and writing it
+    again relays again; ports outside the range are not the program's."""
+    prog: XdpProgram = env["prog"]  # type: ignore[assignment]
+    a, b = net.relay_a, net.relay_b
+    assert prog.index((a, 30000)) != prog.index((b, 30000))
+    assert prog.index((a, 30099)) - prog.index((a, 30000)) == 99
+    to_b_port = frame(CALLER_MAC, RA_MAC, net.caller, net.relay_b, 4000, 30000, PAYLOAD)
+    assert _run(env, to_b_port)[0::2] == (XDP_DROP, {"drop_no_destination": 1})
+    entry = Entry((a, 30060), (net.caller, 4060), (b, 30062), (net.callee, 5060),
+                  100 * _fam(net) + 9)
+    prog.put(entry)
+    assert _run(env, _in(net, 30060, sport=4060))[0] == XDP_REDIRECT
+    assert prog.remove((a, 30060)) is True
+    assert prog.remove((a, 30060)) is False  # nothing there any more
+    assert prog.seen((a, 30060)) == SEEN_NONE
+    assert _run(env, _in(net, 30060, sport=4060))[0::2] == (
+        XDP_DROP, {"drop_no_destination": 1})
+    prog.put(entry)
+    assert _run(env, _in(net, 30060, sport=4060))[0] == XDP_REDIRECT
+    prog.remove((a, 30060))
+    assert _run(env, _in(net, 30100))[0::2] == (XDP_PASS, {"pass_other": 1})
+    with pytest.raises(XdpError, match="outside the relay range"):
+        prog.index((a, 30100))
+    with pytest.raises(XdpError, match="not one of the relay addresses"):
+        prog.index((net.caller, 30000))
+
+
+def test_configure_refuses_an_array_too_small_for_its_addresses_and_range():
+    prog = XdpProgram.load(max_streams=64, max_counters=64, stream_slots=150)
+    try:
+        prog.configure(30000, 30049, ["198.51.100.1", "198.51.100.65", "198.51.100.1"])
+        assert prog.index(("198.51.100.65", 30049)) == 99  # a repeated address: one block
+        with pytest.raises(XdpError, match="stream_slots >= 200"):
+            prog.configure(30000, 30049, ["198.51.100.1", "198.51.100.65", "2001:db8::1",
+                                          "2001:db8::2"])
+    finally:
+        prog.close()

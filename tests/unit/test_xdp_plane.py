@@ -54,6 +54,7 @@ class FakeProgram:
         self.checked: List[str] = []
         self.batch_reads = 0
         self.parsed = 0
+        self.relay_ips: set = set()
 
     def put(self, entry: Entry, seen: int = SEEN_NONE) -> None:
         self.entries[entry.relay] = entry
@@ -90,8 +91,11 @@ class FakeProgram:
     def verdict_counts(self):
         return dict(self.verdicts)
 
-    def configure(self, *args) -> None:
-        pass
+    def configure(self, port_min: int, port_max: int, relay_ips) -> None:
+        self.relay_ips = set(relay_ips)
+
+    def owns(self, ip: str) -> bool:
+        return ip in self.relay_ips
 
     def attachable(self, ifname: str) -> int:
         self.checked.append(ifname)
@@ -228,6 +232,20 @@ def test_a_stop_that_keeps_calls_leaves_the_program_attached_with_their_entries(
     assert prog.entries == {}
     asyncio.run(plane.stop())
     assert prog.closed and not prog.released
+
+
+def test_a_call_on_another_nodes_addresses_stays_on_the_kernel_path():
+    """A takeover adopts a peer's calls, on the peer's addresses: the program serves only
+    this node's (its stream array has no block for others), so such a call gets no entry
+    and no counter slot; the kernel path beneath carries it."""
+    plane, prog = _plane([])
+    other = "198.51.100.129"
+    stream = StreamSpec(0, LegSpec("A", other, 30000, (CALLER, 4000)),
+                        LegSpec("B", other, 30002, (CALLEE, 5000)))
+    assert plane.apply([Install(SessionSpec(1, "c", (stream,)))]) == []
+    assert prog.entries == {} and plane.slots == {}
+    assert plane.apply([Install(SessionSpec(2, "d", (_stream(0),)))]) == []
+    assert len(prog.entries) == 4
 
 
 def test_entries_from_announced_peers_both_directions_rtp_and_rtcp():
