@@ -7,7 +7,6 @@ left over.
 
 from __future__ import annotations
 
-import os
 import random
 import select
 import socket
@@ -63,7 +62,7 @@ class Fuzzer:
         if kind == 4:
             return "".join(chr(r.randrange(32, 0x2FF)) for _ in range(r.randrange(40)))
         if kind == 5:
-            return os.urandom(r.randrange(40))
+            return r.randbytes(r.randrange(40))
         if kind == 6:
             return [self.value(depth + 1) for _ in range(r.randrange(4))]
         return {str(self.value(depth + 1))[:8]: self.value(depth + 1)
@@ -101,13 +100,13 @@ class Fuzzer:
                 del data[r.randrange(len(data)):]
             return bytes(data)
         if roll < 0.8:  # signed junk: a compromised client sending garbage
-            return sign(os.urandom(r.randrange(1, 300)), key, time.time())
-        return os.urandom(r.randrange(0, 1500))  # anyone on the host
+            return sign(r.randbytes(r.randrange(1, 300)), key, time.time())
+        return r.randbytes(r.randrange(0, 1500))  # anyone on the host
 
     def legacy(self) -> bytes:
         r = self.rng
         if r.random() < 0.2:
-            return os.urandom(r.randrange(0, 600))
+            return r.randbytes(r.randrange(0, 600))
         a, b = r.choice(self.ports), r.choice(self.ports)
         if r.random() < 0.4:  # as Kamailio sends it: sessions get made and replaced
             return (f"{r.randrange(1000)}_{r.randrange(10 ** 6)} {r.choice('SSSD')} "

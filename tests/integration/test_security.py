@@ -9,6 +9,7 @@ only then the attacker's socket must hold nothing.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import stat
 import subprocess
@@ -167,9 +168,18 @@ def test_the_16kb_version_field_costs_no_memory(keys):
         sock.close()
 
 
+#: the flood the relay must shrug off: no userspace reader keeps up with any rate a
+#: sender on the same two cores reaches (PyPy's loop below sent 100,000 a second, and
+#: the kernel then drops at the full socket whatever arrives, the served client's
+#: requests included), so the guarantee is stated and tested at a rate: 20,000 a second,
+#: ten times the control load of a busy node
+FLOOD_RATE = 20_000
+
+
 def test_a_flood_from_one_source_does_not_starve_another(keys):
-    """127.0.0.2 floods the control socket (unsigned junk and signed junk with a valid key:
-    a compromised client); 127.0.0.1 keeps being served, pings and signed offers alike."""
+    """127.0.0.2 floods the control socket at FLOOD_RATE (unsigned junk and signed junk
+    with a valid key: a compromised client); 127.0.0.1 keeps being served, pings and
+    signed offers alike."""
     with keyed_relay(keys, config="max_control_rate = 200\nquarantine = 0\n") as relay, \
             client(relay, keys, "client") as proxy:
         to = ("127.0.0.1", relay.control_port)
@@ -179,20 +189,28 @@ def test_a_flood_from_one_source_does_not_starve_another(keys):
         def flood() -> None:
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.bind(("127.0.0.2", 0))
-            junk = [os.urandom(n) for n in (4, 60, 400, 1400)]
+            junk = [random.Random(n).randbytes(n) for n in (4, 60, 400, 1400)]
             junk.append(signed({"cmd": "list", "limit": 1000}, keys.other))
             junk.append(signed({"cmd": "stats"}, keys.other))
+            start = time.monotonic()
             try:
-                while not stop.is_set() and sent[0] < 400_000:
+                while not stop.is_set() and sent[0] < 400_000:  # 20 s at most
                     for data in junk:
                         s.sendto(data, to)
                         sent[0] += 1
+                    ahead = sent[0] / FLOOD_RATE - (time.monotonic() - start)
+                    if ahead > 0:
+                        time.sleep(ahead)  # paces the sender; nothing waits on it
             finally:
                 s.close()
 
         flooder = threading.Thread(target=flood)
         flooder.start()
         try:
+            deadline = time.monotonic() + 5.0  # the flood is on before anyone is served
+            while sent[0] < 2000 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sent[0] >= 2000, "the flooder did not start"
             served = 0
             for i in range(40):
                 assert proxy.ping()["pong"] is True
@@ -202,7 +220,7 @@ def test_a_flood_from_one_source_does_not_starve_another(keys):
         finally:
             stop.set()
             flooder.join(30)
-        assert served == 40 and sent[0] > 1000
+        assert served == 40 and sent[0] > 2000
         counters = Admin(relay, keys.admin).counters()
         assert counters["control.dropped.rate_limited"] > 0
         assert counters["control.requests.offer"] == 40
