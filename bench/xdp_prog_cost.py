@@ -58,12 +58,14 @@ def measure(calls: int, entries: int) -> Dict[str, object]:
     prog: Optional[XdpProgram] = None
     try:
         _setup(ns)
+        addresses = [v[i] for v in NETS.values() for i in (0, 1)]
         prog = XdpProgram.load(max_streams=max(1024, entries + 16),
-                               max_counters=max(1024, entries + 16))
-        prog.configure(30000, 65000, [v[i] for v in NETS.values() for i in (0, 1)])
+                               max_counters=max(1024, entries + 16),
+                               stream_slots=len(addresses) * (65000 - 30000 + 1))
+        prog.configure(30000, 65000, addresses)
         for fam, (ra, ea, caller, callee, _) in NETS.items():
             prog.put(Entry((ra, 30000), (caller, 4000), (ea, 30002), (callee, 5000), fam))
-        # other sessions in the hash (its size, not its hit path, is what they change)
+        # other sessions in the table (its size, not its hit path, is what they change)
         for i in range(entries):
             ra, ea, caller, callee, _ = NETS[4]
             port = 30004 + 2 * (i % 17000)
