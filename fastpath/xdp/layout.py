@@ -62,12 +62,9 @@ def stream_index(base: int, port_min: int, port_max: int, port: int) -> int:
     return base + port - port_min
 
 
-def index_key(index: int) -> bytes:
-    return index.to_bytes(4, "little")
-
-
-def base_value(base: int) -> bytes:
-    return base.to_bytes(4, "little")
+def u32(n: int) -> bytes:
+    """A 4-byte map key or value (array indexes, ifindexes, a block's first index)."""
+    return n.to_bytes(4, "little")
 
 
 def addr_key(ip: str) -> bytes:

@@ -47,6 +47,9 @@ class XdpProgram:
         self.stream_slots = stream_slots
         #: relay address (packed) -> its block's first index; the range, from `configure`
         self._base: Dict[bytes, int] = {}
+        #: the same by the address's spelling, filled as addresses are asked for (an
+        #: install asks for each of its entries: no address parsing after the first)
+        self._base_by_ip: Dict[str, Optional[int]] = {}
         self._range = (1, 0)
         self.streams = BpfMap(obj.map_fd("streams"), 4, layout.VAL_SIZE)
         self.counters = BpfMap(obj.map_fd("stream_counters"), 4, layout.COUNTER_SIZE,
@@ -78,27 +81,35 @@ class XdpProgram:
         """The relay's port range and addresses: the program owns UDP to these only.
         Each address gets its block of the stream array, in the order given."""
         span = port_max - port_min + 1
-        addrs = list(dict.fromkeys(layout.packed(ip) for ip in relay_ips))
-        if len(addrs) * span > self.stream_slots:
-            need = len(addrs) * span
+        addrs = dict.fromkeys(layout.packed(ip) for ip in relay_ips)  # one block each
+        need = len(addrs) * span
+        if need > self.stream_slots:
             raise XdpError(f"the stream array has {self.stream_slots} entries and "
                            f"{len(addrs)} relay address(es) x {span} ports need {need}: "
                            f"load it with stream_slots >= {need}")
-        self.config.update(b"\0\0\0\0", layout.config_value(port_min, port_max))
+        self.config.update(layout.u32(0), layout.config_value(port_min, port_max))
         self._range = (port_min, port_max)
+        self._base = {addr: n * span for n, addr in enumerate(addrs)}
+        self._base_by_ip = {}
         for ip in relay_ips:
-            base = addrs.index(layout.packed(ip)) * span
-            self._base[layout.packed(ip)] = base
-            self.relay_addrs.update(layout.addr_key(ip), layout.base_value(base))
+            self.relay_addrs.update(layout.addr_key(ip), layout.u32(self._block(ip)))
+
+    def _block(self, ip: str) -> Optional[int]:
+        """The first index of `ip`'s block; None when the program does not serve it."""
+        try:
+            return self._base_by_ip[ip]
+        except KeyError:
+            base = self._base_by_ip[ip] = self._base.get(layout.packed(ip))
+            return base
 
     def owns(self, ip: str) -> bool:
         """`ip` is one of the relay addresses the program serves (`configure`)."""
-        return layout.packed(ip) in self._base
+        return self._block(ip) is not None
 
     def index(self, relay: Tuple[str, int]) -> int:
         """The stream array index of a relay address and port (XdpError: not the
         relay's)."""
-        base = self._base.get(layout.packed(relay[0]))
+        base = self._block(relay[0])
         if base is None:
             raise XdpError(f"{relay[0]} is not one of the relay addresses the program "
                            "was configured with")
@@ -110,12 +121,12 @@ class XdpProgram:
     def put(self, entry: layout.Entry, seen: int = layout.SEEN_NONE) -> None:
         peer = self.index(entry.peer) if entry.peer is not None \
             and self.owns(entry.peer[0]) else None
-        self.streams.update(layout.index_key(self.index(entry.relay)),
+        self.streams.update(layout.u32(self.index(entry.relay)),
                             entry.value(seen, peer))
 
     def remove(self, relay: Tuple[str, int]) -> bool:
         """Zero a relay port's entry; False when no stream was there."""
-        key = layout.index_key(self.index(relay))
+        key = layout.u32(self.index(relay))
         raw = self.streams.lookup(key)
         if raw is None or not layout.live(raw):
             return False
@@ -124,12 +135,12 @@ class XdpProgram:
 
     def seen(self, relay: Tuple[str, int]) -> int:
         """What the program saw at an entry (layout.SEEN_*; SEEN_NONE without one)."""
-        raw = self.streams.lookup(layout.index_key(self.index(relay)))
+        raw = self.streams.lookup(layout.u32(self.index(relay)))
         return layout.seen(raw) if raw is not None else layout.SEEN_NONE
 
     def read_counter(self, index: int) -> Tuple[int, int, int]:
         """(packets, payload bytes, last packet ns on CLOCK_MONOTONIC; 0: none)."""
-        raw = self.counters.lookup(index.to_bytes(4, "little"))
+        raw = self.counters.lookup(layout.u32(index))
         return layout.counters(raw, self.ncpus) if raw else (0, 0, 0)
 
     def read_counters(self, indexes: Iterable[int]) -> Dict[int, Tuple[int, int, int]]:
@@ -159,10 +170,10 @@ class XdpProgram:
         return layout.counters(raw, self.ncpus, offset)
 
     def reset_counter(self, index: int) -> None:
-        self.counters.update(index.to_bytes(4, "little"), bytes(layout.COUNTER_SIZE))
+        self.counters.update(layout.u32(index), bytes(layout.COUNTER_SIZE))
 
     def verdict_counts(self) -> Dict[str, int]:
-        raws = [self.verdicts.lookup(i.to_bytes(4, "little")) or bytes(8 * self.ncpus)
+        raws = [self.verdicts.lookup(layout.u32(i)) or bytes(8 * self.ncpus)
                 for i in range(len(layout.REASONS))]
         return layout.verdict_totals(raws, self.ncpus)
 
@@ -220,7 +231,7 @@ class XdpProgram:
     def allow_egress(self, ifindex: int) -> None:
         """Let the program send out of `ifindex` (attach does it for its interface);
         frames whose next hop is elsewhere go to the kernel path."""
-        key = ifindex.to_bytes(4, "little")
+        key = layout.u32(ifindex)
         self.tx_ifaces.update(key, key)
 
     def _leftover(self, ifname: str, ifindex: int) -> Optional[Tuple[int, str]]:
