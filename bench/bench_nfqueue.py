@@ -4,8 +4,10 @@ Root only.  A throwaway network namespace (lrk-q<pid>-bench) with loopback up
 and ``udp dport 40000`` sent to queue 7 (xt NFQUEUE through nft_compat, as
 this kernel has no nft queue expression).  Each round's setup queues 1,000
 RTP-sized datagrams (untimed); the timed part reads them all with
-``receive_batch(256)`` and gives verdicts, either one NFQNL_MSG_VERDICT_BATCH
-per batch read or one NFQNL_MSG_VERDICT per packet.  Accepted datagrams are
+``receive_batch(256)`` and gives verdicts: one NFQNL_MSG_VERDICT_BATCH per batch read
+("batch"), one NFQNL_MSG_VERDICT per packet ("single"), or one NFQNL_MSG_VERDICT per
+packet with a batch's messages in one datagram (``NfQueue.verdicts``, "datagram": what
+the nfqueue plane sends, since its packets get different verdicts).  Accepted datagrams are
 delivered to a UDP socket inside the verdict call, so that cost is included.
 
     python -m pytest bench/bench_nfqueue.py --benchmark-columns=min,mean,ops
@@ -100,7 +102,7 @@ def _drain(rx: socket.socket) -> int:
     return n
 
 
-@pytest.mark.parametrize("mode", ["batch", "single"])
+@pytest.mark.parametrize("mode", ["batch", "single", "datagram"])
 def test_queue_verdict_throughput(benchmark, rig, mode):
     netns, q, tx, rx = rig
     data = b"\x80" + b"\0" * (PAYLOAD - 1)
@@ -125,6 +127,8 @@ def test_queue_verdict_throughput(benchmark, rig, mode):
                 break
             if mode == "batch":
                 q.verdict_batch(batch[-1].packet_id, NF_ACCEPT)
+            elif mode == "datagram":
+                q.verdicts([(p.packet_id, NF_ACCEPT) for p in batch])
             else:
                 for p in batch:
                     q.verdict(p.packet_id, NF_ACCEPT)
