@@ -98,6 +98,15 @@ class Taps:
 
 
 @dataclass(frozen=True)
+class XskQueues:
+    """Daemon -> worker (packet mode over AF_XDP): the interfaces to open AF_XDP sockets
+    on, one fd each of the steering program's queue -> socket map (the worker registers
+    its sockets there: a UMEM must live in the process that registers it)."""
+
+    ifnames: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Flush:
     """Daemon -> worker: report every changed session now, then answer `Flushed(req)`."""
 
@@ -132,7 +141,7 @@ class Flushed:
 
 
 Message = Union[InstallSession, InstallFork, PromoteFork, UpdateSession, RemoveSession, Taps,
-                Flush, Stop, Batch, Reports, Flushed, UnitReport]
+                XskQueues, Flush, Stop, Batch, Reports, Flushed, UnitReport]
 
 
 def _leg_out(leg: LegSpec) -> tuple:
@@ -212,6 +221,8 @@ def _to_wire_slow(m: Any) -> tuple:
         return ("B", tuple(_to_wire(x) for x in m.messages), m.nfds)
     if isinstance(m, Taps):
         return ("T",)
+    if isinstance(m, XskQueues):
+        return ("Q", tuple(m.ifnames))
     if isinstance(m, Stop):
         return ("S",)
     raise TypeError(f"not a channel message: {m!r}")
@@ -242,6 +253,8 @@ def _from_wire(t: tuple) -> Any:
         return Batch(tuple(_from_wire(x) for x in t[1]), tuple(t[2]))
     if tag == "T":
         return Taps()
+    if tag == "Q":
+        return XskQueues(tuple(t[1]))
     if tag == "S":
         return Stop()
     raise ValueError(f"unknown channel message tag {tag!r}")

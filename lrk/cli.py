@@ -48,6 +48,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    dest="packet_interfaces",
                    help="packet mode: an interface whose media lrk reads with AF_PACKET "
                    "(repeat for several)")
+    p.add_argument("--packet-io", choices=("tap", "af_xdp"),
+                   help="packet mode: read media from AF_PACKET taps and send with raw "
+                   "sockets (tap, default), or through AF_XDP sockets an XDP program "
+                   "steers it into (af_xdp)")
     p.add_argument("--xdp-interface", action="append", metavar="IFACE",
                    dest="xdp_interfaces",
                    help="xdp mode: a media interface the XDP program attaches to "
@@ -124,7 +128,8 @@ def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
         "mode": args.mode, "workers": args.workers,
         "silence_timeout": args.silence_timeout, "max_lifetime": args.max_lifetime,
         "log_level": args.log_level, "log_format": args.log_format, "legacy": args.legacy,
-        "packet_interfaces": args.packet_interfaces, "metrics": args.metrics,
+        "packet_interfaces": args.packet_interfaces, "packet_io": args.packet_io,
+        "metrics": args.metrics,
         "xdp_interfaces": args.xdp_interfaces, "xdp_attach": args.xdp_attach,
         "max_control_rate": args.max_control_rate, "state_dir": args.state_dir,
     }

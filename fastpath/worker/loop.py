@@ -66,6 +66,11 @@ class SocketWorker:
         self.egress_disabled = 0
         self.bad_messages = 0
         self.addrs: Dict[int, Tuple[str, int]] = {}  # fd -> local address (from the install)
+        #: packet mode over AF_XDP: the readers whose frames go back after each round, and
+        #: interfaces whose socket could not be opened (their media takes the kernel path)
+        self.xsk_readers: List[Any] = []
+        self.xsk_failed = 0
+        self.egress_kind = "raw"
 
     # -- channel ---------------------------------------------------------------------
     def _drain_channel(self) -> None:
@@ -133,6 +138,8 @@ class SocketWorker:
                 self.readers[fd] = reader
                 self.epoll.register(fd, select.EPOLLIN)
             self._open_egress()
+        elif isinstance(message, channel.XskQueues):  # packet mode over AF_XDP
+            self._open_xsk(message.ifnames, fds)
         elif isinstance(message, channel.Stop):
             self._report(None)
             self.running = False
@@ -230,11 +237,16 @@ class SocketWorker:
             totals["media.egress.raw.disabled"] = self.egress_disabled
             egress = self.egress
             if egress is not None:
-                totals["media.egress.raw.packets"] = egress.packets
-                totals["media.egress.raw.calls"] = egress.calls
-                totals["media.egress.raw.rejected"] = egress.rejected
+                kind = self.egress_kind
+                totals[f"media.egress.{kind}.packets"] = egress.packets
+                totals[f"media.egress.{kind}.calls"] = egress.calls
+                totals[f"media.egress.{kind}.rejected"] = egress.rejected
                 for name, n in egress.errors.items():
-                    totals[f"media.egress.raw.errors.{name}"] = n
+                    totals[f"media.egress.{kind}.errors.{name}"] = n
+            if self.xsk_readers or self.xsk_failed:
+                totals["media.xsk.open_failed"] = self.xsk_failed
+                totals["media.xsk.sockets"] = len(self.xsk_readers)
+                totals["media.xsk.not_ip"] = sum(r.not_ip for r in self.xsk_readers)
         for name, n in io.send_errors.items():
             totals[f"media.send_errors.{name}"] = n
         for name, n in io.recv_errors.items():
@@ -286,6 +298,8 @@ class SocketWorker:
                         break
             if self.egress_runs:  # packet mode: this round's packets, one send per family
                 self._flush_egress()
+            for xr in self.xsk_readers:  # AF_XDP: the round's frames are sent or copied
+                xr.done()
             if now >= self.next_report:
                 self.next_report = now + REPORT_INTERVAL
                 self._report(None)
@@ -388,6 +402,47 @@ class SocketWorker:
         n = self.io.send(src_ep.fd, bad)
         self.table.sent(src_ep, ok + bad, len(ok) + n)
         return fi
+
+    def _open_xsk(self, ifnames: Tuple[str, ...], fds: List[int]) -> None:
+        """Packet mode over AF_XDP: a socket per interface, registered in the steering
+        program's map (whose fd came with the message), read like a tap; their egress.
+        An interface whose socket fails is counted and logged: the program passes its
+        media to the kernel, which delivers it to the relay's UDP sockets (socket mode's
+        path in this same loop)."""
+        from fastpath.worker.xsk import XskSocket
+        from fastpath.worker.xsk_io import XskEgress, XskReader
+        from fastpath.xdp.libbpf import BpfMap, if_nametoindex
+
+        if len(fds) != len(ifnames):
+            raise ValueError(f"{len(ifnames)} AF_XDP interfaces came with {len(fds)} fds")
+        xsks: Dict[int, XskSocket] = {}
+        for ifname, map_fd in zip(ifnames, fds):
+            xsk = None
+            try:
+                xsk = XskSocket(if_nametoindex(ifname))
+                BpfMap(map_fd, 4, 4).update(b"\0\0\0\0", xsk.fd.to_bytes(4, "little"))
+            except Exception as exc:  # the daemon probed this at start: a surprise
+                log.error("packet mode: no AF_XDP socket on %s (%s); its media takes the "
+                          "kernel path", ifname, exc)
+                self.xsk_failed += 1
+                if xsk is not None:
+                    xsk.close()
+                continue
+            finally:
+                os.close(map_fd)
+            xsks[xsk.ifindex] = xsk
+            reader = XskReader(xsk, self.batch)
+            self.readers[xsk.fd] = reader
+            self.xsk_readers.append(reader)
+            self.epoll.register(xsk.fd, select.EPOLLIN)
+        if not xsks or self.egress is not None:
+            return
+        self.egress = XskEgress(xsks)
+        self.egress_kind = "xsk"
+        for ep in self.table.by_fd.values():  # sessions installed before the sockets came
+            addr = self.addrs.get(ep.fd)
+            if addr is not None:
+                self.egress.bind(ep.fd, addr[0], addr[1])
 
     def _open_egress(self) -> None:
         """Raw egress for packet mode unless disabled; without it the UDP sockets send."""

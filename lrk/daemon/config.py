@@ -20,6 +20,8 @@ else:  # PyPy 3.9
     import tomli as tomllib
 
 MODES = ("socket", "kernel", "nfqueue", "packet", "xdp")
+#: packet mode's ways in and out: AF_PACKET taps + raw sockets, or AF_XDP sockets
+PACKET_IO = ("tap", "af_xdp")
 #: relay addresses per side (internal_ips, external_ips)
 MAX_ADDRESSES = 64
 STORES = ("sqlite", "redis")
@@ -75,6 +77,9 @@ class Config:
     nfqueue_num: int = 0  # nfqueue mode: the queue number lrk reads
     nfqueue_bypass: bool = False  # nfqueue mode: accept new flows while lrk is not reading
     packet_interfaces: List[str] = field(default_factory=list)  # packet mode: taps
+    # packet mode's I/O: "tap" (AF_PACKET taps, PREROUTING drop rules, raw-socket egress)
+    # or "af_xdp" (an XDP program steers media into AF_XDP sockets; frames out of them)
+    packet_io: str = "tap"
     # xdp mode (kernel mode + an XDP program carrying established streams): the media
     # interfaces it attaches to, how (auto: native where the driver allows, else generic),
     # and how many stream directions its maps hold (4 per audio stream)
@@ -240,6 +245,9 @@ class Config:
                                   "media lrk taps (e.g. --packet-interface eth0)")
             if self.workers != 1:
                 raise ConfigError("packet mode runs one worker (every tap sees every packet)")
+            if self.packet_io not in PACKET_IO:
+                raise ConfigError(f"packet_io {self.packet_io!r} is not one of "
+                                  + ", ".join(PACKET_IO))
         if self.mode == "xdp" and (not self.xdp_interfaces or not all(
                 isinstance(i, str) and i for i in self.xdp_interfaces)):
             raise ConfigError("xdp mode needs xdp_interfaces: the media interfaces the "

@@ -192,7 +192,8 @@ class Relay:
                                        else (), config.coalesce_us, config.relearn_after,
                                        standby_media=config.standby_media_ranges
                                        if config.mode == "packet" else (),
-                                       pypy_jit=config.pypy_jit)
+                                       pypy_jit=config.pypy_jit,
+                                       packet_io=config.packet_io)
             self.engine.probe = socket_plane.probe  # ports are bound while allocating
             self.plane = socket_plane
         self.plane.sink = self.on_plane_event
@@ -281,9 +282,12 @@ class Relay:
             self.metrics.start()  # OSError if the port is taken, as for the control port
         self._rearm()
         cfg = self.engine.config
+        mode = self.config.mode
+        if mode == "packet":
+            mode = f"packet({self.config.packet_io}:{','.join(self.config.packet_interfaces)})"
         lifecycle.info(
             "lrk %s serving: mode=%s control=%s legacy=%s media=%s ports=%d-%d workers=%s",
-            __version__, self.config.mode, _shown(self.control_address),
+            __version__, mode, _shown(self.control_address),
             ",".join(_shown(a) for a in self.config.legacy_addrs) or "off",
             ",".join(self.config.relay_addresses), cfg.port_start,
             cfg.port_end, self.config.workers if self.config.mode in ("socket", "packet")

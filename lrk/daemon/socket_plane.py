@@ -123,6 +123,22 @@ def _ignore_stop_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class _FdCopy:
+    """A duplicate of a non-socket fd (a BPF map) to pass to a worker: what the outbox
+    needs (fileno, close) and nothing else."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = os.dup(fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class WorkerHandle:
     """One worker process and the daemon's end of its channel."""
 
@@ -156,6 +172,9 @@ class WorkerHandle:
         taps = self.plane.open_taps()
         if taps:
             self.send(channel.Taps(), taps)
+        queues = self.plane.xsk_queues()
+        if queues is not None:
+            self.send(*queues)
 
     def send(self, message: object, socks: Sequence[socket.socket] = ()) -> None:
         """Queue a message; everything queued in one loop iteration leaves as one batch."""
@@ -277,11 +296,14 @@ class SocketPlane:
                  relearn_after: float = 3.0,
                  flush_timeout: float = 1.0,
                  standby_media: Sequence[Tuple[str, int, int]] = (),
-                 pypy_jit: str = "pypy") -> None:
+                 pypy_jit: str = "pypy", packet_io: str = "tap") -> None:
         self.port_start = port_start
         self.port_end = port_end
         self.relay_ips = sorted(set(relay_ips))
         self.packet_ifaces = list(packet_ifaces)
+        #: packet mode's I/O: "tap" or "af_xdp" (then one steering program per interface)
+        self.packet_io = packet_io
+        self.steering: Dict[str, Any] = {}
         #: packet mode: peers' (address, first, last port) the taps read too (takeover)
         self.standby_media = list(standby_media)
         self.nft: Any = None
@@ -325,11 +347,13 @@ class SocketPlane:
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        if self.packet_ifaces and self.packet_io == "af_xdp":
+            self._open_steering()
         for i in range(self.nworkers):
             handle = WorkerHandle(i, self)
             handle.start()
             self.workers.append(handle)
-        if self.packet_ifaces:
+        if self.packet_ifaces and self.packet_io == "tap":
             # packet mode: the taps (open and queueing already) read the media; only now may
             # the kernel stop handling it
             from fastpath.kernel.nft import Nft
@@ -340,10 +364,46 @@ class SocketPlane:
                                     self.relay_ips, ifnames=self.packet_ifaces,
                                     extra=self.standby_media))
 
+    def _open_steering(self) -> None:
+        """Packet mode over AF_XDP: the steering program on every packet interface, and
+        an AF_XDP socket made and closed on each, so that what this kernel or driver
+        cannot do stops the daemon here with a clear error instead of in the worker.
+        Until the worker registers its sockets the program passes media to the kernel
+        (the relay's UDP sockets)."""
+        from fastpath.worker.xsk import XskSocket
+        from fastpath.xdp.libbpf import if_nametoindex
+        from fastpath.xdp.steer import SteerProgram
+
+        try:
+            for ifname in self.packet_ifaces:
+                prog = SteerProgram.load()
+                self.steering[ifname] = prog
+                prog.configure(self.port_start, self.port_end)
+                how = prog.attach(ifname)
+                XskSocket(if_nametoindex(ifname), frames=64, ring=32).close()
+                log.info("packet mode: AF_XDP on %s (%s XDP, copy mode)", ifname, how)
+        except BaseException:
+            self._close_steering()
+            raise
+
+    def _close_steering(self) -> None:
+        for prog in self.steering.values():
+            prog.close()
+        self.steering.clear()
+
+    def xsk_queues(self) -> Optional[Tuple[object, List[Any]]]:
+        """Packet mode over AF_XDP: the message that gives a worker its interfaces and a
+        copy of each steering program's socket map fd; None otherwise."""
+        if not self.steering:
+            return None
+        names = tuple(self.steering)
+        return (channel.XskQueues(names),
+                [_FdCopy(self.steering[n].xsks.fd) for n in names])
+
     def open_taps(self) -> List[socket.socket]:
         """Packet mode: AF_PACKET sockets for a worker, opened here so that they queue
         media from this moment on, whenever the worker gets to read them."""
-        if not self.packet_ifaces:
+        if not self.packet_ifaces or self.packet_io != "tap":
             return []
         from fastpath.kernel.taps import open_packet_socket
 
@@ -372,6 +432,7 @@ class SocketPlane:
                 proc.kill()
                 proc.wait()
             w.close()
+        self._close_steering()  # after the workers: media never met a half-torn plane
         self._close_unclaimed()
         self.installed.clear()
         self._run(self._commit_waiters)
@@ -780,4 +841,8 @@ class SocketPlane:
         for w in self.workers:
             for key, value in w.totals.items():
                 total[key] = total.get(key, 0) + value
+        for prog in self.steering.values():  # AF_XDP: what the steering programs did
+            for name, n in prog.verdict_counts().items():
+                key = f"media.xsk.{name}"
+                total[key] = total.get(key, 0) + n
         return total

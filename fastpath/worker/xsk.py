@@ -1,0 +1,381 @@
+"""AF_XDP sockets for userspace media: frames from the driver's XDP hook, no skb, no syscall
+per packet (worker side).
+
+An AF_XDP socket (XSK) is bound to one interface queue. An XDP program steers chosen
+frames into it (:mod:`fastpath.xdp.steer`), the kernel copies each into the socket's
+UMEM (copy mode: veth and most virtual NICs) and publishes a descriptor on the RX ring;
+frames written into the UMEM and published on the TX ring leave the interface as they
+are, past routing, netfilter and qdiscs. Four rings, all shared memory:
+
+* fill (userspace -> kernel): free UMEM frames the kernel may receive into;
+* RX (kernel -> userspace): received frames (address, length);
+* TX (userspace -> kernel): frames to send;
+* completion (kernel -> userspace): sent frames, free again.
+
+This module is the socket and its rings, no policy: :class:`XskSocket` hands out RX
+descriptors, takes TX descriptors and keeps the frame accounting (RX frames go back to
+the fill ring when released, TX frames come from a free list refilled by the
+completion ring). Ring indices are free-running u32 counters; the producer and consumer
+words are plain loads and stores, which x86-64's memory order makes safe without
+fences (the module refuses other architectures rather than guess).
+
+Syscalls through cffi in ABI mode (socket, setsockopt, getsockopt, bind, sendto, poll),
+so the same code runs on PyPy and CPython; the rings and UMEM are ``mmap`` objects read
+through memoryview casts.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import platform
+import struct
+import threading
+import time
+from typing import List, Optional, Tuple
+
+from cffi import FFI
+
+from fastpath.errors import LrkError
+
+__all__ = ["XskError", "XskSocket", "xsk_available"]
+
+AF_XDP = 44
+SOCK_RAW = 3
+SOL_XDP = 283
+XDP_MMAP_OFFSETS = 1
+XDP_RX_RING = 2
+XDP_TX_RING = 3
+XDP_UMEM_REG = 4
+XDP_UMEM_FILL_RING = 5
+XDP_UMEM_COMPLETION_RING = 6
+XDP_STATISTICS = 7
+XDP_COPY = 1 << 1
+XDP_USE_NEED_WAKEUP = 1 << 3
+XDP_RING_NEED_WAKEUP = 1
+XDP_PGOFF_RX_RING = 0
+XDP_PGOFF_TX_RING = 0x80000000
+XDP_UMEM_PGOFF_FILL_RING = 0x100000000
+XDP_UMEM_PGOFF_COMPLETION_RING = 0x180000000
+MSG_DONTWAIT = 0x40
+
+#: struct xdp_mmap_offsets: rx, tx, fill, completion; each producer, consumer, desc, flags
+_OFFSETS = struct.Struct("16Q")
+_UMEM_REG = struct.Struct("QQIII")  # addr, len, chunk_size, headroom, flags
+_SOCKADDR = struct.Struct("HHIII")  # family, flags, ifindex, queue_id, shared_umem_fd
+_STATS = struct.Struct("6Q")
+
+_CDEF = """
+int socket(int domain, int type, int protocol);
+int setsockopt(int fd, int level, int name, const void *val, unsigned int len);
+int getsockopt(int fd, int level, int name, void *val, unsigned int *len);
+int bind(int fd, const void *addr, unsigned int len);
+long sendto(int fd, const void *buf, size_t len, int flags, const void *addr, unsigned int alen);
+long recvfrom(int fd, void *buf, size_t len, int flags, void *addr, unsigned int *alen);
+int close(int fd);
+"""
+
+_ffi = FFI()
+_libc = None
+_lock = threading.Lock()
+
+
+class XskError(LrkError):
+    """An AF_XDP socket could not be made or bound; the message names the capability."""
+
+
+def _load():
+    global _libc
+    with _lock:
+        if _libc is None:
+            _ffi.cdef(_CDEF)
+            _libc = _ffi.dlopen(None)
+    return _libc
+
+
+def xsk_available() -> Optional[str]:
+    """None when AF_XDP sockets can be made here, else why not (one line)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"AF_XDP rings without fences need x86-64's memory order, not {platform.machine()}"
+    lib = _load()
+    fd = lib.socket(AF_XDP, SOCK_RAW, 0)
+    if fd < 0:
+        return f"socket(AF_XDP): {os.strerror(_ffi.errno)} (a kernel with CONFIG_XDP_SOCKETS)"
+    lib.close(fd)
+    return None
+
+
+class _Ring:
+    """One mmap'ed ring: producer and consumer words, a descriptor array of `size`
+    (a power of two) entries, and our cached copy of the other side's index."""
+
+    def __init__(self, fd: int, size: int, pgoff: int, off: Tuple[int, int, int, int],
+                 desc_size: int) -> None:
+        prod, cons, desc, flags = off
+        self.map = mmap.mmap(fd, desc + size * desc_size, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE, offset=pgoff)
+        words = memoryview(self.map).cast("I")
+        self.words = words
+        self.prod = prod // 4
+        self.cons = cons // 4
+        self.flags = flags // 4
+        self.size = size
+        self.mask = size - 1
+        self.desc_off = desc
+        if desc_size == 16:
+            self.desc = memoryview(self.map)[desc:desc + size * 16].cast("Q")
+        else:
+            self.desc = memoryview(self.map)[desc:desc + size * 8].cast("Q")
+
+    def need_wakeup(self) -> bool:
+        return bool(self.words[self.flags] & XDP_RING_NEED_WAKEUP)
+
+    def close(self) -> None:
+        self.desc.release()
+        self.words.release()
+        self.map.close()
+
+
+class XskSocket:
+    """An AF_XDP socket on `ifindex` queue `queue` with a UMEM of its own.
+
+    `frames` frames of `frame_size` bytes; half are given to the fill ring for
+    receiving, half kept for sending. A queue another socket still holds is waited for
+    up to `bind_wait` seconds (the kernel releases a closed socket's queue later). Receive with :meth:`rx` (descriptors, then
+    :meth:`release` them), send with :meth:`tx_frame` + :meth:`tx_commit` +
+    :meth:`kick`. Counters: ``rx_packets``, ``tx_packets``, ``tx_no_frame`` (a send with
+    no free frame: counted and dropped), and the kernel's own (:meth:`kernel_stats`).
+    """
+
+    def __init__(self, ifindex: int, queue: int = 0, frames: int = 4096,
+                 frame_size: int = 2048, ring: int = 2048, copy: bool = True,
+                 bind_wait: float = 2.0) -> None:
+        for name, v in (("frames", frames), ("ring", ring), ("frame_size", frame_size)):
+            if v <= 0 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+        if frames < 2 * ring:
+            raise ValueError(f"frames ({frames}) must be at least twice ring ({ring})")
+        why = xsk_available()
+        if why:
+            raise XskError(why)
+        lib = _load()
+        fd = lib.socket(AF_XDP, SOCK_RAW, 0)
+        if fd < 0:
+            raise XskError(f"socket(AF_XDP): {os.strerror(_ffi.errno)}")
+        self.fd = fd
+        self.ifindex = ifindex
+        self.queue = queue
+        self.frame_size = frame_size
+        self.rx_packets = 0
+        self.tx_packets = 0
+        self.tx_no_frame = 0
+        self._rings: List[_Ring] = []
+        self.umem: Optional[mmap.mmap] = None
+        try:
+            self._setup(lib, frames, frame_size, ring, copy, bind_wait)
+        except BaseException:
+            self.close()
+            raise
+
+    def _sockopt(self, lib, name: int, value: bytes, what: str) -> None:
+        buf = _ffi.new("char[]", value)
+        if lib.setsockopt(self.fd, SOL_XDP, name, buf, len(value)) < 0:
+            raise XskError(f"setsockopt({what}): {os.strerror(_ffi.errno)}")
+
+    def _setup(self, lib, frames: int, frame_size: int, ring: int, copy: bool,
+               bind_wait: float) -> None:
+        self.umem = mmap.mmap(-1, frames * frame_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                              mmap.PROT_READ | mmap.PROT_WRITE)
+        self._umem_ptr = _ffi.from_buffer(self.umem)
+        addr = int(_ffi.cast("uintptr_t", self._umem_ptr))
+        self._sockopt(lib, XDP_UMEM_REG, _UMEM_REG.pack(addr, frames * frame_size, frame_size,
+                                                        0, 0), "XDP_UMEM_REG")
+        n = struct.pack("I", ring)
+        for opt, what in ((XDP_UMEM_FILL_RING, "fill ring"),
+                          (XDP_UMEM_COMPLETION_RING, "completion ring"),
+                          (XDP_RX_RING, "RX ring"), (XDP_TX_RING, "TX ring")):
+            self._sockopt(lib, opt, n, what)
+        out = _ffi.new("char[]", _OFFSETS.size)
+        olen = _ffi.new("unsigned int *", _OFFSETS.size)
+        if lib.getsockopt(self.fd, SOL_XDP, XDP_MMAP_OFFSETS, out, olen) < 0:
+            raise XskError(f"getsockopt(XDP_MMAP_OFFSETS): {os.strerror(_ffi.errno)}")
+        o = _OFFSETS.unpack(_ffi.buffer(out, _OFFSETS.size)[:])
+        self.rx_ring = _Ring(self.fd, ring, XDP_PGOFF_RX_RING, o[0:4], 16)
+        self._rings.append(self.rx_ring)
+        self.tx_ring = _Ring(self.fd, ring, XDP_PGOFF_TX_RING, o[4:8], 16)
+        self._rings.append(self.tx_ring)
+        self.fill_ring = _Ring(self.fd, ring, XDP_UMEM_PGOFF_FILL_RING, o[8:12], 8)
+        self._rings.append(self.fill_ring)
+        self.comp_ring = _Ring(self.fd, ring, XDP_UMEM_PGOFF_COMPLETION_RING, o[12:16], 8)
+        self._rings.append(self.comp_ring)
+        # the first `ring` frames receive, the rest send
+        fr = self.fill_ring
+        for i in range(ring):
+            fr.desc[i] = i * frame_size
+        fr.words[fr.prod] = ring
+        self._fill_prod = ring
+        self._free_tx = [i * frame_size for i in range(ring, frames)]
+        self._rx_cons = 0
+        self._tx_prod = 0
+        self._tx_pending = 0
+        self._comp_cons = 0
+        flags = XDP_USE_NEED_WAKEUP | (XDP_COPY if copy else 0)
+        sa = _ffi.new("char[]", _SOCKADDR.pack(AF_XDP, flags, self.ifindex, self.queue, 0))
+        # a socket closed on this queue a moment ago (a restarted worker's predecessor)
+        # lets go of it in deferred kernel work: EBUSY until then
+        deadline = time.monotonic() + bind_wait
+        while lib.bind(self.fd, sa, _SOCKADDR.size) < 0:
+            e = _ffi.errno
+            if e == errno.EBUSY and time.monotonic() < deadline:
+                time.sleep(0.005)
+                continue
+            raise XskError(f"bind(AF_XDP, ifindex {self.ifindex}, queue {self.queue}): "
+                           f"{os.strerror(e)}" + (" (the queue has another AF_XDP socket)"
+                                                   if e == errno.EBUSY else ""))
+        self._lib = lib
+        self._umem_view = memoryview(self.umem)
+
+    # -- receive ---------------------------------------------------------------------------
+
+    def rx(self, max_n: int = 64) -> List[Tuple[int, int]]:
+        """Up to `max_n` received frames as (UMEM offset, length); read the bytes at
+        ``umem[offset:offset + length]`` and hand the offsets back with :meth:`release`."""
+        r = self.rx_ring
+        cons = self._rx_cons
+        avail = (r.words[r.prod] - cons) & 0xFFFFFFFF
+        if not avail:
+            return []
+        n = avail if avail < max_n else max_n
+        desc = r.desc
+        mask = r.mask
+        out = []
+        for i in range(cons, cons + n):
+            j = (i & mask) * 2
+            out.append((desc[j], desc[j + 1] & 0xFFFFFFFF))
+        cons = (cons + n) & 0xFFFFFFFF
+        self._rx_cons = cons
+        r.words[r.cons] = cons
+        self.rx_packets += n
+        return out
+
+    def release(self, offsets: List[int]) -> None:
+        """Give received frames back to the kernel (the fill ring)."""
+        fr = self.fill_ring
+        prod = self._fill_prod
+        mask = fr.mask
+        desc = fr.desc
+        for off in offsets:
+            desc[prod & mask] = off
+            prod += 1
+        prod &= 0xFFFFFFFF
+        self._fill_prod = prod
+        fr.words[fr.prod] = prod
+
+    # -- send --------------------------------------------------------------------------------
+
+    def reclaim(self) -> int:
+        """Frames the kernel has sent go back to the free list; returns how many."""
+        c = self.comp_ring
+        cons = self._comp_cons
+        avail = (c.words[c.prod] - cons) & 0xFFFFFFFF
+        if avail:
+            desc = c.desc
+            mask = c.mask
+            free = self._free_tx
+            for i in range(cons, cons + avail):
+                free.append(desc[i & mask])
+            cons = (cons + avail) & 0xFFFFFFFF
+            self._comp_cons = cons
+            c.words[c.cons] = cons
+        return avail
+
+    def tx_frame(self) -> int:
+        """A free UMEM offset to write a frame into (the caller writes at
+        ``umem[offset:]``, at most frame_size bytes), or -1 when none is free."""
+        free = self._free_tx
+        if not free:
+            self.reclaim()
+            if not free:
+                self.tx_no_frame += 1
+                return -1
+        return free.pop()
+
+    def tx_free(self) -> int:
+        """Frames free for sending now (the completion ring not read yet)."""
+        return len(self._free_tx)
+
+    def tx_put(self, offset: int, length: int) -> bool:
+        """Queue the frame at `offset` for sending; False (counted, frame freed) when the
+        TX ring is full."""
+        t = self.tx_ring
+        prod = self._tx_prod
+        if ((prod - t.words[t.cons]) & 0xFFFFFFFF) >= t.size:
+            self._free_tx.append(offset)
+            self.tx_no_frame += 1
+            return False
+        j = (prod & t.mask) * 2
+        t.desc[j] = offset
+        t.desc[j + 1] = length  # options 0 in the high half
+        self._tx_prod = (prod + 1) & 0xFFFFFFFF
+        self._tx_pending += 1
+        return True
+
+    def kick(self) -> int:
+        """Publish the queued frames and wake the kernel to send them (copy mode sends
+        inside this sendto). Returns how many were published."""
+        n = self._tx_pending
+        if not n:
+            return 0
+        t = self.tx_ring
+        t.words[t.prod] = self._tx_prod
+        self._tx_pending = 0
+        self.tx_packets += n
+        if self._lib.sendto(self.fd, _ffi.NULL, 0, MSG_DONTWAIT, _ffi.NULL, 0) < 0:
+            e = _ffi.errno
+            if e not in (errno.EAGAIN, errno.EBUSY, errno.ENOBUFS, errno.ENETDOWN):
+                raise OSError(e, f"AF_XDP sendto: {os.strerror(e)}")
+        return n
+
+    def wake_rx(self) -> None:
+        """Tell the kernel the fill ring has frames again when it asked to be told."""
+        if self.fill_ring.need_wakeup():
+            self._lib.recvfrom(self.fd, _ffi.NULL, 0, MSG_DONTWAIT, _ffi.NULL, _ffi.NULL)
+
+    def kernel_stats(self) -> dict:
+        """The kernel's counters for this socket (struct xdp_statistics)."""
+        out = _ffi.new("char[]", _STATS.size)
+        olen = _ffi.new("unsigned int *", _STATS.size)
+        if self._lib.getsockopt(self.fd, SOL_XDP, XDP_STATISTICS, out, olen) < 0:
+            raise XskError(f"getsockopt(XDP_STATISTICS): {os.strerror(_ffi.errno)}")
+        vals = _STATS.unpack(_ffi.buffer(out, _STATS.size)[:])
+        return dict(zip(("rx_dropped", "rx_invalid_descs", "tx_invalid_descs",
+                         "rx_ring_full", "rx_fill_ring_empty_descs",
+                         "tx_ring_empty_descs"), vals))
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def view(self) -> memoryview:
+        """The UMEM as a writable memoryview."""
+        return self._umem_view
+
+    def close(self) -> None:
+        """Unmap the rings and UMEM and close the socket (idempotent)."""
+        for r in self._rings:
+            r.close()
+        self._rings = []
+        view = getattr(self, "_umem_view", None)
+        if view is not None:
+            view.release()
+            self._umem_view = None
+        ptr = getattr(self, "_umem_ptr", None)
+        if ptr is not None:
+            _ffi.release(ptr)
+            self._umem_ptr = None
+        if self.fd >= 0:
+            _load().close(self.fd)
+            self.fd = -1
+        if self.umem is not None:
+            self.umem.close()
+            self.umem = None

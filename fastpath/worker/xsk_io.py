@@ -1,0 +1,255 @@
+"""Packet mode over AF_XDP (worker side): the reader and the egress of ``packet_io =
+"af_xdp"``, drop-in for the tap reader (:class:`fastpath.worker.packet_io.PacketReader`)
+and the raw egress (:class:`fastpath.worker.raw_egress.RawEgress`).
+
+Media to the relay's ports is steered by an XDP program into one AF_XDP socket per
+interface (:mod:`fastpath.xdp.steer`, :mod:`fastpath.worker.xsk`): no skb is built
+for it, no netfilter hook or socket lookup runs, and no drop rule is needed. The worker
+relays what it reads and writes whole Ethernet frames into the TX ring of the socket
+of the next hop's interface (route and neighbour from the kernel:
+:mod:`fastpath.worker.nexthop`). A packet whose next hop the kernel has not resolved,
+or that leaves by an interface without an AF_XDP socket, goes out through its
+endpoint's UDP socket instead (the same fallback as raw egress, counted), and the
+kernel resolves the neighbour meanwhile.
+
+Frames read stay the reader's until :meth:`XskReader.done` (the worker calls it after
+the round's sends): the payload slices handed out point into the UMEM.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Dict, List, Optional, Tuple
+
+from fastpath.worker.nexthop import Hop, NextHops
+from fastpath.worker.raw_egress import (
+    _DF,
+    _V4,
+    _V6,
+    HDR4,
+    HDR6,
+    IPPROTO_UDP,
+    TTL,
+    _pseudo_base,
+    _sum,
+)
+from fastpath.worker.xsk import XskSocket
+
+__all__ = ["XskEgress", "XskReader"]
+
+AF_INET = int(socket.AF_INET)
+AF_INET6 = int(socket.AF_INET6)
+ETH = 14
+_ETH_IP = b"\x08\x00"
+_ETH_IP6 = b"\x86\xdd"
+
+Addr = Tuple[str, int]
+
+
+class XskReader:
+    """Batched reads of L3 packets from one AF_XDP socket: ``[(packet, ifindex), ...]``
+    as the tap reader returns them."""
+
+    name = "af_xdp"
+
+    def __init__(self, xsk: XskSocket, batch: int = 64) -> None:
+        self.xsk = xsk
+        self.batch = max(1, int(batch))
+        self.ifindex = xsk.ifindex
+        self.truncated = 0
+        #: frames that were not IPv4 or IPv6 (the program steers only those: a bug)
+        self.not_ip = 0
+        self.overflowed = 0
+        self._held: List[int] = []
+        self._umem = xsk.view()
+        self._seen_drops = 0
+
+    def fileno(self) -> int:
+        return self.xsk.fileno()
+
+    def recv_batch(self, max_n: int = 0) -> List[Tuple[memoryview, int]]:
+        n = self.batch if max_n <= 0 else min(max_n, self.batch)
+        descs = self.xsk.rx(n)
+        if not descs:
+            return []
+        umem = self._umem
+        held = self._held
+        out = []
+        ifindex = self.ifindex
+        for off, ln in descs:
+            held.append(off)
+            hi = umem[off + 12]
+            lo = umem[off + 13]
+            if (hi == 0x08 and lo == 0x00) or (hi == 0x86 and lo == 0xDD):
+                out.append((umem[off + ETH:off + ln], ifindex))
+            else:
+                self.not_ip += 1
+        return out
+
+    def done(self) -> None:
+        """The round is over: every frame read goes back to the kernel."""
+        if self._held:
+            self.xsk.release(self._held)
+            self._held = []
+            self.xsk.wake_rx()
+
+    def count_overflows(self) -> int:
+        """Frames the kernel could not hand to this socket (RX ring full, no free frame
+        on the fill ring, other drops): the worker fell behind."""
+        try:
+            st = self.xsk.kernel_stats()
+        except OSError:
+            return self.overflowed
+        self.overflowed = (st["rx_dropped"] + st["rx_ring_full"]
+                           + st["rx_fill_ring_empty_descs"])
+        return self.overflowed
+
+    def close(self) -> None:
+        self.xsk.close()
+
+
+class XskEgress:
+    """Queue forwarded packets as Ethernet frames on the AF_XDP sockets' TX rings, send
+    each socket's with one sendto per flush. The interface of RawEgress: ``bind``,
+    ``forget``, ``add`` (returns the first position), ``flush`` (the positions that did
+    not leave, for the caller's fallback), ``pending``, ``capacity``."""
+
+    def __init__(self, xsks: Dict[int, XskSocket], hops: Optional[NextHops] = None,
+                 capacity: int = 256) -> None:
+        self.xsks = dict(xsks)
+        self.hops = hops if hops is not None else NextHops(self.xsks.__contains__)
+        self.capacity = max(1, int(capacity))
+        self._eps: Dict[int, tuple] = {}  # fd -> (family, packed ip, port)
+        self._pack: Dict[Addr, Optional[bytes]] = {}  # destination -> packed address
+        self._eth: Dict[Hop, bytes] = {}
+        self.pending = 0
+        self._rejected: List[int] = []
+        self._dirty: List[XskSocket] = []
+        self._ident = 0
+        self.packets = 0
+        self.calls = 0
+        self.rejected = 0
+        #: not sent this way, by reason: no_route (no usable next hop yet), no_frame
+        #: (TX ring or frames exhausted), too_big, family (address family mismatch)
+        self.errors: Dict[str, int] = {}
+
+    def close(self) -> None:
+        self.hops.close()
+        for x in self.xsks.values():
+            x.close()
+
+    def bind(self, fd: int, ip: str, port: int) -> None:
+        ip = ip.split("%", 1)[0]
+        fam = AF_INET6 if ":" in ip else AF_INET
+        self._eps[fd] = (fam, socket.inet_pton(fam, ip), int(port))
+
+    def forget(self, fd: int) -> None:
+        self._eps.pop(fd, None)
+
+    def _dst(self, fam: int, dest: Addr) -> Optional[bytes]:
+        packed = self._pack.get(dest)
+        if packed is None and dest not in self._pack:
+            try:
+                ip = dest[0]
+                if (":" in ip) != (fam == AF_INET6) or not 0 < int(dest[1]) < 65536:
+                    packed = None
+                else:
+                    packed = socket.inet_pton(fam, ip.split("%", 1)[0])
+            except (OSError, ValueError, TypeError, IndexError):
+                packed = None
+            if len(self._pack) >= 4096:
+                self._pack.clear()
+            self._pack[dest] = packed
+        return packed
+
+    def _reject(self, pos: int, n: int, why: str) -> None:
+        self.rejected += n
+        self.errors[why] = self.errors.get(why, 0) + n
+        self._rejected.extend(range(pos, pos + n))
+
+    def add(self, fd: int, packets: List[Tuple[bytes, Addr]]) -> int:
+        """Queue `packets` (all to one destination) sent from endpoint `fd`."""
+        first = self.pending
+        n = len(packets)
+        self.pending = first + n
+        ep = self._eps.get(fd)
+        if ep is None:
+            self._reject(first, n, "family")
+            return first
+        fam, src, sport = ep
+        dest = packets[0][1]
+        dst = self._dst(fam, dest)
+        if dst is None:
+            self._reject(first, n, "family")
+            return first
+        hop = self.hops.get(dst)
+        if hop is None:
+            self._reject(first, n, "no_route")
+            return first
+        xsk = self.xsks[hop.ifindex]
+        eth = self._eth.get(hop)
+        if eth is None:
+            eth = self._eth[hop] = hop.dst_mac + hop.src_mac + (
+                _ETH_IP if fam == AF_INET else _ETH_IP6)
+        dport = int(dest[1])
+        pbase = _pseudo_base(src, dst, sport, dport)
+        v4 = fam == AF_INET
+        if v4:
+            ibase = 0x4500 + _DF + (TTL << 8) + IPPROTO_UDP + _sum(src) + _sum(dst)
+            hdr = ETH + HDR4
+        else:
+            ibase = 0
+            hdr = ETH + HDR6
+        room = xsk.frame_size - hdr
+        umem = xsk.view()
+        ident = self._ident
+        pos = first
+        for data, _d in packets:
+            ln = len(data)
+            if ln > room:
+                self._reject(pos, 1, "too_big")
+                pos += 1
+                continue
+            off = xsk.tx_frame()
+            if off < 0:
+                self._reject(pos, 1, "no_frame")
+                pos += 1
+                continue
+            ulen = 8 + ln
+            c = (pbase + ulen + ulen + _sum(data)) % 0xFFFF
+            ucs = 0xFFFF - c if c else 0xFFFF
+            umem[off:off + ETH] = eth
+            if v4:
+                ident = (ident + 1) & 0xFFFF
+                h = (ibase + 20 + ulen + ident) % 0xFFFF
+                _V4.pack_into(umem, off + ETH, 0x45, 0, 20 + ulen, ident, _DF, TTL,
+                              IPPROTO_UDP, 0xFFFF - h if h else 0, src, dst, sport, dport,
+                              ulen, ucs)
+            else:
+                _V6.pack_into(umem, off + ETH, 0x60000000, ulen, IPPROTO_UDP, TTL, src, dst,
+                              sport, dport, ulen, ucs)
+            umem[off + hdr:off + hdr + ln] = data
+            if not xsk.tx_put(off, hdr + ln):
+                self._reject(pos, 1, "no_frame")
+                pos += 1
+                continue
+            pos += 1
+        self._ident = ident
+        if xsk not in self._dirty:
+            self._dirty.append(xsk)
+        return first
+
+    def flush(self) -> List[int]:
+        """Send what is queued; returns the positions that did not leave, ascending."""
+        for xsk in self._dirty:
+            self.packets += xsk.kick()
+            self.calls += 1
+            xsk.reclaim()
+        self._dirty = []
+        failed = self._rejected
+        self._rejected = []
+        self.pending = 0
+        if len(failed) > 1:
+            failed.sort()
+        return failed
+

@@ -1,0 +1,129 @@
+"""The AF_XDP steering program, loaded and typed (steer.bpf.c): UDP to the relay's media
+ports into the AF_XDP socket of the receiving queue, the rest to the kernel.
+
+`SteerProgram.load` compiles (cached) and loads it, `configure` sets the port range,
+`attach` puts it on an interface (native first, generic when the driver refuses),
+`register` names the socket of a queue, `close` detaches and releases everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from typing import Dict, List, Optional, Tuple
+
+from fastpath.xdp import build
+from fastpath.xdp.errors import XdpAttachError, XdpError
+from fastpath.xdp.libbpf import (
+    XDP_FLAGS_DRV_MODE,
+    XDP_FLAGS_SKB_MODE,
+    BpfMap,
+    BpfObject,
+    if_nametoindex,
+    num_cpus,
+    prog_name,
+    test_run,
+    xdp_attach,
+    xdp_detach,
+    xdp_query_id,
+)
+
+log = logging.getLogger("lrk.xdp")
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "steer.bpf.c")
+MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
+#: per-CPU verdict counters, in the order of steer.bpf.c's enum
+VERDICTS = ("steered", "pass_other", "pass_port", "pass_fragment", "pass_no_socket")
+
+
+class SteerProgram:
+    """One loaded steer.bpf.c: its XSKMAP (queue -> socket), its port range, its
+    attachments."""
+
+    def __init__(self, obj: BpfObject) -> None:
+        self.obj = obj
+        self.ncpus = num_cpus()
+        self.xsks = BpfMap(obj.map_fd("xsks"), 4, 4)
+        self.config = BpfMap(obj.map_fd("steer_config"), 4, 4)
+        self.verdicts = BpfMap(obj.map_fd("steer_verdicts"), 4, 8, self.ncpus)
+        self.prog_fd = obj.prog_fd("lrk_steer")
+        #: ifindex -> (interface name, mode flags) of every attachment made here
+        self.attached: Dict[int, Tuple[str, int]] = {}
+
+    @classmethod
+    def load(cls, path: Optional[str] = None) -> SteerProgram:
+        obj = BpfObject(path or build.object_path(SOURCE))
+        try:
+            return cls(obj)
+        except BaseException:
+            obj.close()
+            raise
+
+    def configure(self, port_min: int, port_max: int) -> None:
+        if not 0 < port_min <= port_max <= 65535:
+            raise ValueError(f"port range {port_min}-{port_max} is not within 1-65535")
+        self.config.update(struct.pack("I", 0), struct.pack("HH", port_min, port_max))
+
+    def register(self, queue: int, xsk_fd: int) -> None:
+        """Frames steered on `queue` go to the AF_XDP socket `xsk_fd` from now on."""
+        self.xsks.update(struct.pack("I", queue), struct.pack("I", xsk_fd))
+
+    def unregister(self, queue: int) -> None:
+        self.xsks.delete(struct.pack("I", queue))
+
+    def attach(self, ifname: str, mode: str = "auto") -> str:
+        """Attach to `ifname` (native, else generic for "auto"); returns the mode used.
+        Another tool's XDP program is refused, never replaced; lrk's steering program
+        left by a crashed run is detached first."""
+        try:
+            ifindex = if_nametoindex(ifname)
+        except OSError as exc:
+            raise XdpAttachError(f"no interface {ifname!r} in this network namespace") from exc
+        for name, flags in MODES.items():
+            prog_id = xdp_query_id(ifindex, flags)
+            if not prog_id:
+                continue
+            owner = prog_name(prog_id)
+            if owner != "lrk_steer":
+                raise XdpAttachError(f"{ifname} already has an XDP program ({name} mode, id "
+                                     f"{prog_id}, name {owner!r}): detach it (ip link set "
+                                     f"dev {ifname} xdp off) or use packet_io = \"tap\"")
+            # a crashed run's: its sockets are gone with their process, so it only passes
+            log.warning("xdp: detaching lrk's steering program id %d left on %s by an "
+                        "earlier run", prog_id, ifname)
+            xdp_detach(ifindex, flags)
+        tried: List[str] = []
+        for name in (["native", "generic"] if mode == "auto" else [mode]):
+            try:
+                xdp_attach(ifindex, self.prog_fd, MODES[name])
+            except XdpAttachError as exc:
+                tried.append(f"{name}: {exc}")
+                continue
+            self.attached[ifindex] = (ifname, MODES[name])
+            return name
+        raise XdpAttachError(f"cannot attach the AF_XDP steering program to {ifname}: "
+                             + "; ".join(tried) + " (needs root and a kernel with XDP)")
+
+    def verdict_counts(self) -> Dict[str, int]:
+        out = {}
+        for i, name in enumerate(VERDICTS):
+            raw = self.verdicts.lookup(struct.pack("I", i)) or b""
+            out[name] = sum(v for (v,) in struct.iter_unpack("Q", raw))
+        return out
+
+    def test_run(self, frame: bytes) -> Tuple[int, bytes]:
+        verdict, out, _ = test_run(self.prog_fd, frame)
+        return verdict, out
+
+    def close(self) -> None:
+        """Detach from every interface attached here, then release the object."""
+        for ifindex, (ifname, flags) in list(self.attached.items()):
+            try:
+                if xdp_query_id(ifindex, flags):
+                    xdp_detach(ifindex, flags)
+            except XdpError as exc:
+                log.error("could not detach the steering program from %s: %s", ifname, exc)
+                continue
+            del self.attached[ifindex]
+        self.obj.close()

@@ -1,0 +1,250 @@
+"""Packet mode over AF_XDP (``--packet-io af_xdp``): an XDP program steers media to the
+relay's ports into one AF_XDP socket per interface, the worker relays it and writes whole
+Ethernet frames into the socket of the next hop's interface.
+
+Every packet is received by a plain UDP socket on the caller or callee, whose kernel
+verifies IP and UDP checksums, so delivery proves the frames the worker built valid.
+A next hop the kernel has not resolved yet goes out through the endpoint's UDP socket
+(counted as `no_route` and as a fallback), which makes the kernel resolve it; from then
+on the AF_XDP socket sends."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from bench.netns import in_netns
+from fastpath.worker.xsk import XskSocket
+from fastpath.xdp.errors import XdpAttachError
+from fastpath.xdp.libbpf import if_nametoindex, xdp_query_id
+from fastpath.xdp.program import XdpProgram
+from fastpath.xdp.steer import SteerProgram
+from lrk.client import LrkClient
+from lrk.demo.media import rtcp_sender_report, rtp_packet, summarize
+from lrk.demo.relay_process import RelayProcess
+
+from .hosts import endpoint, pending, receive, tables, wait
+from .test_packet_mode import _egress, _ipv6_ready
+
+pytestmark = pytest.mark.netns
+
+A_SSRC, B_SSRC = 0x81818181, 0x82828282
+PORTS = "30000-30399"
+
+
+def _relay(topo, v6: bool) -> RelayProcess:
+    pick = (lambda h: h.ip6) if v6 else (lambda h: h.ip4)
+    return RelayProcess(ports=PORTS, netns=topo.relay.ns, extra=[
+        "--mode", "packet", "--packet-io", "af_xdp", "--packet-interface", "vc1",
+        "--packet-interface", "ve1", "--internal-ip", pick(topo.relay),
+        "--external-ip", pick(topo.relay_ext)]).start()
+
+
+def _xdp_ids(ns: str) -> list:
+    return in_netns(ns, lambda: [xdp_query_id(if_nametoindex(i)) for i in ("vc1", "ve1")])
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_af_xdp_call(topo, family):
+    """RTP and RTCP both ways; sources are the relay's ports; every packet either left by
+    AF_XDP or, while its next hop was unresolved, by the UDP socket (counted as such);
+    no drop rule, no tap; stop detaches the programs."""
+    v6 = family == "ipv6"
+    pick = (lambda h: h.ip6) if v6 else (lambda h: h.ip4)
+    caller_ip, callee_ip = pick(topo.caller), pick(topo.callee)
+    ns = topo.relay.ns
+    _ipv6_ready(topo)
+    relay = _relay(topo, v6)
+    sockets = []
+    try:
+        assert "lrkpkt" not in tables(ns), "no drop rules: steered media never meets the stack"
+        assert all(_xdp_ids(ns)), "the steering program is on both interfaces"
+        with LrkClient([relay.node]) as client:
+            # the worker opens its sockets as it starts; media before that takes the
+            # kernel path (the UDP sockets: test_steering_passes_what_is_not_media)
+            wait(lambda: client.stats()["counters"].get("media.xsk.sockets") == 2)
+            nat = endpoint(topo.caller.ns, caller_ip, 4444)  # SDP says 4000
+            nat_rtcp = endpoint(topo.caller.ns, caller_ip, 4445)
+            callee = endpoint(topo.callee.ns, callee_ip, 5000)
+            callee_rtcp = endpoint(topo.callee.ns, callee_ip, 5001)
+            stranger = endpoint(topo.callee.ns, callee_ip, 5999)
+            sockets += [nat, nat_rtcp, callee, callee_rtcp, stranger]
+            offer = client.offer("x-call", "a", (caller_ip, 4000), interface="external")
+            answer = client.answer("x-call", "a", "b", (callee_ip, 5000), interface="internal")
+            to_a = (answer["relay"]["ip"], answer["relay"]["port"])
+            to_b = (offer["relay"]["ip"], offer["relay"]["port"])
+            to_a_rtcp, to_b_rtcp = (to_a[0], to_a[1] + 1), (to_b[0], to_b[1] + 1)
+            for seq in range(30):
+                nat.sendto(rtp_packet(seq, A_SSRC), to_a)
+            got = summarize(receive(callee, 31), A_SSRC)  # 31: a duplicate would show
+            assert got == {"intact": 30, "damaged": 0, "sources": [to_b], "in_order": True}
+            for seq in range(30):
+                callee.sendto(rtp_packet(seq, B_SSRC), to_b)
+            got = summarize(receive(nat, 31), B_SSRC)
+            assert got == {"intact": 30, "damaged": 0, "sources": [to_a], "in_order": True}
+            reports_a = [rtcp_sender_report(A_SSRC, i, 160 * i) + b"x" * (i % 2)
+                         for i in range(5)]
+            reports_b = [rtcp_sender_report(B_SSRC, i, 160 * i) + b"y" * (i % 2)
+                         for i in range(5)]
+            for rep in reports_a:
+                nat_rtcp.sendto(rep, to_a_rtcp)
+            assert receive(callee_rtcp, 5) == [(rep, to_b_rtcp) for rep in reports_a]
+            for rep in reports_b:
+                callee_rtcp.sendto(rep, to_b_rtcp)
+            assert receive(nat_rtcp, 5) == [(rep, to_a_rtcp) for rep in reports_b]
+            nat.sendto(rtp_packet(30, A_SSRC), to_a)
+            assert len(receive(callee, 1)) == 1
+            stranger.sendto(rtp_packet(0, 0xBAD), to_a)
+            wait(lambda: client.stats()["counters"]["media.dropped.unexpected_source"] >= 1)
+            assert pending(callee) == []
+            legs = client.query("x-call")["session"]["legs"]
+            assert legs["A"]["latched"] == {"ip": caller_ip, "port": 4444}
+            assert legs["A"]["counters"]["in_packets"] == 36
+            counters = client.stats()["counters"]
+            eg = _egress(counters)
+            assert counters["media.forwarded.packets"] == 71
+            assert eg["xsk.packets"] + eg["fallback.packets"] == 71, eg
+            assert eg["fallback.packets"] == eg.get("xsk.errors.no_route", 0), eg
+            # both neighbours are known once each side has sent: the rest went by AF_XDP
+            assert eg["xsk.packets"] >= 71 - 2 * 30, eg
+            assert counters["media.xsk.open_failed"] == 0
+            assert counters["media.xsk.steered"] == 71 + 1  # and the stranger's
+            assert counters["media.xsk.pass_no_socket"] == 0
+            assert counters["media.dropped.tap_overflow"] == 0
+        assert relay.stop() == 0
+        assert not any(_xdp_ids(ns)), "stop detaches the steering programs"
+    finally:
+        relay.stop()
+        for s in sockets:
+            s.close()
+
+
+def test_steering_passes_what_is_not_media(topo):
+    """The steering program takes UDP to the port range only: other ports, fragments
+    and ARP/ICMP reach the kernel; a queue without a socket passes too."""
+    ns = topo.relay.ns
+
+    def setup():
+        prog = SteerProgram.load()
+        prog.configure(30000, 30009)
+        return prog, prog.attach("vc1")
+
+    prog, how = in_netns(ns, setup)
+    xsk = None
+    sockets = []
+    try:
+        assert how == "native"
+        src = endpoint(topo.caller.ns, topo.caller.ip4, 4000)
+        plain = endpoint(ns, topo.relay.ip4, 29999)
+        media_sock = endpoint(ns, topo.relay.ip4, 30000)
+        sockets += [src, plain, media_sock]
+        # no socket registered yet: media to the range passes to the kernel's socket
+        src.sendto(b"before", (topo.relay.ip4, 30000))
+        assert receive(media_sock, 1) == [(b"before", (topo.caller.ip4, 4000))]
+        xsk = in_netns(ns, lambda: XskSocket(if_nametoindex("vc1")))
+        prog.register(0, xsk.fd)
+        src.sendto(b"steered", (topo.relay.ip4, 30000))
+        src.sendto(b"other port", (topo.relay.ip4, 29999))
+        src.sendto(b"z" * 3000, (topo.relay.ip4, 30000))  # fragments: kernel reassembles
+        assert receive(plain, 1) == [(b"other port", (topo.caller.ip4, 4000))]
+        got = receive(media_sock, 1)
+        assert got == [(b"z" * 3000, (topo.caller.ip4, 4000))]
+        descs = []
+        wait(lambda: descs.extend(xsk.rx(8)) or descs)
+        assert [bytes(xsk.view()[o + 42:o + n]) for o, n in descs] == [b"steered"]
+        counts = prog.verdict_counts()
+        assert counts["steered"] == 1, counts
+        assert counts["pass_no_socket"] == 1, counts  # "before": no socket then
+        assert counts["pass_port"] == 1 and counts["pass_fragment"] == 3, counts
+        assert pending(media_sock) == []
+    finally:
+        for s in sockets:
+            s.close()
+        if xsk is not None:
+            xsk.close()
+        in_netns(ns, prog.close)
+    assert not any(_xdp_ids(ns))
+
+
+def test_xsk_socket_round_trip(topo):
+    """The socket alone: a frame steered in is read with its exact bytes; a frame written
+    to the TX ring leaves the interface and is delivered; sent frames come back through
+    the completion ring; close releases everything (a second bind on the queue works)."""
+    ns = topo.relay.ns
+    prog = in_netns(ns, SteerProgram.load)
+    sockets = []
+    try:
+        prog.configure(30000, 30000)
+        in_netns(ns, lambda: prog.attach("vc1"))
+        ifindex = in_netns(ns, lambda: if_nametoindex("vc1"))
+        xsk = in_netns(ns, lambda: XskSocket(ifindex, frames=64, ring=32))
+        prog.register(0, xsk.fd)
+        src = endpoint(topo.caller.ns, topo.caller.ip4, 4000)
+        sockets.append(src)
+        src.sendto(b"ping", (topo.relay.ip4, 30000))
+        descs = []
+        wait(lambda: descs.extend(xsk.rx(8)) or descs)
+        assert len(descs) == 1
+        off, ln = descs[0]
+        frame = bytes(xsk.view()[off:off + ln])
+        assert ln == 14 + 20 + 8 + 4 and frame.endswith(b"ping")
+        assert frame[12:14] == b"\x08\x00" and frame[23] == socket.IPPROTO_UDP
+        assert socket.inet_ntoa(frame[26:30]) == topo.caller.ip4
+        # reflect it: swap MACs, addresses and ports, UDP checksum 0 (IPv4: none)
+        out = bytearray(frame)
+        out[0:6], out[6:12] = frame[6:12], frame[0:6]
+        out[26:30], out[30:34] = frame[30:34], frame[26:30]
+        out[34:36], out[36:38] = frame[36:38], frame[34:36]
+        out[40:42] = b"\0\0"
+        xsk.release([off])
+        free = xsk.tx_free()
+        t = xsk.tx_frame()
+        assert xsk.tx_free() == free - 1
+        xsk.view()[t:t + len(out)] = out
+        assert xsk.tx_put(t, len(out)) and xsk.kick() == 1
+        assert receive(src, 1) == [(b"ping", (topo.relay.ip4, 30000))]
+        wait(lambda: xsk.reclaim() >= 0 and xsk.tx_free() == free)  # completion ring
+        assert xsk.kernel_stats()["tx_invalid_descs"] == 0
+        xsk.close()
+        xsk.close()  # idempotent
+        again = in_netns(ns, lambda: XskSocket(ifindex, frames=64, ring=32))
+        again.close()
+    finally:
+        for s in sockets:
+            s.close()
+        in_netns(ns, prog.close)
+
+
+def test_xsk_refuses_bad_geometry():
+    for kwargs in ({"frames": 100}, {"ring": 48}, {"frames": 64, "ring": 64}):
+        with pytest.raises(ValueError):
+            XskSocket(1, **kwargs)
+
+
+def test_a_leftover_steering_program_is_replaced_and_a_foreign_one_refused(topo):
+    """A crashed daemon's steering program stays attached: the next start detaches it;
+    another tool's XDP program is never touched."""
+    ns = topo.relay.ns
+    first = in_netns(ns, SteerProgram.load)
+    in_netns(ns, lambda: first.attach("vc1"))
+    first.attached.clear()  # as a crash would: nobody detaches
+    first.close()
+    assert _xdp_ids(ns)[0]
+    second = in_netns(ns, SteerProgram.load)
+    try:
+        assert in_netns(ns, lambda: second.attach("vc1")) == "native"
+    finally:
+        in_netns(ns, second.close)
+    assert not any(_xdp_ids(ns))
+    other = in_netns(ns, XdpProgram.load)
+    try:
+        in_netns(ns, lambda: other.attach("vc1", "native"))
+        third = in_netns(ns, SteerProgram.load)
+        try:
+            with pytest.raises(XdpAttachError, match="already has an XDP program"):
+                in_netns(ns, lambda: third.attach("vc1"))
+        finally:
+            third.close()
+    finally:
+        in_netns(ns, other.close)
