@@ -28,6 +28,9 @@ RTP packets, and for every session count the modes one after the other:
 * ``socket``      ``lrkproxy run`` (socket mode, one worker, PyPy).
 * ``packet``      ``lrkproxy run --mode packet`` with AF_PACKET taps on the relay
                   namespace's two veths (``vc1``, ``ve1``), userspace forwarding.
+* ``packet-xdp``  the same over AF_XDP (``--packet-io af_xdp``): an XDP program steers
+                  the media into AF_XDP sockets on both veths; only when asked for
+                  with --modes.
 * overload mitigations of the userspace modes (MITIGATIONS): ``socket-pinned`` and
   ``packet-pinned`` (relay on CPU 1, generator on CPU 0), ``socket-policed`` (an
   nftables policer on the relay's ports at 0.9x socket mode's capacity).
@@ -139,12 +142,15 @@ POLICE_TABLE = "benchpolice"
 PEER_MODES = ("rtpengine",)
 #: opt-in daemon modes (--modes): not in the default run
 XDP_MODES = ("xdp", "xdp-generic")
-DAEMON_MODES = ("kernel", "nfqueue", "socket", "packet") + MITIGATIONS + PEER_MODES + XDP_MODES
+#: packet mode over AF_XDP sockets (--packet-io af_xdp), opt-in too
+AFXDP_MODES = ("packet-xdp",)
+DAEMON_MODES = ("kernel", "nfqueue", "socket", "packet") + MITIGATIONS + PEER_MODES + XDP_MODES \
+    + AFXDP_MODES
 #: above DAEMON_MAX_SESSIONS: the kernel datapath alone -- kernel mode's ruleset
 #: (fastpath.kernel.kernel_rules) with its elements installed in bulk, no daemon
 RULES_MODE = "kernel-rules"
 SCALE_MODES = ("routing", "static-nat", RULES_MODE)
-ALL_MODES = MODES + MITIGATIONS + PEER_MODES + XDP_MODES + (RULES_MODE,)
+ALL_MODES = MODES + MITIGATIONS + PEER_MODES + XDP_MODES + AFXDP_MODES + (RULES_MODE,)
 DEFAULT_SESSIONS = (1, 1000)
 #: lrk hands out 4 ports per session (two RTP/RTCP pairs) from ONE range shared by both
 #: relay addresses (kernel mode: ct marks are relay ports), so one relay holds at most
@@ -672,6 +678,9 @@ class Bench:
             "packet": lambda m, rig: self._lrk(
                 m, rig, ["--mode", "packet", "--packet-interface", "vc1",
                          "--packet-interface", "ve1"], self.socket_python, "lrkpkt"),
+            "packet-xdp": lambda m, rig: self._lrk(
+                m, rig, ["--mode", "packet", "--packet-io", "af_xdp", "--packet-interface",
+                         "vc1", "--packet-interface", "ve1"], self.socket_python, None),
             "xdp": lambda m, rig: self._lrk(
                 m, rig, ["--mode", "xdp", "--xdp-interface", "vc1", "--xdp-interface", "ve1"],
                 self.kernel_python, "lrk"),
@@ -1450,7 +1459,7 @@ def ratios(results: List[dict]) -> List[dict]:
         if base is None:
             continue
         for mode in ("kernel", "nfqueue", "socket", "packet", *MITIGATIONS, RULES_MODE, "routing",
-                     *XDP_MODES):
+                     *XDP_MODES, *AFXDP_MODES):
             r = by.get((mode, n))
             if r is None:
                 continue

@@ -33,7 +33,7 @@ done
 
 APT_PACKAGES=(python3 python3-venv python3-dev pypy3 pypy3-venv pypy3-dev gcc libffi-dev
               iproute2 nftables conntrack procps kamailio rtpengine-daemon prometheus
-              kamailio-python3-modules sip-tester clang llvm libbpf-dev ethtool netsniff-ng
+              kamailio-python3-modules sip-tester clang llvm libbpf-dev bpftool ethtool netsniff-ng
               redis-server)
 CPYTHON=/usr/bin/python3
 PYPY=/usr/bin/pypy3

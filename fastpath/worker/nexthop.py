@@ -130,16 +130,17 @@ class NextHops:
 
     def __init__(self, usable: Callable[[int], bool], ttl: float = 5.0, retry: float = 0.2,
                  timeout: float = 0.5, clock: Callable[[], float] = time.monotonic,
-                 max_entries: int = 65536) -> None:
+                 max_entries: int = 65536, sock: Optional[nl.NetlinkSocket] = None,
+                 macs: Optional[Dict[int, bytes]] = None) -> None:
         self.usable = usable
         self.ttl = ttl
         self.retry = retry
         self.timeout = timeout
         self.clock = clock
         self.max_entries = max_entries
-        self.sock = nl.NetlinkSocket(protocol=NETLINK_ROUTE)
+        self.sock = sock if sock is not None else nl.NetlinkSocket(protocol=NETLINK_ROUTE)
         self._cache: Dict[bytes, Tuple[float, Optional[Hop]]] = {}
-        self._macs: Dict[int, bytes] = {}
+        self._macs: Dict[int, bytes] = dict(macs or {})  # ifindex -> its own MAC
         self.lookups = 0
         self.misses = 0
         self.errors = 0

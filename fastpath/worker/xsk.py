@@ -140,12 +140,14 @@ class _Ring:
 class XskSocket:
     """An AF_XDP socket on `ifindex` queue `queue` with a UMEM of its own.
 
-    `frames` frames of `frame_size` bytes; half are given to the fill ring for
-    receiving, half kept for sending. A queue another socket still holds is waited for
-    up to `bind_wait` seconds (the kernel releases a closed socket's queue later). Receive with :meth:`rx` (descriptors, then
-    :meth:`release` them), send with :meth:`tx_frame` + :meth:`tx_commit` +
-    :meth:`kick`. Counters: ``rx_packets``, ``tx_packets``, ``tx_no_frame`` (a send with
-    no free frame: counted and dropped), and the kernel's own (:meth:`kernel_stats`).
+    `frames` frames of `frame_size` bytes: `ring` of them are given to the fill ring for
+    receiving, the rest kept for sending. A queue another socket still holds is waited
+    for up to `bind_wait` seconds (the kernel releases a closed socket's queue later).
+    Receive with :meth:`rx` (descriptors, then :meth:`release` them), send with
+    :meth:`tx_frame` + :meth:`tx_put` + :meth:`kick`. Counters: ``rx_packets``,
+    ``tx_packets``, ``tx_no_frame`` (no free frame or ring slot: the caller's fallback
+    sends it), ``tx_errors`` (the kernel refused a kick), and the kernel's own
+    (:meth:`kernel_stats`).
     """
 
     def __init__(self, ifindex: int, queue: int = 0, frames: int = 4096,
@@ -170,6 +172,7 @@ class XskSocket:
         self.rx_packets = 0
         self.tx_packets = 0
         self.tx_no_frame = 0
+        self.tx_errors = 0
         self._rings: List[_Ring] = []
         self.umem: Optional[mmap.mmap] = None
         try:
@@ -322,19 +325,35 @@ class XskSocket:
         return True
 
     def kick(self) -> int:
-        """Publish the queued frames and wake the kernel to send them (copy mode sends
-        inside this sendto). Returns how many were published."""
+        """Publish the queued frames and have the kernel send them. In copy mode each
+        sendto sends at most 32 frames (the kernel's TX batch) and says EAGAIN while
+        more wait, so this calls it until the ring is drained (bounded: a ring's worth).
+        Returns how many frames were published."""
         n = self._tx_pending
         if not n:
             return 0
         t = self.tx_ring
-        t.words[t.prod] = self._tx_prod
+        prod = self._tx_prod
+        t.words[t.prod] = prod
         self._tx_pending = 0
         self.tx_packets += n
-        if self._lib.sendto(self.fd, _ffi.NULL, 0, MSG_DONTWAIT, _ffi.NULL, 0) < 0:
+        lib = self._lib
+        words = t.words
+        cons_at = t.cons
+        for _ in range(t.size // 32 + 2):
+            if lib.sendto(self.fd, _ffi.NULL, 0, MSG_DONTWAIT, _ffi.NULL, 0) >= 0:
+                if words[cons_at] == prod:
+                    break
+                continue
             e = _ffi.errno
-            if e not in (errno.EAGAIN, errno.EBUSY, errno.ENOBUFS, errno.ENETDOWN):
-                raise OSError(e, f"AF_XDP sendto: {os.strerror(e)}")
+            if e in (errno.EAGAIN, errno.EBUSY):
+                if words[cons_at] == prod:
+                    break
+                continue
+            if e in (errno.ENOBUFS, errno.ENETDOWN):
+                self.tx_errors += 1
+                break
+            raise OSError(e, f"AF_XDP sendto: {os.strerror(e)}")
         return n
 
     def wake_rx(self) -> None:

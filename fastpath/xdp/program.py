@@ -288,19 +288,25 @@ class XdpProgram:
         return verdict, out
 
 
-def detach_leftovers() -> List[str]:
-    """Detach lrk's XDP programs left attached in this network namespace by an xdp-mode
-    run that kept its calls or crashed (an attachment outlives its process): a relay
-    started in another mode must not have them take its ports' packets. Other tools'
-    programs are never touched. Returns "ifname (mode)" for each one detached."""
+#: lrk's XDP programs by name: xdp mode's relay, packet mode's AF_XDP steering
+LRK_PROGRAMS = ("lrk_relay", "lrk_steer")
+
+
+def detach_leftovers(names: Sequence[str] = LRK_PROGRAMS) -> List[str]:
+    """Detach lrk's XDP programs named `names` left attached in this network namespace
+    by a run that kept its calls or crashed (an attachment outlives its process): a
+    relay started in another mode must not have them take its ports' packets, and a
+    steering program is never adopted (its sockets died with their worker). Other
+    tools' programs are never touched. Returns "ifname (mode, name)" for each one."""
     done: List[str] = []
     for ifindex, ifname in _interfaces():
         for mode, flags in MODES.items():
             try:
                 prog_id = xdp_query_id(ifindex, flags)
-                if prog_id and prog_name(prog_id) == "lrk_relay":
+                name = prog_name(prog_id) if prog_id else ""
+                if name in names:
                     xdp_detach(ifindex, flags)
-                    done.append(f"{ifname} ({mode})")
+                    done.append(f"{ifname} ({mode}, {name})")
             except XdpError as exc:
                 log.debug("xdp: cannot check %s (%s): %s", ifname, mode, exc)
     return done

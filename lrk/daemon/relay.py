@@ -127,17 +127,25 @@ RELOADABLE = ("log_level", "log_format", "silence_timeout", "max_lifetime", "qua
               "control_auth_window")
 
 
-def _detach_xdp_leftovers() -> None:
+def _detach_xdp_leftovers(mode: str) -> None:
     """An xdp-mode run that kept its calls leaves its program attached for the next xdp
     run to replace; a relay started in another mode detaches it (it would take this
-    relay's packets). Without libbpf there is nothing of lrk's to find."""
+    relay's packets). A packet-mode run over AF_XDP that crashed leaves its steering
+    program, detached whatever the mode (its sockets are gone). Without libbpf there is
+    nothing of lrk's to find."""
     try:
         from fastpath.xdp.program import detach_leftovers
     except (ImportError, OSError, LrkError):
         return
-    for where in detach_leftovers():
-        lifecycle.warning("xdp: detached lrk's XDP program left on %s by an earlier "
-                          "xdp-mode run (this relay runs in another mode)", where)
+    names = ("lrk_steer",) if mode == "xdp" else ("lrk_relay", "lrk_steer")
+    try:
+        found = detach_leftovers(names)
+    except (OSError, LrkError) as exc:  # no libbpf.so: nothing of lrk's can be attached
+        lifecycle.debug("xdp: leftovers not checked: %s", exc)
+        return
+    for where in found:
+        lifecycle.warning("xdp: detached lrk's XDP program left on %s by an earlier run",
+                          where)
 
 class Relay:
     """Owns the engine, the control endpoint and the data plane for one relay node."""
@@ -248,8 +256,7 @@ class Relay:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
-        if self.config.mode != "xdp":
-            _detach_xdp_leftovers()
+        _detach_xdp_leftovers(self.config.mode)
         await self.plane.start()
         if self.store is not None:
             await self._restore()

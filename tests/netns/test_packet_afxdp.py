@@ -10,6 +10,8 @@ on the AF_XDP socket sends."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 
 import pytest
@@ -248,3 +250,86 @@ def test_a_leftover_steering_program_is_replaced_and_a_foreign_one_refused(topo)
             third.close()
     finally:
         in_netns(ns, other.close)
+
+
+def _flows(client, topo, n: int, tag: str, sockets: list):
+    """`n` calls set up and one packet each way through each: [(caller, callee, to_a,
+    to_b)]."""
+    calls = []
+    for i in range(n):
+        a = endpoint(topo.caller.ns, topo.caller.ip4, 7000 + 2 * i)
+        b = endpoint(topo.callee.ns, topo.callee.ip4, 7000 + 2 * i)
+        sockets += [a, b]
+        offer = client.offer(f"{tag}{i}", "a", (topo.caller.ip4, 7000 + 2 * i),
+                             interface="external")
+        answer = client.answer(f"{tag}{i}", "a", "b", (topo.callee.ip4, 7000 + 2 * i),
+                               interface="internal")
+        calls.append((a, b, (answer["relay"]["ip"], answer["relay"]["port"]),
+                      (offer["relay"]["ip"], offer["relay"]["port"])))
+    return calls
+
+
+def _through(calls, seq: int) -> int:
+    """Packets that made it both ways, one per call and direction."""
+    ok = 0
+    for a, b, to_a, to_b in calls:
+        a.sendto(rtp_packet(seq, 1), to_a)
+        ok += len(receive(b, 1))
+        b.sendto(rtp_packet(seq, 2), to_b)
+        ok += len(receive(a, 1))
+    return ok
+
+
+def test_a_killed_worker_is_replaced_and_its_sockets_rebound(topo):
+    """SIGKILL the worker: the daemon restarts it and re-installs the calls; the new
+    worker binds the queues its predecessor held (released by the kernel a moment
+    later) and registers its sockets; media goes by AF_XDP again."""
+    relay = _relay(topo, False)
+    sockets = []
+    try:
+        with LrkClient([relay.node]) as client:
+            wait(lambda: client.stats()["counters"].get("media.xsk.sockets") == 2)
+            calls = _flows(client, topo, 3, "wk", sockets)
+            assert _through(calls, 0) == 6
+            with open(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children") as fh:
+                (pid,) = [int(p) for p in fh.read().split()]
+            os.kill(pid, signal.SIGKILL)
+            wait(lambda: client.stats()["counters"]["workers.restarts"] == 1)
+            wait(lambda: client.stats()["counters"].get("media.xsk.sockets") == 2)
+            before = client.stats()["counters"]["media.xsk.steered"]
+            assert _through(calls, 1) == 6
+            counters = client.stats()["counters"]
+            assert counters["media.xsk.open_failed"] == 0
+            assert counters["media.xsk.steered"] == before + 6
+        assert relay.stop() == 0
+        assert not any(_xdp_ids(topo.relay.ns))
+    finally:
+        relay.stop()
+        for s in sockets:
+            s.close()
+
+
+def test_a_crashed_daemons_steering_programs_are_detached_by_the_next_start(topo):
+    """SIGKILL the daemon: its programs stay attached (nobody detaches them) and pass
+    media to the kernel; the next start, over AF_XDP or with taps, takes them off."""
+    ns = topo.relay.ns
+    first = _relay(topo, False)
+    try:
+        first.kill()
+        assert all(_xdp_ids(ns)), "a crash leaves the steering programs attached"
+        second = first.again()
+        second.start()
+        assert all(_xdp_ids(ns))  # its own, in place of the leftovers
+        assert second.stop() == 0
+        assert "detached lrk's XDP program left on vc1 (native, lrk_steer)" in second.output
+        assert not any(_xdp_ids(ns))
+        third = _relay(topo, False)
+        third.kill()
+        taps = RelayProcess(ports=PORTS, netns=ns, extra=[
+            "--mode", "packet", "--packet-interface", "vc1", "--packet-interface", "ve1",
+            "--internal-ip", topo.relay.ip4, "--external-ip", topo.relay_ext.ip4]).start()
+        assert not any(_xdp_ids(ns)), "a tap-mode start detaches them"
+        assert taps.stop() == 0
+        assert "lrk_steer" in taps.output
+    finally:
+        first.stop()

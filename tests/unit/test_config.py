@@ -426,3 +426,11 @@ def test_standby_media_is_parsed_and_checked():
             dataclasses.replace(cfg, standby_media=bad).validate()
     with pytest.raises(ConfigError, match="standby_for is empty"):
         Config(ports="34000-37999", standby_media=["198.51.100.100:30000-33999"]).validate()
+
+
+def test_packet_io_is_tap_or_af_xdp():
+    packet = {"mode": "packet", "packet_interfaces": ["eth0"]}
+    assert load(None, packet).packet_io == "tap"
+    assert load(None, {**packet, "packet_io": "af_xdp"}).packet_io == "af_xdp"
+    with pytest.raises(ConfigError, match="packet_io 'xsk' is not one of tap, af_xdp"):
+        load(None, {**packet, "packet_io": "xsk"})
