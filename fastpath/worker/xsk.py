@@ -308,6 +308,39 @@ class XskSocket:
         """Frames free for sending now (the completion ring not read yet)."""
         return len(self._free_tx)
 
+    def free_frames(self) -> List[int]:
+        """The free list itself, for a writer that pops many frames in a loop (and calls
+        :meth:`reclaim` when it runs dry) instead of :meth:`tx_frame` each."""
+        return self._free_tx
+
+    def tx_room(self) -> int:
+        """TX ring slots free for frames not queued yet."""
+        t = self.tx_ring
+        return t.size - ((self._tx_prod - t.words[t.cons]) & 0xFFFFFFFF)
+
+    def tx_put_many(self, flat: List[int]) -> int:
+        """Queue frames given as [offset, length, offset, length, ...], as many as the
+        ring has room for; the rest go back to the free list, counted. Returns how many
+        were queued."""
+        n = len(flat) // 2
+        room = self.tx_room()
+        if n > room:
+            self._free_tx.extend(flat[2 * room::2])
+            self.tx_no_frame += n - room
+            n = room
+        t = self.tx_ring
+        desc = t.desc
+        mask = t.mask
+        prod = self._tx_prod
+        for i in range(0, 2 * n, 2):
+            j = (prod & mask) * 2
+            desc[j] = flat[i]
+            desc[j + 1] = flat[i + 1]
+            prod += 1
+        self._tx_prod = prod & 0xFFFFFFFF
+        self._tx_pending += n
+        return n
+
     def tx_put(self, offset: int, length: int) -> bool:
         """Queue the frame at `offset` for sending; False (counted, frame freed) when the
         TX ring is full."""

@@ -43,15 +43,18 @@ class FakeXsk:
     def view(self) -> memoryview:
         return memoryview(self.umem)
 
-    def tx_frame(self) -> int:
-        return self.free.pop() if self.free else -1
+    def free_frames(self) -> List[int]:
+        return self.free
 
-    def tx_put(self, off: int, length: int) -> bool:
-        if len(self.queued) >= self.ring:
-            self.free.append(off)
-            return False
-        self.queued.append((off, length))
-        return True
+    def tx_room(self) -> int:
+        return self.ring - len(self.queued)
+
+    def tx_put_many(self, flat: List[int]) -> int:
+        pairs = list(zip(flat[::2], flat[1::2]))
+        take = pairs[:self.tx_room()]
+        self.queued += take
+        self.free += [off for off, _ in pairs[len(take):]]
+        return len(take)
 
     def kick(self) -> int:
         self.kicks += 1
@@ -320,3 +323,31 @@ def test_garbage_replies_are_no_route_not_a_crash(bad):
     hops = NextHops(lambda i: True, sock=rtnl)  # type: ignore[arg-type]
     assert hops.get(peer) is None
     assert hops.errors + hops.misses >= 1
+
+
+def test_an_endpoints_route_is_kept_for_route_ttl_then_asked_again():
+    xsk = FakeXsk(frames=16, ring=16)
+    peer = socket.inet_aton(PEER)
+    other = socket.inet_aton("198.51.100.71")
+    hops = FakeHops({peer: Hop(2, MAC_A, MAC_B), other: Hop(2, MAC_A, MAC_B)})
+    now = [10.0]
+    eg = XskEgress({2: xsk}, hops, route_ttl=1.0, clock=lambda: now[0])
+    eg.bind(7, RELAY, 30000)
+    for _ in range(3):  # three rounds within a second: one lookup
+        eg.add(7, [(b"a", (PEER, 5000))])
+        assert eg.flush() == []
+    assert hops.asked == [peer]
+    eg.add(7, [(b"b", ("198.51.100.71", 5000))])  # a new destination: its own route
+    eg.flush()
+    assert hops.asked == [peer, other]
+    now[0] += 1.5  # the route expires with the clock read at a flush (once a round)
+    eg.flush()
+    eg.add(7, [(b"c", ("198.51.100.71", 5000))])
+    eg.flush()
+    assert hops.asked == [peer, other, other]
+    hops.hops[other] = None  # the neighbour went away: back to the caller
+    now[0] += 1.5
+    eg.flush()
+    eg.add(7, [(b"d", ("198.51.100.71", 5000))])
+    assert eg.flush() == [0] and eg.errors == {"no_route": 1}
+    assert [f[42:] for f in xsk.sent] == [b"a", b"a", b"a", b"b", b"c"]
