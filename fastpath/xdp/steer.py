@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from fastpath.xdp import build
 from fastpath.xdp.errors import XdpAttachError, XdpError
@@ -34,7 +35,15 @@ log = logging.getLogger("lrk.xdp")
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "steer.bpf.c")
 MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 #: per-CPU verdict counters, in the order of steer.bpf.c's enum
-VERDICTS = ("steered", "pass_other", "pass_port", "pass_fragment", "pass_no_socket")
+VERDICTS = ("steered", "pass_other", "pass_port", "pass_fragment", "pass_no_socket",
+            "pass_address")
+
+
+def addr_key(ip: str) -> bytes:
+    """The map key of an address: 16 bytes, IPv4 as ::ffff:a.b.c.d."""
+    if ":" in ip:
+        return socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+    return b"\0" * 10 + b"\xff\xff" + socket.inet_aton(ip)
 
 
 class SteerProgram:
@@ -45,7 +54,7 @@ class SteerProgram:
         self.obj = obj
         self.ncpus = num_cpus()
         self.xsks = BpfMap(obj.map_fd("xsks"), 4, 4)
-        self.config = BpfMap(obj.map_fd("steer_config"), 4, 4)
+        self.addrs = BpfMap(obj.map_fd("steer_addrs"), 16, 4)
         self.verdicts = BpfMap(obj.map_fd("steer_verdicts"), 4, 8, self.ncpus)
         self.prog_fd = obj.prog_fd("lrk_steer")
         #: ifindex -> (interface name, mode flags) of every attachment made here
@@ -60,10 +69,12 @@ class SteerProgram:
             obj.close()
             raise
 
-    def configure(self, port_min: int, port_max: int) -> None:
-        if not 0 < port_min <= port_max <= 65535:
-            raise ValueError(f"port range {port_min}-{port_max} is not within 1-65535")
-        self.config.update(struct.pack("I", 0), struct.pack("HH", port_min, port_max))
+    def configure(self, ranges: Sequence[Tuple[str, int, int]]) -> None:
+        """Steer UDP to each (relay address, first port, last port); nothing else."""
+        for ip, port_min, port_max in ranges:
+            if not 0 < port_min <= port_max <= 65535:
+                raise ValueError(f"port range {port_min}-{port_max} is not within 1-65535")
+            self.addrs.update(addr_key(ip), struct.pack("HH", port_min, port_max))
 
     def register(self, queue: int, xsk_fd: int) -> None:
         """Frames steered on `queue` go to the AF_XDP socket `xsk_fd` from now on."""

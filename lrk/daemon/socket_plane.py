@@ -378,7 +378,8 @@ class SocketPlane:
             for ifname in self.packet_ifaces:
                 prog = SteerProgram.load()
                 self.steering[ifname] = prog
-                prog.configure(self.port_start, self.port_end)
+                prog.configure([(ip, self.port_start, self.port_end) for ip in self.relay_ips]
+                               + list(self.standby_media))
                 how = prog.attach(ifname)
                 XskSocket(if_nametoindex(ifname), frames=64, ring=32).close()
                 log.info("packet mode: AF_XDP on %s (%s XDP, copy mode)", ifname, how)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 
 import pytest
 
+from bench.frames import udp_frame as frame
 from bench.netns import in_netns
 from fastpath.worker.xsk import XskSocket
 from fastpath.xdp.errors import XdpAttachError
-from fastpath.xdp.libbpf import if_nametoindex, xdp_query_id
+from fastpath.xdp.libbpf import XDP_PASS, if_nametoindex, xdp_query_id
 from fastpath.xdp.program import XdpProgram
 from fastpath.xdp.steer import SteerProgram
 from lrk.client import LrkClient
@@ -129,7 +131,7 @@ def test_steering_passes_what_is_not_media(topo):
 
     def setup():
         prog = SteerProgram.load()
-        prog.configure(30000, 30009)
+        prog.configure([(topo.relay.ip4, 30000, 30009)])
         return prog, prog.attach("vc1")
 
     prog, how = in_netns(ns, setup)
@@ -139,8 +141,9 @@ def test_steering_passes_what_is_not_media(topo):
         assert how == "native"
         src = endpoint(topo.caller.ns, topo.caller.ip4, 4000)
         plain = endpoint(ns, topo.relay.ip4, 29999)
+        ext = endpoint(ns, topo.relay_ext.ip4, 30000)
         media_sock = endpoint(ns, topo.relay.ip4, 30000)
-        sockets += [src, plain, media_sock]
+        sockets += [src, plain, ext, media_sock]
         # no socket registered yet: media to the range passes to the kernel's socket
         src.sendto(b"before", (topo.relay.ip4, 30000))
         assert receive(media_sock, 1) == [(b"before", (topo.caller.ip4, 4000))]
@@ -148,8 +151,10 @@ def test_steering_passes_what_is_not_media(topo):
         prog.register(0, xsk.fd)
         src.sendto(b"steered", (topo.relay.ip4, 30000))
         src.sendto(b"other port", (topo.relay.ip4, 29999))
+        src.sendto(b"other address", (topo.relay_ext.ip4, 30000))
         src.sendto(b"z" * 3000, (topo.relay.ip4, 30000))  # fragments: kernel reassembles
         assert receive(plain, 1) == [(b"other port", (topo.caller.ip4, 4000))]
+        assert receive(ext, 1) == [(b"other address", (topo.caller.ip4, 4000))]
         got = receive(media_sock, 1)
         assert got == [(b"z" * 3000, (topo.caller.ip4, 4000))]
         descs = []
@@ -159,6 +164,7 @@ def test_steering_passes_what_is_not_media(topo):
         assert counts["steered"] == 1, counts
         assert counts["pass_no_socket"] == 1, counts  # "before": no socket then
         assert counts["pass_port"] == 1 and counts["pass_fragment"] == 3, counts
+        assert counts["pass_address"] == 1, counts
         assert pending(media_sock) == []
     finally:
         for s in sockets:
@@ -177,7 +183,7 @@ def test_xsk_socket_round_trip(topo):
     prog = in_netns(ns, SteerProgram.load)
     sockets = []
     try:
-        prog.configure(30000, 30000)
+        prog.configure([(topo.relay.ip4, 30000, 30000)])
         in_netns(ns, lambda: prog.attach("vc1"))
         ifindex = in_netns(ns, lambda: if_nametoindex("vc1"))
         xsk = in_netns(ns, lambda: XskSocket(ifindex, frames=64, ring=32))
@@ -333,3 +339,67 @@ def test_a_crashed_daemons_steering_programs_are_detached_by_the_next_start(topo
         assert "lrk_steer" in taps.output
     finally:
         first.stop()
+
+
+M1, M2 = "02:00:00:00:00:01", "02:00:00:00:00:02"
+
+
+def _decide(prog: SteerProgram, frame: bytes) -> str:
+    """Which verdict counter one run of the program on `frame` moved (and XDP_PASS: no
+    socket is registered here, so a steered frame passes as pass_no_socket)."""
+    before = prog.verdict_counts()
+    verdict, out = prog.test_run(frame)
+    assert verdict == XDP_PASS and out == frame  # never rewritten, never dropped
+    after = prog.verdict_counts()
+    (moved,) = [k for k in after if after[k] != before[k]]
+    return moved
+
+
+def test_the_steering_program_decides_each_frame():
+    """BPF_PROG_TEST_RUN, crafted frames: to a relay address and port of its range
+    (v4, v6, IPv4 options) it steers; another address, another port (below, above, the
+    other address's range), a fragment (first or later), an IPv6 extension header, TCP,
+    ARP, a cut header: the kernel's."""
+    prog = SteerProgram.load()
+    try:
+        prog.configure([("198.51.100.1", 30000, 30009), ("2001:db8:1::1", 40000, 40009),
+                        ("198.51.100.65", 31000, 31000)])
+        v4 = frame(M1, M2, "198.51.100.10", "198.51.100.1", 4000, 30000, b"rtp")
+        assert _decide(prog, v4) == "pass_no_socket"
+        assert _decide(prog, frame(M1, M2, "198.51.100.10", "198.51.100.1", 4000, 30009,
+                                   b"x")) == "pass_no_socket"
+        v6 = frame(M1, M2, "2001:db8:1::10", "2001:db8:1::1", 4000, 40005, b"rtp")
+        assert _decide(prog, v6) == "pass_no_socket"
+        # IPv4 with 4 bytes of options: the UDP header is found after them
+        ip = bytearray(v4[14:34])
+        ip[0] = 0x46
+        ip[2:4] = struct.pack("!H", 24 + len(v4) - 34)
+        opts = v4[:14] + bytes(ip) + b"\x01\x01\x01\x00" + v4[34:]
+        assert _decide(prog, opts) == "pass_no_socket"
+        cases = {
+            "pass_address": [
+                frame(M1, M2, "198.51.100.10", "198.51.100.2", 4000, 30000, b"x"),
+                frame(M1, M2, "2001:db8:1::10", "2001:db8:1::2", 4000, 40000, b"x")],
+            "pass_port": [
+                frame(M1, M2, "198.51.100.10", "198.51.100.1", 4000, 29999, b"x"),
+                frame(M1, M2, "198.51.100.10", "198.51.100.1", 4000, 30010, b"x"),
+                frame(M1, M2, "198.51.100.10", "198.51.100.1", 4000, 31000, b"x"),
+                frame(M1, M2, "198.51.100.10", "198.51.100.65", 4000, 30000, b"x")],
+            "pass_fragment": [
+                frame(M1, M2, "198.51.100.10", "198.51.100.1", 4000, 30000, b"x",
+                      frag=0x2000),  # first fragment: more fragments follow
+                frame(M1, M2, "198.51.100.10", "198.51.100.1", 4000, 30000, b"x",
+                      frag=0x0010)],  # a later one
+        }
+        for verdict, frames in cases.items():
+            for f in frames:
+                assert _decide(prog, f) == verdict, (verdict, f.hex())
+        ext = bytearray(v6)
+        ext[20] = 0  # next header: hop-by-hop options, not UDP
+        tcp = bytearray(v4)
+        tcp[23] = 6
+        arp = bytes.fromhex("ffffffffffff020000000001" + "0806") + bytes(28)
+        for f in (bytes(ext), bytes(tcp), arp, v4[:30], v4[:14], v4[:40]):
+            assert _decide(prog, f) == "pass_other", f.hex()
+    finally:
+        prog.close()
