@@ -240,13 +240,18 @@ class SocketWorker:
             totals["media.egress.fallback.packets"] = self.egress_fallback
             totals["media.egress.raw.disabled"] = self.egress_disabled
             egress = self.egress
-            if egress is not None:
-                kind = self.egress_kind
-                totals[f"media.egress.{kind}.packets"] = egress.packets
-                totals[f"media.egress.{kind}.calls"] = egress.calls
-                totals[f"media.egress.{kind}.rejected"] = egress.rejected
+            if egress is not None and self.egress_kind == "xsk":
+                totals["media.egress.xsk.packets"] = egress.packets
+                totals["media.egress.xsk.calls"] = egress.calls
+                totals["media.egress.xsk.rejected"] = egress.rejected
                 for name, n in egress.errors.items():
-                    totals[f"media.egress.{kind}.errors.{name}"] = n
+                    totals[f"media.egress.xsk.errors.{name}"] = n
+            elif egress is not None:
+                totals["media.egress.raw.packets"] = egress.packets
+                totals["media.egress.raw.calls"] = egress.calls
+                totals["media.egress.raw.rejected"] = egress.rejected
+                for name, n in egress.errors.items():
+                    totals[f"media.egress.raw.errors.{name}"] = n
             if self.xsk_readers or self.xsk_failed:
                 totals["media.xsk.open_failed"] = self.xsk_failed
                 totals["media.xsk.sockets"] = len(self.xsk_readers)

@@ -171,8 +171,25 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
     "media_send_errors": ("counter", ("errno",), "Media send failures, by errno name."),
     "media_recv_errors": ("counter", ("errno",), "Media receive failures, by errno name."),
     "media_egress_packets": ("counter", ("path",),
-                             "Packet mode: packets sent through the batched raw sockets (raw) "
-                             "or the relay's UDP sockets (fallback)."),
+                             "Packet mode: packets sent through the batched raw sockets (raw), "
+                             "the AF_XDP sockets (xsk) or the relay's UDP sockets (fallback)."),
+    "media_egress_xsk_kicks": ("counter", (),
+                               "Packet mode over AF_XDP: TX kicks (one a socket a round)."),
+    "media_egress_xsk_rejected_packets": ("counter", (),
+                                          "Packet mode over AF_XDP: packets handed back to "
+                                          "the UDP fallback."),
+    "media_egress_xsk_errors": ("counter", ("reason",),
+                                "Packet mode over AF_XDP: packets not sent by AF_XDP, by "
+                                "reason (no_route: no usable neighbour yet; no_frame, "
+                                "too_big, family)."),
+    "xsk_sockets": ("gauge", (), "Packet mode over AF_XDP: AF_XDP sockets open."),
+    "xsk_open_failures": ("counter", (),
+                          "Packet mode over AF_XDP: interfaces whose socket the worker could "
+                          "not open (their media takes the kernel path)."),
+    "xsk_steering_packets": ("counter", ("verdict",),
+                             "Packet mode over AF_XDP: the steering programs' verdicts "
+                             "(steered, pass_no_socket, pass_address, pass_port, "
+                             "pass_fragment, pass_other)."),
     "media_egress_raw_calls": ("counter", (), "Packet mode: sendmmsg calls on the raw sockets."),
     "media_egress_raw_rejected_packets": ("counter", (),
                                           "Packet mode: packets the raw path handed back to "
@@ -287,6 +304,16 @@ COUNTER_MAP: Tuple[Tuple[str, str, Dict[str, str]], ...] = (
     ("media.egress.raw.rejected", "media_egress_raw_rejected_packets", {}),
     ("media.egress.raw.errors.*", "media_egress_raw_errors", {"errno": "*"}),
     ("media.egress.raw.disabled", "media_egress_raw_disabled", {}),
+    ("media.egress.xsk.packets", "media_egress_packets", {"path": "xsk"}),
+    ("media.egress.xsk.calls", "media_egress_xsk_kicks", {}),
+    ("media.egress.xsk.rejected", "media_egress_xsk_rejected_packets", {}),
+    ("media.egress.xsk.errors.*", "media_egress_xsk_errors", {"reason": "*"}),
+    ("media.xsk.sockets", "xsk_sockets", {}),
+    ("media.xsk.open_failed", "xsk_open_failures", {}),
+    ("media.xsk.not_ip", "media_dropped_packets", {"reason": "not_ip"}),
+    *(("media.xsk." + v, "xsk_steering_packets", {"verdict": v}) for v in (
+        "steered", "pass_no_socket", "pass_address", "pass_port", "pass_fragment",
+        "pass_other")),
     ("workers.restarts", "worker_restarts", {}),
     ("workers.channel.full", "worker_channel_full", {}),
     ("workers.channel.bad_messages", "worker_channel_bad_messages", {}),

@@ -123,6 +123,14 @@ def _ignore_stop_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+#: packet mode over AF_XDP: the steering programs' verdicts as counters
+STEER_COUNTERS = {
+    "steered": "media.xsk.steered", "pass_no_socket": "media.xsk.pass_no_socket",
+    "pass_address": "media.xsk.pass_address", "pass_port": "media.xsk.pass_port",
+    "pass_fragment": "media.xsk.pass_fragment", "pass_other": "media.xsk.pass_other",
+}
+
+
 class _FdCopy:
     """A duplicate of a non-socket fd (a BPF map) to pass to a worker: what the outbox
     needs (fileno, close) and nothing else."""
@@ -844,6 +852,6 @@ class SocketPlane:
                 total[key] = total.get(key, 0) + value
         for prog in self.steering.values():  # AF_XDP: what the steering programs did
             for name, n in prog.verdict_counts().items():
-                key = f"media.xsk.{name}"
+                key = STEER_COUNTERS[name]
                 total[key] = total.get(key, 0) + n
         return total
