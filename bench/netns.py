@@ -127,8 +127,10 @@ class Topology:
     callee 198.51.100.70 / 2001:db8:2::70  <->  relay 198.51.100.65 / 2001:db8:2::1
     """
 
-    def __init__(self, tag: str = "") -> None:
+    def __init__(self, tag: str = "", queues: int = 1) -> None:
         base = f"{PREFIX}{os.getpid()}{tag}"
+        #: receive and transmit queues of every veth end (1: the kernel's default)
+        self.queues = queues
         self.caller = Host(f"{base}-a", "198.51.100.10", "2001:db8:1::10")
         self.relay = Host(f"{base}-r", "198.51.100.1", "2001:db8:1::1")
         self.callee = Host(f"{base}-b", "198.51.100.70", "2001:db8:2::70")
@@ -159,8 +161,10 @@ class Topology:
 
     def _link(self, host: Host, tag: str, relay: Host, plen4: str, plen6: str) -> None:
         mine, theirs = f"v{tag}0", f"v{tag}1"
-        run("ip", "link", "add", mine, "netns", host.ns, "type", "veth", "peer", "name",
-            theirs, "netns", relay.ns)
+        q = [] if self.queues == 1 else ["numtxqueues", str(self.queues), "numrxqueues",
+                                         str(self.queues)]
+        run("ip", "link", "add", mine, "netns", host.ns, *q, "type", "veth", "peer", "name",
+            theirs, "netns", relay.ns, *q)
         for ns, dev, h in ((host.ns, mine, host), (relay.ns, theirs, relay)):
             run("ip", "addr", "add", f"{h.ip4}/{plen4}", "dev", dev, ns=ns)
             run("ip", "-6", "addr", "add", f"{h.ip6}/{plen6}", "dev", dev, "nodad", ns=ns)

@@ -36,7 +36,7 @@ EGRESS_ENV = "LRK_PACKET_EGRESS"
 #: packet mode over AF_XDP, per interface: RX and fill rings of XSK_RING frames (80 ms of
 #: 50,000 pkt/s: a round's stall, a GC pause), as many again for sending; 2 KiB frames
 XSK_RING = 4096
-XSK_FRAMES = 2 * XSK_RING
+XSK_MIN_RING = 512
 
 
 class SocketWorker:
@@ -413,37 +413,23 @@ class SocketWorker:
         return fi
 
     def _open_xsk(self, ifnames: Tuple[str, ...], fds: List[int]) -> None:
-        """Packet mode over AF_XDP: a socket per interface, registered in the steering
-        program's map (whose fd came with the message), read like a tap; their egress.
+        """Packet mode over AF_XDP: a socket per receive queue of each interface,
+        registered in its steering program's map (whose fd came with the message), read
+        like a tap; their egress.
         An interface whose socket fails is counted and logged: the program passes its
         media to the kernel, which delivers it to the relay's UDP sockets (socket mode's
         path in this same loop)."""
-        from fastpath.worker.xsk import XskSocket
-        from fastpath.worker.xsk_io import XskEgress, XskReader
-        from fastpath.xdp.libbpf import BpfMap, if_nametoindex
+        from fastpath.worker.xsk_io import XskEgress
+        from fastpath.xdp.libbpf import BpfMap
 
         if len(fds) != len(ifnames):
             raise ValueError(f"{len(ifnames)} AF_XDP interfaces came with {len(fds)} fds")
-        xsks: Dict[int, XskSocket] = {}
+        xsks: Dict[int, Any] = {}
         for ifname, map_fd in zip(ifnames, fds):
-            xsk = None
             try:
-                xsk = XskSocket(if_nametoindex(ifname), frames=XSK_FRAMES, ring=XSK_RING)
-                BpfMap(map_fd, 4, 4).update(b"\0\0\0\0", xsk.fd.to_bytes(4, "little"))
-            except Exception as exc:  # the daemon probed this at start: a surprise
-                log.error("packet mode: no AF_XDP socket on %s (%s); its media takes the "
-                          "kernel path", ifname, exc)
-                self.xsk_failed += 1
-                if xsk is not None:
-                    xsk.close()
-                continue
+                self._open_queues(ifname, BpfMap(map_fd, 4, 4), xsks)
             finally:
                 os.close(map_fd)
-            xsks[xsk.ifindex] = xsk
-            reader = XskReader(xsk, self.batch)
-            self.readers[xsk.fd] = reader
-            self.xsk_readers.append(reader)
-            self.epoll.register(xsk.fd, select.EPOLLIN)
         if not xsks or self.egress is not None:
             return
         self.egress = XskEgress(xsks)
@@ -452,6 +438,46 @@ class SocketWorker:
             addr = self.addrs.get(ep.fd)
             if addr is not None:
                 self.egress.bind(ep.fd, addr[0], addr[1])
+
+    def _open_queues(self, ifname: str, xsk_map: Any, xsks: Dict[int, Any]) -> None:
+        """One AF_XDP socket per receive queue of `ifname`, each registered under its
+        queue in the interface's map and read like a tap; queue 0's also sends. Rings
+        shrink with more queues (all of an interface's UMEMs take at most twice what one
+        queue's would: 32 MiB)."""
+        from fastpath.worker.nexthop import rx_queues
+        from fastpath.worker.xsk import XskSocket
+        from fastpath.worker.xsk_io import XskReader
+        from fastpath.xdp.libbpf import if_nametoindex
+
+        try:
+            ifindex = if_nametoindex(ifname)
+            queues = rx_queues(ifindex)
+        except Exception as exc:  # the daemon probed this at start: a surprise
+            log.error("packet mode: no AF_XDP socket on %s (%s); its media takes the "
+                      "kernel path", ifname, exc)
+            self.xsk_failed += 1
+            return
+        ring = XSK_RING
+        while ring > XSK_MIN_RING and ring * queues > 2 * XSK_RING:
+            ring //= 2
+        for queue in range(queues):
+            xsk = None
+            try:
+                xsk = XskSocket(ifindex, queue, frames=2 * ring, ring=ring)
+                xsk_map.update(queue.to_bytes(4, "little"), xsk.fd.to_bytes(4, "little"))
+            except Exception as exc:  # the daemon probed this at start: a surprise
+                log.error("packet mode: no AF_XDP socket on %s queue %d (%s); its media "
+                          "takes the kernel path", ifname, queue, exc)
+                self.xsk_failed += 1
+                if xsk is not None:
+                    xsk.close()
+                continue
+            if queue == 0 or ifindex not in xsks:
+                xsks[ifindex] = xsk
+            reader = XskReader(xsk, self.batch)
+            self.readers[xsk.fd] = reader
+            self.xsk_readers.append(reader)
+            self.epoll.register(xsk.fd, select.EPOLLIN)
 
     def _open_egress(self) -> None:
         """Raw egress for packet mode unless disabled; without it the UDP sockets send."""

@@ -16,6 +16,7 @@ NETLINK_ROUTE socket in the calling thread's namespace.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import socket
 import struct
@@ -24,8 +25,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 from fastpath.kernel import netlink as nl
 
-__all__ = ["Hop", "NextHops", "parse_neigh", "parse_route", "neigh_request",
-           "route_request"]
+__all__ = ["Hop", "NextHops", "link_mac", "neigh_request", "parse_neigh", "parse_route",
+           "route_request", "rx_queues"]
 
 NETLINK_ROUTE = 0
 RTM_NEWROUTE = 24
@@ -44,6 +45,9 @@ RTN_UNICAST = 1
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80 | 0x40
 SIOCGIFNAME = 0x8910
 SIOCGIFHWADDR = 0x8927
+SIOCETHTOOL = 0x8946
+ETHTOOL_GCHANNELS = 0x3C
+_CHANNELS = struct.Struct("=9I")  # struct ethtool_channels
 
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _NDMSG = struct.Struct("=BBHiHBB")
@@ -110,6 +114,23 @@ def parse_neigh(buf: bytes) -> Optional[bytes]:
         mac = nl.attr_map(buf, body + _NDMSG.size, end).get(NDA_LLADDR)
         return mac if mac is not None and len(mac) == 6 else None
     return None
+
+
+def rx_queues(ifindex: int) -> int:
+    """How many receive queues the interface uses now (at least 1): an AF_XDP socket
+    serves one. ETHTOOL_GCHANNELS in the calling thread's namespace: RX-only plus combined
+    channels (rtnetlink's IFLA_NUM_RX_QUEUES counts the queues allocated, e.g. a veth's
+    one per CPU, not those in use). A driver without channel support has one queue."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        name = fcntl.ioctl(s.fileno(), SIOCGIFNAME, struct.pack("16si", b"", ifindex))[:16]
+        buf = bytearray(_CHANNELS.pack(ETHTOOL_GCHANNELS, 0, 0, 0, 0, 0, 0, 0, 0))
+        ptr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        try:
+            fcntl.ioctl(s.fileno(), SIOCETHTOOL, name + struct.pack("P", ptr) + bytes(8))
+        except OSError:
+            return 1
+    _cmd, _mrx, _mtx, _mo, _mc, rx, _tx, _other, combined = _CHANNELS.unpack(buf)
+    return max(1, rx + combined)
 
 
 def link_mac(ifindex: int) -> bytes:

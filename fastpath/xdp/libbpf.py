@@ -293,14 +293,16 @@ def prog_name(prog_id: int) -> str:
 
 
 def test_run(prog_fd: int, frame: bytes, ingress_ifindex: int = 0,
-             repeat: int = 1) -> Tuple[int, bytes, int]:
+             repeat: int = 1, rx_queue: int = 0) -> Tuple[int, bytes, int]:
     """BPF_PROG_TEST_RUN: (verdict, frame out, ns per run). `ingress_ifindex` sets
-    xdp_md.ingress_ifindex (an interface of the calling thread's namespace)."""
+    xdp_md.ingress_ifindex (an interface of the calling thread's namespace), `rx_queue`
+    xdp_md.rx_queue_index (a queue of that interface)."""
     lib = _load()
     out = _ffi.new("char[]", len(frame) + 256)
     ctx = _ffi.new("uint32_t[6]")  # struct xdp_md: data, data_end, data_meta, ifindex, rxq, egress
     ctx[1] = len(frame)
     ctx[3] = ingress_ifindex
+    ctx[4] = rx_queue
     opts = _ffi.new("struct bpf_test_run_opts *")
     opts.sz = _ffi.sizeof("struct bpf_test_run_opts")
     opts.data_in = _ffi.from_buffer(frame)

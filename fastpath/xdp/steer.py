@@ -123,8 +123,9 @@ class SteerProgram:
             out[name] = sum(v for (v,) in struct.iter_unpack("Q", raw))
         return out
 
-    def test_run(self, frame: bytes) -> Tuple[int, bytes]:
-        verdict, out, _ = test_run(self.prog_fd, frame)
+    def test_run(self, frame: bytes, ingress_ifindex: int = 0,
+                 rx_queue: int = 0) -> Tuple[int, bytes]:
+        verdict, out, _ = test_run(self.prog_fd, frame, ingress_ifindex, rx_queue=rx_queue)
         return verdict, out
 
     def close(self) -> None:

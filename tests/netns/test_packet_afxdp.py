@@ -18,10 +18,11 @@ import struct
 import pytest
 
 from bench.frames import udp_frame as frame
-from bench.netns import in_netns
+from bench.netns import Topology, in_netns, run
+from fastpath.worker.nexthop import rx_queues
 from fastpath.worker.xsk import XskSocket
 from fastpath.xdp.errors import XdpAttachError
-from fastpath.xdp.libbpf import XDP_PASS, if_nametoindex, xdp_query_id
+from fastpath.xdp.libbpf import XDP_PASS, XDP_REDIRECT, if_nametoindex, xdp_query_id
 from fastpath.xdp.program import XdpProgram
 from fastpath.xdp.steer import SteerProgram
 from lrk.client import LrkClient
@@ -30,6 +31,7 @@ from lrk.demo.relay_process import RelayProcess
 
 from .hosts import endpoint, pending, receive, tables, wait
 from .test_packet_mode import _egress, _ipv6_ready
+from .throwaway import Namespaces
 
 pytestmark = pytest.mark.netns
 
@@ -403,3 +405,64 @@ def test_the_steering_program_decides_each_frame():
             assert _decide(prog, f) == "pass_other", f.hex()
     finally:
         prog.close()
+
+
+def test_each_receive_queue_has_its_socket():
+    """A two-queue interface: the program redirects a frame to the socket registered
+    under the queue it arrived on (BPF_PROG_TEST_RUN sets the queue): queue 1 has one,
+    queue 0 has none and passes. (A test run only returns the verdict; delivery into the
+    sockets is what test_a_two_queue_relay_opens_a_socket_per_queue shows.)"""
+    spaces = Namespaces("xq")
+    try:
+        ns = spaces.make()
+        run("ip", "link", "add", "r0", "numtxqueues", "2", "numrxqueues", "2", "type", "veth",
+            "peer", "name", "p0", "numtxqueues", "2", "numrxqueues", "2", ns=ns)
+        run("ip", "addr", "add", "198.51.100.1/24", "dev", "r0", ns=ns)
+        for dev in ("r0", "p0"):
+            run("ip", "link", "set", dev, "up", ns=ns)
+
+        def scenario():
+            prog = SteerProgram.load()
+            xsk = None
+            try:
+                prog.configure([("198.51.100.1", 30000, 30009)])
+                assert prog.attach("r0") == "native"
+                ifindex = if_nametoindex("r0")
+                assert rx_queues(ifindex) == 2
+                xsk = XskSocket(ifindex, 1, frames=64, ring=32)
+                prog.register(1, xsk.fd)
+                f = frame(M1, M2, "198.51.100.10", "198.51.100.1", 4000, 30000, b"q1")
+                assert prog.test_run(f, ifindex, rx_queue=1)[0] == XDP_REDIRECT
+                assert prog.test_run(f, ifindex, rx_queue=0)[0] == XDP_PASS
+                counts = prog.verdict_counts()
+                assert (counts["steered"], counts["pass_no_socket"]) == (1, 1), counts
+            finally:
+                if xsk is not None:
+                    xsk.close()
+                prog.close()
+
+        in_netns(ns, scenario)
+    finally:
+        spaces.destroy()
+
+
+def test_a_two_queue_relay_opens_a_socket_per_queue():
+    """The worker asks the kernel how many receive queues each interface has and binds
+    a socket to each: media arriving on any queue takes the AF_XDP path."""
+    with Topology("q2", queues=2) as topo:
+        relay = _relay(topo, False)
+        sockets = []
+        try:
+            with LrkClient([relay.node]) as client:
+                wait(lambda: client.stats()["counters"].get("media.xsk.sockets") == 4)
+                calls = _flows(client, topo, 8, "q", sockets)
+                assert _through(calls, 0) == 16
+                counters = client.stats()["counters"]
+                assert counters["media.xsk.pass_no_socket"] == 0
+                assert counters["media.xsk.steered"] == 16
+                assert counters["media.xsk.open_failed"] == 0
+            assert relay.stop() == 0
+        finally:
+            relay.stop()
+            for s in sockets:
+                s.close()
