@@ -37,6 +37,8 @@ EGRESS_ENV = "LRK_PACKET_EGRESS"
 #: 50,000 pkt/s: a round's stall, a GC pause), as many again for sending; 2 KiB frames
 XSK_RING = 4096
 XSK_MIN_RING = 512
+#: the steering program's queue -> socket map holds this many (steer.bpf.c: xsks)
+XSK_MAX_QUEUES = 64
 
 
 class SocketWorker:
@@ -246,6 +248,8 @@ class SocketWorker:
                 totals["media.egress.xsk.rejected"] = egress.rejected
                 for name, n in egress.errors.items():
                     totals[f"media.egress.xsk.errors.{name}"] = n
+                for name, n in egress.kick_errors().items():
+                    totals[f"media.egress.xsk.errors.{name}"] = n
             elif egress is not None:
                 totals["media.egress.raw.packets"] = egress.packets
                 totals["media.egress.raw.calls"] = egress.calls
@@ -422,14 +426,19 @@ class SocketWorker:
         from fastpath.worker.xsk_io import XskEgress
         from fastpath.xdp.libbpf import BpfMap
 
-        if len(fds) != len(ifnames):
-            raise ValueError(f"{len(ifnames)} AF_XDP interfaces came with {len(fds)} fds")
-        xsks: Dict[int, Any] = {}
-        for ifname, map_fd in zip(ifnames, fds):
-            try:
+        owned = list(fds)
+        del fds[:]  # closed here, once: a failure below must not have the caller close
+        try:        # them again (their numbers may belong to new AF_XDP sockets by then)
+            if len(owned) != len(ifnames):
+                raise ValueError(f"{len(ifnames)} AF_XDP interfaces came with "
+                                 f"{len(owned)} fds")
+            xsks: Dict[int, Any] = {}
+            for ifname, map_fd in zip(ifnames, owned):
                 self._open_queues(ifname, BpfMap(map_fd, 4, 4), xsks)
-            finally:
-                os.close(map_fd)
+        finally:
+            for fd in owned:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         if not xsks or self.egress is not None:
             return
         self.egress = XskEgress(xsks)
@@ -442,8 +451,8 @@ class SocketWorker:
     def _open_queues(self, ifname: str, xsk_map: Any, xsks: Dict[int, Any]) -> None:
         """One AF_XDP socket per receive queue of `ifname`, each registered under its
         queue in the interface's map and read like a tap; queue 0's also sends. Rings
-        shrink with more queues (all of an interface's UMEMs take at most twice what one
-        queue's would: 32 MiB)."""
+        shrink with more queues (an interface's UMEMs take 32 MiB up to 16 queues, 2 MiB a
+        queue beyond; at most 64 queues, the size of the program's map)."""
         from fastpath.worker.nexthop import rx_queues
         from fastpath.worker.xsk import XskSocket
         from fastpath.worker.xsk_io import XskReader
@@ -457,6 +466,11 @@ class SocketWorker:
                       "kernel path", ifname, exc)
             self.xsk_failed += 1
             return
+        if queues > XSK_MAX_QUEUES:
+            log.warning("packet mode: %s has %d receive queues; AF_XDP serves the first %d "
+                        "(the others' media takes the kernel path)", ifname, queues,
+                        XSK_MAX_QUEUES)
+            queues = XSK_MAX_QUEUES
         ring = XSK_RING
         while ring > XSK_MIN_RING and ring * queues > 2 * XSK_RING:
             ring //= 2

@@ -34,6 +34,7 @@ RTM_GETROUTE = 26
 RTM_NEWNEIGH = 28
 RTM_GETNEIGH = 30
 RTA_DST = 1
+RTA_SRC = 2
 RTA_OIF = 4
 RTA_GATEWAY = 5
 RTA_VIA = 18
@@ -48,6 +49,7 @@ SIOCGIFHWADDR = 0x8927
 SIOCETHTOOL = 0x8946
 ETHTOOL_GCHANNELS = 0x3C
 _CHANNELS = struct.Struct("=9I")  # struct ethtool_channels
+_IFREQ_SIZE = 40
 
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _NDMSG = struct.Struct("=BBHiHBB")
@@ -62,10 +64,12 @@ class Hop(NamedTuple):
     dst_mac: bytes
 
 
-def route_request(seq: int, dst: bytes) -> bytes:
-    """RTM_GETROUTE for one destination (4 or 16 packed bytes)."""
+def route_request(seq: int, dst: bytes, src: bytes = b"") -> bytes:
+    """RTM_GETROUTE for one destination (4 or 16 packed bytes) from source `src` (same
+    family; empty: any), so that rules that route by source (`ip rule from ...`) apply."""
     fam = socket.AF_INET if len(dst) == 4 else socket.AF_INET6
-    body = _RTMSG.pack(fam, len(dst) * 8, 0, 0, 0, 0, 0, 0, 0) + nl.attr(RTA_DST, dst)
+    body = _RTMSG.pack(fam, len(dst) * 8, len(src) * 8, 0, 0, 0, 0, 0, 0)
+    body += nl.attr(RTA_DST, dst) + (nl.attr(RTA_SRC, src) if src else b"")
     return nl.message(RTM_GETROUTE, nl.NLM_F_REQUEST, seq, body)
 
 
@@ -116,17 +120,28 @@ def parse_neigh(buf: bytes) -> Optional[bytes]:
     return None
 
 
+def _ifreq(name: bytes, data: bytes = b"") -> bytes:
+    """A whole struct ifreq (40 bytes: the kernel copies that much in and back out)."""
+    return (name[:16].ljust(16, b"\0") + data).ljust(_IFREQ_SIZE, b"\0")
+
+
+def _ifname(s: socket.socket, ifindex: int) -> bytes:
+    """The interface's name (16 bytes, NUL-padded) by index, in `s`'s namespace."""
+    req = _ifreq(b"", struct.pack("i", ifindex))
+    return fcntl.ioctl(s.fileno(), SIOCGIFNAME, req)[:16]
+
+
 def rx_queues(ifindex: int) -> int:
     """How many receive queues the interface uses now (at least 1): an AF_XDP socket
     serves one. ETHTOOL_GCHANNELS in the calling thread's namespace: RX-only plus combined
     channels (rtnetlink's IFLA_NUM_RX_QUEUES counts the queues allocated, e.g. a veth's
     one per CPU, not those in use). A driver without channel support has one queue."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        name = fcntl.ioctl(s.fileno(), SIOCGIFNAME, struct.pack("16si", b"", ifindex))[:16]
+        name = _ifname(s, ifindex)
         buf = bytearray(_CHANNELS.pack(ETHTOOL_GCHANNELS, 0, 0, 0, 0, 0, 0, 0, 0))
         ptr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         try:
-            fcntl.ioctl(s.fileno(), SIOCETHTOOL, name + struct.pack("P", ptr) + bytes(8))
+            fcntl.ioctl(s.fileno(), SIOCETHTOOL, _ifreq(name, struct.pack("P", ptr)))
         except OSError:
             return 1
     _cmd, _mrx, _mtx, _mo, _mc, rx, _tx, _other, combined = _CHANNELS.unpack(buf)
@@ -136,8 +151,7 @@ def rx_queues(ifindex: int) -> int:
 def link_mac(ifindex: int) -> bytes:
     """The interface's own MAC address (in the calling thread's namespace)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        name = fcntl.ioctl(s.fileno(), SIOCGIFNAME, struct.pack("16si", b"", ifindex))[:16]
-        hw = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, name + b"\0" * 16)
+        hw = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, _ifreq(_ifname(s, ifindex)))
     return hw[18:24]
 
 
@@ -169,16 +183,18 @@ class NextHops:
     def close(self) -> None:
         self.sock.close()
 
-    def get(self, dst: bytes) -> Optional[Hop]:
-        """The next hop for packed address `dst`, or None (send through the kernel)."""
-        ent = self._cache.get(dst)
+    def get(self, dst: bytes, src: bytes = b"") -> Optional[Hop]:
+        """The next hop for packed address `dst` from source `src` (the relay address
+        the packet leaves from), or None (send through the kernel)."""
+        key = src + dst
+        ent = self._cache.get(key)
         now = self.clock()
         if ent is not None and ent[0] > now:
             return ent[1]
-        hop = self._resolve(dst)
+        hop = self._resolve(dst, src)
         if len(self._cache) >= self.max_entries:
             self._cache.clear()
-        self._cache[dst] = (now + (self.ttl if hop is not None else self.retry), hop)
+        self._cache[key] = (now + (self.ttl if hop is not None else self.retry), hop)
         if hop is None:
             self.misses += 1
         return hop
@@ -196,9 +212,9 @@ class NextHops:
                 return buf
         raise nl.NetlinkError("route lookup: no reply with our sequence number")
 
-    def _resolve(self, dst: bytes) -> Optional[Hop]:
+    def _resolve(self, dst: bytes, src: bytes) -> Optional[Hop]:
         try:
-            route = parse_route(self._ask(route_request(self.sock.next_seq(), dst)))
+            route = parse_route(self._ask(route_request(self.sock.next_seq(), dst, src)))
             if route is None:
                 return None
             ifindex, gw = route

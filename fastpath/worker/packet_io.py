@@ -41,7 +41,7 @@ _MAX_SOFT_RETRIES = 8
 
 def _ifindex(sock: socket.socket, ifname: str) -> int:
     """Interface index in the socket's own namespace (if_nametoindex would use ours)."""
-    req = struct.pack("16si", ifname.encode(), 0)
+    req = struct.pack("16si", ifname.encode(), 0).ljust(40, b"\0")  # a whole struct ifreq
     return struct.unpack_from("16si", fcntl.ioctl(sock.fileno(), SIOCGIFINDEX, req))[1]
 
 

@@ -33,7 +33,7 @@ import platform
 import struct
 import threading
 import time
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from cffi import FFI
 
@@ -146,7 +146,7 @@ class XskSocket:
     Receive with :meth:`rx` (descriptors, then :meth:`release` them), send with
     :meth:`tx_frame` + :meth:`tx_put` + :meth:`kick`. Counters: ``rx_packets``,
     ``tx_packets``, ``tx_no_frame`` (no free frame or ring slot: the caller's fallback
-    sends it), ``tx_errors`` (the kernel refused a kick), and the kernel's own
+    sends it), ``tx_errors`` (kicks the kernel refused, by errno name), and the kernel's own
     (:meth:`kernel_stats`).
     """
 
@@ -172,7 +172,7 @@ class XskSocket:
         self.rx_packets = 0
         self.tx_packets = 0
         self.tx_no_frame = 0
-        self.tx_errors = 0
+        self.tx_errors: Dict[str, int] = {}
         self._rings: List[_Ring] = []
         self.umem: Optional[mmap.mmap] = None
         try:
@@ -358,36 +358,41 @@ class XskSocket:
         return True
 
     def kick(self) -> int:
-        """Publish the queued frames and have the kernel send them. In copy mode each
-        sendto sends at most 32 frames (the kernel's TX batch) and says EAGAIN while
-        more wait, so this calls it until the ring is drained (bounded: a ring's worth).
-        Returns how many frames were published."""
+        """Publish the queued frames and have the kernel send them and any it left in the
+        ring before. In copy mode each sendto sends at most 32 frames (the kernel's TX
+        batch) and says EAGAIN while more wait, so this calls it again while the kernel
+        makes progress, until the ring is drained (bounded: a ring's worth). An error is
+        counted by name in `tx_errors` and ends the kick; what stays in the ring goes with
+        the next one. Returns how many frames were published now."""
         n = self._tx_pending
-        if not n:
-            return 0
         t = self.tx_ring
         prod = self._tx_prod
-        t.words[t.prod] = prod
-        self._tx_pending = 0
-        self.tx_packets += n
-        lib = self._lib
         words = t.words
         cons_at = t.cons
+        cons = words[cons_at]
+        if not n and cons == prod:
+            return 0
+        if n:
+            words[t.prod] = prod
+            self._tx_pending = 0
+            self.tx_packets += n
+        lib = self._lib
         for _ in range(t.size // 32 + 2):
-            if lib.sendto(self.fd, _ffi.NULL, 0, MSG_DONTWAIT, _ffi.NULL, 0) >= 0:
-                if words[cons_at] == prod:
+            if lib.sendto(self.fd, _ffi.NULL, 0, MSG_DONTWAIT, _ffi.NULL, 0) < 0:
+                e = _ffi.errno
+                if e not in (errno.EAGAIN, errno.EBUSY):
+                    name = errno.errorcode.get(e, str(e))
+                    self.tx_errors[name] = self.tx_errors.get(name, 0) + 1
                     break
-                continue
-            e = _ffi.errno
-            if e in (errno.EAGAIN, errno.EBUSY):
-                if words[cons_at] == prod:
-                    break
-                continue
-            if e in (errno.ENOBUFS, errno.ENETDOWN):
-                self.tx_errors += 1
+            now = words[cons_at]
+            if now in (prod, cons):  # drained, or the kernel took nothing more
                 break
-            raise OSError(e, f"AF_XDP sendto: {os.strerror(e)}")
+            cons = now
         return n
+
+    def tx_outstanding(self) -> int:
+        """Frames published to the TX ring that the kernel has not taken yet."""
+        return (self._tx_prod - self.tx_ring.words[self.tx_ring.cons]) & 0xFFFFFFFF
 
     def wake_rx(self) -> None:
         """Tell the kernel the fill ring has frames again when it asked to be told."""

@@ -34,7 +34,7 @@ from fastpath.worker.raw_egress import (
     _pseudo_base,
     _sum,
 )
-from fastpath.worker.xsk import XskSocket
+from fastpath.worker.xsk import XskError, XskSocket
 
 __all__ = ["XskEgress", "XskReader"]
 
@@ -99,7 +99,7 @@ class XskReader:
         on the fill ring, other drops): the worker fell behind."""
         try:
             st = self.xsk.kernel_stats()
-        except OSError:
+        except (OSError, XskError):
             return self.overflowed
         self.overflowed = (st["rx_dropped"] + st["rx_ring_full"]
                            + st["rx_fill_ring_empty_descs"])
@@ -148,6 +148,14 @@ class XskEgress:
         for x in self.xsks.values():
             x.close()
 
+    def kick_errors(self) -> Dict[str, int]:
+        """Kicks the kernel refused, by errno name, over the sending sockets."""
+        out: Dict[str, int] = {}
+        for x in self.xsks.values():
+            for name, n in x.tx_errors.items():
+                out[name] = out.get(name, 0) + n
+        return out
+
     def bind(self, fd: int, ip: str, port: int) -> None:
         ip = ip.split("%", 1)[0]
         fam = AF_INET6 if ":" in ip else AF_INET
@@ -169,7 +177,7 @@ class XskEgress:
             dst = socket.inet_pton(fam, ip.split("%", 1)[0])
         except (OSError, ValueError, TypeError, IndexError):
             return "family"
-        hop = self.hops.get(dst)
+        hop = self.hops.get(dst, src)
         if hop is None:
             return "no_route"
         xsk = self.xsks[hop.ifindex]
@@ -246,9 +254,10 @@ class XskEgress:
 
     def flush(self) -> List[int]:
         """Send what is queued; returns the positions that did not leave, ascending."""
-        if self._dirty:
+        dirty = self._dirty
+        if dirty:
             pends = self._pend
-            for xsk in self._dirty:
+            for xsk in dirty:
                 pend = pends[xsk.ifindex]
                 if pend:
                     xsk.tx_put_many(pend)
@@ -257,6 +266,11 @@ class XskEgress:
                 self.calls += 1
                 xsk.reclaim()
             self._dirty = []
+        for xsk in self.xsks.values():  # frames an earlier kick left in a ring
+            if xsk not in dirty and xsk.tx_outstanding():
+                xsk.kick()
+                self.calls += 1
+                xsk.reclaim()
         self.now = self.clock()
         failed = self._rejected
         self._rejected = []

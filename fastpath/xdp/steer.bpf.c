@@ -25,6 +25,8 @@ enum {
 	S_PASS_ADDRESS, S_MAX
 };
 
+#define MAX_FRAME 1792
+
 struct port_range {
 	__u16 port_min;
 	__u16 port_max;
@@ -77,7 +79,9 @@ int lrk_steer(struct xdp_md *ctx)
 	__u16 port;
 	int action;
 
-	if ((void *)(eth + 1) > end)
+	/* larger than an AF_XDP frame holds (2048 - 256 bytes of headroom, copy mode, one
+	 * buffer): the kernel path, rather than a drop at the socket */
+	if ((void *)(eth + 1) > end || end - data > MAX_FRAME)
 		return count(S_PASS_OTHER, XDP_PASS);
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);

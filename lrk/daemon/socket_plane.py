@@ -41,6 +41,7 @@ from fastpath.contract import (
     unit_id,
     unit_of,
 )
+from lrk.errors import ConfigError
 
 log = logging.getLogger("lrk.plane")
 
@@ -271,6 +272,7 @@ class WorkerHandle:
                 code = self.proc.wait()
         log.error("worker %d exited (code %s); restarting and re-installing its sessions",
                   self.index, code)
+        self.totals = {}  # a dead worker's last report says nothing of its successor
         self.restarts += 1
         self.plane.counters["workers.restarts"] += 1
         for _message, socks in self.outbox:
@@ -382,12 +384,20 @@ class SocketPlane:
         from fastpath.xdp.libbpf import if_nametoindex
         from fastpath.xdp.steer import SteerProgram
 
+        ranges = [(ip, self.port_start, self.port_end) for ip in self.relay_ips]
+        ranges += [tuple(r) for r in self.standby_media]
+        seen: Dict[str, Tuple[int, int]] = {}
+        for ip, lo, hi in ranges:
+            if seen.setdefault(ip, (lo, hi)) != (lo, hi):
+                raise ConfigError(
+                    f"packet_io = \"af_xdp\" steers one port range per address, and {ip} has "
+                    f"two ({seen[ip][0]}-{seen[ip][1]} and {lo}-{hi}: standby_media): give "
+                    "the peer its own address, or use packet_io = \"tap\"")
         try:
             for ifname in self.packet_ifaces:
                 prog = SteerProgram.load()
                 self.steering[ifname] = prog
-                prog.configure([(ip, self.port_start, self.port_end) for ip in self.relay_ips]
-                               + list(self.standby_media))
+                prog.configure(ranges)
                 how = prog.attach(ifname)
                 XskSocket(if_nametoindex(ifname), frames=64, ring=32).close()
                 log.info("packet mode: AF_XDP on %s (%s XDP, copy mode)", ifname, how)

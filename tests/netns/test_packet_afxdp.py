@@ -447,8 +447,10 @@ def test_each_receive_queue_has_its_socket():
 
 
 def test_a_two_queue_relay_opens_a_socket_per_queue():
-    """The worker asks the kernel how many receive queues each interface has and binds
-    a socket to each: media arriving on any queue takes the AF_XDP path."""
+    """The worker asks the kernel how many receive queues each interface uses and binds
+    a socket to each: four here, and no media passed for want of a socket, on whichever
+    queue the sender's hash put it (which queue is the kernel's choice, not asserted;
+    test_each_receive_queue_has_its_socket shows the program keys sockets by queue)."""
     with Topology("q2", queues=2) as topo:
         relay = _relay(topo, False)
         sockets = []
