@@ -166,7 +166,10 @@ def config_summary(config: Any, path: Optional[str]) -> str:
     if config.metrics_addr is not None:
         host, port = config.metrics_addr
         metrics = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return (f"lrkproxy: configuration OK ({source}): mode={config.mode} "
+    mode = config.mode
+    if mode == "packet":  # the I/O decides the capabilities (scripts/install.sh reads it)
+        mode += f" packet_io={config.packet_io}"
+    return (f"lrkproxy: configuration OK ({source}): mode={mode} "
             f"control={config.control} legacy={legacy} ports={config.ports} "
             f"({pairs} RTP/RTCP pairs, {sessions} sessions) "
             f"internal_ip={','.join(config.internal_ips)} "

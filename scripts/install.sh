@@ -226,10 +226,16 @@ print(" ".join(ensure_keys(sys.argv[1])) or "present")' "$keydir" >/dev/null
                 say "systemd: mode xdp: CAP_BPF CAP_SYS_ADMIN, bpf() drop-in installed"
             else
                 rm -f "$dropdir/xdp-mode.conf"
+            fi
+            if [ "$mode" = packet ] && printf '%s\n' "$summary" | grep -q ' packet_io=af_xdp '; then
+                install -m 0644 etc/systemd/lrkproxy.service.d/af-xdp.conf "$dropdir/"
+                say "systemd: packet mode over AF_XDP: CAP_BPF CAP_SYS_ADMIN CAP_IPC_LOCK, bpf() drop-in installed"
+            else
+                rm -f "$dropdir/af-xdp.conf"
             fi ;;
         "") ;;  # config invalid: leave the drop-in as it is
         *)
-            rm -f "$dropdir/xdp-mode.conf"
+            rm -f "$dropdir/xdp-mode.conf" "$dropdir/af-xdp.conf"
             if [ -e "$dropdir/privileged-modes.conf" ]; then
                 rm -f "$dropdir/privileged-modes.conf"
                 say "systemd: mode $mode: privileged-modes drop-in removed"

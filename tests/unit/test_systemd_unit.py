@@ -182,6 +182,18 @@ def test_install_systemd_staged(tmp_path):
     assert dropin.read_text() == DROPIN.read_text()
     assert "CAP_NET_ADMIN CAP_NET_RAW drop-in installed" in out
     verify(unit)
+    afxdp = dest / "etc/systemd/system/lrkproxy.service.d/af-xdp.conf"
+    assert not afxdp.exists()
+    config.write_text('mode = "packet"\npacket_interfaces = ["eth0"]\npacket_io = "af_xdp"\n')
+    out = install(dest)
+    assert afxdp.read_text() == (ROOT / "etc/systemd/lrkproxy.service.d/af-xdp.conf").read_text()
+    assert dropin.exists() and "packet mode over AF_XDP" in out
+    verify(unit)
+    config.write_text('mode = "packet"\npacket_interfaces = ["eth0"]\n')  # taps: not needed
+    install(dest)
+    assert dropin.exists() and not afxdp.exists()
+    config.write_text('mode = "kernel"\n')
+    install(dest)
     config.write_text('mode = "turbo"\n')  # invalid: warned about, the drop-in stays
     out = install(dest)
     assert "install.sh: warning:" in out and "mode 'turbo' is not available" in out
