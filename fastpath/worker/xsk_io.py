@@ -19,6 +19,7 @@ the round's sends): the payload slices handed out point into the UMEM.
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -41,6 +42,9 @@ __all__ = ["XskEgress", "XskReader"]
 AF_INET = int(socket.AF_INET)
 AF_INET6 = int(socket.AF_INET6)
 ETH = 14
+#: a frame's headers: Ethernet (destination, source, type: 14 bytes) + IPv4/IPv6 + UDP
+_EV4 = struct.Struct("!14s" + _V4.format.lstrip("!"))
+_EV6 = struct.Struct("!14s" + _V6.format.lstrip("!"))
 _ETH_IP = b"\x08\x00"
 _ETH_IP6 = b"\x86\xdd"
 
@@ -234,16 +238,15 @@ class XskEgress:
             off = free.pop()
             ulen = 8 + ln
             c = (pbase + ulen + ulen + _sum(data)) % 0xFFFF
-            umem[off:off + ETH] = eth
-            if ibase:
+            if ibase:  # Ethernet, IPv4 and UDP headers in one pack
                 ident = (ident + 1) & 0xFFFF
                 h = (ibase + 20 + ulen + ident) % 0xFFFF
-                _V4.pack_into(umem, off + ETH, 0x45, 0, 20 + ulen, ident, _DF, TTL,
-                              IPPROTO_UDP, 0xFFFF - h if h else 0, src, dst, sport, dport,
-                              ulen, 0xFFFF - c if c else 0xFFFF)
+                _EV4.pack_into(umem, off, eth, 0x45, 0, 20 + ulen, ident, _DF, TTL,
+                               IPPROTO_UDP, 0xFFFF - h if h else 0, src, dst, sport, dport,
+                               ulen, 0xFFFF - c if c else 0xFFFF)
             else:
-                _V6.pack_into(umem, off + ETH, 0x60000000, ulen, IPPROTO_UDP, TTL, src, dst,
-                              sport, dport, ulen, 0xFFFF - c if c else 0xFFFF)
+                _EV6.pack_into(umem, off, eth, 0x60000000, ulen, IPPROTO_UDP, TTL, src, dst,
+                               sport, dport, ulen, 0xFFFF - c if c else 0xFFFF)
             umem[off + hdr:off + hdr + ln] = data
             pend.append(off)
             pend.append(hdr + ln)
