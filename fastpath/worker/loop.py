@@ -76,7 +76,6 @@ class SocketWorker:
         #: interfaces whose socket could not be opened (their media takes the kernel path)
         self.xsk_readers: List[Any] = []
         self.xsk_failed = 0
-        self.egress_kind = "raw"
 
     # -- channel ---------------------------------------------------------------------
     def _drain_channel(self) -> None:
@@ -242,7 +241,7 @@ class SocketWorker:
             totals["media.egress.fallback.packets"] = self.egress_fallback
             totals["media.egress.raw.disabled"] = self.egress_disabled
             egress = self.egress
-            if egress is not None and self.egress_kind == "xsk":
+            if egress is not None and egress.kind == "xsk":
                 totals["media.egress.xsk.packets"] = egress.packets
                 totals["media.egress.xsk.calls"] = egress.calls
                 totals["media.egress.xsk.rejected"] = egress.rejected
@@ -442,11 +441,7 @@ class SocketWorker:
         if not xsks or self.egress is not None:
             return
         self.egress = XskEgress(xsks)
-        self.egress_kind = "xsk"
-        for ep in self.table.by_fd.values():  # sessions installed before the sockets came
-            addr = self.addrs.get(ep.fd)
-            if addr is not None:
-                self.egress.bind(ep.fd, addr[0], addr[1])
+        self._bind_egress()
 
     def _open_queues(self, ifname: str, xsk_map: Any, xsks: Dict[int, Any]) -> None:
         """One AF_XDP socket per receive queue of `ifname`, each registered under its
@@ -486,8 +481,7 @@ class SocketWorker:
                 if xsk is not None:
                     xsk.close()
                 continue
-            if queue == 0 or ifindex not in xsks:
-                xsks[ifindex] = xsk
+            xsks.setdefault(ifindex, xsk)  # queue 0's (the first that opened) sends
             reader = XskReader(xsk, self.batch)
             self.readers[xsk.fd] = reader
             self.xsk_readers.append(reader)
@@ -506,10 +500,16 @@ class SocketWorker:
             self.egress_disabled = 1
             log.warning("packet mode: %s", exc)
             return
-        for ep in self.table.by_fd.values():  # sessions installed before the taps came
+        self._bind_egress()
+
+    def _bind_egress(self) -> None:
+        """The new egress learns the relay address of every endpoint installed before it
+        came (the taps or AF_XDP sockets arrive after the first installs may have)."""
+        egress = self.egress
+        for ep in self.table.by_fd.values():
             addr = self.addrs.get(ep.fd)
             if addr is not None:
-                self.egress.bind(ep.fd, addr[0], addr[1])
+                egress.bind(ep.fd, addr[0], addr[1])  # type: ignore[union-attr]
 
 
 def main(argv: List[str] = None) -> int:  # type: ignore[assignment]

@@ -42,9 +42,12 @@ __all__ = [
     "HDR6",
     "RawEgress",
     "RawEgressError",
+    "destination_of",
+    "ipv4_header_base",
     "ipv4_udp_header",
     "ipv6_udp_header",
     "payload_sum",
+    "source_of",
     "udp_checksum",
 ]
 
@@ -142,6 +145,33 @@ def udp_checksum(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes)
     return c or 0xFFFF
 
 
+def ipv4_header_base(src: bytes, dst: bytes) -> int:
+    """The IPv4 header checksum's sum over what a relayed packet's header keeps from one
+    packet to the next (version, IHL, DF, TTL, protocol, both addresses); add the total
+    length and the ID per packet."""
+    return 0x4500 + _DF + (TTL << 8) + IPPROTO_UDP + _sum(src) + _sum(dst)
+
+
+def source_of(ip: str, port: int) -> Tuple[int, bytes, int]:
+    """(family, packed address, port) of the relay address an endpoint sends from."""
+    ip = ip.split("%", 1)[0]
+    fam = AF_INET6 if ":" in ip else AF_INET
+    return fam, socket.inet_pton(fam, ip), int(port)
+
+
+def destination_of(fam: int, dest: Tuple[str, int]) -> Optional[Tuple[bytes, int]]:
+    """(packed address, port) of `dest` when it is an address of family `fam` with a
+    port in 1-65535, else None (never raises)."""
+    try:
+        ip = dest[0]
+        dport = int(dest[1])
+        if (":" in ip) != (fam == AF_INET6) or not 0 < dport < 65536:
+            return None
+        return socket.inet_pton(fam, ip.split("%", 1)[0]), dport
+    except (OSError, ValueError, TypeError, IndexError, OverflowError):
+        return None
+
+
 def ipv4_udp_header(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes, *,
                     ttl: int = TTL, ident: int = 0, df: bool = True) -> bytes:
     """The 28 bytes (IPv4 + UDP header, both checksums set) in front of `payload`."""
@@ -224,6 +254,9 @@ class RawEgress:
     caller can send those through the endpoint's own UDP socket.  Not thread-safe.
     """
 
+    #: which egress this is (the worker names its counters after it)
+    kind = "raw"
+
     def __init__(self, socks: Dict[int, socket.socket], capacity: int = 256) -> None:
         ffi, lib = mmsg.load()
         if ffi is None:
@@ -256,9 +289,7 @@ class RawEgress:
     # -- endpoints -------------------------------------------------------------------
     def bind(self, fd: int, ip: str, port: int) -> None:
         """Endpoint `fd` sends from relay address (`ip`, `port`)."""
-        ip = ip.split("%", 1)[0]
-        fam = AF_INET6 if ":" in ip else AF_INET
-        self._eps[fd] = [(fam, socket.inet_pton(fam, ip), int(port)), None, None]
+        self._eps[fd] = [source_of(ip, port), None, None]
 
     def forget(self, fd: int) -> None:
         self._eps.pop(fd, None)
@@ -266,25 +297,21 @@ class RawEgress:
     def _route(self, state: list, dest: Addr) -> Optional[_Route]:
         fam, src, sport = state[0]
         route = None
-        try:
-            ip = dest[0]
-            dport = int(dest[1])
-            if (":" in ip) == (fam == AF_INET6) and fam in self._lanes and 0 < dport < 65536:
-                dst = socket.inet_pton(fam, ip.split("%", 1)[0])
+        packed = destination_of(fam, dest)
+        if packed is not None and fam in self._lanes:
+            dst, dport = packed
+            try:
                 ent = self._names.get(dest)
                 if ent is None:
                     if len(self._names) >= mmsg.ADDR_CACHE_MAX:
                         self._names.clear()  # slot_ent keeps those in use alive
-                    raw = mmsg.encode_sockaddr((ip, 0))  # port 0: raw sockets have none
+                    raw = mmsg.encode_sockaddr((dest[0], 0))  # raw sockets have no port
                     ent = self._names[dest] = (self._ffi.new("char[]", raw), len(raw))
-                if fam == AF_INET:
-                    base = 0x4500 + _DF + (TTL << 8) + IPPROTO_UDP + _sum(src) + _sum(dst)
-                else:
-                    base = 0
                 route = (self._lanes[fam], ent, src, dst, sport, dport,
-                         _pseudo_base(src, dst, sport, dport), base)
-        except (OSError, ValueError, TypeError, IndexError, OverflowError):
-            route = None
+                         _pseudo_base(src, dst, sport, dport),
+                         ipv4_header_base(src, dst) if fam == AF_INET else 0)
+            except (OSError, ValueError, TypeError, IndexError, OverflowError):
+                route = None
         state[1] = dest
         state[2] = route
         return route

@@ -107,8 +107,9 @@ def xsk_available() -> Optional[str]:
 
 
 class _Ring:
-    """One mmap'ed ring: producer and consumer words, a descriptor array of `size`
-    (a power of two) entries, and our cached copy of the other side's index."""
+    """One mmap'ed ring: producer, consumer and flags words (indices into `words`) and a
+    descriptor array of `size` (a power of two) entries. The socket keeps its own side's
+    index apart and publishes it."""
 
     def __init__(self, fd: int, size: int, pgoff: int, off: Tuple[int, int, int, int],
                  desc_size: int) -> None:
@@ -122,11 +123,9 @@ class _Ring:
         self.flags = flags // 4
         self.size = size
         self.mask = size - 1
-        self.desc_off = desc
-        if desc_size == 16:
-            self.desc = memoryview(self.map)[desc:desc + size * 16].cast("Q")
-        else:
-            self.desc = memoryview(self.map)[desc:desc + size * 8].cast("Q")
+        # u64 slots: two per RX/TX descriptor (address; length and options), one per
+        # fill/completion entry (an address)
+        self.desc = memoryview(self.map)[desc:desc + size * desc_size].cast("Q")
 
     def need_wakeup(self) -> bool:
         return bool(self.words[self.flags] & XDP_RING_NEED_WAKEUP)
@@ -344,18 +343,7 @@ class XskSocket:
     def tx_put(self, offset: int, length: int) -> bool:
         """Queue the frame at `offset` for sending; False (counted, frame freed) when the
         TX ring is full."""
-        t = self.tx_ring
-        prod = self._tx_prod
-        if ((prod - t.words[t.cons]) & 0xFFFFFFFF) >= t.size:
-            self._free_tx.append(offset)
-            self.tx_no_frame += 1
-            return False
-        j = (prod & t.mask) * 2
-        t.desc[j] = offset
-        t.desc[j + 1] = length  # options 0 in the high half
-        self._tx_prod = (prod + 1) & 0xFFFFFFFF
-        self._tx_pending += 1
-        return True
+        return self.tx_put_many([offset, length]) == 1
 
     def kick(self) -> int:
         """Publish the queued frames and have the kernel send them and any it left in the

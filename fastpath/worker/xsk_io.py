@@ -34,6 +34,9 @@ from fastpath.worker.raw_egress import (
     TTL,
     _pseudo_base,
     _sum,
+    destination_of,
+    ipv4_header_base,
+    source_of,
 )
 from fastpath.worker.xsk import XskError, XskSocket
 
@@ -124,6 +127,9 @@ class XskEgress:
     last destination's route (socket, frame header parts, checksum bases), valid for
     `route_ttl` seconds of the clock read once per flush, then asked of `hops` again."""
 
+    #: which egress this is (the worker names its counters after it)
+    kind = "xsk"
+
     def __init__(self, xsks: Dict[int, XskSocket], hops: Optional[NextHops] = None,
                  capacity: int = 256, route_ttl: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -161,9 +167,8 @@ class XskEgress:
         return out
 
     def bind(self, fd: int, ip: str, port: int) -> None:
-        ip = ip.split("%", 1)[0]
-        fam = AF_INET6 if ":" in ip else AF_INET
-        self._eps[fd] = [(fam, socket.inet_pton(fam, ip), int(port)), None, None]
+        """Endpoint `fd` sends from relay address (`ip`, `port`)."""
+        self._eps[fd] = [source_of(ip, port), None, None]
 
     def forget(self, fd: int) -> None:
         self._eps.pop(fd, None)
@@ -173,21 +178,17 @@ class XskEgress:
         state[1] = dest
         state[2] = None
         fam, src, sport = state[0]
-        try:
-            ip = dest[0]
-            dport = int(dest[1])
-            if (":" in ip) != (fam == AF_INET6) or not 0 < dport < 65536:
-                return "family"
-            dst = socket.inet_pton(fam, ip.split("%", 1)[0])
-        except (OSError, ValueError, TypeError, IndexError):
+        packed = destination_of(fam, dest)
+        if packed is None:
             return "family"
+        dst, dport = packed
         hop = self.hops.get(dst, src)
         if hop is None:
             return "no_route"
         xsk = self.xsks[hop.ifindex]
         v4 = fam == AF_INET
         eth = hop.dst_mac + hop.src_mac + (_ETH_IP if v4 else _ETH_IP6)
-        ibase = (0x4500 + _DF + (TTL << 8) + IPPROTO_UDP + _sum(src) + _sum(dst)) if v4 else 0
+        ibase = ipv4_header_base(src, dst) if v4 else 0
         hdr = ETH + (HDR4 if v4 else HDR6)
         route = (self.now + self.route_ttl, xsk, xsk.view(), xsk.free_frames(),
                  self._pend[hop.ifindex], eth, src, dst, sport, dport,

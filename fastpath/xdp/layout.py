@@ -120,9 +120,11 @@ def counters(raw: bytes, ncpus: int, offset: int = 0) -> Tuple[int, int, int]:
     return packets, octets, last
 
 
-def verdict_totals(raws: Sequence[bytes], ncpus: int) -> dict:
-    """Per reason, the per-CPU u64 counts summed."""
+def verdict_totals(raws: Sequence[bytes], ncpus: int,
+                   names: Sequence[str] = REASONS) -> dict:
+    """Per reason (`names`, in the program's index order), the per-CPU u64 counts
+    summed."""
     out = {}
-    for name, raw in zip(REASONS, raws):
+    for name, raw in zip(names, raws):
         out[name] = sum(struct.unpack_from("=Q", raw, 8 * i)[0] for i in range(ncpus))
     return out

@@ -260,17 +260,7 @@ class XdpProgram:
 
     def detach_all(self) -> List[str]:
         """Detach from every interface attached here; errors logged, names returned."""
-        failed = []
-        for ifindex, (ifname, flags) in list(self.attached.items()):
-            try:
-                if xdp_query_id(ifindex, flags) != 0:
-                    xdp_detach(ifindex, flags)
-            except XdpError as exc:
-                log.error("could not detach XDP from %s: %s", ifname, exc)
-                failed.append(ifname)
-                continue
-            del self.attached[ifindex]
-        return failed
+        return detach_attached(self.attached)
 
     def close(self) -> None:
         self.detach_all()
@@ -286,6 +276,23 @@ class XdpProgram:
     def test_run(self, frame: bytes, ingress_ifindex: int = 0) -> Tuple[int, bytes]:
         verdict, out, _ = test_run(self.relay_fd, frame, ingress_ifindex)
         return verdict, out
+
+
+def detach_attached(attached: Dict[int, Tuple[str, int]]) -> List[str]:
+    """Detach the program of each attachment in `attached` (ifindex -> (name, mode
+    flags)) and drop it from there; one that fails is logged and kept. Returns the
+    names of those that failed."""
+    failed = []
+    for ifindex, (ifname, flags) in list(attached.items()):
+        try:
+            if xdp_query_id(ifindex, flags) != 0:
+                xdp_detach(ifindex, flags)
+        except XdpError as exc:
+            log.error("could not detach XDP from %s: %s", ifname, exc)
+            failed.append(ifname)
+            continue
+        del attached[ifindex]
+    return failed
 
 
 #: lrk's XDP programs by name: xdp mode's relay, packet mode's AF_XDP steering

@@ -15,10 +15,9 @@ import struct
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from fastpath.xdp import build
-from fastpath.xdp.errors import XdpAttachError, XdpError
+from fastpath.xdp.errors import XdpAttachError
+from fastpath.xdp.layout import verdict_totals
 from fastpath.xdp.libbpf import (
-    XDP_FLAGS_DRV_MODE,
-    XDP_FLAGS_SKB_MODE,
     BpfMap,
     BpfObject,
     if_nametoindex,
@@ -29,11 +28,11 @@ from fastpath.xdp.libbpf import (
     xdp_detach,
     xdp_query_id,
 )
+from fastpath.xdp.program import MODES, detach_attached
 
 log = logging.getLogger("lrk.xdp")
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "steer.bpf.c")
-MODES = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 #: per-CPU verdict counters, in the order of steer.bpf.c's enum
 VERDICTS = ("steered", "pass_other", "pass_port", "pass_fragment", "pass_no_socket",
             "pass_address")
@@ -80,9 +79,6 @@ class SteerProgram:
         """Frames steered on `queue` go to the AF_XDP socket `xsk_fd` from now on."""
         self.xsks.update(struct.pack("I", queue), struct.pack("I", xsk_fd))
 
-    def unregister(self, queue: int) -> None:
-        self.xsks.delete(struct.pack("I", queue))
-
     def attach(self, ifname: str, mode: str = "auto") -> str:
         """Attach to `ifname` (native, else generic for "auto"); returns the mode used.
         Another tool's XDP program is refused, never replaced; lrk's steering program
@@ -117,11 +113,9 @@ class SteerProgram:
                              + "; ".join(tried) + " (needs root and a kernel with XDP)")
 
     def verdict_counts(self) -> Dict[str, int]:
-        out = {}
-        for i, name in enumerate(VERDICTS):
-            raw = self.verdicts.lookup(struct.pack("I", i)) or b""
-            out[name] = sum(v for (v,) in struct.iter_unpack("Q", raw))
-        return out
+        raws = [self.verdicts.lookup(struct.pack("I", i)) or bytes(8 * self.ncpus)
+                for i in range(len(VERDICTS))]
+        return verdict_totals(raws, self.ncpus, VERDICTS)
 
     def test_run(self, frame: bytes, ingress_ifindex: int = 0,
                  rx_queue: int = 0) -> Tuple[int, bytes]:
@@ -130,12 +124,5 @@ class SteerProgram:
 
     def close(self) -> None:
         """Detach from every interface attached here, then release the object."""
-        for ifindex, (ifname, flags) in list(self.attached.items()):
-            try:
-                if xdp_query_id(ifindex, flags):
-                    xdp_detach(ifindex, flags)
-            except XdpError as exc:
-                log.error("could not detach the steering program from %s: %s", ifname, exc)
-                continue
-            del self.attached[ifindex]
+        detach_attached(self.attached)
         self.obj.close()

@@ -26,16 +26,16 @@ from fastpath.xdp.libbpf import XDP_PASS, XDP_REDIRECT, if_nametoindex, xdp_quer
 from fastpath.xdp.program import XdpProgram
 from fastpath.xdp.steer import SteerProgram
 from lrk.client import LrkClient
-from lrk.demo.media import rtcp_sender_report, rtp_packet, summarize
+from lrk.demo.media import rtp_packet
 from lrk.demo.relay_process import RelayProcess
+from tests.integration.hostile import children
 
 from .hosts import endpoint, pending, receive, tables, wait
-from .test_packet_mode import _egress, _ipv6_ready
+from .test_packet_mode import _egress, _ipv6_ready, call_both_ways
 from .throwaway import Namespaces
 
 pytestmark = pytest.mark.netns
 
-A_SSRC, B_SSRC = 0x81818181, 0x82828282
 PORTS = "30000-30399"
 
 
@@ -57,8 +57,6 @@ def test_af_xdp_call(topo, family):
     AF_XDP or, while its next hop was unresolved, by the UDP socket (counted as such);
     no drop rule, no tap; stop detaches the programs."""
     v6 = family == "ipv6"
-    pick = (lambda h: h.ip6) if v6 else (lambda h: h.ip4)
-    caller_ip, callee_ip = pick(topo.caller), pick(topo.callee)
     ns = topo.relay.ns
     _ipv6_ready(topo)
     relay = _relay(topo, v6)
@@ -70,43 +68,7 @@ def test_af_xdp_call(topo, family):
             # the worker opens its sockets as it starts; media before that takes the
             # kernel path (the UDP sockets: test_steering_passes_what_is_not_media)
             wait(lambda: client.stats()["counters"].get("media.xsk.sockets") == 2)
-            nat = endpoint(topo.caller.ns, caller_ip, 4444)  # SDP says 4000
-            nat_rtcp = endpoint(topo.caller.ns, caller_ip, 4445)
-            callee = endpoint(topo.callee.ns, callee_ip, 5000)
-            callee_rtcp = endpoint(topo.callee.ns, callee_ip, 5001)
-            stranger = endpoint(topo.callee.ns, callee_ip, 5999)
-            sockets += [nat, nat_rtcp, callee, callee_rtcp, stranger]
-            offer = client.offer("x-call", "a", (caller_ip, 4000), interface="external")
-            answer = client.answer("x-call", "a", "b", (callee_ip, 5000), interface="internal")
-            to_a = (answer["relay"]["ip"], answer["relay"]["port"])
-            to_b = (offer["relay"]["ip"], offer["relay"]["port"])
-            to_a_rtcp, to_b_rtcp = (to_a[0], to_a[1] + 1), (to_b[0], to_b[1] + 1)
-            for seq in range(30):
-                nat.sendto(rtp_packet(seq, A_SSRC), to_a)
-            got = summarize(receive(callee, 31), A_SSRC)  # 31: a duplicate would show
-            assert got == {"intact": 30, "damaged": 0, "sources": [to_b], "in_order": True}
-            for seq in range(30):
-                callee.sendto(rtp_packet(seq, B_SSRC), to_b)
-            got = summarize(receive(nat, 31), B_SSRC)
-            assert got == {"intact": 30, "damaged": 0, "sources": [to_a], "in_order": True}
-            reports_a = [rtcp_sender_report(A_SSRC, i, 160 * i) + b"x" * (i % 2)
-                         for i in range(5)]
-            reports_b = [rtcp_sender_report(B_SSRC, i, 160 * i) + b"y" * (i % 2)
-                         for i in range(5)]
-            for rep in reports_a:
-                nat_rtcp.sendto(rep, to_a_rtcp)
-            assert receive(callee_rtcp, 5) == [(rep, to_b_rtcp) for rep in reports_a]
-            for rep in reports_b:
-                callee_rtcp.sendto(rep, to_b_rtcp)
-            assert receive(nat_rtcp, 5) == [(rep, to_a_rtcp) for rep in reports_b]
-            nat.sendto(rtp_packet(30, A_SSRC), to_a)
-            assert len(receive(callee, 1)) == 1
-            stranger.sendto(rtp_packet(0, 0xBAD), to_a)
-            wait(lambda: client.stats()["counters"]["media.dropped.unexpected_source"] >= 1)
-            assert pending(callee) == []
-            legs = client.query("x-call")["session"]["legs"]
-            assert legs["A"]["latched"] == {"ip": caller_ip, "port": 4444}
-            assert legs["A"]["counters"]["in_packets"] == 36
+            call_both_ways(topo, client, v6, "x-call", sockets)
             counters = client.stats()["counters"]
             eg = _egress(counters)
             assert counters["media.forwarded.packets"] == 71
@@ -299,8 +261,7 @@ def test_a_killed_worker_is_replaced_and_its_sockets_rebound(topo):
             wait(lambda: client.stats()["counters"].get("media.xsk.sockets") == 2)
             calls = _flows(client, topo, 3, "wk", sockets)
             assert _through(calls, 0) == 6
-            with open(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children") as fh:
-                (pid,) = [int(p) for p in fh.read().split()]
+            (pid,) = children(relay.proc.pid)  # the worker
             os.kill(pid, signal.SIGKILL)
             wait(lambda: client.stats()["counters"]["workers.restarts"] == 1)
             wait(lambda: client.stats()["counters"].get("media.xsk.sockets") == 2)

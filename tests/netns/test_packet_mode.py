@@ -49,12 +49,64 @@ def _egress(counters: dict) -> dict:
             if k.startswith("media.egress.")}
 
 
+def call_both_ways(topo, client, v6: bool, call_id: str, sockets: list) -> None:
+    """One call through a packet-mode relay: RTP both ways (the caller behind a NAT: SDP
+    says port 4000, it sends from 4444), RTCP both ways with odd lengths, a stranger's
+    packet dropped as unexpected_source, the caller's leg latched: 71 packets relayed.
+    Its sockets go to `sockets` for the caller to close."""
+    pick = (lambda h: h.ip6) if v6 else (lambda h: h.ip4)
+    caller_ip, callee_ip = pick(topo.caller), pick(topo.callee)
+    nat = endpoint(topo.caller.ns, caller_ip, 4444)  # SDP says 4000
+    nat_rtcp = endpoint(topo.caller.ns, caller_ip, 4445)
+    callee = endpoint(topo.callee.ns, callee_ip, 5000)
+    callee_rtcp = endpoint(topo.callee.ns, callee_ip, 5001)
+    stranger = endpoint(topo.callee.ns, callee_ip, 5999)
+    sockets += [nat, nat_rtcp, callee, callee_rtcp, stranger]
+    offer = client.offer(call_id, "a", (caller_ip, 4000), interface="external")
+    answer = client.answer(call_id, "a", "b", (callee_ip, 5000), interface="internal")
+    to_a = (answer["relay"]["ip"], answer["relay"]["port"])
+    to_b = (offer["relay"]["ip"], offer["relay"]["port"])
+    to_a_rtcp, to_b_rtcp = (to_a[0], to_a[1] + 1), (to_b[0], to_b[1] + 1)
+    for seq in range(30):
+        nat.sendto(rtp_packet(seq, A_SSRC), to_a)
+    got = summarize(receive(callee, 31), A_SSRC)  # 31: a duplicate would show
+    assert got == {"intact": 30, "damaged": 0, "sources": [to_b], "in_order": True}
+    for seq in range(30):
+        callee.sendto(rtp_packet(seq, B_SSRC), to_b)
+    got = summarize(receive(nat, 31), B_SSRC)
+    assert got == {"intact": 30, "damaged": 0, "sources": [to_a], "in_order": True}
+    # RTCP (odd lengths too: the checksum pads them) latches separately
+    reports_a = [rtcp_sender_report(A_SSRC, i, 160 * i) + b"x" * (i % 2)
+                 for i in range(5)]
+    reports_b = [rtcp_sender_report(B_SSRC, i, 160 * i) + b"y" * (i % 2)
+                 for i in range(5)]
+    for rep in reports_a:
+        nat_rtcp.sendto(rep, to_a_rtcp)
+    assert receive(callee_rtcp, 5) == [(rep, to_b_rtcp) for rep in reports_a]
+    for rep in reports_b:
+        callee_rtcp.sendto(rep, to_b_rtcp)
+    assert receive(nat_rtcp, 5) == [(rep, to_a_rtcp) for rep in reports_b]
+    # leg A's peer talks (a learning leg keeps a talking peer): a stranger from the
+    # callee's host must not take it over
+    nat.sendto(rtp_packet(30, A_SSRC), to_a)
+    assert len(receive(callee, 1)) == 1
+    stranger.sendto(rtp_packet(0, 0xBAD), to_a)
+    wait(lambda: client.stats()["counters"]["media.dropped.unexpected_source"] >= 1)
+    assert pending(callee) == []  # counted as dropped, and nothing came through
+    for s in (nat_rtcp, callee_rtcp):  # no duplicates queued behind the reports
+        s.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            s.recv(100)
+    legs = client.query(call_id)["session"]["legs"]
+    assert legs["A"]["latched"] == {"ip": caller_ip, "port": 4444}
+    assert legs["A"]["counters"]["in_packets"] == 36  # 30 + 5 RTCP + the keep-alive
+    assert legs["A"]["counters"]["drops"] == {"unexpected_source": 1}
+
+
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_packet_mode_call(topo, family):
     """RTP and RTCP both ways through the raw egress; sources are the relay's ports."""
     v6 = family == "ipv6"
-    pick = (lambda h: h.ip6) if v6 else (lambda h: h.ip4)
-    caller_ip, callee_ip = pick(topo.caller), pick(topo.callee)
     ns = topo.relay.ns
     _ipv6_ready(topo)
     relay = _relay(topo, v6)
@@ -62,51 +114,7 @@ def test_packet_mode_call(topo, family):
     try:
         assert "table inet lrkpkt" in tables(ns)
         with LrkClient([relay.node]) as client:
-            nat = endpoint(topo.caller.ns, caller_ip, 4444)  # SDP says 4000
-            nat_rtcp = endpoint(topo.caller.ns, caller_ip, 4445)
-            callee = endpoint(topo.callee.ns, callee_ip, 5000)
-            callee_rtcp = endpoint(topo.callee.ns, callee_ip, 5001)
-            stranger = endpoint(topo.callee.ns, callee_ip, 5999)
-            sockets += [nat, nat_rtcp, callee, callee_rtcp, stranger]
-            offer = client.offer("p-call", "a", (caller_ip, 4000), interface="external")
-            answer = client.answer("p-call", "a", "b", (callee_ip, 5000), interface="internal")
-            to_a = (answer["relay"]["ip"], answer["relay"]["port"])
-            to_b = (offer["relay"]["ip"], offer["relay"]["port"])
-            to_a_rtcp, to_b_rtcp = (to_a[0], to_a[1] + 1), (to_b[0], to_b[1] + 1)
-            for seq in range(30):
-                nat.sendto(rtp_packet(seq, A_SSRC), to_a)
-            got = summarize(receive(callee, 31), A_SSRC)  # 31: a duplicate would show
-            assert got == {"intact": 30, "damaged": 0, "sources": [to_b], "in_order": True}
-            for seq in range(30):
-                callee.sendto(rtp_packet(seq, B_SSRC), to_b)
-            got = summarize(receive(nat, 31), B_SSRC)
-            assert got == {"intact": 30, "damaged": 0, "sources": [to_a], "in_order": True}
-            # RTCP (odd lengths too: the checksum pads them) latches separately
-            reports_a = [rtcp_sender_report(A_SSRC, i, 160 * i) + b"x" * (i % 2)
-                         for i in range(5)]
-            reports_b = [rtcp_sender_report(B_SSRC, i, 160 * i) + b"y" * (i % 2)
-                         for i in range(5)]
-            for rep in reports_a:
-                nat_rtcp.sendto(rep, to_a_rtcp)
-            assert receive(callee_rtcp, 5) == [(rep, to_b_rtcp) for rep in reports_a]
-            for rep in reports_b:
-                callee_rtcp.sendto(rep, to_b_rtcp)
-            assert receive(nat_rtcp, 5) == [(rep, to_a_rtcp) for rep in reports_b]
-            # leg A's peer talks (a learning leg keeps a talking peer): a stranger from the
-            # callee's host must not take it over
-            nat.sendto(rtp_packet(30, A_SSRC), to_a)
-            assert len(receive(callee, 1)) == 1
-            stranger.sendto(rtp_packet(0, 0xBAD), to_a)
-            wait(lambda: client.stats()["counters"]["media.dropped.unexpected_source"] >= 1)
-            assert pending(callee) == []  # counted as dropped, and nothing came through
-            for s in (nat_rtcp, callee_rtcp):  # no duplicates queued behind the reports
-                s.setblocking(False)
-                with pytest.raises(BlockingIOError):
-                    s.recv(100)
-            legs = client.query("p-call")["session"]["legs"]
-            assert legs["A"]["latched"] == {"ip": caller_ip, "port": 4444}
-            assert legs["A"]["counters"]["in_packets"] == 36  # 30 + 5 RTCP + the keep-alive
-            assert legs["A"]["counters"]["drops"] == {"unexpected_source": 1}
+            call_both_ways(topo, client, v6, "p-call", sockets)
             counters = client.stats()["counters"]
             eg = _egress(counters)
             assert counters["media.forwarded.packets"] == 71
