@@ -40,11 +40,11 @@ def pair() -> Tuple[socket.socket, socket.socket]:
 class InstallSession(NamedTuple):
     """Daemon -> worker: serve one stream of a session (unit `uid`, see
     `fastpath.contract.unit_id`) on the four sockets that come with it (A-RTP, A-RTCP,
-    B-RTP, B-RTCP), whose families and local addresses the daemon already knows."""
+    B-RTP, B-RTCP), whose local addresses the daemon already knows (the worker needs no
+    system call to learn them)."""
 
     uid: int
     stream: StreamSpec
-    families: Tuple[int, ...]
     addrs: Tuple[Addr, ...]
 
 
@@ -64,7 +64,6 @@ class InstallFork(NamedTuple):
     uid: int
     main_uid: int
     stream: StreamSpec
-    families: Tuple[int, ...]
     addrs: Tuple[Addr, ...]
 
 
@@ -182,7 +181,7 @@ def _to_wire(m: Any) -> tuple:
 
 def _install_out(m: InstallSession) -> tuple:
     s = m[1]  # by index, _spec_out() inline: every offer sends one (fields in C, no getattr)
-    return ("I", m[0], (s[0], tuple(s[1]), tuple(s[2])), m[2], m[3])
+    return ("I", m[0], (s[0], tuple(s[1]), tuple(s[2])), m[2])
 
 
 def _update_out(m: UpdateSession) -> tuple:
@@ -204,11 +203,11 @@ def _to_wire_slow(m: Any) -> tuple:
         return ("R", tuple((r.uid, r.last_rx, _report_leg_out(r.a), _report_leg_out(r.b))
                            for r in m.reports), m.totals)
     if isinstance(m, InstallSession):
-        return ("I", m.uid, _spec_out(m.stream), m.families, m.addrs)
+        return ("I", m.uid, _spec_out(m.stream), m.addrs)
     if isinstance(m, UpdateSession):
         return ("U", m.uid, _spec_out(m.stream))
     if isinstance(m, InstallFork):
-        return ("K", m.uid, m.main_uid, _spec_out(m.stream), m.families, m.addrs)
+        return ("K", m.uid, m.main_uid, _spec_out(m.stream), m.addrs)
     if isinstance(m, PromoteFork):
         return ("P", m.main_uid, m.fork_uid)
     if isinstance(m, RemoveSession):
@@ -234,13 +233,11 @@ def _from_wire(t: tuple) -> Any:
         return Reports(tuple(UnitReport(r[0], r[1], _report_leg_in(r[2]),
                                         _report_leg_in(r[3])) for r in t[1]), t[2])
     if tag == "I":
-        return InstallSession(t[1], _spec_in(t[2]), tuple(t[3]),
-                              tuple((a[0], a[1]) for a in t[4]))
+        return InstallSession(t[1], _spec_in(t[2]), tuple((a[0], a[1]) for a in t[3]))
     if tag == "U":
         return UpdateSession(t[1], _spec_in(t[2]))
     if tag == "K":
-        return InstallFork(t[1], t[2], _spec_in(t[3]), tuple(t[4]),
-                           tuple((a[0], a[1]) for a in t[5]))
+        return InstallFork(t[1], t[2], _spec_in(t[3]), tuple((a[0], a[1]) for a in t[4]))
     if tag == "P":
         return PromoteFork(t[1], t[2])
     if tag == "X":

@@ -17,7 +17,7 @@ import select
 import signal
 import socket
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from fastpath import channel, jit, logs
 from fastpath.packet import parse_media
@@ -27,7 +27,6 @@ from fastpath.worker.raw_egress import RawEgress, RawEgressError
 from fastpath.worker.relay_table import Endpoint, RelayTable
 
 log = logging.getLogger("lrk.worker")
-_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 
 REPORT_INTERVAL = 0.5
 #: packet mode's egress: "auto" (raw sockets, batched across sessions, when they can be
@@ -55,7 +54,9 @@ class SocketWorker:
         self.io = make_batch_io(batch, io)
         self.epoll = select.epoll()
         self.epoll.register(chan.fileno(), select.EPOLLIN)
-        self.sockets: Dict[int, socket.socket] = {}
+        #: the media sockets' fds: raw ints, no socket objects (CPython's constructor asks
+        #: the kernel for each one's name, a system call per socket and four per call)
+        self.fds: Set[int] = set()
         self.running = True
         self.next_report = 0.0
         # packet mode: media is read from AF_PACKET taps (the kernel drops it in PREROUTING)
@@ -158,22 +159,22 @@ class SocketWorker:
         if sid in self.table.sessions:
             self._remove(sid)
         session = self.table.install(sid, fds, message.stream)
-        self._adopt(fds, message.families, message.addrs, session.endpoints)
+        self._adopt(fds, message.addrs, session.endpoints)
 
     def _install_fork(self, message: channel.InstallFork, fds: List[int]) -> None:
         if message.uid in self.table.sessions:
             self._remove(message.uid)
         session = self.table.install_fork(message.uid, message.main_uid, fds, message.stream)
-        self._adopt(fds, message.families, message.addrs, session.endpoints[:2])
+        self._adopt(fds, message.addrs, session.endpoints[:2])
 
-    def _adopt(self, fds: List[int], families: Tuple[int, ...], addrs: Tuple[Any, ...],
+    def _adopt(self, fds: List[int], addrs: Tuple[Any, ...],
                endpoints: List[Endpoint]) -> None:
-        """Sockets that came with an install: polled, and known by address (packet mode)."""
-        for fd, family in zip(fds, families):
-            # family and type given: no getsockopt, no ioctl (non-blocking already)
-            sock = socket.socket(family, socket.SOCK_DGRAM | _NONBLOCK, 0, fd)
-            self.sockets[fd] = sock
-            self.epoll.register(fd, select.EPOLLIN)
+        """Sockets that came with an install (non-blocking already): polled, and known by
+        address (packet mode)."""
+        register = self.epoll.register
+        for fd in fds:
+            self.fds.add(fd)
+            register(fd, select.EPOLLIN)
         if self.readers:
             egress = self.egress
             by_fd = dict(zip(fds, addrs))
@@ -199,16 +200,14 @@ class SocketWorker:
     def _close(self, fd: int) -> None:
         if self.egress is not None:
             self.egress.forget(fd)
-        sock = self.sockets.pop(fd, None)
         addr = self.addrs.pop(fd, None)
         if self.readers and addr is not None:
             self.by_addr.pop(addr, None)
-        if sock is not None:
-            try:
-                self.epoll.unregister(fd)
-            except OSError:
-                pass
-            sock.close()
+        if fd in self.fds:
+            # no EPOLL_CTL_DEL: the worker holds the only reference to the socket (the
+            # daemon closed its copy once sent), so closing it leaves the epoll set too
+            self.fds.discard(fd)
+            os.close(fd)
 
     def _report(self, only: object) -> None:
         """Send counters of changed sessions (or of the given sids) to the daemon."""

@@ -227,6 +227,9 @@ class Relay:
         self._unix_paths: List[str] = []
         self.control_address: Any = None
         self._held: Optional[List[Tuple[_DatagramEndpoint, bytes, Any]]] = None
+        #: requests of the current burst that wait for fresh counters (deletes, queries):
+        #: one refresh serves them all, and they finish together
+        self._awaiting: List[Tuple[Request, Any, _DatagramEndpoint, float]] = []
         self._timer: Optional[asyncio.TimerHandle] = None
         self._timer_at: Optional[float] = None
         self._expiring = False  # a refresh before expiry is under way
@@ -653,9 +656,31 @@ class Relay:
             self._send(endpoint, received.reply, addr)
             return
         if received.cmd in NEEDS_COUNTERS:
-            self.plane.refresh(lambda: self._finish(received, addr, endpoint, t0))
+            if self._held is not None:  # in a burst: its refresh is asked for at its end
+                self._awaiting.append((received, addr, endpoint, t0))
+            else:
+                batch = [(received, addr, endpoint, t0)]
+                self.plane.refresh(lambda: self._finish_refreshed(batch))
             return
         self._finish(received, addr, endpoint, t0)
+
+    def _finish_refreshed(self, batch: List[Tuple[Request, Any, _DatagramEndpoint, float]]
+                          ) -> None:
+        """Requests whose counters are now fresh, finished as one burst: their data-plane
+        messages (a delete's removes) leave as one batch, then their replies."""
+        outer = self._held is not None
+        if not outer:
+            self._hold_replies()
+        try:
+            for request, addr, endpoint, t0 in batch:
+                try:
+                    self._finish(request, addr, endpoint, t0)
+                except Exception:  # one request's failure never strands the others
+                    log.exception("control request %s from %s failed", request.cmd, addr)
+                    self.control.counters["control.internal_errors"] += 1
+        finally:
+            if not outer:
+                self._release_replies()
 
     def _finish(self, request: Request, addr: Any, endpoint: _DatagramEndpoint,
                 t0: float) -> None:
@@ -734,6 +759,9 @@ class Relay:
             self._held = []
 
     def _release_replies(self) -> None:
+        if self._awaiting:  # asked before the commit: the burst's messages and the
+            batch, self._awaiting = self._awaiting, []  # refresh leave as one batch
+            self.plane.refresh(lambda: self._finish_refreshed(batch))
         held, self._held = self._held, None
         if self._dirty:
             self._flush_store()

@@ -46,8 +46,7 @@ from lrk.errors import ConfigError
 log = logging.getLogger("lrk.plane")
 
 
-#: a bound socket's family and fd as plain ints, mapped in C over a request's sockets
-_FAMILY = operator.attrgetter("family")
+#: a bound socket's fd as a plain int, mapped in C over a request's sockets
 _FILENO = operator.methodcaller("fileno")
 
 
@@ -628,8 +627,7 @@ class SocketPlane:
         self.fork_of[uid] = sid
         addrs = ((leg.relay_ip, leg.relay_port), (leg.relay_ip, leg.relay_port + 1))
         self.worker_for(sid).send(
-            channel.InstallFork(uid, main_uid, stream, tuple(int(s.family) for s in pair_),
-                                addrs), pair_)
+            channel.InstallFork(uid, main_uid, stream, addrs), pair_)
         return None
 
     def _drop_fork(self, sid: int, key: Tuple[int, int]) -> int:
@@ -670,7 +668,7 @@ class SocketPlane:
                                     f"cannot bind {leg.relay_ip}:{leg.relay_port}-"
                                     f"{leg.relay_port + 1} (in use by another process?)")
             socks.extend(pair_)
-        # what the worker would otherwise ask the kernel for, four syscalls per socket
+        # what the worker would otherwise ask the kernel for, a system call per socket
         a_ip, a_port = a[1:3]
         b_ip, b_port = b[1:3]
         addrs = ((a_ip, a_port), (a_ip, a_port + 1), (b_ip, b_port), (b_ip, b_port + 1))
@@ -678,8 +676,7 @@ class SocketPlane:
         uid = unit_id(sid, index)
         self.units.add(uid)
         self.worker_for(sid).send(
-            channel.InstallSession(uid, stream, tuple(map(int, map(_FAMILY, socks))), addrs),
-            socks)
+            channel.InstallSession(uid, stream, addrs), socks)
         return None
 
     def _remove_unit(self, sid: int, index: int) -> None:
@@ -693,6 +690,8 @@ class SocketPlane:
     def commit(self, then: Callable[[], None]) -> None:
         """Send every queued worker message now; `then` once all of it is in the channels
         (at once, unless a worker's channel is full: then when it has drained)."""
+        if self._gathered:  # a refresh asked for in this iteration rides in this batch
+            self._send_flush()
         waiting = False
         for w in self.workers:
             if w.outbox:
@@ -816,6 +815,8 @@ class SocketPlane:
 
     def _send_flush(self) -> None:
         callbacks, self._gathered = self._gathered, []
+        if not callbacks:  # a commit sent it already
+            return
         live = [w for w in self.workers if w.chan is not None]
         if not live:
             self._run(callbacks)

@@ -176,7 +176,7 @@ def test_channel_messages_round_trip_as_typed_values():
     report = channel.UnitReport(7 * MAX_STREAMS + 1, 1.5, LegReport(
         1, 2, 3, 4, (("send_error", 1),), 2, CALLER, None), LegReport())
     messages = [
-        channel.InstallSession(113, stream, (2, 2, 2, 2), (("127.0.0.1", 31000),) * 4),
+        channel.InstallSession(113, stream, (("127.0.0.1", 31000),) * 4),
         channel.UpdateSession(113, stream), channel.RemoveSession(113), channel.Flush(3),
         channel.Flushed(3), channel.Stop(), channel.Taps(),
         channel.Reports((report,), {"media.forwarded.packets": 9}),
