@@ -282,6 +282,46 @@ def test_socket_plane_reports_reach_the_sink_for_installed_sessions_only():
                                               channel.RemoveSession]
 
 
+class FakeLoop:
+    """call_soon/call_later recorded, run only when the test says so."""
+
+    def __init__(self) -> None:
+        self.soon: List[Any] = []
+
+    def call_soon(self, fn: Any, *args: Any) -> None:
+        self.soon.append((fn, args))
+
+    def call_later(self, delay: float, fn: Any, *args: Any) -> Any:
+        return FakeTimer()
+
+
+class FakeTimer:
+    def cancel(self) -> None:
+        pass
+
+
+def test_socket_plane_refresh_rides_in_the_commit_that_follows_it():
+    """A burst's refresh (its deletes' counters) leaves with the burst's installs, as one
+    batch, instead of in a worker message of its own."""
+    plane = SocketPlane(31000, 31099, ["127.0.0.1"])
+    plane.loop = FakeLoop()  # type: ignore[assignment]
+    worker = FakeWorker()
+    plane.workers = [worker]  # type: ignore[list-item]
+    refreshed: List[str] = []
+    assert plane.apply([Install(one_stream(5, "c5", 31020, 31022))]) == []
+    plane.refresh(lambda: refreshed.append("counters"))
+    order: List[str] = []
+    plane.commit(lambda: order.append(f"reply after {len(worker.sent)} messages"))
+    assert [type(m) for m in worker.sent] == [channel.InstallSession, channel.Flush]
+    assert order == ["reply after 2 messages"]
+    for fn, args in plane.loop.soon:  # the refresh's own scheduled send finds nothing
+        fn(*args)
+    assert [type(m) for m in worker.sent] == [channel.InstallSession, channel.Flush]
+    assert refreshed == []  # not before the worker has answered
+    plane.on_message(worker, channel.Flushed(worker.sent[1].req))  # type: ignore[arg-type]
+    assert refreshed == ["counters"]
+
+
 # -- kernel plane ---------------------------------------------------------------------------
 class FakeNft:
     def __init__(self, fail_on: str = "") -> None:
@@ -630,3 +670,63 @@ class FakeAcceptingPlane(FailingPlane):
     def apply(self, actions: Any) -> List[PlaneFailure]:
         self.applied.extend(actions)
         return []
+
+
+class RecordingPlane(FakeAcceptingPlane):
+    """Accepts everything; refreshes wait until the test runs them; commits counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refreshes: List[Any] = []
+        self.commits = 0
+
+    def refresh(self, then: Any) -> None:
+        self.refreshes.append(then)
+
+    def commit(self, then: Any) -> None:
+        self.commits += 1
+        then()
+
+
+def _signed(tmp_path: Any, **request: Any) -> bytes:
+    return sign(msgpack.packb({"v": 1, **request}), find_key(str(tmp_path / "keys")),
+                time.time())
+
+
+def test_a_bursts_deletes_share_one_refresh_and_one_commit(tmp_path: Any):
+    relay = _relay(tmp_path)
+    plane = relay.plane = RecordingPlane()  # type: ignore[assignment]
+    relay._loop = FakeLoop()  # type: ignore[assignment]  # the session timer: never run
+    endpoint = FakeEndpoint()
+    sender = ("127.0.0.1", 40000)
+    for call in ("c1", "c2"):
+        relay.on_control(_signed(tmp_path, cookie=f"o-{call}", cmd="offer", call_id=call,
+                                 from_tag="ft", media={"ip": CALLER[0], "port": CALLER[1]}),
+                         sender, endpoint)  # type: ignore[arg-type]
+    assert len(endpoint.replies) == 2
+    plane.applied.clear()
+    commits = plane.commits
+    relay._hold_replies()  # what the control endpoint does around a burst of datagrams
+    for call in ("c1", "c2"):
+        relay.on_control(_signed(tmp_path, cookie=f"d-{call}", cmd="delete", call_id=call),
+                         sender, endpoint)  # type: ignore[arg-type]
+    assert plane.refreshes == []  # asked once, at the burst's end
+    relay._release_replies()
+    assert len(plane.refreshes) == 1 and len(endpoint.replies) == 2
+    plane.refreshes.pop()()  # the counters are fresh: both deletes finish together
+    assert sorted(a.call_id for a in plane.applied if isinstance(a, Remove)) == ["c1", "c2"]
+    assert plane.commits == commits + 1  # their removes and replies: one commit
+    replies = [msgpack.unpackb(r, raw=False) for r in endpoint.replies[2:]]
+    assert [(r["cookie"], r["ok"]) for r in replies] == [("d-c1", True), ("d-c2", True)]
+    assert relay.engine.by_call == {}
+
+
+def test_a_request_outside_a_burst_is_refreshed_alone(tmp_path: Any):
+    relay = _relay(tmp_path)
+    plane = relay.plane = RecordingPlane()  # type: ignore[assignment]
+    endpoint = FakeEndpoint()
+    relay.on_control(_signed(tmp_path, cookie="q1", cmd="list"), ("127.0.0.1", 40000),
+                     endpoint)  # type: ignore[arg-type]
+    assert len(plane.refreshes) == 1 and endpoint.replies == []
+    plane.refreshes.pop()()
+    assert msgpack.unpackb(endpoint.replies[0], raw=False)["ok"] is True
