@@ -1,5 +1,6 @@
 """Compile relay.bpf.c into a BPF object, once per source: a cache keyed by the hash
-of the source and the compile command.
+of the source, the headers beside it (``*.h``: what it can include with quotes) and the
+compile command.
 
 `scripts/install.sh` compiles at install time (``python -m fastpath.xdp.build``); a
 clean clone compiles on first use. Objects go to ``$LRK_XDP_BUILD`` or
@@ -55,13 +56,27 @@ def _build_dirs() -> List[str]:
     return [os.path.join(repo, "build", "xdp"), os.path.join(cache, "lrk", "xdp")]
 
 
+def source_digest(source: str) -> str:
+    """What an object of `source` depends on, hashed: the source, every header in its
+    directory (a changed shared header must not reuse a stale object) and the command."""
+    h = hashlib.sha256()
+    with open(source, "rb") as fh:
+        h.update(fh.read())
+    folder = os.path.dirname(os.path.abspath(source))
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".h"):
+            h.update(name.encode() + b"\0")
+            with open(os.path.join(folder, name), "rb") as fh:
+                h.update(fh.read())
+    h.update(repr(command("clang", "S", "O")).encode())
+    return h.hexdigest()[:16]
+
+
 def object_path(source: str = SOURCE, clang: Optional[str] = None) -> str:
     """The compiled object of `source`: built now if missing or stale. Raises
     XdpBuildError naming what is missing (clang, libbpf-dev) or clang's message."""
     clang = clang or shutil.which("clang")
-    with open(source, "rb") as fh:
-        text = fh.read()
-    digest = hashlib.sha256(text + repr(command("clang", "S", "O")).encode()).hexdigest()[:16]
+    digest = source_digest(source)
     name = f"{os.path.basename(source).split('.')[0]}-{digest}.bpf.o"  # relay-, gen-, sink-
     dirs = _build_dirs()
     for d in dirs:

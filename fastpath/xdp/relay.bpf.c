@@ -21,6 +21,7 @@
 #include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include "verdicts.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -110,12 +111,7 @@ struct {
 	__type(value, struct counter);
 } stream_counters SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, V_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} verdicts SEC(".maps");
+VERDICT_MAP(verdicts, V_MAX);
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -143,11 +139,7 @@ struct {
 
 static __always_inline int verdict(__u32 reason, int action)
 {
-	__u64 *n = bpf_map_lookup_elem(&verdicts, &reason);
-
-	if (n)
-		*n += 1;
-	return action;
+	return count_verdict(&verdicts, reason, action);
 }
 
 static __always_inline __u16 csum_fold(__u32 sum)

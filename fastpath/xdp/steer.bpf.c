@@ -19,6 +19,7 @@
 #include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include "verdicts.h"
 
 enum {
 	S_STEERED = 0, S_PASS_OTHER, S_PASS_PORT, S_PASS_FRAGMENT, S_PASS_NO_SOCKET,
@@ -51,20 +52,11 @@ struct {
 	__type(value, struct port_range);
 } steer_addrs SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, S_MAX);
-	__type(key, __u32);
-	__type(value, __u64);
-} steer_verdicts SEC(".maps");
+VERDICT_MAP(steer_verdicts, S_MAX);
 
 static __always_inline int count(__u32 reason, int action)
 {
-	__u64 *n = bpf_map_lookup_elem(&steer_verdicts, &reason);
-
-	if (n)
-		*n += 1;
-	return action;
+	return count_verdict(&steer_verdicts, reason, action);
 }
 
 SEC("xdp")
