@@ -205,7 +205,10 @@ class SocketWorker:
             self.by_addr.pop(addr, None)
         if fd in self.fds:
             # no EPOLL_CTL_DEL: the worker holds the only reference to the socket (the
-            # daemon closed its copy once sent), so closing it leaves the epoll set too
+            # daemon closes its copy once sent), so closing it leaves the epoll set too.
+            # An install and its remove in one message can reach us before the daemon's
+            # close: the socket then stays in the set for those microseconds, a spurious
+            # wake-up at worst
             self.fds.discard(fd)
             os.close(fd)
 

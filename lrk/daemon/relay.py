@@ -18,8 +18,8 @@ import signal
 import socket
 import stat
 import time
-from collections import Counter
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from collections import Counter, deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
 from fastpath import logs
 from fastpath.contract import Action, DataPlane, Event, PlaneFailure, Remove, SessionReport
@@ -147,6 +147,19 @@ def _detach_xdp_leftovers(mode: str) -> None:
         lifecycle.warning("xdp: detached lrk's XDP program left on %s by an earlier run",
                           where)
 
+class _Waiting:
+    """Control requests waiting to run (see `Relay.on_control`): (request, sender,
+    endpoint, t0) in arrival order; `asked` once its refresh is asked for, `ready` once
+    the counters are fresh."""
+
+    __slots__ = ("items", "asked", "ready")
+
+    def __init__(self, first: Tuple[Request, Any, _DatagramEndpoint, float]) -> None:
+        self.items = [first]
+        self.asked = False
+        self.ready = False
+
+
 class Relay:
     """Owns the engine, the control endpoint and the data plane for one relay node."""
 
@@ -227,9 +240,9 @@ class Relay:
         self._unix_paths: List[str] = []
         self.control_address: Any = None
         self._held: Optional[List[Tuple[_DatagramEndpoint, bytes, Any]]] = None
-        #: requests of the current burst that wait for fresh counters (deletes, queries):
-        #: one refresh serves them all, and they finish together
-        self._awaiting: List[Tuple[Request, Any, _DatagramEndpoint, float]] = []
+        #: requests waiting to run, in arrival order: each batch waits for one counter
+        #: refresh (deletes, queries), and what arrives after it waits behind it
+        self._batches: Deque[_Waiting] = deque()
         self._timer: Optional[asyncio.TimerHandle] = None
         self._timer_at: Optional[float] = None
         self._expiring = False  # a refresh before expiry is under way
@@ -655,29 +668,53 @@ class Relay:
         if isinstance(received, Outcome):
             self._send(endpoint, received.reply, addr)
             return
-        if received.cmd in NEEDS_COUNTERS:
-            if self._held is not None:  # in a burst: its refresh is asked for at its end
-                self._awaiting.append((received, addr, endpoint, t0))
-            else:
-                batch = [(received, addr, endpoint, t0)]
-                self.plane.refresh(lambda: self._finish_refreshed(batch))
+        needs = received.cmd in NEEDS_COUNTERS
+        batches = self._batches
+        if not needs and not batches:
+            self._finish(received, addr, endpoint, t0)
             return
-        self._finish(received, addr, endpoint, t0)
+        # requests run in arrival order: one that needs fresh counters waits for a refresh
+        # asked after it arrived; any other waits only for what arrived before it
+        entry = (received, addr, endpoint, t0)
+        last = batches[-1] if batches else None
+        if last is not None and (not last.asked or not needs):
+            last.items.append(entry)
+            return
+        batch = _Waiting(entry)
+        batches.append(batch)
+        if self._held is None:  # outside a burst: ask now (in a burst: at its end)
+            self._ask(batch)
 
-    def _finish_refreshed(self, batch: List[Tuple[Request, Any, _DatagramEndpoint, float]]
-                          ) -> None:
-        """Requests whose counters are now fresh, finished as one burst: their data-plane
-        messages (a delete's removes) leave as one batch, then their replies."""
+    def _ask(self, batch: _Waiting) -> None:
+        """One refresh for the batch; a plane that cannot refresh still has it run."""
+        batch.asked = True
+        try:
+            self.plane.refresh(lambda: self._batch_refreshed(batch))
+        except Exception:
+            log.exception("counter refresh failed: %d request(s) run on the counters at "
+                          "hand", len(batch.items))
+            self.control.counters["control.internal_errors"] += 1
+            self._batch_refreshed(batch)
+
+    def _batch_refreshed(self, batch: _Waiting) -> None:
+        """A batch's counters are fresh: it runs, with every ready batch behind it, as one
+        burst (their data-plane messages, a delete's removes, leave as one message, then
+        the replies). A batch whose refresh came early waits for those before it."""
+        if batch.ready:
+            return
+        batch.ready = True
         outer = self._held is not None
         if not outer:
             self._hold_replies()
         try:
-            for request, addr, endpoint, t0 in batch:
-                try:
-                    self._finish(request, addr, endpoint, t0)
-                except Exception:  # one request's failure never strands the others
-                    log.exception("control request %s from %s failed", request.cmd, addr)
-                    self.control.counters["control.internal_errors"] += 1
+            batches = self._batches
+            while batches and batches[0].ready:
+                for request, addr, endpoint, t0 in batches.popleft().items:
+                    try:
+                        self._finish(request, addr, endpoint, t0)
+                    except Exception:  # one request's failure never strands the others
+                        log.exception("control request %s from %s failed", request.cmd, addr)
+                        self.control.counters["control.internal_errors"] += 1
         finally:
             if not outer:
                 self._release_replies()
@@ -759,9 +796,9 @@ class Relay:
             self._held = []
 
     def _release_replies(self) -> None:
-        if self._awaiting:  # asked before the commit: the burst's messages and the
-            batch, self._awaiting = self._awaiting, []  # refresh leave as one batch
-            self.plane.refresh(lambda: self._finish_refreshed(batch))
+        for batch in list(self._batches):  # this burst's: asked before the commit, so its
+            if not batch.asked:             # messages and the refresh leave as one batch
+                self._ask(batch)
         held, self._held = self._held, None
         if self._dirty:
             self._flush_store()

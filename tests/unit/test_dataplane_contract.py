@@ -10,6 +10,7 @@ nfqueue plane wrote latches straight into engine state.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from typing import Any, Dict, List
@@ -41,7 +42,7 @@ from lrk.daemon.config import Config
 from lrk.daemon.kernel_plane import KernelPlane
 from lrk.daemon.nfqueue_plane import NfqueuePlane
 from lrk.daemon.relay import Relay
-from lrk.daemon.socket_plane import SocketPlane, add_reports
+from lrk.daemon.socket_plane import SocketPlane, WorkerHandle, add_reports
 
 CALLER = ("198.51.100.10", 4000)
 CALLEE = ("198.51.100.20", 5000)
@@ -320,6 +321,33 @@ def test_socket_plane_refresh_rides_in_the_commit_that_follows_it():
     assert refreshed == []  # not before the worker has answered
     plane.on_message(worker, channel.Flushed(worker.sent[1].req))  # type: ignore[arg-type]
     assert refreshed == ["counters"]
+
+
+def test_socket_plane_install_and_refresh_reach_the_worker_in_one_channel_message():
+    plane = SocketPlane(31000, 31099, ["127.0.0.1"])
+    plane.loop = FakeLoop()  # type: ignore[assignment]
+    mine, theirs = channel.pair()
+    mine.setblocking(False)
+    worker = WorkerHandle(0, plane)
+    worker.chan = mine
+    plane.workers = [worker]
+    try:
+        assert plane.apply([Install(one_stream(6, "c6", 31030, 31032))]) == []
+        plane.refresh(lambda: None)
+        plane.commit(lambda: None)
+        got = channel.receive(theirs, socket.MSG_DONTWAIT)
+        assert got is not None
+        message, fds = got
+        for fd in fds:
+            os.close(fd)
+        assert isinstance(message, channel.Batch)
+        assert [type(m) for m in message.messages] == [channel.InstallSession, channel.Flush]
+        assert len(fds) == 4
+        with pytest.raises(BlockingIOError):  # nothing else was sent
+            channel.receive(theirs, socket.MSG_DONTWAIT)
+    finally:
+        mine.close()
+        theirs.close()
 
 
 # -- kernel plane ---------------------------------------------------------------------------
@@ -730,3 +758,83 @@ def test_a_request_outside_a_burst_is_refreshed_alone(tmp_path: Any):
     assert len(plane.refreshes) == 1 and endpoint.replies == []
     plane.refreshes.pop()()
     assert msgpack.unpackb(endpoint.replies[0], raw=False)["ok"] is True
+
+
+class AtOncePlane(RecordingPlane):
+    """Refreshes at once, as the kernel, nfqueue and xdp planes do."""
+
+    def refresh(self, then: Any) -> None:
+        self.refreshes.append(then)
+        then()
+
+
+def _offer(tmp_path: Any, cookie: str, call: str, tag: str) -> bytes:
+    return _signed(tmp_path, cookie=cookie, cmd="offer", call_id=call, from_tag=tag,
+                   media={"ip": CALLER[0], "port": CALLER[1]})
+
+
+@pytest.mark.parametrize("plane_kind", [AtOncePlane, RecordingPlane])
+def test_a_burst_runs_in_arrival_order_whatever_the_plane(tmp_path: Any, plane_kind: Any):
+    """A delete then a new offer of the same Call-ID in one burst (an INVITE retried after
+    a 407): the offer must not run first and then be deleted."""
+    relay = _relay(tmp_path)
+    plane = relay.plane = plane_kind()  # type: ignore[assignment]
+    relay._loop = FakeLoop()  # type: ignore[assignment]
+    endpoint = FakeEndpoint()
+    sender = ("127.0.0.1", 40000)
+    relay.on_control(_offer(tmp_path, "o1", "c1", "ft1"), sender, endpoint)  # type: ignore[arg-type]
+    relay._hold_replies()
+    relay.on_control(_signed(tmp_path, cookie="d1", cmd="delete", call_id="c1"), sender,
+                     endpoint)  # type: ignore[arg-type]
+    relay.on_control(_offer(tmp_path, "o2", "c1", "ft2"), sender, endpoint)  # type: ignore[arg-type]
+    relay._release_replies()
+    while plane.refreshes and plane_kind is RecordingPlane:
+        plane.refreshes.pop(0)()
+    cookies = [msgpack.unpackb(r, raw=False)["cookie"] for r in endpoint.replies]
+    assert cookies == ["o1", "d1", "o2"]
+    assert list(relay.engine.by_call) == ["c1"]  # the second attempt's call lives on
+
+
+def test_a_request_arriving_while_a_refresh_is_out_waits_behind_it(tmp_path: Any):
+    relay = _relay(tmp_path)
+    plane = relay.plane = RecordingPlane()  # type: ignore[assignment]
+    relay._loop = FakeLoop()  # type: ignore[assignment]
+    endpoint = FakeEndpoint()
+    sender = ("127.0.0.1", 40000)
+    relay.on_control(_offer(tmp_path, "o1", "c1", "ft1"), sender, endpoint)  # type: ignore[arg-type]
+    relay.on_control(_signed(tmp_path, cookie="d1", cmd="delete", call_id="c1"), sender,
+                     endpoint)  # type: ignore[arg-type]
+    assert len(plane.refreshes) == 1  # the delete waits for the worker's counters
+    relay.on_control(_offer(tmp_path, "o2", "c1", "ft2"), sender, endpoint)  # type: ignore[arg-type]
+    assert len(endpoint.replies) == 1 and len(plane.refreshes) == 1  # behind the delete
+    relay.on_control(_signed(tmp_path, cookie="q1", cmd="list"), sender, endpoint)  # type: ignore[arg-type]
+    assert len(plane.refreshes) == 2  # needs counters asked after it arrived: its own
+    plane.refreshes.pop(1)()  # the later refresh answers first: nothing may overtake
+    assert len(endpoint.replies) == 1
+    plane.refreshes.pop(0)()
+    cookies = [msgpack.unpackb(r, raw=False)["cookie"] for r in endpoint.replies]
+    assert cookies == ["o1", "d1", "o2", "q1"]
+    assert list(relay.engine.by_call) == ["c1"]
+    assert not relay._batches
+
+
+class BrokenRefreshPlane(RecordingPlane):
+    def refresh(self, then: Any) -> None:
+        raise OSError("the worker channel is gone")
+
+
+def test_a_refresh_that_fails_still_answers_the_burst_and_releases_it(tmp_path: Any):
+    relay = _relay(tmp_path)
+    relay.plane = BrokenRefreshPlane()  # type: ignore[assignment]
+    relay._loop = FakeLoop()  # type: ignore[assignment]
+    endpoint = FakeEndpoint()
+    sender = ("127.0.0.1", 40000)
+    relay.on_control(_offer(tmp_path, "o1", "c1", "ft1"), sender, endpoint)  # type: ignore[arg-type]
+    relay._hold_replies()
+    relay.on_control(_signed(tmp_path, cookie="d1", cmd="delete", call_id="c1"), sender,
+                     endpoint)  # type: ignore[arg-type]
+    relay._release_replies()
+    cookies = [msgpack.unpackb(r, raw=False)["cookie"] for r in endpoint.replies]
+    assert cookies == ["o1", "d1"]
+    assert relay._held is None and not relay._batches
+    assert relay.control.counters["control.internal_errors"] == 1
