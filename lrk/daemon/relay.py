@@ -243,6 +243,7 @@ class Relay:
         #: requests waiting to run, in arrival order: each batch waits for one counter
         #: refresh (deletes, queries), and what arrives after it waits behind it
         self._batches: Deque[_Waiting] = deque()
+        self._waiting_calls: Counter = Counter()  # Call-ID -> its requests waiting there
         self._timer: Optional[asyncio.TimerHandle] = None
         self._timer_at: Optional[float] = None
         self._expiring = False  # a refresh before expiry is under way
@@ -670,12 +671,18 @@ class Relay:
             return
         needs = received.cmd in NEEDS_COUNTERS
         batches = self._batches
-        if not needs and not batches:
-            self._finish(received, addr, endpoint, t0)
+        call = received.args.get("call_id")
+        if type(call) is not str and type(call) is not bytes:
+            call = None  # not a Call-ID (the request fails when it runs): no order to keep
+        if not needs and (not batches or call not in self._waiting_calls):
+            self._finish(received, addr, endpoint, t0)  # nothing before it on its call
             return
-        # requests run in arrival order: one that needs fresh counters waits for a refresh
-        # asked after it arrived; any other waits only for what arrived before it
+        # a call's requests run in arrival order: one that needs fresh counters waits for
+        # a refresh asked after it arrived; any other request of a call with a request
+        # waiting (a retried INVITE's offer after its delete) waits behind that one
         entry = (received, addr, endpoint, t0)
+        if call is not None:
+            self._waiting_calls[call] += 1
         last = batches[-1] if batches else None
         if last is not None and (not last.asked or not needs):
             last.items.append(entry)
@@ -708,8 +715,14 @@ class Relay:
             self._hold_replies()
         try:
             batches = self._batches
+            waiting = self._waiting_calls
             while batches and batches[0].ready:
                 for request, addr, endpoint, t0 in batches.popleft().items:
+                    call = request.args.get("call_id")
+                    if (type(call) is str or type(call) is bytes) and call in waiting:
+                        waiting[call] -= 1
+                        if waiting[call] <= 0:
+                            del waiting[call]
                     try:
                         self._finish(request, addr, endpoint, t0)
                     except Exception:  # one request's failure never strands the others

@@ -838,3 +838,22 @@ def test_a_refresh_that_fails_still_answers_the_burst_and_releases_it(tmp_path: 
     assert cookies == ["o1", "d1"]
     assert relay._held is None and not relay._batches
     assert relay.control.counters["control.internal_errors"] == 1
+
+
+def test_another_calls_request_does_not_wait_behind_a_delete(tmp_path: Any):
+    relay = _relay(tmp_path)
+    plane = relay.plane = RecordingPlane()  # type: ignore[assignment]
+    relay._loop = FakeLoop()  # type: ignore[assignment]
+    endpoint = FakeEndpoint()
+    sender = ("127.0.0.1", 40000)
+    relay.on_control(_offer(tmp_path, "o1", "c1", "ft1"), sender, endpoint)  # type: ignore[arg-type]
+    relay.on_control(_signed(tmp_path, cookie="d1", cmd="delete", call_id="c1"), sender,
+                     endpoint)  # type: ignore[arg-type]
+    relay.on_control(_offer(tmp_path, "o2", "c2", "ft1"), sender, endpoint)  # type: ignore[arg-type]
+    relay.on_control(_signed(tmp_path, cookie="x", cmd="offer", call_id=["not", "a", "str"],
+                             from_tag="ft"), sender, endpoint)  # type: ignore[arg-type]
+    cookies = [msgpack.unpackb(r, raw=False)["cookie"] for r in endpoint.replies]
+    assert cookies == ["o1", "o2", "x"]  # c2 and the malformed one: not behind c1's delete
+    plane.refreshes.pop()()
+    assert [msgpack.unpackb(r, raw=False)["cookie"] for r in endpoint.replies][-1] == "d1"
+    assert list(relay.engine.by_call) == ["c2"] and not relay._waiting_calls
