@@ -17,7 +17,7 @@ import select
 import signal
 import socket
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from fastpath import channel, jit, logs
 from fastpath.packet import parse_media
@@ -54,9 +54,6 @@ class SocketWorker:
         self.io = make_batch_io(batch, io)
         self.epoll = select.epoll()
         self.epoll.register(chan.fileno(), select.EPOLLIN)
-        #: the media sockets' fds: raw ints, no socket objects (CPython's constructor asks
-        #: the kernel for each one's name, a system call per socket and four per call)
-        self.fds: Set[int] = set()
         self.running = True
         self.next_report = 0.0
         # packet mode: media is read from AF_PACKET taps (the kernel drops it in PREROUTING)
@@ -72,7 +69,10 @@ class SocketWorker:
         self.egress_fallback = 0
         self.egress_disabled = 0
         self.bad_messages = 0
-        self.addrs: Dict[int, Tuple[str, int]] = {}  # fd -> local address (from the install)
+        #: the media sockets: fd -> local address (from the install). Raw fds, no socket
+        #: objects (CPython's constructor asks the kernel for each one's name, a system
+        #: call per socket and four per call)
+        self.addrs: Dict[int, Tuple[str, int]] = {}
         #: packet mode over AF_XDP: the readers whose frames go back after each round, and
         #: interfaces whose socket could not be opened (their media takes the kernel path)
         self.xsk_readers: List[Any] = []
@@ -154,14 +154,18 @@ class SocketWorker:
 
     def _install(self, message: channel.InstallSession, fds: List[int]) -> None:
         sid = message.uid
-        if len(fds) != 4:
-            raise ValueError(f"install of {sid} carries {len(fds)} fds, not 4")
+        if len(fds) != 4 or len(message.addrs) != 4:
+            raise ValueError(f"install of {sid} carries {len(fds)} fds and "
+                             f"{len(message.addrs)} addresses, not 4")
         if sid in self.table.sessions:
             self._remove(sid)
         session = self.table.install(sid, fds, message.stream)
         self._adopt(fds, message.addrs, session.endpoints)
 
     def _install_fork(self, message: channel.InstallFork, fds: List[int]) -> None:
+        if len(message.addrs) != len(fds):  # each fd is closed by its address's entry
+            raise ValueError(f"fork install of {message.uid} carries {len(fds)} fds and "
+                             f"{len(message.addrs)} addresses")
         if message.uid in self.table.sessions:
             self._remove(message.uid)
         session = self.table.install_fork(message.uid, message.main_uid, fds, message.stream)
@@ -173,7 +177,6 @@ class SocketWorker:
         address (packet mode)."""
         register = self.epoll.register
         for fd in fds:
-            self.fds.add(fd)
             register(fd, select.EPOLLIN)
         if self.readers:
             egress = self.egress
@@ -203,13 +206,12 @@ class SocketWorker:
         addr = self.addrs.pop(fd, None)
         if self.readers and addr is not None:
             self.by_addr.pop(addr, None)
-        if fd in self.fds:
+        if addr is not None:
             # no EPOLL_CTL_DEL: the worker holds the only reference to the socket (the
             # daemon closes its copy once sent), so closing it leaves the epoll set too.
             # An install and its remove in one message can reach us before the daemon's
             # close: the socket then stays in the set for those microseconds, a spurious
             # wake-up at worst
-            self.fds.discard(fd)
             os.close(fd)
 
     def _report(self, only: object) -> None:

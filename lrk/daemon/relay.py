@@ -147,14 +147,18 @@ def _detach_xdp_leftovers(mode: str) -> None:
         lifecycle.warning("xdp: detached lrk's XDP program left on %s by an earlier run",
                           where)
 
+
+#: a control request waiting to run: request, sender, endpoint, t0, its Call-ID (or None)
+_Entry = Tuple[Request, Any, "_DatagramEndpoint", float, Optional[Union[str, bytes]]]
+
+
 class _Waiting:
-    """Control requests waiting to run (see `Relay.on_control`): (request, sender,
-    endpoint, t0) in arrival order; `asked` once its refresh is asked for, `ready` once
-    the counters are fresh."""
+    """Control requests waiting to run (see `Relay.on_control`), in arrival order;
+    `asked` once its refresh is asked for, `ready` once the counters are fresh."""
 
     __slots__ = ("items", "asked", "ready")
 
-    def __init__(self, first: Tuple[Request, Any, _DatagramEndpoint, float]) -> None:
+    def __init__(self, first: _Entry) -> None:
         self.items = [first]
         self.asked = False
         self.ready = False
@@ -680,7 +684,7 @@ class Relay:
         # a call's requests run in arrival order: one that needs fresh counters waits for
         # a refresh asked after it arrived; any other request of a call with a request
         # waiting (a retried INVITE's offer after its delete) waits behind that one
-        entry = (received, addr, endpoint, t0)
+        entry = (received, addr, endpoint, t0, call)
         if call is not None:
             self._waiting_calls[call] += 1
         last = batches[-1] if batches else None
@@ -717,9 +721,8 @@ class Relay:
             batches = self._batches
             waiting = self._waiting_calls
             while batches and batches[0].ready:
-                for request, addr, endpoint, t0 in batches.popleft().items:
-                    call = request.args.get("call_id")
-                    if (type(call) is str or type(call) is bytes) and call in waiting:
+                for request, addr, endpoint, t0, call in batches.popleft().items:
+                    if call is not None:
                         waiting[call] -= 1
                         if waiting[call] <= 0:
                             del waiting[call]

@@ -716,48 +716,60 @@ class RecordingPlane(FakeAcceptingPlane):
         then()
 
 
-def _signed(tmp_path: Any, **request: Any) -> bytes:
-    return sign(msgpack.packb({"v": 1, **request}), find_key(str(tmp_path / "keys")),
-                time.time())
+class ControlRig:
+    """A relay on a test plane, driven with signed msgpack requests from one sender; its
+    session timer is never run."""
+
+    def __init__(self, tmp_path: Any, plane: Any) -> None:
+        self.relay = _relay(tmp_path)  # creates the control keys
+        self.key = find_key(str(tmp_path / "keys"))
+        self.plane = self.relay.plane = plane
+        self.relay._loop = FakeLoop()  # type: ignore[assignment]
+        self.endpoint = FakeEndpoint()
+
+    def send(self, **request: Any) -> None:
+        data = sign(msgpack.packb({"v": 1, **request}), self.key, time.time())
+        self.relay.on_control(data, ("127.0.0.1", 40000), self.endpoint)  # type: ignore[arg-type]
+
+    def offer(self, cookie: str, call: str, tag: str = "ft") -> None:
+        self.send(cookie=cookie, cmd="offer", call_id=call, from_tag=tag,
+                  media={"ip": CALLER[0], "port": CALLER[1]})
+
+    def replies(self) -> List[Dict[str, Any]]:
+        return [msgpack.unpackb(r, raw=False) for r in self.endpoint.replies]
+
+    def cookies(self) -> List[str]:
+        return [r["cookie"] for r in self.replies()]
 
 
 def test_a_bursts_deletes_share_one_refresh_and_one_commit(tmp_path: Any):
-    relay = _relay(tmp_path)
-    plane = relay.plane = RecordingPlane()  # type: ignore[assignment]
-    relay._loop = FakeLoop()  # type: ignore[assignment]  # the session timer: never run
-    endpoint = FakeEndpoint()
-    sender = ("127.0.0.1", 40000)
+    rig = ControlRig(tmp_path, RecordingPlane())
+    relay, plane = rig.relay, rig.plane
     for call in ("c1", "c2"):
-        relay.on_control(_signed(tmp_path, cookie=f"o-{call}", cmd="offer", call_id=call,
-                                 from_tag="ft", media={"ip": CALLER[0], "port": CALLER[1]}),
-                         sender, endpoint)  # type: ignore[arg-type]
-    assert len(endpoint.replies) == 2
+        rig.offer(f"o-{call}", call)
+    assert len(rig.endpoint.replies) == 2
     plane.applied.clear()
     commits = plane.commits
     relay._hold_replies()  # what the control endpoint does around a burst of datagrams
     for call in ("c1", "c2"):
-        relay.on_control(_signed(tmp_path, cookie=f"d-{call}", cmd="delete", call_id=call),
-                         sender, endpoint)  # type: ignore[arg-type]
+        rig.send(cookie=f"d-{call}", cmd="delete", call_id=call)
     assert plane.refreshes == []  # asked once, at the burst's end
     relay._release_replies()
-    assert len(plane.refreshes) == 1 and len(endpoint.replies) == 2
+    assert len(plane.refreshes) == 1 and len(rig.endpoint.replies) == 2
     plane.refreshes.pop()()  # the counters are fresh: both deletes finish together
     assert sorted(a.call_id for a in plane.applied if isinstance(a, Remove)) == ["c1", "c2"]
     assert plane.commits == commits + 1  # their removes and replies: one commit
-    replies = [msgpack.unpackb(r, raw=False) for r in endpoint.replies[2:]]
+    replies = rig.replies()[2:]
     assert [(r["cookie"], r["ok"]) for r in replies] == [("d-c1", True), ("d-c2", True)]
     assert relay.engine.by_call == {}
 
 
 def test_a_request_outside_a_burst_is_refreshed_alone(tmp_path: Any):
-    relay = _relay(tmp_path)
-    plane = relay.plane = RecordingPlane()  # type: ignore[assignment]
-    endpoint = FakeEndpoint()
-    relay.on_control(_signed(tmp_path, cookie="q1", cmd="list"), ("127.0.0.1", 40000),
-                     endpoint)  # type: ignore[arg-type]
-    assert len(plane.refreshes) == 1 and endpoint.replies == []
-    plane.refreshes.pop()()
-    assert msgpack.unpackb(endpoint.replies[0], raw=False)["ok"] is True
+    rig = ControlRig(tmp_path, RecordingPlane())
+    rig.send(cookie="q1", cmd="list")
+    assert len(rig.plane.refreshes) == 1 and rig.endpoint.replies == []
+    rig.plane.refreshes.pop()()
+    assert rig.replies()[0]["ok"] is True
 
 
 class AtOncePlane(RecordingPlane):
@@ -768,54 +780,38 @@ class AtOncePlane(RecordingPlane):
         then()
 
 
-def _offer(tmp_path: Any, cookie: str, call: str, tag: str) -> bytes:
-    return _signed(tmp_path, cookie=cookie, cmd="offer", call_id=call, from_tag=tag,
-                   media={"ip": CALLER[0], "port": CALLER[1]})
-
-
 @pytest.mark.parametrize("plane_kind", [AtOncePlane, RecordingPlane])
 def test_a_burst_runs_in_arrival_order_whatever_the_plane(tmp_path: Any, plane_kind: Any):
     """A delete then a new offer of the same Call-ID in one burst (an INVITE retried after
     a 407): the offer must not run first and then be deleted."""
-    relay = _relay(tmp_path)
-    plane = relay.plane = plane_kind()  # type: ignore[assignment]
-    relay._loop = FakeLoop()  # type: ignore[assignment]
-    endpoint = FakeEndpoint()
-    sender = ("127.0.0.1", 40000)
-    relay.on_control(_offer(tmp_path, "o1", "c1", "ft1"), sender, endpoint)  # type: ignore[arg-type]
-    relay._hold_replies()
-    relay.on_control(_signed(tmp_path, cookie="d1", cmd="delete", call_id="c1"), sender,
-                     endpoint)  # type: ignore[arg-type]
-    relay.on_control(_offer(tmp_path, "o2", "c1", "ft2"), sender, endpoint)  # type: ignore[arg-type]
-    relay._release_replies()
-    while plane.refreshes and plane_kind is RecordingPlane:
-        plane.refreshes.pop(0)()
-    cookies = [msgpack.unpackb(r, raw=False)["cookie"] for r in endpoint.replies]
-    assert cookies == ["o1", "d1", "o2"]
-    assert list(relay.engine.by_call) == ["c1"]  # the second attempt's call lives on
+    rig = ControlRig(tmp_path, plane_kind())
+    rig.offer("o1", "c1", "ft1")
+    rig.relay._hold_replies()
+    rig.send(cookie="d1", cmd="delete", call_id="c1")
+    rig.offer("o2", "c1", "ft2")
+    rig.relay._release_replies()
+    while rig.plane.refreshes and plane_kind is RecordingPlane:
+        rig.plane.refreshes.pop(0)()
+    assert rig.cookies() == ["o1", "d1", "o2"]
+    assert list(rig.relay.engine.by_call) == ["c1"]  # the second attempt's call lives on
 
 
 def test_a_request_arriving_while_a_refresh_is_out_waits_behind_it(tmp_path: Any):
-    relay = _relay(tmp_path)
-    plane = relay.plane = RecordingPlane()  # type: ignore[assignment]
-    relay._loop = FakeLoop()  # type: ignore[assignment]
-    endpoint = FakeEndpoint()
-    sender = ("127.0.0.1", 40000)
-    relay.on_control(_offer(tmp_path, "o1", "c1", "ft1"), sender, endpoint)  # type: ignore[arg-type]
-    relay.on_control(_signed(tmp_path, cookie="d1", cmd="delete", call_id="c1"), sender,
-                     endpoint)  # type: ignore[arg-type]
+    rig = ControlRig(tmp_path, RecordingPlane())
+    plane = rig.plane
+    rig.offer("o1", "c1", "ft1")
+    rig.send(cookie="d1", cmd="delete", call_id="c1")
     assert len(plane.refreshes) == 1  # the delete waits for the worker's counters
-    relay.on_control(_offer(tmp_path, "o2", "c1", "ft2"), sender, endpoint)  # type: ignore[arg-type]
-    assert len(endpoint.replies) == 1 and len(plane.refreshes) == 1  # behind the delete
-    relay.on_control(_signed(tmp_path, cookie="q1", cmd="list"), sender, endpoint)  # type: ignore[arg-type]
+    rig.offer("o2", "c1", "ft2")
+    assert len(rig.endpoint.replies) == 1 and len(plane.refreshes) == 1  # behind the delete
+    rig.send(cookie="q1", cmd="list")
     assert len(plane.refreshes) == 2  # needs counters asked after it arrived: its own
     plane.refreshes.pop(1)()  # the later refresh answers first: nothing may overtake
-    assert len(endpoint.replies) == 1
+    assert len(rig.endpoint.replies) == 1
     plane.refreshes.pop(0)()
-    cookies = [msgpack.unpackb(r, raw=False)["cookie"] for r in endpoint.replies]
-    assert cookies == ["o1", "d1", "o2", "q1"]
-    assert list(relay.engine.by_call) == ["c1"]
-    assert not relay._batches
+    assert rig.cookies() == ["o1", "d1", "o2", "q1"]
+    assert list(rig.relay.engine.by_call) == ["c1"]
+    assert not rig.relay._batches
 
 
 class BrokenRefreshPlane(RecordingPlane):
@@ -824,36 +820,23 @@ class BrokenRefreshPlane(RecordingPlane):
 
 
 def test_a_refresh_that_fails_still_answers_the_burst_and_releases_it(tmp_path: Any):
-    relay = _relay(tmp_path)
-    relay.plane = BrokenRefreshPlane()  # type: ignore[assignment]
-    relay._loop = FakeLoop()  # type: ignore[assignment]
-    endpoint = FakeEndpoint()
-    sender = ("127.0.0.1", 40000)
-    relay.on_control(_offer(tmp_path, "o1", "c1", "ft1"), sender, endpoint)  # type: ignore[arg-type]
-    relay._hold_replies()
-    relay.on_control(_signed(tmp_path, cookie="d1", cmd="delete", call_id="c1"), sender,
-                     endpoint)  # type: ignore[arg-type]
-    relay._release_replies()
-    cookies = [msgpack.unpackb(r, raw=False)["cookie"] for r in endpoint.replies]
-    assert cookies == ["o1", "d1"]
-    assert relay._held is None and not relay._batches
-    assert relay.control.counters["control.internal_errors"] == 1
+    rig = ControlRig(tmp_path, BrokenRefreshPlane())
+    rig.offer("o1", "c1", "ft1")
+    rig.relay._hold_replies()
+    rig.send(cookie="d1", cmd="delete", call_id="c1")
+    rig.relay._release_replies()
+    assert rig.cookies() == ["o1", "d1"]
+    assert rig.relay._held is None and not rig.relay._batches
+    assert rig.relay.control.counters["control.internal_errors"] == 1
 
 
 def test_another_calls_request_does_not_wait_behind_a_delete(tmp_path: Any):
-    relay = _relay(tmp_path)
-    plane = relay.plane = RecordingPlane()  # type: ignore[assignment]
-    relay._loop = FakeLoop()  # type: ignore[assignment]
-    endpoint = FakeEndpoint()
-    sender = ("127.0.0.1", 40000)
-    relay.on_control(_offer(tmp_path, "o1", "c1", "ft1"), sender, endpoint)  # type: ignore[arg-type]
-    relay.on_control(_signed(tmp_path, cookie="d1", cmd="delete", call_id="c1"), sender,
-                     endpoint)  # type: ignore[arg-type]
-    relay.on_control(_offer(tmp_path, "o2", "c2", "ft1"), sender, endpoint)  # type: ignore[arg-type]
-    relay.on_control(_signed(tmp_path, cookie="x", cmd="offer", call_id=["not", "a", "str"],
-                             from_tag="ft"), sender, endpoint)  # type: ignore[arg-type]
-    cookies = [msgpack.unpackb(r, raw=False)["cookie"] for r in endpoint.replies]
-    assert cookies == ["o1", "o2", "x"]  # c2 and the malformed one: not behind c1's delete
-    plane.refreshes.pop()()
-    assert [msgpack.unpackb(r, raw=False)["cookie"] for r in endpoint.replies][-1] == "d1"
-    assert list(relay.engine.by_call) == ["c2"] and not relay._waiting_calls
+    rig = ControlRig(tmp_path, RecordingPlane())
+    rig.offer("o1", "c1", "ft1")
+    rig.send(cookie="d1", cmd="delete", call_id="c1")
+    rig.offer("o2", "c2", "ft1")
+    rig.send(cookie="x", cmd="offer", call_id=["not", "a", "str"], from_tag="ft")
+    assert rig.cookies() == ["o1", "o2", "x"]  # c2 and the malformed one: not behind c1's
+    rig.plane.refreshes.pop()()
+    assert rig.cookies()[-1] == "d1"
+    assert list(rig.relay.engine.by_call) == ["c2"] and not rig.relay._waiting_calls

@@ -42,9 +42,9 @@ def test_removed_sockets_are_closed_and_a_reused_fd_is_polled_as_the_new_socket(
     worker = SocketWorker(mine)
     try:
         first = _install(worker, unit_id(1, 0), 31200)
-        assert worker.fds == set(first)
+        assert set(worker.addrs) == set(first)
         worker._handle(channel.RemoveSession(unit_id(1, 0)), [])
-        assert worker.fds == set()
+        assert worker.addrs == {}
         for fd in first:  # closed: the numbers are free and so are the ports
             try:
                 os.fstat(fd)
@@ -52,7 +52,7 @@ def test_removed_sockets_are_closed_and_a_reused_fd_is_polled_as_the_new_socket(
                 continue
             raise AssertionError(f"fd {fd} of a removed session is still open")
         again = _install(worker, unit_id(2, 0), 31200)  # the same ports, likely the same fds
-        assert worker.fds == set(again)
+        assert set(worker.addrs) == set(again)
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             probe.sendto(b"x" * 12, ("127.0.0.1", 31200))
@@ -63,7 +63,7 @@ def test_removed_sockets_are_closed_and_a_reused_fd_is_polled_as_the_new_socket(
         worker._handle(channel.RemoveSession(unit_id(2, 0)), [])
         assert worker.epoll.poll(0) == []
     finally:
-        for fd in list(worker.fds):
+        for fd in list(worker.addrs):
             os.close(fd)
         worker.epoll.close()
         mine.close()
