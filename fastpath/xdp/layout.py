@@ -32,7 +32,13 @@ _ADDR_KEY = struct.Struct("=I16s")
 #: peer (the reverse direction's index + 1; 0: none)
 _VAL = struct.Struct("=16sHH16sHH16sHHIII")
 _COUNTER = struct.Struct("=QQQ")
-_CFG = struct.Struct("=HH")
+#: relay addresses the config entry holds inline, per family (relay.bpf.c: INLINE_V4/V6)
+INLINE_V4, INLINE_V6 = 16, 8
+#: port min, port max, n4, n6, more4, more6, pad, v4[16], base4[16], v6[8] (16 bytes
+#: each), base6[8]
+_CFG = struct.Struct(f"=HHHHHHI{INLINE_V4 * 4}s{INLINE_V4}I{INLINE_V6 * 16}s{INLINE_V6}I")
+CONFIG_SIZE = _CFG.size
+assert CONFIG_SIZE == 304  # struct relay_cfg, no padding
 VAL_SIZE, COUNTER_SIZE = _VAL.size, _COUNTER.size
 assert VAL_SIZE == 72  # struct stream_val, no padding
 
@@ -72,8 +78,23 @@ def addr_key(ip: str) -> bytes:
     return _ADDR_KEY.pack(fam, raw)
 
 
-def config_value(port_min: int, port_max: int) -> bytes:
-    return _CFG.pack(port_min, port_max)
+def config_value(port_min: int, port_max: int, blocks: Sequence[Tuple[str, int]] = ()
+                 ) -> bytes:
+    """The config entry: the port range and the first INLINE_V4 IPv4 and INLINE_V6 IPv6
+    relay addresses with their blocks, `blocks` being (address, first index) in order;
+    the more4 / more6 flag of a family with more tells the program to look the rest up
+    in `relay_addrs` (which `XdpProgram.configure` fills with every address)."""
+    v4: list = []
+    v6: list = []
+    for ip, base in blocks:
+        fam, raw = _addr(ip)
+        (v4 if fam == 4 else v6).append((raw, base))
+    in4, in6 = v4[:INLINE_V4], v6[:INLINE_V6]
+    return _CFG.pack(port_min, port_max, len(in4), len(in6), int(len(v4) > INLINE_V4),
+                     int(len(v6) > INLINE_V6), 0, b"".join(raw[:4] for raw, _ in in4),
+                     *[base for _, base in in4], *[0] * (INLINE_V4 - len(in4)),
+                     b"".join(raw for raw, _ in in6),
+                     *[base for _, base in in6], *[0] * (INLINE_V6 - len(in6)))
 
 
 class Entry(NamedTuple):

@@ -55,7 +55,7 @@ class XdpProgram:
         self.counters = BpfMap(obj.map_fd("stream_counters"), 4, layout.COUNTER_SIZE,
                                self.ncpus)
         self.verdicts = BpfMap(obj.map_fd("verdicts"), 4, 8, self.ncpus)
-        self.config = BpfMap(obj.map_fd("config"), 4, 4)
+        self.config = BpfMap(obj.map_fd("config"), 4, layout.CONFIG_SIZE)
         self.relay_addrs = BpfMap(obj.map_fd("relay_addrs"), 20, 4)
         self.tx_ifaces = BpfMap(obj.map_fd("tx_ifaces"), 4, 4)
         self.relay_fd = obj.prog_fd("lrk_relay")
@@ -87,12 +87,14 @@ class XdpProgram:
             raise XdpError(f"the stream array has {self.stream_slots} entries and "
                            f"{len(addrs)} relay address(es) x {span} ports need {need}: "
                            f"load it with stream_slots >= {need}")
-        self.config.update(layout.u32(0), layout.config_value(port_min, port_max))
         self._range = (port_min, port_max)
         self._base = {addr: n * span for n, addr in enumerate(addrs)}
         self._base_by_ip = {}
+        blocks = {layout.packed(ip): ip for ip in relay_ips}  # one spelling each
         for ip in relay_ips:
             self.relay_addrs.update(layout.addr_key(ip), layout.u32(self._block(ip)))
+        self.config.update(layout.u32(0), layout.config_value(
+            port_min, port_max, [(ip, self._base[addr]) for addr, ip in blocks.items()]))
 
     def _block(self, ip: str) -> Optional[int]:
         """The first index of `ip`'s block; None when the program does not serve it."""

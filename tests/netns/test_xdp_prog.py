@@ -17,11 +17,14 @@ from fastpath.xdp.errors import XdpError
 from fastpath.xdp.layout import (
     F_CHECK_PEER,
     F_KERNEL,
+    INLINE_V4,
+    INLINE_V6,
     SEEN_EXACT,
     SEEN_NONE,
     SEEN_OTHER_PORT,
     SEEN_PEER_MOVED,
     Entry,
+    addr_key,
 )
 from fastpath.xdp.libbpf import XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, if_nametoindex
 from fastpath.xdp.program import XdpProgram
@@ -408,5 +411,65 @@ def test_configure_refuses_an_array_too_small_for_its_addresses_and_range():
         with pytest.raises(XdpError, match="stream_slots >= 200"):
             prog.configure(30000, 30049, ["198.51.100.1", "198.51.100.65", "2001:db8::1",
                                           "2001:db8::2"])
+    finally:
+        prog.close()
+
+
+def test_relay_addresses_beyond_the_inline_ones_are_looked_up_in_the_hash(env):
+    """The config entry holds the first 16 IPv4 and 8 IPv6 relay addresses; a relay with
+    more finds the rest in `relay_addrs`. An address of either kind relays, an address
+    that is neither passes, and the unused (zero) inline slots match nothing."""
+    extra4 = [f"198.51.100.{100 + i}" for i in range(INLINE_V4 + 3)]
+    extra6 = [f"2001:db8:3::{i + 1:x}" for i in range(INLINE_V6 + 3)]
+    prog = XdpProgram.load(max_streams=64, max_counters=64,
+                           stream_slots=10 * (len(extra4) + len(extra6) + 1))
+    try:
+        prog.allow_egress(env["ifindex"])
+        prog.allow_egress(env["ifindex_b"])
+        prog.configure(30000, 30009, extra4 + extra6)
+        cases = []
+        for fam, addrs, net in ((4, extra4, NETS[4]), (6, extra6, NETS[6])):
+            for n, ip in ((0, addrs[0]), (len(addrs) - 1, addrs[-1])):  # inline, hash
+                prog.put(Entry((ip, 30004), (net.caller, 4000), (net.relay_b, 30002),
+                               (net.callee, 5000), 10 * fam + n))
+                cases.append((net, ip))
+        for net, ip in cases:
+            data = frame(CALLER_MAC, RA_MAC, net.caller, ip, 4000, 30004, PAYLOAD)
+            verdict, out = in_netns(env["ns"], lambda d=data: prog.test_run(d, env["ifindex"]))
+            assert verdict == XDP_REDIRECT, ip
+            assert out == frame(EA_MAC, CALLEE_MAC, net.relay_b, net.callee, 30002, 5000,
+                                PAYLOAD, ttl=63)
+        for net, ip in ((NETS[4], extra4[-2]), (NETS[6], extra6[-2])):  # no stream there
+            data = frame(CALLER_MAC, RA_MAC, net.caller, ip, 4000, 30004, PAYLOAD)
+            assert in_netns(env["ns"], lambda d=data: prog.test_run(d, env["ifindex"]))[0] \
+                == XDP_DROP
+        for net, ip in ((NETS[4], net4_other := "198.51.100.99"), (NETS[6], "2001:db8:4::1"),
+                        (NETS[4], "0.0.0.0"), (NETS[6], "::")):
+            data = frame(CALLER_MAC, RA_MAC, net.caller, ip, 4000, 30004, PAYLOAD)
+            assert in_netns(env["ns"], lambda d=data: prog.test_run(d, env["ifindex"]))[0] \
+                == XDP_PASS, ip
+        assert prog.verdict_counts()["pass_other"] == 4
+        assert net4_other not in extra4
+    finally:
+        prog.close()
+
+
+def test_few_relay_addresses_leave_the_hash_unread(env):
+    """With one address per family the config entry says no more are in the hash: an
+    address found only there (written behind configure's back) is not the relay's."""
+    prog = XdpProgram.load(max_streams=64, max_counters=64, stream_slots=40)
+    try:
+        prog.allow_egress(env["ifindex"])
+        prog.allow_egress(env["ifindex_b"])
+        prog.configure(30000, 30009, [NETS[4].relay_a, NETS[6].relay_a])
+        prog.relay_addrs.update(addr_key("198.51.100.99"), (0).to_bytes(4, "little"))
+        net = NETS[4]
+        prog.put(Entry((net.relay_a, 30004), (net.caller, 4000), (net.relay_b, 30002),
+                       (net.callee, 5000), 1))
+        data = frame(CALLER_MAC, RA_MAC, net.caller, "198.51.100.99", 4000, 30004, PAYLOAD)
+        assert in_netns(env["ns"], lambda: prog.test_run(data, env["ifindex"]))[0] == XDP_PASS
+        data = frame(CALLER_MAC, RA_MAC, net.caller, net.relay_a, 4000, 30004, PAYLOAD)
+        assert in_netns(env["ns"], lambda: prog.test_run(data, env["ifindex"]))[0] \
+            == XDP_REDIRECT
     finally:
         prog.close()
