@@ -36,7 +36,22 @@ Modes:
                   daemon's unix control socket (`bench.many_sessions.install`, 64 in flight);
 * ``xdp``         ``lrkproxy run --mode xdp`` (native XDP on the relay's veths), the same way;
 * ``xdp-generic`` the same with ``--xdp-attach generic`` (XDP on the skb, after the
-                  stack built it).
+                  stack built it);
+* ``socket``, ``socket-coalesce``, ``packet``, ``packet-xdp`` (opt-in) the userspace
+                  modes (``lrkproxy run``; the same with ``coalesce_us = 500``;
+                  ``--mode packet`` with taps on vc1 and ve1, whose default coalescing is
+                  500 us; the same over AF_XDP), the relay's processes pinned to the
+                  relay core beside the NAPI thread;
+* ``rtpengine`` (opt-in) Debian's rtpengine (userspace, one thread: `bench.peers`),
+                  pinned the same way, its calls through its own ng client; **a fresh
+                  daemon with fresh calls before every step** (its flood protection stops
+                  reading a socket for good after five receive-queue overloads, so an
+                  overloaded step would depress every later one).
+
+The userspace modes' work is the NAPI thread (receive up to the socket, tap or AF_XDP
+ring) plus the relay's own threads, all on the relay core: a step records their run time
+(``relay_threads_busy``, schedstat of every thread) and the relay core is full at
+NAPI_FULL of the wall time.
 
 For each (mode, sessions): a capacity search (`bench.capacity.search`: doubling, then
 bisection; a step offers R pkt/s for `--step` seconds and passes with < 1 % loss), then
@@ -50,6 +65,11 @@ saturated (relay: NAPI thread >= NAPI_FULL; generator: it fell behind its rate).
 ``--junk``: xdp mode with N calls, each call's media frame and a flood of junk frames in
 one rotation from the XDP generator (`junk_flood`): media lost, junk dropped and counted
 by the relay (`media.dropped.*`), three runs.
+
+``--idle-latency-us N``: hold a PM QoS CPU latency request of N us for the run
+(`bench.pmqos`; 0: idle CPUs poll instead of halting, so a relay core that idles between
+bursts wakes without the host's help). Recorded in the report as ``idle_latency_us``
+(None: the machine's own idle behaviour).
 
 Bounds: at most MAX_RATE pkt/s and `--step` <= 3 s per step, at most 14 steps per search,
 3 confirmation attempts, 3 overload runs, INSTALL_DEADLINE_S for a daemon's calls; every
@@ -82,6 +102,8 @@ from bench.many_sessions import (
 )
 from bench.netns import Topology, list_namespaces, run
 from bench.netns_capacity import xdp_links
+from bench.peers import tree_pids
+from bench.pmqos import cpu_latency
 from bench.trafgen import Sink, Trafgen, busy_share, cpu_times, link_mac, steer
 from bench.xdpgen import XdpGen, XdpSink, thread_cpu_ns, xmit_errors
 
@@ -204,6 +226,11 @@ class Rig:
         self.napi_pid = steer(topo.relay.ns, "vc1", topo.caller.ns, "vc0", RELAY_CPU,
                               rt_prio=NAPI_RT_PRIO)
         self.client: Any = None  # the relay's LrkClient while a daemon mode is set up
+        #: a userspace relay's processes (on the relay core), while one is set up
+        self.relay_pids: List[int] = []
+        #: a relay that must be fresh for every step (rtpengine): restarts it with fresh
+        #: calls and returns where each caller now sends
+        self.refresh: Optional[Callable[[], List[Addr]]] = None
         self.caller_mac = link_mac(topo.caller.ns, "vc0")
         self.relay_mac = link_mac(topo.relay.ns, "vc1")
 
@@ -293,11 +320,14 @@ def _nft(ns: str, text: str) -> None:
         raise QuickpathError(f"nft in {ns}: {proc.stderr.strip()[:400]}")
 
 
-def lrk_mode(mode: str, more_args: Sequence[str] = ()) -> Callable[..., Any]:
+def lrk_mode(mode: str, more_args: Sequence[str] = (), pin: bool = False,
+             config: str = "") -> Callable[..., Any]:
     """A daemon mode: ``lrkproxy run --mode <mode>`` with `relay_addresses_for(sessions)`
     relay addresses per side, every call installed pipelined over its unix control socket
     (`bench.many_sessions.install`, INSTALL_WINDOW calls in flight); yields where each
-    call's caller sends (the answer's relay address)."""
+    call's caller sends (the answer's relay address). `pin`: a userspace mode, whose
+    processes go onto the relay core (`Rig.relay_pids`); `config`: lines added to its
+    config file."""
     @contextlib.contextmanager
     def setup(rig: Rig, pairs: List[Tuple[Addr, Addr]], python: str) -> Iterator[List[Addr]]:
         import tempfile
@@ -311,18 +341,24 @@ def lrk_mode(mode: str, more_args: Sequence[str] = ()) -> Callable[..., Any]:
         client = relay = None
         with tempfile.TemporaryDirectory(prefix="lrk-qp-") as tmp:
             os.chmod(tmp, 0o755)  # the relay may drop privileges
-            extra = [*relay_args(os.path.join(tmp, "lrk.toml"), mode, n, internal, external),
-                     *more_args, "--workers", "1"]
+            cfg = os.path.join(tmp, "lrk.toml")
+            extra = [*relay_args(cfg, mode, n, internal, external), *more_args,
+                     "--workers", "1"]
+            with open(cfg, "a") as fh:
+                fh.write(config)
             try:
                 relay = RelayProcess(ports=ports, netns=topo.relay.ns, extra=extra,
                                      python=python)
                 relay.start(ready_timeout=60.0)
+                if pin:
+                    rig.relay_pids = pin_tree(relay.proc.pid, RELAY_CPU)
                 dests = install_calls(relay, pairs, tmp, topo.relay.ns)
                 client = LrkClient([relay.node], timeout=5.0, retries=2)
                 rig.client = client  # the junk bench reads the relay's counters
                 yield dests
             finally:
                 rig.client = None
+                rig.relay_pids = []
                 if client is not None:
                     client.close()
                 code = relay.stop(timeout=RELAY_STOP_S) if relay is not None else None
@@ -351,12 +387,89 @@ def install_calls(relay: Any, pairs: List[Tuple[Addr, Addr]], tmp: str,
             for i in range(len(pairs))]
 
 
+def pin_tree(pid: int, cpu: int) -> List[int]:
+    """Every thread of `pid` and its descendants onto `cpu`; returns the processes."""
+    pids = tree_pids(pid)
+    for p in pids:
+        for task in os.listdir(f"/proc/{p}/task"):
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(task), {cpu})
+    return pids
+
+
+def tasks_cpu_ns(pids: Sequence[int]) -> int:
+    """Run time so far of every thread of `pids` (schedstat, ns; gone threads: 0)."""
+    total = 0
+    for p in pids:
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                total += thread_cpu_ns_of(f"/proc/{p}/task/{task}/schedstat")
+    return total
+
+
+def thread_cpu_ns_of(path: str) -> int:
+    with open(path) as fh:
+        return int(fh.read().split()[0])
+
+
+@contextlib.contextmanager
+def rtpengine(rig: Rig, pairs: List[Tuple[Addr, Addr]], python: str) -> Iterator[List[Addr]]:
+    """Debian's rtpengine in the relay namespace (one thread, userspace), pinned to the
+    relay core, every call set up through its ng client; `Rig.refresh` restarts it with
+    fresh calls (the fair best for every step: see the module's docstring)."""
+    from bench.peers import RtpenginePeer
+
+    if len(pairs) > PEER_MAX_SESSIONS:
+        raise QuickpathError(f"rtpengine: at most {PEER_MAX_SESSIONS} sessions here")
+    topo = rig.topo
+    ports = f"{RELAY_PORT}-{RELAY_PORT + 4 * len(pairs) + 63}"
+    peer: List[Any] = []
+
+    def start() -> List[Addr]:
+        stop()
+        p = RtpenginePeer(topo, ports)
+        peer.append(p)
+        p.start()
+        rig.relay_pids = pin_tree(p.pids()[0], RELAY_CPU)
+        return [p.call(f"qp-{i}", a, b)[0] for i, (a, b) in enumerate(pairs)]
+
+    def stop() -> None:
+        while peer:
+            p = peer.pop()
+            code = p.stop()
+            if code not in (0, None):
+                raise QuickpathError(f"rtpengine exited with {code}: {p.output[-400:]}")
+
+    try:
+        dests = start()
+        rig.refresh = start
+        yield dests
+    finally:
+        rig.refresh = None
+        rig.relay_pids = []
+        stop()
+        run("conntrack", "-F", ns=topo.relay.ns, check=False)
+
+
+#: the most calls the rtpengine mode sets up (one by one, before every step)
+PEER_MAX_SESSIONS = 2000
+_TAPS = ("--packet-interface", "vc1", "--packet-interface", "ve1")
+
 SETUPS: Dict[str, Callable[..., Any]] = {
     "routing": routing,
     "static-nat": static_nat,
     "kernel": lrk_mode("kernel"),
     "xdp": lrk_mode("xdp"),
     "xdp-generic": lrk_mode("xdp", ["--xdp-attach", "generic"]),
+    "socket": lrk_mode("socket", pin=True),
+    "socket-coalesce": lrk_mode("socket", pin=True, config="coalesce_us = 500\n"),
+    "packet": lrk_mode("packet", _TAPS, pin=True),
+    "packet-xdp": lrk_mode("packet", ["--packet-io", "af_xdp", *_TAPS], pin=True),
+    "rtpengine": rtpengine,
 }
 
 
@@ -376,21 +489,24 @@ def _settled(sink: Sink, deadline_s: float = 1.0) -> int:
 
 
 def step(gen: Any, sink: Any, rate: int, seconds: float,
-         napi_pid: Optional[int] = None) -> dict:
+         napi_pid: Optional[int] = None, relay_pids: Sequence[int] = ()) -> dict:
     """Offer `rate` pkt/s for `seconds`; delivered, loss, both cores' busy share, the relay
     NAPI thread's share (the relay's own work, whatever else runs on its core) and, with
-    the XDP generator, the frames the relay's veth ring refused."""
+    the XDP generator, the frames the relay's veth ring refused. `relay_pids`: a userspace
+    relay's processes, whose threads' run time is the relay's work too."""
     count = max(1000, int(rate * seconds))
     before = sink.packets()
     xdp = isinstance(gen, XdpGen)
     ring0 = xmit_errors(gen.ns, gen.dev) if xdp else 0
     napi0 = thread_cpu_ns(napi_pid) if napi_pid else 0
+    threads0 = tasks_cpu_ns(relay_pids)
     c_relay, c_gen, t0 = cpu_times(RELAY_CPU), cpu_times(GEN_CPU), time.monotonic()
     sent = gen.run(rate, count)
     wall = time.monotonic() - t0
     relay_busy = busy_share(c_relay, cpu_times(RELAY_CPU))
     gen_busy = busy_share(c_gen, cpu_times(GEN_CPU))
     napi_busy = (thread_cpu_ns(napi_pid) - napi0) / 1e9 / wall if napi_pid else None
+    threads_busy = (tasks_cpu_ns(relay_pids) - threads0) / 1e9 / wall if relay_pids else None
     delivered = _settled(sink) - before
     if xdp:  # the program's own clock: first to last frame sent
         achieved = gen.last.rate
@@ -400,19 +516,24 @@ def step(gen: Any, sink: Any, rate: int, seconds: float,
         limited = achieved < 0.97 * rate
     # delivered over the time the frames were sent (the XDP generator's own clock)
     span = sent / achieved if xdp and achieved else wall
-    res = {"rate": rate, "sent": sent, "received": delivered,
+    res = {"rate": rate, "sent": sent, "received": delivered, "wall_s": round(wall, 4),
            "loss": round(1 - delivered / sent, 5) if sent else 1.0,
            "achieved_rate": round(achieved), "delivered_rate": round(delivered / span),
            "generator_limited": limited,
            "relay_core_busy": round(relay_busy, 3), "generator_core_busy": round(gen_busy, 3),
-           "relay_napi_busy": round(napi_busy, 3) if napi_busy is not None else None}
+           "relay_napi_busy": round(napi_busy, 3) if napi_busy is not None else None,
+           "relay_threads_busy": (round(threads_busy, 3) if threads_busy is not None
+                                  else None)}
     if xdp:
         res["ring_refused"] = xmit_errors(gen.ns, gen.dev) - ring0
         res["lag_resets"] = gen.last.lag_resets
     # the XDP generator spins between frames (its core reads ~100 % busy at any rate): it
     # saturated when it could not keep its schedule; trafgen when its core was full
     gen_full = limited or (not xdp and gen_busy > 0.95)
-    relay_full = (napi_busy >= NAPI_FULL if napi_busy is not None else relay_busy > 0.95)
+    relay_work = None if napi_busy is None else napi_busy + (threads_busy or 0.0)
+    if relay_work is not None:
+        res["relay_work_busy"] = round(relay_work, 3)
+    relay_full = (relay_work >= NAPI_FULL if relay_work is not None else relay_busy > 0.95)
     res["saturated"] = ("relay core" if relay_full and not gen_full else
                         "generator" if gen_full and not relay_full else
                         "both" if gen_full else "neither")
@@ -467,8 +588,19 @@ def xdp_verdicts(rig: Rig) -> Dict[str, int]:
     return {k: v for k, v in _relay_counters(rig).items() if k.startswith("xdp.verdicts.")}
 
 
+def work_us_per_packet(r: dict) -> Optional[float]:
+    """The relay's work (NAPI thread + its own threads) per delivered packet in step `r`."""
+    work = r.get("relay_work_busy")
+    if work is None or not r["received"]:
+        return None
+    return round(work * r["wall_s"] / r["received"] * 1e6, 3)
+
+
 def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float,
-                 start: int) -> dict:
+                 start: int, equal_rate: int = 0) -> dict:
+    """Capacity of `mode` at `sessions` (search, confirmation, overload) and, with
+    `equal_rate`, three steps at that rate first: the relay's work per packet at an equal
+    load (``equal_load``)."""
     pairs = flows_for(rig.topo, sessions)
     t0 = time.monotonic()
     with SETUPS[mode](rig, pairs, python) as dests:
@@ -483,8 +615,15 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             verdicts0 = xdp_verdicts(rig)
 
             def measure(rate: int) -> dict:
-                return step(gen, sink, rate, seconds, rig.napi_pid)
+                if rig.refresh is None:
+                    return step(gen, sink, rate, seconds, rig.napi_pid, rig.relay_pids)
+                fresh = rig.refresh()  # a fresh relay with fresh calls for this step
+                with rig.generating(pairs, fresh) as g:
+                    g.run(10_000, warm)
+                    _settled(sink)
+                    return step(g, sink, rate, seconds, rig.napi_pid, rig.relay_pids)
 
+            equal = [measure(equal_rate) for _ in range(CONFIRM_RUNS)] if equal_rate else []
             found = search(measure, start, MAX_STEPS)
             cap = found["capacity_pps"]
             conf = confirm(measure, cap) if cap else {"confirmed_pps": None, "attempts": []}
@@ -508,9 +647,15 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
                 r["relay_core_busy"] for r in at_cap), 3) if at_cap else None),
             "relay_napi_busy_at_capacity": (round(statistics.median(
                 r["relay_napi_busy"] for r in at_cap), 3) if at_cap else None),
+            "relay_work_busy_at_capacity": (round(statistics.median(
+                r["relay_work_busy"] for r in at_cap), 3)
+                if at_cap and "relay_work_busy" in at_cap[0] else None),
             "saturated": at_cap[-1]["saturated"] if at_cap else None,
             "upper_bound_pps": found["upper_bound_pps"],
             "overload": over,
+            "equal_load": {"rate": equal_rate, "steps": equal,
+                           "relay_work_us_per_packet": [work_us_per_packet(r) for r in equal],
+                           "loss": [r["loss"] for r in equal]} if equal else None,
             "forwarded_at_overload_pps": int(statistics.median(r["delivered_rate"]
                                                                 for r in over))}
 
@@ -620,8 +765,9 @@ def _wait_counters(rig: Rig, before: Dict[str, int], junk: int,
 def table(results: List[dict]) -> str:
     lines = ["| mode | sessions | capacity (pkt/s, confirmed 3x) | relay NAPI thread busy there "
              "| relay core busy there | lowest rate that did not pass | why it did not | "
-             "saturated there | forwarded at 2 Mpps offered (median of 3) | saturated there |",
-             "|---|---:|---:|---:|---:|---:|---|---|---:|---|"]
+             "saturated there | forwarded at 2 Mpps offered (median of 3) | saturated there "
+             "| relay work us/pkt at the equal load (3 steps) |",
+             "|---|---:|---:|---:|---:|---:|---|---|---:|---|---|"]
     for r in results:
         up = r["upper_bound_pps"]
         bad = next((s for s in r["search"]["steps"]
@@ -631,8 +777,15 @@ def table(results: List[dict]) -> str:
                      f"{r['relay_core_busy_at_capacity']} | "
                      f"{f'{up:,}' if up else '-'} | {bad['verdict'] if bad else '-'} | "
                      f"{bad['saturated'] if bad else '-'} | "
-                     f"{_overload(r)} |")
+                     f"{_overload(r)} | {_equal(r)} |")
     return "\n".join(lines)
+
+
+def _equal(r: dict) -> str:
+    eq = r.get("equal_load")
+    if not eq:
+        return "-"
+    return f"{' / '.join(str(x) for x in eq['relay_work_us_per_packet'])} at {eq['rate']:,}"
 
 
 def _overload(r: dict) -> str:
@@ -649,7 +802,8 @@ def load_average() -> List[float]:
 
 def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
               start: int = 200_000, python: Optional[str] = None,
-              generator: str = "xdp", relay_ips: int = 0) -> dict:
+              generator: str = "xdp", relay_ips: int = 0,
+              idle_latency_us: Optional[int] = None, equal_rate: int = 0) -> dict:
     if os.geteuid() != 0:
         raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
     if not 0 <= relay_ips <= MAX_ADDRESSES:
@@ -663,12 +817,12 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
     results = []
     load_before = load_average()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    with Topology("-qp") as topo:
+    with Topology("-qp") as topo, cpu_latency(idle_latency_us) as idle:
         rig = Rig(topo, generator, relay_ips)
         for n in sessions:
             for mode in modes:
                 print(f"quickpath: {mode} x {n} ...", file=sys.stderr, flush=True)
-                res = measure_mode(rig, mode, n, py, seconds, start)
+                res = measure_mode(rig, mode, n, py, seconds, start, equal_rate)
                 res["load_after"] = load_average()
                 results.append(res)
     left = [ns for ns in list_namespaces() if ns in topo.namespaces]
@@ -677,12 +831,13 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
     return {"machine": machine(), "date": date,
             "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
             "generator": generator, "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
-            "step_s": seconds, "load_before": load_before, "load_after": load_average(),
-            "results": results}
+            "step_s": seconds, "idle_latency_us": idle, "load_before": load_before,
+            "load_after": load_average(), "results": results}
 
 
 def run_junk(sessions: int, junk_per_media: int, rounds: int, rate: int,
-             python: Optional[str] = None, runs: int = 3) -> dict:
+             python: Optional[str] = None, runs: int = 3,
+             idle_latency_us: Optional[int] = None) -> dict:
     """`runs` junk floods in a row on one set of calls' topology (the bench's record)."""
     if os.geteuid() != 0:
         raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
@@ -690,14 +845,15 @@ def run_junk(sessions: int, junk_per_media: int, rounds: int, rate: int,
     load_before = load_average()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     out = []
-    with Topology("-qj") as topo:
+    with Topology("-qj") as topo, cpu_latency(idle_latency_us) as idle:
         rig = Rig(topo, "xdp")
         for _ in range(runs):
             out.append(junk_flood(rig, sessions, junk_per_media, rounds, rate, py))
     return {"machine": machine(), "date": date,
             "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
             "generator": "xdp", "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
-            "load_before": load_before, "load_after": load_average(), "runs": out}
+            "idle_latency_us": idle, "load_before": load_before,
+            "load_after": load_average(), "runs": out}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -719,11 +875,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--junk-per-media", type=int, default=39)
     ap.add_argument("--junk-rounds", type=int, default=100)
     ap.add_argument("--junk-rate", type=int, default=0, help="0: unpaced")
+    ap.add_argument("--idle-latency-us", type=int, default=None,
+                    help="hold a PM QoS CPU latency request of this many us for the run "
+                         "(0: idle CPUs poll instead of halting; bench.pmqos)")
+    ap.add_argument("--equal-rate", type=int, default=0,
+                    help="first, three steps at this rate: the relay's work per packet at "
+                         "an equal load (0: none)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.junk:
         res = run_junk(int(args.sessions.split(",")[0]), args.junk_per_media, args.junk_rounds,
-                       args.junk_rate, args.python)
+                       args.junk_rate, args.python, idle_latency_us=args.idle_latency_us)
         print(json.dumps(res["runs"], indent=1))
         if args.out:
             with open(args.out, "w") as fh:
@@ -731,7 +893,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     res = run_bench([int(s) for s in args.sessions.split(",")], args.modes.split(","),
                     args.step, args.start, args.python, args.generator,
-                    args.relay_addresses)
+                    args.relay_addresses, args.idle_latency_us, args.equal_rate)
     print(table(res["results"]))
     if args.out:
         with open(args.out, "w") as fh:

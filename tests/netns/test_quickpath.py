@@ -6,12 +6,22 @@ steering, generator and sink work together, and nothing is left behind.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
 from bench.netns import Topology, run
-from bench.quickpath import SETUPS, Rig, flows_for, junk_flood, step
+from bench.quickpath import (
+    RELAY_CPU,
+    SETUPS,
+    Rig,
+    _settled,
+    flows_for,
+    junk_flood,
+    step,
+    work_us_per_packet,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,4 +74,41 @@ def test_junk_flood_from_the_xdp_generator_costs_xdp_calls_nothing(topo: Topolog
     assert min(r["dropped"].values()) > 0  # both kinds of junk were seen
     assert "inet lrk" not in run("nft", "list", "tables", ns=topo.relay.ns).stdout
     for ns, dev in ((topo.relay.ns, "vc1"), (topo.relay.ns, "ve1"), (topo.callee.ns, "ve0")):
+        assert "xdp" not in run("ip", "link", "show", "dev", dev, ns=ns).stdout
+
+
+@pytest.mark.parametrize("mode", ["socket", "packet-xdp", "rtpengine"])
+def test_userspace_mode_is_pinned_to_the_relay_core_and_its_work_counted(
+        topo: Topology, mode: str) -> None:
+    """A userspace relay (lrk's socket and AF_XDP packet modes, rtpengine) runs on the relay
+    core beside the NAPI thread: every frame sent arrives, its threads' run time is part of
+    the step's relay work, and rtpengine is restarted with fresh calls on request (the
+    bench does so before every step)."""
+    rig = Rig(topo, "xdp")
+    pairs = flows_for(topo, 20)
+    with SETUPS[mode](rig, pairs, sys.executable) as dests:
+        assert len(dests) == 20 and rig.relay_pids
+        for pid in rig.relay_pids:
+            assert os.sched_getaffinity(pid) == {RELAY_CPU}
+        if mode == "rtpengine":
+            first = list(rig.relay_pids)
+            dests = rig.refresh()
+            assert len(dests) == 20 and rig.relay_pids and rig.relay_pids != first
+            assert not any(os.path.exists(f"/proc/{p}") for p in first), "old daemon gone"
+        else:
+            assert rig.refresh is None
+        with rig.generating(pairs, dests) as gen, rig.sink(20) as sink:
+            gen.run(2_000, 40)  # first packets (latching)
+            _settled(sink)
+            r = step(gen, sink, rate=2_000, seconds=0.5, napi_pid=rig.napi_pid,
+                     relay_pids=rig.relay_pids)
+            assert (r["sent"], r["received"], r["loss"]) == (1000, 1000, 0.0)
+            assert 0.0 < r["relay_threads_busy"] <= 1.0
+            assert r["relay_work_busy"] == pytest.approx(
+                r["relay_napi_busy"] + r["relay_threads_busy"], abs=0.002)
+            assert work_us_per_packet(r) > 0
+        pids = list(rig.relay_pids)
+    assert rig.relay_pids == [] and rig.refresh is None
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids), "the relay stopped"
+    for ns, dev in ((topo.relay.ns, "vc1"), (topo.relay.ns, "ve1")):
         assert "xdp" not in run("ip", "link", "show", "dev", dev, ns=ns).stdout

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import List
 
-from bench.quickpath import CONFIRM_ATTEMPTS, confirm, table
+from bench.quickpath import CONFIRM_ATTEMPTS, confirm, table, tasks_cpu_ns, work_us_per_packet
 
 
 def _fake(limit: int, flaky_at: List[int]):
@@ -51,4 +52,27 @@ def test_table_names_why_the_next_rate_did_not_pass() -> None:
                   "overload": [{"saturated": "relay core"}],
                   "forwarded_at_overload_pps": 150}]).splitlines()[-1]
     assert row == ("| kernel | 1,000 | 100 | 0.7 | 0.8 | 200 | fail | relay core | 150 | "
-                   "relay core |")
+                   "relay core | - |")
+
+
+def test_the_relay_work_per_packet_at_an_equal_load() -> None:
+    """NAPI thread + relay threads busy 0.5 of a 2 s step that delivered 100,000: 10 us."""
+    r = {"relay_work_busy": 0.5, "wall_s": 2.0, "received": 100_000}
+    assert work_us_per_packet(r) == 10.0
+    assert work_us_per_packet({"relay_work_busy": None, "wall_s": 1.0, "received": 5}) is None
+    assert work_us_per_packet({"relay_work_busy": 0.5, "wall_s": 1.0, "received": 0}) is None
+    steps = [{"rate": 100, "verdict": "pass", "saturated": "neither"}]
+    row = table([{"mode": "socket", "sessions": 1000, "capacity_pps": 100,
+                  "relay_core_busy_at_capacity": 0.8, "relay_napi_busy_at_capacity": 0.7,
+                  "upper_bound_pps": None, "search": {"steps": steps}, "overload": [],
+                  "equal_load": {"rate": 50_000,
+                                 "relay_work_us_per_packet": [9.5, 10.0, 10.25]}}])
+    assert row.splitlines()[-1].endswith("| - | - | 9.5 / 10.0 / 10.25 at 50,000 |")
+
+
+def test_thread_run_time_covers_every_thread_and_skips_gone_processes() -> None:
+    own = tasks_cpu_ns([os.getpid()])
+    with open(f"/proc/{os.getpid()}/schedstat") as fh:
+        main_thread = int(fh.read().split()[0])
+    assert own >= main_thread > 0
+    assert tasks_cpu_ns([2 ** 22 + 7]) == 0  # no such process
