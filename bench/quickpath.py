@@ -101,7 +101,7 @@ from bench.many_sessions import (
     unix_socket,
 )
 from bench.netns import Topology, list_namespaces, run
-from bench.netns_capacity import xdp_links
+from bench.netns_capacity import runtime_ns, xdp_links
 from bench.peers import tree_pids
 from bench.pmqos import cpu_latency
 from bench.trafgen import Sink, Trafgen, busy_share, cpu_times, link_mac, steer
@@ -387,6 +387,12 @@ def install_calls(relay: Any, pairs: List[Tuple[Addr, Addr]], tmp: str,
             for i in range(len(pairs))]
 
 
+#: the most calls the rtpengine mode sets up (one by one, before every step)
+PEER_MAX_SESSIONS = 2000
+#: packet mode's taps: the relay's two veths
+_TAPS = ("--packet-interface", "vc1", "--packet-interface", "ve1")
+
+
 def pin_tree(pid: int, cpu: int) -> List[int]:
     """Every thread of `pid` and its descendants onto `cpu`; returns the processes."""
     pids = tree_pids(pid)
@@ -395,25 +401,6 @@ def pin_tree(pid: int, cpu: int) -> List[int]:
             with contextlib.suppress(ProcessLookupError):
                 os.sched_setaffinity(int(task), {cpu})
     return pids
-
-
-def tasks_cpu_ns(pids: Sequence[int]) -> int:
-    """Run time so far of every thread of `pids` (schedstat, ns; gone threads: 0)."""
-    total = 0
-    for p in pids:
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except FileNotFoundError:
-            continue
-        for task in tasks:
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                total += thread_cpu_ns_of(f"/proc/{p}/task/{task}/schedstat")
-    return total
-
-
-def thread_cpu_ns_of(path: str) -> int:
-    with open(path) as fh:
-        return int(fh.read().split()[0])
 
 
 @contextlib.contextmanager
@@ -455,10 +442,6 @@ def rtpengine(rig: Rig, pairs: List[Tuple[Addr, Addr]], python: str) -> Iterator
         run("conntrack", "-F", ns=topo.relay.ns, check=False)
 
 
-#: the most calls the rtpengine mode sets up (one by one, before every step)
-PEER_MAX_SESSIONS = 2000
-_TAPS = ("--packet-interface", "vc1", "--packet-interface", "ve1")
-
 SETUPS: Dict[str, Callable[..., Any]] = {
     "routing": routing,
     "static-nat": static_nat,
@@ -499,14 +482,14 @@ def step(gen: Any, sink: Any, rate: int, seconds: float,
     xdp = isinstance(gen, XdpGen)
     ring0 = xmit_errors(gen.ns, gen.dev) if xdp else 0
     napi0 = thread_cpu_ns(napi_pid) if napi_pid else 0
-    threads0 = tasks_cpu_ns(relay_pids)
+    threads0 = runtime_ns(list(relay_pids))
     c_relay, c_gen, t0 = cpu_times(RELAY_CPU), cpu_times(GEN_CPU), time.monotonic()
     sent = gen.run(rate, count)
     wall = time.monotonic() - t0
     relay_busy = busy_share(c_relay, cpu_times(RELAY_CPU))
     gen_busy = busy_share(c_gen, cpu_times(GEN_CPU))
     napi_busy = (thread_cpu_ns(napi_pid) - napi0) / 1e9 / wall if napi_pid else None
-    threads_busy = (tasks_cpu_ns(relay_pids) - threads0) / 1e9 / wall if relay_pids else None
+    threads_busy = (runtime_ns(list(relay_pids)) - threads0) / 1e9 / wall if relay_pids else None
     delivered = _settled(sink) - before
     if xdp:  # the program's own clock: first to last frame sent
         achieved = gen.last.rate
