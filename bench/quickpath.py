@@ -394,12 +394,14 @@ _TAPS = ("--packet-interface", "vc1", "--packet-interface", "ve1")
 
 
 def pin_tree(pid: int, cpu: int) -> List[int]:
-    """Every thread of `pid` and its descendants onto `cpu`; returns the processes."""
+    """Every thread of `pid` and its descendants onto `cpu` (``taskset -a``: PyPy has no
+    os.sched_setaffinity); returns the processes."""
+    import subprocess
+
     pids = tree_pids(pid)
     for p in pids:
-        for task in os.listdir(f"/proc/{p}/task"):
-            with contextlib.suppress(ProcessLookupError):
-                os.sched_setaffinity(int(task), {cpu})
+        subprocess.run(["taskset", "-a", "-pc", str(cpu), str(p)], check=True,
+                       capture_output=True)
     return pids
 
 
