@@ -473,6 +473,16 @@ def _settled(sink: Sink, deadline_s: float = 1.0) -> int:
     return last
 
 
+def _arrived(sink: Any, count: int, deadline_s: float = 5.0) -> int:
+    """The sink's count once it reaches `count` (bounded), then once it stops growing: a
+    warm-up's packets, which a cold relay may still be working through, must not land
+    inside the next measured step."""
+    end = time.monotonic() + deadline_s
+    while sink.packets() < count and time.monotonic() < end:
+        time.sleep(0.02)
+    return _settled(sink)
+
+
 def step(gen: Any, sink: Any, rate: int, seconds: float,
          napi_pid: Optional[int] = None, relay_pids: Sequence[int] = ()) -> dict:
     """Offer `rate` pkt/s for `seconds`; delivered, loss, both cores' busy share, the relay
@@ -594,7 +604,7 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             before = sink.packets()
             warm = max(1000, sessions)
             gen.run(10_000, warm)  # first packets: latching, conntrack
-            warm_delivered = _settled(sink) - before
+            warm_delivered = _arrived(sink, before + warm) - before
             flows = conntrack_count(rig.topo.relay.ns)
 
             verdicts0 = xdp_verdicts(rig)
@@ -604,8 +614,9 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
                     return step(gen, sink, rate, seconds, rig.napi_pid, rig.relay_pids)
                 fresh = rig.refresh()  # a fresh relay with fresh calls for this step
                 with rig.generating(pairs, fresh) as g:
+                    start_count = sink.packets()
                     g.run(10_000, warm)
-                    _settled(sink)
+                    _arrived(sink, start_count + warm)
                     return step(g, sink, rate, seconds, rig.napi_pid, rig.relay_pids)
 
             equal = [measure(equal_rate) for _ in range(CONFIRM_RUNS)] if equal_rate else []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import pytest
 
@@ -17,6 +16,7 @@ from bench.quickpath import (
     RELAY_CPU,
     SETUPS,
     Rig,
+    _arrived,
     flows_for,
     junk_flood,
     step,
@@ -100,7 +100,7 @@ def test_userspace_mode_is_pinned_to_the_relay_core_and_its_work_counted(
             assert rig.refresh is None
         with rig.generating(pairs, dests) as gen, rig.sink(20) as sink:
             gen.run(2_000, 40)  # first packets (latching; a cold PyPy relay is slow)
-            _arrived(sink, 40)
+            assert _arrived(sink, 40, deadline_s=10.0) == 40
             r = step(gen, sink, rate=2_000, seconds=0.5, napi_pid=rig.napi_pid,
                      relay_pids=rig.relay_pids)
             assert (r["sent"], r["received"], r["loss"]) == (1000, 1000, 0.0)
@@ -122,12 +122,3 @@ def _cpus_allowed(pid: int, task: str) -> str:
             if line.startswith("Cpus_allowed_list:"):
                 return line.split(":", 1)[1].strip()
     raise AssertionError(f"no Cpus_allowed_list for {pid}/{task}")
-
-
-def _arrived(sink, count: int, deadline_s: float = 10.0) -> None:
-    """Wait, bounded, until `count` packets reached the sink: the warm-up's packets must
-    not land inside the measured step."""
-    end = time.monotonic() + deadline_s
-    while sink.packets() < count:
-        assert time.monotonic() < end, f"{sink.packets()} of {count} warm-up packets arrived"
-        time.sleep(0.02)
