@@ -83,10 +83,11 @@ def _first_line(cmd: List[str]) -> Optional[str]:
     return text.splitlines()[0] if text else None
 
 
-def _cpus_allowed() -> Optional[str]:
-    """The CPUs this process may run on (PyPy has no os.sched_getaffinity)."""
+def cpus_allowed(task: str = "self") -> Optional[str]:
+    """The CPUs a task may run on, as /proc says them ("0-1"): this process, or "PID" or
+    "PID/task/TID" (PyPy has no os.sched_getaffinity); None when /proc has no such task."""
     try:
-        with open("/proc/self/status") as fh:
+        with open(f"/proc/{task}/status") as fh:
             for line in fh:
                 if line.startswith("Cpus_allowed_list:"):
                     return line.split(":", 1)[1].strip()
@@ -113,7 +114,7 @@ def machine() -> Dict[str, Any]:
     except OSError:
         pass
     info["arch"] = platform.machine()
-    info["affinity"] = _cpus_allowed()
+    info["affinity"] = cpus_allowed()
     info["interpreters"] = {k: {"python": v["python"], "version": v.get("version"),
                                 "pypy": v.get("pypy")}
                             for k, v in find_interpreters().items()}

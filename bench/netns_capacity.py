@@ -633,7 +633,7 @@ def _relay_ips(topo: Topology, total: int) -> Tuple[List[str], List[str]]:
             [relay_plan(topo, i * PORTS_PER_ADDRESS)[1] for i in range(k)])
 
 
-def _set_affinity(pids: List[int], cpus: set) -> None:
+def set_affinity(pids: List[int], cpus: set) -> None:
     """Every thread of these processes on `cpus` (a thread that is gone is skipped)."""
     for pid in pids:
         try:
@@ -908,13 +908,13 @@ class Bench:
             raise BenchError(f"{m.name}: needs two CPUs, have {cpus}")
         assert rig.gen is not None
         with self.setups[base](m, rig):
-            _set_affinity(m.relay_pids(), {cpus[1]})
-            _set_affinity(rig.gen.pids, {cpus[0]})
+            set_affinity(m.relay_pids(), {cpus[1]})
+            set_affinity(rig.gen.pids, {cpus[0]})
             m.how += f"; relay on CPU {cpus[1]}, generator on CPU {cpus[0]}"
             try:
                 yield
             finally:
-                _set_affinity(rig.gen.pids, set(cpus))
+                set_affinity(rig.gen.pids, set(cpus))
 
     @contextlib.contextmanager
     def _policed(self, m: Mode, rig: Rig, base: str) -> Iterator[None]:

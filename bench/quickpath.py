@@ -101,7 +101,7 @@ from bench.many_sessions import (
     unix_socket,
 )
 from bench.netns import Topology, list_namespaces, run
-from bench.netns_capacity import runtime_ns, xdp_links
+from bench.netns_capacity import runtime_ns, set_affinity, xdp_links
 from bench.peers import tree_pids
 from bench.pmqos import cpu_latency
 from bench.trafgen import Sink, Trafgen, busy_share, cpu_times, link_mac, steer
@@ -394,14 +394,9 @@ _TAPS = ("--packet-interface", "vc1", "--packet-interface", "ve1")
 
 
 def pin_tree(pid: int, cpu: int) -> List[int]:
-    """Every thread of `pid` and its descendants onto `cpu` (``taskset -a``: PyPy has no
-    os.sched_setaffinity); returns the processes."""
-    import subprocess
-
+    """Every thread of `pid` and its descendants onto `cpu`; returns the processes."""
     pids = tree_pids(pid)
-    for p in pids:
-        subprocess.run(["taskset", "-a", "-pc", str(cpu), str(p)], check=True,
-                       capture_output=True)
+    set_affinity(pids, {cpu})
     return pids
 
 

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from bench.compare import cpus_allowed
 from bench.netns import Topology, run
 from bench.quickpath import (
     RELAY_CPU,
@@ -90,7 +91,7 @@ def test_userspace_mode_is_pinned_to_the_relay_core_and_its_work_counted(
         assert len(dests) == 20 and rig.relay_pids
         for pid in rig.relay_pids:
             for task in os.listdir(f"/proc/{pid}/task"):
-                assert _cpus_allowed(pid, task) == str(RELAY_CPU)
+                assert cpus_allowed(f"{pid}/task/{task}") == str(RELAY_CPU)
         if mode == "rtpengine":
             first = list(rig.relay_pids)
             dests = rig.refresh()
@@ -113,12 +114,3 @@ def test_userspace_mode_is_pinned_to_the_relay_core_and_its_work_counted(
     assert not any(os.path.exists(f"/proc/{p}") for p in pids), "the relay stopped"
     for ns, dev in ((topo.relay.ns, "vc1"), (topo.relay.ns, "ve1")):
         assert "xdp" not in run("ip", "link", "show", "dev", dev, ns=ns).stdout
-
-
-def _cpus_allowed(pid: int, task: str) -> str:
-    """A thread's allowed CPUs as /proc says them ("1"); PyPy has no os.sched_getaffinity."""
-    with open(f"/proc/{pid}/task/{task}/status") as fh:
-        for line in fh:
-            if line.startswith("Cpus_allowed_list:"):
-                return line.split(":", 1)[1].strip()
-    raise AssertionError(f"no Cpus_allowed_list for {pid}/{task}")
