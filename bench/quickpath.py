@@ -89,6 +89,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from bench.capacity import LOSS_LIMIT, machine, search, verdict
+from bench.compare import cpus_allowed
 from bench.frames import Flow
 from bench.interpreters import pypy_or_current
 from bench.many_sessions import (
@@ -394,9 +395,16 @@ _TAPS = ("--packet-interface", "vc1", "--packet-interface", "ve1")
 
 
 def pin_tree(pid: int, cpu: int) -> List[int]:
-    """Every thread of `pid` and its descendants onto `cpu`; returns the processes."""
+    """Every thread of `pid` and its descendants onto `cpu`; returns the processes.
+    Raises QuickpathError when a thread is not there after all (a relay off its core
+    would make the per-core figures wrong)."""
     pids = tree_pids(pid)
     set_affinity(pids, {cpu})
+    for p in pids:
+        for task in os.listdir(f"/proc/{p}/task"):
+            allowed = cpus_allowed(f"{p}/task/{task}")
+            if allowed not in (None, str(cpu)):  # None: the thread is gone
+                raise QuickpathError(f"thread {task} of {p} runs on {allowed}, not {cpu}")
     return pids
 
 
