@@ -34,6 +34,9 @@ Modes:
 * ``static-nat``  a static nftables DNAT/SNAT map pair, one element each per session;
 * ``kernel``      ``lrkproxy run --mode kernel``, every call installed pipelined over the
                   daemon's unix control socket (`bench.many_sessions.install`, 64 in flight);
+* ``kernel-noacct`` (opt-in) kernel mode with the namespace's ``nf_conntrack_acct``
+                  switched off once it runs (its flows then count nothing): what the
+                  per-packet accounting costs;
 * ``xdp``         ``lrkproxy run --mode xdp`` (native XDP on the relay's veths), the same way;
 * ``xdp-generic`` the same with ``--xdp-attach generic`` (XDP on the skb, after the
                   stack built it);
@@ -71,6 +74,11 @@ by the relay (`media.dropped.*`), three runs.
 bursts wakes without the host's help). Recorded in the report as ``idle_latency_us``
 (None: the machine's own idle behaviour).
 
+``--rx-moderation-us N``: the relay's receiving veth re-polls on a timer of N us after
+a poll that found work (`napi_defer_hard_irqs` 2, `gro_flush_timeout` N us;
+`bench.netns.set_napi_deferral`), as a NIC's receive interrupt moderation does, for every
+mode of the run. Recorded as ``rx_moderation_us`` (0: none, the veth default).
+
 Bounds: at most MAX_RATE pkt/s and `--step` <= 3 s per step, at most 14 steps per search,
 3 confirmation attempts, 3 overload runs, INSTALL_DEADLINE_S for a daemon's calls; every
 process, namespace, table, BPF program and conntrack entry is gone at the end (what a mode
@@ -101,7 +109,7 @@ from bench.many_sessions import (
     relay_args,
     unix_socket,
 )
-from bench.netns import Topology, list_namespaces, run
+from bench.netns import Topology, list_namespaces, run, set_napi_deferral
 from bench.netns_capacity import runtime_ns, set_affinity, xdp_links
 from bench.peers import tree_pids
 from bench.pmqos import cpu_latency
@@ -140,6 +148,9 @@ GENERATORS = ("xdp", "trafgen")
 #: the relay's NAPI thread runs SCHED_FIFO: as a NIC's softirq, it is not queued behind
 #: other processes of a shared machine (RT throttling still leaves them 5 %)
 NAPI_RT_PRIO = 50
+#: --rx-moderation-us: timer re-polls before the interface's "interrupt" is unmasked
+RX_MODERATION_DEFER = 2
+MAX_RX_MODERATION_US = 1000
 #: the relay's NAPI thread at or above this share of the wall time: the relay core is full
 NAPI_FULL = 0.9
 
@@ -210,7 +221,8 @@ class Rig:
     from `generator` ("xdp": `bench.xdpgen.XdpGen`, counted by an `XdpSink`; "trafgen":
     `bench.trafgen.Trafgen`, counted by the nft `Sink`)."""
 
-    def __init__(self, topo: Topology, generator: str = "xdp", relay_ips: int = 0) -> None:
+    def __init__(self, topo: Topology, generator: str = "xdp", relay_ips: int = 0,
+                 rx_moderation_us: int = 0) -> None:
         if generator not in GENERATORS:
             raise QuickpathError(f"unknown generator {generator!r}; choose from {GENERATORS}")
         self.topo, self.kind = topo, generator
@@ -226,6 +238,9 @@ class Rig:
         xdp_links(topo)  # every mode of a run shares the hosts' link settings
         self.napi_pid = steer(topo.relay.ns, "vc1", topo.caller.ns, "vc0", RELAY_CPU,
                               rt_prio=NAPI_RT_PRIO)
+        if rx_moderation_us:
+            set_napi_deferral(topo.relay.ns, "vc1", RX_MODERATION_DEFER,
+                              rx_moderation_us * 1000)
         self.client: Any = None  # the relay's LrkClient while a daemon mode is set up
         #: a userspace relay's processes (on the relay core), while one is set up
         self.relay_pids: List[int] = []
@@ -447,10 +462,23 @@ def rtpengine(rig: Rig, pairs: List[Tuple[Addr, Addr]], python: str) -> Iterator
         run("conntrack", "-F", ns=topo.relay.ns, check=False)
 
 
+@contextlib.contextmanager
+def kernel_without_accounting(rig: Rig, pairs: List[Tuple[Addr, Addr]],
+                              python: str) -> Iterator[List[Addr]]:
+    """Kernel mode whose flows are not accounted: ``nf_conntrack_acct`` off after the
+    daemon switched it on, before the warm-up creates the flows (measurement only: the
+    relay's counters then read zero). Restored by the daemon's stop."""
+    with lrk_mode("kernel")(rig, pairs, python) as dests:
+        run("sh", "-c", "echo 0 > /proc/sys/net/netfilter/nf_conntrack_acct",
+            ns=rig.topo.relay.ns)
+        yield dests
+
+
 SETUPS: Dict[str, Callable[..., Any]] = {
     "routing": routing,
     "static-nat": static_nat,
     "kernel": lrk_mode("kernel"),
+    "kernel-noacct": kernel_without_accounting,
     "xdp": lrk_mode("xdp"),
     "xdp-generic": lrk_mode("xdp", ["--xdp-attach", "generic"]),
     "socket": lrk_mode("socket", pin=True),
@@ -802,13 +830,17 @@ def load_average() -> List[float]:
 def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
               start: int = 200_000, python: Optional[str] = None,
               generator: str = "xdp", relay_ips: int = 0,
-              idle_latency_us: Optional[int] = None, equal_rate: int = 0) -> dict:
+              idle_latency_us: Optional[int] = None, equal_rate: int = 0,
+              rx_moderation_us: int = 0) -> dict:
     if os.geteuid() != 0:
         raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
     if not 0 <= relay_ips <= MAX_ADDRESSES:
         raise QuickpathError(f"--relay-addresses {relay_ips} outside 0..{MAX_ADDRESSES}")
     if not 0 < seconds <= MAX_STEP_S:
         raise QuickpathError(f"--step {seconds} outside (0, {MAX_STEP_S}]")
+    if not 0 <= rx_moderation_us <= MAX_RX_MODERATION_US:
+        raise QuickpathError(f"--rx-moderation-us {rx_moderation_us} outside "
+                             f"0..{MAX_RX_MODERATION_US}")
     unknown = [m for m in modes if m not in SETUPS]
     if unknown:
         raise QuickpathError(f"unknown modes {unknown}; choose from {list(SETUPS)}")
@@ -817,7 +849,7 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
     load_before = load_average()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with Topology("-qp") as topo, cpu_latency(idle_latency_us) as idle:
-        rig = Rig(topo, generator, relay_ips)
+        rig = Rig(topo, generator, relay_ips, rx_moderation_us)
         for n in sessions:
             for mode in modes:
                 print(f"quickpath: {mode} x {n} ...", file=sys.stderr, flush=True)
@@ -830,7 +862,8 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
     return {"machine": machine(), "date": date,
             "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
             "generator": generator, "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
-            "step_s": seconds, "idle_latency_us": idle, "load_before": load_before,
+            "step_s": seconds, "idle_latency_us": idle, "rx_moderation_us": rx_moderation_us,
+            "load_before": load_before,
             "load_after": load_average(), "results": results}
 
 
@@ -877,6 +910,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--idle-latency-us", type=int, default=None,
                     help="hold a PM QoS CPU latency request of this many us for the run "
                          "(0: idle CPUs poll instead of halting; bench.pmqos)")
+    ap.add_argument("--rx-moderation-us", type=int, default=0,
+                    help="the relay's receiving veth re-polls on a timer of this many us "
+                         "after a poll that found work, as NIC interrupt moderation does "
+                         "(0: none)")
     ap.add_argument("--equal-rate", type=int, default=0,
                     help="first, three steps at this rate: the relay's work per packet at "
                          "an equal load (0: none)")
@@ -892,7 +929,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     res = run_bench([int(s) for s in args.sessions.split(",")], args.modes.split(","),
                     args.step, args.start, args.python, args.generator,
-                    args.relay_addresses, args.idle_latency_us, args.equal_rate)
+                    args.relay_addresses, args.idle_latency_us, args.equal_rate,
+                    args.rx_moderation_us)
     print(table(res["results"]))
     if args.out:
         with open(args.out, "w") as fh:

@@ -114,3 +114,38 @@ def test_userspace_mode_is_pinned_to_the_relay_core_and_its_work_counted(
     assert not any(os.path.exists(f"/proc/{p}") for p in pids), "the relay stopped"
     for ns, dev in ((topo.relay.ns, "vc1"), (topo.relay.ns, "ve1")):
         assert "xdp" not in run("ip", "link", "show", "dev", dev, ns=ns).stdout
+
+
+def _sysfs(ns: str, path: str) -> str:
+    return run("cat", path, ns=ns).stdout.strip()
+
+
+def test_rx_moderation_defers_the_relay_receive_and_loses_nothing(topo: Topology) -> None:
+    """--rx-moderation-us: the relay's receiving veth re-polls on a timer (as NIC interrupt
+    moderation does), and frames wait for it rather than being lost."""
+    rig = Rig(topo, "xdp", rx_moderation_us=200)
+    assert _sysfs(topo.relay.ns, "/sys/class/net/vc1/napi_defer_hard_irqs") == "2"
+    assert _sysfs(topo.relay.ns, "/sys/class/net/vc1/gro_flush_timeout") == "200000"
+    pairs = flows_for(topo, 20)
+    with SETUPS["routing"](rig, pairs, sys.executable) as dests, \
+            rig.generating(pairs, dests) as gen, rig.sink(20) as sink:
+        r = step(gen, sink, rate=2_000, seconds=0.5, napi_pid=rig.napi_pid)
+        assert (r["sent"], r["received"], r["ring_refused"]) == (1000, 1000, 0)
+
+
+def test_kernel_mode_without_accounting_forwards_and_counts_nothing(topo: Topology) -> None:
+    """kernel-noacct (what conntrack accounting costs): the namespace's accounting is off
+    while it runs, the media still arrives through flows that carry no counters, and the
+    daemon's stop puts the sysctl back to what it was before."""
+    acct = "/proc/sys/net/netfilter/nf_conntrack_acct"
+    before = _sysfs(topo.relay.ns, acct)
+    rig = Rig(topo, "xdp")
+    pairs = flows_for(topo, 20)
+    with SETUPS["kernel-noacct"](rig, pairs, sys.executable) as dests:
+        assert _sysfs(topo.relay.ns, acct) == "0"
+        with rig.generating(pairs, dests) as gen, rig.sink(20) as sink:
+            r = step(gen, sink, rate=2_000, seconds=0.5, napi_pid=rig.napi_pid)
+            assert (r["sent"], r["received"]) == (1000, 1000)
+            flows = run("conntrack", "-L", ns=topo.relay.ns).stdout.splitlines()
+        assert len(flows) >= 20 and not any("packets=" in f for f in flows), flows[:2]
+    assert _sysfs(topo.relay.ns, acct) == before
