@@ -1,4 +1,4 @@
-"""PyPy JIT thresholds for long-running relay processes.
+"""PyPy JIT thresholds and GC nursery for long-running relay processes.
 
 PyPy compiles a loop after ~1,000 iterations and a function after ~1,600 calls (its
 defaults suit short scripts as well as servers). A relay's control path runs a few dozen
@@ -8,9 +8,20 @@ request in the first 6,000 calls after 2,000 warm-up calls, ~65 µs once compile
 thresholds compile the hot paths sooner; the cost is compiling a few colder paths too.
 
 A no-op on CPython. The daemon and every worker apply the same setting.
+
+The nursery (where PyPy allocates before a minor collection) can only be chosen before
+the interpreter starts, by ``PYPY_GC_NURSERY``: PyPy's default is half the last-level
+cache it finds (512 KB on this project's 1 MB-L2 VM), so a relay's short-lived objects
+were collected every few requests. 64 MB cut the control plane's CPU per request from
+105-131 to 67-90 us under PyPy (docs/benchmarks.md, section 1); 256 MB was worse again.
+The launchers set it (systemd unit, ``scripts/run.sh``, `lrk.demo.relay_process`), the
+daemon passes it to its workers (`with_gc_nursery`); an operator's own value wins.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Dict, Mapping, Optional
 
 from fastpath.errors import LrkError
 
@@ -22,6 +33,25 @@ NAMED = {"tuned": TUNED, "pypy": ""}
 PARAMS = ("threshold", "function_threshold", "trace_eagerness", "decay", "trace_limit",
           "inlining", "loop_longevity", "retrace_limit", "max_retrace_guards",
           "max_unroll_loops", "disable_unrolling", "max_unroll_recursion")
+
+
+#: the nursery lrk's launchers give PyPy (``PYPY_GC_NURSERY``; ignored by CPython)
+GC_NURSERY = "64M"
+GC_NURSERY_ENV = "PYPY_GC_NURSERY"
+
+
+def with_gc_nursery(env: Mapping[str, str]) -> Dict[str, str]:
+    """A copy of `env` for a relay process: lrk's nursery unless `env` names one."""
+    out = dict(env)
+    if not out.get(GC_NURSERY_ENV):
+        out[GC_NURSERY_ENV] = GC_NURSERY
+    return out
+
+
+def gc_nursery(env: Optional[Mapping[str, str]] = None) -> str:
+    """The nursery this PyPy process started with, as its start line shows it."""
+    value = (os.environ if env is None else env).get(GC_NURSERY_ENV)
+    return value or "pypy-default"
 
 
 class JitParamError(LrkError):

@@ -9,6 +9,8 @@ cd "$ROOT"
 install_args=()
 [ "${LRK_NO_APT:-0}" = 1 ] && install_args+=(--no-apt)
 bash scripts/install.sh "${install_args[@]}" >&2
+# PyPy's GC nursery (fastpath/jit.py GC_NURSERY; yours wins when set)
+export PYPY_GC_NURSERY="${PYPY_GC_NURSERY:-64M}"
 if [ "${1:-}" = "--demo" ]; then
     shift
     exec .venv-pypy/bin/lrkproxy demo "$@"

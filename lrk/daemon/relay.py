@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import os
+import platform
 import signal
 import socket
 import stat
@@ -21,7 +22,7 @@ import time
 from collections import Counter, deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Union
 
-from fastpath import logs
+from fastpath import jit, logs
 from fastpath.contract import Action, DataPlane, Event, PlaneFailure, Remove, SessionReport
 from lrk import __version__
 from lrk.control.allow import AllowList
@@ -314,12 +315,13 @@ class Relay:
         if mode == "packet":
             mode = f"packet({self.config.packet_io}:{','.join(self.config.packet_interfaces)})"
         lifecycle.info(
-            "lrk %s serving: mode=%s control=%s legacy=%s media=%s ports=%d-%d workers=%s",
+            "lrk %s serving: mode=%s control=%s legacy=%s media=%s ports=%d-%d workers=%s "
+            "interpreter=%s",
             __version__, mode, _shown(self.control_address),
             ",".join(_shown(a) for a in self.config.legacy_addrs) or "off",
             ",".join(self.config.relay_addresses), cfg.port_start,
             cfg.port_end, self.config.workers if self.config.mode in ("socket", "packet")
-            else "-")
+            else "-", _interpreter())
 
     def _datagram_endpoint(self, address: Any, on_datagram: Any, counters: Counter,
                            send_error_counter: str, freebind: bool = False
@@ -938,6 +940,13 @@ class Relay:
 def _key_set(auth: Any) -> set:
     """What a reload compares: each key's id, secret and rights."""
     return {(k.id, k.secret, k.admin, k.owner) for k in auth.keys.values()}
+
+
+def _interpreter() -> str:
+    """For the start line: PyPy with the GC nursery it started with, or CPython."""
+    if platform.python_implementation() == "PyPy":
+        return f"pypy(gc_nursery={jit.gc_nursery()})"
+    return "cpython"
 
 
 def _shown(address: Any) -> str:

@@ -25,7 +25,7 @@ import time
 from collections import Counter, deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
-from fastpath import channel
+from fastpath import channel, jit
 from fastpath.contract import (
     Action,
     EventSink,
@@ -170,7 +170,8 @@ class WorkerHandle:
                "--pypy-jit", self.plane.pypy_jit]
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), close_fds=True,
-                                         preexec_fn=_ignore_stop_signals)
+                                         preexec_fn=_ignore_stop_signals,
+                                         env=jit.with_gc_nursery(os.environ))
         finally:
             theirs.close()
         mine.setblocking(False)

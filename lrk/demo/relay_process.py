@@ -14,6 +14,7 @@ from typing import IO, Dict, List, Optional
 
 import msgpack
 
+from fastpath import jit
 from lrk.control.auth import KEYS_ENV, Key, default_key_dir, ensure_keys, find_key, sign
 from lrk.errors import LrkError
 
@@ -148,6 +149,7 @@ class RelayProcess:
     def start(self, ready_timeout: float = 20.0) -> RelayProcess:
         env = dict(os.environ)
         env.update(self.env or {})
+        env = jit.with_gc_nursery(env)  # as the systemd unit and scripts/run.sh do
         key = self.ping_key()  # creates the keys first: the relay then finds them
         # a file, not a pipe: a chatty relay must never block on a full pipe
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child

@@ -3,6 +3,7 @@
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,21 @@ def test_a_value_pypy_refuses_is_a_typed_error_on_pypy():
         assert out.startswith("refused") and "trace_limit=30000" in out
     else:
         assert out.startswith("applied")  # no JIT: nothing to refuse, nothing set
+
+
+def test_the_nursery_is_added_unless_the_environment_names_one():
+    base = {"PATH": "/bin"}
+    assert jit.with_gc_nursery(base) == {"PATH": "/bin", jit.GC_NURSERY_ENV: jit.GC_NURSERY}
+    assert base == {"PATH": "/bin"}, "the caller's mapping is left alone"
+    assert jit.with_gc_nursery({jit.GC_NURSERY_ENV: "8M"})[jit.GC_NURSERY_ENV] == "8M"
+    assert jit.with_gc_nursery({jit.GC_NURSERY_ENV: ""})[jit.GC_NURSERY_ENV] == jit.GC_NURSERY
+    assert jit.gc_nursery({}) == "pypy-default"
+    assert jit.gc_nursery({jit.GC_NURSERY_ENV: "8M"}) == "8M"
+
+
+def test_every_launcher_gives_the_same_nursery():
+    root = Path(__file__).resolve().parents[2]
+    unit = (root / "etc" / "systemd" / "lrkproxy.service").read_text(encoding="utf-8")
+    assert f"Environment={jit.GC_NURSERY_ENV}={jit.GC_NURSERY}\n" in unit
+    run_sh = (root / "scripts" / "run.sh").read_text(encoding="utf-8")
+    assert f'export {jit.GC_NURSERY_ENV}="${{{jit.GC_NURSERY_ENV}:-{jit.GC_NURSERY}}}"' in run_sh
