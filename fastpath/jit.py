@@ -10,10 +10,10 @@ thresholds compile the hot paths sooner; the cost is compiling a few colder path
 A no-op on CPython. The daemon and every worker apply the same setting.
 
 The nursery (where PyPy allocates before a minor collection) can only be chosen before
-the interpreter starts, by ``PYPY_GC_NURSERY``: PyPy's default is half the last-level
-cache it finds (512 KB on this project's 1 MB-L2 VM), so a relay's short-lived objects
-were collected every few requests. 64 MB cut the control plane's CPU per request from
-105-131 to 67-90 us under PyPy (docs/benchmarks.md, section 1); 256 MB was worse again.
+the interpreter starts, by ``PYPY_GC_NURSERY``: PyPy sizes it from the CPU cache it finds
+(1 MB on this project's VM, `gc.get_stats().nursery_size`), so a relay's short-lived
+objects were collected every few requests. 64 MB cut the control plane's CPU per request
+by about a quarter under PyPy (docs/benchmarks.md, section 1); 256 MB was worse again.
 The launchers set it (systemd unit, ``scripts/run.sh``, `lrk.demo.relay_process`), the
 daemon passes it to its workers (`with_gc_nursery`); an operator's own value wins.
 """
