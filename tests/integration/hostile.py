@@ -36,7 +36,8 @@ class Keys:
 
 @contextmanager
 def keyed_relay(keys: Keys, *extra: str, config: str = "", ports: str = "",
-                tmp: Optional[str] = None) -> Iterator[RelayProcess]:
+                tmp: Optional[str] = None,
+                env: Optional[Dict[str, str]] = None) -> Iterator[RelayProcess]:
     """A relay on its own key directory; stopped at the end, which must be clean."""
     args = list(extra)
     if config:
@@ -44,7 +45,8 @@ def keyed_relay(keys: Keys, *extra: str, config: str = "", ports: str = "",
         with open(path, "w") as fh:
             fh.write(config)
         args += ["--config", path]
-    relay = RelayProcess(ports=ports or next_port_range(), extra=args, keys=keys.directory)
+    relay = RelayProcess(ports=ports or next_port_range(), extra=args, keys=keys.directory,
+                         env=env)
     relay.start()
     try:
         yield relay
@@ -100,6 +102,12 @@ class Admin:
 
     def close(self) -> None:
         self.sock.close()
+
+
+#: for a test that bounds how much a relay's RSS grows: PyPy's nursery at PyPy's own size
+#: (1 MB here) instead of lrk's 64 MB, which a process fills once over its first tens of
+#: MB allocated -- a fixed amount, not growth -- and would hide a leak of that size
+SMALL_NURSERY = {"PYPY_GC_NURSERY": "1M"}
 
 
 def rss_bytes(pid: int) -> int:

@@ -25,7 +25,18 @@ from lrk.client.errors import RelayError
 from lrk.control.auth import Key, sign
 from lrk.demo.relay_process import RelayProcess, free_udp_port, next_port_range, ping
 
-from .hostile import Admin, Keys, ask, keyed_relay, packed, pending, rss_bytes, signed, udp
+from .hostile import (
+    SMALL_NURSERY,
+    Admin,
+    Keys,
+    ask,
+    keyed_relay,
+    packed,
+    pending,
+    rss_bytes,
+    signed,
+    udp,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +148,7 @@ def test_legacy_requests_cannot_end_or_replace_a_msgpack_call(keys, tmp_path):
 
 def test_the_16kb_version_field_costs_no_memory(keys):
     """Before: each such request cached a 64 KB error reply, 65,536 of them for 30 s."""
-    with keyed_relay(keys) as relay:
+    with keyed_relay(keys, env=SMALL_NURSERY) as relay:
         to = ("127.0.0.1", relay.control_port)
         sock = udp()
         sock.settimeout(1.0)
