@@ -10,7 +10,8 @@ process. Per peer:
 * memory per session: the relay processes' resident memory and the kernel's slab
   (sockets, conntrack entries, nftables elements: /proc/meminfo "Slab") with all N calls
   set up and carrying media, minus the same with the first half only (JIT warm, buffers
-  touched), divided by the second half's count. The slab figure is machine-wide, so
+  touched), divided by the second half's count (a PyPy relay runs with PyPy's own GC
+  nursery here, `bench.peers.MEMORY_ENV`). The slab figure is machine-wide, so
   other tenants add noise; it is only shown from 50 sessions measured up;
 * the relay processes' CPU per relayed packet -- their userspace share: the kernel
   modes forward in softirq, which `bench.netns_capacity` measures.
@@ -35,7 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from bench.callgen import CallGenProcess
 from bench.interpreters import pypy_or_current
 from bench.netns import Topology, list_namespaces, socket_in
-from bench.peers import PEERS, PeerError, make_peer
+from bench.peers import MEMORY_ENV, PEERS, PeerError, make_peer
 
 Progress = Callable[[str], None]
 
@@ -90,7 +91,7 @@ def measure_peer(topo: Topology, name: str, gen: CallGenProcess,
                  say: Progress, lrk_python: Optional[str]) -> dict:
     n = len(endpoints)
     ports = f"{PORT_START}-{PORT_START + 4 * n + 63}"
-    peer = make_peer(topo, name, ports, python=lrk_python)
+    peer = make_peer(topo, name, ports, python=lrk_python, env=MEMORY_ENV)
     out: Dict[str, Any] = {"mode": name, "calls": n}
     half = max(1, n // 2)
     with peer:

@@ -14,7 +14,10 @@ per side (127.0.0.1.. internal, 127.0.1.1.. external: loopback answers for all o
 (interface external) + answer (internal), ``--window`` calls in flight, every reply
 checked; the requests are packed and signed before the clock starts, so the client
 costs one send + one recv + one unpack per request. Then: sessions/s, the relay's
-RSS (daemon + workers) per session, the round trip of one ``stats`` at that size, and
+RSS (daemon + workers) per session (a PyPy relay runs with PyPy's own GC nursery here,
+`bench.peers.MEMORY_ENV`, so the figure does not count the launchers' 64 MB filling; its
+install rate is then PyPy's without that tuning), the round trip of one ``stats`` at that
+size, and
 that the calls spread over the addresses. Socket mode holds 4 sockets a call, so N is
 bound by the fd limit (``ulimit -n``; 20000 here: about 4,800 calls).
 
@@ -49,6 +52,7 @@ import msgpack
 
 from bench import jsonlines
 from bench.inflight import pipeline
+from bench.peers import MEMORY_ENV
 from lrk.client import LrkClient
 from lrk.control.auth import sign
 from lrk.demo.relay_process import RelayProcess
@@ -189,7 +193,7 @@ def daemon(args: argparse.Namespace) -> Dict[str, Any]:
         extra += ["--internal-ip", ip]
     for ip in external:
         extra += ["--external-ip", ip]
-    with RelayProcess(ports=args.ports, extra=extra) as relay:
+    with RelayProcess(ports=args.ports, extra=extra, env=MEMORY_ENV) as relay:
         pid = relay.proc.pid  # type: ignore[union-attr]
         datagrams = _requests(relay, args.sessions, "127.0.0.1", "127.0.0.1")
         rss0 = _rss_kib(pid)
@@ -299,7 +303,7 @@ def kernel(args: argparse.Namespace) -> Dict[str, Any]:
             extra = relay_args(os.path.join(tmp, "lrk.toml"), args.mode, args.sessions,
                                internal, external, args.kernel_poll)
             relay = RelayProcess(ports=args.ports, netns=ns, extra=extra,
-                                 python=args.relay_python).start()
+                                 python=args.relay_python, env=MEMORY_ENV).start()
             try:
                 result = _kernel_run(args, relay, topo, tmp)
             finally:

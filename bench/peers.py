@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 from bench.netns import Topology
 from bench.rtpengine import RtpengineProcess
+from fastpath import jit
 from lrk.client import LrkClient
 from lrk.demo.relay_process import RelayProcess
 
@@ -92,11 +93,18 @@ class Peer:
         self.stop()
 
 
+#: for a relay whose memory per session is measured: PyPy's own nursery size (1 MB here)
+#: instead of the launchers' 64 MB, which a process fills once over its first 64 MB
+#: allocated -- a fixed amount per process that a per-session figure must not count
+MEMORY_ENV = {jit.GC_NURSERY_ENV: "1M"}
+
+
 class LrkPeer(Peer):
     """`lrkproxy run --mode MODE` in the relay namespace, driven by `LrkClient`."""
 
     def __init__(self, topo: Topology, mode: str, ports: str, python: Optional[str] = None,
-                 extra: Optional[List[str]] = None) -> None:
+                 extra: Optional[List[str]] = None,
+                 env: Optional[Dict[str, str]] = None) -> None:
         if mode not in LRK_MODES:
             raise PeerError(f"unknown lrk mode {mode!r}; choose from {', '.join(LRK_MODES)}")
         self.name = mode
@@ -106,7 +114,8 @@ class LrkPeer(Peer):
         if mode == "packet":
             for iface in RELAY_IFACES:
                 args += ["--packet-interface", iface]
-        self.relay = RelayProcess(ports=ports, netns=topo.relay.ns, extra=args, python=python)
+        self.relay = RelayProcess(ports=ports, netns=topo.relay.ns, extra=args, python=python,
+                                  env=env)
         self.client: Optional[LrkClient] = None
         self.exit_code: Optional[int] = None
 
@@ -197,7 +206,8 @@ class RtpenginePeer(Peer):
         return self.proc.log_text or ""
 
 
-def make_peer(topo: Topology, name: str, ports: str, python: Optional[str] = None) -> Peer:
+def make_peer(topo: Topology, name: str, ports: str, python: Optional[str] = None,
+              env: Optional[Dict[str, str]] = None) -> Peer:
     if name == "rtpengine":
         return RtpenginePeer(topo, ports)
-    return LrkPeer(topo, name, ports, python=python)
+    return LrkPeer(topo, name, ports, python=python, env=env)

@@ -104,12 +104,6 @@ class Admin:
         self.sock.close()
 
 
-#: for a test that bounds how much a relay's RSS grows: PyPy's nursery at PyPy's own size
-#: (1 MB here) instead of lrk's 64 MB, which a process fills once over its first tens of
-#: MB allocated -- a fixed amount, not growth -- and would hide a leak of that size
-SMALL_NURSERY = {"PYPY_GC_NURSERY": "1M"}
-
-
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:

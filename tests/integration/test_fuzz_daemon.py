@@ -15,12 +15,12 @@ from typing import Any, Callable, Dict, List
 
 import pytest
 
+from bench.peers import MEMORY_ENV
 from lrk.control.auth import sign
 from lrk.control.msgpack_proto import COMMANDS
 from lrk.demo.relay_process import free_udp_port, next_port_range, ping
 
 from .hostile import (
-    SMALL_NURSERY,
     Admin,
     Keys,
     bound_udp_ports,
@@ -175,7 +175,7 @@ def test_fuzzed_relay_still_answers_within_memory_and_leaks_nothing(tmp_path):
     config = "quarantine = 0\nlegacy_takeover_idle = 0.5\nmax_sessions = 24\n"
     with keyed_relay(keys, "--legacy", f"127.0.0.1:{legacy_port}", "--legacy",
                      f"unix:{unix_path}", config=config, ports=ports,
-                     tmp=str(tmp_path), env=SMALL_NURSERY) as relay:
+                     tmp=str(tmp_path), env=MEMORY_ENV) as relay:
         pid = relay.proc.pid  # type: ignore[union-attr]
         control = ("127.0.0.1", relay.control_port)
         rng = random.Random(SEED)

@@ -20,13 +20,13 @@ import time
 import msgpack
 import pytest
 
+from bench.peers import MEMORY_ENV
 from lrk.client import LrkClient
 from lrk.client.errors import RelayError
 from lrk.control.auth import Key, sign
 from lrk.demo.relay_process import RelayProcess, free_udp_port, next_port_range, ping
 
 from .hostile import (
-    SMALL_NURSERY,
     Admin,
     Keys,
     ask,
@@ -148,7 +148,7 @@ def test_legacy_requests_cannot_end_or_replace_a_msgpack_call(keys, tmp_path):
 
 def test_the_16kb_version_field_costs_no_memory(keys):
     """Before: each such request cached a 64 KB error reply, 65,536 of them for 30 s."""
-    with keyed_relay(keys, env=SMALL_NURSERY) as relay:
+    with keyed_relay(keys, env=MEMORY_ENV) as relay:
         to = ("127.0.0.1", relay.control_port)
         sock = udp()
         sock.settimeout(1.0)
