@@ -13,7 +13,7 @@ The nursery (where PyPy allocates before a minor collection) can only be chosen 
 the interpreter starts, by ``PYPY_GC_NURSERY``: PyPy sizes it from the CPU cache it finds
 (1 MB on this project's VM, `gc.get_stats().nursery_size`), so a relay's short-lived
 objects were collected every few requests. 64 MB cut the control plane's CPU per request
-by about a quarter under PyPy (docs/benchmarks.md, section 1); 256 MB was worse again.
+by about a quarter under PyPy (docs/benchmarks.md, section 1); 256 MB was no better.
 The launchers set it (systemd unit, ``scripts/run.sh``, `lrk.demo.relay_process`), the
 daemon passes it to its workers (`with_gc_nursery`); an operator's own value wins.
 """
