@@ -41,8 +41,8 @@ def run(*args: str, ns: Optional[str] = None, check: bool = True,
 
 def set_napi_deferral(ns: str, dev: str, defer: int, flush_timeout_ns: int) -> None:
     """Defer `dev`'s receive re-poll (its `napi_defer_hard_irqs` and `gro_flush_timeout`,
-    inside namespace `ns`): what preferred busy polling of AF_XDP sockets relies on
-    (docs/operations.md). 0, 0 is the kernel's default."""
+    inside namespace `ns`): a veth's receive interrupt moderation (docs/operations.md).
+    0, 0 is the kernel's default."""
     run("sh", "-c", f"echo {int(defer)} > /sys/class/net/{dev}/napi_defer_hard_irqs && "
         f"echo {int(flush_timeout_ns)} > /sys/class/net/{dev}/gro_flush_timeout", ns=ns)
 

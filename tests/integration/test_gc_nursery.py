@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from fastpath import jit
-from lrk.demo.relay_process import RelayProcess
+from lrk.demo.relay_process import RelayProcess, next_port_range
 from tests.integration.hostile import children
 
 
@@ -30,7 +30,7 @@ def _worker(pid: int) -> int:
 def test_daemon_and_worker_run_with_the_nursery(monkeypatch, given, expected):
     monkeypatch.delenv(jit.GC_NURSERY_ENV, raising=False)
     env = {} if given is None else {jit.GC_NURSERY_ENV: given}
-    with RelayProcess(ports="31000-31099", python=sys.executable, env=env) as relay:
+    with RelayProcess(ports=next_port_range(), python=sys.executable, env=env) as relay:
         pid = relay.proc.pid
         assert _environ(pid)[jit.GC_NURSERY_ENV] == expected
         assert _environ(_worker(pid))[jit.GC_NURSERY_ENV] == expected

@@ -26,17 +26,7 @@ from lrk.client.errors import RelayError
 from lrk.control.auth import Key, sign
 from lrk.demo.relay_process import RelayProcess, free_udp_port, next_port_range, ping
 
-from .hostile import (
-    Admin,
-    Keys,
-    ask,
-    keyed_relay,
-    packed,
-    pending,
-    rss_bytes,
-    signed,
-    udp,
-)
+from .hostile import Admin, Keys, ask, keyed_relay, packed, pending, rss_bytes, signed, udp
 
 pytestmark = pytest.mark.integration
 
