@@ -269,8 +269,14 @@ def _round_rate(rate: float) -> int:
 
 def search(measure: Callable[[int], dict], start: int, max_steps: int,
            loss_limit: float = LOSS_LIMIT, precision: float = PRECISION,
-           generator_retries: int = 1) -> dict:
-    """Doubling ramp from `start` (halving if `start` already fails), then bisection."""
+           generator_retries: int = 1, transient_retries: int = 0) -> dict:
+    """Doubling ramp from `start` (halving if `start` already fails), then bisection.
+
+    A rate is measured once more (at most once) when its first step could not judge the
+    relay: the generator fell short (`generator_retries`), or, with `transient_retries`,
+    it lost frames while neither side was saturated (the step's ``saturated`` is
+    "neither": a pause of a shared machine, which would otherwise send the bisection
+    below a rate the relay core was far from full at)."""
     steps: List[dict] = []
     lo: Optional[int] = None  # highest rate that passed
     hi: Optional[int] = None  # lowest rate that did not
@@ -286,6 +292,10 @@ def search(measure: Callable[[int], dict], start: int, max_steps: int,
         if v == "generator" and rate not in retried and generator_retries > 0:
             retried.add(rate)
             continue  # a stall of a shared machine; measure the same rate once more
+        if (v == "fail" and res.get("saturated") == "neither" and rate not in retried
+                and transient_retries > 0):
+            retried.add(rate)
+            continue  # lost frames with the relay core not full: judge it once more
         if v == "pass":
             if lo is None or rate > lo:
                 lo, best = rate, res

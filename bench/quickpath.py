@@ -57,7 +57,8 @@ ring) plus the relay's own threads, all on the relay core: a step records their 
 NAPI_FULL of the wall time.
 
 For each (mode, sessions): a capacity search (`bench.capacity.search`: doubling, then
-bisection; a step offers R pkt/s for `--step` seconds and passes with < 1 % loss), then
+bisection; a step offers R pkt/s for `--step` seconds and passes with < 1 % loss; a step
+that lost frames while neither side was saturated is measured once more), then
 the capacity is *confirmed*: three runs in a row at that rate must pass, or the rate
 steps down 5 % and tries again; then three runs at OVERLOAD_RATE record what a full
 relay core forwards. Every step records the relay NAPI thread's busy share (its run
@@ -148,6 +149,10 @@ GENERATORS = ("xdp", "trafgen")
 #: the relay's NAPI thread runs SCHED_FIFO: as a NIC's softirq, it is not queued behind
 #: other processes of a shared machine (RT throttling still leaves them 5 %)
 NAPI_RT_PRIO = 50
+#: --napi-policy: "fifo" (NAPI_RT_PRIO, the default) or "other" (SCHED_OTHER, as the
+#: kernel's ksoftirqd, which takes over a softirq that keeps finding work; Rig's
+#: napi_rt_prio 0)
+NAPI_POLICIES = ("fifo", "other")
 #: --rx-moderation-us: timer re-polls before the interface's "interrupt" is unmasked
 RX_MODERATION_DEFER = 2
 MAX_RX_MODERATION_US = 1000
@@ -222,7 +227,7 @@ class Rig:
     `bench.trafgen.Trafgen`, counted by the nft `Sink`)."""
 
     def __init__(self, topo: Topology, generator: str = "xdp", relay_ips: int = 0,
-                 rx_moderation_us: int = 0) -> None:
+                 rx_moderation_us: int = 0, napi_rt_prio: int = NAPI_RT_PRIO) -> None:
         if generator not in GENERATORS:
             raise QuickpathError(f"unknown generator {generator!r}; choose from {GENERATORS}")
         self.topo, self.kind = topo, generator
@@ -237,7 +242,7 @@ class Rig:
                             INSTALL_WINDOW)  # none added: the control queue's depth
         xdp_links(topo)  # every mode of a run shares the hosts' link settings
         self.napi_pid = steer(topo.relay.ns, "vc1", topo.caller.ns, "vc0", RELAY_CPU,
-                              rt_prio=NAPI_RT_PRIO)
+                              rt_prio=napi_rt_prio)
         if rx_moderation_us:
             set_napi_deferral(topo.relay.ns, "vc1", RX_MODERATION_DEFER,
                               rx_moderation_us * 1000)
@@ -651,7 +656,7 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
                     return step(g, sink, rate, seconds, rig.napi_pid, rig.relay_pids)
 
             equal = [measure(equal_rate) for _ in range(CONFIRM_RUNS)] if equal_rate else []
-            found = search(measure, start, MAX_STEPS)
+            found = search(measure, start, MAX_STEPS, transient_retries=1)
             cap = found["capacity_pps"]
             conf = confirm(measure, cap) if cap else {"confirmed_pps": None, "attempts": []}
             over = [measure(OVERLOAD_RATE) for _ in range(CONFIRM_RUNS)]
@@ -831,7 +836,10 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
               start: int = 200_000, python: Optional[str] = None,
               generator: str = "xdp", relay_ips: int = 0,
               idle_latency_us: Optional[int] = None, equal_rate: int = 0,
-              rx_moderation_us: int = 0) -> dict:
+              rx_moderation_us: int = 0, napi_policy: str = "fifo") -> dict:
+    if napi_policy not in NAPI_POLICIES:
+        raise QuickpathError(f"unknown NAPI policy {napi_policy!r}; choose from "
+                             f"{NAPI_POLICIES}")
     if os.geteuid() != 0:
         raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
     if not 0 <= relay_ips <= MAX_ADDRESSES:
@@ -849,7 +857,8 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
     load_before = load_average()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with Topology("-qp") as topo, cpu_latency(idle_latency_us) as idle:
-        rig = Rig(topo, generator, relay_ips, rx_moderation_us)
+        rig = Rig(topo, generator, relay_ips, rx_moderation_us,
+                  NAPI_RT_PRIO if napi_policy == "fifo" else 0)
         for n in sessions:
             for mode in modes:
                 print(f"quickpath: {mode} x {n} ...", file=sys.stderr, flush=True)
@@ -863,7 +872,7 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
             "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
             "generator": generator, "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
             "step_s": seconds, "idle_latency_us": idle, "rx_moderation_us": rx_moderation_us,
-            "load_before": load_before,
+            "napi_policy": napi_policy, "load_before": load_before,
             "load_after": load_average(), "results": results}
 
 
@@ -914,6 +923,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="the relay's receiving veth re-polls on a timer of this many us "
                          "after a poll that found work, as NIC interrupt moderation does "
                          "(0: none)")
+    ap.add_argument("--napi-policy", choices=NAPI_POLICIES, default="fifo",
+                    help="the relay NAPI thread's scheduling: fifo (SCHED_FIFO, as a "
+                         "softirq at interrupt exit) or other (SCHED_OTHER, as ksoftirqd, "
+                         "which takes over a softirq that keeps finding work)")
     ap.add_argument("--equal-rate", type=int, default=0,
                     help="first, three steps at this rate: the relay's work per packet at "
                          "an equal load (0: none)")
@@ -930,7 +943,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     res = run_bench([int(s) for s in args.sessions.split(",")], args.modes.split(","),
                     args.step, args.start, args.python, args.generator,
                     args.relay_addresses, args.idle_latency_us, args.equal_rate,
-                    args.rx_moderation_us)
+                    args.rx_moderation_us, args.napi_policy)
     print(table(res["results"]))
     if args.out:
         with open(args.out, "w") as fh:

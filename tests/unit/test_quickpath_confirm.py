@@ -5,8 +5,18 @@ from __future__ import annotations
 import os
 from typing import List
 
+import pytest
+
+from bench.capacity import search
 from bench.netns_capacity import runtime_ns
-from bench.quickpath import CONFIRM_ATTEMPTS, confirm, table, work_us_per_packet
+from bench.quickpath import (
+    CONFIRM_ATTEMPTS,
+    QuickpathError,
+    confirm,
+    run_bench,
+    table,
+    work_us_per_packet,
+)
 
 
 def _fake(limit: int, flaky_at: List[int]):
@@ -77,3 +87,39 @@ def test_thread_run_time_covers_every_thread_and_skips_gone_processes() -> None:
         main_thread = int(fh.read().split()[0])
     assert own >= main_thread > 0
     assert runtime_ns([2 ** 22 + 7]) == 0  # no such process
+
+
+def _search_path(limit: int, transient_at: int, saturated: str):
+    """A path that passes below `limit`; its first step at `transient_at` loses frames
+    with the relay in state `saturated`."""
+    calls: List[int] = []
+
+    def measure(rate: int) -> dict:
+        calls.append(rate)
+        fails = rate >= limit or (rate == transient_at and calls.count(rate) == 1)
+        return {"rate": rate, "sent": 10_000, "received": 5_000 if fails else 10_000,
+                "loss": 0.5 if fails else 0.0, "generator_limited": False,
+                "achieved_rate": rate, "saturated": "relay core" if rate >= limit else saturated}
+    return measure, calls
+
+
+def test_a_loss_with_neither_side_saturated_is_measured_once_more() -> None:
+    """The kernel run of 16:37 UTC: the first step lost 1.9 % with the relay's NAPI thread
+    83 % busy, and the bisection then confirmed 194,000 pkt/s at 58 % busy."""
+    measure, calls = _search_path(500_000, 200_000, "neither")
+    found = search(measure, 200_000, 14, transient_retries=1)
+    assert calls[:3] == [200_000, 200_000, 400_000]
+    assert 400_000 <= found["capacity_pps"] < 500_000
+    measure, calls = _search_path(500_000, 200_000, "neither")
+    assert search(measure, 200_000, 14)["capacity_pps"] < 200_000  # without: misjudged
+
+
+def test_a_loss_at_a_saturated_relay_is_not_retried() -> None:
+    measure, calls = _search_path(500_000, 200_000, "relay core")
+    found = search(measure, 200_000, 14, transient_retries=1)
+    assert calls[:2] == [200_000, 100_000] and found["capacity_pps"] < 200_000
+
+
+def test_an_unknown_napi_policy_is_refused_before_anything_is_set_up() -> None:
+    with pytest.raises(QuickpathError, match="NAPI policy"):
+        run_bench([1], ["routing"], napi_policy="deadline")
