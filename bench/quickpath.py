@@ -75,6 +75,12 @@ by the relay (`media.dropped.*`), three runs.
 bursts wakes without the host's help). Recorded in the report as ``idle_latency_us``
 (None: the machine's own idle behaviour).
 
+``--equal-rate R``: first, three steps at R pkt/s on one relay (rtpengine: one fresh
+daemon for the three; R is below its capacity, so its flood protection stays out of it),
+``--equal-warmup-s S`` seconds at R before them (`warm_to_steady`), for every relay
+alike: a long-running relay's steady state, lrk's PyPy JIT compiled. Recorded per mode
+as ``warmup_packets``.
+
 ``--rx-moderation-us N``: the relay's receiving veth re-polls on a timer of N us after
 a poll that found work (`napi_defer_hard_irqs` 2, `gro_flush_timeout` N us;
 `bench.netns.set_napi_deferral`), as a NIC's receive interrupt moderation does, for every
@@ -156,6 +162,8 @@ NAPI_POLICIES = ("fifo", "other")
 #: --rx-moderation-us: timer re-polls before the interface's "interrupt" is unmasked
 RX_MODERATION_DEFER = 2
 MAX_RX_MODERATION_US = 1000
+#: --equal-warmup-s: at most this long at the equal rate before its steps
+MAX_EQUAL_WARMUP_S = 30.0
 #: the relay's NAPI thread at or above this share of the wall time: the relay core is full
 NAPI_FULL = 0.9
 
@@ -627,8 +635,20 @@ def work_us_per_packet(r: dict) -> Optional[float]:
     return round(work * r["wall_s"] / r["received"] * 1e6, 3)
 
 
+def warm_to_steady(gen: Any, sink: Any, rate: int, seconds: float) -> int:
+    """`seconds` of traffic at `rate`, waited for: a long-running relay's steady state (a
+    JIT compiled, caches warm) before it is judged. The packets sent."""
+    count = int(rate * seconds)
+    if count <= 0:
+        return 0
+    start_count = sink.packets()
+    gen.run(rate, count)
+    _arrived(sink, start_count + count)
+    return count
+
+
 def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float,
-                 start: int, equal_rate: int = 0) -> dict:
+                 start: int, equal_rate: int = 0, equal_warmup_s: float = 0.0) -> dict:
     """Capacity of `mode` at `sessions` (search, confirmation, overload) and, with
     `equal_rate`, three steps at that rate first: the relay's work per packet at an equal
     load (``equal_load``)."""
@@ -645,17 +665,31 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
 
             verdicts0 = xdp_verdicts(rig)
 
-            def measure(rate: int) -> dict:
+            @contextlib.contextmanager
+            def relay() -> Iterator[Any]:
+                """The generator towards the relay a step is judged on: the one set up,
+                or, for a relay refreshed before every step, a fresh one, warmed."""
                 if rig.refresh is None:
-                    return step(gen, sink, rate, seconds, rig.napi_pid, rig.relay_pids)
-                fresh = rig.refresh()  # a fresh relay with fresh calls for this step
+                    yield gen
+                    return
+                fresh = rig.refresh()  # a fresh relay with fresh calls
                 with rig.generating(pairs, fresh) as g:
                     start_count = sink.packets()
                     g.run(10_000, warm)
                     _arrived(sink, start_count + warm)
+                    yield g
+
+            def measure(rate: int) -> dict:
+                with relay() as g:
                     return step(g, sink, rate, seconds, rig.napi_pid, rig.relay_pids)
 
-            equal = [measure(equal_rate) for _ in range(CONFIRM_RUNS)] if equal_rate else []
+            equal: List[dict] = []
+            equal_warm = 0
+            if equal_rate:  # one relay, warmed alike, for all three (no overload here)
+                with relay() as g:
+                    equal_warm = warm_to_steady(g, sink, equal_rate, equal_warmup_s)
+                    equal = [step(g, sink, equal_rate, seconds, rig.napi_pid,
+                                  rig.relay_pids) for _ in range(CONFIRM_RUNS)]
             found = search(measure, start, MAX_STEPS, transient_retries=1)
             cap = found["capacity_pps"]
             conf = confirm(measure, cap) if cap else {"confirmed_pps": None, "attempts": []}
@@ -685,7 +719,7 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             "saturated": at_cap[-1]["saturated"] if at_cap else None,
             "upper_bound_pps": found["upper_bound_pps"],
             "overload": over,
-            "equal_load": {"rate": equal_rate, "steps": equal,
+            "equal_load": {"rate": equal_rate, "warmup_packets": equal_warm, "steps": equal,
                            "relay_work_us_per_packet": [work_us_per_packet(r) for r in equal],
                            "loss": [r["loss"] for r in equal]} if equal else None,
             "forwarded_at_overload_pps": int(statistics.median(r["delivered_rate"]
@@ -836,7 +870,8 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
               start: int = 200_000, python: Optional[str] = None,
               generator: str = "xdp", relay_ips: int = 0,
               idle_latency_us: Optional[int] = None, equal_rate: int = 0,
-              rx_moderation_us: int = 0, napi_policy: str = "fifo") -> dict:
+              rx_moderation_us: int = 0, napi_policy: str = "fifo",
+              equal_warmup_s: float = 0.0) -> dict:
     if napi_policy not in NAPI_POLICIES:
         raise QuickpathError(f"unknown NAPI policy {napi_policy!r}; choose from "
                              f"{NAPI_POLICIES}")
@@ -846,6 +881,9 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
         raise QuickpathError(f"--relay-addresses {relay_ips} outside 0..{MAX_ADDRESSES}")
     if not 0 < seconds <= MAX_STEP_S:
         raise QuickpathError(f"--step {seconds} outside (0, {MAX_STEP_S}]")
+    if not 0 <= equal_warmup_s <= MAX_EQUAL_WARMUP_S:
+        raise QuickpathError(f"--equal-warmup-s {equal_warmup_s} outside "
+                             f"0..{MAX_EQUAL_WARMUP_S}")
     if not 0 <= rx_moderation_us <= MAX_RX_MODERATION_US:
         raise QuickpathError(f"--rx-moderation-us {rx_moderation_us} outside "
                              f"0..{MAX_RX_MODERATION_US}")
@@ -862,7 +900,8 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
         for n in sessions:
             for mode in modes:
                 print(f"quickpath: {mode} x {n} ...", file=sys.stderr, flush=True)
-                res = measure_mode(rig, mode, n, py, seconds, start, equal_rate)
+                res = measure_mode(rig, mode, n, py, seconds, start, equal_rate,
+                                   equal_warmup_s)
                 res["load_after"] = load_average()
                 results.append(res)
     left = [ns for ns in list_namespaces() if ns in topo.namespaces]
@@ -872,7 +911,8 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
             "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
             "generator": generator, "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
             "step_s": seconds, "idle_latency_us": idle, "rx_moderation_us": rx_moderation_us,
-            "napi_policy": napi_policy, "load_before": load_before,
+            "napi_policy": napi_policy, "equal_warmup_s": equal_warmup_s,
+            "load_before": load_before,
             "load_after": load_average(), "results": results}
 
 
@@ -930,6 +970,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--equal-rate", type=int, default=0,
                     help="first, three steps at this rate: the relay's work per packet at "
                          "an equal load (0: none)")
+    ap.add_argument("--equal-warmup-s", type=float, default=0.0,
+                    help="before the equal-load steps, this many seconds at that rate, "
+                         "so a relay is judged in its steady state (not for a relay "
+                         "refreshed every step: rtpengine)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.junk:
@@ -943,7 +987,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     res = run_bench([int(s) for s in args.sessions.split(",")], args.modes.split(","),
                     args.step, args.start, args.python, args.generator,
                     args.relay_addresses, args.idle_latency_us, args.equal_rate,
-                    args.rx_moderation_us, args.napi_policy)
+                    args.rx_moderation_us, args.napi_policy, args.equal_warmup_s)
     print(table(res["results"]))
     if args.out:
         with open(args.out, "w") as fh:

@@ -14,6 +14,7 @@ import pytest
 from bench.compare import cpus_allowed
 from bench.netns import Topology, run
 from bench.quickpath import (
+    NAPI_RT_PRIO,
     RELAY_CPU,
     SETUPS,
     Rig,
@@ -21,6 +22,7 @@ from bench.quickpath import (
     flows_for,
     junk_flood,
     step,
+    warm_to_steady,
     work_us_per_packet,
 )
 
@@ -124,6 +126,8 @@ def test_rx_moderation_defers_the_relay_receive_and_loses_nothing(topo: Topology
     """--rx-moderation-us: the relay's receiving veth re-polls on a timer (as NIC interrupt
     moderation does), and frames wait for it rather than being lost."""
     rig = Rig(topo, "xdp", rx_moderation_us=200)
+    assert os.sched_getscheduler(rig.napi_pid) == os.SCHED_FIFO  # the default policy
+    assert os.sched_getparam(rig.napi_pid).sched_priority == NAPI_RT_PRIO
     assert _sysfs(topo.relay.ns, "/sys/class/net/vc1/napi_defer_hard_irqs") == "2"
     assert _sysfs(topo.relay.ns, "/sys/class/net/vc1/gro_flush_timeout") == "200000"
     pairs = flows_for(topo, 20)
@@ -149,3 +153,24 @@ def test_kernel_mode_without_accounting_forwards_and_counts_nothing(topo: Topolo
             flows = run("conntrack", "-L", ns=topo.relay.ns).stdout.splitlines()
         assert len(flows) >= 20 and not any("packets=" in f for f in flows), flows[:2]
     assert _sysfs(topo.relay.ns, acct) == before
+
+
+def test_napi_policy_other_leaves_the_relay_napi_thread_at_normal_priority(
+        topo: Topology) -> None:
+    """--napi-policy other: the NAPI thread is SCHED_OTHER (as ksoftirqd); the default
+    rig's is SCHED_FIFO (checked with the receive moderation below)."""
+    rig = Rig(topo, "xdp", napi_rt_prio=0)
+    assert os.sched_getscheduler(rig.napi_pid) == os.SCHED_OTHER
+
+
+def test_warm_to_steady_sends_and_waits_for_every_packet(topo: Topology) -> None:
+    """--equal-warmup-s: `seconds` at `rate`, and every packet has arrived before it
+    returns (none lands in the step that follows); no seconds, no packets."""
+    rig = Rig(topo, "xdp")
+    pairs = flows_for(topo, 20)
+    with SETUPS["routing"](rig, pairs, sys.executable) as dests, \
+            rig.generating(pairs, dests) as gen, rig.sink(20) as sink:
+        assert warm_to_steady(gen, sink, 2_000, 0.5) == 1000
+        assert sink.packets() == 1000
+        assert warm_to_steady(gen, sink, 2_000, 0.0) == 0
+        assert sink.packets() == 1000
