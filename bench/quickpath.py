@@ -972,8 +972,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "an equal load (0: none)")
     ap.add_argument("--equal-warmup-s", type=float, default=0.0,
                     help="before the equal-load steps, this many seconds at that rate, "
-                         "so a relay is judged in its steady state (not for a relay "
-                         "refreshed every step: rtpengine)")
+                         "for every relay alike, so each is judged in its steady state")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.junk:

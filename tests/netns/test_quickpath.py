@@ -158,7 +158,7 @@ def test_kernel_mode_without_accounting_forwards_and_counts_nothing(topo: Topolo
 def test_napi_policy_other_leaves_the_relay_napi_thread_at_normal_priority(
         topo: Topology) -> None:
     """--napi-policy other: the NAPI thread is SCHED_OTHER (as ksoftirqd); the default
-    rig's is SCHED_FIFO (checked with the receive moderation below)."""
+    rig's is SCHED_FIFO (checked in the receive-moderation test)."""
     rig = Rig(topo, "xdp", napi_rt_prio=0)
     assert os.sched_getscheduler(rig.napi_pid) == os.SCHED_OTHER
 
