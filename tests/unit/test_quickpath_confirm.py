@@ -82,9 +82,12 @@ def test_the_relay_work_per_packet_at_an_equal_load() -> None:
 
 
 def test_thread_run_time_covers_every_thread_and_skips_gone_processes() -> None:
-    own = runtime_ns([os.getpid()])  # what bench.quickpath counts for a userspace relay
+    # the main thread's run time first: it only grows, so the sum over every thread read
+    # after it cannot be smaller (read the other way round, the main thread's later
+    # reading could exceed the earlier sum)
     with open(f"/proc/{os.getpid()}/schedstat") as fh:
         main_thread = int(fh.read().split()[0])
+    own = runtime_ns([os.getpid()])  # what bench.quickpath counts for a userspace relay
     assert own >= main_thread > 0
     assert runtime_ns([2 ** 22 + 7]) == 0  # no such process
 
