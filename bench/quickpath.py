@@ -635,15 +635,21 @@ def work_us_per_packet(r: dict) -> Optional[float]:
     return round(work * r["wall_s"] / r["received"] * 1e6, 3)
 
 
+def send_settled(gen: Any, sink: Any, rate: int, count: int) -> int:
+    """Send `count` packets at `rate`, then wait (bounded) until the sink has them all or
+    stops counting, so none lands in the next measured step. The packets delivered."""
+    before = sink.packets()
+    gen.run(rate, count)
+    return _arrived(sink, before + count) - before
+
+
 def warm_to_steady(gen: Any, sink: Any, rate: int, seconds: float) -> int:
     """`seconds` of traffic at `rate`, waited for: a long-running relay's steady state (a
     JIT compiled, caches warm) before it is judged. The packets sent."""
     count = int(rate * seconds)
     if count <= 0:
         return 0
-    start_count = sink.packets()
-    gen.run(rate, count)
-    _arrived(sink, start_count + count)
+    send_settled(gen, sink, rate, count)
     return count
 
 
@@ -657,10 +663,9 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
     with SETUPS[mode](rig, pairs, python) as dests:
         setup_s = time.monotonic() - t0
         with rig.generating(pairs, dests) as gen, rig.sink(sessions) as sink:
-            before = sink.packets()
             warm = max(1000, sessions)
-            gen.run(10_000, warm)  # first packets: latching, conntrack
-            warm_delivered = _arrived(sink, before + warm) - before
+            # first packets: latching, conntrack
+            warm_delivered = send_settled(gen, sink, 10_000, warm)
             flows = conntrack_count(rig.topo.relay.ns)
 
             verdicts0 = xdp_verdicts(rig)
@@ -674,22 +679,22 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
                     return
                 fresh = rig.refresh()  # a fresh relay with fresh calls
                 with rig.generating(pairs, fresh) as g:
-                    start_count = sink.packets()
-                    g.run(10_000, warm)
-                    _arrived(sink, start_count + warm)
+                    send_settled(g, sink, 10_000, warm)
                     yield g
+
+            def judge(g: Any, rate: int) -> dict:
+                return step(g, sink, rate, seconds, rig.napi_pid, rig.relay_pids)
 
             def measure(rate: int) -> dict:
                 with relay() as g:
-                    return step(g, sink, rate, seconds, rig.napi_pid, rig.relay_pids)
+                    return judge(g, rate)
 
             equal: List[dict] = []
             equal_warm = 0
             if equal_rate:  # one relay, warmed alike, for all three (no overload here)
                 with relay() as g:
                     equal_warm = warm_to_steady(g, sink, equal_rate, equal_warmup_s)
-                    equal = [step(g, sink, equal_rate, seconds, rig.napi_pid,
-                                  rig.relay_pids) for _ in range(CONFIRM_RUNS)]
+                    equal = [judge(g, equal_rate) for _ in range(CONFIRM_RUNS)]
             found = search(measure, start, MAX_STEPS, transient_retries=1)
             cap = found["capacity_pps"]
             conf = confirm(measure, cap) if cap else {"confirmed_pps": None, "attempts": []}
