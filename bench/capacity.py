@@ -289,13 +289,14 @@ def search(measure: Callable[[int], dict], start: int, max_steps: int,
         v = verdict(res, loss_limit)
         res["verdict"] = v
         steps.append(res)
-        if v == "generator" and rate not in retried and generator_retries > 0:
+        # a stall of a shared machine (the generator fell short, or frames were lost with
+        # neither side full): measure the same rate once more
+        unjudged = ((v == "generator" and generator_retries > 0)
+                    or (v == "fail" and res.get("saturated") == "neither"
+                        and transient_retries > 0))
+        if unjudged and rate not in retried:
             retried.add(rate)
-            continue  # a stall of a shared machine; measure the same rate once more
-        if (v == "fail" and res.get("saturated") == "neither" and rate not in retried
-                and transient_retries > 0):
-            retried.add(rate)
-            continue  # lost frames with the relay core not full: judge it once more
+            continue
         if v == "pass":
             if lo is None or rate > lo:
                 lo, best = rate, res
