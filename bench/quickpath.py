@@ -155,10 +155,9 @@ GENERATORS = ("xdp", "trafgen")
 #: the relay's NAPI thread runs SCHED_FIFO: as a NIC's softirq, it is not queued behind
 #: other processes of a shared machine (RT throttling still leaves them 5 %)
 NAPI_RT_PRIO = 50
-#: --napi-policy: "fifo" (NAPI_RT_PRIO, the default) or "other" (SCHED_OTHER, as the
-#: kernel's ksoftirqd, which takes over a softirq that keeps finding work; Rig's
-#: napi_rt_prio 0)
-NAPI_POLICIES = ("fifo", "other")
+#: --napi-policy -> Rig's napi_rt_prio: "fifo" (the default) or "other" (SCHED_OTHER, as
+#: the kernel's ksoftirqd, which takes over a softirq that keeps finding work)
+NAPI_POLICIES = {"fifo": NAPI_RT_PRIO, "other": 0}
 #: --rx-moderation-us: timer re-polls before the interface's "interrupt" is unmasked
 RX_MODERATION_DEFER = 2
 MAX_RX_MODERATION_US = 1000
@@ -879,7 +878,7 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
               equal_warmup_s: float = 0.0) -> dict:
     if napi_policy not in NAPI_POLICIES:
         raise QuickpathError(f"unknown NAPI policy {napi_policy!r}; choose from "
-                             f"{NAPI_POLICIES}")
+                             f"{list(NAPI_POLICIES)}")
     if os.geteuid() != 0:
         raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
     if not 0 <= relay_ips <= MAX_ADDRESSES:
@@ -900,8 +899,7 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
     load_before = load_average()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with Topology("-qp") as topo, cpu_latency(idle_latency_us) as idle:
-        rig = Rig(topo, generator, relay_ips, rx_moderation_us,
-                  NAPI_RT_PRIO if napi_policy == "fifo" else 0)
+        rig = Rig(topo, generator, relay_ips, rx_moderation_us, NAPI_POLICIES[napi_policy])
         for n in sessions:
             for mode in modes:
                 print(f"quickpath: {mode} x {n} ...", file=sys.stderr, flush=True)
@@ -968,7 +966,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="the relay's receiving veth re-polls on a timer of this many us "
                          "after a poll that found work, as NIC interrupt moderation does "
                          "(0: none)")
-    ap.add_argument("--napi-policy", choices=NAPI_POLICIES, default="fifo",
+    ap.add_argument("--napi-policy", choices=list(NAPI_POLICIES), default="fifo",
                     help="the relay NAPI thread's scheduling: fifo (SCHED_FIFO, as a "
                          "softirq at interrupt exit) or other (SCHED_OTHER, as ksoftirqd, "
                          "which takes over a softirq that keeps finding work)")
