@@ -13,7 +13,7 @@ Only behaviour is asserted -- media was delivered, intact, on every session, in 
 mode; every new flow's first packet arrived (nfqueue: through userspace, counted by the
 relay); every relay exited cleanly and left no table behind; no namespace is left --
 never a timing: the machine is shared. Root only (CI runs as root). The full form
-writes docs/benchmarks.md:
+gives the figures in docs/benchmarks.md:
 
     python -m bench.netns_capacity --sessions 1,1000,100000 --out bench/results/netns_capacity.json
 

@@ -5,7 +5,7 @@ capacity searched with 1 and 10 sessions in a few 0.3 s steps; pytest-benchmark
 records the wall time of the search and the figures go to extra_info.  Only
 behaviour is asserted (a capacity was found, loss under the limit there, intact
 packets on every session, a clean relay exit), never a timing: the machine is
-shared.  The full form writes docs/benchmarks.md:
+shared.  The full form (its figures are in docs/benchmarks.md):
 
     python -m bench.capacity --sessions 1,100 --interpreters cpython,pypy \\
         --out bench/results/capacity.json

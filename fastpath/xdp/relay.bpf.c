@@ -6,7 +6,7 @@
  * only for a relay with more) and the stream, an array index (block + port - lowest
  * port: no hashing, no bucket walk, one cache line or two at any number of streams).
  * No hash on the common path keeps a junk frame's drop at about half the cost
- * (BPF_PROG_TEST_RUN, docs/benchmarks.md section 11). A live entry whose
+ * (BPF_PROG_TEST_RUN, docs/benchmarks.md section 6). A live entry whose
  * source is the peer the daemon wrote is rewritten to the other leg (relay address and
  * port as source, that leg's peer as destination), checksums updated, TTL/hop limit
  * decremented, and redirected to the next hop bpf_fib_lookup names (XDP_TX when that
