@@ -467,8 +467,9 @@ def test_xdp_mode_media_flows_through_a_restart(topo, tmp_path, xdp, how):
     every sequence number (veth: no loss allowed), XDP carries again after the restart,
     and the old program is gone (one program per interface, never two, never none).
     Before the fix the new program was attached before the restore and dropped the
-    adopted calls' packets for 180-300 ms (bench/results/history-2026-12.md, section 6); detaching at
-    SIGTERM and attaching later also lost the frames in flight in the veth rings."""
+    adopted calls' packets for 180-300 ms (bench/results/history-2026-12.md, section 6);
+    detaching at SIGTERM and attaching later also lost the frames in flight in the veth
+    rings."""
     ns = topo.relay.ns
     caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
     first = xdp.start(config=f"state_dir = \"{tmp_path / 'state'}\"\n")
