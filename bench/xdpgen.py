@@ -20,8 +20,11 @@ time, never patched.
 Rate: paced in the program, by the kernel's clock. One long live test run per `run`
 (each call sets up and tears down a page pool, whose teardown waits for an RCU grace
 period: tens of milliseconds on a busy machine, so calls per burst cannot pace): every
-iteration sends (XDP_TX) when the next frame is due by bpf_ktime_get_ns and drops its
-page unsent otherwise (idle); behind schedule by more than MAX_BURST frames, the schedule
+iteration waits in the program (bounded) until the next frame is due by
+bpf_ktime_get_ns and sends it (XDP_TX); a page is dropped unsent (idle) only when the wait
+runs out. Dropping instead of waiting cost the relay: each page returns to the run's page
+pool, from the relay's CPU through a ring whose lock the dropping generator took millions
+of times a second (gen.bpf.c); behind schedule by more than MAX_BURST frames, the schedule
 moves up (counted: `lag_resets`), so a burst never exceeds MAX_BURST frames (veth's ring
 holds 256). After `count` frames the program idles and this process ends the run with a
 signal (the kernel checks between batches). The sending thread is pinned to `cpu` (a live

@@ -15,17 +15,26 @@
  *
  * Pacing is done here, not by calling the test run per burst (each call sets up and tears
  * down a page pool, and the teardown waits for an RCU grace period: milliseconds when the
- * other core is busy). One call runs many iterations; an iteration sends (XDP_TX) when
- * the next frame is due by bpf_ktime_get_ns, else drops its page unsent (XDP_DROP,
- * counted as idle). Behind schedule by more than max_lag, the schedule is moved up (a
- * bounded burst, counted as a lag reset), never an unbounded catch-up. After `quota`
- * frames every iteration is idle.
+ * other core is busy). One call runs many iterations; an iteration waits (bpf_loop on
+ * bpf_ktime_get_ns, at most WAIT_LOOPS reads) for the next frame to be due and sends it
+ * (XDP_TX) if it is; one that waited in vain drops its page unsent (XDP_DROP, counted as
+ * idle). Waiting matters to the relay: every page goes back to this run's page pool, the
+ * relay's from the other CPU through the pool's locked ring, and a generator dropping
+ * pages between frames took that lock millions of times a second, so the relay spent up
+ * to two thirds of its time spinning on it (perf, 2026-12-04). Behind
+ * schedule by more than max_lag, the schedule is moved up (a bounded burst, counted as a
+ * lag reset), never an unbounded catch-up. After `quota` frames every iteration waits
+ * once and is idle.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
 #define SLOT 80 /* bytes written per frame: Ethernet + IPv6 + UDP + RTP header fit */
 #define FP 10	/* schedule in 1/1024 ns */
+/* clock reads an iteration may wait: about 2 µs. Not longer: a live test run keeps
+ * bottom halves off for a batch of 64 iterations, and softirq work this CPU owes (a
+ * receiver's NAPI) waits for the batch's end. */
+#define WAIT_LOOPS 64
 
 struct slot {
 	__u8 bytes[SLOT];
@@ -72,6 +81,17 @@ struct {
 	__uint(max_entries, 1);
 } gen_state SEC(".maps");
 
+struct wait_ctx {
+	__u64 due; /* ns << FP; 0: wait the whole bound */
+};
+
+static long wait_step(__u64 index, void *arg)
+{
+	struct wait_ctx *w = arg;
+
+	return w->due && (bpf_ktime_get_ns() << FP) >= w->due;
+}
+
 SEC("xdp")
 int lrk_gen(struct xdp_md *ctx)
 {
@@ -86,6 +106,9 @@ int lrk_gen(struct xdp_md *ctx)
 	if (!cfg || !st)
 		return XDP_ABORTED;
 	if (st->quota == 0 || cfg->n == 0) {
+		struct wait_ctx w = {.due = 0};
+
+		bpf_loop(WAIT_LOOPS, wait_step, &w, 0); /* the run's tail: drop seldom */
 		st->idle += 1;
 		return XDP_DROP;
 	}
@@ -95,8 +118,15 @@ int lrk_gen(struct xdp_md *ctx)
 		if (st->due == 0)
 			st->due = now_fp;
 		if (now_fp < st->due) {
-			st->idle += 1;
-			return XDP_DROP;
+			struct wait_ctx w = {.due = st->due};
+
+			bpf_loop(WAIT_LOOPS, wait_step, &w, 0);
+			now = bpf_ktime_get_ns();
+			now_fp = now << FP;
+			if (now_fp < st->due) {
+				st->idle += 1;
+				return XDP_DROP;
+			}
 		}
 		if (now_fp - st->due > cfg->max_lag) {
 			st->due = now_fp - cfg->max_lag;
