@@ -187,6 +187,32 @@ def test_channel_messages_round_trip_as_typed_values():
         assert channel.decode_message(channel.encode_message(message)) == message
 
 
+def test_a_received_message_outlives_the_next_receive_into_the_same_buffer():
+    """receive() reads every message into one buffer kept per thread: what it returned
+    must not change when the next, shorter message lands in that buffer, and fds and EOF
+    come through as before."""
+    a, b = channel.pair()
+    spare = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        long_message = channel.Reports((), {f"counter.{i}": i for i in range(200)})
+        short_message = channel.RemoveSession(7)
+        channel.send(a, long_message, [spare.fileno()])
+        channel.send(a, short_message)
+        first = channel.receive(b, socket.MSG_DONTWAIT)
+        second = channel.receive(b, socket.MSG_DONTWAIT)
+        assert first is not None and second is not None
+        assert first[0] == long_message and len(first[1]) == 1
+        assert second == (short_message, [])
+        os.close(first[1][0])
+        with pytest.raises(BlockingIOError):
+            channel.receive(b, socket.MSG_DONTWAIT)
+        a.close()
+        assert channel.receive(b) is None  # EOF
+    finally:
+        for s in (a, b, spare):
+            s.close()
+
+
 def test_channel_rejects_untagged_bytes():
     import marshal
 
