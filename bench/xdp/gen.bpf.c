@@ -21,10 +21,9 @@
  * idle). Waiting matters to the relay: every page goes back to this run's page pool, the
  * relay's from the other CPU through the pool's locked ring, and a generator dropping
  * pages between frames took that lock millions of times a second, so the relay spent up
- * to two thirds of its time spinning on it (perf, 2026-12-04). Behind
- * schedule by more than max_lag, the schedule is moved up (a bounded burst, counted as a
- * lag reset), never an unbounded catch-up. After `quota` frames every iteration waits
- * once and is idle.
+ * to two thirds of its time spinning on it (perf, 2026-12-04). Behind schedule by more
+ * than max_lag, the schedule is moved up (a bounded burst, counted as a lag reset), never
+ * an unbounded catch-up. After `quota` frames every iteration waits once and is idle.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
