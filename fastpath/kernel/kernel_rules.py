@@ -20,6 +20,7 @@ and ``out`` SNATs it from the fork's own A port. Fork B marks are the fork's A m
 plus :data:`FORK_MARK_OFFSET`, never a relay port.
 
 ``seen`` exists only with ``counters="rules"``.  With ``counters="conntrack"``
+(or ``"none"``, the same ruleset: the daemon then leaves conntrack accounting off)
 there is no filter chain: admission runs in the NAT prerouting chain, which
 netfilter calls only for a conntrack entry's first packet, so later packets
 meet none of lrk's rules (as with plain static NAT), and media is counted by
@@ -90,7 +91,9 @@ DROP_COMMENT = "lrk: unadmitted new flow ipv{}, media.dropped.unexpected_source"
 QUEUE_COMMENT = "lrk: unadmitted new flow ipv{}, to NFQUEUE"
 
 #: where kernel mode's per-leg media counters come from
-COUNTER_SOURCES = ("conntrack", "rules")
+#: where per-leg media counters come from: conntrack accounting, per-packet ``seen``
+#: sets, or nowhere ("none": the ruleset of "conntrack"; flows carry no counters)
+COUNTER_SOURCES = ("conntrack", "none", "rules")
 
 # the sets/maps of one family in the order commands are written
 _KINDS = ("fwd", "mark", "out", "adm", "seen", "fmark", "ffwd")
@@ -479,6 +482,7 @@ class KernelRuleset:
     prerouting chain jumps to ``media4``/``media6`` before DNAT, so admission
     runs once per conntrack entry (read per-flow counters from conntrack, which
     needs ``net.netfilter.nf_conntrack_acct=1``).  Not with ``queue``.
+    ``counters="none"``: the same ruleset (and layout); nothing counts media.
     """
 
     def __init__(

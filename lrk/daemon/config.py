@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from netaddr import AddrFormatError, IPSet
 
 from fastpath import jit
+from fastpath.kernel.kernel_rules import COUNTER_SOURCES
 from lrk.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -72,7 +73,8 @@ class Config:
     kernel_poll: float = 2.0  # kernel mode: seconds between counter reads for expiry
     # kernel mode: per-leg media counters from conntrack accounting (sets the relay
     # namespace's net.netfilter.nf_conntrack_acct while running; established packets skip
-    # the filter rules) or from a per-packet nft counting rule ("rules", slower)
+    # the filter rules), from a per-packet nft counting rule ("rules", slower), or not at
+    # all ("none": no sysctl touched, no per-packet conntrack extension; expiry as conntrack)
     kernel_counters: str = "conntrack"
     nfqueue_num: int = 0  # nfqueue mode: the queue number lrk reads
     nfqueue_bypass: bool = False  # nfqueue mode: accept new flows while lrk is not reading
@@ -258,9 +260,10 @@ class Config:
                 or not 16 <= self.xdp_max_streams <= 1 << 22:
             raise ConfigError(f"xdp_max_streams {self.xdp_max_streams!r} must be within "
                               "16..4194304")
-        if self.kernel_counters not in ("conntrack", "rules"):
+        if self.kernel_counters not in COUNTER_SOURCES:
             raise ConfigError(f"kernel_counters {self.kernel_counters!r} must be conntrack "
-                              "or rules")
+                              "(counted by conntrack accounting), none (not counted: "
+                              "cheapest) or rules (counted by nftables)")
         if self.io not in ("auto", "mmsg", "plain"):
             raise ConfigError(f"io {self.io!r} must be auto, mmsg or plain")
         if not 1 <= self.workers <= 64:

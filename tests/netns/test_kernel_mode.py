@@ -161,6 +161,67 @@ def test_kernel_mode_call(topo, tmp_path, family, counters):
             s.close()
 
 
+def test_kernel_mode_without_counters_relays_latches_and_expires(topo, tmp_path):
+    """kernel_counters = none: conntrack's ruleset, the sysctls left as they are (0 here), so
+    the call's flows carry no accounting; media still flows both ways, the caller's real
+    port is latched, counters read 0, and a silent call still ends on its own."""
+    caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
+    ns = topo.relay.ns
+    cfg = tmp_path / "kernel.toml"
+    cfg.write_text('kernel_poll = 0.2\nquarantine = 0\nkernel_counters = "none"\n'
+                   'log_level = "info"\n')
+    run("sysctl", "-qw", "net.netfilter.nf_conntrack_acct=0",
+        "net.netfilter.nf_conntrack_timestamp=0", ns=ns)
+    relay = RelayProcess(ports="30000-30099", netns=ns, extra=[
+        "--mode", "kernel", "--internal-ip", topo.relay.ip4,
+        "--external-ip", topo.relay_ext.ip4, "--config", str(cfg)]).start()
+    sockets = []
+    try:
+        assert _acct(ns) == "0 0", "kernel_counters = none touches no sysctl"
+        listing = run("nft", "list", "table", "inet", "lrk", ns=ns).stdout
+        assert "pre_filter" not in listing and "seen4" not in listing
+        with LrkClient([relay.node]) as client:
+            nat = endpoint(topo.caller.ns, caller_ip, 4444)  # the caller's real port
+            callee = endpoint(topo.callee.ns, callee_ip, 5000)
+            sockets += [nat, callee]
+            offer = client.offer("k-call", "a", (caller_ip, 4000), interface="external")
+            answer = client.answer("k-call", "a", "b", (callee_ip, 5000), interface="internal")
+            to_a = (answer["relay"]["ip"], answer["relay"]["port"])
+            to_b = (offer["relay"]["ip"], offer["relay"]["port"])
+            for seq in range(20):
+                nat.sendto(rtp_packet(seq, A_SSRC), to_a)
+            got = summarize(receive(callee, 20), A_SSRC)
+            assert got == {"intact": 20, "damaged": 0, "sources": [to_b], "in_order": True}
+            for seq in range(20):
+                callee.sendto(rtp_packet(seq, B_SSRC), to_b)
+            got = summarize(receive(nat, 20), B_SSRC)
+            assert got == {"intact": 20, "damaged": 0, "sources": [to_a], "in_order": True}
+            call_flows = flows(ns)
+            assert call_flows and not any("packets=" in f for f in call_flows), call_flows
+            real = (str(ipaddress.ip_address(caller_ip)), 4444)
+            wait(lambda: _latch(client, "A") == (real, None), timeout=5)
+            legs = client.query("k-call")["session"]["legs"]
+            assert legs["A"]["counters"]["in_packets"] == 0
+            assert legs["B"]["counters"]["in_packets"] == 0
+            client.delete("k-call")
+            assert flows(ns) == [], "a deleted session leaves no conntrack flow"
+
+            # silence expiry works from the flows' timeouts alone
+            client.offer("k-quiet", "a", (caller_ip, 4000), timeout=1)
+            client.answer("k-quiet", "a", "b", (callee_ip, 5000))
+            wait(lambda: client.list()["total"] == 0)
+            assert client.stats()["counters"]["sessions.expired.silence"] == 1
+        assert relay.stop() == 0
+        assert "media not counted (kernel_counters = none)" in relay.output
+        assert "table inet lrk" not in tables(ns), "stop removes the table"
+        assert _acct(ns) == "0 0"
+        assert flows(ns) == []
+    finally:
+        relay.stop()
+        for s in sockets:
+            s.close()
+
+
 def test_kernel_mode_refuses_to_start_without_forwarding(topo):
     run("sysctl", "-qw", "net.ipv4.ip_forward=0", ns=topo.relay.ns)
     relay = RelayProcess(ports="30000-30099", netns=topo.relay.ns, extra=[

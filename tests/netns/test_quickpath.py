@@ -19,6 +19,7 @@ from bench.quickpath import (
     SETUPS,
     Rig,
     _arrived,
+    ct_ext_ab,
     flows_for,
     junk_flood,
     step,
@@ -153,6 +154,26 @@ def test_kernel_mode_without_accounting_forwards_and_counts_nothing(topo: Topolo
             flows = run("conntrack", "-L", ns=topo.relay.ns).stdout.splitlines()
         assert len(flows) >= 20 and not any("packets=" in f for f in flows), flows[:2]
     assert _sysfs(topo.relay.ns, acct) == before
+
+
+@pytest.mark.parametrize("mode", ["static-nat", "kernel-nocount"])
+def test_conntrack_extension_ab_switches_the_flows_and_pairs_each_round(
+        topo: Topology, mode: str) -> None:
+    """--ct-ext-ab at a modest rate: each round re-creates the flows once with accounting
+    (every flow carries it) and once without (none does), in alternating order, and every
+    frame of every step arrives; nothing is left behind."""
+    rig = Rig(topo, "xdp")
+    res = ct_ext_ab(rig, mode, 20, sys.executable, seconds=0.5, rounds=2, rate=2_000)
+    assert [(r["round"], r["extension"]) for r in res["rounds"]] == [
+        (0, True), (0, False), (1, False), (1, True)]
+    for r in res["rounds"]:
+        assert r["warmup_delivered"] == 1000 and r["conntrack_after_warmup"] == 20
+        assert r["accounted_flows"] == (20 if r["extension"] else 0), r
+        assert [(s["sent"], s["received"]) for s in r["overload"]] == [(1000, 1000)] * 3
+        assert r["forwarded_at_overload_pps"] > 0
+    assert len(res["with_over_without"]) == 2 and res["with_over_without_median"] > 0
+    assert res["left_after_teardown"]["nft_tables"] == []
+    assert res["left_after_teardown"]["conntrack"] == 0
 
 
 def test_napi_policy_other_leaves_the_relay_napi_thread_at_normal_priority(

@@ -292,6 +292,18 @@ def test_metrics_wrong_type(tmp_path, toml):
         load(write(tmp_path, toml + "\n"), {})
 
 
+def test_kernel_counters_sources(tmp_path):
+    assert load(None, {}).kernel_counters == "conntrack"
+    for source in ("conntrack", "none", "rules"):
+        config = load(write(tmp_path, f'kernel_counters = "{source}"\n'), {})
+        assert config.kernel_counters == source
+    with pytest.raises(ConfigError) as exc:
+        load(None, {"kernel_counters": "off"})
+    message = str(exc.value)
+    assert "kernel_counters 'off'" in message
+    assert all(source in message for source in ("conntrack", "none", "rules"))
+
+
 def test_max_control_rate(tmp_path):
     assert load(None, {}).max_control_rate == 0.0
     config = load(write(tmp_path, "max_control_rate = 50\n"), {})

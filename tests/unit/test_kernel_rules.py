@@ -265,6 +265,21 @@ def test_conntrack_counting_ruleset_admits_in_the_nat_chain_only():
         ruleset(counters="conntrack", queue=1)
 
 
+def test_uncounted_ruleset_is_the_conntrack_one():
+    """counters="none" only tells the daemon to leave accounting off: the table, its layout
+    (a restart adopts across the change) and every element command are conntrack's."""
+    counted, uncounted = ruleset(counters="conntrack"), ruleset(counters="none")
+    assert not uncounted.seen
+    assert uncounted.create() == counted.create() and uncounted.layout == counted.layout
+    spec, moved = session4(), session4(peer_port=5002)
+    assert uncounted.install_commands(spec) == counted.install_commands(spec)
+    assert uncounted.update_commands(spec, moved) == counted.update_commands(spec, moved)
+    assert (uncounted.remove_commands(spec, idempotent=True)
+            == counted.remove_commands(spec, idempotent=True))
+    with pytest.raises(KernelRuleError, match="NFQUEUE"):
+        ruleset(counters="none", queue=1)
+
+
 def test_relay_ips_of_one_family_leave_the_other_set_empty():
     text = ruleset(relay_ips=[A4]).create()
     assert "  set relay_ips6 { type ipv6_addr; }" in text.splitlines()
