@@ -37,6 +37,11 @@ Modes:
 * ``kernel-noacct`` (opt-in) kernel mode with the namespace's ``nf_conntrack_acct``
                   switched off once it runs (its flows then count nothing): what the
                   per-packet accounting costs;
+* ``kernel-noext`` (opt-in) the same with ``nf_conntrack_timestamp`` off too, so no flow
+                  carries a conntrack extension at all (as static NAT's flows): what
+                  touching the extension on every packet costs;
+* ``kernel-nocount`` (opt-in) kernel mode with ``kernel_counters = "none"`` (the product's
+                  way to that: no sysctl touched, media not counted);
 * ``xdp``         ``lrkproxy run --mode xdp`` (native XDP on the relay's veths), the same way;
 * ``xdp-generic`` the same with ``--xdp-attach generic`` (XDP on the skb, after the
                   stack built it);
@@ -69,6 +74,12 @@ saturated (relay: NAPI thread >= NAPI_FULL; generator: it fell behind its rate).
 ``--junk``: xdp mode with N calls, each call's media frame and a flood of junk frames in
 one rotation from the XDP generator (`junk_flood`): media lost, junk dropped and counted
 by the relay (`media.dropped.*`), three runs.
+
+``--ct-ext-ab ROUNDS``: what a conntrack extension on every flow costs, inside one setup
+of a NAT mode (``static-nat``, ``kernel-nocount``): per round, the flows re-created once
+with ``nf_conntrack_acct`` and ``nf_conntrack_timestamp`` on and once off (alternating
+order), three overload steps each (`ct_ext_ab`). Paired within a setup, so the rig's
+setup-to-setup spread (up to 30-50 % at 100,000 sessions) does not enter the ratio.
 
 ``--idle-latency-us N``: hold a PM QoS CPU latency request of N us for the run
 (`bench.pmqos`; 0: idle CPUs poll instead of halting, so a relay core that idles between
@@ -486,11 +497,25 @@ def kernel_without_accounting(rig: Rig, pairs: List[Tuple[Addr, Addr]],
         yield dests
 
 
+@contextlib.contextmanager
+def kernel_without_extensions(rig: Rig, pairs: List[Tuple[Addr, Addr]],
+                              python: str) -> Iterator[List[Addr]]:
+    """Kernel mode whose flows carry no conntrack extension: ``nf_conntrack_acct`` and
+    ``nf_conntrack_timestamp`` off before the warm-up creates the flows (measurement
+    only). Restored by the daemon's stop."""
+    with lrk_mode("kernel")(rig, pairs, python) as dests:
+        run("sh", "-c", "echo 0 > /proc/sys/net/netfilter/nf_conntrack_acct; "
+            "echo 0 > /proc/sys/net/netfilter/nf_conntrack_timestamp", ns=rig.topo.relay.ns)
+        yield dests
+
+
 SETUPS: Dict[str, Callable[..., Any]] = {
     "routing": routing,
     "static-nat": static_nat,
     "kernel": lrk_mode("kernel"),
     "kernel-noacct": kernel_without_accounting,
+    "kernel-noext": kernel_without_extensions,
+    "kernel-nocount": lrk_mode("kernel", config='kernel_counters = "none"\n'),
     "xdp": lrk_mode("xdp"),
     "xdp-generic": lrk_mode("xdp", ["--xdp-attach", "generic"]),
     "socket": lrk_mode("socket", pin=True),
@@ -730,6 +755,64 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
                                                                 for r in over))}
 
 
+# -- conntrack extensions, within one setup -----------------------------------------------
+
+#: the sysctls whose flows carry a conntrack extension (set before the flows exist)
+CT_EXT_SYSCTLS = ("nf_conntrack_acct", "nf_conntrack_timestamp")
+#: --ct-ext-ab: at most this many rounds (each: 2 x (flush, warm-up, 3 overload steps))
+MAX_CT_EXT_ROUNDS = 10
+
+
+def accounted_flows(ns: str) -> int:
+    """Conntrack flows of `ns` that carry accounting (their listing shows packets=)."""
+    return sum("packets=" in line for line in
+               run("conntrack", "-L", ns=ns, check=False).stdout.splitlines())
+
+
+def ct_ext_ab(rig: Rig, mode: str, sessions: int, python: str, seconds: float,
+              rounds: int, rate: int = OVERLOAD_RATE) -> dict:
+    """What a conntrack extension on every flow costs, inside one setup of a NAT mode: per
+    round, once with `CT_EXT_SYSCTLS` on and once off (the order alternates), flush the
+    relay namespace's conntrack, switch the sysctls, re-create the flows with the warm-up,
+    then three steps at `rate` (OVERLOAD_RATE: what a full relay core forwards). The rules,
+    the ruleset's memory and the relay addresses stay the same; only the flows (and so
+    their extension) are new; each round records how many flows carry accounting."""
+    if not 1 <= rounds <= MAX_CT_EXT_ROUNDS:
+        raise QuickpathError(f"--ct-ext-ab {rounds} outside 1..{MAX_CT_EXT_ROUNDS}")
+    ns = rig.topo.relay.ns
+    pairs = flows_for(rig.topo, sessions)
+    warm = max(1000, sessions)
+    out: List[dict] = []
+    with SETUPS[mode](rig, pairs, python) as dests, \
+            rig.generating(pairs, dests) as gen, rig.sink(sessions) as sink:
+        for i in range(rounds):
+            for ext in ((True, False) if i % 2 == 0 else (False, True)):
+                run("conntrack", "-F", ns=ns, check=False)
+                flag = "1" if ext else "0"
+                run("sh", "-c", "; ".join(f"echo {flag} > /proc/sys/net/netfilter/{name}"
+                                          for name in CT_EXT_SYSCTLS), ns=ns)
+                delivered = send_settled(gen, sink, 10_000, warm)
+                accounted = accounted_flows(ns)
+                steps = [step(gen, sink, rate, seconds, rig.napi_pid)
+                         for _ in range(CONFIRM_RUNS)]
+                out.append({"round": i, "extension": ext, "warmup_delivered": delivered,
+                            "conntrack_after_warmup": conntrack_count(ns),
+                            "accounted_flows": accounted,
+                            "overload": steps,
+                            "forwarded_at_overload_pps": int(statistics.median(
+                                r["delivered_rate"] for r in steps))})
+    pairs_ratio = []
+    for i in range(rounds):
+        by = {r["extension"]: r["forwarded_at_overload_pps"] for r in out if r["round"] == i}
+        pairs_ratio.append(round(by[True] / by[False], 4) if by[False] else None)
+    known = [r for r in pairs_ratio if r is not None]
+    return {"mode": mode, "sessions": sessions, "rounds": out,
+            "with_over_without": pairs_ratio,
+            "with_over_without_median": (round(statistics.median(known), 4)
+                                         if known else None),
+            "left_after_teardown": leftovers(rig)}
+
+
 # -- junk flood --------------------------------------------------------------------------
 
 STRANGER = "198.51.100.11"  # on the caller's link, never a call's peer: its frames are junk
@@ -940,6 +1023,38 @@ def run_junk(sessions: int, junk_per_media: int, rounds: int, rate: int,
             "load_after": load_average(), "runs": out}
 
 
+def run_ct_ext_ab(sessions: int, modes: List[str], rounds: int, seconds: float,
+                  python: Optional[str] = None) -> dict:
+    """`ct_ext_ab` for each of `modes` (NAT modes), one after the other, one topology."""
+    if os.geteuid() != 0:
+        raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
+    if not 0 < seconds <= MAX_STEP_S:
+        raise QuickpathError(f"--step {seconds} outside (0, {MAX_STEP_S}]")
+    unfit = [m for m in modes if m not in CT_EXT_MODES]
+    if unfit:
+        raise QuickpathError(f"--ct-ext-ab measures NAT modes only: {unfit}; choose from "
+                             f"{list(CT_EXT_MODES)}")
+    py = python or pypy_or_current()
+    load_before = load_average()
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out = []
+    with Topology("-qx") as topo:
+        rig = Rig(topo, "xdp")
+        for mode in modes:
+            print(f"quickpath: conntrack extension A/B, {mode} x {sessions} ...",
+                  file=sys.stderr, flush=True)
+            out.append(ct_ext_ab(rig, mode, sessions, py, seconds, rounds))
+    return {"machine": machine(), "date": date,
+            "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
+            "generator": "xdp", "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
+            "step_s": seconds, "load_before": load_before, "load_after": load_average(),
+            "results": out}
+
+
+#: modes whose flows are conntrack's (and whose counting does not switch the sysctls back)
+CT_EXT_MODES = ("static-nat", "kernel-nocount")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sessions", default="1,1000")
@@ -976,8 +1091,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--equal-warmup-s", type=float, default=0.0,
                     help="before the equal-load steps, this many seconds at that rate, "
                          "for every relay alike, so each is judged in its steady state")
+    ap.add_argument("--ct-ext-ab", type=int, default=0, metavar="ROUNDS",
+                    help="instead of capacity: per NAT mode (static-nat, kernel-nocount), "
+                         "the first --sessions number of sessions, ROUNDS rounds of flows "
+                         "with and without conntrack extensions in one setup (ct_ext_ab)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.ct_ext_ab:
+        res = run_ct_ext_ab(int(args.sessions.split(",")[0]), args.modes.split(","),
+                            args.ct_ext_ab, args.step, args.python)
+        for r in res["results"]:
+            print(f"{r['mode']} x {r['sessions']}: forwarded with / without conntrack "
+                  f"extensions, per round {r['with_over_without']}, median "
+                  f"{r['with_over_without_median']}")
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(res, fh, indent=1)
+        return 0
     if args.junk:
         res = run_junk(int(args.sessions.split(",")[0]), args.junk_per_media, args.junk_rounds,
                        args.junk_rate, args.python, idle_latency_us=args.idle_latency_us)
