@@ -19,7 +19,7 @@ namespace's `nf_conntrack_acct` and `nf_conntrack_timestamp` are switched on whi
 running) or from the ruleset's per-packet `seen` sets (``"rules"``, ~1.5 us/pkt more),
 or from nowhere (``"none"``: the ruleset and reads of ``"conntrack"``, the sysctls left
 as they are; flows created with them off carry no conntrack extension, whose cache line
-every packet of a flow that has one touches: ~5 % of a relay core at 100,000 flows).
+every packet of a flow that has one touches: 5-10 % of a relay core at 100,000 flows).
 
 When media last flowed: with conntrack counting, from each flow's remaining timeout
 (every packet resets it; `fastpath.kernel.ctnetlink.udp_last_packet`), so one read tells
