@@ -30,6 +30,25 @@ def _latch(client, leg: str):
     return norm(got["latched"]), norm(got["rtcp_latched"])
 
 
+def _call_both_ways(client, caller_ip: str, callee_ip: str, nat, callee):
+    """Call "k-call" (caller SDP port 4000, callee 5000), 20 RTP packets each way: the
+    callee gets the caller's from leg B's relay address, and the caller (`nat`, its real
+    port) the callee's from leg A's, latched. Returns (leg A's, leg B's) relay address."""
+    offer = client.offer("k-call", "a", (caller_ip, 4000), interface="external")
+    answer = client.answer("k-call", "a", "b", (callee_ip, 5000), interface="internal")
+    to_a = (answer["relay"]["ip"], answer["relay"]["port"])
+    to_b = (offer["relay"]["ip"], offer["relay"]["port"])
+    for seq in range(20):
+        nat.sendto(rtp_packet(seq, A_SSRC), to_a)
+    got = summarize(receive(callee, 20), A_SSRC)
+    assert got == {"intact": 20, "damaged": 0, "sources": [to_b], "in_order": True}
+    for seq in range(20):
+        callee.sendto(rtp_packet(seq, B_SSRC), to_b)
+    got = summarize(receive(nat, 20), B_SSRC)  # latched: to the NATed port
+    assert got == {"intact": 20, "damaged": 0, "sources": [to_a], "in_order": True}
+    return to_a, to_b
+
+
 def _acct(ns: str) -> str:
     """nf_conntrack_acct and nf_conntrack_timestamp of a namespace, e.g. "0 0"."""
     return " ".join(run("sysctl", "-n", f"net.netfilter.nf_conntrack_{name}", ns=ns)
@@ -67,19 +86,7 @@ def test_kernel_mode_call(topo, tmp_path, family, counters):
             callee_rtcp = endpoint(topo.callee.ns, callee_ip, 5001)
             spoof = endpoint(topo.callee.ns, callee_ip, 5999)
             sockets += [nat, callee, callee_rtcp, spoof]
-            offer = client.offer("k-call", "a", (caller_ip, 4000), interface="external")
-            answer = client.answer("k-call", "a", "b", (callee_ip, 5000), interface="internal")
-            to_a = (answer["relay"]["ip"], answer["relay"]["port"])
-            to_b = (offer["relay"]["ip"], offer["relay"]["port"])
-
-            for seq in range(20):
-                nat.sendto(rtp_packet(seq, A_SSRC), to_a)
-            got = summarize(receive(callee, 20), A_SSRC)
-            assert got == {"intact": 20, "damaged": 0, "sources": [to_b], "in_order": True}
-            for seq in range(20):
-                callee.sendto(rtp_packet(seq, B_SSRC), to_b)
-            got = summarize(receive(nat, 20), B_SSRC)  # latched: to the NATed port
-            assert got == {"intact": 20, "damaged": 0, "sources": [to_a], "in_order": True}
+            to_a, to_b = _call_both_ways(client, caller_ip, callee_ip, nat, callee)
             report = rtcp_sender_report(A_SSRC, 20, 3440)
             nat.sendto(report, (to_a[0], to_a[1] + 1))
             assert receive(callee_rtcp, 1) == [(report, (to_b[0], to_b[1] + 1))]
@@ -184,18 +191,7 @@ def test_kernel_mode_without_counters_relays_latches_and_expires(topo, tmp_path)
             nat = endpoint(topo.caller.ns, caller_ip, 4444)  # the caller's real port
             callee = endpoint(topo.callee.ns, callee_ip, 5000)
             sockets += [nat, callee]
-            offer = client.offer("k-call", "a", (caller_ip, 4000), interface="external")
-            answer = client.answer("k-call", "a", "b", (callee_ip, 5000), interface="internal")
-            to_a = (answer["relay"]["ip"], answer["relay"]["port"])
-            to_b = (offer["relay"]["ip"], offer["relay"]["port"])
-            for seq in range(20):
-                nat.sendto(rtp_packet(seq, A_SSRC), to_a)
-            got = summarize(receive(callee, 20), A_SSRC)
-            assert got == {"intact": 20, "damaged": 0, "sources": [to_b], "in_order": True}
-            for seq in range(20):
-                callee.sendto(rtp_packet(seq, B_SSRC), to_b)
-            got = summarize(receive(nat, 20), B_SSRC)
-            assert got == {"intact": 20, "damaged": 0, "sources": [to_a], "in_order": True}
+            _call_both_ways(client, caller_ip, callee_ip, nat, callee)
             call_flows = flows(ns)
             assert call_flows and not any("packets=" in f for f in call_flows), call_flows
             real = (str(ipaddress.ip_address(caller_ip)), 4444)
