@@ -90,8 +90,7 @@ DROP_COUNTERS = {4: "unexpected4", 6: "unexpected6"}
 DROP_COMMENT = "lrk: unadmitted new flow ipv{}, media.dropped.unexpected_source"
 QUEUE_COMMENT = "lrk: unadmitted new flow ipv{}, to NFQUEUE"
 
-#: where kernel mode's per-leg media counters come from
-#: where per-leg media counters come from: conntrack accounting, per-packet ``seen``
+#: where kernel mode's per-leg media counters come from: conntrack accounting, per-packet ``seen``
 #: sets, or nowhere ("none": the ruleset of "conntrack"; flows carry no counters)
 COUNTER_SOURCES = ("conntrack", "none", "rules")
 

@@ -373,16 +373,20 @@ class KernelPlane(KernelView):
                      "(net.netfilter.%s %s -> 1, restored on stop)", name, old)
 
     def _log_uncounted(self) -> None:
-        """kernel_counters = none: say that media goes uncounted, or that it is counted
-        after all because the namespace's accounting is on (set by someone else)."""
-        try:
-            with open(ACCT["nf_conntrack_acct"]) as fh:
-                on = fh.read().strip() == "1"
-        except OSError:
-            on = False
+        """kernel_counters = none: say that media goes uncounted, or name the sysctls
+        (set by someone else) that still give every new flow a conntrack extension."""
+        on = []
+        for name, path in ACCT.items():
+            try:
+                with open(path) as fh:
+                    if fh.read().strip() == "1":
+                        on.append(f"net.netfilter.{name}")
+            except OSError:
+                pass
         if on:
-            log.info("kernel mode: kernel_counters = none, but net.netfilter."
-                     "nf_conntrack_acct is 1 in this namespace: flows are counted anyway")
+            log.info("kernel mode: kernel_counters = none, but %s %s 1 in this namespace: "
+                     "new flows still carry conntrack's extension (and, with acct, are "
+                     "counted)", " and ".join(on), "are" if len(on) > 1 else "is")
         else:
             log.info("kernel mode: media not counted (kernel_counters = none): per-leg "
                      "packets and bytes read 0; expiry and latching as with conntrack")
