@@ -65,9 +65,9 @@ For each (mode, sessions): a capacity search (`bench.capacity.search`: doubling,
 bisection; a step offers R pkt/s for `--step` seconds and passes with < 1 % loss; a step
 that lost frames while neither side was saturated is measured once more), then
 the capacity is *confirmed*: three runs in a row at that rate must pass, or the rate
-steps down 5 % and tries again; then three runs at OVERLOAD_RATE record what a full
-relay core forwards. Every step records the relay NAPI thread's busy share (its run
-time: the relay's work whatever else runs on the core), both cores' busy share
+steps down 5 % and tries again; then three runs at OVERLOAD_RATE (``--overload-rate``)
+record what a full relay core forwards. Every step records the relay NAPI thread's busy
+share (its run time: the relay's work whatever else runs on the core), both cores' busy share
 (/proc/stat), the frames the relay's veth ring refused (XDP generator) and which side
 saturated (relay: NAPI thread >= NAPI_FULL; generator: it fell behind its rate).
 
@@ -140,6 +140,8 @@ MAX_RATE = 2_000_000  # bench.capacity.search caps its ramp there too
 #: offered three times after the search: what a full relay core still forwards (a stall of
 #: the shared machine costs a run only the frames of the stall, not its verdict)
 OVERLOAD_RATE = 2_000_000
+#: --overload-rate: at most this (the XDP generator's unpaced rate is 6.5-8 Mpps)
+MAX_OVERLOAD_RATE = 6_000_000
 MAX_STEP_S = 3.0
 MAX_STEPS = 14
 CONFIRM_RUNS = 3
@@ -678,7 +680,8 @@ def warm_to_steady(gen: Any, sink: Any, rate: int, seconds: float) -> int:
 
 
 def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float,
-                 start: int, equal_rate: int = 0, equal_warmup_s: float = 0.0) -> dict:
+                 start: int, equal_rate: int = 0, equal_warmup_s: float = 0.0,
+                 overload_rate: int = OVERLOAD_RATE) -> dict:
     """Capacity of `mode` at `sessions` (search, confirmation, overload) and, with
     `equal_rate`, three steps at that rate first: the relay's work per packet at an equal
     load (``equal_load``)."""
@@ -722,7 +725,7 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             found = search(measure, start, MAX_STEPS, transient_retries=1)
             cap = found["capacity_pps"]
             conf = confirm(measure, cap) if cap else {"confirmed_pps": None, "attempts": []}
-            over = [measure(OVERLOAD_RATE) for _ in range(CONFIRM_RUNS)]
+            over = [measure(overload_rate) for _ in range(CONFIRM_RUNS)]
             verdicts1 = xdp_verdicts(rig)
     last = [r for a in conf["attempts"] for r in a["runs"]]
     at_cap = [r for r in last if r.get("verdict") == "pass"]
@@ -747,7 +750,7 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
                 if at_cap and "relay_work_busy" in at_cap[0] else None),
             "saturated": at_cap[-1]["saturated"] if at_cap else None,
             "upper_bound_pps": found["upper_bound_pps"],
-            "overload": over,
+            "overload": over, "overload_rate": overload_rate,
             "equal_load": {"rate": equal_rate, "warmup_packets": equal_warm, "steps": equal,
                            "relay_work_us_per_packet": [work_us_per_packet(r) for r in equal],
                            "loss": [r["loss"] for r in equal]} if equal else None,
@@ -958,7 +961,10 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
               generator: str = "xdp", relay_ips: int = 0,
               idle_latency_us: Optional[int] = None, equal_rate: int = 0,
               rx_moderation_us: int = 0, napi_policy: str = "fifo",
-              equal_warmup_s: float = 0.0) -> dict:
+              equal_warmup_s: float = 0.0, overload_rate: int = OVERLOAD_RATE) -> dict:
+    if not 100_000 <= overload_rate <= MAX_OVERLOAD_RATE:
+        raise QuickpathError(f"--overload-rate {overload_rate} outside "
+                             f"100000..{MAX_OVERLOAD_RATE}")
     if napi_policy not in NAPI_POLICIES:
         raise QuickpathError(f"unknown NAPI policy {napi_policy!r}; choose from "
                              f"{list(NAPI_POLICIES)}")
@@ -987,7 +993,7 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
             for mode in modes:
                 print(f"quickpath: {mode} x {n} ...", file=sys.stderr, flush=True)
                 res = measure_mode(rig, mode, n, py, seconds, start, equal_rate,
-                                   equal_warmup_s)
+                                   equal_warmup_s, overload_rate)
                 res["load_after"] = load_average()
                 results.append(res)
     left = [ns for ns in list_namespaces() if ns in topo.namespaces]
@@ -998,6 +1004,7 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
             "generator": generator, "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
             "step_s": seconds, "idle_latency_us": idle, "rx_moderation_us": rx_moderation_us,
             "napi_policy": napi_policy, "equal_warmup_s": equal_warmup_s,
+            "overload_rate": overload_rate,
             "load_before": load_before,
             "load_after": load_average(), "results": results}
 
@@ -1091,6 +1098,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--equal-warmup-s", type=float, default=0.0,
                     help="before the equal-load steps, this many seconds at that rate, "
                          "for every relay alike, so each is judged in its steady state")
+    ap.add_argument("--overload-rate", type=int, default=OVERLOAD_RATE,
+                    help="the rate of the three overload steps after the search (default "
+                         "2,000,000; up to 6,000,000, for a path that forwards 2 Mpps with "
+                         "core to spare)")
     ap.add_argument("--ct-ext-ab", type=int, default=0, metavar="ROUNDS",
                     help="instead of capacity: per NAT mode (static-nat, kernel-nocount), "
                          "the first --sessions number of sessions, ROUNDS rounds of flows "
@@ -1119,7 +1130,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     res = run_bench([int(s) for s in args.sessions.split(",")], args.modes.split(","),
                     args.step, args.start, args.python, args.generator,
                     args.relay_addresses, args.idle_latency_us, args.equal_rate,
-                    args.rx_moderation_us, args.napi_policy, args.equal_warmup_s)
+                    args.rx_moderation_us, args.napi_policy, args.equal_warmup_s,
+                    args.overload_rate)
     print(table(res["results"]))
     if args.out:
         with open(args.out, "w") as fh:

@@ -126,3 +126,9 @@ def test_a_loss_at_a_saturated_relay_is_not_retried() -> None:
 def test_an_unknown_napi_policy_is_refused_before_anything_is_set_up() -> None:
     with pytest.raises(QuickpathError, match="NAPI policy"):
         run_bench([1], ["routing"], napi_policy="deadline")
+
+
+@pytest.mark.parametrize("rate", [99_999, 6_000_001])
+def test_an_overload_rate_out_of_bounds_is_refused_before_anything_is_set_up(rate) -> None:
+    with pytest.raises(QuickpathError, match="--overload-rate"):
+        run_bench([1], ["routing"], overload_rate=rate)
