@@ -142,6 +142,12 @@ MAX_RATE = 2_000_000  # bench.capacity.search caps its ramp there too
 OVERLOAD_RATE = 2_000_000
 #: --overload-rate: at most this (the XDP generator's unpaced rate is 6.5-8 Mpps)
 MAX_OVERLOAD_RATE = 6_000_000
+#: the sysctls whose flows carry a conntrack extension (set before the flows exist)
+CT_EXT_SYSCTLS = ("nf_conntrack_acct", "nf_conntrack_timestamp")
+#: --ct-ext-ab: NAT modes whose flows are conntrack's and whose counting leaves those
+#: sysctls alone; at most MAX_CT_EXT_ROUNDS rounds (each: 2 x (flush, warm-up, 3 steps))
+CT_EXT_MODES = ("static-nat", "kernel-nocount")
+MAX_CT_EXT_ROUNDS = 10
 MAX_STEP_S = 3.0
 MAX_STEPS = 14
 CONFIRM_RUNS = 3
@@ -487,6 +493,12 @@ def rtpengine(rig: Rig, pairs: List[Tuple[Addr, Addr]], python: str) -> Iterator
         run("conntrack", "-F", ns=topo.relay.ns, check=False)
 
 
+def set_netfilter_sysctls(ns: str, names: Sequence[str], value: int) -> None:
+    """Write `value` to each ``net.netfilter.<name>`` of namespace `ns` (one process)."""
+    run("sh", "-c", "; ".join(f"echo {value} > /proc/sys/net/netfilter/{name}"
+                              for name in names), ns=ns)
+
+
 @contextlib.contextmanager
 def kernel_without_accounting(rig: Rig, pairs: List[Tuple[Addr, Addr]],
                               python: str) -> Iterator[List[Addr]]:
@@ -494,8 +506,7 @@ def kernel_without_accounting(rig: Rig, pairs: List[Tuple[Addr, Addr]],
     daemon switched it on, before the warm-up creates the flows (measurement only: the
     relay's counters then read zero). Restored by the daemon's stop."""
     with lrk_mode("kernel")(rig, pairs, python) as dests:
-        run("sh", "-c", "echo 0 > /proc/sys/net/netfilter/nf_conntrack_acct",
-            ns=rig.topo.relay.ns)
+        set_netfilter_sysctls(rig.topo.relay.ns, ["nf_conntrack_acct"], 0)
         yield dests
 
 
@@ -506,8 +517,7 @@ def kernel_without_extensions(rig: Rig, pairs: List[Tuple[Addr, Addr]],
     ``nf_conntrack_timestamp`` off before the warm-up creates the flows (measurement
     only). Restored by the daemon's stop."""
     with lrk_mode("kernel")(rig, pairs, python) as dests:
-        run("sh", "-c", "echo 0 > /proc/sys/net/netfilter/nf_conntrack_acct; "
-            "echo 0 > /proc/sys/net/netfilter/nf_conntrack_timestamp", ns=rig.topo.relay.ns)
+        set_netfilter_sysctls(rig.topo.relay.ns, CT_EXT_SYSCTLS, 0)
         yield dests
 
 
@@ -760,11 +770,6 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
 
 # -- conntrack extensions, within one setup -----------------------------------------------
 
-#: the sysctls whose flows carry a conntrack extension (set before the flows exist)
-CT_EXT_SYSCTLS = ("nf_conntrack_acct", "nf_conntrack_timestamp")
-#: --ct-ext-ab: at most this many rounds (each: 2 x (flush, warm-up, 3 overload steps))
-MAX_CT_EXT_ROUNDS = 10
-
 
 def accounted_flows(ns: str) -> int:
     """Conntrack flows of `ns` that carry accounting (their listing shows packets=)."""
@@ -791,9 +796,7 @@ def ct_ext_ab(rig: Rig, mode: str, sessions: int, python: str, seconds: float,
         for i in range(rounds):
             for ext in ((True, False) if i % 2 == 0 else (False, True)):
                 run("conntrack", "-F", ns=ns, check=False)
-                flag = "1" if ext else "0"
-                run("sh", "-c", "; ".join(f"echo {flag} > /proc/sys/net/netfilter/{name}"
-                                          for name in CT_EXT_SYSCTLS), ns=ns)
+                set_netfilter_sysctls(ns, CT_EXT_SYSCTLS, int(ext))
                 delivered = send_settled(gen, sink, 10_000, warm)
                 accounted = accounted_flows(ns)
                 steps = [step(gen, sink, rate, seconds, rig.napi_pid)
@@ -956,6 +959,31 @@ def load_average() -> List[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
+
+
+def _started() -> Tuple[List[float], str]:
+    """The load average and the UTC date a run starts with (its report's)."""
+    return load_average(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def _report(load_before: List[float], date: str, **fields: Any) -> dict:
+    """A run's report: the machine, the date, the command, the rig's cores, the load
+    before and after, and `fields`."""
+    return {"machine": machine(), "date": date,
+            "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
+            "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU, **fields,
+            "load_before": load_before, "load_after": load_average()}
+
+
+def _save(path: Optional[str], res: dict) -> None:
+    if path:
+        with open(path, "w") as fh:
+            json.dump(res, fh, indent=1)
+
+
 def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
               start: int = 200_000, python: Optional[str] = None,
               generator: str = "xdp", relay_ips: int = 0,
@@ -968,8 +996,7 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
     if napi_policy not in NAPI_POLICIES:
         raise QuickpathError(f"unknown NAPI policy {napi_policy!r}; choose from "
                              f"{list(NAPI_POLICIES)}")
-    if os.geteuid() != 0:
-        raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
+    _need_root()
     if not 0 <= relay_ips <= MAX_ADDRESSES:
         raise QuickpathError(f"--relay-addresses {relay_ips} outside 0..{MAX_ADDRESSES}")
     if not 0 < seconds <= MAX_STEP_S:
@@ -985,8 +1012,7 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
         raise QuickpathError(f"unknown modes {unknown}; choose from {list(SETUPS)}")
     py = python or pypy_or_current()
     results = []
-    load_before = load_average()
-    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_before, date = _started()
     with Topology("-qp") as topo, cpu_latency(idle_latency_us) as idle:
         rig = Rig(topo, generator, relay_ips, rx_moderation_us, NAPI_POLICIES[napi_policy])
         for n in sessions:
@@ -999,42 +1025,31 @@ def run_bench(sessions: List[int], modes: List[str], seconds: float = 1.0,
     left = [ns for ns in list_namespaces() if ns in topo.namespaces]
     if left:
         raise QuickpathError(f"namespaces left after the run: {left}")
-    return {"machine": machine(), "date": date,
-            "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
-            "generator": generator, "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
-            "step_s": seconds, "idle_latency_us": idle, "rx_moderation_us": rx_moderation_us,
-            "napi_policy": napi_policy, "equal_warmup_s": equal_warmup_s,
-            "overload_rate": overload_rate,
-            "load_before": load_before,
-            "load_after": load_average(), "results": results}
+    return _report(load_before, date, generator=generator, step_s=seconds,
+                   idle_latency_us=idle, rx_moderation_us=rx_moderation_us,
+                   napi_policy=napi_policy, equal_warmup_s=equal_warmup_s,
+                   overload_rate=overload_rate, results=results)
 
 
 def run_junk(sessions: int, junk_per_media: int, rounds: int, rate: int,
              python: Optional[str] = None, runs: int = 3,
              idle_latency_us: Optional[int] = None) -> dict:
     """`runs` junk floods in a row on one set of calls' topology (the bench's record)."""
-    if os.geteuid() != 0:
-        raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
+    _need_root()
     py = python or pypy_or_current()
-    load_before = load_average()
-    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_before, date = _started()
     out = []
     with Topology("-qj") as topo, cpu_latency(idle_latency_us) as idle:
         rig = Rig(topo, "xdp")
         for _ in range(runs):
             out.append(junk_flood(rig, sessions, junk_per_media, rounds, rate, py))
-    return {"machine": machine(), "date": date,
-            "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
-            "generator": "xdp", "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
-            "idle_latency_us": idle, "load_before": load_before,
-            "load_after": load_average(), "runs": out}
+    return _report(load_before, date, generator="xdp", idle_latency_us=idle, runs=out)
 
 
 def run_ct_ext_ab(sessions: int, modes: List[str], rounds: int, seconds: float,
                   python: Optional[str] = None) -> dict:
     """`ct_ext_ab` for each of `modes` (NAT modes), one after the other, one topology."""
-    if os.geteuid() != 0:
-        raise QuickpathError("bench.quickpath needs root (network namespaces, nftables)")
+    _need_root()
     if not 0 < seconds <= MAX_STEP_S:
         raise QuickpathError(f"--step {seconds} outside (0, {MAX_STEP_S}]")
     unfit = [m for m in modes if m not in CT_EXT_MODES]
@@ -1042,8 +1057,7 @@ def run_ct_ext_ab(sessions: int, modes: List[str], rounds: int, seconds: float,
         raise QuickpathError(f"--ct-ext-ab measures NAT modes only: {unfit}; choose from "
                              f"{list(CT_EXT_MODES)}")
     py = python or pypy_or_current()
-    load_before = load_average()
-    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_before, date = _started()
     out = []
     with Topology("-qx") as topo:
         rig = Rig(topo, "xdp")
@@ -1051,15 +1065,7 @@ def run_ct_ext_ab(sessions: int, modes: List[str], rounds: int, seconds: float,
             print(f"quickpath: conntrack extension A/B, {mode} x {sessions} ...",
                   file=sys.stderr, flush=True)
             out.append(ct_ext_ab(rig, mode, sessions, py, seconds, rounds))
-    return {"machine": machine(), "date": date,
-            "command": " ".join(["python -m bench.quickpath", *sys.argv[1:]]),
-            "generator": "xdp", "relay_cpu": RELAY_CPU, "generator_cpu": GEN_CPU,
-            "step_s": seconds, "load_before": load_before, "load_after": load_average(),
-            "results": out}
-
-
-#: modes whose flows are conntrack's (and whose counting does not switch the sysctls back)
-CT_EXT_MODES = ("static-nat", "kernel-nocount")
+    return _report(load_before, date, generator="xdp", step_s=seconds, results=out)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -1115,17 +1121,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{r['mode']} x {r['sessions']}: forwarded with / without conntrack "
                   f"extensions, per round {r['with_over_without']}, median "
                   f"{r['with_over_without_median']}")
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(res, fh, indent=1)
+        _save(args.out, res)
         return 0
     if args.junk:
         res = run_junk(int(args.sessions.split(",")[0]), args.junk_per_media, args.junk_rounds,
                        args.junk_rate, args.python, idle_latency_us=args.idle_latency_us)
         print(json.dumps(res["runs"], indent=1))
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(res, fh, indent=1)
+        _save(args.out, res)
         return 0
     res = run_bench([int(s) for s in args.sessions.split(",")], args.modes.split(","),
                     args.step, args.start, args.python, args.generator,
@@ -1133,9 +1135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     args.rx_moderation_us, args.napi_policy, args.equal_warmup_s,
                     args.overload_rate)
     print(table(res["results"]))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+    _save(args.out, res)
     return 0
 
 
