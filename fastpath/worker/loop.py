@@ -65,7 +65,7 @@ class SocketWorker:
         # packet mode's egress: raw sockets (None: each endpoint's UDP socket sends), the
         # runs queued in this poll round, and the packets the UDP sockets sent instead
         self.egress: Optional[RawEgress] = None
-        self.egress_runs: List[Tuple[Endpoint, list]] = []
+        self.egress_runs: List[Tuple[Endpoint, bytes, Tuple[str, int]]] = []
         self.egress_fallback = 0
         self.egress_disabled = 0
         self.bad_messages = 0
@@ -329,95 +329,82 @@ class SocketWorker:
             self.egress.close()
 
     def _ingest(self, reader: PacketReader, now: float) -> None:
-        """Packet mode: a batch from the tap, grouped into runs for the same endpoint."""
+        """Packet mode: a batch from the tap or AF_XDP socket, decided and queued one
+        packet at a time (at call rates consecutive packets seldom share an endpoint;
+        everything a packet calls here is loop-free, so PyPy's JIT compiles the batch
+        into one loop)."""
         by_addr = self.by_addr
+        forward_one = self.table.forward_one
+        queue_one = self._queue_one
         for _ in range(16):  # bounded: other sockets and the channel get their turn
             frames = reader.recv_batch()
             if not frames:
                 return
             self.round_packets += len(frames)
-            run_ep = None
-            run: List[Tuple[bytes, Tuple[str, int]]] = []
             for l3, _ifindex in frames:
                 media = parse_media(l3)
                 ep = by_addr.get((media[3], media[4])) if media else None
                 if ep is None:
                     self.unknown_flow += 1
                     continue
-                if ep is not run_ep and run:
-                    self._forward(run_ep, run, now)
-                    run = []
-                run_ep = ep
-                run.append((media[5], (media[1], media[2])))
-            if run:
-                self._forward(run_ep, run, now)
+                if ep.split:  # rtcp-mux on one leg only, or forked callees
+                    self._forward_split(ep, media[5], (media[1], media[2]), now)
+                    continue
+                data = media[5]
+                dest = forward_one(ep, data, (media[1], media[2]), now)
+                if dest is not None:
+                    queue_one(ep.partner, data, dest)
             if len(frames) < reader.batch:
                 return
 
-    def _forward(self, ep, packets, now: float) -> None:
-        """Packet mode: decide a run, queue what passes for the round's raw send."""
-        if ep.split:
-            for src_ep, out in self.table.forward_split(ep, packets, now):
-                if out:
-                    self._queue(src_ep, out)
-            return
-        src_ep, out = self.table.forward(ep, packets, now)
-        if out:
-            self._queue(src_ep, out)
+    def _forward_split(self, ep: Endpoint, data: bytes, src: Tuple[str, int],
+                       now: float) -> None:
+        """Packet mode: a packet on an endpoint shared by forks or split by type."""
+        for src_ep, out in self.table.forward_split(ep, [(data, src)], now):
+            if src_ep is not None:
+                for pkt, dest in out:
+                    self._queue_one(src_ep, pkt, dest)
 
-    def _queue(self, src_ep: Endpoint, out: list) -> None:
+    def _queue_one(self, src_ep: Endpoint, data: bytes, dest: Tuple[str, int]) -> None:
+        """Packet mode: queue one packet for the round's raw send (flushed when full)."""
         egress = self.egress
         if egress is None:
-            self.egress_fallback += len(out)
-            self.table.sent(src_ep, out, self.io.send(src_ep.fd, out))
+            self._send_udp(src_ep, data, dest)
             return
-        if egress.pending + len(out) > egress.capacity:
+        if egress.pending >= egress.capacity:
             self._flush_egress()
-            if len(out) > egress.capacity:  # a run longer than the slots: no batching gain
-                self._fallback(src_ep, out, 0, [])
-                return
-        egress.add(src_ep.fd, out)
-        self.egress_runs.append((src_ep, out))
+        egress.add_one(src_ep.fd, data, dest)
+        self.egress_runs.append((src_ep, data, dest))
+
+    def _send_udp(self, src_ep: Endpoint, data: bytes, dest: Tuple[str, int]) -> None:
+        """Send one packet from the endpoint's UDP socket (packet mode's fallback)."""
+        self.egress_fallback += 1
+        if self.io.send(src_ep.fd, [(data, dest)]) == 1:
+            self.table.sent_one(src_ep, len(data))
+        else:
+            self.table.send_failed(src_ep)
 
     def _flush_egress(self) -> None:
-        """Send the queued runs; what the raw sockets could not send goes through each
-        endpoint's UDP socket (counted), then every run is accounted as socket mode does."""
+        """Send the queued packets; what the raw sockets could not send goes through each
+        endpoint's UDP socket (counted), then every packet is accounted as socket mode
+        does."""
         failed = self.egress.flush()  # type: ignore[union-attr]
-        runs = self.egress_runs
+        queued = self.egress_runs
         self.egress_runs = []
-        sent = self.table.sent
+        sent_one = self.table.sent_one
         if not failed:
-            for src_ep, out in runs:
-                sent(src_ep, out, len(out))
+            for src_ep, data, _dest in queued:
+                sent_one(src_ep, len(data))
             return
-        pos = 0
         fi = 0
-        for src_ep, out in runs:
-            end = pos + len(out)
-            if fi < len(failed) and failed[fi] < end:
-                fi = self._fallback(src_ep, out, pos, failed, fi)
+        nf = len(failed)
+        for pos in range(len(queued)):
+            src_ep, data, dest = queued[pos]
+            if fi < nf and failed[fi] == pos:
+                fi += 1
+                self._send_udp(src_ep, data, dest)
             else:
-                sent(src_ep, out, len(out))
-            pos = end
-
-    def _fallback(self, src_ep: Endpoint, out: list, pos: int, failed: List[int],
-                  fi: int = -1) -> int:
-        """Send `out`'s failed packets (all when fi < 0) from the endpoint's UDP socket;
-        returns the index of the first failure after this run."""
-        if fi < 0:
-            ok, bad = [], out
-        else:
-            ok, bad = [], []
-            for i, pkt in enumerate(out):
-                if fi < len(failed) and failed[fi] == pos + i:
-                    bad.append(pkt)
-                    fi += 1
-                else:
-                    ok.append(pkt)
-        self.egress_fallback += len(bad)
-        n = self.io.send(src_ep.fd, bad)
-        self.table.sent(src_ep, ok + bad, len(ok) + n)
-        return fi
+                sent_one(src_ep, len(data))
 
     def _open_xsk(self, ifnames: Tuple[str, ...], fds: List[int]) -> None:
         """Packet mode over AF_XDP: a socket per receive queue of each interface,

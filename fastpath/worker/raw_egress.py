@@ -318,64 +318,61 @@ class RawEgress:
 
     # -- queue and send --------------------------------------------------------------
     def add(self, fd: int, packets: List[Tuple[bytes, Addr]]) -> int:
-        """Queue `packets` (all to one destination, as RelayTable.forward returns them)
-        sent from endpoint `fd`; returns the position of the first.  The caller keeps
-        ``pending + len(packets) <= capacity`` by flushing first."""
+        """Queue `packets` sent from endpoint `fd`; returns the position of the first.
+        The caller keeps ``pending + len(packets) <= capacity`` by flushing first."""
         first = self.pending
-        n = len(packets)
-        self.pending = first + n
+        add_one = self.add_one
+        for data, dest in packets:
+            add_one(fd, data, dest)
+        return first
+
+    def add_one(self, fd: int, data: bytes, dest: Addr) -> None:
+        """Queue one packet to `dest` sent from endpoint `fd`, at position ``pending``
+        (a rejected one is given back by :meth:`flush`); the caller keeps ``pending <
+        capacity`` by flushing first. Loop-free, so that PyPy's JIT inlines it into the
+        reader's loop."""
+        pos = self.pending
+        self.pending = pos + 1
         state = self._eps.get(fd)
-        route = None
-        if state is not None:
-            dest = packets[0][1]
-            route = state[2] if state[1] == dest else self._route(state, dest)
+        if state is None:
+            self._reject(pos, 1)
+            return
+        route = state[2] if state[1] == dest else self._route(state, dest)
         if route is None:
-            self._reject(first, n)
-            return first
+            self._reject(pos, 1)
+            return
         lane, ent, src, dst, sport, dport, pbase, ibase = route
-        view = lane.view
-        positions = lane.pos
-        slot_ent = lane.slot_ent
-        slot_len = lane.slot_len
-        k = lane.n
+        ln = len(data)
         v4 = ibase != 0
         hdr = HDR4 if v4 else HDR6
-        room = SLOT_SIZE - hdr
-        pos = first
-        ident = lane.ident
-        for data, _dest in packets:
-            ln = len(data)
-            if ln > room:
-                self._reject(pos, 1)
-                pos += 1
-                continue
-            ulen = 8 + ln
-            c = (pbase + ulen + ulen + _sum(data)) % 0xFFFF
-            ucs = 0xFFFF - c if c else 0xFFFF
-            off = k * SLOT_SIZE
-            if v4:
-                ident = (ident + 1) & 0xFFFF
-                h = (ibase + 20 + ulen + ident) % 0xFFFF
-                _V4.pack_into(view, off, 0x45, 0, 20 + ulen, ident, _DF, TTL, IPPROTO_UDP,
-                              0xFFFF - h if h else 0, src, dst, sport, dport, ulen, ucs)
-            else:
-                _V6.pack_into(view, off, 0x60000000, ulen, IPPROTO_UDP, TTL, src, dst,
-                              sport, dport, ulen, ucs)
-            view[off + hdr:off + hdr + ln] = data
-            if slot_ent[k] is not ent:
-                slot_ent[k] = ent
-                m = lane.msgs[k]
-                m.msg_name = ent[0]
-                m.msg_namelen = ent[1]
-            if slot_len[k] != ln + hdr:
-                slot_len[k] = ln + hdr
-                lane.iovs[k].iov_len = ln + hdr
-            positions.append(pos)
-            pos += 1
-            k += 1
-        lane.n = k
-        lane.ident = ident
-        return first
+        if ln > SLOT_SIZE - hdr:
+            self._reject(pos, 1)
+            return
+        k = lane.n
+        view = lane.view
+        ulen = 8 + ln
+        c = (pbase + ulen + ulen + _sum(data)) % 0xFFFF
+        ucs = 0xFFFF - c if c else 0xFFFF
+        off = k * SLOT_SIZE
+        if v4:
+            ident = lane.ident = (lane.ident + 1) & 0xFFFF
+            h = (ibase + 20 + ulen + ident) % 0xFFFF
+            _V4.pack_into(view, off, 0x45, 0, 20 + ulen, ident, _DF, TTL, IPPROTO_UDP,
+                          0xFFFF - h if h else 0, src, dst, sport, dport, ulen, ucs)
+        else:
+            _V6.pack_into(view, off, 0x60000000, ulen, IPPROTO_UDP, TTL, src, dst,
+                          sport, dport, ulen, ucs)
+        view[off + hdr:off + hdr + ln] = data
+        if lane.slot_ent[k] is not ent:
+            lane.slot_ent[k] = ent
+            m = lane.msgs[k]
+            m.msg_name = ent[0]
+            m.msg_namelen = ent[1]
+        if lane.slot_len[k] != ln + hdr:
+            lane.slot_len[k] = ln + hdr
+            lane.iovs[k].iov_len = ln + hdr
+        lane.pos.append(pos)
+        lane.n = k + 1
 
     def _reject(self, pos: int, n: int) -> None:
         self.rejected += n

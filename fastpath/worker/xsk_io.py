@@ -202,59 +202,60 @@ class XskEgress:
         self._rejected.extend(range(pos, pos + n))
 
     def add(self, fd: int, packets: List[Tuple[bytes, Addr]]) -> int:
-        """Queue `packets` (all to one destination) sent from endpoint `fd`."""
+        """Queue `packets` sent from endpoint `fd`; returns the position of the first."""
         first = self.pending
-        n = len(packets)
-        self.pending = first + n
+        add_one = self.add_one
+        for data, dest in packets:
+            add_one(fd, data, dest)
+        return first
+
+    def add_one(self, fd: int, data: bytes, dest: Addr) -> None:
+        """Queue one packet to `dest` sent from endpoint `fd`, at position ``pending``
+        (a rejected one is given back by :meth:`flush`). Loop-free, so that PyPy's JIT
+        inlines it into the reader's loop."""
+        pos = self.pending
+        self.pending = pos + 1
         state = self._eps.get(fd)
         if state is None:
-            self._reject(first, n, "family")
-            return first
-        dest = packets[0][1]
+            self._reject(pos, 1, "family")
+            return
         route = state[2]
         if route is None or state[1] != dest or route[0] < self.now:
             route = self._route(state, dest)
             if route.__class__ is str:
-                self._reject(first, n, route)  # type: ignore[arg-type]
-                return first
+                self._reject(pos, 1, route)  # type: ignore[arg-type]
+                return
         (_exp, xsk, umem, free, pend, eth, src, dst, sport, dport, pbase, ibase, hdr,
          room) = route  # type: ignore[misc]
+        ln = len(data)
+        if ln > room:
+            self._reject(pos, 1, "too_big")
+            return
+        if xsk.tx_room() <= (len(pend) >> 1):
+            self._reject(pos, 1, "no_frame")
+            return
+        if not free:
+            xsk.reclaim()
+            if not free:
+                self._reject(pos, 1, "no_frame")
+                return
+        off = free.pop()
+        ulen = 8 + ln
+        c = (pbase + ulen + ulen + _sum(data)) % 0xFFFF
+        if ibase:  # Ethernet, IPv4 and UDP headers in one pack
+            ident = self._ident = (self._ident + 1) & 0xFFFF
+            h = (ibase + 20 + ulen + ident) % 0xFFFF
+            _EV4.pack_into(umem, off, eth, 0x45, 0, 20 + ulen, ident, _DF, TTL,
+                           IPPROTO_UDP, 0xFFFF - h if h else 0, src, dst, sport, dport,
+                           ulen, 0xFFFF - c if c else 0xFFFF)
+        else:
+            _EV6.pack_into(umem, off, eth, 0x60000000, ulen, IPPROTO_UDP, TTL, src, dst,
+                           sport, dport, ulen, 0xFFFF - c if c else 0xFFFF)
+        umem[off + hdr:off + hdr + ln] = data
         if not pend:
             self._dirty.append(xsk)
-        slots = xsk.tx_room() - (len(pend) >> 1)
-        ident = self._ident
-        pos = first
-        for data, _d in packets:
-            ln = len(data)
-            if ln > room or slots <= 0:
-                self._reject(pos, 1, "too_big" if ln > room else "no_frame")
-                pos += 1
-                continue
-            if not free:
-                xsk.reclaim()
-                if not free:
-                    self._reject(pos, 1, "no_frame")
-                    pos += 1
-                    continue
-            off = free.pop()
-            ulen = 8 + ln
-            c = (pbase + ulen + ulen + _sum(data)) % 0xFFFF
-            if ibase:  # Ethernet, IPv4 and UDP headers in one pack
-                ident = (ident + 1) & 0xFFFF
-                h = (ibase + 20 + ulen + ident) % 0xFFFF
-                _EV4.pack_into(umem, off, eth, 0x45, 0, 20 + ulen, ident, _DF, TTL,
-                               IPPROTO_UDP, 0xFFFF - h if h else 0, src, dst, sport, dport,
-                               ulen, 0xFFFF - c if c else 0xFFFF)
-            else:
-                _EV6.pack_into(umem, off, eth, 0x60000000, ulen, IPPROTO_UDP, TTL, src, dst,
-                               sport, dport, ulen, 0xFFFF - c if c else 0xFFFF)
-            umem[off + hdr:off + hdr + ln] = data
-            pend.append(off)
-            pend.append(hdr + ln)
-            slots -= 1
-            pos += 1
-        self._ident = ident
-        return first
+        pend.append(off)
+        pend.append(hdr + ln)
 
     def flush(self) -> List[int]:
         """Send what is queued; returns the positions that did not leave, ascending."""

@@ -409,3 +409,63 @@ def test_removing_a_fork_leaves_the_shared_sockets_alone():
     assert removed is fork and [ep.fd for ep in removed.owned()] == [20, 21]
     assert table.by_fd[12] is b_rtp and table.by_fd[13] is b_rtcp
     assert 20 not in table.by_fd and not b_rtp.forks and not b_rtp.split
+
+
+# -- forward_one: packet mode's per-packet path ------------------------------------------
+def _state(table, session):
+    eps = tuple((ep.peer, ep.in_packets, ep.in_bytes, ep.out_packets, ep.out_bytes,
+                 tuple(ep.drops), ep.last) for ep in session.endpoints)
+    return (eps, session.dirty, session.last_rx, tuple(table.dropped), table.latched,
+            table.latched_learned, table.latched_announced, table.relatched,
+            table.forwarded_packets, table.forwarded_bytes)
+
+
+def test_forward_one_decides_and_counts_exactly_as_a_batch_of_one():
+    """Every branch a packet can take (latch by announced IP, latch learned, stranger,
+    relearn after silence, RTCP following RTP, no destination, port 0, send failure):
+    forward_one + sent_one/send_failed leave the table as forward + sent do."""
+    stranger = ("198.51.100.66", 6666)
+    script = [  # (endpoint index, payload, source, now)
+        (0, b"a" * 10, (CALLER_IP, 4000), 1.0),       # A latches its announced address
+        (2, b"b" * 20, (CALLEE_IP, 5000), 1.1),       # B latches
+        (0, b"evil", stranger, 1.2),                  # stranger, A talking: dropped
+        (1, b"r" * 8, stranger, 1.3),                 # RTCP from a stranger: dropped
+        (1, b"r" * 9, (CALLER_IP, 4001), 1.4),        # RTCP from the announced address
+        (2, b"c", NATTED, 1.5),                       # strict B: dropped
+        (0, b"d" * 3, NATTED, 9.0),                   # A silent: NAT relearn
+        (3, b"e" * 7, (CALLEE_IP, 5001), 9.1),        # B's RTCP
+        (0, b"f" * 5, NATTED, 9.2),
+    ]
+
+    def run(one: bool):
+        table, session, eps = setup(leg(CALLER_IP, 4000, latch_any=True), leg(CALLEE_IP, 5000))
+        outcomes = []
+        for i, (idx, data, src, now) in enumerate(script):
+            ep = eps[idx]
+            session.dirty = False
+            fail = i == 4  # one send fails
+            if one:
+                dest = table.forward_one(ep, data, src, now)
+                if dest is not None:
+                    if fail:
+                        table.send_failed(ep.partner)
+                    else:
+                        table.sent_one(ep.partner, len(data))
+                outcomes.append((eps.index(ep.partner) if dest else None, dest))
+            else:
+                src_ep, out = table.forward(ep, [(data, src)], now)
+                if out:
+                    table.sent(src_ep, out, 0 if fail else 1)
+                outcomes.append((eps.index(src_ep) if out else None, out[0][1] if out else None))
+            outcomes.append(_state(table, session))
+        # no destination: B's announced port 0 (on hold), then no B at all
+        table.update(7, leg(CALLEE_IP, 0, gen=2, name="B"))
+        outcomes.append(table.forward_one(eps[0], b"g", NATTED, 9.3) if one
+                        else table.forward(eps[0], [(b"g", NATTED)], 9.3)[1] or None)
+        outcomes.append(_state(table, session))
+        return outcomes
+
+    got, want = run(True), run(False)
+    assert got == want
+    assert got[-1][3][UNEXPECTED_SOURCE] == 3 and got[-1][3][NO_DESTINATION] == 1
+    assert got[-1][3][SEND_ERROR] == 1 and got[-1][1] is True  # a drop is news too
