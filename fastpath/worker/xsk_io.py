@@ -38,7 +38,7 @@ from fastpath.worker.raw_egress import (
     ipv4_header_base,
     source_of,
 )
-from fastpath.worker.xsk import XskError, XskSocket
+from fastpath.worker.xsk import XskError, XskSocket, memmove
 
 __all__ = ["XskEgress", "XskReader"]
 
@@ -190,7 +190,7 @@ class XskEgress:
         eth = hop.dst_mac + hop.src_mac + (_ETH_IP if v4 else _ETH_IP6)
         ibase = ipv4_header_base(src, dst) if v4 else 0
         hdr = ETH + (HDR4 if v4 else HDR6)
-        route = (self.now + self.route_ttl, xsk, xsk.view(), xsk.free_frames(),
+        route = (self.now + self.route_ttl, xsk, xsk.view(), xsk.pointer(), xsk.free_frames(),
                  self._pend[hop.ifindex], eth, src, dst, sport, dport,
                  _pseudo_base(src, dst, sport, dport), ibase, hdr, xsk.frame_size - hdr)
         state[2] = route
@@ -225,7 +225,7 @@ class XskEgress:
             if route.__class__ is str:
                 self._reject(pos, 1, route)  # type: ignore[arg-type]
                 return
-        (_exp, xsk, umem, free, pend, eth, src, dst, sport, dport, pbase, ibase, hdr,
+        (_exp, xsk, umem, uptr, free, pend, eth, src, dst, sport, dport, pbase, ibase, hdr,
          room) = route  # type: ignore[misc]
         ln = len(data)
         if ln > room:
@@ -251,7 +251,10 @@ class XskEgress:
         else:
             _EV6.pack_into(umem, off, eth, 0x60000000, ulen, IPPROTO_UDP, TTL, src, dst,
                            sport, dport, ulen, 0xFFFF - c if c else 0xFFFF)
-        umem[off + hdr:off + hdr + ln] = data
+        if uptr is None:
+            umem[off + hdr:off + hdr + ln] = data
+        else:
+            memmove(uptr + (off + hdr), data, ln)  # type: ignore[operator]
         if not pend:
             self._dirty.append(xsk)
         pend.append(off)

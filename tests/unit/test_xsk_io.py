@@ -4,11 +4,13 @@ and the next-hop codec and cache (rtnetlink replies built here)."""
 
 from __future__ import annotations
 
+import platform
 import socket
 import struct
 from typing import Dict, List, Optional, Tuple
 
 import pytest
+from cffi import FFI
 
 from fastpath.kernel import netlink as nl
 from fastpath.worker import nexthop
@@ -40,12 +42,21 @@ class FakeXsk:
         self.released: List[int] = []
         self.closed = False
         self.tx_errors: Dict[str, int] = {}
+        self._ptr: Optional[object] = None
 
     def tx_outstanding(self) -> int:
         return 0  # kick sends everything
 
     def view(self) -> memoryview:
         return memoryview(self.umem)
+
+    def pointer(self) -> object:
+        """As XskSocket's: a cffi pointer on PyPy (its copy path), None on CPython."""
+        if platform.python_implementation() != "PyPy":
+            return None
+        if self._ptr is None:
+            self._ptr = FFI().from_buffer(self.umem)
+        return self._ptr
 
     def free_frames(self) -> List[int]:
         return self.free
