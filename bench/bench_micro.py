@@ -2,7 +2,8 @@
 only results are asserted):
 
 * packet path: the relay table's forwarding decision for a batch, a tapped packet's
-  parse (packet mode), and the IPv4/UDP header + checksum of raw egress;
+  parse (packet mode), the IPv4/UDP header + checksum of raw egress, and one poll round
+  of packet mode over AF_XDP through the worker (sockets faked: its Python per packet);
 * protocol codecs: a msgpack control request, a legacy lrkproxy request, an NG message;
 * the control path with SDP bodies: scan + rewrite of one body, a whole offer + answer +
   delete through the msgpack codec and the engine, and packing a delete's reply;
@@ -15,20 +16,26 @@ from __future__ import annotations
 
 import itertools
 import socket
+from typing import List, Tuple
 
 import msgpack
 
 from bench.ng import audio_sdp, decode_message, encode_message
-from fastpath.contract import LegSpec, StreamSpec
+from fastpath import channel
+from fastpath.contract import LegSpec, StreamSpec, unit_id
 from fastpath.packet import parse_media
+from fastpath.worker.loop import SocketWorker
+from fastpath.worker.nexthop import Hop
 from fastpath.worker.raw_egress import ipv4_udp_header, udp_checksum
 from fastpath.worker.relay_table import RelayTable
+from fastpath.worker.xsk_io import XskEgress, XskReader
 from lrk.control import wire
 from lrk.control.legacy import LegacyControl
 from lrk.control.msgpack_proto import MsgpackControl
 from lrk.core import sdp
 from lrk.core.engine import Engine, EngineConfig
 from lrk.demo.media import rtp_packet
+from tests.unit.test_xsk_io import FakeHops, FakeXsk
 
 CALLER = ("198.51.100.10", 4000)
 CALLEE = ("198.51.100.70", 5000)
@@ -195,3 +202,87 @@ def test_micro_session_lookup_by_relay_address(benchmark):
     by_addr = {("198.51.100.1", 20000 + i): i for i in range(40000)}
     key = ("198.51.100.1", 20000 + 31337)
     assert benchmark(by_addr.get, key) == 31337
+
+
+class _RoundXsk(FakeXsk):
+    """A fake AF_XDP socket that hands out `per_round` of its frames per round, cycling
+    through them, and whose kick frees what it sends (nothing is kept)."""
+
+    def __init__(self, frames: List[Tuple[int, int]], per_round: int) -> None:
+        super().__init__(frames=2 * len(frames), ring=len(frames))
+        self.frames, self.per_round, self.at, self.left = frames, per_round, 0, 0
+
+    def rx(self, n: int) -> List[Tuple[int, int]]:
+        k = min(n, self.left)
+        out = [self.frames[(self.at + i) % len(self.frames)] for i in range(k)]
+        self.at, self.left = (self.at + k) % len(self.frames), self.left - k
+        return out
+
+    def kick(self) -> int:
+        n = len(self.queued)
+        self.kicks += 1
+        self.free.extend(off for off, _len in self.queued)
+        self.queued = []
+        return n
+
+    def release(self, offsets: List[int]) -> None:
+        pass
+
+
+def test_micro_packet_worker_round(benchmark):
+    """Packet mode over AF_XDP at call rates: one poll round of 25 packets from 25 of 250
+    calls (each alone on its endpoint), read, decided, written as frames and sent in one
+    kick. Divide by 25 for the Python per packet."""
+    calls, per_round, relay, callee = 250, 25, "127.0.0.1", ("198.51.100.70", 5000)
+    payload = rtp_packet(7, 0xABC)
+    mine, theirs = channel.pair()
+    worker = SocketWorker(mine, batch=64)
+    flows = []
+    for i in range(calls):
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+                 for _ in range(4)]
+        for s in socks:
+            s.bind((relay, 0))
+        ports = [s.getsockname()[1] for s in socks]
+        flows.append(((CALLER[0], 4000 + i), ports, [s.detach() for s in socks]))
+    xsk = _RoundXsk([(2048 * (calls + i), 0) for i in range(calls)], per_round)
+    for i, ((src, sport), ports, _fds) in enumerate(flows):
+        frame = (b"\x02" * 12 + b"\x08\x00"
+                 + ipv4_udp_header(socket.inet_aton(src), socket.inet_aton(relay), sport,
+                                   ports[0], payload) + payload)
+        off = xsk.frames[i][0]
+        xsk.umem[off:off + len(frame)] = frame
+        xsk.frames[i] = (off, len(frame))
+    xsk.free = [2048 * i for i in range(calls)]
+    reader = XskReader(xsk, 64)  # type: ignore[arg-type]
+    worker.readers[xsk.fileno()] = reader  # type: ignore[assignment]
+    worker.xsk_readers.append(reader)
+    worker.egress = XskEgress({xsk.ifindex: xsk},  # type: ignore[dict-item]
+                              FakeHops({socket.inet_aton(callee[0]): Hop(2, b"\x02" * 6,
+                                                                         b"\x04" * 6)}))
+    for i, ((src, sport), ports, fds) in enumerate(flows):
+        stream = StreamSpec(0, LegSpec("A", relay, ports[0], (src, sport)),
+                            LegSpec("B", relay, ports[2], (callee[0], callee[1] + 2 * i)))
+        worker._handle(channel.InstallSession(unit_id(i + 1, 0), stream,
+                                              tuple((relay, p) for p in ports)), fds)
+
+    def one_round() -> None:
+        xsk.left = per_round
+        worker._ingest(reader, 1.0)
+        worker._flush_egress()
+        reader.done()
+
+    try:
+        benchmark(one_round)
+        rounds = worker.table.forwarded_packets // per_round
+        assert rounds >= 1 and worker.table.forwarded_packets == rounds * per_round
+        assert worker.egress.packets == worker.table.forwarded_packets
+        assert worker.egress_fallback == 0 and worker.unknown_flow == 0
+        assert xsk.kicks == rounds
+        benchmark.extra_info["packets_per_call"] = per_round
+    finally:
+        for fd in list(worker.addrs):
+            worker._close(fd)
+        worker.epoll.close()
+        mine.close()
+        theirs.close()
