@@ -26,6 +26,7 @@ through memoryview casts.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -207,6 +208,10 @@ class XskSocket:
                bind_wait: float) -> None:
         self.umem = mmap.mmap(-1, frames * frame_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                               mmap.PROT_READ | mmap.PROT_WRITE)
+        # huge pages where the kernel has them for the asking (THP "madvise"): the worker
+        # touches two frames a packet anywhere in 8-16 MiB, a TLB miss each on 4 KiB pages
+        with contextlib.suppress(AttributeError, OSError):
+            self.umem.madvise(mmap.MADV_HUGEPAGE)
         self._umem_ptr = _ffi.from_buffer(self.umem)
         addr = int(_ffi.cast("uintptr_t", self._umem_ptr))
         self._sockopt(lib, XDP_UMEM_REG, _UMEM_REG.pack(addr, frames * frame_size, frame_size,

@@ -139,10 +139,28 @@ def test_steering_passes_what_is_not_media(topo):
     assert not any(_xdp_ids(ns))
 
 
+def _vm_flags(ptr) -> list:
+    """The VmFlags of this process's mapping that holds cffi pointer `ptr` (smaps)."""
+    from cffi import FFI
+
+    addr = int(FFI().cast("uintptr_t", ptr))
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
 def test_xsk_socket_round_trip(topo):
     """The socket alone: a frame steered in is read with its exact bytes; a frame written
     to the TX ring leaves the interface and is delivered; sent frames come back through
-    the completion ring; close releases everything (a second bind on the queue works)."""
+    the completion ring; the UMEM asks for huge pages; close releases everything (a second
+    bind on the queue works)."""
     ns = topo.relay.ns
     prog = in_netns(ns, SteerProgram.load)
     sockets = []
@@ -178,6 +196,7 @@ def test_xsk_socket_round_trip(topo):
         assert receive(src, 1) == [(b"ping", (topo.relay.ip4, 30000))]
         wait(lambda: xsk.reclaim() >= 0 and xsk.tx_free() == free)  # completion ring
         assert xsk.kernel_stats()["tx_invalid_descs"] == 0
+        assert "hg" in _vm_flags(xsk.pointer() or xsk._umem_ptr)  # MADV_HUGEPAGE asked
         xsk.close()
         xsk.close()  # idempotent
         again = in_netns(ns, lambda: XskSocket(ifindex, frames=64, ring=32))
