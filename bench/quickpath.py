@@ -663,6 +663,22 @@ def xdp_verdicts(rig: Rig) -> Dict[str, int]:
     return {k: v for k, v in _relay_counters(rig).items() if k.startswith("xdp.verdicts.")}
 
 
+#: relay counters a run records (deltas over its steps): what the packets met in the relay
+RUN_COUNTERS = ("xdp.verdicts.", "media.egress.", "media.xsk.", "media.dropped.",
+                "media.forwarded.")
+
+
+def run_counters(rig: Rig) -> Dict[str, int]:
+    """The relay's counters named by RUN_COUNTERS (empty for relays without a client)."""
+    if rig.client is None:
+        return {}
+    return {k: v for k, v in _relay_counters(rig).items() if k.startswith(RUN_COUNTERS)}
+
+
+def _delta(before: Dict[str, int], after: Dict[str, int]) -> Dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
 def work_us_per_packet(r: dict) -> Optional[float]:
     """The relay's work (NAPI thread + its own threads) per delivered packet in step `r`."""
     work = r.get("relay_work_busy")
@@ -706,6 +722,7 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             flows = conntrack_count(rig.topo.relay.ns)
 
             verdicts0 = xdp_verdicts(rig)
+            counts0 = run_counters(rig)
 
             @contextlib.contextmanager
             def relay() -> Iterator[Any]:
@@ -732,11 +749,13 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
                 with relay() as g:
                     equal_warm = warm_to_steady(g, sink, equal_rate, equal_warmup_s)
                     equal = [judge(g, equal_rate) for _ in range(CONFIRM_RUNS)]
+            counts_equal = run_counters(rig)
             found = search(measure, start, MAX_STEPS, transient_retries=1)
             cap = found["capacity_pps"]
             conf = confirm(measure, cap) if cap else {"confirmed_pps": None, "attempts": []}
             over = [measure(overload_rate) for _ in range(CONFIRM_RUNS)]
             verdicts1 = xdp_verdicts(rig)
+            counts1 = run_counters(rig)
     last = [r for a in conf["attempts"] for r in a["runs"]]
     at_cap = [r for r in last if r.get("verdict") == "pass"]
     left = leftovers(rig)
@@ -747,8 +766,11 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             "warmup_sent": warm, "warmup_delivered": warm_delivered,
             "conntrack_after_warmup": flows, "nf_conntrack_max": conntrack_max(),
             "left_after_teardown": left,
-            "xdp_verdicts": {k: v - verdicts0.get(k, 0) for k, v in verdicts1.items()
-                             if v != verdicts0.get(k, 0)},
+            "xdp_verdicts": _delta(verdicts0, verdicts1),
+            # the relay's counters over the equal-load steps, and over the whole run after
+            # them (search, confirmation, overload): fallbacks, refusals, drops
+            "relay_counters": {"equal_load": _delta(counts0, counts_equal),
+                               "after_equal_load": _delta(counts_equal, counts1)},
             "capacity_pps": conf["confirmed_pps"], "search": found,
             "confirmation": conf,
             "relay_core_busy_at_capacity": (round(statistics.median(
