@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -22,6 +23,7 @@ from bench.quickpath import (
     ct_ext_ab,
     flows_for,
     junk_flood,
+    run_counters,
     step,
     warm_to_steady,
     work_us_per_packet,
@@ -112,6 +114,23 @@ def test_userspace_mode_is_pinned_to_the_relay_core_and_its_work_counted(
             assert r["relay_work_busy"] == pytest.approx(
                 r["relay_napi_busy"] + r["relay_threads_busy"], abs=0.002)
             assert work_us_per_packet(r) > 0
+            # what a run records of the relay's counters (reports reach the daemon within
+            # a second)
+            if mode == "rtpengine":
+                assert run_counters(rig) == {}
+            else:
+                deadline = time.monotonic() + 5.0
+                while (run_counters(rig).get("media.forwarded.packets", 0) < 1040
+                       and time.monotonic() < deadline):
+                    time.sleep(0.05)
+                c = run_counters(rig)
+                assert c["media.forwarded.packets"] == 1040, c
+                if mode == "packet-xdp":  # the step's frames went through AF_XDP (the
+                    # first ones may have passed to the kernel before the socket was in)
+                    assert c["media.xsk.steered"] >= 1000, c
+                    assert (c["media.egress.xsk.packets"]
+                            + c.get("media.egress.fallback.packets", 0)
+                            == c["media.xsk.steered"]), c
         pids = list(rig.relay_pids)
     assert rig.relay_pids == [] and rig.refresh is None
     assert not any(os.path.exists(f"/proc/{p}") for p in pids), "the relay stopped"
