@@ -20,8 +20,9 @@ words are plain loads and stores, which x86-64's memory order makes safe without
 fences (the module refuses other architectures rather than guess).
 
 Syscalls through cffi in ABI mode (socket, setsockopt, getsockopt, bind, sendto, poll),
-so the same code runs on PyPy and CPython; the rings and UMEM are ``mmap`` objects read
-through memoryview casts.
+so the same code runs on PyPy and CPython; the rings and UMEM are ``mmap`` objects, read
+through cffi pointers on PyPy (plain loads and stores once compiled) and memoryview casts
+on CPython (cheaper there).
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ class _Ring:
         prod, cons, desc, flags = off
         self.map = mmap.mmap(fd, desc + size * desc_size, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE, offset=pgoff)
+        # u64 slots: two per RX/TX descriptor (address; length and options), one per
+        # fill/completion entry (an address)
         self._buf = None
         if _PYPY:
             self._buf = _ffi.from_buffer(self.map)
@@ -138,8 +141,6 @@ class _Ring:
         self.flags = flags // 4
         self.size = size
         self.mask = size - 1
-        # u64 slots: two per RX/TX descriptor (address; length and options), one per
-        # fill/completion entry (an address)
 
     def need_wakeup(self) -> bool:
         return bool(self.words[self.flags] & XDP_RING_NEED_WAKEUP)
