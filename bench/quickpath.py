@@ -655,14 +655,6 @@ def leftovers(rig: Rig) -> Dict[str, Any]:
     return {"nft_tables": tables, "xdp_on": xdp, "conntrack": conntrack_count(ns)}
 
 
-def xdp_verdicts(rig: Rig) -> Dict[str, int]:
-    """The relay program's verdict counters (xdp modes; empty otherwise): whether the
-    frames were relayed by the program (redirect) or passed on to the kernel's path."""
-    if rig.client is None:
-        return {}
-    return {k: v for k, v in _relay_counters(rig).items() if k.startswith("xdp.verdicts.")}
-
-
 #: relay counters a run records (deltas over its steps): what the packets met in the relay
 RUN_COUNTERS = ("xdp.verdicts.", "media.egress.", "media.xsk.", "media.dropped.",
                 "media.forwarded.")
@@ -721,7 +713,6 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             warm_delivered = send_settled(gen, sink, 10_000, warm)
             flows = conntrack_count(rig.topo.relay.ns)
 
-            verdicts0 = xdp_verdicts(rig)
             counts0 = run_counters(rig)
 
             @contextlib.contextmanager
@@ -754,7 +745,6 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             cap = found["capacity_pps"]
             conf = confirm(measure, cap) if cap else {"confirmed_pps": None, "attempts": []}
             over = [measure(overload_rate) for _ in range(CONFIRM_RUNS)]
-            verdicts1 = xdp_verdicts(rig)
             counts1 = run_counters(rig)
     last = [r for a in conf["attempts"] for r in a["runs"]]
     at_cap = [r for r in last if r.get("verdict") == "pass"]
@@ -766,7 +756,10 @@ def measure_mode(rig: Rig, mode: str, sessions: int, python: str, seconds: float
             "warmup_sent": warm, "warmup_delivered": warm_delivered,
             "conntrack_after_warmup": flows, "nf_conntrack_max": conntrack_max(),
             "left_after_teardown": left,
-            "xdp_verdicts": _delta(verdicts0, verdicts1),
+            # whether the frames were relayed by the xdp program (redirect) or passed on
+            # to the kernel's path (xdp modes; empty otherwise)
+            "xdp_verdicts": {k: v for k, v in _delta(counts0, counts1).items()
+                             if k.startswith("xdp.verdicts.")},
             # the relay's counters over the equal-load steps, and over the whole run after
             # them (search, confirmation, overload): fallbacks, refusals, drops
             "relay_counters": {"equal_load": _delta(counts0, counts_equal),

@@ -6,6 +6,8 @@ more wait). Free-running u32 indices wrap; no frame is lost or handed out twice.
 from __future__ import annotations
 
 import errno
+import os
+import struct
 from typing import List
 
 import pytest
@@ -148,9 +150,6 @@ def test_a_mapped_ring_reads_and_writes_the_kernels_layout():
     descriptors land at the offsets the kernel gave, little-endian, whichever accessor
     this interpreter uses (cffi pointers on PyPy, cast memoryviews on CPython), and the
     ring closes cleanly."""
-    import os
-    import struct
-
     fd = os.memfd_create("ring")
     try:
         os.ftruncate(fd, 4096)
