@@ -19,6 +19,7 @@ import socket
 from typing import List, Tuple
 
 import msgpack
+import pytest
 
 from bench.ng import audio_sdp, decode_message, encode_message
 from fastpath import channel
@@ -28,6 +29,7 @@ from fastpath.worker.loop import SocketWorker
 from fastpath.worker.nexthop import Hop
 from fastpath.worker.raw_egress import ipv4_udp_header, udp_checksum
 from fastpath.worker.relay_table import RelayTable
+from fastpath.worker.xsk import TX_META_LEN
 from fastpath.worker.xsk_io import XskEgress, XskReader
 from lrk.control import wire
 from lrk.control.legacy import LegacyControl
@@ -208,8 +210,8 @@ class _RoundXsk(FakeXsk):
     """A fake AF_XDP socket that hands out `per_round` of its frames per round, cycling
     through them, and whose kick frees what it sends (nothing is kept)."""
 
-    def __init__(self, frames: List[Tuple[int, int]], per_round: int) -> None:
-        super().__init__(frames=2 * len(frames), ring=len(frames))
+    def __init__(self, frames: List[Tuple[int, int]], per_round: int, tx_meta: int = 0) -> None:
+        super().__init__(frames=2 * len(frames), ring=len(frames), tx_meta=tx_meta)
         self.frames, self.per_round, self.at, self.left = frames, per_round, 0, 0
 
     def rx(self, n: int) -> List[Tuple[int, int]]:
@@ -221,7 +223,7 @@ class _RoundXsk(FakeXsk):
     def kick(self) -> int:
         n = len(self.queued)
         self.kicks += 1
-        self.free.extend(off for off, _len in self.queued)
+        self.free.extend(off & ~2047 for off, _len in self.queued)
         self.queued = []
         return n
 
@@ -229,10 +231,12 @@ class _RoundXsk(FakeXsk):
         pass
 
 
-def test_micro_packet_worker_round(benchmark):
+@pytest.mark.parametrize("checksum", ["offload", "worker"])
+def test_micro_packet_worker_round(benchmark, checksum):
     """Packet mode over AF_XDP at call rates: one poll round of 25 packets from 25 of 250
     calls (each alone on its endpoint), read, decided, written as frames and sent in one
-    kick. Divide by 25 for the Python per packet."""
+    kick. Divide by 25 for the Python per packet. `checksum`: UDP checksums left to the
+    kernel through TX metadata (the default), or summed by the worker."""
     calls, per_round, relay, callee = 250, 25, "127.0.0.1", ("198.51.100.70", 5000)
     payload = rtp_packet(7, 0xABC)
     mine, theirs = channel.pair()
@@ -245,7 +249,8 @@ def test_micro_packet_worker_round(benchmark):
             s.bind((relay, 0))
         ports = [s.getsockname()[1] for s in socks]
         flows.append(((CALLER[0], 4000 + i), ports, [s.detach() for s in socks]))
-    xsk = _RoundXsk([(2048 * (calls + i), 0) for i in range(calls)], per_round)
+    xsk = _RoundXsk([(2048 * (calls + i), 0) for i in range(calls)], per_round,
+                    TX_META_LEN if checksum == "offload" else 0)
     for i, ((src, sport), ports, _fds) in enumerate(flows):
         frame = (b"\x02" * 12 + b"\x08\x00"
                  + ipv4_udp_header(socket.inet_aton(src), socket.inet_aton(relay), sport,
@@ -279,6 +284,7 @@ def test_micro_packet_worker_round(benchmark):
         assert worker.egress.packets == worker.table.forwarded_packets
         assert worker.egress_fallback == 0 and worker.unknown_flow == 0
         assert xsk.kicks == rounds
+        assert xsk.queued == [] and len(xsk.free) == calls  # every frame back, whole
         benchmark.extra_info["packets_per_call"] = per_round
     finally:
         for fd in list(worker.addrs):

@@ -44,7 +44,8 @@ class SocketWorker:
     """The hot loop. Not asyncio: a bare epoll loop is what PyPy's JIT makes fastest."""
 
     def __init__(self, chan: socket.socket, batch: int = 64, io: str = "auto",
-                 coalesce: float = 0.0, relearn_after: float = 3.0) -> None:
+                 coalesce: float = 0.0, relearn_after: float = 3.0,
+                 xsk_checksum: str = "offload") -> None:
         self.chan = chan
         # after a round that was not a full batch, wait this long (s) before polling again:
         # media gathers meanwhile, so one wake-up carries many packets (latency <= this)
@@ -77,6 +78,8 @@ class SocketWorker:
         #: interfaces whose socket could not be opened (their media takes the kernel path)
         self.xsk_readers: List[Any] = []
         self.xsk_failed = 0
+        #: who computes the UDP checksums of frames the AF_XDP sockets send (asked for)
+        self.xsk_checksum = xsk_checksum
 
     # -- channel ---------------------------------------------------------------------
     def _drain_channel(self) -> None:
@@ -263,6 +266,9 @@ class SocketWorker:
                 totals["media.xsk.open_failed"] = self.xsk_failed
                 totals["media.xsk.sockets"] = len(self.xsk_readers)
                 totals["media.xsk.not_ip"] = sum(r.not_ip for r in self.xsk_readers)
+                for r in self.xsk_readers:  # sockets by who computes their UDP checksums
+                    key = f"media.xsk.tx_checksum.{r.xsk.tx_checksum}"
+                    totals[key] = totals.get(key, 0) + 1
         for name, n in io.send_errors.items():
             totals[f"media.send_errors.{name}"] = n
         for name, n in io.recv_errors.items():
@@ -463,7 +469,8 @@ class SocketWorker:
         for queue in range(queues):
             xsk = None
             try:
-                xsk = XskSocket(ifindex, queue, frames=2 * ring, ring=ring)
+                xsk = XskSocket(ifindex, queue, frames=2 * ring, ring=ring,
+                                tx_checksum=self.xsk_checksum)
                 xsk_map.update(queue.to_bytes(4, "little"), xsk.fd.to_bytes(4, "little"))
             except Exception as exc:  # the daemon probed this at start: a surprise
                 log.error("packet mode: no AF_XDP socket on %s queue %d (%s); its media "
@@ -472,6 +479,10 @@ class SocketWorker:
                 if xsk is not None:
                     xsk.close()
                 continue
+            if xsk.tx_checksum != self.xsk_checksum:
+                log.warning("packet mode: the kernel has no AF_XDP TX metadata (Linux "
+                            "6.11 or later); the worker computes UDP checksums on %s "
+                            "queue %d", ifname, queue)
             xsks.setdefault(ifindex, xsk)  # queue 0's (the first that opened) sends
             reader = XskReader(xsk, self.batch)
             self.readers[xsk.fd] = reader
@@ -513,6 +524,7 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     parser.add_argument("--coalesce-us", type=int, default=0)
     parser.add_argument("--relearn-after", type=float, default=3.0)
     parser.add_argument("--pypy-jit", default="pypy")
+    parser.add_argument("--xsk-checksum", default="offload")
     args = parser.parse_args(argv)
     logs.setup(args.log_level, args.log_format)
     jit.apply(args.pypy_jit)
@@ -524,7 +536,7 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     chan = socket.socket(fileno=args.channel_fd)
     chan.setblocking(True)
     worker = SocketWorker(chan, args.batch, args.io, max(0, args.coalesce_us) / 1e6,
-                          args.relearn_after)
+                          args.relearn_after, args.xsk_checksum)
     worker.run()
     return 0
 

@@ -65,6 +65,20 @@ MSG_DONTWAIT = 0x40
 #: struct xdp_mmap_offsets: rx, tx, fill, completion; each producer, consumer, desc, flags
 _OFFSETS = struct.Struct("16Q")
 _UMEM_REG = struct.Struct("QQIII")  # addr, len, chunk_size, headroom, flags
+#: the same with tx_metadata_len (Linux 6.8; its flag since 6.11)
+_UMEM_REG_META = struct.Struct("QQIIII")
+XDP_UMEM_TX_SW_CSUM = 1 << 1
+XDP_UMEM_TX_METADATA_LEN = 1 << 2
+#: struct xsk_tx_metadata: u64 flags; request {u16 csum_start, u16 csum_offset, u64
+#: launch_time}; it sits right before a TX frame's first byte when XDP_TX_METADATA is set
+TX_META_LEN = 24
+XDP_TX_METADATA = 1 << 1
+XDP_TXMD_FLAGS_CHECKSUM = 1 << 1
+#: who computes the UDP checksum of frames sent: the device or the kernel's transmit
+#: path ("offload": a checksum-offloading NIC in hardware, veth never, like a UDP
+#: socket's own packets), the kernel in software before the frame leaves ("kernel"), or
+#: the worker while it writes the frame ("worker": kernels before 6.11)
+TX_CHECKSUM = ("offload", "kernel", "worker")
 _SOCKADDR = struct.Struct("HHIII")  # family, flags, ifindex, queue_id, shared_umem_fd
 _STATS = struct.Struct("6Q")
 
@@ -171,7 +185,10 @@ class XskSocket:
 
     def __init__(self, ifindex: int, queue: int = 0, frames: int = 4096,
                  frame_size: int = 2048, ring: int = 2048, copy: bool = True,
-                 bind_wait: float = 2.0) -> None:
+                 bind_wait: float = 2.0, tx_checksum: str = "offload") -> None:
+        if tx_checksum not in TX_CHECKSUM:
+            raise ValueError(f"tx_checksum must be one of {', '.join(TX_CHECKSUM)}, "
+                             f"not {tx_checksum!r}")
         for name, v in (("frames", frames), ("ring", ring), ("frame_size", frame_size)):
             if v <= 0 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two, got {v}")
@@ -192,6 +209,14 @@ class XskSocket:
         self.tx_packets = 0
         self.tx_no_frame = 0
         self.tx_errors: Dict[str, int] = {}
+        #: who computes sent frames' UDP checksums (see TX_CHECKSUM): what was asked for,
+        #: or "worker" where the kernel has no TX metadata
+        self.tx_checksum = tx_checksum
+        #: bytes of struct xsk_tx_metadata before each TX frame (0: none, the worker sums)
+        self.tx_meta = 0
+        #: what a TX descriptor's length word carries to say its frame has metadata
+        self.tx_options = 0
+        self._frame_mask = ~(frame_size - 1)
         self._rings: List[_Ring] = []
         self.umem: Optional[mmap.mmap] = None
         try:
@@ -205,6 +230,25 @@ class XskSocket:
         if lib.setsockopt(self.fd, SOL_XDP, name, buf, len(value)) < 0:
             raise XskError(f"setsockopt({what}): {os.strerror(_ffi.errno)}")
 
+    def _register_umem(self, lib, addr: int, size: int, frame_size: int) -> None:
+        """Register the UMEM, with room for TX metadata when the checksum is not the
+        worker's; a kernel without TX metadata (EINVAL: an unknown flag) gets the plain
+        registration and the worker sums."""
+        if self.tx_checksum != "worker":
+            flags = XDP_UMEM_TX_METADATA_LEN | (
+                XDP_UMEM_TX_SW_CSUM if self.tx_checksum == "kernel" else 0)
+            value = _UMEM_REG_META.pack(addr, size, frame_size, 0, flags, TX_META_LEN)
+            buf = _ffi.new("char[]", value)
+            if lib.setsockopt(self.fd, SOL_XDP, XDP_UMEM_REG, buf, len(value)) == 0:
+                self.tx_meta = TX_META_LEN
+                self.tx_options = XDP_TX_METADATA << 32
+                return
+            if _ffi.errno != errno.EINVAL:
+                raise XskError(f"setsockopt(XDP_UMEM_REG): {os.strerror(_ffi.errno)}")
+            self.tx_checksum = "worker"
+        self._sockopt(lib, XDP_UMEM_REG, _UMEM_REG.pack(addr, size, frame_size, 0, 0),
+                      "XDP_UMEM_REG")
+
     def _setup(self, lib, frames: int, frame_size: int, ring: int, copy: bool,
                bind_wait: float) -> None:
         self.umem = mmap.mmap(-1, frames * frame_size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
@@ -215,8 +259,7 @@ class XskSocket:
             self.umem.madvise(mmap.MADV_HUGEPAGE)
         self._umem_ptr = _ffi.from_buffer(self.umem)
         addr = int(_ffi.cast("uintptr_t", self._umem_ptr))
-        self._sockopt(lib, XDP_UMEM_REG, _UMEM_REG.pack(addr, frames * frame_size, frame_size,
-                                                        0, 0), "XDP_UMEM_REG")
+        self._register_umem(lib, addr, frames * frame_size, frame_size)
         n = struct.pack("I", ring)
         for opt, what in ((XDP_UMEM_FILL_RING, "fill ring"),
                           (XDP_UMEM_COMPLETION_RING, "completion ring"),
@@ -309,8 +352,9 @@ class XskSocket:
             desc = c.desc
             mask = c.mask
             free = self._free_tx
+            fmask = self._frame_mask  # a frame's start, before its TX metadata
             for i in range(cons, cons + avail):
-                free.append(desc[i & mask])
+                free.append(desc[i & mask] & fmask)
             cons = (cons + avail) & 0xFFFFFFFF
             self._comp_cons = cons
             c.words[c.cons] = cons
@@ -318,14 +362,15 @@ class XskSocket:
 
     def tx_frame(self) -> int:
         """A free UMEM offset to write a frame into (the caller writes at
-        ``umem[offset:]``, at most frame_size bytes), or -1 when none is free."""
+        ``umem[offset:]``, at most ``frame_size - tx_meta`` bytes), or -1 when none is
+        free."""
         free = self._free_tx
         if not free:
             self.reclaim()
             if not free:
                 self.tx_no_frame += 1
                 return -1
-        return free.pop()
+        return free.pop() + self.tx_meta
 
     def tx_free(self) -> int:
         """Frames free for sending now (the completion ring not read yet)."""
@@ -333,7 +378,9 @@ class XskSocket:
 
     def free_frames(self) -> List[int]:
         """The free list itself, for a writer that pops many frames in a loop (and calls
-        :meth:`reclaim` when it runs dry) instead of :meth:`tx_frame` each."""
+        :meth:`reclaim` when it runs dry) instead of :meth:`tx_frame` each. These are
+        frame starts: with TX metadata (``tx_meta`` bytes) the frame is written after it,
+        its descriptor points past it, and its length carries ``tx_options``."""
         return self._free_tx
 
     def tx_room(self) -> int:
@@ -342,13 +389,15 @@ class XskSocket:
         return t.size - ((self._tx_prod - t.words[t.cons]) & 0xFFFFFFFF)
 
     def tx_put_many(self, flat: List[int]) -> int:
-        """Queue frames given as [offset, length, offset, length, ...], as many as the
-        ring has room for; the rest go back to the free list, counted. Returns how many
-        were queued."""
+        """Queue frames given as [offset, length, offset, length, ...] (a length may carry
+        ``tx_options``: the frame's TX metadata is filled in), as many as the ring has
+        room for; the rest go back to the free list, counted. Returns how many were
+        queued."""
         n = len(flat) // 2
         room = self.tx_room()
         if n > room:
-            self._free_tx.extend(flat[2 * room::2])
+            fmask = self._frame_mask
+            self._free_tx.extend(off & fmask for off in flat[2 * room::2])
             self.tx_no_frame += n - room
             n = room
         t = self.tx_ring

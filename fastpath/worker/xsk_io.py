@@ -38,7 +38,13 @@ from fastpath.worker.raw_egress import (
     ipv4_header_base,
     source_of,
 )
-from fastpath.worker.xsk import XskError, XskSocket, memmove
+from fastpath.worker.xsk import (
+    TX_META_LEN,
+    XDP_TXMD_FLAGS_CHECKSUM,
+    XskError,
+    XskSocket,
+    memmove,
+)
 
 __all__ = ["XskEgress", "XskReader"]
 
@@ -48,6 +54,14 @@ ETH = 14
 #: a frame's headers: Ethernet (destination, source, type: 14 bytes) + IPv4/IPv6 + UDP
 _EV4 = struct.Struct("!14s" + _V4.format.lstrip("!"))
 _EV6 = struct.Struct("!14s" + _V6.format.lstrip("!"))
+#: the same after the frame's TX metadata (struct xsk_tx_metadata in host order, packed
+#: here once per family, in one string with the Ethernet header): "compute the checksum
+#: at csum_offset 6 from csum_start, the UDP header", whose checksum field holds the
+#: pseudo-header's sum
+_MEV4 = struct.Struct(f"!{TX_META_LEN + ETH}s" + _V4.format.lstrip("!"))
+_MEV6 = struct.Struct(f"!{TX_META_LEN + ETH}s" + _V6.format.lstrip("!"))
+_META4 = struct.pack("<QHH4xQ", XDP_TXMD_FLAGS_CHECKSUM, ETH + 20, 6, 0)
+_META6 = struct.pack("<QHH4xQ", XDP_TXMD_FLAGS_CHECKSUM, ETH + 40, 6, 0)
 _ETH_IP = b"\x08\x00"
 _ETH_IP6 = b"\x86\xdd"
 
@@ -190,9 +204,18 @@ class XskEgress:
         eth = hop.dst_mac + hop.src_mac + (_ETH_IP if v4 else _ETH_IP6)
         ibase = ipv4_header_base(src, dst) if v4 else 0
         hdr = ETH + (HDR4 if v4 else HDR6)
+        meta = xsk.tx_meta
+        # the checksum's base: with TX metadata the pseudo-header alone (the kernel or
+        # device sums the UDP header and payload), else pseudo-header and ports
+        cbase = (_sum(src) + _sum(dst) + IPPROTO_UDP if meta
+                 else _pseudo_base(src, dst, sport, dport))
+        if meta:
+            head, fmt = (_META4 + eth, _MEV4) if v4 else (_META6 + eth, _MEV6)
+        else:
+            head, fmt = eth, (_EV4 if v4 else _EV6)
         route = (self.now + self.route_ttl, xsk, xsk.view(), xsk.pointer(), xsk.free_frames(),
-                 self._pend[hop.ifindex], eth, src, dst, sport, dport,
-                 _pseudo_base(src, dst, sport, dport), ibase, hdr, xsk.frame_size - hdr)
+                 self._pend[hop.ifindex], head, fmt, src, dst, sport, dport, cbase, ibase,
+                 hdr, xsk.frame_size - meta - hdr, meta, xsk.tx_options)
         state[2] = route
         return route
 
@@ -225,8 +248,8 @@ class XskEgress:
             if route.__class__ is str:
                 self._reject(pos, 1, route)  # type: ignore[arg-type]
                 return
-        (_exp, xsk, umem, uptr, free, pend, eth, src, dst, sport, dport, pbase, ibase, hdr,
-         room) = route  # type: ignore[misc]
+        (_exp, xsk, umem, uptr, free, pend, head, fmt, src, dst, sport, dport, cbase, ibase,
+         hdr, room, meta, opts) = route  # type: ignore[misc]
         ln = len(data)
         if ln > room:
             self._reject(pos, 1, "too_big")
@@ -241,16 +264,21 @@ class XskEgress:
                 return
         off = free.pop()
         ulen = 8 + ln
-        c = (pbase + ulen + ulen + _sum(data)) % 0xFFFF
-        if ibase:  # Ethernet, IPv4 and UDP headers in one pack
+        if meta:  # the pseudo-header's sum, not inverted: the rest is summed after us
+            ck = (cbase + ulen) % 0xFFFF
+        else:
+            c = (cbase + ulen + ulen + _sum(data)) % 0xFFFF
+            ck = 0xFFFF - c if c else 0xFFFF
+        # TX metadata (if any), Ethernet, IP and UDP headers in one pack
+        if ibase:
             ident = self._ident = (self._ident + 1) & 0xFFFF
             h = (ibase + 20 + ulen + ident) % 0xFFFF
-            _EV4.pack_into(umem, off, eth, 0x45, 0, 20 + ulen, ident, _DF, TTL,
-                           IPPROTO_UDP, 0xFFFF - h if h else 0, src, dst, sport, dport,
-                           ulen, 0xFFFF - c if c else 0xFFFF)
+            fmt.pack_into(umem, off, head, 0x45, 0, 20 + ulen, ident, _DF, TTL, IPPROTO_UDP,
+                          0xFFFF - h if h else 0, src, dst, sport, dport, ulen, ck)
         else:
-            _EV6.pack_into(umem, off, eth, 0x60000000, ulen, IPPROTO_UDP, TTL, src, dst,
-                           sport, dport, ulen, 0xFFFF - c if c else 0xFFFF)
+            fmt.pack_into(umem, off, head, 0x60000000, ulen, IPPROTO_UDP, TTL, src, dst,
+                          sport, dport, ulen, ck)
+        off += meta
         if uptr is None:
             umem[off + hdr:off + hdr + ln] = data
         else:
@@ -258,7 +286,7 @@ class XskEgress:
         if not pend:
             self._dirty.append(xsk)
         pend.append(off)
-        pend.append(hdr + ln)
+        pend.append((hdr + ln) | opts)
 
     def flush(self) -> List[int]:
         """Send what is queued; returns the positions that did not leave, ascending."""

@@ -23,6 +23,8 @@ else:  # PyPy 3.9
 MODES = ("socket", "kernel", "nfqueue", "packet", "xdp")
 #: packet mode's ways in and out: AF_PACKET taps + raw sockets, or AF_XDP sockets
 PACKET_IO = ("tap", "af_xdp")
+#: packet_io "af_xdp": who computes sent frames' UDP checksums (fastpath.worker.xsk)
+AF_XDP_CHECKSUM = ("offload", "kernel", "worker")
 #: relay addresses per side (internal_ips, external_ips)
 MAX_ADDRESSES = 64
 STORES = ("sqlite", "redis")
@@ -82,6 +84,11 @@ class Config:
     # packet mode's I/O: "tap" (AF_PACKET taps, PREROUTING drop rules, raw-socket egress)
     # or "af_xdp" (an XDP program steers media into AF_XDP sockets; frames out of them)
     packet_io: str = "tap"
+    # packet_io "af_xdp": who computes the UDP checksum of frames sent: "offload" (the
+    # device, as for the kernel's own UDP packets; veth never, checksum-offloading NICs in
+    # hardware, others the kernel), "kernel" (always the kernel, in software) or "worker"
+    # (lrk, in Python: the fallback on kernels before 6.11, which lack TX metadata)
+    af_xdp_checksum: str = "offload"
     # xdp mode (kernel mode + an XDP program carrying established streams): the media
     # interfaces it attaches to, how (auto: native where the driver allows, else generic),
     # and how many stream directions its maps hold (4 per audio stream)
@@ -250,6 +257,9 @@ class Config:
             if self.packet_io not in PACKET_IO:
                 raise ConfigError(f"packet_io {self.packet_io!r} is not one of "
                                   + ", ".join(PACKET_IO))
+        if self.af_xdp_checksum not in AF_XDP_CHECKSUM:
+            raise ConfigError(f"af_xdp_checksum {self.af_xdp_checksum!r} is not one of "
+                              + ", ".join(AF_XDP_CHECKSUM))
         if self.mode == "xdp" and (not self.xdp_interfaces or not all(
                 isinstance(i, str) and i for i in self.xdp_interfaces)):
             raise ConfigError("xdp mode needs xdp_interfaces: the media interfaces the "

@@ -219,7 +219,8 @@ class Relay:
                                        standby_media=config.standby_media_ranges
                                        if config.mode == "packet" else (),
                                        pypy_jit=config.pypy_jit,
-                                       packet_io=config.packet_io)
+                                       packet_io=config.packet_io,
+                                       af_xdp_checksum=config.af_xdp_checksum)
             self.engine.probe = socket_plane.probe  # ports are bound while allocating
             self.plane = socket_plane
         self.plane.sink = self.on_plane_event

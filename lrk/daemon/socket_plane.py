@@ -167,7 +167,8 @@ class WorkerHandle:
                "--log-level", self.plane.log_level, "--log-format", self.plane.log_format,
                "--coalesce-us", str(self.plane.coalesce_us),
                "--relearn-after", repr(self.plane.relearn_after),
-               "--pypy-jit", self.plane.pypy_jit]
+               "--pypy-jit", self.plane.pypy_jit,
+               "--xsk-checksum", self.plane.af_xdp_checksum]
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), close_fds=True,
                                          preexec_fn=_ignore_stop_signals,
@@ -306,13 +307,15 @@ class SocketPlane:
                  relearn_after: float = 3.0,
                  flush_timeout: float = 1.0,
                  standby_media: Sequence[Tuple[str, int, int]] = (),
-                 pypy_jit: str = "pypy", packet_io: str = "tap") -> None:
+                 pypy_jit: str = "pypy", packet_io: str = "tap",
+                 af_xdp_checksum: str = "offload") -> None:
         self.port_start = port_start
         self.port_end = port_end
         self.relay_ips = sorted(set(relay_ips))
         self.packet_ifaces = list(packet_ifaces)
         #: packet mode's I/O: "tap" or "af_xdp" (then one steering program per interface)
         self.packet_io = packet_io
+        self.af_xdp_checksum = af_xdp_checksum
         self.steering: Dict[str, Any] = {}
         #: packet mode: peers' (address, first, last port) the taps read too (takeover)
         self.standby_media = list(standby_media)

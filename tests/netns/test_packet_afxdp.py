@@ -20,7 +20,12 @@ import pytest
 from bench.frames import udp_frame as frame
 from bench.netns import Topology, in_netns, run
 from fastpath.worker.nexthop import rx_queues
-from fastpath.worker.xsk import XskSocket
+from fastpath.worker.xsk import (
+    TX_META_LEN,
+    XDP_TX_METADATA,
+    XDP_TXMD_FLAGS_CHECKSUM,
+    XskSocket,
+)
 from fastpath.xdp.errors import XdpAttachError
 from fastpath.xdp.libbpf import XDP_PASS, XDP_REDIRECT, if_nametoindex, xdp_query_id
 from fastpath.xdp.program import XdpProgram
@@ -77,6 +82,10 @@ def test_af_xdp_call(topo, family):
             # both neighbours are known once each side has sent: the rest went by AF_XDP
             assert eg["xsk.packets"] >= 71 - 2 * 30, eg
             assert counters["media.xsk.open_failed"] == 0
+            # the UDP checksums are left to the device through TX metadata (veth leaves
+            # them uncomputed, as for any UDP socket's packets; the kernel's sum is
+            # checked in test_the_kernel_completes_the_udp_checksum_tx_metadata_asks_for)
+            assert counters["media.xsk.tx_checksum.offload"] == 2
             assert counters["media.xsk.steered"] == 71 + 1  # and the stranger's
             assert counters["media.xsk.pass_no_socket"] == 0
             assert counters["media.dropped.tap_overflow"] == 0
@@ -205,6 +214,77 @@ def test_xsk_socket_round_trip(topo):
         for s in sockets:
             s.close()
         in_netns(ns, prog.close)
+
+
+def _udp_checksum_errors(ns: str) -> int:
+    lines = [ln.split() for ln in run("cat", "/proc/net/snmp", ns=ns).stdout.splitlines()
+             if ln.startswith("Udp:")]
+    return int(lines[1][lines[0].index("InCsumErrors")])
+
+
+def test_the_kernel_completes_the_udp_checksum_tx_metadata_asks_for(topo):
+    """tx_checksum "kernel": the UMEM has room for TX metadata and the kernel sums the
+    UDP header and payload onto the pseudo-header's sum in the checksum field. The
+    receiving kernel verifies it: a frame with the right pseudo-header sum is delivered,
+    one whose sum is off by one is dropped as a checksum error. (The default, "offload",
+    leaves the sum to the device, which veth never computes, as for a UDP socket's own
+    packets.)"""
+    ns = topo.relay.ns
+    prog = in_netns(ns, SteerProgram.load)
+    sockets = []
+    try:
+        prog.configure([(topo.relay.ip4, 30000, 30000)])
+        in_netns(ns, lambda: prog.attach("vc1"))
+        ifindex = in_netns(ns, lambda: if_nametoindex("vc1"))
+        xsk = in_netns(ns, lambda: XskSocket(ifindex, frames=64, ring=32,
+                                             tx_checksum="kernel"))
+        assert (xsk.tx_checksum, xsk.tx_meta) == ("kernel", TX_META_LEN)
+        prog.register(0, xsk.fd)
+        src = endpoint(topo.caller.ns, topo.caller.ip4, 4000)
+        sockets.append(src)
+        src.sendto(b"ping", (topo.relay.ip4, 30000))
+        descs = []
+        wait(lambda: descs.extend(xsk.rx(8)) or descs)
+        off, ln = descs[0]
+        frame = bytes(xsk.view()[off:off + ln])
+        out = bytearray(frame)  # reflected, as in the round trip above
+        out[0:6], out[6:12] = frame[6:12], frame[0:6]
+        out[26:30], out[30:34] = frame[30:34], frame[26:30]
+        out[34:36], out[36:38] = frame[36:38], frame[34:36]
+        xsk.release([off])
+        pseudo = sum(struct.unpack("!4H", frame[26:34])) + socket.IPPROTO_UDP + 12
+        errors = _udp_checksum_errors(topo.caller.ns)
+        meta = struct.pack("<QHH4xQ", XDP_TXMD_FLAGS_CHECKSUM, 34, 6, 0)
+        for field in ((pseudo + 1) % 0xFFFF, pseudo % 0xFFFF):  # wrong, then right
+            struct.pack_into("!H", out, 40, field)
+            t = xsk.tx_frame()
+            xsk.view()[t - TX_META_LEN:t] = meta
+            xsk.view()[t:t + len(out)] = out
+            assert xsk.tx_put(t, len(out) | xsk.tx_options)
+        assert xsk.kick() == 2
+        assert receive(src, 1) == [(b"ping", (topo.relay.ip4, 30000))]
+        assert _udp_checksum_errors(topo.caller.ns) == errors + 1
+        src.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            src.recvfrom(64)
+        assert xsk.kernel_stats()["tx_invalid_descs"] == 0
+        xsk.close()
+    finally:
+        for s in sockets:
+            s.close()
+        in_netns(ns, prog.close)
+
+
+def test_the_default_checksum_is_offloaded_where_the_kernel_has_tx_metadata(topo):
+    ifindex = in_netns(topo.relay.ns, lambda: if_nametoindex("vc1"))
+    xsk = in_netns(topo.relay.ns, lambda: XskSocket(ifindex, frames=64, ring=32))
+    try:
+        assert (xsk.tx_checksum, xsk.tx_meta, xsk.tx_options) == (
+            "offload", TX_META_LEN, XDP_TX_METADATA << 32)
+    finally:
+        xsk.close()
+    with pytest.raises(ValueError, match="tx_checksum"):
+        XskSocket(ifindex, tx_checksum="nic")
 
 
 def test_xsk_refuses_bad_geometry():

@@ -446,3 +446,13 @@ def test_packet_io_is_tap_or_af_xdp():
     assert load(None, {**packet, "packet_io": "af_xdp"}).packet_io == "af_xdp"
     with pytest.raises(ConfigError, match="packet_io 'xsk' is not one of tap, af_xdp"):
         load(None, {**packet, "packet_io": "xsk"})
+
+
+def test_af_xdp_checksum_is_offload_kernel_or_worker():
+    packet = {"mode": "packet", "packet_interfaces": ["eth0"], "packet_io": "af_xdp"}
+    assert load(None, packet).af_xdp_checksum == "offload"
+    for who in ("kernel", "worker"):
+        assert load(None, {**packet, "af_xdp_checksum": who}).af_xdp_checksum == who
+    with pytest.raises(ConfigError, match="af_xdp_checksum 'nic' is not one of offload, "
+                                          "kernel, worker"):
+        load(None, {**packet, "af_xdp_checksum": "nic"})

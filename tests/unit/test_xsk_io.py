@@ -16,6 +16,7 @@ from fastpath.kernel import netlink as nl
 from fastpath.worker import nexthop
 from fastpath.worker.nexthop import Hop, NextHops
 from fastpath.worker.raw_egress import udp_checksum
+from fastpath.worker.xsk import TX_META_LEN, XDP_TX_METADATA, XDP_TXMD_FLAGS_CHECKSUM
 from fastpath.worker.xsk_io import XskEgress, XskReader
 
 MAC_A = bytes.fromhex("020000000001")
@@ -24,14 +25,30 @@ RELAY = "198.51.100.1"
 PEER = "198.51.100.70"
 
 
+def _kernel_checksum(frame: bytearray, start: int, offset: int) -> None:
+    """What the kernel does with a frame whose TX metadata asks for a checksum
+    (skb_checksum_help): sum from `start` to the end, store the complement at
+    `start + offset` (0 sent as 0xFFFF)."""
+    data = bytes(frame[start:]) + (b"\0" if (len(frame) - start) & 1 else b"")
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    struct.pack_into("!H", frame, start + offset, (0xFFFF - s) or 0xFFFF)
+
+
 class FakeXsk:
     """What XskEgress and XskReader use of an XskSocket: a UMEM, free TX frames, a TX
-    ring of `ring` slots, and descriptors to hand out as received."""
+    ring of `ring` slots, and descriptors to hand out as received. With `tx_meta` its
+    frames carry TX metadata, whose checksum request its kick carries out as the kernel
+    does."""
 
     def __init__(self, ifindex: int = 2, frames: int = 8, ring: int = 4,
-                 frame_size: int = 2048) -> None:
+                 frame_size: int = 2048, tx_meta: int = 0) -> None:
         self.ifindex = ifindex
         self.frame_size = frame_size
+        self.tx_meta = tx_meta
+        self.tx_options = XDP_TX_METADATA << 32 if tx_meta else 0
+        self.meta_seen: List[bytes] = []
         self.umem = bytearray(frames * frame_size)
         self.free = [i * frame_size for i in range(frames)]
         self.ring = ring
@@ -74,9 +91,17 @@ class FakeXsk:
     def kick(self) -> int:
         self.kicks += 1
         n = len(self.queued)
-        for off, length in self.queued:
-            self.sent.append(bytes(self.umem[off:off + length]))
-            self.free.append(off)
+        for off, word in self.queued:
+            length, options = word & 0xFFFFFFFF, word >> 32
+            frame = bytearray(self.umem[off:off + length])
+            if options & XDP_TX_METADATA:
+                meta = bytes(self.umem[off - self.tx_meta:off])
+                self.meta_seen.append(meta)
+                flags, start, offset = struct.unpack_from("<QHH", meta)
+                if flags & XDP_TXMD_FLAGS_CHECKSUM:
+                    _kernel_checksum(frame, start, offset)
+            self.sent.append(bytes(frame))
+            self.free.append(off & ~(self.frame_size - 1))
         self.queued = []
         return n
 
@@ -130,8 +155,11 @@ def _egress(hop: Optional[Hop], **kw) -> Tuple[XskEgress, FakeXsk]:
     return eg, xsk
 
 
-def test_an_ipv4_frame_is_built_whole_with_valid_checksums():
-    eg, xsk = _egress(Hop(2, MAC_A, MAC_B))
+@pytest.mark.parametrize("meta", [0, TX_META_LEN], ids=["worker_sums", "tx_metadata"])
+def test_an_ipv4_frame_is_built_whole_with_valid_checksums(meta):
+    """The UDP checksum summed by the worker, or left to the kernel through TX metadata:
+    the same frame leaves either way."""
+    eg, xsk = _egress(Hop(2, MAC_A, MAC_B), tx_meta=meta)
     payloads = [b"\x80" + bytes(range(171)), b"odd"]  # 172 bytes, and an odd length
     assert eg.add(7, [(p, (PEER, 5000)) for p in payloads]) == 0
     assert eg.flush() == []
@@ -153,8 +181,9 @@ def test_an_ipv4_frame_is_built_whole_with_valid_checksums():
     assert ids[1] == (ids[0] + 1) & 0xFFFF
 
 
-def test_an_ipv6_frame():
-    xsk = FakeXsk()
+@pytest.mark.parametrize("meta", [0, TX_META_LEN], ids=["worker_sums", "tx_metadata"])
+def test_an_ipv6_frame(meta):
+    xsk = FakeXsk(tx_meta=meta)
     src, dst = "2001:db8:2::1", "2001:db8:2::70"
     packed = socket.inet_pton(socket.AF_INET6, dst)
     eg = XskEgress({2: xsk}, FakeHops({packed: Hop(2, MAC_A, MAC_B)}))
@@ -168,6 +197,22 @@ def test_an_ipv6_frame():
     assert struct.unpack("!H", frame[14 + 4:14 + 6])[0] == 18  # payload length
     assert struct.unpack("!H", frame[14 + 46:14 + 48])[0] == udp_checksum(
         socket.inet_pton(socket.AF_INET6, src), packed, 30000, 5000, b"v6 payload")
+
+
+def test_tx_metadata_asks_for_the_udp_checksum_and_leaves_the_pseudo_header_sum():
+    """struct xsk_tx_metadata before the frame: checksum flag, csum_start at the UDP
+    header, csum_offset 6; the checksum field holds the pseudo-header's sum (addresses,
+    protocol, UDP length) that the kernel's sum over header and payload completes."""
+    eg, xsk = _egress(Hop(2, MAC_A, MAC_B), tx_meta=TX_META_LEN)
+    off = xsk.free[-1]  # the frame the egress takes
+    eg.add(7, [(b"payload", (PEER, 5000))])
+    assert eg.flush() == []
+    assert xsk.meta_seen == [struct.pack("<QHH4xQ", XDP_TXMD_FLAGS_CHECKSUM, 34, 6, 0)]
+    assert xsk.sent[0][34:] != bytes(xsk.umem[off + TX_META_LEN + 34:off + TX_META_LEN + 57])
+    field = struct.unpack_from("!H", xsk.umem, off + TX_META_LEN + 40)[0]
+    pseudo = sum(struct.unpack("!4H", socket.inet_aton(RELAY) + socket.inet_aton(PEER)))
+    assert field == (pseudo + 17 + 15) % 0xFFFF
+    assert xsk.free.count(off) == 1  # the frame's start is free again, not past its metadata
 
 
 def test_an_unresolved_next_hop_goes_back_to_the_caller_counted():

@@ -68,6 +68,7 @@ def _sock(ring: int = 8, frames: int = 32, start: int = 0) -> XskSocket:
     s.fd, s.ifindex, s.queue, s.frame_size = 99, 2, 0, 2048
     s.rx_packets = s.tx_packets = s.tx_no_frame = 0
     s.tx_errors = {}
+    s.tx_checksum, s.tx_meta, s.tx_options, s._frame_mask = "worker", 0, 0, ~2047
     s.rx_ring, s.tx_ring = FakeRing(ring, 2), FakeRing(ring, 2)
     s.fill_ring, s.comp_ring = FakeRing(ring, 1), FakeRing(ring, 1)
     for r in (s.rx_ring, s.tx_ring, s.fill_ring, s.comp_ring):
@@ -113,6 +114,24 @@ def test_a_full_tx_ring_takes_what_fits_and_frees_the_rest():
     assert s.tx_no_frame == 2 and s.tx_free() == free - 4  # two went back
     assert s.kick() == 4 and s.tx_outstanding() == 0
     assert s.reclaim() == 4 and s.tx_free() == free
+
+
+def test_frames_with_tx_metadata_are_handed_out_past_it_and_come_back_whole():
+    """With TX metadata a frame is written after it: tx_frame's offset and the
+    descriptor's address point past it, the length carries the metadata option, and the
+    frame's start goes back to the free list, from the completion ring or when the TX
+    ring is full, so no frame drifts by the metadata's length."""
+    s = _sock(ring=4)
+    s.tx_meta, s.tx_options = xskmod.TX_META_LEN, xskmod.XDP_TX_METADATA << 32
+    starts = set(s._free_tx)
+    offs = [s.tx_frame() for _ in range(6)]
+    assert all(off - xskmod.TX_META_LEN in starts for off in offs)
+    assert s.tx_put_many([x for off in offs for x in (off, 60 | s.tx_options)]) == 4
+    t = s.tx_ring
+    assert [t.desc[2 * i] for i in range(4)] == offs[:4]
+    assert [t.desc[2 * i + 1] for i in range(4)] == [60 | (2 << 32)] * 4
+    assert s.kick() == 4 and s.reclaim() == 4
+    assert set(s._free_tx) == starts and len(s._free_tx) == len(starts)
 
 
 def test_kick_repeats_while_the_kernel_takes_32_a_call():
