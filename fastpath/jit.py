@@ -7,6 +7,14 @@ serves its first several thousand calls half-interpreted (measured: ~105 µs CPU
 request in the first 6,000 calls after 2,000 warm-up calls, ~65 µs once compiled). Lower
 thresholds compile the hot paths sooner; the cost is compiling a few colder paths too.
 
+The trace limit: a worker's per-packet loop inlines a packet's whole path (parse, decide,
+write the frame) into one trace, longer than PyPy's default limit of 6,000 operations
+allows when the JIT happens to trace it with more inlined at once. Then the trace is
+aborted as too long, the process settles on a slower shape, and keeps it for its
+lifetime: in fresh processes of the AF_XDP worker's round (``bench/bench_micro.py -k
+packet_worker``), 8 of 8 were 10-20 % slower with the tuned thresholds and the default
+limit, 0 of 8 with 15,000 (docs/benchmarks.md, section 9).
+
 A no-op on CPython. The daemon and every worker apply the same setting.
 
 The nursery (where PyPy allocates before a minor collection) can only be chosen before
@@ -25,8 +33,9 @@ from typing import Dict, Mapping, Optional
 
 from fastpath.errors import LrkError
 
-#: lrk's default: compile after ~200 loop iterations / ~300 calls
-TUNED = "threshold=200,function_threshold=300,trace_eagerness=50"
+#: lrk's default: compile after ~200 loop iterations / ~300 calls, traces up to 15,000
+#: operations long (a worker's per-packet loop is one trace)
+TUNED = "threshold=200,function_threshold=300,trace_eagerness=50,trace_limit=15000"
 #: the names `pypy_jit` takes besides an explicit parameter string
 NAMED = {"tuned": TUNED, "pypy": ""}
 #: PyPy's numeric JIT parameters (`pypy --jit help`)

@@ -39,6 +39,16 @@ def test_apply_sets_the_jit_on_pypy_only():
     assert jit.apply("pypy") is (platform.python_implementation() == "PyPy")
 
 
+def test_pypy_takes_the_tuned_profile_and_its_trace_limit():
+    """In a child process (the parameters stay PyPy's in this one): PyPy refuses a trace
+    limit above its maximum, so the tuned profile's 15,000 is checked where it applies."""
+    assert "trace_limit=15000" in jit.TUNED.split(",")
+    code = "from fastpath import jit\nprint(jit.apply('tuned'))\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.strip() == str(platform.python_implementation() == "PyPy")
+
+
 def test_a_value_pypy_refuses_is_a_typed_error_on_pypy():
     """In a child process: the parameters stay PyPy's in this one (a trace limit this
     high is refused by PyPy itself)."""
