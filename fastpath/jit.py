@@ -7,13 +7,15 @@ serves its first several thousand calls half-interpreted (measured: ~105 µs CPU
 request in the first 6,000 calls after 2,000 warm-up calls, ~65 µs once compiled). Lower
 thresholds compile the hot paths sooner; the cost is compiling a few colder paths too.
 
-The trace limit: a worker's per-packet loop inlines a packet's whole path (parse, decide,
-write the frame) into one trace, longer than PyPy's default limit of 6,000 operations
-allows when the JIT happens to trace it with more inlined at once. Then the trace is
-aborted as too long, the process settles on a slower shape, and keeps it for its
-lifetime: in fresh processes of the AF_XDP worker's round (``bench/bench_micro.py -k
-packet_worker``), 8 of 8 were 10-20 % slower with the tuned thresholds and the default
-limit, 0 of 8 with 15,000 (docs/benchmarks.md, section 9).
+The trace limit, in the workers only: a worker's per-packet loop inlines a packet's
+whole path (parse, decide, write the frame) into one trace, longer than PyPy's default
+limit of 6,000 operations allows when the JIT happens to trace it with more inlined at
+once. Then the trace is aborted as too long, the process settles on a slower shape, and
+keeps it for its lifetime: in fresh processes of the AF_XDP worker's round
+(``bench/bench_micro.py -k packet_worker``), 8 of 8 were 10-20 % slower with the tuned
+thresholds and the default limit, 0 of 8 with 15,000 (docs/benchmarks.md, section 9).
+The daemon keeps the default: with 15,000 its control path compiled longer traces later,
+and its first 30,000 calls ran 15-20 % slower (``bench.control_load``, 3+3 runs).
 
 A no-op on CPython. The daemon and every worker apply the same setting.
 
@@ -33,9 +35,10 @@ from typing import Dict, Mapping, Optional
 
 from fastpath.errors import LrkError
 
-#: lrk's default: compile after ~200 loop iterations / ~300 calls, traces up to 15,000
-#: operations long (a worker's per-packet loop is one trace)
-TUNED = "threshold=200,function_threshold=300,trace_eagerness=50,trace_limit=15000"
+#: lrk's default: compile after ~200 loop iterations / ~300 calls
+TUNED = "threshold=200,function_threshold=300,trace_eagerness=50"
+#: the same for a worker, whose per-packet loop is one trace up to 15,000 operations long
+TUNED_WORKER = TUNED + ",trace_limit=15000"
 #: the names `pypy_jit` takes besides an explicit parameter string
 NAMED = {"tuned": TUNED, "pypy": ""}
 #: PyPy's numeric JIT parameters (`pypy --jit help`)
@@ -67,8 +70,11 @@ class JitParamError(LrkError):
     """The `pypy_jit` setting is not one PyPy accepts."""
 
 
-def resolve(setting: str) -> str:
-    """`tuned`, `pypy` (PyPy's own defaults) or `name=value,...` as `pypyjit.set_param` takes."""
+def resolve(setting: str, worker: bool = False) -> str:
+    """`tuned`, `pypy` (PyPy's own defaults) or `name=value,...` as `pypyjit.set_param` takes;
+    `worker`: for a worker process (`tuned` is `TUNED_WORKER` there)."""
+    if worker and setting == "tuned":
+        return TUNED_WORKER
     if setting in NAMED:
         return NAMED[setting]
     for part in setting.split(","):
@@ -80,9 +86,10 @@ def resolve(setting: str) -> str:
     return setting
 
 
-def apply(setting: str) -> bool:
-    """Set this process's JIT parameters; False where there is no JIT (CPython)."""
-    params = resolve(setting)
+def apply(setting: str, worker: bool = False) -> bool:
+    """Set this process's JIT parameters (`worker`: a worker's); False where there is no
+    JIT (CPython)."""
+    params = resolve(setting, worker)
     try:
         import pypyjit  # type: ignore[import-not-found]
     except ImportError:

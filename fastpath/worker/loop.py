@@ -527,7 +527,7 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     parser.add_argument("--xsk-checksum", default="offload")
     args = parser.parse_args(argv)
     logs.setup(args.log_level, args.log_format)
-    jit.apply(args.pypy_jit)
+    jit.apply(args.pypy_jit, worker=True)
     # the daemon decides when we stop: a signal to the whole process group (Ctrl-C,
     # `systemctl stop`, killpg) must not kill the worker before the daemon stops it (it
     # would see a dead worker and restart it); a worker whose daemon died sees EOF

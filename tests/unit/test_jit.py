@@ -39,11 +39,16 @@ def test_apply_sets_the_jit_on_pypy_only():
     assert jit.apply("pypy") is (platform.python_implementation() == "PyPy")
 
 
-def test_pypy_takes_the_tuned_profile_and_its_trace_limit():
+def test_pypy_takes_the_workers_tuned_profile_and_its_trace_limit():
     """In a child process (the parameters stay PyPy's in this one): PyPy refuses a trace
-    limit above its maximum, so the tuned profile's 15,000 is checked where it applies."""
-    assert "trace_limit=15000" in jit.TUNED.split(",")
-    code = "from fastpath import jit\nprint(jit.apply('tuned'))\n"
+    limit above its maximum, so the worker profile's 15,000 is checked where it applies.
+    The daemon's profile leaves the limit alone; explicit parameters are taken as they
+    are in a worker too."""
+    assert jit.resolve("tuned", worker=True) == jit.TUNED + ",trace_limit=15000"
+    assert "trace_limit" not in jit.resolve("tuned")
+    assert jit.resolve("pypy", worker=True) == ""
+    assert jit.resolve("threshold=500", worker=True) == "threshold=500"
+    code = "from fastpath import jit\nprint(jit.apply('tuned', worker=True))\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.strip() == str(platform.python_implementation() == "PyPy")
