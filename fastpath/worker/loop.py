@@ -269,6 +269,10 @@ class SocketWorker:
                 for r in self.xsk_readers:  # sockets by who computes their UDP checksums
                     key = f"media.xsk.tx_checksum.{r.xsk.tx_checksum}"
                     totals[key] = totals.get(key, 0) + 1
+                    # the kernel's reasons behind media.dropped.tap_overflow (read above)
+                    for name, n in r.drops.items():
+                        key = f"media.xsk.dropped.{name}"
+                        totals[key] = totals.get(key, 0) + n
         for name, n in io.send_errors.items():
             totals[f"media.send_errors.{name}"] = n
         for name, n in io.recv_errors.items():

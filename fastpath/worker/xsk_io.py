@@ -82,6 +82,8 @@ class XskReader:
         #: frames that were not IPv4 or IPv6 (the program steers only those: a bug)
         self.not_ip = 0
         self.overflowed = 0
+        #: the kernel's drop counters of this socket, by name, as last read
+        self.drops: Dict[str, int] = {}
         self._held: List[int] = []
         self._umem = xsk.view()
         self._seen_drops = 0
@@ -122,8 +124,9 @@ class XskReader:
             st = self.xsk.kernel_stats()
         except (OSError, XskError):
             return self.overflowed
-        self.overflowed = (st["rx_dropped"] + st["rx_ring_full"]
-                           + st["rx_fill_ring_empty_descs"])
+        self.drops = {k: st[k] for k in ("rx_dropped", "rx_ring_full",
+                                         "rx_fill_ring_empty_descs")}
+        self.overflowed = sum(self.drops.values())
         return self.overflowed
 
     def close(self) -> None:

@@ -183,6 +183,13 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
                                 "reason (no_route: no usable neighbour yet; no_frame, "
                                 "too_big, family)."),
     "xsk_sockets": ("gauge", (), "Packet mode over AF_XDP: AF_XDP sockets open."),
+    "xsk_tx_checksum_sockets": ("gauge", ("by",),
+                                "Packet mode over AF_XDP: sockets by who computes the UDP "
+                                "checksums of frames sent (offload, kernel, worker)."),
+    "xsk_dropped_packets": ("counter", ("reason",),
+                            "Packet mode over AF_XDP: frames the kernel could not hand to "
+                            "the sockets, by its reason (rx_ring_full: the worker fell "
+                            "behind; rx_fill_ring_empty_descs: no free frame; rx_dropped)."),
     "xsk_open_failures": ("counter", (),
                           "Packet mode over AF_XDP: interfaces whose socket the worker could "
                           "not open (their media takes the kernel path)."),
@@ -310,6 +317,8 @@ COUNTER_MAP: Tuple[Tuple[str, str, Dict[str, str]], ...] = (
     ("media.egress.xsk.errors.*", "media_egress_xsk_errors", {"reason": "*"}),
     ("media.xsk.sockets", "xsk_sockets", {}),
     ("media.xsk.open_failed", "xsk_open_failures", {}),
+    ("media.xsk.tx_checksum.*", "xsk_tx_checksum_sockets", {"by": "*"}),
+    ("media.xsk.dropped.*", "xsk_dropped_packets", {"reason": "*"}),
     ("media.xsk.not_ip", "media_dropped_packets", {"reason": "not_ip"}),
     *(("media.xsk." + v, "xsk_steering_packets", {"verdict": v}) for v in (
         "steered", "pass_no_socket", "pass_address", "pass_port", "pass_fragment",

@@ -49,6 +49,10 @@ class FakeXsk:
         self.tx_meta = tx_meta
         self.tx_options = XDP_TX_METADATA << 32 if tx_meta else 0
         self.meta_seen: List[bytes] = []
+        #: what kernel_stats reports (struct xdp_statistics)
+        self.stats = {"rx_dropped": 0, "rx_invalid_descs": 0, "tx_invalid_descs": 0,
+                      "rx_ring_full": 0, "rx_fill_ring_empty_descs": 0,
+                      "tx_ring_empty_descs": 0}
         self.umem = bytearray(frames * frame_size)
         self.free = [i * frame_size for i in range(frames)]
         self.ring = ring
@@ -117,6 +121,9 @@ class FakeXsk:
 
     def wake_rx(self) -> None:
         pass
+
+    def kernel_stats(self) -> Dict[str, int]:
+        return dict(self.stats)
 
     def fileno(self) -> int:
         return 99
@@ -285,6 +292,15 @@ def _neigh_reply(seq: int, state: int, mac: bytes = MAC_B) -> bytes:
 
 def _error(seq: int, err: int) -> bytes:
     return _reply(nl.NLMSG_ERROR, seq, struct.pack("=i", -err) + bytes(16))
+
+
+def test_the_readers_overflow_is_the_kernels_drops_by_reason():
+    xsk = FakeXsk()
+    reader = XskReader(xsk)  # type: ignore[arg-type]
+    xsk.stats.update(rx_ring_full=5, rx_fill_ring_empty_descs=2, rx_dropped=1,
+                     tx_invalid_descs=9)  # not a receive drop
+    assert reader.count_overflows() == 8
+    assert reader.drops == {"rx_dropped": 1, "rx_ring_full": 5, "rx_fill_ring_empty_descs": 2}
 
 
 def test_route_and_neighbour_replies_parse():
