@@ -119,13 +119,16 @@ class XskReader:
 
     def count_overflows(self) -> int:
         """Frames the kernel could not hand to this socket (RX ring full, no free frame
-        on the fill ring, other drops): the worker fell behind."""
+        on the fill ring, other drops): the worker fell behind. By reason in `drops`."""
         try:
             st = self.xsk.kernel_stats()
         except (OSError, XskError):
             return self.overflowed
-        self.drops = {k: st[k] for k in ("rx_dropped", "rx_ring_full",
-                                         "rx_fill_ring_empty_descs")}
+        # a frame the fill ring had no free frame for counts in rx_dropped too (as does
+        # one too big for a frame): the reasons, without counting a drop twice
+        empty = st["rx_fill_ring_empty_descs"]
+        self.drops = {"rx_ring_full": st["rx_ring_full"], "fill_ring_empty": empty,
+                      "other": max(0, st["rx_dropped"] - empty)}
         self.overflowed = sum(self.drops.values())
         return self.overflowed
 

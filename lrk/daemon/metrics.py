@@ -188,8 +188,8 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
                                 "checksums of frames sent (offload, kernel, worker)."),
     "xsk_dropped_packets": ("counter", ("reason",),
                             "Packet mode over AF_XDP: frames the kernel could not hand to "
-                            "the sockets, by its reason (rx_ring_full: the worker fell "
-                            "behind; rx_fill_ring_empty_descs: no free frame; rx_dropped)."),
+                            "the sockets, by reason (rx_ring_full, fill_ring_empty: the "
+                            "worker fell behind; other: too big for a frame)."),
     "xsk_open_failures": ("counter", (),
                           "Packet mode over AF_XDP: interfaces whose socket the worker could "
                           "not open (their media takes the kernel path)."),
