@@ -11,9 +11,11 @@ The trace limit, in the workers only: a worker's per-packet loop inlines a packe
 whole path (parse, decide, write the frame) into one trace, longer than PyPy's default
 limit of 6,000 operations allows when the JIT happens to trace it with more inlined at
 once. Then the trace is aborted as too long, the process settles on a slower shape, and
-keeps it for its lifetime: in fresh processes of the AF_XDP worker's round
-(``bench/bench_micro.py -k packet_worker``), 8 of 8 were 10-20 % slower with the tuned
-thresholds and the default limit, 0 of 8 with 15,000 (docs/benchmarks.md, section 9).
+keeps it for its lifetime. The AF_XDP worker's round (``bench/bench_micro.py -k
+packet_worker``) in 8 fresh processes each: 13.5-15.5 us with the tuned thresholds and
+the default limit (median 14.1), 12.7-13.6 with 15,000 (median 12.8); with PyPy's own
+thresholds 5 of 8 processes were 15-20 % slower, none with 15,000 (docs/benchmarks.md,
+section 9).
 The daemon keeps the default: with 15,000 its control path compiled longer traces later,
 and its first 30,000 calls ran 15-20 % slower (``bench.control_load``, 3+3 runs).
 
