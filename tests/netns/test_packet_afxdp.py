@@ -10,6 +10,7 @@ on the AF_XDP socket sends."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -168,37 +169,55 @@ def _vm_flags(ptr) -> list:
     raise AssertionError(f"no mapping holds {addr:#x}")
 
 
-def test_xsk_socket_round_trip(topo):
-    """The socket alone: a frame steered in is read with its exact bytes; a frame written
-    to the TX ring leaves the interface and is delivered; sent frames come back through
-    the completion ring; the UMEM asks for huge pages; close releases everything (a second
-    bind on the queue works)."""
+@contextlib.contextmanager
+def _pinged(topo, **xsk_kwargs):
+    """An AF_XDP socket on the relay's vc1 behind the steering program, and the frame of
+    a "ping" the caller sent to relay port 30000: yields (socket, the caller's UDP
+    socket, the frame's UMEM offset, its bytes); everything is closed after."""
     ns = topo.relay.ns
     prog = in_netns(ns, SteerProgram.load)
-    sockets = []
+    src = xsk = None
     try:
         prog.configure([(topo.relay.ip4, 30000, 30000)])
         in_netns(ns, lambda: prog.attach("vc1"))
         ifindex = in_netns(ns, lambda: if_nametoindex("vc1"))
-        xsk = in_netns(ns, lambda: XskSocket(ifindex, frames=64, ring=32))
+        xsk = in_netns(ns, lambda: XskSocket(ifindex, frames=64, ring=32, **xsk_kwargs))
         prog.register(0, xsk.fd)
         src = endpoint(topo.caller.ns, topo.caller.ip4, 4000)
-        sockets.append(src)
         src.sendto(b"ping", (topo.relay.ip4, 30000))
         descs = []
         wait(lambda: descs.extend(xsk.rx(8)) or descs)
         assert len(descs) == 1
         off, ln = descs[0]
-        frame = bytes(xsk.view()[off:off + ln])
-        assert ln == 14 + 20 + 8 + 4 and frame.endswith(b"ping")
+        yield xsk, src, off, bytes(xsk.view()[off:off + ln])
+    finally:
+        if xsk is not None:
+            xsk.close()  # idempotent
+        if src is not None:
+            src.close()
+        in_netns(ns, prog.close)
+
+
+def _reflected(frame: bytes) -> bytearray:
+    """`frame` sent back: MACs, addresses and ports swapped."""
+    out = bytearray(frame)
+    out[0:6], out[6:12] = frame[6:12], frame[0:6]
+    out[26:30], out[30:34] = frame[30:34], frame[26:30]
+    out[34:36], out[36:38] = frame[36:38], frame[34:36]
+    return out
+
+
+def test_xsk_socket_round_trip(topo):
+    """The socket alone: a frame steered in is read with its exact bytes; a frame written
+    to the TX ring leaves the interface and is delivered; sent frames come back through
+    the completion ring; the UMEM asks for huge pages; close releases everything (a second
+    bind on the queue works)."""
+    with _pinged(topo) as (xsk, src, off, frame):
+        assert len(frame) == 14 + 20 + 8 + 4 and frame.endswith(b"ping")
         assert frame[12:14] == b"\x08\x00" and frame[23] == socket.IPPROTO_UDP
         assert socket.inet_ntoa(frame[26:30]) == topo.caller.ip4
-        # reflect it: swap MACs, addresses and ports, UDP checksum 0 (IPv4: none)
-        out = bytearray(frame)
-        out[0:6], out[6:12] = frame[6:12], frame[0:6]
-        out[26:30], out[30:34] = frame[30:34], frame[26:30]
-        out[34:36], out[36:38] = frame[36:38], frame[34:36]
-        out[40:42] = b"\0\0"
+        out = _reflected(frame)
+        out[40:42] = b"\0\0"  # UDP checksum 0 (IPv4: none)
         xsk.release([off])
         free = xsk.tx_free()
         t = xsk.tx_frame()
@@ -211,12 +230,9 @@ def test_xsk_socket_round_trip(topo):
         assert "hg" in _vm_flags(xsk._umem_ptr)  # MADV_HUGEPAGE asked
         xsk.close()
         xsk.close()  # idempotent
-        again = in_netns(ns, lambda: XskSocket(ifindex, frames=64, ring=32))
+        ifindex = xsk.ifindex
+        again = in_netns(topo.relay.ns, lambda: XskSocket(ifindex, frames=64, ring=32))
         again.close()
-    finally:
-        for s in sockets:
-            s.close()
-        in_netns(ns, prog.close)
 
 
 def _udp_checksum_errors(ns: str) -> int:
@@ -232,28 +248,9 @@ def test_the_kernel_completes_the_udp_checksum_tx_metadata_asks_for(topo):
     one whose sum is off by one is dropped as a checksum error. (The default, "offload",
     leaves the sum to the device, which veth never computes, as for a UDP socket's own
     packets.)"""
-    ns = topo.relay.ns
-    prog = in_netns(ns, SteerProgram.load)
-    sockets = []
-    try:
-        prog.configure([(topo.relay.ip4, 30000, 30000)])
-        in_netns(ns, lambda: prog.attach("vc1"))
-        ifindex = in_netns(ns, lambda: if_nametoindex("vc1"))
-        xsk = in_netns(ns, lambda: XskSocket(ifindex, frames=64, ring=32,
-                                             tx_checksum="kernel"))
+    with _pinged(topo, tx_checksum="kernel") as (xsk, src, off, frame):
         assert (xsk.tx_checksum, xsk.tx_meta) == ("kernel", TX_META_LEN)
-        prog.register(0, xsk.fd)
-        src = endpoint(topo.caller.ns, topo.caller.ip4, 4000)
-        sockets.append(src)
-        src.sendto(b"ping", (topo.relay.ip4, 30000))
-        descs = []
-        wait(lambda: descs.extend(xsk.rx(8)) or descs)
-        off, ln = descs[0]
-        frame = bytes(xsk.view()[off:off + ln])
-        out = bytearray(frame)  # reflected, as in the round trip above
-        out[0:6], out[6:12] = frame[6:12], frame[0:6]
-        out[26:30], out[30:34] = frame[30:34], frame[26:30]
-        out[34:36], out[36:38] = frame[36:38], frame[34:36]
+        out = _reflected(frame)
         xsk.release([off])
         pseudo = sum(struct.unpack("!4H", frame[26:34])) + socket.IPPROTO_UDP + 12
         errors = _udp_checksum_errors(topo.caller.ns)
@@ -271,11 +268,6 @@ def test_the_kernel_completes_the_udp_checksum_tx_metadata_asks_for(topo):
         with pytest.raises(BlockingIOError):
             src.recvfrom(64)
         assert xsk.kernel_stats()["tx_invalid_descs"] == 0
-        xsk.close()
-    finally:
-        for s in sockets:
-            s.close()
-        in_netns(ns, prog.close)
 
 
 def test_the_default_checksum_is_offloaded_where_the_kernel_has_tx_metadata(topo):
