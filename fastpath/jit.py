@@ -19,7 +19,8 @@ section 9).
 The daemon keeps the default: with 15,000 its control path compiled longer traces later,
 and its first 30,000 calls ran 15-20 % slower (``bench.control_load``, 3+3 runs).
 
-A no-op on CPython. The daemon and every worker apply the same setting.
+A no-op on CPython. The daemon and every worker apply the same setting (the workers add
+the trace limit to "tuned").
 
 The nursery (where PyPy allocates before a minor collection) can only be chosen before
 the interpreter starts, by ``PYPY_GC_NURSERY``: PyPy sizes it from the CPU cache it finds

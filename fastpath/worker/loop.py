@@ -528,7 +528,8 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     parser.add_argument("--coalesce-us", type=int, default=0)
     parser.add_argument("--relearn-after", type=float, default=3.0)
     parser.add_argument("--pypy-jit", default="pypy")
-    parser.add_argument("--xsk-checksum", default="offload")
+    parser.add_argument("--xsk-checksum", default="offload",
+                        choices=("offload", "kernel", "worker"))
     args = parser.parse_args(argv)
     logs.setup(args.log_level, args.log_format)
     jit.apply(args.pypy_jit, worker=True)

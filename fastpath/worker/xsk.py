@@ -177,7 +177,10 @@ class XskSocket:
     receiving, the rest kept for sending. A queue another socket still holds is waited
     for up to `bind_wait` seconds (the kernel releases a closed socket's queue later).
     Receive with :meth:`rx` (descriptors, then :meth:`release` them), send with
-    :meth:`tx_frame` + :meth:`tx_put` + :meth:`kick`. Counters: ``rx_packets``,
+    :meth:`tx_frame` + :meth:`tx_put` + :meth:`kick`; with TX metadata (``tx_meta``
+    bytes, `tx_checksum` not "worker") a frame that wants its checksum completed has
+    struct xsk_tx_metadata written at ``offset - tx_meta`` and ``tx_options`` in its
+    length, else it leaves as written. Counters: ``rx_packets``,
     ``tx_packets``, ``tx_no_frame`` (no free frame or ring slot: the caller's fallback
     sends it), ``tx_errors`` (kicks the kernel refused, by errno name), and the kernel's own
     (:meth:`kernel_stats`).
@@ -259,6 +262,8 @@ class XskSocket:
             self.umem.madvise(mmap.MADV_HUGEPAGE)
         self._umem_ptr = _ffi.from_buffer(self.umem)
         addr = int(_ffi.cast("uintptr_t", self._umem_ptr))
+        if not copy:  # a zero-copy driver may ignore TX metadata: the worker sums
+            self.tx_checksum = "worker"
         self._register_umem(lib, addr, frames * frame_size, frame_size)
         n = struct.pack("I", ring)
         for opt, what in ((XDP_UMEM_FILL_RING, "fill ring"),
@@ -390,9 +395,9 @@ class XskSocket:
 
     def tx_put_many(self, flat: List[int]) -> int:
         """Queue frames given as [offset, length, offset, length, ...] (a length may carry
-        ``tx_options``: the frame's TX metadata is filled in), as many as the ring has
-        room for; the rest go back to the free list, counted. Returns how many were
-        queued."""
+        ``tx_options``: then the kernel reads the TX metadata the caller wrote before the
+        frame), as many as the ring has room for; the rest go back to the free list,
+        counted. Returns how many were queued."""
         n = len(flat) // 2
         room = self.tx_room()
         if n > room:

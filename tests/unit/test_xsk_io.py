@@ -89,7 +89,7 @@ class FakeXsk:
         pairs = list(zip(flat[::2], flat[1::2]))
         take = pairs[:self.tx_room()]
         self.queued += take
-        self.free += [off for off, _ in pairs[len(take):]]
+        self.free += [off & ~(self.frame_size - 1) for off, _ in pairs[len(take):]]
         return len(take)
 
     def kick(self) -> int:
@@ -215,11 +215,14 @@ def test_tx_metadata_asks_for_the_udp_checksum_and_leaves_the_pseudo_header_sum(
     eg.add(7, [(b"payload", (PEER, 5000))])
     assert eg.flush() == []
     assert xsk.meta_seen == [struct.pack("<QHH4xQ", XDP_TXMD_FLAGS_CHECKSUM, 34, 6, 0)]
-    assert xsk.sent[0][34:] != bytes(xsk.umem[off + TX_META_LEN + 34:off + TX_META_LEN + 57])
-    field = struct.unpack_from("!H", xsk.umem, off + TX_META_LEN + 40)[0]
+    written = bytes(xsk.umem[off + TX_META_LEN:off + TX_META_LEN + 42 + 7])
+    field = struct.unpack_from("!H", written, 40)[0]
     pseudo = sum(struct.unpack("!4H", socket.inet_aton(RELAY) + socket.inet_aton(PEER)))
-    assert field == (pseudo + 17 + 15) % 0xFFFF
-    assert xsk.free.count(off) == 1  # the frame's start is free again, not past its metadata
+    assert field == (pseudo + 17 + 15) % 0xFFFF  # the pseudo-header only
+    sent = xsk.sent[0]  # what the kernel sends: the same frame but the completed checksum
+    assert sent[:40] == written[:40] and sent[42:] == written[42:] == b"payload"
+    assert struct.unpack_from("!H", sent, 40)[0] == udp_checksum(
+        socket.inet_aton(RELAY), socket.inet_aton(PEER), 30000, 5000, b"payload")
 
 
 def test_an_unresolved_next_hop_goes_back_to_the_caller_counted():
