@@ -223,7 +223,7 @@ class _RoundXsk(FakeXsk):
     def kick(self) -> int:
         n = len(self.queued)
         self.kicks += 1
-        self.free.extend(off & ~2047 for off, _len in self.queued)
+        self.free.extend(off & ~(self.frame_size - 1) for off, _len in self.queued)
         self.queued = []
         return n
 

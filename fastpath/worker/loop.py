@@ -25,6 +25,7 @@ from fastpath.worker.mmsg import make_batch_io
 from fastpath.worker.packet_io import PacketReader
 from fastpath.worker.raw_egress import RawEgress, RawEgressError
 from fastpath.worker.relay_table import Endpoint, RelayTable
+from fastpath.worker.xsk import TX_CHECKSUM
 
 log = logging.getLogger("lrk.worker")
 
@@ -528,8 +529,7 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     parser.add_argument("--coalesce-us", type=int, default=0)
     parser.add_argument("--relearn-after", type=float, default=3.0)
     parser.add_argument("--pypy-jit", default="pypy")
-    parser.add_argument("--xsk-checksum", default="offload",
-                        choices=("offload", "kernel", "worker"))
+    parser.add_argument("--xsk-checksum", default="offload", choices=TX_CHECKSUM)
     args = parser.parse_args(argv)
     logs.setup(args.log_level, args.log_format)
     jit.apply(args.pypy_jit, worker=True)

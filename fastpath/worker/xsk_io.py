@@ -213,8 +213,7 @@ class XskEgress:
         meta = xsk.tx_meta
         # the checksum's base: with TX metadata the pseudo-header alone (the kernel or
         # device sums the UDP header and payload), else pseudo-header and ports
-        cbase = (_sum(src) + _sum(dst) + IPPROTO_UDP if meta
-                 else _pseudo_base(src, dst, sport, dport))
+        cbase = _pseudo_base(src, dst, 0, 0) if meta else _pseudo_base(src, dst, sport, dport)
         if meta:
             head, fmt = (_META4 + eth, _MEV4) if v4 else (_META6 + eth, _MEV6)
         else:

@@ -13,6 +13,7 @@ from netaddr import AddrFormatError, IPSet
 
 from fastpath import jit
 from fastpath.kernel.kernel_rules import COUNTER_SOURCES
+from fastpath.worker.xsk import TX_CHECKSUM
 from lrk.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -23,8 +24,6 @@ else:  # PyPy 3.9
 MODES = ("socket", "kernel", "nfqueue", "packet", "xdp")
 #: packet mode's ways in and out: AF_PACKET taps + raw sockets, or AF_XDP sockets
 PACKET_IO = ("tap", "af_xdp")
-#: packet_io "af_xdp": who computes sent frames' UDP checksums (fastpath.worker.xsk)
-AF_XDP_CHECKSUM = ("offload", "kernel", "worker")
 #: relay addresses per side (internal_ips, external_ips)
 MAX_ADDRESSES = 64
 STORES = ("sqlite", "redis")
@@ -257,9 +256,9 @@ class Config:
             if self.packet_io not in PACKET_IO:
                 raise ConfigError(f"packet_io {self.packet_io!r} is not one of "
                                   + ", ".join(PACKET_IO))
-        if self.af_xdp_checksum not in AF_XDP_CHECKSUM:
+        if self.af_xdp_checksum not in TX_CHECKSUM:
             raise ConfigError(f"af_xdp_checksum {self.af_xdp_checksum!r} is not one of "
-                              + ", ".join(AF_XDP_CHECKSUM))
+                              + ", ".join(TX_CHECKSUM))
         if self.mode == "xdp" and (not self.xdp_interfaces or not all(
                 isinstance(i, str) and i for i in self.xdp_interfaces)):
             raise ConfigError("xdp mode needs xdp_interfaces: the media interfaces the "
