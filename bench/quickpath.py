@@ -49,7 +49,8 @@ Modes:
                   modes (``lrkproxy run``; the same with ``coalesce_us = 500``;
                   ``--mode packet`` with taps on vc1 and ve1, whose default coalescing is
                   500 us; the same over AF_XDP), the relay's processes pinned to the
-                  relay core beside the NAPI thread;
+                  relay core beside the NAPI thread; ``packet-xdp-ring4096`` over AF_XDP
+                  with the rings used before 2026-12-05 (``af_xdp_ring = 4096``);
 * ``rtpengine`` (opt-in) Debian's rtpengine (userspace, one thread: `bench.peers`),
                   pinned the same way, its calls through its own ng client; **a fresh
                   daemon with fresh calls before every step** (its flood protection stops
@@ -534,6 +535,8 @@ SETUPS: Dict[str, Callable[..., Any]] = {
     "socket-coalesce": lrk_mode("socket", pin=True, config="coalesce_us = 500\n"),
     "packet": lrk_mode("packet", _TAPS, pin=True),
     "packet-xdp": lrk_mode("packet", ["--packet-io", "af_xdp", *_TAPS], pin=True),
+    "packet-xdp-ring4096": lrk_mode("packet", ["--packet-io", "af_xdp", *_TAPS], pin=True,
+                                    config="af_xdp_ring = 4096\n"),
     "rtpengine": rtpengine,
 }
 

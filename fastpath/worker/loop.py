@@ -25,7 +25,7 @@ from fastpath.worker.mmsg import make_batch_io
 from fastpath.worker.packet_io import PacketReader
 from fastpath.worker.raw_egress import RawEgress, RawEgressError
 from fastpath.worker.relay_table import Endpoint, RelayTable
-from fastpath.worker.xsk import TX_CHECKSUM
+from fastpath.worker.xsk import RING_DEFAULT, RING_MAX, RING_MIN, TX_CHECKSUM, ring_per_queue
 
 log = logging.getLogger("lrk.worker")
 
@@ -33,10 +33,6 @@ REPORT_INTERVAL = 0.5
 #: packet mode's egress: "auto" (raw sockets, batched across sessions, when they can be
 #: opened) or "udp" (each session's UDP socket; the comparison baseline, and a way out)
 EGRESS_ENV = "LRK_PACKET_EGRESS"
-#: packet mode over AF_XDP, per interface: RX and fill rings of XSK_RING frames (80 ms of
-#: 50,000 pkt/s: a round's stall, a GC pause), as many again for sending; 2 KiB frames
-XSK_RING = 4096
-XSK_MIN_RING = 512
 #: the steering program's queue -> socket map holds this many (steer.bpf.c: xsks)
 XSK_MAX_QUEUES = 64
 
@@ -46,7 +42,7 @@ class SocketWorker:
 
     def __init__(self, chan: socket.socket, batch: int = 64, io: str = "auto",
                  coalesce: float = 0.0, relearn_after: float = 3.0,
-                 xsk_checksum: str = "offload") -> None:
+                 xsk_checksum: str = "offload", xsk_ring: int = RING_DEFAULT) -> None:
         self.chan = chan
         # after a round that was not a full batch, wait this long (s) before polling again:
         # media gathers meanwhile, so one wake-up carries many packets (latency <= this)
@@ -81,6 +77,8 @@ class SocketWorker:
         self.xsk_failed = 0
         #: who computes the UDP checksums of frames the AF_XDP sockets send (asked for)
         self.xsk_checksum = xsk_checksum
+        #: RX slots of an interface, shared by its queues' AF_XDP sockets (af_xdp_ring)
+        self.xsk_ring = xsk_ring
 
     # -- channel ---------------------------------------------------------------------
     def _drain_channel(self) -> None:
@@ -266,6 +264,8 @@ class SocketWorker:
             if self.xsk_readers or self.xsk_failed:
                 totals["media.xsk.open_failed"] = self.xsk_failed
                 totals["media.xsk.sockets"] = len(self.xsk_readers)
+                # af_xdp_ring as opened: 4 KiB of pinned UMEM a slot
+                totals["media.xsk.rx_slots"] = sum(r.xsk.rx_ring.size for r in self.xsk_readers)
                 totals["media.xsk.not_ip"] = sum(r.not_ip for r in self.xsk_readers)
                 for r in self.xsk_readers:  # sockets by who computes their UDP checksums
                     key = f"media.xsk.tx_checksum.{r.xsk.tx_checksum}"
@@ -447,9 +447,10 @@ class SocketWorker:
 
     def _open_queues(self, ifname: str, xsk_map: Any, xsks: Dict[int, Any]) -> None:
         """One AF_XDP socket per receive queue of `ifname`, each registered under its
-        queue in the interface's map and read like a tap; queue 0's also sends. Rings
-        shrink with more queues (an interface's UMEMs take 32 MiB up to 16 queues, 2 MiB a
-        queue beyond; at most 64 queues, the size of the program's map)."""
+        queue in the interface's map and read like a tap; queue 0's also sends. The queues
+        share the interface's `xsk_ring` RX slots (each socket has a frame per slot and as
+        many for sending, 4 KiB a slot: 64 MiB an interface at the default, 2 MiB a queue
+        where RING_MIN is reached; at most 64 queues, the size of the program's map)."""
         from fastpath.worker.nexthop import rx_queues
         from fastpath.worker.xsk import XskSocket
         from fastpath.worker.xsk_io import XskReader
@@ -468,9 +469,7 @@ class SocketWorker:
                         "(the others' media takes the kernel path)", ifname, queues,
                         XSK_MAX_QUEUES)
             queues = XSK_MAX_QUEUES
-        ring = XSK_RING
-        while ring > XSK_MIN_RING and ring * queues > 2 * XSK_RING:
-            ring //= 2
+        ring = ring_per_queue(self.xsk_ring, queues)
         for queue in range(queues):
             xsk = None
             try:
@@ -530,6 +529,10 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     parser.add_argument("--relearn-after", type=float, default=3.0)
     parser.add_argument("--pypy-jit", default="pypy")
     parser.add_argument("--xsk-checksum", default="offload", choices=TX_CHECKSUM)
+    parser.add_argument("--xsk-ring", type=int, default=RING_DEFAULT,
+                        choices=[1 << b for b in range(RING_MIN.bit_length() - 1,
+                                                       RING_MAX.bit_length())],
+                        metavar="SLOTS")
     args = parser.parse_args(argv)
     logs.setup(args.log_level, args.log_format)
     jit.apply(args.pypy_jit, worker=True)
@@ -541,7 +544,7 @@ def main(argv: List[str] = None) -> int:  # type: ignore[assignment]
     chan = socket.socket(fileno=args.channel_fd)
     chan.setblocking(True)
     worker = SocketWorker(chan, args.batch, args.io, max(0, args.coalesce_us) / 1e6,
-                          args.relearn_after, args.xsk_checksum)
+                          args.relearn_after, args.xsk_checksum, args.xsk_ring)
     worker.run()
     return 0
 

@@ -13,7 +13,7 @@ from netaddr import AddrFormatError, IPSet
 
 from fastpath import jit
 from fastpath.kernel.kernel_rules import COUNTER_SOURCES
-from fastpath.worker.xsk import TX_CHECKSUM
+from fastpath.worker.xsk import RING_DEFAULT, RING_MAX, RING_MIN, TX_CHECKSUM
 from lrk.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -88,6 +88,10 @@ class Config:
     # hardware, others the kernel), "kernel" (always the kernel, in software) or "worker"
     # (lrk, in Python: the fallback on kernels before 6.11, which lack TX metadata)
     af_xdp_checksum: str = "offload"
+    # packet_io "af_xdp": RX slots of an interface, shared by its queues' sockets (a power
+    # of two; each slot takes 4 KiB of pinned UMEM: 64 MiB an interface by default). What
+    # a stall of the worker (a JIT compile, a GC pause) can be covered by without loss
+    af_xdp_ring: int = RING_DEFAULT
     # xdp mode (kernel mode + an XDP program carrying established streams): the media
     # interfaces it attaches to, how (auto: native where the driver allows, else generic),
     # and how many stream directions its maps hold (4 per audio stream)
@@ -259,6 +263,11 @@ class Config:
         if self.af_xdp_checksum not in TX_CHECKSUM:
             raise ConfigError(f"af_xdp_checksum {self.af_xdp_checksum!r} is not one of "
                               + ", ".join(TX_CHECKSUM))
+        ring = self.af_xdp_ring
+        if ring & (ring - 1) or not RING_MIN <= ring <= RING_MAX:  # an int: load() checks types
+            raise ConfigError(f"af_xdp_ring {ring!r} must be a power of two within "
+                              f"{RING_MIN}..{RING_MAX} (RX slots of an interface; "
+                              f"{RING_DEFAULT} by default)")
         if self.mode == "xdp" and (not self.xdp_interfaces or not all(
                 isinstance(i, str) and i for i in self.xdp_interfaces)):
             raise ConfigError("xdp mode needs xdp_interfaces: the media interfaces the "

@@ -183,6 +183,8 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
                                 "reason (no_route: no usable neighbour yet; no_frame, "
                                 "too_big, family)."),
     "xsk_sockets": ("gauge", (), "Packet mode over AF_XDP: AF_XDP sockets open."),
+    "xsk_rx_slots": ("gauge", (), "Packet mode over AF_XDP: RX ring slots of the open "
+                     "AF_XDP sockets (af_xdp_ring; 4 KiB of pinned memory each)."),
     "xsk_tx_checksum_sockets": ("gauge", ("by",),
                                 "Packet mode over AF_XDP: sockets by who computes the UDP "
                                 "checksums of frames sent (offload, kernel, worker)."),
@@ -316,6 +318,7 @@ COUNTER_MAP: Tuple[Tuple[str, str, Dict[str, str]], ...] = (
     ("media.egress.xsk.rejected", "media_egress_xsk_rejected_packets", {}),
     ("media.egress.xsk.errors.*", "media_egress_xsk_errors", {"reason": "*"}),
     ("media.xsk.sockets", "xsk_sockets", {}),
+    ("media.xsk.rx_slots", "xsk_rx_slots", {}),
     ("media.xsk.open_failed", "xsk_open_failures", {}),
     ("media.xsk.tx_checksum.*", "xsk_tx_checksum_sockets", {"by": "*"}),
     ("media.xsk.dropped.*", "xsk_dropped_packets", {"reason": "*"}),

@@ -220,7 +220,8 @@ class Relay:
                                        if config.mode == "packet" else (),
                                        pypy_jit=config.pypy_jit,
                                        packet_io=config.packet_io,
-                                       af_xdp_checksum=config.af_xdp_checksum)
+                                       af_xdp_checksum=config.af_xdp_checksum,
+                                       af_xdp_ring=config.af_xdp_ring)
             self.engine.probe = socket_plane.probe  # ports are bound while allocating
             self.plane = socket_plane
         self.plane.sink = self.on_plane_event

@@ -41,6 +41,7 @@ from fastpath.contract import (
     unit_id,
     unit_of,
 )
+from fastpath.worker.xsk import RING_DEFAULT
 from lrk.errors import ConfigError
 
 log = logging.getLogger("lrk.plane")
@@ -168,7 +169,8 @@ class WorkerHandle:
                "--coalesce-us", str(self.plane.coalesce_us),
                "--relearn-after", repr(self.plane.relearn_after),
                "--pypy-jit", self.plane.pypy_jit,
-               "--xsk-checksum", self.plane.af_xdp_checksum]
+               "--xsk-checksum", self.plane.af_xdp_checksum,
+               "--xsk-ring", str(self.plane.af_xdp_ring)]
         try:
             self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), close_fds=True,
                                          preexec_fn=_ignore_stop_signals,
@@ -308,7 +310,7 @@ class SocketPlane:
                  flush_timeout: float = 1.0,
                  standby_media: Sequence[Tuple[str, int, int]] = (),
                  pypy_jit: str = "pypy", packet_io: str = "tap",
-                 af_xdp_checksum: str = "offload") -> None:
+                 af_xdp_checksum: str = "offload", af_xdp_ring: int = RING_DEFAULT) -> None:
         self.port_start = port_start
         self.port_end = port_end
         self.relay_ips = sorted(set(relay_ips))
@@ -316,6 +318,7 @@ class SocketPlane:
         #: packet mode's I/O: "tap" or "af_xdp" (then one steering program per interface)
         self.packet_io = packet_io
         self.af_xdp_checksum = af_xdp_checksum
+        self.af_xdp_ring = af_xdp_ring
         self.steering: Dict[str, Any] = {}
         #: packet mode: peers' (address, first, last port) the taps read too (takeover)
         self.standby_media = list(standby_media)
@@ -383,7 +386,8 @@ class SocketPlane:
         cannot do stops the daemon here with a clear error instead of in the worker.
         Until the worker registers its sockets the program passes media to the kernel
         (the relay's UDP sockets)."""
-        from fastpath.worker.xsk import XskSocket
+        from fastpath.worker.nexthop import rx_queues
+        from fastpath.worker.xsk import XskSocket, ring_per_queue
         from fastpath.xdp.libbpf import if_nametoindex
         from fastpath.xdp.steer import SteerProgram
 
@@ -402,7 +406,10 @@ class SocketPlane:
                 self.steering[ifname] = prog
                 prog.configure(ranges)
                 how = prog.attach(ifname)
-                XskSocket(if_nametoindex(ifname), frames=64, ring=32).close()
+                # the worker's size: a pinned-memory limit too low stops us here, by name
+                ifindex = if_nametoindex(ifname)
+                ring = ring_per_queue(self.af_xdp_ring, rx_queues(ifindex))
+                XskSocket(ifindex, frames=2 * ring, ring=ring).close()
                 log.info("packet mode: AF_XDP on %s (%s XDP, copy mode)", ifname, how)
         except BaseException:
             self._close_steering()

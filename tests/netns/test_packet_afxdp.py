@@ -37,7 +37,7 @@ from fastpath.xdp.program import XdpProgram
 from fastpath.xdp.steer import SteerProgram
 from lrk.client import LrkClient
 from lrk.demo.media import rtp_packet
-from lrk.demo.relay_process import RelayProcess
+from lrk.demo.relay_process import LaunchError, RelayProcess
 from tests.integration.hostile import children
 
 from .hosts import endpoint, pending, receive, tables, wait
@@ -50,12 +50,17 @@ PORTS = "30000-30399"
 
 
 def _relay(topo, v6: bool, config: Optional[Path] = None) -> RelayProcess:
+    return _relay_process(topo, v6, config).start()
+
+
+def _relay_process(topo, v6: bool, config: Optional[Path] = None) -> RelayProcess:
+    """The packet-mode relay over AF_XDP of these tests, not started yet."""
     pick = (lambda h: h.ip6) if v6 else (lambda h: h.ip4)
     return RelayProcess(ports=PORTS, netns=topo.relay.ns, extra=[
         "--mode", "packet", "--packet-io", "af_xdp", "--packet-interface", "vc1",
         "--packet-interface", "ve1", "--internal-ip", pick(topo.relay),
         "--external-ip", pick(topo.relay_ext),
-        *(["--config", str(config)] if config else [])]).start()
+        *(["--config", str(config)] if config else [])])
 
 
 def _xdp_ids(ns: str) -> list:
@@ -69,12 +74,14 @@ def test_af_xdp_call(topo, family, checksum, tmp_path):
     AF_XDP or, while its next hop was unresolved, by the UDP socket (counted as such);
     no drop rule, no tap; stop detaches the programs. With af_xdp_checksum "kernel" the
     receivers verify the UDP checksums of the frames the worker built (TX metadata, the
-    kernel's sum)."""
+    kernel's sum). The "kernel" runs also size the rings (af_xdp_ring) themselves."""
     v6 = family == "ipv6"
     ns = topo.relay.ns
     _ipv6_ready(topo)
     config = tmp_path / "lrk.toml"
-    config.write_text(f'af_xdp_checksum = "{checksum}"\n')
+    ring = 1024 if checksum == "kernel" else 16384  # the default
+    config.write_text(f'af_xdp_checksum = "{checksum}"\n'
+                      + (f"af_xdp_ring = {ring}\n" if ring != 16384 else ""))
     relay = _relay(topo, v6, config)
     sockets = []
     try:
@@ -97,6 +104,7 @@ def test_af_xdp_call(topo, family, checksum, tmp_path):
             # them uncomputed, as for any UDP socket's packets) or the kernel ("kernel":
             # computed, so the receivers checked every one the AF_XDP sockets sent)
             assert counters[f"media.xsk.tx_checksum.{checksum}"] == 2
+            assert counters["media.xsk.rx_slots"] == 2 * ring  # one queue an interface
             assert counters["media.xsk.steered"] == 71 + 1  # and the stranger's
             assert counters["media.xsk.pass_no_socket"] == 0
             assert counters["media.dropped.tap_overflow"] == 0
@@ -109,6 +117,39 @@ def test_af_xdp_call(topo, family, checksum, tmp_path):
         relay.stop()
         for s in sockets:
             s.close()
+
+
+def test_a_pinned_memory_limit_too_low_stops_the_start_and_naming_the_fix(topo, tmp_path):
+    """Without CAP_IPC_LOCK the UMEMs count against RLIMIT_MEMLOCK (8 MiB here): the
+    default rings (64 MiB an interface) stop the relay at start with an error naming the
+    limit and the setting, and leave no program attached; af_xdp_ring = 512 (2 MiB an
+    interface) fits and serves."""
+    ns = topo.relay.ns
+
+    def confined(relay: RelayProcess) -> RelayProcess:
+        at = relay.argv.index("-m") - 1  # the interpreter, after `ip netns exec <ns>`
+        relay.argv[at:at] = ["setpriv", "--bounding-set=-ipc_lock",
+                             "prlimit", f"--memlock={8 << 20}:{8 << 20}"]
+        return relay
+
+    relay = confined(_relay_process(topo, False))
+    with pytest.raises(LaunchError) as err:
+        relay.start()
+    assert "RLIMIT_MEMLOCK" in str(err.value) and "af_xdp_ring" in str(err.value)
+    assert "Traceback" not in str(err.value)
+    assert not any(_xdp_ids(ns)), "a refused start leaves no steering program"
+    config = tmp_path / "lrk.toml"
+    config.write_text("af_xdp_ring = 512\n")
+    relay = confined(_relay_process(topo, False, config)).start()
+    try:
+        with LrkClient([relay.node]) as client:
+            wait(lambda: client.stats()["counters"].get("media.xsk.sockets") == 2)
+            counters = client.stats()["counters"]
+            assert counters["media.xsk.rx_slots"] == 2 * 512
+            assert counters["media.xsk.open_failed"] == 0
+        assert relay.stop() == 0
+    finally:
+        relay.stop()
 
 
 def test_steering_passes_what_is_not_media(topo):
@@ -528,6 +569,8 @@ def test_a_two_queue_relay_opens_a_socket_per_queue():
                 assert counters["media.xsk.pass_no_socket"] == 0
                 assert counters["media.xsk.steered"] == 16
                 assert counters["media.xsk.open_failed"] == 0
+                # the interface's af_xdp_ring (16,384 by default) split by its 2 queues
+                assert counters["media.xsk.rx_slots"] == 2 * 2 * 8192
             assert relay.stop() == 0
         finally:
             relay.stop()

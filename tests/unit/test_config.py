@@ -456,3 +456,16 @@ def test_af_xdp_checksum_is_offload_kernel_or_worker():
     with pytest.raises(ConfigError, match="af_xdp_checksum 'nic' is not one of offload, "
                                           "kernel, worker"):
         load(None, {**packet, "af_xdp_checksum": "nic"})
+
+
+def test_af_xdp_ring_is_a_power_of_two_in_bounds():
+    packet = {"mode": "packet", "packet_interfaces": ["eth0"], "packet_io": "af_xdp"}
+    assert load(None, packet).af_xdp_ring == 16384
+    for slots in (512, 4096, 65536):
+        assert load(None, {**packet, "af_xdp_ring": slots}).af_xdp_ring == slots
+    for bad in (256, 5000, 131072, 0):
+        with pytest.raises(ConfigError, match=f"af_xdp_ring {bad} must be a power of two "
+                                              "within 512..65536"):
+            load(None, {**packet, "af_xdp_ring": bad})
+    with pytest.raises(ConfigError, match="'af_xdp_ring' must be of type int"):
+        load(None, {**packet, "af_xdp_ring": "big"})

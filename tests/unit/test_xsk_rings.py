@@ -186,3 +186,21 @@ def test_a_mapped_ring_reads_and_writes_the_kernels_layout():
         ring.close()
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("queues, per_queue", [
+    (1, 16384), (2, 8192), (3, 4096), (16, 1024), (32, 512), (64, 512)])
+def test_an_interfaces_ring_is_shared_by_its_queues(queues, per_queue):
+    """af_xdp_ring is per interface: RSS splits the traffic, so each queue gets its share
+    (a power of two, never below 512, never more than the whole)."""
+    assert xskmod.ring_per_queue(xskmod.RING_DEFAULT, queues) == per_queue
+    assert xskmod.ring_per_queue(4096, 1) == 4096
+    assert xskmod.ring_per_queue(512, 8) == 512
+
+
+def test_a_umem_over_the_pinned_memory_limit_says_what_to_do():
+    err = xskmod._umem_error(errno.ENOBUFS, 64 << 20)
+    assert "64 MiB" in str(err) and "RLIMIT_MEMLOCK" in str(err)
+    assert "CAP_IPC_LOCK" in str(err) and "af_xdp_ring" in str(err)
+    assert str(xskmod._umem_error(errno.EINVAL, 1 << 20)) == \
+        f"setsockopt(XDP_UMEM_REG): {os.strerror(errno.EINVAL)}"
