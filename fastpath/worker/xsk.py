@@ -82,7 +82,7 @@ TX_CHECKSUM = ("offload", "kernel", "worker")
 #: RX slots of one interface (af_xdp_ring), shared by its queues' sockets. Each socket
 #: has that many fill slots and frames, and as many again for sending (2 KiB frames: 64
 #: MiB of UMEM an interface at the default). The default holds 33 ms of 500,000 pkt/s: a
-#: worker's JIT compiles a new path of the packet loop in 10-60 ms, and with 4,096 slots
+#: worker's JIT compiles a new path of the packet loop in 10-56 ms, and with 4,096 slots
 #: (8 ms) a rate the worker carried lost packets whenever that happened in a step.
 RING_DEFAULT = 16384
 RING_MIN = 512
