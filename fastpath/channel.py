@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import array
 import marshal
+import os
 import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from fastpath.contract import Addr, LegReport, LegSpec, StreamSpec
+from fastpath.errors import LrkError
 
 MAX_MESSAGE = 256 * 1024
 #: fds one message may carry: a batch of up to 16 installs (4 sockets each)
@@ -27,6 +29,10 @@ MAX_FDS = 64
 MAX_BATCH = 64
 #: sessions per report message, so one message stays well below the socket buffer
 REPORT_CHUNK = 400
+
+
+class FdsTruncated(LrkError):
+    """The kernel passed fewer fds than a message carried: the receiver is out of them."""
 
 
 def pair() -> Tuple[socket.socket, socket.socket]:
@@ -310,9 +316,10 @@ def _buffer() -> memoryview:
 
 
 def receive(sock: socket.socket, flags: int = 0) -> Optional[Tuple[Any, List[int]]]:
-    """One message and its fds; None on EOF. Raises BlockingIOError when none is ready."""
+    """One message and its fds; None on EOF. Raises BlockingIOError when none is ready,
+    FdsTruncated when the kernel could not pass every fd (the receiver is out of them)."""
     buf = _buffer()
-    n, anc, _flags, _addr = sock.recvmsg_into([buf], _FD_SPACE, flags)
+    n, anc, mflags, _addr = sock.recvmsg_into([buf], _FD_SPACE, flags)
     if not n and not anc:
         return None
     data = buf[:n]  # decoded before the next receive reuses the buffer
@@ -322,4 +329,9 @@ def receive(sock: socket.socket, flags: int = 0) -> Optional[Tuple[Any, List[int
             arr = array.array("i")
             arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
             fds.extend(arr)
+    if mflags & socket.MSG_CTRUNC:
+        for fd in fds:  # which message each belonged to is lost: none can be used
+            os.close(fd)
+        raise FdsTruncated(f"a channel message lost file descriptors in transit ({len(fds)} "
+                           "arrived): this process has reached its RLIMIT_NOFILE")
     return decode_message(data), fds

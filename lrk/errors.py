@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastpath.errors import LrkError
 
-__all__ = ["AtCapacity", "BadRequest", "ConfigError", "Draining", "LrkError",
-           "PortsExhausted", "SdpError", "SessionNotFound"]
+__all__ = ["AtCapacity", "BadRequest", "ConfigError", "DescriptorsExhausted", "Draining",
+           "LrkError", "PortsExhausted", "SdpError", "SessionNotFound"]
 
 
 class ConfigError(LrkError):
@@ -46,3 +46,8 @@ class AtCapacity(LrkError):
     """The relay holds `max_sessions` calls already (try another node)."""
 
     code = "capacity"
+
+
+class DescriptorsExhausted(AtCapacity):
+    """The relay has no file descriptor left for a call's sockets (EMFILE, ENFILE): it
+    can take no new call until some end or the limit is raised (try another node)."""

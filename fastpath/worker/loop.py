@@ -30,6 +30,8 @@ from fastpath.worker.xsk import RING_DEFAULT, RING_MAX, RING_MIN, TX_CHECKSUM, r
 log = logging.getLogger("lrk.worker")
 
 REPORT_INTERVAL = 0.5
+#: the worker's exit code when the channel could not pass it every fd of a message
+EXIT_FDS_TRUNCATED = 3
 #: packet mode's egress: "auto" (raw sockets, batched across sessions, when they can be
 #: opened) or "udp" (each session's UDP socket; the comparison baseline, and a way out)
 EGRESS_ENV = "LRK_PACKET_EGRESS"
@@ -91,6 +93,12 @@ class SocketWorker:
                 log.error("undecodable channel message: %s", exc)
                 self.bad_messages += 1
                 continue
+            except channel.FdsTruncated as exc:
+                # which sockets went with which session is lost: serving on would relay
+                # calls through each other's. Exit: the daemon restarts this worker and
+                # re-installs every session with fresh sockets (it keeps within the limit)
+                log.error("%s; exiting so that the daemon re-installs the sessions", exc)
+                raise SystemExit(EXIT_FDS_TRUNCATED) from None
             if got is None:
                 self.running = False  # daemon gone: nothing to serve any more
                 return

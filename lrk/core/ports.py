@@ -79,9 +79,17 @@ class PortAllocator:
             if port not in self._free_set or self._queued[port] > 0:
                 continue  # stale entry: claimed out of order, or queued again further back
             self._free_set.discard(port)
-            if usable is not None and not usable(port):
-                self._hold(port, now + UNUSABLE_HOLD)
-                continue
+            if usable is not None:
+                try:
+                    ok = usable(port)
+                except BaseException:  # the probe could not judge it: it stays free, first
+                    self._free.appendleft(port)
+                    self._queued[port] += 1
+                    self._free_set.add(port)
+                    raise
+                if not ok:
+                    self._hold(port, now + UNUSABLE_HOLD)
+                    continue
             self._in_use.add(port)
             return port
         raise PortsExhausted(

@@ -216,6 +216,10 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
                                     "decoded or were unexpected."),
     "plane_bind_failures": ("counter", (),
                             "Socket mode: relay ports that could not be bound at install."),
+    "plane_no_descriptors": ("counter", (),
+                             "Socket and packet modes: calls refused, or sessions failed, "
+                             "for want of file descriptors (a worker at RLIMIT_NOFILE less "
+                             "its reserve; raise LimitNOFILE)."),
     "plane_flush_timeouts": ("counter", (),
                              "Socket mode: counter flushes the workers were slow to answer."),
     "kernel_errors": ("counter", (), "Kernel modes: failed kernel reads and writes."),
@@ -330,6 +334,7 @@ COUNTER_MAP: Tuple[Tuple[str, str, Dict[str, str]], ...] = (
     ("workers.channel.full", "worker_channel_full", {}),
     ("workers.channel.bad_messages", "worker_channel_bad_messages", {}),
     ("plane.bind_failures", "plane_bind_failures", {}),
+    ("plane.no_descriptors", "plane_no_descriptors", {}),
     ("plane.flush_timeouts", "plane_flush_timeouts", {}),
     ("kernel.errors", "kernel_errors", {}),
     ("kernel.sessions.installed", "kernel_sessions_installed", {}),

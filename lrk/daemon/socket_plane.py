@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import errno
 import itertools
 import logging
 import operator
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -42,7 +44,7 @@ from fastpath.contract import (
     unit_of,
 )
 from fastpath.worker.xsk import RING_DEFAULT
-from lrk.errors import ConfigError
+from lrk.errors import ConfigError, DescriptorsExhausted
 
 log = logging.getLogger("lrk.plane")
 
@@ -71,9 +73,40 @@ def set_rcvbuf(sock: socket.socket, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
+#: socket() failing with these means the relay, not the port, is out of something
+_NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+#: file descriptors a worker keeps for itself (channel, epoll, taps, AF_XDP sockets,
+#: egress and netlink sockets, files): its media sockets get the rest of its limit
+FD_RESERVE = 256
+
+
+def raise_fd_limit() -> int:
+    """The soft RLIMIT_NOFILE raised to the hard one (the workers inherit it), as any
+    program that never calls select() may; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    return soft
+
+
+def no_descriptors(what: str, budget: int) -> DescriptorsExhausted:
+    """The error a call gets when a worker's media sockets would exceed its limit."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return DescriptorsExhausted(
+        f"no file descriptor left for {what}: a worker may hold {budget} media sockets "
+        f"(RLIMIT_NOFILE {soft} less {FD_RESERVE} of its own), four a call; raise "
+        "LimitNOFILE in the unit (or ulimit -n) to 4 x calls + 1,000")
+
+
 def bind_pair(ip: str, port: int, rcvbuf: int = 0
               ) -> Optional[Tuple[socket.socket, socket.socket]]:
     """RTP and RTCP sockets on (ip, port) and (ip, port + 1); None if either is taken.
+    DescriptorsExhausted when the process or system has no file descriptor left: every
+    port would fail alike, so none of them may be judged taken.
 
     They are the C-level `_socket.socket`s (what `socket.socket` wraps): the daemon only
     binds them, passes their fds to a worker and closes them, and the Python wrapper's
@@ -88,9 +121,15 @@ def bind_pair(ip: str, port: int, rcvbuf: int = 0
             s.bind((ip, p))
             if p == port:  # RTCP (a few packets per second) keeps the kernel's default
                 set_rcvbuf(s, rcvbuf)
-    except OSError:
+    except OSError as exc:
         for s in socks:
             s.close()
+        if exc.errno in _NO_DESCRIPTORS:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            raise DescriptorsExhausted(
+                f"no file descriptor left for {ip}:{port}-{port + 1} ({exc.strerror}; "
+                f"the daemon may open {soft}): raise LimitNOFILE in the unit (or ulimit "
+                "-n) to 4 x calls + 1,000") from None
         return None
     return socks[0], socks[1]
 
@@ -148,6 +187,11 @@ class _FdCopy:
             self.fd = -1
 
 
+#: messages that change what media sockets a worker holds
+_FD_MESSAGES = (channel.InstallSession, channel.InstallFork, channel.RemoveSession,
+                channel.PromoteFork)
+
+
 class WorkerHandle:
     """One worker process and the daemon's end of its channel."""
 
@@ -160,8 +204,14 @@ class WorkerHandle:
         self.totals: Dict[str, int] = {}
         self.restarts = 0
         self._scheduled = False  # a flush of the outbox is due in this loop iteration
+        #: media sockets sent to this worker process and not removed since, per unit:
+        #: what its file descriptor limit must hold (SocketPlane.fd_budget)
+        self.media_fds = 0
+        self._fds_of: Dict[int, int] = {}
 
     def start(self) -> None:
+        self.media_fds = 0  # a new process: its predecessor's sockets died with it
+        self._fds_of = {}
         mine, theirs = channel.pair()
         cmd = [sys.executable, "-m", "fastpath.worker.loop", "--channel-fd",
                str(theirs.fileno()), "--batch", str(self.plane.batch), "--io", self.plane.io,
@@ -190,10 +240,30 @@ class WorkerHandle:
 
     def send(self, message: object, socks: Sequence[socket.socket] = ()) -> None:
         """Queue a message; everything queued in one loop iteration leaves as one batch."""
+        if isinstance(message, _FD_MESSAGES):
+            self._account(message, len(socks))
         self.outbox.append((message, list(socks)))
         if not self._scheduled:
             self._scheduled = True
             self.plane.loop.call_soon(self._flush_outbox)
+
+    def has_room(self, uid: int, nfds: int) -> bool:
+        """Whether `nfds` sockets for unit `uid` (replacing what it holds) fit the limit."""
+        return (self.media_fds - self._fds_of.get(uid, 0) + nfds
+                <= self.plane.fd_budget)
+
+    def _account(self, message: object, nfds: int) -> None:
+        """Media sockets the worker holds after `message`: an install (again: it replaces
+        the unit's) adds its own, a remove takes the unit's away, a promoted fork's two
+        replace the main unit's two (the worker closes those)."""
+        fds_of = self._fds_of
+        if isinstance(message, (channel.InstallSession, channel.InstallFork)):
+            self.media_fds += nfds - fds_of.get(message.uid, 0)
+            fds_of[message.uid] = nfds
+        elif isinstance(message, channel.RemoveSession):
+            self.media_fds -= fds_of.pop(message.uid, 0)
+        elif isinstance(message, channel.PromoteFork):
+            self.media_fds -= fds_of.pop(message.fork_uid, 0)
 
     def _next_batch(self) -> Tuple[object, List[socket.socket], int]:
         """The head of the outbox, packed: (message, sockets, messages taken)."""
@@ -346,7 +416,10 @@ class SocketPlane:
         self.last: Dict[int, channel.UnitReport] = {}
         self.counters: Counter = Counter({name: 0 for name in (
             "workers.restarts", "workers.channel.full", "workers.channel.bad_messages",
-            "plane.bind_failures", "plane.flush_timeouts")})
+            "plane.bind_failures", "plane.no_descriptors", "plane.flush_timeouts")})
+        #: media sockets one worker may hold: its file descriptor limit less FD_RESERVE
+        #: (start() raises the soft limit to the hard one first)
+        self.fd_budget = max(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE)
         self.stopping = False
         self._flush_seq = 0
         self._flush_waiters: Dict[int, list] = {}  # req -> [callbacks, workers left, timer]
@@ -363,6 +436,14 @@ class SocketPlane:
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        soft = raise_fd_limit()
+        self.fd_budget = max(0, soft - FD_RESERVE)
+        ports = (self.port_end - self.port_start + 1) * len(self.relay_ips)
+        if self.fd_budget * self.nworkers < ports:
+            log.warning("RLIMIT_NOFILE %d lets the workers hold %d media sockets (%d calls), "
+                        "fewer than the %d ports configured: raise LimitNOFILE (or ulimit -n) "
+                        "to use them all", soft, self.fd_budget * self.nworkers,
+                        self.fd_budget * self.nworkers // 4, ports)
         if self.packet_ifaces and self.packet_io == "af_xdp":
             self._open_steering()
         for i in range(self.nworkers):
@@ -469,7 +550,17 @@ class SocketPlane:
 
     # -- engine hooks ----------------------------------------------------------------
     def probe(self, ip: str, port: int) -> bool:
-        bound = bind_pair(ip, port, self.rcvbuf)
+        # room in the fullest worker (a new session may go to any), less the pairs bound
+        # for this request already: a worker beyond its limit would lose the fds in transit
+        held = max((w.media_fds for w in self.workers), default=0)
+        if held + 2 * len(self.pending) + 2 > self.fd_budget:
+            self.counters["plane.no_descriptors"] += 1
+            raise no_descriptors(f"{ip}:{port}-{port + 1}", self.fd_budget)
+        try:
+            bound = bind_pair(ip, port, self.rcvbuf)
+        except DescriptorsExhausted:
+            self.counters["plane.no_descriptors"] += 1
+            raise  # the allocator keeps the port; the request fails with the reason
         if bound is None:
             return False
         self.pending[(ip, port)] = bound
@@ -626,12 +717,21 @@ class SocketPlane:
             return None  # its stream is not relayed (yet): nothing to share
         leg = stream.a
         pair_ = self.pending.pop((leg.relay_ip, leg.relay_port), None)
+        why = ""
         if pair_ is None:
-            pair_ = bind_pair(leg.relay_ip, leg.relay_port, self.rcvbuf)
+            pair_, why = self._bind(leg.relay_ip, leg.relay_port)
         if pair_ is None:
             self.counters["plane.bind_failures"] += 1
-            return PlaneFailure(sid, "bind_failed", f"early dialog: cannot bind "
+            return PlaneFailure(sid, "bind_failed", why or f"early dialog: cannot bind "
                                 f"{leg.relay_ip}:{leg.relay_port}-{leg.relay_port + 1}")
+        if not self.worker_for(sid).has_room(0, 2):  # a new fork unit: nothing to replace
+            self.counters["plane.no_descriptors"] += 1
+            self.counters["plane.bind_failures"] += 1
+            for s in pair_:
+                s.close()
+            return PlaneFailure(sid, "bind_failed",
+                                str(no_descriptors(f"an early dialog of session {sid}",
+                                                   self.fd_budget)))
         uid = self._next_fork_uid
         self._next_fork_uid -= 1
         self.forks.setdefault(sid, {})[key] = [uid, stream]
@@ -669,16 +769,25 @@ class SocketPlane:
         index, a, b = stream
         for leg in (a, b):
             pair_ = self.pending.pop(leg[1:3], None)  # (relay_ip, relay_port)
+            why = ""
             if pair_ is None:
-                pair_ = bind_pair(leg.relay_ip, leg.relay_port, self.rcvbuf)
+                pair_, why = self._bind(leg.relay_ip, leg.relay_port)
             if pair_ is None:
                 self.counters["plane.bind_failures"] += 1
                 for s in socks:
                     s.close()
                 return PlaneFailure(spec.sid, "bind_failed",
-                                    f"cannot bind {leg.relay_ip}:{leg.relay_port}-"
+                                    why or f"cannot bind {leg.relay_ip}:{leg.relay_port}-"
                                     f"{leg.relay_port + 1} (in use by another process?)")
             socks.extend(pair_)
+        worker = self.worker_for(spec[0])
+        if not worker.has_room(unit_id(spec[0], index), len(socks)):  # restored, claimed
+            self.counters["plane.no_descriptors"] += 1
+            self.counters["plane.bind_failures"] += 1
+            for s in socks:
+                s.close()
+            return PlaneFailure(spec.sid, "bind_failed",
+                                str(no_descriptors(f"session {spec.sid}", self.fd_budget)))
         # what the worker would otherwise ask the kernel for, a system call per socket
         a_ip, a_port = a[1:3]
         b_ip, b_port = b[1:3]
@@ -686,9 +795,18 @@ class SocketPlane:
         sid = spec[0]
         uid = unit_id(sid, index)
         self.units.add(uid)
-        self.worker_for(sid).send(
-            channel.InstallSession(uid, stream, addrs), socks)
+        worker.send(channel.InstallSession(uid, stream, addrs), socks)
         return None
+
+    def _bind(self, ip: str, port: int
+              ) -> Tuple[Optional[Tuple[socket.socket, socket.socket]], str]:
+        """A pair bound outside the allocator (a restarted worker's sessions, restored or
+        claimed ports): the sockets, or None and why not when it is not "taken"."""
+        try:
+            return bind_pair(ip, port, self.rcvbuf), ""
+        except DescriptorsExhausted as exc:
+            self.counters["plane.no_descriptors"] += 1
+            return None, str(exc)
 
     def _remove_unit(self, sid: int, index: int) -> None:
         uid = unit_id(sid, index)

@@ -384,3 +384,44 @@ def test_killed_daemon_leaves_no_worker_and_no_bound_port(start_relay, endpoints
     assert statuses == {pid: 0 for pid in workers}, relay.read_output()
     for host, port in (relay_a, relay_b):
         wait_until(lambda h=host, p=port: port_free(h, p) and port_free(h, p + 1))
+
+
+def test_a_relay_at_its_file_descriptor_limit_refuses_calls_and_recovers(endpoints):
+    """Started with RLIMIT_NOFILE 296 (FD_RESERVE + 40), a worker may hold 40 media
+    sockets: ten calls. The eleventh is refused with `capacity` and the fix, its ports
+    stay free (not held as taken by another process), the ten keep relaying, and a call
+    that ends makes room for the next."""
+    from lrk.daemon.socket_plane import FD_RESERVE
+    from lrk.demo.relay_process import RelayProcess
+    from tests.integration.conftest import next_ports
+
+    limit = FD_RESERVE + 40
+    relay = RelayProcess(ports=next_ports())
+    relay.argv[0:0] = ["prlimit", f"--nofile={limit}:{limit}"]
+    relay.start()
+    try:
+        with LrkClient([relay.node], timeout=1.0, retries=3) as client:
+            caller, callee = endpoints(), endpoints()
+            routes = [setup_call(client, caller, callee, f"fd-{i}") for i in range(10)]
+            with pytest.raises(RelayError) as refused:
+                setup_call(client, caller, callee, "fd-10")
+            assert refused.value.code == "capacity", refused.value
+            assert "no file descriptor left" in refused.value.message
+            assert "LimitNOFILE" in refused.value.message
+            stats = client.stats()
+            assert stats["counters"]["plane.no_descriptors"] == 1
+            assert stats["sessions"] == 10
+            assert stats["ports"]["in_use"] == 20 and stats["ports"]["quarantined"] == 0
+            relay_a, relay_b = routes[9]  # the last call admitted relays both ways
+            caller.send_rtp(relay_a, 5, A_SSRC)
+            assert summarize(callee.receive(callee.rtp, 5, 5.0), A_SSRC)["intact"] == 5
+            callee.send_rtp(relay_b, 5, B_SSRC)
+            assert summarize(caller.receive(caller.rtp, 5, 5.0), B_SSRC)["intact"] == 5
+            client.delete("fd-0")
+            setup_call(client, caller, callee, "fd-11")  # room again
+            assert client.stats()["sessions"] == 10
+        assert relay.stop() == 0
+        assert "Traceback" not in relay.output, relay.output
+        assert "worker 0 exited" not in relay.output, "the worker never ran out"
+    finally:
+        relay.stop()

@@ -265,6 +265,9 @@ class FakeWorker:
         self.outbox: List[Any] = []
         self.chan = object()
 
+    def has_room(self, uid: int, nfds: int) -> bool:
+        return True
+
     def send(self, message: Any, socks: Any = ()) -> None:
         self.sent.append(message)
         for s in socks:
@@ -866,3 +869,87 @@ def test_another_calls_request_does_not_wait_behind_a_delete(tmp_path: Any):
     rig.plane.refreshes.pop()()
     assert rig.cookies()[-1] == "d1"
     assert list(rig.relay.engine.by_call) == ["c2"] and not rig.relay._waiting_calls
+
+
+def test_socket_plane_keeps_each_worker_within_its_file_descriptor_limit():
+    """The daemon counts the media sockets it hands each worker (a worker past its
+    RLIMIT_NOFILE would lose fds in transit, and with them which socket is whose): a call
+    that would not fit is refused before its ports are bound, with the reason and the
+    fix, and its ports stay free; removals, forks and re-installs count right."""
+    from lrk.errors import DescriptorsExhausted
+
+    plane = SocketPlane(31000, 31099, ["127.0.0.1"])
+    plane.loop = FakeLoop()  # type: ignore[assignment]
+    worker = WorkerHandle(0, plane)
+    plane.workers = [worker]
+    plane.fd_budget = 10
+    try:
+        assert plane.apply([Install(one_stream(1, "c1", 31010, 31012))]) == []
+        assert plane.apply([Install(one_stream(2, "c2", 31020, 31022))]) == []
+        assert worker.media_fds == 8
+        assert plane.probe("127.0.0.1", 31030)  # 8 + 2 fits exactly
+        with pytest.raises(DescriptorsExhausted, match="LimitNOFILE") as err:
+            plane.probe("127.0.0.1", 31032)  # the pair bound a moment ago counts
+        assert err.value.code == "capacity"
+        assert plane.counters["plane.no_descriptors"] == 1
+        assert ("127.0.0.1", 31032) not in plane.pending
+        for s in plane.pending.pop(("127.0.0.1", 31030)):  # (the request gave up)
+            s.close()
+        # a session the allocator never saw (restored, claimed) is refused at install
+        failures = plane.apply([Install(one_stream(3, "c3", 31040, 31042))])
+        assert [f.reason for f in failures] == ["bind_failed"]
+        assert "no file descriptor left" in failures[0].detail
+        assert worker.media_fds == 8 and plane.counters["plane.no_descriptors"] == 2
+        # the same unit again replaces its sockets: nothing more is held
+        worker.send(channel.InstallSession(unit_id(1, 0), None, ()), [object()] * 4)
+        assert worker.media_fds == 8
+        plane.apply([Remove(1, "c1", "deleted")])
+        assert worker.media_fds == 4
+        worker.send(channel.InstallFork(-1, unit_id(2, 0), None, ()), [object()] * 2)
+        assert worker.media_fds == 6
+        worker.send(channel.PromoteFork(unit_id(2, 0), -1))  # its two replace the main's
+        assert worker.media_fds == 4
+        assert plane.probe("127.0.0.1", 31050) and plane.probe("127.0.0.1", 31052)
+    finally:
+        for s in [s for pair_ in plane.pending.values() for s in pair_]:
+            s.close()
+        for _message, socks in worker.outbox:
+            for s in socks:
+                if isinstance(s, socket.socket):
+                    s.close()
+
+
+def _free_fd_numbers_below(limit: int) -> int:
+    taken = {int(n) for n in os.listdir("/proc/self/fd")}
+    return sum(1 for n in range(limit) if n not in taken)
+
+
+def test_a_channel_message_whose_fds_were_cut_short_is_refused_not_misread():
+    """A receiver at its RLIMIT_NOFILE gets fewer fds than the message carried (the kernel
+    says MSG_CTRUNC): which socket was whose is lost, so the message must not be used and
+    the fds that did arrive must not leak."""
+    import resource
+
+    a, b = channel.pair()
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        channel.send(a, channel.RemoveSession(7), [s.fileno() for s in socks])
+        limit = 3
+        while _free_fd_numbers_below(limit) < 2:  # room for exactly two of the four
+            limit += 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            with pytest.raises(channel.FdsTruncated, match="RLIMIT_NOFILE"):
+                channel.receive(b, socket.MSG_DONTWAIT)
+            assert _free_fd_numbers_below(limit) == 2, "the two that arrived are closed"
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        channel.send(a, channel.RemoveSession(8), [socks[0].fileno()])
+        message, fds = channel.receive(b, socket.MSG_DONTWAIT)  # type: ignore[misc]
+        assert message == channel.RemoveSession(8) and len(fds) == 1
+        os.close(fds[0])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for s in (*socks, a, b):
+            s.close()

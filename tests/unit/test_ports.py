@@ -230,3 +230,20 @@ def test_contains():
     assert alloc.contains(30003)
     assert not alloc.contains(30000)  # pair 30000/30001 starts below the range
     assert not alloc.contains(30010)  # 30011 beyond the end
+
+
+def test_a_probe_that_cannot_judge_leaves_the_port_free_and_first():
+    """A probe that raises (the relay is out of file descriptors: every port would fail
+    alike) must not lose the port nor hold it as taken: it stays free, next in line."""
+    pool = PortAllocator(30000, 30009)
+    first = pool.allocate(0.0)
+    pool.release(first, 0.0, quarantine=False)  # back at the end of the line
+
+    def out_of_fds(port: int) -> bool:
+        raise OSError(24, "Too many open files")
+
+    with pytest.raises(OSError):
+        pool.allocate(1.0, out_of_fds)
+    assert pool.snapshot() == {"total": 5, "in_use": 0, "quarantined": 0, "free": 5}
+    assert pool.allocate(2.0) == 30002  # the one the probe saw, not one further on
+    assert [pool.allocate(2.0) for _ in range(4)] == [30004, 30006, 30008, 30000]
