@@ -316,7 +316,7 @@ class WorkerHandle:
                 got = channel.receive(chan, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
-            except (ValueError, TypeError, EOFError) as exc:
+            except (ValueError, TypeError, EOFError, channel.FdsTruncated) as exc:
                 log.error("worker %d sent an undecodable message: %s", self.index, exc)
                 self.plane.counters["workers.channel.bad_messages"] += 1
                 continue
