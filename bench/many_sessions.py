@@ -21,7 +21,10 @@ size, and
 that the calls spread over the addresses. Socket mode holds 4 sockets a call, so N is
 bound by the fd limit (``ulimit -n``; 20000 here: about 4,800 calls).
 
-``kernel`` (root): a relay in kernel mode (``--mode xdp`` or ``nfqueue`` too) in a
+``kernel`` (root): a relay in kernel mode (``--mode xdp``, ``nfqueue`` or ``socket`` too:
+socket mode's four sockets a call are made room for by raising RLIMIT_NOFILE, or where
+the hard limit cannot be raised by as many workers as it takes, the limit being per
+process) in a
 caller / relay / callee namespace topology of its own, ``--addresses`` (at most 8)
 relay addresses per side on 198.51.100.0/24, each with its own port space and ct mark
 slot; N calls installed over the relay's unix control socket, then ``--passes``
@@ -282,6 +285,26 @@ def relay_args(cfg: str, mode: str, sessions: int, internal: List[str], external
     return extra
 
 
+def _room_for_sockets(sessions: int) -> int:
+    """Socket mode holds four sockets a call in its workers, which inherit this process's
+    RLIMIT_NOFILE (through `ip netns exec`): raise it, hard limit too where allowed
+    (CAP_SYS_RESOURCE), to hold them all beside a worker's reserve; where the hard limit
+    stays, as many workers as it takes (the limit is per process). Returns the workers."""
+    from lrk.daemon.socket_plane import FD_RESERVE
+
+    need = 4 * sessions + FD_RESERVE + 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            return 1
+        except (OSError, ValueError):
+            pass  # no CAP_SYS_RESOURCE: the hard limit is what a process gets
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    per_worker = (hard - FD_RESERVE) // 4 * 4
+    return max(1, -(-4 * sessions // per_worker))
+
+
 def kernel(args: argparse.Namespace) -> Dict[str, Any]:
     """N calls through a kernel-mode (or xdp-mode) relay in a namespace of its own, with
     `--addresses` relay addresses per side on 198.51.100.0/24 (each its own port space
@@ -293,6 +316,7 @@ def kernel(args: argparse.Namespace) -> Dict[str, Any]:
     if args.addresses > MAX_KERNEL_ADDRESSES:
         raise SystemExit("kernel: at most 8 addresses per side (198.51.100.1-8 internal, "
                          "198.51.100.65 and .81-.87 external)")
+    workers = _room_for_sockets(args.sessions) if args.mode == "socket" else 1
     topo = Topology(f"ms{os.getpid() % 1000}").create()
     try:
         ns = topo.relay.ns
@@ -302,6 +326,8 @@ def kernel(args: argparse.Namespace) -> Dict[str, Any]:
             os.chmod(tmp, 0o755)
             extra = relay_args(os.path.join(tmp, "lrk.toml"), args.mode, args.sessions,
                                internal, external, args.kernel_poll)
+            if args.mode == "socket":
+                extra += ["--workers", str(workers)]
             relay = RelayProcess(ports=args.ports, netns=ns, extra=extra,
                                  python=args.relay_python, env=MEMORY_ENV).start()
             try:
@@ -310,7 +336,9 @@ def kernel(args: argparse.Namespace) -> Dict[str, Any]:
                 t0 = time.perf_counter()
                 code = relay.stop(timeout=120)
                 stop_s = time.perf_counter() - t0
-            result.update({"stop_seconds": round(stop_s, 3), "stop_exit_code": code,
+            result.update({"workers": workers,
+                           "rlimit_nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                           "stop_seconds": round(stop_s, 3), "stop_exit_code": code,
                            "table_left": "table inet lrk" in run("nft", "list", "tables",
                                                                  ns=ns).stdout})
     finally:
@@ -431,7 +459,8 @@ def engine(args: argparse.Namespace) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=("daemon", "engine", "kernel"))
-    parser.add_argument("--mode", default="kernel", choices=("kernel", "xdp", "nfqueue"),
+    parser.add_argument("--mode", default="kernel",
+                        choices=("kernel", "xdp", "nfqueue", "socket"),
                         help="the relay's mode (kernel)")
     parser.add_argument("--kernel-poll", type=float, default=2.0,
                         help="the relay's kernel_poll (kernel)")
