@@ -25,7 +25,16 @@ from fastpath.worker.mmsg import make_batch_io
 from fastpath.worker.packet_io import PacketReader
 from fastpath.worker.raw_egress import RawEgress, RawEgressError
 from fastpath.worker.relay_table import Endpoint, RelayTable
-from fastpath.worker.xsk import RING_DEFAULT, RING_MAX, RING_MIN, TX_CHECKSUM, ring_per_queue
+from fastpath.worker.xsk import (
+    MAX_QUEUES as XSK_MAX_QUEUES,
+)
+from fastpath.worker.xsk import (
+    RING_DEFAULT,
+    RING_MAX,
+    RING_MIN,
+    TX_CHECKSUM,
+    ring_per_queue,
+)
 
 log = logging.getLogger("lrk.worker")
 
@@ -35,8 +44,6 @@ EXIT_FDS_TRUNCATED = 3
 #: packet mode's egress: "auto" (raw sockets, batched across sessions, when they can be
 #: opened) or "udp" (each session's UDP socket; the comparison baseline, and a way out)
 EGRESS_ENV = "LRK_PACKET_EGRESS"
-#: the steering program's queue -> socket map holds this many (steer.bpf.c: xsks)
-XSK_MAX_QUEUES = 64
 
 
 class SocketWorker:

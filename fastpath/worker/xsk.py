@@ -87,6 +87,9 @@ TX_CHECKSUM = ("offload", "kernel", "worker")
 RING_DEFAULT = 16384
 RING_MIN = 512
 RING_MAX = 65536
+#: receive queues of an interface that get a socket: the steering program's queue ->
+#: socket map holds this many (steer.bpf.c: xsks)
+MAX_QUEUES = 64
 _SOCKADDR = struct.Struct("HHIII")  # family, flags, ifindex, queue_id, shared_umem_fd
 _STATS = struct.Struct("6Q")
 
@@ -94,11 +97,14 @@ _STATS = struct.Struct("6Q")
 def _umem_error(err: int, size: int) -> XskError:
     """What a refused UMEM registration means; ENOBUFS is the pinned-memory limit."""
     if err == errno.ENOBUFS:
-        return XskError(
+        exc = XskError(
             f"setsockopt(XDP_UMEM_REG): the UMEM ({size >> 20} MiB) is more pinned memory "
             "than RLIMIT_MEMLOCK allows: give the relay CAP_IPC_LOCK (or "
             "LimitMEMLOCK=infinity under systemd), or lower af_xdp_ring")
-    return XskError(f"setsockopt(XDP_UMEM_REG): {os.strerror(err)}")
+    else:
+        exc = XskError(f"setsockopt(XDP_UMEM_REG): {os.strerror(err)}")
+    exc.errno = err  # type: ignore[attr-defined]
+    return exc
 
 
 def ring_per_queue(ring: int, queues: int) -> int:
@@ -293,7 +299,18 @@ class XskSocket:
         addr = int(_ffi.cast("uintptr_t", self._umem_ptr))
         if not copy:  # a zero-copy driver may ignore TX metadata: the worker sums
             self.tx_checksum = "worker"
-        self._register_umem(lib, addr, frames * frame_size, frame_size)
+        # pinned memory is charged to the user: a UMEM closed a moment ago (the daemon's
+        # probe, a restarted worker's predecessor) is uncharged in deferred kernel work
+        deadline = time.monotonic() + bind_wait
+        while True:
+            try:
+                self._register_umem(lib, addr, frames * frame_size, frame_size)
+                break
+            except XskError as exc:
+                if getattr(exc, "errno", None) != errno.ENOBUFS or \
+                        time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
         n = struct.pack("I", ring)
         for opt, what in ((XDP_UMEM_FILL_RING, "fill ring"),
                           (XDP_UMEM_COMPLETION_RING, "completion ring"),

@@ -28,7 +28,7 @@ from fastpath.contract import (
 )
 from lrk.core.ports import AddressPorts
 from lrk.core.session import LEG_A, LEG_B, OTHER, Fork, Leg, Media, Session, StreamOffer
-from lrk.errors import AtCapacity, BadRequest, Draining, SessionNotFound
+from lrk.errors import AtCapacity, BadRequest, Draining, PortsExhausted, SessionNotFound
 
 #: a NamedTuple from all of its fields, without its Python-level __new__ (hot paths)
 _new = tuple.__new__
@@ -123,7 +123,7 @@ class Engine:
         usable = None if probe is None else partial(probe, ip)  # usable(port), built in C
         try:
             return self.ports.allocate(now, ip, usable)
-        except Exception:
+        except PortsExhausted:  # (out of descriptors is the plane's to count)
             self.counters["ports.exhausted"] += 1
             raise
 

@@ -42,7 +42,7 @@ from lrk.daemon.socket_plane import SocketPlane
 from lrk.daemon.store import SqliteStore
 from lrk.daemon.takeover import Standby, Taken, session_media, take
 from lrk.daemon.xdp_plane import XdpPlane
-from lrk.errors import ConfigError, LrkError
+from lrk.errors import ConfigError, DescriptorsExhausted, LrkError
 
 log = logging.getLogger("lrk.relay")
 #: a restarted socket-mode relay waits at most this long for a killed predecessor's
@@ -223,6 +223,7 @@ class Relay:
                                        af_xdp_checksum=config.af_xdp_checksum,
                                        af_xdp_ring=config.af_xdp_ring)
             self.engine.probe = socket_plane.probe  # ports are bound while allocating
+            socket_plane.sockets_needed = 2 * self.engine.ports.total  # a socket a port
             self.plane = socket_plane
         self.plane.sink = self.on_plane_event
         self.control = MsgpackControl(
@@ -554,7 +555,13 @@ class Relay:
         for fork in session.forks.values():
             media.extend(m for m in fork.a.media if m is not None)
         for m in media:
-            while not plane.probe(m.relay_ip, m.relay_port):
+            while True:
+                try:
+                    if plane.probe(m.relay_ip, m.relay_port):
+                        break
+                except DescriptorsExhausted as exc:  # no room in the workers: not later
+                    log.error("restore: call %r: %s", session.call_id, exc)
+                    return  # the install fails and says so (bind_failed)
                 if time.monotonic() >= deadline:
                     return  # the install fails and says so (bind_failed)
                 await asyncio.sleep(0.05)
@@ -611,10 +618,17 @@ class Relay:
         now = time.monotonic()
         if isinstance(self.plane, SocketPlane):
             for ip, port in session_media(session):
-                if not self.plane.probe(ip, port):
-                    log.error("takeover: call %r: %s port %d cannot be bound here (the "
-                              "address is not local, or the port is taken)", session.call_id,
-                              ip, port)
+                try:
+                    bound = self.plane.probe(ip, port)
+                except DescriptorsExhausted as exc:
+                    log.error("takeover: call %r: %s", session.call_id, exc)
+                    bound = False
+                else:
+                    if not bound:
+                        log.error("takeover: call %r: %s port %d cannot be bound here (the "
+                                  "address is not local, or the port is taken)",
+                                  session.call_id, ip, port)
+                if not bound:
                     self.plane.apply([])  # lets go of the ports probed for it
                     return False
         actions = self.engine.adopt(now, session, foreign=True)

@@ -43,7 +43,7 @@ from fastpath.contract import (
     unit_id,
     unit_of,
 )
-from fastpath.worker.xsk import RING_DEFAULT
+from fastpath.worker.xsk import MAX_QUEUES, RING_DEFAULT
 from lrk.errors import ConfigError, DescriptorsExhausted
 
 log = logging.getLogger("lrk.plane")
@@ -98,7 +98,7 @@ def no_descriptors(what: str, budget: int) -> DescriptorsExhausted:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return DescriptorsExhausted(
         f"no file descriptor left for {what}: a worker may hold {budget} media sockets "
-        f"(RLIMIT_NOFILE {soft} less {FD_RESERVE} of its own), four a call; raise "
+        f"(RLIMIT_NOFILE {soft} less {soft - budget} of its own), four a call; raise "
         "LimitNOFILE in the unit (or ulimit -n) to 4 x calls + 1,000")
 
 
@@ -417,9 +417,17 @@ class SocketPlane:
         self.counters: Counter = Counter({name: 0 for name in (
             "workers.restarts", "workers.channel.full", "workers.channel.bad_messages",
             "plane.bind_failures", "plane.no_descriptors", "plane.flush_timeouts")})
-        #: media sockets one worker may hold: its file descriptor limit less FD_RESERVE
+        #: descriptors a worker keeps for itself: FD_RESERVE, and an AF_XDP socket per
+        #: receive queue (up to 64) of each packet interface
+        self.fd_reserve = FD_RESERVE + (MAX_QUEUES * len(self.packet_ifaces)
+                                        if packet_io == "af_xdp" else 0)
+        #: media sockets one worker may hold: its file descriptor limit less that
         #: (start() raises the soft limit to the hard one first)
-        self.fd_budget = max(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE)
+        self.fd_budget = max(0, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                             - self.fd_reserve)
+        #: sockets the configured ports could take (one a port; the relay sets it): what
+        #: start() warns the limit cannot hold
+        self.sockets_needed = 0
         self.stopping = False
         self._flush_seq = 0
         self._flush_waiters: Dict[int, list] = {}  # req -> [callbacks, workers left, timer]
@@ -437,12 +445,12 @@ class SocketPlane:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         soft = raise_fd_limit()
-        self.fd_budget = max(0, soft - FD_RESERVE)
-        ports = (self.port_end - self.port_start + 1) * len(self.relay_ips)
+        self.fd_budget = max(0, soft - self.fd_reserve)
+        ports = self.sockets_needed
         if self.fd_budget * self.nworkers < ports:
-            log.warning("RLIMIT_NOFILE %d lets the workers hold %d media sockets (%d calls), "
-                        "fewer than the %d ports configured: raise LimitNOFILE (or ulimit -n) "
-                        "to use them all", soft, self.fd_budget * self.nworkers,
+            log.warning("RLIMIT_NOFILE %d lets the workers hold %d media sockets (about %d "
+                        "calls), fewer than the %d ports configured: raise LimitNOFILE (or "
+                        "ulimit -n) to use them all", soft, self.fd_budget * self.nworkers,
                         self.fd_budget * self.nworkers // 4, ports)
         if self.packet_ifaces and self.packet_io == "af_xdp":
             self._open_steering()
@@ -481,20 +489,28 @@ class SocketPlane:
                     f"packet_io = \"af_xdp\" steers one port range per address, and {ip} has "
                     f"two ({seen[ip][0]}-{seen[ip][1]} and {lo}-{hi}: standby_media): give "
                     "the peer its own address, or use packet_io = \"tap\"")
+        probes: List[Any] = []
         try:
             for ifname in self.packet_ifaces:
                 prog = SteerProgram.load()
                 self.steering[ifname] = prog
                 prog.configure(ranges)
                 how = prog.attach(ifname)
-                # the worker's size: a pinned-memory limit too low stops us here, by name
+                # every socket the worker will open, all at once, then closed: a pinned-
+                # memory limit too low for them all stops us here, by name
                 ifindex = if_nametoindex(ifname)
-                ring = ring_per_queue(self.af_xdp_ring, rx_queues(ifindex))
-                XskSocket(ifindex, frames=2 * ring, ring=ring).close()
-                log.info("packet mode: AF_XDP on %s (%s XDP, copy mode)", ifname, how)
+                queues = min(rx_queues(ifindex), MAX_QUEUES)
+                ring = ring_per_queue(self.af_xdp_ring, queues)
+                for queue in range(queues):
+                    probes.append(XskSocket(ifindex, queue, frames=2 * ring, ring=ring))
+                log.info("packet mode: AF_XDP on %s (%s XDP, copy mode, %d queue(s) of %d "
+                         "slots)", ifname, how, queues, ring)
         except BaseException:
             self._close_steering()
             raise
+        finally:
+            for xsk in probes:
+                xsk.close()
 
     def _close_steering(self) -> None:
         for prog in self.steering.values():

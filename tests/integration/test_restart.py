@@ -17,6 +17,7 @@ from typing import Iterator, List
 import pytest
 
 from lrk.client import LrkClient
+from lrk.client.errors import RelayError
 from lrk.daemon.store import path_for
 from lrk.demo.media import MediaEndpoint
 from lrk.demo.relay_process import RelayProcess
@@ -186,3 +187,40 @@ def test_ctl_shutdown_stops_the_relay_and_ends_its_calls(tmp_path):
         assert relay.proc.wait(10) == 0
     assert "shutdown requested over the control protocol" in relay.output
     assert _store_rows(relay, tmp_path) == 0
+
+
+def test_a_restart_with_fewer_descriptors_restores_what_fits_and_starts(tmp_path):
+    """Six calls kept across a restart whose RLIMIT_NOFILE lets the worker hold four
+    calls' sockets: the relay starts all the same (never exits for it), serves the four,
+    and the two that do not fit end as failed, their ports free."""
+    from lrk.daemon.socket_plane import FD_RESERVE
+
+    with _relays(tmp_path) as relays:
+        first = relays.current
+        with LrkClient([first.node], timeout=1.0, retries=3) as client:
+            relays.calls = calls = _setup(client, 6)
+        assert first.stop() == 0
+        twin = first.again()
+        limit = FD_RESERVE + 16
+        twin.argv[0:0] = ["prlimit", f"--nofile={limit}:{limit}"]
+        relays.current = second = twin.start()
+        with LrkClient([second.node], timeout=1.0, retries=3) as client:
+            stats = client.stats()
+            assert stats["sessions"] == 4, stats["sessions"]
+            assert stats["ports"]["in_use"] == 8
+            assert stats["counters"]["plane.no_descriptors"] >= 2
+            kept = [i for i in range(6) if _exists(client, f"call-{i}")]
+            assert len(kept) == 4
+            _flows([calls[i] for i in kept], 0x3000, 20)
+            for i in kept:
+                client.delete(f"call-{i}")
+        assert "no file descriptor left" in second.read_output()
+
+
+def _exists(client: LrkClient, call_id: str) -> bool:
+    try:
+        client.query(call_id)
+    except RelayError as exc:
+        assert exc.code == "not_found", exc
+        return False
+    return True
