@@ -316,7 +316,10 @@ def kernel(args: argparse.Namespace) -> Dict[str, Any]:
     if args.addresses > MAX_KERNEL_ADDRESSES:
         raise SystemExit("kernel: at most 8 addresses per side (198.51.100.1-8 internal, "
                          "198.51.100.65 and .81-.87 external)")
+    if args.workers > 1 and args.mode != "socket":
+        raise SystemExit("--workers: socket mode's only")
     workers = _room_for_sockets(args.sessions) if args.mode == "socket" else 1
+    workers = max(workers, args.workers)
     topo = Topology(f"ms{os.getpid() % 1000}").create()
     try:
         ns = topo.relay.ns
@@ -473,6 +476,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--addresses", type=int, default=4, help="relay addresses per side")
     parser.add_argument("--ports", default="30000-32047")
     parser.add_argument("--window", type=int, default=64, help="calls in flight (daemon)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="socket mode's workers, at least (kernel --mode socket; more if "
+                        "the descriptor limit needs them)")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--config", help="a TOML file for the relay (daemon)")
     parser.add_argument("--out", help="write the JSON here too")
