@@ -26,9 +26,7 @@ from fastpath.worker.packet_io import PacketReader
 from fastpath.worker.raw_egress import RawEgress, RawEgressError
 from fastpath.worker.relay_table import Endpoint, RelayTable
 from fastpath.worker.xsk import (
-    MAX_QUEUES as XSK_MAX_QUEUES,
-)
-from fastpath.worker.xsk import (
+    MAX_QUEUES,
     RING_DEFAULT,
     RING_MAX,
     RING_MIN,
@@ -479,11 +477,11 @@ class SocketWorker:
                       "kernel path", ifname, exc)
             self.xsk_failed += 1
             return
-        if queues > XSK_MAX_QUEUES:
+        if queues > MAX_QUEUES:
             log.warning("packet mode: %s has %d receive queues; AF_XDP serves the first %d "
                         "(the others' media takes the kernel path)", ifname, queues,
-                        XSK_MAX_QUEUES)
-            queues = XSK_MAX_QUEUES
+                        MAX_QUEUES)
+            queues = MAX_QUEUES
         ring = ring_per_queue(self.xsk_ring, queues)
         for queue in range(queues):
             xsk = None

@@ -97,14 +97,11 @@ _STATS = struct.Struct("6Q")
 def _umem_error(err: int, size: int) -> XskError:
     """What a refused UMEM registration means; ENOBUFS is the pinned-memory limit."""
     if err == errno.ENOBUFS:
-        exc = XskError(
+        return PinnedMemoryError(
             f"setsockopt(XDP_UMEM_REG): the UMEM ({size >> 20} MiB) is more pinned memory "
             "than RLIMIT_MEMLOCK allows: give the relay CAP_IPC_LOCK (or "
             "LimitMEMLOCK=infinity under systemd), or lower af_xdp_ring")
-    else:
-        exc = XskError(f"setsockopt(XDP_UMEM_REG): {os.strerror(err)}")
-    exc.errno = err  # type: ignore[attr-defined]
-    return exc
+    return XskError(f"setsockopt(XDP_UMEM_REG): {os.strerror(err)}")
 
 
 def ring_per_queue(ring: int, queues: int) -> int:
@@ -136,6 +133,10 @@ _lock = threading.Lock()
 
 class XskError(LrkError):
     """An AF_XDP socket could not be made or bound; the message names the capability."""
+
+
+class PinnedMemoryError(XskError):
+    """The UMEM is more pinned memory than the relay may lock (RLIMIT_MEMLOCK)."""
 
 
 def _load():
@@ -306,9 +307,8 @@ class XskSocket:
             try:
                 self._register_umem(lib, addr, frames * frame_size, frame_size)
                 break
-            except XskError as exc:
-                if getattr(exc, "errno", None) != errno.ENOBUFS or \
-                        time.monotonic() >= deadline:
+            except PinnedMemoryError:
+                if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.005)
         n = struct.pack("I", ring)

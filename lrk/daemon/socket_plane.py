@@ -78,6 +78,8 @@ _NO_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 #: file descriptors a worker keeps for itself (channel, epoll, taps, AF_XDP sockets,
 #: egress and netlink sockets, files): its media sockets get the rest of its limit
 FD_RESERVE = 256
+#: what every descriptor refusal tells the operator to do
+_RAISE_LIMIT = "raise LimitNOFILE in the unit (or ulimit -n) to 4 x calls + 1,000"
 
 
 def raise_fd_limit() -> int:
@@ -98,8 +100,8 @@ def no_descriptors(what: str, budget: int) -> DescriptorsExhausted:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return DescriptorsExhausted(
         f"no file descriptor left for {what}: a worker may hold {budget} media sockets "
-        f"(RLIMIT_NOFILE {soft} less {soft - budget} of its own), four a call; raise "
-        "LimitNOFILE in the unit (or ulimit -n) to 4 x calls + 1,000")
+        f"(RLIMIT_NOFILE {soft} less {soft - budget} of its own), four a call; "
+        + _RAISE_LIMIT)
 
 
 def bind_pair(ip: str, port: int, rcvbuf: int = 0
@@ -128,8 +130,7 @@ def bind_pair(ip: str, port: int, rcvbuf: int = 0
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             raise DescriptorsExhausted(
                 f"no file descriptor left for {ip}:{port}-{port + 1} ({exc.strerror}; "
-                f"the daemon may open {soft}): raise LimitNOFILE in the unit (or ulimit "
-                "-n) to 4 x calls + 1,000") from None
+                f"the daemon may open {soft}): " + _RAISE_LIMIT) from None
         return None
     return socks[0], socks[1]
 
@@ -741,13 +742,7 @@ class SocketPlane:
             return PlaneFailure(sid, "bind_failed", why or f"early dialog: cannot bind "
                                 f"{leg.relay_ip}:{leg.relay_port}-{leg.relay_port + 1}")
         if not self.worker_for(sid).has_room(0, 2):  # a new fork unit: nothing to replace
-            self.counters["plane.no_descriptors"] += 1
-            self.counters["plane.bind_failures"] += 1
-            for s in pair_:
-                s.close()
-            return PlaneFailure(sid, "bind_failed",
-                                str(no_descriptors(f"an early dialog of session {sid}",
-                                                   self.fd_budget)))
+            return self._no_room(sid, f"an early dialog of session {sid}", pair_)
         uid = self._next_fork_uid
         self._next_fork_uid -= 1
         self.forks.setdefault(sid, {})[key] = [uid, stream]
@@ -796,23 +791,27 @@ class SocketPlane:
                                     why or f"cannot bind {leg.relay_ip}:{leg.relay_port}-"
                                     f"{leg.relay_port + 1} (in use by another process?)")
             socks.extend(pair_)
-        worker = self.worker_for(spec[0])
-        if not worker.has_room(unit_id(spec[0], index), len(socks)):  # restored, claimed
-            self.counters["plane.no_descriptors"] += 1
-            self.counters["plane.bind_failures"] += 1
-            for s in socks:
-                s.close()
-            return PlaneFailure(spec.sid, "bind_failed",
-                                str(no_descriptors(f"session {spec.sid}", self.fd_budget)))
+        sid = spec[0]
+        uid = unit_id(sid, index)
+        worker = self.worker_for(sid)
+        if not worker.has_room(uid, len(socks)):  # restored, claimed
+            return self._no_room(sid, f"session {sid}", socks)
         # what the worker would otherwise ask the kernel for, a system call per socket
         a_ip, a_port = a[1:3]
         b_ip, b_port = b[1:3]
         addrs = ((a_ip, a_port), (a_ip, a_port + 1), (b_ip, b_port), (b_ip, b_port + 1))
-        sid = spec[0]
-        uid = unit_id(sid, index)
         self.units.add(uid)
         worker.send(channel.InstallSession(uid, stream, addrs), socks)
         return None
+
+    def _no_room(self, sid: int, what: str, socks: Sequence[Any]) -> PlaneFailure:
+        """Bound sockets the session's worker has no descriptors left for: closed, and
+        the session fails with the reason (counted)."""
+        self.counters["plane.no_descriptors"] += 1
+        self.counters["plane.bind_failures"] += 1
+        for s in socks:
+            s.close()
+        return PlaneFailure(sid, "bind_failed", str(no_descriptors(what, self.fd_budget)))
 
     def _bind(self, ip: str, port: int
               ) -> Tuple[Optional[Tuple[socket.socket, socket.socket]], str]:
