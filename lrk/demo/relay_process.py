@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -38,10 +39,17 @@ def read_log(log: IO[bytes]) -> str:
         offset += len(chunk)
 
 
+#: next_port_range's media ranges start here; free_udp_port's ports stay below
+MEDIA_PORTS_FROM = 41000
+#: free_udp_port's own picks when the kernel offers no port below MEDIA_PORTS_FROM
+#: (above RelayProcess's default media range, 30000-30999)
+_FALLBACK_PORTS = range(33000, MEDIA_PORTS_FROM)
+
+
 def next_port_range(size: int = 64) -> str:
     """A media port range for one more relay of this process, distinct from its others and
     (by pid) most likely from those of other processes running tests at the same time."""
-    start = 41000 + (_OFFSET + next(_slices) * size) % 20480
+    start = MEDIA_PORTS_FROM + (_OFFSET + next(_slices) * size) % 20480
     return f"{start}-{start + size - 1}"
 
 
@@ -49,12 +57,35 @@ class LaunchError(LrkError):
     """The relay process did not come up; the message carries its output."""
 
 
-def free_udp_port(host: str = "127.0.0.1") -> int:
-    """A UDP port the kernel just considered free (good enough for a test control port)."""
+def free_udp_port(host: str = "127.0.0.1", tries: int = 64) -> int:
+    """A UDP port the kernel just considered free (good enough for a test control port),
+    below MEDIA_PORTS_FROM: the kernel's ephemeral ports (32768-60999 by default) reach
+    into next_port_range's media ranges, and a relay's listener there looks to a leak
+    check like a media socket left open. Offers in that range stay bound until we return,
+    so the kernel's next offer is another port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    held: List[socket.socket] = []
+    try:
+        for _ in range(tries):
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            held.append(s)
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+            if port < MEDIA_PORTS_FROM:
+                return port
+        # an ip_local_port_range with nothing below the media ranges: pick one ourselves
+        for port in random.sample(_FALLBACK_PORTS, tries):
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            held.append(s)
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    finally:
+        for s in held:
+            s.close()
+    raise OSError(f"no free UDP port on {host} below {MEDIA_PORTS_FROM} in {2 * tries} tries")
 
 
 def ping(host: str, port: int = 0, timeout: float = 0.2, key: Optional[Key] = None) -> bool:

@@ -956,3 +956,37 @@ def test_a_channel_message_whose_fds_were_cut_short_is_refused_not_misread():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         for s in (*socks, a, b):
             s.close()
+
+
+def test_an_offer_that_fails_after_a_probe_lets_the_probed_ports_go(tmp_path: Any):
+    """ports_exhausted on the second leg, after the first leg's pair was probed (bound):
+    the failed request has no actions for the plane, and the bound pair must not wait
+    for another request's (on a quiet relay it would stay bound for good)."""
+    from lrk.daemon.socket_plane import bind_pair
+
+    plane = SocketPlane(31100, 31199, ["127.0.0.1"])
+    plane.loop = FakeLoop()  # type: ignore[assignment]  # (no workers: no install runs)
+    rig = ControlRig(tmp_path, plane)
+    engine = rig.relay.engine
+    ip = engine.config.internal_ip
+    for port in range(31100, 31198, 2):  # every pair but the last is in use
+        assert engine.ports.claim(ip, port, 0.0)
+    probed: List[Any] = []
+
+    def probe(ip_: str, port: int) -> bool:
+        probed.append((port, plane.probe(ip_, port)))
+        return probed[-1][1]
+
+    engine.probe = probe
+    try:
+        rig.offer("o1", "c1")
+        assert rig.replies()[0]["error"]["code"] == "ports_exhausted"
+        assert probed == [(31198, True)]  # the test is about a pair bound, then given up
+        assert plane.pending == {}
+        pair_ = bind_pair(ip, 31198)
+        assert pair_ is not None, "the probed pair is still bound"
+        for s in pair_:
+            s.close()
+    finally:
+        for s in [s for pair_ in plane.pending.values() for s in pair_]:
+            s.close()
