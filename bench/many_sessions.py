@@ -233,6 +233,22 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _workers_cpu_s(pid: int) -> float:
+    """CPU seconds of the daemon's live children (socket mode's workers) so far."""
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            kids = [int(k) for k in fh.read().split()]
+    except OSError:
+        return 0.0
+    for kid in kids:
+        try:
+            total += _cpu_s(kid)
+        except OSError:
+            pass  # gone meanwhile
+    return total
+
+
 def _timed_stats(client: LrkClient, pid: int) -> Tuple[float, float, Dict[str, Any]]:
     """(wall s, daemon CPU s, reply) of one `stats`."""
     c0, t0 = _cpu_s(pid), time.perf_counter()
@@ -371,11 +387,15 @@ def _kernel_run(args: argparse.Namespace, relay: RelayProcess, topo: Any, tmp: s
         warm.append({"installed_per_s": up["sessions_per_s"], "failed": up["failed"],
                      "deleted_per_s": down["sessions_per_s"]})
     setup = _requests(relay, args.sessions, topo.caller.ip4, topo.callee.ip4)
-    rss0, cpu0 = _rss_kib(pid), _cpu_s(pid)
+    rss0, cpu0, wcpu0 = _rss_kib(pid), _cpu_s(pid), _workers_cpu_s(pid)
+    me0 = time.process_time()
     with unix_socket(relay.host, tmp, topo.relay.ns) as sock:
         result = install(sock, setup, args.window, deadline=KERNEL_SECONDS)
-    rss1, cpu1 = _rss_kib(pid), _cpu_s(pid)
+    rss1, cpu1, wcpu1 = _rss_kib(pid), _cpu_s(pid), _workers_cpu_s(pid)
     result["daemon_cpu_s_install"] = round(cpu1 - cpu0, 2)
+    # which side saturated: the daemon, its workers (socket mode) or this client
+    result["workers_cpu_s_install"] = round(wcpu1 - wcpu0, 2)
+    result["client_cpu_s_install"] = round(time.process_time() - me0, 2)
     passes, quick = [], []
     stats: Dict[str, Any] = {}
     with LrkClient([relay.node], timeout=30.0) as client:
