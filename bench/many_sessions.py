@@ -14,12 +14,13 @@ per side (127.0.0.1.. internal, 127.0.1.1.. external: loopback answers for all o
 (interface external) + answer (internal), ``--window`` calls in flight, every reply
 checked; the requests are packed and signed before the clock starts, so the client
 costs one send + one recv + one unpack per request. Then: sessions/s, the relay's
-RSS (daemon + workers) per session (a PyPy relay runs with PyPy's own GC nursery here,
-`bench.peers.MEMORY_ENV`, so the figure does not count the launchers' 64 MB filling; its
-install rate is then PyPy's without that tuning), the round trip of one ``stats`` at that
-size, and
-that the calls spread over the addresses. Socket mode holds 4 sockets a call, so N is
-bound by the fd limit (``ulimit -n``; 20000 here: about 4,800 calls).
+RSS (daemon + workers) per session, the round trip of one ``stats`` at that size, and
+that the calls spread over the addresses. ``--nursery``: ``launcher`` (default) runs a
+PyPy relay with the GC nursery lrk's launchers give it (64 MB: the install rate of the
+relay as operators run it; its RSS counts up to 64 MB a process of nursery filling),
+``pypy`` with PyPy's own (1 MB here, `bench.peers.MEMORY_ENV`: the RSS per session
+without that filling, the install rate without that tuning). Socket mode holds 4 sockets a
+call, so N is bound by the fd limit (``ulimit -n``; 20000 here: about 4,800 calls).
 
 ``kernel`` (root): a relay in kernel mode (``--mode xdp``, ``nfqueue`` or ``socket`` too:
 socket mode's four sockets a call are made room for by raising RLIMIT_NOFILE, or where
@@ -199,7 +200,7 @@ def daemon(args: argparse.Namespace) -> Dict[str, Any]:
         extra += ["--internal-ip", ip]
     for ip in external:
         extra += ["--external-ip", ip]
-    with RelayProcess(ports=args.ports, extra=extra, env=MEMORY_ENV) as relay:
+    with RelayProcess(ports=args.ports, extra=extra, env=_relay_env(args)) as relay:
         pid = relay.proc.pid  # type: ignore[union-attr]
         datagrams = _requests(relay, args.sessions, "127.0.0.1", "127.0.0.1")
         rss0 = _rss_kib(pid)
@@ -224,6 +225,12 @@ def daemon(args: argparse.Namespace) -> Dict[str, Any]:
         "stats_round_trip_ms_median": round(times[len(times) // 2] * 1000, 3),
     })
     return result
+
+
+def _relay_env(args: argparse.Namespace) -> Optional[Dict[str, str]]:
+    """`--nursery pypy`: PyPy's own GC nursery (RSS per session without the launchers'
+    64 MB filling); `launcher`: the environment lrk's launchers give a relay."""
+    return MEMORY_ENV if args.nursery == "pypy" else None
 
 
 def _cpu_s(pid: int) -> float:
@@ -354,7 +361,7 @@ def kernel(args: argparse.Namespace) -> Dict[str, Any]:
             if args.mode == "socket":
                 extra += ["--workers", str(workers)]
             relay = RelayProcess(ports=args.ports, netns=ns, extra=extra,
-                                 python=args.relay_python, env=MEMORY_ENV).start()
+                                 python=args.relay_python, env=_relay_env(args)).start()
             try:
                 result = _kernel_run(args, relay, topo, tmp)
             finally:
@@ -522,6 +529,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="socket mode's workers, at least (kernel --mode socket; more if "
                         "the descriptor limit needs them)")
+    parser.add_argument("--nursery", choices=("launcher", "pypy"), default="launcher",
+                        help="a PyPy relay's GC nursery: lrk's launchers' (64 MB, as "
+                        "operators run it) or PyPy's own (1 MB here: RSS per session "
+                        "without the nursery's filling)")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--config", help="a TOML file for the relay (daemon)")
     parser.add_argument("--out", help="write the JSON here too")
@@ -530,6 +541,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--sessions must be within 1..200000, --addresses within 1..64")
     result = {"daemon": daemon, "engine": engine, "kernel": kernel}[args.what](args)
     result.update({"python": f"{platform.python_implementation()} {platform.python_version()}",
+                   "nursery": args.nursery,
                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared",
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "loadavg_before": os.getloadavg()[0],

@@ -117,10 +117,9 @@ def test_flags_select_external_or_internal_address(stack, calls, flags, expected
 
 
 def test_concurrent_calls_do_not_disturb_one_another(stack, calls):
-    # four calls are set up before the first one's media: on a loaded PyPy run that took
-    # longer than the suite's 3 s legacy silence timeout, and the first call had expired
-    # (CI failed on it once, no packet through); this test is not about expiry
-    relay, kam, _legacy, _ = stack("legacy_timeout = 30\nquarantine = 0\n")
+    # four calls are set up before the first one's media (on a loaded PyPy run that took
+    # longer than a 3 s silence timeout once: the fixture's is 30 s)
+    relay, kam, _legacy, _ = stack()
     active = [calls(kam, f"e2e-multi-{n}@test", early=bool(n % 2)) for n in range(4)]
     ports = {c.callee_sends_to[1] for c in active} | {c.caller_sends_to[1] for c in active}
     assert len(ports) == 8
@@ -161,7 +160,7 @@ def test_relay_restart_keeps_new_calls_working(stack, calls):
     for addr in (down.caller_sends_to, down.callee_sends_to):
         assert addr[0] == INTERNAL_IP and lo <= addr[1] <= hi, addr
         assert port_free(*addr), f"{addr} is bound while lrk is down"
-    again = start_relay(legacy, "legacy_timeout = 3\nquarantine = 0\n", ports=relay.ports)
+    again = start_relay(legacy, "legacy_timeout = 30\nquarantine = 0\n", ports=relay.ports)
     second = calls(kam, "e2e-after@test")
     second.media_both_ways(5)
     with LrkClient([again.node]) as client:

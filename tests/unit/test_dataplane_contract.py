@@ -264,6 +264,7 @@ class FakeWorker:
         self.sent: List[Any] = []
         self.outbox: List[Any] = []
         self.chan = object()
+        self.media_fds = 0
 
     def has_room(self, uid: int, nfds: int) -> bool:
         return True
@@ -990,3 +991,56 @@ def test_an_offer_that_fails_after_a_probe_lets_the_probed_ports_go(tmp_path: An
     finally:
         for s in [s for pair_ in plane.pending.values() for s in pair_]:
             s.close()
+
+
+class CountingWorker(FakeWorker):
+    """Queues what it is sent until flushed, and counts the media sockets it holds as the
+    daemon's WorkerHandle does."""
+
+    def send(self, message: Any, socks: Any = ()) -> None:
+        super().send(message, socks)
+        self.outbox.append(message)
+        if isinstance(message, channel.InstallSession):
+            self.media_fds += 4
+        elif isinstance(message, channel.RemoveSession):
+            self.media_fds -= 4
+
+    def _flush_outbox(self) -> None:
+        self.outbox.clear()
+
+
+def test_socket_plane_places_a_burst_on_one_worker_and_single_calls_on_the_lightest():
+    """One request at a time (the outboxes flushed between): each new session goes to the
+    worker holding the fewest sockets. In one burst (messages still queued): to the worker
+    the burst already writes to, until it holds PLACE_SLACK sockets more than the
+    lightest. A session's every message goes to its worker, and its removal frees it."""
+    from lrk.daemon.socket_plane import PLACE_SLACK
+
+    plane = SocketPlane(31000, 31999, ["127.0.0.1"])
+    workers = [CountingWorker() for _ in range(3)]
+    plane.workers = workers  # type: ignore[assignment]
+
+    def install(sid: int) -> None:
+        assert plane.apply([Install(one_stream(sid, f"c{sid}", 31000 + 4 * sid,
+                                               31002 + 4 * sid))]) == []
+
+    def flush() -> None:
+        for w in workers:
+            w._flush_outbox()
+
+    for sid in range(1, 7):  # one at a time: round the workers, lightest first
+        install(sid)
+        flush()
+    assert [plane.placed[sid] for sid in range(1, 7)] == [0, 1, 2, 0, 1, 2]
+    calls_in_slack = PLACE_SLACK // 4
+    burst = list(range(7, 7 + calls_in_slack + 2))
+    for sid in burst:  # one burst: worker 0 until it is PLACE_SLACK above the lightest
+        install(sid)
+    assert [plane.placed[sid] for sid in burst] == [0] * (calls_in_slack + 1) + [1]
+    assert len(workers[0].outbox) == calls_in_slack + 1 and len(workers[1].outbox) == 1
+    flush()
+    assert plane.apply([Remove(7, "c7", "deleted")]) == []
+    assert isinstance(workers[0].sent[-1], channel.RemoveSession) and 7 not in plane.placed
+    assert [w.media_fds for w in workers] == [4 * (2 + calls_in_slack), 4 * 3, 4 * 2]
+    install(100)  # the lightest again
+    assert plane.placed[100] == 2
