@@ -602,12 +602,14 @@ class SocketPlane:
         at 100,000 calls spent 158 µs of CPU a call, docs/benchmarks.md section 11); one
         request at a time still goes to the lightest worker."""
         workers = self.workers
-        if not workers:  # not started (a unit test's plane): worker_for fails if asked
+        # a worker that could not be restarted (no channel) gets nothing new
+        live = [i for i in range(len(workers)) if workers[i].chan is not None]
+        if not live:  # none (or not started: a unit test's plane): fails at the send
             self.placed[sid] = 0
             return
-        lightest = min(range(len(workers)), key=lambda i: workers[i].media_fds)
+        lightest = min(live, key=lambda i: workers[i].media_fds)
         last = self._last_placed
-        if (last != lightest and last < len(workers) and workers[last].outbox
+        if (last != lightest and last in live and workers[last].outbox
                 and workers[last].media_fds <= workers[lightest].media_fds + PLACE_SLACK):
             lightest = last
         self.placed[sid] = self._last_placed = lightest

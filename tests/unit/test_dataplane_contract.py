@@ -1013,7 +1013,8 @@ def test_socket_plane_places_a_burst_on_one_worker_and_single_calls_on_the_light
     """One request at a time (the outboxes flushed between): each new session goes to the
     worker holding the fewest sockets. In one burst (messages still queued): to the worker
     the burst already writes to, until it holds PLACE_SLACK sockets more than the
-    lightest. A session's every message goes to its worker, and its removal frees it."""
+    lightest. A session's every message goes to its worker, and its removal frees it. A
+    worker that could not be restarted gets no new session."""
     from lrk.daemon.socket_plane import PLACE_SLACK
 
     plane = SocketPlane(31000, 31999, ["127.0.0.1"])
@@ -1044,3 +1045,31 @@ def test_socket_plane_places_a_burst_on_one_worker_and_single_calls_on_the_light
     assert [w.media_fds for w in workers] == [4 * (2 + calls_in_slack), 4 * 3, 4 * 2]
     install(100)  # the lightest again
     assert plane.placed[100] == 2
+    flush()
+    workers[2].chan = None  # could not be restarted: nothing new goes to it
+    workers[2].media_fds = 0
+    install(101)
+    assert plane.placed[101] == 1
+
+
+def test_socket_plane_fails_the_sessions_of_a_worker_that_could_not_be_restarted():
+    """`lost`: each session on that worker fails (an event for the engine, which ends it),
+    the others stay, and its removal later sends nothing to the lost worker."""
+    plane = SocketPlane(31000, 31999, ["127.0.0.1"])
+    workers = [CountingWorker() for _ in range(2)]
+    plane.workers = workers  # type: ignore[assignment]
+    events: List[Any] = []
+    plane.sink = events.append
+    for sid in (1, 2, 3, 4):
+        assert plane.apply([Install(one_stream(sid, f"c{sid}", 31000 + 4 * sid,
+                                               31002 + 4 * sid))]) == []
+        for w in workers:
+            w._flush_outbox()
+    assert [plane.placed[sid] for sid in (1, 2, 3, 4)] == [0, 1, 0, 1]
+    workers[1].chan = None
+    plane.lost(workers[1], "worker 1 could not be restarted: test")  # type: ignore[arg-type]
+    assert sorted((e.sid, e.reason) for e in events) == [(2, "worker_lost"), (4, "worker_lost")]
+    assert sorted(plane.installed) == [1, 3] and sorted(plane.placed) == [1, 3]
+    sent = len(workers[1].sent)
+    assert plane.apply([Remove(2, "c2", "failed"), Remove(4, "c4", "failed")]) == []
+    assert len(workers[1].sent) == sent
