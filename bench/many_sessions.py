@@ -55,6 +55,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import msgpack
 
 from bench import jsonlines
+from bench.capacity import cpu_seconds, worker_pids
 from bench.inflight import pipeline
 from bench.peers import MEMORY_ENV
 from lrk.client import LrkClient
@@ -242,18 +243,7 @@ def _cpu_s(pid: int) -> float:
 
 def _workers_cpu_s(pid: int) -> float:
     """CPU seconds of the daemon's live children (socket mode's workers) so far."""
-    total = 0.0
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            kids = [int(k) for k in fh.read().split()]
-    except OSError:
-        return 0.0
-    for kid in kids:
-        try:
-            total += _cpu_s(kid)
-        except OSError:
-            pass  # gone meanwhile
-    return total
+    return float(sum(cpu_seconds(w) or 0.0 for w in worker_pids(pid)))
 
 
 def _timed_stats(client: LrkClient, pid: int) -> Tuple[float, float, Dict[str, Any]]:

@@ -769,12 +769,6 @@ class Relay:
         """Apply actions; what the plane refuses ends its session in the engine (and the
         Remove that follows is applied too). Returns the failures."""
         if not actions:
-            plane = self.plane
-            if isinstance(plane, SocketPlane) and plane.pending:
-                # a request that failed after its first ports were probed (bound), e.g.
-                # ports_exhausted on the second leg: they would stay bound until some
-                # other request's actions, on a quiet relay for good
-                plane.apply(())
             return []
         failures = self.plane.apply(actions)
         if self.store is not None:

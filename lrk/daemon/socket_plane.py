@@ -864,7 +864,12 @@ class SocketPlane:
 
     def commit(self, then: Callable[[], None]) -> None:
         """Send every queued worker message now; `then` once all of it is in the channels
-        (at once, unless a worker's channel is full: then when it has drained)."""
+        (at once, unless a worker's channel is full: then when it has drained). Ports
+        probed for a request and not installed by now belong to one that failed without
+        actions (e.g. ports_exhausted on its second leg): they are let go here, where every
+        reply passes, rather than at the next request that has actions."""
+        if self.pending:
+            self._close_unclaimed()
         if self._gathered:  # a refresh asked for in this iteration rides in this batch
             self._send_flush()
         waiting = False
