@@ -212,8 +212,11 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
     "worker_channel_full": ("counter", (),
                             "Messages to a worker that waited because its channel was full."),
     "worker_channel_bad_messages": ("counter", (),
-                                    "Messages between daemon and workers that could not be "
-                                    "decoded or were unexpected."),
+                                    "Worker messages the daemon could not decode or did not "
+                                    "expect."),
+    "worker_received_bad_messages": ("counter", (),
+                                     "Daemon messages a worker could not decode or apply "
+                                     "(summed over the workers)."),
     "plane_bind_failures": ("counter", (),
                             "Socket mode: relay ports that could not be bound at install."),
     "plane_no_descriptors": ("counter", (),
@@ -222,6 +225,9 @@ FAMILIES: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
                              "its reserve; raise LimitNOFILE)."),
     "plane_flush_timeouts": ("counter", (),
                              "Socket mode: counter flushes the workers were slow to answer."),
+    "plane_no_worker": ("counter", (),
+                        "Socket and packet modes: sessions failed because no media worker "
+                        "was running (every one died and could not be restarted)."),
     "kernel_errors": ("counter", (), "Kernel modes: failed kernel reads and writes."),
     "kernel_sessions_installed": ("counter", (),
                                   "Kernel modes: sessions installed in the nftables maps."),
@@ -333,9 +339,11 @@ COUNTER_MAP: Tuple[Tuple[str, str, Dict[str, str]], ...] = (
     ("workers.restarts", "worker_restarts", {}),
     ("workers.channel.full", "worker_channel_full", {}),
     ("workers.channel.bad_messages", "worker_channel_bad_messages", {}),
+    ("worker.channel.bad_messages", "worker_received_bad_messages", {}),
     ("plane.bind_failures", "plane_bind_failures", {}),
     ("plane.no_descriptors", "plane_no_descriptors", {}),
     ("plane.flush_timeouts", "plane_flush_timeouts", {}),
+    ("plane.no_worker", "plane_no_worker", {}),
     ("kernel.errors", "kernel_errors", {}),
     ("kernel.sessions.installed", "kernel_sessions_installed", {}),
     ("kernel.flows.flushed", "kernel_flows_flushed", {}),

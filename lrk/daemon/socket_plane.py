@@ -423,7 +423,8 @@ class SocketPlane:
         self.last: Dict[int, channel.UnitReport] = {}
         self.counters: Counter = Counter({name: 0 for name in (
             "workers.restarts", "workers.channel.full", "workers.channel.bad_messages",
-            "plane.bind_failures", "plane.no_descriptors", "plane.flush_timeouts")})
+            "plane.bind_failures", "plane.no_descriptors", "plane.flush_timeouts",
+            "plane.no_worker")})
         #: descriptors a worker keeps for itself: FD_RESERVE, and an AF_XDP socket per
         #: receive queue (up to 64) of each packet interface
         self.fd_reserve = FD_RESERVE + (MAX_QUEUES * len(self.packet_ifaces)
@@ -574,9 +575,15 @@ class SocketPlane:
 
     # -- engine hooks ----------------------------------------------------------------
     def probe(self, ip: str, port: int) -> bool:
-        # room in the fullest worker (a new session may go to any), less the pairs bound
-        # for this request already: a worker beyond its limit would lose the fds in transit
-        held = max((w.media_fds for w in self.workers), default=0)
+        if (ip, port) in self.pending:
+            # bound for a request of this read burst that then failed (its ports went back
+            # to the allocator; commit() releases the pair only at the burst's end): ours
+            return True
+        # room in the lightest live worker (where `_place` puts a new session unless
+        # another has room too), less the pairs bound for this request already: a worker
+        # beyond its limit would lose the fds in transit
+        live = [w.media_fds for w in self.workers if w.chan is not None]
+        held = min(live) if live else max((w.media_fds for w in self.workers), default=0)
         if held + 2 * len(self.pending) + 2 > self.fd_budget:
             self.counters["plane.no_descriptors"] += 1
             raise no_descriptors(f"{ip}:{port}-{port + 1}", self.fd_budget)
@@ -594,25 +601,27 @@ class SocketPlane:
         """Every stream of a session goes to the same worker: the one it was placed on."""
         return self.workers[self.placed[sid]]
 
-    def _place(self, sid: int) -> None:
+    def _place(self, sid: int, need: int) -> bool:
         """A new session's worker: the one holding the fewest media sockets, unless the
         worker this burst of requests already has messages queued for holds at most
-        PLACE_SLACK more. Then a burst's installs leave as one batch to one worker, one
-        wake-up where a session per worker in turn woke every worker for each (21 workers
-        at 100,000 calls spent 158 µs of CPU a call, docs/benchmarks.md section 11); one
-        request at a time still goes to the lightest worker."""
+        PLACE_SLACK more and has room for the session's `need` sockets. Then a burst's
+        installs leave as one batch to one worker, one wake-up where a session per worker
+        in turn woke every worker for each (21 workers at 100,000 calls spent 158 µs of
+        CPU a call, docs/benchmarks.md section 11); one request at a time still goes to
+        the lightest worker. False when no worker is running."""
         workers = self.workers
         # a worker that could not be restarted (no channel) gets nothing new
         live = [i for i in range(len(workers)) if workers[i].chan is not None]
-        if not live:  # none (or not started: a unit test's plane): fails at the send
-            self.placed[sid] = 0
-            return
+        if not live:
+            return False
         lightest = min(live, key=lambda i: workers[i].media_fds)
         last = self._last_placed
         if (last != lightest and last in live and workers[last].outbox
-                and workers[last].media_fds <= workers[lightest].media_fds + PLACE_SLACK):
+                and workers[last].media_fds <= workers[lightest].media_fds + PLACE_SLACK
+                and workers[last].media_fds + need <= self.fd_budget):
             lightest = last
         self.placed[sid] = self._last_placed = lightest
+        return True
 
     def apply(self, actions: Sequence[Action]) -> List[PlaneFailure]:
         failures: List[PlaneFailure] = []
@@ -645,9 +654,14 @@ class SocketPlane:
         (re-installed: counters restart there, the engine folded them) or re-latched."""
         sid, _call_id, streams, forks = spec
         old = self.installed.get(sid)
-        self.installed[sid] = spec
         if sid not in self.placed:  # a restarted worker's sessions stay on it
-            self._place(sid)
+            need = 4 * (len(streams) + sum(len(f.streams) for f in forks))
+            if not self._place(sid, need):
+                self.counters["plane.no_worker"] += 1
+                return PlaneFailure(sid, "worker_lost",
+                                    "no media worker is running (every worker died and "
+                                    "could not be restarted; see the log): restart the relay")
+        self.installed[sid] = spec
         if not forks and sid not in self.forks:
             return self._converge_streams(spec, old)
         old_streams = {s.index: s for s in old.streams} if old is not None else {}

@@ -39,11 +39,14 @@ def read_log(log: IO[bytes]) -> str:
         offset += len(chunk)
 
 
-#: next_port_range's media ranges start here; free_udp_port's ports stay below
-MEDIA_PORTS_FROM = 41000
-#: free_udp_port's own picks when the kernel offers no port below MEDIA_PORTS_FROM
-#: (above RelayProcess's default media range, 30000-30999)
-_FALLBACK_PORTS = range(33000, MEDIA_PORTS_FROM)
+#: next_port_range's media ranges lie in MEDIA_PORTS_FROM..MEDIA_PORTS_TO - 1 (with
+#: RelayProcess's default range, 30000-30999), below the kernel's ephemeral ports
+#: (ip_local_port_range, 32768-60999 by default): a port a test relay freed is not one
+#: the kernel then hands another socket bound to port 0; free_udp_port stays outside
+MEDIA_PORTS_FROM = 8192
+MEDIA_PORTS_TO = 31000
+#: free_udp_port's own picks when the kernel offers only ports inside the media window
+_FALLBACK_PORTS = range(33000, 41000)
 
 
 def next_port_range(size: int = 64) -> str:
@@ -59,10 +62,10 @@ class LaunchError(LrkError):
 
 def free_udp_port(host: str = "127.0.0.1", tries: int = 64) -> int:
     """A UDP port the kernel just considered free (good enough for a test control port),
-    below MEDIA_PORTS_FROM: the kernel's ephemeral ports (32768-60999 by default) reach
-    into next_port_range's media ranges, and a relay's listener there looks to a leak
-    check like a media socket left open. Offers in that range stay bound until we return,
-    so the kernel's next offer is another port."""
+    outside next_port_range's media window: a relay's listener there would look to a leak
+    check like a media socket left open. (The kernel's ephemeral ports are above the
+    window by default; with an ip_local_port_range that reaches into it, offers there stay
+    bound until we return, so the kernel's next offer is another port.)"""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     held: List[socket.socket] = []
     try:
@@ -71,9 +74,9 @@ def free_udp_port(host: str = "127.0.0.1", tries: int = 64) -> int:
             held.append(s)
             s.bind((host, 0))
             port = s.getsockname()[1]
-            if port < MEDIA_PORTS_FROM:
+            if not MEDIA_PORTS_FROM <= port < MEDIA_PORTS_TO:
                 return port
-        # an ip_local_port_range with nothing below the media ranges: pick one ourselves
+        # an ip_local_port_range inside the media window: pick one ourselves
         for port in random.sample(_FALLBACK_PORTS, tries):
             s = socket.socket(family, socket.SOCK_DGRAM)
             held.append(s)
@@ -85,7 +88,8 @@ def free_udp_port(host: str = "127.0.0.1", tries: int = 64) -> int:
     finally:
         for s in held:
             s.close()
-    raise OSError(f"no free UDP port on {host} below {MEDIA_PORTS_FROM} in {2 * tries} tries")
+    raise OSError(f"no free UDP port on {host} outside {MEDIA_PORTS_FROM}-{MEDIA_PORTS_TO - 1} "
+                  f"in {2 * tries} tries")
 
 
 def ping(host: str, port: int = 0, timeout: float = 0.2, key: Optional[Key] = None) -> bool:

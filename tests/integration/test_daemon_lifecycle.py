@@ -18,16 +18,10 @@ import time
 import msgpack
 import pytest
 
-from lrk.demo.relay_process import next_port_range
+from lrk.demo.relay_process import free_udp_port, next_port_range
 from tests.control_keys import sign_env
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ping(port: int, deadline: float) -> None:
@@ -48,7 +42,7 @@ def _ping(port: int, deadline: float) -> None:
 
 
 def _start(ports: str, workers: int = 2) -> tuple[subprocess.Popen, int, int]:
-    control, legacy = _free_port(), _free_port()
+    control, legacy = free_udp_port(), free_udp_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lrk.cli", "run", "--control", f"127.0.0.1:{control}",
          "--legacy", f"127.0.0.1:{legacy}", "--ports", ports, "--workers", str(workers)],

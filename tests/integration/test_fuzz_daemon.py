@@ -178,7 +178,7 @@ def test_fuzzed_relay_still_answers_within_memory_and_leaks_nothing(tmp_path):
                      tmp=str(tmp_path), env=MEMORY_ENV) as relay:
         pid = relay.proc.pid  # type: ignore[union-attr]
         # a listener in the media range would pass for a media socket left open below
-        # (free_udp_port picks below every next_port_range)
+        # (free_udp_port picks outside every next_port_range)
         assert not [p for p in (relay.control_port, legacy_port) if first <= p <= last]
         control = ("127.0.0.1", relay.control_port)
         rng = random.Random(SEED)

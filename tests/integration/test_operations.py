@@ -21,15 +21,10 @@ import pytest
 from lrk.client import LrkClient
 from lrk.client.errors import NodeTimeout, NoNodeAvailable, RelayError
 from lrk.ctl import top_view
+from lrk.demo.relay_process import free_udp_port
 from tests.control_keys import sign_env
 
 pytestmark = pytest.mark.integration
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ctl(relay, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
@@ -153,7 +148,7 @@ def _stats_ok(client: LrkClient) -> bool:
 
 
 def test_sighup_and_ctl_reload_change_allow_list_and_log_level(start_relay, tmp_path):
-    relay = start_relay("--legacy", f"127.0.0.1:{_free_udp_port()}",
+    relay = start_relay("--legacy", f"127.0.0.1:{free_udp_port()}",
                         config="log_level = \"error\"\n")
     path = next(p for p in tmp_path.iterdir() if p.suffix == ".toml")
     with LrkClient([relay.node], timeout=1.0, retries=3) as c:

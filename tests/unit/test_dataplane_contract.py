@@ -225,6 +225,7 @@ def test_channel_rejects_untagged_bytes():
 # -- socket plane ---------------------------------------------------------------------------
 def test_socket_plane_bind_failure_is_a_failure_not_a_log_line():
     plane = SocketPlane(31000, 31099, ["127.0.0.1"])
+    plane.workers = [FakeWorker()]  # type: ignore[list-item]
     squatter = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     squatter.bind(("127.0.0.1", 31003))  # B's RTCP port
     try:
@@ -882,6 +883,7 @@ def test_socket_plane_keeps_each_worker_within_its_file_descriptor_limit():
     plane = SocketPlane(31000, 31099, ["127.0.0.1"])
     plane.loop = FakeLoop()  # type: ignore[assignment]
     worker = WorkerHandle(0, plane)
+    worker.chan = object()  # type: ignore[assignment]  # running (never flushed: FakeLoop)
     plane.workers = [worker]
     plane.fd_budget = 10
     try:
@@ -1073,3 +1075,82 @@ def test_socket_plane_fails_the_sessions_of_a_worker_that_could_not_be_restarted
     sent = len(workers[1].sent)
     assert plane.apply([Remove(2, "c2", "failed"), Remove(4, "c4", "failed")]) == []
     assert len(workers[1].sent) == sent
+
+
+def test_a_read_bursts_failed_offer_hands_its_probed_pair_to_the_next_offer(tmp_path: Any):
+    """Replies (and with them commit(), which lets unclaimed probes go) wait for the end of
+    a read burst. An offer that bound its first pair and then failed (ports_exhausted)
+    gave the port back to the allocator; the next offer of the same burst that gets it
+    takes the pair already bound, instead of failing to bind against the relay's own
+    socket and putting the port out of rotation for a minute as if another program held
+    it. Nothing stays bound once the burst's replies are out."""
+    plane = SocketPlane(31100, 31199, ["127.0.0.1"])
+    plane.loop = FakeLoop()  # type: ignore[assignment]
+    worker = CountingWorker()
+    plane.workers = [worker]  # type: ignore[list-item]
+    rig = ControlRig(tmp_path, plane)
+    relay, engine = rig.relay, rig.relay.engine
+    ip = engine.config.internal_ip
+    for port in range(31100, 31198, 2):  # all but the last pair taken
+        assert engine.ports.claim(ip, port, 0.0)
+    engine.probe = plane.probe
+    relay._hold_replies()  # what a read burst does
+    rig.offer("o1", "c1")
+    rig.offer("o2", "c2")
+    assert ("127.0.0.1", 31198) in plane.pending  # c1's pair, c2 failed alike
+    relay._release_replies()
+    replies = rig.replies()
+    assert [(r["cookie"], r["ok"], r.get("error", {}).get("code")) for r in replies] == [
+        ("o1", False, "ports_exhausted"), ("o2", False, "ports_exhausted")]
+    assert 31198 not in engine.ports._by_ip[ip]._held_set  # still in rotation
+    assert plane.pending == {}  # and let go
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 31198))
+
+
+def test_with_no_worker_left_a_new_session_fails_and_replies_still_leave():
+    """Every worker died and none could be restarted: a new session fails with the
+    reason (counted) instead of waiting in a dead worker's outbox, its probed sockets are
+    closed, and replies are not held behind that outbox."""
+    plane = SocketPlane(31000, 31099, ["127.0.0.1"])
+    plane.loop = FakeLoop()  # type: ignore[assignment]
+    worker = WorkerHandle(0, plane)  # its restart failed: no channel
+    plane.workers = [worker]
+    assert plane.probe("127.0.0.1", 31010) and plane.probe("127.0.0.1", 31012)
+    failures = plane.apply([Install(one_stream(1, "c1", 31010, 31012))])
+    assert [(f.sid, f.reason) for f in failures] == [(1, "worker_lost")]
+    assert "restart the relay" in failures[0].detail
+    assert plane.counters["plane.no_worker"] == 1
+    assert plane.installed == {} and plane.placed == {} and not worker.outbox
+    replies: List[str] = []
+    plane.commit(lambda: replies.append("reply"))
+    assert replies == ["reply"]
+    for port in (31010, 31011, 31012, 31013):  # nothing bound is left behind
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_probe_judges_room_on_the_worker_a_new_session_would_go_to():
+    """A worker full of long calls does not refuse new calls that the lightest worker,
+    where placement puts them, has room for; a burst does not stick to a worker without
+    room for the session."""
+    from lrk.errors import DescriptorsExhausted
+
+    plane = SocketPlane(31000, 31099, ["127.0.0.1"])
+    workers = [CountingWorker() for _ in range(2)]
+    plane.workers = workers  # type: ignore[assignment]
+    plane.fd_budget = 62
+    # worker 0 (where the last session went) has a message queued, so a burst would stick
+    # to it while it holds at most PLACE_SLACK more than the lightest; it has 2 fds left
+    workers[0].media_fds = 60
+    workers[0].outbox.append("queued")
+    try:
+        assert plane.probe("127.0.0.1", 31050)
+        assert plane.probe("127.0.0.1", 31052)
+        assert plane.apply([Install(one_stream(1, "c1", 31050, 31052))]) == []
+        assert plane.placed[1] == 1 and workers[1].media_fds == 4
+        workers[0].media_fds = workers[1].media_fds = 61  # now neither has room for a pair
+        with pytest.raises(DescriptorsExhausted):
+            plane.probe("127.0.0.1", 31060)
+    finally:
+        plane._close_unclaimed()

@@ -1,6 +1,8 @@
 """The test harness's port picks: a relay's listener never lands in a media port range
 (test_fuzz_daemon once took its own legacy/control listener, port 55684, for a leaked
-media socket: the kernel's ephemeral range overlaps next_port_range's)."""
+media socket: the kernel's ephemeral range overlapped next_port_range's), and the media
+ranges lie below the kernel's ephemeral ports (a port a relay freed is not handed to
+another test's socket bound to port 0 while a test waits to see it free)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import List, Optional, Tuple
 import pytest
 
 from lrk.demo import relay_process
-from lrk.demo.relay_process import MEDIA_PORTS_FROM, free_udp_port, next_port_range
+from lrk.demo.relay_process import MEDIA_PORTS_FROM, MEDIA_PORTS_TO, free_udp_port, next_port_range
 
 
 class FakeKernel:
@@ -64,7 +66,7 @@ class FakeSocket:
 
 
 def test_a_port_the_kernel_offers_in_the_media_ranges_is_passed_over(monkeypatch):
-    kernel = FakeKernel([55684, 52557, MEDIA_PORTS_FROM, 40100])
+    kernel = FakeKernel([MEDIA_PORTS_FROM, 20000, MEDIA_PORTS_TO - 1, 40100])
     monkeypatch.setattr(relay_process, "socket", kernel.module())
     assert free_udp_port() == 40100
     # the refused offers stayed bound (the kernel offers another port each time), then
@@ -73,16 +75,16 @@ def test_a_port_the_kernel_offers_in_the_media_ranges_is_passed_over(monkeypatch
     assert all(s.closed for s in kernel.sockets)
 
 
-def test_without_an_ephemeral_port_below_the_media_ranges_it_picks_one_itself(monkeypatch):
-    kernel = FakeKernel([50000 + i for i in range(4)], refuse=2)
+def test_without_an_ephemeral_port_outside_the_media_ranges_it_picks_one_itself(monkeypatch):
+    kernel = FakeKernel([10000 + i for i in range(4)], refuse=2)
     monkeypatch.setattr(relay_process, "socket", kernel.module())
     port = free_udp_port(tries=4)
-    assert port in relay_process._FALLBACK_PORTS and port < MEDIA_PORTS_FROM
+    assert port in relay_process._FALLBACK_PORTS and port >= MEDIA_PORTS_TO
     assert len(kernel.sockets) == 4 + 3 and all(s.closed for s in kernel.sockets)
 
 
 def test_no_port_at_all_is_an_error_and_leaves_nothing_open(monkeypatch):
-    kernel = FakeKernel([50000, 50002], refuse=2)
+    kernel = FakeKernel([20000, 20002], refuse=2)
     monkeypatch.setattr(relay_process, "socket", kernel.module())
     with pytest.raises(OSError, match="no free UDP port"):
         free_udp_port(tries=2)
@@ -91,6 +93,7 @@ def test_no_port_at_all_is_an_error_and_leaves_nothing_open(monkeypatch):
 
 def test_real_picks_and_media_ranges_do_not_meet():
     for _ in range(20):
-        assert free_udp_port() < MEDIA_PORTS_FROM
-    for _ in range(50):
-        assert int(next_port_range(128).split("-")[0]) >= MEDIA_PORTS_FROM
+        assert not MEDIA_PORTS_FROM <= free_udp_port() < MEDIA_PORTS_TO
+    for _ in range(200):
+        first, last = (int(p) for p in next_port_range(128).split("-"))
+        assert MEDIA_PORTS_FROM <= first <= last < MEDIA_PORTS_TO
