@@ -45,6 +45,18 @@ RETIRED = {
 }
 
 
+def _check_redis_url(url: str) -> None:
+    """What redis-py makes of the URL at start, judged by --check-config already (a URL
+    it cannot read would otherwise pass the check and then exit 1 at every restart)."""
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"redis_url {url!r}: {exc} (e.g. redis://127.0.0.1:6379/0 or "
+                          "unix:///run/redis/redis.sock)") from None
+
+
 @dataclass
 class Config:
     """Every option of `lrkproxy run`; the TOML file uses the same names."""
@@ -308,6 +320,8 @@ class Config:
         if self.store == "redis" and not (isinstance(self.redis_url, str) and self.redis_url):
             raise ConfigError("store = \"redis\" needs redis_url (e.g. "
                               "redis://127.0.0.1:6379/0 or unix:///run/redis/redis.sock)")
+        if self.store == "redis":
+            _check_redis_url(self.redis_url)
         if not isinstance(self.node_id, str) or ":" in self.node_id:
             raise ConfigError(f"node_id {self.node_id!r} must be a name without ':'")
         if not isinstance(self.standby_for, list) or not all(

@@ -408,6 +408,11 @@ def test_check_config_command_line_overrides(capsys):
     ('metrics = "localhost:9103"\n',
      "lrkproxy: metrics 'localhost:9103': 'localhost' is not an IP address"),
     ("max_control_rate = -5\n", "lrkproxy: max_control_rate -5.0 must be a number"),
+    ('store = "redis"\nredis_url = "127.0.0.1:6379"\n',
+     "lrkproxy: redis_url '127.0.0.1:6379': Redis URL must specify one of the following "
+     "schemes"),
+    ('store = "redis"\nredis_url = "redis://127.0.0.1:63x79/0"\n',
+     "lrkproxy: redis_url 'redis://127.0.0.1:63x79/0': Port could not be cast"),
 ])
 def test_check_config_invalid_exits_2(tmp_path, capsys, text, message):
     path = write(tmp_path, text)
