@@ -15,7 +15,8 @@ from lrk import __version__
 from lrk.errors import ConfigError, LrkError
 
 lifecycle = logging.getLogger("lrk.lifecycle")
-#: options a SIGHUP applies to a running relay; the others take a restart
+#: options a SIGHUP applies while the relay is still starting (before it serves; then
+#: the running relay's handler applies lrk.daemon.relay.RELOADABLE, far more)
 RELOADABLE = ("log_level", "log_format")
 
 
@@ -38,9 +39,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ports", metavar="START-END", help="relay port range (default 30000-40000)")
     p.add_argument("--internal-ip", action="append", metavar="IP",
                    help="relay address for the internal side; repeat for several, each with "
-                   "its own port range (socket and packet modes)")
+                   "its own port range (every mode; kernel, nfqueue and xdp give each its "
+                   "own ct mark slot)")
     p.add_argument("--external-ip", action="append", metavar="IP",
-                   help="relay address for the external side; repeat for several")
+                   help="relay address for the external side; repeat for several, each with "
+                   "its own port range (as --internal-ip)")
     p.add_argument("--legacy", action="append", metavar="ADDR",
                    help="legacy lrkproxy (Kamailio module) listener: HOST:PORT, [IPv6]:PORT or "
                    "unix:/path; repeat for several; 'off' disables (default 127.0.0.1:22333)")
@@ -85,8 +88,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 def _add_ctl(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ctl", help="query or steer a running relay")
     p.add_argument("--node", default="udp:127.0.0.1:22222", help="relay control address "
-                   "(udp:HOST:PORT, udp6:[HOST]:PORT)")
-    p.add_argument("--timeout", type=float, default=1.0)
+                   "(udp:HOST:PORT, udp6:[HOST]:PORT or unix:/path; default "
+                   "udp:127.0.0.1:22222)")
+    p.add_argument("--timeout", type=float, default=1.0,
+                   help="seconds to wait for a reply; a request is sent at most twice "
+                   "(default 1)")
     p.add_argument("--json", action="store_true", help="print raw JSON instead of tables")
     p.add_argument("--key", metavar="FILE", help="control key to sign with: a key file or "
                    "directory, or 'none' for a relay with control_auth = \"none\" (default: "
@@ -95,7 +101,8 @@ def _add_ctl(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wait", action="store_true",
                    help="drain: return once the last call has ended")
     p.add_argument("--wait-timeout", type=float, default=0.0,
-                   help="drain --wait: give up after this many seconds (0: never)")
+                   help="drain --wait: give up after this many seconds, exit code 3 "
+                   "(0: never)")
     p.add_argument("--count", type=int, default=0,
                    help="top: refreshes before exiting (0: until Ctrl-C)")
     p.add_argument("--interval", type=float, default=1.0, help="top: seconds between refreshes")
@@ -109,7 +116,8 @@ def _add_ctl(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="relay a short simulated call on loopback and check it")
     p.add_argument("--packets", type=int, default=100, help="RTP packets each way (default 100)")
-    p.add_argument("--ports", default="35000-35999", help="relay port range for the demo")
+    p.add_argument("--ports", default="35000-35999", help="the demo relay's media port "
+                   "range (default 35000-35999)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,8 +65,9 @@ class Config:
     ports: str = "30000-40000"
     internal_ip: str = "127.0.0.1"
     external_ip: Optional[str] = None  # defaults to internal_ip
-    # several relay addresses per side, each with its own port range (socket and packet
-    # modes): the first is internal_ip / external_ip; empty = that one address only.
+    # several relay addresses per side, each with its own port range (every mode; kernel,
+    # nfqueue and xdp give each a ct mark slot): the first is internal_ip / external_ip;
+    # empty = that one address only.
     # external_ips defaults to internal_ips (as external_ip to internal_ip)
     internal_ips: List[str] = field(default_factory=list)
     external_ips: List[str] = field(default_factory=list)
