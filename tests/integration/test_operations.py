@@ -6,7 +6,6 @@ Each test starts real relays (`start_relay` in conftest) and talks to them throu
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -123,8 +122,9 @@ def test_control_rate_limit_drops_a_flooding_source_not_others(start_relay):
             break
         served += 1
     flood.close()
-    # one second's burst (5), less the readiness ping from the same IP, maybe one refilled
-    assert 4 <= served <= 6, served
+    # one second's burst (5), less the readiness ping from the same IP, and what refilled
+    # (5/s) while the relay worked through the burst: the flood is cut, whatever the pace
+    assert 4 <= served <= 15, served
     assert reply["counters"]["control.dropped.rate_limited"] == 30 - served
     # and the flooding address is served again once its bucket has refilled
     with LrkClient([relay.node], timeout=1.0, retries=3) as later:
@@ -194,7 +194,6 @@ def test_top_view_rates():
     frame = top_view(prev, cur, 2.0)
     assert frame["pps_out"] == 250.0 and frame["pps_in"] == 250.0
     assert frame["drops"] == {"unexpected_source": 4} and frame["sessions"] == 3
-    assert io.StringIO  # the renderer is exercised by the live test above
 
 
 def test_reload_reads_rotated_keys(start_relay, tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ def _call(client: LrkClient, call_id: str, caller: Addr, callee: Addr) -> Tuple[
 def _both_ways(caller, callee, to_a: Addr, to_b: Addr, first: int, n: int) -> None:
     """`n` packets each way, every one received from the right relay address. The caller's
     go (and arrive) first: a callee whose first packet races the caller's can own the
-    conntrack tuple the caller's flow needs (the design limit the xfail test in
+    conntrack tuple the caller's flow needs (the design limit a test in
     test_kernel_rules_netns.py documents), which made the first exchange flaky. Each
     direction's first packet goes alone (`relay_flow` says why)."""
     forth = [rtp_packet(seq, 0x400) for seq in range(first, first + n)]

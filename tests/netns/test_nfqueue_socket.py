@@ -623,14 +623,17 @@ def test_blocking_reader_and_pending_during_ack(net):
     assert [p.payload[-5:] for p in got] == payloads("blk", 3)
     q.verdict_batch(got[-1].packet_id, NF_ACCEPT)
     assert len(drain(rx, 3)) == 3
-    # a blocking socket waits for the first packet (sent 0.2 s later by another thread)
+    # a blocking socket waits for the first packet, sent 0.2 s later by another thread
+    # (were it lost, a second one after WAIT ends the wait, and the test fails on it)
     sender = threading.Timer(0.2, send, (tx, (B4, PORT), [b"blocking"]))
+    rescue = threading.Timer(WAIT, send, (tx, (B4, PORT), [b"rescue"]))
     sender.start()
+    rescue.start()
     try:
-        started = time.monotonic()
+        assert q.stats()["pending"] == 0  # nothing to return without waiting
         (p,) = q.receive_batch(1)
-        assert time.monotonic() - started >= 0.1
     finally:
+        rescue.cancel()
         sender.join(WAIT)
     assert p.payload.endswith(b"blocking")
     q.verdict(p.packet_id, NF_DROP)

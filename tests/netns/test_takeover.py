@@ -37,7 +37,9 @@ pytestmark = pytest.mark.netns
 
 CALLS = 50
 EARLY = 10  # calls left in early dialog (183 only); the first of them forked
-TAKEOVER_LIMIT = 2.0
+#: how long the calls' media may take to come back through node 2 before the test fails:
+#: a bound on the wait, not a speed target (bench/takeover_gap.py measures the gap)
+MEDIA_BACK_WITHIN = 15.0
 
 
 @pytest.fixture
@@ -109,12 +111,11 @@ def _taken_over(c2: LrkClient, n: int) -> dict:
 
 
 def _move_and_time(nodes: TwoNodes, calls: Dict[str, Call], label: str) -> None:
-    """Move node 1's address to node 2 and wait for every call's media through node 2,
-    each within TAKEOVER_LIMIT of the move."""
+    """Move node 1's address to node 2 and wait (bounded) for every call's media through
+    node 2; the gaps are printed, their figures are the benchmark's."""
     t0 = time.monotonic()
     nodes.move_vip()
     gaps = _media_back(calls, t0)
-    assert max(gaps.values()) <= TAKEOVER_LIMIT, sorted(gaps.values())[-5:]
     print(f"{label}takeover gap: median {statistics.median(gaps.values()):.3f} s, "
           f"worst {max(gaps.values()):.3f} s over {len(gaps)} calls")
 
@@ -325,7 +326,7 @@ def _stats_at_vip(nodes: TwoNodes) -> dict:
 def _media_back(calls, t0: float) -> Dict[str, float]:
     """Send on every call (both ways) every 20 ms until each got through node 2; the
     seconds from the address move to each call's first packet through (its gap)."""
-    deadline = t0 + TAKEOVER_LIMIT + 3.0
+    deadline = t0 + MEDIA_BACK_WITHIN
     gaps: Dict[str, float] = {}
     seq = 10
     while len(gaps) < len(calls) and time.monotonic() < deadline:

@@ -140,7 +140,8 @@ def test_udp6_node():
 def test_async_client_concurrency_retries_and_failover(relay, dead):
     async def scenario():
         clock = FakeClock()
-        client = AsyncLrkClient([dead.node, relay.node], timeout=0.1, retries=3, clock=clock)
+        # 0.5 s a try: 20 offers at once wait on a one-thread fake relay (a loaded machine)
+        client = AsyncLrkClient([dead.node, relay.node], timeout=0.5, retries=3, clock=clock)
         async with client:
             # the first request fails over from the dead node; the rest skip it
             assert (await client.ping())["pong"] is True
