@@ -11,7 +11,7 @@ import asyncio
 import functools
 import threading
 import time
-from typing import Any, Awaitable, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
 from lrk.client.calltable import CallTable
 from lrk.client.core import ClientCore, NodeLike, Operation, Reply, SetsLike
@@ -255,8 +255,9 @@ class LrkClient(_ClientBase):
 class AsyncLrkClient(_ClientBase):
     """Asyncio client with the same API as LrkClient (methods are coroutines).
 
-    Many requests may be in flight at once; replies are matched by cookie.
-    Use from one event loop only.
+    Many requests may be in flight at once; replies are matched by cookie. The requests
+    of one call (Call-ID) run one after another, in the order they were made. Use from
+    one event loop only.
     """
 
     def __init__(self, sets: SetsLike, *, algorithm: str = "linear", timeout: float = 1.0,
@@ -272,6 +273,10 @@ class AsyncLrkClient(_ClientBase):
         self._factory = transport_factory or AsyncTransport.open
         self._transports: Dict[str, Any] = {}
         self._opening: Dict[str, asyncio.Future[Any]] = {}
+        #: per Call-ID with requests in flight: a lock and how many requests hold or await
+        #: it (a call's requests run one after another, so each finds the node its
+        #: predecessors left in the call table; other calls' run meanwhile)
+        self._calls: Dict[str, List[Any]] = {}
 
     async def __aenter__(self) -> AsyncLrkClient:
         return self
@@ -346,6 +351,22 @@ class AsyncLrkClient(_ClientBase):
 
     async def _run(self, op: Operation) -> Any:
         self._check_open()
+        if op.call is None:
+            return await self._run_now(op)
+        call_id = op.call[0]
+        entry = self._calls.get(call_id)
+        if entry is None:
+            entry = self._calls[call_id] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                return await self._run_now(op)
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._calls[call_id]
+
+    async def _run_now(self, op: Operation) -> Any:
         state = self._core.request(op)
         refusal: Optional[RelayError] = None
         while True:

@@ -36,14 +36,21 @@ class Operation(NamedTuple):
 
     message: Dict[str, Any]
     nodeset: NodeSet
-    node: Optional[Node]  # a fixed node (known call, explicit node), else None = select
+    node: Optional[Node]  # an explicit node, else None = the call's node or select
     force: bool  # send even to a disabled fixed node (explicit admin request)
     on_reply: Callable[[Node, Reply], Any]
     on_error: Optional[Callable[[RelayError], Any]] = None
+    #: (Call-ID, Via branch) of a call's request: its node is looked up in the call table
+    #: when the request starts (under the client's lock, after the call's earlier
+    #: requests), not when it is built
+    call: Optional[Tuple[str, Optional[str]]] = None
 
 
 #: refusals of a new call that another node of the set may not give
 MOVE_ON = frozenset(("draining", "capacity", "ports_exhausted"))
+#: requests that, for a call the table does not know (its entry expired, or another
+#: client process set it up), ask the set's other nodes after a `not_found`
+ROAMING = frozenset(("delete", "query"))
 
 
 def _check_str(name: str, value: Any, required: bool = True) -> None:
@@ -112,10 +119,13 @@ class ClientCore:
         return Node(address)
 
     def request(self, op: Operation) -> RequestState:
-        """The sans-IO request state that runs `op`."""
+        """The sans-IO request state that runs `op` (a call's node looked up now)."""
+        node = op.node
+        if node is None and op.call is not None:
+            node = self.table.lookup(*op.call)
         return RequestState(op.message, op.nodeset, retries=self.retries, timeout=self.timeout,
                             disable_period=self.disable_period, cookies=self.cookies,
-                            token=self.token, node=op.node, force=op.force)
+                            token=self.token, node=node, force=op.force)
 
     def finish(self, op: Operation, state: RequestState, reply: Reply) -> Any:
         """The method's result for a successful reply (updates the call table)."""
@@ -125,10 +135,14 @@ class ClientCore:
     def move_on(self, op: Operation, state: RequestState, error: RelayError
                 ) -> Optional[RequestState]:
         """A node refused a new call for a reason another node may not have (`draining`,
-        `capacity`, `ports_exhausted`): the request for the next node of the set, with
-        the refusing nodes skipped (they stay enabled: their calls go on). None when the
-        call is pinned to that node or the refusal is of another kind."""
-        if op.node is not None or error.code not in MOVE_ON:
+        `capacity`, `ports_exhausted`), or does not know a call the table has no node for
+        (`not_found` to a delete or query): the request for the next node of the set, with
+        the nodes asked so far skipped (they stay enabled: their calls go on). None when
+        the call is pinned to that node or the error is of another kind."""
+        if state.pinned is not None:
+            return None
+        if error.code not in MOVE_ON and not (error.code == "not_found"
+                                              and op.message.get("cmd") in ROAMING):
             return None
         retry = self.request(op)
         retry.tried = list(state.tried)
@@ -190,13 +204,12 @@ class ClientCore:
     def _media_op(self, message: Dict[str, Any], call_id: str, via_branch: Optional[str],
                   set_id: Optional[int],
                   result: Callable[[Reply], Any] = lambda reply: reply) -> Operation:
-        pinned = self.table.lookup(call_id, via_branch)
-
         def on_reply(node: Node, reply: Reply) -> Any:
             self.table.store(call_id, via_branch, node)
             return result(reply)
 
-        return Operation(message, self.nodeset(set_id), pinned, False, on_reply)
+        return Operation(message, self.nodeset(set_id), None, False, on_reply,
+                         call=(call_id, via_branch))
 
     # -- operations ---------------------------------------------------------------------
 
@@ -269,14 +282,13 @@ class ClientCore:
                     return error.reply
             raise error
 
-        pinned = self.table.lookup(call_id, via_branch)
-        return Operation(message, self.nodeset(set_id), pinned, False, on_reply, on_error)
+        return Operation(message, self.nodeset(set_id), None, False, on_reply, on_error,
+                         call=(call_id, via_branch))
 
     def query(self, call_id: str, set_id: Optional[int] = None) -> Operation:
         _check_str("call_id", call_id)
-        pinned = self.table.lookup(call_id)
-        return Operation({"cmd": "query", "call_id": call_id}, self.nodeset(set_id), pinned,
-                         False, _return_reply)
+        return Operation({"cmd": "query", "call_id": call_id}, self.nodeset(set_id), None,
+                         False, _return_reply, call=(call_id, None))
 
     def manage(self, sip_message: SipData, flags: Optional[str] = None,
                ip_address: Optional[str] = None,

@@ -74,6 +74,11 @@ class RequestState:
         self.attempt = 0
         self.reply: Optional[Dict[str, Any]] = None
 
+    @property
+    def pinned(self) -> Optional[Node]:
+        """The one node this request may use (the call's, or an explicit one), else None."""
+        return self._fixed
+
     def start(self, now: float) -> Send:
         """The first datagram to send; raises NoNodeAvailable if no node may be used."""
         if self._fixed is not None:

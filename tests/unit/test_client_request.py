@@ -219,11 +219,43 @@ def test_all_nodes_dead_raises_then_fails_fast(clock, net):
 def test_relay_error_is_raised_without_retry_or_disable(clock, net):
     client = _client([A, B], clock, net)
     with pytest.raises(RelayError) as info:
-        client.query("nope")
+        client.answer("nope", "ft", "tt", ("192.0.2.9", 5000))
     assert info.value.code == "not_found"
     assert len(net.sent_to(A)) == 1
     assert net.sent_to(B) == []
     assert client.node(A).is_available(clock.now)
+
+
+def test_a_call_the_table_does_not_know_is_looked_for_on_every_node(clock, net):
+    """A delete or query for a call without a table entry (it expired while the call went
+    on, or another client process set the call up) asks the set's nodes in turn until one
+    has it: the BYE reaches the session instead of leaving it to the silence timeout.
+    Each node is asked once and none is disabled; a call no node has is not_found."""
+    client = _client([A, B, C], clock, net, algorithm="round-robin", table_timeout=100)
+    client.offer("c1", "ft", ("192.0.2.1", 4000))
+    client.offer("c2", "ft", ("192.0.2.1", 4002))
+    assert "c2" in net.relay(B).sessions
+    clock.advance(101)  # both entries expire; the calls go on
+    assert client.table.lookup("c2") is None
+    assert client.query("c2")["session"]["call_id"] == "c2"
+    assert client.delete("c2")["ok"] is True
+    assert "c2" not in net.relay(B).sessions
+    for node in (A, B, C):
+        assert client.node(node).is_available(clock.now)
+    with pytest.raises(RelayError) as info:
+        client.query("never")
+    assert info.value.code == "not_found"
+    assert [len([r for r in net.requests_to(n) if r.get("call_id") == "never"])
+            for n in (A, B, C)] == [1, 1, 1]
+    # a known call's delete goes to its node only, even when that node answers not_found
+    client.offer("c3", "ft", ("192.0.2.1", 4004))
+    holder = client.table.lookup("c3")
+    assert holder is not None
+    del net.relay(str(holder.address)).sessions["c3"]  # the relay expired it meanwhile
+    before = {n: len(net.sent_to(n)) for n in (A, B, C)}
+    with pytest.raises(RelayError):
+        client.query("c3")
+    assert sum(len(net.sent_to(n)) - before[n] for n in (A, B, C)) == 1
 
 
 def test_round_robin_offers_and_call_table_routing(clock, net):
