@@ -441,6 +441,15 @@ class Authenticator:
         self.window_ms = int(window * 1000)
         self.guard = ReplayGuard(window, max_seen)
 
+    def keep_guard(self, previous: "Authenticator") -> None:
+        """Take over the replay guard of the authenticator this one replaces (a reload):
+        what it has seen stays refused as a replay for as long as either window accepts
+        its timestamp (a wider window with the old guard would let a request captured
+        after the old window be replayed)."""
+        guard = previous.guard
+        guard.window_ms = max(guard.window_ms, self.window_ms)
+        self.guard = guard
+
     def verify(self, data: bytes, wall: float) -> Tuple[Optional[Key], str]:
         """(key, "fresh" or "repeat") for a request signed by a known key within the
         window; (None, reason) otherwise, reason one of DROP_REASONS. "repeat": the same

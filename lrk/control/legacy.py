@@ -47,8 +47,12 @@ LEGACY_COUNTERS = (
     "legacy.dropped.rate_limited", "legacy.dropped.draining",
     "legacy.refused.bad_peer_address", "legacy.refused.call_id_too_long",
     "legacy.refused.msgpack_call", "legacy.dropped.resend_limit",
-    "legacy.dropped.cookie_reused",
+    "legacy.dropped.cookie_reused", "legacy.refused.max_sessions",
 )
+#: how long a G reply's port advice is reused: finding the longest free run of blocks
+#: walks the whole range (milliseconds for a wide one), and a datagram of a few bytes
+#: must not buy that each time; S requests are checked against live sessions anyway
+ADVICE_TTL = 1.0
 
 
 def _addr(text: str) -> str:
@@ -83,6 +87,7 @@ class LegacyControl:
         self.takeover_idle = takeover_idle
         self.replay = ReplayCache(max_bytes=CACHE_BYTES)
         self.counters: Counter = Counter({name: 0 for name in LEGACY_COUNTERS})
+        self._advice: Optional[Tuple[float, Tuple[int, int, int]]] = None  # (until, G's)
 
     # -- entry point -------------------------------------------------------------------
     def handle(self, data: bytes, sender: Hashable, now: float, with_cookie: bool = True
@@ -159,7 +164,15 @@ class LegacyControl:
 
     def advertised_ports(self, now: float) -> Tuple[int, int, int]:
         """(start, end, current) so that the module's 4-port steps stay in our range and
-        start on the longest run of blocks no live session holds."""
+        start on the longest run of blocks no live session holds (reused for ADVICE_TTL)."""
+        cached = self._advice
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        advice = self._find_advice()
+        self._advice = (now + ADVICE_TTL, advice)
+        return advice
+
+    def _find_advice(self) -> Tuple[int, int, int]:
         ports = self.engine.ports
         start = ports.start + (ports.start & 1)
         last_block = ports.end - (PORTS_PER_CALL - 1)  # a block is p .. p+3
@@ -185,7 +198,9 @@ class LegacyControl:
 
     def _fields(self, body: bytes) -> Tuple[str, Tuple[str, int], Tuple[str, int],
                                             Tuple[str, int], Tuple[str, int], float]:
-        parts = body.decode("latin-1").split()
+        # split the bytes (ASCII whitespace only), then decode: latin-1 text would also split
+        # at 0x1c-0x1f, 0x85 and 0xa0, which occur in UTF-8 Call-IDs ("à" is C3 A0)
+        parts = [part.decode("latin-1") for part in body.split()]
         if len(parts) != 11:
             raise ValueError(f"expected 10 fields after the command, got {len(parts) - 1}")
         _cmd, src_ip, dst_ip, snat_ip, dnat_ip, src_p, dst_p, snat_p, dnat_p, tout, call_id = parts
@@ -228,6 +243,14 @@ class LegacyControl:
             log.warning("legacy S for %.64s refused: its Call-ID or relay port %d or %d belongs "
                         "to a call of the msgpack protocol", call_id, a_relay[1], b_relay[1])
             return reply, []
+        engine = self.engine
+        limit = engine.config.max_sessions
+        if limit and call_id not in engine.by_call and len(engine.by_call) >= limit:
+            self.counters["legacy.refused.max_sessions"] += 1
+            engine.counters["sessions.refused.max_sessions"] += 1
+            log.warning("legacy S for %.64s refused: the session limit of %d is reached "
+                        "(max_sessions)", call_id, limit)
+            return reply, []
         session, actions, outcome = self.engine.set_fixed(
             now, call_id, a_relay, a_peer, b_relay, b_peer, timeout, self.takeover_idle)
         self.counters[f"legacy.sessions.{outcome}"] += 1
@@ -237,7 +260,7 @@ class LegacyControl:
         return reply, actions
 
     def _delete(self, prefix: bytes, body: bytes, now: float) -> Tuple[bytes, List[Action]]:
-        parts = body.decode("latin-1").split()
+        parts = [part.decode("latin-1") for part in body.split()]  # as in _fields
         if len(parts) < 2:
             raise ValueError("D without a Call-ID")
         session = self.engine.by_call.get(parts[-1])

@@ -121,6 +121,8 @@ class ReplayCache:
         old = self._entries.pop(key, None)
         if old is not None:
             self.bytes -= old[3]
+            if fingerprint is None:  # a reply replaced (e.g. by a data-plane failure):
+                fingerprint = old[4]  # it still answers only the request's own bytes
         if len(reply) > self.max_entry:
             return False
         # _cost(), inline (every request stores its reply)

@@ -663,3 +663,61 @@ def test_unix_mode_malformed():
         assert legacy.handle(data, "unix", 0.0, with_cookie=False).reply is None
         assert legacy.counters[f"legacy.dropped.{counter}"] >= 1
     assert legacy.handle(b"P", "unix", 0.0, with_cookie=False).reply == b"P PONG"
+
+
+# -- found in review (2026-12-05) ----------------------------------------------------------
+def test_config_advice_is_reused_for_a_second_then_recomputed(monkeypatch):
+    """A G of a few bytes does not buy a walk of the whole port range each time (6 ms on
+    CPython for the default range): the advice is reused for ADVICE_TTL, then follows the
+    sessions again."""
+    from lrk.control import legacy as legacy_module
+
+    legacy, _engine = make()
+    walks: List[float] = []
+    find = LegacyControl._find_advice
+
+    def counting(self: LegacyControl) -> Tuple[int, int, int]:
+        walks.append(1)
+        return find(self)
+
+    monkeypatch.setattr(LegacyControl, "_find_advice", counting)
+    first = g_config(legacy, 10.0)
+    legacy.handle(s_req(dst=(INTERNAL, 30000), snat=(INTERNAL, 30002)), KAM, 10.1)
+    assert [g_config(legacy, t, cookie=b"4242_%d" % i) for i, t in
+            enumerate((10.2, 10.0 + legacy_module.ADVICE_TTL - 0.01))] == [first, first]
+    assert len(walks) == 1
+    later = g_config(legacy, 10.0 + legacy_module.ADVICE_TTL, cookie=b"4242_77")
+    assert len(walks) == 2 and later[2] != 30000  # the new call's block is avoided
+
+
+def test_utf8_call_id_is_one_field():
+    """Fields are split on ASCII whitespace only: a UTF-8 Call-ID ('à' is C3 A0, and A0 is
+    whitespace to a latin-1 str) is one field, the call is set up and answered (a dropped S
+    makes the module retry for seconds and then disable the node)."""
+    legacy, engine = make()
+    call_id = "voil\u00e0@host"  # sent as UTF-8 (fields() encodes), kept byte for byte
+    out = legacy.handle(s_req(call_id=call_id), KAM, 1.0)
+    assert out.reply is not None and out.reply.endswith(b"OK")
+    assert isinstance(out.actions[-1], Install)
+    assert list(engine.by_call) == [call_id.encode().decode("latin-1")]
+    assert dropped(legacy) == {}
+    out = legacy.handle(COOKIE + b"9 D" + fields(call_id=call_id), KAM, 2.0)
+    assert out.reply.endswith(b"OK") and isinstance(out.actions[-1], Remove)
+    assert engine.by_call == {}
+
+
+def test_set_respects_max_sessions():
+    """Legacy S creates sessions within max_sessions, as offers do; a refused one is still
+    answered OK (the module reads no error) and counted, and an existing call's S is not
+    refused."""
+    legacy, engine = make(make_engine(max_sessions=1))
+    first = legacy.handle(s_req(cookie=b"1_1"), KAM, 1.0)
+    assert isinstance(first.actions[-1], Install)
+    second = legacy.handle(s_req(cookie=b"1_2", dst=(INTERNAL, 30004),
+                                 snat=(INTERNAL, 30006), call_id="call-2@test"), KAM, 1.0)
+    assert second.reply.endswith(b"OK") and second.actions == []
+    assert list(engine.by_call) == ["call-1@test"]
+    assert legacy.counters["legacy.refused.max_sessions"] == 1
+    assert engine.counters["sessions.refused.max_sessions"] == 1
+    again = legacy.handle(s_req(cookie=b"1_3"), KAM, 2.0)  # the live call's refresh
+    assert again.reply.endswith(b"OK") and legacy.counters["legacy.refused.max_sessions"] == 1
