@@ -34,7 +34,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 from fastpath.contract import (
     Action,
@@ -281,6 +292,9 @@ class KernelPlane(KernelView):
         self.max_flows = 1_000_000
         #: sessions whose re-latch flush failed: their flows may be the old generation's
         self._stale: Dict[int, List[int]] = {}
+        #: marks of ended units whose flow flush failed: their flows keep their NAT until
+        #: a flush succeeds (the next read, the timer, or stop flushes them again)
+        self._unflushed: Set[int] = set()
         #: fork units (forked INVITEs' further early dialogs) have negative unit ids:
         #: per session, (fork key, stream index) -> unit id; and unit id -> (sid, key, index)
         self.session_forks: Dict[int, Dict[Tuple[int, int], int]] = {}
@@ -348,8 +362,16 @@ class KernelPlane(KernelView):
         try:
             self._start_tables()
         except BaseException:
-            self._restore_acct()
+            await self._undo_start()
             raise
+
+    async def _undo_start(self) -> None:
+        """A start that failed part of the way: what it made goes (`stop`: the table, its
+        flows, the sockets, the sysctls); the start's own error is the one raised."""
+        try:
+            await self.stop()
+        except BaseException:
+            log.exception("kernel mode: the clean-up after a failed start failed too")
 
     def _enable_acct(self) -> None:
         """Conntrack only counts (acct) and timestamps flows created while these sysctls
@@ -463,14 +485,18 @@ class KernelPlane(KernelView):
         self.nft.run(self.rules.create())  # replaces a table a crashed run left behind
         if self.ct is None:
             return
+        self._flush_flows(self._lrk_marks())  # its flows too
+
+    def _lrk_marks(self) -> List[int]:
+        """The marks of every flow of lrk's now (a filtered dump), or every mark of the
+        ruleset when that dump fails."""
         try:
             flows = self._ruleset_flows()
         except (ConntrackError, OSError) as exc:
             log.warning("kernel mode: conntrack dump failed (%s): flushing every lrk mark", exc)
-            self._flush_flows(self.rules.all_marks())
-            return
+            return self.rules.all_marks()
         owns = self.rules.owns_mark
-        self._flush_flows(sorted({f.mark for f in flows if owns(f.mark)}))  # its flows too
+        return sorted({f.mark for f in flows if owns(f.mark)})
 
     def _marks_to_flush(self) -> List[int]:
         """At a stop that ends every call: the installed units' marks that have flows (a
@@ -570,6 +596,25 @@ class KernelPlane(KernelView):
         return [f for f in flows if f.mark in owners]
 
     async def stop(self) -> None:
+        """Calls kept (Remove with reason KEPT): the table, their flows and the sysctls
+        stay for the next start. Otherwise the table goes and every flow of lrk's with it.
+        Either way the flows of ended calls whose flush failed are flushed again, and the
+        netlink sockets close and the sysctls go back whatever failed before: a table or
+        flush that could not go is counted (kernel.errors), and its error raised once all
+        that is done. A second stop changes nothing."""
+        try:
+            self._release_kernel_state()
+        finally:
+            self._close_sockets()
+            self._flow_counts.clear()
+            self._reported.clear()
+            self._base.clear()
+            self._totals.clear()
+            self._last_rx.clear()
+            self._restore_acct()
+
+    def _release_kernel_state(self) -> None:
+        """`stop`'s part in the kernel: the table and the flows (see `stop`)."""
         keep = bool(self._kept)
         if keep:  # the calls live on: only sessions not kept (none, from the relay) go
             for sid in [s for s in self.specs if s not in self._kept]:
@@ -577,51 +622,67 @@ class KernelPlane(KernelView):
                     self._drop_session(sid)
                 except (NftError, KernelRuleError, ConntrackError, OSError) as exc:
                     log.error("kernel mode could not remove session %s: %s", sid, exc)
-            marks: List[int] = []
+            # an ended call's mark a kept call has since taken is the kept call's now
+            kept = {m for spec in self.installed.values() for m in conntrack_marks(spec)}
+            marks = sorted(self._unflushed - kept)
             lifecycle.info("kernel mode: table inet %s, its flows and the accounting sysctls left "
                      "in place for %d kept call(s): the kernel forwards their media until "
                      "the next start adopts them", self.rules.table, len(self._kept))
             self._kept.clear()
             self._acct_old = {}
+        elif self._found is not None:
+            # a start that failed before its restore was over: the adopted table goes, and
+            # the flows of the calls it held with it (the store still has those calls)
+            marks = self._lrk_marks() if self.ct is not None else []
         else:
-            marks = self._marks_to_flush()
+            marks = sorted(set(self._marks_to_flush()) | self._unflushed)
         self.installed.clear()
         self._owner_map = None
         self.specs.clear()
         self.streams.clear()
         self.session_forks.clear()
         self.fork_of.clear()
-        if self.nft is not None and not keep:
-            try:
-                self.nft.run(self.rules.destroy())
-            except NftError as exc:
-                log.error("could not delete table inet %s: %s", self.rules.table, exc)
-        self._flush_flows(marks)
         self._found = None
+        self._found_chains = {}
         self._seen_offset.clear()
         self._stale.clear()
-        if self.ct is not None:
-            self.ct.close()
-            self.ct = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        if self.ct_dump is not None:
-            self.ct_dump.close()
-            self.ct_dump = None
-        if self.dump is not None:
-            self.dump.close()
-            self.dump = None
+        nft, self.nft = self.nft, None  # a second stop leaves the table (kept or gone) be
+        errors: List[Exception] = []
+        if nft is not None and not keep:
+            try:
+                nft.run(self.rules.destroy())
+            except Exception as exc:  # the flows below go all the same
+                self.counters["kernel.errors"] += 1
+                log.error("could not delete table inet %s: %s", self.rules.table, exc)
+                errors.append(exc)
+        try:
+            self._flush_flows(marks)
+        except Exception as exc:
+            self.counters["kernel.errors"] += 1
+            log.error("kernel mode: conntrack flush at stop failed: flows of %d mark(s) keep "
+                      "their NAT until they expire: %s", len(marks), exc)
+            errors.append(exc)
+        else:
+            self._unflushed.clear()
+        if nft is not None:
+            nft.close()
+        if errors:
+            raise errors[0]
+
+    def _close_sockets(self) -> None:
+        """Every netlink socket of the plane, each closed whatever the others did."""
         self._objects_wanted = False
-        if self.objects is not None:
-            self.objects.close()
-            self.objects = None
-        self._flow_counts.clear()
-        self._reported.clear()
-        self._base.clear()
-        self._totals.clear()
-        self._last_rx.clear()
-        self._restore_acct()
+        socks: Tuple[Any, ...] = (self.ct, self.writer, self.ct_dump, self.dump, self.objects)
+        self.ct = self.ct_dump = None
+        self.writer = None
+        self.dump = self.objects = None
+        for sock in socks:
+            if sock is None:
+                continue
+            try:
+                sock.close()
+            except OSError as exc:
+                log.error("kernel mode: a netlink socket did not close: %s", exc)
 
     # -- actions -----------------------------------------------------------------------
     def commit(self, then: Callable[[], None]) -> None:
@@ -748,6 +809,8 @@ class KernelPlane(KernelView):
                 self._write(text)
             self.counters["kernel.sessions.adopted"] += 1
         elif old is None:
+            if self._unflushed:  # an ended unit's flows on these marks go first
+                self._retry_unflushed(conntrack_marks(new))
             self._write_unit(new, True)
             self.counters["kernel.sessions.installed"] += 1
         elif old != new:
@@ -796,9 +859,41 @@ class KernelPlane(KernelView):
             for leg in legs:
                 for rtcp in (False, True):
                     self._seen_offset.pop(leg.relay(rtcp), None)
-        self._forget(sid, spec)
-        self._write_unit(spec, False)
-        self._flush_flows(conntrack_marks(spec))
+        try:
+            try:
+                self._forget(sid, spec)
+            finally:
+                self._write_unit(spec, False)
+        finally:
+            # whether or not its elements went: its flows would keep their NAT
+            self._flush_ended(conntrack_marks(spec))
+
+    def _flush_ended(self, marks: List[int]) -> None:
+        """Flush an ended unit's flows; marks whose flush fails are counted (kernel.errors)
+        and kept in `_unflushed`, which the next read, the timer and stop flush again."""
+        try:
+            self._flush_flows(marks)
+        except (LrkError, OSError) as exc:
+            self.counters["kernel.errors"] += 1
+            self._unflushed.update(marks)
+            log.error("kernel mode: conntrack flush of an ended call's flows failed (retried "
+                      "with the next read): %s", exc)
+
+    def _retry_unflushed(self, only: Optional[Iterable[int]] = None) -> None:
+        """Flush again the ended units' marks whose flush failed (`only`: those of them)."""
+        if not self._unflushed or self.ct is None or self._deferred is not None:
+            return
+        marks = sorted(self._unflushed if only is None else self._unflushed.intersection(only))
+        if not marks:
+            return
+        try:
+            self._flush_flows(marks)
+        except (LrkError, OSError) as exc:
+            self.counters["kernel.errors"] += 1
+            log.error("kernel mode: conntrack flush of %d ended call mark(s) still fails: %s",
+                      len(marks), exc)
+            return
+        self._unflushed.difference_update(marks)
 
     def _write_unit(self, spec: SessionSpec, add: bool) -> None:
         """A unit's install (`add`) or removal: a plain unit's batch straight from its
@@ -866,6 +961,9 @@ class KernelPlane(KernelView):
                 self.counters["kernel.errors"] += 1
                 log.error("kernel mode: conntrack flush failed (retried with the next "
                           "read): %s", exc)
+                # the stale units' marks are retried as theirs; the rest are ended units'
+                stale_marks = {m for sid in stale for m in self._stale.get(sid, ())}
+                self._unflushed.update(m for m in marks if m not in stale_marks)
             else:
                 for sid in stale:
                     self._stale.pop(sid, None)
@@ -917,6 +1015,7 @@ class KernelPlane(KernelView):
         if now is None:
             now = self.clock()
         self._last_poll = now
+        self._retry_unflushed()
         seen: Dict[Tuple[str, int], Tuple[int, int]] = {}
         try:
             if self.rules.seen:
@@ -1278,14 +1377,20 @@ class KernelPlane(KernelView):
         return max(self.poll_interval, min(MAX_SWEEP, self.udp_timeouts[0] / 2.0))
 
     def get_timer(self) -> Optional[float]:
-        """The next periodic counter read, while any session is installed."""
-        if not self.installed:
+        """The next periodic counter read, while any session is installed or an ended
+        one's flows still wait for their flush."""
+        if not self.installed and not self._unflushed:
             return None
         return self._last_poll + self.sweep_interval
 
     def handle_timer(self, now: float) -> None:
-        if self.installed and now >= self._last_poll + self.sweep_interval:
+        if now < self._last_poll + self.sweep_interval:
+            return
+        if self.installed:
             self._poll(now)
+        elif self._unflushed:
+            self._last_poll = now
+            self._retry_unflushed()
 
     def media_counters(self) -> Dict[str, int]:
         """Relay-wide: what sessions installed now received (payload bytes, as the

@@ -110,18 +110,22 @@ class NfqueuePlane(KernelPlane):
 
     async def start(self) -> None:
         await super().start()
-        if self._found is not None:  # adopted: its NFQUEUE rules are there (unless a
-            for fam in (4, 6):       # crash came between the table and its rules)
-                if not self._found_chains.get(f"nfq{fam}"):
-                    self._add_queue_rule(fam)
-        # a burst of new flows (a takeover: every call at once) queues each flow's
-        # packets until userspace admits its first one; room for about a second of
-        # 200 calls' media (20,000 packets of 128 copied bytes: ~40 MB of socket
-        # buffer at most, held only while a burst lasts)
-        self.nfq = NfQueue(self.queue_num, copy_range=128, fail_open=self.bypass,
-                           maxlen=QUEUE_MAXLEN, rcvbuf=QUEUE_RCVBUF)
-        self.nfq.bind()
-        asyncio.get_running_loop().add_reader(self.nfq.fileno(), self._on_queue)
+        try:
+            if self._found is not None:  # adopted: its NFQUEUE rules are there (unless a
+                for fam in (4, 6):       # crash came between the table and its rules)
+                    if not self._found_chains.get(f"nfq{fam}"):
+                        self._add_queue_rule(fam)
+            # a burst of new flows (a takeover: every call at once) queues each flow's
+            # packets until userspace admits its first one; room for about a second of
+            # 200 calls' media (20,000 packets of 128 copied bytes: ~40 MB of socket
+            # buffer at most, held only while a burst lasts)
+            self.nfq = NfQueue(self.queue_num, copy_range=128, fail_open=self.bypass,
+                               maxlen=QUEUE_MAXLEN, rcvbuf=QUEUE_RCVBUF)
+            self.nfq.bind()
+            asyncio.get_running_loop().add_reader(self.nfq.fileno(), self._on_queue)
+        except BaseException:  # e.g. the queue is bound by another process: the table
+            await self._undo_start()  # made above goes with the queue socket
+            raise
 
     def _fresh_table(self) -> None:
         super()._fresh_table()
@@ -171,11 +175,15 @@ class NfqueuePlane(KernelPlane):
                     self.latched[(uid, name, rtcp)] = (ip, int(port))
 
     async def stop(self) -> None:
-        if self.nfq is not None:
-            asyncio.get_running_loop().remove_reader(self.nfq.fileno())
-            self.nfq.close()
-            self.nfq = None
-        await super().stop()
+        nfq, self.nfq = self.nfq, None
+        try:
+            if nfq is not None:
+                try:
+                    asyncio.get_running_loop().remove_reader(nfq.fileno())
+                finally:
+                    nfq.close()
+        finally:
+            await super().stop()
 
     # -- sessions ----------------------------------------------------------------------
     def _spec(self, uid: int, stream: StreamSpec) -> Optional[SessionSpec]:

@@ -4,8 +4,9 @@
 Layout: one string key per session, ``lrk:<node>:session:<sid>`` holding the record
 (msgpack, written by one Lua script call per burst: atomic, and one command for
 redis-py to pack and one reply to parse), with a TTL as a safety net (`ttl`: the
-relay's max_lifetime plus a margin, so a key whose node died and that nobody took over
-goes away by itself); and a generation
+relay's max_lifetime plus a margin, as the configuration says at each write: a reload
+changes it; so a key whose node died and that nobody took over goes away by itself);
+and a generation
 counter ``lrk:<node>:gen`` bumped in every write transaction, which a standby polls to
 know when to re-read a peer (`lrk.daemon.takeover`). A session that ends leaves no key.
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import msgpack
 import redis
@@ -39,6 +40,8 @@ Record = Dict[str, Any]
 Puts = List[Tuple[int, str, Record]]
 #: what the relay holds now for some sids (None: every session): (puts, deletes)
 Source = Callable[[Optional[List[int]]], Tuple[Puts, List[int]]]
+#: a key's TTL in seconds (None or 0: none), or what tells it at each write
+Ttl = Union[None, int, Callable[[], Optional[int]]]
 
 #: seconds between reconnection attempts while Redis is down
 RETRY = 1.0
@@ -92,7 +95,7 @@ class RedisStore:
 
     kind = "redis"
 
-    def __init__(self, url: str, node: str, ttl: Optional[int] = None,
+    def __init__(self, url: str, node: str, ttl: Ttl = None,
                  timeout: float = TIMEOUT,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not node or ":" in node:
@@ -100,7 +103,7 @@ class RedisStore:
         self.url = url
         self.node = node
         self.path = f"{url} (node {node})"  # what log lines name
-        self.ttl = ttl if ttl and ttl > 0 else None
+        self._ttl = ttl
         try:
             self.db = redis.Redis.from_url(url, socket_timeout=timeout,
                                            socket_connect_timeout=timeout,
@@ -133,6 +136,13 @@ class RedisStore:
             self.run_id = self._server_id()
         except REDIS_ERRORS:
             pass  # down at start: load() says so; the first catch-up rewrites everything
+
+    @property
+    def ttl(self) -> Optional[int]:
+        """The TTL (seconds) a key gets at this write; None: no TTL. From the relay's
+        live settings when given as a function (a reload changes them)."""
+        ttl = self._ttl() if callable(self._ttl) else self._ttl
+        return ttl if ttl and ttl > 0 else None
 
     # -- the store interface (SqliteStore's) ----------------------------------------
     def write(self, puts: Puts, deletes: List[int],
@@ -310,10 +320,16 @@ def open_session_store(config: Any) -> Any:
     if config.store != "redis":
         from lrk.daemon.store import open_store
         return open_store(config.state_dir, config.control, config.ports)
-    ttl = None
-    if config.max_lifetime > 0:  # a session never outlives it: its key need not either
-        ttl = int(config.max_lifetime + 2 * config.silence_timeout + 60)
-    return RedisStore(config.redis_url, config.node_name, ttl)
+    # read at every write: a reload changes max_lifetime and silence_timeout in place
+    return RedisStore(config.redis_url, config.node_name, lambda: session_ttl(config))
+
+
+def session_ttl(config: Any) -> Optional[int]:
+    """A session key's TTL under `config` as it is now (None: no max_lifetime): a
+    session never outlives max_lifetime, so its key need not either (plus a margin)."""
+    if config.max_lifetime > 0:
+        return int(config.max_lifetime + 2 * config.silence_timeout + 60)
+    return None
 
 __all__ = ["MAX_PENDING", "REDIS_ERRORS", "RETRY", "RedisStore", "gen_key", "open_session_store",
-           "session_key"]
+           "session_key", "session_ttl"]

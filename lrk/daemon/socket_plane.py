@@ -229,18 +229,37 @@ class WorkerHandle:
             self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), close_fds=True,
                                          preexec_fn=_ignore_stop_signals,
                                          env=jit.with_gc_nursery(os.environ))
+        except BaseException:
+            mine.close()  # no process to talk to: the daemon's end goes too
+            raise
         finally:
             theirs.close()
-        mine.setblocking(False)
-        self.chan = mine
-        loop = self.plane.loop
-        loop.add_reader(mine.fileno(), self._readable)
-        taps = self.plane.open_taps()
-        if taps:
-            self.send(channel.Taps(), taps)
-        queues = self.plane.xsk_queues()
-        if queues is not None:
-            self.send(*queues)
+        try:
+            mine.setblocking(False)
+            self.chan = mine
+            loop = self.plane.loop
+            loop.add_reader(mine.fileno(), self._readable)
+            taps = self.plane.open_taps()
+            if taps:
+                self.send(channel.Taps(), taps)
+            queues = self.plane.xsk_queues()
+            if queues is not None:
+                self.send(*queues)
+        except BaseException:
+            # e.g. a packet interface that cannot be opened: the worker goes (it would
+            # serve without its taps, and the caller does not keep a handle that failed)
+            if self.chan is None:
+                mine.close()
+            self.close()
+            for _message, socks in self.outbox:
+                for s in socks:
+                    s.close()
+            self.outbox.clear()
+            proc, self.proc = self.proc, None
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+            raise
 
     def send(self, message: object, socks: Sequence[socket.socket] = ()) -> None:
         """Queue a message; everything queued in one loop iteration leaves as one batch."""
@@ -546,32 +565,69 @@ class SocketPlane:
                 for ifname in self.packet_ifaces]
 
     async def stop(self) -> None:
+        """The packet-mode drop table, the workers, the steering programs and the sockets
+        not yet handed over: each step runs whatever the steps before it did; the first
+        error is raised once all ran (later ones are logged)."""
         self.stopping = True
-        if self.nft is not None:
-            from fastpath.kernel.taps import DEFAULT_TABLE, destroy_rules
+        errors: List[BaseException] = []
+        nft, self.nft = self.nft, None
+        if nft is not None:
+            try:
+                from fastpath.kernel.taps import DEFAULT_TABLE, destroy_rules
 
-            self.nft.run(destroy_rules(DEFAULT_TABLE))
+                nft.run(destroy_rules(DEFAULT_TABLE))
+            except Exception as exc:
+                log.error("packet mode: could not delete its drop table: %s", exc)
+                errors.append(exc)
+            try:
+                nft.close()
+            except Exception as exc:
+                errors.append(exc)
         for w in self.workers:
-            if w.chan is not None:
-                w.send(channel.Stop())
-                w._flush_outbox()
+            try:
+                if w.chan is not None:
+                    w.send(channel.Stop())
+                    w._flush_outbox()
+            except Exception as exc:
+                errors.append(exc)
         deadline = time.monotonic() + 1.0
         for w in self.workers:
             proc = w.proc
-            if proc is None:
-                continue
-            while proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)  # bounded wait for a clean exit
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            w.close()
-        self._close_steering()  # after the workers: media never met a half-torn plane
+            try:
+                while proc is not None and proc.poll() is None \
+                        and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)  # bounded wait for a clean exit
+            except BaseException as exc:  # cancelled: every worker is killed all the same
+                errors.append(exc)
+                deadline = 0.0
+            try:
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                w.close()
+            except Exception as exc:
+                errors.append(exc)
+            for _message, socks in w.outbox:  # never sent (a full channel): ours to close
+                for sock in socks:
+                    sock.close()
+            w.outbox.clear()
+        # after the workers: media never met a half-torn plane
+        steering = list(self.steering.values())
+        self.steering.clear()
+        for prog in steering:
+            try:
+                prog.close()
+            except Exception as exc:
+                errors.append(exc)
         self._close_unclaimed()
         self.installed.clear()
         self.placed.clear()
         self._run(self._commit_waiters)
         self._commit_waiters = []
+        for later in errors[1:]:
+            log.error("socket plane stop: a further step failed too", exc_info=later)
+        if errors:
+            raise errors[0]
 
     # -- engine hooks ----------------------------------------------------------------
     def probe(self, ip: str, port: int) -> bool:

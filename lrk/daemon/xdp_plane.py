@@ -86,9 +86,11 @@ class XdpPlane:
         if not interfaces:
             raise ConfigError("xdp mode needs xdp_interfaces: the media interfaces to attach "
                               "the XDP program to (e.g. --xdp-interface eth0)")
-        # adopt: the kernel table beneath the program survives a restart that keeps calls
-        # (the program itself is detached on every stop; the kernel path carries media until
-        # the next process has restored the calls' entries and attaches its own)
+        # adopt: the kernel table beneath the program survives a restart that keeps calls,
+        # and so does the program: a stop that keeps calls leaves it attached with their
+        # entries (it forwards on; a stop that keeps none detaches it), and the next
+        # process attaches its own, replacing it, once the restore has written the calls'
+        # entries (`adopted`)
         # extra (a standby's peers' media): served by the kernel path only; the program
         # owns this node's addresses and range and passes the peers' media to it
         self.kernel = KernelPlane(port_start, port_end, relay_ips, table, poll_interval,
@@ -139,9 +141,9 @@ class XdpPlane:
     async def start(self) -> None:
         """The kernel path, and the program loaded and configured but not attached: the
         restore writes the calls' entries first (`adopted` attaches). Attached any earlier,
-        an empty map would drop the adopted calls' packets as unknown, where the kernel
-        table beneath (SIGTERM: the program was detached) or the crashed run's program,
-        still attached with its entries (kill -9), forwards them."""
+        an empty map would drop the adopted calls' packets as unknown, where the previous
+        run's program, left attached with its entries (a stop that kept the calls, or
+        kill -9), or the kernel table beneath, forwards them."""
         await self.kernel.start()
         try:
             # the stream array: one entry per relay address and port of the range

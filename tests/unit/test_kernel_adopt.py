@@ -69,6 +69,9 @@ class FakeNft:
         return {"nftables": [{"counter": {"name": n, "packets": 0, "bytes": 0}}
                              for n in DROP_COUNTERS.values()]}
 
+    def close(self) -> None:
+        pass
+
 
 class FakeCt:
     def __init__(self, flows: List[CtFlow]) -> None:
