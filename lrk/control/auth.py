@@ -441,7 +441,7 @@ class Authenticator:
         self.window_ms = int(window * 1000)
         self.guard = ReplayGuard(window, max_seen)
 
-    def keep_guard(self, previous: "Authenticator") -> None:
+    def keep_guard(self, previous: Authenticator) -> None:
         """Take over the replay guard of the authenticator this one replaces (a reload):
         what it has seen stays refused as a replay for as long as either window accepts
         its timestamp (a wider window with the old guard would let a request captured

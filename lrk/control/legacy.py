@@ -48,10 +48,11 @@ LEGACY_COUNTERS = (
     "legacy.refused.bad_peer_address", "legacy.refused.call_id_too_long",
     "legacy.refused.msgpack_call", "legacy.dropped.resend_limit",
     "legacy.dropped.cookie_reused", "legacy.refused.max_sessions",
+    "legacy.dropped.too_many_streams",
 )
-#: how long a G reply's port advice is reused: finding the longest free run of blocks
-#: walks the whole range (milliseconds for a wide one), and a datagram of a few bytes
-#: must not buy that each time; S requests are checked against live sessions anyway
+#: how long a G reply's port advice is reused while no session came or went: finding the
+#: longest free run of blocks walks the whole range (milliseconds for a wide one), and a
+#: datagram of a few bytes must not buy that each time
 ADVICE_TTL = 1.0
 
 
@@ -87,7 +88,8 @@ class LegacyControl:
         self.takeover_idle = takeover_idle
         self.replay = ReplayCache(max_bytes=CACHE_BYTES)
         self.counters: Counter = Counter({name: 0 for name in LEGACY_COUNTERS})
-        self._advice: Optional[Tuple[float, Tuple[int, int, int]]] = None  # (until, G's)
+        #: the last G's advice: (valid until, the sessions' stamp then, (start, end, current))
+        self._advice: Optional[Tuple[float, Tuple[int, ...], Tuple[int, int, int]]] = None
 
     # -- entry point -------------------------------------------------------------------
     def handle(self, data: bytes, sender: Hashable, now: float, with_cookie: bool = True
@@ -165,11 +167,15 @@ class LegacyControl:
     def advertised_ports(self, now: float) -> Tuple[int, int, int]:
         """(start, end, current) so that the module's 4-port steps stay in our range and
         start on the longest run of blocks no live session holds (reused for ADVICE_TTL)."""
+        engine = self.engine
+        counters = engine.counters
+        stamp = (engine.ports.in_use, counters["sessions.created"], counters["sessions.offers"],
+                 counters["sessions.answers"], counters["sessions.deleted"])
         cached = self._advice
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if cached is not None and cached[0] > now and cached[1] == stamp:
+            return cached[2]
         advice = self._find_advice()
-        self._advice = (now + ADVICE_TTL, advice)
+        self._advice = (now + ADVICE_TTL, stamp, advice)
         return advice
 
     def _find_advice(self) -> Tuple[int, int, int]:

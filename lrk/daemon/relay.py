@@ -51,6 +51,9 @@ RESTORE_PORT_WAIT = 3.0
 #: the start and stop lines, shown whatever the log level (`fastpath.logs.setup`)
 lifecycle = logging.getLogger("lrk.lifecycle")
 MAX_LEGACY_STREAM = 8192
+#: legacy UNIX stream connections served at once; more are closed unread (counted): each
+#: holds a descriptor for up to two LEGACY_STREAM_TIMEOUTs
+MAX_LEGACY_STREAMS = 64
 LEGACY_STREAM_TIMEOUT = 2.0
 READ_BURST = 64  # datagrams read per wake-up of a control socket
 MAX_DATAGRAM = 65535
@@ -165,6 +168,33 @@ class _Waiting:
         self.ready = False
 
 
+class _Steps:
+    """Clean-up steps that each run whatever the steps before them did: `with steps:`
+    around each; `raise_first()` at the end raises the first error (later ones are
+    logged), so it still reaches the caller and the exit status."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.first: Optional[BaseException] = None
+
+    def __enter__(self) -> _Steps:
+        return self
+
+    def __exit__(self, kind: Any, exc: Optional[BaseException], tb: Any) -> bool:
+        if exc is None:
+            return False
+        if self.first is None:
+            self.first = exc
+        else:
+            log.error("%s: a further step failed too", self.what, exc_info=exc)
+        return True  # the next step runs
+
+    def raise_first(self) -> None:
+        first, self.first = self.first, None
+        if first is not None:
+            raise first
+
+
 class Relay:
     """Owns the engine, the control endpoint and the data plane for one relay node."""
 
@@ -245,6 +275,7 @@ class Relay:
         self._legacy_endpoints: List[_DatagramEndpoint] = []
         self._extra_endpoints: List[_DatagramEndpoint] = []
         self._legacy_servers: List[asyncio.AbstractServer] = []
+        self._legacy_streams = 0  # legacy UNIX stream connections being served
         self._unix_paths: List[str] = []
         self.control_address: Any = None
         self._held: Optional[List[Tuple[_DatagramEndpoint, bytes, Any]]] = None
@@ -279,8 +310,22 @@ class Relay:
         self.control.on_shutdown = self.shutdown
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
+        """Data plane, restore, listeners, metrics. A start that fails part of the way
+        undoes what it did (`stop`: the plane's table, sysctls, programs and workers, the
+        control sockets and their UNIX paths; restored calls stay in the store) and
+        raises its own error."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._start()
+        except BaseException:
+            try:
+                await self.stop()
+            except BaseException:
+                log.exception("the clean-up after a failed start failed too")
+            raise
+
+    async def _start(self) -> None:
+        loop = self._loop
         _detach_xdp_leftovers(self.config.mode)
         await self.plane.start()
         if self.store is not None:
@@ -380,7 +425,7 @@ class Relay:
             if new_auth is not None and _key_set(new_auth) != _key_set(auth):
                 applied.append("keys")
             if new_auth is not None:
-                new_auth.guard = auth.guard
+                new_auth.keep_guard(auth)  # for the wider of the two windows
                 self.control.auth = new_auth
         engine_cfg = self.engine.config
         engine_cfg.silence_timeout = fresh.silence_timeout  # new sessions; live ones keep
@@ -395,8 +440,16 @@ class Relay:
         self.legacy.takeover_idle = fresh.legacy_takeover_idle
         self.legacy.timeout = fresh.legacy_timeout
         logs.setup(fresh.log_level, fresh.log_format)
+        store = self.store
+        ttl = store.ttl if isinstance(store, RedisStore) else None
         for name in RELOADABLE:
-            setattr(old, name, getattr(fresh, name))
+            setattr(old, name, getattr(fresh, name))  # the store's TTL reads these
+        if isinstance(store, RedisStore) and ttl is not None and \
+                (store.ttl is None or store.ttl > ttl):
+            # a longer max_lifetime applies to live calls too: their keys, written with
+            # the old TTL, would expire first (a restart would lose those calls)
+            self._dirty.update((sid, True) for sid in self.engine.by_sid)
+            self._flush_store()
         if restart:
             lifecycle.warning("reload: applied %s; changed but need a restart: %s",
                               ", ".join(applied) or "nothing", ", ".join(restart))
@@ -414,22 +467,31 @@ class Relay:
             workers=self.config.workers if self.config.mode in ("socket", "packet") else None)
 
     async def stop(self) -> None:
+        """Listeners, then the calls (kept in the store, or ended), then the data plane
+        and the store. Every step runs whatever the steps before it did (also after a
+        start that failed part of the way); the first error is raised at the end."""
         self._stopping = True
-        self.metrics.stop()
+        steps = _Steps("stop")
+        with steps:
+            self.metrics.stop()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._endpoint is not None:
-            self._endpoint.close()
-            self._endpoint = None
-        for endpoint in self._legacy_endpoints + self._extra_endpoints:
-            endpoint.close()
+        endpoints = [self._endpoint] if self._endpoint is not None else []
+        endpoints += self._legacy_endpoints + self._extra_endpoints
+        self._endpoint = None
         self._legacy_endpoints = []
         self._extra_endpoints = []
-        for server in self._legacy_servers:
-            server.close()
-            await server.wait_closed()
-        for path in self._unix_paths:
+        for endpoint in endpoints:
+            with steps:
+                endpoint.close()
+        servers, self._legacy_servers = self._legacy_servers, []
+        for server in servers:
+            with steps:
+                server.close()
+                await server.wait_closed()
+        paths, self._unix_paths = self._unix_paths, []
+        for path in paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         now = time.monotonic()
@@ -437,9 +499,11 @@ class Relay:
         if self.store is not None and not self.end_calls:
             # the calls outlive this process: their last counters into the store, then the
             # data plane lets go of them (the next start restores them)
-            await self._refreshed()
-            self._dirty = {sid: True for sid in self.engine.by_sid}
-            self._flush_store()
+            with steps:
+                await self._refreshed()
+            with steps:
+                self._dirty = {sid: True for sid in self.engine.by_sid}
+                self._flush_store()
             actions = [Remove(s.sid, s.call_id, "restart") for s in self.engine.sessions()]
             if actions and isinstance(self.store, RedisStore) and not self.store.up:
                 lifecycle.warning("%d call(s) not written: the session store (Redis) is "
@@ -449,14 +513,21 @@ class Relay:
                 lifecycle.info("%d call(s) kept in the session store for the next start",
                                len(actions))
         else:
-            for session in list(self.engine.sessions()):
-                actions.extend(self.engine.delete(now, session.call_id, reason="deleted")[1])
+            with steps:
+                for session in list(self.engine.sessions()):
+                    actions.extend(self.engine.delete(now, session.call_id,
+                                                      reason="deleted")[1])
             if self.store is not None:
-                self.store.clear()
-        self.plane.apply(actions)  # a failure here changes nothing: everything goes
-        await self.plane.stop()
+                with steps:
+                    self.store.clear()
+        with steps:
+            self.plane.apply(actions)  # a failure here changes nothing: everything goes
+        with steps:
+            await self.plane.stop()
         if self.store is not None:
-            self.store.close()
+            with steps:
+                self.store.close()
+        steps.raise_first()
 
     def shutdown(self) -> None:
         """Stop, ending every call (`lrkproxy ctl shutdown`): nothing is kept."""
@@ -668,7 +739,14 @@ class Relay:
 
     async def _legacy_stream(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
-        """One request per connection, without a cookie, as the module's unix: mode does."""
+        """One request per connection, without a cookie, as the module's unix: mode does;
+        at most MAX_LEGACY_STREAMS at once (a local client opening thousands must not run
+        the relay out of descriptors)."""
+        if self._legacy_streams >= MAX_LEGACY_STREAMS:
+            self.legacy.counters["legacy.dropped.too_many_streams"] += 1
+            writer.close()
+            return
+        self._legacy_streams += 1
         try:
             data = await asyncio.wait_for(reader.read(MAX_LEGACY_STREAM), LEGACY_STREAM_TIMEOUT)
             if data:
@@ -682,6 +760,7 @@ class Relay:
         except (asyncio.TimeoutError, OSError):
             self.legacy.counters["legacy.dropped.stream_timeout"] += 1
         finally:
+            self._legacy_streams -= 1
             writer.close()
 
     # -- control ---------------------------------------------------------------------
@@ -995,7 +1074,7 @@ async def serve(config: Config, stop_event: asyncio.Event,
     SIGHUP reloads through `load_config` (when given)."""
     relay = Relay(config, load_config)
     relay.request_stop = stop_event.set
-    await relay.start()
+    await relay.start()  # a start that fails undoes itself (Relay.start) and raises
     if hasattr(gc, "freeze"):  # CPython: start-up's objects stay out of every GC pass
         gc.collect()
         gc.freeze()
@@ -1036,5 +1115,7 @@ async def serve(config: Config, stop_event: asyncio.Event,
     finally:
         notifier.stopping(f"stopping: {reason}")
         sessions = len(relay.engine.by_call)
-        await relay.stop()
-        lifecycle.info("lrk stopped: %s (%d sessions ended)", reason, sessions)
+        try:
+            await relay.stop()  # its error (a table or flows left behind) exits non-zero
+        finally:
+            lifecycle.info("lrk stopped: %s (%d sessions ended)", reason, sessions)

@@ -1154,3 +1154,47 @@ def test_probe_judges_room_on_the_worker_a_new_session_would_go_to():
             plane.probe("127.0.0.1", 31060)
     finally:
         plane._close_unclaimed()
+
+
+def test_legacy_unix_streams_are_capped(tmp_path: Any):
+    """At most MAX_LEGACY_STREAMS legacy UNIX stream connections are served at once; one
+    more is closed unread and counted, and a finished one frees its place."""
+    import asyncio
+
+    from lrk.daemon.relay import MAX_LEGACY_STREAMS
+
+    relay = _relay(tmp_path)
+
+    class Reader:
+        def __init__(self, data: bytes) -> None:
+            self.data, self.reads = data, 0
+
+        async def read(self, n: int) -> bytes:
+            self.reads += 1
+            return self.data
+
+    class Writer:
+        closed = False
+
+        def write(self, data: bytes) -> None:
+            self.data = data
+
+        async def drain(self) -> None:
+            return None
+
+        def close(self) -> None:
+            self.closed = True
+
+    async def scenario() -> None:
+        relay._legacy_streams = MAX_LEGACY_STREAMS  # that many being served
+        reader, writer = Reader(b"P"), Writer()
+        await relay._legacy_stream(reader, writer)  # type: ignore[arg-type]
+        assert writer.closed and reader.reads == 0
+        assert relay.legacy.counters["legacy.dropped.too_many_streams"] == 1
+        relay._legacy_streams = MAX_LEGACY_STREAMS - 1
+        reader, writer = Reader(b"P"), Writer()
+        await relay._legacy_stream(reader, writer)  # type: ignore[arg-type]
+        assert reader.reads == 1 and writer.data == b"P PONG" and writer.closed
+        assert relay._legacy_streams == MAX_LEGACY_STREAMS - 1  # its place is free again
+
+    asyncio.run(scenario())

@@ -668,8 +668,8 @@ def test_unix_mode_malformed():
 # -- found in review (2026-12-05) ----------------------------------------------------------
 def test_config_advice_is_reused_for_a_second_then_recomputed(monkeypatch):
     """A G of a few bytes does not buy a walk of the whole port range each time (6 ms on
-    CPython for the default range): the advice is reused for ADVICE_TTL, then follows the
-    sessions again."""
+    CPython for the default range): the advice is reused for ADVICE_TTL while no call
+    comes or goes; a call that does is followed at once."""
     from lrk.control import legacy as legacy_module
 
     legacy, _engine = make()
@@ -682,12 +682,15 @@ def test_config_advice_is_reused_for_a_second_then_recomputed(monkeypatch):
 
     monkeypatch.setattr(LegacyControl, "_find_advice", counting)
     first = g_config(legacy, 10.0)
-    legacy.handle(s_req(dst=(INTERNAL, 30000), snat=(INTERNAL, 30002)), KAM, 10.1)
     assert [g_config(legacy, t, cookie=b"4242_%d" % i) for i, t in
             enumerate((10.2, 10.0 + legacy_module.ADVICE_TTL - 0.01))] == [first, first]
     assert len(walks) == 1
     later = g_config(legacy, 10.0 + legacy_module.ADVICE_TTL, cookie=b"4242_77")
-    assert len(walks) == 2 and later[2] != 30000  # the new call's block is avoided
+    assert later == first and len(walks) == 2  # after the second: walked again
+    # a call that comes (or goes) is followed at once
+    legacy.handle(s_req(dst=(INTERNAL, later[2]), snat=(INTERNAL, later[2] + 2)), KAM, 11.1)
+    moved = g_config(legacy, 11.2, cookie=b"4242_78")
+    assert len(walks) == 3 and moved[2] != later[2]
 
 
 def test_utf8_call_id_is_one_field():
