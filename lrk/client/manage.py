@@ -148,9 +148,11 @@ def reply_relays(description: SessionDescription,
     """One StreamRelay (or None) per m= line from an offer/answer reply.
 
     A reply with `streams` (one `{ip, port, rtcp_port, rtcp_mux}` map or None per m=
-    line) relays every stream it names. A v1 reply only has `relay` ({ip, port,
-    rtcp_port}) for the one stream the relay picked, the first enabled relayable one
-    (lrk.core.sdp.parse_first); its a=rtcp-mux stays as offered, as v1 relays kept it.
+    line) relays every stream it names (`rejected_streams` lists the enabled UDP
+    streams it names no relay for: the rewrite disables them). A v1 reply only has
+    `relay` ({ip, port, rtcp_port}) for the one stream the relay picked, the first
+    enabled relayable one (lrk.core.sdp.parse_first); its a=rtcp-mux stays as offered,
+    as v1 relays kept it.
     None when the reply names no relay address at all.
     """
     count = len(description.streams)
@@ -178,14 +180,28 @@ def reply_relays(description: SessionDescription,
     return relays
 
 
+def rejected_streams(description: SessionDescription, reply: Dict[str, Any],
+                     relays: List[Optional[StreamRelay]]) -> List[int]:
+    """The m= lines a `streams` reply gives no relay although they are enabled UDP
+    streams (an answer enabling a stream its offer disabled, or adding one): the relay
+    does not carry their media, so the rewrite sets their port to 0 (as the relay's own
+    `sdp` does) rather than pass the peer's address on. Empty for a v1 reply, which
+    names only the first stream."""
+    if reply.get("streams") is None:
+        return []
+    return [stream.index for stream, relay in zip(description.streams, relays)
+            if relay is None and stream.needs_relay]
+
+
 def apply_reply(plan: ManagePlan, reply: Dict[str, Any],
                 ip_address: Optional[str] = None) -> SipData:
     """The SIP message with its SDP pointed at the relay (`ip_address` in place of its IP).
 
     The client rewrites the message's own SDP with lrk.core.sdp from the reply's relay
     addresses, so every stream the relay names is rewritten the same way whatever the
-    relay's version, and `ip_address` is just another relay address. The reply's `sdp`
-    is used as it is only when the reply names no relay address.
+    relay's version, and `ip_address` is just another relay address. An enabled UDP
+    stream a `streams` reply gives no relay gets port 0 (`rejected_streams`). The reply's
+    `sdp` is used as it is only when the reply names no relay address.
     """
     description = plan.description
     if description is None:
@@ -200,9 +216,10 @@ def apply_reply(plan: ManagePlan, reply: Dict[str, Any],
             raise ProtocolError(f"{plan.op} reply names no relay address, so ip_address "
                                 f"cannot replace it: {reply!r}")
         return plan.message.with_body(body)
+    reject = rejected_streams(description, reply, relays)
     if ip_address is not None:
         relays = [None if r is None else replace(r, ip=ip_address) for r in relays]
-    return plan.message.with_body(sdplib.rewrite(plan.message.sdp, relays))
+    return plan.message.with_body(sdplib.rewrite(plan.message.sdp, relays, reject=reject))
 
 
 # -- v1 SDP helpers, kept for callers of lrk.client.parse_sdp() / sdp_media() -----------

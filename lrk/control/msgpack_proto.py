@@ -320,7 +320,12 @@ class MsgpackControl:
 
         rtcp-mux: each leg muxes as its own peer said. An offer passes the offerer's
         a=rtcp-mux on; an answer announces it wherever the offerer asked for it, even if
-        the answerer declined (the relay demultiplexes RTCP between the legs)."""
+        the answerer declined (the relay demultiplexes RTCP between the legs).
+
+        `streams` has one entry per m= line of the request. An enabled UDP stream the
+        relay gives no ports (an answer enabling a stream its offer disabled, or an m=
+        line beyond the offer's) is rejected in `sdp`: port 0, never the peer's address
+        (clients rewriting from `streams` do the same, lrk.client.manage)."""
         relays: List[Optional[Any]] = []
         rewrite: List[Optional[sdp.StreamRelay]] = []
         first = None
@@ -344,15 +349,22 @@ class MsgpackControl:
             "relay": {"ip": leg.relay_ip, "port": port, "rtcp_port": port + 1},
             "streams": relays,
         }
+        # one entry per m= line of the request (an answer may have more than its offer)
+        count = len(body.desc.streams) if body is not None else n_offered
+        if len(relays) < count:
+            relays.extend([None] * (count - len(relays)))
         if body is not None:
             streams = body.desc.streams
+            reject: List[int] = []
             for i, st in enumerate(streams):
                 if i >= len(rewrite):
                     rewrite.append(None)
                 elif not st.needs_relay:
                     rewrite[i] = None
+                if rewrite[i] is None and st.needs_relay:
+                    reject.append(i)  # enabled, not relayed: never the peer's address
             del rewrite[len(streams):]
-            reply["sdp"] = body.rewrite(rewrite)
+            reply["sdp"] = body.rewrite(rewrite, reject=reject)
         return reply
 
     def _cmd_offer(self, args: Dict[str, Any], now: float):

@@ -209,7 +209,11 @@ class Engine:
         provisional: bool = False,
     ) -> Tuple[Session, Leg, List[Action]]:
         """Record the answerer's streams; return the leg whose relay addresses the answer
-        announces. A stream the answer rejects (port 0) frees its ports on both legs.
+        announces. A stream the answer rejects (port 0) frees its ports on both legs. An
+        answer cannot enable a stream: one the offer disabled, or an m= line beyond the
+        offer's, gets no relay ports (the reply's rewrite disables it). An answer with
+        fewer streams than the offer (a list: one per m= line) is refused with
+        BadRequest, nothing changed; the one-stream `(ip, port)` form answers the first.
 
         `provisional`: a 1xx (183) answer. Until a final answer, a provisional answer from
         another To-tag than leg B's (a forked INVITE) is another early dialog with its
@@ -219,6 +223,12 @@ class Engine:
         session = self.by_call.get(call_id)
         if session is None:
             raise SessionNotFound(f"no session with Call-ID {call_id!r}")
+        offered = len(session.legs[LEG_A].media)
+        if len(streams) < offered and not _one_stream_form(media):
+            # before anything changes: the session stays as the offer left it
+            raise BadRequest(f"the answer has {len(streams)} m= lines but the offer has "
+                             f"{offered}: an answer keeps every m= line of its offer, "
+                             "port 0 for a rejected one (RFC 3264 section 6)")
         target_ips = self._side(interface, session)
         latch_any = self._learning(latch_any, strict_source)
         answering = session.leg_by_tag(to_tag)
@@ -752,12 +762,17 @@ def relay_addrs(session: Session) -> List[Tuple[str, int]]:
     return out
 
 
+def _one_stream_form(media: Union[Addr, Sequence[StreamOffer]]) -> bool:
+    """Whether `media` is the one-stream (ip, port) form (not one entry per m= line)."""
+    return isinstance(media, tuple) and len(media) == 2 and isinstance(media[0], str)
+
+
 def _streams(media: Union[Addr, Sequence[StreamOffer]], rtcp_port: Optional[int]
              ) -> List[StreamOffer]:
     """Every stream of a request: a list of StreamOffer, or one (ip, port) pair."""
     if type(media) is list and media:  # the usual case, as the protocol parsed it
         return media
-    if isinstance(media, tuple) and len(media) == 2 and isinstance(media[0], str):
+    if _one_stream_form(media):
         return [StreamOffer(media[0], int(media[1]), rtcp_port,  # type: ignore[arg-type]
                             False, "audio", True)]  # keep_ports
     streams = list(media)  # type: ignore[arg-type]

@@ -7,8 +7,9 @@ comes back exactly as it was sent.
 
 `parse()` describes every `m=` line as a `Stream`; `rewrite()` takes one `StreamRelay`
 (or `None`) per `m=` line and returns the body with the relayed streams' ports, connection
-addresses and `a=rtcp` pointed at the relay. A body lrk cannot relay raises `SdpError`
-naming the line; nothing is ever half rewritten.
+addresses and `a=rtcp` pointed at the relay, and the streams it is told to `reject`
+disabled (port 0). A body lrk cannot relay raises `SdpError` naming the line; nothing is
+ever half rewritten.
 
 Strictness is where lrk needs the data: `m=` and `o=` lines are always checked, `c=` and
 `a=rtcp` only for streams lrk relays (an MSRP `c=IN IP4 host.example` passes through).
@@ -20,7 +21,18 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from typing import (
+    AbstractSet,
+    Collection,
+    Dict,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 
 from lrk.errors import SdpError
 
@@ -201,9 +213,10 @@ class Parsed:
         return self._doc.desc
 
     def rewrite(self, relays: Sequence[Optional[StreamRelay]], *,
-                bump_version: bool = True) -> Body:
+                bump_version: bool = True, reject: Collection[int] = ()) -> Body:
         """As the module's rewrite() on the body this was read from."""
-        return _encode(_apply(self._doc, relays, bump_version, False), self._is_bytes)
+        return _encode(_apply(self._doc, relays, bump_version, False, reject),
+                       self._is_bytes)
 
 
 def scan(body: Body) -> Parsed:
@@ -217,18 +230,27 @@ def parse(body: Body) -> SessionDescription:
 
 
 def rewrite(body: Body, relays: Sequence[Optional[StreamRelay]], *,
-            bump_version: bool = True) -> Body:
+            bump_version: bool = True, reject: Collection[int] = ()) -> Body:
     """The body with each relayed stream pointed at its relay; same type as `body`.
 
     `relays` has one entry per m= line: a `StreamRelay`, or None to leave that stream
-    alone (it must be None for a disabled or non-relayable stream). ICE lines go from
+    alone (it must be None for a disabled or non-relayable stream). A relayed m= line
+    carries the relay's one port, without a port count ("m=video 4000/2" becomes
+    "m=video PORT": the relay has one port pair per stream). ICE lines go from
     relayed streams and, when no untouched stream still uses ICE, from the session
     level; an old-style held stream keeps its null address; the o= version goes up by
-    one when anything changed (unless `bump_version=False`). Raises SdpError for a body
-    lrk cannot relay, ValueError when `relays` does not fit the body.
+    one when anything changed (unless `bump_version=False`).
+
+    `reject`: indices of m= lines (each None in `relays`) to disable: their port becomes
+    0 and their ICE lines go, so that no peer address of a stream the relay does not
+    relay is announced (an answer enabling a stream its offer disabled, or adding one,
+    RFC 3264 section 6). They count as disabled for the session-level c=.
+
+    Raises SdpError for a body lrk cannot relay, ValueError when `relays` or `reject`
+    does not fit the body.
     """
     text, is_bytes = _decode(body)
-    return _encode(_apply(_scan(text), relays, bump_version, False), is_bytes)
+    return _encode(_apply(_scan(text), relays, bump_version, False, reject), is_bytes)
 
 
 def parse_first(body: Body) -> SdpMedia:
@@ -538,9 +560,11 @@ def _token_span(line: str, k: int) -> Tuple[int, int]:
 
 
 def _with_port(line: str, port: int) -> str:
+    """The m= line with `port` in place of its port and port count ("4000/2"): the relay
+    receives a stream on one port (pair), so announcing a count would name relay ports
+    +2, +3, ... that belong to no stream of this call, or to another call."""
     start, end = _token_span(line, 1)
-    slash = line.find("/", start, end)
-    return line[:start] + str(port) + line[slash if slash >= 0 else end:]
+    return line[:start] + str(port) + line[end:]
 
 
 def _bumped(line: str) -> str:
@@ -564,12 +588,22 @@ def _rtcp_line(line: str, port: int, relay: Optional[StreamRelay], always: bool)
 
 
 def _apply(doc: _Doc, relays: Sequence[Optional[StreamRelay]], bump: bool,
-           rtcp_address_always: bool) -> str:
+           rtcp_address_always: bool, reject: Collection[int] = ()) -> str:
     streams = doc.desc.streams
     relays = list(relays)
     if len(relays) != len(streams):
         raise ValueError(f"rewrite needs one relay entry (or None) per m= line: the body has "
                          f"{len(streams)}, got {len(relays)}")
+    rejected: AbstractSet[int] = frozenset()
+    if reject:
+        rejected = frozenset(reject)
+        for index in rejected:
+            if isinstance(index, bool) or not isinstance(index, int) \
+                    or not 0 <= index < len(streams):
+                raise ValueError(f"reject names m= line {index!r}; the body has "
+                                 f"{len(streams)} (0-based)")
+            if relays[index] is not None:
+                raise ValueError(f"stream {index} is both relayed and rejected")
     for stream, relay in zip(streams, relays):
         if relay is None:
             continue
@@ -586,6 +620,11 @@ def _apply(doc: _Doc, relays: Sequence[Optional[StreamRelay]], bump: bool,
     relayed = False
     for sec, stream, relay in zip(doc.sections, streams, relays):
         if relay is None:
+            if stream.index in rejected and stream.port != 0:
+                relayed = True  # the body changes: session c=, ICE and o= as for a relay
+                new[sec.m] = _with_port(contents[sec.m], 0)
+                for i in sec.ice:
+                    new[i] = None
             continue
         relayed = True
         new[sec.m] = _with_port(contents[sec.m], relay.port)
@@ -615,9 +654,10 @@ def _apply(doc: _Doc, relays: Sequence[Optional[StreamRelay]], bump: bool,
     if not relayed:
         return "".join(line + eol for line, eol in zip(contents, doc.eols))
 
-    _session_connection(doc, relays, new, after)
+    _session_connection(doc, relays, new, after, rejected)
     if doc.session_ice and not any(
             relay is None and stream.ice and not stream.disabled
+            and stream.index not in rejected
             for stream, relay in zip(streams, relays)):
         for i in doc.session_ice:
             new[i] = None
@@ -649,13 +689,14 @@ def _apply(doc: _Doc, relays: Sequence[Optional[StreamRelay]], bump: bool,
 
 
 def _session_connection(doc: _Doc, relays: Sequence[Optional[StreamRelay]],
-                        new: List[Optional[str]], after: Dict[int, List[str]]) -> None:
+                        new: List[Optional[str]], after: Dict[int, List[str]],
+                        rejected: AbstractSet[int]) -> None:
     """Move the session-level c= to the relay, or give relayed streams their own c=.
 
     The session c= moves when every enabled stream that inherits it is relayed to one
-    address (disabled streams carry no media and do not count). Otherwise each relayed
-    stream that inherits it gets a media-level c= and the session c= stays for the
-    others. A null (held) session c= always stays.
+    address (disabled and `rejected` streams carry no media and do not count).
+    Otherwise each relayed stream that inherits it gets a media-level c= and the
+    session c= stays for the others. A null (held) session c= always stays.
     """
     desc = doc.desc
     if not doc.session_conns or desc.address in NULL_ADDRESSES:
@@ -667,7 +708,7 @@ def _session_connection(doc: _Doc, relays: Sequence[Optional[StreamRelay]],
         if stream.media_connection:
             break
         if relay is None:
-            if stream.port != 0:
+            if stream.port != 0 and stream.index not in rejected:
                 break
         elif target is None:
             target = relay
@@ -681,7 +722,8 @@ def _session_connection(doc: _Doc, relays: Sequence[Optional[StreamRelay]],
             return
     inheritors = [(stream, relay) for stream, relay in zip(desc.streams, relays)
                   if not stream.media_connection]
-    untouched = any(relay is None and not stream.disabled for stream, relay in inheritors)
+    untouched = any(relay is None and not stream.disabled and stream.index not in rejected
+                    for stream, relay in inheritors)
     moved = [(stream, relay) for stream, relay in inheritors if relay is not None]
     if moved:
         targets: Set[Tuple[str, str]] = {(relay.family, relay.ip) for _, relay in moved}
@@ -694,5 +736,6 @@ def _session_connection(doc: _Doc, relays: Sequence[Optional[StreamRelay]],
             new[i] = f"c=IN {family} {ip}"
         return
     for stream, relay in moved:
-        after.setdefault(doc.sections[stream.index].insert_at, []).append(
-            f"c=IN {relay.family} {relay.ip}")
+        # first: an a= line added after the same (m=) line must follow the c= (RFC 4566)
+        after.setdefault(doc.sections[stream.index].insert_at, []).insert(
+            0, f"c=IN {relay.family} {relay.ip}")

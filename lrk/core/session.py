@@ -125,9 +125,19 @@ class Media:
         self.base = self.counters.copy()
 
     def announce(self, offer: StreamOffer) -> None:
+        """Record what the peer's SDP says of this stream.
+
+        Old-style hold (c= 0.0.0.0 or ::, RFC 3264 section 8.4) means "send nothing to
+        me", not "I moved to 0.0.0.0": the port becomes 0 (nothing is sent to the peer)
+        and the peer's previous address stays, so that a strict leg still admits what
+        the holder sends (music on hold). Without a previous address it stays null."""
         # unpacked: CPython 3.11 looks NamedTuple fields up by name generically
         ip, port, rtcp_port, rtcp_mux, kind, _keep_ports, rtcp_ip = offer
-        if ip in NULL_ADDRESSES:  # old-style hold: nothing may be sent there
+        if ip in NULL_ADDRESSES:
+            previous, previous_rtcp = self.announced, self.rtcp_announced
+            if previous is not None:
+                ip = previous[0]
+            rtcp_ip = previous_rtcp[0] if previous_rtcp is not None else ip
             port = 0
         self.announced = (ip, port)
         rtcp_ip = rtcp_ip or ip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
 try:
@@ -11,10 +12,12 @@ except ImportError:  # tests/ collected as a package
 
 import lrk.client
 from lrk.client import LrkClient
-from lrk.client.errors import InvalidArgument, ProtocolError, SipParseError
+from lrk.client.errors import InvalidArgument, ProtocolError, RelayError, SipParseError
 from lrk.client.manage import parse_flags, parse_sdp, plan_manage, reply_relays, sdp_media
 from lrk.client.sip import parse_sip
+from lrk.control.msgpack_proto import MsgpackControl
 from lrk.core import sdp
+from lrk.core.engine import Engine, EngineConfig
 
 A = "udp:10.0.0.1:22222"
 B = "udp:10.0.0.2:22222"
@@ -314,6 +317,59 @@ def test_streams_entry_for_a_disabled_stream_is_a_protocol_error():
     assert reply_relays(desc, {"streams": [entry, None]}) == [
         sdp.StreamRelay("127.0.0.1", 31000), None]
     assert reply_relays(desc, {"sdp": "v=0"}) is None
+
+
+def real_relay(net):
+    """Both nodes answer with lrk's own control logic and engine (one relay behind two
+    addresses): the replies are the relay's, not a fake's."""
+    ctl = MsgpackControl(Engine(EngineConfig(internal_ip="10.0.0.1", external_ip="10.0.0.1",
+                                             port_start=30000, port_end=30099)))
+
+    def handler(req):
+        out = ctl.handle(msgpack.packb(req, use_bin_type=True), ("127.0.0.1", 5000), 100.0)
+        return msgpack.unpackb(out.reply, raw=False)
+    net.handlers[A] = net.handlers[B] = handler
+    return ctl
+
+
+def answer_sdp(*media):
+    return "".join(line + "\r\n" for line in (
+        "v=0", "o=bob 1 1 IN IP4 198.51.100.20", "s=-", "c=IN IP4 198.51.100.20", "t=0 0",
+        *media))
+
+
+def test_answer_enabling_a_stream_its_offer_disabled_gets_it_rejected(client, net):
+    """The client's own rewrite agrees with the relay's `sdp`: the stream the relay has no
+    ports for gets port 0, and the session c= moves to the relay."""
+    ctl = real_relay(net)
+    client.manage(request("INVITE", AV_SDP.replace("m=video 4002", "m=video 0")))
+    answer = answer_sdp("m=audio 5000 RTP/AVP 0", "m=video 5002 RTP/AVP 96",
+                        "m=message 2855 TCP/MSRP *", "m=text 5004 RTP/AVP 98")
+    out = parse_sip(client.manage(response(200, answer))).body
+    port = ctl.engine.get("call-1").legs["A"].media[0].relay_port
+    assert out == answer_sdp(f"m=audio {port} RTP/AVP 0", "c=IN IP4 10.0.0.1", "a=rtcp-mux",
+                             "m=video 0 RTP/AVP 96", "m=message 2855 TCP/MSRP *",
+                             "m=text 0 RTP/AVP 98").replace(" 1 1 IN", " 1 2 IN")
+
+
+def test_streams_reply_without_a_relay_for_an_enabled_stream_rejects_it(client, net):
+    with_streams(net, A, [{"ip": "203.0.113.1", "port": 31000, "rtcp_port": 31000,
+                           "rtcp_mux": True}, None])
+    out = client.manage(request("INVITE", AV_SDP))
+    assert parse_sip(out).body == (
+        "v=0\r\no=alice 7 8 IN IP4 198.51.100.10\r\ns=-\r\nc=IN IP4 203.0.113.1\r\n"
+        "t=0 0\r\nm=audio 31000 RTP/AVP 0\r\na=rtcp-mux\r\n"
+        "m=video 0 RTP/AVP 96\r\na=rtpmap:96 VP8/90000\r\n")
+
+
+def test_answer_with_fewer_m_lines_than_its_offer_is_a_relay_error(client, net):
+    ctl = real_relay(net)
+    client.manage(request("INVITE", AV_SDP))
+    with pytest.raises(RelayError, match="the answer has 1 m= lines but the offer has 2") \
+            as refused:
+        client.manage(response(200, ANSWER_SDP))
+    assert refused.value.code == "bad_request"
+    assert ctl.engine.get("call-1").state == "offered"
 
 
 def test_reply_without_relay_address_uses_its_sdp(client, net):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from fastpath.worker.relay_table import RelayTable
 from lrk.core.engine import Engine, EngineConfig, Install, Remove, Update
-from lrk.core.session import LEG_A, LEG_B
+from lrk.core.session import LEG_A, LEG_B, StreamOffer
 from lrk.errors import AtCapacity, BadRequest, PortsExhausted, SessionNotFound
 
 try:
@@ -569,3 +570,73 @@ def test_timer_floor_is_a_lower_bound_of_get_timer():
     assert engine.timer_floor() == 65.0
     engine.by_call["c2"].last_media = 30.0  # media since: the deadline moved later
     assert engine.timer_floor() <= engine.get_timer() == 90.0
+
+
+# -- answers that do not fit their offer -----------------------------------------------
+
+AV_OFFER = [StreamOffer(CALLER[0], 4000), StreamOffer(CALLER[0], 4002, kind="video")]
+
+
+def test_answer_with_fewer_streams_than_its_offer_is_refused_and_changes_nothing():
+    engine = make()
+    session, _, _ = engine.offer(0.0, "c1", "ft", AV_OFFER)
+    before = session.spec()
+    with pytest.raises(BadRequest, match="the answer has 1 m= lines but the offer has 2"):
+        engine.answer(1.0, "c1", "ft", "tt", [StreamOffer(CALLEE[0], 5000)])
+    assert session.spec() == before and session.state == "offered"
+    assert session.legs[LEG_B].tag is None and engine.ports.in_use == 4
+    assert engine.counters["sessions.answers"] == 0
+    # the one-stream (ip, port) form names the first stream only: still taken
+    engine.answer(1.0, "c1", "ft", "tt", CALLEE)
+    assert session.legs[LEG_B].media[0].announced == CALLEE
+
+
+def test_answer_cannot_enable_a_stream_or_add_one():
+    """A stream the offer disabled, or an m= line beyond the offer's, gets no relay
+    ports: the offerer is never told to send it anywhere (the reply rejects it)."""
+    engine = make()
+    session, _, _ = engine.offer(0.0, "c1", "ft", [StreamOffer(CALLER[0], 4000),
+                                                    StreamOffer(CALLER[0], 0, kind="video")])
+    engine.answer(1.0, "c1", "ft", "tt", [StreamOffer(CALLEE[0], 5000),
+                                          StreamOffer(CALLEE[0], 5002, kind="video"),
+                                          StreamOffer(CALLEE[0], 5004, kind="text")])
+    assert [m is not None for m in session.legs[LEG_A].media] == [True, False]
+    assert [m is not None for m in session.legs[LEG_B].media] == [True, False]
+    assert [s.index for s in session.spec().streams] == [0]
+    assert engine.ports.in_use == 2
+
+
+# -- old-style hold: c=0.0.0.0 is "send me nothing", not a new address -------------------
+
+HELD = StreamOffer("0.0.0.0", 4000)
+
+
+def test_old_style_hold_keeps_the_peer_address_for_admission():
+    engine = make(strict_source=True)
+    session = call(engine)
+    engine.offer(2.0, "c1", "ft", [HELD], to_tag="tt")
+    a = session.legs[LEG_A].media[0]
+    assert (a.announced, a.rtcp_announced) == ((CALLER[0], 0), (CALLER[0], 0))
+    engine.offer(3.0, "c1", "ft", [StreamOffer("::", 4000)], to_tag="tt")  # held again
+    assert (a.announced, a.rtcp_announced) == ((CALLER[0], 0), (CALLER[0], 0))
+    engine.offer(4.0, "c1", "ft", [StreamOffer(CALLER[0], 4010)], to_tag="tt")  # resumed
+    assert (a.announced, a.rtcp_announced) == ((CALLER[0], 4010), (CALLER[0], 4011))
+    # a first offer on hold has no address to keep: nothing to admit it from
+    held, _, _ = engine.offer(5.0, "c2", "ft", [HELD])
+    assert held.legs[LEG_A].media[0].announced == ("0.0.0.0", 0)
+
+
+def test_old_style_hold_under_strict_source_admits_the_holders_music():
+    """The data plane admits the holder from its real address and sends it nothing."""
+    engine = make(strict_source=True)
+    session = call(engine)
+    engine.offer(2.0, "c1", "ft", [HELD], to_tag="tt")
+    table = RelayTable()
+    relay = table.install(1, [10, 11, 12, 13], session.spec().streams[0])
+    a_rtp, a_rtcp = relay.endpoints[0], relay.endpoints[1]
+    assert table.forward_one(a_rtp, b"moh", (CALLER[0], 4000), 3.0) == CALLEE
+    assert table.forward_one(a_rtcp, b"sr", (CALLER[0], 4001), 3.0) == (CALLEE[0], 5001)
+    assert table.forward_one(a_rtp, b"x", ("192.0.2.66", 4000), 3.0) is None  # strict
+    fresh = RelayTable()  # the holder has not sent: nothing goes to the null address
+    relay = fresh.install(1, [10, 11, 12, 13], session.spec().streams[0])
+    assert fresh.forward_one(relay.endpoints[2], b"rtp", CALLEE, 3.0) is None

@@ -263,6 +263,74 @@ def test_answer_with_sdp_bytes_returns_bytes():
     assert f"m=audio {reply['relay']['port']} ".encode() in reply["sdp"]
 
 
+def sdp_of(ip: str, *media: str, version: int = 1, conn: str = "") -> str:
+    """A body from `ip` (o=), its session c= `conn` (`ip` unless given)."""
+    return "".join(line + "\r\n" for line in (
+        "v=0", f"o=- 1 {version} IN IP4 {ip}", "s=-", f"c=IN IP4 {conn or ip}", "t=0 0",
+        *media))
+
+
+CALLEE_IP = "198.51.100.20"
+
+
+def test_answer_enabling_a_stream_the_offer_disabled_rejects_it():
+    """RFC 8843 bundle-only (port 0 in the offer) answered with a port: the relay has no
+    ports for it, so the answer it returns rejects it instead of naming the callee."""
+    ctl = make()
+    cmd(ctl, "offer", call_id="c", from_tag="ft", sdp=sdp_of(
+        "198.51.100.10", "m=audio 4000 RTP/AVP 0", "m=video 0 RTP/AVP 96", "a=bundle-only"))
+    reply = cmd(ctl, "answer", call_id="c", from_tag="ft", to_tag="tt", sdp=sdp_of(
+        CALLEE_IP, "m=audio 7000 RTP/AVP 0", "m=video 7002 RTP/AVP 96",
+        f"a=candidate:1 1 UDP 1 {CALLEE_IP} 7002 typ host"))
+    port = reply["streams"][0]["port"]
+    assert reply["streams"][1] is None and len(reply["streams"]) == 2
+    assert reply["sdp"] == sdp_of(CALLEE_IP, f"m=audio {port} RTP/AVP 0",
+                                  "m=video 0 RTP/AVP 96", version=2, conn="10.0.0.1")
+
+
+def test_answer_with_an_m_line_beyond_its_offer_rejects_it():
+    ctl = make()
+    cmd(ctl, "offer", call_id="c", from_tag="ft", sdp=SDP)
+    reply = cmd(ctl, "answer", call_id="c", from_tag="ft", to_tag="tt", sdp=sdp_of(
+        CALLEE_IP, "m=audio 7000 RTP/AVP 0", "m=video 7002 RTP/AVP 96",
+        "m=message 2855 TCP/MSRP *"))
+    port = reply["streams"][0]["port"]
+    assert reply["streams"][1:] == [None, None]  # one entry per m= line of the answer
+    # the MSRP stream is not relayed anywhere, offered or not: it passes as it came
+    assert reply["sdp"] == sdp_of(CALLEE_IP, f"m=audio {port} RTP/AVP 0", "c=IN IP4 10.0.0.1",
+                                  "m=video 0 RTP/AVP 96", "m=message 2855 TCP/MSRP *",
+                                  version=2)
+    assert ctl.engine.ports.in_use == 2
+
+
+def test_answer_with_fewer_m_lines_than_its_offer_is_refused():
+    ctl = make()
+    offer = sdp_of("198.51.100.10", "m=audio 4000 RTP/AVP 0", "m=video 4002 RTP/AVP 96")
+    cmd(ctl, "offer", call_id="c", from_tag="ft", sdp=offer)
+    session = ctl.engine.get("c")
+    before = session.spec()
+    reply = cmd(ctl, "answer", call_id="c", from_tag="ft", to_tag="tt",
+                sdp=sdp_of(CALLEE_IP, "m=audio 7000 RTP/AVP 0"))
+    assert_error(reply, "bad_request", "the answer has 1 m= lines but the offer has 2")
+    assert session.spec() == before and session.legs["B"].tag is None
+    reply = cmd(ctl, "answer", call_id="c", from_tag="ft", to_tag="tt",
+                media=[{"ip": CALLEE_IP, "port": 7000}])
+    assert_error(reply, "bad_request", "the answer has 1 m= lines but the offer has 2")
+    reply = cmd(ctl, "answer", call_id="c", from_tag="ft", to_tag="tt", sdp=sdp_of(
+        CALLEE_IP, "m=audio 7000 RTP/AVP 0", "m=video 0 RTP/AVP 96"))
+    assert reply["ok"] and reply["streams"][1] is None and ctl.engine.ports.in_use == 2
+
+
+def test_offer_with_a_port_count_announces_one_relay_port():
+    ctl = make()
+    reply = cmd(ctl, "offer", call_id="c", from_tag="ft",
+                sdp=sdp_of("198.51.100.10", "m=video 4000/2 RTP/AVP 96"))
+    port = reply["streams"][0]["port"]
+    assert reply["sdp"] == sdp_of("198.51.100.10", f"m=video {port} RTP/AVP 96", version=2,
+                                  conn="10.0.0.1")
+    assert ctl.engine.ports.in_use == 2
+
+
 def test_list_paging():
     ctl = make()
     for i in range(5):

@@ -273,6 +273,15 @@ def test_rewrite_inserts_media_c_after_an_i_line():
     assert "m=audio 30000 RTP/AVP 0\r\ni=voice\r\nc=IN IP4 203.0.113.1\r\nb=AS:64\r\n" in out
 
 
+def test_media_c_comes_before_an_added_a_rtcp_mux():
+    """RFC 4566 order (c= before a=) when a bare m= line gets both a c= and a=rtcp-mux."""
+    text = body(*HEAD, "m=audio 4000 RTP/AVP 0", "m=message 9 TCP/MSRP *")
+    assert sdp.rewrite(text, [StreamRelay("203.0.113.1", 30000, None, True), None]) == body(
+        "v=0", "o=- 1 2 IN IP4 198.51.100.10", "s=-", "c=IN IP4 198.51.100.10", "t=0 0",
+        "m=audio 30000 RTP/AVP 0", "c=IN IP4 203.0.113.1", "a=rtcp-mux",
+        "m=message 9 TCP/MSRP *")
+
+
 def test_session_ice_stays_while_an_untouched_stream_uses_ice():
     text = body(*HEAD, "a=ice-ufrag:u", "a=ice-pwd:p", "m=audio 4000 RTP/AVP 0",
                 "a=candidate:1 1 UDP 1 198.51.100.10 4000 typ host",
@@ -295,6 +304,57 @@ def test_rewrite_errors_leave_nothing_behind():
         sdp.rewrite("v=0\r\n", [])
     with pytest.raises(SdpError):
         sdp.rewrite(b"\xff\xfe", [])
+
+
+CALLEE_HEAD = ("v=0", "o=- 5 5 IN IP4 198.51.100.20", "s=-", "c=IN IP4 198.51.100.20",
+               "t=0 0")
+
+
+def test_rewrite_rejects_what_it_is_told_and_moves_the_session_c():
+    """An answer enabling a stream its offer disabled: that stream gets port 0 and no
+    ICE, and the session c= moves to the relay (the rejected stream does not hold it)."""
+    text = body(*CALLEE_HEAD, "a=ice-ufrag:u", "m=audio 7000 RTP/AVP 0",
+                "m=video 7002 RTP/AVP 96", "a=bundle-only",
+                "a=candidate:1 1 UDP 1 198.51.100.20 7002 typ host")
+    assert sdp.rewrite(text, [R, None], reject=[1]) == body(
+        "v=0", "o=- 5 6 IN IP4 198.51.100.20", "s=-", "c=IN IP4 203.0.113.1", "t=0 0",
+        "m=audio 30000 RTP/AVP 0", "m=video 0 RTP/AVP 96", "a=bundle-only")
+    assert sdp.scan(text.encode()).rewrite([R, None], reject=(1,)) == sdp.rewrite(
+        text, [R, None], reject={1}).encode()
+    # without `reject` the stream keeps the callee's port, and so the session c=
+    assert sdp.rewrite(text, [R, None]) == body(
+        "v=0", "o=- 5 6 IN IP4 198.51.100.20", "s=-", "c=IN IP4 198.51.100.20", "t=0 0",
+        "a=ice-ufrag:u", "m=audio 30000 RTP/AVP 0", "c=IN IP4 203.0.113.1",
+        "m=video 7002 RTP/AVP 96", "a=bundle-only",
+        "a=candidate:1 1 UDP 1 198.51.100.20 7002 typ host")
+
+
+def test_rewrite_reject_of_a_disabled_stream_changes_nothing():
+    text = body(*CALLEE_HEAD, "m=audio 7000 RTP/AVP 0", "m=video 0 RTP/AVP 96")
+    assert sdp.rewrite(text, [None, None], reject=[1]) == text
+    assert sdp.rewrite(text, [R, None], reject=[1]) == sdp.rewrite(text, [R, None])
+
+
+@pytest.mark.parametrize("reject, match", [
+    ([2], "reject names m= line 2; the body has 2"), ([-1], "m= line -1"),
+    ([True], "m= line True"), ([0], "stream 0 is both relayed and rejected"),
+])
+def test_rewrite_checks_what_it_rejects(reject, match):
+    text = body(*CALLEE_HEAD, "m=audio 7000 RTP/AVP 0", "m=video 7002 RTP/AVP 96")
+    with pytest.raises(ValueError, match=match):
+        sdp.rewrite(text, [R, None], reject=reject)
+
+
+def test_rewrite_drops_the_port_count_of_a_relayed_stream():
+    """m=video 4000/2 (layered coding) relayed on one port pair: the relay's m= line
+    names that one pair; a count would announce relay ports that are not this call's."""
+    text = body(*HEAD, "m=video 4000/2 RTP/AVP 96", "m=audio 4004/2 RTP/AVP 0")
+    assert sdp.rewrite(text, [R, None]) == body(
+        "v=0", "o=- 1 2 IN IP4 198.51.100.10", "s=-", "c=IN IP4 198.51.100.10", "t=0 0",
+        "m=video 30000 RTP/AVP 96", "c=IN IP4 203.0.113.1", "m=audio 4004/2 RTP/AVP 0")
+    assert sdp.rewrite_first(text, "10.0.0.1", 30002, 30003).startswith(
+        body(*HEAD, "m=video 30002 RTP/AVP 96"))
+    assert sdp.rewrite(text, [None, None], reject=[1]).endswith("m=audio 0 RTP/AVP 0\r\n")
 
 
 # -- the single-stream wrappers (v1's daemon semantics) ---------------------------------
