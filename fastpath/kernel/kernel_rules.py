@@ -108,6 +108,24 @@ _MARK_MAX = 0xFFFFFFFF
 LAYOUT_VERSION = 1
 #: the one-element set whose element names the layout a table was created with
 LAYOUT_SET = "layout"
+#: the set whose one element records the accounting sysctls as they were before lrk set
+#: them (:func:`acct_record`), so that the stop after a restart that kept its calls (the
+#: sysctls still 1) restores the operator's values, not lrk's
+ACCT_SET = "acct"
+#: the sysctls :data:`ACCT_SET` records, bit i = the i-th was "1"; RECORDED marks a record
+ACCT_NAMES = ("nf_conntrack_acct", "nf_conntrack_timestamp")
+ACCT_RECORDED = 0x100
+
+
+def acct_record(values: Dict[str, str]) -> int:
+    """The :data:`ACCT_SET` element for sysctl values (name -> "0"/"1")."""
+    return ACCT_RECORDED | sum(1 << i for i, name in enumerate(ACCT_NAMES)
+                               if values.get(name) == "1")
+
+
+def acct_values(record: int) -> Dict[str, str]:
+    """The sysctl values an :data:`ACCT_SET` element records."""
+    return {name: "1" if record >> i & 1 else "0" for i, name in enumerate(ACCT_NAMES)}
 
 Elements = Dict[str, Dict[str, Optional[str]]]
 
@@ -411,6 +429,8 @@ class TableListing:
     layout: Optional[int]
     elements: Elements = field(default_factory=dict)
     chains_with_rules: Dict[str, int] = field(default_factory=dict)
+    #: the :data:`ACCT_SET` record (:func:`acct_values`), None: none (or an older table)
+    acct: Optional[int] = None
 
 
 def _spell(value: Any) -> str:
@@ -446,10 +466,13 @@ def parse_table(json_obj: Dict[str, Any]) -> TableListing:
             continue
         name = body.get("name")
         items = body.get("elem") or ()
-        if name == LAYOUT_SET:
+        if name in (LAYOUT_SET, ACCT_SET):
             for item in items:
                 if isinstance(item, int) and not isinstance(item, bool):
-                    listing.layout = item
+                    if name == LAYOUT_SET:
+                        listing.layout = item
+                    elif item & ACCT_RECORDED:
+                        listing.acct = item
             continue
         if name not in names:
             continue
@@ -651,8 +674,13 @@ class KernelRuleset:
         adopts the table."""
         t = self.table
         body = self._body()
-        marker = f"  set {LAYOUT_SET} {{ type mark; elements = {{ {self.layout} }} }}\n"
+        marker = (f"  set {LAYOUT_SET} {{ type mark; elements = {{ {self.layout} }} }}\n"
+                  f"  set {ACCT_SET} {{ type mark; }}\n")  # beside the layout, not in it
         return f"add table inet {t}\ndelete table inet {t}\ntable inet {t} {{\n{marker}{body}"
+
+    def acct_command(self, record: int) -> str:
+        """Record the accounting sysctls' values from before lrk (:func:`acct_record`)."""
+        return f"add element inet {self.table} {ACCT_SET} {{ {record} }}\n"
 
     def adopt_query(self) -> str:
         """List command whose ``nft -j`` output :func:`parse_table` reads."""

@@ -79,6 +79,8 @@ from fastpath.kernel.kernel_rules import (
     LegSpec,
     SessionSpec,
     TableListing,
+    acct_record,
+    acct_values,
     conntrack_marks,
     drop_counter,
     leftover_commands,
@@ -323,6 +325,8 @@ class KernelPlane(KernelView):
         self._found: Optional[Elements] = None
         #: the adopted table's chains with rules (nfqueue mode: its NFQUEUE rules exist)
         self._found_chains: Dict[str, int] = {}
+        #: the adopted table's record of the accounting sysctls from before lrk
+        self._found_acct: Optional[int] = None
         #: sessions released for the next start (Remove with reason KEPT)
         self._kept: Set[int] = set()
         #: `seen` counts an adopted table held at adoption, per relay address: reports
@@ -355,15 +359,46 @@ class KernelPlane(KernelView):
                      "packet: counters read every %g s, and at most %g s old before an "
                      "expiry or a query", self.udp_timeouts[0], self.udp_timeouts[1],
                      self.sweep_interval, self.poll_interval)
-            if self.rules.counters == "conntrack":
-                self._enable_acct()
-            else:
+            if self.rules.counters != "conntrack":
                 self._log_uncounted()
+        current = self._read_acct() if self._counts_by_acct() else {}
         try:
             self._start_tables()
+            if current:
+                self._enable_acct(self._acct_originals(current))
         except BaseException:
             await self._undo_start()
             raise
+
+    def _counts_by_acct(self) -> bool:
+        return not self.rules.seen and self.rules.counters == "conntrack"
+
+    @staticmethod
+    def _read_acct() -> Dict[str, str]:
+        """The accounting sysctls now (unreadable ones are left out)."""
+        values = {}
+        for name, path in ACCT.items():
+            try:
+                with open(path) as fh:
+                    values[name] = fh.read().strip()
+            except OSError:
+                pass
+        return values
+
+    def _acct_originals(self, current: Dict[str, str]) -> Dict[str, str]:
+        """The sysctls' values from before lrk: the adopted table's record when it has one
+        (a restart that kept its calls left them at 1), else `current`, recorded in the
+        table for the next start (an older table without the record set: not recorded)."""
+        if self._found_acct is not None:
+            return {**current, **acct_values(self._found_acct)}
+        assert self.nft is not None
+        try:
+            self.nft.run(self.rules.acct_command(acct_record(current)))
+        except NftError as exc:
+            log.warning("kernel mode: the accounting sysctls' values could not be recorded "
+                        "in table inet %s (%s): a restart that keeps its calls restores "
+                        "them as it finds them", self.rules.table, exc)
+        return current
 
     async def _undo_start(self) -> None:
         """A start that failed part of the way: what it made goes (`stop`: the table, its
@@ -373,14 +408,16 @@ class KernelPlane(KernelView):
         except BaseException:
             log.exception("kernel mode: the clean-up after a failed start failed too")
 
-    def _enable_acct(self) -> None:
+    def _enable_acct(self, originals: Optional[Dict[str, str]] = None) -> None:
         """Conntrack only counts (acct) and timestamps flows created while these sysctls
-        are 1, per namespace; the start time tells a re-created flow from an old one."""
+        are 1, per namespace; the start time tells a re-created flow from an old one.
+        `originals`: what stop restores (default: the values found now)."""
         for name, path in ACCT.items():
             try:
                 with open(path) as fh:
-                    old = fh.read().strip()
-                if old != "1":
+                    now = fh.read().strip()
+                old = (originals or {}).get(name, now)
+                if now != "1":
                     with open(path, "w") as fh:
                         fh.write("1\n")
             except OSError as exc:
@@ -451,6 +488,7 @@ class KernelPlane(KernelView):
             return
         self._found = listing.elements
         self._found_chains = listing.chains_with_rules
+        self._found_acct = listing.acct
         lifecycle.info("kernel mode: adopting table inet %s (%d elements) and its flows: media "
                  "kept flowing while no relay ran", self.rules.table,
                  sum(len(e) for e in listing.elements.values()))
@@ -483,6 +521,11 @@ class KernelPlane(KernelView):
         mark when that dump fails."""
         assert self.nft is not None
         self.nft.run(self.rules.create())  # replaces a table a crashed run left behind
+        if self._acct_old:  # re-created after an adoption: the sysctls' record again
+            try:
+                self.nft.run(self.rules.acct_command(acct_record(self._acct_old)))
+            except NftError as exc:
+                log.warning("kernel mode: accounting sysctls not recorded again: %s", exc)
         if self.ct is None:
             return
         self._flush_flows(self._lrk_marks())  # its flows too
@@ -541,6 +584,7 @@ class KernelPlane(KernelView):
         restored: the table is re-created, as on a plain start."""
         found, self._found = self._found, None
         self._found_chains = {}
+        self._found_acct = None
         if found is None:
             return
         if not self.installed:
@@ -644,6 +688,7 @@ class KernelPlane(KernelView):
         self.fork_of.clear()
         self._found = None
         self._found_chains = {}
+        self._found_acct = None
         self._seen_offset.clear()
         self._stale.clear()
         nft, self.nft = self.nft, None  # a second stop leaves the table (kept or gone) be

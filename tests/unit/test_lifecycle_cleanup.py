@@ -640,3 +640,60 @@ def test_a_reload_that_lengthens_the_ttl_rewrites_the_live_calls_keys(short_dir,
             f"lrk:{store.node}:session:{sid}" for sid in node.engine.by_sid]
     finally:
         store.close()
+
+
+# -- the accounting sysctls across a restart that kept its calls --------------------------
+class ListingNft(FakeNft):
+    """A FakeNft whose table listing is the one a kept stop left: this ruleset's layout
+    and, unless `record` is None, the accounting sysctls' record."""
+
+    layout = 0
+    record: Optional[int] = None
+
+    def run_json(self, text: str) -> Dict[str, Any]:
+        if text.startswith("list table"):
+            sets = [{"set": {"name": "layout", "elem": [ListingNft.layout]}}]
+            if ListingNft.record is not None:
+                sets.append({"set": {"name": "acct", "elem": [ListingNft.record]}})
+            return {"nftables": sets}
+        return super().run_json(text)
+
+
+def test_the_sysctls_lrk_set_go_back_after_a_restart_that_kept_the_calls(fake_kernel,
+                                                                         monkeypatch):
+    """The first start records the sysctls as it found them (0) in its table; a stop that
+    keeps the calls leaves them at 1 with the table; the next start adopts the table and
+    takes the record, not the 1 it finds, so its final stop puts the operator's 0 back.
+    An older table without the record: the values found are restored, as before."""
+    from fastpath.kernel.kernel_rules import ACCT_SET, acct_record
+
+    first = KernelPlane(31000, 31099, [RELAY], adopt=True)
+    asyncio.run(first.start())
+    record = acct_record({"nf_conntrack_acct": "0", "nf_conntrack_timestamp": "0"})
+    assert f"add element inet lrk {ACCT_SET} {{ {record} }}\n" in FakeNft.made[-1].runs
+    assert _values(fake_kernel) == {"nf_conntrack_acct": "1", "nf_conntrack_timestamp": "1"}
+    first.apply([Install(spec(1, 31010, 31012))])
+    first.apply([Remove(1, "c1", KEPT)])
+    asyncio.run(first.stop())
+    assert _values(fake_kernel) == {"nf_conntrack_acct": "1", "nf_conntrack_timestamp": "1"}
+
+    monkeypatch.setattr(kernel_plane, "Nft", ListingNft)
+    ListingNft.layout, ListingNft.record = first.rules.layout, record
+    second = KernelPlane(31000, 31099, [RELAY], adopt=True)
+    asyncio.run(second.start())
+    assert not any(ACCT_SET in text for text in FakeNft.made[-1].runs)  # adopted as is
+    second.apply([Install(spec(1, 31010, 31012))])
+    second.adopted()
+    asyncio.run(second.stop())
+    assert _values(fake_kernel) == {"nf_conntrack_acct": "0", "nf_conntrack_timestamp": "0"}
+
+    for path in fake_kernel.values():  # a table of an older lrk: no record
+        with open(path, "w") as fh:
+            fh.write("1\n")
+    ListingNft.record = None
+    third = KernelPlane(31000, 31099, [RELAY], adopt=True)
+    asyncio.run(third.start())
+    third.apply([Install(spec(1, 31010, 31012))])
+    third.adopted()
+    asyncio.run(third.stop())
+    assert _values(fake_kernel) == {"nf_conntrack_acct": "1", "nf_conntrack_timestamp": "1"}
