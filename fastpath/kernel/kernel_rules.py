@@ -170,7 +170,9 @@ class LegSpec:
     """One leg as the kernel sees it: the relay port its peer sends to, and that peer.
 
     ``peer_port`` is the SDP port media is sent to; the peer may send from a
-    different (NATed) port, admission only checks the source address.
+    different (NATed) port, admission only checks the source address. ``peer_port`` 0:
+    the peer is on hold (old-style, c=0.0.0.0): what it sends is admitted from
+    ``peer_ip`` (its address before the hold) and forwarded, nothing is sent to it.
     """
 
     relay_ip: str
@@ -191,7 +193,7 @@ class LegSpec:
         object.__setattr__(self, "relay_ip", relay_ip)
         object.__setattr__(self, "peer_ip", peer_ip)
         _port(self.relay_port, "relay_port", 1, 65534)
-        _port(self.peer_port, "peer_port")
+        _port(self.peer_port, "peer_port", 0)
         if self.peer_rtcp_port is not None:
             _port(self.peer_rtcp_port, "peer_rtcp_port")
         if self.mark is not None and (
@@ -209,11 +211,16 @@ class LegSpec:
     def rtp_mark(self) -> int:
         return self.relay_port if self.mark is None else self.mark
 
+    @property
+    def held(self) -> bool:
+        """On hold: nothing may be sent to this leg's peer (its port is 0)."""
+        return not self.peer_port
+
     def relay(self, rtcp: bool) -> Tuple[str, int]:
         return self.relay_ip, self.relay_port + rtcp
 
     def peer(self, rtcp: bool) -> Tuple[str, int]:
-        if not rtcp:
+        if not rtcp or self.held:
             return self.peer_ip, self.peer_port
         port = self.peer_rtcp_port if self.peer_rtcp_port is not None else self.peer_port + 1
         if port > 65535:
@@ -283,6 +290,10 @@ def elements(spec: SessionSpec, seen: bool = True) -> Elements:
         out[f"fmark{fam}"] = {}
         out[f"ffwd{fam}"] = {}
     for leg, other in ((spec.a, spec.b), (spec.b, spec.a)):
+        if other.held and not fork:
+            # toward a peer on hold: nothing is forwarded (no admission either: such
+            # packets meet the unadmitted rule, dropped and counted)
+            continue
         for rtcp in (False, True):
             key = _addr(leg.relay(rtcp))
             mark = str(leg.rtp_mark + rtcp)

@@ -154,11 +154,17 @@ def read_udp_timeouts(paths: Sequence[str] = UDP_TIMEOUTS) -> Tuple[int, int]:
     return values[0], values[1]
 
 
-def leg_spec(leg: PlaneLeg, rules: Optional[KernelRuleset] = None) -> Optional[LegSpec]:
-    """The kernel's view of a leg, or None while its peer is unknown or on hold (port 0);
-    with `rules`, its ct mark is its relay address's (mark slots)."""
-    if leg.announced is None or not leg.announced[1]:
+def leg_spec(leg: PlaneLeg, rules: Optional[KernelRuleset] = None,
+             held: bool = False) -> Optional[LegSpec]:
+    """The kernel's view of a leg, or None while its peer is unknown, or on hold (port 0)
+    unless `held` (then a LegSpec with peer port 0: admitted from its address, nothing
+    sent to it); with `rules`, its ct mark is its relay address's (mark slots)."""
+    if leg.announced is None or not (leg.announced[1] or held):
         return None
+    if not leg.announced[1]:
+        if rules is not None and rules.slot_of:
+            return rules.leg(leg.relay_ip, leg.relay_port, leg.announced[0], 0, None)
+        return LegSpec(leg.relay_ip, leg.relay_port, leg.announced[0], 0)
     rtcp = leg.rtcp_announced[1] if leg.rtcp_announced else None
     if rules is not None and rules.slot_of:
         return rules.leg(leg.relay_ip, leg.relay_port, leg.announced[0], leg.announced[1],
@@ -169,9 +175,11 @@ def leg_spec(leg: PlaneLeg, rules: Optional[KernelRuleset] = None) -> Optional[L
 
 def session_spec(stream: StreamSpec, rules: Optional[KernelRuleset] = None
                  ) -> Optional[SessionSpec]:
-    """The kernel's view of one stream (a unit), or None while a peer is unknown."""
-    a, b = leg_spec(stream.a, rules), leg_spec(stream.b, rules)
-    if a is None or b is None:
+    """The kernel's view of one stream (a unit), or None while a peer is unknown or both
+    are on hold. One peer on hold (old-style, c=0.0.0.0): what it sends (music on hold)
+    is forwarded, nothing goes to it."""
+    a, b = leg_spec(stream.a, rules, held=True), leg_spec(stream.b, rules, held=True)
+    if a is None or b is None or (a.held and b.held):
         return None
     return SessionSpec(a, b)
 

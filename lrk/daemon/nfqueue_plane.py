@@ -196,9 +196,11 @@ class NfqueuePlane(KernelPlane):
             rtp = self.latched.get((uid, name, False))
             rtcp = self.latched.get((uid, name, True))
             if rtp is not None or rtcp is not None:
+                # (a leg on hold that sends again is sent to where it sends from)
                 leg = replace(leg, peer_ip=(rtp or rtcp)[0],
                               peer_port=rtp[1] if rtp else leg.peer_port,
-                              peer_rtcp_port=rtcp[1] if rtcp else leg.peer(True)[1])
+                              peer_rtcp_port=rtcp[1] if rtcp
+                              else None if leg.held else leg.peer(True)[1])
             legs[name] = leg
         return type(spec)(legs["A"], legs["B"])  # a fork unit's stays a ForkSpec
 

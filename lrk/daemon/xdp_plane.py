@@ -270,6 +270,8 @@ class XdpPlane:
         for rtcp in (False, True):
             for name, leg, gen, oname, other, ogen in legs:
                 relay = leg.relay(rtcp)
+                if other.held and not forked:
+                    continue  # toward a peer on hold: nothing is sent (no entry: dropped)
                 if forked:  # the kernel path tells forked callees apart by source
                     out[relay] = Entry(relay, relay, relay, relay, 0, F_KERNEL)
                     continue

@@ -357,3 +357,49 @@ def test_calls_survive_a_restart(topo, tmp_path, mode, how):
             assert receive(caller, 1) == [(rtp_packet(3, 0x500), to_a)], mode
             client.delete("keep")
             assert client.stats()["ports"]["in_use"] == 0
+
+
+def _held_audio(port: int) -> str:
+    """The caller's re-INVITE putting the call on hold the old way (RFC 2543): c=0.0.0.0."""
+    return _audio("0.0.0.0", port)
+
+
+@pytest.mark.parametrize("mode", ["socket", "packet", "kernel", "nfqueue", "xdp"])
+def test_old_style_hold_lets_the_holders_music_through_and_resume_relays_both_ways(
+        topo, tmp_path, mode):
+    """The caller puts the call on hold with c=0.0.0.0 and plays music on hold from the
+    address it used before: the callee hears it, from the relay's port, in every mode
+    (before, kernel modes installed nothing for a held stream and socket/packet modes
+    with strict sources took 0.0.0.0 for the caller's address). Resuming relays both
+    ways again."""
+    caller_ip, callee_ip = topo.caller.ip4, topo.callee.ip4
+    relay = _relay(topo, mode, tmp_path, config="strict_source = true\n")
+    with _stops_cleanly(topo, mode, [relay]) as socks, LrkClient([relay.node]) as client:
+        caller = endpoint(topo.caller.ns, caller_ip, 4000)
+        callee = endpoint(topo.callee.ns, callee_ip, 5000)
+        socks += [caller, callee]
+        offer = client.offer("hold", "a", sdp=_audio(caller_ip, 4000), interface="external")
+        answer = client.answer("hold", "a", "b", sdp=_audio(callee_ip, 5000))
+        to_b, to_a = _relay_addrs(offer)[0], _relay_addrs(answer)[0]
+        forth = [rtp_packet(seq, 0x100) for seq in range(3)]
+        assert relay_flow(caller, callee, forth, to_a) == [(p, to_b) for p in forth], mode
+        back = [rtp_packet(seq, 0x200) for seq in range(3)]
+        assert relay_flow(callee, caller, back, to_b) == [(p, to_a) for p in back], mode
+
+        held = client.offer("hold", "a", sdp=_held_audio(4000), to_tag="b",
+                            interface="external")
+        assert "c=IN IP4 0.0.0.0" in held["sdp"]  # the callee is told not to send
+        client.answer("hold", "a", "b", sdp=_audio(callee_ip, 5000))
+        assert _relay_addrs(held)[0] == to_b
+        music = [rtp_packet(seq, 0x100) for seq in range(10, 13)]
+        assert relay_flow(caller, callee, music, to_a) == [(p, to_b) for p in music], mode
+
+        client.offer("hold", "a", sdp=_audio(caller_ip, 4000), to_tag="b",
+                     interface="external")
+        client.answer("hold", "a", "b", sdp=_audio(callee_ip, 5000))
+        forth = [rtp_packet(seq, 0x100) for seq in range(20, 23)]
+        assert relay_flow(caller, callee, forth, to_a) == [(p, to_b) for p in forth], mode
+        back = [rtp_packet(seq, 0x200) for seq in range(20, 23)]
+        assert relay_flow(callee, caller, back, to_b) == [(p, to_a) for p in back], mode
+        assert client.stats()["counters"].get("kernel.errors", 0) == 0
+        client.delete("hold")

@@ -97,6 +97,23 @@ def test_rtcp_is_plus_one_unless_the_peer_announced_a_rtcp_port():
     assert els["out4"]["30001"] == f"{B4} . 30003"
 
 
+def test_a_peer_on_hold_gets_nothing_and_its_music_goes_through():
+    """Old-style hold (c=0.0.0.0): leg B's peer port is 0 and its address the one from
+    before the hold. What B's phone sends (music on hold) is admitted from that address
+    and forwarded to A's peer; nothing is forwarded toward B (A's packets meet the
+    unadmitted rule: dropped and counted)."""
+    spec = session4(peer_port=0)
+    assert spec.b.held and not spec.a.held and spec.b.peer(True) == (PB4, 0)
+    els = elements(spec)
+    assert els["fwd4"] == {f"{B4} . 30002": f"{PA4} . 4000", f"{B4} . 30003": f"{PA4} . 4001"}
+    assert els["adm4"] == {f"{B4} . 30002 . {PB4}": None, f"{B4} . 30003 . {PB4}": None}
+    assert els["mark4"] == {f"{B4} . 30002": "30002", f"{B4} . 30003": "30003"}
+    assert els["out4"] == {"30002": f"{A4} . 30000", "30003": f"{A4} . 30001"}
+    assert not any(A4 + " . " in key for table in els.values() for key in table)
+    # resumed: both ways again (what an update installs)
+    assert elements(session4()) == elements(session4(peer_port=5000))
+
+
 def test_explicit_marks_replace_the_relay_port():
     spec = session4(mark=0x10000 + 30002)
     els = elements(spec)
@@ -123,7 +140,7 @@ def test_legs_of_different_families_are_refused(a, b):
         (dict(relay_ip=A4, relay_port=30000, peer_ip=PA6, peer_port=1), "is IPv4 but its peer"),
         (dict(relay_ip="198.51.100.300", relay_port=30000, peer_ip=PA4, peer_port=1), "not an"),
         (dict(relay_ip=A4, relay_port=65535, peer_ip=PA4, peer_port=1), "relay_port"),
-        (dict(relay_ip=A4, relay_port=30000, peer_ip=PA4, peer_port=0), "peer_port"),
+        (dict(relay_ip=A4, relay_port=30000, peer_ip=PA4, peer_port=-1), "peer_port"),  # 0: on hold
         (dict(relay_ip=A4, relay_port=True, peer_ip=PA4, peer_port=1), "relay_port"),
         (dict(relay_ip=A4, relay_port=30000, peer_ip=PA4, peer_port=1, mark=0), "mark"),
     ],
