@@ -184,6 +184,8 @@ def spec_batch(spec: SessionSpec, first_seq: int, table: str = "lrk", seen: bool
     kinds = ["fwd", "mark", "out"] + (["adm"] if admission else []) + (["seen"] if seen else [])
     items: Dict[str, List[Tuple[bytes, Optional[bytes]]]] = {k: [] for k in kinds}
     for leg, other in ((spec.a, spec.b), (spec.b, spec.a)):
+        if other.held:  # nothing toward a peer on hold (as kernel_rules.elements)
+            continue
         relay = _part("a", leg.relay_ip, fam)
         peer = _part("a", other.peer_ip, fam)
         other_relay = _part("a", other.relay_ip, fam)

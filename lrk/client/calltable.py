@@ -16,6 +16,9 @@ from lrk.client.errors import InvalidArgument
 from lrk.client.nodes import Node
 
 _Key = Tuple[str, str]
+#: how long a removed call is remembered as ended (`ended`): SIP's transaction timeout
+#: (64 x T1) covers a CANCEL's 487 and retransmitted BYEs
+ENDED_FOR = 32.0
 
 
 class CallTable:
@@ -33,6 +36,8 @@ class CallTable:
         # insertion order == expiry order, since every entry lives `timeout` from its store
         self._entries: OrderedDict[_Key, Tuple[Node, float]] = OrderedDict()
         self._by_call: Dict[str, Dict[str, None]] = {}  # call_id -> branches, oldest first
+        #: calls removed lately -> when that is forgotten (bounded as the table)
+        self._ended: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -69,8 +74,22 @@ class CallTable:
                 return node
         return None
 
-    def remove(self, call_id: str) -> int:
-        """Forget every entry of the call; returns how many were dropped."""
+    def ended(self, call_id: str, now: Optional[float] = None) -> bool:
+        """Whether the call was removed within ENDED_FOR seconds (a delete or not_found):
+        a later delete of it (the 487 after a CANCEL, a retransmitted BYE) need not look
+        for it on every node."""
+        until = self._ended.get(call_id)
+        return until is not None and until > self._now(now)
+
+    def remove(self, call_id: str, now: Optional[float] = None) -> int:
+        """Forget every entry of the call (and remember it ended); returns how many
+        entries were dropped."""
+        now = self._now(now)
+        ended = self._ended
+        ended.pop(call_id, None)
+        while ended and (len(ended) >= self.max_size or next(iter(ended.values())) <= now):
+            ended.popitem(last=False)
+        ended[call_id] = now + ENDED_FOR
         branches = self._by_call.pop(call_id, None)
         if not branches:
             return 0

@@ -141,8 +141,9 @@ class ClientCore:
         the call is pinned to that node or the error is of another kind."""
         if state.pinned is not None:
             return None
-        if error.code not in MOVE_ON and not (error.code == "not_found"
-                                              and op.message.get("cmd") in ROAMING):
+        if error.code not in MOVE_ON and not (
+                error.code == "not_found" and op.message.get("cmd") in ROAMING
+                and not self.table.ended(str(op.message.get("call_id")))):
             return None
         retry = self.request(op)
         retry.tried = list(state.tried)

@@ -440,15 +440,22 @@ class Authenticator:
         self.window = float(window)
         self.window_ms = int(window * 1000)
         self.guard = ReplayGuard(window, max_seen)
+        #: timestamps before this (ms) are refused as expired: set by a reload that widens
+        #: the window, since the old guard forgot what it saw before its own window
+        self.floor_ms = 0
 
-    def keep_guard(self, previous: Authenticator) -> None:
-        """Take over the replay guard of the authenticator this one replaces (a reload):
-        what it has seen stays refused as a replay for as long as either window accepts
-        its timestamp (a wider window with the old guard would let a request captured
-        after the old window be replayed)."""
+    def keep_guard(self, previous: Authenticator, wall: float) -> None:
+        """Take over the replay guard of the authenticator this one replaces (a reload at
+        Unix time `wall`), remembering for this window from now on. A wider window does
+        not reopen what the old guard already forgot: timestamps older than the old
+        window at the reload stay expired (for as long as the new window would accept
+        them). A narrower one lets the guard forget sooner (verify refuses the rest)."""
         guard = previous.guard
-        guard.window_ms = max(guard.window_ms, self.window_ms)
+        guard.window_ms = self.window_ms
         self.guard = guard
+        self.floor_ms = previous.floor_ms
+        if self.window_ms > previous.window_ms:
+            self.floor_ms = max(self.floor_ms, int(wall * 1000) - previous.window_ms)
 
     def verify(self, data: bytes, wall: float) -> Tuple[Optional[Key], str]:
         """(key, "fresh" or "repeat") for a request signed by a known key within the
@@ -466,7 +473,7 @@ class Authenticator:
             return None, "bad_signature"
         ts = _TS.unpack_from(data, n - 40)[0]
         now_ms = int(wall * 1000)
-        if abs(now_ms - ts) > self.window_ms:
+        if abs(now_ms - ts) > self.window_ms or ts < self.floor_ms:
             return None, "expired"
         verdict = self.guard.check(ts, mac, now_ms)
         if verdict == "full":

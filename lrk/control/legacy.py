@@ -170,7 +170,8 @@ class LegacyControl:
         engine = self.engine
         counters = engine.counters
         stamp = (engine.ports.in_use, counters["sessions.created"], counters["sessions.offers"],
-                 counters["sessions.answers"], counters["sessions.deleted"])
+                 counters["sessions.answers"], counters["sessions.deleted"],
+                 counters["sessions.restored"])  # (adopted calls: a takeover)
         cached = self._advice
         if cached is not None and cached[0] > now and cached[1] == stamp:
             return cached[2]

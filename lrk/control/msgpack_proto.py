@@ -354,6 +354,8 @@ class MsgpackControl:
         if len(relays) < count:
             relays.extend([None] * (count - len(relays)))
         if body is not None:
+            del relays[count:]  # (or fewer: the lines it left out were rejected)
+        if body is not None:
             streams = body.desc.streams
             reject: List[int] = []
             for i, st in enumerate(streams):

@@ -212,8 +212,8 @@ class Engine:
         announces. A stream the answer rejects (port 0) frees its ports on both legs. An
         answer cannot enable a stream: one the offer disabled, or an m= line beyond the
         offer's, gets no relay ports (the reply's rewrite disables it). An answer with
-        fewer streams than the offer (a list: one per m= line) is refused with
-        BadRequest, nothing changed; the one-stream `(ip, port)` form answers the first.
+        fewer streams than the offer (a list: one per m= line) rejects the missing ones,
+        as port 0 would; the one-stream `(ip, port)` form answers the first.
 
         `provisional`: a 1xx (183) answer. Until a final answer, a provisional answer from
         another To-tag than leg B's (a forked INVITE) is another early dialog with its
@@ -223,12 +223,15 @@ class Engine:
         session = self.by_call.get(call_id)
         if session is None:
             raise SessionNotFound(f"no session with Call-ID {call_id!r}")
-        offered = len(session.legs[LEG_A].media)
-        if len(streams) < offered and not _one_stream_form(media):
-            # before anything changes: the session stays as the offer left it
-            raise BadRequest(f"the answer has {len(streams)} m= lines but the offer has "
-                             f"{offered}: an answer keeps every m= line of its offer, "
-                             "port 0 for a rejected one (RFC 3264 section 6)")
+        offered = session.legs[LEG_A].media
+        if len(streams) < len(offered) and not _one_stream_form(media):
+            # an answer that leaves m= lines out (invalid, RFC 3264 section 6, but some
+            # endpoints drop a declined video): the missing ones are rejected, as port 0
+            # would (refusing the answer would leave the proxy the callee's SDP as it is)
+            ip = streams[0].ip if streams else "0.0.0.0"
+            streams = list(streams) + [
+                StreamOffer(ip, 0, kind=m.kind if m is not None else "audio")
+                for m in offered[len(streams):]]
         target_ips = self._side(interface, session)
         latch_any = self._learning(latch_any, strict_source)
         answering = session.leg_by_tag(to_tag)

@@ -369,11 +369,12 @@ class KernelPlane(KernelView):
                      self.sweep_interval, self.poll_interval)
             if self.rules.counters != "conntrack":
                 self._log_uncounted()
-        current = self._read_acct() if self._counts_by_acct() else {}
+        counts = self._counts_by_acct()
+        current = self._read_acct() if counts else {}
         try:
             self._start_tables()
-            if current:
-                self._enable_acct(self._acct_originals(current))
+            if counts:  # (unreadable sysctls: _enable_acct says so, and the start fails)
+                self._enable_acct(self._acct_originals(current or self._read_acct()))
         except BaseException:
             await self._undo_start()
             raise
@@ -397,16 +398,19 @@ class KernelPlane(KernelView):
         """The sysctls' values from before lrk: the adopted table's record when it has one
         (a restart that kept its calls left them at 1), else `current`, recorded in the
         table for the next start (an older table without the record set: not recorded)."""
-        if self._found_acct is not None:
-            return {**current, **acct_values(self._found_acct)}
+        originals = current
+        if self._found_acct is not None:  # (also a replaced table's of another layout)
+            originals = {**current, **acct_values(self._found_acct)}
+        if self._found is not None and self._found_acct is not None:
+            return originals  # the adopted table has the record
         assert self.nft is not None
         try:
-            self.nft.run(self.rules.acct_command(acct_record(current)))
+            self.nft.run(self.rules.acct_command(acct_record(originals)))
         except NftError as exc:
             log.warning("kernel mode: the accounting sysctls' values could not be recorded "
                         "in table inet %s (%s): a restart that keeps its calls restores "
                         "them as it finds them", self.rules.table, exc)
-        return current
+        return originals
 
     async def _undo_start(self) -> None:
         """A start that failed part of the way: what it made goes (`stop`: the table, its
@@ -513,6 +517,7 @@ class KernelPlane(KernelView):
                         self.rules.table, exc)
             return None
         if listing.layout != self.rules.layout:
+            self._found_acct = listing.acct  # the sysctls from before lrk, all the same
             log.warning("kernel mode: table inet %s has another layout (%s, this lrk writes "
                         "%s: another lrk version, or changed ports, relay addresses or "
                         "counting): replaced; restored calls get new elements and their "
@@ -683,9 +688,15 @@ class KernelPlane(KernelView):
             self._kept.clear()
             self._acct_old = {}
         elif self._found is not None:
-            # a start that failed before its restore was over: the adopted table goes, and
-            # the flows of the calls it held with it (the store still has those calls)
-            marks = self._lrk_marks() if self.ct is not None else []
+            # a start that failed before its restore was over: the adopted table, its flows
+            # and the sysctls stay as the last run left them (their calls are in the store,
+            # and the kernel forwards their media until a start adopts them)
+            keep = True
+            marks = []
+            self._acct_old = {}
+            lifecycle.warning("kernel mode: start failed before the restore was over: table "
+                              "inet %s and its flows left in place for the next start",
+                              self.rules.table)
         else:
             marks = sorted(set(self._marks_to_flush()) | self._unflushed)
         self.installed.clear()
@@ -936,6 +947,9 @@ class KernelPlane(KernelView):
         """Flush again the ended units' marks whose flush failed (`only`: those of them)."""
         if not self._unflushed or self.ct is None or self._deferred is not None:
             return
+        # a mark a live unit has taken since is that unit's: its flows are not flushed
+        live = {m for spec in self.installed.values() for m in conntrack_marks(spec)}
+        self._unflushed.difference_update(live.difference(only or ()))
         marks = sorted(self._unflushed if only is None else self._unflushed.intersection(only))
         if not marks:
             return

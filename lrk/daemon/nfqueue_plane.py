@@ -103,7 +103,7 @@ class NfqueuePlane(KernelPlane):
         self.counters.update({"nfqueue.packets": 0, "nfqueue.admitted": 0,
                               "nfqueue.queued": 0, "nfqueue.requeued": 0,
                               "nfqueue.batches.retried": 0,
-                              "media.latched": 0})
+                              "media.latched": 0, "media.dropped.no_destination": 0})
         self.drop_counter = "nfqueue.queued"  # the ruleset's counter counts queued packets
         #: while adopting: relay address ("ip . port") -> the adopted table's adm keys there
         self._found_adm: Optional[Dict[str, List[str]]] = None
@@ -363,6 +363,12 @@ class NfqueuePlane(KernelPlane):
                 self._latch_news = True
                 return NF_REPEAT
         leg = stream.leg(name)
+        spec = self.installed.get(sid)
+        if isinstance(spec, SessionSpec) and (spec.b if name == "A" else spec.a).held:
+            # toward a peer on hold: no element forwards it, so a re-injected packet
+            # would come back here for ever
+            self.counters["media.dropped.no_destination"] += 1
+            return NF_DROP
         key = f"adm{fam} {{ {dst_ip} . {dport} . {src_ip} }}"
         if self.latched.get((sid, name, rtcp)) == (src_ip, sport) \
                 and key in self.admitted.get(sid, ()):

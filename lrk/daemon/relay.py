@@ -51,6 +51,9 @@ RESTORE_PORT_WAIT = 3.0
 #: the start and stop lines, shown whatever the log level (`fastpath.logs.setup`)
 lifecycle = logging.getLogger("lrk.lifecycle")
 MAX_LEGACY_STREAM = 8192
+#: a reload's TTL rewrite of the stored calls: sessions a loop turn, and the pause between
+TTL_CHUNK = 1000
+TTL_PAUSE = 0.02
 #: legacy UNIX stream connections served at once; more are closed unread (counted): each
 #: holds a descriptor for up to two LEGACY_STREAM_TIMEOUTs
 MAX_LEGACY_STREAMS = 64
@@ -306,6 +309,9 @@ class Relay:
         self.control.store_status = self._store_status
         self.end_calls = False  # `shutdown`: stop and end every call (store emptied)
         self._dirty: Dict[int, bool] = {}  # sid -> write (True) or delete, not yet stored
+        #: sessions whose store keys a reload's longer TTL rewrites, TTL_CHUNK at a time
+        self._ttl_rewrite: List[int] = []
+        self._ttl_handle: Optional[asyncio.Handle] = None
         self.request_stop: Optional[Callable[[], None]] = None  # set by serve()
         self.control.on_shutdown = self.shutdown
 
@@ -425,7 +431,7 @@ class Relay:
             if new_auth is not None and _key_set(new_auth) != _key_set(auth):
                 applied.append("keys")
             if new_auth is not None:
-                new_auth.keep_guard(auth)  # for the wider of the two windows
+                new_auth.keep_guard(auth, time.time())
                 self.control.auth = new_auth
         engine_cfg = self.engine.config
         engine_cfg.silence_timeout = fresh.silence_timeout  # new sessions; live ones keep
@@ -447,9 +453,11 @@ class Relay:
         if isinstance(store, RedisStore) and ttl is not None and \
                 (store.ttl is None or store.ttl > ttl):
             # a longer max_lifetime applies to live calls too: their keys, written with
-            # the old TTL, would expire first (a restart would lose those calls)
-            self._dirty.update((sid, True) for sid in self.engine.by_sid)
-            self._flush_store()
+            # the old TTL, would expire first (a restart would lose those calls). Rewritten
+            # a chunk a loop turn: 100,000 in one script would stall the loop and time out
+            self._ttl_rewrite = list(self.engine.by_sid)
+            if self._ttl_handle is None:
+                self._ttl_handle = self._loop.call_soon(self._rewrite_ttl_chunk)
         if restart:
             lifecycle.warning("reload: applied %s; changed but need a restart: %s",
                               ", ".join(applied) or "nothing", ", ".join(restart))
@@ -471,6 +479,9 @@ class Relay:
         and the store. Every step runs whatever the steps before it did (also after a
         start that failed part of the way); the first error is raised at the end."""
         self._stopping = True
+        if self._ttl_handle is not None:
+            self._ttl_handle.cancel()
+            self._ttl_handle = None
         steps = _Steps("stop")
         with steps:
             self.metrics.stop()
@@ -548,6 +559,19 @@ class Relay:
         dirty = self._dirty
         for action in actions:
             dirty[action.sid] = not isinstance(action, Remove)
+
+    def _rewrite_ttl_chunk(self) -> None:
+        """The next TTL_CHUNK sessions of a reload's TTL rewrite (see `reload`)."""
+        self._ttl_handle = None
+        if self._stopping or not self._ttl_rewrite:
+            return
+        chunk, self._ttl_rewrite = (self._ttl_rewrite[:TTL_CHUNK],
+                                    self._ttl_rewrite[TTL_CHUNK:])
+        by_sid = self.engine.by_sid
+        self._dirty.update((sid, True) for sid in chunk if sid in by_sid)
+        self._flush_store()
+        if self._ttl_rewrite:
+            self._ttl_handle = self._loop.call_later(TTL_PAUSE, self._rewrite_ttl_chunk)
 
     def _flush_store(self) -> None:
         store = self.store

@@ -365,3 +365,22 @@ def test_node_whose_socket_cannot_open_is_failed_over_at_once(clock, net):
     assert clock.now == 1000.0  # no timeout was waited for
     assert not client.node(A).is_available(clock.now)
     assert len(net.sent_to(B)) == 1
+
+
+def test_a_call_just_ended_is_not_looked_for_on_every_node(clock, net):
+    """The 487 after a CANCEL (or a retransmitted BYE) deletes a call this client ended a
+    moment ago: one node is asked, not all of them (each a round trip of a SIP worker),
+    for ENDED_FOR seconds; after that an unknown call is looked for everywhere again."""
+    from lrk.client.calltable import ENDED_FOR
+
+    client = _client([A, B, C], clock, net, algorithm="round-robin")
+    client.offer("c1", "ft", ("192.0.2.1", 4000))
+    assert client.delete("c1")["ok"] is True  # the CANCEL's
+    sent = sum(len(net.sent_to(n)) for n in (A, B, C))
+    with pytest.raises(RelayError):
+        client.delete("c1")  # the 487's: not_found, from one node
+    assert sum(len(net.sent_to(n)) for n in (A, B, C)) == sent + 1
+    clock.advance(ENDED_FOR + 1)
+    with pytest.raises(RelayError):
+        client.delete("c1")
+    assert sum(len(net.sent_to(n)) for n in (A, B, C)) == sent + 1 + 3

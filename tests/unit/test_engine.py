@@ -577,16 +577,22 @@ def test_timer_floor_is_a_lower_bound_of_get_timer():
 AV_OFFER = [StreamOffer(CALLER[0], 4000), StreamOffer(CALLER[0], 4002, kind="video")]
 
 
-def test_answer_with_fewer_streams_than_its_offer_is_refused_and_changes_nothing():
+def test_answer_with_fewer_streams_than_its_offer_rejects_the_missing_ones():
+    """The streams an answer leaves out are rejected as with port 0: their ports go on
+    both legs, the answered ones are relayed."""
     engine = make()
     session, _, _ = engine.offer(0.0, "c1", "ft", AV_OFFER)
-    before = session.spec()
-    with pytest.raises(BadRequest, match="the answer has 1 m= lines but the offer has 2"):
-        engine.answer(1.0, "c1", "ft", "tt", [StreamOffer(CALLEE[0], 5000)])
-    assert session.spec() == before and session.state == "offered"
-    assert session.legs[LEG_B].tag is None and engine.ports.in_use == 4
-    assert engine.counters["sessions.answers"] == 0
-    # the one-stream (ip, port) form names the first stream only: still taken
+    assert engine.ports.in_use == 4
+    engine.answer(1.0, "c1", "ft", "tt", [StreamOffer(CALLEE[0], 5000)])
+    assert session.state == "answered" and session.legs[LEG_B].tag == "tt"
+    assert session.legs[LEG_B].media[0].announced == (CALLEE[0], 5000)
+    assert session.legs[LEG_A].media[1] is None and session.legs[LEG_B].media[1] is None
+    assert engine.ports.in_use == 2 and [s.index for s in session.spec().streams] == [0]
+
+
+def test_the_one_stream_form_answers_the_first_stream_only():
+    engine = make()
+    session, _, _ = engine.offer(0.0, "c1", "ft", AV_OFFER)
     engine.answer(1.0, "c1", "ft", "tt", CALLEE)
     assert session.legs[LEG_B].media[0].announced == CALLEE
 

@@ -604,8 +604,30 @@ def test_a_redis_keys_ttl_is_read_from_the_live_settings_at_each_write():
 
 
 class FakeTimerLoop:
+    """Keeps what is scheduled (call_soon / call_later) for the test to run by hand."""
+
+    def __init__(self) -> None:
+        self.scheduled: List[Any] = []
+
     def call_later(self, delay: float, fn: Any, *args: Any) -> Any:
+        self.scheduled.append((fn, args))
         return self
+
+    def call_soon(self, fn: Any, *args: Any) -> Any:
+        return self.call_later(0.0, fn, *args)
+
+    def pending(self, name: str) -> List[Any]:
+        return [s for s in self.scheduled if getattr(s[0], "__name__", "") == name]
+
+    def run_all(self, name: str, limit: int = 1000) -> int:
+        """Run the callbacks called `name`, and those they schedule (at most `limit`)."""
+        ran = 0
+        while self.pending(name) and ran < limit:
+            entry = self.pending(name)[0]
+            self.scheduled.remove(entry)
+            entry[0](*entry[1])
+            ran += 1
+        return ran
 
     def cancel(self) -> None:
         pass
@@ -614,7 +636,9 @@ class FakeTimerLoop:
 def test_a_reload_that_lengthens_the_ttl_rewrites_the_live_calls_keys(short_dir,
                                                                       monkeypatch):
     """A longer max_lifetime applies to calls already running: their keys, written with
-    the old TTL, are written again with the new one (else they would expire first)."""
+    the old TTL, are written again with the new one (else they would expire first), a
+    chunk of TTL_CHUNK calls a loop turn (one script for 100,000 would stall the loop
+    and time out)."""
     monkeypatch.setattr(relay.logs, "setup", lambda level, fmt: None)  # keep pytest's
     base = {"mode": "kernel", "ports": "31000-31099", "store": "redis",
             "redis_url": "unix:///nowhere.sock", "max_lifetime": 100, "silence_timeout": 10,
@@ -624,20 +648,22 @@ def test_a_reload_that_lengthens_the_ttl_rewrites_the_live_calls_keys(short_dir,
     node = Relay(load(None, base), load_config=lambda: load(None, fresh))
     store = node.store
     assert isinstance(store, RedisStore)
+    monkeypatch.setattr(relay, "TTL_CHUNK", 2)
     try:
-        node._loop = FakeTimerLoop()  # type: ignore[assignment]
+        loop = node._loop = FakeTimerLoop()  # type: ignore[assignment]
         calls = _capture_writes(store)
-        node.engine.offer(0.0, "c1", "ft", CALLER)
+        for i in range(5):
+            node.engine.offer(0.0, f"c{i}", "ft", CALLER)
         fresh["max_lifetime"] = 100  # unchanged: nothing to rewrite
         node.reload()
-        assert calls == []
+        assert calls == [] and loop.pending("_rewrite_ttl_chunk") == []
         fresh["max_lifetime"] = 1000
         node.reload()
-        assert len(calls) == 1
-        keys, args = calls[0]
-        assert args[1] == 1000 + 20 + 60
-        assert [k for k in keys if ":session:" in k] == [
-            f"lrk:{store.node}:session:{sid}" for sid in node.engine.by_sid]
+        assert calls == []  # not within the reload
+        assert loop.run_all("_rewrite_ttl_chunk") == 3  # chunks of 2, 2 and 1
+        assert len(calls) == 3 and all(args[1] == 1000 + 20 + 60 for _keys, args in calls)
+        written = [k for keys, _args in calls for k in keys if ":session:" in k]
+        assert written == [f"lrk:{store.node}:session:{sid}" for sid in node.engine.by_sid]
     finally:
         store.close()
 

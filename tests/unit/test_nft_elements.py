@@ -98,17 +98,21 @@ def test_the_inline_element_encoding_is_the_generic_one():
     assert _element(key, None) == nl.nested(1, nl.nested(1, nl.attr(1, key)))
 
 
+@pytest.mark.parametrize("held", [None, "a", "b"])
 @pytest.mark.parametrize("v6", [False, True])
 @pytest.mark.parametrize("seen", [False, True])
 @pytest.mark.parametrize("admission", [False, True])
-def test_a_units_batch_from_its_spec_is_the_batch_of_its_text(v6, seen, admission):
+def test_a_units_batch_from_its_spec_is_the_batch_of_its_text(v6, seen, admission, held):
+    """Also with a leg on hold (peer port 0): nothing toward it, in both writers alike."""
     from fastpath.kernel.nft_elements import spec_batch
 
     a, b = ("2001:db8:1::1", "2001:db8:2::1") if v6 else ("198.51.100.1", "198.51.100.65")
     pa, pb = ("2001:db8:1::10", "2001:db8:2::70") if v6 else ("198.51.100.10", "198.51.100.70")
     rs = KernelRuleset(port_start=30000, port_end=30999, relay_ips=[a, b], mark_slots=[a, b],
                        counters="rules" if seen else "conntrack")
-    spec = SessionSpec(rs.leg(a, 30000, pa, 4000, 4005), rs.leg(b, 30002, pb, 5000))
+    spec = SessionSpec(rs.leg(a, 30000, pa, 0 if held == "a" else 4000,
+                              None if held == "a" else 4005),
+                       rs.leg(b, 30002, pb, 0 if held == "b" else 5000))
     for add in (True, False):
         text = rs.install_commands(spec) if add else rs.remove_commands(spec)
         if not admission:

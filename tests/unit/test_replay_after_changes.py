@@ -22,22 +22,36 @@ def _engine() -> Engine:
 def test_a_wider_window_after_a_reload_keeps_refusing_replays():
     """The reload's new authenticator takes the old guard (keep_guard): a request seen
     under the 30 s window and replayed 60 s later, inside the new 300 s window, from
-    another address, is a replay, not a fresh request."""
+    another address, is a replay; one the old guard had already forgotten (older than
+    the old window at the reload) is expired, not fresh."""
     control = MsgpackControl(_engine(), auth=Authenticator([KEY], 30.0),
                              wall_clock=lambda: WALL)
-    reloaded = Authenticator([KEY], 300.0)
-    reloaded.keep_guard(control.auth)  # what Relay.reload does
-    control.auth = reloaded
+    early = sign(msgpack.packb({"cookie": "k0", "cmd": "ping"}), KEY, WALL - 40)  # unseen
     request = sign(msgpack.packb({"cookie": "k1", "cmd": "ping"}), KEY, WALL)
     assert isinstance(control.receive(request, ("127.0.0.1", 5000), 100.0, wall=WALL),
                       Request)
+    reloaded = Authenticator([KEY], 300.0)
+    reloaded.keep_guard(control.auth, WALL)  # what Relay.reload does
+    control.auth = reloaded
     again = control.receive(request, ("127.0.0.1", 6000), 160.0, wall=WALL + 60)
     assert isinstance(again, Outcome) and again.reply is None
     assert control.counters["control.dropped.replayed"] == 1
-    # a narrower window later does not shorten what the guard remembers either
-    narrower = Authenticator([KEY], 10.0)
-    narrower.keep_guard(reloaded)
-    assert narrower.guard is reloaded.guard and narrower.guard.window_ms == 300_000
+    old = control.receive(early, ("127.0.0.1", 6000), 161.0, wall=WALL + 60)
+    assert isinstance(old, Outcome) and control.counters["control.dropped.expired"] == 1
+    # fresh requests under the new window pass
+    fresh = sign(msgpack.packb({"cookie": "k2", "cmd": "ping"}), KEY, WALL + 200)
+    assert isinstance(control.receive(fresh, ("127.0.0.1", 6000), 170.0, wall=WALL + 60),
+                      Request)
+
+
+def test_a_narrower_window_after_a_reload_lets_the_guard_forget_sooner():
+    """Reloading back to a narrow window: the guard keeps what it saw for that window only
+    (a guard stuck at the widest window would fill ten times sooner under load)."""
+    wide = Authenticator([KEY], 300.0)
+    narrow = Authenticator([KEY], 30.0)
+    narrow.keep_guard(wide, WALL)
+    assert narrow.guard is wide.guard and narrow.guard.window_ms == 30_000
+    assert narrow.floor_ms == 0
 
 
 def test_a_reply_replaced_by_a_data_plane_failure_answers_only_identical_bytes():
