@@ -282,12 +282,13 @@ def _recv(sock: socket.socket, timeout: float = 2.0) -> bytes:
 
 
 def _sets(nodes: TwoNodes) -> Dict[str, list]:
-    """Node 2's lrk table: every set and map with elements (name -> elements)."""
+    """Node 2's lrk table: every set and map of sessions with elements (name -> elements;
+    not the table's own markers: its layout and the accounting sysctls' record)."""
     out = run("nft", "-j", "list", "table", "inet", "lrk", ns=nodes.node[1]).stdout
     found: Dict[str, list] = {}
     for item in json.loads(out)["nftables"]:
         body = item.get("set") or item.get("map")
-        if body and body.get("elem") and body["name"] not in ("layout",) \
+        if body and body.get("elem") and body["name"] not in ("layout", "acct") \
                 and not body["name"].startswith("relay_ips"):
             found[body["name"]] = body["elem"]
     return found
