@@ -167,7 +167,8 @@ class SipMessage:
         value = self.header(name)
         if value is None:
             return None
-        if value.count("<") != value.count(">"):
+        unquoted = re.sub(r'"(?:[^"\\]|\\.)*"', "", value)  # a display name may hold <>
+        if unquoted.count("<") != unquoted.count(">"):
             raise SipParseError(f"unbalanced <> in {name.capitalize()} header {_shown(value)}")
         return header_params(value).get("tag") or None
 

@@ -30,7 +30,7 @@ from lrk.control.auth import relay_authenticator
 from lrk.control.legacy import LegacyControl
 from lrk.control.msgpack_proto import NEEDS_COUNTERS, MsgpackControl, Outcome, Request
 from lrk.core.engine import Engine, EngineConfig
-from lrk.core.persist import RecordError, from_record, owner_of, to_record
+from lrk.core.persist import RECORD_VERSION, RecordError, from_record, owner_of, to_record
 from lrk.core.session import Session
 from lrk.daemon.config import Config
 from lrk.daemon.kernel_plane import KernelPlane
@@ -614,8 +614,14 @@ class Relay:
             try:
                 session = from_record(record, now, wall)
             except RecordError as exc:
-                log.error("session store: record %d unreadable (%s); dropped", sid, exc)
                 self.engine.counters["sessions.restore_refused"] += 1
+                version = record.get("v") if isinstance(record, dict) else None
+                if type(version) is int and version > RECORD_VERSION:
+                    # a newer lrk's call (a downgrade): left for it, not destroyed
+                    log.error("session store: record %d is of a newer lrk (%s); left in "
+                              "the store", sid, exc)
+                    continue
+                log.error("session store: record %d unreadable (%s); dropped", sid, exc)
                 self.store.delete(sid)
                 continue
             if isinstance(self.plane, SocketPlane):

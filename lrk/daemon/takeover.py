@@ -19,8 +19,10 @@ records move to this node's keys in one transaction. Counters continue from the 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -49,10 +51,89 @@ def record_addresses(record: Any) -> Set[str]:
     return out
 
 
+#: sysctls under which a bind succeeds for any address (keepalived/HAProxy hosts often
+#: set them): a bind then says nothing of where an address is
+NONLOCAL_BIND = {socket.AF_INET: "/proc/sys/net/ipv4/ip_nonlocal_bind",
+                 socket.AF_INET6: "/proc/sys/net/ipv6/ip_nonlocal_bind"}
+_NLMSG = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_RTA = struct.Struct("=HH")  # rtattr: length, type
+RTM_NEWADDR, RTM_GETADDR, NLMSG_DONE, NLMSG_ERROR = 20, 22, 3, 2
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+
+
+def _nonlocal_bind(family: int) -> bool:
+    try:
+        with open(NONLOCAL_BIND[family]) as fh:
+            return fh.read().strip() != "0"
+    except OSError:
+        return False
+
+
+def parse_addresses(data: bytes) -> Set[str]:
+    """The interface addresses in rtnetlink RTM_NEWADDR messages (IFA_LOCAL for IPv4,
+    whose IFA_ADDRESS is the peer's on point-to-point links; IFA_ADDRESS for IPv6)."""
+    out: Set[str] = set()
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length, kind = _NLMSG.unpack_from(data, off)[:2]
+        if length < _NLMSG.size or off + length > len(data):
+            break
+        if kind == RTM_NEWADDR:
+            family = data[off + _NLMSG.size]
+            size = 4 if family == socket.AF_INET else 16
+            want = IFA_LOCAL if family == socket.AF_INET else IFA_ADDRESS
+            at = off + _NLMSG.size + _IFADDRMSG.size
+            while at + _RTA.size <= off + length:
+                rta_len, rta_type = _RTA.unpack_from(data, at)
+                if rta_len < _RTA.size:
+                    break
+                if rta_type == want and rta_len - _RTA.size == size:
+                    raw = data[at + _RTA.size:at + rta_len]
+                    out.add(str(ipaddress.ip_address(raw)))
+                at += (rta_len + 3) & ~3
+        off += (length + 3) & ~3
+    return out
+
+
+def local_addresses() -> Set[str]:
+    """Every address of this network namespace's interfaces now (an rtnetlink dump)."""
+    out: Set[str] = set()
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
+        s.settimeout(2.0)
+        body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        flags = 0x1 | 0x300  # NLM_F_REQUEST | NLM_F_DUMP
+        s.send(_NLMSG.pack(_NLMSG.size + len(body), RTM_GETADDR, flags, 1, 0) + body)
+        for _ in range(10_000):  # a dump ends with NLMSG_DONE; bounded all the same
+            data = s.recv(1 << 16)
+            out |= parse_addresses(data)
+            done = False
+            off = 0
+            while off + _NLMSG.size <= len(data):
+                length, kind = _NLMSG.unpack_from(data, off)[:2]
+                if kind in (NLMSG_DONE, NLMSG_ERROR):
+                    done = True
+                if length < _NLMSG.size:
+                    break
+                off += (length + 3) & ~3
+            if done or not data:
+                break
+    return out
+
+
 def is_local(ip: str) -> bool:
     """Whether `ip` is an address of this host (network namespace) now: a UDP bind to it
-    succeeds. Cheap (two syscalls), exact, and needs no netlink listener."""
+    succeeds (cheap: two syscalls), or, where ip_nonlocal_bind lets a bind succeed for
+    any address, the interfaces' addresses (an rtnetlink dump) name it: a standby must
+    never take a live peer's calls because a bind said yes."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    if _nonlocal_bind(family):
+        try:
+            return str(ipaddress.ip_address(ip)) in local_addresses()
+        except OSError as exc:
+            log.error("standby: cannot list this host's addresses (%s): %s is taken as "
+                      "not here", exc, ip)
+            return False
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as s:
             s.bind((ip, 0))
@@ -99,6 +180,10 @@ class Standby:
                                          "takeover.runs": 0, "takeover.sessions": 0,
                                          "takeover.refused": 0}
         self._next: Optional[float] = 0.0
+        #: per peer, the local addresses and the generation of the copy at the last trigger:
+        #: the same again (calls spanning an address that has not moved here) does not
+        #: trigger a takeover every poll
+        self._triggered: Dict[str, Tuple[frozenset, Any]] = {}
 
     def get_timer(self) -> Optional[float]:
         return self._next
@@ -115,6 +200,10 @@ class Standby:
             if self.copies[peer]:
                 here = {ip for ip in self.addresses(peer) if self.local(ip)}
                 if here:
+                    seen = (frozenset(here), self.gens.get(peer))
+                    if self._triggered.get(peer) == seen:
+                        continue  # nothing new since the last try
+                    self._triggered[peer] = seen
                     return peer, here
         return None
 

@@ -126,6 +126,10 @@ class XdpPlane:
         #: per counter slot, its last read (packets, bytes, last ns): relay-wide counters
         #: between reads
         self._slot_counts: Dict[int, Tuple[int, int, int]] = {}
+        #: per session, relay address -> (packets, bytes) its freed slots had counted while
+        #: the session went on (an entry dropped toward a peer on hold, later written
+        #: again on a fresh slot): what the session's counters still include
+        self._carry: Dict[int, Dict[Addr, Tuple[int, int]]] = {}
         self._last_read = -1e300
         #: the kernel plane's last report per session (counters since install)
         self._kreports: Dict[int, SessionReport] = {}
@@ -205,6 +209,7 @@ class XdpPlane:
         self._kreports_new.clear()
         self._reported.clear()
         self._slot_counts.clear()
+        self._carry.clear()
         if self.prog is not None:
             if kept and self._attached:
                 self.prog.release()
@@ -294,9 +299,16 @@ class XdpPlane:
     def _write_session(self, sid: int, wanted: Dict[Addr, Entry]) -> None:
         assert self.prog is not None
         old = self.entries.get(sid, {})
+        if not wanted:
+            self._carry.pop(sid, None)  # the session's XDP counting is over
         for relay in [r for r in old if r not in wanted]:
             self.prog.remove(relay)
             slot = self.slots.pop(relay, None)
+            if slot is not None and wanted:
+                # the session goes on: what this slot counted stays in its counters
+                packets, octets, _last = self._read_slot(slot)
+                carried = self._carry.setdefault(sid, {}).get(relay, (0, 0))
+                self._carry[sid][relay] = (carried[0] + packets, carried[1] + octets)
             if slot is not None:
                 self._free.append(slot)
                 self._slot_sid.pop(slot, None)
@@ -388,6 +400,7 @@ class XdpPlane:
         last_rx = base.last_rx if base is not None else None
         streams = []
         entries = self.entries.get(sid, {})
+        carry = self._carry.get(sid, {})
         spec = self.kernel.session(sid)
         for stream in (spec.streams if spec is not None else ()):
             k = kernel.get(stream.index)
@@ -399,6 +412,10 @@ class XdpPlane:
                 for rtcp in (False, True):
                     for mine, relay in ((True, (lspec.relay_ip, lspec.relay_port + rtcp)),
                                         (False, (other.relay_ip, other.relay_port + rtcp))):
+                        carried = carry.get(relay)
+                        if carried is not None:
+                            add[2 * (not mine)] += carried[0]
+                            add[2 * (not mine) + 1] += carried[1]
                         entry = entries.get(relay)
                         if entry is None or prog is None or entry.flags & F_KERNEL:
                             continue

@@ -175,3 +175,17 @@ def test_sip_module_has_no_sdp_code():
     """SDP is lrk.core.sdp's alone: one parser, one set of rules."""
     for name in ("parse_sdp", "sdp_media", "rewrite_sdp_address", "SdpInfo"):
         assert not hasattr(sip_module, name), name
+
+
+def test_a_display_name_may_hold_angle_brackets():
+    """`From: "a<b" <sip:alice@x>;tag=a1` is one quoted display name and a URI: the tag is
+    read (before, the raw < > count refused the message and the call got no relay); an
+    unquoted stray bracket is still refused."""
+    msg = parse_sip("INVITE sip:bob@x SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+                    'From: "a<b \\" x" <sip:alice@x>;tag=a1\r\nTo: <sip:bob@x>\r\n'
+                    "Call-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n")
+    assert msg.from_tag == "a1"
+    bad = parse_sip("BYE sip:bob@x SIP/2.0\r\nFrom: a<b <sip:alice@x>;tag=a1\r\n"
+                    "To: <sip:bob@x>;tag=b1\r\nCall-ID: c1\r\nCSeq: 2 BYE\r\n\r\n")
+    with pytest.raises(SipParseError, match="unbalanced"):
+        _ = bad.from_tag

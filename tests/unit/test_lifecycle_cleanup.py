@@ -723,3 +723,28 @@ def test_the_sysctls_lrk_set_go_back_after_a_restart_that_kept_the_calls(fake_ke
     third.adopted()
     asyncio.run(third.stop())
     assert _values(fake_kernel) == {"nf_conntrack_acct": "1", "nf_conntrack_timestamp": "1"}
+
+
+def test_a_newer_lrks_records_are_left_in_the_store_and_damaged_ones_dropped(short_dir):
+    """A downgrade finds records of a newer lrk: they are refused (counted) but left for
+    it, not deleted; a damaged record is refused and deleted."""
+
+    class Records(FakeStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.deleted: List[int] = []
+
+        def load(self) -> list:
+            return [(7, {"v": 99, "sid": 7, "call_id": "future"}), (8, {"v": 1, "legs": 3})]
+
+        def delete(self, sid: int) -> None:
+            self.deleted.append(sid)
+
+    node = Relay(load(None, {"ports": "31000-31099", "legacy": ["off"],
+                             "control": f"unix:{os.path.join(short_dir, 'control.sock')}",
+                             "control_keys": [os.path.join(short_dir, "keys")]}))
+    store = node.store = Records()  # type: ignore[assignment]
+    asyncio.run(node._restore())
+    assert store.deleted == [8]
+    assert node.engine.counters["sessions.restore_refused"] == 2
+    assert node.engine.by_sid == {}

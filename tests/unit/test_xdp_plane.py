@@ -449,3 +449,29 @@ def test_a_batched_pass_parses_only_blocks_that_changed(monkeypatch):
     plane.refresh(lambda: None)
     assert [e.sid for e in events[3:]] == [2] and prog.parsed == 16  # one block
     assert events[-1].a.in_packets == 4 and events[-1].last_rx == 103.0
+
+
+def test_a_hold_keeps_what_xdp_counted_in_the_session_counters():
+    """B goes on hold (old style, port 0): the entry toward B goes and its slot with it,
+    but what that slot counted stays in leg A's counters (they never go back); resumed,
+    a fresh slot counts on top."""
+    events: list = []
+    plane, prog = _plane(events)
+    plane.apply([Install(SessionSpec(1, "c", (_stream(0),)))])
+    slot = {relay: e.counter for relay, e in prog.entries.items()}
+    prog.counts[slot[(RA, 30000)]] = (1000, 160000, 7_000_000_000)
+    plane.kernel.sink(SessionReport(1, 5.0, (StreamReport(0, LegReport(), LegReport()),)))
+    assert events[-1].a.in_packets == 1000
+    s = _stream(0)
+    held = StreamSpec(0, s.a, s.b._replace(announced=(CALLEE, 0), rtcp_announced=(CALLEE, 0)))
+    plane.apply([Update(SessionSpec(1, "c", (held,)), "B")])
+    assert (RA, 30000) not in prog.entries
+    plane.kernel.sink(SessionReport(1, 6.0, (StreamReport(0, LegReport(), LegReport()),)))
+    assert events[-1].a.in_packets == 1000 and events[-1].a.in_bytes == 160000
+    plane.apply([Update(SessionSpec(1, "c", (s,)), "B")])  # resumed: a fresh slot
+    fresh = prog.entries[(RA, 30000)].counter
+    prog.counts[fresh] = (10, 1600, 8_000_000_000)
+    plane.kernel.sink(SessionReport(1, 7.0, (StreamReport(0, LegReport(), LegReport()),)))
+    assert events[-1].a.in_packets == 1010
+    plane.apply([Remove(1, "c", "deleted")])
+    assert plane._carry == {}
