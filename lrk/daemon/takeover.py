@@ -26,6 +26,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from fastpath.kernel import netlink
 from lrk.core.persist import RecordError, from_record
 from lrk.core.session import Session
 from lrk.daemon.redis_store import REDIS_ERRORS, RedisStore
@@ -55,10 +56,8 @@ def record_addresses(record: Any) -> Set[str]:
 #: set them): a bind then says nothing of where an address is
 NONLOCAL_BIND = {socket.AF_INET: "/proc/sys/net/ipv4/ip_nonlocal_bind",
                  socket.AF_INET6: "/proc/sys/net/ipv6/ip_nonlocal_bind"}
-_NLMSG = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
-_RTA = struct.Struct("=HH")  # rtattr: length, type
-RTM_NEWADDR, RTM_GETADDR, NLMSG_DONE, NLMSG_ERROR = 20, 22, 3, 2
+RTM_NEWADDR, RTM_GETADDR = 20, 22
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 
 
@@ -70,55 +69,46 @@ def _nonlocal_bind(family: int) -> bool:
         return False
 
 
+def _address(buf: bytes, body: int, end: int) -> Optional[str]:
+    """The interface address of one RTM_NEWADDR (IFA_LOCAL for IPv4, whose IFA_ADDRESS is
+    the peer's on point-to-point links; IFA_ADDRESS for IPv6), or None."""
+    if end - body < _IFADDRMSG.size:
+        return None
+    family = buf[body]
+    size, want = (4, IFA_LOCAL) if family == socket.AF_INET else (16, IFA_ADDRESS)
+    raw = netlink.attr_map(buf, body + _IFADDRMSG.size, end).get(want)
+    return str(ipaddress.ip_address(raw)) if raw is not None and len(raw) == size else None
+
+
 def parse_addresses(data: bytes) -> Set[str]:
-    """The interface addresses in rtnetlink RTM_NEWADDR messages (IFA_LOCAL for IPv4,
-    whose IFA_ADDRESS is the peer's on point-to-point links; IFA_ADDRESS for IPv6)."""
+    """The interface addresses in a buffer of rtnetlink RTM_NEWADDR messages (what comes
+    before a message cut short stands)."""
     out: Set[str] = set()
-    off = 0
-    while off + _NLMSG.size <= len(data):
-        length, kind = _NLMSG.unpack_from(data, off)[:2]
-        if length < _NLMSG.size or off + length > len(data):
-            break
-        if kind == RTM_NEWADDR:
-            family = data[off + _NLMSG.size]
-            size = 4 if family == socket.AF_INET else 16
-            want = IFA_LOCAL if family == socket.AF_INET else IFA_ADDRESS
-            at = off + _NLMSG.size + _IFADDRMSG.size
-            while at + _RTA.size <= off + length:
-                rta_len, rta_type = _RTA.unpack_from(data, at)
-                if rta_len < _RTA.size:
-                    break
-                if rta_type == want and rta_len - _RTA.size == size:
-                    raw = data[at + _RTA.size:at + rta_len]
-                    out.add(str(ipaddress.ip_address(raw)))
-                at += (rta_len + 3) & ~3
-        off += (length + 3) & ~3
+    try:
+        for mtype, body, end in netlink.Dump(None).feed(data):
+            address = _address(data, body, end) if mtype == RTM_NEWADDR else None
+            if address is not None:
+                out.add(address)
+    except netlink.NetlinkError:
+        pass
     return out
 
 
 def local_addresses() -> Set[str]:
     """Every address of this network namespace's interfaces now (an rtnetlink dump)."""
-    out: Set[str] = set()
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
-        s.settimeout(2.0)
-        body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        flags = 0x1 | 0x300  # NLM_F_REQUEST | NLM_F_DUMP
-        s.send(_NLMSG.pack(_NLMSG.size + len(body), RTM_GETADDR, flags, 1, 0) + body)
-        for _ in range(10_000):  # a dump ends with NLMSG_DONE; bounded all the same
-            data = s.recv(1 << 16)
-            out |= parse_addresses(data)
-            done = False
-            off = 0
-            while off + _NLMSG.size <= len(data):
-                length, kind = _NLMSG.unpack_from(data, off)[:2]
-                if kind in (NLMSG_DONE, NLMSG_ERROR):
-                    done = True
-                if length < _NLMSG.size:
-                    break
-                off += (length + 3) & ~3
-            if done or not data:
-                break
-    return out
+    sock = netlink.NetlinkSocket(protocol=socket.NETLINK_ROUTE)
+    try:
+        seq = sock.next_seq()
+        request = netlink.message(RTM_GETADDR, netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP,
+                                  seq, _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+        out: Set[str] = set()
+        for buf, mtype, body, end in sock.dump(request, netlink.Dump(seq), timeout=2.0):
+            address = _address(buf, body, end) if mtype == RTM_NEWADDR else None
+            if address is not None:
+                out.add(address)
+        return out
+    finally:
+        sock.close()
 
 
 def is_local(ip: str) -> bool:
@@ -130,7 +120,7 @@ def is_local(ip: str) -> bool:
     if _nonlocal_bind(family):
         try:
             return str(ipaddress.ip_address(ip)) in local_addresses()
-        except OSError as exc:
+        except (OSError, netlink.NetlinkError) as exc:
             log.error("standby: cannot list this host's addresses (%s): %s is taken as "
                       "not here", exc, ip)
             return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import struct
 
+from fastpath.kernel import netlink
 from lrk.daemon import takeover
 from lrk.daemon.takeover import is_local, local_addresses, parse_addresses
 
@@ -27,7 +28,7 @@ def test_the_address_dump_is_parsed_as_the_kernel_writes_it():
                                     (takeover.IFA_LOCAL, bytes([198, 51, 100, 1]))])
     v6 = _newaddr(socket.AF_INET6, [(takeover.IFA_ADDRESS,
                                      socket.inet_pton(socket.AF_INET6, "2001:db8::1"))])
-    done = struct.pack("=IHHII", 20, takeover.NLMSG_DONE, 2, 1, 0) + b"\0" * 4
+    done = struct.pack("=IHHII", 20, netlink.NLMSG_DONE, 2, 1, 0) + b"\0" * 4
     assert parse_addresses(ptp + v6 + done) == {"198.51.100.1", "2001:db8::1"}
     assert parse_addresses(b"\x03\x00") == set()  # a runt: nothing, no error
 
