@@ -189,8 +189,7 @@ def rejected_streams(description: SessionDescription, reply: Dict[str, Any],
     names only the first stream."""
     if reply.get("streams") is None:
         return []
-    return [stream.index for stream, relay in zip(description.streams, relays)
-            if relay is None and stream.needs_relay]
+    return sdplib.unrelayed(description.streams, relays)
 
 
 def apply_reply(plan: ManagePlan, reply: Dict[str, Any],

@@ -56,6 +56,13 @@ LEGACY_COUNTERS = (
 ADVICE_TTL = 1.0
 
 
+def _words(body: bytes) -> List[str]:
+    """The fields of an S or D: the bytes split at ASCII whitespace, then decoded (latin-1
+    text would also split at 0x1c-0x1f, 0x85 and 0xa0, which occur in UTF-8 Call-IDs:
+    "à" is C3 A0)."""
+    return [part.decode("latin-1") for part in body.split()]
+
+
 def _addr(text: str) -> str:
     return str(ipaddress.ip_address(text))
 
@@ -205,9 +212,7 @@ class LegacyControl:
 
     def _fields(self, body: bytes) -> Tuple[str, Tuple[str, int], Tuple[str, int],
                                             Tuple[str, int], Tuple[str, int], float]:
-        # split the bytes (ASCII whitespace only), then decode: latin-1 text would also split
-        # at 0x1c-0x1f, 0x85 and 0xa0, which occur in UTF-8 Call-IDs ("à" is C3 A0)
-        parts = [part.decode("latin-1") for part in body.split()]
+        parts = _words(body)
         if len(parts) != 11:
             raise ValueError(f"expected 10 fields after the command, got {len(parts) - 1}")
         _cmd, src_ip, dst_ip, snat_ip, dnat_ip, src_p, dst_p, snat_p, dnat_p, tout, call_id = parts
@@ -267,7 +272,7 @@ class LegacyControl:
         return reply, actions
 
     def _delete(self, prefix: bytes, body: bytes, now: float) -> Tuple[bytes, List[Action]]:
-        parts = [part.decode("latin-1") for part in body.split()]  # as in _fields
+        parts = _words(body)
         if len(parts) < 2:
             raise ValueError("D without a Call-ID")
         session = self.engine.by_call.get(parts[-1])

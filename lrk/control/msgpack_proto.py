@@ -355,18 +355,15 @@ class MsgpackControl:
             relays.extend([None] * (count - len(relays)))
         if body is not None:
             del relays[count:]  # (or fewer: the lines it left out were rejected)
-        if body is not None:
             streams = body.desc.streams
-            reject: List[int] = []
             for i, st in enumerate(streams):
                 if i >= len(rewrite):
                     rewrite.append(None)
                 elif not st.needs_relay:
                     rewrite[i] = None
-                if rewrite[i] is None and st.needs_relay:
-                    reject.append(i)  # enabled, not relayed: never the peer's address
             del rewrite[len(streams):]
-            reply["sdp"] = body.rewrite(rewrite, reject=reject)
+            # enabled but not relayed: disabled, never the peer's address
+            reply["sdp"] = body.rewrite(rewrite, reject=sdp.unrelayed(streams, rewrite))
         return reply
 
     def _cmd_offer(self, args: Dict[str, Any], now: float):

@@ -229,6 +229,16 @@ def parse(body: Body) -> SessionDescription:
     return _scan(_decode(body)[0]).desc
 
 
+def unrelayed(streams: Sequence[Stream], relays: Sequence[Optional[StreamRelay]]
+              ) -> List[int]:
+    """The m= lines `relays` gives no relay although they are enabled UDP streams (an
+    answer enabling a stream its offer disabled, or adding one): their media does not
+    pass the relay, so a rewrite must `reject` them rather than pass the peer's address
+    on."""
+    return [stream.index for stream, relay in zip(streams, relays)
+            if relay is None and stream.needs_relay]
+
+
 def rewrite(body: Body, relays: Sequence[Optional[StreamRelay]], *,
             bump_version: bool = True, reject: Collection[int] = ()) -> Body:
     """The body with each relayed stream pointed at its relay; same type as `body`.

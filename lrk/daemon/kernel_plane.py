@@ -72,6 +72,7 @@ from fastpath.kernel.ctnetlink import (
     udp_last_packet,
 )
 from fastpath.kernel.kernel_rules import (
+    ACCT_NAMES,
     Elements,
     ForkSpec,
     KernelRuleError,
@@ -117,8 +118,7 @@ def _moved_marks(old: SessionSpec, new: SessionSpec) -> List[int]:
 
 FORWARDING = {4: "/proc/sys/net/ipv4/ip_forward", 6: "/proc/sys/net/ipv6/conf/all/forwarding"}
 #: per-flow packet/byte counters and start times; apply to flows created while they are 1
-ACCT = {name: f"/proc/sys/net/netfilter/{name}"
-        for name in ("nf_conntrack_acct", "nf_conntrack_timestamp")}
+ACCT = {name: f"/proc/sys/net/netfilter/{name}" for name in ACCT_NAMES}
 #: what every packet resets a UDP flow's timeout to: not assured, assured (read, not written)
 UDP_TIMEOUTS = ("/proc/sys/net/netfilter/nf_conntrack_udp_timeout",
                 "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream")
@@ -401,16 +401,19 @@ class KernelPlane(KernelView):
         originals = current
         if self._found_acct is not None:  # (also a replaced table's of another layout)
             originals = {**current, **acct_values(self._found_acct)}
-        if self._found is not None and self._found_acct is not None:
-            return originals  # the adopted table has the record
+        if self._found is None or self._found_acct is None:
+            self._record_acct(originals)  # (an adopted table with the record has it)
+        return originals
+
+    def _record_acct(self, values: Dict[str, str]) -> None:
+        """Write the sysctls' values from before lrk into the table (`set acct`)."""
         assert self.nft is not None
         try:
-            self.nft.run(self.rules.acct_command(acct_record(originals)))
+            self.nft.run(self.rules.acct_command(acct_record(values)))
         except NftError as exc:
             log.warning("kernel mode: the accounting sysctls' values could not be recorded "
                         "in table inet %s (%s): a restart that keeps its calls restores "
                         "them as it finds them", self.rules.table, exc)
-        return originals
 
     async def _undo_start(self) -> None:
         """A start that failed part of the way: what it made goes (`stop`: the table, its
@@ -446,14 +449,8 @@ class KernelPlane(KernelView):
     def _log_uncounted(self) -> None:
         """kernel_counters = none: say that media goes uncounted, or name the sysctls
         (set by someone else) that still give every new flow a conntrack extension."""
-        on = []
-        for name, path in ACCT.items():
-            try:
-                with open(path) as fh:
-                    if fh.read().strip() == "1":
-                        on.append(f"net.netfilter.{name}")
-            except OSError:
-                pass
+        on = [f"net.netfilter.{name}" for name, value in self._read_acct().items()
+              if value == "1"]
         if on:
             log.info("kernel mode: kernel_counters = none, but %s %s 1 in this namespace: "
                      "new flows still carry conntrack's extension (and, with acct, are "
@@ -535,10 +532,7 @@ class KernelPlane(KernelView):
         assert self.nft is not None
         self.nft.run(self.rules.create())  # replaces a table a crashed run left behind
         if self._acct_old:  # re-created after an adoption: the sysctls' record again
-            try:
-                self.nft.run(self.rules.acct_command(acct_record(self._acct_old)))
-            except NftError as exc:
-                log.warning("kernel mode: accounting sysctls not recorded again: %s", exc)
+            self._record_acct(self._acct_old)
         if self.ct is None:
             return
         self._flush_flows(self._lrk_marks())  # its flows too
@@ -680,8 +674,7 @@ class KernelPlane(KernelView):
                 except (NftError, KernelRuleError, ConntrackError, OSError) as exc:
                     log.error("kernel mode could not remove session %s: %s", sid, exc)
             # an ended call's mark a kept call has since taken is the kept call's now
-            kept = {m for spec in self.installed.values() for m in conntrack_marks(spec)}
-            marks = sorted(self._unflushed - kept)
+            marks = sorted(self._unflushed - self._live_marks())
             lifecycle.info("kernel mode: table inet %s, its flows and the accounting sysctls left "
                      "in place for %d kept call(s): the kernel forwards their media until "
                      "the next start adopts them", self.rules.table, len(self._kept))
@@ -943,13 +936,16 @@ class KernelPlane(KernelView):
             log.error("kernel mode: conntrack flush of an ended call's flows failed (retried "
                       "with the next read): %s", exc)
 
+    def _live_marks(self) -> Set[int]:
+        """The ct marks of every unit installed now."""
+        return {m for spec in self.installed.values() for m in conntrack_marks(spec)}
+
     def _retry_unflushed(self, only: Optional[Iterable[int]] = None) -> None:
         """Flush again the ended units' marks whose flush failed (`only`: those of them)."""
         if not self._unflushed or self.ct is None or self._deferred is not None:
             return
         # a mark a live unit has taken since is that unit's: its flows are not flushed
-        live = {m for spec in self.installed.values() for m in conntrack_marks(spec)}
-        self._unflushed.difference_update(live.difference(only or ()))
+        self._unflushed.difference_update(self._live_marks().difference(only or ()))
         marks = sorted(self._unflushed if only is None else self._unflushed.intersection(only))
         if not marks:
             return

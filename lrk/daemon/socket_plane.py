@@ -251,10 +251,7 @@ class WorkerHandle:
             if self.chan is None:
                 mine.close()
             self.close()
-            for _message, socks in self.outbox:
-                for s in socks:
-                    s.close()
-            self.outbox.clear()
+            self.drop_outbox()
             proc, self.proc = self.proc, None
             if proc is not None:
                 proc.kill()
@@ -371,10 +368,7 @@ class WorkerHandle:
         self.totals = {}  # a dead worker's last report says nothing of its successor
         self.restarts += 1
         self.plane.counters["workers.restarts"] += 1
-        for _message, socks in self.outbox:
-            for s in socks:
-                s.close()
-        self.outbox.clear()
+        self.drop_outbox()
         try:
             self.start()
         except OSError as exc:
@@ -382,6 +376,14 @@ class WorkerHandle:
             self.plane.lost(self, f"worker {self.index} could not be restarted: {exc}")
             return
         self.plane.reinstall(self)
+
+    def drop_outbox(self) -> None:
+        """Forget the messages not sent; their sockets (never handed over: a full or dead
+        channel) are ours to close."""
+        for _message, socks in self.outbox:
+            for s in socks:
+                s.close()
+        self.outbox.clear()
 
     def close(self) -> None:
         if self.chan is not None:
@@ -607,10 +609,7 @@ class SocketPlane:
                 w.close()
             except Exception as exc:
                 errors.append(exc)
-            for _message, socks in w.outbox:  # never sent (a full channel): ours to close
-                for sock in socks:
-                    sock.close()
-            w.outbox.clear()
+            w.drop_outbox()
         # after the workers: media never met a half-torn plane
         steering = list(self.steering.values())
         self.steering.clear()

@@ -450,6 +450,9 @@ class StopWorker:
     def _flush_outbox(self) -> None:
         pass
 
+    def drop_outbox(self) -> None:
+        self.outbox.clear()
+
     def close(self) -> None:
         self.chan = None
 
